@@ -1,0 +1,144 @@
+"""Fused multi-layer filtered MSE against eager PyTorch and torch.compile.
+
+The eager baseline is fastted.reference.filtered_mse_reference, the spec the
+tests check against: per-layer F.linear + F.mse_loss, as TED's code does.
+Modes: forward (a training forward: autograd on), backward (backward alone),
+full (forward + backward). Each case records its peak memory beyond inputs
+and weights in extra_info["peak_extra_mib"] (a full step).
+
+Sizes: on a GPU the issue's realistic size (N = 16384 tokens, 12 layers,
+d_s = 768, d_t = 1024, d_f = 1024, bf16); on a CPU a small one. Set
+FASTTED_BENCH_SIZE=small or realistic to choose.
+
+    pytest benchmarks/test_filtered_mse.py
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import fastted
+from fastted.reference import filtered_mse_reference
+
+from benchmarks._memory import cpu_peak_extra_mb, cuda_peak_extra_mb
+
+SIZES = {
+    "realistic": dict(n_tokens=16384, n_layers=12, d_s=768, d_t=1024, d_f=1024, dtype="bfloat16"),
+    "small": dict(n_tokens=2048, n_layers=4, d_s=96, d_t=128, d_f=128, dtype="float32"),
+}
+IMPLS = ["fastted", "eager", "compile"]
+MODES = ["forward", "backward", "full"]
+
+
+def default_size() -> str:
+    return os.environ.get("FASTTED_BENCH_SIZE", "realistic" if torch.cuda.is_available() else "small")
+
+
+def make_inputs(n_tokens, n_layers, d_s, d_t, d_f, dtype, device, seed=0):
+    """TED's stage-II case: trainable student filters, frozen teacher filters, a padding mask."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    dtype = getattr(torch, dtype)
+
+    def rand(*shape, scale=1.0, grad=False):
+        return (torch.randn(*shape, generator=g) * scale).to(device, dtype).requires_grad_(grad)
+
+    mask = torch.rand(n_tokens, generator=g) < 0.9
+    return dict(
+        student_states=[rand(n_tokens, d_s, grad=True) for _ in range(n_layers)],
+        student_weights=[rand(d_f, d_s, scale=d_s**-0.5, grad=True) for _ in range(n_layers)],
+        student_biases=[rand(d_f, scale=0.1, grad=True) for _ in range(n_layers)],
+        teacher_states=[rand(n_tokens, d_t) for _ in range(n_layers)],
+        teacher_weights=[rand(d_f, d_t, scale=d_t**-0.5) for _ in range(n_layers)],
+        teacher_biases=[rand(d_f, scale=0.1) for _ in range(n_layers)],
+        mask=mask.to(device),
+    )
+
+
+_COMPILED = {}
+
+
+def loss_fn(impl: str, device: torch.device):
+    """impl -> a function of the inputs returning the scalar loss."""
+    if impl == "fastted":
+        path = "triton" if device.type == "cuda" else "reference"
+        return lambda **kw: fastted.filtered_mse(**kw, impl=path)
+    if impl == "eager":
+        return lambda **kw: filtered_mse_reference(**kw)[0]
+    if impl not in _COMPILED:
+        _COMPILED[impl] = torch.compile(filtered_mse_reference)
+    return lambda **kw: _COMPILED[impl](**kw)[0]
+
+
+def _trainable(inputs):
+    return inputs["student_states"] + inputs["student_weights"] + inputs["student_biases"]
+
+
+def full_step(impl: str, size: str, device: str = "cpu"):
+    """Builds a case and returns one full step (forward + backward) of it: the memory probe's builder."""
+    dev = torch.device(device)
+    inputs = make_inputs(**SIZES[size], device=dev)
+    fn = loss_fn(impl, dev)
+
+    def run():
+        for x in _trainable(inputs):
+            x.grad = None
+        fn(**inputs).backward()
+
+    return run
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_filtered_mse(benchmark, sync, impl, mode):
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    size = default_size()
+    inputs = make_inputs(**SIZES[size], device=device)
+    fn = loss_fn(impl, device)
+    trainable = _trainable(inputs)
+
+    def clear():
+        for x in trainable:
+            x.grad = None
+
+    def forward():
+        loss = fn(**inputs)
+        sync()
+        return loss
+
+    def full():
+        clear()
+        fn(**inputs).backward()
+        sync()
+
+    # Warm-up: autotuning, compilation, allocator.
+    for _ in range(2):
+        full()
+
+    if mode == "forward":
+        loss = benchmark(forward)
+    elif mode == "full":
+        benchmark(full)
+        loss = fn(**inputs)
+    else:
+        def setup():
+            clear()
+            return (forward(),), {}
+
+        benchmark.pedantic(lambda loss: (loss.backward(), sync()), setup=setup, rounds=20, warmup_rounds=1)
+        loss = fn(**inputs)
+
+    # A benchmark that computes garbage is no benchmark: check it against the spec.
+    with torch.no_grad():
+        ref = filtered_mse_reference(**{k: v for k, v in inputs.items()})[0]
+    torch.testing.assert_close(loss.detach().float(), ref.float(), rtol=2e-2, atol=1e-4)
+
+    benchmark.extra_info.update(size=size, **SIZES[size], device=str(device))
+    if mode == "full" and not benchmark.disabled:
+        if device.type == "cuda":
+            benchmark.extra_info["peak_extra_mib"] = cuda_peak_extra_mb(full)
+        else:
+            benchmark.extra_info["peak_extra_mib"] = cpu_peak_extra_mb(
+                "benchmarks.test_filtered_mse", "full_step", impl=impl, size=size
+            )

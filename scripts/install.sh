@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Installs fastted (editable, with its dev extra) into the current Python environment.
+#
+# An installed torch is kept, whatever its build: a GPU machine keeps its CUDA
+# torch. With no torch installed, it installs one first: on a machine with an
+# NVIDIA driver, PyPI's default (CUDA) build; without one, torch 2.13.0, so a
+# CPU machine does not pull several GB of CUDA wheels where a CPU build of it
+# is at hand (set FASTTED_TORCH to other pip arguments to choose yourself, e.g.
+# a CPU build from PyTorch's own package index).
+set -euo pipefail
+PYTHON="${PYTHON:-python3}"
+cd "$(dirname "$0")/.."
+
+if "$PYTHON" -c "import torch" >/dev/null 2>&1; then
+    echo "install: keeping torch $("$PYTHON" -c 'import torch; print(torch.__version__)')"
+else
+    if [ -n "${FASTTED_TORCH:-}" ]; then
+        torch_args="$FASTTED_TORCH"
+    elif command -v nvidia-smi >/dev/null 2>&1; then
+        torch_args="torch"
+    else
+        torch_args="torch==2.13.0"
+    fi
+    echo "install: no torch found; pip install $torch_args"
+    # shellcheck disable=SC2086  # the arguments are meant to split
+    "$PYTHON" -m pip install $torch_args
+fi
+"$PYTHON" -m pip install -e ".[dev]"

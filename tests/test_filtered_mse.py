@@ -1,0 +1,287 @@
+"""fastted.filtered_mse against float64 references: values, every gradient, masks.
+
+Each case runs on both paths: "reference" (the chunked PyTorch path) and
+"triton" (the real kernel: on a GPU, or under TRITON_INTERPRET=1 on the CPU).
+"""
+import itertools
+import zlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastted
+from fastted.reference import filtered_mse_reference
+
+from tests._tables import DTYPES, SHAPES, device
+
+IMPLS = ["reference", "triton"]
+# case -> (student filter, student bias, teacher filter, teacher bias)
+CASES = {
+    "ted": (True, True, True, True),  # task-aware filters on both sides
+    "lwd": (True, True, False, False),  # student projection, raw teacher states as targets
+    "identity": (False, False, False, False),  # d_s = d_f, no filter at all
+    "identity_teacher_filter": (False, True, True, False),
+    "targets_no_bias": (True, False, False, False),
+}
+MASKS = ["none", "random", "all_zero", "all_one"]
+
+
+def _seed(*key) -> int:
+    return zlib.crc32(repr(key).encode())
+
+
+def _make(case, lead, d_s, d_t, d_f, n_layers, dtype, mask_kind, seed, teacher_grad=True):
+    """Fresh random inputs of a case: a dict of per-layer lists plus the mask."""
+    g = torch.Generator().manual_seed(seed)
+    has_w, has_b, has_v, has_c = CASES[case]
+    if not has_w:
+        d_s = d_f
+    if not has_v:
+        d_t = d_f
+    dev = device()
+
+    def rand(*shape, scale=1.0, grad=True):
+        x = (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dev, dtype)
+        return x.requires_grad_(grad)
+
+    inputs = {
+        "student_states": [rand(*lead, d_s) for _ in range(n_layers)],
+        "student_weights": [rand(d_f, d_s, scale=d_s**-0.5) if has_w else None for _ in range(n_layers)],
+        "teacher_states": [rand(*lead, d_t, grad=teacher_grad) for _ in range(n_layers)],
+    }
+    if has_b:
+        inputs["student_biases"] = [rand(d_f, scale=0.5) for _ in range(n_layers)]
+    if has_v:
+        inputs["teacher_weights"] = [rand(d_f, d_t, scale=d_t**-0.5, grad=teacher_grad) for _ in range(n_layers)]
+    if has_c:
+        inputs["teacher_biases"] = [rand(d_f, scale=0.5, grad=teacher_grad) for _ in range(n_layers)]
+    mask = None
+    if mask_kind == "random":
+        mask = torch.rand(lead, generator=g) > 0.4
+    elif mask_kind == "all_zero":
+        mask = torch.zeros(lead, dtype=torch.bool)
+    elif mask_kind == "all_one":
+        mask = torch.ones(lead, dtype=torch.bool)
+    inputs["mask"] = None if mask is None else mask.to(dev)
+    return inputs
+
+
+def _clone(inputs, dtype=None):
+    """Detached leaf copies (optionally cast) that keep requires_grad."""
+    out = {}
+    for key, value in inputs.items():
+        if isinstance(value, list):
+            out[key] = [
+                None if x is None else x.detach().to(dtype or x.dtype).requires_grad_(x.requires_grad) for x in value
+            ]
+        else:
+            out[key] = value
+    return out
+
+
+def _leaves(inputs):
+    return [x for key, value in inputs.items() if isinstance(value, list) for x in value
+            if x is not None and x.requires_grad]
+
+
+def _run(fn, inputs, grad_out, **kwargs):
+    loss, layer_losses = fn(**{k: v for k, v in inputs.items()}, **kwargs)
+    (loss * grad_out).backward()
+    return loss.detach(), layer_losses.detach(), [x.grad for x in _leaves(inputs)]
+
+
+def _spec(**kwargs):
+    return filtered_mse_reference(**kwargs)
+
+
+def _assert_close(name, got, ref64, lowp, slack):
+    """|got - ref| <= 2 |PyTorch's own low-precision error| + slack * |ref| (max norms)."""
+    assert got is not None, f"{name}: no gradient"
+    assert torch.isfinite(got).all(), f"{name}: non-finite values"
+    err = (got.double().cpu() - ref64.cpu()).abs().max().item()
+    torch_err = (lowp.double().cpu() - ref64.cpu()).abs().max().item()
+    bound = 2 * torch_err + slack * max(ref64.abs().max().item(), 1e-6)
+    assert err <= bound, f"{name}: error {err:.3e} > bound {bound:.3e} (PyTorch's own error {torch_err:.3e})"
+
+
+def _check_filtered_mse(case, shape, dtype, mask_kind, n_layers, impl, grad_out=1.0, layer_weights=None):
+    lead, d_s, d_t, d_f = shape
+    inputs = _make(case, lead, d_s, d_t, d_f, n_layers, dtype, mask_kind,
+                   _seed(case, shape, dtype, mask_kind, n_layers, impl))
+    ref_in, lowp_in = _clone(inputs, torch.float64), _clone(inputs)
+    got = _run(fastted.filtered_mse, inputs, grad_out, impl=impl, return_layer_losses=True,
+               layer_weights=layer_weights)
+    ref = _run(_spec, ref_in, grad_out, layer_weights=layer_weights)
+    lowp = _run(_spec, lowp_in, grad_out, layer_weights=layer_weights)
+
+    assert got[0].dtype == torch.float32 and got[0].dim() == 0
+    slack = DTYPES[dtype]
+    _assert_close("loss", got[0], ref[0], lowp[0], slack)
+    _assert_close("layer_losses", got[1], ref[1], lowp[1], slack)
+    names = [f"{k}[{i}]" for k, v in inputs.items() if isinstance(v, list) for i, x in enumerate(v)
+             if x is not None and x.requires_grad]
+    for name, x, g, r, lp in zip(names, _leaves(inputs), got[2], ref[2], lowp[2]):
+        assert g.dtype == x.dtype and g.shape == x.shape, f"{name}: gradient {g.dtype} {tuple(g.shape)}"
+        _assert_close(f"grad {name}", g, r, lp, slack)
+    if mask_kind == "all_zero":
+        assert got[0].item() == 0.0
+        assert all((g == 0).all() for g in got[2])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("case", list(CASES))
+def test_cases_shapes_dtypes(case, shape, dtype, impl):
+    _check_filtered_mse(case, shape, dtype, "random", 2, impl)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("mask_kind", MASKS)
+@pytest.mark.parametrize("case", ["ted", "lwd"])
+def test_masks(case, mask_kind, impl):
+    _check_filtered_mse(case, SHAPES[1], torch.float32, mask_kind, 3, impl)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("n_layers", [1, 2, 5, 12])
+def test_layer_counts(n_layers, impl):
+    _check_filtered_mse("ted", SHAPES[0], torch.float32, "random", n_layers, impl)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("grad_out", [0.37, -2.5])
+def test_incoming_gradient(grad_out, impl):
+    _check_filtered_mse("ted", SHAPES[1], torch.float32, "random", 3, impl, grad_out=grad_out)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("layer_weights", [[1.0, 2.0, 0.5], [0.0, 1.0, 3.0]], ids=str)
+def test_layer_weights(layer_weights, impl):
+    _check_filtered_mse("ted", SHAPES[0], torch.float32, "random", 3, impl, layer_weights=layer_weights)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_unmasked_is_ted_reference_exactly(impl):
+    """mask=None is the mean of F.mse_loss over layers, as TED's public code computes it."""
+    inputs = _make("ted", (4, 9), 12, 20, 16, 3, torch.float32, "none", _seed("ted-exact", impl))
+    loss = fastted.filtered_mse(**inputs, impl=impl)
+    with torch.no_grad():
+        per_layer = [
+            F.mse_loss(F.linear(s.double(), w.double(), b.double()), F.linear(h.double(), v.double(), c.double()))
+            for s, w, b, h, v, c in zip(*(inputs[k] for k in (
+                "student_states", "student_weights", "student_biases", "teacher_states", "teacher_weights",
+                "teacher_biases")))
+        ]
+    ted = torch.stack(per_layer).mean()
+    assert abs(loss.item() - ted.item()) <= 1e-6 * ted.item()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_mixed_identity_and_filtered_layers(impl):
+    """None entries in student_weights next to real ones (two kernel launches)."""
+    a = _make("lwd", (23,), 16, 16, 16, 2, torch.float32, "random", 1)
+    b = _make("identity", (23,), 16, 16, 16, 2, torch.float32, "random", 2)
+    inputs = {
+        "student_states": a["student_states"] + b["student_states"],
+        "student_weights": a["student_weights"] + [None, None],
+        "teacher_states": a["teacher_states"] + b["teacher_states"],
+        "mask": a["mask"],
+    }
+    ref_in = _clone(inputs, torch.float64)
+    got = _run(fastted.filtered_mse, inputs, 1.0, impl=impl, return_layer_losses=True)
+    ref = _run(_spec, ref_in, 1.0)
+    torch.testing.assert_close(got[1].double().cpu(), ref[1].cpu(), rtol=1e-5, atol=1e-6)
+    for g, r in zip(got[2], ref[2]):
+        torch.testing.assert_close(g.double().cpu(), r.cpu(), rtol=1e-4, atol=1e-6)
+
+
+def _noncontiguous(x):
+    """The same values as x, held in a strided view of a larger buffer at an odd offset."""
+    *lead, d = x.shape
+    big = torch.randn(*lead, d + 5, dtype=x.dtype, device=x.device)
+    flat = torch.randn(big.numel() + 1, dtype=x.dtype, device=x.device)
+    view = flat[1:].view_as(big)[..., 2:2 + d]  # row stride d + 5, misaligned start
+    with torch.no_grad():
+        view.copy_(x)
+    return view.requires_grad_(x.requires_grad)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_noncontiguous_inputs(impl):
+    inputs = _make("ted", (3, 11), 20, 28, 12, 2, torch.float32, "random", _seed("strided", impl))
+    strided = dict(inputs)
+    for key in ("student_states", "teacher_states"):
+        strided[key] = [_noncontiguous(x.detach()).detach().requires_grad_() for x in inputs[key]]
+    # Transposed weights: (d_f, d_s) views of (d_s, d_f) storage.
+    strided["student_weights"] = [w.detach().t().contiguous().t().requires_grad_() for w in inputs["student_weights"]]
+    ref_in = _clone(strided, torch.float64)
+    got = _run(fastted.filtered_mse, strided, 1.0, impl=impl, return_layer_losses=True)
+    ref = _run(_spec, ref_in, 1.0)
+    torch.testing.assert_close(got[0].double().cpu(), ref[0].cpu(), rtol=1e-5, atol=1e-6)
+    for g, r in zip(got[2], ref[2]):
+        torch.testing.assert_close(g.double().cpu(), r.cpu(), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_frozen_teacher_gets_no_gradient(impl):
+    inputs = _make("ted", (17,), 8, 12, 10, 2, torch.float32, "random", 5, teacher_grad=False)
+    loss = fastted.filtered_mse(**inputs, impl=impl)
+    loss.backward()
+    assert all(x.grad is not None for x in inputs["student_states"] + inputs["student_weights"])
+    assert all(x.grad is None for x in inputs["teacher_states"] + inputs["teacher_weights"])
+
+
+def test_chunked_path_splits_rows(monkeypatch):
+    """The CPU path gives the same loss and gradients when it works in many row blocks."""
+    import fastted.reference as reference
+
+    inputs = _make("ted", (5, 13), 12, 20, 16, 2, torch.float64, "random", 11)
+    whole = _run(fastted.filtered_mse, _clone(inputs), 1.0, impl="reference", return_layer_losses=True)
+    monkeypatch.setattr(reference, "_CHUNK_ELEMENTS", 7 * 20)  # 7 rows per block
+    split = _run(fastted.filtered_mse, _clone(inputs), 1.0, impl="reference", return_layer_losses=True)
+    torch.testing.assert_close(split[0], whole[0], rtol=1e-12, atol=1e-14)
+    for a, b in zip(split[2], whole[2]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_no_grad_forward(impl):
+    inputs = _make("lwd", (19,), 8, 12, 10, 2, torch.float32, "random", 6)
+    with torch.no_grad():
+        loss = fastted.filtered_mse(**inputs, impl=impl)
+    ref, _ = _spec(**_clone(inputs, torch.float64))
+    assert not loss.requires_grad
+    assert abs(loss.item() - ref.item()) <= 1e-5 * ref.item()
+
+
+def test_module_keeps_layer_losses():
+    inputs = _make("ted", (2, 7), 8, 12, 10, 3, torch.float32, "random", 7)
+    module = fastted.FilteredMSELoss(layer_weights=[1.0, 1.0, 2.0])
+    loss = module(**inputs)
+    ref, ref_layers = _spec(**_clone(inputs, torch.float64), layer_weights=[1.0, 1.0, 2.0])
+    assert module.layer_losses.shape == (3,) and not module.layer_losses.requires_grad
+    torch.testing.assert_close(module.layer_losses.double().cpu(), ref_layers.detach().cpu(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(loss.double().cpu(), ref.detach().cpu(), rtol=1e-5, atol=1e-7)
+
+
+def test_autocast_runs_in_autocast_dtype():
+    """Under autocast, fp32 weights and states run in bf16, and fp32 parameters get fp32 gradients."""
+    inputs = _make("lwd", (21,), 16, 16, 24, 2, torch.float32, "random", 8)
+    dev = device()
+    with torch.autocast(dev.type, dtype=torch.bfloat16):
+        loss = fastted.filtered_mse(**inputs)
+    loss.backward()
+    ref, _ = _spec(**_clone(inputs, torch.float64))
+    assert loss.dtype == torch.float32
+    assert all(w.grad.dtype == torch.float32 for w in inputs["student_weights"])
+    assert abs(loss.item() - ref.item()) <= 3e-2 * ref.item()
+
+
+def test_float64_runs_on_reference_path():
+    inputs = _make("ted", (9,), 8, 12, 10, 2, torch.float64, "random", 9)
+    loss = fastted.filtered_mse(**inputs)
+    ref, _ = _spec(**_clone(inputs))
+    assert loss.dtype == torch.float64
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=0)
