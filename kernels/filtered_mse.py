@@ -33,6 +33,37 @@ def _prune_configs(configs, named_args, **kwargs):
     return configs[-1:] if _interpreting() else configs
 
 
+@triton.jit
+def _project(
+    acc,  # (BM, BN) fp32 accumulator, returned with x W^T added
+    x_ptr,  # this layer's states, (N, K) with row stride stride_x
+    w_ptr,  # this layer's filter weight, (D_F, K), contiguous
+    rows,  # int64 (BM,) row indices of the tile
+    cols,  # int64 (BN,) column indices of the tile
+    row_ok,  # (BM,) rows < N
+    col_ok,  # (BN,) cols < D_F
+    K,  # the states' width
+    stride_x,  # row stride of the states
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    ks = tl.arange(0, BLOCK_K).to(tl.int64)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        kk = k * BLOCK_K + ks
+        a = tl.load(
+            x_ptr + rows[:, None] * stride_x + kk[None, :], mask=row_ok[:, None] & (kk[None, :] < K), other=0.0
+        )  # (BM, BK)
+        b = tl.load(
+            w_ptr + cols[None, :] * K + kk[:, None], mask=col_ok[None, :] & (kk[:, None] < K), other=0.0
+        )  # (BK, BN): a tile of W^T
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    return acc
+
+
 @triton.autotune(
     configs=[
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
@@ -124,7 +155,6 @@ def _filtered_mse_fwd_kernel(
 
     rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # (BM,)
     cols = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # (BN,)
-    ks = tl.arange(0, BLOCK_K).to(tl.int64)  # (BK,)
     row_ok = rows < N
     col_ok = cols < D_F
 
@@ -135,44 +165,12 @@ def _filtered_mse_fwd_kernel(
     if HAS_W:
         # acc = S W^T
         w_ptr = w_base + tl.multiple_of(tl.load(w_offsets + layer), ALIGN)
-        for k in range(0, tl.cdiv(D_S, BLOCK_K)):
-            kk = k * BLOCK_K + ks
-            a = tl.load(
-                s_ptr + rows[:, None] * stride_s + kk[None, :],
-                mask=row_ok[:, None] & (kk[None, :] < D_S),
-                other=0.0,
-            )  # (BM, BK)
-            b = tl.load(
-                w_ptr + cols[None, :] * D_S + kk[:, None],
-                mask=col_ok[None, :] & (kk[:, None] < D_S),
-                other=0.0,
-            )  # (BK, BN) = W^T tile
-            if UPCAST:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        acc = _project(acc, s_ptr, w_ptr, rows, cols, row_ok, col_ok, D_S, stride_s, UPCAST, DOT_PRECISION, BLOCK_K)
     if HAS_V:
-        # acc = H V^T - S W^T, over the teacher's K; the sign is restored below,
-        # so both projections share one accumulator and no operand is negated.
+        # acc = H V^T - S W^T over the teacher's K; negating the accumulator (not
+        # an operand) around it lets both projections share one accumulator.
         v_ptr = v_base + tl.multiple_of(tl.load(v_offsets + layer), ALIGN)
-        acc = -acc
-        for k in range(0, tl.cdiv(D_T, BLOCK_K)):
-            kk = k * BLOCK_K + ks
-            a = tl.load(
-                t_ptr + rows[:, None] * stride_t + kk[None, :],
-                mask=row_ok[:, None] & (kk[None, :] < D_T),
-                other=0.0,
-            )  # (BM, BK)
-            b = tl.load(
-                v_ptr + cols[None, :] * D_T + kk[:, None],
-                mask=col_ok[None, :] & (kk[:, None] < D_T),
-                other=0.0,
-            )  # (BK, BN) = V^T tile
-            if UPCAST:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-        acc = -acc
+        acc = -_project(-acc, t_ptr, v_ptr, rows, cols, row_ok, col_ok, D_T, stride_t, UPCAST, DOT_PRECISION, BLOCK_K)
 
     # --- epilogue: the identity sides, the biases, the masked squared error
     tile_ok = row_ok[:, None] & col_ok[None, :]

@@ -129,6 +129,14 @@ def _check_filtered_mse(case, shape, dtype, mask_kind, n_layers, impl, grad_out=
         assert all((g == 0).all() for g in got[2])
 
 
+def _check_fp32_against_spec(inputs, impl):
+    """fp32 inputs: loss, per-layer losses and every gradient close to the float64 spec."""
+    got = _run(fastted.filtered_mse, inputs, 1.0, impl=impl, return_layer_losses=True)
+    ref = _run(_spec, _clone(inputs, torch.float64), 1.0)
+    for g, r in zip([got[0], got[1], *got[2]], [ref[0], ref[1], *ref[2]]):
+        torch.testing.assert_close(g.double().cpu(), r.cpu(), rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", list(DTYPES), ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
@@ -189,12 +197,7 @@ def test_mixed_identity_and_filtered_layers(impl):
         "teacher_states": a["teacher_states"] + b["teacher_states"],
         "mask": a["mask"],
     }
-    ref_in = _clone(inputs, torch.float64)
-    got = _run(fastted.filtered_mse, inputs, 1.0, impl=impl, return_layer_losses=True)
-    ref = _run(_spec, ref_in, 1.0)
-    torch.testing.assert_close(got[1].double().cpu(), ref[1].cpu(), rtol=1e-5, atol=1e-6)
-    for g, r in zip(got[2], ref[2]):
-        torch.testing.assert_close(g.double().cpu(), r.cpu(), rtol=1e-4, atol=1e-6)
+    _check_fp32_against_spec(inputs, impl)
 
 
 def _noncontiguous(x):
@@ -216,12 +219,7 @@ def test_noncontiguous_inputs(impl):
         strided[key] = [_noncontiguous(x.detach()).detach().requires_grad_() for x in inputs[key]]
     # Transposed weights: (d_f, d_s) views of (d_s, d_f) storage.
     strided["student_weights"] = [w.detach().t().contiguous().t().requires_grad_() for w in inputs["student_weights"]]
-    ref_in = _clone(strided, torch.float64)
-    got = _run(fastted.filtered_mse, strided, 1.0, impl=impl, return_layer_losses=True)
-    ref = _run(_spec, ref_in, 1.0)
-    torch.testing.assert_close(got[0].double().cpu(), ref[0].cpu(), rtol=1e-5, atol=1e-6)
-    for g, r in zip(got[2], ref[2]):
-        torch.testing.assert_close(g.double().cpu(), r.cpu(), rtol=1e-4, atol=1e-6)
+    _check_fp32_against_spec(strided, impl)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
