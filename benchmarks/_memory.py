@@ -11,6 +11,7 @@ import torch
 
 def cuda_peak_extra_mb(fn) -> float:
     """Peak memory allocated while fn() runs, beyond what was allocated before it (MiB)."""
+    fn()  # a warm-up call: autotuning, compilation and lazy buffers are not the call's memory
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()

@@ -13,7 +13,7 @@ It prints a short table last and writes everything to
 benchmarks/results/<date>-<gpu>.json (or --out). On a CPU it runs the same
 steps at a small size on the CPU paths, which checks the script, not the GPU.
 
-    python benchmarks/gpu_check.py
+    pip install --no-deps -e . && python benchmarks/gpu_check.py
 """
 from __future__ import annotations
 

@@ -31,13 +31,12 @@ def table(path: str) -> str:
             continue
         f, e, c = r["fastted"][0], r["eager"][0], r["compile"][0]
         lines.append(f"| {mode} | {f:.3f} | {e:.3f} | {c:.3f} | {e / f:.2f}x | {c / f:.2f}x |")
-    full = rows.get("full", {})
-    if all(full.get(k, (0, None))[1] is not None for k in ("fastted", "eager", "compile")):
-        lines.append("")
-        lines.append(
-            "Peak memory of a full step beyond inputs and weights: "
-            + ", ".join(f"{k} {full[k][1]:.1f} MiB" for k in ("fastted", "eager", "compile"))
-        )
+    lines += ["", "| mode | peak beyond inputs: fastted (MiB) | eager (MiB) | torch.compile (MiB) | vs eager |",
+              "|---|---|---|---|---|"]
+    for mode in ("forward", "full"):
+        peaks = [rows.get(mode, {}).get(k, (0, None))[1] for k in ("fastted", "eager", "compile")]
+        if None not in peaks:
+            lines.append(f"| {mode} | {peaks[0]:.1f} | {peaks[1]:.1f} | {peaks[2]:.1f} | {peaks[0] / peaks[1]:.2f} |")
     return "\n".join(lines)
 
 

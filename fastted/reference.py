@@ -153,16 +153,26 @@ def filtered_mse_chunked(layers, mask, count, layer_scale, needs):
         for start in range(0, n_rows, step):
             rows = slice(start, min(start + step, n_rows)) if step < n_rows else slice(None)
             s = layer.s[rows].to(acc_dtype)
-            err = F.linear(s, w, b) if w is not None else (s + b if b is not None else s)
             t = layer.t[rows].to(acc_dtype)
-            err = err - (F.linear(t, v, c) if v is not None else (t + c if c is not None else t))
-            if mask is not None:
-                weighted = err * mask[rows].to(acc_dtype)[:, None]
+            # err = S W^T + b - (H V^T + c), built in one buffer
+            err = s @ w.t() if w is not None else s.clone()
+            if v is not None:
+                err.addmm_(t, v.t(), alpha=-1)
             else:
-                weighted = err
-            total = total + (weighted * err).sum()
+                err -= t
+            if b is not None:
+                err += b
+            if c is not None:
+                err -= c
+            row_sq = torch.linalg.vecdot(err, err)  # (R,) squared error per token
+            if mask is not None:
+                m = mask[rows].to(acc_dtype)
+                total += row_sq @ m
+            else:
+                total += row_sq.sum()
             if any(need):
-                accumulate_filtered_mse_grads(weighted * scale, rows, wide, need, grads)
+                weight = scale if mask is None else m[:, None] * scale
+                accumulate_filtered_mse_grads(err.mul_(weight), rows, wide, need, grads)
         sq_err.append(total)
         all_grads.append(cast_grads_like(grads, layer))
     return torch.stack(sq_err), all_grads

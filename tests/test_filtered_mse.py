@@ -283,3 +283,21 @@ def test_float64_runs_on_reference_path():
     ref, _ = _spec(**_clone(inputs))
     assert loss.dtype == torch.float64
     torch.testing.assert_close(loss, ref, rtol=1e-12, atol=0)
+
+
+def _kernel_configs():
+    from fastted.kernels import filtered_mse as kernel
+
+    return kernel._CONFIGS
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the autotuner itself runs every config")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("config", range(len(_kernel_configs())))
+def test_every_autotune_config(config, dtype, monkeypatch):
+    """Each tile config the GPU may pick, forced under the interpreter, on sizes that straddle its tiles."""
+    from fastted.kernels import filtered_mse as kernel
+
+    monkeypatch.setattr(kernel._filtered_mse_fwd_kernel, "configs", [kernel._CONFIGS[config]])
+    _check_filtered_mse("ted", ((3, 97), 70, 90, 130), dtype, "random", 2, "triton")
+    assert kernel._filtered_mse_fwd_kernel.best_config is kernel._CONFIGS[config]
