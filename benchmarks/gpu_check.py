@@ -35,7 +35,7 @@ import triton  # noqa: E402
 
 import fastted  # noqa: E402
 from benchmarks._memory import cuda_peak_extra_mb  # noqa: E402
-from benchmarks.test_filtered_mse import SIZES, loss_fn, make_inputs  # noqa: E402
+from benchmarks.test_filtered_mse import SIZES, Case, step  # noqa: E402
 from tests import test_filtered_mse as tests  # noqa: E402  (one definition of "correct")
 
 
@@ -91,42 +91,25 @@ def ceilings(size: dict, device: torch.device) -> dict:
     )
 
 
-def timings(size: dict, device: torch.device, flops: int) -> list[dict]:
+def timings(size_name: str, device: torch.device, flops: int) -> list[dict]:
     rows = []
     for impl in ("fastted", "eager", "compile"):
-        inputs = make_inputs(**size, device=device)
-        fn = loss_fn(impl, device)
-        trainable = inputs["student_states"] + inputs["student_weights"] + inputs["student_biases"]
-
-        def clear():
-            for x in trainable:
-                x.grad = None
-
-        def full():
-            clear()
-            fn(**inputs).backward()
-
-        for _ in range(3):
-            full()
-        state = {}
-
-        def setup():
-            clear()
-            state["loss"] = fn(**inputs)
-
+        case = Case(impl, size_name, device)
+        for _ in range(3):  # warm-up: autotuning, compilation, allocator
+            case.full()
         row = dict(
             impl=impl,
-            forward_ms=bench_ms(lambda: fn(**inputs)),
-            backward_ms=bench_ms(lambda: state["loss"].backward(), setup=setup),
-            full_ms=bench_ms(full),
+            forward_ms=bench_ms(case.forward),
+            backward_ms=bench_ms(case.backward, setup=case.prepare_backward),
+            full_ms=bench_ms(case.full),
         )
         row["full_tflops"] = flops / row["full_ms"] / 1e9
+        del case
         if device.type == "cuda":
-            row["peak_extra_mib"] = cuda_peak_extra_mb(full)
-        rows.append(row)
-        del inputs, trainable
-        if device.type == "cuda":
+            row["forward_peak_extra_mib"] = cuda_peak_extra_mb(step(impl, size_name, "forward", "cuda"))
+            row["peak_extra_mib"] = cuda_peak_extra_mb(step(impl, size_name, "full", "cuda"))
             torch.cuda.empty_cache()
+        rows.append(row)
     return rows
 
 
@@ -144,7 +127,7 @@ def main() -> int:
 
     checks = correctness([torch.bfloat16, torch.float16])
     ceil = ceilings(size, device)
-    rows = timings(size, device, ceil["matmul_flops"])
+    rows = timings(size_name, device, ceil["matmul_flops"])
     result = dict(
         device=name, torch=torch.__version__, triton=triton.__version__, fastted=fastted.__version__,
         commit=commit, date=datetime.date.today().isoformat(), size=size_name, sizes=size,

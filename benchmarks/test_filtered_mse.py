@@ -71,22 +71,43 @@ def loss_fn(impl: str, device: torch.device):
     return lambda **kw: _COMPILED[impl](**kw)[0]
 
 
-def _trainable(inputs):
-    return inputs["student_states"] + inputs["student_weights"] + inputs["student_biases"]
+class Case:
+    """One benchmark case: its inputs, its loss function and its steps (none of them syncs)."""
+
+    def __init__(self, impl: str, size: str, device: torch.device):
+        self.inputs = make_inputs(**SIZES[size], device=device)
+        self.fn = loss_fn(impl, device)
+        self.trainable = self.inputs["student_states"] + self.inputs["student_weights"] + self.inputs["student_biases"]
+        self.loss = None
+
+    def clear(self):
+        for x in self.trainable:
+            x.grad = None
+
+    def forward(self):
+        return self.fn(**self.inputs)
+
+    def full(self):
+        self.clear()
+        self.fn(**self.inputs).backward()
+
+    def prepare_backward(self):
+        self.clear()
+        self.loss = self.forward()
+
+    def backward(self):
+        self.loss.backward()
 
 
 def step(impl: str, size: str, mode: str, device: str = "cpu"):
     """Builds a case and returns one forward or full step of it: the memory probe's builder."""
-    dev = torch.device(device)
-    inputs = make_inputs(**SIZES[size], device=dev)
-    fn = loss_fn(impl, dev)
+    case = Case(impl, size, torch.device(device))
 
     def run():
-        loss = fn(**inputs)  # its graph, what a forward keeps for backward, is alive until run returns
+        loss = case.forward()  # its graph, what a forward keeps for backward, is alive until run returns
         if mode == "full":
             loss.backward()
-        for x in _trainable(inputs):  # so that every call starts from inputs and weights alone
-            x.grad = None
+        case.clear()  # so that every call starts from inputs and weights alone
 
     return run
 
@@ -96,45 +117,26 @@ def step(impl: str, size: str, mode: str, device: str = "cpu"):
 def test_filtered_mse(benchmark, sync, impl, mode):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     size = default_size()
-    inputs = make_inputs(**SIZES[size], device=device)
-    fn = loss_fn(impl, device)
-    trainable = _trainable(inputs)
-
-    def clear():
-        for x in trainable:
-            x.grad = None
-
-    def forward():
-        loss = fn(**inputs)
-        sync()
-        return loss
-
-    def full():
-        clear()
-        fn(**inputs).backward()
-        sync()
-
-    # Warm-up: autotuning, compilation, allocator.
-    for _ in range(2):
-        full()
+    case = Case(impl, size, device)
+    for _ in range(2):  # warm-up: autotuning, compilation, allocator
+        case.full()
 
     if mode == "forward":
-        loss = benchmark(forward)
+        benchmark(lambda: (case.forward(), sync()))
     elif mode == "full":
-        benchmark(full)
-        loss = fn(**inputs)
+        benchmark(lambda: (case.full(), sync()))
     else:
         def setup():
-            clear()
-            return (forward(),), {}
+            case.prepare_backward()
+            sync()
 
-        benchmark.pedantic(lambda loss: (loss.backward(), sync()), setup=setup, rounds=20, warmup_rounds=1)
-        loss = fn(**inputs)
+        benchmark.pedantic(lambda: (case.backward(), sync()), setup=setup, rounds=20, warmup_rounds=1)
 
     # A benchmark that computes garbage is no benchmark: check it against the spec.
     with torch.no_grad():
-        ref = filtered_mse_reference(**{k: v for k, v in inputs.items()})[0]
-    torch.testing.assert_close(loss.detach().float(), ref.float(), rtol=2e-2, atol=1e-4)
+        ref = filtered_mse_reference(**case.inputs)[0]
+        loss = case.forward()
+    torch.testing.assert_close(loss.float(), ref.float(), rtol=2e-2, atol=1e-4)
 
     benchmark.extra_info.update(size=size, **SIZES[size], device=str(device))
     if mode != "backward" and not benchmark.disabled:

@@ -3,7 +3,6 @@
 Each case runs on both paths: "reference" (the chunked PyTorch path) and
 "triton" (the real kernel: on a GPU, or under TRITON_INTERPRET=1 on the CPU).
 """
-import itertools
 import zlib
 
 import pytest

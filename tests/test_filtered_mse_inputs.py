@@ -7,6 +7,8 @@ import torch
 
 import fastted
 
+from tests._tables import device
+
 
 def _good(n_layers=2, lead=(6,), d_s=8, d_t=12, d_f=10):
     return {
@@ -93,7 +95,7 @@ def test_triton_impl_launches_the_kernel(monkeypatch):
     calls = []
     real = kernel.filtered_mse_forward
     monkeypatch.setattr(kernel, "filtered_mse_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
-    inputs = _good(n_layers=4)
+    inputs = {key: [x.to(device()) for x in value] for key, value in _good(n_layers=4).items()}
     fastted.filtered_mse(**inputs, impl="triton").item()
     assert len(calls) == 1
     fastted.filtered_mse(**inputs, impl="reference").item()
