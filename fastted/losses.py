@@ -207,12 +207,9 @@ def _structure(layer: FilteredMSELayer) -> tuple:
 def _triton_forward(layers, mask, count, layer_scale, needs):
     from fastted.kernels.filtered_mse import filtered_mse_forward
 
+    # States keep their row stride; weights and biases must be contiguous.
     layers = [
-        FilteredMSELayer(
-            _aligned(l.s, False), None if l.w is None else _aligned(l.w, True),
-            None if l.b is None else _aligned(l.b, True), _aligned(l.t, False),
-            None if l.v is None else _aligned(l.v, True), None if l.c is None else _aligned(l.c, True),
-        )
+        FilteredMSELayer(*(None if x is None else _aligned(x, role not in ("s", "t")) for role, x in zip(l._fields, l)))
         for l in layers
     ]
     groups: dict[tuple, list[int]] = {}
