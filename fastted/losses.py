@@ -11,12 +11,12 @@ forces a path.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from fastted.kernels import interpreting
 from fastted.reference import (
     FilteredMSELayer,
     _safe_count,
@@ -29,14 +29,10 @@ IMPLS = ("auto", "triton", "reference")
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _resolve_impl(impl: str, device: torch.device, dtype: torch.dtype) -> str:
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    triton_ok = (device.type == "cuda" or _interpreting()) and dtype in _TRITON_DTYPES
+    triton_ok = (device.type == "cuda" or interpreting()) and dtype in _TRITON_DTYPES
     if impl == "auto":
         return "triton" if triton_ok else "reference"
     if impl == "triton" and not triton_ok:

@@ -17,20 +17,16 @@ model put them. The host side guarantees that every offset is 16-byte aligned.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+from fastted.kernels import interpreting
 
 
 def _prune_configs(configs, named_args, **kwargs):
     # The interpreter runs every config of an autotune sweep on the CPU: keep one.
-    return configs[-1:] if _interpreting() else configs
+    return configs[-1:] if interpreting() else configs
 
 
 # Tile configs of the autotuner (they parametrize the decorator, so they come first).
@@ -213,7 +209,6 @@ def _filtered_mse_fwd_kernel(
 
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
-SUPPORTED_DTYPES = tuple(_TL_DTYPES)
 # Smallest tile of the config list: sizes the per-tile output buffers for any config.
 _MIN_BLOCK_M = min(config.kwargs["BLOCK_M"] for config in _CONFIGS)
 _MIN_BLOCK_N = min(config.kwargs["BLOCK_N"] for config in _CONFIGS)
@@ -265,7 +260,6 @@ def filtered_mse_forward(s, w, b, t, v, c, mask, count, layer_scale, *, write_gr
     if write_grad and write_colsum:
         colsum = torch.zeros((n_layers, max_pid_m, d_f), dtype=torch.float32, device=device)
 
-    interpreting = _interpreting()
     grid = lambda meta: (triton.cdiv(n_rows, meta["BLOCK_M"]) * triton.cdiv(d_f, meta["BLOCK_N"]), n_layers)
     _filtered_mse_fwd_kernel[grid](
         s[0], _offsets(s, s[0], device),
@@ -281,7 +275,7 @@ def filtered_mse_forward(s, w, b, t, v, c, mask, count, layer_scale, *, write_gr
         s[0].stride(0), t[0].stride(0), max_tiles, max_pid_m,
         IN_DTYPE=_TL_DTYPES[dtype],
         ALIGN=16 // s[0].element_size(),
-        UPCAST=interpreting and dtype == torch.bfloat16,
+        UPCAST=interpreting() and dtype == torch.bfloat16,
         DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
     )
     return sq_err.sum(1), grads, (colsum.sum(1) if colsum is not None else None)
