@@ -3,8 +3,23 @@
 Importing fastted is cheap: it never touches CUDA, never imports Triton and
 never compiles a kernel; a kernel module is imported on its first use.
 """
-from fastted.losses import FilteredMSELoss, filtered_mse
+from fastted.losses import (
+    FilteredMSELoss,
+    FusedLinearKDLoss,
+    LogitKDLoss,
+    filtered_mse,
+    fused_linear_kd,
+    logit_kd,
+)
 
 __version__ = "0.1.0"
 
-__all__ = ["FilteredMSELoss", "filtered_mse", "__version__"]
+__all__ = [
+    "FilteredMSELoss",
+    "FusedLinearKDLoss",
+    "LogitKDLoss",
+    "filtered_mse",
+    "fused_linear_kd",
+    "logit_kd",
+    "__version__",
+]

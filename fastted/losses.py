@@ -18,11 +18,16 @@ from torch import Tensor, nn
 
 from fastted.kernels import interpreting
 from fastted.reference import (
+    _CHUNK_ELEMENTS,
+    DIVERGENCES,
     FilteredMSELayer,
     _safe_count,
     accumulate_filtered_mse_grads,
     cast_grads_like,
     filtered_mse_chunked,
+    fused_linear_kd_chunked,
+    logit_kd_chunked,
+    logit_kd_rows,
 )
 
 IMPLS = ("auto", "triton", "reference")
@@ -379,3 +384,413 @@ class FilteredMSELoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"impl={self.impl!r}, layer_weights={self.layer_weights!r}"
+
+
+# =========================================================================== logit distillation
+
+
+def _check_float(name: str, value, low: float, high: float = float("inf"), low_open: bool = False) -> float:
+    if isinstance(value, Tensor) or not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ValueError(f"{name} must be a Python number, got {type(value).__name__}")
+    ok = (value > low if low_open else value >= low) and value <= high
+    if not ok:
+        bounds = f"{'(' if low_open else '['}{low}, {high}{']' if high != float('inf') else ')'}"
+        raise ValueError(f"{name} must lie in {bounds}, got {value}")
+    return float(value)
+
+
+def _logit_options(temperature, divergence, beta) -> dict:
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+    return dict(
+        temperature=_check_float("temperature", temperature, 0.0, low_open=True),
+        divergence=divergence,
+        beta=_check_float("beta", beta, 0.0, 1.0),
+    )
+
+
+def _shared_vocab(vocab_size, v_s: int, v_t: int, what_s: str, what_t: str) -> int:
+    """The number of leading vocabulary entries compared: both, or vocab_size when given."""
+    if vocab_size is None:
+        if v_s != v_t:
+            raise ValueError(
+                f"{what_s} covers a vocabulary of {v_s}, but {what_t} covers {v_t}: pass vocab_size=<n> to compare "
+                f"the first n entries of both (n <= {min(v_s, v_t)}, e.g. the tokenizer's size when one "
+                f"embedding matrix is padded)"
+            )
+        return v_s
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not 1 <= vocab_size <= min(v_s, v_t):
+        raise ValueError(
+            f"vocab_size must be an int in [1, {min(v_s, v_t)}] (the smaller of the two vocabularies), "
+            f"got {vocab_size!r}"
+        )
+    return vocab_size
+
+
+def _row_weights(lead, device, mask, labels, ignore_index, labels_name, vocab):
+    """Validate mask and labels of leading shape ``lead``; return (N,) fp32 mean weights.
+
+    Returns (kd_coef, labels, ce_coef): kd_coef = mask / count over the mask's
+    rows; with labels, ce_coef the same over the rows the mask keeps and the
+    labels do not ignore. No host sync on a GPU.
+    """
+    n_rows = 1
+    for n in lead:
+        n_rows *= n
+    valid = None
+    if mask is not None:
+        if not isinstance(mask, Tensor):
+            raise ValueError(f"mask must be a tensor of shape {lead}, got {type(mask).__name__}")
+        if tuple(mask.shape) != lead:
+            raise ValueError(f"mask has shape {tuple(mask.shape)}, but needs {lead} (one entry per row/token)")
+        if mask.device != device:
+            raise ValueError(f"mask is on {mask.device}, but the inputs are on {device}")
+        valid = mask.detach().reshape(n_rows).to(torch.float32)
+    kd_valid = valid if valid is not None else torch.ones(n_rows, dtype=torch.float32, device=device)
+    kd_coef = kd_valid / _safe_count(kd_valid.sum())
+    if labels is None:
+        return kd_coef, None, None
+    if not isinstance(labels, Tensor) or labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        got = type(labels).__name__ if not isinstance(labels, Tensor) else f"a tensor of {labels.dtype}"
+        raise ValueError(f"{labels_name} must be an integer tensor of shape {lead}, got {got}")
+    if tuple(labels.shape) != lead:
+        raise ValueError(f"{labels_name} has shape {tuple(labels.shape)}, but needs {lead} (one label per row/token)")
+    if labels.device != device:
+        raise ValueError(f"{labels_name} is on {labels.device}, but the inputs are on {device}")
+    labels = labels.detach().reshape(n_rows).to(torch.int64)
+    ce_valid = (labels != ignore_index).to(torch.float32)
+    if valid is not None:
+        ce_valid = ce_valid * (valid != 0)
+    if vocab is not None and device.type == "cpu":  # no device sync here; on a GPU a bad label gives a NaN loss
+        bad = (ce_valid != 0) & ((labels < 0) | (labels >= vocab))
+        if bool(bad.any()):
+            raise ValueError(
+                f"{labels_name} holds {labels[bad][0].item()}, outside [0, {vocab}) (the compared vocabulary); "
+                f"labels to skip must equal ignore_index={ignore_index}"
+            )
+    return kd_coef, labels, ce_valid / _safe_count(ce_valid.sum())
+
+
+def _unit_columns(x: Tensor) -> Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+class _LogitKDFunction(torch.autograd.Function):
+    """Loss and dLoss/d(student logits) in the forward; backward scales the gradient in place."""
+
+    @staticmethod
+    def forward(ctx, impl, opts, vocab, kd_coef, student_logits, teacher_logits):
+        s = student_logits.reshape(-1, student_logits.shape[-1])
+        t = teacher_logits.reshape(-1, teacher_logits.shape[-1])
+        grad = None
+        if ctx.needs_input_grad[4]:
+            grad = torch.empty_like(s) if vocab == s.shape[1] else torch.zeros_like(s)
+        s, t = s[:, :vocab], t[:, :vocab]
+        g = None if grad is None else grad[:, :vocab]
+        if impl == "triton":
+            from fastted.kernels.logit_kd import divergence_code, logit_kd_forward
+
+            rows, _ = logit_kd_forward(
+                _unit_columns(s), _unit_columns(t), kd_coef, grad=g, temperature=opts["temperature"],
+                divergence=divergence_code(opts["divergence"], opts["beta"]), beta=opts["beta"],
+                soft_weight=1.0,
+            )
+        else:
+            rows = logit_kd_chunked(s, t, kd_coef, g, soft_weight=1.0, hard_weight=0.0, **opts)
+        loss = opts["temperature"] ** 2 * (rows @ kd_coef.to(rows.dtype))
+        if grad is not None:
+            ctx.save_for_backward(grad)
+            ctx.shape = student_logits.shape
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (grad,) = ctx.saved_tensors
+        # In place: the (N, V) gradient is the step's largest tensor. A second
+        # backward through the same graph fails on the saved tensor's version.
+        return None, None, None, None, grad.mul_(grad_loss).reshape(ctx.shape), None
+
+
+def _check_logits(student_logits, teacher_logits):
+    for name, x in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
+        if not isinstance(x, Tensor):
+            raise ValueError(f"{name} must be a tensor of shape (N, V) or (B, T, V), got {type(x).__name__}")
+        if x.dim() not in (2, 3) or x.numel() == 0:
+            raise ValueError(f"{name} has shape {tuple(x.shape)}, but needs (N, V) or (B, T, V) with N, V > 0")
+        if not x.is_floating_point():
+            raise ValueError(f"{name} has dtype {x.dtype}, but needs a floating-point dtype")
+    if student_logits.shape[:-1] != teacher_logits.shape[:-1]:
+        raise ValueError(
+            f"teacher_logits has shape {tuple(teacher_logits.shape)}, but student_logits has "
+            f"{tuple(student_logits.shape)}: their leading (row/token) shapes must match"
+        )
+    if teacher_logits.device != student_logits.device:
+        raise ValueError(
+            f"teacher_logits is on {teacher_logits.device}, but student_logits is on {student_logits.device}"
+        )
+
+
+def logit_kd(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    *,
+    temperature: float = 2.0,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    mask: Optional[Tensor] = None,
+    labels: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    vocab_size: Optional[int] = None,
+    impl: str = "auto",
+) -> Tensor:
+    """Logit distillation with temperature, in one pass over the logits.
+
+    ``D(softmax(t / T), softmax(s / T)) * T^2`` averaged over the valid rows
+    (tokens), with D one of
+
+    - ``"forward_kl"`` (default): KL(teacher || student), TED's and DistilBERT's KD;
+    - ``"reverse_kl"``: KL(student || teacher);
+    - ``"jsd"``: beta KL(teacher || M) + (1 - beta) KL(student || M),
+      M = beta teacher + (1 - beta) student (at beta 0 and 1: the forward and
+      reverse KL, as TRL's GKD and Liger-Kernel define them).
+
+    Args:
+        student_logits, teacher_logits: (N, V) or (B, T, V), any float dtype.
+            The teacher is a constant: no gradient reaches it.
+        mask: rows to average over, of the leading shape; None: all rows.
+        labels, ignore_index: with labels of the leading shape, rows whose
+            label is ``ignore_index`` are skipped too (HF's -100 convention).
+        vocab_size: compare the first ``vocab_size`` logits of both; needed
+            when the two vocabularies differ (a padded embedding matrix).
+            The student's other logits get zero gradient.
+        impl: "auto", "triton" or "reference".
+
+    Returns the fp32 scalar loss (float64 for float64 logits). All rows
+    skipped gives 0 and zero gradients; logits of -inf (banned tokens) are
+    handled exactly.
+    """
+    _check_logits(student_logits, teacher_logits)
+    opts = _logit_options(temperature, divergence, beta)
+    vocab = _shared_vocab(
+        vocab_size, student_logits.shape[-1], teacher_logits.shape[-1], "student_logits", "teacher_logits"
+    )
+    if labels is None and ignore_index != -100:
+        raise ValueError(f"ignore_index={ignore_index} needs labels: it skips the rows whose label equals it")
+    lead = tuple(student_logits.shape[:-1])
+    kd_coef, labels, ce_coef = _row_weights(lead, student_logits.device, mask, labels, ignore_index, "labels", None)
+    if ce_coef is not None:
+        kd_coef = ce_coef  # rows the mask keeps and the labels do not ignore
+    dtype = torch.promote_types(student_logits.dtype, teacher_logits.dtype)
+    impl = _resolve_impl(impl, student_logits.device, dtype)
+    return _LogitKDFunction.apply(impl, opts, vocab, kd_coef, student_logits, teacher_logits)
+
+
+class LogitKDLoss(nn.Module):
+    """nn.Module over :func:`logit_kd`."""
+
+    def __init__(self, temperature: float = 2.0, divergence: str = "forward_kl", beta: float = 0.5,
+                 ignore_index: int = -100, vocab_size: Optional[int] = None, impl: str = "auto"):
+        super().__init__()
+        _logit_options(temperature, divergence, beta)
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        self.temperature, self.divergence, self.beta = temperature, divergence, beta
+        self.ignore_index, self.vocab_size, self.impl = ignore_index, vocab_size, impl
+
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor, mask: Optional[Tensor] = None,
+                labels: Optional[Tensor] = None) -> Tensor:
+        return logit_kd(
+            student_logits, teacher_logits, temperature=self.temperature, divergence=self.divergence,
+            beta=self.beta, mask=mask, labels=labels, ignore_index=self.ignore_index, vocab_size=self.vocab_size,
+            impl=self.impl,
+        )
+
+    def extra_repr(self) -> str:
+        return (f"temperature={self.temperature}, divergence={self.divergence!r}, beta={self.beta}, "
+                f"vocab_size={self.vocab_size}, impl={self.impl!r}")
+
+
+def _chunk_rows(n_rows: int, vocab: int, width: int, chunk_size: Optional[int]) -> int:
+    """Rows per block of the fused LM-head path: a block of logits about as large as the hidden states."""
+    if chunk_size is not None:
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive int (rows per block), got {chunk_size!r}")
+        return min(chunk_size, n_rows)
+    rows = max(n_rows * width, _CHUNK_ELEMENTS) // vocab
+    if rows >= 32:
+        rows -= rows % 16  # GEMM-friendly blocks
+    return max(1, min(rows, n_rows))
+
+
+class _FusedLinearKDFunction(torch.autograd.Function):
+    """Both heads, loss and student gradients in the forward, a block of rows at a time."""
+
+    @staticmethod
+    def forward(ctx, impl, opts, vocab, chunk_rows, kd_coef, labels, ce_coef, xs, ws, bs, xt, wt, bt):
+        with torch.autocast(xs.device.type, enabled=False):
+            needs = tuple(bool(n) for n in ctx.needs_input_grad[7:10])
+            if impl == "triton":
+                from fastted.kernels.logit_kd import logit_kd_rows_triton as rows_fn
+            else:
+                rows_fn = logit_kd_rows
+            kd_rows, ce_rows, (gx, gw, gb) = fused_linear_kd_chunked(
+                xs.reshape(-1, xs.shape[-1]), ws[:vocab], None if bs is None else bs[:vocab],
+                xt.reshape(-1, xt.shape[-1]), wt[:vocab], None if bt is None else bt[:vocab],
+                kd_coef, labels, ce_coef, needs, rows_fn=rows_fn, chunk_rows=chunk_rows, **opts,
+            )
+            kd = opts["temperature"] ** 2 * (kd_rows @ kd_coef.to(kd_rows.dtype))
+            ce = ce_rows @ ce_coef.to(ce_rows.dtype) if ce_rows is not None else torch.zeros_like(kd)
+            loss = opts["soft_weight"] * kd + opts["hard_weight"] * ce
+
+            def full(g, x):  # the gradient of the whole head: zero beyond the compared vocabulary
+                if g is None or g.shape[0] == x.shape[0]:
+                    return None if g is None else g.to(x.dtype)
+                out = torch.zeros_like(x)
+                out[:vocab] = g
+                return out
+
+            grads = (None if gx is None else gx.reshape(xs.shape), full(gw, ws), full(gb, bs))
+        ctx.grad_slots = [g is not None for g in grads]
+        ctx.save_for_backward(*[g for g in grads if g is not None])
+        ctx.mark_non_differentiable(kd, ce)
+        return loss, kd, ce
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_kd, grad_ce):
+        saved = iter(ctx.saved_tensors)
+        grads = [next(saved) * grad_loss if has else None for has in ctx.grad_slots]
+        return (None,) * 7 + (*grads, None, None, None)
+
+
+def fused_linear_kd(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher_hidden: Tensor,
+    teacher_weight: Tensor,
+    *,
+    temperature: float = 1.0,
+    student_bias: Optional[Tensor] = None,
+    teacher_bias: Optional[Tensor] = None,
+    mask: Optional[Tensor] = None,
+    hard_labels: Optional[Tensor] = None,
+    hard_weight: float = 0.0,
+    soft_weight: float = 1.0,
+    ignore_index: int = -100,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    vocab_size: Optional[int] = None,
+    chunk_size: Optional[int] = None,
+    impl: str = "auto",
+    return_terms: bool = False,
+):
+    """LM heads of student and teacher fused with logit KD (and cross-entropy) over the vocabulary.
+
+    Computes ``soft_weight * kd + hard_weight * ce`` where kd is
+    :func:`logit_kd` of the logits ``student_hidden @ student_weight^T + b``
+    and ``teacher_hidden @ teacher_weight^T + c`` (temperature, divergence and
+    beta as there, averaged over the rows ``mask`` keeps) and ce the
+    cross-entropy of the student logits (temperature 1) on ``hard_labels``,
+    averaged over the rows the mask keeps and the labels do not ignore: DWT's
+    and continual pre-training's ``alpha_h * CE + alpha_s * KL`` in one pass.
+    The logits are computed a block of rows at a time (``chunk_size`` rows;
+    default: a block about as large as the hidden states) and never exist
+    for the whole batch.
+
+    Args:
+        student_hidden: (N, H_s) or (B, T, H_s); student_weight: (V_s, H_s)
+            and student_bias (V_s,): the student's LM head (nn.Linear convention).
+        teacher_hidden: (..., H_t); teacher_weight (V_t, H_t), teacher_bias
+            (V_t,): the teacher's head. The teacher is a constant: no
+            gradient reaches it.
+        mask: rows to count, of the hidden states' leading shape.
+        hard_labels: integer labels of the leading shape; ``ignore_index``
+            skips a row for the cross-entropy.
+        vocab_size: when V_s != V_t (a padded embedding matrix), compare the
+            first ``vocab_size`` entries of both (the cross-entropy too);
+            without it, differing vocabularies are an error.
+        return_terms: also return the detached fp32 kd and ce (0 without labels).
+
+    Returns the fp32 scalar loss, or ``(loss, kd, ce)``. Gradients reach
+    student_hidden, student_weight and student_bias, in their dtypes; under
+    autocast the heads run in the autocast dtype.
+    """
+    args = (("student_hidden", student_hidden), ("student_weight", student_weight),
+            ("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight))
+    for name, x in args:
+        if not isinstance(x, Tensor):
+            raise ValueError(f"{name} must be a tensor, got {type(x).__name__}")
+    opts = _logit_options(temperature, divergence, beta)
+    opts["soft_weight"] = _check_float("soft_weight", soft_weight, 0.0)
+    opts["hard_weight"] = _check_float("hard_weight", hard_weight, 0.0)
+    if opts["hard_weight"] > 0 and hard_labels is None:
+        raise ValueError(f"hard_weight={hard_weight} needs hard_labels: the cross-entropy is computed on them")
+
+    xs, ws, xt, wt = student_hidden, student_weight, teacher_hidden, teacher_weight
+    if xs.dim() not in (2, 3) or any(n == 0 for n in xs.shape):
+        raise ValueError(f"student_hidden has shape {tuple(xs.shape)}, but needs (N, H_s) or (B, T, H_s), non-empty")
+    lead = tuple(xs.shape[:-1])
+    if tuple(xt.shape[:-1]) != lead or xt.dim() != xs.dim():
+        raise ValueError(
+            f"teacher_hidden has shape {tuple(xt.shape)}, but student_hidden has {tuple(xs.shape)}: their leading "
+            f"(row/token) shapes must match"
+        )
+    _check_weight("student_weight", ws, None, xs.shape[-1], "student_hidden")
+    _check_weight("teacher_weight", wt, None, xt.shape[-1], "teacher_hidden")
+    for name, bias, w in (("student_bias", student_bias, ws), ("teacher_bias", teacher_bias, wt)):
+        if bias is not None and (not isinstance(bias, Tensor) or bias.shape != (w.shape[0],)):
+            got = tuple(bias.shape) if isinstance(bias, Tensor) else type(bias).__name__
+            raise ValueError(f"{name} has shape {got}, but needs ({w.shape[0]},) (one per vocabulary entry)")
+    vocab = _shared_vocab(vocab_size, ws.shape[0], wt.shape[0], "student_weight", "teacher_weight")
+
+    cast = torch.get_autocast_dtype(xs.device.type) if torch.is_autocast_enabled(xs.device.type) else None
+    student = [x if cast is None or x is None else x.to(cast) for x in (xs, ws, student_bias)]
+    teacher = [x if cast is None or x is None else x.to(cast) for x in (xt, wt, teacher_bias)]
+    for name, x in zip(("student_weight", "student_bias"), student[1:]):
+        if x is not None:
+            _check_like(name, x, student[0], "student_hidden")
+    for name, x in zip(("teacher_hidden", "teacher_weight", "teacher_bias"), teacher):
+        if x is not None:
+            if x.device != xs.device:
+                raise ValueError(f"{name} is on {x.device}, but student_hidden is on {xs.device}")
+            _check_like(name, x, teacher[0], "teacher_hidden")
+
+    kd_coef, labels, ce_coef = _row_weights(
+        lead, xs.device, mask, hard_labels, ignore_index, "hard_labels", vocab
+    )
+    impl = _resolve_impl(impl, xs.device, student[0].dtype)
+    chunk_rows = _chunk_rows(kd_coef.shape[0], vocab, max(xs.shape[-1], xt.shape[-1]), chunk_size)
+    loss, kd, ce = _FusedLinearKDFunction.apply(
+        impl, opts, vocab, chunk_rows, kd_coef, labels, ce_coef, *student, *teacher
+    )
+    return (loss, kd, ce) if return_terms else loss
+
+
+class FusedLinearKDLoss(nn.Module):
+    """nn.Module over :func:`fused_linear_kd`; ``kd`` and ``ce`` hold the last call's detached terms."""
+
+    def __init__(self, temperature: float = 1.0, hard_weight: float = 0.0, soft_weight: float = 1.0,
+                 divergence: str = "forward_kl", beta: float = 0.5, ignore_index: int = -100,
+                 vocab_size: Optional[int] = None, chunk_size: Optional[int] = None, impl: str = "auto"):
+        super().__init__()
+        _logit_options(temperature, divergence, beta)
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        self.options = dict(
+            temperature=temperature, hard_weight=hard_weight, soft_weight=soft_weight, divergence=divergence,
+            beta=beta, ignore_index=ignore_index, vocab_size=vocab_size, chunk_size=chunk_size, impl=impl,
+        )
+        self.kd: Optional[Tensor] = None
+        self.ce: Optional[Tensor] = None
+
+    def forward(self, student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor,
+                teacher_weight: Tensor, *, student_bias: Optional[Tensor] = None,
+                teacher_bias: Optional[Tensor] = None, mask: Optional[Tensor] = None,
+                hard_labels: Optional[Tensor] = None) -> Tensor:
+        loss, self.kd, self.ce = fused_linear_kd(
+            student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias=student_bias,
+            teacher_bias=teacher_bias, mask=mask, hard_labels=hard_labels, return_terms=True, **self.options,
+        )
+        return loss
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

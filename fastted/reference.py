@@ -10,6 +10,7 @@ Two kinds live here, and nothing in this module imports Triton:
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional, Sequence
 
 import torch
@@ -176,3 +177,251 @@ def filtered_mse_chunked(layers, mask, count, layer_scale, needs):
         sq_err.append(total)
         all_grads.append(cast_grads_like(grads, layer))
     return torch.stack(sq_err), all_grads
+
+
+# --------------------------------------------------------------------------- logit distillation
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+
+
+def _kl_elementwise(p_log: Tensor, q_log: Tensor) -> Tensor:
+    """exp(p_log) * (p_log - q_log), and 0 where p is 0, where F.kl_div gives NaN.
+
+    The zero branch is fed finite values, so that autograd through it gives 0, not NaN.
+    """
+    zero = p_log == float("-inf")
+    kl = F.kl_div(q_log.masked_fill(zero, 0.0), p_log.masked_fill(zero, 0.0), reduction="none", log_target=True)
+    return kl.masked_fill(zero, 0.0)
+
+
+def divergence_reference(s_log: Tensor, t_log: Tensor, divergence: str, beta: float) -> Tensor:
+    """Per-row divergence between student and teacher log-probabilities (..., V) -> (...).
+
+    forward_kl: KL(teacher || student); reverse_kl: KL(student || teacher);
+    jsd: beta KL(teacher || M) + (1 - beta) KL(student || M) with the mixture
+    M = beta teacher + (1 - beta) student, and at beta = 0 and 1 the forward
+    and reverse KL (the convention of TRL's GKD and Liger-Kernel).
+    """
+    if divergence == "jsd" and beta == 0.0:
+        divergence = "forward_kl"
+    if divergence == "jsd" and beta == 1.0:
+        divergence = "reverse_kl"
+    if divergence == "forward_kl":
+        return _kl_elementwise(t_log, s_log).sum(-1)
+    if divergence == "reverse_kl":
+        return _kl_elementwise(s_log, t_log).sum(-1)
+    both = (s_log == float("-inf")) & (t_log == float("-inf"))  # M = 0 there: keep its log finite
+    pair = torch.stack([s_log.masked_fill(both, 0.0) + math.log(1 - beta), t_log.masked_fill(both, 0.0) + math.log(beta)])
+    m_log = torch.logsumexp(pair, dim=0)
+    return (beta * _kl_elementwise(t_log, m_log) + (1 - beta) * _kl_elementwise(s_log, m_log)).sum(-1)
+
+
+def _masked_mean(rows: Tensor, valid: Tensor) -> Tensor:
+    """Mean of rows over the valid ones; 0 when none is valid."""
+    valid = valid.to(rows.dtype)
+    return torch.where(valid > 0, rows, torch.zeros_like(rows)).mul(valid).sum() / _safe_count(valid.sum())
+
+
+def logit_kd_reference(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    *,
+    temperature: float = 2.0,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    mask: Optional[Tensor] = None,
+) -> Tensor:
+    """Eager logit KD, the spec of :func:`fastted.logit_kd`: log_softmax + kl_div.
+
+    divergence(softmax(t / T), softmax(s / T)) * T^2, averaged over the rows
+    (tokens) the mask keeps; logits of shape (..., V) in any float dtype.
+    """
+    s_log = F.log_softmax(student_logits / temperature, dim=-1)
+    t_log = F.log_softmax(teacher_logits / temperature, dim=-1)
+    rows = divergence_reference(s_log, t_log, divergence, beta)
+    valid = torch.ones_like(rows) if mask is None else mask.to(rows.dtype)
+    return _masked_mean(rows, valid) * temperature**2
+
+
+def fused_linear_kd_reference(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher_hidden: Tensor,
+    teacher_weight: Tensor,
+    *,
+    temperature: float = 1.0,
+    student_bias: Optional[Tensor] = None,
+    teacher_bias: Optional[Tensor] = None,
+    mask: Optional[Tensor] = None,
+    hard_labels: Optional[Tensor] = None,
+    hard_weight: float = 0.0,
+    soft_weight: float = 1.0,
+    ignore_index: int = -100,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    vocab_size: Optional[int] = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Eager LM heads + logit KD + cross-entropy: the spec of :func:`fastted.fused_linear_kd`.
+
+    Materializes both (N, V) logits, as a training script does. Returns
+    ``(loss, kd, ce)``: loss = soft_weight * kd + hard_weight * ce, kd the
+    logit KD over the mask's rows, ce the cross-entropy of the student logits
+    (temperature 1) over the rows the mask keeps and hard_labels do not ignore.
+    """
+    v = vocab_size if vocab_size is not None else student_weight.shape[0]
+    s_logits = F.linear(student_hidden, student_weight[:v], None if student_bias is None else student_bias[:v])
+    t_logits = F.linear(teacher_hidden, teacher_weight[:v], None if teacher_bias is None else teacher_bias[:v])
+    kd = logit_kd_reference(s_logits, t_logits, temperature=temperature, divergence=divergence, beta=beta, mask=mask)
+    ce = kd.new_zeros(())
+    if hard_labels is not None:
+        valid = hard_labels != ignore_index
+        if mask is not None:
+            valid = valid & mask.bool()
+        rows = F.cross_entropy(
+            s_logits.reshape(-1, v), torch.where(valid, hard_labels, 0).reshape(-1), reduction="none"
+        )
+        ce = _masked_mean(rows, valid.reshape(-1))
+    return soft_weight * kd + hard_weight * ce, kd, ce
+
+
+def logit_kd_rows(
+    zs: Tensor,
+    zt: Tensor,
+    kd_coef: Tensor,
+    labels: Optional[Tensor],
+    ce_coef: Optional[Tensor],
+    grad: Optional[Tensor],
+    *,
+    temperature: float,
+    divergence: str,
+    beta: float,
+    soft_weight: float,
+    hard_weight: float,
+) -> tuple[Tensor, Optional[Tensor]]:
+    """A block of rows of the fused logit losses: the CPU twin of the Triton row kernel.
+
+    zs, zt: (R, V) student and teacher logits; kd_coef: (R,) weight of each
+    row's divergence in the mean (mask / count); labels, ce_coef: (R,) hard
+    labels and the weight of each row's cross-entropy, or None. Writes
+    dLoss/dzs into grad (R, V) when given, where
+    loss = soft_weight T^2 sum_r kd_coef_r D_r + hard_weight sum_r ce_coef_r CE_r.
+    Returns the per-row divergence D (without T^2) and cross-entropy, fp32
+    (fp64 for fp64 logits), 0 on rows whose weight is 0.
+    """
+    acc = torch.promote_types(zs.dtype, torch.float32)
+    kd_coef = kd_coef.to(acc)
+    keep = kd_coef != 0
+    s = zs.to(acc)
+    ls = F.log_softmax(s / temperature, dim=-1)
+    lt = F.log_softmax(zt.to(acc) / temperature, dim=-1)
+    rows = torch.where(keep, divergence_reference(ls, lt, divergence, beta), 0)
+    ce_rows = None
+    if grad is not None:
+        if divergence == "jsd" and 0.0 < beta < 1.0:
+            q, p = ls.exp(), lt.exp()
+            lm = torch.log((1 - beta) * q + beta * p)
+            q_term = torch.where(q > 0, q * (ls - lm), 0)  # summed over V: KL(student || M)
+            g = (1 - beta) * (q_term - q * q_term.sum(-1, keepdim=True))
+        elif divergence == "reverse_kl" or (divergence == "jsd" and beta == 1.0):
+            q = ls.exp()
+            g = torch.where(q > 0, q * (ls - lt - rows[:, None]), 0)
+        else:
+            g = ls.exp() - lt.exp()
+        g = g * (soft_weight * temperature * kd_coef)[:, None]
+    if labels is not None:
+        ce_coef = ce_coef.to(acc)
+        lu = ls if temperature == 1.0 else F.log_softmax(s, dim=-1)
+        in_range = (labels >= 0) & (labels < zs.shape[1])
+        picked = lu.gather(1, torch.where(in_range, labels, 0)[:, None])[:, 0]
+        ce_rows = torch.where(ce_coef != 0, torch.where(in_range, -picked, float("nan")), 0)
+        if grad is not None:
+            dce = lu.exp()
+            dce.scatter_add_(1, torch.where(in_range, labels, 0)[:, None], -in_range.to(acc)[:, None])
+            g = g + dce * (hard_weight * ce_coef)[:, None]
+            keep = keep | (ce_coef != 0)
+    if grad is not None:
+        grad.copy_(torch.where(keep[:, None], g, 0))
+    return rows, ce_rows
+
+
+def logit_kd_chunked(s: Tensor, t: Tensor, kd_coef: Tensor, grad: Optional[Tensor], **opts) -> Tensor:
+    """The CPU path of :func:`fastted.logit_kd`: :func:`logit_kd_rows` over blocks of rows.
+
+    s, t: (N, V) logits; grad: (N, V) output for dLoss/ds, or None. Each block
+    holds about a million logits, so the temporaries of the softmaxes stay
+    bounded beyond the gradient itself. Returns the (N,) row divergences.
+    """
+    n_rows, vocab = s.shape
+    step = max(1, _CHUNK_ELEMENTS // vocab)
+    rows = []
+    for start in range(0, n_rows, step):
+        r = slice(start, start + step)
+        kd, _ = logit_kd_rows(s[r], t[r], kd_coef[r], None, None, None if grad is None else grad[r], **opts)
+        rows.append(kd)
+    return torch.cat(rows)
+
+
+def _accumulate_mm(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """acc += a @ b, with acc in fp32 and a, b in any float dtype."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    elif a.is_cuda:
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)  # fp32 accumulation, no (V, H) temporary
+    else:
+        acc.add_(a @ b)
+
+
+def fused_linear_kd_chunked(
+    xs: Tensor,
+    ws: Tensor,
+    bs: Optional[Tensor],
+    xt: Tensor,
+    wt: Tensor,
+    bt: Optional[Tensor],
+    kd_coef: Tensor,
+    labels: Optional[Tensor],
+    ce_coef: Optional[Tensor],
+    needs: tuple[bool, bool, bool],
+    *,
+    rows_fn,
+    chunk_rows: int,
+    **opts,
+):
+    """Both LM heads and the logit losses, ``chunk_rows`` rows at a time.
+
+    xs (N, H_s), ws (V, H_s), bs (V,): the student head; xt, wt, bt the
+    teacher's. For each block of rows the student and teacher logits are
+    computed, ``rows_fn`` (:func:`logit_kd_rows` or the Triton kernel, same
+    contract) turns the student block into its gradient in place, and the
+    gradients of xs, ws, bs follow from it; no (N, V) tensor ever exists.
+    needs: which of xs, ws, bs want a gradient. Weight and bias gradients
+    are accumulated in fp32. Returns (kd_rows, ce_rows, (gx, gw, gb)).
+    """
+    n_rows = xs.shape[0]
+    want = any(needs)
+    acc = torch.promote_types(ws.dtype, torch.float32)
+    gx = torch.empty_like(xs) if needs[0] else None
+    gw = torch.zeros(ws.shape, dtype=acc, device=ws.device) if needs[1] else None
+    gb = torch.zeros(ws.shape[0], dtype=acc, device=ws.device) if needs[2] else None
+    kd_rows, ce_rows = [], []
+    for start in range(0, n_rows, chunk_rows):
+        r = slice(start, start + chunk_rows)
+        x = xs[r]
+        zs = torch.addmm(bs, x, ws.t()) if bs is not None else x @ ws.t()  # (R, V)
+        zt = torch.addmm(bt, xt[r], wt.t()) if bt is not None else xt[r] @ wt.t()  # (R, V)
+        kd, ce = rows_fn(
+            zs, zt, kd_coef[r], None if labels is None else labels[r], None if ce_coef is None else ce_coef[r],
+            zs if want else None, **opts,
+        )
+        del zt
+        kd_rows.append(kd)
+        ce_rows.append(ce)
+        if want:  # zs now holds dLoss/dzs
+            if gx is not None:
+                torch.mm(zs, ws, out=gx[r])
+            if gw is not None:
+                _accumulate_mm(gw, zs.t(), x)
+            if gb is not None:
+                gb += zs.sum(0, dtype=acc)
+    ce_rows = torch.cat(ce_rows) if labels is not None else None
+    return torch.cat(kd_rows), ce_rows, (gx, gw, gb)
