@@ -427,8 +427,8 @@ def _shared_vocab(vocab_size, v_s: int, v_t: int, what_s: str, what_t: str) -> i
     return vocab_size
 
 
-def _row_weights(lead, device, mask, labels, ignore_index, labels_name, vocab):
-    """Validate mask and labels of leading shape ``lead``; return (N,) fp32 mean weights.
+def _row_weights(lead, device, dtype, mask, labels, ignore_index, labels_name, vocab):
+    """Validate mask and labels of leading shape ``lead``; return (N,) mean weights, fp32 (fp64 for fp64 inputs).
 
     Returns (kd_coef, labels, ce_coef): kd_coef = mask / count over the mask's
     rows; with labels, ce_coef the same over the rows the mask keeps and the
@@ -437,6 +437,7 @@ def _row_weights(lead, device, mask, labels, ignore_index, labels_name, vocab):
     n_rows = 1
     for n in lead:
         n_rows *= n
+    acc = torch.promote_types(dtype, torch.float32)
     valid = None
     if mask is not None:
         if not isinstance(mask, Tensor):
@@ -445,8 +446,8 @@ def _row_weights(lead, device, mask, labels, ignore_index, labels_name, vocab):
             raise ValueError(f"mask has shape {tuple(mask.shape)}, but needs {lead} (one entry per row/token)")
         if mask.device != device:
             raise ValueError(f"mask is on {mask.device}, but the inputs are on {device}")
-        valid = mask.detach().reshape(n_rows).to(torch.float32)
-    kd_valid = valid if valid is not None else torch.ones(n_rows, dtype=torch.float32, device=device)
+        valid = mask.detach().reshape(n_rows).to(acc)
+    kd_valid = valid if valid is not None else torch.ones(n_rows, dtype=acc, device=device)
     kd_coef = kd_valid / _safe_count(kd_valid.sum())
     if labels is None:
         return kd_coef, None, None
@@ -458,7 +459,7 @@ def _row_weights(lead, device, mask, labels, ignore_index, labels_name, vocab):
     if labels.device != device:
         raise ValueError(f"{labels_name} is on {labels.device}, but the inputs are on {device}")
     labels = labels.detach().reshape(n_rows).to(torch.int64)
-    ce_valid = (labels != ignore_index).to(torch.float32)
+    ce_valid = (labels != ignore_index).to(acc)
     if valid is not None:
         ce_valid = ce_valid * (valid != 0)
     if vocab is not None and device.type == "cpu":  # no device sync here; on a GPU a bad label gives a NaN loss
@@ -577,10 +578,12 @@ def logit_kd(
     if labels is None and ignore_index != -100:
         raise ValueError(f"ignore_index={ignore_index} needs labels: it skips the rows whose label equals it")
     lead = tuple(student_logits.shape[:-1])
-    kd_coef, labels, ce_coef = _row_weights(lead, student_logits.device, mask, labels, ignore_index, "labels", None)
+    dtype = torch.promote_types(student_logits.dtype, teacher_logits.dtype)
+    kd_coef, labels, ce_coef = _row_weights(
+        lead, student_logits.device, dtype, mask, labels, ignore_index, "labels", None
+    )
     if ce_coef is not None:
         kd_coef = ce_coef  # rows the mask keeps and the labels do not ignore
-    dtype = torch.promote_types(student_logits.dtype, teacher_logits.dtype)
     impl = _resolve_impl(impl, student_logits.device, dtype)
     return _LogitKDFunction.apply(impl, opts, vocab, kd_coef, student_logits, teacher_logits)
 
@@ -755,7 +758,7 @@ def fused_linear_kd(
             _check_like(name, x, teacher[0], "teacher_hidden")
 
     kd_coef, labels, ce_coef = _row_weights(
-        lead, xs.device, mask, hard_labels, ignore_index, "hard_labels", vocab
+        lead, xs.device, student[0].dtype, mask, hard_labels, ignore_index, "hard_labels", vocab
     )
     impl = _resolve_impl(impl, xs.device, student[0].dtype)
     chunk_rows = _chunk_rows(kd_coef.shape[0], vocab, max(xs.shape[-1], xt.shape[-1]), chunk_size)

@@ -69,7 +69,6 @@ def _logit_kd_kernel(
     row = tl.program_id(0).to(tl.int64)
     s_row = s_ptr + row * stride_s
     t_row = t_ptr + row * stride_t
-    g_row = grad_ptr + row * stride_g
     cols = tl.arange(0, BLOCK_V)
     n_blocks = tl.cdiv(V, BLOCK_V)
 
@@ -86,6 +85,7 @@ def _logit_kd_kernel(
         if HAS_CE:
             tl.store(ce_out_ptr + row, 0.0)
         if WRITE_GRAD:
+            g_row = grad_ptr + row * stride_g
             for i in range(0, n_blocks):
                 c = i * BLOCK_V + cols
                 tl.store(g_row + c, tl.zeros((BLOCK_V,), tl.float32).to(grad_ptr.dtype.element_ty), mask=c < V)
@@ -167,6 +167,7 @@ def _logit_kd_kernel(
 
         # ---- last pass: the gradient (each block is read before it is overwritten)
         if WRITE_GRAD:
+            g_row = grad_ptr + row * stride_g
             kd_scale = kd_grad_scale * kd_c
             for i in range(0, n_blocks):
                 c = i * BLOCK_V + cols

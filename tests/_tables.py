@@ -1,4 +1,6 @@
-"""Shapes, dtypes and tolerances shared by the tests of the fused losses."""
+"""Shapes, dtypes, tolerances and the closeness check shared by the tests of the fused losses."""
+import zlib
+
 import torch
 
 # (leading shape, d_s, d_t, d_f): odd, non-power-of-two sizes on purpose.
@@ -18,3 +20,18 @@ DTYPES = {
 
 def device():
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _seed(*key) -> int:
+    """A fresh but reproducible seed per test case."""
+    return zlib.crc32(repr(key).encode())
+
+
+def _assert_close(name, got, ref64, lowp, slack):
+    """|got - ref| <= 2 |PyTorch's own low-precision error| + slack * |ref| (max norms)."""
+    assert got is not None, f"{name}: no gradient"
+    assert torch.isfinite(got).all(), f"{name}: non-finite values"
+    err = (got.double().cpu() - ref64.cpu()).abs().max().item()
+    torch_err = (lowp.double().cpu() - ref64.cpu()).abs().max().item()
+    bound = 2 * torch_err + slack * max(ref64.abs().max().item(), 1e-6)
+    assert err <= bound, f"{name}: error {err:.3e} > bound {bound:.3e} (PyTorch's own error {torch_err:.3e})"

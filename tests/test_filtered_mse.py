@@ -3,8 +3,6 @@
 Each case runs on both paths: "reference" (the chunked PyTorch path) and
 "triton" (the real kernel: on a GPU, or under TRITON_INTERPRET=1 on the CPU).
 """
-import zlib
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,7 +10,7 @@ import torch.nn.functional as F
 import fastted
 from fastted.reference import filtered_mse_reference
 
-from tests._tables import DTYPES, SHAPES, device
+from tests._tables import DTYPES, SHAPES, _assert_close, _seed, device
 
 IMPLS = ["reference", "triton"]
 # case -> (student filter, student bias, teacher filter, teacher bias)
@@ -24,10 +22,6 @@ CASES = {
     "targets_no_bias": (True, False, False, False),
 }
 MASKS = ["none", "random", "all_zero", "all_one"]
-
-
-def _seed(*key) -> int:
-    return zlib.crc32(repr(key).encode())
 
 
 def _make(case, lead, d_s, d_t, d_f, n_layers, dtype, mask_kind, seed, teacher_grad=True):
@@ -92,16 +86,6 @@ def _run(fn, inputs, grad_out, **kwargs):
 
 def _spec(**kwargs):
     return filtered_mse_reference(**kwargs)
-
-
-def _assert_close(name, got, ref64, lowp, slack):
-    """|got - ref| <= 2 |PyTorch's own low-precision error| + slack * |ref| (max norms)."""
-    assert got is not None, f"{name}: no gradient"
-    assert torch.isfinite(got).all(), f"{name}: non-finite values"
-    err = (got.double().cpu() - ref64.cpu()).abs().max().item()
-    torch_err = (lowp.double().cpu() - ref64.cpu()).abs().max().item()
-    bound = 2 * torch_err + slack * max(ref64.abs().max().item(), 1e-6)
-    assert err <= bound, f"{name}: error {err:.3e} > bound {bound:.3e} (PyTorch's own error {torch_err:.3e})"
 
 
 def _check_filtered_mse(case, shape, dtype, mask_kind, n_layers, impl, grad_out=1.0, layer_weights=None):

@@ -1,0 +1,210 @@
+"""fastted.fused_linear_kd against float64 references: values, every student gradient, labels, vocabularies.
+
+Each case runs on both paths: "reference" (the chunked PyTorch path) and
+"triton" (the row kernel: on a GPU, or under TRITON_INTERPRET=1 on the CPU).
+The peak-memory check of the CPU path lives in benchmarks/test_fused_linear_kd.py.
+"""
+import pytest
+import torch
+
+import fastted
+from fastted.reference import fused_linear_kd_reference
+
+from tests._tables import DTYPES, _assert_close, _seed, device
+
+IMPLS = ["reference", "triton"]
+DIVERGENCES = [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.5), ("jsd", 0.0), ("jsd", 1.0)]
+# (leading shape, H_s, H_t, V): odd hidden sizes and vocabularies, BERT's and GPT-2's among them.
+SHAPES = [((37,), 24, 40, 1003), ((3, 11), 33, 17, 30522), ((4,), 16, 24, 50257)]
+
+
+def _make(lead, h_s, h_t, vocab, dtype, seed, v_t=None, labels=True, ignored=0.2):
+    """Fresh random heads, hidden states, mask and hard labels (some ignored)."""
+    g = torch.Generator().manual_seed(seed)
+    dev = device()
+
+    def rand(*shape, scale=1.0, grad=False):
+        x = (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dev, dtype)
+        return x.requires_grad_(grad)
+
+    v_t = vocab if v_t is None else v_t
+    inputs = dict(
+        student_hidden=rand(*lead, h_s, grad=True),
+        student_weight=rand(vocab, h_s, scale=3 * h_s**-0.5, grad=True),
+        teacher_hidden=rand(*lead, h_t),
+        teacher_weight=rand(v_t, h_t, scale=3 * h_t**-0.5),
+        student_bias=rand(vocab, scale=0.5, grad=True),
+        teacher_bias=rand(v_t, scale=0.5),
+        mask=(torch.rand(lead, generator=g) > 0.25).to(dev),
+    )
+    if labels:
+        hard = torch.randint(0, min(vocab, v_t), lead, generator=g)
+        hard[torch.rand(lead, generator=g) < ignored] = -100
+        inputs["hard_labels"] = hard.to(dev)
+    return inputs
+
+
+def _trainable(inputs):
+    return {k: inputs[k] for k in ("student_hidden", "student_weight", "student_bias")}
+
+
+def _run(fn, inputs, grad_out, **opts):
+    loss, kd, ce = fn(**inputs, **opts)
+    (loss * grad_out).backward()
+    return (loss.detach(), kd.detach(), ce.detach()), {
+        k: x.grad for k, x in _trainable(inputs).items() if x is not None
+    }
+
+
+def _cast(inputs, dtype):
+    return {
+        k: v.detach().to(dtype).requires_grad_(v.requires_grad) if torch.is_tensor(v) and v.is_floating_point() else v
+        for k, v in inputs.items()
+    }
+
+
+def _check_fused_linear_kd(impl, shape, dtype, divergence="forward_kl", beta=0.5, temperature=2.0, grad_out=1.0,
+                           chunk_size=None, inputs=None, **opts):
+    lead, h_s, h_t, vocab = shape
+    if inputs is None:
+        inputs = _make(lead, h_s, h_t, vocab, dtype, _seed("flkd", impl, shape, dtype, divergence, beta, temperature))
+    opts = dict(temperature=temperature, divergence=divergence, beta=beta, **opts)
+    if "hard_labels" in inputs:
+        opts.setdefault("hard_weight", 0.3)
+        opts.setdefault("soft_weight", 0.8)
+    ref_in, lowp_in = _cast(inputs, torch.float64), _cast(inputs, dtype)
+    got, grads = _run(fastted.fused_linear_kd, inputs, grad_out, impl=impl, chunk_size=chunk_size,
+                      return_terms=True, **opts)
+    ref, ref_grads = _run(fused_linear_kd_reference, ref_in, grad_out, **opts)
+    lowp, lowp_grads = _run(fused_linear_kd_reference, lowp_in, grad_out, **opts)
+
+    slack = DTYPES[dtype]
+    for name, a, b, c in zip(("loss", "kd", "ce"), got, ref, lowp):
+        assert a.dtype == torch.float32 and a.dim() == 0, name
+        _assert_close(name, a, b, c, slack)
+    for name, g in grads.items():
+        assert g.dtype == inputs[name].dtype and g.shape == inputs[name].shape, name
+        _assert_close(f"grad {name}", g, ref_grads[name], lowp_grads[name], slack)
+    for name in ("teacher_hidden", "teacher_weight", "teacher_bias"):
+        assert inputs[name].grad is None
+    return got, grads
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 4.0])
+@pytest.mark.parametrize("divergence,beta", DIVERGENCES)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_fused_linear_kd_divergences(impl, divergence, beta, temperature):
+    _check_fused_linear_kd(impl, SHAPES[0], torch.float32, divergence, beta, temperature, chunk_size=10)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"V{s[3]}")
+@pytest.mark.parametrize("impl", IMPLS)
+def test_fused_linear_kd_shapes_and_dtypes(impl, shape, dtype):
+    _check_fused_linear_kd(impl, shape, dtype)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, None, 1000])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_fused_linear_kd_chunk_sizes(impl, chunk_size):
+    """Blocks of 1 row, of an odd number of rows, the default and one block for all agree with float64."""
+    _check_fused_linear_kd(impl, ((3, 11), 20, 28, 501), torch.float32, chunk_size=chunk_size, grad_out=-2.5)
+
+
+@pytest.mark.parametrize("grad_out", [0.37, -2.5])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_fused_linear_kd_grad_output(impl, grad_out):
+    _check_fused_linear_kd(impl, SHAPES[0], torch.float32, "jsd", 0.5, grad_out=grad_out, chunk_size=16)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_fused_linear_kd_terms(impl):
+    """Soft only (no labels), hard only (DWT's alpha_s = 0), no biases: each matches its reference."""
+    lead, h_s, h_t, vocab = SHAPES[0]
+    inputs = _make(lead, h_s, h_t, vocab, torch.float32, _seed("soft-only", impl), labels=False)
+    got, _ = _check_fused_linear_kd(impl, SHAPES[0], torch.float32, inputs=inputs)
+    assert got[2].item() == 0.0
+
+    inputs = _make(lead, h_s, h_t, vocab, torch.float32, _seed("hard-only", impl))
+    _check_fused_linear_kd(impl, SHAPES[0], torch.float32, inputs=inputs, soft_weight=0.0, hard_weight=1.0)
+
+    inputs = _make(lead, h_s, h_t, vocab, torch.float32, _seed("no-bias", impl))
+    del inputs["student_bias"], inputs["teacher_bias"]
+    inputs["student_bias"] = None
+    inputs["teacher_bias"] = None
+    got, grads = _run(fastted.fused_linear_kd, inputs, 1.0, impl=impl, return_terms=True, temperature=2.0,
+                      hard_weight=0.5)
+    ref, _ = _run(fused_linear_kd_reference, _cast(inputs, torch.float64), 1.0, temperature=2.0, hard_weight=0.5)
+    torch.testing.assert_close(got[0].double(), ref[0], rtol=1e-5, atol=1e-6)
+    assert set(grads) == {"student_hidden", "student_weight"} and all(g is not None for g in grads.values())
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_fused_linear_kd_all_rows_skipped(impl):
+    """All rows masked: loss 0 and zero gradients; all labels ignored: ce 0, kd as without labels."""
+    lead, h_s, h_t, vocab = SHAPES[0]
+    inputs = _make(lead, h_s, h_t, vocab, torch.float32, _seed("skipped", impl))
+    inputs["mask"] = torch.zeros_like(inputs["mask"])
+    (loss, kd, ce), grads = _run(fastted.fused_linear_kd, inputs, 1.0, impl=impl, return_terms=True,
+                                 hard_weight=0.5)
+    assert loss.item() == 0.0 and kd.item() == 0.0 and ce.item() == 0.0
+    assert all(not g.any() for g in grads.values())
+
+    inputs = _make(lead, h_s, h_t, vocab, torch.float32, _seed("ignored", impl), ignored=1.0)
+    got, _ = _check_fused_linear_kd(impl, SHAPES[0], torch.float32, inputs=inputs, hard_weight=0.5)
+    assert got[2].item() == 0.0 and got[1].item() > 0
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_fused_linear_kd_padded_vocab(impl):
+    """A padded student head (1010 rows) and a teacher head of 1003: compare the first 1000 entries."""
+    lead, h_s, h_t, _ = SHAPES[0]
+    inputs = _make(lead, h_s, h_t, 1010, torch.float32, _seed("padded", impl), v_t=1003)
+    with pytest.raises(ValueError, match="vocab_size"):
+        fastted.fused_linear_kd(**inputs, impl=impl)
+    _, grads = _check_fused_linear_kd(impl, SHAPES[0], torch.float32, inputs=inputs, vocab_size=1000)
+    assert not grads["student_weight"][1000:].any() and not grads["student_bias"][1000:].any()
+
+    inputs["hard_labels"][0] = 1005  # a label beyond the compared vocabulary, in a counted row
+    inputs["mask"][0] = True
+    if device().type == "cpu":
+        with pytest.raises(ValueError, match=r"hard_labels holds 1005, outside \[0, 1000\)"):
+            fastted.fused_linear_kd(**inputs, vocab_size=1000, hard_weight=0.5, impl=impl)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_fused_linear_kd_module(impl):
+    lead, h_s, h_t, vocab = SHAPES[0]
+    inputs = _make(lead, h_s, h_t, vocab, torch.float32, _seed("module", impl))
+    module = fastted.FusedLinearKDLoss(temperature=2.0, hard_weight=0.4, soft_weight=0.6, impl=impl)
+    got = module(inputs["student_hidden"], inputs["student_weight"], inputs["teacher_hidden"],
+                 inputs["teacher_weight"], student_bias=inputs["student_bias"], teacher_bias=inputs["teacher_bias"],
+                 mask=inputs["mask"], hard_labels=inputs["hard_labels"])
+    want, kd, ce = fastted.fused_linear_kd(**inputs, temperature=2.0, hard_weight=0.4, soft_weight=0.6, impl=impl,
+                                           return_terms=True)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(module.kd, kd)
+    torch.testing.assert_close(module.ce, ce)
+    assert not module.kd.requires_grad and "hard_weight=0.4" in repr(module)
+
+
+def test_fused_linear_kd_autocast():
+    """Under autocast the heads run in the autocast dtype, as nn.Linear's would."""
+    lead, h_s, h_t, vocab = SHAPES[0]
+    inputs = _make(lead, h_s, h_t, vocab, torch.float32, _seed("autocast"))
+    with torch.autocast(device().type, dtype=torch.bfloat16):
+        got = fastted.fused_linear_kd(**inputs, temperature=2.0, hard_weight=0.3)
+    got.backward()
+    bf16 = _cast(inputs, torch.bfloat16)
+    want = fused_linear_kd_reference(**_cast(bf16, torch.float64), temperature=2.0, hard_weight=0.3)[0]
+    torch.testing.assert_close(got.double(), want, rtol=2e-3, atol=1e-3)
+    assert inputs["student_weight"].grad.dtype == torch.float32
+
+
+def test_fused_linear_kd_float64_reference_path():
+    lead, h_s, h_t, vocab = SHAPES[0]
+    inputs = _make(lead, h_s, h_t, vocab, torch.float64, _seed("fp64"))
+    got = fastted.fused_linear_kd(**inputs, temperature=2.0, hard_weight=0.3, chunk_size=5)
+    want = fused_linear_kd_reference(**inputs, temperature=2.0, hard_weight=0.3)[0]
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
