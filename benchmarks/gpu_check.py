@@ -35,7 +35,7 @@ import triton  # noqa: E402
 
 import fastted  # noqa: E402
 from benchmarks._memory import cuda_peak_extra_mb  # noqa: E402
-from benchmarks.test_filtered_mse import SIZES, Case, step  # noqa: E402
+from benchmarks.test_filtered_mse import SIZES, make_case, step  # noqa: E402
 from tests import test_filtered_mse as tests  # noqa: E402  (one definition of "correct")
 
 
@@ -94,7 +94,7 @@ def ceilings(size: dict, device: torch.device) -> dict:
 def timings(size_name: str, device: torch.device, flops: int) -> list[dict]:
     rows = []
     for impl in ("fastted", "eager", "compile"):
-        case = Case(impl, size_name, device)
+        case = make_case(impl, size_name, device)
         for _ in range(3):  # warm-up: autotuning, compilation, allocator
             case.full()
         row = dict(

@@ -14,26 +14,19 @@ FASTTED_BENCH_SIZE=small or realistic to choose.
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 import fastted
 from fastted.reference import filtered_mse_reference
 
-from benchmarks._memory import cpu_peak_extra_mb, cuda_peak_extra_mb
+from benchmarks._case import MODES, Case, default_size, one_step, run_benchmark
 
 SIZES = {
     "realistic": dict(n_tokens=16384, n_layers=12, d_s=768, d_t=1024, d_f=1024, dtype="bfloat16"),
     "small": dict(n_tokens=2048, n_layers=4, d_s=96, d_t=128, d_f=128, dtype="float32"),
 }
 IMPLS = ["fastted", "eager", "compile"]
-MODES = ["forward", "backward", "full"]
-
-
-def default_size() -> str:
-    return os.environ.get("FASTTED_BENCH_SIZE", "realistic" if torch.cuda.is_available() else "small")
 
 
 def make_inputs(n_tokens, n_layers, d_s, d_t, d_f, dtype, device, seed=0):
@@ -71,45 +64,22 @@ def loss_fn(impl: str, device: torch.device):
     return lambda **kw: _COMPILED[impl](**kw)[0]
 
 
-class Case:
-    """One benchmark case: its inputs, its loss function and its steps (none of them syncs)."""
-
-    def __init__(self, impl: str, size: str, device: torch.device):
-        self.inputs = make_inputs(**SIZES[size], device=device)
-        self.fn = loss_fn(impl, device)
-        self.trainable = self.inputs["student_states"] + self.inputs["student_weights"] + self.inputs["student_biases"]
-        self.loss = None
-
-    def clear(self):
-        for x in self.trainable:
-            x.grad = None
-
-    def forward(self):
-        return self.fn(**self.inputs)
-
-    def full(self):
-        self.clear()
-        self.fn(**self.inputs).backward()
-
-    def prepare_backward(self):
-        self.clear()
-        self.loss = self.forward()
-
-    def backward(self):
-        self.loss.backward()
+def make_case(impl: str, size: str, device: torch.device) -> Case:
+    inputs = make_inputs(**SIZES[size], device=device)
+    trainable = inputs["student_states"] + inputs["student_weights"] + inputs["student_biases"]
+    return Case(inputs, loss_fn(impl, device), trainable)
 
 
 def step(impl: str, size: str, mode: str, device: str = "cpu"):
     """Builds a case and returns one forward or full step of it: the memory probe's builder."""
-    case = Case(impl, size, torch.device(device))
+    return one_step(make_case(impl, size, torch.device(device)), mode)
 
-    def run():
-        loss = case.forward()  # its graph, what a forward keeps for backward, is alive until run returns
-        if mode == "full":
-            loss.backward()
-        case.clear()  # so that every call starts from inputs and weights alone
 
-    return run
+def _check(case: Case) -> None:
+    with torch.no_grad():
+        ref = filtered_mse_reference(**case.inputs)[0]
+        loss = case.forward()
+    torch.testing.assert_close(loss.float(), ref.float(), rtol=2e-2, atol=1e-4)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -117,32 +87,7 @@ def step(impl: str, size: str, mode: str, device: str = "cpu"):
 def test_filtered_mse(benchmark, sync, impl, mode):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     size = default_size()
-    case = Case(impl, size, device)
-    for _ in range(2):  # warm-up: autotuning, compilation, allocator
-        case.full()
-
-    if mode == "forward":
-        benchmark(lambda: (case.forward(), sync()))
-    elif mode == "full":
-        benchmark(lambda: (case.full(), sync()))
-    else:
-        def setup():
-            case.prepare_backward()
-            sync()
-
-        benchmark.pedantic(lambda: (case.backward(), sync()), setup=setup, rounds=20, warmup_rounds=1)
-
-    # A benchmark that computes garbage is no benchmark: check it against the spec.
-    with torch.no_grad():
-        ref = filtered_mse_reference(**case.inputs)[0]
-        loss = case.forward()
-    torch.testing.assert_close(loss.float(), ref.float(), rtol=2e-2, atol=1e-4)
-
-    benchmark.extra_info.update(size=size, **SIZES[size], device=str(device))
-    if mode != "backward" and not benchmark.disabled:
-        if device.type == "cuda":
-            benchmark.extra_info["peak_extra_mib"] = cuda_peak_extra_mb(step(impl, size, mode, "cuda"))
-        else:
-            benchmark.extra_info["peak_extra_mib"] = cpu_peak_extra_mb(
-                "benchmarks.test_filtered_mse", "step", impl=impl, size=size, mode=mode
-            )
+    run_benchmark(
+        benchmark, sync, make_case(impl, size, device), mode, _check,
+        module=__name__, params=dict(impl=impl, size=size), extra=dict(size=size, **SIZES[size]),
+    )

@@ -1,0 +1,96 @@
+"""What every benchmark of a fused loss shares: a case (inputs, loss, trainable
+inputs) and one way to time it and to measure its peak memory."""
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import torch
+
+from benchmarks._memory import cpu_peak_extra_mb, cuda_peak_extra_mb
+
+MODES = ["forward", "backward", "full"]
+
+
+def default_size() -> str:
+    """FASTTED_BENCH_SIZE, else the issue's realistic size on a GPU and a small one on a CPU."""
+    return os.environ.get("FASTTED_BENCH_SIZE", "realistic" if torch.cuda.is_available() else "small")
+
+
+def default_sizes(sizes: dict) -> list[str]:
+    """FASTTED_BENCH_SIZE, else every size whose entry says it is for this kind of device ("gpu" or "cpu")."""
+    if "FASTTED_BENCH_SIZE" in os.environ:
+        return [os.environ["FASTTED_BENCH_SIZE"]]
+    kind = "gpu" if torch.cuda.is_available() else "cpu"
+    return [name for name, size in sizes.items() if size["on"] == kind]
+
+
+class Case:
+    """One benchmark case: its inputs, its loss function and its steps (none of them syncs)."""
+
+    def __init__(self, inputs: dict, fn: Callable[..., torch.Tensor], trainable: list):
+        self.inputs = inputs
+        self.fn = fn
+        self.trainable = [x for x in trainable if x is not None]
+        self.loss = None
+
+    def clear(self):
+        for x in self.trainable:
+            x.grad = None
+
+    def forward(self):
+        return self.fn(**self.inputs)
+
+    def full(self):
+        self.clear()
+        self.fn(**self.inputs).backward()
+
+    def prepare_backward(self):
+        self.clear()
+        self.loss = self.forward()
+
+    def backward(self):
+        self.loss.backward()
+
+
+def one_step(case: Case, mode: str):
+    """A forward or full step of case, as the memory probes call it."""
+
+    def run():
+        loss = case.forward()  # its graph, what a forward keeps for backward, is alive until run returns
+        if mode == "full":
+            loss.backward()
+        case.clear()  # so that every call starts from inputs and weights alone
+
+    return run
+
+
+def run_benchmark(benchmark, sync, case: Case, mode: str, check: Callable[[Case], None], *, module: str,
+                  params: dict, extra: dict) -> None:
+    """Times one mode of case with pytest-benchmark, checks its result, records its peak memory.
+
+    module.step(**params, mode=..., device=...) must rebuild the case: on a CPU
+    the peak memory is measured in a fresh process (benchmarks/_memory.py).
+    """
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    for _ in range(2):  # warm-up: autotuning, compilation, allocator
+        case.full()
+    if mode == "forward":
+        benchmark(lambda: (case.forward(), sync()))
+    elif mode == "full":
+        benchmark(lambda: (case.full(), sync()))
+    else:
+        def setup():
+            case.prepare_backward()
+            sync()
+
+        benchmark.pedantic(lambda: (case.backward(), sync()), setup=setup, rounds=20, warmup_rounds=1)
+    check(case)  # a benchmark that computes garbage is no benchmark
+
+    benchmark.extra_info.update(**extra, device=str(device))
+    if mode != "backward" and not benchmark.disabled:
+        step = getattr(__import__(module, fromlist=["step"]), "step")
+        if device.type == "cuda":
+            benchmark.extra_info["peak_extra_mib"] = cuda_peak_extra_mb(step(**params, mode=mode, device="cuda"))
+        else:
+            benchmark.extra_info["peak_extra_mib"] = cpu_peak_extra_mb(module, "step", **params, mode=mode)
