@@ -1,17 +1,22 @@
-"""The whole GPU check of the fused filtered MSE, in one run (see shared GPU.md).
+"""The whole GPU check of fastted's fused losses, in one run (see shared GPU.md).
 
-1. Correctness in bf16 and fp16 on the GPU against float64 references: every
-   case of the test suite's table (TED, LWD, identity, ...), loss and every
-   gradient, within twice PyTorch's own error in that dtype plus a small slack.
+For each loss (filtered_mse, logit_kd, fused_linear_kd; --loss picks some):
+
+1. Correctness in bf16 and fp16 on the GPU against float64 references: the
+   test suite's own checks (loss and every gradient, within twice PyTorch's
+   own error in that dtype plus a small slack), on the tests' shapes and on
+   one realistic shape.
 2. Ceilings measured in the same run: a bf16 torch matmul of the step's FLOP
    count (TFLOP/s) and a device-to-device copy (GB/s).
-3. fastted vs eager PyTorch vs torch.compile at the issue's size: forward,
-   backward and full step (median of triton.testing.do_bench), achieved
-   TFLOP/s, peak memory beyond inputs and weights.
+3. fastted vs eager PyTorch vs torch.compile (vs Liger-Kernel's fused-linear
+   JSD where installed) at the issue's sizes: forward, backward and full step
+   (median of triton.testing.do_bench), achieved TFLOP/s (GEMM losses) or
+   GB/s (logit_kd, which is memory-bound), peak memory beyond the inputs.
 
-It prints a short table last and writes everything to
-benchmarks/results/<date>-<gpu>.json (or --out). On a CPU it runs the same
-steps at a small size on the CPU paths, which checks the script, not the GPU.
+It prints a short table per loss and writes everything to
+benchmarks/results/<date>-<gpu>-gpu-check.json (or --out). On a CPU it runs
+the same steps at the small sizes on the CPU paths, which checks the script,
+not the GPU.
 
     pip install --no-deps -e . && python benchmarks/gpu_check.py
 """
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import os
 import statistics
@@ -34,67 +40,118 @@ sys.path.insert(0, os.path.dirname(HERE))  # the repository root: the tests and 
 import triton  # noqa: E402
 
 import fastted  # noqa: E402
+from benchmarks import test_filtered_mse, test_fused_linear_kd, test_logit_kd  # noqa: E402
 from benchmarks._memory import cuda_peak_extra_mb  # noqa: E402
-from benchmarks.test_filtered_mse import SIZES, make_case, step  # noqa: E402
-from tests import test_filtered_mse as tests  # noqa: E402  (one definition of "correct")
+from tests import test_filtered_mse as t_mse  # noqa: E402  (one definition of "correct")
+from tests import test_fused_linear_kd as t_flkd  # noqa: E402
+from tests import test_logit_kd as t_lkd  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+IMPL = "triton" if CUDA else "reference"
 
 
 def bench_ms(fn, setup=None) -> float:
     """Median milliseconds of fn(); setup() runs untimed before each call when given."""
-    if torch.cuda.is_available() and setup is None:
+    if CUDA and setup is None:
         return triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
     times = []
-    for _ in range(10 if not torch.cuda.is_available() else 30):
+    for _ in range(30 if CUDA else 5):
         if setup is not None:
             setup()
-        if torch.cuda.is_available():
+        if CUDA:
             torch.cuda.synchronize()
         start = time.perf_counter()
         fn()
-        if torch.cuda.is_available():
+        if CUDA:
             torch.cuda.synchronize()
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
 
 
-def correctness(dtypes) -> list[dict]:
-    results = []
-    for dtype in dtypes:
-        for case in tests.CASES:
-            for shape in tests.SHAPES + [((4, 512), 768, 1024, 1024)]:
-                for impl in ("triton",) if torch.cuda.is_available() else ("reference",):
-                    entry = dict(case=case, shape=str(shape), dtype=str(dtype), impl=impl)
-                    try:
-                        tests._check_filtered_mse(case, shape, dtype, "random", 3, impl)
-                        entry["ok"] = True
-                    except AssertionError as err:
-                        entry.update(ok=False, error=str(err))
-                    results.append(entry)
-    return results
+def _checked(label: dict, check) -> dict:
+    try:
+        check()
+        return dict(label, ok=True)
+    except AssertionError as err:
+        return dict(label, ok=False, error=str(err))
 
 
-def ceilings(size: dict, device: torch.device) -> dict:
-    n, layers, d_s, d_t, d_f = (size[k] for k in ("n_tokens", "n_layers", "d_s", "d_t", "d_f"))
-    dtype = getattr(torch, size["dtype"])
-    k = 3 * d_s + d_t  # the full step's FLOPs: 2 N d_f (d_s + d_t) forward + 2 * 2 N d_f d_s backward
-    a = torch.randn(n, k, device=device, dtype=dtype)
-    b = torch.randn(k, d_f, device=device, dtype=dtype)
-    flops = 2 * n * k * d_f * layers
-    ms = bench_ms(lambda: [torch.mm(a, b) for _ in range(layers)])
-    x = torch.randn(64 * 2**20 // 2, device=device, dtype=dtype)  # 64 MiB
+# --------------------------------------------------------------------------- correctness, per loss
+
+
+def correctness_filtered_mse(dtype) -> list[dict]:
+    return [
+        _checked(dict(case=case, shape=str(shape), dtype=str(dtype)),
+                 lambda: t_mse._check_filtered_mse(case, shape, dtype, "random", 3, IMPL))
+        for case in t_mse.CASES
+        for shape in t_mse.SHAPES + ([((4, 512), 768, 1024, 1024)] if CUDA else [])
+    ]
+
+
+def correctness_logit_kd(dtype) -> list[dict]:
+    shapes = t_lkd.SHAPES + ([((8,), 128256)] if CUDA else [])
+    return [
+        _checked(dict(divergence=div, beta=beta, temperature=temp, shape=str(shape), dtype=str(dtype)),
+                 lambda: t_lkd._check_logit_kd(IMPL, shape[0], shape[1], dtype, div, beta, temp))
+        for div, beta in t_lkd.DIVERGENCES
+        for temp in (1.0, 2.0)
+        for shape in shapes
+    ]
+
+
+def correctness_fused_linear_kd(dtype) -> list[dict]:
+    shapes = t_flkd.SHAPES + ([((2, 64), 2048, 4096, 128256)] if CUDA else [])
+    return [
+        _checked(dict(divergence=div, beta=beta, shape=str(shape), dtype=str(dtype)),
+                 lambda: t_flkd._check_fused_linear_kd(IMPL, shape, dtype, div, beta))
+        for div, beta in t_flkd.DIVERGENCES
+        for shape in shapes
+    ]
+
+
+# --------------------------------------------------------------------------- ceilings and work
+
+
+def matmul_ceiling(m: int, k: int, n: int, repeat: int, dtype) -> tuple[int, float]:
+    """FLOPs of `repeat` (m x k) @ (k x n) matmuls and their TFLOP/s through torch."""
+    device = "cuda" if CUDA else "cpu"
+    a = torch.randn(m, k, device=device, dtype=dtype)
+    b = torch.randn(k, n, device=device, dtype=dtype)
+    flops = 2 * m * k * n * repeat
+    return flops, flops / bench_ms(lambda: [torch.mm(a, b) for _ in range(repeat)]) / 1e9
+
+
+def copy_ceiling() -> float:
+    x = torch.randn(64 * 2**20 // 4, device="cuda" if CUDA else "cpu")  # 64 MiB
     y = torch.empty_like(x)
-    copy_ms = bench_ms(lambda: y.copy_(x))
-    return dict(
-        matmul_flops=flops, matmul_ms=ms, matmul_tflops=flops / ms / 1e9,
-        copy_bytes=2 * x.numel() * x.element_size(), copy_ms=copy_ms,
-        copy_gbs=2 * x.numel() * x.element_size() / copy_ms / 1e6,
-    )
+    return 2 * x.numel() * x.element_size() / bench_ms(lambda: y.copy_(x)) / 1e6
 
 
-def timings(size_name: str, device: torch.device, flops: int) -> list[dict]:
+def work(loss: str, size: dict) -> dict:
+    """The full step's GEMM FLOPs (and its matmul ceiling), or its minimal memory traffic."""
+    dtype = getattr(torch, size["dtype"])
+    if loss == "filtered_mse":
+        n, layers, d_s, d_t, d_f = (size[k] for k in ("n_tokens", "n_layers", "d_s", "d_t", "d_f"))
+        # 2 N d_f (d_s + d_t) forward + 2 * 2 N d_f d_s backward, as one matmul of K = 3 d_s + d_t
+        flops, tflops = matmul_ceiling(n, 3 * d_s + d_t, d_f, layers, dtype)
+        return dict(flops=flops, matmul_tflops=tflops)
+    if loss == "fused_linear_kd":
+        n, h_s, h_t, v = (size[k] for k in ("n_rows", "h_s", "h_t", "vocab"))
+        # both heads forward + the student's two backward GEMMs: 2 N V (3 H_s + H_t)
+        flops, tflops = matmul_ceiling(n, 3 * h_s + h_t, v, 1, dtype)
+        return dict(flops=flops, matmul_tflops=tflops)
+    n, v = size["n_rows"], size["vocab"]
+    return dict(bytes=3 * n * v * dtype.itemsize)  # read s and t, write dLoss/ds: the least a full step moves
+
+
+# --------------------------------------------------------------------------- timings
+
+
+def timings(module, impls, size_name: str, extra: dict, w: dict) -> list[dict]:
+    device = torch.device("cuda" if CUDA else "cpu")
     rows = []
-    for impl in ("fastted", "eager", "compile"):
-        case = make_case(impl, size_name, device)
+    for impl in impls:
+        case = module.make_case(impl, size_name, device, **extra)
         for _ in range(3):  # warm-up: autotuning, compilation, allocator
             case.full()
         row = dict(
@@ -103,60 +160,94 @@ def timings(size_name: str, device: torch.device, flops: int) -> list[dict]:
             backward_ms=bench_ms(case.backward, setup=case.prepare_backward),
             full_ms=bench_ms(case.full),
         )
-        row["full_tflops"] = flops / row["full_ms"] / 1e9
+        if "flops" in w:
+            row["full_tflops"] = w["flops"] / row["full_ms"] / 1e9
+        else:
+            row["full_gbs"] = w["bytes"] / row["full_ms"] / 1e6
         del case
-        if device.type == "cuda":
-            row["forward_peak_extra_mib"] = cuda_peak_extra_mb(step(impl, size_name, "forward", "cuda"))
-            row["peak_extra_mib"] = cuda_peak_extra_mb(step(impl, size_name, "full", "cuda"))
+        if CUDA:
+            row["forward_peak_extra_mib"] = cuda_peak_extra_mb(module.step(impl, size_name, "forward", "cuda", **extra))
+            row["peak_extra_mib"] = cuda_peak_extra_mb(module.step(impl, size_name, "full", "cuda", **extra))
             torch.cuda.empty_cache()
         rows.append(row)
     return rows
 
 
+def _sizes(module) -> list[str]:
+    sizes = module.SIZES
+    if "on" not in next(iter(sizes.values())):
+        return ["realistic" if CUDA else "small"]
+    return [name for name, s in sizes.items() if s["on"] == ("gpu" if CUDA else "cpu")]
+
+
+def suite(loss: str) -> dict:
+    module = {"filtered_mse": test_filtered_mse, "logit_kd": test_logit_kd,
+              "fused_linear_kd": test_fused_linear_kd}[loss]
+    check = {"filtered_mse": correctness_filtered_mse, "logit_kd": correctness_logit_kd,
+             "fused_linear_kd": correctness_fused_linear_kd}[loss]
+    result = dict(correctness=[c for dtype in (torch.bfloat16, torch.float16) for c in check(dtype)], runs=[])
+    liger = CUDA and importlib.util.find_spec("liger_kernel") is not None
+    for size_name in _sizes(module):
+        size = module.SIZES[size_name]
+        w = work(loss, size)
+        variants = [dict(objective=o) for o in module.OBJECTIVES] if loss == "fused_linear_kd" else [{}]
+        for extra in variants:
+            impls = ["fastted", "eager", "compile"] + (["liger"] if liger and extra.get("objective") == "jsd" else [])
+            result["runs"].append(dict(size=size_name, sizes=size, **extra, work=w,
+                                       timings=timings(module, impls, size_name, extra, w)))
+    return result
+
+
+def report(loss: str, res: dict, copy_gbs: float) -> None:
+    failed = [c for c in res["correctness"] if not c["ok"]]
+    print(f"\n== {loss}: correctness {len(res['correctness']) - len(failed)}/{len(res['correctness'])} within tolerance")
+    for c in failed:
+        print(f"  FAILED {c}")
+    for run in res["runs"]:
+        w = run["work"]
+        ceiling = (f"matmul {w['matmul_tflops']:.1f} TFLOP/s" if "flops" in w else f"copy {copy_gbs:.0f} GB/s")
+        print(f"-- size {run['size']} {run['sizes']} {run.get('objective', '')}; ceiling: {ceiling}")
+        print(f"{'impl':8s} {'fwd ms':>9s} {'bwd ms':>9s} {'full ms':>9s} {'rate':>9s} {'% ceil':>7s} {'peak MiB':>9s}")
+        by = {r["impl"]: r for r in run["timings"]}
+        for r in run["timings"]:
+            rate = r.get("full_tflops", r.get("full_gbs"))
+            ceil = w["matmul_tflops"] if "flops" in w else copy_gbs
+            print(f"{r['impl']:8s} {r['forward_ms']:9.3f} {r['backward_ms']:9.3f} {r['full_ms']:9.3f} {rate:9.1f} "
+                  f"{100 * rate / ceil:6.0f}% {r.get('peak_extra_mib', float('nan')):9.1f}")
+        f = by["fastted"]
+        line = f"full step: {by['eager']['full_ms'] / f['full_ms']:.2f}x eager, "
+        line += f"{by['compile']['full_ms'] / f['full_ms']:.2f}x torch.compile"
+        if "liger" in by:
+            line += f", {by['liger']['full_ms'] / f['full_ms']:.2f}x Liger"
+        if CUDA:
+            line += f"; peak memory {f['peak_extra_mib'] / by['eager']['peak_extra_mib']:.2f} of eager's"
+        print(line)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", choices=list(SIZES), default=None)
+    parser.add_argument("--loss", nargs="+", default=["filtered_mse", "logit_kd", "fused_linear_kd"],
+                        choices=["filtered_mse", "logit_kd", "fused_linear_kd"])
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
-    size_name = args.size or ("realistic" if cuda else "small")
-    size = SIZES[size_name]
-    name = torch.cuda.get_device_name() if cuda else "cpu"
+    name = torch.cuda.get_device_name() if CUDA else "cpu"
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip()
-
-    checks = correctness([torch.bfloat16, torch.float16])
-    ceil = ceilings(size, device)
-    rows = timings(size_name, device, ceil["matmul_flops"])
+    copy_gbs = copy_ceiling()
     result = dict(
         device=name, torch=torch.__version__, triton=triton.__version__, fastted=fastted.__version__,
-        commit=commit, date=datetime.date.today().isoformat(), size=size_name, sizes=size,
-        correctness=checks, ceilings=ceil, timings=rows,
+        commit=commit, date=datetime.date.today().isoformat(), copy_gbs=copy_gbs,
+        liger=importlib.util.find_spec("liger_kernel") is not None, losses={},
     )
-    out = args.out or os.path.join(
-        HERE, "results", f"{result['date']}-{name.replace(' ', '-').lower()}-filtered-mse.json"
-    )
-    with open(out, "w") as f:
-        json.dump(result, f, indent=1)
-
-    failed = [c for c in checks if not c["ok"]]
-    print(f"\n{name}, torch {torch.__version__}, triton {triton.__version__}, size {size_name} {size}")
-    print(f"correctness: {len(checks) - len(failed)}/{len(checks)} cases within tolerance")
-    for c in failed:
-        print(f"  FAILED {c['case']} {c['shape']} {c['dtype']}: {c['error']}")
-    print(f"ceilings: {size['dtype']} matmul {ceil['matmul_tflops']:.1f} TFLOP/s, copy {ceil['copy_gbs']:.1f} GB/s")
-    print(f"{'impl':8s} {'fwd ms':>9s} {'bwd ms':>9s} {'full ms':>9s} {'TFLOP/s':>8s} {'% mm':>6s} {'peak MiB':>9s}")
-    for r in rows:
-        print(f"{r['impl']:8s} {r['forward_ms']:9.3f} {r['backward_ms']:9.3f} {r['full_ms']:9.3f} "
-              f"{r['full_tflops']:8.1f} {100 * r['full_tflops'] / ceil['matmul_tflops']:5.0f}% "
-              f"{r.get('peak_extra_mib', float('nan')):9.1f}")
-    fused, eager, compiled = rows
-    print(f"full step: {eager['full_ms'] / fused['full_ms']:.2f}x eager (target 1.5x), "
-          f"{compiled['full_ms'] / fused['full_ms']:.2f}x torch.compile (target 1.15x)")
-    if cuda:
-        print(f"peak memory: {fused['peak_extra_mib'] / eager['peak_extra_mib']:.2f} of eager's (target 0.5)")
+    out = args.out or os.path.join(HERE, "results", f"{result['date']}-{name.replace(' ', '-').lower()}-gpu-check.json")
+    for loss in args.loss:
+        result["losses"][loss] = suite(loss)
+        with open(out, "w") as f:  # after every loss: a later failure keeps what was measured
+            json.dump(result, f, indent=1)
+    print(f"\n{name}, torch {torch.__version__}, triton {triton.__version__}, copy {copy_gbs:.0f} GB/s")
+    for loss, res in result["losses"].items():
+        report(loss, res, copy_gbs)
     print(f"wrote {out}")
-    return 1 if failed else 0
+    return 1 if any(not c["ok"] for res in result["losses"].values() for c in res["correctness"]) else 0
 
 
 if __name__ == "__main__":

@@ -1,4 +1,8 @@
-"""Turn a pytest-benchmark JSON result file into the README's markdown table.
+"""Turn a pytest-benchmark JSON result file into the README's markdown tables.
+
+One pair of tables (time, peak memory) per benchmark and parameter set other
+than impl and mode (size, objective, ...), with fastted's ratio to each
+baseline.
 
     python benchmarks/report.py benchmarks/results/<file>.json
 """
@@ -7,38 +11,61 @@ from __future__ import annotations
 import json
 import sys
 
+ORDER = ["fastted", "eager", "compile", "liger"]
+NAMES = {"compile": "torch.compile", "liger": "Liger"}
+
+
+def _group_header(path, machine, test, info) -> str:
+    facts = ", ".join(f"{k}={v}" for k, v in info.items() if k not in ("device", "on", "size", "peak_extra_mib"))
+    cpu = machine.get("cpu", {}).get("brand_raw", "") if info["device"] == "cpu" else ""
+    where = f"{info['device']} ({cpu})" if cpu else info["device"]
+    return f"{test} on {where}, size {info['size']}: {facts}; from `{path}`"
+
 
 def table(path: str) -> str:
     with open(path) as f:
         data = json.load(f)
     machine = data.get("machine_info", {})
-    rows = {}
+    groups: dict[tuple, dict] = {}
     for bench in data["benchmarks"]:
-        impl, mode = bench["params"]["impl"], bench["params"]["mode"]
-        rows.setdefault(mode, {})[impl] = (bench["stats"]["median"] * 1e3, bench["extra_info"].get("peak_extra_mib"))
-    info = data["benchmarks"][0]["extra_info"]
-    lines = [
-        f"{info['device']} ({machine.get('cpu', {}).get('brand_raw', '')}), size {info['size']}: "
-        f"N={info['n_tokens']}, L={info['n_layers']}, d_s={info['d_s']}, d_t={info['d_t']}, d_f={info['d_f']}, "
-        f"{info['dtype']}; from `{path}`",
-        "",
-        "| mode | fastted (ms) | eager (ms) | torch.compile (ms) | vs eager | vs compile |",
-        "|---|---|---|---|---|---|",
-    ]
-    for mode in ("forward", "backward", "full"):
-        r = rows.get(mode, {})
-        if not {"fastted", "eager", "compile"} <= r.keys():
-            continue
-        f, e, c = r["fastted"][0], r["eager"][0], r["compile"][0]
-        lines.append(f"| {mode} | {f:.3f} | {e:.3f} | {c:.3f} | {e / f:.2f}x | {c / f:.2f}x |")
-    lines += ["", "| mode | peak beyond inputs: fastted (MiB) | eager (MiB) | torch.compile (MiB) | vs eager |",
-              "|---|---|---|---|---|"]
-    for mode in ("forward", "full"):
-        peaks = [rows.get(mode, {}).get(k, (0, None))[1] for k in ("fastted", "eager", "compile")]
-        if None not in peaks:
-            lines.append(f"| {mode} | {peaks[0]:.1f} | {peaks[1]:.1f} | {peaks[2]:.1f} | {peaks[0] / peaks[1]:.2f} |")
-    return "\n".join(lines)
+        params = dict(bench["params"])
+        impl, mode = params.pop("impl"), params.pop("mode")
+        key = (bench["name"].split("[")[0], tuple(sorted(params.items())))
+        group = groups.setdefault(key, {"info": bench["extra_info"], "rows": {}})
+        group["rows"].setdefault(mode, {})[impl] = (
+            bench["stats"]["median"] * 1e3, bench["extra_info"].get("peak_extra_mib")
+        )
+    out = []
+    for (test, _), group in groups.items():
+        rows = group["rows"]
+        impls = [i for i in ORDER if any(i in r for r in rows.values())]
+        baselines = [i for i in impls if i != "fastted"]
+        names = [NAMES.get(i, i) for i in impls]
+        out += [_group_header(path, machine, test, group["info"]), ""]
+        out.append("| mode | " + " | ".join(f"{n} (ms)" for n in names) + " | "
+                   + " | ".join(f"vs {NAMES.get(b, b)}" for b in baselines) + " |")
+        out.append("|---" * (1 + len(impls) + len(baselines)) + "|")
+        for mode in ("forward", "backward", "full"):
+            r = rows.get(mode, {})
+            if "fastted" not in r:
+                continue
+            cells = [f"{r[i][0]:.3f}" if i in r else "-" for i in impls]
+            ratios = [f"{r[b][0] / r['fastted'][0]:.2f}x" if b in r else "-" for b in baselines]
+            out.append(f"| {mode} | " + " | ".join(cells + ratios) + " |")
+        out += ["", "| peak beyond inputs | " + " | ".join(f"{n} (MiB)" for n in names)
+                + " | fastted / eager |", "|---" * (2 + len(impls)) + "|"]
+        for mode in ("forward", "full"):
+            r = rows.get(mode, {})
+            peaks = {i: r[i][1] for i in impls if i in r and r[i][1] is not None}
+            if "fastted" not in peaks:
+                continue
+            cells = [f"{peaks[i]:.1f}" if i in peaks else "-" for i in impls]
+            ratio = f"{peaks['fastted'] / peaks['eager']:.2f}" if peaks.get("eager") else "-"
+            out.append(f"| {mode} | " + " | ".join(cells) + f" | {ratio} |")
+        out.append("")
+    return "\n".join(out).rstrip()
 
 
 if __name__ == "__main__":
-    print(table(sys.argv[1]))
+    for p in sys.argv[1:]:
+        print(table(p))

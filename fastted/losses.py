@@ -345,6 +345,8 @@ def filtered_mse(
     impl = _resolve_impl(impl, ref.device, ref.dtype)
     structure = tuple(tuple(x is not None for x in layer) for layer in layers)
     flat = [x for layer in layers for x in layer if x is not None]
+    if not torch.is_grad_enabled():  # autograd.Function would still report needs_input_grad: compute no gradient
+        flat = [x.detach() for x in flat]
     loss, layer_losses = _FilteredMSEFunction.apply(impl, structure, mask, layer_scale, *flat)
     return (loss, layer_losses) if return_layer_losses else loss
 
@@ -585,6 +587,8 @@ def logit_kd(
     if ce_coef is not None:
         kd_coef = ce_coef  # rows the mask keeps and the labels do not ignore
     impl = _resolve_impl(impl, student_logits.device, dtype)
+    if not torch.is_grad_enabled():  # autograd.Function would still report needs_input_grad: compute no gradient
+        student_logits = student_logits.detach()
     return _LogitKDFunction.apply(impl, opts, vocab, kd_coef, student_logits, teacher_logits)
 
 
@@ -762,6 +766,8 @@ def fused_linear_kd(
     )
     impl = _resolve_impl(impl, xs.device, student[0].dtype)
     chunk_rows = _chunk_rows(kd_coef.shape[0], vocab, max(xs.shape[-1], xt.shape[-1]), chunk_size)
+    if not torch.is_grad_enabled():  # autograd.Function would still report needs_input_grad: compute no gradient
+        student = [None if x is None else x.detach() for x in student]
     loss, kd, ce = _FusedLinearKDFunction.apply(
         impl, opts, vocab, chunk_rows, kd_coef, labels, ce_coef, *student, *teacher
     )

@@ -119,3 +119,25 @@ def test_triton_without_gpu_or_interpreter_is_a_clear_error(monkeypatch):
         fastted.logit_kd(**_logits(), impl="triton")
     with pytest.raises(ValueError, match="impl='triton' needs CUDA tensors"):
         fastted.fused_linear_kd(**_heads(), impl="triton")
+
+
+def test_no_grad_computes_no_gradient(monkeypatch):
+    """Under torch.no_grad (an evaluation loop) the losses skip the gradient: the row work gets no output buffer."""
+    import fastted.losses as losses
+
+    grads = []
+    real_rows, real_chunked = losses.logit_kd_rows, losses.logit_kd_chunked
+    monkeypatch.setattr(losses, "logit_kd_rows", lambda *a, **k: grads.append(a[5]) or real_rows(*a, **k))
+    monkeypatch.setattr(losses, "logit_kd_chunked", lambda *a, **k: grads.append(a[3]) or real_chunked(*a, **k))
+    logits = _logits()
+    logits["student_logits"].requires_grad_()
+    heads = _heads()
+    heads["student_hidden"].requires_grad_()
+    with torch.no_grad():
+        values = [fastted.logit_kd(**logits, impl="reference"), fastted.fused_linear_kd(**heads, impl="reference")]
+    assert len(grads) == 2 and all(g is None for g in grads)
+    assert not any(v.requires_grad for v in values)
+    with_grad = [fastted.logit_kd(**logits, impl="reference"), fastted.fused_linear_kd(**heads, impl="reference")]
+    assert len(grads) == 4 and all(g is not None for g in grads[2:])
+    for a, b in zip(values, with_grad):
+        torch.testing.assert_close(a, b.detach())
