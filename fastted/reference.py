@@ -361,14 +361,21 @@ def logit_kd_chunked(s: Tensor, t: Tensor, kd_coef: Tensor, grad: Optional[Tenso
     return torch.cat(rows)
 
 
+_MIXED_ADDMM = {"ok": True}  # torch.addmm(..., out_dtype=) exists on CUDA in recent torch only
+
+
 def _accumulate_mm(acc: Tensor, a: Tensor, b: Tensor) -> None:
     """acc += a @ b, with acc in fp32 and a, b in any float dtype."""
     if a.dtype == acc.dtype:
         acc.addmm_(a, b)
-    elif a.is_cuda:
-        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)  # fp32 accumulation, no (V, H) temporary
-    else:
-        acc.add_(a @ b)
+        return
+    if a.is_cuda and _MIXED_ADDMM["ok"]:
+        try:
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)  # fp32 accumulation, no (V, H) temporary
+            return
+        except (TypeError, RuntimeError, NotImplementedError):
+            _MIXED_ADDMM["ok"] = False
+    acc.add_(a @ b)
 
 
 def fused_linear_kd_chunked(

@@ -104,11 +104,13 @@ def test_fused_linear_kd_shapes_and_dtypes(impl, shape, dtype):
     _check_fused_linear_kd(impl, shape, dtype)
 
 
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=str)
 @pytest.mark.parametrize("chunk_size", [1, 7, None, 1000])
 @pytest.mark.parametrize("impl", IMPLS)
-def test_fused_linear_kd_chunk_sizes(impl, chunk_size):
-    """Blocks of 1 row, of an odd number of rows, the default and one block for all agree with float64."""
-    _check_fused_linear_kd(impl, ((3, 11), 20, 28, 501), torch.float32, chunk_size=chunk_size, grad_out=-2.5)
+def test_fused_linear_kd_chunk_sizes(impl, chunk_size, dtype):
+    """Blocks of 1 row, of an odd number of rows, the default and one block for all agree with float64
+    (the head's gradient is accumulated over the blocks in fp32 whatever the dtype)."""
+    _check_fused_linear_kd(impl, ((3, 11), 20, 28, 501), dtype, chunk_size=chunk_size, grad_out=-2.5)
 
 
 @pytest.mark.parametrize("grad_out", [0.37, -2.5])
