@@ -1,6 +1,7 @@
 """Shapes, dtypes, tolerances and the closeness check shared by the tests of the fused losses."""
 import zlib
 
+import pytest
 import torch
 
 # (leading shape, d_s, d_t, d_f): odd, non-power-of-two sizes on purpose.
@@ -35,3 +36,11 @@ def _assert_close(name, got, ref64, lowp, slack):
     torch_err = (lowp.double().cpu() - ref64.cpu()).abs().max().item()
     bound = 2 * torch_err + slack * max(ref64.abs().max().item(), 1e-6)
     assert err <= bound, f"{name}: error {err:.3e} > bound {bound:.3e} (PyTorch's own error {torch_err:.3e})"
+
+
+def _check_bad_input(fn, inputs, fragments):
+    """fn(**inputs) raises a ValueError whose message holds every fragment (argument names, shapes)."""
+    with pytest.raises(ValueError) as info:
+        fn(**inputs)
+    for fragment in fragments:
+        assert fragment in str(info.value), f"{fragment!r} not in {str(info.value)!r}"
