@@ -200,7 +200,8 @@ def suite(loss: str) -> dict:
 
 def report(loss: str, res: dict, copy_gbs: float) -> None:
     failed = [c for c in res["correctness"] if not c["ok"]]
-    print(f"\n== {loss}: correctness {len(res['correctness']) - len(failed)}/{len(res['correctness'])} within tolerance")
+    n = len(res["correctness"])
+    print(f"\n== {loss}: correctness {n - len(failed)}/{n} within tolerance")
     for c in failed:
         print(f"  FAILED {c}")
     for run in res["runs"]:

@@ -126,6 +126,7 @@ def test_cpu_peak_memory_is_a_quarter_of_eager():
     as the eager step does (peak resident memory of a fresh process)."""
     fused = cpu_peak_extra_mb(__name__, "step", impl="fastted", size="cpu-4096", mode="full")
     eager = cpu_peak_extra_mb(__name__, "step", impl="eager", size="cpu-4096", mode="full")
-    print(f"peak RSS beyond inputs, full step at N=4096, V=30522, H=384: fastted {fused:.0f} MiB, eager {eager:.0f} MiB")
+    print(f"peak RSS beyond inputs, full step at N=4096, V=30522, H=384: "
+          f"fastted {fused:.0f} MiB, eager {eager:.0f} MiB")
     assert eager > 1000, f"eager's step should hold several N x V fp32 tensors (~477 MiB each), measured {eager} MiB"
     assert fused <= eager / 4, f"fastted {fused:.0f} MiB > a quarter of eager's {eager:.0f} MiB"

@@ -211,7 +211,9 @@ def divergence_reference(s_log: Tensor, t_log: Tensor, divergence: str, beta: fl
     if divergence == "reverse_kl":
         return _kl_elementwise(s_log, t_log).sum(-1)
     both = (s_log == float("-inf")) & (t_log == float("-inf"))  # M = 0 there: keep its log finite
-    pair = torch.stack([s_log.masked_fill(both, 0.0) + math.log(1 - beta), t_log.masked_fill(both, 0.0) + math.log(beta)])
+    pair = torch.stack(
+        [s_log.masked_fill(both, 0.0) + math.log(1 - beta), t_log.masked_fill(both, 0.0) + math.log(beta)]
+    )
     m_log = torch.logsumexp(pair, dim=0)
     return (beta * _kl_elementwise(t_log, m_log) + (1 - beta) * _kl_elementwise(s_log, m_log)).sum(-1)
 
