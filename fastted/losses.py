@@ -577,8 +577,6 @@ def logit_kd(
     vocab = _shared_vocab(
         vocab_size, student_logits.shape[-1], teacher_logits.shape[-1], "student_logits", "teacher_logits"
     )
-    if labels is None and ignore_index != -100:
-        raise ValueError(f"ignore_index={ignore_index} needs labels: it skips the rows whose label equals it")
     lead = tuple(student_logits.shape[:-1])
     dtype = torch.promote_types(student_logits.dtype, teacher_logits.dtype)
     kd_coef, labels, ce_coef = _row_weights(

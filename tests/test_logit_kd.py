@@ -193,6 +193,12 @@ def test_logit_kd_module_and_float64():
     want = fastted.logit_kd(s, t, temperature=4.0, divergence="jsd", beta=0.3, mask=mask)
     torch.testing.assert_close(got, want)
     assert "jsd" in repr(module)
+    # A module's ignore_index applies when labels come, and is harmless when they do not.
+    labels = torch.randint(1, 5, (3, 29), device=s.device)
+    labels[0] = 0
+    ignoring = fastted.LogitKDLoss(ignore_index=0)
+    torch.testing.assert_close(ignoring(s, t), fastted.logit_kd(s, t))
+    torch.testing.assert_close(ignoring(s, t, labels=labels), fastted.logit_kd(s, t, mask=labels != 0))
     # float64 logits run the reference path, in float64.
     s64 = s.detach().double().requires_grad_()
     got64 = fastted.logit_kd(s64, t.double(), mask=mask)

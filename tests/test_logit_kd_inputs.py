@@ -35,7 +35,6 @@ BAD_LOGITS = {
     "mask_shape": ({**_logits(), "mask": torch.ones(5, dtype=torch.bool)}, ["mask has shape (5,)", "(6,)"]),
     "labels_float": ({**_logits(), "labels": torch.zeros(6)}, ["labels must be an integer tensor", "torch.float32"]),
     "labels_shape": ({**_logits(), "labels": torch.zeros(3, 2, dtype=torch.long)}, ["labels has shape (3, 2)"]),
-    "ignore_index_alone": ({**_logits(), "ignore_index": 0}, ["ignore_index=0 needs labels"]),
     "impl": ({**_logits(), "impl": "cuda"}, ["impl must be one of", "'cuda'"]),
 }
 
