@@ -91,6 +91,17 @@ def _check_bias(name: str, b: Tensor, d_f: int) -> None:
         raise ValueError(f"{name} has shape {tuple(b.shape)}, but needs ({d_f},) (the filter width d_f)")
 
 
+def _flat_mask(mask, lead: tuple, device: torch.device, ref_name: str) -> Tensor:
+    """Validate a token mask of leading shape ``lead``; return it detached and flat, (N,)."""
+    if not isinstance(mask, Tensor):
+        raise ValueError(f"mask must be a tensor of shape {lead}, got {type(mask).__name__}")
+    if tuple(mask.shape) != lead:
+        raise ValueError(f"mask has shape {tuple(mask.shape)}, but needs {lead} (the leading shape of {ref_name})")
+    if mask.device != device:
+        raise ValueError(f"mask is on {mask.device}, but {ref_name} is on {device}")
+    return mask.detach().reshape(-1)
+
+
 def _filtered_mse_inputs(
     student_states, student_weights, teacher_states, student_biases, teacher_weights, teacher_biases, mask,
     layer_weights,
@@ -160,15 +171,8 @@ def _filtered_mse_inputs(
                 _check_like(name, bias, ref_s, "student_states[0]")
         layers.append(FilteredMSELayer(s.reshape(-1, d_s), w, b, t.reshape(-1, d_t), v, c))
 
-    n_rows = layers[0].s.shape[0]
     if mask is not None:
-        if not isinstance(mask, Tensor):
-            raise ValueError(f"mask must be a tensor of shape {lead}, got {type(mask).__name__}")
-        if tuple(mask.shape) != lead:
-            raise ValueError(f"mask has shape {tuple(mask.shape)}, but the states need {lead} (their leading shape)")
-        if mask.device != ref.device:
-            raise ValueError(f"mask is on {mask.device}, but student_states[0] is on {ref.device}")
-        mask = mask.detach().reshape(n_rows).to(torch.float32)
+        mask = _flat_mask(mask, lead, ref.device, "student_states[0]").to(torch.float32)
 
     if layer_weights is None:
         scale = torch.full((n_layers,), 1.0 / n_layers, dtype=torch.float32, device=ref.device)
@@ -429,7 +433,7 @@ def _shared_vocab(vocab_size, v_s: int, v_t: int, what_s: str, what_t: str) -> i
     return vocab_size
 
 
-def _row_weights(lead, device, dtype, mask, labels, ignore_index, labels_name, vocab):
+def _row_weights(lead, device, dtype, mask, labels, ignore_index, labels_name, vocab, ref_name):
     """Validate mask and labels of leading shape ``lead``; return (N,) mean weights, fp32 (fp64 for fp64 inputs).
 
     Returns (kd_coef, labels, ce_coef): kd_coef = mask / count over the mask's
@@ -442,13 +446,7 @@ def _row_weights(lead, device, dtype, mask, labels, ignore_index, labels_name, v
     acc = torch.promote_types(dtype, torch.float32)
     valid = None
     if mask is not None:
-        if not isinstance(mask, Tensor):
-            raise ValueError(f"mask must be a tensor of shape {lead}, got {type(mask).__name__}")
-        if tuple(mask.shape) != lead:
-            raise ValueError(f"mask has shape {tuple(mask.shape)}, but needs {lead} (one entry per row/token)")
-        if mask.device != device:
-            raise ValueError(f"mask is on {mask.device}, but the inputs are on {device}")
-        valid = mask.detach().reshape(n_rows).to(acc)
+        valid = _flat_mask(mask, lead, device, ref_name).to(acc)
     kd_valid = valid if valid is not None else torch.ones(n_rows, dtype=acc, device=device)
     kd_coef = kd_valid / _safe_count(kd_valid.sum())
     if labels is None:
@@ -459,7 +457,7 @@ def _row_weights(lead, device, dtype, mask, labels, ignore_index, labels_name, v
     if tuple(labels.shape) != lead:
         raise ValueError(f"{labels_name} has shape {tuple(labels.shape)}, but needs {lead} (one label per row/token)")
     if labels.device != device:
-        raise ValueError(f"{labels_name} is on {labels.device}, but the inputs are on {device}")
+        raise ValueError(f"{labels_name} is on {labels.device}, but {ref_name} is on {device}")
     labels = labels.detach().reshape(n_rows).to(torch.int64)
     ce_valid = (labels != ignore_index).to(acc)
     if valid is not None:
@@ -474,10 +472,6 @@ def _row_weights(lead, device, dtype, mask, labels, ignore_index, labels_name, v
     return kd_coef, labels, ce_valid / _safe_count(ce_valid.sum())
 
 
-def _unit_columns(x: Tensor) -> Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 class _LogitKDFunction(torch.autograd.Function):
     """Loss and dLoss/d(student logits) in the forward; backward scales the gradient in place."""
 
@@ -490,13 +484,12 @@ class _LogitKDFunction(torch.autograd.Function):
             grad = torch.empty_like(s) if vocab == s.shape[1] else torch.zeros_like(s)
         s, t = s[:, :vocab], t[:, :vocab]
         g = None if grad is None else grad[:, :vocab]
-        if impl == "triton":
-            from fastted.kernels.logit_kd import divergence_code, logit_kd_forward
+        if impl == "triton":  # one launch over all rows: the kernel keeps nothing of size V but the gradient
+            from fastted.kernels.logit_kd import logit_kd_rows_triton
 
-            rows, _ = logit_kd_forward(
-                _unit_columns(s), _unit_columns(t), kd_coef, grad=g, temperature=opts["temperature"],
-                divergence=divergence_code(opts["divergence"], opts["beta"]), beta=opts["beta"],
-                soft_weight=1.0,
+            rows, _ = logit_kd_rows_triton(
+                _aligned(s, False), _aligned(t, False), kd_coef, None, None, g, soft_weight=1.0, hard_weight=0.0,
+                **opts,
             )
         else:
             rows = logit_kd_chunked(s, t, kd_coef, g, soft_weight=1.0, hard_weight=0.0, **opts)
@@ -580,7 +573,7 @@ def logit_kd(
     lead = tuple(student_logits.shape[:-1])
     dtype = torch.promote_types(student_logits.dtype, teacher_logits.dtype)
     kd_coef, labels, ce_coef = _row_weights(
-        lead, student_logits.device, dtype, mask, labels, ignore_index, "labels", None
+        lead, student_logits.device, dtype, mask, labels, ignore_index, "labels", None, "student_logits"
     )
     if ce_coef is not None:
         kd_coef = ce_coef  # rows the mask keeps and the labels do not ignore
@@ -760,7 +753,7 @@ def fused_linear_kd(
             _check_like(name, x, teacher[0], "teacher_hidden")
 
     kd_coef, labels, ce_coef = _row_weights(
-        lead, xs.device, student[0].dtype, mask, hard_labels, ignore_index, "hard_labels", vocab
+        lead, xs.device, student[0].dtype, mask, hard_labels, ignore_index, "hard_labels", vocab, "student_hidden"
     )
     impl = _resolve_impl(impl, xs.device, student[0].dtype)
     chunk_rows = _chunk_rows(kd_coef.shape[0], vocab, max(xs.shape[-1], xt.shape[-1]), chunk_size)
