@@ -3,6 +3,13 @@
 Importing fastted is cheap: it never touches CUDA, never imports Triton and
 never compiles a kernel; a kernel module is imported on its first use.
 """
+from fastted.contrastive import (
+    ContrastiveKDLoss,
+    PooledDistanceLoss,
+    contrastive_kd,
+    pool_states,
+    pooled_distance,
+)
 from fastted.losses import (
     FilteredMSELoss,
     FusedLinearKDLoss,
@@ -11,15 +18,22 @@ from fastted.losses import (
     fused_linear_kd,
     logit_kd,
 )
+from fastted.memory_bank import MemoryBank
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ContrastiveKDLoss",
     "FilteredMSELoss",
     "FusedLinearKDLoss",
     "LogitKDLoss",
+    "MemoryBank",
+    "PooledDistanceLoss",
+    "contrastive_kd",
     "filtered_mse",
     "fused_linear_kd",
     "logit_kd",
+    "pool_states",
+    "pooled_distance",
     "__version__",
 ]

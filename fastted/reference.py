@@ -434,3 +434,180 @@ def fused_linear_kd_chunked(
                 gb += zs.sum(0, dtype=acc)
     ce_rows = torch.cat(ce_rows) if labels is not None else None
     return torch.cat(kd_rows), ce_rows, (gx, gw, gb)
+
+
+# --------------------------------------------------------------------------- pooling and contrastive distillation
+
+POOLINGS = ("mean", "first")
+
+
+def pool_states_reference(states: Sequence[Tensor], mask: Optional[Tensor] = None, pooling: str = "mean") -> Tensor:
+    """Pooled hidden states of every layer, concatenated: L tensors (B, T, d) -> (B, L * d).
+
+    "mean": the mean over the tokens the mask keeps; "first": the first token
+    the mask keeps (position 0 without a mask: BERT's [CLS]). An example
+    without any kept token pools to zeros.
+    """
+    pooled = []
+    for h in states:
+        m = torch.ones(h.shape[:2], dtype=h.dtype, device=h.device) if mask is None else mask.to(h.dtype)
+        if pooling == "mean":
+            pooled.append((h * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp(min=1))
+        else:
+            first = (m != 0).to(torch.int64).argmax(1)  # the first kept token (0 when none is)
+            pooled.append(h[torch.arange(h.shape[0], device=h.device), first] * (m != 0).any(1, keepdim=True))
+    return torch.cat(pooled, dim=1)
+
+
+def _excluded(labels: Optional[Tensor], negative_labels: Optional[Tensor]) -> Optional[Tensor]:
+    """(B, K) True where a negative shares its anchor's label, or None."""
+    if labels is None:
+        return None
+    nl = negative_labels if negative_labels.dim() == 2 else negative_labels[None, :]
+    return labels[:, None] == nl
+
+
+def contrastive_kd_reference(
+    student_vecs: Tensor,
+    teacher_vecs: Tensor,
+    negatives: Tensor,
+    *,
+    temperature: float = 0.07,
+    mask: Optional[Tensor] = None,
+    labels: Optional[Tensor] = None,
+    negative_labels: Optional[Tensor] = None,
+    eps: float = 1e-12,
+) -> Tensor:
+    """Eager InfoNCE, the spec of :func:`fastted.contrastive_kd`: normalize, score, cross-entropy.
+
+    student_vecs, teacher_vecs (B, D); negatives (K, D) shared or (B, K, D)
+    per anchor. Materializes the (B, 1 + K) logits, as research code does.
+    Negatives whose label equals the anchor's are left out; the mean is over
+    the anchors the mask keeps.
+    """
+    s = F.normalize(student_vecs, dim=-1, eps=eps)
+    t = F.normalize(teacher_vecs, dim=-1, eps=eps)
+    n = F.normalize(negatives, dim=-1, eps=eps)
+    pos = (s * t).sum(-1, keepdim=True)  # (B, 1)
+    neg = s @ n.t() if n.dim() == 2 else torch.bmm(n, s[:, :, None])[:, :, 0]  # (B, K)
+    excluded = _excluded(labels, negative_labels)
+    if excluded is not None:
+        neg = neg.masked_fill(excluded, float("-inf"))
+    logits = torch.cat([pos, neg], dim=1) / temperature
+    target = torch.zeros(s.shape[0], dtype=torch.int64, device=s.device)
+    rows = F.cross_entropy(logits, target, reduction="none")
+    valid = torch.ones_like(rows) if mask is None else mask.to(rows.dtype)
+    return _masked_mean(rows, valid)
+
+
+def _unit(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """x / max(||x||, eps) over the last dimension, and that clamped norm."""
+    norm = x.norm(dim=-1, keepdim=True).clamp_min(eps)
+    return x / norm, norm
+
+
+def _unit_backward(g: Tensor, x_hat: Tensor, norm: Tensor, eps: float) -> Tensor:
+    """The gradient of x from that of x_hat = x / max(||x||, eps)."""
+    return torch.where(norm > eps, (g - (g * x_hat).sum(-1, keepdim=True) * x_hat) / norm, g / eps)
+
+
+def contrastive_kd_chunked(
+    s: Tensor,
+    t: Tensor,
+    negatives: Tensor,
+    coef: Tensor,
+    labels: Optional[Tensor],
+    negative_labels: Optional[Tensor],
+    *,
+    temperature: float,
+    eps: float,
+    grad_s: bool,
+    grad_t: bool,
+):
+    """The CPU path of :func:`fastted.contrastive_kd`, the twin of the Triton kernels.
+
+    s, t: (B, D) raw vectors; negatives (K, D) or (B, K, D); coef (B,) weight
+    of each anchor in the mean. Scores a block of negatives at a time with an
+    online log-sum-exp and a running softmax-weighted sum of the normalized
+    negatives, so no (B, K) tensor exists beyond one block. Returns
+    (loss_rows (B,), grad_s or None, grad_t or None), fp32 (fp64 for fp64).
+    """
+    acc = torch.promote_types(s.dtype, torch.float32)
+    s_hat, s_norm = _unit(s.to(acc), eps)
+    t_hat, t_norm = _unit(t.to(acc), eps)
+    pos = (s_hat * t_hat).sum(1) / temperature
+    q = s_hat / temperature
+    # The positive starts the running sums: the max stays finite, however many negatives are left out.
+    m, l, o = pos.clone(), torch.ones_like(pos), t_hat.clone()
+    per_anchor = negatives.dim() == 3
+    n_anchors, k_total, width = s.shape[0], negatives.shape[-2], s.shape[1]
+    step = max(1, _CHUNK_ELEMENTS // (n_anchors * (width if per_anchor else 1)))
+    for start in range(0, k_total, step):
+        n_hat, _ = _unit(negatives[..., start:start + step, :].to(acc), eps)
+        sc = q @ n_hat.t() if not per_anchor else torch.einsum("bkd,bd->bk", n_hat, q)  # (B, k)
+        excluded = _excluded(labels, None if labels is None else negative_labels[..., start:start + step])
+        if excluded is not None:
+            sc = sc.masked_fill(excluded, float("-inf"))
+        m_new = torch.maximum(m, sc.max(1).values)
+        alpha = torch.exp(m - m_new)
+        p = torch.exp(sc - m_new[:, None])
+        l = l * alpha + p.sum(1)
+        if grad_s:
+            o = o * alpha[:, None] + (p @ n_hat if not per_anchor else torch.einsum("bk,bkd->bd", p, n_hat))
+        m = m_new
+    lse = m + torch.log(l)
+    coef = coef.to(acc)
+    rows = torch.where(coef != 0, lse - pos, 0)
+    scale = (coef / temperature)[:, None]
+    gs = gt = None
+    if grad_s:
+        gs = _unit_backward((o / l[:, None] - t_hat) * scale, s_hat, s_norm, eps).to(s.dtype)
+    if grad_t:
+        gt = _unit_backward((torch.exp(pos - lse) - 1)[:, None] * s_hat * scale, t_hat, t_norm, eps).to(t.dtype)
+    return rows, gs, gt
+
+
+def pooled_distance_reference(
+    student_states: Sequence[Tensor],
+    teacher_states: Sequence[Tensor],
+    *,
+    student_weights=None,
+    student_biases=None,
+    teacher_weights=None,
+    teacher_biases=None,
+    mask: Optional[Tensor] = None,
+    teacher_mask: Optional[Tensor] = None,
+    pooling: str = "mean",
+    concat: bool = False,
+    eps: float = 1e-12,
+) -> Tensor:
+    """Eager RAIL-KD loss, the spec of :func:`fastted.pooled_distance`.
+
+    Pool, project (nn.Linear convention; None: identity), L2-normalize, then
+    the squared Euclidean distance of student and teacher vectors, averaged
+    over the examples that keep a token in both masks and summed over the
+    layer pairs (``concat=False``: per-layer weight lists), or of the
+    concatenated pooled layers of each model (``concat=True``: one-element
+    weight lists).
+    """
+    teacher_mask = mask if teacher_mask is None else teacher_mask
+    ps = pool_states_reference(student_states, mask, pooling)
+    pt = pool_states_reference(teacher_states, teacher_mask, pooling)
+    n = 1 if concat else len(student_states)  # projected vectors per model
+    ps, pt = ps.chunk(n, dim=1), pt.chunk(n, dim=1)
+    pick = lambda xs, i: None if xs is None else xs[i]  # noqa: E731
+    pairs = [
+        (ps[i], pt[i], pick(student_weights, i), pick(student_biases, i), pick(teacher_weights, i),
+         pick(teacher_biases, i))
+        for i in range(n)
+    ]
+    valid = torch.ones(ps[0].shape[0], dtype=torch.bool, device=ps[0].device)
+    for m in (mask, teacher_mask):
+        if m is not None:
+            valid = valid & (m != 0).any(1)
+    total = 0
+    for a, b, w, wb, v, vb in pairs:
+        a = F.normalize(a if w is None else F.linear(a, w, wb), dim=-1, eps=eps)
+        b = F.normalize(b if v is None else F.linear(b, v, vb), dim=-1, eps=eps)
+        total = total + _masked_mean(((a - b) ** 2).sum(-1), valid)
+    return total

@@ -8,7 +8,22 @@ never compiles a kernel.
 
 import os
 
+import torch
+
 
 def interpreting() -> bool:
     """True when Triton's interpreter runs the kernels (TRITON_INTERPRET=1): on the CPU, in tests."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def element_offsets(tensors, base, device):
+    """int64 element offsets of each tensor's first element from ``base``'s: many layers, one base pointer.
+
+    The tensors share base's dtype; the offsets reach the kernel without a host sync.
+    """
+    if tensors is None:
+        return None
+    size = base.element_size()
+    host = torch.tensor([(t.data_ptr() - base.data_ptr()) // size for t in tensors], dtype=torch.int64,
+                        pin_memory=device.type == "cuda")
+    return host.to(device, non_blocking=True)

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastted.kernels import interpreting
+from fastted.kernels import element_offsets, interpreting
 
 
 def _prune_configs(configs, named_args, **kwargs):
@@ -214,16 +214,6 @@ _MIN_BLOCK_M = min(config.kwargs["BLOCK_M"] for config in _CONFIGS)
 _MIN_BLOCK_N = min(config.kwargs["BLOCK_N"] for config in _CONFIGS)
 
 
-def _offsets(tensors, base, device):
-    """int64 element offsets of each tensor's first element from ``base``'s."""
-    if tensors is None:
-        return None
-    size = base.element_size()
-    offsets = [(t.data_ptr() - base.data_ptr()) // size for t in tensors]
-    host = torch.tensor(offsets, dtype=torch.int64, pin_memory=device.type == "cuda")
-    return host.to(device, non_blocking=True)
-
-
 def filtered_mse_forward(s, w, b, t, v, c, mask, count, layer_scale, *, write_grad, write_colsum):
     """Launch the fused kernel once over the L layers of a uniform group.
 
@@ -262,13 +252,13 @@ def filtered_mse_forward(s, w, b, t, v, c, mask, count, layer_scale, *, write_gr
 
     grid = lambda meta: (triton.cdiv(n_rows, meta["BLOCK_M"]) * triton.cdiv(d_f, meta["BLOCK_N"]), n_layers)
     _filtered_mse_fwd_kernel[grid](
-        s[0], _offsets(s, s[0], device),
-        None if w is None else w[0], _offsets(w, None if w is None else w[0], device),
-        None if b is None else b[0], _offsets(b, None if b is None else b[0], device),
-        t[0], _offsets(t, t[0], device),
-        None if v is None else v[0], _offsets(v, None if v is None else v[0], device),
-        None if c is None else c[0], _offsets(c, None if c is None else c[0], device),
-        g_base, _offsets(grads, g_base, device),
+        s[0], element_offsets(s, s[0], device),
+        None if w is None else w[0], element_offsets(w, None if w is None else w[0], device),
+        None if b is None else b[0], element_offsets(b, None if b is None else b[0], device),
+        t[0], element_offsets(t, t[0], device),
+        None if v is None else v[0], element_offsets(v, None if v is None else v[0], device),
+        None if c is None else c[0], element_offsets(c, None if c is None else c[0], device),
+        g_base, element_offsets(grads, g_base, device),
         mask, count, layer_scale,
         sq_err, colsum,
         n_rows, d_s, d_t, d_f, triton.next_power_of_2(n_rows),
