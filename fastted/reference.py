@@ -537,8 +537,10 @@ def contrastive_kd_chunked(
     t_hat, t_norm = _unit(t.to(acc), eps)
     pos = (s_hat * t_hat).sum(1) / temperature
     q = s_hat / temperature
-    # The positive starts the running sums: the max stays finite, however many negatives are left out.
-    m, l, o = pos.clone(), torch.ones_like(pos), t_hat.clone()
+    # The running max starts at the positive: it stays finite, however many negatives are left out.
+    m = pos.clone()
+    neg = torch.zeros_like(pos)  # the negatives' share of the softmax denominator, relative to exp(m)
+    o = torch.zeros_like(t_hat)  # and of its weighted sum of normalized negatives
     per_anchor = negatives.dim() == 3
     n_anchors, k_total, width = s.shape[0], negatives.shape[-2], s.shape[1]
     step = max(1, _CHUNK_ELEMENTS // (n_anchors * (width if per_anchor else 1)))
@@ -551,19 +553,21 @@ def contrastive_kd_chunked(
         m_new = torch.maximum(m, sc.max(1).values)
         alpha = torch.exp(m - m_new)
         p = torch.exp(sc - m_new[:, None])
-        l = l * alpha + p.sum(1)
+        neg = neg * alpha + p.sum(1)
         if grad_s:
             o = o * alpha[:, None] + (p @ n_hat if not per_anchor else torch.einsum("bk,bkd->bd", p, n_hat))
         m = m_new
-    lse = m + torch.log(l)
+    w_pos = torch.exp(pos - m)
+    total = w_pos + neg
+    rows = (m - pos) + torch.log1p((w_pos - 1) + neg)  # lse - pos, exact while the positive dominates
     coef = coef.to(acc)
-    rows = torch.where(coef != 0, lse - pos, 0)
-    scale = (coef / temperature)[:, None]
+    rows = torch.where(coef != 0, rows, 0)
+    scale = (coef / temperature / total)[:, None]  # 1 - p_pos = neg / total: no cancellation near p_pos = 1
     gs = gt = None
     if grad_s:
-        gs = _unit_backward((o / l[:, None] - t_hat) * scale, s_hat, s_norm, eps).to(s.dtype)
+        gs = _unit_backward((o - neg[:, None] * t_hat) * scale, s_hat, s_norm, eps).to(s.dtype)
     if grad_t:
-        gt = _unit_backward((torch.exp(pos - lse) - 1)[:, None] * s_hat * scale, t_hat, t_norm, eps).to(t.dtype)
+        gt = _unit_backward(-neg[:, None] * s_hat * scale, t_hat, t_norm, eps).to(t.dtype)
     return rows, gs, gt
 
 

@@ -20,8 +20,10 @@ values:
     finalize  grid (anchors,). Adds the positive, merges the splits, writes
               each anchor's loss and the gradients of the raw student and
               teacher vectors:
-                  dL/d s_hat = (O / l - t_hat) / tau,
+                      dL/d s_hat = (sum_k p_k n_hat_k - (1 - p_pos) t_hat) / tau,
                   dL/d t_hat = (p_pos - 1) s_hat / tau,
+              with p the softmax weights and 1 - p_pos taken from the
+              negatives' sums, so a dominant positive cancels nothing,
               pulled back through the normalization.
 
 The B x K score matrix never exists: the kernels keep (splits, B) maxima and
@@ -135,6 +137,13 @@ def _contrastive_partials_kernel(
 
 
 @triton.jit
+def _log1p(x):
+    """log(1 + x), accurate for small x (the interpreter and every Triton version have it this way)."""
+    u = 1.0 + x
+    return tl.where(u == 1.0, x, tl.log(u) * (x / (u - 1.0)))
+
+
+@triton.jit
 def _unit(x, eps):
     """x / max(||x||, eps) and the norm's floor-clamped inverse."""
     inv = 1.0 / tl.maximum(tl.sqrt(tl.sum(x * x, axis=0)), eps)
@@ -187,25 +196,28 @@ def _contrastive_finalize_kernel(
     for sp in range(0, SPLITS):
         big = tl.maximum(big, tl.load(m_ptr + sp * B + row))
     w_pos = tl.exp(pos - big)
-    total = w_pos
-    o = w_pos * t_hat  # softmax-weighted sum of the candidates (positive first), unnormalized
+    neg = 0.0  # the negatives' share of the softmax denominator
+    o = tl.zeros((BLOCK_D,), tl.float32)  # and of its weighted sum of normalized vectors
     for sp in range(0, SPLITS):
         m_sp = tl.load(m_ptr + sp * B + row)
         w = tl.where(m_sp == float("-inf"), 0.0, tl.exp(m_sp - big))
-        total += w * tl.load(l_ptr + sp * B + row)
+        neg += w * tl.load(l_ptr + sp * B + row)
         if WRITE_GS:
             o += w * tl.load(o_ptr + (sp * B + row) * D + dcols, mask=d_ok, other=0.0)
-    lse = big + tl.log(total)
+    total = w_pos + neg
+    # lse - pos = (big - pos) + log(total), with log(total) as log1p: exact while the positive dominates
+    loss = (big - pos) + _log1p((w_pos - 1.0) + neg)
     coef = tl.load(coef_ptr + row)
-    tl.store(loss_ptr + row, tl.where(coef != 0.0, lse - pos, 0.0))
+    tl.store(loss_ptr + row, tl.where(coef != 0.0, loss, 0.0))
 
-    scale = coef * inv_temp
+    # With p_k the softmax weights, 1 - p_pos = neg / total: no cancellation when p_pos is near 1.
+    scale = coef * inv_temp / total
     if WRITE_GS:
-        g_hat = (o / total - t_hat) * scale
+        g_hat = (o - neg * t_hat) * scale  # (sum_k p_k n_k - (1 - p_pos) t_hat) / tau
         g = _unit_backward(g_hat, s_hat, inv_s, inv_s < 1.0 / eps)
         tl.store(gs_ptr + row * D + dcols, g.to(gs_ptr.dtype.element_ty), mask=d_ok)
     if WRITE_GT:
-        g_hat = (tl.exp(pos - lse) - 1.0) * s_hat * scale
+        g_hat = -neg * s_hat * scale  # (p_pos - 1) s_hat / tau
         g = _unit_backward(g_hat, t_hat, inv_t, inv_t < 1.0 / eps)
         tl.store(gt_ptr + row * D + dcols, g.to(gt_ptr.dtype.element_ty), mask=d_ok)
 
