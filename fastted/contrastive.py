@@ -106,7 +106,7 @@ def pool_states(
     states = _check_states("states", states)
     ref = states[0]
     shape = tuple(ref.shape[:2])
-    n_layers, width = len(states), ref.shape[2]
+    width = ref.shape[2]
     if pooling == "first":
         if mask is None:
             out = torch.cat([h[:, 0] for h in states], dim=1)

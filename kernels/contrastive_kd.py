@@ -278,12 +278,12 @@ def contrastive_forward(
     splits = triton.cdiv(n_tiles, tiles_per_split)  # no split left without a tile
 
     f32 = dict(dtype=torch.float32, device=s.device)
-    m = torch.empty((splits, B), **f32)
-    l = torch.empty((splits, B), **f32)
-    o = torch.empty((splits, B, D), **f32) if grad_s else None
+    run_max = torch.empty((splits, B), **f32)
+    run_sum = torch.empty((splits, B), **f32)
+    run_acc = torch.empty((splits, B, D), **f32) if grad_s else None
     has_labels = labels is not None
     _contrastive_partials_kernel[(n_anchor_blocks, splits)](
-        s, negatives, labels, negative_labels, m, l, o,
+        s, negatives, labels, negative_labels, run_max, run_sum, run_acc,
         B, K, D, tiles_per_split,
         s.stride(0), negatives.stride(0) if per_anchor else 0, negatives.stride(-2),
         negative_labels.stride(0) if has_labels and per_anchor else 0,
@@ -300,7 +300,7 @@ def contrastive_forward(
     gs = torch.empty((B, D), dtype=s.dtype, device=s.device) if grad_s else None
     gt = torch.empty((B, D), dtype=t.dtype, device=t.device) if grad_t else None
     _contrastive_finalize_kernel[(B,)](
-        s, t, coef, m, l, o, loss_rows, gs, gt,
+        s, t, coef, run_max, run_sum, run_acc, loss_rows, gs, gt,
         B, D, splits,
         s.stride(0), t.stride(0),
         1.0 / temperature, eps,
