@@ -1,6 +1,7 @@
 """The whole GPU check of fastted's fused losses, in one run (see shared GPU.md).
 
-For each loss (filtered_mse, logit_kd, fused_linear_kd; --loss picks some):
+For each loss (filtered_mse, logit_kd, fused_linear_kd, contrastive_kd; --loss
+picks some):
 
 1. Correctness in bf16 and fp16 on the GPU against float64 references: the
    test suite's own checks (loss and every gradient, within twice PyTorch's
@@ -40,11 +41,13 @@ sys.path.insert(0, os.path.dirname(HERE))  # the repository root: the tests and 
 import triton  # noqa: E402
 
 import fastted  # noqa: E402
-from benchmarks import test_filtered_mse, test_fused_linear_kd, test_logit_kd  # noqa: E402
+from benchmarks import test_contrastive_kd, test_filtered_mse, test_fused_linear_kd, test_logit_kd  # noqa: E402
 from benchmarks._memory import cuda_peak_extra_mb  # noqa: E402
 from tests import test_filtered_mse as t_mse  # noqa: E402  (one definition of "correct")
 from tests import test_fused_linear_kd as t_flkd  # noqa: E402
+from tests import test_contrastive_kd as t_ckd  # noqa: E402
 from tests import test_logit_kd as t_lkd  # noqa: E402
+from tests import test_pooling as t_pool  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 IMPL = "triton" if CUDA else "reference"
@@ -109,6 +112,26 @@ def correctness_fused_linear_kd(dtype) -> list[dict]:
     ]
 
 
+def correctness_contrastive_kd(dtype) -> list[dict]:
+    shapes = t_ckd.SHAPES + ([(256, 65536, 128), (256, 4096, 768)] if CUDA else [])
+    checks = [
+        _checked(dict(part="contrastive_kd", shape=str(shape), per_anchor=per_anchor, labels=labels, dtype=str(dtype)),
+                 lambda: t_ckd._check_contrastive_kd(IMPL, *shape, dtype, per_anchor=per_anchor, use_labels=labels))
+        for shape in shapes
+        for per_anchor in (False, True)
+        for labels in (False, True)
+        if not (per_anchor and shape[0] * shape[1] * shape[2] > 2**27)  # per-anchor banks of 8 GiB: no
+    ]
+    pool_shapes = t_pool.SHAPES + ([(256, 128, 768, 12)] if CUDA else [])
+    checks += [
+        _checked(dict(part="pool_states", shape=str(shape), mask=mask, dtype=str(dtype)),
+                 lambda: t_pool._check_pool_states(IMPL, *shape, dtype, "mean", mask))
+        for shape in pool_shapes
+        for mask in ("random", "right_padding", "one_empty")
+    ]
+    return checks
+
+
 # --------------------------------------------------------------------------- ceilings and work
 
 
@@ -127,7 +150,7 @@ def copy_ceiling() -> float:
     return 2 * x.numel() * x.element_size() / bench_ms(lambda: y.copy_(x)) / 1e6
 
 
-def work(loss: str, size: dict) -> dict:
+def work(loss: str, size: dict, level: str = "states") -> dict:
     """The full step's GEMM FLOPs (and its matmul ceiling), or its minimal memory traffic."""
     dtype = getattr(torch, size["dtype"])
     if loss == "filtered_mse":
@@ -140,6 +163,11 @@ def work(loss: str, size: dict) -> dict:
         # both heads forward + the student's two backward GEMMs: 2 N V (3 H_s + H_t)
         flops, tflops = matmul_ceiling(n, 3 * h_s + h_t, v, 1, dtype)
         return dict(flops=flops, matmul_tflops=tflops)
+    if loss == "contrastive_kd":
+        # read the bank once (the gradient comes with the forward); from hidden states, also read both models'
+        # states and write the student's gradient
+        states = size["n_layers"] * size["batch"] * size["seq"] * size["width"]
+        return dict(bytes=(size["bank"] * size["proj"] + (3 * states if level == "states" else 0)) * dtype.itemsize)
     n, v = size["n_rows"], size["vocab"]
     return dict(bytes=3 * n * v * dtype.itemsize)  # read s and t, write dLoss/ds: the least a full step moves
 
@@ -182,16 +210,20 @@ def _sizes(module) -> list[str]:
 
 def suite(loss: str) -> dict:
     module = {"filtered_mse": test_filtered_mse, "logit_kd": test_logit_kd,
-              "fused_linear_kd": test_fused_linear_kd}[loss]
+              "fused_linear_kd": test_fused_linear_kd, "contrastive_kd": test_contrastive_kd}[loss]
     check = {"filtered_mse": correctness_filtered_mse, "logit_kd": correctness_logit_kd,
-             "fused_linear_kd": correctness_fused_linear_kd}[loss]
+             "fused_linear_kd": correctness_fused_linear_kd, "contrastive_kd": correctness_contrastive_kd}[loss]
     result = dict(correctness=[c for dtype in (torch.bfloat16, torch.float16) for c in check(dtype)], runs=[])
     liger = CUDA and importlib.util.find_spec("liger_kernel") is not None
     for size_name in _sizes(module):
         size = module.SIZES[size_name]
-        w = work(loss, size)
-        variants = [dict(objective=o) for o in module.OBJECTIVES] if loss == "fused_linear_kd" else [{}]
+        variants = [{}]
+        if loss == "fused_linear_kd":
+            variants = [dict(objective=o) for o in module.OBJECTIVES]
+        if loss == "contrastive_kd":
+            variants = [dict(level=level) for level in module.LEVELS]
         for extra in variants:
+            w = work(loss, size, extra.get("level", "states"))
             impls = ["fastted", "eager", "compile"] + (["liger"] if liger and extra.get("objective") == "jsd" else [])
             result["runs"].append(dict(size=size_name, sizes=size, **extra, work=w,
                                        timings=timings(module, impls, size_name, extra, w)))
@@ -207,7 +239,7 @@ def report(loss: str, res: dict, copy_gbs: float) -> None:
     for run in res["runs"]:
         w = run["work"]
         ceiling = (f"matmul {w['matmul_tflops']:.1f} TFLOP/s" if "flops" in w else f"copy {copy_gbs:.0f} GB/s")
-        print(f"-- size {run['size']} {run['sizes']} {run.get('objective', '')}; ceiling: {ceiling}")
+        print(f"-- size {run['size']} {run['sizes']} {run.get('objective', run.get('level', ''))}; ceiling: {ceiling}")
         print(f"{'impl':8s} {'fwd ms':>9s} {'bwd ms':>9s} {'full ms':>9s} {'rate':>9s} {'% ceil':>7s} {'peak MiB':>9s}")
         by = {r["impl"]: r for r in run["timings"]}
         for r in run["timings"]:
@@ -227,8 +259,8 @@ def report(loss: str, res: dict, copy_gbs: float) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--loss", nargs="+", default=["filtered_mse", "logit_kd", "fused_linear_kd"],
-                        choices=["filtered_mse", "logit_kd", "fused_linear_kd"])
+    losses = ["filtered_mse", "logit_kd", "fused_linear_kd", "contrastive_kd"]
+    parser.add_argument("--loss", nargs="+", default=losses, choices=losses)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     name = torch.cuda.get_device_name() if CUDA else "cpu"

@@ -543,7 +543,8 @@ def contrastive_kd_chunked(
     o = torch.zeros_like(t_hat)  # and of its weighted sum of normalized negatives
     per_anchor = negatives.dim() == 3
     n_anchors, k_total, width = s.shape[0], negatives.shape[-2], s.shape[1]
-    step = max(1, _CHUNK_ELEMENTS // (n_anchors * (width if per_anchor else 1)))
+    # A block's scores (B, k) and normalized negatives ((k, D), or (B, k, D) per anchor) hold ~a million elements.
+    step = max(1, _CHUNK_ELEMENTS // (n_anchors * width if per_anchor else n_anchors + width))
     for start in range(0, k_total, step):
         n_hat, _ = _unit(negatives[..., start:start + step, :].to(acc), eps)
         sc = q @ n_hat.t() if not per_anchor else torch.einsum("bkd,bd->bk", n_hat, q)  # (B, k)
