@@ -21,8 +21,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastted.losses import IMPLS, _aligned, _as_list, _check_float, _check_weight, _flat_mask, _resolve_impl
-from fastted.reference import POOLINGS, _masked_mean, _safe_count, contrastive_kd_chunked
+from fastted.losses import (
+    _TRITON_DTYPES,
+    _aligned,
+    _as_list,
+    _check_float,
+    _check_impl,
+    _check_int_tensor,
+    _check_positive_int,
+    _check_weight,
+    _flat_mask,
+    _resolve_impl,
+)
+from fastted.reference import POOLINGS, _masked_mean, _safe_count, contrastive_kd_chunked, pool_states_reference
 
 _EPS = 1e-12  # F.normalize's floor: x / max(||x||, eps)
 
@@ -107,15 +118,9 @@ def pool_states(
     ref = states[0]
     shape = tuple(ref.shape[:2])
     width = ref.shape[2]
-    if pooling == "first":
-        if mask is None:
-            out = torch.cat([h[:, 0] for h in states], dim=1)
-        else:
-            m = _flat_mask(mask, shape, ref.device, "states").reshape(shape) != 0
-            first = m.to(torch.int64).argmax(1)  # the first valid token; 0 when none is
-            keep = m.any(1, keepdim=True).to(ref.dtype)
-            rows = torch.arange(shape[0], device=ref.device)
-            out = torch.cat([h[rows, first] * keep for h in states], dim=1)
+    if pooling == "first":  # a gather: the reference's is the implementation on every path
+        m = None if mask is None else _flat_mask(mask, shape, ref.device, "states").reshape(shape)
+        out = pool_states_reference(states, m, "first")
     else:
         weights = _token_weights(mask, shape, ref.dtype, ref.device, "states")
         if _resolve_impl(impl, ref.device, ref.dtype) == "triton":
@@ -132,7 +137,8 @@ def pool_states(
 # =========================================================================== contrastive distillation
 
 
-def _check_vectors(student_vecs, teacher_vecs, negatives) -> tuple[int, int, int]:
+def _check_vectors(student_vecs, teacher_vecs, negatives) -> int:
+    """Validate the three tensors; return the number of anchors B."""
     for name, x in (("student_vecs", student_vecs), ("teacher_vecs", teacher_vecs), ("negatives", negatives)):
         if not isinstance(x, Tensor):
             raise ValueError(f"{name} must be a tensor, got {type(x).__name__}")
@@ -164,7 +170,7 @@ def _check_vectors(student_vecs, teacher_vecs, negatives) -> tuple[int, int, int
             "negatives requires grad, but contrastive_kd treats negatives as constants (a memory bank) and gives "
             "them no gradient: pass negatives.detach()"
         )
-    return n_anchors, negatives.shape[-2], width
+    return n_anchors
 
 
 def _check_labels(labels, negative_labels, negatives: Tensor, n_anchors: int):
@@ -178,13 +184,7 @@ def _check_labels(labels, negative_labels, negatives: Tensor, n_anchors: int):
         return None, None
     need = tuple(negatives.shape[:-1])
     for name, x, shape in (("labels", labels, (n_anchors,)), ("negative_labels", negative_labels, need)):
-        if not isinstance(x, Tensor) or x.dtype.is_floating_point or x.dtype == torch.bool:
-            got = type(x).__name__ if not isinstance(x, Tensor) else f"a tensor of {x.dtype}"
-            raise ValueError(f"{name} must be an integer tensor of shape {shape}, got {got}")
-        if tuple(x.shape) != shape:
-            raise ValueError(f"{name} has shape {tuple(x.shape)}, but needs {shape}")
-        if x.device != negatives.device:
-            raise ValueError(f"{name} is on {x.device}, but negatives is on {negatives.device}")
+        _check_int_tensor(name, x, shape, negatives.device, "negatives")
     return labels.detach().to(torch.int64).contiguous(), negative_labels.detach().to(torch.int64).contiguous()
 
 
@@ -251,7 +251,7 @@ def contrastive_kd(
 
     Returns the fp32 scalar loss (float64 for float64 vectors).
     """
-    n_anchors, _, _ = _check_vectors(student_vecs, teacher_vecs, negatives)
+    n_anchors = _check_vectors(student_vecs, teacher_vecs, negatives)
     temperature = _check_float("temperature", temperature, 0.0, low_open=True)
     labels, negative_labels = _check_labels(labels, negative_labels, negatives, n_anchors)
     acc = torch.promote_types(student_vecs.dtype, torch.float32)
@@ -260,8 +260,7 @@ def contrastive_kd(
         valid = _flat_mask(mask, (n_anchors,), student_vecs.device, "student_vecs").to(acc)
     coef = valid / _safe_count(valid.sum())
     impl = _resolve_impl(impl, student_vecs.device, student_vecs.dtype)
-    if impl == "triton" and (teacher_vecs.dtype not in (torch.float32, torch.float16, torch.bfloat16) or
-                             negatives.dtype not in (torch.float32, torch.float16, torch.bfloat16)):
+    if impl == "triton" and not {teacher_vecs.dtype, negatives.dtype} <= set(_TRITON_DTYPES):
         impl = "reference"
     s, t = student_vecs, teacher_vecs
     if not torch.is_grad_enabled():  # autograd.Function would still report needs_input_grad: compute no gradient
@@ -275,8 +274,7 @@ class ContrastiveKDLoss(nn.Module):
     def __init__(self, temperature: float = 0.07, impl: str = "auto"):
         super().__init__()
         _check_float("temperature", temperature, 0.0, low_open=True)
-        if impl not in IMPLS:
-            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        _check_impl(impl)
         self.temperature, self.impl = temperature, impl
 
     def forward(self, student_vecs: Tensor, teacher_vecs: Tensor, negatives: Tensor, *,
@@ -417,12 +415,11 @@ class PooledDistanceLoss(nn.Module):
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
-        if impl not in IMPLS:
-            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        _check_impl(impl)
         for name, value in (("student_width", student_width), ("teacher_width", teacher_width),
                             ("n_layers", n_layers), ("proj_dim", proj_dim), ("teacher_layers", teacher_layers)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            if value is not None:
+                _check_positive_int(name, value)
         teacher_layers = n_layers if teacher_layers is None else teacher_layers
         if not concat and teacher_layers != n_layers:
             raise ValueError(f"teacher_layers={teacher_layers} differs from n_layers={n_layers}: only concat=True "

@@ -34,9 +34,14 @@ IMPLS = ("auto", "triton", "reference")
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _resolve_impl(impl: str, device: torch.device, dtype: torch.dtype) -> str:
+def _check_impl(impl: str) -> str:
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    return impl
+
+
+def _resolve_impl(impl: str, device: torch.device, dtype: torch.dtype) -> str:
+    _check_impl(impl)
     triton_ok = (device.type == "cuda" or interpreting()) and dtype in _TRITON_DTYPES
     if impl == "auto":
         return "triton" if triton_ok else "reference"
@@ -89,6 +94,24 @@ def _check_weight(name: str, w: Tensor, d_out: Optional[int], d_in: int, in_name
 def _check_bias(name: str, b: Tensor, d_f: int) -> None:
     if b.shape != (d_f,):
         raise ValueError(f"{name} has shape {tuple(b.shape)}, but needs ({d_f},) (the filter width d_f)")
+
+
+def _check_positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def _check_int_tensor(name: str, x, shape: tuple, device=None, ref_name: str = "", hint: str = "") -> Tensor:
+    """x is an integer tensor of the given shape (on ``device``, that of ``ref_name``, when given)."""
+    if not isinstance(x, Tensor) or x.dtype.is_floating_point or x.dtype == torch.bool:
+        got = type(x).__name__ if not isinstance(x, Tensor) else f"a tensor of {x.dtype}"
+        raise ValueError(f"{name} must be an integer tensor of shape {shape}, got {got}")
+    if tuple(x.shape) != shape:
+        raise ValueError(f"{name} has shape {tuple(x.shape)}, but needs {shape}{hint}")
+    if device is not None and x.device != device:
+        raise ValueError(f"{name} is on {x.device}, but {ref_name} is on {device}")
+    return x
 
 
 def _flat_mask(mask, lead: tuple, device: torch.device, ref_name: str) -> Tensor:
@@ -364,8 +387,7 @@ class FilteredMSELoss(nn.Module):
 
     def __init__(self, layer_weights: Optional[Sequence[float] | Tensor] = None, impl: str = "auto"):
         super().__init__()
-        if impl not in IMPLS:
-            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        _check_impl(impl)
         self.layer_weights = layer_weights
         self.impl = impl
         self.layer_losses: Optional[Tensor] = None
@@ -451,13 +473,7 @@ def _row_weights(lead, device, dtype, mask, labels, ignore_index, labels_name, v
     kd_coef = kd_valid / _safe_count(kd_valid.sum())
     if labels is None:
         return kd_coef, None, None
-    if not isinstance(labels, Tensor) or labels.dtype.is_floating_point or labels.dtype == torch.bool:
-        got = type(labels).__name__ if not isinstance(labels, Tensor) else f"a tensor of {labels.dtype}"
-        raise ValueError(f"{labels_name} must be an integer tensor of shape {lead}, got {got}")
-    if tuple(labels.shape) != lead:
-        raise ValueError(f"{labels_name} has shape {tuple(labels.shape)}, but needs {lead} (one label per row/token)")
-    if labels.device != device:
-        raise ValueError(f"{labels_name} is on {labels.device}, but {ref_name} is on {device}")
+    _check_int_tensor(labels_name, labels, lead, device, ref_name, " (one label per row/token)")
     labels = labels.detach().reshape(n_rows).to(torch.int64)
     ce_valid = (labels != ignore_index).to(acc)
     if valid is not None:
@@ -590,8 +606,7 @@ class LogitKDLoss(nn.Module):
                  ignore_index: int = -100, vocab_size: Optional[int] = None, impl: str = "auto"):
         super().__init__()
         _logit_options(temperature, divergence, beta)
-        if impl not in IMPLS:
-            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        _check_impl(impl)
         self.temperature, self.divergence, self.beta = temperature, divergence, beta
         self.ignore_index, self.vocab_size, self.impl = ignore_index, vocab_size, impl
 
@@ -773,8 +788,7 @@ class FusedLinearKDLoss(nn.Module):
                  vocab_size: Optional[int] = None, chunk_size: Optional[int] = None, impl: str = "auto"):
         super().__init__()
         _logit_options(temperature, divergence, beta)
-        if impl not in IMPLS:
-            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        _check_impl(impl)
         self.options = dict(
             temperature=temperature, hard_weight=hard_weight, soft_weight=soft_weight, divergence=divergence,
             beta=beta, ignore_index=ignore_index, vocab_size=vocab_size, chunk_size=chunk_size, impl=impl,

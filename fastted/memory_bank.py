@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastted.losses import _check_int_tensor, _check_positive_int
+
 MODES = ("queue", "momentum")
 NO_LABEL = -1  # the label of an entry pushed without one
 
@@ -33,12 +35,6 @@ class Negatives(NamedTuple):
     vectors: Tensor  # (K, D) shared, or (B, K, D) per anchor
     labels: Tensor  # (K,) or (B, K) int64 labels (NO_LABEL where none was given)
     index: Tensor  # (K,) or (B, K) int64 example ids (momentum) or push order (queue)
-
-
-def _check_int(name: str, value, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    return value
 
 
 class MemoryBank(nn.Module):
@@ -58,8 +54,8 @@ class MemoryBank(nn.Module):
     def __init__(self, size: int, dim: int, *, mode: str = "queue", momentum: float = 0.5,
                  dtype: torch.dtype = torch.float32, device=None, seed: int = 0):
         super().__init__()
-        _check_int("size", size, 1)
-        _check_int("dim", dim, 1)
+        _check_positive_int("size", size)
+        _check_positive_int("dim", dim)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:
@@ -123,9 +119,7 @@ class MemoryBank(nn.Module):
     def _ints(self, name: str, x, n: int) -> Optional[Tensor]:
         if x is None:
             return None
-        if not isinstance(x, Tensor) or x.dtype.is_floating_point or x.dtype == torch.bool or x.shape != (n,):
-            got = f"{tuple(x.shape)} {x.dtype}" if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"{name} must be an integer tensor of shape ({n},) (one per vector), got {got}")
+        _check_int_tensor(name, x, (n,), hint=" (one per vector)")
         return x.detach().to(self.vectors.device, torch.int64)
 
     def _push(self, v: Tensor, labels: Optional[Tensor], index: Optional[Tensor]) -> None:
@@ -160,8 +154,9 @@ class MemoryBank(nn.Module):
         example ids: the anchor's own entry is never drawn. n_anchors gives B
         when neither is passed. Returns vectors (B, k, D), labels and index (B, k).
         """
-        _check_int("k", k, 1)
-        n_filled = len(self)
+        _check_positive_int("k", k)
+        pool = self.filled.nonzero()[:, 0]  # (n_filled,) entries to draw from
+        n_filled = len(pool)
         if n_filled == 0:
             raise ValueError("the memory bank is empty: update() it with teacher vectors before sampling negatives")
         if k > n_filled:
@@ -170,7 +165,6 @@ class MemoryBank(nn.Module):
         if b is None:
             raise ValueError("sample() needs labels, index or n_anchors to know the number of anchors")
         labels, index = self._ints("labels", labels, b), self._ints("index", index, b)
-        pool = self.filled.nonzero()[:, 0]  # (n_filled,) entries to draw from
         gen = generator if generator is not None else self.generator
         device = self.vectors.device
 

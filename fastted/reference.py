@@ -448,15 +448,14 @@ def pool_states_reference(states: Sequence[Tensor], mask: Optional[Tensor] = Non
     the mask keeps (position 0 without a mask: BERT's [CLS]). An example
     without any kept token pools to zeros.
     """
-    pooled = []
-    for h in states:
-        m = torch.ones(h.shape[:2], dtype=h.dtype, device=h.device) if mask is None else mask.to(h.dtype)
-        if pooling == "mean":
-            pooled.append((h * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp(min=1))
-        else:
-            first = (m != 0).to(torch.int64).argmax(1)  # the first kept token (0 when none is)
-            pooled.append(h[torch.arange(h.shape[0], device=h.device), first] * (m != 0).any(1, keepdim=True))
-    return torch.cat(pooled, dim=1)
+    ref = states[0]
+    m = torch.ones(ref.shape[:2], dtype=ref.dtype, device=ref.device) if mask is None else mask.to(ref.dtype)
+    if pooling == "mean":
+        return torch.cat([(h * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp(min=1) for h in states], dim=1)
+    rows = torch.arange(ref.shape[0], device=ref.device)
+    first = (m != 0).to(torch.int64).argmax(1)  # the first kept token (0 when none is)
+    keep = (m != 0).any(1, keepdim=True).to(ref.dtype)
+    return torch.cat([h[rows, first] * keep for h in states], dim=1)
 
 
 def _excluded(labels: Optional[Tensor], negative_labels: Optional[Tensor]) -> Optional[Tensor]:

@@ -164,7 +164,7 @@ def _contrastive_finalize_kernel(
     coef_ptr,  # (B,) fp32 weight of each anchor in the mean (mask / count)
     m_ptr,  # (SPLITS, B) fp32 partial maxima
     l_ptr,  # (SPLITS, B) fp32 partial sums
-    o_ptr,  # (SPLITS, B, D) fp32 partial weighted sums of normalized negatives; WRITE_GRAD only
+    o_ptr,  # (SPLITS, B, D) fp32 partial weighted sums of normalized negatives; WRITE_GS only
     loss_ptr,  # (B,) fp32 out: each anchor's loss (0 where its weight is 0)
     gs_ptr,  # (B, D) out: dLoss/ds in s's dtype; WRITE_GS only
     gt_ptr,  # (B, D) out: dLoss/dt in t's dtype; WRITE_GT only

@@ -82,8 +82,10 @@ def _mean_pool_bwd_kernel(
                  mask=t_ok[:, None] & c_ok[None, :])
 
 
-def _block_d(D: int) -> int:
-    return min(triton.next_power_of_2(D), 1024 if interpreting() else 256)
+def _blocks(D: int) -> tuple[int, int]:
+    """(BLOCK_T, BLOCK_D): tiles of about 4K elements on a GPU; wide ones under the interpreter."""
+    block_d = min(triton.next_power_of_2(D), 1024 if interpreting() else 256)
+    return (64 if interpreting() else max(1, 4096 // block_d)), block_d
 
 
 def mean_pool_forward(states: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
@@ -92,8 +94,7 @@ def mean_pool_forward(states: list[torch.Tensor], weights: torch.Tensor) -> torc
     B, T, D = states[0].shape
     L = len(states)
     out = torch.empty((B, L * D), dtype=states[0].dtype, device=states[0].device)
-    block_d = _block_d(D)
-    block_t = 64 if interpreting() else max(1, 4096 // block_d)
+    block_t, block_d = _blocks(D)
     _mean_pool_fwd_kernel[(B, L, triton.cdiv(D, block_d))](
         states[0], element_offsets(states, states[0], states[0].device), weights, out,
         T, D, L,
@@ -110,8 +111,7 @@ def mean_pool_backward(grad: torch.Tensor, weights: torch.Tensor, n_layers: int,
     B, T = weights.shape
     D = grad.shape[1] // n_layers
     out = torch.empty((n_layers, B, T, D), dtype=dtype, device=grad.device)
-    block_d = _block_d(D)
-    block_t = 64 if interpreting() else max(1, 4096 // block_d)
+    block_t, block_d = _blocks(D)
     _mean_pool_bwd_kernel[(B, triton.cdiv(T, block_t), n_layers)](
         grad, weights, out,
         B, T, D, n_layers,

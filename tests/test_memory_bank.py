@@ -139,8 +139,8 @@ def test_bank_feeds_contrastive_kd():
 
 
 @pytest.mark.parametrize("kwargs,fragments", [
-    (dict(size=0, dim=4), ["size must be an int >= 1", "0"]),
-    (dict(size=4, dim=2.5), ["dim must be an int >= 1", "2.5"]),
+    (dict(size=0, dim=4), ["size must be a positive int", "0"]),
+    (dict(size=4, dim=2.5), ["dim must be a positive int", "2.5"]),
     (dict(size=4, dim=4, mode="fifo"), ["mode must be one of", "'fifo'"]),
     (dict(size=4, dim=4, momentum=1.0), ["momentum must be a number in [0, 1)", "1.0"]),
 ])
@@ -156,5 +156,5 @@ def test_bank_bad_updates():
         bank.update(torch.randn(3, 5))
     with pytest.raises(ValueError, match=r"labels must be an integer tensor of shape \(3,\)"):
         bank.update(torch.randn(3, 4), labels=torch.zeros(3))
-    with pytest.raises(ValueError, match="k must be an int >= 1"):
+    with pytest.raises(ValueError, match="k must be a positive int"):
         bank.sample(0, n_anchors=1)
