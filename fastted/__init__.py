@@ -18,11 +18,61 @@ from fastted.losses import (
     fused_linear_kd,
     logit_kd,
 )
+from fastted.filters import ClassificationHead, Filter, TaskFilters
+from fastted.mapping import (
+    LayerMap,
+    RandomLayerMap,
+    explicit_map,
+    interval_layers,
+    interval_map,
+    last_k_map,
+    uniform_map,
+)
 from fastted.memory_bank import MemoryBank
+from fastted.methods import (
+    DWT,
+    KD,
+    LWD,
+    RAILKD,
+    TED,
+    CoDIR,
+    Recipe,
+    RecipeOutput,
+    Schedule,
+    TEDStage1,
+    load_stage1,
+    remap_parameters,
+)
+from fastted.models import ModelAdapter, check_same_vocab, task_loss
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ClassificationHead",
+    "CoDIR",
+    "DWT",
+    "Filter",
+    "KD",
+    "LWD",
+    "LayerMap",
+    "ModelAdapter",
+    "RAILKD",
+    "RandomLayerMap",
+    "Recipe",
+    "RecipeOutput",
+    "Schedule",
+    "TED",
+    "TEDStage1",
+    "TaskFilters",
+    "check_same_vocab",
+    "explicit_map",
+    "interval_layers",
+    "interval_map",
+    "last_k_map",
+    "load_stage1",
+    "remap_parameters",
+    "task_loss",
+    "uniform_map",
     "ContrastiveKDLoss",
     "FilteredMSELoss",
     "FusedLinearKDLoss",

@@ -77,6 +77,11 @@ class MemoryBank(nn.Module):
     def dim(self) -> int:
         return self.vectors.shape[1]
 
+    @property
+    def empty(self) -> bool:
+        """No entry filled yet (a host sync on a GPU until the bank is full once)."""
+        return not self._full and not bool(self.filled.any())
+
     def __len__(self) -> int:
         """The number of filled entries (a host sync on a GPU)."""
         return int(self.filled.sum())

@@ -1,0 +1,111 @@
+"""CoDIR: contrastive distillation on intermediate representations (Sun et al., EMNLP 2020).
+
+The mapped layers of each model are mean-pooled over their valid tokens and
+concatenated, projected by a learned head (one per model) and L2-normalized.
+The student's vector of an example must pick out the teacher's vector of
+the same example against a memory bank of teacher vectors of other examples
+(InfoNCE, the fused :func:`~fastted.contrastive.contrastive_kd`)::
+
+    loss = task_alpha * task + kd_alpha * KL(T) + crd_alpha * InfoNCE(s, t; bank)
+
+In fine-tuning the negatives are the bank entries of a different label
+(``label_negatives``); in pre-training, with example ids in ``batch["index"]``,
+an anchor's own entry is left out. After each training step the batch's
+teacher vectors enter the bank. Until the bank holds an entry (the first
+step) the contrastive term is 0.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from fastted.contrastive import contrastive_kd, pool_states
+from fastted.mapping import LayerMap, uniform_map
+from fastted.memory_bank import MemoryBank
+from fastted.methods.base import Recipe, RecipeOutput, _check_alpha
+from fastted.models import check_same_vocab
+
+
+class CoDIR(Recipe):
+    """CoDIR's recipe.
+
+    Args:
+        student, teacher: the models.
+        layer_map: the layers pooled and concatenated on each side; default
+            :func:`~fastted.mapping.uniform_map`.
+        proj_dim: width of the projected vectors.
+        bank: the memory bank; default ``MemoryBank(bank_size, proj_dim,
+            mode=bank_mode)`` (momentum mode needs ``batch["index"]``).
+        temperature: of the InfoNCE; kd_temperature: of the KL term.
+        label_negatives: use only different-label negatives when the task is
+            classification and the batch has labels.
+        pooling: "mean" (the paper) or "first".
+    """
+
+    def __init__(self, student, teacher, layer_map: Optional[LayerMap] = None, *, proj_dim: int = 128,
+                 bank: Optional[MemoryBank] = None, bank_size: int = 4096, bank_mode: str = "queue",
+                 temperature: float = 0.07, kd_temperature: float = 2.0, task_alpha: float = 1.0,
+                 kd_alpha: float = 1.0, crd_alpha: float = 1.0, label_negatives: bool = True, pooling: str = "mean",
+                 tokenizers: Optional[tuple] = None, task: Optional[str] = None, impl: str = "auto"):
+        super().__init__(student, teacher, task=task, impl=impl)
+        s, t = self.student_model, self.teacher_model
+        self.layer_map = uniform_map(s.num_layers, t.num_layers) if layer_map is None else layer_map
+        s.check_layers("layer_map.student", self.layer_map.student)
+        t.check_layers("layer_map.teacher", self.layer_map.teacher)
+        self.student_head = nn.Linear(len(self.layer_map.student) * s.hidden_size, proj_dim)
+        self.teacher_head = nn.Linear(len(self.layer_map.teacher) * t.hidden_size, proj_dim)
+        self.bank = MemoryBank(bank_size, proj_dim, mode=bank_mode) if bank is None else bank
+        if self.bank.dim != proj_dim:
+            raise ValueError(f"bank holds vectors of width {self.bank.dim}, but proj_dim is {proj_dim}")
+        self.alphas = {"task": _check_alpha("task_alpha", task_alpha), "kd": _check_alpha("kd_alpha", kd_alpha),
+                       "crd": _check_alpha("crd_alpha", crd_alpha)}
+        if self.alphas["kd"]:
+            check_same_vocab(s, t, tokenizers, "CoDIR's KL term")
+        self.temperature, self.kd_temperature = temperature, kd_temperature
+        self.label_negatives, self.pooling = bool(label_negatives), pooling
+
+    def vectors(self, student_out, teacher_out) -> tuple:
+        """(student vectors (B, P), teacher vectors (B, P)): pooled, concatenated, projected (not normalized)."""
+        ps = pool_states(student_out.hidden_states, student_out.mask, pooling=self.pooling, impl=self.impl)
+        pt = pool_states(teacher_out.hidden_states, teacher_out.mask, pooling=self.pooling, impl=self.impl)
+        return self.student_head(ps), self.teacher_head(pt)
+
+    def _labels(self, batch: dict):
+        if self.label_negatives and self.student_model.task == "classification" and "labels" in batch:
+            return batch["labels"], "labels"
+        if "index" in batch:
+            return batch["index"], "index"
+        return None, None
+
+    def forward(self, batch: dict, *, step: Optional[int] = None, epoch: int = 0,
+                teacher_batch: Optional[dict] = None) -> RecipeOutput:
+        self._step(step)
+        s_out = self.student_model(batch, self.layer_map.student)
+        t_out = self._teacher_forward(batch, teacher_batch, self.layer_map.teacher)
+        terms = {}
+        if self.alphas["task"]:
+            terms["task"] = self._task_loss(s_out, batch)
+        if self.alphas["kd"]:
+            terms["kd"] = self._logit_kd(s_out, t_out, self.kd_temperature)
+        if self.alphas["crd"]:
+            sv, tv = self.vectors(s_out, t_out)
+            anchors = torch.ones(sv.shape[0], dtype=torch.bool, device=sv.device)
+            for out in (s_out, t_out):
+                if out.mask is not None:
+                    anchors = anchors & (out.mask != 0).any(1)
+            labels, kind = self._labels(batch)
+            if self.bank.empty:
+                terms["crd"] = sv.sum() * 0.0  # the first step fills the bank; a zero that keeps the graph
+            else:
+                neg = self.bank.negatives()
+                neg_labels = None if labels is None else (neg.labels if kind == "labels" else neg.index)
+                terms["crd"] = contrastive_kd(sv, tv, neg.vectors, temperature=self.temperature, mask=anchors,
+                                              labels=labels, negative_labels=neg_labels, impl=self.impl)
+            if self.training:
+                keep = anchors.nonzero().squeeze(1)
+                self.bank.update(tv.detach()[keep],
+                                 labels=batch["labels"][keep] if kind == "labels" else None,
+                                 index=batch["index"][keep] if "index" in batch else None)
+        return self._total(terms, self.alphas, logits=s_out.logits.detach())

@@ -1,0 +1,56 @@
+"""LWD: plain layer-wise distillation, TED's stage II without task-aware filters.
+
+The student's mapped hidden states are projected to the teacher's width by a
+linear projection (randomly initialized, trained with the student; none when
+the widths agree) and matched to the teacher's raw hidden states by MSE,
+beside the task loss and the KL term::
+
+    loss = task_alpha * task + kl_alpha * KL(T) + mse_alpha * mean_l MSE(W_l S_l + b_l, H_l)
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import Tensor, nn
+
+from fastted.mapping import LayerMap, uniform_map
+from fastted.methods.ted import TED
+from fastted.methods.base import Recipe
+
+
+class LWD(TED):
+    """Layer-wise distillation of raw hidden states.
+
+    Args:
+        student, teacher: the models.
+        layer_map: the pairs; default :func:`~fastted.mapping.uniform_map`.
+        train_projection: False keeps the random projections fixed.
+        Others as :class:`~fastted.methods.ted.TED`.
+    """
+
+    def __init__(self, student, teacher, layer_map: Optional[LayerMap] = None, *, task_alpha: float = 1.0,
+                 kl_alpha: float = 1.0, mse_alpha: float = 1.0, temperature: float = 2.0, mask_padding: bool = True,
+                 train_projection: bool = True, tokenizers: Optional[tuple] = None, task: Optional[str] = None,
+                 impl: str = "auto"):
+        Recipe.__init__(self, student, teacher, task=task, impl=impl)
+        s, t = self.student_model, self.teacher_model
+        if layer_map is None:
+            layer_map = uniform_map(s.num_layers, t.num_layers)
+        if not isinstance(layer_map, LayerMap):
+            raise ValueError(f"layer_map must be a LayerMap (fastted.mapping), got {type(layer_map).__name__}")
+        s.check_layers("layer_map.student", layer_map.student)
+        t.check_layers("layer_map.teacher", layer_map.teacher)
+        self.student_filters = None
+        if s.hidden_size == t.hidden_size:
+            self.projections = None
+        else:
+            self.projections = nn.ModuleList(nn.Linear(s.hidden_size, t.hidden_size) for _ in layer_map.student)
+            self.projections.requires_grad_(train_projection)
+        self._setup(layer_map, task_alpha, kl_alpha, mse_alpha, temperature, mask_padding, tokenizers)
+
+    def _mse_inputs(self, student_states: list[Tensor], teacher_states: list[Tensor]) -> dict:
+        n = len(student_states)
+        weights = [None] * n if self.projections is None else [p.weight for p in self.projections]
+        biases = [None] * n if self.projections is None else [p.bias for p in self.projections]
+        return dict(student_states=student_states, student_weights=weights, student_biases=biases,
+                    teacher_states=teacher_states)

@@ -1,0 +1,69 @@
+"""RAIL-KD: random intermediate layer mapping (Haidar et al., 2022).
+
+At every step (or epoch) a :class:`~fastted.mapping.RandomLayerMap` draws
+as many teacher layers as the student distils, sorted, and pairs them in
+order with the student's layers. The pairs are compared by RAIL-KD's pooled
+distance (:func:`~fastted.contrastive.pooled_distance`): mean-pooled,
+projected, L2-normalized representations, layer by layer or concatenated::
+
+    loss = task_alpha * task + kd_alpha * KL(T) + rail_alpha * pooled_distance
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from fastted.contrastive import PooledDistanceLoss
+from fastted.mapping import RandomLayerMap
+from fastted.methods.base import Recipe, RecipeOutput, _check_alpha
+from fastted.models import check_same_vocab
+
+
+class RAILKD(Recipe):
+    """RAIL-KD's recipe.
+
+    Args:
+        student, teacher: the models.
+        layer_map: the random map; default ``RandomLayerMap(n_s, n_t)``:
+            every student layer, drawn from every teacher layer, per epoch.
+        proj_dim: width of the projections (None: none; the widths must match).
+        concat: the concatenated variant (one vector per model) instead of the
+            layer-wise one.
+        pooling: "mean" or "first".
+    """
+
+    def __init__(self, student, teacher, layer_map: Optional[RandomLayerMap] = None, *,
+                 proj_dim: Optional[int] = 128, concat: bool = False, pooling: str = "mean", temperature: float = 2.0,
+                 task_alpha: float = 1.0, kd_alpha: float = 1.0, rail_alpha: float = 1.0,
+                 tokenizers: Optional[tuple] = None, task: Optional[str] = None, impl: str = "auto"):
+        super().__init__(student, teacher, task=task, impl=impl)
+        s, t = self.student_model, self.teacher_model
+        if layer_map is None:
+            layer_map = RandomLayerMap(s.num_layers, t.num_layers)
+        if not isinstance(layer_map, RandomLayerMap):
+            raise ValueError(f"layer_map must be a RandomLayerMap, got {type(layer_map).__name__}")
+        s.check_layers("layer_map.student_layers", layer_map.student_layers)
+        t.check_layers("layer_map.teacher_layers", layer_map.teacher_layers)
+        self.layer_map = layer_map
+        self.distance = PooledDistanceLoss(s.hidden_size, t.hidden_size, len(layer_map), proj_dim, concat=concat,
+                                           pooling=pooling, impl=impl)
+        self.alphas = {"task": _check_alpha("task_alpha", task_alpha), "kd": _check_alpha("kd_alpha", kd_alpha),
+                       "rail": _check_alpha("rail_alpha", rail_alpha)}
+        if self.alphas["kd"]:
+            check_same_vocab(s, t, tokenizers, "RAIL-KD's KL term")
+        self.temperature = temperature
+
+    def forward(self, batch: dict, *, step: Optional[int] = None, epoch: int = 0,
+                teacher_batch: Optional[dict] = None) -> RecipeOutput:
+        pairs = self.layer_map.draw(step=self._step(step), epoch=epoch)
+        use_rail = bool(self.alphas["rail"])
+        s_out = self.student_model(batch, pairs.student if use_rail else ())
+        t_out = self._teacher_forward(batch, teacher_batch, pairs.teacher if use_rail else ())
+        terms, layer_losses = {}, None
+        if self.alphas["task"]:
+            terms["task"] = self._task_loss(s_out, batch)
+        if self.alphas["kd"]:
+            terms["kd"] = self._logit_kd(s_out, t_out, self.temperature)
+        if use_rail:
+            terms["rail"] = self.distance(s_out.hidden_states, t_out.hidden_states, s_out.mask, t_out.mask)
+            layer_losses = self.distance.layer_losses
+        return self._total(terms, self.alphas, layer_losses=layer_losses, logits=s_out.logits.detach())

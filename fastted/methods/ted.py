@@ -1,0 +1,185 @@
+"""TED: task-aware layer-wise distillation (Liang et al., ICML 2023), as its public code does it.
+
+Stage I (:class:`TEDStage1`), once for the teacher and once for the student:
+the model is frozen; a task-aware filter on each mapped layer is followed by
+its own head, and the loss is the task loss averaged over the filters. Only
+the filters and heads train.
+
+Stage II (:class:`TED`): the student learns from the frozen teacher::
+
+    loss = task_alpha * task + kl_alpha * KL(T = 2) + mse_alpha * mean_l MSE(F_s^l(S_l), F_t^l(H_l))
+
+with the teacher and its filters frozen, the student and its filters trained
+and the stage-I heads dropped. The filtered MSE of all layers is one fused
+kernel launch. :class:`~fastted.methods.lwd.LWD` and
+:class:`~fastted.methods.kd.KD` are this recipe without filters.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from fastted.filters import ClassificationHead, TaskFilters
+from fastted.losses import filtered_mse
+from fastted.mapping import LayerMap, interval_layers
+from fastted.methods.base import Recipe, RecipeOutput, _check_alpha
+from fastted.models import check_same_vocab
+
+
+class TEDStage1(Recipe):
+    """TED's stage I: learn task-aware filters on a frozen model.
+
+    Args:
+        model: the frozen model (a fine-tuned teacher or student).
+        filters: the filters to train; default: one per layer of the
+            interval rule (``interval``), of width ``filter_dim``.
+        interval, filter_dim, nonlinear, activation: build the default
+            filters (see :class:`~fastted.filters.TaskFilters`).
+        dropout: of the classification heads.
+
+    The heads: classification, one :class:`~fastted.filters.ClassificationHead`
+    per filter; language modelling, the model's own (frozen) LM head applied
+    to each filter's output when ``filter_dim`` is the hidden size, otherwise
+    one ``Linear(filter_dim, vocab_size)`` per filter.
+    """
+
+    def __init__(self, model, filters: Optional[TaskFilters] = None, *, interval: int = 1,
+                 filter_dim: Optional[int] = None, nonlinear: bool = False, activation: str = "gelu",
+                 dropout: float = 0.1, task: Optional[str] = None, impl: str = "auto"):
+        super().__init__(model, task=task, impl=impl, train_student=False)
+        adapter = self.student_model
+        if filters is None:
+            filters = TaskFilters(interval_layers(adapter.num_layers, interval), adapter.hidden_size, filter_dim,
+                                  nonlinear=nonlinear, activation=activation)
+        _check_filters("filters", filters, adapter)
+        self.filters = filters
+        d_f = filters.filter_dim
+        if adapter.task == "classification":
+            self.heads = nn.ModuleList(ClassificationHead(d_f, adapter.num_labels, dropout=dropout)
+                                       for _ in range(len(filters)))
+        elif d_f == adapter.hidden_size:
+            self.heads = None
+            self.hold_frozen(adapter.output_head(), "lm_head")
+        else:
+            self.heads = nn.ModuleList(nn.Linear(d_f, adapter.vocab_size) for _ in range(len(filters)))
+
+    def forward(self, batch: dict, *, step: Optional[int] = None, epoch: int = 0) -> RecipeOutput:
+        self._step(step)
+        out = self._frozen_forward(batch)
+        filtered = self.filters(out.hidden_states)
+        heads = [self.lm_head] * len(filtered) if self.heads is None else self.heads
+        losses = torch.stack([self.student_model.task_loss(head(x), batch.get("labels"))
+                              for head, x in zip(heads, filtered)])
+        return self._total({"task": losses.mean()}, {"task": 1.0}, layer_losses=losses.detach())
+
+    def _frozen_forward(self, batch: dict):
+        with torch.no_grad():  # the model is frozen: its states are constants for the filters
+            return self.student_model(batch, self.filters.layers)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Save the model and its filters into one directory: what TED's stage II loads."""
+        self.student.save_pretrained(directory)
+        self.filters.save_pretrained(directory)
+
+
+def load_stage1(directory: str | os.PathLike, model_class, device=None, **kwargs):
+    """(model, filters) from a stage-I directory; ``model_class`` e.g. AutoModelForSequenceClassification."""
+    model = model_class.from_pretrained(directory, **kwargs)
+    filters = TaskFilters.from_pretrained(directory, device=device)
+    return (model if device is None else model.to(device)), filters
+
+
+def _check_filters(name: str, filters, adapter) -> None:
+    if not isinstance(filters, TaskFilters):
+        raise ValueError(f"{name} must be a TaskFilters, got {type(filters).__name__}")
+    adapter.check_layers(f"{name}.layers", filters.layers)
+    if filters.config["hidden_size"] != adapter.hidden_size:
+        raise ValueError(f"{name} read width {filters.config['hidden_size']}, but the {type(adapter.model).__name__} "
+                         f"has hidden_size {adapter.hidden_size}")
+
+
+class TED(Recipe):
+    """TED's stage II (and, through its subclasses, LWD and KD).
+
+    Args:
+        student, teacher: the models (Hugging Face models or ModelAdapters).
+        student_filters, teacher_filters: from stage I; they fix the layer
+            map (the student's filter i learns from the teacher's filter i).
+        task_alpha, kl_alpha, mse_alpha: the weights of the three terms.
+        temperature: of the KL term (TED: 2).
+        mask_padding: average the MSE over the attention mask's tokens
+            (default); False averages over every token, padding included, as
+            TED's public code does.
+        tokenizers: (student's, teacher's), to check that they agree.
+    """
+
+    def __init__(self, student, teacher, student_filters: TaskFilters, teacher_filters: TaskFilters, *,
+                 task_alpha: float = 1.0, kl_alpha: float = 1.0, mse_alpha: float = 1.0, temperature: float = 2.0,
+                 mask_padding: bool = True, tokenizers: Optional[tuple] = None, task: Optional[str] = None,
+                 impl: str = "auto"):
+        super().__init__(student, teacher, task=task, impl=impl)
+        _check_filters("student_filters", student_filters, self.student_model)
+        _check_filters("teacher_filters", teacher_filters, self.teacher_model)
+        if student_filters.filter_dim != teacher_filters.filter_dim or len(student_filters) != len(teacher_filters):
+            raise ValueError(
+                f"student_filters map {len(student_filters)} layers to width {student_filters.filter_dim} and "
+                f"teacher_filters {len(teacher_filters)} layers to width {teacher_filters.filter_dim}: TED needs one "
+                f"count and one filter_dim for both"
+            )
+        self.student_filters = student_filters
+        self.hold_frozen(teacher_filters, "teacher_filters")
+        self._setup(LayerMap(tuple(student_filters.layers), tuple(teacher_filters.layers)), task_alpha, kl_alpha,
+                    mse_alpha, temperature, mask_padding, tokenizers)
+
+    def _setup(self, layer_map: Optional[LayerMap], task_alpha, kl_alpha, mse_alpha, temperature, mask_padding,
+               tokenizers) -> None:
+        self.layer_map = layer_map
+        self.alphas = {"task": _check_alpha("task_alpha", task_alpha), "kd": _check_alpha("kl_alpha", kl_alpha),
+                       "mse": _check_alpha("mse_alpha", mse_alpha)}
+        self.temperature, self.mask_padding = temperature, bool(mask_padding)
+        if self.alphas["kd"]:
+            check_same_vocab(self.student_model, self.teacher_model, tokenizers, f"{type(self).__name__}'s KL term")
+        elif tokenizers is not None:
+            check_same_vocab(self.student_model, self.teacher_model, tokenizers, type(self).__name__)
+        if self.alphas["mse"] and layer_map is None:
+            raise ValueError(f"mse_alpha={mse_alpha} needs a layer map")
+
+    def _mse_inputs(self, student_states: list[Tensor], teacher_states: list[Tensor]) -> dict:
+        xs, ws, bs = self.student_filters.split(student_states)
+        with torch.no_grad():
+            xt, wt, bt = self.teacher_filters.split(teacher_states)
+        return dict(student_states=xs, student_weights=ws, student_biases=bs, teacher_states=xt,
+                    teacher_weights=wt, teacher_biases=bt)
+
+    def forward(self, batch: dict, *, step: Optional[int] = None, epoch: int = 0,
+                teacher_batch: Optional[dict] = None) -> RecipeOutput:
+        self._step(step)
+        use_mse = bool(self.alphas["mse"])
+        s_layers = self.layer_map.student if use_mse else ()
+        t_layers = self.layer_map.teacher if use_mse else ()
+        s_out = self.student_model(batch, s_layers)
+        t_out = self._teacher_forward(batch, teacher_batch, t_layers)
+        terms, layer_losses = {}, None
+        if self.alphas["task"]:
+            terms["task"] = self._task_loss(s_out, batch)
+        if self.alphas["kd"]:
+            terms["kd"] = self._logit_kd(s_out, t_out, self.temperature)
+        if use_mse:
+            if teacher_batch is not None and teacher_batch["input_ids"].shape != batch["input_ids"].shape:
+                raise ValueError("the MSE term compares token by token: teacher_batch must have the student's shape")
+            mask = s_out.mask if self.mask_padding else None
+            terms["mse"], layer_losses = filtered_mse(
+                **self._mse_inputs(s_out.hidden_states, t_out.hidden_states), mask=mask, impl=self.impl,
+                return_layer_losses=True,
+            )
+        return self._total(terms, self.alphas, layer_losses=layer_losses, logits=s_out.logits.detach())
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Save the student and its filters into one directory."""
+        self.student.save_pretrained(directory)
+        if getattr(self, "student_filters", None) is not None:
+            self.student_filters.save_pretrained(directory)
+

@@ -1,0 +1,228 @@
+"""Hugging Face adapters: what a recipe needs from a model, and nothing architecture-specific beyond it.
+
+A recipe needs from a model its hidden states at the mapped layers, its
+logits (the output head), its task loss and its vocabulary. :class:`ModelAdapter`
+finds the transformer blocks of any Hugging Face encoder or decoder (BERT,
+RoBERTa, DeBERTa-v2/v3, GPT-2, Llama-style, ...), captures the outputs of
+only the requested blocks with forward hooks (the model is never asked for
+all of its hidden states), and exposes the LM head as a function of hidden
+states for TED's stage-I language-modelling heads.
+
+Layer l (0-based) is the output of transformer block l: ``hidden_states[l + 1]``
+of ``output_hidden_states=True``, except that a decoder's last block is taken
+before the final norm.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+TASKS = ("classification", "mlm", "clm")
+
+# Final norms that decoders apply after their last block, as children of the blocks' parent.
+_FINAL_NORMS = ("ln_f", "norm", "final_layer_norm", "final_layernorm", "norm_f")
+# Batch keys that are not model inputs: example ids for memory banks.
+_NON_MODEL_KEYS = ("index",)
+
+
+def _infer_task(model: nn.Module) -> str:
+    name = type(model).__name__
+    if "SequenceClassification" in name:
+        return "classification"
+    if "MaskedLM" in name:
+        return "mlm"
+    if "CausalLM" in name or "LMHead" in name:
+        return "clm"
+    raise ValueError(
+        f"cannot tell the task of a {name}: pass task= one of {TASKS} (a *ForSequenceClassification, *ForMaskedLM "
+        f"or *ForCausalLM / *LMHeadModel is recognized)"
+    )
+
+
+def _find_layers(model: nn.Module, n_layers: int) -> tuple[str, nn.ModuleList]:
+    found = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == n_layers]
+    if len(found) != 1:
+        what = "no nn.ModuleList" if not found else f"{len(found)} nn.ModuleLists ({', '.join(n for n, _ in found)})"
+        raise ValueError(
+            f"found {what} of config.num_hidden_layers={n_layers} blocks in the {type(model).__name__}: pass "
+            f"layers='<dotted path of the transformer blocks>' (e.g. 'bert.encoder.layer', 'transformer.h')"
+        )
+    return found[0]
+
+
+def _config_int(config, *names) -> Optional[int]:
+    for name in names:
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+@dataclass
+class ModelOutputs:
+    """One forward of an adapted model."""
+
+    logits: Tensor                # (B, C) classification, (B, T, V) language modelling
+    hidden_states: list[Tensor]   # the requested layers, (B, T, d) each, in the requested order
+    mask: Optional[Tensor]        # (B, T) attention mask, the token mask of every loss
+
+
+class ModelAdapter:
+    """Wraps a Hugging Face model for the recipes (it is not an nn.Module: the model stays the module).
+
+    Args:
+        model: a ``*ForSequenceClassification``, ``*ForMaskedLM`` or
+            ``*ForCausalLM`` model (or any model with ``task`` given).
+        task: "classification", "mlm" or "clm"; inferred from the class name.
+        layers: dotted path of the nn.ModuleList of transformer blocks;
+            found as the only one of ``config.num_hidden_layers`` modules.
+    """
+
+    def __init__(self, model: nn.Module, task: Optional[str] = None, layers: Optional[str] = None):
+        if isinstance(model, ModelAdapter):
+            raise ValueError("model is already a ModelAdapter: pass its .model, or the adapter itself to the recipe")
+        if not isinstance(model, nn.Module) or not hasattr(model, "config"):
+            raise ValueError(f"model must be a Hugging Face model (an nn.Module with a .config), got {type(model)}")
+        self.model = model
+        self.task = _infer_task(model) if task is None else task
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        config = model.config
+        if layers is None:
+            n = _config_int(config, "num_hidden_layers", "n_layer", "num_layers")
+            if n is None:
+                raise ValueError(f"{type(model).__name__}.config has no num_hidden_layers: pass layers=")
+            self.layers_path, self.layers = _find_layers(model, n)
+        else:
+            module = model.get_submodule(layers)
+            if not isinstance(module, nn.ModuleList):
+                raise ValueError(f"layers={layers!r} is a {type(module).__name__}, but needs the nn.ModuleList of blocks")
+            self.layers_path, self.layers = layers, module
+        self.hidden_size = _config_int(config, "hidden_size", "n_embd", "d_model")
+        self.vocab_size = _config_int(config, "vocab_size")
+        self.num_labels = config.num_labels if self.task == "classification" else None
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def __repr__(self) -> str:
+        return (f"ModelAdapter({type(self.model).__name__}, task={self.task!r}, layers={self.layers_path!r} "
+                f"x{self.num_layers}, hidden_size={self.hidden_size})")
+
+    # ------------------------------------------------------------------ forward
+
+    def check_layers(self, name: str, layers: Sequence[int]) -> list[int]:
+        out = []
+        for layer in layers:
+            if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.num_layers:
+                raise ValueError(
+                    f"{name} holds {layer!r}, but the {type(self.model).__name__} has layers 0..{self.num_layers - 1}"
+                )
+            out.append(layer)
+        return out
+
+    @contextmanager
+    def capture(self, layers: Sequence[int]):
+        """Within the block, forwards of the model fill the yielded dict {layer: (B, T, d) output}."""
+        layers = self.check_layers("layers", layers)
+        captured: dict[int, Tensor] = {}
+        handles = []
+        for layer in set(layers):
+            def hook(module, args, output, layer=layer):
+                captured[layer] = output[0] if isinstance(output, (tuple, list)) else output
+            handles.append(self.layers[layer].register_forward_hook(hook))
+        try:
+            yield captured
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def __call__(self, batch: dict, layers: Sequence[int] = ()) -> ModelOutputs:
+        """Run the model on ``batch`` (labels are not passed: the recipes compute the task loss)."""
+        inputs = {k: v for k, v in batch.items() if k != "labels" and k not in _NON_MODEL_KEYS}
+        if "input_ids" not in inputs and "inputs_embeds" not in inputs:
+            raise ValueError(f"batch has keys {sorted(batch)}, but needs 'input_ids' (and usually 'attention_mask')")
+        with self.capture(layers) as captured:
+            out = self.model(**inputs)
+        logits = out.logits if hasattr(out, "logits") else out[0]
+        return ModelOutputs(logits, [captured[layer] for layer in layers], batch.get("attention_mask"))
+
+    # ------------------------------------------------------------------ heads
+
+    def output_head(self) -> nn.Module:
+        """The module that turns the last block's output into the LM's logits.
+
+        A decoder's final norm followed by the top-level child of the model
+        that holds the output embeddings (``cls`` of BERT, ``lm_head`` of
+        RoBERTa, GPT-2 and Llama).
+        """
+        if self.task == "classification":
+            raise ValueError("output_head() is the LM head; a classification model's head reads its pooled output")
+        emb = self.model.get_output_embeddings()
+        if emb is None:
+            raise ValueError(f"{type(self.model).__name__} has no output embeddings (get_output_embeddings() is None)")
+        head = next(child for _, child in self.model.named_children()
+                    if child is emb or any(m is emb for m in child.modules()))
+        parent = self.model.get_submodule(self.layers_path.rpartition(".")[0]) if "." in self.layers_path else self.model
+        norms = [getattr(parent, n) for n in _FINAL_NORMS if isinstance(getattr(parent, n, None), nn.Module)]
+        return nn.Sequential(norms[0], head) if norms else head
+
+    def task_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """The task loss of this model's logits: see :func:`task_loss`."""
+        return task_loss(logits, labels, self.task)
+
+
+def adapt(model, task: Optional[str] = None) -> ModelAdapter:
+    """A ModelAdapter for ``model`` (returned as is when it already is one)."""
+    return model if isinstance(model, ModelAdapter) else ModelAdapter(model, task=task)
+
+
+def task_loss(logits: Tensor, labels: Tensor, task: str) -> Tensor:
+    """The task loss, computed as Hugging Face's heads compute it, in fp32.
+
+    - classification: cross entropy over (B, C) logits, or the MSE of (B, 1)
+      logits against float labels (regression, num_labels = 1);
+    - mlm: cross entropy over the (B, T, V) logits at labels != -100;
+    - clm: cross entropy of position t's logits against the label at t + 1
+      (labels are the input ids, -100 where ignored).
+    """
+    if labels is None:
+        raise ValueError(f"the {task} task loss needs batch['labels']")
+    logits = logits.float()
+    if task == "classification":
+        if logits.shape[-1] == 1:
+            return F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype))
+        return F.cross_entropy(logits, labels.long())
+    if task == "clm":
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    elif task != "mlm":
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).long(), ignore_index=-100)
+
+
+def check_same_vocab(student: ModelAdapter, teacher: ModelAdapter, tokenizers: Optional[tuple] = None,
+                     what: str = "this recipe") -> None:
+    """Raise a ValueError when the two models' output spaces (vocabularies, label sets, tokenizers) differ."""
+    if student.task != teacher.task:
+        raise ValueError(f"the student's task is {student.task!r} and the teacher's {teacher.task!r}: {what} needs one")
+    if student.task == "classification":
+        if student.num_labels != teacher.num_labels:
+            raise ValueError(f"the student has num_labels={student.num_labels} and the teacher {teacher.num_labels}: "
+                             f"{what} compares their logits, so they must match")
+    elif student.vocab_size != teacher.vocab_size:
+        raise ValueError(
+            f"the student's vocab_size is {student.vocab_size} and the teacher's {teacher.vocab_size}: {what} "
+            f"compares their logits token by token, so the vocabularies must be equal (use one tokenizer)"
+        )
+    if tokenizers is not None:
+        s_tok, t_tok = tokenizers
+        if s_tok.get_vocab() != t_tok.get_vocab():
+            raise ValueError(f"the student's and the teacher's tokenizers have different vocabularies: {what} needs "
+                             f"one tokenizer for both (the token positions of the two models must align)")
+
