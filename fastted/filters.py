@@ -19,7 +19,6 @@ import os
 import tempfile
 from typing import Optional, Sequence
 
-import torch
 from torch import Tensor, nn
 
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "tanh": nn.Tanh, "silu": nn.SiLU}

