@@ -24,8 +24,8 @@ def bert(layers, hidden, head="classification", seed=0, **kw):
     """A BERT-like model without dropout (so training-mode forwards are deterministic)."""
     torch.manual_seed(seed)
     config = tf.BertConfig(vocab_size=kw.pop("vocab_size", VOCAB), hidden_size=hidden, num_hidden_layers=layers,
-                           num_attention_heads=4,
-                           intermediate_size=kw.pop("intermediate_size", 2 * hidden), num_labels=LABELS,
+                           num_attention_heads=4, intermediate_size=kw.pop("intermediate_size", 2 * hidden),
+                           num_labels=kw.pop("num_labels", LABELS),
                            max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
                            **kw)
     cls = {"classification": tf.BertForSequenceClassification, "mlm": tf.BertForMaskedLM}[head]

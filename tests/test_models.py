@@ -103,7 +103,7 @@ def test_task_loss_regression_and_errors():
 def test_check_same_vocab():
     check_same_vocab(adapt(bert(2, 32, "mlm")), adapt(bert(4, 48, "mlm")))
     with pytest.raises(ValueError, match="num_labels=3 and the teacher 5"):
-        check_same_vocab(adapt(bert(2, 32)), adapt(_labels5()))
+        check_same_vocab(adapt(bert(2, 32)), adapt(bert(4, 48, num_labels=5)))
     with pytest.raises(ValueError, match="task is 'mlm' and the teacher's 'classification'"):
         check_same_vocab(adapt(bert(2, 32, "mlm")), adapt(bert(2, 32)))
 
@@ -116,12 +116,6 @@ def test_check_same_vocab():
 
     with pytest.raises(ValueError, match="tokenizers have different vocabularies"):
         check_same_vocab(adapt(gpt2(2, 32)), adapt(gpt2(3, 32)), (Tok({"a": 0}), Tok({"b": 0})))
-
-
-def _labels5():
-    model = bert(4, 48)
-    model.config.num_labels = 5
-    return model
 
 
 # --------------------------------------------------------------------------- filters

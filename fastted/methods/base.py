@@ -5,7 +5,8 @@ A recipe is an ``nn.Module`` whose parameters are exactly what it trains
 returns a :class:`RecipeOutput` with the loss to backpropagate. The teacher
 (and anything else frozen: its filters, a stage-I model) is held outside the
 module tree: it is not in ``parameters()`` or ``state_dict()``, stays in eval
-mode and without gradients, and still follows ``recipe.to(...)``.
+mode, and still follows ``recipe.to(...)``; building the recipe sets its
+parameters' ``requires_grad`` to False.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from fastted.losses import _check_impl, logit_kd
+from fastted.losses import _check_float, _check_impl, logit_kd
 from fastted.models import ModelAdapter, adapt
 
 
@@ -34,6 +35,10 @@ def _check_alpha(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or value == float("inf"):
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     return float(value)
+
+
+def _check_temperature(name: str, value) -> float:
+    return _check_float(name, value, 0.0, low_open=True)
 
 
 def _freeze(module: nn.Module) -> nn.Module:

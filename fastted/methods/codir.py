@@ -22,9 +22,10 @@ import torch
 from torch import nn
 
 from fastted.contrastive import contrastive_kd, pool_states
+from fastted.losses import _check_positive_int
 from fastted.mapping import LayerMap, uniform_map
 from fastted.memory_bank import MemoryBank
-from fastted.methods.base import Recipe, RecipeOutput, _check_alpha
+from fastted.methods.base import Recipe, RecipeOutput, _check_alpha, _check_temperature
 from fastted.models import check_same_vocab
 
 
@@ -51,19 +52,25 @@ class CoDIR(Recipe):
                  tokenizers: Optional[tuple] = None, task: Optional[str] = None, impl: str = "auto"):
         super().__init__(student, teacher, task=task, impl=impl)
         s, t = self.student_model, self.teacher_model
+        _check_positive_int("proj_dim", proj_dim)
         self.layer_map = uniform_map(s.num_layers, t.num_layers) if layer_map is None else layer_map
+        if not isinstance(self.layer_map, LayerMap):
+            raise ValueError(f"layer_map must be a LayerMap (fastted.mapping), got {type(layer_map).__name__}")
         s.check_layers("layer_map.student", self.layer_map.student)
         t.check_layers("layer_map.teacher", self.layer_map.teacher)
         self.student_head = nn.Linear(len(self.layer_map.student) * s.hidden_size, proj_dim)
         self.teacher_head = nn.Linear(len(self.layer_map.teacher) * t.hidden_size, proj_dim)
         self.bank = MemoryBank(bank_size, proj_dim, mode=bank_mode) if bank is None else bank
+        if not isinstance(self.bank, MemoryBank):
+            raise ValueError(f"bank must be a fastted.MemoryBank, got {type(bank).__name__}")
         if self.bank.dim != proj_dim:
             raise ValueError(f"bank holds vectors of width {self.bank.dim}, but proj_dim is {proj_dim}")
         self.alphas = {"task": _check_alpha("task_alpha", task_alpha), "kd": _check_alpha("kd_alpha", kd_alpha),
                        "crd": _check_alpha("crd_alpha", crd_alpha)}
         if self.alphas["kd"]:
             check_same_vocab(s, t, tokenizers, "CoDIR's KL term")
-        self.temperature, self.kd_temperature = temperature, kd_temperature
+        self.temperature = _check_temperature("temperature", temperature)
+        self.kd_temperature = _check_temperature("kd_temperature", kd_temperature)
         self.label_negatives, self.pooling = bool(label_negatives), pooling
 
     def vectors(self, student_out, teacher_out) -> tuple:

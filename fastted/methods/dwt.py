@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from fastted.methods.base import Recipe, RecipeOutput, _check_alpha
+from fastted.methods.base import Recipe, RecipeOutput, _check_alpha, _check_temperature
 from fastted.models import adapt, check_same_vocab
 
 KINDS = ("constant", "linear", "cosine")
@@ -83,8 +83,10 @@ class DWT(Recipe):
                  task: Optional[str] = None, impl: str = "auto"):
         super().__init__(student, teacher, task=task, impl=impl)
         self.alpha_h = _check_alpha("alpha_h", alpha_h)
-        self.alpha_s = alpha_s if isinstance(alpha_s, Schedule) else Schedule("constant", alpha_s)
-        self.temperature = temperature
+        if not isinstance(alpha_s, Schedule):
+            alpha_s = Schedule("constant", _check_alpha("alpha_s", alpha_s))
+        self.alpha_s = alpha_s
+        self.temperature = _check_temperature("temperature", temperature)
         check_same_vocab(self.student_model, self.teacher_model, tokenizers, "DWT's KL term")
         if remap:
             remap_parameters(self.student_model, self.teacher_model)

@@ -14,7 +14,7 @@ from typing import Optional
 
 from fastted.contrastive import PooledDistanceLoss
 from fastted.mapping import RandomLayerMap
-from fastted.methods.base import Recipe, RecipeOutput, _check_alpha
+from fastted.methods.base import Recipe, RecipeOutput, _check_alpha, _check_temperature
 from fastted.models import check_same_vocab
 
 
@@ -50,7 +50,7 @@ class RAILKD(Recipe):
                        "rail": _check_alpha("rail_alpha", rail_alpha)}
         if self.alphas["kd"]:
             check_same_vocab(s, t, tokenizers, "RAIL-KD's KL term")
-        self.temperature = temperature
+        self.temperature = _check_temperature("temperature", temperature)
 
     def forward(self, batch: dict, *, step: Optional[int] = None, epoch: int = 0,
                 teacher_batch: Optional[dict] = None) -> RecipeOutput:

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from fastted.filters import ClassificationHead, TaskFilters
 from fastted.losses import filtered_mse
 from fastted.mapping import LayerMap, interval_layers
-from fastted.methods.base import Recipe, RecipeOutput, _check_alpha
+from fastted.methods.base import Recipe, RecipeOutput, _check_alpha, _check_temperature
 from fastted.models import check_same_vocab
 
 
@@ -139,7 +139,8 @@ class TED(Recipe):
         self.layer_map = layer_map
         self.alphas = {"task": _check_alpha("task_alpha", task_alpha), "kd": _check_alpha("kl_alpha", kl_alpha),
                        "mse": _check_alpha("mse_alpha", mse_alpha)}
-        self.temperature, self.mask_padding = temperature, bool(mask_padding)
+        self.temperature = _check_temperature("temperature", temperature)
+        self.mask_padding = bool(mask_padding)
         if self.alphas["kd"]:
             check_same_vocab(self.student_model, self.teacher_model, tokenizers, f"{type(self).__name__}'s KL term")
         elif tokenizers is not None:
