@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from fastted.losses import _check_float, _check_impl, logit_kd
+from fastted.mapping import LayerMap, RandomLayerMap, uniform_map
 from fastted.models import ModelAdapter, adapt
 
 
@@ -120,6 +121,18 @@ class Recipe(nn.Module):
     def _teacher_forward(self, batch: dict, teacher_batch: Optional[dict], layers=()):
         with torch.no_grad():
             return self.teacher_model(batch if teacher_batch is None else teacher_batch, layers)
+
+    def _checked_map(self, layer_map, kind=LayerMap):
+        """``layer_map`` (default: uniform, or RAIL-KD's draw over all layers) checked against both models."""
+        s, t = self.student_model, self.teacher_model
+        if layer_map is None:
+            layer_map = (uniform_map if kind is LayerMap else RandomLayerMap)(s.num_layers, t.num_layers)
+        if not isinstance(layer_map, kind):
+            raise ValueError(f"layer_map must be a {kind.__name__} (fastted.mapping), got {type(layer_map).__name__}")
+        names = ("student", "teacher") if kind is LayerMap else ("student_layers", "teacher_layers")
+        for adapter, name in zip((s, t), names):
+            adapter.check_layers(f"layer_map.{name}", getattr(layer_map, name))
+        return layer_map
 
     def _task_loss(self, out, batch: dict) -> Tensor:
         return self.student_model.task_loss(out.logits, batch.get("labels"))

@@ -23,7 +23,7 @@ from torch import nn
 
 from fastted.contrastive import contrastive_kd, pool_states
 from fastted.losses import _check_positive_int
-from fastted.mapping import LayerMap, uniform_map
+from fastted.mapping import LayerMap
 from fastted.memory_bank import MemoryBank
 from fastted.methods.base import Recipe, RecipeOutput, _check_alpha, _check_temperature
 from fastted.models import check_same_vocab
@@ -53,11 +53,7 @@ class CoDIR(Recipe):
         super().__init__(student, teacher, task=task, impl=impl)
         s, t = self.student_model, self.teacher_model
         _check_positive_int("proj_dim", proj_dim)
-        self.layer_map = uniform_map(s.num_layers, t.num_layers) if layer_map is None else layer_map
-        if not isinstance(self.layer_map, LayerMap):
-            raise ValueError(f"layer_map must be a LayerMap (fastted.mapping), got {type(layer_map).__name__}")
-        s.check_layers("layer_map.student", self.layer_map.student)
-        t.check_layers("layer_map.teacher", self.layer_map.teacher)
+        self.layer_map = self._checked_map(layer_map)
         self.student_head = nn.Linear(len(self.layer_map.student) * s.hidden_size, proj_dim)
         self.teacher_head = nn.Linear(len(self.layer_map.teacher) * t.hidden_size, proj_dim)
         self.bank = MemoryBank(bank_size, proj_dim, mode=bank_mode) if bank is None else bank

@@ -13,7 +13,7 @@ from typing import Optional
 
 from torch import Tensor, nn
 
-from fastted.mapping import LayerMap, uniform_map
+from fastted.mapping import LayerMap
 from fastted.methods.ted import TED
 from fastted.methods.base import Recipe
 
@@ -34,12 +34,7 @@ class LWD(TED):
                  impl: str = "auto"):
         Recipe.__init__(self, student, teacher, task=task, impl=impl)
         s, t = self.student_model, self.teacher_model
-        if layer_map is None:
-            layer_map = uniform_map(s.num_layers, t.num_layers)
-        if not isinstance(layer_map, LayerMap):
-            raise ValueError(f"layer_map must be a LayerMap (fastted.mapping), got {type(layer_map).__name__}")
-        s.check_layers("layer_map.student", layer_map.student)
-        t.check_layers("layer_map.teacher", layer_map.teacher)
+        layer_map = self._checked_map(layer_map)
         self.student_filters = None
         if s.hidden_size == t.hidden_size:
             self.projections = None

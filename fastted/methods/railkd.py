@@ -37,13 +37,7 @@ class RAILKD(Recipe):
                  tokenizers: Optional[tuple] = None, task: Optional[str] = None, impl: str = "auto"):
         super().__init__(student, teacher, task=task, impl=impl)
         s, t = self.student_model, self.teacher_model
-        if layer_map is None:
-            layer_map = RandomLayerMap(s.num_layers, t.num_layers)
-        if not isinstance(layer_map, RandomLayerMap):
-            raise ValueError(f"layer_map must be a RandomLayerMap, got {type(layer_map).__name__}")
-        s.check_layers("layer_map.student_layers", layer_map.student_layers)
-        t.check_layers("layer_map.teacher_layers", layer_map.teacher_layers)
-        self.layer_map = layer_map
+        self.layer_map = layer_map = self._checked_map(layer_map, RandomLayerMap)
         self.distance = PooledDistanceLoss(s.hidden_size, t.hidden_size, len(layer_map), proj_dim, concat=concat,
                                            pooling=pooling, impl=impl)
         self.alphas = {"task": _check_alpha("task_alpha", task_alpha), "kd": _check_alpha("kd_alpha", kd_alpha),
