@@ -1,7 +1,9 @@
 """The whole GPU check of fastted's fused losses, in one run (see shared GPU.md).
 
-For each loss (filtered_mse, logit_kd, fused_linear_kd, contrastive_kd; --loss
-picks some):
+First, every recipe (TED, LWD, KD, CoDIR, RAIL-KD, DWT) on tiny BERT and
+GPT-2 models in bf16 and fp16 through the kernels, against itself in float64
+(the tests' check). Then, for each loss (filtered_mse, logit_kd,
+fused_linear_kd, contrastive_kd; --loss picks some):
 
 1. Correctness in bf16 and fp16 on the GPU against float64 references: the
    test suite's own checks (loss and every gradient, within twice PyTorch's
@@ -47,6 +49,7 @@ from tests import test_filtered_mse as t_mse  # noqa: E402  (one definition of "
 from tests import test_fused_linear_kd as t_flkd  # noqa: E402
 from tests import test_contrastive_kd as t_ckd  # noqa: E402
 from tests import test_logit_kd as t_lkd  # noqa: E402
+from tests import test_methods as t_methods  # noqa: E402
 from tests import test_pooling as t_pool  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -130,6 +133,17 @@ def correctness_contrastive_kd(dtype) -> list[dict]:
         for mask in ("random", "right_padding", "one_empty")
     ]
     return checks
+
+
+def correctness_recipes(dtype) -> list[dict]:
+    """Every recipe on tiny BERT / GPT-2 models in ``dtype`` through the kernels, against itself in float64."""
+    device = "cuda" if CUDA else "cpu"
+    return [
+        _checked(dict(recipe=name, task=task, dtype=str(dtype)),
+                 lambda: t_methods._check_recipe_lowp(recipe, task, dtype, device, IMPL if CUDA else "auto"))
+        for task in t_methods.TASKS
+        for name, recipe in t_methods._recipes(task)
+    ]
 
 
 # --------------------------------------------------------------------------- ceilings and work
@@ -272,6 +286,7 @@ def main() -> int:
         liger=importlib.util.find_spec("liger_kernel") is not None, losses={},
     )
     out = args.out or os.path.join(HERE, "results", f"{result['date']}-{name.replace(' ', '-').lower()}-gpu-check.json")
+    result["recipes"] = [c for dtype in (torch.bfloat16, torch.float16) for c in correctness_recipes(dtype)]
     for loss in args.loss:
         result["losses"][loss] = suite(loss)
         with open(out, "w") as f:  # after every loss: a later failure keeps what was measured
@@ -279,8 +294,14 @@ def main() -> int:
     print(f"\n{name}, torch {torch.__version__}, triton {triton.__version__}, copy {copy_gbs:.0f} GB/s")
     for loss, res in result["losses"].items():
         report(loss, res, copy_gbs)
+    failed = [c for c in result["recipes"] if not c["ok"]]
+    print(f"recipes (TED, LWD, KD, CoDIR, RAIL-KD, DWT x 3 tasks) in bf16 and fp16: "
+          f"{len(result['recipes']) - len(failed)}/{len(result['recipes'])} within tolerance")
+    for c in failed:
+        print(f"  FAILED {c['recipe']} {c['task']} {c['dtype']}: {c['error']}")
     print(f"wrote {out}")
-    return 1 if any(not c["ok"] for res in result["losses"].values() for c in res["correctness"]) else 0
+    checks = [c for res in result["losses"].values() for c in res["correctness"]] + result["recipes"]
+    return 1 if any(not c["ok"] for c in checks) else 0
 
 
 if __name__ == "__main__":

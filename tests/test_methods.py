@@ -5,6 +5,8 @@ kernels under Triton's interpreter on a CPU) and compares its loss, and for
 TED the student's gradients, with the formula written out on float64 copies
 of the same models, whose hidden states come from ``output_hidden_states``.
 """
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -25,6 +27,7 @@ from fastted import (
     explicit_map,
 )
 
+from tests._tables import DTYPES, _assert_close
 from tests._models import (
     assert_close,
     batch,
@@ -429,3 +432,40 @@ def test_recipe_to_moves_the_frozen_teacher():
     KD(student, teacher).to(torch.float64)
     assert teacher.get_input_embeddings().weight.dtype == torch.float64
     assert student.get_input_embeddings().weight.dtype == torch.float64
+
+
+# --------------------------------------------------------------------------- low precision (the GPU check runs it too)
+
+
+def _set_impl(recipe, impl):
+    for module in recipe.modules():
+        if hasattr(module, "impl"):
+            module.impl = impl
+    return recipe
+
+
+def _check_recipe_lowp(recipe, task, dtype, device, impl):
+    """The recipe in ``dtype`` on ``device`` through ``impl``, against itself in float64 on the CPU: the loss and
+    the student's embedding gradient within twice the error of the same recipe on PyTorch's own path in ``dtype``."""
+    if isinstance(recipe, CoDIR):  # a filled bank, so the contrastive term runs
+        recipe.bank.update(torch.randn(recipe.bank.size, recipe.bank.dim, generator=torch.Generator().manual_seed(1)),
+                           labels=torch.arange(recipe.bank.size) % 3)
+    b = batch(task, seed=60)
+    results = {}
+    for name, copy_dtype, copy_device, copy_impl in (("ref64", torch.float64, "cpu", "reference"),
+                                                     ("torch", dtype, device, "reference"),
+                                                     ("fastted", dtype, device, impl)):
+        run = _set_impl(copy.deepcopy(recipe), copy_impl).to(device=copy_device, dtype=copy_dtype).eval()
+        out = run({k: v.to(copy_device) for k, v in b.items()}, step=3)
+        out.loss.backward()
+        results[name] = (out.loss.detach(), run.student.get_input_embeddings().weight.grad)
+    for i, what in enumerate(("loss", "student embedding gradient")):
+        _assert_close(f"{type(recipe).__name__} {task} {what}", results["fastted"][i], results["ref64"][i],
+                      results["torch"][i], DTYPES[dtype])
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_recipes_in_bfloat16(task):
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # on a CPU: the kernels under the interpreter
+    for _, recipe in _recipes(task):
+        _check_recipe_lowp(recipe, task, torch.bfloat16, device, "auto")
