@@ -307,6 +307,15 @@ def _projections(name: str, weights, biases, widths: list[int], in_name: str) ->
     return list(zip(w_list, b_list))
 
 
+def valid_examples(n_examples: int, device, *masks: Optional[Tensor]) -> Tensor:
+    """(B,) bool: the examples with a valid token under every given token mask ((B, T) or flat (B * T,))."""
+    valid = torch.ones(n_examples, dtype=torch.bool, device=device)
+    for m in masks:
+        if m is not None:
+            valid = valid & (m.reshape(n_examples, -1) != 0).any(1)
+    return valid
+
+
 def pooled_distance(
     student_states: Sequence[Tensor],
     teacher_states: Sequence[Tensor],
@@ -376,10 +385,7 @@ def pooled_distance(
     proj_t = _projections("teacher_weights", teacher_weights, teacher_biases, [x.shape[1] for x in pt],
                           "the pooled teacher layer(s)")
 
-    valid = torch.ones(ps[0].shape[0], dtype=torch.bool, device=ps[0].device)
-    for m, states in ((mask, s_states), (teacher_mask, t_states)):
-        if m is not None:
-            valid = valid & (m.reshape(states[0].shape[:2]) != 0).any(1)
+    valid = valid_examples(ps[0].shape[0], ps[0].device, mask, teacher_mask)
     losses = []
     for a, b, (w, wb), (v, vb) in zip(ps, pt, proj_s, proj_t):
         a = a if w is None else F.linear(a, w, wb)

@@ -22,13 +22,9 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from fastted.losses import _check_positive_int
+
 PER = ("step", "epoch")
-
-
-def _check_count(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 def _check_index(name: str, value, n: int, model: str) -> int:
@@ -59,8 +55,8 @@ class LayerMap:
 
 def interval_layers(n_layers: int, interval: int) -> list[int]:
     """TED's rule: the layers l of a model with ``(l + 1) % interval == 0``."""
-    _check_count("n_layers", n_layers)
-    _check_count("interval", interval)
+    _check_positive_int("n_layers", n_layers)
+    _check_positive_int("interval", interval)
     return [layer for layer in range(n_layers) if (layer + 1) % interval == 0]
 
 
@@ -83,8 +79,8 @@ def interval_map(n_student: int, n_teacher: int, student_interval: int, teacher_
 
 def uniform_map(n_student: int, n_teacher: int) -> LayerMap:
     """min(n_s, n_t) pairs spread evenly: pair i maps layer (i+1)*n/c - 1 of each model (c the count)."""
-    _check_count("n_student", n_student)
-    _check_count("n_teacher", n_teacher)
+    _check_positive_int("n_student", n_student)
+    _check_positive_int("n_teacher", n_teacher)
     c = min(n_student, n_teacher)
     return LayerMap(tuple((i + 1) * n_student // c - 1 for i in range(c)),
                     tuple((i + 1) * n_teacher // c - 1 for i in range(c)))
@@ -92,7 +88,7 @@ def uniform_map(n_student: int, n_teacher: int) -> LayerMap:
 
 def last_k_map(n_student: int, n_teacher: int, k: int) -> LayerMap:
     """The last k layers of both models, in order."""
-    _check_count("k", k)
+    _check_positive_int("k", k)
     if k > min(n_student, n_teacher):
         raise ValueError(f"k={k} exceeds the layers of the student ({n_student}) or the teacher ({n_teacher})")
     return LayerMap(tuple(range(n_student - k, n_student)), tuple(range(n_teacher - k, n_teacher)))
@@ -131,8 +127,8 @@ class RandomLayerMap:
 
     def __init__(self, n_student: int, n_teacher: int, *, student_layers: Optional[Sequence[int]] = None,
                  teacher_layers: Optional[Sequence[int]] = None, per: str = "epoch", seed: int = 0):
-        _check_count("n_student", n_student)
-        _check_count("n_teacher", n_teacher)
+        _check_positive_int("n_student", n_student)
+        _check_positive_int("n_teacher", n_teacher)
         if per not in PER:
             raise ValueError(f"per must be one of {PER}, got {per!r}")
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
@@ -140,12 +136,12 @@ class RandomLayerMap:
         s = list(range(n_student)) if student_layers is None else list(student_layers)
         t = list(range(n_teacher)) if teacher_layers is None else list(teacher_layers)
         self.student_layers = tuple(sorted(_check_index("student_layers", x, n_student, "student") for x in s))
-        self.teacher_layers = tuple(sorted(_check_index("teacher_layers", x, n_teacher, "teacher") for x in t))
+        self.teacher_layers = tuple(sorted({_check_index("teacher_layers", x, n_teacher, "teacher") for x in t}))
         if not self.student_layers or len(set(self.student_layers)) != len(self.student_layers):
             raise ValueError(f"student_layers must be distinct layers, at least one, got {s!r}")
-        if len(set(self.teacher_layers)) < len(self.student_layers):
+        if len(self.teacher_layers) < len(self.student_layers):
             raise ValueError(
-                f"teacher_layers offers {len(set(self.teacher_layers))} distinct layers, but "
+                f"teacher_layers offers {len(self.teacher_layers)} distinct layers, but "
                 f"{len(self.student_layers)} student layers each need their own"
             )
         self.per, self.seed = per, seed
@@ -160,9 +156,8 @@ class RandomLayerMap:
             raise ValueError(f"{self.per} must be a non-negative int, got {counter!r}")
         state = np.random.SeedSequence([self.seed, counter]).generate_state(2)
         generator = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
-        candidates = sorted(set(self.teacher_layers))
-        picked = torch.randperm(len(candidates), generator=generator)[: len(self.student_layers)]
-        teacher = tuple(candidates[i] for i in sorted(picked.tolist()))
+        picked = torch.randperm(len(self.teacher_layers), generator=generator)[: len(self.student_layers)]
+        teacher = tuple(self.teacher_layers[i] for i in sorted(picked.tolist()))
         return LayerMap(self.student_layers, teacher)
 
     def __repr__(self) -> str:

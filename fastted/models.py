@@ -21,6 +21,8 @@ from typing import Optional, Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastted.mapping import _check_index
+
 TASKS = ("classification", "mlm", "clm")
 
 # Final norms that decoders apply after their last block, as children of the blocks' parent.
@@ -119,14 +121,7 @@ class ModelAdapter:
     # ------------------------------------------------------------------ forward
 
     def check_layers(self, name: str, layers: Sequence[int]) -> list[int]:
-        out = []
-        for layer in layers:
-            if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.num_layers:
-                raise ValueError(
-                    f"{name} holds {layer!r}, but the {type(self.model).__name__} has layers 0..{self.num_layers - 1}"
-                )
-            out.append(layer)
-        return out
+        return [_check_index(name, layer, self.num_layers, type(self.model).__name__) for layer in layers]
 
     @contextmanager
     def capture(self, layers: Sequence[int]):

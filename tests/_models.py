@@ -6,7 +6,6 @@ models, and every formula is written out with plain torch operations.
 """
 import copy
 import os
-import zlib
 
 import pytest
 import torch
@@ -14,10 +13,6 @@ import torch.nn.functional as F
 import transformers as tf
 
 VOCAB, LABELS = 97, 3
-
-
-def _seed(*key) -> int:
-    return zlib.crc32(repr(key).encode())
 
 
 def bert(layers, hidden, head="classification", seed=0, **kw):

@@ -215,5 +215,8 @@ def test_remap_wider_hidden_copies_the_leading_block():
     q = student.bert.encoder.layer[2].attention.self.query.weight
     assert torch.equal(q[:32, :32], teacher.bert.encoder.layer[1].attention.self.query.weight)
     assert torch.all(q[:, 32:] == 0)  # a Linear ignores the new input features
+    narrow = bert(2, 32)
+    before = [p.detach().clone() for p in narrow.parameters()]
     with pytest.raises(ValueError, match="smaller than the teacher's"):
-        remap_parameters(bert(2, 32), bert(2, 48))
+        remap_parameters(narrow, bert(2, 48))
+    assert all(torch.equal(p, q) for p, q in zip(narrow.parameters(), before)), "a failed remap wrote parameters"

@@ -134,13 +134,17 @@ class Recipe(nn.Module):
             adapter.check_layers(f"layer_map.{name}", getattr(layer_map, name))
         return layer_map
 
-    def _task_loss(self, out, batch: dict) -> Tensor:
-        return self.student_model.task_loss(out.logits, batch.get("labels"))
-
-    def _logit_kd(self, student_out, teacher_out, temperature: float) -> Tensor:
-        """KL(softmax(t / T) || softmax(s / T)) * T^2 over the examples, or the tokens of the attention mask."""
-        mask = None if self.student_model.task == "classification" else student_out.mask
-        return logit_kd(student_out.logits, teacher_out.logits, temperature=temperature, mask=mask, impl=self.impl)
+    def _output_terms(self, student_out, teacher_out, batch: dict, weights: dict, temperature: float) -> dict:
+        """The terms on the logits whose weight is not 0: "task" (the student's task loss) and "kd":
+        KL(softmax(t / T) || softmax(s / T)) * T^2 over the examples, or the tokens of the attention mask."""
+        terms = {}
+        if weights["task"]:
+            terms["task"] = self.student_model.task_loss(student_out.logits, batch.get("labels"))
+        if weights["kd"]:
+            mask = None if self.student_model.task == "classification" else student_out.mask
+            terms["kd"] = logit_kd(student_out.logits, teacher_out.logits, temperature=temperature, mask=mask,
+                                   impl=self.impl)
+        return terms
 
     @staticmethod
     def _total(terms: dict[str, Tensor], weights: dict[str, float], **extra) -> RecipeOutput:

@@ -18,10 +18,9 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 from torch import nn
 
-from fastted.contrastive import contrastive_kd, pool_states
+from fastted.contrastive import contrastive_kd, pool_states, valid_examples
 from fastted.losses import _check_positive_int
 from fastted.mapping import LayerMap
 from fastted.memory_bank import MemoryBank
@@ -87,17 +86,10 @@ class CoDIR(Recipe):
         self._step(step)
         s_out = self.student_model(batch, self.layer_map.student)
         t_out = self._teacher_forward(batch, teacher_batch, self.layer_map.teacher)
-        terms = {}
-        if self.alphas["task"]:
-            terms["task"] = self._task_loss(s_out, batch)
-        if self.alphas["kd"]:
-            terms["kd"] = self._logit_kd(s_out, t_out, self.kd_temperature)
+        terms = self._output_terms(s_out, t_out, batch, self.alphas, self.kd_temperature)
         if self.alphas["crd"]:
             sv, tv = self.vectors(s_out, t_out)
-            anchors = torch.ones(sv.shape[0], dtype=torch.bool, device=sv.device)
-            for out in (s_out, t_out):
-                if out.mask is not None:
-                    anchors = anchors & (out.mask != 0).any(1)
+            anchors = valid_examples(sv.shape[0], sv.device, s_out.mask, t_out.mask)
             labels, kind = self._labels(batch)
             if self.bank.empty:
                 terms["crd"] = sv.sum() * 0.0  # the first step fills the bank; a zero that keeps the graph

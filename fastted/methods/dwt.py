@@ -97,11 +97,7 @@ class DWT(Recipe):
         weights = {"task": self.alpha_h, "kd": self.alpha_s(step)}
         s_out = self.student_model(batch)
         t_out = self._teacher_forward(batch, teacher_batch)
-        terms = {}
-        if weights["task"]:
-            terms["task"] = self._task_loss(s_out, batch)
-        if weights["kd"]:
-            terms["kd"] = self._logit_kd(s_out, t_out, self.temperature)
+        terms = self._output_terms(s_out, t_out, batch, weights, self.temperature)
         return self._total(terms, weights, logits=s_out.logits.detach())
 
 
@@ -139,7 +135,8 @@ def remap_parameters(student, teacher) -> dict[str, Optional[str]]:
     input_dim = {f"{n}.weight": 1 for n, m in s.model.named_modules() if isinstance(m, nn.Linear)}
     input_dim.update({f"{n}.weight": 0 for n, m in s.model.named_modules() if type(m).__name__ == "Conv1D"})
     report: dict[str, Optional[str]] = {}
-    for name, param in s.model.named_parameters():
+    copies = []
+    for name, param in s.model.named_parameters():  # check every shape before writing any: no half-remapped student
         source = _source_name(name, s_prefix, t_prefix, t.num_layers)
         src = t_params.get(source)
         if src is None or src.dim() != param.dim():
@@ -148,10 +145,12 @@ def remap_parameters(student, teacher) -> dict[str, Optional[str]]:
         if any(a < b for a, b in zip(param.shape, src.shape)):
             raise ValueError(f"student parameter {name} has shape {tuple(param.shape)}, smaller than the teacher's "
                              f"{source} {tuple(src.shape)}: remapping needs a student at least as large")
+        report[name] = source
+        copies.append((name, param, src))
+    for name, param, src in copies:
         block = tuple(slice(0, n) for n in src.shape)
         param[block] = src.to(param.dtype)
         dim = input_dim.get(name)
         if dim is not None and param.shape[dim] > src.shape[dim]:
             param.narrow(dim, src.shape[dim], param.shape[dim] - src.shape[dim]).zero_()
-        report[name] = source
     return report

@@ -52,11 +52,7 @@ class RAILKD(Recipe):
         use_rail = bool(self.alphas["rail"])
         s_out = self.student_model(batch, pairs.student if use_rail else ())
         t_out = self._teacher_forward(batch, teacher_batch, pairs.teacher if use_rail else ())
-        terms, layer_losses = {}, None
-        if self.alphas["task"]:
-            terms["task"] = self._task_loss(s_out, batch)
-        if self.alphas["kd"]:
-            terms["kd"] = self._logit_kd(s_out, t_out, self.temperature)
+        terms, layer_losses = self._output_terms(s_out, t_out, batch, self.alphas, self.temperature), None
         if use_rail:
             terms["rail"] = self.distance(s_out.hidden_states, t_out.hidden_states, s_out.mask, t_out.mask)
             layer_losses = self.distance.layer_losses

@@ -68,21 +68,23 @@ class TEDStage1(Recipe):
 
     def forward(self, batch: dict, *, step: Optional[int] = None, epoch: int = 0) -> RecipeOutput:
         self._step(step)
-        out = self._frozen_forward(batch)
+        with torch.no_grad():  # the model is frozen: its states are constants for the filters
+            out = self.student_model(batch, self.filters.layers)
         filtered = self.filters(out.hidden_states)
         heads = [self.lm_head] * len(filtered) if self.heads is None else self.heads
         losses = torch.stack([self.student_model.task_loss(head(x), batch.get("labels"))
                               for head, x in zip(heads, filtered)])
         return self._total({"task": losses.mean()}, {"task": 1.0}, layer_losses=losses.detach())
 
-    def _frozen_forward(self, batch: dict):
-        with torch.no_grad():  # the model is frozen: its states are constants for the filters
-            return self.student_model(batch, self.filters.layers)
-
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Save the model and its filters into one directory: what TED's stage II loads."""
-        self.student.save_pretrained(directory)
-        self.filters.save_pretrained(directory)
+        _save_with_filters(self.student, self.filters, directory)
+
+
+def _save_with_filters(model, filters: Optional[TaskFilters], directory) -> None:
+    model.save_pretrained(directory)
+    if filters is not None:
+        filters.save_pretrained(directory)
 
 
 def load_stage1(directory: str | os.PathLike, model_class, device=None, **kwargs):
@@ -163,11 +165,7 @@ class TED(Recipe):
         t_layers = self.layer_map.teacher if use_mse else ()
         s_out = self.student_model(batch, s_layers)
         t_out = self._teacher_forward(batch, teacher_batch, t_layers)
-        terms, layer_losses = {}, None
-        if self.alphas["task"]:
-            terms["task"] = self._task_loss(s_out, batch)
-        if self.alphas["kd"]:
-            terms["kd"] = self._logit_kd(s_out, t_out, self.temperature)
+        terms, layer_losses = self._output_terms(s_out, t_out, batch, self.alphas, self.temperature), None
         if use_mse:
             if teacher_batch is not None and teacher_batch["input_ids"].shape != batch["input_ids"].shape:
                 raise ValueError("the MSE term compares token by token: teacher_batch must have the student's shape")
@@ -179,8 +177,6 @@ class TED(Recipe):
         return self._total(terms, self.alphas, layer_losses=layer_losses, logits=s_out.logits.detach())
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Save the student and its filters into one directory."""
-        self.student.save_pretrained(directory)
-        if getattr(self, "student_filters", None) is not None:
-            self.student_filters.save_pretrained(directory)
+        """Save the student and its filters (LWD and KD have none) into one directory."""
+        _save_with_filters(self.student, self.student_filters, directory)
 
