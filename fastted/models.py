@@ -8,6 +8,14 @@ only the requested blocks with forward hooks (the model is never asked for
 all of its hidden states), and exposes the LM head as a function of hidden
 states for TED's stage-I language-modelling heads.
 
+For the fused LM-head losses (:func:`~fastted.losses.fused_linear_kd`) a
+language model also runs without its vocabulary projection
+(``adapter(batch, layers, head=False)``): the base model and the part of the
+head before the output embedding give the projection's input
+(``ModelOutputs.head_input``), and :meth:`ModelAdapter.lm_head_parts` the
+projection's weight and bias, so that ``head_input @ weight.T + bias`` are the
+model's logits, which are never computed.
+
 Layer l (0-based) is the output of transformer block l: ``hidden_states[l + 1]``
 of ``output_hidden_states=True``, except that a decoder's last block is taken
 before the final norm.
@@ -27,6 +35,8 @@ TASKS = ("classification", "mlm", "clm")
 
 # Final norms that decoders apply after their last block, as children of the blocks' parent.
 _FINAL_NORMS = ("ln_f", "norm", "final_layer_norm", "final_layernorm", "norm_f")
+# Config entries of models that change their logits after the vocabulary projection (soft-capping, scaling).
+_LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier")
 # Batch keys that are not model inputs: example ids for memory banks.
 _NON_MODEL_KEYS = ("index",)
 
@@ -64,13 +74,18 @@ def _config_int(config, *names) -> Optional[int]:
     return None
 
 
+class _HeadInput(Exception):
+    """Raised by the output embedding's pre-hook to stop the head once its input is captured."""
+
+
 @dataclass
 class ModelOutputs:
     """One forward of an adapted model."""
 
-    logits: Tensor                # (B, C) classification, (B, T, V) language modelling
+    logits: Optional[Tensor]      # (B, C) classification, (B, T, V) language modelling; None with head=False
     hidden_states: list[Tensor]   # the requested layers, (B, T, d) each, in the requested order
     mask: Optional[Tensor]        # (B, T) attention mask, the token mask of every loss
+    head_input: Optional[Tensor] = None  # (B, T, H) input of the vocabulary projection (head=False only)
 
 
 class ModelAdapter:
@@ -139,15 +154,27 @@ class ModelAdapter:
             for handle in handles:
                 handle.remove()
 
-    def __call__(self, batch: dict, layers: Sequence[int] = ()) -> ModelOutputs:
-        """Run the model on ``batch`` (labels are not passed: the recipes compute the task loss)."""
+    def __call__(self, batch: dict, layers: Sequence[int] = (), *, head: bool = True) -> ModelOutputs:
+        """Run the model on ``batch`` (labels are not passed: the recipes compute the task loss).
+
+        ``head=False`` (language models only) stops before the vocabulary
+        projection: ``logits`` is None and ``head_input`` the (B, T, H) input
+        of the projection whose weight and bias :meth:`lm_head_parts` returns.
+        """
         inputs = {k: v for k, v in batch.items() if k != "labels" and k not in _NON_MODEL_KEYS}
         if "input_ids" not in inputs and "inputs_embeds" not in inputs:
             raise ValueError(f"batch has keys {sorted(batch)}, but needs 'input_ids' (and usually 'attention_mask')")
+        split = None if head else self._head_split()
         with self.capture(layers) as captured:
-            out = self.model(**inputs)
-        logits = out.logits if hasattr(out, "logits") else out[0]
-        return ModelOutputs(logits, [captured[layer] for layer in layers], batch.get("attention_mask"))
+            if split is None:
+                out = self.model(**inputs)
+                logits, head_input = (out.logits if hasattr(out, "logits") else out[0]), None
+            else:
+                base, pre_head, emb = split
+                out = base(**inputs)
+                hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+                logits, head_input = None, _projection_input(pre_head, emb, hidden)
+        return ModelOutputs(logits, [captured[layer] for layer in layers], batch.get("attention_mask"), head_input)
 
     # ------------------------------------------------------------------ heads
 
@@ -170,9 +197,91 @@ class ModelAdapter:
         norms = [getattr(parent, n) for n in _FINAL_NORMS if isinstance(getattr(parent, n, None), nn.Module)]
         return nn.Sequential(norms[0], head) if norms else head
 
+    def lm_head_parts(self) -> tuple[Tensor, Optional[Tensor]]:
+        """(weight (V, H), bias (V,) or None) of the vocabulary projection, as the model uses them.
+
+        ``head_input @ weight.T + bias`` of ``adapter(batch, head=False)`` are
+        the model's logits. The weight is the output embedding's (the input
+        embedding's when they are tied: its gradient reaches both uses), the
+        bias e.g. BERT's decoder bias. A ValueError where the model cannot be
+        cut there (see :meth:`__call__`).
+        """
+        emb = self._head_split()[2]
+        return emb.weight, emb.bias
+
+    def _head_split(self) -> tuple[nn.Module, Optional[nn.Module], nn.Linear]:
+        """(base model, part of the head before the projection or None, the projection), or a ValueError.
+
+        The base model is ``model.base_model`` (HF's ``base_model_prefix``:
+        bert, roberta, transformer, model, ...), which holds the blocks and a
+        decoder's final norm; the head is the model's other top-level child,
+        the one that holds the output embedding (BERT's ``cls``, RoBERTa's
+        ``lm_head``), run up to the projection. Found afresh on each call, so
+        that a resized vocabulary is followed.
+        """
+        name = type(self.model).__name__
+        if self.task == "classification":
+            raise ValueError(f"the {name} is a classification model: only a language model ('mlm' or 'clm') has a "
+                             f"vocabulary projection to fuse (fused_lm_head)")
+        emb = self.model.get_output_embeddings()
+        if not isinstance(emb, nn.Linear) or emb.weight.shape[0] != self.vocab_size:
+            what = "None" if emb is None else f"a {type(emb).__name__}"
+            if isinstance(emb, nn.Linear):
+                what += f" of weight {tuple(emb.weight.shape)}"
+            raise ValueError(f"the {name}'s get_output_embeddings() is {what}, not the nn.Linear(hidden, "
+                             f"vocab_size={self.vocab_size}) projection that fused_lm_head replaces")
+        for attr in _LOGIT_POSTPROCESSING:
+            value = getattr(self.model.config, attr, None)
+            if value not in (None, 1, 1.0):
+                raise ValueError(f"the {name} changes its logits after the projection (config.{attr}={value}): "
+                                 f"the fused LM head would not reproduce them")
+        base = self.model.base_model
+        prefix = getattr(self.model, "base_model_prefix", "")
+        if base is self.model or not prefix or not self.layers_path.startswith(prefix + "."):
+            raise ValueError(f"cannot split the {name} into base model and head (base_model_prefix={prefix!r}, "
+                             f"blocks at {self.layers_path!r}): fused_lm_head needs a model whose base model "
+                             f"holds the blocks")
+        heads = []
+        for child_name, child in self.model.named_children():
+            if child is base or isinstance(child, nn.modules.loss._Loss):
+                continue
+            if child is emb or any(m is emb for m in child.modules()):
+                heads.append(child)
+            else:  # e.g. DistilBERT's vocab_transform, ELECTRA's generator_predictions
+                raise ValueError(f"the {name} has a top-level {child_name!r} beside its base model {prefix!r} and "
+                                 f"the head that holds the output embedding: fused_lm_head cannot tell what runs "
+                                 f"between them")
+        if len(heads) != 1:
+            raise ValueError(f"no top-level child of the {name} beside its base model {prefix!r} holds the output "
+                             f"embedding: fused_lm_head cannot find the head")
+        return base, (None if heads[0] is emb else heads[0]), emb
+
     def task_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
         """The task loss of this model's logits: see :func:`task_loss`."""
         return task_loss(logits, labels, self.task)
+
+
+def _projection_input(pre_head: Optional[nn.Module], emb: nn.Module, hidden: Tensor) -> Tensor:
+    """Run ``pre_head`` on the base model's output up to ``emb``, and return what ``emb`` would read."""
+    if pre_head is None:
+        return hidden
+    captured = []
+
+    def stop(module, args):
+        captured.append(args[0])
+        raise _HeadInput
+
+    handle = emb.register_forward_pre_hook(stop)
+    try:
+        pre_head(hidden)
+    except _HeadInput:
+        pass
+    finally:
+        handle.remove()
+    if not captured:
+        raise ValueError(f"the {type(pre_head).__name__} head never called its output embedding: fused_lm_head "
+                         f"cannot find the projection's input")
+    return captured[0]
 
 
 def adapt(model, task: Optional[str] = None) -> ModelAdapter:

@@ -7,6 +7,12 @@ returns a :class:`RecipeOutput` with the loss to backpropagate. The teacher
 module tree: it is not in ``parameters()`` or ``state_dict()``, stays in eval
 mode, and still follows ``recipe.to(...)``; building the recipe sets its
 parameters' ``requires_grad`` to False.
+
+With ``fused_lm_head=True`` (language modelling: TED, LWD, KD, DWT) the
+models run without their vocabulary projections and the "task" and "kd"
+terms come from one :func:`~fastted.losses.fused_linear_kd` call on the
+projections' inputs: the (N, V) logits of student and teacher are never
+materialized.
 """
 from __future__ import annotations
 
@@ -14,9 +20,10 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastted.losses import _check_float, _check_impl, logit_kd
+from fastted.losses import _check_float, _check_impl, fused_linear_kd, logit_kd
 from fastted.mapping import LayerMap, RandomLayerMap, uniform_map
 from fastted.models import ModelAdapter, adapt
 
@@ -29,7 +36,11 @@ class RecipeOutput:
     terms: dict[str, Tensor] = field(default_factory=dict)    # each term, unweighted and detached
     weights: dict[str, float] = field(default_factory=dict)   # each term's weight at this step
     layer_losses: Optional[Tensor] = None                     # per mapped pair (or filter), detached
-    logits: Optional[Tensor] = None                           # the student's logits, for metrics
+    logits: Optional[Tensor] = None                           # the student's logits, for metrics (None if fused)
+
+
+# The terms of the logits, which the fused LM head computes in one call.
+_HEAD_TERMS = ("task", "kd")
 
 
 def _check_alpha(name: str, value) -> float:
@@ -58,6 +69,9 @@ class Recipe(nn.Module):
         task: "classification", "mlm" or "clm" (inferred from the classes).
         impl: the fused losses' path, "auto", "triton" or "reference".
         train_student: False freezes the student model too (TED's stage I).
+        fused_lm_head: compute the "task" and "kd" terms on the LM heads'
+            inputs with :func:`~fastted.losses.fused_linear_kd`, without the
+            logits (tasks "mlm" and "clm" only; see the recipes).
 
     ``forward(batch, step=None, epoch=0)``: ``step`` drives schedules and
     per-step layer draws; None uses the recipe's own counter, which counts
@@ -66,7 +80,7 @@ class Recipe(nn.Module):
     """
 
     def __init__(self, student, teacher=None, *, task: Optional[str] = None, impl: str = "auto",
-                 train_student: bool = True):
+                 train_student: bool = True, fused_lm_head: bool = False):
         super().__init__()
         self.impl = _check_impl(impl)
         self._frozen: list[nn.Module] = []  # a plain list: never registered, never in parameters()
@@ -82,7 +96,25 @@ class Recipe(nn.Module):
             if self.teacher_model.model is self.student_model.model:
                 raise ValueError("teacher and student are the same module: the teacher must be a separate model")
             self.hold_frozen(self.teacher_model.model, "teacher")
+        self.fused_lm_head = self._check_fused_lm_head(fused_lm_head)
         self.step = 0
+
+    def _check_fused_lm_head(self, fused_lm_head) -> bool:
+        if not isinstance(fused_lm_head, bool):
+            raise ValueError(f"fused_lm_head must be a bool, got {fused_lm_head!r}")
+        if not fused_lm_head:
+            return False
+        task = self.student_model.task
+        if task not in ("mlm", "clm"):
+            raise ValueError(f"fused_lm_head=True fuses the vocabulary projection of a language model: it needs the "
+                             f"task 'mlm' or 'clm', but this {type(self).__name__} is for {task!r}")
+        for adapter in (self.student_model, self.teacher_model):
+            if adapter is not None:
+                try:
+                    adapter.lm_head_parts()  # raises where the model cannot be cut before its projection
+                except ValueError as err:
+                    raise ValueError(f"fused_lm_head=True: {err}") from None
+        return True
 
     def hold_frozen(self, module: nn.Module, name: str) -> nn.Module:
         """Keep ``module`` frozen (no grad, eval mode) as ``self.<name>``, outside the module tree."""
@@ -118,9 +150,18 @@ class Recipe(nn.Module):
             raise ValueError(f"step must be a non-negative int, got {step!r}")
         return step
 
+    def _student_forward(self, batch: dict, layers=()):
+        """The student on ``batch``: its logits, or with fused_lm_head its LM head's input."""
+        return self.student_model(batch, layers, head=not self.fused_lm_head)
+
     def _teacher_forward(self, batch: dict, teacher_batch: Optional[dict], layers=()):
         with torch.no_grad():
-            return self.teacher_model(batch if teacher_batch is None else teacher_batch, layers)
+            return self.teacher_model(batch if teacher_batch is None else teacher_batch, layers,
+                                      head=not self.fused_lm_head)
+
+    @staticmethod
+    def _detached_logits(student_out) -> Optional[Tensor]:
+        return None if student_out.logits is None else student_out.logits.detach()
 
     def _checked_map(self, layer_map, kind=LayerMap):
         """``layer_map`` (default: uniform, or RAIL-KD's draw over all layers) checked against both models."""
@@ -146,10 +187,56 @@ class Recipe(nn.Module):
                                    impl=self.impl)
         return terms
 
+    def _head_terms(self, student_out, teacher_out, batch: dict, weights: dict,
+                    temperature: float) -> tuple[dict, Optional[Tensor]]:
+        """(terms, head_loss): :meth:`_output_terms` and None, or with fused_lm_head the detached "task" and
+        "kd" and their weighted sum from one fused call, which :meth:`_total` adds as it is."""
+        if not self.fused_lm_head:
+            return self._output_terms(student_out, teacher_out, batch, weights, temperature), None
+        return self._fused_output_terms(student_out, teacher_out, batch, weights, temperature)
+
+    def _fused_output_terms(self, student_out, teacher_out, batch: dict, weights: dict,
+                            temperature: float) -> tuple[dict, Optional[Tensor]]:
+        """:meth:`_output_terms` on the LM heads' inputs: ``weights["kd"] * kd + weights["task"] * task`` from
+        :func:`~fastted.losses.fused_linear_kd`, over the attention mask's tokens (the task loss: those whose
+        label, shifted by one for "clm" as HF shifts it, is not -100)."""
+        w_task, w_kd = weights["task"], weights["kd"]
+        if not (w_task or w_kd):
+            return {}, None
+        student = self.student_model
+        xs = student_out.head_input
+        ws, bs = student.lm_head_parts()
+        if w_kd:
+            xt = teacher_out.head_input
+            wt, bt = self.teacher_model.lm_head_parts()
+        else:  # no KL: the student's own head stands in as a constant teacher, whose vocabulary may differ
+            xt, wt, bt = xs.detach(), ws.detach(), None if bs is None else bs.detach()
+        labels = None
+        if w_task:
+            labels = batch.get("labels")
+            if labels is None:
+                raise ValueError(f"the {student.task} task loss needs batch['labels']")
+            if student.task == "clm":  # hidden state t predicts the label at t + 1, as HF shifts them
+                labels = F.pad(labels[:, 1:], (0, 1), value=-100)
+        loss, kd, ce = fused_linear_kd(
+            xs, ws, xt, wt, temperature=temperature, student_bias=bs, teacher_bias=bt, mask=student_out.mask,
+            hard_labels=labels, hard_weight=w_task, soft_weight=w_kd, impl=self.impl, return_terms=True,
+        )
+        terms = {}
+        if w_task:
+            terms["task"] = ce
+        if w_kd:
+            terms["kd"] = kd
+        return terms, loss
+
     @staticmethod
-    def _total(terms: dict[str, Tensor], weights: dict[str, float], **extra) -> RecipeOutput:
-        """loss = sum of weight * term over the terms present."""
-        loss = sum(weights[name] * term for name, term in terms.items())
+    def _total(terms: dict[str, Tensor], weights: dict[str, float], head_loss: Optional[Tensor] = None,
+               **extra) -> RecipeOutput:
+        """loss = sum of weight * term over the terms present; ``head_loss``, the fused LM head's weighted
+        "task" + "kd", is added as it is, in place of those two terms."""
+        parts = [weights[name] * term for name, term in terms.items()
+                 if head_loss is None or name not in _HEAD_TERMS]
+        loss = sum(parts if head_loss is None else [head_loss] + parts)
         if not isinstance(loss, Tensor):
             raise ValueError(f"every term of this recipe has weight 0 ({weights}): nothing to train")
         detached = {name: term.detach() for name, term in terms.items()}

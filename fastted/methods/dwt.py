@@ -76,12 +76,21 @@ class DWT(Recipe):
         temperature: of the KL term.
         remap: initialize the student from the teacher with
             :func:`remap_parameters` (default False: keep the student's init).
+        fused_lm_head: continual pre-training ("mlm", "clm") only: the whole
+            loss, ``alpha_h * task + alpha_s(step) * KL``, is one
+            :func:`~fastted.losses.fused_linear_kd` call on the inputs of the
+            two models' vocabulary projections, so neither model's (B, T, V)
+            logits are ever materialized (the models may differ in width,
+            not in vocabulary). Loss, terms and gradients are the unfused
+            ones (up to rounding) given labels that are -100 outside the
+            attention mask (see :class:`~fastted.methods.ted.TED`);
+            ``RecipeOutput.logits`` is then None.
     """
 
     def __init__(self, student, teacher, *, alpha_h: float = 1.0, alpha_s: float | Schedule = 1.0,
                  temperature: float = 1.0, remap: bool = False, tokenizers: Optional[tuple] = None,
-                 task: Optional[str] = None, impl: str = "auto"):
-        super().__init__(student, teacher, task=task, impl=impl)
+                 task: Optional[str] = None, impl: str = "auto", fused_lm_head: bool = False):
+        super().__init__(student, teacher, task=task, impl=impl, fused_lm_head=fused_lm_head)
         self.alpha_h = _check_alpha("alpha_h", alpha_h)
         if not isinstance(alpha_s, Schedule):
             alpha_s = Schedule("constant", _check_alpha("alpha_s", alpha_s))
@@ -95,10 +104,10 @@ class DWT(Recipe):
                 teacher_batch: Optional[dict] = None) -> RecipeOutput:
         step = self._step(step)
         weights = {"task": self.alpha_h, "kd": self.alpha_s(step)}
-        s_out = self.student_model(batch)
+        s_out = self._student_forward(batch)
         t_out = self._teacher_forward(batch, teacher_batch)
-        terms = self._output_terms(s_out, t_out, batch, weights, self.temperature)
-        return self._total(terms, weights, logits=s_out.logits.detach())
+        terms, head_loss = self._head_terms(s_out, t_out, batch, weights, self.temperature)
+        return self._total(terms, weights, head_loss, logits=self._detached_logits(s_out))
 
 
 def _source_name(name: str, s_prefix: str, t_prefix: str, n_teacher: int) -> str:

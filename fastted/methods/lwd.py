@@ -25,14 +25,16 @@ class LWD(TED):
         student, teacher: the models.
         layer_map: the pairs; default :func:`~fastted.mapping.uniform_map`.
         train_projection: False keeps the random projections fixed.
+        fused_lm_head: the task and KL terms without the logits ("mlm",
+            "clm"), as in :class:`~fastted.methods.ted.TED`.
         Others as :class:`~fastted.methods.ted.TED`.
     """
 
     def __init__(self, student, teacher, layer_map: Optional[LayerMap] = None, *, task_alpha: float = 1.0,
                  kl_alpha: float = 1.0, mse_alpha: float = 1.0, temperature: float = 2.0, mask_padding: bool = True,
                  train_projection: bool = True, tokenizers: Optional[tuple] = None, task: Optional[str] = None,
-                 impl: str = "auto"):
-        Recipe.__init__(self, student, teacher, task=task, impl=impl)
+                 impl: str = "auto", fused_lm_head: bool = False):
+        Recipe.__init__(self, student, teacher, task=task, impl=impl, fused_lm_head=fused_lm_head)
         s, t = self.student_model, self.teacher_model
         layer_map = self._checked_map(layer_map)
         self.student_filters = None

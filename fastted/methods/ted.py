@@ -11,8 +11,10 @@ Stage II (:class:`TED`): the student learns from the frozen teacher::
 
 with the teacher and its filters frozen, the student and its filters trained
 and the stage-I heads dropped. The filtered MSE of all layers is one fused
-kernel launch. :class:`~fastted.methods.lwd.LWD` and
-:class:`~fastted.methods.kd.KD` are this recipe without filters.
+kernel launch; with ``fused_lm_head=True`` (language modelling) the task and
+KL terms are one fused pass over both LM heads, without their logits.
+:class:`~fastted.methods.lwd.LWD` and :class:`~fastted.methods.kd.KD` are
+this recipe without filters.
 """
 from __future__ import annotations
 
@@ -116,13 +118,25 @@ class TED(Recipe):
             (default); False averages over every token, padding included, as
             TED's public code does.
         tokenizers: (student's, teacher's), to check that they agree.
+        fused_lm_head: language modelling ("mlm", "clm") only: the task and
+            KL terms come from one :func:`~fastted.losses.fused_linear_kd`
+            call on the inputs of the two models' vocabulary projections
+            (:meth:`~fastted.models.ModelAdapter.lm_head_parts`), so neither
+            model's (B, T, V) logits are ever materialized; the teacher may
+            be wider than the student, the vocabularies must match. The loss,
+            its terms and the gradients are the unfused ones (up to rounding),
+            given labels that are -100 outside the attention mask (as HF's
+            collators make them; for "clm" with left padding, the label of
+            the first real token, predicted from the last pad, is dropped):
+            the fused task loss counts the labelled tokens inside the mask.
+            ``RecipeOutput.logits`` is then None.
     """
 
     def __init__(self, student, teacher, student_filters: TaskFilters, teacher_filters: TaskFilters, *,
                  task_alpha: float = 1.0, kl_alpha: float = 1.0, mse_alpha: float = 1.0, temperature: float = 2.0,
                  mask_padding: bool = True, tokenizers: Optional[tuple] = None, task: Optional[str] = None,
-                 impl: str = "auto"):
-        super().__init__(student, teacher, task=task, impl=impl)
+                 impl: str = "auto", fused_lm_head: bool = False):
+        super().__init__(student, teacher, task=task, impl=impl, fused_lm_head=fused_lm_head)
         _check_filters("student_filters", student_filters, self.student_model)
         _check_filters("teacher_filters", teacher_filters, self.teacher_model)
         if student_filters.filter_dim != teacher_filters.filter_dim or len(student_filters) != len(teacher_filters):
@@ -163,9 +177,10 @@ class TED(Recipe):
         use_mse = bool(self.alphas["mse"])
         s_layers = self.layer_map.student if use_mse else ()
         t_layers = self.layer_map.teacher if use_mse else ()
-        s_out = self.student_model(batch, s_layers)
+        s_out = self._student_forward(batch, s_layers)
         t_out = self._teacher_forward(batch, teacher_batch, t_layers)
-        terms, layer_losses = self._output_terms(s_out, t_out, batch, self.alphas, self.temperature), None
+        terms, head_loss = self._head_terms(s_out, t_out, batch, self.alphas, self.temperature)
+        layer_losses = None
         if use_mse:
             if teacher_batch is not None and teacher_batch["input_ids"].shape != batch["input_ids"].shape:
                 raise ValueError("the MSE term compares token by token: teacher_batch must have the student's shape")
@@ -174,7 +189,8 @@ class TED(Recipe):
                 **self._mse_inputs(s_out.hidden_states, t_out.hidden_states), mask=mask, impl=self.impl,
                 return_layer_losses=True,
             )
-        return self._total(terms, self.alphas, layer_losses=layer_losses, logits=s_out.logits.detach())
+        return self._total(terms, self.alphas, head_loss, layer_losses=layer_losses,
+                           logits=self._detached_logits(s_out))
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Save the student and its filters (LWD and KD have none) into one directory."""

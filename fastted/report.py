@@ -1,0 +1,73 @@
+"""The run's closing report: results.json, report.md (a table of the test metric of every model, and
+each step's last losses) and report.png (each step's loss curve, and the test metric of every model)."""
+from __future__ import annotations
+
+import json
+import os
+
+from fastted.trainer import read_metrics
+
+
+def _metric(config) -> tuple[str, str]:
+    return ("accuracy", "accuracy") if config.task == "classification" else ("perplexity", "perplexity")
+
+
+def write_report(config, results: dict) -> str:
+    """Write the three files into ``config.output_dir``; returns the markdown."""
+    out = config.output_dir
+    os.makedirs(out, exist_ok=True)
+    key, title = _metric(config)
+    with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=1)
+    lines = [f"# fastted report: {os.path.basename(os.path.abspath(out))}", "",
+             f"Task: {config.task}; data: {config.data.source}; teacher: {config.teacher.path}.", "",
+             f"| model | test {title} | examples / tokens |", "| --- | --- | --- |"]
+    for label, r in results.items():
+        value = r.get(key)
+        shown = f"{value:.4f}" if isinstance(value, float) else "-"
+        lines.append(f"| {label} | {shown} | {r.get('examples', r.get('tokens', '-'))} |")
+    curves = {}
+    for step in sorted(os.listdir(out)) if os.path.isdir(out) else []:
+        records = [r for r in read_metrics(os.path.join(out, step)) if "loss" in r]
+        if records:
+            curves[step] = records
+    if curves:
+        lines += ["", "| step | optimizer steps | last loss | terms | tokens/s |", "| --- | --- | --- | --- | --- |"]
+        for step, records in curves.items():
+            last = records[-1]
+            terms = ", ".join(f"{k} {v:.4f}" for k, v in last.get("terms", {}).items())
+            lines.append(f"| {step} | {last['step']} | {last['loss']:.4f} | {terms} | "
+                         f"{last.get('tokens_per_s', 0):.0f} |")
+    lines += ["", "![loss curves and test metric](report.png)", ""]
+    text = "\n".join(lines)
+    with open(os.path.join(out, "report.md"), "w", encoding="utf-8") as f:
+        f.write(text)
+    _plot(os.path.join(out, "report.png"), curves, results, key, title)
+    return text
+
+
+def _plot(path: str, curves: dict, results: dict, key: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for step, records in curves.items():
+        left.plot([r["step"] for r in records], [r["loss"] for r in records], label=step)
+    left.set_xlabel("optimizer step")
+    left.set_ylabel("training loss")
+    left.set_title("loss curves")
+    if curves:
+        left.legend(fontsize=7)
+    labels = [label for label, r in results.items() if isinstance(r.get(key), float)]
+    values = [results[label][key] for label in labels]
+    bars = right.bar(range(len(labels)), values, color="#4878a8")
+    right.set_xticks(range(len(labels)), labels, rotation=20, fontsize=8)
+    right.set_title(f"test {title}")
+    for bar, value in zip(bars, values):
+        right.annotate(f"{value:.3f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
+                       va="bottom", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

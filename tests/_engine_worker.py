@@ -1,0 +1,86 @@
+"""A few steps of TED's stage II on tiny models through fastted's engine and trainer, then a resume.
+
+Run by tests/test_engine.py as one process (a world of one) or under
+``torchrun --nproc_per_node 2`` (gloo). Writes, from rank 0, a JSON file with
+the per-step losses of the run, those of a second run resumed from its
+step-2 checkpoint, and how the teacher and student parameters were laid out.
+"""
+import argparse
+import json
+import os
+import shutil
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from fastted import TED, TaskFilters  # noqa: E402
+from fastted.config import EngineConfig, TrainConfig  # noqa: E402
+from fastted.data import ClassificationCollator  # noqa: E402
+from fastted.engine import Engine, is_partitioned  # noqa: E402
+from fastted.trainer import Stage, read_metrics, run  # noqa: E402
+from tests._models import bert  # noqa: E402
+
+STEPS = 4
+
+
+def dataset(n=48, tokens=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 97, (n, tokens), generator=g)
+    labels = torch.randint(0, 3, (n,), generator=g)
+    return [{"input_ids": ids[i].tolist(), "label": int(labels[i])} for i in range(n)]
+
+
+def build(args):
+    student, teacher = bert(2, 32, seed=1), bert(4, 48, seed=2)
+    torch.manual_seed(3)
+    s_filters, t_filters = TaskFilters([0, 1], 32, 24), TaskFilters([1, 3], 48, 24)
+    recipe = TED(student, teacher, s_filters, t_filters, impl="reference")
+    train = TrainConfig(batch_size=8, max_steps=STEPS, lr=1e-2, warmup_ratio=0.0, decay="linear", clip=1.0,
+                        save_every=2, keep_last=3)
+    engine_config = EngineConfig(zero_stage=args.zero_stage, teacher_zero3=args.zero_stage == 3, impl="reference")
+    engine = Engine(recipe, train, engine_config, STEPS, torch.device("cpu"))
+    stage = Stage(name="ted", directory=args.dir, recipe=recipe, dataset=dataset(), collator=ClassificationCollator(0),
+                  train=train, progress=False, config_text=f"zero_stage: {args.zero_stage}\n")
+    return recipe, engine, stage
+
+
+def layout(recipe):
+    teacher = list(recipe.teacher.parameters())
+    local = sum(p.ds_tensor.numel() if is_partitioned(p) else p.numel() for p in teacher)
+    full = sum(p.ds_numel if is_partitioned(p) else p.numel() for p in teacher)
+    return {"teacher_partitioned": all(is_partitioned(p) and p.numel() == 0 for p in teacher),
+            "teacher_local_fraction": local / full,
+            "student_partitioned": all(is_partitioned(p) for p in recipe.parameters())}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--zero-stage", type=int, default=0)
+    parser.add_argument("--dir", required=True)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    torch.autograd.set_detect_anomaly(os.environ.get("ANOMALY") == "1")
+    recipe, engine, stage = build(args)
+    run(stage, engine)
+    result = {"world": engine.world, **layout(recipe)}
+    losses = [r["loss"] for r in read_metrics(args.dir) if "loss" in r]
+    # A second run that resumes from the step-2 checkpoint (as after a kill during step 3).
+    if engine.is_main:
+        root = os.path.join(args.dir, "checkpoints")
+        shutil.rmtree(os.path.join(root, "step-0000004"))
+        with open(os.path.join(root, "latest"), "w") as f:
+            f.write("step-0000002")
+    torch.distributed.barrier()
+    recipe, engine, stage = build(args)
+    summary = run(stage, engine)
+    resumed = [r["loss"] for r in read_metrics(args.dir) if "loss" in r]
+    if engine.is_main:
+        with open(args.out, "w") as f:
+            json.dump({**result, "losses": losses, "resumed": resumed, "resumed_from": summary["resumed_from"]}, f)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""Typed configs: presets, YAML, dotted overrides, and one clear error per bad setting."""
+import pytest
+import yaml
+
+from fastted.config import Config, ConfigError, PRESETS, dump, from_dict, load_config, to_dict
+
+
+def test_defaults_are_the_embedded_default():
+    config = load_config()
+    assert config.task == "classification" and config.teacher.path == "minilm"
+    assert config.student.layers == [0, 2, 4] and config.data.source == "bbc-news"
+    assert config.distil.methods == ["kd", "lwd", "ted"]
+    assert config.steps[0] == "finetune-teacher" and config.steps[-1] == "evaluate"
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_is_valid(name):
+    config = load_config(preset=name)
+    for key, value in PRESETS[name].items():
+        target = config
+        for part in key.split(".")[:-1]:
+            target = getattr(target, part)
+        assert getattr(target, key.split(".")[-1]) == value, key
+
+
+def test_yaml_file_then_overrides_typed(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"preset": "bbc-minilm-tiny", "seed": 3, "distil": {"train": {"lr": 0.002},
+                                                                                       "methods": ["ted"]}}))
+    config = load_config(str(path), ("distil.train.lr=3e-4", "data.max_length=48", "progress=true",
+                                     "student.layers=[1,3,5]", "distil.methods=kd,ted", "data.max_test_examples=null"))
+    assert config.output_dir == "runs/bbc-minilm-tiny"  # from the preset the file names
+    assert config.seed == 3
+    assert config.distil.train.lr == pytest.approx(3e-4) and isinstance(config.distil.train.lr, float)
+    assert config.data.max_length == 48 and isinstance(config.data.max_length, int)
+    assert config.progress is True
+    assert config.student.layers == [1, 3, 5]
+    assert config.distil.methods == ["kd", "ted"]
+    assert config.data.max_test_examples is None
+    assert config.filters.train.lr == pytest.approx(1e-3)  # untouched sections keep their defaults
+
+
+def test_round_trip_through_yaml(tmp_path):
+    config = load_config(preset="smollm2-bbc", overrides=("engine.deepspeed={}",))
+    path = tmp_path / "config.yaml"
+    dump(config, str(path))
+    with open(path, encoding="utf-8") as f:
+        again = from_dict(yaml.safe_load(f))
+    assert to_dict(again) == to_dict(config)
+    assert isinstance(again, Config)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.max_lenght=3", "unknown config key 'data.max_lenght'"),
+    ("nosuch=1", "unknown config key 'nosuch'"),
+    ("data.max_length=abc", "data.max_length: got 'abc', needs an int"),
+    ("data.max_length=2.5", "data.max_length: got 2.5, needs an int"),
+    ("data.max_length=0", "data.max_length: got 0, needs a number > 0"),
+    ("task=regression", "task: got 'regression', needs one of classification, mlm, clm"),
+    ("distil.methods=ted,bogus", "distil.methods[1]: got 'bogus'"),
+    ("engine.precision=fp8", "engine.precision: got 'fp8'"),
+    ("engine.zero_stage=4", "engine.zero_stage: got 4"),
+    ("distil.train.warmup_ratio=1.5", "distil.train.warmup_ratio: got 1.5"),
+    ("progress=maybe", "progress: got 'maybe', needs true or false"),
+    ("finetune.batch_size=32", None),
+    ("finetune.micro_batch_size=5", "finetune.batch_size (32) must be a multiple of finetune.micro_batch_size (5)"),
+    ("data=3", "data is a section"),
+    ("lr", "needs the form key.sub=value"),
+    ("steps=[distil,evaluate,finetune-teacher]", None),
+    ("task=clm", "steps: 'finetune-teacher' is for classification"),
+    ("student.path=x", "student.path and student.layers / num_layers exclude each other"),
+])
+def test_bad_settings_name_the_key(override, message):
+    if message is None:
+        load_config(overrides=(override,))
+        return
+    with pytest.raises(ConfigError, match=None) as info:
+        load_config(overrides=(override,))
+    assert message in str(info.value)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="--config: no such file"):
+        load_config(str(tmp_path / "missing.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: {max_length: [1,\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(str(bad))
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("data:\n  max_length: 64\n  surprise: 1\n")
+    with pytest.raises(ConfigError, match="unknown config key 'data.surprise'"):
+        load_config(str(nested))
+    with pytest.raises(ConfigError, match="--preset: unknown preset 'nope'"):
+        load_config(preset="nope")
+
+
+@pytest.mark.parametrize("name", ["bbc-minilm.yaml", "smollm2-bbc.yaml", "deepspeed-zero3.yaml"])
+def test_example_configs_load(name):
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "configs", name)
+    config = load_config(path)
+    assert config.output_dir.startswith("runs/")
