@@ -29,17 +29,18 @@ def _parser() -> argparse.ArgumentParser:
                                      "language models (TED, LWD, KD, CoDIR, RAIL-KD, DWT).")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add(name, help_text):
+    def add(name, help_text, which=False):
         p = sub.add_parser(name, help=help_text, description=help_text)
+        if which:
+            p.add_argument("which", choices=("teacher", "student"))
         p.add_argument("-c", "--config", help="a YAML config file")
         p.add_argument("--preset", choices=sorted(PRESETS), help="start from this preset (default bbc-minilm)")
         p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. seed=1")
         return p
 
     add("pipeline", "run every step of the config's `steps`")
-    add("finetune", "fine-tune the teacher or the student alone").add_argument("which",
-                                                                                choices=("teacher", "student"))
-    add("filters", "TED stage I: learn task-aware filters").add_argument("which", choices=("teacher", "student"))
+    add("finetune", "fine-tune the teacher or the student alone", which=True)
+    add("filters", "TED stage I: learn task-aware filters", which=True)
     add("distil", "stage II of the distillation methods").add_argument(
         "--method", action="append", help="a method (repeatable); default: distil.methods")
     add("evaluate", "evaluate every model of the run; write results.json, report.md and report.png")
@@ -87,9 +88,9 @@ def run(argv=None) -> dict:
         result = p.learn_filters(config, args.which)
     elif args.command == "distil":
         methods = args.method or config.distil.methods
-        for i, method in enumerate(methods):
-            from fastted.config import METHODS
+        from fastted.config import METHODS
 
+        for method in methods:
             if method not in METHODS:
                 raise ConfigError(f"--method: got {method!r}, needs one of {', '.join(METHODS)}")
         result = {method: p.distil(config, method) for method in methods}

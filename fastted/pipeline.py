@@ -15,6 +15,7 @@ from the pretrained teacher and its student and runs ``distil`` and
 """
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import math
@@ -120,15 +121,18 @@ def student_layers(config: ModelConfig, teacher_layers: int) -> list[int]:
     return sorted({round(i * (teacher_layers - 1) / max(n - 1, 1)) for i in range(n)})
 
 
-def build_student(config: Config, num_labels: Optional[int] = None):
-    """The student: a model folder, or the pretrained teacher cut to some of its layers (re-initialized
-    and resized when ``student.random_init``)."""
+def build_student(config: Config, num_labels: Optional[int] = None, teacher=None):
+    """The student: a model folder, or the pretrained teacher (``teacher`` when it is loaded already) cut to
+    some of its layers (re-initialized and resized when ``student.random_init``)."""
     s = config.student
     if s.path is not None:
         path, gguf = model_source(s, "student")
         return load_model(path, config.task, gguf, num_labels)
-    path, gguf = model_source(config.teacher, "teacher")
-    model = load_model(path, config.task, gguf, num_labels)
+    if teacher is not None:
+        model = copy.deepcopy(teacher)
+    else:
+        path, gguf = model_source(config.teacher, "teacher")
+        model = load_model(path, config.task, gguf, num_labels)
     n_teacher = model.config.num_hidden_layers
     layers = student_layers(s, n_teacher)
     try:
@@ -406,7 +410,8 @@ def distil(config: Config, method: str) -> dict:
         teacher = load_model(_model_dir(config, "finetune-teacher"), config.task)
         student = load_model(_model_dir(config, "finetune-student"), config.task)
     else:
-        teacher, student = load_model(path, config.task, gguf), build_student(config)
+        teacher = load_model(path, config.task, gguf)
+        student = build_student(config, teacher=teacher)
     steps = total_steps(len(data.train), config.distil.train)
     recipe = build_recipe(config, method, student, teacher, tokenizer, steps, filters)
     return _train(config, f"distil-{method}", recipe, data, config.distil.train, device, recipe.student_model)
@@ -434,9 +439,13 @@ def evaluate(config: Config) -> dict:
     ev.rank, ev.world, ev.device = rank, world, device
     micro = max(config.distil.train.batch_size // world, 1)
     results = {}
+    pretrained = None
     for label, step in candidates:
         if step is None:
-            model = load_model(path, config.task, gguf) if label.startswith("teacher") else build_student(config)
+            if label.startswith("teacher"):
+                model = pretrained = load_model(path, config.task, gguf)
+            else:
+                model = build_student(config, teacher=pretrained)
         else:
             directory = os.path.join(step_dir(config, step), "model")
             if not os.path.isdir(directory):

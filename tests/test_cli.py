@@ -1,0 +1,116 @@
+"""The `fastted` command: one clear line and exit status 2 for each bad setting, and the embedded pipeline end to
+end at its tiny size (fine-tune, stage I, KD / LWD / TED, evaluate, report), then resumed."""
+import json
+import os
+
+import pytest
+import torch
+
+from fastted.cli import main
+from tests._models import bert, minilm_path
+
+
+def _error(capsys, *argv):
+    code = main(list(argv))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) >= 1 and err[-1].startswith("fastted: error: ")
+    assert "Traceback" not in "\n".join(err)
+    return err[-1]
+
+
+@pytest.fixture()
+def other_tokenizer_model(tmp_path):
+    """A tiny BERT whose tokenizer is not MiniLM's."""
+    from transformers import BertTokenizer
+
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(92)]))
+    path = tmp_path / "other"
+    BertTokenizer(str(vocab)).save_pretrained(path)
+    bert(2, 32).save_pretrained(path)
+    return str(path)
+
+
+def test_unknown_key(capsys):
+    line = _error(capsys, "pipeline", "distil.tempreature=3")
+    assert "unknown config key 'distil.tempreature'" in line and "temperature" in line
+
+
+def test_missing_model_path(capsys, tmp_path):
+    line = _error(capsys, "pipeline", f"teacher.path={tmp_path / 'nope'}")
+    assert line == f"fastted: error: teacher.path: no such model folder '{tmp_path / 'nope'}' (a Hugging Face " \
+                   f"model folder, 'minilm' or 'smollm2')"
+
+
+def test_missing_dataset_path(capsys, tmp_path):
+    minilm_path()
+    line = _error(capsys, "finetune", "teacher", f"output_dir={tmp_path}", f"data.source={tmp_path / 'x.jsonl'}")
+    assert "data.source" in line and "x.jsonl" in line
+
+
+def test_mismatched_tokenizers(capsys, tmp_path, other_tokenizer_model):
+    minilm_path()
+    line = _error(capsys, "distil", f"output_dir={tmp_path}", f"student.path={other_tokenizer_model}",
+                  "student.layers=null")
+    assert "student.path: its tokenizer" in line and "differs from the teacher's" in line
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only errors")
+@pytest.mark.parametrize("override, message", [("engine.precision=fp16", "fp16 needs a CUDA GPU"),
+                                               ("engine.device=cuda", "no CUDA GPU")])
+def test_gpu_only_option_on_cpu(capsys, tmp_path, override, message):
+    minilm_path()
+    line = _error(capsys, "finetune", "teacher", f"output_dir={tmp_path}", override)
+    assert message in line
+
+
+def test_bad_command_line(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["finetune", "teachers"])
+    assert info.value.code == 2
+    assert _error(capsys, "distil", "--method", "bogus") == \
+        "fastted: error: --method: got 'bogus', needs one of ted, lwd, kd, codir, railkd, dwt"
+
+
+def test_config_prints_the_resolved_config(capsys):
+    assert main(["config", "--preset", "bbc-minilm-tiny", "seed=9"]) == 0
+    out = capsys.readouterr().out
+    assert "seed: 9" in out and "max_length: 32" in out
+
+
+def test_tiny_pipeline_end_to_end_then_resumed(tmp_path, capsys):
+    minilm_path()
+    out = tmp_path / "run"
+    assert main(["pipeline", "--preset", "bbc-minilm-tiny", f"output_dir={out}"]) == 0
+    printed = capsys.readouterr().out
+    for label in ("teacher", "student alone", "KD", "LWD", "TED"):
+        assert label in printed
+    results = json.loads((out / "results.json").read_text())
+    assert list(results) == ["teacher", "student alone", "KD", "LWD", "TED"]
+    assert all(0.0 <= r["accuracy"] <= 1.0 and r["examples"] == 32 for r in results.values())
+    report = (out / "report.md").read_text()
+    assert "| TED |" in report and "report.png" in report
+    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for step in ("finetune-teacher", "finetune-student", "filters-teacher", "filters-student", "distil-kd",
+                 "distil-lwd", "distil-ted"):
+        assert (out / step / "model" / "config.json").exists(), step
+        assert (out / step / "model" / "tokenizer.json").exists() or (out / step / "model" / "vocab.txt").exists()
+        assert (out / step / "checkpoints" / "latest").read_text() == "step-0000002"
+    assert (out / "filters-student" / "model" / "filters.safetensors").exists()
+    assert (out / "distil-ted" / "model" / "filters.safetensors").exists()
+    records = [json.loads(line) for line in (out / "distil-ted" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train] == [1, 2] and len(train[0]["layer_losses"]) == 3
+    assert set(train[0]["terms"]) == {"task", "kd", "mse"} and train[0]["tokens_per_s"] > 0
+    assert any("eval" in r for r in records)
+    # Run again: every step resumes from its last checkpoint and trains nothing more.
+    before = (out / "distil-ted" / "metrics.jsonl").read_text().count('"loss"')
+    assert main(["distil", "--method", "ted", "--preset", "bbc-minilm-tiny", f"output_dir={out}"]) == 0
+    assert json.loads((out / "distil-ted" / "result.json").read_text())["resumed_from"] == 2
+    assert (out / "distil-ted" / "metrics.jsonl").read_text().count('"loss"') == before
+    # The same output_dir with other settings is refused, not silently mixed.
+    line = _error(capsys, "distil", "--method", "ted", "--preset", "bbc-minilm-tiny", f"output_dir={out}",
+                  "distil.temperature=3")
+    assert "holds a checkpoint of a run with other settings (differing: distil)" in line
+    assert os.path.isdir(out / "cache")

@@ -1,0 +1,126 @@
+"""The engine: schedule, batch layout, DeepSpeed configs, GPU-only options, and ZeRO-2 / ZeRO-3 on two ranks
+(gloo, on the CPU) against one process, with a resume in each."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastted.config import ConfigError, EngineConfig, TrainConfig
+from fastted.engine import _safe_globals, batch_layout, deepspeed_config, lr_at, resolve_device
+
+WORKER = os.path.join(os.path.dirname(__file__), "_engine_worker.py")
+
+
+@pytest.mark.parametrize("decay", ["linear", "cosine", "constant"])
+def test_lr_at_warms_up_then_decays(decay):
+    config = TrainConfig(warmup_ratio=0.2, decay=decay)
+    total, warmup = 50, 10
+    values = [lr_at(s, total, config) for s in range(total)]
+    assert values[:warmup] == pytest.approx([(s + 1) / (warmup + 1) for s in range(warmup)])
+    for s in range(warmup, total):
+        p = (s - warmup) / (total - warmup)
+        want = {"linear": 1 - p, "cosine": 0.5 * (1 + torch.cos(torch.tensor(torch.pi * p)).item()),
+                "constant": 1.0}[decay]
+        assert values[s] == pytest.approx(want, abs=1e-6), s
+
+
+def test_batch_layout_and_deepspeed_config(tmp_path):
+    train = TrainConfig(batch_size=32, micro_batch_size=4, clip=0.5)
+    assert batch_layout(train, 2) == (4, 4)
+    assert batch_layout(TrainConfig(batch_size=32), 4) == (8, 1)
+    with pytest.raises(ConfigError, match="batch_size 32 is not a multiple of micro_batch_size 4 x 3 ranks"):
+        batch_layout(train, 3)
+    user = tmp_path / "ds.json"
+    user.write_text(json.dumps({"zero_optimization": {"overlap_comm": True}, "gradient_clipping": 2.0}))
+    ds = deepspeed_config(train, EngineConfig(zero_stage=2, precision="bf16", deepspeed=str(user)), 2)
+    assert ds["train_batch_size"] == 32 and ds["gradient_accumulation_steps"] == 4
+    assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": True}  # merged, not replaced
+    assert ds["gradient_clipping"] == 2.0 and ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+    with pytest.raises(ConfigError, match="engine.deepspeed: no such file"):
+        deepspeed_config(train, EngineConfig(deepspeed=str(tmp_path / "nope.json")), 1)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only errors")
+@pytest.mark.parametrize("kwargs, message", [
+    ({"device": "cuda"}, "engine.device: got 'cuda', but this machine has no CUDA GPU"),
+    ({"precision": "fp16"}, "engine.precision: fp16 needs a CUDA GPU"),
+    ({"impl": "triton"}, "engine.impl: 'triton' needs a CUDA GPU"),
+])
+def test_gpu_only_options_on_cpu(kwargs, message, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ConfigError, match=message):
+        resolve_device(EngineConfig(**kwargs))
+    assert resolve_device(EngineConfig()).type == "cpu"
+
+
+def _port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(tmp, stage, ranks):
+    out, directory = tmp / f"zero{stage}-{ranks}.json", tmp / f"zero{stage}-{ranks}"
+    args = ["--zero-stage", str(stage), "--dir", str(directory), "--out", str(out)]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):  # an in-process world of one
+        env.pop(key, None)
+    if ranks == 1:
+        command = [sys.executable, WORKER, *args]
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
+                   "--master_port", str(_port()), WORKER, *args]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    with open(out) as f:
+        return {**json.load(f), "dir": str(directory)}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("engine")
+    return {"single": _launch(tmp, 0, 1), 2: _launch(tmp, 2, 2), 3: _launch(tmp, 3, 2)}
+
+
+def test_one_process_resumes_where_it_stopped(runs):
+    single = runs["single"]
+    assert single["world"] == 1 and single["resumed_from"] == 2
+    assert len(single["losses"]) == 4 and single["losses"][0] > single["losses"][-1]  # it learns
+    assert single["resumed"][2:] == pytest.approx(single["losses"][2:], rel=1e-6, abs=0)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_ranks_match_one_process(runs, stage):
+    """The same global batch of 8 split 4 + 4 over two ranks: the same losses at every step, and again after a
+    resume from the step-2 checkpoint (model, optimizer, schedule restored on both ranks)."""
+    run = runs[stage]
+    assert run["world"] == 2
+    assert run["losses"] == pytest.approx(runs["single"]["losses"], rel=1e-4, abs=1e-6)
+    assert run["resumed"][2:] == pytest.approx(run["losses"][2:], rel=1e-5, abs=1e-7)
+
+
+def test_zero3_partitions_teacher_and_student(runs):
+    z3, z2 = runs[3], runs[2]
+    assert z3["teacher_partitioned"] and z3["student_partitioned"]
+    assert z3["teacher_local_fraction"] == pytest.approx(0.5, abs=0.01)  # each rank holds half of the teacher
+    assert not z2["teacher_partitioned"] and not z2["student_partitioned"]
+
+
+def test_checkpoints_load_without_pickle(runs):
+    """Every file of every checkpoint loads with weights_only=True, with only DeepSpeed's four plain types
+    allowed; the model weights are safetensors in the exported model."""
+    files = []
+    for run in runs.values():
+        for root, _, names in os.walk(os.path.join(run["dir"], "checkpoints")):
+            files += [os.path.join(root, n) for n in names if n.endswith(".pt")]
+    assert len(files) >= 6
+    with torch.serialization.safe_globals(_safe_globals()):
+        for path in files:
+            state = torch.load(path, weights_only=True, map_location="cpu")
+            assert isinstance(state, dict) and state, path
+    assert {t.__name__ for t in _safe_globals()} == {"LossScaler", "DynamicLossScaler", "ZeroStageEnum",
+                                                     "fragment_address"}

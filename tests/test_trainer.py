@@ -1,0 +1,128 @@
+"""The thin loop in one process: data order, atomic checkpoints, keep-last-N, and resumes that continue exactly
+(CoDIR's memory bank and RAIL-KD's per-step draws included)."""
+import os
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from fastted import CoDIR, RAILKD, RandomLayerMap
+from fastted.config import EngineConfig, TrainConfig
+from fastted.data import ClassificationCollator
+from fastted.engine import Engine
+from fastted.trainer import Stage, data_order, latest_checkpoint, micro_batches, read_metrics, run
+from tests._models import bert
+
+STEPS = 5
+
+
+def _dataset(n=40, tokens=10):
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(3, 97, (n, tokens), generator=g)
+    lengths = torch.randint(4, tokens + 1, (n,), generator=g)
+    labels = torch.randint(0, 3, (n,), generator=g)
+    return [{"input_ids": ids[i, :lengths[i]].tolist(), "label": int(labels[i]), "index": i} for i in range(n)]
+
+
+def _recipe(kind):
+    student, teacher = bert(2, 32, seed=1), bert(3, 48, seed=2)
+    torch.manual_seed(5)
+    if kind == "codir":
+        return CoDIR(student, teacher, bank_size=16, proj_dim=8, crd_alpha=1.0, impl="reference")
+    return RAILKD(student, teacher, RandomLayerMap(2, 3, per="step", seed=3), proj_dim=8, impl="reference")
+
+
+class _Crash(Exception):
+    pass
+
+
+def _run(kind, directory, crash_at=None, save_every=2, keep_last=2, engine_hook=None):
+    recipe = _recipe(kind)
+    train = TrainConfig(batch_size=8, max_steps=STEPS, lr=5e-3, warmup_ratio=0.2, save_every=save_every,
+                        keep_last=keep_last)
+    engine = Engine(recipe, train, EngineConfig(impl="reference"), STEPS, torch.device("cpu"))
+    if engine_hook is not None:
+        engine_hook(engine)
+    collate = ClassificationCollator(0)
+    calls = {"n": 0}
+
+    def collator(examples, generator=None):
+        calls["n"] += 1
+        if crash_at is not None and calls["n"] > crash_at:
+            raise _Crash()
+        return collate(examples, generator)
+
+    stage = Stage(name=kind, directory=str(directory), recipe=recipe, dataset=_dataset(), collator=collator,
+                  train=train, progress=False, config_text="kind: " + kind + "\n")
+    return run(stage, engine), recipe
+
+
+def test_data_order_is_a_pure_function_of_seed_and_epoch():
+    a, b = data_order(50, 3, 1), data_order(50, 3, 1)
+    assert np.array_equal(a, b) and sorted(a) == list(range(50))
+    assert not np.array_equal(a, data_order(50, 3, 2)) and not np.array_equal(a, data_order(50, 4, 1))
+
+
+def test_micro_batches_cover_the_global_batch_once():
+    """Two ranks x two accumulation steps: the four micro batches are the step's global batch, each example once."""
+    data = [{"input_ids": [3 + i], "label": 0} for i in range(32)]
+    stage = SimpleNamespace(dataset=data, train=SimpleNamespace(batch_size=8), seed=1, collator=lambda ex, g: ex)
+    seen = []
+    for rank in range(2):
+        engine = SimpleNamespace(micro_batch=2, accumulation=2, world=2, rank=rank)
+        for step in (0, 5):
+            seen += [(step, e["input_ids"][0]) for _, batch in micro_batches(stage, step, engine) for e in batch]
+    for step in (0, 5):
+        epoch, pos = divmod(step, 4)
+        want = {3 + int(i) for i in data_order(32, 1, epoch)[pos * 8:(pos + 1) * 8]}
+        got = [i for s, i in seen if s == step]
+        assert sorted(got) == sorted(want) and len(got) == 8
+
+
+@pytest.mark.parametrize("kind", ["codir", "railkd"])
+def test_resume_after_a_crash_continues_exactly(kind, tmp_path):
+    whole, _ = _run(kind, tmp_path / "whole")
+    losses = [r["loss"] for r in read_metrics(str(tmp_path / "whole")) if "loss" in r]
+    assert len(losses) == STEPS
+    with pytest.raises(_Crash):  # dies during step 4 (after the step-2 checkpoint, before the step-4 one)
+        _run(kind, tmp_path / "cut", crash_at=3)
+    assert latest_checkpoint(str(tmp_path / "cut")).endswith("step-0000002")
+    summary, recipe = _run(kind, tmp_path / "cut")
+    assert summary["resumed_from"] == 2
+    again = [r["loss"] for r in read_metrics(str(tmp_path / "cut")) if "loss" in r]
+    assert [r["step"] for r in read_metrics(str(tmp_path / "cut")) if "loss" in r] == [1, 2, 3, 4, 5]
+    assert again == pytest.approx(losses, rel=1e-6, abs=1e-9)
+    if kind == "codir":
+        assert int(recipe.bank.filled.sum()) > 0  # the bank was restored and filled further
+
+
+def test_a_kill_during_a_save_keeps_the_previous_checkpoint(tmp_path):
+    def hook(engine):
+        real = engine.save
+
+        def save(directory, client_state):
+            if client_state["step"] == 4:
+                real(directory, client_state)
+                raise _Crash()  # files written, rename not done: as a kill before the commit
+            real(directory, client_state)
+
+        engine.save = save
+
+    with pytest.raises(_Crash):
+        _run("railkd", tmp_path, engine_hook=hook)
+    root = tmp_path / "checkpoints"
+    assert latest_checkpoint(str(tmp_path)).endswith("step-0000002")
+    assert (root / "step-0000004.tmp").is_dir() and not (root / "step-0000004").exists()
+    summary, _ = _run("railkd", tmp_path)  # resumes from step 2; the leftover is replaced
+    assert summary["resumed_from"] == 2
+    assert sorted(os.listdir(root)) == ["latest", "step-0000004", "step-0000005"]
+
+
+def test_keep_last_n(tmp_path):
+    _run("railkd", tmp_path, save_every=1, keep_last=3)
+    kept = sorted(d for d in os.listdir(tmp_path / "checkpoints") if d.startswith("step-"))
+    assert kept == ["step-0000003", "step-0000004", "step-0000005"]
+    assert latest_checkpoint(str(tmp_path)).endswith("step-0000005")
+    lines = read_metrics(str(tmp_path))
+    assert all(set(r["terms"]) >= {"task", "kd"} for r in lines if "loss" in r)
