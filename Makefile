@@ -7,7 +7,7 @@ STAMP := .make/installed-$(shell $(PYTHON) -c "import sys; print(sys.prefix.repl
 .PHONY: demo test bench install
 
 demo: $(STAMP)
-	$(PYTHON) -m fastted.demo
+	$(PYTHON) -m fastted pipeline
 
 test: $(STAMP)
 	$(PYTHON) -m pytest tests benchmarks --benchmark-disable -q

@@ -23,6 +23,14 @@ setup(
         "transformers>=4.40",
         "datasets>=2.18",
         "deepspeed>=0.14",
+        "numpy",
+        "pyyaml",
+        "safetensors",
+        "tqdm",
+        "matplotlib",       # the run report's PNG
+        "gguf>=0.10",       # GGUF checkpoints (the SmolLM2 example) through transformers
+        "accelerate>=0.26",
     ],
-    extras_require={"dev": ["pytest>=8", "pytest-benchmark>=4"]},
+    extras_require={"dev": ["pytest>=8", "pytest-benchmark>=4"], "tensorboard": ["tensorboard"]},
+    entry_points={"console_scripts": ["fastted = fastted.cli:main"]},
 )
