@@ -27,7 +27,8 @@ def write_report(config, results: dict) -> str:
         shown = f"{value:.4f}" if isinstance(value, float) else "-"
         lines.append(f"| {label} | {shown} | {r.get('examples', r.get('tokens', '-'))} |")
     curves = {}
-    for step in sorted(os.listdir(out)) if os.path.isdir(out) else []:
+    order = ["finetune-teacher", "finetune-student", "filters-teacher", "filters-student"]
+    for step in sorted(os.listdir(out), key=lambda d: (order.index(d) if d in order else len(order), d)):
         records = [r for r in read_metrics(os.path.join(out, step)) if "loss" in r]
         if records:
             curves[step] = records
