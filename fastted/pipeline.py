@@ -31,6 +31,7 @@ from fastted.engine import Engine, init_distributed, resolve_device, seed_everyt
 from fastted.trainer import Stage, run, total_steps
 
 GGUF_SMOLLM2 = "SmolLM2-135M-Instruct.Q4_1.gguf"
+METHOD_NAMES = {"ted": "TED", "lwd": "LWD", "kd": "KD", "codir": "CoDIR", "railkd": "RAIL-KD", "dwt": "DWT"}
 
 
 # --------------------------------------------------------------------------- models
@@ -186,7 +187,11 @@ def prepare_data(config: Config, tokenizer) -> Data:
     def prepare(ds):
         ds = fdata.tokenize(ds, tokenizer, max_length=d.max_length, text_field=d.text_field, cache_dir=cache,
                             truncation=not pack)
-        return fdata.pack(ds, d.max_length, separator_id=separator) if pack else ds
+        if pack:
+            ds = fdata.pack(ds, d.max_length, separator_id=separator)
+        if config.task != "classification":  # example ids: CoDIR leaves an anchor's own bank entry out
+            ds = ds.add_column("index", list(range(len(ds))))
+        return ds
 
     collator = fdata.collator_for(config.task, tokenizer, mlm_probability=d.mlm_probability)
     return Data(prepare(train), prepare(test), collator, tokenizer, label_names)
@@ -427,7 +432,7 @@ def evaluate(config: Config) -> dict:
     tokenizer = load_tokenizer(path, gguf)
     data = prepare_data(config, tokenizer)
     candidates = [("teacher", "finetune-teacher"), ("student alone", "finetune-student")]
-    candidates += [(method.upper(), f"distil-{method}") for method in config.distil.methods]
+    candidates += [(METHOD_NAMES[method], f"distil-{method}") for method in config.distil.methods]
     if config.task != "classification":
         candidates = [("teacher (pretrained)", None), ("student (initial)", None)] + candidates[2:]
     rank, world = init_distributed(device)

@@ -114,3 +114,26 @@ def test_tiny_pipeline_end_to_end_then_resumed(tmp_path, capsys):
                   "distil.temperature=3")
     assert "holds a checkpoint of a run with other settings (differing: distil)" in line
     assert os.path.isdir(out / "cache")
+
+
+def test_mlm_continual_pretraining(tmp_path):
+    """task=mlm from the pretrained MiniLM: TED's stage I with the model's own LM head, then TED, DWT (cosine
+    alpha_s) and CoDIR (block ids as the bank's exclusions) with the fused LM head; perplexities at the end."""
+    minilm_path()
+    out = tmp_path / "mlm"
+    code = main(["pipeline", "--preset", "bbc-minilm-tiny", f"output_dir={out}", "task=mlm",
+                 "steps=[filters-teacher,filters-student,distil,evaluate]", "distil.methods=[ted,dwt,codir]",
+                 "distil.alpha_s=4", "distil.alpha_s_end=1", "data.max_length=24", "distil.bank_size=64"])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert list(results) == ["teacher (pretrained)", "student (initial)", "TED", "DWT", "CoDIR"]
+    for r in results.values():
+        assert r["tokens"] > 0 and 1.0 < r["perplexity"] < 1e6
+    def train(step):
+        lines = (out / step / "metrics.jsonl").read_text().splitlines()
+        return [r for r in map(json.loads, lines) if "loss" in r]
+    dwt = train("distil-dwt")
+    assert [r["weights"]["kd"] for r in dwt] == pytest.approx([4.0, 2.5])  # cosine from 4 to 1 over 2 steps
+    assert set(train("distil-ted")[0]["terms"]) == {"task", "kd", "mse"}
+    assert set(train("distil-codir")[-1]["terms"]) == {"task", "kd", "crd"}
+    assert (out / "filters-teacher" / "model" / "filters.safetensors").exists()
