@@ -152,7 +152,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "task": "clm", "output_dir": "runs/smollm2-bbc", "steps": ["distil", "evaluate"],
         "teacher.path": "smollm2", "student.layers": None, "student.num_layers": 6,
         "data.max_length": 256, "data.max_test_examples": 64,
-        "distil.methods": ["lwd"], "distil.temperature": 1.0, "distil.train.lr": 1e-4,
+        "distil.methods": ["lwd"], "distil.temperature": 1.0, "distil.mse_alpha": 1e-3, "distil.train.lr": 1e-4,
         "distil.train.batch_size": 8, "distil.train.max_steps": 200,
     },
 }
@@ -370,9 +370,10 @@ def check(config: Config) -> None:
         _choice(f"steps[{i}]", step, STEPS)
     if config.task != "classification":
         for step in config.steps:
-            if step.startswith("finetune") or step.startswith("filters"):
-                raise ConfigError(f"steps: {step!r} is for classification; a {config.task} run distils directly "
-                                  f"(steps: [distil, evaluate])")
+            if step.startswith("finetune"):
+                raise ConfigError(f"steps: {step!r} is for classification; a {config.task} run distils the "
+                                  f"pretrained models (steps: [distil, evaluate], with the filters steps first "
+                                  f"for TED)")
     for i, method in enumerate(config.distil.methods):
         _choice(f"distil.methods[{i}]", method, METHODS)
     if not config.distil.methods:

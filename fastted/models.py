@@ -22,7 +22,7 @@ before the final norm.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -72,10 +72,6 @@ def _config_int(config, *names) -> Optional[int]:
         if isinstance(value, int):
             return value
     return None
-
-
-class _HeadInput(Exception):
-    """Raised by the output embedding's pre-hook to stop the head once its input is captured."""
 
 
 @dataclass
@@ -224,10 +220,11 @@ class ModelAdapter:
             raise ValueError(f"the {name} is a classification model: only a language model ('mlm' or 'clm') has a "
                              f"vocabulary projection to fuse (fused_lm_head)")
         emb = self.model.get_output_embeddings()
-        if not isinstance(emb, nn.Linear) or emb.weight.shape[0] != self.vocab_size:
+        shape = tuple(getattr(emb.weight, "ds_shape", emb.weight.shape)) if isinstance(emb, nn.Linear) else None
+        if not isinstance(emb, nn.Linear) or shape[0] != self.vocab_size:  # ds_shape: ZeRO-3's full shape
             what = "None" if emb is None else f"a {type(emb).__name__}"
             if isinstance(emb, nn.Linear):
-                what += f" of weight {tuple(emb.weight.shape)}"
+                what += f" of weight {shape}"
             raise ValueError(f"the {name}'s get_output_embeddings() is {what}, not the nn.Linear(hidden, "
                              f"vocab_size={self.vocab_size}) projection that fused_lm_head replaces")
         for attr in _LOGIT_POSTPROCESSING:
@@ -262,26 +259,40 @@ class ModelAdapter:
 
 
 def _projection_input(pre_head: Optional[nn.Module], emb: nn.Module, hidden: Tensor) -> Tensor:
-    """Run ``pre_head`` on the base model's output up to ``emb``, and return what ``emb`` would read."""
+    """Run ``pre_head`` on the base model's output up to ``emb``, and return what ``emb`` would read.
+
+    ``emb`` is made an identity for the call (its instance ``forward`` shadowed), so the vocabulary projection
+    is never computed while every module, ``emb`` included, still enters and leaves its forward normally: the
+    hooks around it (ZeRO-3's parameter gathering and release) see a complete forward."""
     if pre_head is None:
         return hidden
     captured = []
 
-    def stop(module, args):
-        captured.append(args[0])
-        raise _HeadInput
+    def identity(x, *args, **kwargs):
+        captured.append(x)
+        return x
 
-    handle = emb.register_forward_pre_hook(stop)
+    emb.forward = identity
     try:
         pre_head(hidden)
-    except _HeadInput:
-        pass
     finally:
-        handle.remove()
+        del emb.forward
     if not captured:
         raise ValueError(f"the {type(pre_head).__name__} head never called its output embedding: fused_lm_head "
                          f"cannot find the projection's input")
     return captured[0]
+
+
+def gathered(params):
+    """A context in which the ZeRO-3 partitioned tensors among ``params`` are whole, to be read (not written)
+    outside their module's forward, as the fused LM head reads a frozen teacher's output embeddings; a no-op
+    for ordinary tensors."""
+    partitioned = [p for p in params if p is not None and hasattr(p, "ds_id")]
+    if not partitioned:
+        return nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
 
 
 def adapt(model, task: Optional[str] = None) -> ModelAdapter:

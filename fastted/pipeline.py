@@ -76,9 +76,14 @@ def load_model(path: str, task: str, gguf_file: Optional[str] = None, num_labels
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the load report of a new classification head is expected here
     try:
-        return _model_class(task).from_pretrained(path, **kwargs)
+        model = _model_class(task).from_pretrained(path, **kwargs)
     finally:
         hf_logging.set_verbosity(verbosity)
+    if gguf_file:  # transformers de-quantizes GGUF weights on load: what trains and is saved is a plain model
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    return model
 
 
 def load_tokenizer(path: str, gguf_file: Optional[str] = None):

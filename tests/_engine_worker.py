@@ -1,4 +1,5 @@
-"""A few steps of TED's stage II on tiny models through fastted's engine and trainer, then a resume.
+"""A few steps of a recipe on tiny models through fastted's engine and trainer, then a resume: TED's stage II
+(classification), or LWD with the fused LM head (GPT-2 causal LM, BERT MLM).
 
 Run by tests/test_engine.py as one process (a world of one) or under
 ``torchrun --nproc_per_node 2`` (gloo). Writes, from rank 0, a JSON file with
@@ -15,12 +16,12 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from fastted import TED, TaskFilters  # noqa: E402
+from fastted import LWD, TED, TaskFilters  # noqa: E402
 from fastted.config import EngineConfig, TrainConfig  # noqa: E402
-from fastted.data import ClassificationCollator  # noqa: E402
+from fastted.data import ClassificationCollator, CLMCollator  # noqa: E402
 from fastted.engine import Engine, is_partitioned  # noqa: E402
 from fastted.trainer import Stage, read_metrics, run  # noqa: E402
-from tests._models import bert  # noqa: E402
+from tests._models import bert, gpt2  # noqa: E402
 
 STEPS = 4
 
@@ -32,16 +33,40 @@ def dataset(n=48, tokens=12, seed=0):
     return [{"input_ids": ids[i].tolist(), "label": int(labels[i])} for i in range(n)]
 
 
+class MLMCollator:
+    """Fixed masks (every third token), so that one process and two ranks see the same labels."""
+
+    def __call__(self, examples, generator=None):
+        batch = ClassificationCollator(0)([{**e, "label": 0} for e in examples])
+        picked = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
+        picked[:, 1::3] = True
+        batch["labels"] = batch["input_ids"].masked_fill(~picked, -100)
+        batch["input_ids"] = batch["input_ids"].masked_fill(picked, 4)
+        return batch
+
+
 def build(args):
-    student, teacher = bert(2, 32, seed=1), bert(4, 48, seed=2)
     torch.manual_seed(3)
-    s_filters, t_filters = TaskFilters([0, 1], 32, 24), TaskFilters([1, 3], 48, 24)
-    recipe = TED(student, teacher, s_filters, t_filters, impl="reference")
-    train = TrainConfig(batch_size=8, max_steps=STEPS, lr=1e-2, warmup_ratio=0.0, decay="linear", clip=1.0,
+    if args.recipe == "ted":
+        student, teacher = bert(2, 32, seed=1), bert(4, 48, seed=2)
+        torch.manual_seed(3)
+        s_filters, t_filters = TaskFilters([0, 1], 32, 24), TaskFilters([1, 3], 48, 24)
+        recipe = TED(student, teacher, s_filters, t_filters, impl="reference")
+        collator = ClassificationCollator(0)
+    elif args.recipe == "lwd-clm":  # the fused LM head: GPT-2's tied output embeddings read outside forward
+        student, teacher = gpt2(2, 32, seed=1), gpt2(4, 48, seed=2)
+        recipe = LWD(student, teacher, fused_lm_head=True, impl="reference")
+        collator = CLMCollator(0)
+    else:  # lwd-mlm: BERT's MLM head (transform, then the tied decoder and its bias)
+        student, teacher = bert(2, 32, head="mlm", seed=1), bert(4, 48, head="mlm", seed=2)
+        recipe = LWD(student, teacher, fused_lm_head=True, impl="reference")
+        collator = MLMCollator()
+    lr = 1e-2 if args.recipe == "ted" else 3e-3
+    train = TrainConfig(batch_size=8, max_steps=STEPS, lr=lr, warmup_ratio=0.0, decay="linear", clip=1.0,
                         save_every=2, keep_last=3)
     engine_config = EngineConfig(zero_stage=args.zero_stage, teacher_zero3=args.zero_stage == 3, impl="reference")
     engine = Engine(recipe, train, engine_config, STEPS, torch.device("cpu"))
-    stage = Stage(name="ted", directory=args.dir, recipe=recipe, dataset=dataset(), collator=ClassificationCollator(0),
+    stage = Stage(name=args.recipe, directory=args.dir, recipe=recipe, dataset=dataset(), collator=collator,
                   train=train, progress=False, config_text=f"zero_stage: {args.zero_stage}\n")
     return recipe, engine, stage
 
@@ -58,6 +83,7 @@ def layout(recipe):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--zero-stage", type=int, default=0)
+    parser.add_argument("--recipe", default="ted", choices=("ted", "lwd-clm", "lwd-mlm"))
     parser.add_argument("--dir", required=True)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()

@@ -1,5 +1,5 @@
 """The engine: schedule, batch layout, DeepSpeed configs, GPU-only options, and ZeRO-2 / ZeRO-3 on two ranks
-(gloo, on the CPU) against one process, with a resume in each."""
+(gloo, on the CPU) against one process, with a resume in each: TED's stage II, and LWD with the fused LM head."""
 import json
 import os
 import socket
@@ -63,9 +63,9 @@ def _port():
         return s.getsockname()[1]
 
 
-def _launch(tmp, stage, ranks):
-    out, directory = tmp / f"zero{stage}-{ranks}.json", tmp / f"zero{stage}-{ranks}"
-    args = ["--zero-stage", str(stage), "--dir", str(directory), "--out", str(out)]
+def _launch(tmp, stage, ranks, recipe="ted"):
+    out, directory = tmp / f"{recipe}-zero{stage}-{ranks}.json", tmp / f"{recipe}-zero{stage}-{ranks}"
+    args = ["--zero-stage", str(stage), "--recipe", recipe, "--dir", str(directory), "--out", str(out)]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):  # an in-process world of one
         env.pop(key, None)
@@ -83,7 +83,10 @@ def _launch(tmp, stage, ranks):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("engine")
-    return {"single": _launch(tmp, 0, 1), 2: _launch(tmp, 2, 2), 3: _launch(tmp, 3, 2)}
+    runs = {"single": _launch(tmp, 0, 1), 2: _launch(tmp, 2, 2), 3: _launch(tmp, 3, 2)}
+    for recipe in ("lwd-clm", "lwd-mlm"):
+        runs[recipe, 1], runs[recipe, 3] = _launch(tmp, 0, 1, recipe), _launch(tmp, 3, 2, recipe)
+    return runs
 
 
 def test_one_process_resumes_where_it_stopped(runs):
@@ -101,6 +104,18 @@ def test_two_ranks_match_one_process(runs, stage):
     assert run["world"] == 2
     assert run["losses"] == pytest.approx(runs["single"]["losses"], rel=1e-4, abs=1e-6)
     assert run["resumed"][2:] == pytest.approx(run["losses"][2:], rel=1e-5, abs=1e-7)
+
+
+@pytest.mark.parametrize("recipe", ["lwd-clm", "lwd-mlm"])
+def test_fused_lm_head_under_zero3_matches_one_process(runs, recipe):
+    """The fused LM head reads the student's output embeddings (an external parameter of the engine's module) and
+    the partitioned teacher's (gathered for the loss) outside their forwards: the same losses as one process."""
+    one, two = runs[recipe, 1], runs[recipe, 3]
+    assert two["teacher_partitioned"] and two["student_partitioned"]
+    if recipe == "lwd-mlm":  # (random tokens: the causal LM has nothing to learn in four steps)
+        assert one["losses"][0] > one["losses"][-1]
+    assert two["losses"] == pytest.approx(one["losses"], rel=1e-4, abs=1e-6)
+    assert two["resumed"][2:] == pytest.approx(two["losses"][2:], rel=1e-5, abs=1e-7)
 
 
 def test_zero3_partitions_teacher_and_student(runs):

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from fastted.losses import _check_float, _check_impl, fused_linear_kd, logit_kd
 from fastted.mapping import LayerMap, RandomLayerMap, uniform_map
-from fastted.models import ModelAdapter, adapt
+from fastted.models import ModelAdapter, adapt, gathered
 
 
 @dataclass
@@ -218,10 +218,11 @@ class Recipe(nn.Module):
                 raise ValueError(f"the {student.task} task loss needs batch['labels']")
             if student.task == "clm":  # hidden state t predicts the label at t + 1, as HF shifts them
                 labels = F.pad(labels[:, 1:], (0, 1), value=-100)
-        loss, kd, ce = fused_linear_kd(
-            xs, ws, xt, wt, temperature=temperature, student_bias=bs, teacher_bias=bt, mask=student_out.mask,
-            hard_labels=labels, hard_weight=w_task, soft_weight=w_kd, impl=self.impl, return_terms=True,
-        )
+        with gathered((wt, bt)):  # a ZeRO-3 teacher's head is partitioned outside its forward
+            loss, kd, ce = fused_linear_kd(
+                xs, ws, xt, wt, temperature=temperature, student_bias=bs, teacher_bias=bt, mask=student_out.mask,
+                hard_labels=labels, hard_weight=w_task, soft_weight=w_kd, impl=self.impl, return_terms=True,
+            )
         terms = {}
         if w_task:
             terms["task"] = ce
