@@ -27,6 +27,8 @@ from fastted.config import PRESETS, ConfigError, load_config
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastted", description="Layer-wise knowledge distillation of transformer "
                                      "language models (TED, LWD, KD, CoDIR, RAIL-KD, DWT).")
+    # The deepspeed launcher passes --local_rank before the command (the rank is also in LOCAL_RANK).
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name, help_text, which=False):

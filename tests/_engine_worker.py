@@ -1,8 +1,8 @@
 """A few steps of a recipe on tiny models through fastted's engine and trainer, then a resume: TED's stage II
 (classification), or LWD with the fused LM head (GPT-2 causal LM, BERT MLM).
 
-Run by tests/test_engine.py as one process (a world of one) or under
-``torchrun --nproc_per_node 2`` (gloo). Writes, from rank 0, a JSON file with
+Run by tests/test_engine.py as one process (a world of one), under
+``torchrun --nproc_per_node 2`` or under ``deepspeed --num_gpus 2`` (gloo). Writes, from rank 0, a JSON file with
 the per-step losses of the run, those of a second run resumed from its
 step-2 checkpoint, and how the teacher and student parameters were laid out.
 """
@@ -84,6 +84,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--zero-stage", type=int, default=0)
     parser.add_argument("--recipe", default="ted", choices=("ted", "lwd-clm", "lwd-mlm"))
+    parser.add_argument("--local_rank", type=int)  # from the deepspeed launcher
     parser.add_argument("--dir", required=True)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()

@@ -77,6 +77,8 @@ def test_config_prints_the_resolved_config(capsys):
     assert main(["config", "--preset", "bbc-minilm-tiny", "seed=9"]) == 0
     out = capsys.readouterr().out
     assert "seed: 9" in out and "max_length: 32" in out
+    assert main(["--local_rank=1", "config"]) == 0  # as the deepspeed launcher calls it
+    assert "output_dir: runs/bbc-minilm" in capsys.readouterr().out
 
 
 def test_tiny_pipeline_end_to_end_then_resumed(tmp_path, capsys):

@@ -63,7 +63,7 @@ def _port():
         return s.getsockname()[1]
 
 
-def _launch(tmp, stage, ranks, recipe="ted"):
+def _launch(tmp, stage, ranks, recipe="ted", launcher="torchrun"):
     out, directory = tmp / f"{recipe}-zero{stage}-{ranks}.json", tmp / f"{recipe}-zero{stage}-{ranks}"
     args = ["--zero-stage", str(stage), "--recipe", recipe, "--dir", str(directory), "--out", str(out)]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
@@ -71,8 +71,11 @@ def _launch(tmp, stage, ranks, recipe="ted"):
         env.pop(key, None)
     if ranks == 1:
         command = [sys.executable, WORKER, *args]
-    else:
+    elif launcher == "torchrun":
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
+                   "--master_port", str(_port()), WORKER, *args]
+    else:  # DeepSpeed's launcher (it adds --local_rank to the script's arguments)
+        command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
                    "--master_port", str(_port()), WORKER, *args]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
@@ -83,7 +86,7 @@ def _launch(tmp, stage, ranks, recipe="ted"):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("engine")
-    runs = {"single": _launch(tmp, 0, 1), 2: _launch(tmp, 2, 2), 3: _launch(tmp, 3, 2)}
+    runs = {"single": _launch(tmp, 0, 1), 2: _launch(tmp, 2, 2, launcher="deepspeed"), 3: _launch(tmp, 3, 2)}
     for recipe in ("lwd-clm", "lwd-mlm"):
         runs[recipe, 1], runs[recipe, 3] = _launch(tmp, 0, 1, recipe), _launch(tmp, 3, 2, recipe)
     return runs
@@ -98,8 +101,9 @@ def test_one_process_resumes_where_it_stopped(runs):
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_two_ranks_match_one_process(runs, stage):
-    """The same global batch of 8 split 4 + 4 over two ranks: the same losses at every step, and again after a
-    resume from the step-2 checkpoint (model, optimizer, schedule restored on both ranks)."""
+    """The same global batch of 8 split 4 + 4 over two ranks (ZeRO-2 under the deepspeed launcher, ZeRO-3 under
+    torchrun): the same losses at every step, and again after a resume from the step-2 checkpoint (model,
+    optimizer, schedule restored on both ranks)."""
     run = runs[stage]
     assert run["world"] == 2
     assert run["losses"] == pytest.approx(runs["single"]["losses"], rel=1e-4, abs=1e-6)
