@@ -368,32 +368,35 @@ def _pad(examples: list[dict], pad_id: int, multiple: Optional[int]) -> dict[str
     return out
 
 
-class ClassificationCollator:
-    """Dynamic padding for sequence classification: input_ids, attention_mask (B, T) and labels (B,)."""
+class _Padding:
+    """Right padding with ``pad_id`` to the batch's longest example (rounded up to ``pad_to_multiple_of``)."""
 
     def __init__(self, pad_id: int, pad_to_multiple_of: Optional[int] = None):
         self.pad_id = int(pad_id)
         self.pad_to_multiple_of = _check_multiple(pad_to_multiple_of)
 
+    def pad(self, examples: list[dict]) -> dict[str, Tensor]:
+        return _pad(examples, self.pad_id, self.pad_to_multiple_of)
+
+
+class ClassificationCollator(_Padding):
+    """Dynamic padding for sequence classification: input_ids, attention_mask (B, T) and labels (B,)."""
+
     def __call__(self, examples: list[dict], generator: Optional[torch.Generator] = None) -> dict[str, Tensor]:
         """Pad ``examples`` (dicts with ``input_ids`` and ``label``); ``generator`` is unused."""
-        out = _pad(examples, self.pad_id, self.pad_to_multiple_of)
+        out = self.pad(examples)
         if any("label" not in ex for ex in examples):
             raise ValueError(f"classification examples need 'label', got keys {sorted(examples[0])}")
         out["labels"] = torch.as_tensor([int(ex["label"]) for ex in examples], dtype=torch.long)
         return out
 
 
-class CLMCollator:
+class CLMCollator(_Padding):
     """Dynamic padding for causal LM: labels are the input_ids with -100 at padding (the model shifts them)."""
-
-    def __init__(self, pad_id: int, pad_to_multiple_of: Optional[int] = None):
-        self.pad_id = int(pad_id)
-        self.pad_to_multiple_of = _check_multiple(pad_to_multiple_of)
 
     def __call__(self, examples: list[dict], generator: Optional[torch.Generator] = None) -> dict[str, Tensor]:
         """Pad ``examples`` (dicts with ``input_ids``); ``generator`` is unused."""
-        out = _pad(examples, self.pad_id, self.pad_to_multiple_of)
+        out = self.pad(examples)
         out["labels"] = out["input_ids"].masked_fill(out["attention_mask"] == 0, IGNORE_INDEX)
         return out
 
