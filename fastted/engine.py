@@ -325,7 +325,8 @@ class Engine:
         self.ds.backward(loss)  # scaled by 1 / accumulation by DeepSpeed
 
     def step(self) -> None:
-        """At the accumulation boundary: clip, optimizer and schedule step, zero the gradients."""
+        """Call after every micro batch's backward: DeepSpeed counts the micro batches and, at the accumulation
+        boundary, clips, steps the optimizer and the schedule, and zeroes the gradients."""
         self.ds.step()
 
     @property

@@ -255,6 +255,8 @@ def run(stage: Stage, engine: Engine) -> dict:
         for epoch, batch in micro_batches(stage, step, engine):
             out = engine.forward(batch, step=step, epoch=epoch)
             engine.backward(out.loss)
+            lr = engine.lr
+            engine.step()  # after every micro batch: DeepSpeed steps the optimizer at the accumulation boundary
             tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
             sums["loss"] = sums.get("loss", 0.0) + float(out.loss.detach())
             for name, term in out.terms.items():
@@ -262,8 +264,6 @@ def run(stage: Stage, engine: Engine) -> dict:
             if out.layer_losses is not None:
                 layer = out.layer_losses.detach().double().cpu()
                 layer_sums = layer if layer_sums is None else layer_sums + layer
-        lr = engine.lr
-        engine.step()
         done = step + 1
         if done % max(train.log_every, 1) == 0 or done == total:
             values = {k: v / engine.accumulation for k, v in sums.items()}

@@ -126,3 +126,55 @@ def test_keep_last_n(tmp_path):
     assert latest_checkpoint(str(tmp_path)).endswith("step-0000005")
     lines = read_metrics(str(tmp_path))
     assert all(set(r["terms"]) >= {"task", "kd"} for r in lines if "loss" in r)
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path):
+    """batch 8 as two accumulated micro batches of 4 takes the same steps as one batch of 8 (RAIL-KD: every
+    term is a mean over examples, so the two means of 4 average to the mean of 8)."""
+    def losses(directory, micro):
+        recipe = _recipe("railkd")
+        train = TrainConfig(batch_size=8, micro_batch_size=micro, max_steps=3, lr=5e-3, warmup_ratio=0.0)
+        engine = Engine(recipe, train, EngineConfig(impl="reference"), 3, torch.device("cpu"))
+        assert engine.accumulation == (1 if micro is None else 8 // micro)
+        stage = Stage(name="acc", directory=str(directory), recipe=recipe, dataset=_dataset(),
+                      collator=ClassificationCollator(0), train=train, progress=False)
+        run(stage, engine)
+        return [r["loss"] for r in read_metrics(str(directory)) if "loss" in r], recipe
+
+    whole, a = losses(tmp_path / "whole", None)
+    split, b = losses(tmp_path / "split", 4)
+    assert split == pytest.approx(whole, rel=1e-5)
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_metrics_go_to_tensorboard_when_installed(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    from fastted.trainer import Metrics
+
+    written = []
+
+    class Writer:
+        def __init__(self, logdir):
+            written.append(("dir", logdir))
+
+        def add_scalar(self, key, value, step):
+            written.append((key, value, step))
+
+        def close(self):
+            written.append(("closed",))
+
+    module = types.ModuleType("torch.utils.tensorboard")
+    module.SummaryWriter = Writer
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", module)
+    metrics = Metrics(str(tmp_path), True, 0)
+    metrics.log({"step": 3, "loss": 1.5, "terms": {"task": 1.0, "mse": 0.5}, "layer_losses": [0.2, 0.3],
+                 "stage": "x"})
+    metrics.close()
+    assert written[0] == ("dir", os.path.join(str(tmp_path), "tensorboard"))
+    assert set(written[1:-1]) == {("loss", 1.5, 3), ("terms/task", 1.0, 3), ("terms/mse", 0.5, 3),
+                                  ("layer_losses/0", 0.2, 3), ("layer_losses/1", 0.3, 3)}
+    assert written[-1] == ("closed",)
+    assert read_metrics(str(tmp_path))[0]["terms"] == {"task": 1.0, "mse": 0.5}
