@@ -68,11 +68,9 @@ def run(argv=None) -> dict:
     args = _parser().parse_args(argv)
     config = load_config(args.config, tuple(args.overrides), args.preset)
     if args.command == "config":
-        import yaml
+        from fastted.config import to_yaml
 
-        from fastted.config import to_dict
-
-        print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
+        print(to_yaml(config), end="")
         return {}
     from fastted import pipeline as p
 

@@ -326,11 +326,16 @@ def from_dict(values: dict) -> Config:
     return config
 
 
+def to_yaml(config) -> str:
+    """The config as YAML text, in the dataclasses' key order."""
+    return yaml.safe_dump(to_dict(config), sort_keys=False)
+
+
 def dump(config, path: str) -> None:
     """Write the config as YAML, atomically."""
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
-        yaml.safe_dump(to_dict(config), f, sort_keys=False)
+        f.write(to_yaml(config))
     os.replace(tmp, path)
 
 

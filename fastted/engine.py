@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from fastted.config import ConfigError, EngineConfig, TrainConfig
+from fastted.models import gathered, is_partitioned
 
 # --------------------------------------------------------------------------- devices and ranks
 
@@ -77,16 +78,15 @@ def barrier() -> None:
         dist.barrier()
 
 
-def mean_over_ranks(values: dict[str, float], device) -> dict[str, float]:
-    """Each value averaged over the ranks (one collective for all)."""
+def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    """``values`` averaged over the ranks (one collective for all of them)."""
     import torch.distributed as dist
 
-    if not values or not dist.is_initialized() or dist.get_world_size() == 1:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
         return values
-    t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    t /= dist.get_world_size()
-    return dict(zip(values, t.tolist()))
+    values = values.clone()
+    dist.all_reduce(values)
+    return values / dist.get_world_size()
 
 
 # --------------------------------------------------------------------------- schedule
@@ -166,11 +166,6 @@ def teacher_deepspeed_config(engine: EngineConfig, micro: int) -> dict:
     }
 
 
-def is_partitioned(param: torch.Tensor) -> bool:
-    """True for a ZeRO-3 parameter."""
-    return hasattr(param, "ds_id")
-
-
 # --------------------------------------------------------------------------- checkpoints that load without pickle
 
 
@@ -248,12 +243,8 @@ def _outside_forward(recipe) -> list[nn.Parameter]:
     student = getattr(recipe, "student", None)
     inside = {id(p) for p in student.parameters()} if isinstance(student, nn.Module) else set()
     params = [p for p in recipe.parameters() if id(p) not in inside]
-    if getattr(recipe, "fused_lm_head", False) and isinstance(student, nn.Module):
-        head = student.get_output_embeddings()
-        params += list(head.parameters()) if head is not None else []
-        bias = getattr(getattr(getattr(student, "cls", None), "predictions", None), "bias", None)
-        if isinstance(bias, nn.Parameter):
-            params.append(bias)
+    if getattr(recipe, "fused_lm_head", False):
+        params += [p for p in recipe.student_model.lm_head_parts() if p is not None]
     unique = {id(p): p for p in params}
     return list(unique.values())
 
@@ -274,7 +265,7 @@ class Engine:
         import deepspeed
 
         self.rank, self.world = init_distributed(device)
-        self.device, self.train_config, self.engine_config = device, train, engine
+        self.device = device
         self.micro_batch, self.accumulation = batch_layout(train, self.world)
         self.recipe = recipe
         self.total_steps = total_steps
@@ -298,9 +289,9 @@ class Engine:
                   {"params": [p for n, p in named if _no_decay(n, p)], "weight_decay": 0.0}]
         optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=train.lr)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, total_steps, train))
-        self.ds_config = deepspeed_config(train, engine, self.world)
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=self.step_module, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config)
+            model=self.step_module, optimizer=optimizer, lr_scheduler=scheduler,
+            config=deepspeed_config(train, engine, self.world))
         if self.ds.zero_optimization_stage() == 3:
             for param in _outside_forward(recipe):
                 deepspeed.zero.register_external_parameter(self.step_module, param)
@@ -338,29 +329,21 @@ class Engine:
 
     # ------------------------------------------------------------------ saving
 
-    def save(self, directory: str, client_state: dict) -> None:
+    def save(self, directory: str) -> None:
         """A DeepSpeed checkpoint (model, optimizer, schedule) plus this rank's RNG, written into ``directory``
-        (the trainer makes it atomic). Every rank must call it."""
-        self.ds.save_checkpoint(directory, tag="state", client_state=client_state, save_latest=False)
+        (the trainer makes it atomic and records the step). Every rank must call it."""
+        self.ds.save_checkpoint(directory, tag="state", save_latest=False)
         torch.save(rng_state(), os.path.join(directory, f"rng-rank{self.rank}.pt"))
 
-    def load(self, directory: str) -> dict:
-        """Restore what :meth:`save` wrote; returns the client state."""
-        path, client_state = self.ds.load_checkpoint(directory, tag="state", load_module_strict=True)
+    def load(self, directory: str) -> None:
+        """Restore what :meth:`save` wrote."""
+        path, _ = self.ds.load_checkpoint(directory, tag="state", load_module_strict=True)
         if path is None:
             raise ValueError(f"checkpoint {directory}: DeepSpeed found no state in it")
         rng = os.path.join(directory, f"rng-rank{self.rank}.pt")
         if os.path.exists(rng):
             set_rng_state(torch.load(rng, weights_only=True))
-        return client_state or {}
 
     def gathered(self):
         """A context in which every recipe parameter is whole (ZeRO-3), e.g. to export the trained model."""
-        import deepspeed
-
-        params = list(self.recipe.parameters())
-        if not any(is_partitioned(p) for p in params):
-            import contextlib
-
-            return contextlib.nullcontext()
-        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+        return gathered(self.recipe.parameters())

@@ -283,11 +283,16 @@ def _projection_input(pre_head: Optional[nn.Module], emb: nn.Module, hidden: Ten
     return captured[0]
 
 
+def is_partitioned(param: Tensor) -> bool:
+    """True for a ZeRO-3 parameter (DeepSpeed gives it an id and partitions its data)."""
+    return hasattr(param, "ds_id")
+
+
 def gathered(params):
     """A context in which the ZeRO-3 partitioned tensors among ``params`` are whole, to be read (not written)
     outside their module's forward, as the fused LM head reads a frozen teacher's output embeddings; a no-op
     for ordinary tensors."""
-    partitioned = [p for p in params if p is not None and hasattr(p, "ds_id")]
+    partitioned = [p for p in params if p is not None and is_partitioned(p)]
     if not partitioned:
         return nullcontext()
     import deepspeed

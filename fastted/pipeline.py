@@ -16,6 +16,7 @@ from the pretrained teacher and its student and runs ``distil`` and
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.util
 import json
 import math
@@ -26,8 +27,8 @@ from typing import Optional
 import torch
 
 from fastted import data as fdata
-from fastted.config import Config, ConfigError, ModelConfig, TrainConfig
-from fastted.engine import Engine, init_distributed, resolve_device, seed_everything
+from fastted.config import Config, ConfigError, ModelConfig, TrainConfig, to_yaml
+from fastted.engine import Engine, barrier, init_distributed, resolve_device, seed_everything
 from fastted.trainer import Stage, run, total_steps
 
 GGUF_SMOLLM2 = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -205,19 +206,19 @@ def prepare_data(config: Config, tokenizer) -> Data:
 # --------------------------------------------------------------------------- evaluation
 
 
-def evaluate_model(engine: Engine, adapter, data: Data, task: str, micro: int) -> dict:
+def evaluate_model(adapter, data: Data, task: str, micro: int, device, rank: int = 0, world: int = 1) -> dict:
     """Accuracy (classification) or mean LM loss and perplexity over the test split, the examples shared out
-    between the ranks and the counts summed."""
+    between the ``world`` ranks (this one is ``rank``) and the counts summed."""
     import torch.distributed as dist
 
     from fastted.trainer import _generator
 
     sums = torch.zeros(2, dtype=torch.float64)
     n = len(data.test)
-    for start in range(engine.rank * micro, n, micro * engine.world):
+    for start in range(rank * micro, n, micro * world):
         examples = [data.test[i] for i in range(start, min(start + micro, n))]
         batch = data.collator(examples, _generator(0, start))
-        batch = {k: v.to(engine.device) for k, v in batch.items()}
+        batch = {k: v.to(device) for k, v in batch.items()}
         out = adapter(batch)
         if task == "classification":
             sums[0] += float((out.logits.argmax(-1) == batch["labels"]).sum())
@@ -232,8 +233,8 @@ def evaluate_model(engine: Engine, adapter, data: Data, task: str, micro: int) -
             loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
                                                      labels.reshape(-1), ignore_index=-100, reduction="sum")
             sums += torch.tensor([float(loss), count], dtype=torch.float64)
-    if dist.is_initialized() and engine.world > 1:
-        sums = sums.to(engine.device)
+    if dist.is_initialized() and world > 1:
+        sums = sums.to(device)
         dist.all_reduce(sums)
         sums = sums.cpu()
     if task == "classification":
@@ -256,24 +257,16 @@ def _model_dir(config: Config, step: str) -> str:
     return path
 
 
-def _config_text(config: Config) -> str:
-    import yaml
-
-    from fastted.config import to_dict
-
-    return yaml.safe_dump(to_dict(config), sort_keys=False)
-
-
 def _train(config: Config, name: str, recipe, data: Data, train: TrainConfig, device, evaluate_adapter) -> dict:
     steps = total_steps(len(data.train), train)
     engine = Engine(recipe, train, config.engine, steps, device)
 
     def evaluate(eng):
-        return evaluate_model(eng, evaluate_adapter, data, config.task, eng.micro_batch)
+        return evaluate_model(evaluate_adapter, data, config.task, eng.micro_batch, eng.device, eng.rank, eng.world)
 
     stage = Stage(name=name, directory=step_dir(config, name), recipe=recipe, dataset=data.train,
                   collator=data.collator, train=train,
-                  evaluate=None if evaluate_adapter is None else evaluate, config_text=_config_text(config),
+                  evaluate=None if evaluate_adapter is None else evaluate, config_text=to_yaml(config),
                   seed=config.seed, progress=config.progress, resume=config.resume)
     result = run(stage, engine)
     out = os.path.join(stage.directory, "model")
@@ -283,8 +276,6 @@ def _train(config: Config, name: str, recipe, data: Data, train: TrainConfig, de
             data.tokenizer.save_pretrained(out)
             with open(os.path.join(stage.directory, "result.json"), "w", encoding="utf-8") as f:
                 json.dump(result, f, indent=1)
-    from fastted.engine import barrier
-
     barrier()
     return result
 
@@ -296,65 +287,71 @@ def _save(recipe, directory: str) -> None:
         recipe.student.save_pretrained(directory)
 
 
-def _setup(config: Config):
+@dataclass
+class _Start:
+    device: torch.device
+    rank: int
+    world: int
+    path: str                  # the teacher's folder
+    gguf: Optional[str]        # and GGUF file
+    data: Data
+
+
+def _start(config: Config) -> _Start:
+    """What every step begins with: threads, device and ranks, seeds, the teacher's tokenizer and the data."""
     if config.engine.threads:
         torch.set_num_threads(config.engine.threads)
     device = resolve_device(config.engine)
-    init_distributed(device)
+    rank, world = init_distributed(device)
     seed_everything(config.seed)
-    return device
+    path, gguf = model_source(config.teacher, "teacher")
+    data = prepare_data(config, load_tokenizer(path, gguf))
+    return _Start(device, rank, world, path, gguf, data)
 
 
 def finetune(config: Config, which: str) -> dict:
     """Fine-tune the teacher or the student alone on the task (no distillation)."""
     from fastted.methods import FineTune
 
-    device = _setup(config)
-    path, gguf = model_source(config.teacher, "teacher")
-    tokenizer = load_tokenizer(path, gguf)
-    data = prepare_data(config, tokenizer)
-    n_labels = len(data.label_names)
-    model = load_model(path, config.task, gguf, n_labels) if which == "teacher" else build_student(config, n_labels)
+    st = _start(config)
+    n_labels = len(st.data.label_names)
+    model = (load_model(st.path, config.task, st.gguf, n_labels) if which == "teacher"
+             else build_student(config, n_labels))
     recipe = FineTune(model, task=config.task, impl=config.engine.impl)
-    return _train(config, f"finetune-{which}", recipe, data, config.finetune, device, recipe.student_model)
+    return _train(config, f"finetune-{which}", recipe, st.data, config.finetune, st.device, recipe.student_model)
 
 
 def learn_filters(config: Config, which: str) -> dict:
     """TED's stage I on the fine-tuned (classification) or pretrained (LM) model."""
     from fastted.methods import TEDStage1
 
-    device = _setup(config)
-    path, gguf = model_source(config.teacher, "teacher")
-    tokenizer = load_tokenizer(path, gguf)
-    data = prepare_data(config, tokenizer)
+    st = _start(config)
     if config.task == "classification":
         model = load_model(_model_dir(config, f"finetune-{which}"), config.task)
     else:
-        model = load_model(path, config.task, gguf) if which == "teacher" else build_student(config)
-    filter_dim = config.filters.filter_dim or _hidden_size(config)
-    recipe = TEDStage1(model, interval=_interval(config, which, model), filter_dim=filter_dim,
+        model = load_model(st.path, config.task, st.gguf) if which == "teacher" else build_student(config)
+    filter_dim = config.filters.filter_dim or _hf_config(st.path, st.gguf).hidden_size
+    recipe = TEDStage1(model, interval=_interval(config, which), filter_dim=filter_dim,
                        nonlinear=config.filters.nonlinear, task=config.task, impl=config.engine.impl)
-    return _train(config, f"filters-{which}", recipe, data, config.filters.train, device, None)
+    return _train(config, f"filters-{which}", recipe, st.data, config.filters.train, st.device, None)
 
 
-def _hidden_size(config: Config) -> int:
+@functools.lru_cache(maxsize=8)
+def _hf_config(path: str, gguf: Optional[str]):
+    """A model folder's Hugging Face config, read once (from a GGUF file that takes seconds)."""
     import transformers as tf
 
-    path, gguf = model_source(config.teacher, "teacher")
-    return tf.AutoConfig.from_pretrained(path, **({"gguf_file": gguf} if gguf else {})).hidden_size
+    return tf.AutoConfig.from_pretrained(path, **({"gguf_file": gguf} if gguf else {}))
 
 
 def _num_layers(config: Config, which: str) -> int:
-    import transformers as tf
-
     if which == "student" and config.student.path is None:
         n_teacher = _num_layers(config, "teacher")
         return len(student_layers(config.student, n_teacher))
-    path, gguf = model_source(getattr(config, which), which)
-    return tf.AutoConfig.from_pretrained(path, **({"gguf_file": gguf} if gguf else {})).num_hidden_layers
+    return _hf_config(*model_source(getattr(config, which), which)).num_hidden_layers
 
 
-def _interval(config: Config, which: str, model) -> int:
+def _interval(config: Config, which: str) -> int:
     """The teacher's interval is ``filters.interval`` (default: teacher layers / student layers, one filter per
     student layer); the student's interval gives it as many filters as the teacher has."""
     n_teacher, n_student = _num_layers(config, "teacher"), _num_layers(config, "student")
@@ -368,14 +365,14 @@ def _interval(config: Config, which: str, model) -> int:
     return n_student // n_filters
 
 
-def build_recipe(config: Config, method: str, student, teacher, tokenizer, steps: int, filters=None):
-    """The stage-II recipe of ``method`` from the distil section of the config."""
+def build_recipe(config: Config, method: str, student, teacher, tokenizers: tuple, steps: int, filters=None):
+    """The stage-II recipe of ``method`` from the distil section of the config; ``tokenizers`` are the
+    (student's, teacher's), which the recipes check against each other."""
     from fastted import methods as m
-    from fastted.memory_bank import MemoryBank  # noqa: F401  (CoDIR builds its own)
 
     d, task, impl = config.distil, config.task, config.engine.impl
     lm = {"fused_lm_head": d.fused_lm_head} if task != "classification" else {}
-    common = dict(tokenizers=(tokenizer, tokenizer), task=task, impl=impl)
+    common = dict(tokenizers=tokenizers, task=task, impl=impl)
     if method == "ted":
         s_filters, t_filters = filters
         return m.TED(student, teacher, s_filters, t_filters, task_alpha=d.task_alpha, kl_alpha=d.kl_alpha,
@@ -407,10 +404,9 @@ def distil(config: Config, method: str) -> dict:
     """Stage II of ``method``: the student learns from the frozen teacher."""
     from fastted.filters import TaskFilters
 
-    device = _setup(config)
-    path, gguf = model_source(config.teacher, "teacher")
-    tokenizer = load_tokenizer(path, gguf)
-    data = prepare_data(config, tokenizer)
+    st = _start(config)
+    path, gguf, tokenizer = st.path, st.gguf, st.data.tokenizer
+    s_tokenizer = load_tokenizer(*model_source(config.student, "student")) if config.student.path else tokenizer
     filters = None
     if method == "ted":
         t_dir, s_dir = _model_dir(config, "filters-teacher"), _model_dir(config, "filters-student")
@@ -422,9 +418,10 @@ def distil(config: Config, method: str) -> dict:
     else:
         teacher = load_model(path, config.task, gguf)
         student = build_student(config, teacher=teacher)
-    steps = total_steps(len(data.train), config.distil.train)
-    recipe = build_recipe(config, method, student, teacher, tokenizer, steps, filters)
-    return _train(config, f"distil-{method}", recipe, data, config.distil.train, device, recipe.student_model)
+    steps = total_steps(len(st.data.train), config.distil.train)
+    recipe = build_recipe(config, method, student, teacher, (s_tokenizer, tokenizer), steps, filters)
+    return _train(config, f"distil-{method}", recipe, st.data, config.distil.train, st.device,
+                  recipe.student_model)
 
 
 def evaluate(config: Config) -> dict:
@@ -432,22 +429,13 @@ def evaluate(config: Config) -> dict:
     from fastted.models import ModelAdapter
     from fastted.report import write_report
 
-    device = _setup(config)
-    path, gguf = model_source(config.teacher, "teacher")
-    tokenizer = load_tokenizer(path, gguf)
-    data = prepare_data(config, tokenizer)
+    st = _start(config)
+    path, gguf = st.path, st.gguf
     candidates = [("teacher", "finetune-teacher"), ("student alone", "finetune-student")]
     candidates += [(METHOD_NAMES[method], f"distil-{method}") for method in config.distil.methods]
     if config.task != "classification":
         candidates = [("teacher (pretrained)", None), ("student (initial)", None)] + candidates[2:]
-    rank, world = init_distributed(device)
-
-    class _Eval:  # what evaluate_model needs of an engine
-        pass
-
-    ev = _Eval()
-    ev.rank, ev.world, ev.device = rank, world, device
-    micro = max(config.distil.train.batch_size // world, 1)
+    micro = max(config.distil.train.batch_size // st.world, 1)
     results = {}
     pretrained = None
     for label, step in candidates:
@@ -461,11 +449,11 @@ def evaluate(config: Config) -> dict:
             if not os.path.isdir(directory):
                 continue
             model = load_model(directory, config.task)
-        model.to(device).eval()
+        model.to(st.device).eval()
         with torch.no_grad():
-            results[label] = {"step": step, **evaluate_model(ev, ModelAdapter(model, config.task), data,
-                                                            config.task, micro)}
-    if rank == 0:
+            results[label] = {"step": step, **evaluate_model(ModelAdapter(model, config.task), st.data, config.task,
+                                                            micro, st.device, st.rank, st.world)}
+    if st.rank == 0:
         write_report(config, results)
     return results
 

@@ -10,6 +10,7 @@ previous checkpoint and ``latest`` as they were.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -44,9 +45,13 @@ class Stage:
     resume: bool = True
 
 
+@functools.lru_cache(maxsize=2)
 def data_order(n: int, seed: int, epoch: int) -> np.ndarray:
-    """The permutation of the examples in ``epoch``: a pure function of (seed, epoch)."""
-    return np.random.default_rng([seed, epoch]).permutation(n)
+    """The permutation of the examples in ``epoch``: a pure function of (seed, epoch), drawn once per epoch
+    (cached: every step of the epoch slices it). Read-only."""
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    order.setflags(write=False)
+    return order
 
 
 def _generator(seed: int, *keys: int) -> torch.Generator:
@@ -120,7 +125,7 @@ def save_checkpoint(engine: Engine, stage: Stage, step: int) -> str:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     barrier()
-    engine.save(tmp, {"step": step, "stage": stage.name})
+    engine.save(tmp)
     barrier()
     if engine.is_main:
         _write_atomic(os.path.join(tmp, "config.yaml"), stage.config_text)
@@ -250,7 +255,7 @@ def run(stage: Stage, engine: Engine) -> dict:
     engine.train(True)
     t0, tokens = time.perf_counter(), 0
     for step in range(start, total):
-        sums: dict[str, float] = {}
+        sums: dict[str, torch.Tensor] = {}  # on the device: no host sync until the step is logged
         layer_sums = None
         for epoch, batch in micro_batches(stage, step, engine):
             out = engine.forward(batch, step=step, epoch=epoch)
@@ -258,25 +263,21 @@ def run(stage: Stage, engine: Engine) -> dict:
             lr = engine.lr
             engine.step()  # after every micro batch: DeepSpeed steps the optimizer at the accumulation boundary
             tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
-            sums["loss"] = sums.get("loss", 0.0) + float(out.loss.detach())
-            for name, term in out.terms.items():
-                sums[name] = sums.get(name, 0.0) + float(term)
+            for name, value in {"loss": out.loss.detach(), **out.terms}.items():
+                sums[name] = sums.get(name, 0.0) + value.double()
             if out.layer_losses is not None:
-                layer = out.layer_losses.detach().double().cpu()
+                layer = out.layer_losses.detach().double()
                 layer_sums = layer if layer_sums is None else layer_sums + layer
         done = step + 1
         if done % max(train.log_every, 1) == 0 or done == total:
-            values = {k: v / engine.accumulation for k, v in sums.items()}
-            if layer_sums is not None:
-                values.update({f"layer{i}": float(v) / engine.accumulation for i, v in enumerate(layer_sums)})
-            values = mean_over_ranks(values, engine.device)
+            names = list(sums)
+            flat = torch.stack([sums[n] for n in names] + ([] if layer_sums is None else list(layer_sums)))
+            flat = mean_over_ranks(flat / engine.accumulation).tolist()
+            values = dict(zip(names, flat))
             elapsed = time.perf_counter() - t0
             record = {"step": done, "epoch": epoch, "stage": stage.name, "loss": values.pop("loss"), "lr": lr,
-                      "tokens_per_s": tokens * engine.world / max(elapsed, 1e-9)}
-            record["layer_losses"] = [values.pop(k) for k in sorted((k for k in values if k.startswith("layer")),
-                                                                    key=lambda k: int(k[5:]))]
-            record["terms"] = values
-            record["weights"] = dict(out.weights)
+                      "tokens_per_s": tokens * engine.world / max(elapsed, 1e-9),
+                      "layer_losses": flat[len(names):], "terms": values, "weights": dict(out.weights)}
             metrics.log(record)
             last = record
             if bar is not None:
