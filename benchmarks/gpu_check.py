@@ -44,13 +44,13 @@ import triton  # noqa: E402
 
 import fastted  # noqa: E402
 from benchmarks import test_contrastive_kd, test_filtered_mse, test_fused_linear_kd, test_logit_kd  # noqa: E402
-from benchmarks._memory import cuda_peak_extra_mb  # noqa: E402
-from tests import test_filtered_mse as t_mse  # noqa: E402  (one definition of "correct")
-from tests import test_fused_linear_kd as t_flkd  # noqa: E402
-from tests import test_contrastive_kd as t_ckd  # noqa: E402
-from tests import test_logit_kd as t_lkd  # noqa: E402
-from tests import test_methods as t_methods  # noqa: E402
-from tests import test_pooling as t_pool  # noqa: E402
+from benchmarks.memory import cuda_peak_extra_mb  # noqa: E402
+from tests.ops import test_filtered_mse as t_mse  # noqa: E402  (one definition of "correct")
+from tests.ops import test_fused_linear_kd as t_flkd  # noqa: E402
+from tests.ops import test_contrastive_kd as t_ckd  # noqa: E402
+from tests.ops import test_logit_kd as t_lkd  # noqa: E402
+from tests.methods import test_methods as t_methods  # noqa: E402
+from tests.ops import test_pooling as t_pool  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 IMPL = "triton" if CUDA else "reference"
@@ -88,7 +88,7 @@ def _checked(label: dict, check) -> dict:
 def correctness_filtered_mse(dtype) -> list[dict]:
     return [
         _checked(dict(case=case, shape=str(shape), dtype=str(dtype)),
-                 lambda: t_mse._check_filtered_mse(case, shape, dtype, "random", 3, IMPL))
+                 lambda: t_mse.check_filtered_mse(case, shape, dtype, "random", 3, IMPL))
         for case in t_mse.CASES
         for shape in t_mse.SHAPES + ([((4, 512), 768, 1024, 1024)] if CUDA else [])
     ]
@@ -98,7 +98,7 @@ def correctness_logit_kd(dtype) -> list[dict]:
     shapes = t_lkd.SHAPES + ([((8,), 128256)] if CUDA else [])
     return [
         _checked(dict(divergence=div, beta=beta, temperature=temp, shape=str(shape), dtype=str(dtype)),
-                 lambda: t_lkd._check_logit_kd(IMPL, shape[0], shape[1], dtype, div, beta, temp))
+                 lambda: t_lkd.check_logit_kd(IMPL, shape[0], shape[1], dtype, div, beta, temp))
         for div, beta in t_lkd.DIVERGENCES
         for temp in (1.0, 2.0)
         for shape in shapes
@@ -109,7 +109,7 @@ def correctness_fused_linear_kd(dtype) -> list[dict]:
     shapes = t_flkd.SHAPES + ([((2, 64), 2048, 4096, 128256)] if CUDA else [])
     return [
         _checked(dict(divergence=div, beta=beta, shape=str(shape), dtype=str(dtype)),
-                 lambda: t_flkd._check_fused_linear_kd(IMPL, shape, dtype, div, beta))
+                 lambda: t_flkd.check_fused_linear_kd(IMPL, shape, dtype, div, beta))
         for div, beta in t_flkd.DIVERGENCES
         for shape in shapes
     ]
@@ -119,7 +119,7 @@ def correctness_contrastive_kd(dtype) -> list[dict]:
     shapes = t_ckd.SHAPES + ([(256, 65536, 128), (256, 4096, 768)] if CUDA else [])
     checks = [
         _checked(dict(part="contrastive_kd", shape=str(shape), per_anchor=per_anchor, labels=labels, dtype=str(dtype)),
-                 lambda: t_ckd._check_contrastive_kd(IMPL, *shape, dtype, per_anchor=per_anchor, use_labels=labels))
+                 lambda: t_ckd.check_contrastive_kd(IMPL, *shape, dtype, per_anchor=per_anchor, use_labels=labels))
         for shape in shapes
         for per_anchor in (False, True)
         for labels in (False, True)
@@ -128,7 +128,7 @@ def correctness_contrastive_kd(dtype) -> list[dict]:
     pool_shapes = t_pool.SHAPES + ([(256, 128, 768, 12)] if CUDA else [])
     checks += [
         _checked(dict(part="pool_states", shape=str(shape), mask=mask, dtype=str(dtype)),
-                 lambda: t_pool._check_pool_states(IMPL, *shape, dtype, "mean", mask))
+                 lambda: t_pool.check_pool_states(IMPL, *shape, dtype, "mean", mask))
         for shape in pool_shapes
         for mask in ("random", "right_padding", "one_empty")
     ]
@@ -140,9 +140,9 @@ def correctness_recipes(dtype) -> list[dict]:
     device = "cuda" if CUDA else "cpu"
     return [
         _checked(dict(recipe=name, task=task, dtype=str(dtype)),
-                 lambda: t_methods._check_recipe_lowp(recipe, task, dtype, device, IMPL if CUDA else "auto"))
+                 lambda: t_methods.check_recipe_lowp(recipe, task, dtype, device, IMPL if CUDA else "auto"))
         for task in t_methods.TASKS
-        for name, recipe in t_methods._recipes(task)
+        for name, recipe in t_methods.recipes_of(task)
     ]
 
 

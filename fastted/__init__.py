@@ -3,21 +3,12 @@
 Importing fastted is cheap: it never touches CUDA, never imports Triton and
 never compiles a kernel; a kernel module is imported on its first use.
 """
-from fastted.contrastive import (
-    ContrastiveKDLoss,
-    PooledDistanceLoss,
-    contrastive_kd,
-    pool_states,
-    pooled_distance,
-)
-from fastted.losses import (
-    FilteredMSELoss,
-    FusedLinearKDLoss,
-    LogitKDLoss,
-    filtered_mse,
-    fused_linear_kd,
-    logit_kd,
-)
+from fastted.ops.contrastive_kd import ContrastiveKDLoss, contrastive_kd
+from fastted.ops.filtered_mse import FilteredMSELoss, filtered_mse
+from fastted.ops.fused_linear_kd import FusedLinearKDLoss, fused_linear_kd
+from fastted.ops.logit_kd import LogitKDLoss, logit_kd
+from fastted.ops.pooled_distance import PooledDistanceLoss, pooled_distance
+from fastted.ops.pooling import pool_states
 from fastted.filters import ClassificationHead, Filter, TaskFilters
 from fastted.mapping import (
     LayerMap,

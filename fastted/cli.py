@@ -54,7 +54,7 @@ def _check_tokenizers(config) -> None:
     """A student from another folder must share the teacher's tokenizer."""
     if config.student.path is None:
         return
-    from fastted.pipeline import load_tokenizer, model_source
+    from fastted.models import load_tokenizer, model_source
 
     teacher = load_tokenizer(*model_source(config.teacher, "teacher"))
     student = load_tokenizer(*model_source(config.student, "student"))
@@ -73,10 +73,11 @@ def run(argv=None) -> dict:
         print(to_yaml(config), end="")
         return {}
     from fastted import pipeline as p
+    from fastted.models import model_source
 
-    p.model_source(config.teacher, "teacher")  # missing model folders end here, before any work
+    model_source(config.teacher, "teacher")  # missing model folders end here, before any work
     if config.student.path is not None:
-        p.model_source(config.student, "student")
+        model_source(config.student, "student")
     _check_tokenizers(config)
 
     os.makedirs(config.output_dir, exist_ok=True)

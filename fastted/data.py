@@ -1,4 +1,7 @@
-"""The data layer of the training engine: sources, splits, tokenization, packing and collators.
+"""The data layer of the training engine: sources, splits, tokenization, packing, collators, batch order.
+
+One module for the whole way from a config's data source to the batches of a
+run (so it is a little over 500 lines): each section is one step of that way.
 
 Everything goes through Hugging Face ``datasets``:
 
@@ -12,6 +15,11 @@ Everything goes through Hugging Face ``datasets``:
   concatenated ids into blocks for pre-training.
 * The collators pad a list of examples into tensors for the three tasks
   (classification, masked LM, causal LM); :func:`collator_for` picks one.
+* :func:`prepare_data` does all of the above for a run's config.
+* The batch order: :func:`data_order` permutes the examples of an epoch and
+  :func:`batch_generator` seeds the random parts of a batch (the MLM masks),
+  both pure functions of the seed and their keys, so a resumed run sees
+  exactly the batches it would have seen.
 
 ``datasets`` is imported on first use: importing this module is cheap.
 """
@@ -23,6 +31,8 @@ import importlib.util
 import json
 import os
 import pathlib
+import functools
+from dataclasses import dataclass
 from numbers import Real
 from typing import TYPE_CHECKING, Optional, Sequence, Union
 
@@ -30,7 +40,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fastted.losses import _check_positive_int
+from fastted.config import Config, ConfigError
+from fastted.ops.checks import check_positive_int
 
 if TYPE_CHECKING:  # pragma: no cover
     import datasets
@@ -251,7 +262,7 @@ def tokenize(dataset: "datasets.Dataset", tokenizer, *, max_length: int, text_fi
     ``text_field``, ``truncation`` and ``keep`` loads it instead of tokenizing
     again.
     """
-    _check_positive_int("data.max_length", max_length)
+    check_positive_int("data.max_length", max_length)
     columns = list(dataset.column_names)
     if text_field not in columns:
         raise ValueError(f"data.text_field = {text_field!r} is not a column of the dataset; it has {columns}")
@@ -290,7 +301,7 @@ def pack(dataset: "datasets.Dataset", block_size: int, *, separator_id: Optional
     import datasets
     import pyarrow.compute as pc
 
-    _check_positive_int("block_size", block_size)
+    check_positive_int("block_size", block_size)
     if separator_id is not None and (isinstance(separator_id, bool) or not isinstance(separator_id, int)
                                      or separator_id < 0):
         raise ValueError(f"separator_id must be None or a non-negative int, got {separator_id!r}")
@@ -340,7 +351,7 @@ def pack(dataset: "datasets.Dataset", block_size: int, *, separator_id: Optional
 
 def _check_multiple(pad_to_multiple_of: Optional[int]) -> Optional[int]:
     if pad_to_multiple_of is not None:
-        _check_positive_int("pad_to_multiple_of", pad_to_multiple_of)
+        check_positive_int("pad_to_multiple_of", pad_to_multiple_of)
     return pad_to_multiple_of
 
 
@@ -460,3 +471,71 @@ def collator_for(task: str, tokenizer, *, mlm_probability: float = 0.15, pad_to_
         return MLMCollator(tokenizer, mlm_probability, pad_to_multiple_of)
     cls = ClassificationCollator if task == "classification" else CLMCollator
     return cls(_pad_id(tokenizer), pad_to_multiple_of)
+
+
+# ----------------------------------------------------------------------------------------------- a run's data
+
+
+@dataclass
+class Data:
+    """A run's data: tokenized train and test splits, the task's collator and the tokenizer."""
+
+    train: object
+    test: object
+    collator: object
+    tokenizer: object
+    label_names: Optional[list[str]]
+
+
+def prepare_data(config: Config, tokenizer) -> Data:
+    """The data of ``config``: the source loaded and split, tokenized (and packed for the LM tasks)."""
+    d = config.data
+    dataset = load_source(d.source, name="data.source")
+    if d.test_source is not None:
+        train, test = dataset, load_source(d.test_source, name="data.test_source")
+    else:
+        train, test = split_train_test(dataset, d.test_fraction, config.seed)
+    if d.max_train_examples:
+        train = train.select(range(min(d.max_train_examples, len(train))))
+    if d.max_test_examples:
+        test = test.select(range(min(d.max_test_examples, len(test))))
+    label_names = None
+    if config.task == "classification":
+        if "label" not in train.column_names:
+            raise ConfigError(f"data.source: a classification run needs a 'label' column, got {train.column_names}")
+        feature = train.features["label"]
+        label_names = list(getattr(feature, "names", None) or sorted(set(train["label"])))
+    cache = os.path.join(config.output_dir, "cache") if d.cache else None
+    pack_blocks = config.task != "classification" and d.pack
+    separator = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+
+    def prepare(ds):
+        ds = tokenize(ds, tokenizer, max_length=d.max_length, text_field=d.text_field, cache_dir=cache,
+                      truncation=not pack_blocks)
+        if pack_blocks:
+            ds = pack(ds, d.max_length, separator_id=separator)
+        if config.task != "classification":  # example ids: CoDIR leaves an anchor's own bank entry out
+            ds = ds.add_column("index", list(range(len(ds))))
+        return ds
+
+    collator = collator_for(config.task, tokenizer, mlm_probability=d.mlm_probability)
+    return Data(prepare(train), prepare(test), collator, tokenizer, label_names)
+
+
+# ----------------------------------------------------------------------------------------------- batch order
+
+
+@functools.lru_cache(maxsize=2)
+def data_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The permutation of the examples in ``epoch``: a pure function of (seed, epoch), drawn once per epoch
+    (cached: every step of the epoch slices it). Read-only."""
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    order.setflags(write=False)
+    return order
+
+
+def batch_generator(seed: int, *keys: int) -> torch.Generator:
+    """The generator a collator draws a batch's random parts from (the MLM masks): a pure function of the seed
+    and the batch's keys (e.g. optimizer step, micro batch, rank)."""
+    state = np.random.SeedSequence([seed, *keys]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state % (2**63)))

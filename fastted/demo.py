@@ -42,7 +42,7 @@ class TinyEncoder(nn.Module):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastted.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
-    parser.add_argument("--impl", default="auto", choices=fastted.losses.IMPLS, help="loss path (default auto)")
+    parser.add_argument("--impl", default="auto", choices=fastted.ops.checks.IMPLS, help="loss path (default auto)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

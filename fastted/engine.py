@@ -12,9 +12,11 @@ persistent parameters, so no rank holds a full copy of it.
 ZeRO-3 gathers a parameter only for the forward of the module that owns it.
 The fused losses read weights outside any owner's forward (TED's filters and
 LWD's projections go straight into the filtered-MSE kernel; the fused LM-head
-KL reads the output embeddings), so :class:`Engine` registers those as
-external parameters of the module DeepSpeed runs (``_RecipeStep``), which
-gathers them for its forward and its backward.
+KL reads the output embeddings), so :class:`Engine` registers the recipe's
+:meth:`~fastted.methods.base.Recipe.external_parameters` with the module
+DeepSpeed runs (``_RecipeStep``), which gathers them for its forward and its
+backward. The engine knows a recipe only through that interface
+(:mod:`fastted.methods.base`).
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ import torch
 from torch import nn
 
 from fastted.config import ConfigError, EngineConfig, TrainConfig
+from fastted.methods.base import Recipe, RecipeOutput
 from fastted.models import gathered, is_partitioned
 
 # --------------------------------------------------------------------------- devices and ranks
@@ -169,7 +172,7 @@ def teacher_deepspeed_config(engine: EngineConfig, micro: int) -> dict:
 # --------------------------------------------------------------------------- checkpoints that load without pickle
 
 
-def _safe_globals() -> list:
+def checkpoint_types() -> list:
     """The few DeepSpeed types its checkpoints hold besides tensors, containers and numbers."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
@@ -185,7 +188,7 @@ def _safe_checkpoint_engine(ds_config):
         """DeepSpeed's torch engine, but loading with ``weights_only=True`` (no arbitrary unpickling)."""
 
         def load(self, path: str, map_location=None):
-            with torch.serialization.safe_globals(_safe_globals()):
+            with torch.serialization.safe_globals(checkpoint_types()):
                 return torch.load(path, map_location=map_location, weights_only=True)
 
     return SafeCheckpointEngine(ds_config)
@@ -220,33 +223,19 @@ def seed_everything(seed: int) -> None:
 
 
 class _RecipeStep(nn.Module):
-    """What DeepSpeed runs: the recipe, returning its loss (a tensor DeepSpeed can hook for ZeRO-3's backward).
-    The recipe's whole output stays in ``self.output``."""
+    """What DeepSpeed runs: the recipe, its output returned as a plain dict, in which ZeRO-3 finds the loss
+    (and hooks it for its backward)."""
 
-    def __init__(self, recipe: nn.Module):
+    def __init__(self, recipe: Recipe):
         super().__init__()
         self.recipe = recipe
-        self.output = None
 
-    def forward(self, batch: dict, **kwargs):
-        self.output = self.recipe(batch, **kwargs)
-        return self.output.loss
+    def forward(self, batch: dict, **kwargs) -> dict:
+        return self.recipe(batch, **kwargs).as_dict()
 
 
 def _no_decay(name: str, param: torch.Tensor) -> bool:
     return param.ndim < 2 or "norm" in name.lower() or name.endswith(".bias")
-
-
-def _outside_forward(recipe) -> list[nn.Parameter]:
-    """The recipe's parameters the fused losses read outside their owner's forward: everything that is not the
-    student model (filters, projections, heads), and the student's output embeddings for the fused LM head."""
-    student = getattr(recipe, "student", None)
-    inside = {id(p) for p in student.parameters()} if isinstance(student, nn.Module) else set()
-    params = [p for p in recipe.parameters() if id(p) not in inside]
-    if getattr(recipe, "fused_lm_head", False):
-        params += [p for p in recipe.student_model.lm_head_parts() if p is not None]
-    unique = {id(p): p for p in params}
-    return list(unique.values())
 
 
 class Engine:
@@ -260,7 +249,7 @@ class Engine:
         device: this rank's device (``resolve_device``).
     """
 
-    def __init__(self, recipe: nn.Module, train: TrainConfig, engine: EngineConfig, total_steps: int,
+    def __init__(self, recipe: Recipe, train: TrainConfig, engine: EngineConfig, total_steps: int,
                  device: torch.device):
         import deepspeed
 
@@ -270,14 +259,14 @@ class Engine:
         self.recipe = recipe
         self.total_steps = total_steps
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(engine.precision)
-        teacher = getattr(recipe, "teacher", None)
+        teacher = recipe.teacher
         partition_teacher = engine.teacher_zero3 if engine.teacher_zero3 is not None else self.world > 1
         if teacher is not None and partition_teacher:
             teacher.to(device)
             deepspeed.initialize(model=teacher, config=teacher_deepspeed_config(engine, self.micro_batch))
         recipe.to(device)
         if dtype is not None:  # the frozen parts of the recipe (teacher filters, stage-I models) too
-            for module in getattr(recipe, "_frozen", []):
+            for module in recipe.frozen_modules():
                 if not any(is_partitioned(p) for p in module.parameters()):
                     module.to(dtype)
 
@@ -293,7 +282,7 @@ class Engine:
             model=self.step_module, optimizer=optimizer, lr_scheduler=scheduler,
             config=deepspeed_config(train, engine, self.world))
         if self.ds.zero_optimization_stage() == 3:
-            for param in _outside_forward(recipe):
+            for param in recipe.external_parameters():
                 deepspeed.zero.register_external_parameter(self.step_module, param)
         self.ds.checkpoint_engine = _safe_checkpoint_engine(self.ds._config)
 
@@ -303,14 +292,11 @@ class Engine:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def forward(self, batch: dict, **kwargs):
-        """The recipe's output on this rank's micro batch (moved to the device)."""
+    def forward(self, batch: dict, **kwargs) -> RecipeOutput:
+        """The recipe's output on this rank's micro batch (moved to the device). Its loss is the tensor DeepSpeed
+        returned, which carries ZeRO-3's backward hooks."""
         batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-        output = self.step_module.output = None
-        loss = self.ds(batch, **kwargs)
-        output = self.step_module.output
-        output.loss = loss  # the tensor DeepSpeed returned carries ZeRO-3's backward hooks; the recipe's does not
-        return output
+        return RecipeOutput(**self.ds(batch, **kwargs))
 
     def backward(self, loss: torch.Tensor) -> None:
         self.ds.backward(loss)  # scaled by 1 / accumulation by DeepSpeed

@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 
 from torch import Tensor, nn
 
-from fastted.losses import _check_positive_int
+from fastted.ops.checks import check_positive_int
 
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "tanh": nn.Tanh, "silu": nn.SiLU}
 _WEIGHTS, _CONFIG = "filters.safetensors", "filters.json"
@@ -63,8 +63,8 @@ class TaskFilters(nn.Module):
         layers = list(layers)
         if not layers or any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in layers):
             raise ValueError(f"layers must be a non-empty list of layer indices, got {layers!r}")
-        _check_positive_int("hidden_size", hidden_size)
-        filter_dim = hidden_size if filter_dim is None else _check_positive_int("filter_dim", filter_dim)
+        check_positive_int("hidden_size", hidden_size)
+        filter_dim = hidden_size if filter_dim is None else check_positive_int("filter_dim", filter_dim)
         _activation(activation)
         self.config = dict(layers=layers, hidden_size=hidden_size, filter_dim=filter_dim, nonlinear=bool(nonlinear),
                            activation=activation)
@@ -154,8 +154,8 @@ class ClassificationHead(nn.Module):
 
     def __init__(self, dim: int, num_labels: int, *, dropout: float = 0.1, activation: str = "gelu"):
         super().__init__()
-        _check_positive_int("dim", dim)
-        _check_positive_int("num_labels", num_labels)
+        check_positive_int("dim", dim)
+        check_positive_int("num_labels", num_labels)
         self.dense = nn.Linear(dim, dim)
         self.activation = _activation(activation)
         self.dropout = nn.Dropout(dropout)

@@ -22,12 +22,12 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from fastted.losses import _check_positive_int
+from fastted.ops.checks import check_positive_int
 
 PER = ("step", "epoch")
 
 
-def _check_index(name: str, value, n: int, model: str) -> int:
+def check_index(name: str, value, n: int, model: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value < n:
         raise ValueError(f"{name} holds {value!r}, but the {model} has layers 0..{n - 1}")
     return int(value)
@@ -55,8 +55,8 @@ class LayerMap:
 
 def interval_layers(n_layers: int, interval: int) -> list[int]:
     """TED's rule: the layers l of a model with ``(l + 1) % interval == 0``."""
-    _check_positive_int("n_layers", n_layers)
-    _check_positive_int("interval", interval)
+    check_positive_int("n_layers", n_layers)
+    check_positive_int("interval", interval)
     return [layer for layer in range(n_layers) if (layer + 1) % interval == 0]
 
 
@@ -79,8 +79,8 @@ def interval_map(n_student: int, n_teacher: int, student_interval: int, teacher_
 
 def uniform_map(n_student: int, n_teacher: int) -> LayerMap:
     """min(n_s, n_t) pairs spread evenly: pair i maps layer (i+1)*n/c - 1 of each model (c the count)."""
-    _check_positive_int("n_student", n_student)
-    _check_positive_int("n_teacher", n_teacher)
+    check_positive_int("n_student", n_student)
+    check_positive_int("n_teacher", n_teacher)
     c = min(n_student, n_teacher)
     return LayerMap(tuple((i + 1) * n_student // c - 1 for i in range(c)),
                     tuple((i + 1) * n_teacher // c - 1 for i in range(c)))
@@ -88,7 +88,7 @@ def uniform_map(n_student: int, n_teacher: int) -> LayerMap:
 
 def last_k_map(n_student: int, n_teacher: int, k: int) -> LayerMap:
     """The last k layers of both models, in order."""
-    _check_positive_int("k", k)
+    check_positive_int("k", k)
     if k > min(n_student, n_teacher):
         raise ValueError(f"k={k} exceeds the layers of the student ({n_student}) or the teacher ({n_teacher})")
     return LayerMap(tuple(range(n_student - k, n_student)), tuple(range(n_teacher - k, n_teacher)))
@@ -101,8 +101,8 @@ def explicit_map(pairs: Sequence[tuple[int, int]], n_student: int, n_teacher: in
     pairs = list(pairs)
     if not pairs or any(not isinstance(p, (tuple, list)) or len(p) != 2 for p in pairs):
         raise ValueError(f"pairs must be a non-empty list of (student_layer, teacher_layer), got {pairs!r}")
-    s = tuple(_check_index("pairs (student side)", p[0], n_student, "student") for p in pairs)
-    t = tuple(_check_index("pairs (teacher side)", p[1], n_teacher, "teacher") for p in pairs)
+    s = tuple(check_index("pairs (student side)", p[0], n_student, "student") for p in pairs)
+    t = tuple(check_index("pairs (teacher side)", p[1], n_teacher, "teacher") for p in pairs)
     if len(set(s)) != len(s):
         raise ValueError(f"pairs map a student layer twice: {pairs!r}")
     return LayerMap(s, t)
@@ -127,16 +127,16 @@ class RandomLayerMap:
 
     def __init__(self, n_student: int, n_teacher: int, *, student_layers: Optional[Sequence[int]] = None,
                  teacher_layers: Optional[Sequence[int]] = None, per: str = "epoch", seed: int = 0):
-        _check_positive_int("n_student", n_student)
-        _check_positive_int("n_teacher", n_teacher)
+        check_positive_int("n_student", n_student)
+        check_positive_int("n_teacher", n_teacher)
         if per not in PER:
             raise ValueError(f"per must be one of {PER}, got {per!r}")
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {seed!r}")
         s = list(range(n_student)) if student_layers is None else list(student_layers)
         t = list(range(n_teacher)) if teacher_layers is None else list(teacher_layers)
-        self.student_layers = tuple(sorted(_check_index("student_layers", x, n_student, "student") for x in s))
-        self.teacher_layers = tuple(sorted({_check_index("teacher_layers", x, n_teacher, "teacher") for x in t}))
+        self.student_layers = tuple(sorted(check_index("student_layers", x, n_student, "student") for x in s))
+        self.teacher_layers = tuple(sorted({check_index("teacher_layers", x, n_teacher, "teacher") for x in t}))
         if not self.student_layers or len(set(self.student_layers)) != len(self.student_layers):
             raise ValueError(f"student_layers must be distinct layers, at least one, got {s!r}")
         if len(self.teacher_layers) < len(self.student_layers):

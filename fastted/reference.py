@@ -1,26 +1,33 @@
-"""Pure-PyTorch references of fastted's losses.
+"""The specs of fastted's ops: eager PyTorch, float64-able, what tests and benchmarks compare against.
 
-Two kinds live here, and nothing in this module imports Triton:
-- ``*_reference``: the numerical spec, written the way research code writes it
-  (per-layer ``F.linear`` + ``F.mse_loss``, as TED's code does). Tests run it
-  in float64 as the oracle; benchmarks time it as the eager baseline.
-- ``*_chunked``: the CPU path of the fused losses. It computes the loss and
-  its gradients together, a block of rows at a time, so it never holds the
-  projected tensors of all layers (or of a whole layer) at once.
+One ``<op>_reference`` per op of :mod:`fastted.ops` (``pool_states_reference``
+for :mod:`~fastted.ops.pooling`), written the way research code writes it
+(per-layer ``F.linear`` + ``F.mse_loss``, as TED's code does; log_softmax +
+kl_div; the (B, 1 + K) logits of InfoNCE). Tests run them in float64 as the
+oracle; benchmarks time them as the eager baseline. Beside them the
+conventions every op shares: the masked mean (:func:`masked_mean`, never a
+division by zero), the divergences and the poolings. Nothing here imports
+Triton or another fastted module.
 """
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 
-def _safe_count(count: Tensor) -> Tensor:
+def safe_count(count: Tensor) -> Tensor:
     """The denominator of a masked mean: all tokens masked divides 0 by 1."""
     return torch.where(count > 0, count, torch.ones_like(count))
+
+
+def masked_mean(rows: Tensor, valid: Tensor) -> Tensor:
+    """Mean of rows over the valid ones; 0 when none is valid."""
+    valid = valid.to(rows.dtype)
+    return torch.where(valid > 0, rows, torch.zeros_like(rows)).mul(valid).sum() / safe_count(valid.sum())
 
 
 def filtered_mse_reference(
@@ -56,127 +63,12 @@ def filtered_mse_reference(
         else:
             m = mask.reshape(-1).to(s_proj.dtype)
             sq = (s_proj - t_proj).pow(2).reshape(m.shape[0], -1).mean(-1)  # (N,)
-            layer_losses.append((sq * m).sum() / _safe_count(m.sum()))
+            layer_losses.append((sq * m).sum() / safe_count(m.sum()))
     losses = torch.stack(layer_losses)
     if layer_weights is None:
         return losses.mean(), losses
     lw = torch.as_tensor(layer_weights, dtype=losses.dtype, device=losses.device)
     return (losses * lw).sum() / lw.sum(), losses
-
-
-class FilteredMSELayer(NamedTuple):
-    """One mapped layer pair, as the fused paths take it (2-D, rows = tokens)."""
-
-    s: Tensor  # (N, d_s) student states
-    w: Optional[Tensor]  # (d_f, d_s) student filter weight; None: identity
-    b: Optional[Tensor]  # (d_f,) student filter bias
-    t: Tensor  # (N, d_t) teacher states, or (N, d_f) targets when v is None
-    v: Optional[Tensor]  # (d_f, d_t) teacher filter weight; None: t are the targets
-    c: Optional[Tensor]  # (d_f,) teacher filter bias
-
-
-def accumulate_filtered_mse_grads(grad_err, rows, layer, needs, grads, colsum=None):
-    """Turn dLoss/dE for a block of rows into gradients of the layer's inputs.
-
-    grad_err: (R, d_f) dLoss/dE for ``layer``'s rows ``rows`` (a slice);
-    needs: a FilteredMSELayer of bools; grads: a list of six entries in
-    FilteredMSELayer order, filled in place: row blocks of the state
-    gradients are written into full (N, d) tensors, weight and bias gradients
-    are summed over blocks (in grad_err's dtype). colsum: grad_err summed over
-    rows, when the caller already has it (the kernel's epilogue computes it).
-    """
-    whole = rows == slice(None)
-
-    def put(i, n_rows, value):
-        if whole:
-            grads[i] = value
-        else:
-            if grads[i] is None:
-                grads[i] = value.new_empty((n_rows, value.shape[1]))
-            grads[i][rows] = value
-
-    def add(i, value):
-        grads[i] = value if grads[i] is None else grads[i].add_(value)
-
-    g = grad_err
-    if needs.b or needs.c:
-        col = colsum if colsum is not None else g.sum(0)
-    if needs.s:
-        put(0, layer.s.shape[0], g @ layer.w.to(g.dtype) if layer.w is not None else g)
-    if needs.w:
-        add(1, g.t() @ layer.s[rows].to(g.dtype))
-    if needs.b:
-        add(2, col)
-    if needs.t:
-        put(3, layer.t.shape[0], -(g @ layer.v.to(g.dtype)) if layer.v is not None else -g)
-    if needs.v:
-        add(4, -(g.t() @ layer.t[rows].to(g.dtype)))
-    if needs.c:
-        add(5, -col)
-
-
-def cast_grads_like(grads, layer):
-    """Each of a layer's six gradients in the dtype of its input."""
-    return [None if g is None else g.to(x.dtype) for g, x in zip(grads, layer)]
-
-
-# Rows per block of the chunked path: about a million elements of the widest side.
-_CHUNK_ELEMENTS = 1 << 20
-
-
-def filtered_mse_chunked(layers, mask, count, layer_scale, needs):
-    """The CPU path of :func:`fastted.filtered_mse`: loss terms and gradients.
-
-    layers: FilteredMSELayer per mapped layer; mask: (N,) fp32 or None; count:
-    0-dim sum of the mask; layer_scale: (L,) w_l / sum(w); needs: one
-    FilteredMSELayer of bools per layer. Works a block of rows at a time in
-    fp32 (fp64 for fp64 inputs). Returns (sq_err, grads): (L,) sums of
-    m_i * E_l,ij^2 and, per layer, six gradients (None where not needed) in
-    the dtype of their inputs.
-    """
-    sq_err = []
-    all_grads = []
-    safe = _safe_count(count)
-    for l, (layer, need) in enumerate(zip(layers, needs)):
-        acc_dtype = torch.promote_types(layer.s.dtype, torch.float32)
-        n_rows = layer.s.shape[0]
-        d_f = layer.w.shape[0] if layer.w is not None else layer.s.shape[1]
-        widest = max(layer.s.shape[1], layer.t.shape[1], d_f)
-        step = max(1, _CHUNK_ELEMENTS // widest)
-        w = layer.w.to(acc_dtype) if layer.w is not None else None
-        v = layer.v.to(acc_dtype) if layer.v is not None else None
-        b = layer.b.to(acc_dtype) if layer.b is not None else None
-        c = layer.c.to(acc_dtype) if layer.c is not None else None
-        scale = 2.0 * layer_scale[l].to(acc_dtype) / (d_f * safe.to(acc_dtype))
-        wide = FilteredMSELayer(layer.s, w, b, layer.t, v, c)
-        total = torch.zeros((), dtype=acc_dtype, device=layer.s.device)
-        grads = [None] * 6
-        for start in range(0, n_rows, step):
-            rows = slice(start, min(start + step, n_rows)) if step < n_rows else slice(None)
-            s = layer.s[rows].to(acc_dtype)
-            t = layer.t[rows].to(acc_dtype)
-            # err = S W^T + b - (H V^T + c), built in one buffer
-            err = s @ w.t() if w is not None else s.clone()
-            if v is not None:
-                err.addmm_(t, v.t(), alpha=-1)
-            else:
-                err -= t
-            if b is not None:
-                err += b
-            if c is not None:
-                err -= c
-            row_sq = torch.linalg.vecdot(err, err)  # (R,) squared error per token
-            if mask is not None:
-                m = mask[rows].to(acc_dtype)
-                total += row_sq @ m
-            else:
-                total += row_sq.sum()
-            if any(need):
-                weight = scale if mask is None else m[:, None] * scale
-                accumulate_filtered_mse_grads(err.mul_(weight), rows, wide, need, grads)
-        sq_err.append(total)
-        all_grads.append(cast_grads_like(grads, layer))
-    return torch.stack(sq_err), all_grads
 
 
 # --------------------------------------------------------------------------- logit distillation
@@ -218,12 +110,6 @@ def divergence_reference(s_log: Tensor, t_log: Tensor, divergence: str, beta: fl
     return (beta * _kl_elementwise(t_log, m_log) + (1 - beta) * _kl_elementwise(s_log, m_log)).sum(-1)
 
 
-def _masked_mean(rows: Tensor, valid: Tensor) -> Tensor:
-    """Mean of rows over the valid ones; 0 when none is valid."""
-    valid = valid.to(rows.dtype)
-    return torch.where(valid > 0, rows, torch.zeros_like(rows)).mul(valid).sum() / _safe_count(valid.sum())
-
-
 def logit_kd_reference(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -242,7 +128,7 @@ def logit_kd_reference(
     t_log = F.log_softmax(teacher_logits / temperature, dim=-1)
     rows = divergence_reference(s_log, t_log, divergence, beta)
     valid = torch.ones_like(rows) if mask is None else mask.to(rows.dtype)
-    return _masked_mean(rows, valid) * temperature**2
+    return masked_mean(rows, valid) * temperature**2
 
 
 def fused_linear_kd_reference(
@@ -282,158 +168,8 @@ def fused_linear_kd_reference(
         rows = F.cross_entropy(
             s_logits.reshape(-1, v), torch.where(valid, hard_labels, 0).reshape(-1), reduction="none"
         )
-        ce = _masked_mean(rows, valid.reshape(-1))
+        ce = masked_mean(rows, valid.reshape(-1))
     return soft_weight * kd + hard_weight * ce, kd, ce
-
-
-def logit_kd_rows(
-    zs: Tensor,
-    zt: Tensor,
-    kd_coef: Tensor,
-    labels: Optional[Tensor],
-    ce_coef: Optional[Tensor],
-    grad: Optional[Tensor],
-    *,
-    temperature: float,
-    divergence: str,
-    beta: float,
-    soft_weight: float,
-    hard_weight: float,
-) -> tuple[Tensor, Optional[Tensor]]:
-    """A block of rows of the fused logit losses: the CPU twin of the Triton row kernel.
-
-    zs, zt: (R, V) student and teacher logits; kd_coef: (R,) weight of each
-    row's divergence in the mean (mask / count); labels, ce_coef: (R,) hard
-    labels and the weight of each row's cross-entropy, or None. Writes
-    dLoss/dzs into grad (R, V) when given, where
-    loss = soft_weight T^2 sum_r kd_coef_r D_r + hard_weight sum_r ce_coef_r CE_r.
-    Returns the per-row divergence D (without T^2) and cross-entropy, fp32
-    (fp64 for fp64 logits), 0 on rows whose weight is 0.
-    """
-    acc = torch.promote_types(zs.dtype, torch.float32)
-    kd_coef = kd_coef.to(acc)
-    keep = kd_coef != 0
-    s = zs.to(acc)
-    ls = F.log_softmax(s / temperature, dim=-1)
-    lt = F.log_softmax(zt.to(acc) / temperature, dim=-1)
-    rows = torch.where(keep, divergence_reference(ls, lt, divergence, beta), 0)
-    ce_rows = None
-    if grad is not None:
-        if divergence == "jsd" and 0.0 < beta < 1.0:
-            q, p = ls.exp(), lt.exp()
-            lm = torch.log((1 - beta) * q + beta * p)
-            q_term = torch.where(q > 0, q * (ls - lm), 0)  # summed over V: KL(student || M)
-            g = (1 - beta) * (q_term - q * q_term.sum(-1, keepdim=True))
-        elif divergence == "reverse_kl" or (divergence == "jsd" and beta == 1.0):
-            q = ls.exp()
-            g = torch.where(q > 0, q * (ls - lt - rows[:, None]), 0)
-        else:
-            g = ls.exp() - lt.exp()
-        g = g * (soft_weight * temperature * kd_coef)[:, None]
-    if labels is not None:
-        ce_coef = ce_coef.to(acc)
-        lu = ls if temperature == 1.0 else F.log_softmax(s, dim=-1)
-        in_range = (labels >= 0) & (labels < zs.shape[1])
-        picked = lu.gather(1, torch.where(in_range, labels, 0)[:, None])[:, 0]
-        ce_rows = torch.where(ce_coef != 0, torch.where(in_range, -picked, float("nan")), 0)
-        if grad is not None:
-            dce = lu.exp()
-            dce.scatter_add_(1, torch.where(in_range, labels, 0)[:, None], -in_range.to(acc)[:, None])
-            g = g + dce * (hard_weight * ce_coef)[:, None]
-            keep = keep | (ce_coef != 0)
-    if grad is not None:
-        grad.copy_(torch.where(keep[:, None], g, 0))
-    return rows, ce_rows
-
-
-def logit_kd_chunked(s: Tensor, t: Tensor, kd_coef: Tensor, grad: Optional[Tensor], **opts) -> Tensor:
-    """The CPU path of :func:`fastted.logit_kd`: :func:`logit_kd_rows` over blocks of rows.
-
-    s, t: (N, V) logits; grad: (N, V) output for dLoss/ds, or None. Each block
-    holds about a million logits, so the temporaries of the softmaxes stay
-    bounded beyond the gradient itself. Returns the (N,) row divergences.
-    """
-    n_rows, vocab = s.shape
-    step = max(1, _CHUNK_ELEMENTS // vocab)
-    rows = []
-    for start in range(0, n_rows, step):
-        r = slice(start, start + step)
-        kd, _ = logit_kd_rows(s[r], t[r], kd_coef[r], None, None, None if grad is None else grad[r], **opts)
-        rows.append(kd)
-    return torch.cat(rows)
-
-
-_MIXED_ADDMM = {"ok": True}  # torch.addmm(..., out_dtype=) exists on CUDA in recent torch only
-
-
-def _accumulate_mm(acc: Tensor, a: Tensor, b: Tensor) -> None:
-    """acc += a @ b, with acc in fp32 and a, b in any float dtype."""
-    if a.dtype == acc.dtype:
-        acc.addmm_(a, b)
-        return
-    if a.is_cuda and _MIXED_ADDMM["ok"]:
-        try:
-            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)  # fp32 accumulation, no (V, H) temporary
-            return
-        except (TypeError, RuntimeError, NotImplementedError):
-            _MIXED_ADDMM["ok"] = False
-    acc.add_(a @ b)
-
-
-def fused_linear_kd_chunked(
-    xs: Tensor,
-    ws: Tensor,
-    bs: Optional[Tensor],
-    xt: Tensor,
-    wt: Tensor,
-    bt: Optional[Tensor],
-    kd_coef: Tensor,
-    labels: Optional[Tensor],
-    ce_coef: Optional[Tensor],
-    needs: tuple[bool, bool, bool],
-    *,
-    rows_fn,
-    chunk_rows: int,
-    **opts,
-):
-    """Both LM heads and the logit losses, ``chunk_rows`` rows at a time.
-
-    xs (N, H_s), ws (V, H_s), bs (V,): the student head; xt, wt, bt the
-    teacher's. For each block of rows the student and teacher logits are
-    computed, ``rows_fn`` (:func:`logit_kd_rows` or the Triton kernel, same
-    contract) turns the student block into its gradient in place, and the
-    gradients of xs, ws, bs follow from it; no (N, V) tensor ever exists.
-    needs: which of xs, ws, bs want a gradient. Weight and bias gradients
-    are accumulated in fp32. Returns (kd_rows, ce_rows, (gx, gw, gb)).
-    """
-    n_rows = xs.shape[0]
-    want = any(needs)
-    acc = torch.promote_types(ws.dtype, torch.float32)
-    gx = torch.empty_like(xs) if needs[0] else None
-    gw = torch.zeros(ws.shape, dtype=acc, device=ws.device) if needs[1] else None
-    gb = torch.zeros(ws.shape[0], dtype=acc, device=ws.device) if needs[2] else None
-    kd_rows, ce_rows = [], []
-    for start in range(0, n_rows, chunk_rows):
-        r = slice(start, start + chunk_rows)
-        x = xs[r]
-        zs = torch.addmm(bs, x, ws.t()) if bs is not None else x @ ws.t()  # (R, V)
-        zt = torch.addmm(bt, xt[r], wt.t()) if bt is not None else xt[r] @ wt.t()  # (R, V)
-        kd, ce = rows_fn(
-            zs, zt, kd_coef[r], None if labels is None else labels[r], None if ce_coef is None else ce_coef[r],
-            zs if want else None, **opts,
-        )
-        del zt
-        kd_rows.append(kd)
-        ce_rows.append(ce)
-        if want:  # zs now holds dLoss/dzs
-            if gx is not None:
-                torch.mm(zs, ws, out=gx[r])
-            if gw is not None:
-                _accumulate_mm(gw, zs.t(), x)
-            if gb is not None:
-                gb += zs.sum(0, dtype=acc)
-    ce_rows = torch.cat(ce_rows) if labels is not None else None
-    return torch.cat(kd_rows), ce_rows, (gx, gw, gb)
 
 
 # --------------------------------------------------------------------------- pooling and contrastive distillation
@@ -496,79 +232,7 @@ def contrastive_kd_reference(
     target = torch.zeros(s.shape[0], dtype=torch.int64, device=s.device)
     rows = F.cross_entropy(logits, target, reduction="none")
     valid = torch.ones_like(rows) if mask is None else mask.to(rows.dtype)
-    return _masked_mean(rows, valid)
-
-
-def _unit(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """x / max(||x||, eps) over the last dimension, and that clamped norm."""
-    norm = x.norm(dim=-1, keepdim=True).clamp_min(eps)
-    return x / norm, norm
-
-
-def _unit_backward(g: Tensor, x_hat: Tensor, norm: Tensor, eps: float) -> Tensor:
-    """The gradient of x from that of x_hat = x / max(||x||, eps)."""
-    return torch.where(norm > eps, (g - (g * x_hat).sum(-1, keepdim=True) * x_hat) / norm, g / eps)
-
-
-def contrastive_kd_chunked(
-    s: Tensor,
-    t: Tensor,
-    negatives: Tensor,
-    coef: Tensor,
-    labels: Optional[Tensor],
-    negative_labels: Optional[Tensor],
-    *,
-    temperature: float,
-    eps: float,
-    grad_s: bool,
-    grad_t: bool,
-):
-    """The CPU path of :func:`fastted.contrastive_kd`, the twin of the Triton kernels.
-
-    s, t: (B, D) raw vectors; negatives (K, D) or (B, K, D); coef (B,) weight
-    of each anchor in the mean. Scores a block of negatives at a time with an
-    online log-sum-exp and a running softmax-weighted sum of the normalized
-    negatives, so no (B, K) tensor exists beyond one block. Returns
-    (loss_rows (B,), grad_s or None, grad_t or None), fp32 (fp64 for fp64).
-    """
-    acc = torch.promote_types(s.dtype, torch.float32)
-    s_hat, s_norm = _unit(s.to(acc), eps)
-    t_hat, t_norm = _unit(t.to(acc), eps)
-    pos = (s_hat * t_hat).sum(1) / temperature
-    q = s_hat / temperature
-    # The running max starts at the positive: it stays finite, however many negatives are left out.
-    m = pos.clone()
-    neg = torch.zeros_like(pos)  # the negatives' share of the softmax denominator, relative to exp(m)
-    o = torch.zeros_like(t_hat)  # and of its weighted sum of normalized negatives
-    per_anchor = negatives.dim() == 3
-    n_anchors, k_total, width = s.shape[0], negatives.shape[-2], s.shape[1]
-    # A block's scores (B, k) and normalized negatives ((k, D), or (B, k, D) per anchor) hold ~a million elements.
-    step = max(1, _CHUNK_ELEMENTS // (n_anchors * width if per_anchor else n_anchors + width))
-    for start in range(0, k_total, step):
-        n_hat, _ = _unit(negatives[..., start:start + step, :].to(acc), eps)
-        sc = q @ n_hat.t() if not per_anchor else torch.einsum("bkd,bd->bk", n_hat, q)  # (B, k)
-        excluded = _excluded(labels, None if labels is None else negative_labels[..., start:start + step])
-        if excluded is not None:
-            sc = sc.masked_fill(excluded, float("-inf"))
-        m_new = torch.maximum(m, sc.max(1).values)
-        alpha = torch.exp(m - m_new)
-        p = torch.exp(sc - m_new[:, None])
-        neg = neg * alpha + p.sum(1)
-        if grad_s:
-            o = o * alpha[:, None] + (p @ n_hat if not per_anchor else torch.einsum("bk,bkd->bd", p, n_hat))
-        m = m_new
-    w_pos = torch.exp(pos - m)
-    total = w_pos + neg
-    rows = (m - pos) + torch.log1p((w_pos - 1) + neg)  # lse - pos, exact while the positive dominates
-    coef = coef.to(acc)
-    rows = torch.where(coef != 0, rows, 0)
-    scale = (coef / temperature / total)[:, None]  # 1 - p_pos = neg / total: no cancellation near p_pos = 1
-    gs = gt = None
-    if grad_s:
-        gs = _unit_backward((o - neg[:, None] * t_hat) * scale, s_hat, s_norm, eps).to(s.dtype)
-    if grad_t:
-        gt = _unit_backward(-neg[:, None] * s_hat * scale, t_hat, t_norm, eps).to(t.dtype)
-    return rows, gs, gt
+    return masked_mean(rows, valid)
 
 
 def pooled_distance_reference(
@@ -613,5 +277,5 @@ def pooled_distance_reference(
     for a, b, w, wb, v, vb in pairs:
         a = F.normalize(a if w is None else F.linear(a, w, wb), dim=-1, eps=eps)
         b = F.normalize(b if v is None else F.linear(b, v, vb), dim=-1, eps=eps)
-        total = total + _masked_mean(((a - b) ** 2).sum(-1), valid)
+        total = total + masked_mean(((a - b) ** 2).sum(-1), valid)
     return total

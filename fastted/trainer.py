@@ -1,8 +1,9 @@
 """The thin loop: one recipe, one dataset, optimizer steps, metrics, evaluation, checkpoints.
 
 The data order is a pure function of (seed, epoch) and the MLM masks of
-(seed, step, micro batch, rank), so the data position is the optimizer step
-alone and a resumed run sees exactly the batches it would have seen. A
+(seed, step, micro batch, rank) (:func:`fastted.data.data_order`,
+:func:`fastted.data.batch_generator`), so the data position is the optimizer
+step alone and a resumed run sees exactly the batches it would have seen. A
 checkpoint is a folder ``checkpoints/step-NNNNNNN`` written under a temporary
 name and renamed when every rank has finished writing; ``checkpoints/latest``
 names the newest (replaced atomically). A kill during a save leaves the
@@ -10,7 +11,6 @@ previous checkpoint and ``latest`` as they were.
 """
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -19,10 +19,10 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-import numpy as np
 import torch
 
 from fastted.config import TrainConfig
+from fastted.data import Data, batch_generator, data_order
 from fastted.engine import Engine, barrier, mean_over_ranks
 
 CHECKPOINTS = "checkpoints"
@@ -43,20 +43,6 @@ class Stage:
     seed: int = 0
     progress: bool = True
     resume: bool = True
-
-
-@functools.lru_cache(maxsize=2)
-def data_order(n: int, seed: int, epoch: int) -> np.ndarray:
-    """The permutation of the examples in ``epoch``: a pure function of (seed, epoch), drawn once per epoch
-    (cached: every step of the epoch slices it). Read-only."""
-    order = np.random.default_rng([seed, epoch]).permutation(n)
-    order.setflags(write=False)
-    return order
-
-
-def _generator(seed: int, *keys: int) -> torch.Generator:
-    state = np.random.SeedSequence([seed, *keys]).generate_state(1, dtype=np.uint64)[0]
-    return torch.Generator().manual_seed(int(state % (2**63)))
 
 
 def steps_per_epoch(n: int, batch_size: int) -> int:
@@ -84,7 +70,7 @@ def micro_batches(stage: Stage, step: int, engine: Engine):
         piece = a * engine.world + engine.rank
         chosen = indices[piece * micro:(piece + 1) * micro]
         examples = [stage.dataset[int(i)] for i in chosen]
-        yield epoch, stage.collator(examples, _generator(stage.seed, step, a, engine.rank))
+        yield epoch, stage.collator(examples, batch_generator(stage.seed, step, a, engine.rank))
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -303,3 +289,41 @@ def _evaluate(stage: Stage, engine: Engine, step: int, metrics: Metrics) -> dict
     engine.train(True)
     metrics.log({"step": step, "stage": stage.name, "eval": result})
     return result
+
+
+# --------------------------------------------------------------------------- evaluation of a trained model
+
+
+def evaluate_model(adapter, data: Data, task: str, micro: int, device, rank: int = 0, world: int = 1) -> dict:
+    """Accuracy (classification) or mean LM loss and perplexity over the test split, the examples shared out
+    between the ``world`` ranks (this one is ``rank``) and the counts summed."""
+    import torch.distributed as dist
+
+    sums = torch.zeros(2, dtype=torch.float64)
+    n = len(data.test)
+    for start in range(rank * micro, n, micro * world):
+        examples = [data.test[i] for i in range(start, min(start + micro, n))]
+        batch = data.collator(examples, batch_generator(0, start))
+        batch = {k: v.to(device) for k, v in batch.items()}
+        out = adapter(batch)
+        if task == "classification":
+            sums[0] += float((out.logits.argmax(-1) == batch["labels"]).sum())
+            sums[1] += len(examples)
+        else:
+            labels = batch["labels"]
+            if task == "clm":
+                logits, labels = out.logits[:, :-1], labels[:, 1:]
+            else:
+                logits = out.logits
+            count = int((labels != -100).sum())
+            loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+                                                     labels.reshape(-1), ignore_index=-100, reduction="sum")
+            sums += torch.tensor([float(loss), count], dtype=torch.float64)
+    if dist.is_initialized() and world > 1:
+        sums = sums.to(device)
+        dist.all_reduce(sums)
+        sums = sums.cpu()
+    if task == "classification":
+        return {"accuracy": float(sums[0] / max(sums[1], 1)), "examples": int(sums[1])}
+    loss = float(sums[0] / max(sums[1], 1))
+    return {"lm_loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": int(sums[1])}

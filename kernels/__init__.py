@@ -1,9 +1,12 @@
 """Triton kernels of fastted, installed as ``fastted.kernels``.
 
-Each module holds the ``@triton.jit`` kernels of one loss and their launchers.
-This package itself imports no Triton; the losses import a kernel module the
-first time a Triton path is taken, so importing fastted never touches CUDA and
-never compiles a kernel.
+Each module holds the ``@triton.jit`` kernels of one op and their launchers,
+under the op's name: ``kernels/<op>.py`` beside ``fastted/ops/<op>.py``, which
+holds the op's checks, PyTorch path, autograd Function and public API
+(``fused_linear_kd`` runs the row kernel of ``logit_kd.py``, ``pooled_distance``
+the kernels of ``pooling.py``). This package itself imports no Triton; an op
+imports its kernel module the first time a Triton path is taken, so importing
+fastted never touches CUDA and never compiles a kernel.
 """
 
 import os

@@ -42,12 +42,12 @@ from fastted.kernels import interpreting
 
 
 @triton.jit
-def _contrastive_partials_kernel(
+def contrastive_partials_kernel(
     # data pointers
     s_ptr,  # (B, D) raw student vectors
     n_ptr,  # negatives: (K, D) shared by the batch, or (B, K, D) per anchor
-    la_ptr,  # (B,) int64 anchor labels; unused without HAS_LABELS
-    ln_ptr,  # negative labels: (K,) or (B, K) int64; unused without HAS_LABELS
+    anchor_labels_ptr,  # (B,) int64 anchor labels; unused without HAS_LABELS
+    negative_labels_ptr,  # (K,) or (B, K) int64 labels of the negatives; unused without HAS_LABELS
     m_ptr,  # (SPLITS, B) fp32 out: running max of each anchor's scores in a split (-inf: none seen)
     l_ptr,  # (SPLITS, B) fp32 out: sum of exp(score - m)
     o_ptr,  # (SPLITS, B, D) fp32 out: sum of exp(score - m) n_hat; unused without WRITE_O
@@ -87,7 +87,7 @@ def _contrastive_partials_kernel(
     inv_s = 1.0 / tl.maximum(tl.sqrt(tl.sum(s * s, axis=1)), eps)
     q = s * (inv_s * inv_temp)[:, None]  # (BLOCK_B, BLOCK_D) normalized anchor / tau, fp32
     if HAS_LABELS:
-        la = tl.load(la_ptr + rows, mask=row_ok, other=0)
+        anchor_labels = tl.load(anchor_labels_ptr + rows, mask=row_ok, other=0)
 
     m_i = tl.full((BLOCK_B,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_B,), tl.float32)
@@ -110,8 +110,8 @@ def _contrastive_partials_kernel(
         sc = sc * inv_n[None, :]
         keep = k_ok[None, :] & row_ok[:, None]
         if HAS_LABELS:
-            ln = tl.load(ln_ptr + row0 * stride_lb + ks, mask=k_ok, other=0)
-            keep = keep & (la[:, None] != ln[None, :])
+            negative_labels = tl.load(negative_labels_ptr + row0 * stride_lb + ks, mask=k_ok, other=0)
+            keep = keep & (anchor_labels[:, None] != negative_labels[None, :])
         sc = tl.where(keep, sc, float("-inf"))
 
         m_new = tl.maximum(m_i, tl.max(sc, axis=1))
@@ -157,7 +157,7 @@ def _unit_backward(g, x_hat, inv, norm_ok):
 
 
 @triton.jit
-def _contrastive_finalize_kernel(
+def contrastive_finalize_kernel(
     # data pointers
     s_ptr,  # (B, D) raw student vectors
     t_ptr,  # (B, D) raw teacher (positive) vectors
@@ -192,21 +192,21 @@ def _contrastive_finalize_kernel(
     t_hat, inv_t = _unit(t, eps)
     pos = tl.sum(s_hat * t_hat, axis=0) * inv_temp
 
-    big = pos  # the max over the positive and every split
+    row_max = pos  # the max over the positive and every split's scores: the shift of the row's log-sum-exp
     for sp in range(0, SPLITS):
-        big = tl.maximum(big, tl.load(m_ptr + sp * B + row))
-    w_pos = tl.exp(pos - big)
+        row_max = tl.maximum(row_max, tl.load(m_ptr + sp * B + row))
+    w_pos = tl.exp(pos - row_max)
     neg = 0.0  # the negatives' share of the softmax denominator
     o = tl.zeros((BLOCK_D,), tl.float32)  # and of its weighted sum of normalized vectors
     for sp in range(0, SPLITS):
         m_sp = tl.load(m_ptr + sp * B + row)
-        w = tl.where(m_sp == float("-inf"), 0.0, tl.exp(m_sp - big))
+        w = tl.where(m_sp == float("-inf"), 0.0, tl.exp(m_sp - row_max))
         neg += w * tl.load(l_ptr + sp * B + row)
         if WRITE_GS:
             o += w * tl.load(o_ptr + (sp * B + row) * D + dcols, mask=d_ok, other=0.0)
     total = w_pos + neg
-    # lse - pos = (big - pos) + log(total), with log(total) as log1p: exact while the positive dominates
-    loss = (big - pos) + _log1p((w_pos - 1.0) + neg)
+    # lse - pos = (row_max - pos) + log(total), with log(total) as log1p: exact while the positive dominates
+    loss = (row_max - pos) + _log1p((w_pos - 1.0) + neg)
     coef = tl.load(coef_ptr + row)
     tl.store(loss_ptr + row, tl.where(coef != 0.0, loss, 0.0))
 
@@ -282,7 +282,7 @@ def contrastive_forward(
     run_sum = torch.empty((splits, B), **f32)
     run_acc = torch.empty((splits, B, D), **f32) if grad_s else None
     has_labels = labels is not None
-    _contrastive_partials_kernel[(n_anchor_blocks, splits)](
+    contrastive_partials_kernel[(n_anchor_blocks, splits)](
         s, negatives, labels, negative_labels, run_max, run_sum, run_acc,
         B, K, D, tiles_per_split,
         s.stride(0), negatives.stride(0) if per_anchor else 0, negatives.stride(-2),
@@ -299,7 +299,7 @@ def contrastive_forward(
     loss_rows = torch.empty(B, **f32)
     gs = torch.empty((B, D), dtype=s.dtype, device=s.device) if grad_s else None
     gt = torch.empty((B, D), dtype=t.dtype, device=t.device) if grad_t else None
-    _contrastive_finalize_kernel[(B,)](
+    contrastive_finalize_kernel[(B,)](
         s, t, coef, run_max, run_sum, run_acc, loss_rows, gs, gt,
         B, D, splits,
         s.stride(0), t.stride(0),

@@ -30,7 +30,7 @@ def _prune_configs(configs, named_args, **kwargs):
 
 
 # Tile configs of the autotuner (they parametrize the decorator, so they come first).
-_CONFIGS = [
+AUTOTUNE_CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
@@ -75,7 +75,7 @@ def _project(
 
 
 @triton.autotune(
-    configs=_CONFIGS,
+    configs=AUTOTUNE_CONFIGS,
     key=["N_KEY", "D_S", "D_T", "D_F"],
     prune_configs_by={"early_config_prune": _prune_configs},
 )
@@ -91,7 +91,7 @@ def _project(
     }
 )
 @triton.jit
-def _filtered_mse_fwd_kernel(
+def filtered_mse_fwd_kernel(
     # --- data pointers: layer l of a role lives at base + offsets[l] (elements)
     s_base,  # student states, (N, D_S) per layer (identity student: (N, D_F)), row stride stride_s
     s_offsets,  # int64 (L,) element offsets of the student states
@@ -210,8 +210,8 @@ def _filtered_mse_fwd_kernel(
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 # Smallest tile of the config list: sizes the per-tile output buffers for any config.
-_MIN_BLOCK_M = min(config.kwargs["BLOCK_M"] for config in _CONFIGS)
-_MIN_BLOCK_N = min(config.kwargs["BLOCK_N"] for config in _CONFIGS)
+_MIN_BLOCK_M = min(config.kwargs["BLOCK_M"] for config in AUTOTUNE_CONFIGS)
+_MIN_BLOCK_N = min(config.kwargs["BLOCK_N"] for config in AUTOTUNE_CONFIGS)
 
 
 def filtered_mse_forward(s, w, b, t, v, c, mask, count, layer_scale, *, write_grad, write_colsum):
@@ -251,7 +251,7 @@ def filtered_mse_forward(s, w, b, t, v, c, mask, count, layer_scale, *, write_gr
         colsum = torch.zeros((n_layers, max_pid_m, d_f), dtype=torch.float32, device=device)
 
     grid = lambda meta: (triton.cdiv(n_rows, meta["BLOCK_M"]) * triton.cdiv(d_f, meta["BLOCK_N"]), n_layers)
-    _filtered_mse_fwd_kernel[grid](
+    filtered_mse_fwd_kernel[grid](
         s[0], element_offsets(s, s[0], device),
         None if w is None else w[0], element_offsets(w, None if w is None else w[0], device),
         None if b is None else b[0], element_offsets(b, None if b is None else b[0], device),

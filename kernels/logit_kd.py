@@ -26,7 +26,10 @@ import triton.language as tl
 
 from fastted.kernels import interpreting
 
-FORWARD_KL, REVERSE_KL, JSD = 0, 1, 2
+# The divergences, as the kernel's DIVERGENCE (named constexprs, never bare numbers in the kernel).
+FORWARD_KL = tl.constexpr(0)  # KL(teacher || student)
+REVERSE_KL = tl.constexpr(1)  # KL(student || teacher)
+JSD = tl.constexpr(2)  # beta KL(teacher || M) + (1 - beta) KL(student || M), 0 < beta < 1
 
 
 @triton.jit
@@ -38,7 +41,7 @@ def _fold_max(m, x):
 
 
 @triton.jit
-def _logit_kd_kernel(
+def logit_kd_kernel(
     # data pointers
     s_ptr,  # (N, V) student logits
     t_ptr,  # (N, V) teacher logits
@@ -116,9 +119,9 @@ def _logit_kd_kernel(
             e_a = tl.exp(a - new_shift_t)
             d_s = d_s * alpha_s + tl.sum(e_b, axis=0)
             d_t = d_t * alpha_t + tl.sum(e_a, axis=0)
-            if DIVERGENCE == 0:
+            if DIVERGENCE == FORWARD_KL:
                 acc = acc * alpha_t + tl.sum(tl.where(a > float("-inf"), e_a * (a - b), 0.0), axis=0)
-            if DIVERGENCE == 1:
+            if DIVERGENCE == REVERSE_KL:
                 acc = acc * alpha_s + tl.sum(tl.where(b > float("-inf"), e_b * (b - a), 0.0), axis=0)
             shift_s = new_shift_s
             shift_t = new_shift_t
@@ -130,14 +133,14 @@ def _logit_kd_kernel(
         lse_t = shift_t + tl.log(d_t)
 
         kd = 0.0
-        if DIVERGENCE == 0:
+        if DIVERGENCE == FORWARD_KL:
             kd = acc / d_t - lse_t + lse_s
-        if DIVERGENCE == 1:
+        if DIVERGENCE == REVERSE_KL:
             kd = acc / d_s - lse_s + lse_t
 
         # ---- pass 2 (JSD): the divergence and KL(student || M)
         kl_sm = 0.0
-        if DIVERGENCE == 2:
+        if DIVERGENCE == JSD:
             jsd = 0.0
             for i in range(0, n_blocks):
                 c = i * BLOCK_V + cols
@@ -177,11 +180,11 @@ def _logit_kd_kernel(
                 lq = s * inv_temp - lse_s
                 lp = t * inv_temp - lse_t
                 q = tl.exp(lq)
-                if DIVERGENCE == 0:
+                if DIVERGENCE == FORWARD_KL:
                     g = q - tl.exp(lp)
-                if DIVERGENCE == 1:
+                if DIVERGENCE == REVERSE_KL:
                     g = tl.where(q > 0.0, q * (lq - lp - kd), 0.0)
-                if DIVERGENCE == 2:
+                if DIVERGENCE == JSD:
                     lm = tl.log((1.0 - beta) * q + beta * tl.exp(lp))
                     g = (1.0 - beta) * (tl.where(q > 0.0, q * (lq - lm), 0.0) - q * kl_sm)
                 g = g * kd_scale
@@ -222,7 +225,7 @@ def logit_kd_forward(
     kd_rows = torch.empty(n_rows, dtype=torch.float32, device=s.device)
     ce_rows = torch.empty(n_rows, dtype=torch.float32, device=s.device) if labels is not None else None
     block = block_v or _block_v(V)
-    _logit_kd_kernel[(n_rows,)](
+    logit_kd_kernel[(n_rows,)](
         s, t, grad, kd_coef, labels, ce_coef, kd_rows, ce_rows,
         V,
         s.stride(0), t.stride(0), grad.stride(0) if grad is not None else 0,
@@ -240,15 +243,15 @@ def logit_kd_forward(
 def divergence_code(divergence: str, beta: float) -> int:
     """The kernel's DIVERGENCE for a divergence name (JSD at beta 0 and 1 is the forward and reverse KL)."""
     if divergence == "forward_kl" or (divergence == "jsd" and beta == 0.0):
-        return FORWARD_KL
+        return FORWARD_KL.value
     if divergence == "reverse_kl" or (divergence == "jsd" and beta == 1.0):
-        return REVERSE_KL
-    return JSD
+        return REVERSE_KL.value
+    return JSD.value
 
 
 def logit_kd_rows_triton(zs, zt, kd_coef, labels, ce_coef, grad, *, temperature, divergence, beta, soft_weight,
                          hard_weight):
-    """The contract of fastted.reference.logit_kd_rows, on the Triton kernel."""
+    """The contract of :func:`fastted.ops.logit_kd.logit_kd_rows`, on the Triton kernel."""
     return logit_kd_forward(
         zs, zt, kd_coef, grad=grad, labels=labels, ce_coef=ce_coef, temperature=temperature,
         divergence=divergence_code(divergence, beta), beta=beta, soft_weight=soft_weight, hard_weight=hard_weight,

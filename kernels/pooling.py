@@ -20,7 +20,7 @@ from fastted.kernels import element_offsets, interpreting
 
 
 @triton.jit
-def _mean_pool_fwd_kernel(
+def mean_pool_fwd_kernel(
     # data pointers
     h_ptr,  # the first layer's states (B, T, D); layer l starts at h_ptr + offsets[l]
     offsets_ptr,  # (L,) int64 element offsets of the layers from h_ptr
@@ -52,7 +52,7 @@ def _mean_pool_fwd_kernel(
 
 
 @triton.jit
-def _mean_pool_bwd_kernel(
+def mean_pool_bwd_kernel(
     # data pointers
     g_ptr,  # (B, L * D) dLoss/dpooled
     w_ptr,  # (B, T) fp32 token weights, contiguous
@@ -95,7 +95,7 @@ def mean_pool_forward(states: list[torch.Tensor], weights: torch.Tensor) -> torc
     L = len(states)
     out = torch.empty((B, L * D), dtype=states[0].dtype, device=states[0].device)
     block_t, block_d = _blocks(D)
-    _mean_pool_fwd_kernel[(B, L, triton.cdiv(D, block_d))](
+    mean_pool_fwd_kernel[(B, L, triton.cdiv(D, block_d))](
         states[0], element_offsets(states, states[0], states[0].device), weights, out,
         T, D, L,
         states[0].stride(0), states[0].stride(1),
@@ -112,7 +112,7 @@ def mean_pool_backward(grad: torch.Tensor, weights: torch.Tensor, n_layers: int,
     D = grad.shape[1] // n_layers
     out = torch.empty((n_layers, B, T, D), dtype=dtype, device=grad.device)
     block_t, block_d = _blocks(D)
-    _mean_pool_bwd_kernel[(B, triton.cdiv(T, block_t), n_layers)](
+    mean_pool_bwd_kernel[(B, triton.cdiv(T, block_t), n_layers)](
         grad, weights, out,
         B, T, D, n_layers,
         grad.stride(0),

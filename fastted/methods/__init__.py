@@ -1,5 +1,12 @@
-"""The distillation methods as recipes over Hugging Face models: one file per method."""
-from fastted.methods.base import Recipe, RecipeOutput
+"""The distillation methods as recipes over Hugging Face models: one file per method, and their registry.
+
+:data:`METHODS` maps each method's name in a config (``distil.methods``) to
+its recipe class; :func:`build_recipe` builds one from a run's config, each
+class reading its own part of it (:meth:`~fastted.methods.base.Recipe.from_config`).
+"""
+from __future__ import annotations
+
+from fastted.methods.base import Recipe, RecipeModels, RecipeOutput
 from fastted.methods.codir import CoDIR
 from fastted.methods.dwt import DWT, Schedule, remap_parameters
 from fastted.methods.finetune import FineTune
@@ -8,5 +15,21 @@ from fastted.methods.lwd import LWD
 from fastted.methods.railkd import RAILKD
 from fastted.methods.ted import TED, TEDStage1, load_stage1
 
-__all__ = ["CoDIR", "DWT", "FineTune", "KD", "LWD", "RAILKD", "Recipe", "RecipeOutput", "Schedule", "TED", "TEDStage1",
-           "load_stage1", "remap_parameters"]
+# The distillation recipes by their names in a config, in the order of fastted.config.METHODS.
+METHODS: dict[str, type[Recipe]] = {"ted": TED, "lwd": LWD, "kd": KD, "codir": CoDIR, "railkd": RAILKD, "dwt": DWT}
+
+
+def recipe_class(method: str) -> type[Recipe]:
+    """The recipe class of a method name of a config."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    return METHODS[method]
+
+
+def build_recipe(method: str, config, models: RecipeModels) -> Recipe:
+    """The stage-II recipe of ``method``, its settings from ``config`` (a :class:`fastted.config.Config`)."""
+    return recipe_class(method).from_config(config, models)
+
+
+__all__ = ["CoDIR", "DWT", "FineTune", "KD", "LWD", "METHODS", "RAILKD", "Recipe", "RecipeModels", "RecipeOutput",
+           "Schedule", "TED", "TEDStage1", "build_recipe", "load_stage1", "recipe_class", "remap_parameters"]

@@ -8,22 +8,41 @@ module tree: it is not in ``parameters()`` or ``state_dict()``, stays in eval
 mode, and still follows ``recipe.to(...)``; building the recipe sets its
 parameters' ``requires_grad`` to False.
 
+What the engine (and any other trainer) may rely on, and nothing else:
+
+- ``recipe(batch, step=..., epoch=...)`` -> :class:`RecipeOutput`;
+- ``recipe.parameters()``: what trains; ``recipe.teacher``: the frozen
+  teacher model or None; :meth:`Recipe.frozen_modules`: every frozen module
+  held outside the tree (to cast, partition or move them);
+- :meth:`Recipe.external_parameters`: the trained parameters that the fused
+  losses read outside their own module's forward (ZeRO-3 must gather them);
+- :meth:`Recipe.save_pretrained`: the trained model, loadable with
+  ``from_pretrained``;
+- :meth:`Recipe.from_config`: the recipe of a run's config (the registry in
+  :mod:`fastted.methods` maps method names to recipe classes).
+
 With ``fused_lm_head=True`` (language modelling: TED, LWD, KD, DWT) the
 models run without their vocabulary projections and the "task" and "kd"
-terms come from one :func:`~fastted.losses.fused_linear_kd` call on the
-projections' inputs: the (N, V) logits of student and teacher are never
-materialized.
+terms come from one :func:`~fastted.ops.fused_linear_kd.fused_linear_kd` call
+on the projections' inputs: the (N, V) logits of student and teacher are
+never materialized.
+
+"step" here is always the optimizer step: the schedules and the layer draws
+are functions of it.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastted.losses import _check_float, _check_impl, fused_linear_kd, logit_kd
+from fastted.ops.checks import check_impl
+from fastted.ops.fused_linear_kd import fused_linear_kd
+from fastted.ops.logit_kd import logit_kd
 from fastted.mapping import LayerMap, RandomLayerMap, uniform_map
 from fastted.models import ModelAdapter, adapt, gathered
 
@@ -38,19 +57,24 @@ class RecipeOutput:
     layer_losses: Optional[Tensor] = None                     # per mapped pair (or filter), detached
     logits: Optional[Tensor] = None                           # the student's logits, for metrics (None if fused)
 
+    def as_dict(self) -> dict[str, Any]:
+        """The fields as a plain dict (the tensors themselves, not copies): what DeepSpeed can hook."""
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+
+
+@dataclass
+class RecipeModels:
+    """What a recipe is built from besides its settings (see :meth:`Recipe.from_config`)."""
+
+    student: Any                                # the trained model
+    teacher: Any                                # the frozen teacher
+    tokenizers: Optional[tuple] = None          # (student's, teacher's): the recipes check that they agree
+    total_steps: Optional[int] = None           # optimizer steps of the run (for schedules over the run)
+    filters: Optional[tuple] = None             # TED: (student's, teacher's) stage-I TaskFilters
+
 
 # The terms of the logits, which the fused LM head computes in one call.
 _HEAD_TERMS = ("task", "kd")
-
-
-def _check_alpha(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or value == float("inf"):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
-
-
-def _check_temperature(name: str, value) -> float:
-    return _check_float(name, value, 0.0, low_open=True)
 
 
 def _freeze(module: nn.Module) -> nn.Module:
@@ -70,19 +94,27 @@ class Recipe(nn.Module):
         impl: the fused losses' path, "auto", "triton" or "reference".
         train_student: False freezes the student model too (TED's stage I).
         fused_lm_head: compute the "task" and "kd" terms on the LM heads'
-            inputs with :func:`~fastted.losses.fused_linear_kd`, without the
-            logits (tasks "mlm" and "clm" only; see the recipes).
+            inputs with :func:`~fastted.ops.fused_linear_kd.fused_linear_kd`,
+            without the logits (tasks "mlm" and "clm" only; see the recipes).
 
-    ``forward(batch, step=None, epoch=0)``: ``step`` drives schedules and
-    per-step layer draws; None uses the recipe's own counter, which counts
-    the forwards in training mode (pass the optimizer step when
-    accumulating gradients). The counter is in the state dict.
+    ``forward(batch, step=None, epoch=0)``: ``step``, the optimizer step,
+    drives schedules and per-step layer draws; None uses the recipe's own
+    ``forward_count``, which counts the forwards in training mode (pass the
+    optimizer step when accumulating gradients). The count is in the state
+    dict.
+
+    Class attributes of the distillation recipes: ``label``, the method's
+    name in reports; ``uses_stage1_filters``, whether it distils through
+    TED's stage-I filters (the pipeline then loads the filters steps' models).
     """
+
+    label: str = ""
+    uses_stage1_filters: bool = False
 
     def __init__(self, student, teacher=None, *, task: Optional[str] = None, impl: str = "auto",
                  train_student: bool = True, fused_lm_head: bool = False):
         super().__init__()
-        self.impl = _check_impl(impl)
+        self.impl = check_impl(impl)
         self._frozen: list[nn.Module] = []  # a plain list: never registered, never in parameters()
         self.student_model = adapt(student, task)
         if train_student:
@@ -97,7 +129,7 @@ class Recipe(nn.Module):
                 raise ValueError("teacher and student are the same module: the teacher must be a separate model")
             self.hold_frozen(self.teacher_model.model, "teacher")
         self.fused_lm_head = self._check_fused_lm_head(fused_lm_head)
-        self.step = 0
+        self.forward_count = 0
 
     def _check_fused_lm_head(self, fused_lm_head) -> bool:
         if not isinstance(fused_lm_head, bool):
@@ -134,18 +166,63 @@ class Recipe(nn.Module):
         return super()._apply(fn, *args, **kwargs)
 
     def get_extra_state(self) -> dict:
-        return {"step": self.step}
+        return {"forward_count": self.forward_count}
 
     def set_extra_state(self, state: dict) -> None:
-        self.step = int(state["step"])
+        # "step": the key of checkpoints written before the counter was named forward_count
+        self.forward_count = int(state["forward_count"] if "forward_count" in state else state["step"])
+
+    # ------------------------------------------------------------------ the interface beyond forward
+
+    @classmethod
+    def from_config(cls, config, models: RecipeModels) -> "Recipe":
+        """The recipe of a run: its settings read from ``config`` (a :class:`fastted.config.Config`), its
+        models from ``models``. The distillation recipes implement it; the registry of
+        :mod:`fastted.methods` calls it."""
+        raise NotImplementedError(f"{cls.__name__} is not built from a run's config")
+
+    @staticmethod
+    def _config_options(config, models: RecipeModels, fused_lm_head: bool = False) -> dict:
+        """The keyword arguments every recipe takes from a run: tokenizers, task, impl, and for the recipes
+        that can fuse the LM heads (``fused_lm_head=True``) ``distil.fused_lm_head`` on LM tasks."""
+        options = dict(tokenizers=models.tokenizers, task=config.task, impl=config.engine.impl)
+        if fused_lm_head and config.task != "classification":
+            options["fused_lm_head"] = config.distil.fused_lm_head
+        return options
+
+    def frozen_modules(self) -> list[nn.Module]:
+        """The frozen modules held outside the module tree: the teacher, its filters, a stage-I model."""
+        return list(self._frozen)
+
+    def external_parameters(self) -> list[nn.Parameter]:
+        """The trained parameters that the fused losses read outside their owning module's forward.
+
+        Conservatively everything that is not the student model (filters,
+        projections and heads go straight into the fused kernels), and with
+        ``fused_lm_head`` the student's output embeddings. Under ZeRO-3 the
+        engine registers them with the module it runs, which gathers them for
+        its forward and backward.
+        """
+        student = self.student
+        inside = {id(p) for p in student.parameters()} if isinstance(student, nn.Module) else set()
+        params = [p for p in self.parameters() if id(p) not in inside]
+        if self.fused_lm_head:
+            params += [p for p in self.student_model.lm_head_parts() if p is not None]
+        unique = {id(p): p for p in params}
+        return list(unique.values())
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Save what the recipe trained, loadable with ``from_pretrained``: by default the student model."""
+        self.student_model.model.save_pretrained(directory)
 
     # ------------------------------------------------------------------ helpers for the recipes
 
-    def _step(self, step: Optional[int]) -> int:
+    def _schedule_step(self, step: Optional[int]) -> int:
+        """The optimizer step the schedules and draws of this forward follow: ``step``, or the forward count."""
         if step is None:
-            step = self.step
+            step = self.forward_count
             if self.training:
-                self.step += 1
+                self.forward_count += 1
         elif isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step must be a non-negative int, got {step!r}")
         return step
@@ -198,8 +275,8 @@ class Recipe(nn.Module):
     def _fused_output_terms(self, student_out, teacher_out, batch: dict, weights: dict,
                             temperature: float) -> tuple[dict, Optional[Tensor]]:
         """:meth:`_output_terms` on the LM heads' inputs: ``weights["kd"] * kd + weights["task"] * task`` from
-        :func:`~fastted.losses.fused_linear_kd`, over the attention mask's tokens (the task loss: those whose
-        label, shifted by one for "clm" as HF shifts it, is not -100)."""
+        :func:`~fastted.ops.fused_linear_kd.fused_linear_kd`, over the attention mask's tokens (the task loss:
+        those whose label, shifted by one for "clm" as HF shifts it, is not -100)."""
         w_task, w_kd = weights["task"], weights["kd"]
         if not (w_task or w_kd):
             return {}, None

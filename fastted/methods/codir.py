@@ -4,7 +4,7 @@ The mapped layers of each model are mean-pooled over their valid tokens and
 concatenated, projected by a learned head (one per model) and L2-normalized.
 The student's vector of an example must pick out the teacher's vector of
 the same example against a memory bank of teacher vectors of other examples
-(InfoNCE, the fused :func:`~fastted.contrastive.contrastive_kd`)::
+(InfoNCE, the fused :func:`~fastted.ops.contrastive_kd.contrastive_kd`)::
 
     loss = task_alpha * task + kd_alpha * KL(T) + crd_alpha * InfoNCE(s, t; bank)
 
@@ -20,11 +20,13 @@ from typing import Optional
 
 from torch import nn
 
-from fastted.contrastive import contrastive_kd, pool_states, valid_examples
-from fastted.losses import _check_positive_int
+from fastted.ops.contrastive_kd import contrastive_kd
+from fastted.ops.pooling import pool_states, valid_examples
+from fastted.ops.checks import check_positive_int
 from fastted.mapping import LayerMap
 from fastted.memory_bank import MemoryBank
-from fastted.methods.base import Recipe, RecipeOutput, _check_alpha, _check_temperature
+from fastted.methods.base import Recipe, RecipeModels, RecipeOutput
+from fastted.ops.checks import check_alpha, check_temperature
 from fastted.models import check_same_vocab
 
 
@@ -44,6 +46,8 @@ class CoDIR(Recipe):
         pooling: "mean" (the paper) or "first".
     """
 
+    label = "CoDIR"
+
     def __init__(self, student, teacher, layer_map: Optional[LayerMap] = None, *, proj_dim: int = 128,
                  bank: Optional[MemoryBank] = None, bank_size: int = 4096, bank_mode: str = "queue",
                  temperature: float = 0.07, kd_temperature: float = 2.0, task_alpha: float = 1.0,
@@ -51,7 +55,7 @@ class CoDIR(Recipe):
                  tokenizers: Optional[tuple] = None, task: Optional[str] = None, impl: str = "auto"):
         super().__init__(student, teacher, task=task, impl=impl)
         s, t = self.student_model, self.teacher_model
-        _check_positive_int("proj_dim", proj_dim)
+        check_positive_int("proj_dim", proj_dim)
         self.layer_map = self._checked_map(layer_map)
         self.student_head = nn.Linear(len(self.layer_map.student) * s.hidden_size, proj_dim)
         self.teacher_head = nn.Linear(len(self.layer_map.teacher) * t.hidden_size, proj_dim)
@@ -60,13 +64,20 @@ class CoDIR(Recipe):
             raise ValueError(f"bank must be a fastted.MemoryBank, got {type(bank).__name__}")
         if self.bank.dim != proj_dim:
             raise ValueError(f"bank holds vectors of width {self.bank.dim}, but proj_dim is {proj_dim}")
-        self.alphas = {"task": _check_alpha("task_alpha", task_alpha), "kd": _check_alpha("kd_alpha", kd_alpha),
-                       "crd": _check_alpha("crd_alpha", crd_alpha)}
+        self.alphas = {"task": check_alpha("task_alpha", task_alpha), "kd": check_alpha("kd_alpha", kd_alpha),
+                       "crd": check_alpha("crd_alpha", crd_alpha)}
         if self.alphas["kd"]:
             check_same_vocab(s, t, tokenizers, "CoDIR's KL term")
-        self.temperature = _check_temperature("temperature", temperature)
-        self.kd_temperature = _check_temperature("kd_temperature", kd_temperature)
+        self.temperature = check_temperature("temperature", temperature)
+        self.kd_temperature = check_temperature("kd_temperature", kd_temperature)
         self.label_negatives, self.pooling = bool(label_negatives), pooling
+
+    @classmethod
+    def from_config(cls, config, models: RecipeModels) -> "CoDIR":
+        d = config.distil
+        return cls(models.student, models.teacher, proj_dim=d.projection_dim, bank_size=d.bank_size,
+                   temperature=d.crd_temperature, kd_temperature=d.temperature, task_alpha=d.task_alpha,
+                   kd_alpha=d.kl_alpha, crd_alpha=d.crd_alpha, **cls._config_options(config, models))
 
     def vectors(self, student_out, teacher_out) -> tuple:
         """(student vectors (B, P), teacher vectors (B, P)): pooled, concatenated, projected (not normalized)."""
@@ -83,7 +94,7 @@ class CoDIR(Recipe):
 
     def forward(self, batch: dict, *, step: Optional[int] = None, epoch: int = 0,
                 teacher_batch: Optional[dict] = None) -> RecipeOutput:
-        self._step(step)
+        self._schedule_step(step)
         s_out = self.student_model(batch, self.layer_map.student)
         t_out = self._teacher_forward(batch, teacher_batch, self.layer_map.teacher)
         terms = self._output_terms(s_out, t_out, batch, self.alphas, self.kd_temperature)

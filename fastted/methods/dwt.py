@@ -19,7 +19,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from fastted.methods.base import Recipe, RecipeOutput, _check_alpha, _check_temperature
+from fastted.methods.base import Recipe, RecipeModels, RecipeOutput
+from fastted.ops.checks import check_alpha, check_temperature
 from fastted.models import adapt, check_same_vocab
 
 KINDS = ("constant", "linear", "cosine")
@@ -40,7 +41,7 @@ class Schedule:
                  steps: Optional[int] = None):
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-        self.kind, self.start = kind, _check_alpha("start", start)
+        self.kind, self.start = kind, check_alpha("start", start)
         if kind == "constant":
             self.end, self.steps = self.start, None
             return
@@ -48,7 +49,7 @@ class Schedule:
             raise ValueError(f"a {kind} schedule needs end and steps, got end={end!r}, steps={steps!r}")
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be a positive int, got {steps!r}")
-        self.end, self.steps = _check_alpha("end", end), steps
+        self.end, self.steps = check_alpha("end", end), steps
 
     def __call__(self, step: int) -> float:
         if self.kind == "constant":
@@ -78,7 +79,7 @@ class DWT(Recipe):
             :func:`remap_parameters` (default False: keep the student's init).
         fused_lm_head: continual pre-training ("mlm", "clm") only: the whole
             loss, ``alpha_h * task + alpha_s(step) * KL``, is one
-            :func:`~fastted.losses.fused_linear_kd` call on the inputs of the
+            :func:`~fastted.ops.fused_linear_kd.fused_linear_kd` call on the inputs of the
             two models' vocabulary projections, so neither model's (B, T, V)
             logits are ever materialized (the models may differ in width,
             not in vocabulary). Loss, terms and gradients are the unfused
@@ -87,22 +88,34 @@ class DWT(Recipe):
             ``RecipeOutput.logits`` is then None.
     """
 
+    label = "DWT"
+
     def __init__(self, student, teacher, *, alpha_h: float = 1.0, alpha_s: float | Schedule = 1.0,
                  temperature: float = 1.0, remap: bool = False, tokenizers: Optional[tuple] = None,
                  task: Optional[str] = None, impl: str = "auto", fused_lm_head: bool = False):
         super().__init__(student, teacher, task=task, impl=impl, fused_lm_head=fused_lm_head)
-        self.alpha_h = _check_alpha("alpha_h", alpha_h)
+        self.alpha_h = check_alpha("alpha_h", alpha_h)
         if not isinstance(alpha_s, Schedule):
-            alpha_s = Schedule("constant", _check_alpha("alpha_s", alpha_s))
+            alpha_s = Schedule("constant", check_alpha("alpha_s", alpha_s))
         self.alpha_s = alpha_s
-        self.temperature = _check_temperature("temperature", temperature)
+        self.temperature = check_temperature("temperature", temperature)
         check_same_vocab(self.student_model, self.teacher_model, tokenizers, "DWT's KL term")
         if remap:
             remap_parameters(self.student_model, self.teacher_model)
 
+    @classmethod
+    def from_config(cls, config, models: RecipeModels) -> "DWT":
+        d = config.distil
+        if d.alpha_s_end is None or d.alpha_s_schedule == "constant":
+            schedule = Schedule("constant", d.alpha_s)
+        else:
+            schedule = Schedule(d.alpha_s_schedule, d.alpha_s, d.alpha_s_end, models.total_steps)
+        return cls(models.student, models.teacher, alpha_h=d.alpha_h, alpha_s=schedule, temperature=d.temperature,
+                   remap=d.remap, **cls._config_options(config, models, fused_lm_head=True))
+
     def forward(self, batch: dict, *, step: Optional[int] = None, epoch: int = 0,
                 teacher_batch: Optional[dict] = None) -> RecipeOutput:
-        step = self._step(step)
+        step = self._schedule_step(step)
         weights = {"task": self.alpha_h, "kd": self.alpha_s(step)}
         s_out = self._student_forward(batch)
         t_out = self._teacher_forward(batch, teacher_batch)

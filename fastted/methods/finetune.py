@@ -17,10 +17,7 @@ class FineTune(Recipe):
         super().__init__(model, task=task, impl=impl)
 
     def forward(self, batch: dict, *, step: Optional[int] = None, epoch: int = 0) -> RecipeOutput:
-        self._step(step)
+        self._schedule_step(step)
         out = self.student_model(batch)
         terms = {"task": self.student_model.task_loss(out.logits, batch.get("labels"))}
         return self._total(terms, {"task": 1.0}, logits=out.logits.detach())
-
-    def save_pretrained(self, directory) -> None:
-        self.student.save_pretrained(directory)

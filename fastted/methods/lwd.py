@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from fastted.mapping import LayerMap
 from fastted.methods.ted import TED
-from fastted.methods.base import Recipe
+from fastted.methods.base import Recipe, RecipeModels
 
 
 class LWD(TED):
@@ -29,6 +29,9 @@ class LWD(TED):
             "clm"), as in :class:`~fastted.methods.ted.TED`.
         Others as :class:`~fastted.methods.ted.TED`.
     """
+
+    label = "LWD"
+    uses_stage1_filters = False
 
     def __init__(self, student, teacher, layer_map: Optional[LayerMap] = None, *, task_alpha: float = 1.0,
                  kl_alpha: float = 1.0, mse_alpha: float = 1.0, temperature: float = 2.0, mask_padding: bool = True,
@@ -44,6 +47,13 @@ class LWD(TED):
             self.projections = nn.ModuleList(nn.Linear(s.hidden_size, t.hidden_size) for _ in layer_map.student)
             self.projections.requires_grad_(train_projection)
         self._setup(layer_map, task_alpha, kl_alpha, mse_alpha, temperature, mask_padding, tokenizers)
+
+    @classmethod
+    def from_config(cls, config, models: RecipeModels) -> "LWD":
+        d = config.distil
+        return cls(models.student, models.teacher, task_alpha=d.task_alpha, kl_alpha=d.kl_alpha,
+                   mse_alpha=d.mse_alpha, temperature=d.temperature, mask_padding=d.mask_padding,
+                   **cls._config_options(config, models, fused_lm_head=True))
 
     def _mse_inputs(self, student_states: list[Tensor], teacher_states: list[Tensor]) -> dict:
         n = len(student_states)

@@ -3,7 +3,7 @@
 At every step (or epoch) a :class:`~fastted.mapping.RandomLayerMap` draws
 as many teacher layers as the student distils, sorted, and pairs them in
 order with the student's layers. The pairs are compared by RAIL-KD's pooled
-distance (:func:`~fastted.contrastive.pooled_distance`): mean-pooled,
+distance (:func:`~fastted.ops.pooled_distance.pooled_distance`): mean-pooled,
 projected, L2-normalized representations, layer by layer or concatenated::
 
     loss = task_alpha * task + kd_alpha * KL(T) + rail_alpha * pooled_distance
@@ -12,9 +12,10 @@ from __future__ import annotations
 
 from typing import Optional
 
-from fastted.contrastive import PooledDistanceLoss
+from fastted.ops.pooled_distance import PooledDistanceLoss
 from fastted.mapping import RandomLayerMap
-from fastted.methods.base import Recipe, RecipeOutput, _check_alpha, _check_temperature
+from fastted.methods.base import Recipe, RecipeModels, RecipeOutput
+from fastted.ops.checks import check_alpha, check_temperature
 from fastted.models import check_same_vocab
 
 
@@ -31,6 +32,8 @@ class RAILKD(Recipe):
         pooling: "mean" or "first".
     """
 
+    label = "RAIL-KD"
+
     def __init__(self, student, teacher, layer_map: Optional[RandomLayerMap] = None, *,
                  proj_dim: Optional[int] = 128, concat: bool = False, pooling: str = "mean", temperature: float = 2.0,
                  task_alpha: float = 1.0, kd_alpha: float = 1.0, rail_alpha: float = 1.0,
@@ -40,15 +43,24 @@ class RAILKD(Recipe):
         self.layer_map = layer_map = self._checked_map(layer_map, RandomLayerMap)
         self.distance = PooledDistanceLoss(s.hidden_size, t.hidden_size, len(layer_map), proj_dim, concat=concat,
                                            pooling=pooling, impl=impl)
-        self.alphas = {"task": _check_alpha("task_alpha", task_alpha), "kd": _check_alpha("kd_alpha", kd_alpha),
-                       "rail": _check_alpha("rail_alpha", rail_alpha)}
+        self.alphas = {"task": check_alpha("task_alpha", task_alpha), "kd": check_alpha("kd_alpha", kd_alpha),
+                       "rail": check_alpha("rail_alpha", rail_alpha)}
         if self.alphas["kd"]:
             check_same_vocab(s, t, tokenizers, "RAIL-KD's KL term")
-        self.temperature = _check_temperature("temperature", temperature)
+        self.temperature = check_temperature("temperature", temperature)
+
+    @classmethod
+    def from_config(cls, config, models: RecipeModels) -> "RAILKD":
+        d = config.distil
+        n_student = models.student.config.num_hidden_layers
+        n_teacher = models.teacher.config.num_hidden_layers
+        layer_map = RandomLayerMap(n_student, n_teacher, per=d.rail_per, seed=config.seed)
+        return cls(models.student, models.teacher, layer_map, temperature=d.temperature, task_alpha=d.task_alpha,
+                   kd_alpha=d.kl_alpha, rail_alpha=d.rail_alpha, **cls._config_options(config, models))
 
     def forward(self, batch: dict, *, step: Optional[int] = None, epoch: int = 0,
                 teacher_batch: Optional[dict] = None) -> RecipeOutput:
-        pairs = self.layer_map.draw(step=self._step(step), epoch=epoch)
+        pairs = self.layer_map.draw(step=self._schedule_step(step), epoch=epoch)
         use_rail = bool(self.alphas["rail"])
         s_out = self.student_model(batch, pairs.student if use_rail else ())
         t_out = self._teacher_forward(batch, teacher_batch, pairs.teacher if use_rail else ())

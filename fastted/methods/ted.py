@@ -25,9 +25,10 @@ import torch
 from torch import Tensor, nn
 
 from fastted.filters import ClassificationHead, TaskFilters
-from fastted.losses import filtered_mse
+from fastted.ops.filtered_mse import filtered_mse
 from fastted.mapping import LayerMap, interval_layers
-from fastted.methods.base import Recipe, RecipeOutput, _check_alpha, _check_temperature
+from fastted.methods.base import Recipe, RecipeModels, RecipeOutput
+from fastted.ops.checks import check_alpha, check_temperature
 from fastted.models import check_same_vocab
 
 
@@ -69,7 +70,7 @@ class TEDStage1(Recipe):
             self.heads = nn.ModuleList(nn.Linear(d_f, adapter.vocab_size) for _ in range(len(filters)))
 
     def forward(self, batch: dict, *, step: Optional[int] = None, epoch: int = 0) -> RecipeOutput:
-        self._step(step)
+        self._schedule_step(step)
         with torch.no_grad():  # the model is frozen: its states are constants for the filters
             out = self.student_model(batch, self.filters.layers)
         filtered = self.filters(out.hidden_states)
@@ -119,7 +120,7 @@ class TED(Recipe):
             TED's public code does.
         tokenizers: (student's, teacher's), to check that they agree.
         fused_lm_head: language modelling ("mlm", "clm") only: the task and
-            KL terms come from one :func:`~fastted.losses.fused_linear_kd`
+            KL terms come from one :func:`~fastted.ops.fused_linear_kd.fused_linear_kd`
             call on the inputs of the two models' vocabulary projections
             (:meth:`~fastted.models.ModelAdapter.lm_head_parts`), so neither
             model's (B, T, V) logits are ever materialized; the teacher may
@@ -131,6 +132,9 @@ class TED(Recipe):
             the fused task loss counts the labelled tokens inside the mask.
             ``RecipeOutput.logits`` is then None.
     """
+
+    label = "TED"
+    uses_stage1_filters = True
 
     def __init__(self, student, teacher, student_filters: TaskFilters, teacher_filters: TaskFilters, *,
                  task_alpha: float = 1.0, kl_alpha: float = 1.0, mse_alpha: float = 1.0, temperature: float = 2.0,
@@ -150,12 +154,20 @@ class TED(Recipe):
         self._setup(LayerMap(tuple(student_filters.layers), tuple(teacher_filters.layers)), task_alpha, kl_alpha,
                     mse_alpha, temperature, mask_padding, tokenizers)
 
+    @classmethod
+    def from_config(cls, config, models: RecipeModels) -> "TED":
+        d = config.distil
+        student_filters, teacher_filters = models.filters
+        return cls(models.student, models.teacher, student_filters, teacher_filters, task_alpha=d.task_alpha,
+                   kl_alpha=d.kl_alpha, mse_alpha=d.mse_alpha, temperature=d.temperature,
+                   mask_padding=d.mask_padding, **cls._config_options(config, models, fused_lm_head=True))
+
     def _setup(self, layer_map: Optional[LayerMap], task_alpha, kl_alpha, mse_alpha, temperature, mask_padding,
                tokenizers) -> None:
         self.layer_map = layer_map
-        self.alphas = {"task": _check_alpha("task_alpha", task_alpha), "kd": _check_alpha("kl_alpha", kl_alpha),
-                       "mse": _check_alpha("mse_alpha", mse_alpha)}
-        self.temperature = _check_temperature("temperature", temperature)
+        self.alphas = {"task": check_alpha("task_alpha", task_alpha), "kd": check_alpha("kl_alpha", kl_alpha),
+                       "mse": check_alpha("mse_alpha", mse_alpha)}
+        self.temperature = check_temperature("temperature", temperature)
         self.mask_padding = bool(mask_padding)
         if self.alphas["kd"]:
             check_same_vocab(self.student_model, self.teacher_model, tokenizers, f"{type(self).__name__}'s KL term")
@@ -173,7 +185,7 @@ class TED(Recipe):
 
     def forward(self, batch: dict, *, step: Optional[int] = None, epoch: int = 0,
                 teacher_batch: Optional[dict] = None) -> RecipeOutput:
-        self._step(step)
+        self._schedule_step(step)
         use_mse = bool(self.alphas["mse"])
         s_layers = self.layer_map.student if use_mse else ()
         t_layers = self.layer_map.teacher if use_mse else ()

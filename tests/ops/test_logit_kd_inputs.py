@@ -4,7 +4,7 @@ import torch
 
 import fastted
 
-from tests._tables import _check_bad_input, device
+from tests.tables import check_bad_input, device
 
 
 def _logits(lead=(6,), v_s=50, v_t=50):
@@ -59,12 +59,12 @@ BAD_HEADS = {
 
 @pytest.mark.parametrize("name", list(BAD_LOGITS))
 def test_logit_kd_bad_input(name):
-    _check_bad_input(fastted.logit_kd, *BAD_LOGITS[name])
+    check_bad_input(fastted.logit_kd, *BAD_LOGITS[name])
 
 
 @pytest.mark.parametrize("name", list(BAD_HEADS))
 def test_fused_linear_kd_bad_input(name):
-    _check_bad_input(fastted.fused_linear_kd, *BAD_HEADS[name])
+    check_bad_input(fastted.fused_linear_kd, *BAD_HEADS[name])
 
 
 def test_modules_check_their_options():
@@ -114,12 +114,13 @@ def test_triton_without_gpu_or_interpreter_is_a_clear_error(monkeypatch):
 
 def test_no_grad_computes_no_gradient(monkeypatch):
     """Under torch.no_grad (an evaluation loop) the losses skip the gradient: the row work gets no output buffer."""
-    import fastted.losses as losses
+    import fastted.ops.fused_linear_kd as fused_op
+    import fastted.ops.logit_kd as logit_op
 
     grads = []
-    real_rows, real_chunked = losses.logit_kd_rows, losses.logit_kd_chunked
-    monkeypatch.setattr(losses, "logit_kd_rows", lambda *a, **k: grads.append(a[5]) or real_rows(*a, **k))
-    monkeypatch.setattr(losses, "logit_kd_chunked", lambda *a, **k: grads.append(a[3]) or real_chunked(*a, **k))
+    real_rows, real_chunked = fused_op.logit_kd_rows, logit_op.logit_kd_chunked
+    monkeypatch.setattr(fused_op, "logit_kd_rows", lambda *a, **k: grads.append(a[5]) or real_rows(*a, **k))
+    monkeypatch.setattr(logit_op, "logit_kd_chunked", lambda *a, **k: grads.append(a[3]) or real_chunked(*a, **k))
     logits = _logits()
     logits["student_logits"].requires_grad_()
     heads = _heads()

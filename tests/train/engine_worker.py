@@ -1,7 +1,7 @@
 """A few steps of a recipe on tiny models through fastted's engine and trainer, then a resume: TED's stage II
 (classification), or LWD with the fused LM head (GPT-2 causal LM, BERT MLM).
 
-Run by tests/test_engine.py as one process (a world of one), under
+Run by tests/train/test_engine.py as one process (a world of one), under
 ``torchrun --nproc_per_node 2`` or under ``deepspeed --num_gpus 2`` (gloo). Writes, from rank 0, a JSON file with
 the per-step losses of the run, those of a second run resumed from its
 step-2 checkpoint, and how the teacher and student parameters were laid out.
@@ -14,14 +14,15 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
 from fastted import LWD, TED, TaskFilters  # noqa: E402
 from fastted.config import EngineConfig, TrainConfig  # noqa: E402
 from fastted.data import ClassificationCollator, CLMCollator  # noqa: E402
-from fastted.engine import Engine, is_partitioned  # noqa: E402
+from fastted.engine import Engine  # noqa: E402
+from fastted.models import is_partitioned  # noqa: E402
 from fastted.trainer import Stage, read_metrics, run  # noqa: E402
-from tests._models import bert, gpt2  # noqa: E402
+from tests.tiny_models import bert, gpt2  # noqa: E402
 
 STEPS = 4
 

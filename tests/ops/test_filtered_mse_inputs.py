@@ -7,7 +7,7 @@ import torch
 
 import fastted
 
-from tests._tables import _check_bad_input, device
+from tests.tables import check_bad_input, device
 
 
 def _good(n_layers=2, lead=(6,), d_s=8, d_t=12, d_f=10):
@@ -68,7 +68,7 @@ BAD = {
 
 @pytest.mark.parametrize("name", list(BAD))
 def test_bad_input_names_argument_and_shapes(name):
-    _check_bad_input(fastted.filtered_mse, *BAD[name])
+    check_bad_input(fastted.filtered_mse, *BAD[name])
 
 
 def test_triton_without_gpu_or_interpreter_is_a_clear_error(monkeypatch):

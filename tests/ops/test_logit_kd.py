@@ -7,9 +7,10 @@ import pytest
 import torch
 
 import fastted
-from fastted.reference import logit_kd_reference, logit_kd_rows
+from fastted.ops.logit_kd import logit_kd_rows
+from fastted.reference import logit_kd_reference
 
-from tests._tables import DTYPES, _assert_close, _seed, device
+from tests.tables import DTYPES, assert_close_to_spec, seed_for, device
 
 IMPLS = ["reference", "triton"]
 # (divergence, beta): the three divergences, and JSD at its two limits.
@@ -26,9 +27,9 @@ def _logits(lead, vocab, dtype, seed, scale=3.0):
     return s.requires_grad_(), t, mask
 
 
-def _check_logit_kd(impl, lead, vocab, dtype, divergence, beta, temperature, mask_kind="random", grad_out=1.0,
+def check_logit_kd(impl, lead, vocab, dtype, divergence, beta, temperature, mask_kind="random", grad_out=1.0,
                     s=None, t=None):
-    seed = _seed("logit_kd", impl, lead, vocab, dtype, divergence, beta, temperature, mask_kind)
+    seed = seed_for("logit_kd", impl, lead, vocab, dtype, divergence, beta, temperature, mask_kind)
     s0, t0, mask = _logits(lead, vocab, dtype, seed)
     s = s0 if s is None else s
     t = t0 if t is None else t
@@ -48,9 +49,9 @@ def _check_logit_kd(impl, lead, vocab, dtype, divergence, beta, temperature, mas
 
     assert loss.dtype == torch.float32 and loss.dim() == 0
     slack = DTYPES[dtype]
-    _assert_close("loss", loss, results[0][0], results[1][0], slack)
+    assert_close_to_spec("loss", loss, results[0][0], results[1][0], slack)
     assert s.grad.dtype == s.dtype and s.grad.shape == s.shape
-    _assert_close("grad student_logits", s.grad, results[0][1], results[1][1], slack)
+    assert_close_to_spec("grad student_logits", s.grad, results[0][1], results[1][1], slack)
     return loss, s.grad
 
 
@@ -58,21 +59,21 @@ def _check_logit_kd(impl, lead, vocab, dtype, divergence, beta, temperature, mas
 @pytest.mark.parametrize("divergence,beta", DIVERGENCES)
 @pytest.mark.parametrize("impl", IMPLS)
 def test_logit_kd_divergences(impl, divergence, beta, temperature):
-    _check_logit_kd(impl, (3, 29), 1000, torch.float32, divergence, beta, temperature)
+    check_logit_kd(impl, (3, 29), 1000, torch.float32, divergence, beta, temperature)
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES), ids=str)
 @pytest.mark.parametrize("lead,vocab", SHAPES)
 @pytest.mark.parametrize("impl", IMPLS)
 def test_logit_kd_shapes_and_dtypes(impl, lead, vocab, dtype):
-    _check_logit_kd(impl, lead, vocab, dtype, "forward_kl", 0.5, 2.0)
+    check_logit_kd(impl, lead, vocab, dtype, "forward_kl", 0.5, 2.0)
 
 
 @pytest.mark.parametrize("divergence,beta", DIVERGENCES[:3])
 @pytest.mark.parametrize("mask_kind", ["none", "all_one", "all_zero"])
 @pytest.mark.parametrize("impl", IMPLS)
 def test_logit_kd_masks(impl, mask_kind, divergence, beta):
-    loss, grad = _check_logit_kd(impl, (37,), 101, torch.float32, divergence, beta, 2.0, mask_kind=mask_kind)
+    loss, grad = check_logit_kd(impl, (37,), 101, torch.float32, divergence, beta, 2.0, mask_kind=mask_kind)
     if mask_kind == "all_zero":
         assert loss.item() == 0.0 and not grad.any()
 
@@ -81,36 +82,36 @@ def test_logit_kd_masks(impl, mask_kind, divergence, beta):
 @pytest.mark.parametrize("divergence,beta", DIVERGENCES[:3])
 @pytest.mark.parametrize("impl", IMPLS)
 def test_logit_kd_grad_output(impl, divergence, beta, grad_out):
-    _check_logit_kd(impl, (37,), 101, torch.float32, divergence, beta, 2.0, grad_out=grad_out)
+    check_logit_kd(impl, (37,), 101, torch.float32, divergence, beta, 2.0, grad_out=grad_out)
 
 
 @pytest.mark.parametrize("divergence,beta", DIVERGENCES)
 @pytest.mark.parametrize("impl", IMPLS)
 def test_logit_kd_banned_tokens(impl, divergence, beta):
     """-inf logits (banned tokens, in both models) give exact, finite losses and gradients."""
-    s, t, _ = _logits((37,), 101, torch.float32, _seed("banned", impl, divergence, beta))
+    s, t, _ = _logits((37,), 101, torch.float32, seed_for("banned", impl, divergence, beta))
     banned = torch.zeros(37, 101, dtype=torch.bool, device=s.device)
     banned[:, 10:25] = True
     banned[5, :-1] = True  # one row with a single allowed token
     s = s.detach().masked_fill(banned, float("-inf")).requires_grad_()
     t = t.masked_fill(banned, float("-inf"))
-    _, grad = _check_logit_kd(impl, (37,), 101, torch.float32, divergence, beta, 2.0, s=s, t=t)
+    _, grad = check_logit_kd(impl, (37,), 101, torch.float32, divergence, beta, 2.0, s=s, t=t)
     assert not grad[banned].any()
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_logit_kd_teacher_bans_more(impl):
     """Tokens only the teacher bans: forward KL is finite, and matches float64."""
-    s, t, _ = _logits((37,), 101, torch.float32, _seed("teacher-bans", impl))
+    s, t, _ = _logits((37,), 101, torch.float32, seed_for("teacher-bans", impl))
     t = t.clone()
     t[:, :30] = float("-inf")
-    _check_logit_kd(impl, (37,), 101, torch.float32, "forward_kl", 0.5, 2.0, s=s, t=t)
+    check_logit_kd(impl, (37,), 101, torch.float32, "forward_kl", 0.5, 2.0, s=s, t=t)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_logit_kd_ignore_index(impl):
     """Rows whose label is ignore_index are skipped, as a mask would skip them; all ignored gives 0."""
-    s, t, mask = _logits((4, 9), 257, torch.float32, _seed("ignore", impl))
+    s, t, mask = _logits((4, 9), 257, torch.float32, seed_for("ignore", impl))
     labels = torch.randint(0, 257, (4, 9), device=s.device)
     labels[~mask] = -100
     got = fastted.logit_kd(s, t, labels=labels, impl=impl)
@@ -126,8 +127,8 @@ def test_logit_kd_ignore_index(impl):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_logit_kd_padded_vocab(impl):
     """Differing vocabularies compare their shared prefix when vocab_size says so; the rest gets no gradient."""
-    s, _, mask = _logits((5, 7), 1010, torch.float32, _seed("vocab-s", impl))
-    _, t, _ = _logits((5, 7), 1003, torch.float32, _seed("vocab-t", impl))
+    s, _, mask = _logits((5, 7), 1010, torch.float32, seed_for("vocab-s", impl))
+    _, t, _ = _logits((5, 7), 1003, torch.float32, seed_for("vocab-t", impl))
     with pytest.raises(ValueError, match="vocab_size"):
         fastted.logit_kd(s, t, impl=impl)
     loss = fastted.logit_kd(s, t, mask=mask, vocab_size=1000, impl=impl)
@@ -143,7 +144,7 @@ def test_logit_kd_padded_vocab(impl):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_logit_kd_strided_logits(impl):
     """Logits that are views (a vocabulary slice, a transposed batch) give the same result as contiguous ones."""
-    s, t, mask = _logits((6, 4), 300, torch.float32, _seed("strided", impl))
+    s, t, mask = _logits((6, 4), 300, torch.float32, seed_for("strided", impl))
     s_view = s.detach().transpose(0, 1).requires_grad_()  # (4, 6, V), non-contiguous rows
     got = fastted.logit_kd(s_view, t.transpose(0, 1), mask=mask.t(), impl=impl)
     got.backward()
@@ -160,7 +161,7 @@ def test_kernel_matches_rows_reference_across_blocks(divergence, beta):
     equals the PyTorch twin the CPU path runs, row by row and element by element."""
     from fastted.kernels.logit_kd import divergence_code, logit_kd_forward
 
-    g = torch.Generator().manual_seed(_seed("blocks", divergence, beta))
+    g = torch.Generator().manual_seed(seed_for("blocks", divergence, beta))
     n, vocab = 9, 1000
     s = (torch.randn(n, vocab, generator=g) * 4).to(device())
     t = (torch.randn(n, vocab, generator=g) * 4).to(device())
@@ -187,7 +188,7 @@ def test_kernel_matches_rows_reference_across_blocks(divergence, beta):
 
 
 def test_logit_kd_module_and_float64():
-    s, t, mask = _logits((3, 29), 1000, torch.float32, _seed("module"))
+    s, t, mask = _logits((3, 29), 1000, torch.float32, seed_for("module"))
     module = fastted.LogitKDLoss(temperature=4.0, divergence="jsd", beta=0.3)
     got = module(s, t, mask=mask)
     want = fastted.logit_kd(s, t, temperature=4.0, divergence="jsd", beta=0.3, mask=mask)

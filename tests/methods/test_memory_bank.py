@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import fastted
 from fastted.memory_bank import NO_LABEL
 
-from tests._tables import _seed
+from tests.tables import seed_for
 
 
 def _batch(n, dim, seed, n_labels=3):
@@ -20,7 +20,7 @@ def test_queue_order_and_wrap_around():
     bank = fastted.MemoryBank(5, 4)
     pushed = []
     for step, n in enumerate([2, 2, 3, 1]):
-        v, y = _batch(n, 4, _seed("queue", step))
+        v, y = _batch(n, 4, seed_for("queue", step))
         bank.update(v, labels=y)
         pushed += list(zip(F.normalize(v, dim=1), y.tolist()))
         # entry i holds the newest vector pushed at a position = i (mod 5)
@@ -104,7 +104,7 @@ def test_state_dict_round_trip(mode):
     """Save, load into a fresh bank (weights_only), and both go on identically: updates and draws."""
     bank = fastted.MemoryBank(16, 6, mode=mode, momentum=0.6, seed=11)
     for step in range(3):
-        v, y = _batch(5, 6, _seed("resume", mode, step))
+        v, y = _batch(5, 6, seed_for("resume", mode, step))
         bank.update(v, labels=y, index=torch.arange(5) + 4 * step)
     bank.sample(3, n_anchors=2)  # advance the sampler's random state
     buffer = io.BytesIO()
@@ -114,7 +114,7 @@ def test_state_dict_round_trip(mode):
     resumed.load_state_dict(torch.load(buffer, weights_only=True))
     for name in ("vectors", "labels", "ids", "filled", "pushed"):
         assert torch.equal(getattr(bank, name), getattr(resumed, name)), name
-    v, y = _batch(4, 6, _seed("resume-next", mode))
+    v, y = _batch(4, 6, seed_for("resume-next", mode))
     for b in (bank, resumed):
         b.update(v, labels=y, index=torch.arange(4) + 9)
     assert torch.equal(bank.vectors, resumed.vectors)

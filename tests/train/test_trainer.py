@@ -9,10 +9,10 @@ import torch
 
 from fastted import CoDIR, RAILKD, RandomLayerMap
 from fastted.config import EngineConfig, TrainConfig
-from fastted.data import ClassificationCollator
+from fastted.data import ClassificationCollator, data_order
 from fastted.engine import Engine
-from fastted.trainer import Stage, data_order, latest_checkpoint, micro_batches, read_metrics, run
-from tests._models import bert
+from fastted.trainer import Stage, latest_checkpoint, micro_batches, read_metrics, run
+from tests.tiny_models import bert
 
 STEPS = 5
 

@@ -27,8 +27,8 @@ from fastted import (
     explicit_map,
 )
 
-from tests._tables import DTYPES, _assert_close
-from tests._models import (
+from tests.tables import DTYPES, assert_close_to_spec
+from tests.tiny_models import (
     assert_close,
     batch,
     bert,
@@ -350,7 +350,7 @@ def test_railkd_draws_follow_the_step_and_resume():
     recipe.train()
     b = batch("classification", seed=21)
     losses = [recipe(b).loss.item() for _ in range(3)]
-    assert recipe.step == 3
+    assert recipe.forward_count == 3
     draws = [recipe.layer_map.draw(step=s).teacher for s in range(3)]
     assert len(set(draws)) > 1, "the draws should change from step to step"
     assert losses == [pytest.approx(build()(b, step=s).loss.item(), rel=1e-6) for s in range(3)]
@@ -359,9 +359,9 @@ def test_railkd_draws_follow_the_step_and_resume():
     resumed = build()
     resumed.load_state_dict(state)
     resumed.train()
-    assert resumed.step == 3
+    assert resumed.forward_count == 3
     assert resumed(b).loss.item() == pytest.approx(recipe(b).loss.item(), rel=1e-6)
-    assert resumed.step == recipe.step == 4
+    assert resumed.forward_count == recipe.forward_count == 4
 
 
 # --------------------------------------------------------------------------- DWT
@@ -389,7 +389,7 @@ def test_dwt_matches_formula_with_its_schedule(task):
 # --------------------------------------------------------------------------- the teacher stays as it was
 
 
-def _recipes(task):
+def recipes_of(task):
     student, teacher = _models(task)
     s_layers, t_layers = _maps(task)
     yield "TED", TED(student, teacher, TaskFilters(s_layers, 32, 48), TaskFilters(t_layers, 48, 48))
@@ -404,7 +404,7 @@ def _recipes(task):
 
 @pytest.mark.parametrize("task", TASKS)
 def test_stage2_steps_leave_the_teacher_bit_identical(task):
-    for name, recipe in _recipes(task):
+    for name, recipe in recipes_of(task):
         frozen = [recipe.teacher] + ([recipe.teacher_filters] if name == "TED" else [])
         before = [[p.detach().clone() for p in m.parameters()] for m in frozen]
         student_before = [p.detach().clone() for p in recipe.student.parameters()]
@@ -444,7 +444,7 @@ def _set_impl(recipe, impl):
     return recipe
 
 
-def _check_recipe_lowp(recipe, task, dtype, device, impl):
+def check_recipe_lowp(recipe, task, dtype, device, impl):
     """The recipe in ``dtype`` on ``device`` through ``impl``, against itself in float64 on the CPU: the loss and
     the student's embedding gradient within twice the error of the same recipe on PyTorch's own path in ``dtype``."""
     if isinstance(recipe, CoDIR):  # a filled bank, so the contrastive term runs
@@ -460,12 +460,12 @@ def _check_recipe_lowp(recipe, task, dtype, device, impl):
         out.loss.backward()
         results[name] = (out.loss.detach(), run.student.get_input_embeddings().weight.grad)
     for i, what in enumerate(("loss", "student embedding gradient")):
-        _assert_close(f"{type(recipe).__name__} {task} {what}", results["fastted"][i], results["ref64"][i],
+        assert_close_to_spec(f"{type(recipe).__name__} {task} {what}", results["fastted"][i], results["ref64"][i],
                       results["torch"][i], DTYPES[dtype])
 
 
 @pytest.mark.parametrize("task", TASKS)
 def test_recipes_in_bfloat16(task):
     device = "cuda" if torch.cuda.is_available() else "cpu"  # on a CPU: the kernels under the interpreter
-    for _, recipe in _recipes(task):
-        _check_recipe_lowp(recipe, task, torch.bfloat16, device, "auto")
+    for _, recipe in recipes_of(task):
+        check_recipe_lowp(recipe, task, torch.bfloat16, device, "auto")

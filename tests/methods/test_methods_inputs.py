@@ -3,7 +3,7 @@ import pytest
 
 from fastted import CoDIR, DWT, KD, LWD, RAILKD, MemoryBank, RandomLayerMap, TEDStage1, explicit_map, uniform_map
 
-from tests._models import batch, bert, gpt2
+from tests.tiny_models import batch, bert, gpt2
 
 
 @pytest.fixture

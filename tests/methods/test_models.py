@@ -7,7 +7,7 @@ from fastted import ModelAdapter, Schedule, TaskFilters, check_same_vocab, remap
 from fastted.filters import ClassificationHead
 from fastted.models import adapt
 
-from tests._models import LABELS, VOCAB, batch, bert, gpt2
+from tests.tiny_models import LABELS, VOCAB, batch, bert, gpt2
 
 
 def llama(layers, hidden, **kw):

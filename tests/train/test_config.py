@@ -98,6 +98,6 @@ def test_bad_files(tmp_path):
 def test_example_configs_load(name):
     import os
 
-    path = os.path.join(os.path.dirname(__file__), "..", "configs", name)
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "configs", name)
     config = load_config(path)
     assert config.output_dir.startswith("runs/")

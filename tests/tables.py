@@ -23,12 +23,12 @@ def device():
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def _seed(*key) -> int:
+def seed_for(*key) -> int:
     """A fresh but reproducible seed per test case."""
     return zlib.crc32(repr(key).encode())
 
 
-def _assert_close(name, got, ref64, lowp, slack):
+def assert_close_to_spec(name, got, ref64, lowp, slack):
     """|got - ref| <= 2 |PyTorch's own low-precision error| + slack * |ref| (max norms)."""
     assert got is not None, f"{name}: no gradient"
     assert torch.isfinite(got).all(), f"{name}: non-finite values"
@@ -38,7 +38,7 @@ def _assert_close(name, got, ref64, lowp, slack):
     assert err <= bound, f"{name}: error {err:.3e} > bound {bound:.3e} (PyTorch's own error {torch_err:.3e})"
 
 
-def _check_bad_input(fn, inputs, fragments):
+def check_bad_input(fn, inputs, fragments):
     """fn(**inputs) raises a ValueError whose message holds every fragment (argument names, shapes)."""
     with pytest.raises(ValueError) as info:
         fn(**inputs)

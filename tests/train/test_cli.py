@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fastted.cli import main
-from tests._models import bert, minilm_path
+from tests.tiny_models import bert, minilm_path
 
 
 def _error(capsys, *argv):

@@ -10,7 +10,7 @@ import torch
 import fastted
 from fastted.reference import fused_linear_kd_reference
 
-from tests._tables import DTYPES, _assert_close, _seed, device
+from tests.tables import DTYPES, assert_close_to_spec, seed_for, device
 
 IMPLS = ["reference", "triton"]
 DIVERGENCES = [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.5), ("jsd", 0.0), ("jsd", 1.0)]
@@ -63,11 +63,12 @@ def _cast(inputs, dtype):
     }
 
 
-def _check_fused_linear_kd(impl, shape, dtype, divergence="forward_kl", beta=0.5, temperature=2.0, grad_out=1.0,
+def check_fused_linear_kd(impl, shape, dtype, divergence="forward_kl", beta=0.5, temperature=2.0, grad_out=1.0,
                            chunk_size=None, inputs=None, **opts):
     lead, h_s, h_t, vocab = shape
     if inputs is None:
-        inputs = _make(lead, h_s, h_t, vocab, dtype, _seed("flkd", impl, shape, dtype, divergence, beta, temperature))
+        seed = seed_for("flkd", impl, shape, dtype, divergence, beta, temperature)
+        inputs = _make(lead, h_s, h_t, vocab, dtype, seed)
     opts = dict(temperature=temperature, divergence=divergence, beta=beta, **opts)
     if "hard_labels" in inputs:
         opts.setdefault("hard_weight", 0.3)
@@ -81,10 +82,10 @@ def _check_fused_linear_kd(impl, shape, dtype, divergence="forward_kl", beta=0.5
     slack = DTYPES[dtype]
     for name, a, b, c in zip(("loss", "kd", "ce"), got, ref, lowp):
         assert a.dtype == torch.float32 and a.dim() == 0, name
-        _assert_close(name, a, b, c, slack)
+        assert_close_to_spec(name, a, b, c, slack)
     for name, g in grads.items():
         assert g.dtype == inputs[name].dtype and g.shape == inputs[name].shape, name
-        _assert_close(f"grad {name}", g, ref_grads[name], lowp_grads[name], slack)
+        assert_close_to_spec(f"grad {name}", g, ref_grads[name], lowp_grads[name], slack)
     for name in ("teacher_hidden", "teacher_weight", "teacher_bias"):
         assert inputs[name].grad is None
     return got, grads
@@ -94,14 +95,14 @@ def _check_fused_linear_kd(impl, shape, dtype, divergence="forward_kl", beta=0.5
 @pytest.mark.parametrize("divergence,beta", DIVERGENCES)
 @pytest.mark.parametrize("impl", IMPLS)
 def test_fused_linear_kd_divergences(impl, divergence, beta, temperature):
-    _check_fused_linear_kd(impl, SHAPES[0], torch.float32, divergence, beta, temperature, chunk_size=10)
+    check_fused_linear_kd(impl, SHAPES[0], torch.float32, divergence, beta, temperature, chunk_size=10)
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES), ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"V{s[3]}")
 @pytest.mark.parametrize("impl", IMPLS)
 def test_fused_linear_kd_shapes_and_dtypes(impl, shape, dtype):
-    _check_fused_linear_kd(impl, shape, dtype)
+    check_fused_linear_kd(impl, shape, dtype)
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES), ids=str)
@@ -110,27 +111,27 @@ def test_fused_linear_kd_shapes_and_dtypes(impl, shape, dtype):
 def test_fused_linear_kd_chunk_sizes(impl, chunk_size, dtype):
     """Blocks of 1 row, of an odd number of rows, the default and one block for all agree with float64
     (the head's gradient is accumulated over the blocks in fp32 whatever the dtype)."""
-    _check_fused_linear_kd(impl, ((3, 11), 20, 28, 501), dtype, chunk_size=chunk_size, grad_out=-2.5)
+    check_fused_linear_kd(impl, ((3, 11), 20, 28, 501), dtype, chunk_size=chunk_size, grad_out=-2.5)
 
 
 @pytest.mark.parametrize("grad_out", [0.37, -2.5])
 @pytest.mark.parametrize("impl", IMPLS)
 def test_fused_linear_kd_grad_output(impl, grad_out):
-    _check_fused_linear_kd(impl, SHAPES[0], torch.float32, "jsd", 0.5, grad_out=grad_out, chunk_size=16)
+    check_fused_linear_kd(impl, SHAPES[0], torch.float32, "jsd", 0.5, grad_out=grad_out, chunk_size=16)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_fused_linear_kd_terms(impl):
     """Soft only (no labels), hard only (DWT's alpha_s = 0), no biases: each matches its reference."""
     lead, h_s, h_t, vocab = SHAPES[0]
-    inputs = _make(lead, h_s, h_t, vocab, torch.float32, _seed("soft-only", impl), labels=False)
-    got, _ = _check_fused_linear_kd(impl, SHAPES[0], torch.float32, inputs=inputs)
+    inputs = _make(lead, h_s, h_t, vocab, torch.float32, seed_for("soft-only", impl), labels=False)
+    got, _ = check_fused_linear_kd(impl, SHAPES[0], torch.float32, inputs=inputs)
     assert got[2].item() == 0.0
 
-    inputs = _make(lead, h_s, h_t, vocab, torch.float32, _seed("hard-only", impl))
-    _check_fused_linear_kd(impl, SHAPES[0], torch.float32, inputs=inputs, soft_weight=0.0, hard_weight=1.0)
+    inputs = _make(lead, h_s, h_t, vocab, torch.float32, seed_for("hard-only", impl))
+    check_fused_linear_kd(impl, SHAPES[0], torch.float32, inputs=inputs, soft_weight=0.0, hard_weight=1.0)
 
-    inputs = _make(lead, h_s, h_t, vocab, torch.float32, _seed("no-bias", impl))
+    inputs = _make(lead, h_s, h_t, vocab, torch.float32, seed_for("no-bias", impl))
     del inputs["student_bias"], inputs["teacher_bias"]
     inputs["student_bias"] = None
     inputs["teacher_bias"] = None
@@ -145,15 +146,15 @@ def test_fused_linear_kd_terms(impl):
 def test_fused_linear_kd_all_rows_skipped(impl):
     """All rows masked: loss 0 and zero gradients; all labels ignored: ce 0, kd as without labels."""
     lead, h_s, h_t, vocab = SHAPES[0]
-    inputs = _make(lead, h_s, h_t, vocab, torch.float32, _seed("skipped", impl))
+    inputs = _make(lead, h_s, h_t, vocab, torch.float32, seed_for("skipped", impl))
     inputs["mask"] = torch.zeros_like(inputs["mask"])
     (loss, kd, ce), grads = _run(fastted.fused_linear_kd, inputs, 1.0, impl=impl, return_terms=True,
                                  hard_weight=0.5)
     assert loss.item() == 0.0 and kd.item() == 0.0 and ce.item() == 0.0
     assert all(not g.any() for g in grads.values())
 
-    inputs = _make(lead, h_s, h_t, vocab, torch.float32, _seed("ignored", impl), ignored=1.0)
-    got, _ = _check_fused_linear_kd(impl, SHAPES[0], torch.float32, inputs=inputs, hard_weight=0.5)
+    inputs = _make(lead, h_s, h_t, vocab, torch.float32, seed_for("ignored", impl), ignored=1.0)
+    got, _ = check_fused_linear_kd(impl, SHAPES[0], torch.float32, inputs=inputs, hard_weight=0.5)
     assert got[2].item() == 0.0 and got[1].item() > 0
 
 
@@ -161,10 +162,10 @@ def test_fused_linear_kd_all_rows_skipped(impl):
 def test_fused_linear_kd_padded_vocab(impl):
     """A padded student head (1010 rows) and a teacher head of 1003: compare the first 1000 entries."""
     lead, h_s, h_t, _ = SHAPES[0]
-    inputs = _make(lead, h_s, h_t, 1010, torch.float32, _seed("padded", impl), v_t=1003)
+    inputs = _make(lead, h_s, h_t, 1010, torch.float32, seed_for("padded", impl), v_t=1003)
     with pytest.raises(ValueError, match="vocab_size"):
         fastted.fused_linear_kd(**inputs, impl=impl)
-    _, grads = _check_fused_linear_kd(impl, SHAPES[0], torch.float32, inputs=inputs, vocab_size=1000)
+    _, grads = check_fused_linear_kd(impl, SHAPES[0], torch.float32, inputs=inputs, vocab_size=1000)
     assert not grads["student_weight"][1000:].any() and not grads["student_bias"][1000:].any()
 
     inputs["hard_labels"][0] = 1005  # a label beyond the compared vocabulary, in a counted row
@@ -177,7 +178,7 @@ def test_fused_linear_kd_padded_vocab(impl):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_fused_linear_kd_module(impl):
     lead, h_s, h_t, vocab = SHAPES[0]
-    inputs = _make(lead, h_s, h_t, vocab, torch.float32, _seed("module", impl))
+    inputs = _make(lead, h_s, h_t, vocab, torch.float32, seed_for("module", impl))
     module = fastted.FusedLinearKDLoss(temperature=2.0, hard_weight=0.4, soft_weight=0.6, impl=impl)
     got = module(inputs["student_hidden"], inputs["student_weight"], inputs["teacher_hidden"],
                  inputs["teacher_weight"], student_bias=inputs["student_bias"], teacher_bias=inputs["teacher_bias"],
@@ -193,7 +194,7 @@ def test_fused_linear_kd_module(impl):
 def test_fused_linear_kd_autocast():
     """Under autocast the heads run in the autocast dtype, as nn.Linear's would."""
     lead, h_s, h_t, vocab = SHAPES[0]
-    inputs = _make(lead, h_s, h_t, vocab, torch.float32, _seed("autocast"))
+    inputs = _make(lead, h_s, h_t, vocab, torch.float32, seed_for("autocast"))
     with torch.autocast(device().type, dtype=torch.bfloat16):
         got = fastted.fused_linear_kd(**inputs, temperature=2.0, hard_weight=0.3)
     got.backward()
@@ -205,7 +206,7 @@ def test_fused_linear_kd_autocast():
 
 def test_fused_linear_kd_float64_reference_path():
     lead, h_s, h_t, vocab = SHAPES[0]
-    inputs = _make(lead, h_s, h_t, vocab, torch.float64, _seed("fp64"))
+    inputs = _make(lead, h_s, h_t, vocab, torch.float64, seed_for("fp64"))
     got = fastted.fused_linear_kd(**inputs, temperature=2.0, hard_weight=0.3, chunk_size=5)
     want = fused_linear_kd_reference(**inputs, temperature=2.0, hard_weight=0.3)[0]
     assert got.dtype == torch.float64

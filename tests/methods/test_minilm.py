@@ -5,7 +5,7 @@ import transformers as tf
 
 from fastted import CoDIR, DWT, KD, LWD, RAILKD, TED, Schedule, TaskFilters, TEDStage1, interval_map
 
-from tests._models import assert_close, double, hidden64, ref_kl, ref_mse, ref_task
+from tests.tiny_models import assert_close, double, hidden64, ref_kl, ref_mse, ref_task
 
 TEXTS = [
     "The central bank raised interest rates by a quarter point on Thursday.",
@@ -17,7 +17,7 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def parts():
-    from tests._models import minilm_path
+    from tests.tiny_models import minilm_path
 
     path = minilm_path()
     tokenizer = tf.AutoTokenizer.from_pretrained(path)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import fastted
 from fastted.reference import filtered_mse_reference
 
-from tests._tables import DTYPES, SHAPES, _assert_close, _seed, device
+from tests.tables import DTYPES, SHAPES, assert_close_to_spec, seed_for, device
 
 IMPLS = ["reference", "triton"]
 # case -> (student filter, student bias, teacher filter, teacher bias)
@@ -88,10 +88,10 @@ def _spec(**kwargs):
     return filtered_mse_reference(**kwargs)
 
 
-def _check_filtered_mse(case, shape, dtype, mask_kind, n_layers, impl, grad_out=1.0, layer_weights=None):
+def check_filtered_mse(case, shape, dtype, mask_kind, n_layers, impl, grad_out=1.0, layer_weights=None):
     lead, d_s, d_t, d_f = shape
     inputs = _make(case, lead, d_s, d_t, d_f, n_layers, dtype, mask_kind,
-                   _seed(case, shape, dtype, mask_kind, n_layers, impl))
+                   seed_for(case, shape, dtype, mask_kind, n_layers, impl))
     ref_in, lowp_in = _clone(inputs, torch.float64), _clone(inputs)
     got = _run(fastted.filtered_mse, inputs, grad_out, impl=impl, return_layer_losses=True,
                layer_weights=layer_weights)
@@ -100,13 +100,13 @@ def _check_filtered_mse(case, shape, dtype, mask_kind, n_layers, impl, grad_out=
 
     assert got[0].dtype == torch.float32 and got[0].dim() == 0
     slack = DTYPES[dtype]
-    _assert_close("loss", got[0], ref[0], lowp[0], slack)
-    _assert_close("layer_losses", got[1], ref[1], lowp[1], slack)
+    assert_close_to_spec("loss", got[0], ref[0], lowp[0], slack)
+    assert_close_to_spec("layer_losses", got[1], ref[1], lowp[1], slack)
     names = [f"{k}[{i}]" for k, v in inputs.items() if isinstance(v, list) for i, x in enumerate(v)
              if x is not None and x.requires_grad]
     for name, x, g, r, lp in zip(names, _leaves(inputs), got[2], ref[2], lowp[2]):
         assert g.dtype == x.dtype and g.shape == x.shape, f"{name}: gradient {g.dtype} {tuple(g.shape)}"
-        _assert_close(f"grad {name}", g, r, lp, slack)
+        assert_close_to_spec(f"grad {name}", g, r, lp, slack)
     if mask_kind == "all_zero":
         assert got[0].item() == 0.0
         assert all((g == 0).all() for g in got[2])
@@ -125,38 +125,38 @@ def _check_fp32_against_spec(inputs, impl):
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("case", list(CASES))
 def test_cases_shapes_dtypes(case, shape, dtype, impl):
-    _check_filtered_mse(case, shape, dtype, "random", 2, impl)
+    check_filtered_mse(case, shape, dtype, "random", 2, impl)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("mask_kind", MASKS)
 @pytest.mark.parametrize("case", ["ted", "lwd"])
 def test_masks(case, mask_kind, impl):
-    _check_filtered_mse(case, SHAPES[1], torch.float32, mask_kind, 3, impl)
+    check_filtered_mse(case, SHAPES[1], torch.float32, mask_kind, 3, impl)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("n_layers", [1, 2, 5, 12])
 def test_layer_counts(n_layers, impl):
-    _check_filtered_mse("ted", SHAPES[0], torch.float32, "random", n_layers, impl)
+    check_filtered_mse("ted", SHAPES[0], torch.float32, "random", n_layers, impl)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("grad_out", [0.37, -2.5])
 def test_incoming_gradient(grad_out, impl):
-    _check_filtered_mse("ted", SHAPES[1], torch.float32, "random", 3, impl, grad_out=grad_out)
+    check_filtered_mse("ted", SHAPES[1], torch.float32, "random", 3, impl, grad_out=grad_out)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("layer_weights", [[1.0, 2.0, 0.5], [0.0, 1.0, 3.0]], ids=str)
 def test_layer_weights(layer_weights, impl):
-    _check_filtered_mse("ted", SHAPES[0], torch.float32, "random", 3, impl, layer_weights=layer_weights)
+    check_filtered_mse("ted", SHAPES[0], torch.float32, "random", 3, impl, layer_weights=layer_weights)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_unmasked_is_ted_reference_exactly(impl):
     """mask=None is the mean of F.mse_loss over layers, as TED's public code computes it."""
-    inputs = _make("ted", (4, 9), 12, 20, 16, 3, torch.float32, "none", _seed("ted-exact", impl))
+    inputs = _make("ted", (4, 9), 12, 20, 16, 3, torch.float32, "none", seed_for("ted-exact", impl))
     loss = fastted.filtered_mse(**inputs, impl=impl)
     with torch.no_grad():
         per_layer = [
@@ -196,7 +196,7 @@ def _noncontiguous(x):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_noncontiguous_inputs(impl):
-    inputs = _make("ted", (3, 11), 20, 28, 12, 2, torch.float32, "random", _seed("strided", impl))
+    inputs = _make("ted", (3, 11), 20, 28, 12, 2, torch.float32, "random", seed_for("strided", impl))
     strided = dict(inputs)
     for key in ("student_states", "teacher_states"):
         strided[key] = [_noncontiguous(x.detach()).detach().requires_grad_() for x in inputs[key]]
@@ -216,11 +216,11 @@ def test_frozen_teacher_gets_no_gradient(impl):
 
 def test_chunked_path_splits_rows(monkeypatch):
     """The CPU path gives the same loss and gradients when it works in many row blocks."""
-    import fastted.reference as reference
+    import fastted.ops.filtered_mse as op
 
     inputs = _make("ted", (5, 13), 12, 20, 16, 2, torch.float64, "random", 11)
     whole = _run(fastted.filtered_mse, _clone(inputs), 1.0, impl="reference", return_layer_losses=True)
-    monkeypatch.setattr(reference, "_CHUNK_ELEMENTS", 7 * 20)  # 7 rows per block
+    monkeypatch.setattr(op, "CHUNK_ELEMENTS", 7 * 20)  # 7 rows per block
     split = _run(fastted.filtered_mse, _clone(inputs), 1.0, impl="reference", return_layer_losses=True)
     torch.testing.assert_close(split[0], whole[0], rtol=1e-12, atol=1e-14)
     for a, b in zip(split[2], whole[2]):
@@ -271,7 +271,7 @@ def test_float64_runs_on_reference_path():
 def _kernel_configs():
     from fastted.kernels import filtered_mse as kernel
 
-    return kernel._CONFIGS
+    return kernel.AUTOTUNE_CONFIGS
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the autotuner itself runs every config")
@@ -281,6 +281,6 @@ def test_every_autotune_config(config, dtype, monkeypatch):
     """Each tile config the GPU may pick, forced under the interpreter, on sizes that straddle its tiles."""
     from fastted.kernels import filtered_mse as kernel
 
-    monkeypatch.setattr(kernel._filtered_mse_fwd_kernel, "configs", [kernel._CONFIGS[config]])
-    _check_filtered_mse("ted", ((3, 97), 70, 90, 130), dtype, "random", 2, "triton")
-    assert kernel._filtered_mse_fwd_kernel.best_config is kernel._CONFIGS[config]
+    monkeypatch.setattr(kernel.filtered_mse_fwd_kernel, "configs", [kernel.AUTOTUNE_CONFIGS[config]])
+    check_filtered_mse("ted", ((3, 97), 70, 90, 130), dtype, "random", 2, "triton")
+    assert kernel.filtered_mse_fwd_kernel.best_config is kernel.AUTOTUNE_CONFIGS[config]

@@ -10,7 +10,7 @@ import pytest
 
 from fastted.cli import main
 
-CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "smollm2-bbc.yaml")
+CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "smollm2-bbc.yaml")
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from fastted import data
-from tests._models import minilm_path
+from tests.tiny_models import minilm_path
 
 BBC_COUNTS = {"business": 510, "entertainment": 386, "politics": 417, "sports": 511, "tech": 401}
 

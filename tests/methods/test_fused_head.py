@@ -2,7 +2,7 @@
 
 The recipes' fused path (one ``fused_linear_kd`` call on the inputs of both
 LM heads) must give the unfused recipe's loss, terms and student gradients,
-and the hand-written float64 formula of tests/_models.py, on tiny BERT-MLM and
+and the hand-written float64 formula of tests/tiny_models.py, on tiny BERT-MLM and
 GPT-2 models, through the chunked PyTorch path and the Triton kernel (under
 Triton's interpreter on a CPU), without ever calling an output embedding.
 """
@@ -15,7 +15,7 @@ import transformers as tf
 
 from fastted import DWT, KD, LWD, TED, ModelAdapter, Schedule, TaskFilters, explicit_map
 
-from tests._models import VOCAB, assert_close, batch, bert, double, gpt2, hidden64, ref_kl, ref_mse, ref_task
+from tests.tiny_models import VOCAB, assert_close, batch, bert, double, gpt2, hidden64, ref_kl, ref_mse, ref_task
 
 IMPLS = ["reference", "triton"]
 RECIPES = ["TED", "LWD", "KD", "DWT"]

@@ -5,7 +5,7 @@ import torch
 
 import fastted
 
-from tests._tables import _check_bad_input
+from tests.tables import check_bad_input
 
 
 def _vecs(b=4, k=10, d=8):
@@ -74,19 +74,19 @@ BAD_RAIL = {
 @pytest.mark.parametrize("name", list(BAD_VECS))
 def test_contrastive_kd_bad_input(name):
     inputs, fragments = BAD_VECS[name]
-    _check_bad_input(fastted.contrastive_kd, inputs, fragments)
+    check_bad_input(fastted.contrastive_kd, inputs, fragments)
 
 
 @pytest.mark.parametrize("name", list(BAD_POOL))
 def test_pool_states_bad_input(name):
     inputs, fragments = BAD_POOL[name]
-    _check_bad_input(fastted.pool_states, inputs, fragments)
+    check_bad_input(fastted.pool_states, inputs, fragments)
 
 
 @pytest.mark.parametrize("name", list(BAD_RAIL))
 def test_pooled_distance_bad_input(name):
     inputs, fragments = BAD_RAIL[name]
-    _check_bad_input(fastted.pooled_distance, inputs, fragments)
+    check_bad_input(fastted.pooled_distance, inputs, fragments)
 
 
 def test_module_bad_arguments():

@@ -8,9 +8,10 @@ import torch
 import torch.nn.functional as F
 
 import fastted
-from fastted.reference import contrastive_kd_chunked, contrastive_kd_reference, pool_states_reference
+from fastted.ops.contrastive_kd import contrastive_kd_chunked
+from fastted.reference import contrastive_kd_reference, pool_states_reference
 
-from tests._tables import DTYPES, _assert_close, _seed, device
+from tests.tables import DTYPES, assert_close_to_spec, seed_for, device
 
 IMPLS = ["reference", "triton"]
 # (B, K, D): odd widths, K from a single negative to 4096.
@@ -31,9 +32,9 @@ def _vectors(n_anchors, k, width, dtype, seed, per_anchor=False, n_labels=3):
             on(labels), on(negative_labels), on(mask))
 
 
-def _check_contrastive_kd(impl, n_anchors, k, width, dtype, *, temperature=0.07, per_anchor=False,
+def check_contrastive_kd(impl, n_anchors, k, width, dtype, *, temperature=0.07, per_anchor=False,
                           use_labels=False, mask_kind="random", grad_out=1.0, vectors=None):
-    seed = _seed("contrastive_kd", impl, n_anchors, k, width, dtype, temperature, per_anchor, use_labels, mask_kind)
+    seed = seed_for("contrastive_kd", impl, n_anchors, k, width, dtype, temperature, per_anchor, use_labels, mask_kind)
     s, t, n, labels, negative_labels, mask = vectors or _vectors(n_anchors, k, width, dtype, seed, per_anchor)
     mask = {"random": mask, "none": None, "all_zero": torch.zeros_like(mask)}[mask_kind]
     opts = dict(temperature=temperature, mask=mask)
@@ -52,10 +53,10 @@ def _check_contrastive_kd(impl, n_anchors, k, width, dtype, *, temperature=0.07,
 
     assert loss.dtype == torch.promote_types(dtype, torch.float32) and loss.dim() == 0
     slack = DTYPES.get(dtype, 1e-12)
-    _assert_close("loss", loss, results[0][0], results[1][0], slack)
+    assert_close_to_spec("loss", loss, results[0][0], results[1][0], slack)
     for name, x, i in (("grad student_vecs", s, 1), ("grad teacher_vecs", t, 2)):
         assert x.grad.dtype == x.dtype and x.grad.shape == x.shape
-        _assert_close(name, x.grad, results[0][i], results[1][i], slack)
+        assert_close_to_spec(name, x.grad, results[0][i], results[1][i], slack)
     return loss, s.grad, t.grad
 
 
@@ -65,32 +66,32 @@ def _check_contrastive_kd(impl, n_anchors, k, width, dtype, *, temperature=0.07,
 def test_contrastive_kd_shapes(impl, per_anchor, n_anchors, k, width):
     if per_anchor and k * n_anchors * width > 2e5:
         k = 200  # per-anchor banks of thousands are the same code with more tiles; keep the interpreter quick
-    _check_contrastive_kd(impl, n_anchors, k, width, torch.float32, per_anchor=per_anchor)
+    check_contrastive_kd(impl, n_anchors, k, width, torch.float32, per_anchor=per_anchor)
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES), ids=str)
 @pytest.mark.parametrize("per_anchor", [False, True], ids=["shared", "per_anchor"])
 @pytest.mark.parametrize("impl", IMPLS)
 def test_contrastive_kd_dtypes(impl, per_anchor, dtype):
-    _check_contrastive_kd(impl, 19, 300, 48, dtype, per_anchor=per_anchor)
+    check_contrastive_kd(impl, 19, 300, 48, dtype, per_anchor=per_anchor)
 
 
 @pytest.mark.parametrize("temperature", [0.02, 0.07, 0.2, 1.0, 3.0])
 @pytest.mark.parametrize("impl", IMPLS)
 def test_contrastive_kd_temperatures(impl, temperature):
-    _check_contrastive_kd(impl, 19, 257, 33, torch.float32, temperature=temperature)
+    check_contrastive_kd(impl, 19, 257, 33, torch.float32, temperature=temperature)
 
 
 @pytest.mark.parametrize("per_anchor", [False, True], ids=["shared", "per_anchor"])
 @pytest.mark.parametrize("impl", IMPLS)
 def test_contrastive_kd_label_aware_negatives(impl, per_anchor):
-    _check_contrastive_kd(impl, 19, 150, 33, torch.float32, per_anchor=per_anchor, use_labels=True)
+    check_contrastive_kd(impl, 19, 150, 33, torch.float32, per_anchor=per_anchor, use_labels=True)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_contrastive_kd_labels_leave_negatives_out(impl):
     """Leaving a negative out by its label is the same as not passing it (one anchor at a time)."""
-    s, t, n, labels, negative_labels, _ = _vectors(6, 40, 16, torch.float32, _seed("labels-drop", impl))
+    s, t, n, labels, negative_labels, _ = _vectors(6, 40, 16, torch.float32, seed_for("labels-drop", impl))
     for b in range(6):
         got = fastted.contrastive_kd(s[b:b + 1], t[b:b + 1], n, labels=labels[b:b + 1],
                                      negative_labels=negative_labels, impl=impl)
@@ -102,7 +103,7 @@ def test_contrastive_kd_labels_leave_negatives_out(impl):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_contrastive_kd_every_negative_left_out(impl):
     """An anchor whose negatives all share its label has loss 0 and zero gradient, not NaN."""
-    s, t, n, _, _, _ = _vectors(4, 30, 16, torch.float32, _seed("all-out", impl))
+    s, t, n, _, _, _ = _vectors(4, 30, 16, torch.float32, seed_for("all-out", impl))
     labels = torch.tensor([0, 1, 1, 2], device=s.device)
     negative_labels = torch.zeros(30, dtype=torch.int64, device=s.device)  # anchor 0 has no negative
     loss = fastted.contrastive_kd(s, t, n, labels=labels, negative_labels=negative_labels, impl=impl)
@@ -115,7 +116,7 @@ def test_contrastive_kd_every_negative_left_out(impl):
 @pytest.mark.parametrize("mask_kind", ["none", "all_zero"])
 @pytest.mark.parametrize("impl", IMPLS)
 def test_contrastive_kd_masks(impl, mask_kind):
-    loss, gs, gt = _check_contrastive_kd(impl, 19, 100, 33, torch.float32, mask_kind=mask_kind)
+    loss, gs, gt = check_contrastive_kd(impl, 19, 100, 33, torch.float32, mask_kind=mask_kind)
     if mask_kind == "all_zero":
         assert loss.item() == 0.0 and not gs.any() and not gt.any()
 
@@ -123,17 +124,17 @@ def test_contrastive_kd_masks(impl, mask_kind):
 @pytest.mark.parametrize("grad_out", [0.37, -2.5])
 @pytest.mark.parametrize("impl", IMPLS)
 def test_contrastive_kd_grad_output(impl, grad_out):
-    _check_contrastive_kd(impl, 19, 100, 33, torch.float32, grad_out=grad_out, use_labels=True)
+    check_contrastive_kd(impl, 19, 100, 33, torch.float32, grad_out=grad_out, use_labels=True)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_contrastive_kd_zero_vectors(impl):
     """A zero vector (an example that pooled nothing) or a zero bank entry scores 0: finite, like F.normalize."""
-    vectors = list(_vectors(5, 20, 16, torch.float32, _seed("zero", impl)))
+    vectors = list(_vectors(5, 20, 16, torch.float32, seed_for("zero", impl)))
     with torch.no_grad():
         vectors[0][2] = 0.0
         vectors[2][7] = 0.0
-    _check_contrastive_kd(impl, 5, 20, 16, torch.float32, vectors=vectors)
+    check_contrastive_kd(impl, 5, 20, 16, torch.float32, vectors=vectors)
 
 
 @pytest.mark.parametrize("splits", [1, 2, 3, 7])
@@ -142,7 +143,7 @@ def test_contrastive_kd_kernel_splits(per_anchor, splits):
     """Splitting K over programs and merging the splits gives the CPU twin's rows and gradients."""
     from fastted.kernels.contrastive_kd import contrastive_forward
 
-    s, t, n, labels, negative_labels, mask = _vectors(21, 500, 40, torch.float32, _seed("splits", per_anchor),
+    s, t, n, labels, negative_labels, mask = _vectors(21, 500, 40, torch.float32, seed_for("splits", per_anchor),
                                                       per_anchor)
     coef = mask.float() / mask.sum()
     opts = dict(temperature=0.1, eps=1e-12, grad_s=True, grad_t=True)
@@ -156,7 +157,7 @@ def test_contrastive_kd_kernel_splits(per_anchor, splits):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_contrastive_kd_bank_dtype_differs(impl):
     """A bf16 model against an fp32 bank (the MemoryBank default): the bank's precision is kept."""
-    s, t, n, _, _, mask = _vectors(19, 300, 48, torch.bfloat16, _seed("bank-dtype", impl))
+    s, t, n, _, _, mask = _vectors(19, 300, 48, torch.bfloat16, seed_for("bank-dtype", impl))
     n32 = n.float() * 1.5
     loss = fastted.contrastive_kd(s, t, n32, mask=mask, impl=impl)
     loss.backward()
@@ -171,7 +172,7 @@ def test_contrastive_kd_bank_dtype_differs(impl):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_codir_pipeline_gradients(impl, pooling):
     """Pool -> project -> InfoNCE: gradients of the hidden states, the pooled states and both projections."""
-    g = torch.Generator().manual_seed(_seed("pipeline", impl, pooling))
+    g = torch.Generator().manual_seed(seed_for("pipeline", impl, pooling))
     n_layers, batch, tokens, d_s, d_t, proj = 3, 6, 11, 20, 28, 16
 
     def leaf(*shape, scale=1.0):
@@ -214,7 +215,7 @@ def test_codir_pipeline_gradients(impl, pooling):
 
 
 def test_contrastive_kd_module_and_no_grad():
-    s, t, n, labels, negative_labels, mask = _vectors(9, 50, 24, torch.float32, _seed("module"))
+    s, t, n, labels, negative_labels, mask = _vectors(9, 50, 24, torch.float32, seed_for("module"))
     module = fastted.ContrastiveKDLoss(temperature=0.2)
     assert "temperature=0.2" in repr(module)
     got = module(s, t, n, mask=mask, labels=labels, negative_labels=negative_labels)
@@ -229,7 +230,7 @@ def test_contrastive_kd_module_and_no_grad():
 
 
 def test_contrastive_kd_float64_runs_the_reference_path():
-    s, t, n, *_ = _vectors(5, 20, 16, torch.float64, _seed("fp64"))
+    s, t, n, *_ = _vectors(5, 20, 16, torch.float64, seed_for("fp64"))
     loss = fastted.contrastive_kd(s, t, n)
     assert loss.dtype == torch.float64
     torch.testing.assert_close(loss, contrastive_kd_reference(s, t, n))

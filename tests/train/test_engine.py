@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from fastted.config import ConfigError, EngineConfig, TrainConfig
-from fastted.engine import _safe_globals, batch_layout, deepspeed_config, lr_at, resolve_device
+from fastted.engine import batch_layout, checkpoint_types, deepspeed_config, lr_at, resolve_device
 
-WORKER = os.path.join(os.path.dirname(__file__), "_engine_worker.py")
+WORKER = os.path.join(os.path.dirname(__file__), "engine_worker.py")
 
 
 @pytest.mark.parametrize("decay", ["linear", "cosine", "constant"])
@@ -137,9 +137,9 @@ def test_checkpoints_load_without_pickle(runs):
         for root, _, names in os.walk(os.path.join(run["dir"], "checkpoints")):
             files += [os.path.join(root, n) for n in names if n.endswith(".pt")]
     assert len(files) >= 6
-    with torch.serialization.safe_globals(_safe_globals()):
+    with torch.serialization.safe_globals(checkpoint_types()):
         for path in files:
             state = torch.load(path, weights_only=True, map_location="cpu")
             assert isinstance(state, dict) and state, path
-    assert {t.__name__ for t in _safe_globals()} == {"LossScaler", "DynamicLossScaler", "ZeroStageEnum",
+    assert {t.__name__ for t in checkpoint_types()} == {"LossScaler", "DynamicLossScaler", "ZeroStageEnum",
                                                      "fragment_address"}

@@ -1,0 +1,289 @@
+"""The LM heads of student and teacher fused with logit distillation (and cross-entropy) over the vocabulary.
+
+``soft_weight * kd + hard_weight * ce`` on the logits ``x_s W_s^T + b_s`` and
+``x_t W_t^T + b_t``, computed a block of rows at a time so that no (N, V)
+tensor ever exists: for each block both heads run, the row kernel of
+:mod:`fastted.ops.logit_kd` (Triton's ``fastted.kernels.logit_kd`` or its CPU
+twin :func:`~fastted.ops.logit_kd.logit_kd_rows`) turns the student's block of
+logits into its gradient in place, and the gradients of the student's hidden
+states, weight and bias follow from it. This file holds the block loop, the
+autograd Function, the functional :func:`fused_linear_kd` and the module
+:class:`FusedLinearKDLoss`. The spec is
+:func:`fastted.reference.fused_linear_kd_reference`.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from fastted.ops.checks import check_float, check_impl, check_like, check_weight
+from fastted.ops.dispatch import CHUNK_ELEMENTS, autocast_dtype, detach_without_grad, resolve_impl, save_gradients
+from fastted.ops.dispatch import scaled_gradients, to_autocast
+from fastted.ops.logit_kd import logit_kd_rows, logit_options, row_weights, shared_vocab
+
+# --------------------------------------------------------------------------- the block loop
+
+_MIXED_ADDMM = {"ok": True}  # torch.addmm(..., out_dtype=) exists on CUDA in recent torch only
+
+
+def _accumulate_mm(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """acc += a @ b, with acc in fp32 and a, b in any float dtype."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+        return
+    if a.is_cuda and _MIXED_ADDMM["ok"]:
+        try:
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)  # fp32 accumulation, no (V, H) temporary
+            return
+        except (TypeError, RuntimeError, NotImplementedError):
+            _MIXED_ADDMM["ok"] = False
+    acc.add_(a @ b)
+
+
+def block_rows(n_rows: int, vocab: int, width: int, chunk_size: Optional[int]) -> int:
+    """Rows per block: ``chunk_size``, or by default a block of logits about as large as the hidden states."""
+    if chunk_size is not None:
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive int (rows per block), got {chunk_size!r}")
+        return min(chunk_size, n_rows)
+    rows = max(n_rows * width, CHUNK_ELEMENTS) // vocab
+    if rows >= 32:
+        rows -= rows % 16  # GEMM-friendly blocks
+    return max(1, min(rows, n_rows))
+
+
+def fused_linear_kd_blocks(
+    xs: Tensor,
+    ws: Tensor,
+    bs: Optional[Tensor],
+    xt: Tensor,
+    wt: Tensor,
+    bt: Optional[Tensor],
+    kd_coef: Tensor,
+    labels: Optional[Tensor],
+    ce_coef: Optional[Tensor],
+    needs: tuple[bool, bool, bool],
+    *,
+    rows_fn,
+    chunk_rows: int,
+    **opts,
+):
+    """Both LM heads and the logit losses, ``chunk_rows`` rows at a time: every path of :func:`fused_linear_kd`.
+
+    xs (N, H_s), ws (V, H_s), bs (V,): the student head; xt, wt, bt the
+    teacher's. For each block of rows the student and teacher logits are
+    computed, ``rows_fn`` (:func:`~fastted.ops.logit_kd.logit_kd_rows` or the
+    Triton kernel's ``logit_kd_rows_triton``, same contract) turns the
+    student block into its gradient in place, and the gradients of xs, ws, bs
+    follow from it; no (N, V) tensor ever exists. needs: which of xs, ws, bs
+    want a gradient. Weight and bias gradients are accumulated in fp32.
+    Returns (kd_rows, ce_rows, (gx, gw, gb)).
+    """
+    n_rows = xs.shape[0]
+    want = any(needs)
+    acc = torch.promote_types(ws.dtype, torch.float32)
+    gx = torch.empty_like(xs) if needs[0] else None
+    gw = torch.zeros(ws.shape, dtype=acc, device=ws.device) if needs[1] else None
+    gb = torch.zeros(ws.shape[0], dtype=acc, device=ws.device) if needs[2] else None
+    kd_rows, ce_rows = [], []
+    for start in range(0, n_rows, chunk_rows):
+        r = slice(start, start + chunk_rows)
+        x = xs[r]
+        zs = torch.addmm(bs, x, ws.t()) if bs is not None else x @ ws.t()  # (R, V)
+        zt = torch.addmm(bt, xt[r], wt.t()) if bt is not None else xt[r] @ wt.t()  # (R, V)
+        kd, ce = rows_fn(
+            zs, zt, kd_coef[r], None if labels is None else labels[r], None if ce_coef is None else ce_coef[r],
+            zs if want else None, **opts,
+        )
+        del zt
+        kd_rows.append(kd)
+        ce_rows.append(ce)
+        if want:  # zs now holds dLoss/dzs
+            if gx is not None:
+                torch.mm(zs, ws, out=gx[r])
+            if gw is not None:
+                _accumulate_mm(gw, zs.t(), x)
+            if gb is not None:
+                gb += zs.sum(0, dtype=acc)
+    ce_rows = torch.cat(ce_rows) if labels is not None else None
+    return torch.cat(kd_rows), ce_rows, (gx, gw, gb)
+
+
+# --------------------------------------------------------------------------- autograd
+
+
+class FusedLinearKDFunction(torch.autograd.Function):
+    """Both heads, loss and student gradients in the forward, a block of rows at a time."""
+
+    @staticmethod
+    def forward(ctx, impl, opts, vocab, chunk_rows, kd_coef, labels, ce_coef, xs, ws, bs, xt, wt, bt):
+        with torch.autocast(xs.device.type, enabled=False):
+            needs = tuple(bool(n) for n in ctx.needs_input_grad[7:10])
+            if impl == "triton":
+                from fastted.kernels.logit_kd import logit_kd_rows_triton as rows_fn
+            else:
+                rows_fn = logit_kd_rows
+            kd_rows, ce_rows, (gx, gw, gb) = fused_linear_kd_blocks(
+                xs.reshape(-1, xs.shape[-1]), ws[:vocab], None if bs is None else bs[:vocab],
+                xt.reshape(-1, xt.shape[-1]), wt[:vocab], None if bt is None else bt[:vocab],
+                kd_coef, labels, ce_coef, needs, rows_fn=rows_fn, chunk_rows=chunk_rows, **opts,
+            )
+            kd = opts["temperature"] ** 2 * (kd_rows @ kd_coef.to(kd_rows.dtype))
+            ce = ce_rows @ ce_coef.to(ce_rows.dtype) if ce_rows is not None else torch.zeros_like(kd)
+            loss = opts["soft_weight"] * kd + opts["hard_weight"] * ce
+
+            def full(g, x):  # the gradient of the whole head: zero beyond the compared vocabulary
+                if g is None or g.shape[0] == x.shape[0]:
+                    return None if g is None else g.to(x.dtype)
+                out = torch.zeros_like(x)
+                out[:vocab] = g
+                return out
+
+            grads = (None if gx is None else gx.reshape(xs.shape), full(gw, ws), full(gb, bs))
+        save_gradients(ctx, grads)
+        ctx.mark_non_differentiable(kd, ce)
+        return loss, kd, ce
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_kd, grad_ce):
+        return (None,) * 7 + (*scaled_gradients(ctx, grad_loss), None, None, None)
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def fused_linear_kd(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher_hidden: Tensor,
+    teacher_weight: Tensor,
+    *,
+    temperature: float = 1.0,
+    student_bias: Optional[Tensor] = None,
+    teacher_bias: Optional[Tensor] = None,
+    mask: Optional[Tensor] = None,
+    hard_labels: Optional[Tensor] = None,
+    hard_weight: float = 0.0,
+    soft_weight: float = 1.0,
+    ignore_index: int = -100,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    vocab_size: Optional[int] = None,
+    chunk_size: Optional[int] = None,
+    impl: str = "auto",
+    return_terms: bool = False,
+):
+    """LM heads of student and teacher fused with logit KD (and cross-entropy) over the vocabulary.
+
+    Computes ``soft_weight * kd + hard_weight * ce`` where kd is
+    :func:`~fastted.ops.logit_kd.logit_kd` of the logits
+    ``student_hidden @ student_weight^T + b`` and
+    ``teacher_hidden @ teacher_weight^T + c`` (temperature, divergence and
+    beta as there, averaged over the rows ``mask`` keeps) and ce the
+    cross-entropy of the student logits (temperature 1) on ``hard_labels``,
+    averaged over the rows the mask keeps and the labels do not ignore: DWT's
+    and continual pre-training's ``alpha_h * CE + alpha_s * KL`` in one pass.
+    The logits are computed a block of rows at a time (``chunk_size`` rows;
+    default: a block about as large as the hidden states) and never exist
+    for the whole batch.
+
+    Args:
+        student_hidden: (N, H_s) or (B, T, H_s); student_weight: (V_s, H_s)
+            and student_bias (V_s,): the student's LM head (nn.Linear convention).
+        teacher_hidden: (..., H_t); teacher_weight (V_t, H_t), teacher_bias
+            (V_t,): the teacher's head. The teacher is a constant: no
+            gradient reaches it.
+        mask: rows to count, of the hidden states' leading shape.
+        hard_labels: integer labels of the leading shape; ``ignore_index``
+            skips a row for the cross-entropy.
+        vocab_size: when V_s != V_t (a padded embedding matrix), compare the
+            first ``vocab_size`` entries of both (the cross-entropy too);
+            without it, differing vocabularies are an error.
+        return_terms: also return the detached fp32 kd and ce (0 without labels).
+
+    Returns the fp32 scalar loss, or ``(loss, kd, ce)``. Gradients reach
+    student_hidden, student_weight and student_bias, in their dtypes; under
+    autocast the heads run in the autocast dtype.
+    """
+    args = (("student_hidden", student_hidden), ("student_weight", student_weight),
+            ("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight))
+    for name, x in args:
+        if not isinstance(x, Tensor):
+            raise ValueError(f"{name} must be a tensor, got {type(x).__name__}")
+    opts = logit_options(temperature, divergence, beta)
+    opts["soft_weight"] = check_float("soft_weight", soft_weight, 0.0)
+    opts["hard_weight"] = check_float("hard_weight", hard_weight, 0.0)
+    if opts["hard_weight"] > 0 and hard_labels is None:
+        raise ValueError(f"hard_weight={hard_weight} needs hard_labels: the cross-entropy is computed on them")
+
+    xs, ws, xt, wt = student_hidden, student_weight, teacher_hidden, teacher_weight
+    if xs.dim() not in (2, 3) or any(n == 0 for n in xs.shape):
+        raise ValueError(f"student_hidden has shape {tuple(xs.shape)}, but needs (N, H_s) or (B, T, H_s), non-empty")
+    lead = tuple(xs.shape[:-1])
+    if tuple(xt.shape[:-1]) != lead or xt.dim() != xs.dim():
+        raise ValueError(
+            f"teacher_hidden has shape {tuple(xt.shape)}, but student_hidden has {tuple(xs.shape)}: their leading "
+            f"(row/token) shapes must match"
+        )
+    check_weight("student_weight", ws, None, xs.shape[-1], "student_hidden")
+    check_weight("teacher_weight", wt, None, xt.shape[-1], "teacher_hidden")
+    for name, bias, w in (("student_bias", student_bias, ws), ("teacher_bias", teacher_bias, wt)):
+        if bias is not None and (not isinstance(bias, Tensor) or bias.shape != (w.shape[0],)):
+            got = tuple(bias.shape) if isinstance(bias, Tensor) else type(bias).__name__
+            raise ValueError(f"{name} has shape {got}, but needs ({w.shape[0]},) (one per vocabulary entry)")
+    vocab = shared_vocab(vocab_size, ws.shape[0], wt.shape[0], "student_weight", "teacher_weight")
+
+    cast = autocast_dtype(xs.device.type)
+    student = [to_autocast(x, cast) for x in (xs, ws, student_bias)]
+    teacher = [to_autocast(x, cast) for x in (xt, wt, teacher_bias)]
+    for name, x in zip(("student_weight", "student_bias"), student[1:]):
+        if x is not None:
+            check_like(name, x, student[0], "student_hidden")
+    for name, x in zip(("teacher_hidden", "teacher_weight", "teacher_bias"), teacher):
+        if x is not None:
+            if x.device != xs.device:
+                raise ValueError(f"{name} is on {x.device}, but student_hidden is on {xs.device}")
+            check_like(name, x, teacher[0], "teacher_hidden")
+
+    kd_coef, labels, ce_coef = row_weights(
+        lead, xs.device, student[0].dtype, mask, hard_labels, ignore_index, "hard_labels", vocab, "student_hidden"
+    )
+    impl = resolve_impl(impl, xs.device, student[0].dtype)
+    chunk_rows = block_rows(kd_coef.shape[0], vocab, max(xs.shape[-1], xt.shape[-1]), chunk_size)
+    student = detach_without_grad(student)
+    loss, kd, ce = FusedLinearKDFunction.apply(
+        impl, opts, vocab, chunk_rows, kd_coef, labels, ce_coef, *student, *teacher
+    )
+    return (loss, kd, ce) if return_terms else loss
+
+
+class FusedLinearKDLoss(nn.Module):
+    """nn.Module over :func:`fused_linear_kd`; ``kd`` and ``ce`` hold the last call's detached terms."""
+
+    def __init__(self, temperature: float = 1.0, hard_weight: float = 0.0, soft_weight: float = 1.0,
+                 divergence: str = "forward_kl", beta: float = 0.5, ignore_index: int = -100,
+                 vocab_size: Optional[int] = None, chunk_size: Optional[int] = None, impl: str = "auto"):
+        super().__init__()
+        logit_options(temperature, divergence, beta)
+        check_impl(impl)
+        self.options = dict(
+            temperature=temperature, hard_weight=hard_weight, soft_weight=soft_weight, divergence=divergence,
+            beta=beta, ignore_index=ignore_index, vocab_size=vocab_size, chunk_size=chunk_size, impl=impl,
+        )
+        self.kd: Optional[Tensor] = None
+        self.ce: Optional[Tensor] = None
+
+    def forward(self, student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor,
+                teacher_weight: Tensor, *, student_bias: Optional[Tensor] = None,
+                teacher_bias: Optional[Tensor] = None, mask: Optional[Tensor] = None,
+                hard_labels: Optional[Tensor] = None) -> Tensor:
+        loss, self.kd, self.ce = fused_linear_kd(
+            student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias=student_bias,
+            teacher_bias=teacher_bias, mask=mask, hard_labels=hard_labels, return_terms=True, **self.options,
+        )
+        return loss
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

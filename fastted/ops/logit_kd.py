@@ -1,0 +1,306 @@
+"""Logit distillation: a divergence of the tempered softmaxes of student and teacher logits, in one pass.
+
+``D(softmax(t / T), softmax(s / T)) * T^2`` averaged over the rows the mask
+keeps, D the forward KL, the reverse KL or the JSD. This file holds the op's
+input checks (the logit options, the compared vocabulary and the row weights
+are shared with :mod:`fastted.ops.fused_linear_kd`), its PyTorch path
+(:func:`logit_kd_rows`, the CPU twin of the Triton row kernel
+``fastted.kernels.logit_kd``, and :func:`logit_kd_chunked` over blocks of
+rows), the autograd Function, the functional :func:`logit_kd` and the module
+:class:`LogitKDLoss`. The spec is :func:`fastted.reference.logit_kd_reference`.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fastted.ops.checks import check_float, check_impl, check_int_tensor, check_temperature, flat_mask
+from fastted.ops.dispatch import CHUNK_ELEMENTS, aligned, detach_without_grad, resolve_impl
+from fastted.reference import DIVERGENCES, divergence_reference, safe_count
+
+# --------------------------------------------------------------------------- checks (shared with fused_linear_kd)
+
+
+def logit_options(temperature, divergence, beta) -> dict:
+    """The checked options of every logit loss: temperature > 0, a divergence of DIVERGENCES, beta in [0, 1]."""
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+    return dict(
+        temperature=check_temperature("temperature", temperature),
+        divergence=divergence,
+        beta=check_float("beta", beta, 0.0, 1.0),
+    )
+
+
+def shared_vocab(vocab_size, v_s: int, v_t: int, what_s: str, what_t: str) -> int:
+    """The number of leading vocabulary entries compared: both, or vocab_size when given."""
+    if vocab_size is None:
+        if v_s != v_t:
+            raise ValueError(
+                f"{what_s} covers a vocabulary of {v_s}, but {what_t} covers {v_t}: pass vocab_size=<n> to compare "
+                f"the first n entries of both (n <= {min(v_s, v_t)}, e.g. the tokenizer's size when one "
+                f"embedding matrix is padded)"
+            )
+        return v_s
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not 1 <= vocab_size <= min(v_s, v_t):
+        raise ValueError(
+            f"vocab_size must be an int in [1, {min(v_s, v_t)}] (the smaller of the two vocabularies), "
+            f"got {vocab_size!r}"
+        )
+    return vocab_size
+
+
+def row_weights(lead, device, dtype, mask, labels, ignore_index, labels_name, vocab, ref_name):
+    """Validate mask and labels of leading shape ``lead``; return (N,) mean weights, fp32 (fp64 for fp64 inputs).
+
+    Returns (kd_coef, labels, ce_coef): kd_coef = mask / count over the mask's
+    rows; with labels, ce_coef the same over the rows the mask keeps and the
+    labels do not ignore. No host sync on a GPU.
+    """
+    n_rows = 1
+    for n in lead:
+        n_rows *= n
+    acc = torch.promote_types(dtype, torch.float32)
+    valid = None
+    if mask is not None:
+        valid = flat_mask(mask, lead, device, ref_name).to(acc)
+    kd_valid = valid if valid is not None else torch.ones(n_rows, dtype=acc, device=device)
+    kd_coef = kd_valid / safe_count(kd_valid.sum())
+    if labels is None:
+        return kd_coef, None, None
+    check_int_tensor(labels_name, labels, lead, device, ref_name, " (one label per row/token)")
+    labels = labels.detach().reshape(n_rows).to(torch.int64)
+    ce_valid = (labels != ignore_index).to(acc)
+    if valid is not None:
+        ce_valid = ce_valid * (valid != 0)
+    if vocab is not None and device.type == "cpu":  # no device sync here; on a GPU a bad label gives a NaN loss
+        bad = (ce_valid != 0) & ((labels < 0) | (labels >= vocab))
+        if bool(bad.any()):
+            raise ValueError(
+                f"{labels_name} holds {labels[bad][0].item()}, outside [0, {vocab}) (the compared vocabulary); "
+                f"labels to skip must equal ignore_index={ignore_index}"
+            )
+    return kd_coef, labels, ce_valid / safe_count(ce_valid.sum())
+
+
+def check_logits(student_logits, teacher_logits) -> None:
+    for name, x in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
+        if not isinstance(x, Tensor):
+            raise ValueError(f"{name} must be a tensor of shape (N, V) or (B, T, V), got {type(x).__name__}")
+        if x.dim() not in (2, 3) or x.numel() == 0:
+            raise ValueError(f"{name} has shape {tuple(x.shape)}, but needs (N, V) or (B, T, V) with N, V > 0")
+        if not x.is_floating_point():
+            raise ValueError(f"{name} has dtype {x.dtype}, but needs a floating-point dtype")
+    if student_logits.shape[:-1] != teacher_logits.shape[:-1]:
+        raise ValueError(
+            f"teacher_logits has shape {tuple(teacher_logits.shape)}, but student_logits has "
+            f"{tuple(student_logits.shape)}: their leading (row/token) shapes must match"
+        )
+    if teacher_logits.device != student_logits.device:
+        raise ValueError(
+            f"teacher_logits is on {teacher_logits.device}, but student_logits is on {student_logits.device}"
+        )
+
+
+# --------------------------------------------------------------------------- the PyTorch path
+
+
+def logit_kd_rows(
+    zs: Tensor,
+    zt: Tensor,
+    kd_coef: Tensor,
+    labels: Optional[Tensor],
+    ce_coef: Optional[Tensor],
+    grad: Optional[Tensor],
+    *,
+    temperature: float,
+    divergence: str,
+    beta: float,
+    soft_weight: float,
+    hard_weight: float,
+) -> tuple[Tensor, Optional[Tensor]]:
+    """A block of rows of the fused logit losses: the CPU twin of the Triton row kernel.
+
+    zs, zt: (R, V) student and teacher logits; kd_coef: (R,) weight of each
+    row's divergence in the mean (mask / count); labels, ce_coef: (R,) hard
+    labels and the weight of each row's cross-entropy, or None. Writes
+    dLoss/dzs into grad (R, V) when given, where
+    loss = soft_weight T^2 sum_r kd_coef_r D_r + hard_weight sum_r ce_coef_r CE_r.
+    Returns the per-row divergence D (without T^2) and cross-entropy, fp32
+    (fp64 for fp64 logits), 0 on rows whose weight is 0.
+    """
+    acc = torch.promote_types(zs.dtype, torch.float32)
+    kd_coef = kd_coef.to(acc)
+    keep = kd_coef != 0
+    s = zs.to(acc)
+    ls = F.log_softmax(s / temperature, dim=-1)
+    lt = F.log_softmax(zt.to(acc) / temperature, dim=-1)
+    rows = torch.where(keep, divergence_reference(ls, lt, divergence, beta), 0)
+    ce_rows = None
+    if grad is not None:
+        if divergence == "jsd" and 0.0 < beta < 1.0:
+            q, p = ls.exp(), lt.exp()
+            lm = torch.log((1 - beta) * q + beta * p)
+            q_term = torch.where(q > 0, q * (ls - lm), 0)  # summed over V: KL(student || M)
+            g = (1 - beta) * (q_term - q * q_term.sum(-1, keepdim=True))
+        elif divergence == "reverse_kl" or (divergence == "jsd" and beta == 1.0):
+            q = ls.exp()
+            g = torch.where(q > 0, q * (ls - lt - rows[:, None]), 0)
+        else:
+            g = ls.exp() - lt.exp()
+        g = g * (soft_weight * temperature * kd_coef)[:, None]
+    if labels is not None:
+        ce_coef = ce_coef.to(acc)
+        lu = ls if temperature == 1.0 else F.log_softmax(s, dim=-1)
+        in_range = (labels >= 0) & (labels < zs.shape[1])
+        picked = lu.gather(1, torch.where(in_range, labels, 0)[:, None])[:, 0]
+        ce_rows = torch.where(ce_coef != 0, torch.where(in_range, -picked, float("nan")), 0)
+        if grad is not None:
+            dce = lu.exp()
+            dce.scatter_add_(1, torch.where(in_range, labels, 0)[:, None], -in_range.to(acc)[:, None])
+            g = g + dce * (hard_weight * ce_coef)[:, None]
+            keep = keep | (ce_coef != 0)
+    if grad is not None:
+        grad.copy_(torch.where(keep[:, None], g, 0))
+    return rows, ce_rows
+
+
+def logit_kd_chunked(s: Tensor, t: Tensor, kd_coef: Tensor, grad: Optional[Tensor], **opts) -> Tensor:
+    """The CPU path of :func:`logit_kd`: :func:`logit_kd_rows` over blocks of rows.
+
+    s, t: (N, V) logits; grad: (N, V) output for dLoss/ds, or None. Each block
+    holds about a million logits, so the temporaries of the softmaxes stay
+    bounded beyond the gradient itself. Returns the (N,) row divergences.
+    """
+    n_rows, vocab = s.shape
+    block = max(1, CHUNK_ELEMENTS // vocab)
+    rows = []
+    for start in range(0, n_rows, block):
+        r = slice(start, start + block)
+        kd, _ = logit_kd_rows(s[r], t[r], kd_coef[r], None, None, None if grad is None else grad[r], **opts)
+        rows.append(kd)
+    return torch.cat(rows)
+
+
+# --------------------------------------------------------------------------- autograd
+
+
+class LogitKDFunction(torch.autograd.Function):
+    """Loss and dLoss/d(student logits) in the forward; backward scales the gradient in place."""
+
+    @staticmethod
+    def forward(ctx, impl, opts, vocab, kd_coef, student_logits, teacher_logits):
+        s = student_logits.reshape(-1, student_logits.shape[-1])
+        t = teacher_logits.reshape(-1, teacher_logits.shape[-1])
+        grad = None
+        if ctx.needs_input_grad[4]:
+            grad = torch.empty_like(s) if vocab == s.shape[1] else torch.zeros_like(s)
+        s, t = s[:, :vocab], t[:, :vocab]
+        g = None if grad is None else grad[:, :vocab]
+        if impl == "triton":  # one launch over all rows: the kernel keeps nothing of size V but the gradient
+            from fastted.kernels.logit_kd import logit_kd_rows_triton
+
+            rows, _ = logit_kd_rows_triton(
+                aligned(s, False), aligned(t, False), kd_coef, None, None, g, soft_weight=1.0, hard_weight=0.0,
+                **opts,
+            )
+        else:
+            rows = logit_kd_chunked(s, t, kd_coef, g, soft_weight=1.0, hard_weight=0.0, **opts)
+        loss = opts["temperature"] ** 2 * (rows @ kd_coef.to(rows.dtype))
+        if grad is not None:
+            ctx.save_for_backward(grad)
+            ctx.shape = student_logits.shape
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (grad,) = ctx.saved_tensors
+        # In place: the (N, V) gradient is the step's largest tensor. A second
+        # backward through the same graph fails on the saved tensor's version.
+        return None, None, None, None, grad.mul_(grad_loss).reshape(ctx.shape), None
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def logit_kd(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    *,
+    temperature: float = 2.0,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    mask: Optional[Tensor] = None,
+    labels: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    vocab_size: Optional[int] = None,
+    impl: str = "auto",
+) -> Tensor:
+    """Logit distillation with temperature, in one pass over the logits.
+
+    ``D(softmax(t / T), softmax(s / T)) * T^2`` averaged over the valid rows
+    (tokens), with D one of
+
+    - ``"forward_kl"`` (default): KL(teacher || student), TED's and DistilBERT's KD;
+    - ``"reverse_kl"``: KL(student || teacher);
+    - ``"jsd"``: beta KL(teacher || M) + (1 - beta) KL(student || M),
+      M = beta teacher + (1 - beta) student (at beta 0 and 1: the forward and
+      reverse KL, as TRL's GKD and Liger-Kernel define them).
+
+    Args:
+        student_logits, teacher_logits: (N, V) or (B, T, V), any float dtype.
+            The teacher is a constant: no gradient reaches it.
+        mask: rows to average over, of the leading shape; None: all rows.
+        labels, ignore_index: with labels of the leading shape, rows whose
+            label is ``ignore_index`` are skipped too (HF's -100 convention).
+        vocab_size: compare the first ``vocab_size`` logits of both; needed
+            when the two vocabularies differ (a padded embedding matrix).
+            The student's other logits get zero gradient.
+        impl: "auto", "triton" or "reference".
+
+    Returns the fp32 scalar loss (float64 for float64 logits). All rows
+    skipped gives 0 and zero gradients; logits of -inf (banned tokens) are
+    handled exactly.
+    """
+    check_logits(student_logits, teacher_logits)
+    opts = logit_options(temperature, divergence, beta)
+    vocab = shared_vocab(
+        vocab_size, student_logits.shape[-1], teacher_logits.shape[-1], "student_logits", "teacher_logits"
+    )
+    lead = tuple(student_logits.shape[:-1])
+    dtype = torch.promote_types(student_logits.dtype, teacher_logits.dtype)
+    kd_coef, labels, ce_coef = row_weights(
+        lead, student_logits.device, dtype, mask, labels, ignore_index, "labels", None, "student_logits"
+    )
+    if ce_coef is not None:
+        kd_coef = ce_coef  # rows the mask keeps and the labels do not ignore
+    impl = resolve_impl(impl, student_logits.device, dtype)
+    (student_logits,) = detach_without_grad([student_logits])
+    return LogitKDFunction.apply(impl, opts, vocab, kd_coef, student_logits, teacher_logits)
+
+
+class LogitKDLoss(nn.Module):
+    """nn.Module over :func:`logit_kd`."""
+
+    def __init__(self, temperature: float = 2.0, divergence: str = "forward_kl", beta: float = 0.5,
+                 ignore_index: int = -100, vocab_size: Optional[int] = None, impl: str = "auto"):
+        super().__init__()
+        logit_options(temperature, divergence, beta)
+        check_impl(impl)
+        self.temperature, self.divergence, self.beta = temperature, divergence, beta
+        self.ignore_index, self.vocab_size, self.impl = ignore_index, vocab_size, impl
+
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor, mask: Optional[Tensor] = None,
+                labels: Optional[Tensor] = None) -> Tensor:
+        return logit_kd(
+            student_logits, teacher_logits, temperature=self.temperature, divergence=self.divergence,
+            beta=self.beta, mask=mask, labels=labels, ignore_index=self.ignore_index, vocab_size=self.vocab_size,
+            impl=self.impl,
+        )
+
+    def extra_repr(self) -> str:
+        return (f"temperature={self.temperature}, divergence={self.divergence!r}, beta={self.beta}, "
+                f"vocab_size={self.vocab_size}, impl={self.impl!r}")
