@@ -36,8 +36,8 @@ import torch.nn.functional as F
 import fastted
 from fastted.reference import contrastive_kd_reference, pool_states_reference
 
-from benchmarks._case import MODES, Case, default_sizes, one_step, run_benchmark
-from benchmarks._memory import cpu_peak_extra_mb
+from benchmarks.cases import MODES, Case, Draws, default_sizes, one_step, run_benchmark
+from benchmarks.memory import cpu_peak_extra_mb
 
 _GPU = dict(batch=256, n_layers=12, width=768, seq=128, dtype="bfloat16", on="gpu")
 SIZES = {
@@ -66,17 +66,13 @@ def codir_loss(student_states, teacher_states, mask, student_weight, student_bia
 
 def make_inputs(batch, n_layers, width, seq, proj, bank, dtype, device, seed=0, **_):
     """Both models' states, a right-padded attention mask, both projections and a memory bank."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    dtype = getattr(torch, dtype)
-
-    def rand(*shape, scale=1.0, grad=False):
-        return (torch.randn(*shape, generator=g) * scale).to(device, dtype).requires_grad_(grad)
-
-    lengths = torch.randint(seq // 2, seq + 1, (batch,), generator=g)
+    draws = Draws(seed, device, dtype)
+    rand = draws.normal
+    mask = draws.padding_mask(batch, seq)
     return dict(
         student_states=[rand(batch, seq, width, grad=True) for _ in range(n_layers)],
         teacher_states=[rand(batch, seq, width) for _ in range(n_layers)],
-        mask=(torch.arange(seq)[None, :] < lengths[:, None]).to(device),
+        mask=mask,
         student_weight=rand(proj, n_layers * width, scale=(n_layers * width) ** -0.5, grad=True),
         student_bias=rand(proj, scale=0.1, grad=True),
         teacher_weight=rand(proj, n_layers * width, scale=(n_layers * width) ** -0.5),

@@ -20,7 +20,7 @@ import torch
 import fastted
 from fastted.reference import filtered_mse_reference
 
-from benchmarks._case import MODES, Case, default_size, one_step, run_benchmark
+from benchmarks.cases import MODES, Case, Draws, default_size, one_step, run_benchmark
 
 SIZES = {
     "realistic": dict(n_tokens=16384, n_layers=12, d_s=768, d_t=1024, d_f=1024, dtype="bfloat16"),
@@ -31,13 +31,9 @@ IMPLS = ["fastted", "eager", "compile"]
 
 def make_inputs(n_tokens, n_layers, d_s, d_t, d_f, dtype, device, seed=0):
     """TED's stage-II case: trainable student filters, frozen teacher filters, a padding mask."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    dtype = getattr(torch, dtype)
-
-    def rand(*shape, scale=1.0, grad=False):
-        return (torch.randn(*shape, generator=g) * scale).to(device, dtype).requires_grad_(grad)
-
-    mask = torch.rand(n_tokens, generator=g) < 0.9
+    draws = Draws(seed, device, dtype)
+    rand = draws.normal
+    mask = torch.rand(n_tokens, generator=draws.g) < 0.9
     return dict(
         student_states=[rand(n_tokens, d_s, grad=True) for _ in range(n_layers)],
         student_weights=[rand(d_f, d_s, scale=d_s**-0.5, grad=True) for _ in range(n_layers)],

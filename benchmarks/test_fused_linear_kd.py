@@ -27,8 +27,8 @@ import torch
 import fastted
 from fastted.reference import fused_linear_kd_reference
 
-from benchmarks._case import MODES, Case, default_sizes, one_step, run_benchmark
-from benchmarks._memory import cpu_peak_extra_mb
+from benchmarks.cases import MODES, Case, Draws, default_sizes, one_step, run_benchmark
+from benchmarks.memory import cpu_peak_extra_mb
 
 SIZES = {
     "v32k": dict(n_rows=8192, h_s=2048, h_t=4096, vocab=32000, dtype="bfloat16", on="gpu"),
@@ -44,12 +44,8 @@ OBJECTIVES = {
 
 
 def make_inputs(n_rows, h_s, h_t, vocab, dtype, device, objective, seed=0, **_):
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    dtype = getattr(torch, dtype)
-
-    def rand(*shape, scale=1.0, grad=False):
-        return (torch.randn(*shape, generator=g) * scale).to(device, dtype).requires_grad_(grad)
-
+    draws = Draws(seed, device, dtype)
+    rand, g = draws.normal, draws.g
     inputs = dict(
         student_hidden=rand(n_rows, h_s, grad=True),
         student_weight=rand(vocab, h_s, scale=h_s**-0.5, grad=True),

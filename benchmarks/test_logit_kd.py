@@ -17,7 +17,7 @@ import torch
 import fastted
 from fastted.reference import logit_kd_reference
 
-from benchmarks._case import MODES, Case, default_sizes, one_step, run_benchmark
+from benchmarks.cases import MODES, Case, default_sizes, one_step, run_benchmark
 
 SIZES = {
     "v32k": dict(n_rows=8192, vocab=32000, dtype="bfloat16", on="gpu"),

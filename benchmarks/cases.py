@@ -7,9 +7,28 @@ from typing import Callable
 
 import torch
 
-from benchmarks._memory import cpu_peak_extra_mb, cuda_peak_extra_mb
+from benchmarks.memory import cpu_peak_extra_mb, cuda_peak_extra_mb
 
 MODES = ["forward", "backward", "full"]
+
+
+class Draws:
+    """The seeded random inputs of a case, on its device and in its dtype (never zeros): one CPU generator, so
+    the same seed gives the same inputs on every device."""
+
+    def __init__(self, seed: int, device, dtype: str):
+        self.g = torch.Generator(device="cpu").manual_seed(seed)
+        self.device, self.dtype = device, getattr(torch, dtype)
+
+    def normal(self, *shape, scale: float = 1.0, grad: bool = False) -> torch.Tensor:
+        """N(0, scale^2) in the case's dtype; a leaf that requires grad when ``grad``."""
+        x = torch.randn(*shape, generator=self.g) * scale
+        return x.to(self.device, self.dtype).requires_grad_(grad)
+
+    def padding_mask(self, batch: int, seq: int) -> torch.Tensor:
+        """A right-padded (B, T) attention mask, each example between T / 2 and T tokens long."""
+        lengths = torch.randint(seq // 2, seq + 1, (batch,), generator=self.g)
+        return (torch.arange(seq)[None, :] < lengths[:, None]).to(self.device)
 
 
 def default_size() -> str:
@@ -70,7 +89,7 @@ def run_benchmark(benchmark, sync, case: Case, mode: str, check: Callable[[Case]
     """Times one mode of case with pytest-benchmark, checks its result, records its peak memory.
 
     module.step(**params, mode=..., device=...) must rebuild the case: on a CPU
-    the peak memory is measured in a fresh process (benchmarks/_memory.py).
+    the peak memory is measured in a fresh process (benchmarks/memory.py).
     """
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     for _ in range(2):  # warm-up: autotuning, compilation, allocator
