@@ -2,7 +2,9 @@
 inputs) and one way to time it and to measure its peak memory."""
 from __future__ import annotations
 
+import functools
 import os
+import sys
 from typing import Callable
 
 import torch
@@ -82,6 +84,32 @@ def one_step(case: Case, mode: str):
         case.clear()  # so that every call starts from inputs and weights alone
 
     return run
+
+
+_COMPILED: dict = {}
+
+
+def impl_fn(impl: str, device: torch.device, fused: Callable, eager: Callable) -> Callable:
+    """The step of one impl: ``fused`` (fastted) on the device's path (Triton on a GPU, the PyTorch path on a
+    CPU), the ``eager`` spec, or torch.compile of that same function (compiled once)."""
+    if impl == "fastted":
+        return functools.partial(fused, impl="triton" if device.type == "cuda" else "reference")
+    if impl == "eager":
+        return eager
+    if eager not in _COMPILED:
+        _COMPILED[eager] = torch.compile(eager)
+    return _COMPILED[eager]
+
+
+def run_suite_case(benchmark, sync, module_name: str, impl: str, mode: str, size: str, check: Callable[[Case], None],
+                   **extra) -> None:
+    """:func:`run_benchmark` of a suite whose module has ``SIZES`` and ``make_case(impl, size, device)``."""
+    module = sys.modules[module_name]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    run_benchmark(
+        benchmark, sync, module.make_case(impl, size, device), mode, check,
+        module=module_name, params=dict(impl=impl, size=size), extra=dict(size=size, **module.SIZES[size], **extra),
+    )
 
 
 def run_benchmark(benchmark, sync, case: Case, mode: str, check: Callable[[Case], None], *, module: str,

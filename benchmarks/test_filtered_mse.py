@@ -20,7 +20,7 @@ import torch
 import fastted
 from fastted.reference import filtered_mse_reference
 
-from benchmarks.cases import MODES, Case, Draws, default_size, one_step, run_benchmark
+from benchmarks.cases import MODES, Case, Draws, default_size, one_step, run_suite_case
 
 SIZES = {
     "realistic": dict(n_tokens=16384, n_layers=12, d_s=768, d_t=1024, d_f=1024, dtype="bfloat16"),
@@ -81,9 +81,4 @@ def _check(case: Case) -> None:
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("impl", IMPLS)
 def test_filtered_mse(benchmark, sync, impl, mode):
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    size = default_size()
-    run_benchmark(
-        benchmark, sync, make_case(impl, size, device), mode, _check,
-        module=__name__, params=dict(impl=impl, size=size), extra=dict(size=size, **SIZES[size]),
-    )
+    run_suite_case(benchmark, sync, __name__, impl, mode, default_size(), _check)

@@ -17,7 +17,7 @@ import torch
 import fastted
 from fastted.reference import logit_kd_reference
 
-from benchmarks.cases import MODES, Case, default_sizes, one_step, run_benchmark
+from benchmarks.cases import MODES, Case, default_sizes, one_step, run_suite_case
 
 SIZES = {
     "v32k": dict(n_rows=8192, vocab=32000, dtype="bfloat16", on="gpu"),
@@ -73,8 +73,4 @@ def _check(case: Case) -> None:
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("impl", IMPLS)
 def test_logit_kd(benchmark, sync, impl, mode, size):
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    run_benchmark(
-        benchmark, sync, make_case(impl, size, device), mode, _check,
-        module=__name__, params=dict(impl=impl, size=size), extra=dict(size=size, **SIZES[size], **OPTIONS),
-    )
+    run_suite_case(benchmark, sync, __name__, impl, mode, size, _check, **OPTIONS)

@@ -25,7 +25,7 @@ import torch
 import fastted
 from fastted.reference import pooled_distance_reference
 
-from benchmarks.cases import MODES, Case, Draws, default_size, one_step, run_benchmark
+from benchmarks.cases import MODES, Case, Draws, default_size, impl_fn, one_step, run_suite_case
 
 SIZES = {
     "realistic": dict(batch=256, n_layers=6, width=768, seq=128, proj=128, dtype="bfloat16"),
@@ -46,26 +46,11 @@ def make_inputs(batch, n_layers, width, seq, proj, dtype, device, seed=0):
     return dict(student_states=states["student"], teacher_states=states["teacher"], mask=mask, **heads)
 
 
-_COMPILED = {}
-
-
-def loss_fn(impl: str, device: torch.device):
-    """impl -> a function of the inputs returning the scalar loss."""
-    if impl == "fastted":
-        path = "triton" if device.type == "cuda" else "reference"
-        return lambda **kw: fastted.pooled_distance(**kw, impl=path)
-    if impl == "eager":
-        return pooled_distance_reference
-    if impl not in _COMPILED:
-        _COMPILED[impl] = torch.compile(pooled_distance_reference)
-    return _COMPILED[impl]
-
-
 def make_case(impl: str, size: str, device: torch.device) -> Case:
     inputs = make_inputs(**SIZES[size], device=device)
     trainable = [x for key, value in inputs.items() if key != "teacher_states" and isinstance(value, list)
                  for x in value]
-    return Case(inputs, loss_fn(impl, device), trainable)
+    return Case(inputs, impl_fn(impl, device, fastted.pooled_distance, pooled_distance_reference), trainable)
 
 
 def step(impl: str, size: str, mode: str, device: str = "cpu"):
@@ -84,9 +69,4 @@ def _check(case: Case) -> None:
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("impl", IMPLS)
 def test_pooled_distance(benchmark, sync, impl, mode):
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    size = default_size()
-    run_benchmark(
-        benchmark, sync, make_case(impl, size, device), mode, _check,
-        module=__name__, params=dict(impl=impl, size=size), extra=dict(size=size, **SIZES[size]),
-    )
+    run_suite_case(benchmark, sync, __name__, impl, mode, default_size(), _check)

@@ -25,7 +25,7 @@ import torch
 import fastted
 from fastted.reference import pool_states_reference
 
-from benchmarks.cases import MODES, Case, Draws, default_size, one_step, run_benchmark
+from benchmarks.cases import MODES, Case, Draws, default_size, impl_fn, one_step, run_suite_case
 
 SIZES = {
     "realistic": dict(batch=256, n_layers=12, width=768, seq=128, dtype="bfloat16"),
@@ -42,28 +42,17 @@ def make_inputs(batch, n_layers, width, seq, dtype, device, seed=0):
     return dict(states=states, mask=mask, against=draws.normal(batch, n_layers * width))
 
 
-_COMPILED = {}
+def _fused(states, mask, against, impl):
+    return (fastted.pool_states(states, mask, impl=impl) * against).float().sum()
 
 
 def _eager(states, mask, against):
     return (pool_states_reference(states, mask) * against).float().sum()
 
 
-def loss_fn(impl: str, device: torch.device):
-    """impl -> a function of the inputs returning the scalar step."""
-    if impl == "fastted":
-        path = "triton" if device.type == "cuda" else "reference"
-        return lambda states, mask, against: (fastted.pool_states(states, mask, impl=path) * against).float().sum()
-    if impl == "eager":
-        return _eager
-    if impl not in _COMPILED:
-        _COMPILED[impl] = torch.compile(_eager)
-    return _COMPILED[impl]
-
-
 def make_case(impl: str, size: str, device: torch.device) -> Case:
     inputs = make_inputs(**SIZES[size], device=device)
-    return Case(inputs, loss_fn(impl, device), inputs["states"])
+    return Case(inputs, impl_fn(impl, device, _fused, _eager), inputs["states"])
 
 
 def step(impl: str, size: str, mode: str, device: str = "cpu"):
@@ -81,9 +70,4 @@ def _check(case: Case) -> None:
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("impl", IMPLS)
 def test_pooling(benchmark, sync, impl, mode):
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    size = default_size()
-    run_benchmark(
-        benchmark, sync, make_case(impl, size, device), mode, _check,
-        module=__name__, params=dict(impl=impl, size=size), extra=dict(size=size, **SIZES[size]),
-    )
+    run_suite_case(benchmark, sync, __name__, impl, mode, default_size(), _check)
