@@ -3,12 +3,6 @@
 Importing fastted is cheap: it never touches CUDA, never imports Triton and
 never compiles a kernel; a kernel module is imported on its first use.
 """
-from fastted.ops.contrastive_kd import ContrastiveKDLoss, contrastive_kd
-from fastted.ops.filtered_mse import FilteredMSELoss, filtered_mse
-from fastted.ops.fused_linear_kd import FusedLinearKDLoss, fused_linear_kd
-from fastted.ops.logit_kd import LogitKDLoss, logit_kd
-from fastted.ops.pooled_distance import PooledDistanceLoss, pooled_distance
-from fastted.ops.pooling import pool_states
 from fastted.filters import ClassificationHead, Filter, TaskFilters
 from fastted.mapping import (
     LayerMap,
@@ -35,6 +29,12 @@ from fastted.methods import (
     remap_parameters,
 )
 from fastted.models import ModelAdapter, check_same_vocab, task_loss
+from fastted.ops.contrastive_kd import ContrastiveKDLoss, contrastive_kd
+from fastted.ops.filtered_mse import FilteredMSELoss, filtered_mse
+from fastted.ops.fused_linear_kd import FusedLinearKDLoss, fused_linear_kd
+from fastted.ops.logit_kd import LogitKDLoss, logit_kd
+from fastted.ops.pooled_distance import PooledDistanceLoss, pooled_distance
+from fastted.ops.pooling import pool_states
 
 __version__ = "0.1.0"
 

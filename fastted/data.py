@@ -25,13 +25,13 @@ Everything goes through Hugging Face ``datasets``:
 """
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import importlib.util
 import json
 import os
 import pathlib
-import functools
 from dataclasses import dataclass
 from numbers import Real
 from typing import TYPE_CHECKING, Optional, Sequence, Union

@@ -40,11 +40,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastted.mapping import LayerMap, RandomLayerMap, uniform_map
+from fastted.models import ModelAdapter, adapt, gathered
 from fastted.ops.checks import check_impl
 from fastted.ops.fused_linear_kd import fused_linear_kd
 from fastted.ops.logit_kd import logit_kd
-from fastted.mapping import LayerMap, RandomLayerMap, uniform_map
-from fastted.models import ModelAdapter, adapt, gathered
 
 
 @dataclass

@@ -20,14 +20,13 @@ from typing import Optional
 
 from torch import nn
 
-from fastted.ops.contrastive_kd import contrastive_kd
-from fastted.ops.pooling import pool_states, valid_examples
-from fastted.ops.checks import check_positive_int
 from fastted.mapping import LayerMap
 from fastted.memory_bank import MemoryBank
 from fastted.methods.base import Recipe, RecipeModels, RecipeOutput
-from fastted.ops.checks import check_alpha, check_temperature
 from fastted.models import check_same_vocab
+from fastted.ops.checks import check_alpha, check_positive_int, check_temperature
+from fastted.ops.contrastive_kd import contrastive_kd
+from fastted.ops.pooling import pool_states, valid_examples
 
 
 class CoDIR(Recipe):

@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from fastted.methods.base import Recipe, RecipeModels, RecipeOutput
-from fastted.ops.checks import check_alpha, check_temperature
 from fastted.models import adapt, check_same_vocab
+from fastted.ops.checks import check_alpha, check_temperature
 
 KINDS = ("constant", "linear", "cosine")
 

@@ -14,8 +14,8 @@ from typing import Optional
 from torch import Tensor, nn
 
 from fastted.mapping import LayerMap
-from fastted.methods.ted import TED
 from fastted.methods.base import Recipe, RecipeModels
+from fastted.methods.ted import TED
 
 
 class LWD(TED):

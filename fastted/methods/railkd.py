@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from typing import Optional
 
-from fastted.ops.pooled_distance import PooledDistanceLoss
 from fastted.mapping import RandomLayerMap
 from fastted.methods.base import Recipe, RecipeModels, RecipeOutput
-from fastted.ops.checks import check_alpha, check_temperature
 from fastted.models import check_same_vocab
+from fastted.ops.checks import check_alpha, check_temperature
+from fastted.ops.pooled_distance import PooledDistanceLoss
 
 
 class RAILKD(Recipe):

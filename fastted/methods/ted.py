@@ -25,11 +25,11 @@ import torch
 from torch import Tensor, nn
 
 from fastted.filters import ClassificationHead, TaskFilters
-from fastted.ops.filtered_mse import filtered_mse
 from fastted.mapping import LayerMap, interval_layers
 from fastted.methods.base import Recipe, RecipeModels, RecipeOutput
-from fastted.ops.checks import check_alpha, check_temperature
 from fastted.models import check_same_vocab
+from fastted.ops.checks import check_alpha, check_temperature
+from fastted.ops.filtered_mse import filtered_mse
 
 
 class TEDStage1(Recipe):

@@ -19,8 +19,8 @@ from torch import Tensor, nn
 
 from fastted.ops.checks import as_list, check_impl, check_positive_int, check_weight
 from fastted.ops.contrastive_kd import EPS
-from fastted.reference import masked_mean
 from fastted.ops.pooling import check_pooling, check_states, pool_states, valid_examples
+from fastted.reference import masked_mean
 
 
 def check_projections(name: str, weights, biases, widths: list[int], in_name: str) -> list:
