@@ -157,6 +157,9 @@ class TED(Recipe):
     @classmethod
     def from_config(cls, config, models: RecipeModels) -> "TED":
         d = config.distil
+        if not isinstance(models.filters, tuple) or len(models.filters) != 2:
+            raise ValueError(f"TED needs models.filters = (student's, teacher's) stage-I TaskFilters, got "
+                             f"{type(models.filters).__name__}")
         student_filters, teacher_filters = models.filters
         return cls(models.student, models.teacher, student_filters, teacher_filters, task_alpha=d.task_alpha,
                    kl_alpha=d.kl_alpha, mse_alpha=d.mse_alpha, temperature=d.temperature,

@@ -56,6 +56,12 @@ def test_build_recipe_reads_its_own_settings(method):
     assert isinstance(out, RecipeOutput) and torch.isfinite(out.loss)
 
 
+def test_ted_without_stage1_filters_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"TED needs models.filters = \(student's, teacher's\) stage-I TaskFilters, "
+                                         r"got NoneType"):
+        build_recipe("ted", _config(), _models())
+
+
 def test_lm_recipes_take_the_fused_head_setting():
     models = RecipeModels(bert(2, 32, "mlm"), bert(4, 48, "mlm", seed=1))
     for fused in (True, False):
