@@ -14,7 +14,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["fastted", "fastted.kernels"],
+    packages=["fastted", "fastted.ops", "fastted.methods", "fastted.kernels"],
     package_dir={"fastted": "fastted", "fastted.kernels": "kernels"},
     install_requires=[
         # Any torch >= 2.4 satisfies this: an installed (CUDA or CPU) build is kept.

@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastted.kernels import interpreting
+from fastted.kernels import device_arch, interpreting, launch
 
 
 @triton.jit
@@ -86,6 +86,8 @@ def contrastive_partials_kernel(
     s = s.to(tl.float32)
     inv_s = 1.0 / tl.maximum(tl.sqrt(tl.sum(s * s, axis=1)), eps)
     q = s * (inv_s * inv_temp)[:, None]  # (BLOCK_B, BLOCK_D) normalized anchor / tau, fp32
+    # The dot's operand, in the negatives' dtype, made once: the fp32 q is dead after it (registers).
+    q_op = q.to(n_ptr.dtype.element_ty)
     if HAS_LABELS:
         anchor_labels = tl.load(anchor_labels_ptr + rows, mask=row_ok, other=0)
 
@@ -96,7 +98,7 @@ def contrastive_partials_kernel(
     first = split * tiles_per_split
     last = tl.minimum(first + tiles_per_split, tl.cdiv(K, BLOCK_K))
     for tile in range(first, last):
-        ks = tile * BLOCK_K + tl.arange(0, BLOCK_K)
+        ks = tile * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
         k_ok = ks < K
         n = tl.load(n_base + ks[:, None] * stride_nk + dcols[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
         n32 = n.to(tl.float32)
@@ -104,9 +106,9 @@ def contrastive_partials_kernel(
         if PER_ANCHOR:
             sc = tl.sum(n32 * q, axis=1)[None, :]  # q is (1, BLOCK_D): this anchor's scores, (1, BLOCK_K)
         elif UPCAST:
-            sc = tl.dot(q, tl.trans(n32), input_precision=DOT_PRECISION)
+            sc = tl.dot(q_op.to(tl.float32), tl.trans(n32), input_precision=DOT_PRECISION)
         else:
-            sc = tl.dot(q.to(n.dtype), tl.trans(n), input_precision=DOT_PRECISION)
+            sc = tl.dot(q_op, tl.trans(n), input_precision=DOT_PRECISION)
         sc = sc * inv_n[None, :]
         keep = k_ok[None, :] & row_ok[:, None]
         if HAS_LABELS:
@@ -193,17 +195,18 @@ def contrastive_finalize_kernel(
     pos = tl.sum(s_hat * t_hat, axis=0) * inv_temp
 
     row_max = pos  # the max over the positive and every split's scores: the shift of the row's log-sum-exp
+    n_rows = B.to(tl.int64)  # so that split * rows is computed in 64 bits
     for sp in range(0, SPLITS):
-        row_max = tl.maximum(row_max, tl.load(m_ptr + sp * B + row))
+        row_max = tl.maximum(row_max, tl.load(m_ptr + sp * n_rows + row))
     w_pos = tl.exp(pos - row_max)
     neg = 0.0  # the negatives' share of the softmax denominator
     o = tl.zeros((BLOCK_D,), tl.float32)  # and of its weighted sum of normalized vectors
     for sp in range(0, SPLITS):
-        m_sp = tl.load(m_ptr + sp * B + row)
+        m_sp = tl.load(m_ptr + sp * n_rows + row)
         w = tl.where(m_sp == float("-inf"), 0.0, tl.exp(m_sp - row_max))
-        neg += w * tl.load(l_ptr + sp * B + row)
+        neg += w * tl.load(l_ptr + sp * n_rows + row)
         if WRITE_GS:
-            o += w * tl.load(o_ptr + (sp * B + row) * D + dcols, mask=d_ok, other=0.0)
+            o += w * tl.load(o_ptr + (sp * n_rows + row) * D + dcols, mask=d_ok, other=0.0)
     total = w_pos + neg
     # lse - pos = (row_max - pos) + log(total), with log(total) as log1p: exact while the positive dominates
     loss = (row_max - pos) + _log1p((w_pos - 1.0) + neg)
@@ -227,14 +230,29 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _blocks(D: int, per_anchor: bool) -> tuple[int, int, int, int]:
-    """(BLOCK_B, BLOCK_K, BLOCK_D, num_warps): a tile of negatives of about 8K elements."""
+def _blocks(D: int, per_anchor: bool, n_dtype: torch.dtype, arch) -> dict:
+    """Launch meta-parameters of the partials kernel: BLOCK_B, BLOCK_K, BLOCK_D, num_warps, num_stages.
+
+    Each program holds BLOCK_B anchors, their running weighted sums (fp32) and a pipelined tile of
+    BLOCK_K negatives of the full width in registers and shared memory: the wider the vectors, the fewer
+    anchors and negatives per tile and the more warps, so that no variant spills (the compile tier checks
+    each width class for sm_80 and sm_90). The tiles' stages must fit the block's shared memory, which
+    depends on the bank's element size: an fp32 bank of width 1024 takes twice a bf16 one's.
+    """
     block_d = max(16, triton.next_power_of_2(D))
-    if per_anchor:
-        return 1, max(16, 8192 // block_d), block_d, 4
-    block_b = 64 if block_d <= 128 else 32 if block_d <= 256 else 16
-    block_k = 64 if block_d <= 256 else 32
-    return block_b, block_k, block_d, 4 if block_d <= 256 else 8
+    n_size = torch.empty((), dtype=n_dtype).element_size()
+    if per_anchor:  # one anchor, its own negatives: no tl.dot, a tile of about 8 KB
+        return dict(BLOCK_B=1, BLOCK_K=max(16, 8192 // (block_d * n_size)), BLOCK_D=block_d,
+                    num_warps=4 if block_d < 128 else 8, num_stages=2)
+    # an fp32 bank runs the exact (FMA) dot, whose operands and products take registers a bf16 one's do not
+    block_b = 32 if block_d <= 128 and n_size < 4 else 16
+    # a width that is no multiple of 16 loads element by element: more registers for the addresses
+    block_k = 32 if block_d * n_size <= 1024 and not (D % 16 and n_size == 4) else 16
+    stages = 2
+    while stages * block_k * block_d * n_size > arch.shared_per_block and block_k > 16:
+        block_k //= 2
+    return dict(BLOCK_B=block_b, BLOCK_K=block_k, BLOCK_D=block_d,
+                num_warps=4 if block_d <= 128 and n_size < 4 else 8, num_stages=stages)
 
 
 def _splits(n_programs: int, n_tiles: int, device: torch.device) -> int:
@@ -270,7 +288,8 @@ def contrastive_forward(
     B, D = s.shape
     per_anchor = negatives.dim() == 3
     K = negatives.shape[-2]
-    block_b, block_k, block_d, warps = _blocks(D, per_anchor)
+    meta = _blocks(D, per_anchor, negatives.dtype, device_arch(s.device))
+    block_b, block_k, block_d = meta["BLOCK_B"], meta["BLOCK_K"], meta["BLOCK_D"]
     n_tiles = triton.cdiv(K, block_k)
     n_anchor_blocks = triton.cdiv(B, block_b)
     splits = splits or _splits(n_anchor_blocks, n_tiles, s.device)
@@ -282,7 +301,8 @@ def contrastive_forward(
     run_sum = torch.empty((splits, B), **f32)
     run_acc = torch.empty((splits, B, D), **f32) if grad_s else None
     has_labels = labels is not None
-    contrastive_partials_kernel[(n_anchor_blocks, splits)](
+    launch(
+        contrastive_partials_kernel, (n_anchor_blocks, splits),
         s, negatives, labels, negative_labels, run_max, run_sum, run_acc,
         B, K, D, tiles_per_split,
         s.stride(0), negatives.stride(0) if per_anchor else 0, negatives.stride(-2),
@@ -292,20 +312,22 @@ def contrastive_forward(
         HAS_LABELS=has_labels,
         WRITE_O=grad_s,
         UPCAST=interpreting() and torch.bfloat16 in (s.dtype, negatives.dtype),
-        DOT_PRECISION="ieee" if s.dtype == torch.float32 or interpreting() else "tf32",
-        BLOCK_B=block_b, BLOCK_K=block_k, BLOCK_D=block_d,
-        num_warps=1 if interpreting() else warps,
+        # exact fp32 scores whenever an operand is fp32 (as the PyTorch path computes them); TF32 would also
+        # need more registers than a 1024-wide fp32 bank leaves
+        DOT_PRECISION="ieee" if torch.float32 in (s.dtype, negatives.dtype) or interpreting() else "tf32",
+        **(dict(meta, num_warps=1) if interpreting() else meta),
     )
     loss_rows = torch.empty(B, **f32)
     gs = torch.empty((B, D), dtype=s.dtype, device=s.device) if grad_s else None
     gt = torch.empty((B, D), dtype=t.dtype, device=t.device) if grad_t else None
-    contrastive_finalize_kernel[(B,)](
+    launch(
+        contrastive_finalize_kernel, (B,),
         s, t, coef, run_max, run_sum, run_acc, loss_rows, gs, gt,
         B, D, splits,
         s.stride(0), t.stride(0),
         1.0 / temperature, eps,
         WRITE_GS=grad_s, WRITE_GT=grad_t,
         BLOCK_D=block_d,
-        num_warps=1 if interpreting() else 4,
+        num_warps=1 if interpreting() else 4 if block_d <= 512 else 8,
     )
     return loss_rows, gs, gt

@@ -21,26 +21,64 @@ import torch
 import triton
 import triton.language as tl
 
-from fastted.kernels import element_offsets, interpreting
+from fastted.kernels import device_arch, element_offsets, interpreting, launch
+
+
+# Tile configs of the autotuner (they parametrize the decorator, so they come first). bf16 and fp16 run
+# tl.dot on tensor cores; fp32 runs it exactly ("ieee": FMA, no TF32), whose operands live in registers,
+# so fp32 gets smaller tiles of its own (128 x 256 tiles spill 9-73 KB per thread there). Widths that
+# are not multiples of 16 elements make every load of a tile scalar, and the large tiles spill: those
+# get the small tile only. Each list is pruned for the device's shared memory at the first call, and
+# the compile tier checks that none of them spills on sm_80 or sm_90.
+TENSOR_CORE_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=8, num_stages=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=3),
+]
+UNALIGNED_CONFIGS = TENSOR_CORE_CONFIGS[-1:]
+FP32_CONFIGS = [
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 16, "GROUP_M": 8}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=3),
+]
+# The one config the interpreter runs (it runs every config of a sweep on the CPU). Not in the lists
+# above: it is tuned for nothing but the interpreter's speed.
+INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4,
+                                   num_stages=2)
+AUTOTUNE_CONFIGS = TENSOR_CORE_CONFIGS + FP32_CONFIGS + [INTERPRETER_CONFIG]
+# How many configs the interpreter's autotuner keeps: one, except in the test that makes the autotuner
+# sweep on the CPU to see that no config's run leaks into the result.
+INTERPRETER_SWEEP = 1
+
+
+def shared_bytes(config: triton.Config, element_size: int) -> int:
+    """Shared memory of a config: its pipeline stages of the A and B operand tiles (the compile tier
+    checks that this bounds what the compiler allocates)."""
+    kw = config.kwargs
+    return config.num_stages * (kw["BLOCK_M"] + kw["BLOCK_N"]) * kw["BLOCK_K"] * element_size
+
+
+def configs_for(dtype: torch.dtype, arch, aligned: bool = True) -> list[triton.Config]:
+    """The configs the autotuner may try for inputs of ``dtype`` on ``arch`` (``aligned``: every width and
+    row stride a multiple of 16 elements): the dtype's list, less any config whose tiles would not fit in a
+    block's shared memory there."""
+    if dtype == torch.float32:
+        configs = FP32_CONFIGS
+    else:
+        configs = TENSOR_CORE_CONFIGS if aligned else UNALIGNED_CONFIGS
+    size = torch.empty((), dtype=dtype).element_size()
+    return [c for c in configs if shared_bytes(c, size) <= arch.shared_per_block]
 
 
 def _prune_configs(configs, named_args, **kwargs):
-    # The interpreter runs every config of an autotune sweep on the CPU: keep one.
-    return configs[-1:] if interpreting() else configs
-
-
-# Tile configs of the autotuner (they parametrize the decorator, so they come first).
-AUTOTUNE_CONFIGS = [
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=3),
-    # Last: the single config the interpreter runs (see _prune_configs).
-    triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4, num_stages=2),
-]
+    if interpreting():
+        return sorted(configs, key=lambda c: c is not INTERPRETER_CONFIG)[:INTERPRETER_SWEEP]
+    states = named_args["s_base"]
+    aligned = all(named_args[name] % 16 == 0 for name in ("D_S", "D_T", "D_F", "stride_s", "stride_t"))
+    return configs_for(states.dtype, device_arch(states.device), aligned)
 
 
 @triton.jit
@@ -76,8 +114,10 @@ def _project(
 
 @triton.autotune(
     configs=AUTOTUNE_CONFIGS,
-    key=["N_KEY", "D_S", "D_T", "D_F"],
+    key=["N_KEY", "D_S", "D_T", "D_F", "stride_s", "stride_t"],  # (Triton adds the tensors' dtypes)
     prune_configs_by={"early_config_prune": _prune_configs},
+    # Each config of a sweep runs on the call's own buffers: the per-tile partial sums must start at zero.
+    reset_to_zero=["sq_err_ptr", "colsum_ptr"],
 )
 @triton.heuristics(
     {
@@ -179,10 +219,10 @@ def filtered_mse_fwd_kernel(
     if not HAS_V:
         acc -= tl.load(t_ptr + rows[:, None] * stride_t + cols[None, :], mask=tile_ok, other=0.0).to(tl.float32)
     if HAS_B:
-        b_ptr = b_base + tl.load(b_offsets + layer)
+        b_ptr = b_base + tl.multiple_of(tl.load(b_offsets + layer), ALIGN)
         acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_C:
-        c_ptr = c_base + tl.load(c_offsets + layer)
+        c_ptr = c_base + tl.multiple_of(tl.load(c_offsets + layer), ALIGN)
         acc -= tl.load(c_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     err = tl.where(tile_ok, acc, 0.0)  # (BM, BN) fp32
 
@@ -251,7 +291,8 @@ def filtered_mse_forward(s, w, b, t, v, c, mask, count, layer_scale, *, write_gr
         colsum = torch.zeros((n_layers, max_pid_m, d_f), dtype=torch.float32, device=device)
 
     grid = lambda meta: (triton.cdiv(n_rows, meta["BLOCK_M"]) * triton.cdiv(d_f, meta["BLOCK_N"]), n_layers)
-    filtered_mse_fwd_kernel[grid](
+    launch(
+        filtered_mse_fwd_kernel, grid,
         s[0], element_offsets(s, s[0], device),
         None if w is None else w[0], element_offsets(w, None if w is None else w[0], device),
         None if b is None else b[0], element_offsets(b, None if b is None else b[0], device),

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastted.kernels import interpreting
+from fastted.kernels import interpreting, launch
 
 # The divergences, as the kernel's DIVERGENCE (named constexprs, never bare numbers in the kernel).
 FORWARD_KL = tl.constexpr(0)  # KL(teacher || student)
@@ -53,6 +53,8 @@ def logit_kd_kernel(
     ce_out_ptr,  # (N,) fp32 out: each row's cross-entropy (NaN for a label outside [0, V)); HAS_CE only
     # shapes
     V,  # vocabulary size (columns compared)
+    V_LOAD,  # columns loaded and written: V, or the padded width of rows whose columns V..V_LOAD-1 hold -inf
+    #          (they contribute nothing and get gradient 0): a multiple of 16 lets every load be 128-bit
     # strides (columns are unit-stride)
     stride_s,  # row stride of s
     stride_t,  # row stride of t
@@ -73,7 +75,7 @@ def logit_kd_kernel(
     s_row = s_ptr + row * stride_s
     t_row = t_ptr + row * stride_t
     cols = tl.arange(0, BLOCK_V)
-    n_blocks = tl.cdiv(V, BLOCK_V)
+    n_blocks = tl.cdiv(V_LOAD, BLOCK_V)
 
     kd_c = tl.load(kd_coef_ptr + row)
     skip = kd_c == 0.0
@@ -91,7 +93,7 @@ def logit_kd_kernel(
             g_row = grad_ptr + row * stride_g
             for i in range(0, n_blocks):
                 c = i * BLOCK_V + cols
-                tl.store(g_row + c, tl.zeros((BLOCK_V,), tl.float32).to(grad_ptr.dtype.element_ty), mask=c < V)
+                tl.store(g_row + c, tl.zeros((BLOCK_V,), tl.float32).to(grad_ptr.dtype.element_ty), mask=c < V_LOAD)
     else:
         # ---- pass 1: log-sum-exps (and the KL divergences), online over V
         m_s = float("-inf")  # running max of b = s / T
@@ -106,7 +108,7 @@ def logit_kd_kernel(
         shift_u = 0.0
         for i in range(0, n_blocks):
             c = i * BLOCK_V + cols
-            ok = c < V
+            ok = c < V_LOAD
             s = tl.load(s_row + c, mask=ok, other=float("-inf")).to(tl.float32)
             t = tl.load(t_row + c, mask=ok, other=float("-inf")).to(tl.float32)
             b = s * inv_temp
@@ -144,7 +146,7 @@ def logit_kd_kernel(
             jsd = 0.0
             for i in range(0, n_blocks):
                 c = i * BLOCK_V + cols
-                ok = c < V
+                ok = c < V_LOAD
                 lq = tl.load(s_row + c, mask=ok, other=float("-inf")).to(tl.float32) * inv_temp - lse_s
                 lp = tl.load(t_row + c, mask=ok, other=float("-inf")).to(tl.float32) * inv_temp - lse_t
                 q = tl.exp(lq)
@@ -174,7 +176,7 @@ def logit_kd_kernel(
             kd_scale = kd_grad_scale * kd_c
             for i in range(0, n_blocks):
                 c = i * BLOCK_V + cols
-                ok = c < V
+                ok = c < V_LOAD
                 s = tl.load(s_row + c, mask=ok, other=float("-inf")).to(tl.float32)
                 t = tl.load(t_row + c, mask=ok, other=float("-inf")).to(tl.float32)
                 lq = s * inv_temp - lse_s
@@ -191,12 +193,13 @@ def logit_kd_kernel(
                 if HAS_CE:
                     onehot = tl.where(c == label, 1.0, 0.0)
                     g += (ce_scale * ce_c) * (tl.exp(s - lse_u) - onehot)
-                tl.store(g_row + c, g.to(grad_ptr.dtype.element_ty), mask=ok)
+                tl.store(g_row + c, g.to(grad_ptr.dtype.element_ty), mask=ok)  # 0 on the -inf padding
 
 
 def _block_v(V: int) -> int:
-    # The interpreter pays per block, a GPU per register: a wide block there, 4096 on a GPU.
-    return min(triton.next_power_of_2(V), 16384 if interpreting() else 4096)
+    # The interpreter pays per block, a GPU per register: a wide block there; 2048 columns on a GPU, 8 a
+    # thread (at 4096 the JSD + cross-entropy + gradient variant spills on sm_90).
+    return min(triton.next_power_of_2(V), 16384 if interpreting() else 2048)
 
 
 def logit_kd_forward(
@@ -213,21 +216,28 @@ def logit_kd_forward(
     soft_weight: float,
     hard_weight: float = 0.0,
     block_v: int | None = None,
+    padded_cols: int | None = None,
 ):
     """Launches the row kernel over the rows of s and t (N, V), unit column stride.
 
     kd_coef: (N,) fp32 weight of each row's divergence (mask / count);
     grad: (N, V) output for dLoss/ds (may be s itself) or None; labels,
-    ce_coef: (N,) int64 and fp32, or None. Returns (kd_rows, ce_rows): (N,)
-    fp32 divergences without T^2, and cross-entropies (None without labels).
+    ce_coef: (N,) int64 and fp32, or None. padded_cols: the rows of s and t
+    (and grad) are views of padded_cols-wide rows whose columns past V hold
+    -inf (the fused LM head's buffers): loaded, and their gradient (0)
+    written. Returns
+    (kd_rows, ce_rows): (N,) fp32 divergences without T^2, and
+    cross-entropies (None without labels).
     """
     n_rows, V = s.shape
     kd_rows = torch.empty(n_rows, dtype=torch.float32, device=s.device)
     ce_rows = torch.empty(n_rows, dtype=torch.float32, device=s.device) if labels is not None else None
-    block = block_v or _block_v(V)
-    logit_kd_kernel[(n_rows,)](
+    v_load = padded_cols or V
+    block = block_v or _block_v(v_load)
+    launch(
+        logit_kd_kernel, (n_rows,),
         s, t, grad, kd_coef, labels, ce_coef, kd_rows, ce_rows,
-        V,
+        V, v_load,
         s.stride(0), t.stride(0), grad.stride(0) if grad is not None else 0,
         1.0 / temperature, soft_weight * temperature, hard_weight, beta,
         DIVERGENCE=divergence,
@@ -235,7 +245,8 @@ def logit_kd_forward(
         SEPARATE_CE=labels is not None and temperature != 1.0,
         WRITE_GRAD=grad is not None,
         BLOCK_V=block,
-        num_warps=1 if interpreting() else min(16, max(4, block // 256)),
+        # 8 warps at most: ptxas gives a 16-warp block 64 registers a thread, and the JSD pass spills
+        num_warps=1 if interpreting() else min(8, max(4, block // 256)),
     )
     return kd_rows, ce_rows
 
@@ -250,9 +261,11 @@ def divergence_code(divergence: str, beta: float) -> int:
 
 
 def logit_kd_rows_triton(zs, zt, kd_coef, labels, ce_coef, grad, *, temperature, divergence, beta, soft_weight,
-                         hard_weight):
-    """The contract of :func:`fastted.ops.logit_kd.logit_kd_rows`, on the Triton kernel."""
+                         hard_weight, padded_cols=None):
+    """The contract of :func:`fastted.ops.logit_kd.logit_kd_rows`, on the Triton kernel (padded_cols: as
+    :func:`logit_kd_forward` takes it)."""
     return logit_kd_forward(
         zs, zt, kd_coef, grad=grad, labels=labels, ce_coef=ce_coef, temperature=temperature,
         divergence=divergence_code(divergence, beta), beta=beta, soft_weight=soft_weight, hard_weight=hard_weight,
+        padded_cols=padded_cols,
     )

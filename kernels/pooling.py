@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastted.kernels import element_offsets, interpreting
+from fastted.kernels import element_offsets, interpreting, launch
 
 
 @triton.jit
@@ -34,17 +34,18 @@ def mean_pool_fwd_kernel(
     stride_hb,  # example stride of the states
     stride_ht,  # token stride of the states
     # constants
+    ALIGN: tl.constexpr,  # elements per 16 bytes: every layer offset is a multiple of it
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
-    layer = tl.program_id(1)
+    layer = tl.program_id(1).to(tl.int64)
     cols = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     c_ok = cols < D
-    base = h_ptr + tl.load(offsets_ptr + layer) + b * stride_hb
+    base = h_ptr + tl.multiple_of(tl.load(offsets_ptr + layer), ALIGN) + b * stride_hb
     acc = tl.zeros((BLOCK_D,), tl.float32)
     for t0 in range(0, T, BLOCK_T):
-        ts = t0 + tl.arange(0, BLOCK_T)
+        ts = t0 + tl.arange(0, BLOCK_T).to(tl.int64)
         w = tl.load(w_ptr + b * T + ts, mask=ts < T, other=0.0)
         x = tl.load(base + ts[:, None] * stride_ht + cols[None, :], mask=(w != 0.0)[:, None] & c_ok[None, :], other=0.0)
         acc += tl.sum(x.to(tl.float32) * w[:, None], axis=0)
@@ -95,11 +96,12 @@ def mean_pool_forward(states: list[torch.Tensor], weights: torch.Tensor) -> torc
     L = len(states)
     out = torch.empty((B, L * D), dtype=states[0].dtype, device=states[0].device)
     block_t, block_d = _blocks(D)
-    mean_pool_fwd_kernel[(B, L, triton.cdiv(D, block_d))](
+    launch(
+        mean_pool_fwd_kernel, (B, L, triton.cdiv(D, block_d)),
         states[0], element_offsets(states, states[0], states[0].device), weights, out,
         T, D, L,
         states[0].stride(0), states[0].stride(1),
-        BLOCK_T=block_t, BLOCK_D=block_d,
+        ALIGN=16 // states[0].element_size(), BLOCK_T=block_t, BLOCK_D=block_d,
         num_warps=1 if interpreting() else 4,
     )
     return out
@@ -112,7 +114,8 @@ def mean_pool_backward(grad: torch.Tensor, weights: torch.Tensor, n_layers: int,
     D = grad.shape[1] // n_layers
     out = torch.empty((n_layers, B, T, D), dtype=dtype, device=grad.device)
     block_t, block_d = _blocks(D)
-    mean_pool_bwd_kernel[(B, triton.cdiv(T, block_t), n_layers)](
+    launch(
+        mean_pool_bwd_kernel, (B, triton.cdiv(T, block_t), n_layers),
         grad, weights, out,
         B, T, D, n_layers,
         grad.stride(0),

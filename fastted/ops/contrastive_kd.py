@@ -25,6 +25,10 @@ from fastted.ops.dispatch import save_gradients, scaled_gradients
 from fastted.reference import safe_count
 
 EPS = 1e-12  # F.normalize's floor: x / max(||x||, eps)
+# The widest vectors the Triton kernels take: each program holds whole rows (anchors, negatives) in
+# registers, and the compile tier checks every block rule up to this width. Wider ones (rare: the
+# contrastive heads project to 128-768) take the PyTorch path under impl="auto".
+MAX_TRITON_WIDTH = 1024
 
 # --------------------------------------------------------------------------- checks
 
@@ -219,7 +223,9 @@ def contrastive_kd(
             with their anchor's label are left out (different-label negatives
             in fine-tuning; pass example ids to leave out an anchor's own
             bank entry). An anchor left with no negative has loss 0.
-        impl: "auto", "triton" or "reference".
+        impl: "auto", "triton" or "reference". The Triton kernels take
+            vectors up to MAX_TRITON_WIDTH (1024) wide; "auto" runs wider ones
+            on the PyTorch path.
 
     Returns the fp32 scalar loss (float64 for float64 vectors).
     """
@@ -231,7 +237,13 @@ def contrastive_kd(
     if mask is not None:
         valid = flat_mask(mask, (n_anchors,), student_vecs.device, "student_vecs").to(acc)
     coef = valid / safe_count(valid.sum())
+    requested = impl
     impl = resolve_impl(impl, student_vecs.device, student_vecs.dtype)
+    if impl == "triton" and student_vecs.shape[1] > MAX_TRITON_WIDTH:
+        if requested == "triton":
+            raise ValueError(f"student_vecs has width {student_vecs.shape[1]}, but impl='triton' takes at most "
+                             f"{MAX_TRITON_WIDTH} (the kernels hold a vector per row); use impl='auto'")
+        impl = "reference"
     if impl == "triton" and not {teacher_vecs.dtype, negatives.dtype} <= set(TRITON_DTYPES):
         impl = "reference"
     s, t = detach_without_grad([student_vecs, teacher_vecs])

@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from fastted.kernels import aligned_row_stride
 from fastted.ops.checks import check_float, check_impl, check_like, check_weight
 from fastted.ops.dispatch import CHUNK_ELEMENTS, autocast_dtype, detach_without_grad, resolve_impl, save_gradients
 from fastted.ops.dispatch import scaled_gradients, to_autocast
@@ -54,6 +55,11 @@ def block_rows(n_rows: int, vocab: int, width: int, chunk_size: Optional[int]) -
     return max(1, min(rows, n_rows))
 
 
+def _head(x: Tensor, w: Tensor, b: Optional[Tensor], out: Tensor) -> Tensor:
+    """x w^T + b into ``out`` (a view of a logits buffer), returned."""
+    return torch.addmm(b, x, w.t(), out=out) if b is not None else torch.mm(x, w.t(), out=out)
+
+
 def fused_linear_kd_blocks(
     xs: Tensor,
     ws: Tensor,
@@ -68,6 +74,7 @@ def fused_linear_kd_blocks(
     *,
     rows_fn,
     chunk_rows: int,
+    aligned_rows: bool = False,
     **opts,
 ):
     """Both LM heads and the logit losses, ``chunk_rows`` rows at a time: every path of :func:`fused_linear_kd`.
@@ -88,16 +95,28 @@ def fused_linear_kd_blocks(
     gw = torch.zeros(ws.shape, dtype=acc, device=ws.device) if needs[1] else None
     gb = torch.zeros(ws.shape[0], dtype=acc, device=ws.device) if needs[2] else None
     kd_rows, ce_rows = [], []
+    vocab = ws.shape[0]
+    # One pair of logits buffers for every block, with rows padded to a 16-byte multiple when asked (the
+    # Triton row kernel's loads are 128-bit only on aligned rows).
+    stride = aligned_row_stride(vocab, ws.dtype) if aligned_rows else vocab
+    zs_buf = torch.empty((min(chunk_rows, n_rows), stride), dtype=ws.dtype, device=ws.device)
+    zt_buf = torch.empty((min(chunk_rows, n_rows), stride), dtype=wt.dtype, device=wt.device)
+    padded = stride > vocab
+    if padded:  # the padding is -inf, which the row kernel loads (whole 128-bit vectors)
+        zt_buf[:, vocab:] = float("-inf")
+    if aligned_rows:
+        opts = dict(opts, padded_cols=stride)
     for start in range(0, n_rows, chunk_rows):
         r = slice(start, start + chunk_rows)
         x = xs[r]
-        zs = torch.addmm(bs, x, ws.t()) if bs is not None else x @ ws.t()  # (R, V)
-        zt = torch.addmm(bt, xt[r], wt.t()) if bt is not None else xt[r] @ wt.t()  # (R, V)
+        zs = _head(x, ws, bs, zs_buf[: x.shape[0], :vocab])  # (R, V)
+        if padded:  # the row kernel wrote the padding's gradient (0) into it for the block before
+            zs_buf[:, vocab:] = float("-inf")
+        zt = _head(xt[r], wt, bt, zt_buf[: x.shape[0], :vocab])  # (R, V)
         kd, ce = rows_fn(
             zs, zt, kd_coef[r], None if labels is None else labels[r], None if ce_coef is None else ce_coef[r],
             zs if want else None, **opts,
         )
-        del zt
         kd_rows.append(kd)
         ce_rows.append(ce)
         if want:  # zs now holds dLoss/dzs
@@ -128,7 +147,8 @@ class FusedLinearKDFunction(torch.autograd.Function):
             kd_rows, ce_rows, (gx, gw, gb) = fused_linear_kd_blocks(
                 xs.reshape(-1, xs.shape[-1]), ws[:vocab], None if bs is None else bs[:vocab],
                 xt.reshape(-1, xt.shape[-1]), wt[:vocab], None if bt is None else bt[:vocab],
-                kd_coef, labels, ce_coef, needs, rows_fn=rows_fn, chunk_rows=chunk_rows, **opts,
+                kd_coef, labels, ce_coef, needs, rows_fn=rows_fn, chunk_rows=chunk_rows,
+                aligned_rows=impl == "triton", **opts,
             )
             kd = opts["temperature"] ** 2 * (kd_rows @ kd_coef.to(kd_rows.dtype))
             ce = ce_rows @ ce_coef.to(ce_rows.dtype) if ce_rows is not None else torch.zeros_like(kd)

@@ -123,3 +123,23 @@ def test_contrastive_kd_launches_and_gradient_work(monkeypatch, grad):
     with torch.set_grad_enabled(grad):
         fastted.contrastive_kd(**inputs, impl="triton")
     assert calls == [(grad, False)]
+
+
+def test_vectors_wider_than_the_kernels_take(monkeypatch):
+    """Past MAX_TRITON_WIDTH "auto" takes the PyTorch path (the kernels are never launched) and gives the
+    reference's value; a forced impl="triton" is a ValueError naming the width."""
+    import fastted.kernels.contrastive_kd as kernels
+    from fastted.ops.contrastive_kd import MAX_TRITON_WIDTH
+
+    def no_launch(*args, **kwargs):
+        raise AssertionError("the kernels ran on vectors wider than they take")
+
+    monkeypatch.setattr(kernels, "contrastive_forward", no_launch)
+    g = torch.Generator().manual_seed(7)
+    width = MAX_TRITON_WIDTH + 1
+    inputs = dict(student_vecs=torch.randn(3, width, generator=g), teacher_vecs=torch.randn(3, width, generator=g),
+                  negatives=torch.randn(5, width, generator=g))
+    got = fastted.contrastive_kd(**inputs, impl="auto")
+    torch.testing.assert_close(got, fastted.contrastive_kd(**inputs, impl="reference"), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=f"width {width}.*at most {MAX_TRITON_WIDTH}"):
+        fastted.contrastive_kd(**inputs, impl="triton")

@@ -3,6 +3,8 @@
 Each case runs on both paths: "reference" (the chunked PyTorch path) and
 "triton" (the real kernel: on a GPU, or under TRITON_INTERPRET=1 on the CPU).
 """
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -284,3 +286,45 @@ def test_every_autotune_config(config, dtype, monkeypatch):
     monkeypatch.setattr(kernel.filtered_mse_fwd_kernel, "configs", [kernel.AUTOTUNE_CONFIGS[config]])
     check_filtered_mse("ted", ((3, 97), 70, 90, 130), dtype, "random", 2, "triton")
     assert kernel.filtered_mse_fwd_kernel.best_config is kernel.AUTOTUNE_CONFIGS[config]
+
+
+def check_autotune_first_call(case, dtype, shape=((2, 75), 40, 56, 70)):
+    """The first call of a new autotune key (the autotuner's sweep runs every config on the call's own
+    buffers) equals the second (the cached config) bit for bit, and the float64 reference."""
+    from fastted.kernels import filtered_mse as kernel
+
+    kernel.filtered_mse_fwd_kernel.cache.clear()  # a new key for every config: the sweep runs again
+    lead, d_s, d_t, d_f = shape
+    inputs = _make(case, lead, d_s, d_t, d_f, 2, dtype, "random", seed_for("first call", case, dtype, shape))
+    first, second = (_run(fastted.filtered_mse, _clone(inputs), 1.0, impl="triton", return_layer_losses=True)
+                     for _ in range(2))
+    ref = _run(_spec, _clone(inputs, torch.float64), 1.0)
+    lowp = _run(_spec, _clone(inputs), 1.0)
+    names = ["loss", "layer_losses"] + [f"grad {i}" for i in range(len(first[2]))]
+    for name, a, b, r, lp in zip(names, [first[0], first[1], *first[2]], [second[0], second[1], *second[2]],
+                                 [ref[0], ref[1], *ref[2]], [lowp[0], lowp[1], *lowp[2]]):
+        assert torch.equal(a, b), f"{name}: the first call (autotune sweep) differs from the second"
+        assert_close_to_spec(name, a, r, lp, DTYPES[dtype])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU check runs this on the device")
+@pytest.mark.parametrize("case", ["ted", "lwd"])
+def test_autotune_sweep_leaks_nothing(case, monkeypatch):
+    """Under the interpreter the autotuner sweeps three configs, small tiles first, and keeps the last (a
+    large tile): without reset_to_zero the stale small tiles' partial sums reach the first call's loss."""
+    from fastted.kernels import filtered_mse as kernel
+
+    tuner = kernel.filtered_mse_fwd_kernel
+    sweep = [kernel.INTERPRETER_CONFIG, kernel.TENSOR_CORE_CONFIGS[-1], kernel.FP32_CONFIGS[0]]
+    monkeypatch.setattr(tuner, "configs", sweep)
+    monkeypatch.setattr(tuner, "cache", {})
+    monkeypatch.setattr(kernel, "INTERPRETER_SWEEP", len(sweep))
+    timings = itertools.cycle(range(len(sweep), 0, -1))  # no GPU timer: each config "runs faster" than the last
+
+    def bench(kernel_call, quantiles):
+        kernel_call()
+        return [float(next(timings))] * len(quantiles)
+
+    monkeypatch.setattr(tuner, "_do_bench", bench)
+    check_autotune_first_call(case, torch.float32)
+    assert len(tuner.configs_timings) == len(sweep) and tuner.best_config is sweep[-1]  # a sweep ran
