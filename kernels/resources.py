@@ -1,0 +1,478 @@
+"""The compile tier: every launch variant of fastted's kernels compiled for Ampere and Hopper, without a GPU.
+
+The launchers themselves pick the variants. Inside
+:func:`fastted.kernels.recording` they run on meta tensors (nothing is
+allocated, nothing launched) for the cases the public API can reach, and
+their launches are recorded; an autotuned kernel's launch becomes one
+variant per config its pruning keeps on that architecture, and heuristics
+are resolved as at a launch. Each variant is then bound by Triton's own
+argument binder (the same signature, constexprs and divisibility attributes
+a launch would get) and compiled with the installed Triton and ptxas for
+sm_80 or sm_90(a), which reports registers and spills; shared memory comes
+from the compiled metadata.
+
+What is asserted (``check``): it compiles; the shared memory fits a block of
+the architecture; no spills, except those listed in ``ALLOWED_SPILLS`` with
+a reason; no int32 product of a size or stride argument (an offset that
+could pass 2^31); every recorded grid within CUDA's limits, at the largest
+sizes too (N = 1M tokens, V = 256k); the loads that should be 128-bit are.
+
+    python -m fastted.kernels.resources --out benchmarks/results/compile-tier.json
+
+writes the resource table (kernel, arch, dtype, config, registers, spills,
+shared bytes, blocks per SM) of every variant; on a GPU, ``--device`` reads
+the same table back from the binaries loaded on the device.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import dataclasses
+import functools
+import io
+import itertools
+import json
+import multiprocessing
+import os
+import re
+import sys
+import time
+
+import torch
+import triton
+from triton.compiler import ASTSource, make_backend
+from triton.backends.compiler import GPUTarget
+from triton.runtime.autotuner import Autotuner, Heuristics
+from triton.runtime.jit import create_function_from_signature
+
+from fastted.kernels import ARCHS, MAX_GRID, Arch, Launch, recording
+
+# Variants allowed to spill, with the reason. A key is (kernel, arch, dtype); nothing else may spill.
+ALLOWED_SPILLS: dict[tuple[str, str, str], str] = {}
+
+META = torch.device("meta")
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+@dataclasses.dataclass
+class Variant:
+    """One kernel specialization a launcher can launch: what compiles, and which cases lead to it."""
+
+    kernel: str
+    jit: object  # the JITFunction
+    args: tuple
+    kwargs: dict  # constexprs and compile options (num_warps, num_stages)
+    config: str  # the autotune config or launcher choice, for the table
+    dtype: str
+    cases: list  # the recorded cases (op, sizes, flags) that launch it
+    grids: list  # their grids
+
+
+# --------------------------------------------------------------------------- what the launchers launch
+
+
+def _empty(shape, dtype, stride=None):
+    if stride is None:
+        return torch.empty(shape, dtype=dtype, device=META)
+    return torch.empty_strided(shape, stride, dtype=dtype, device=META)
+
+
+def _reduced(dtype: torch.dtype, size: str) -> bool:
+    return dtype == torch.float16 or size == "odd"
+
+
+def _flag_sets(full: bool, reduced: bool, **flags):
+    """The flag combinations to record, each with how many autotune configs to compile ("all" or "first").
+
+    Each flag's values come most-code first. full: every combination, on every config. Otherwise a
+    covering set: all flags at their first value on every config, then (unless reduced: fp16, whose code
+    is bf16's but for conversions, and odd sizes) each other value of one flag at a time on the first
+    (largest) config.
+    """
+    names = list(flags)
+    first = {name: values[0] for name, values in flags.items()}
+    if reduced and not full:
+        yield first, "all"
+        return
+    if full:
+        for combo in itertools.product(*flags.values()):
+            yield dict(zip(names, combo)), "all"
+        return
+    yield first, "all"
+    for name, values in flags.items():
+        for value in values[1:]:
+            yield dict(first, **{name: value}), "first"
+
+
+def _filtered_mse_cases(sizes, full):
+    from fastted.kernels.filtered_mse import filtered_mse_forward
+
+    for dtype in DTYPES:
+        for (n, d_s, d_t, d_f), size in sizes:
+            # the GEMM structure: student filter or identity, teacher filter or targets given
+            for has_w, has_v in ((1, 1), (1, 0), (0, 1), (0, 0)):
+                for flags, configs in _flag_sets(full, _reduced(dtype, size), biases=(1, 0), mask=(True, False),
+                                                 grad=("colsum", "grad", "none")):
+                    biases, has_mask = flags["biases"], flags["mask"]
+                    write_grad = flags["grad"] != "none"
+                    write_colsum = flags["grad"] == "colsum" and bool(biases and has_w)
+                    layers = 3
+                    s = [_empty((n, d_s if has_w else d_f), dtype) for _ in range(layers)]
+                    w = [_empty((d_f, d_s), dtype) for _ in range(layers)] if has_w else None
+                    b = [_empty((d_f,), dtype) for _ in range(layers)] if has_w and biases else None
+                    t = [_empty((n, d_t if has_v else d_f), dtype) for _ in range(layers)]
+                    v = [_empty((d_f, d_t), dtype) for _ in range(layers)] if has_v else None
+                    c = [_empty((d_f,), dtype) for _ in range(layers)] if has_v and biases else None
+                    mask = _empty((n,), torch.float32) if has_mask else None
+                    case = dict(op="filtered_mse", size=size, dtype=str(dtype), W=has_w, V=has_v, **flags,
+                                configs=configs)
+                    yield case, lambda: filtered_mse_forward(
+                        s, w, b, t, v, c, mask, _empty((1,), torch.float32), _empty((layers,), torch.float32),
+                        write_grad=write_grad, write_colsum=write_colsum)
+
+
+def _logit_kd_cases(sizes, full):
+    from fastted.kernels import aligned_row_stride
+    from fastted.kernels.logit_kd import FORWARD_KL, JSD, REVERSE_KL, logit_kd_forward
+
+    for dtype in DTYPES:
+        for (n, v), size in sizes:
+            for divergence in (FORWARD_KL, REVERSE_KL, JSD):
+                # the cross-entropy: its own log-sum-exp at T != 1, shared at T = 1, or none
+                for flags, _ in _flag_sets(full, _reduced(dtype, size), ce=("T=2", "T=1", "none"), grad=(True, False)):
+                    for padded in (False, True):  # user logits (stride V) or the fused head's buffers
+                        has_ce, write_grad = flags["ce"] != "none", flags["grad"]
+                        temperature = 1.0 if flags["ce"] == "T=1" else 2.0
+                        stride = aligned_row_stride(v, dtype) if padded else v
+                        s = _empty((n, v), dtype, (stride, 1))
+                        t = _empty((n, v), dtype, (stride, 1))
+                        labels = _empty((n,), torch.int64) if has_ce else None
+                        ce_coef = _empty((n,), torch.float32) if has_ce else None
+                        case = dict(op="logit_kd", size=size, dtype=str(dtype), divergence=divergence.value,
+                                    **flags, padded=padded)
+                        yield case, lambda: logit_kd_forward(
+                            s, t, _empty((n,), torch.float32), grad=s if write_grad else None, labels=labels,
+                            ce_coef=ce_coef, temperature=temperature, divergence=divergence.value, beta=0.5,
+                            soft_weight=1.0, hard_weight=0.5, padded_cols=stride if padded else None)
+
+
+def _contrastive_cases(sizes, full):
+    from fastted.kernels.contrastive_kd import contrastive_forward
+
+    # (vectors, bank): one dtype, or the student's low-precision vectors against the MemoryBank's fp32 bank
+    pairs = [(d, d) for d in DTYPES] + [(torch.bfloat16, torch.float32), (torch.float16, torch.float32)]
+    for s_dtype, n_dtype in pairs:
+        for (b, k, d), size in sizes:
+            for per_anchor in (False, True):
+                if per_anchor and b * k * d > 2**34:
+                    continue
+                for flags, _ in _flag_sets(full, _reduced(s_dtype, size) or _reduced(n_dtype, size), labels=(True, False), grads=("s,t", "s", "none")):
+                    has_labels = flags["labels"]
+                    grad_s, grad_t = flags["grads"] != "none", flags["grads"] == "s,t"
+                    s = _empty((b, d), s_dtype)
+                    t = _empty((b, d), s_dtype)
+                    neg = _empty((b, k, d) if per_anchor else (k, d), n_dtype)
+                    labels = _empty((b,), torch.int64) if has_labels else None
+                    neg_labels = _empty((b, k) if per_anchor else (k,), torch.int64) if has_labels else None
+                    case = dict(op="contrastive_kd", size=size, dtype=f"{s_dtype}/{n_dtype}",
+                                per_anchor=per_anchor, **flags)
+                    yield case, lambda: contrastive_forward(
+                        s, t, neg, _empty((b,), torch.float32), labels=labels, negative_labels=neg_labels,
+                        temperature=0.07, eps=1e-12, grad_s=grad_s, grad_t=grad_t)
+
+
+def _pooling_cases(sizes, full):
+    from fastted.kernels.pooling import mean_pool_backward, mean_pool_forward
+
+    for dtype in DTYPES:
+        for (b, t, d, layers), size in sizes:
+            states = [_empty((b, t, d), dtype) for _ in range(layers)]
+            weights = _empty((b, t), torch.float32)
+            case = dict(op="pool_states", size=size, dtype=str(dtype))
+            yield dict(case, direction="forward"), lambda: mean_pool_forward(states, weights)
+            yield dict(case, direction="backward"), lambda: mean_pool_backward(
+                _empty((b, layers * d), dtype), weights, layers, dtype)
+
+
+# The sizes recorded: the benchmarks' (so their variants are the ones the table shows), odd ones (no
+# divisibility by 16 anywhere), and the largest the API accepts (for the grid limits; they add no variant).
+FILTERED_MSE_SIZES = [((4096, 384, 768, 384), "benchmark"), ((8192, 2048, 4096, 2048), "large"),
+                      ((1000, 100, 300, 50), "odd"), ((2**20, 4096, 8192, 4096), "largest")]
+LOGIT_KD_SIZES = [((4096, 30522), "bert"), ((8192, 128256), "llama3"), ((999, 1001), "odd"),
+                  ((2**20, 262144), "largest")]
+# one size per BLOCK_D class (64 to 1024: D 513-1024 with an fp32 bank once overflowed shared memory, 129-256
+# did on A100), the benchmark's, an odd one
+CONTRASTIVE_SIZES = [((256, 65536, 128), "benchmark"), ((256, 4096, 768), "d768"), ((64, 4096, 384), "d384"),
+                     ((64, 4096, 200), "d200"), ((64, 4096, 48), "d48"), ((33, 1000, 100), "odd"),
+                     ((2**16, 2**20, 1024), "largest")]
+POOLING_SIZES = [((32, 128, 768, 12), "benchmark"), ((8, 4096, 4096, 32), "large"), ((3, 77, 100, 5), "odd"),
+                 ((16, 2**16, 4096, 64), "largest")]
+
+
+def recorded_launches(arch: Arch, full: bool = False) -> list[tuple[dict, Launch]]:
+    """Every launch the launchers make for the cases above on ``arch``, with its case (full: every flag
+    combination, else the covering set of ``_flag_sets``)."""
+    cases = itertools.chain(_filtered_mse_cases(FILTERED_MSE_SIZES, full), _logit_kd_cases(LOGIT_KD_SIZES, full),
+                            _contrastive_cases(CONTRASTIVE_SIZES, full), _pooling_cases(POOLING_SIZES, full))
+    out = []
+    with recording(arch) as launches:
+        for case, run in cases:  # each run as it is yielded: its closure sees that case's tensors
+            start = len(launches)
+            run()
+            out += [(case, launch) for launch in launches[start:]]
+    return out
+
+
+def _unwrap(launch: Launch, arch: Arch):
+    """(JITFunction, [(config label, kwargs)]) of a recorded launch: one entry per config kept on arch."""
+    kernel, kwargs = launch.kernel, dict(launch.kwargs)
+    configs = [None]
+    if isinstance(kernel, Autotuner):
+        named = dict(zip(kernel.arg_names, launch.args))
+        with recording(arch):  # the pruning asks device_arch
+            configs = kernel.early_config_prune(kernel.configs, named) if kernel.early_config_prune else kernel.configs
+        kernel = kernel.fn
+    if isinstance(kernel, Heuristics):
+        named = dict(zip(kernel.arg_names, launch.args))
+        for name, rule in kernel.values.items():
+            kwargs[name] = rule({**named, **kwargs})
+        kernel = kernel.fn
+    out = []
+    for config in configs:
+        kw = dict(kwargs, **(config.all_kwargs() if config is not None else {}))
+        label = {k: v for k, v in kw.items() if k.startswith("BLOCK") or k in ("GROUP_M", "num_warps", "num_stages")}
+        out.append((",".join(f"{k}={v}" for k, v in label.items()), kw))
+    return kernel, out
+
+
+def _grid(launch: Launch, kwargs: dict) -> tuple:
+    grid = launch.grid
+    if callable(grid):
+        grid = grid(kwargs)
+    return tuple(grid) + (1,) * (3 - len(grid))
+
+
+@functools.lru_cache(maxsize=None)
+def _binder(jit, capability: int):
+    target = GPUTarget("cuda", capability, 32)
+    backend = make_backend(target)
+    return target, backend, create_function_from_signature(jit.signature, jit.params, backend)
+
+
+def _specialize(jit, args, kwargs, arch: Arch):
+    """What a launch of jit(args, kwargs) compiles: (target, signature, constexprs, attrs, options)."""
+    target, backend, binder = _binder(jit, arch.capability)
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = jit._pack_args(backend, kwargs, bound, specialization, options)
+    return target, signature, constexprs, attrs, options
+
+
+def variants(arch: Arch, full: bool = False) -> list[Variant]:
+    """The distinct specializations the recorded launches compile on ``arch`` (sizes that specialize the
+    same way share one)."""
+    found: dict = {}
+    for case, launch in recorded_launches(arch, full):
+        jit, entries = _unwrap(launch, arch)
+        if case.get("configs") == "first":
+            entries = entries[:1]
+        for config, kwargs in entries:
+            args = launch.args
+            _, signature, constexprs, attrs, options = _specialize(jit, args, kwargs, arch)
+            key = (jit.__name__, tuple(signature.items()), tuple(sorted(map(repr, constexprs.items()))),
+                   tuple(sorted(map(repr, attrs.items()))), repr(options))
+            dtype = case["dtype"]
+            if key not in found:
+                found[key] = Variant(jit.__name__, jit, args, kwargs, config, dtype, [], [])
+            found[key].cases.append(case)
+            found[key].grids.append(_grid(launch, kwargs))
+    return list(found.values())
+
+
+# --------------------------------------------------------------------------- compiling and reading resources
+
+
+def occupancy(arch: Arch, registers: int, shared: int, num_warps: int) -> int:
+    """Blocks of this kernel one SM holds at once (registers allocated per warp in units of 256)."""
+    threads = 32 * num_warps
+    regs_per_warp = -(-max(registers, 1) * 32 // 256) * 256
+    by_regs = arch.regs_per_sm // (regs_per_warp * num_warps)
+    by_threads = arch.max_threads_per_sm // threads
+    by_shared = arch.shared_per_sm // shared if shared else arch.max_blocks_per_sm
+    return min(by_regs, by_threads, by_shared, arch.max_blocks_per_sm)
+
+
+# i32 multiplies with an operand that is (a splat of) an i32 kernel argument: a size or stride times an
+# index computed in 32 bits, which passes 2^31 on large inputs.
+_MULI = re.compile(r"= arith\.muli %([\w#]+), %([\w#]+)[^:]*: (?:tensor<[^>]*xi32>|i32)(?:\s|$)")
+
+
+def int32_arg_products(ttir: str) -> list[str]:
+    """The TTIR lines that multiply an i32 kernel argument (a size or a stride) in 32 bits."""
+    args = {name for line in ttir.splitlines() if "tt.func" in line for name in re.findall(r"%(\w+): i32", line)}
+    splats = {m.group(1) for m in re.finditer(r"%(\w+) = tt\.splat %(\w+) : i32", ttir) if m.group(2) in args}
+    return [line.strip() for line in ttir.splitlines()
+            if (m := _MULI.search(line)) and ({m.group(1), m.group(2)} & (args | splats))]
+
+
+def compile_variant(variant: Variant, arch: Arch, load: bool = False) -> dict:
+    """Compile one variant for arch with Triton's pipeline and ptxas: its row of the resource table.
+
+    Registers and spills come from ptxas's report, or with ``load`` (on a GPU of that architecture) from
+    the binary loaded on the device.
+    """
+    from triton import knobs
+
+    row = dict(kernel=variant.kernel, arch=arch.name, dtype=variant.dtype, config=variant.config,
+               num_warps=variant.kwargs.get("num_warps", 4), cases=len(variant.cases),
+               example=variant.cases[0], loaded=load)
+    target, signature, constexprs, attrs, options = _specialize(variant.jit, variant.args, variant.kwargs, arch)
+    log = io.StringIO()
+    start = time.perf_counter()
+    old = knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile
+    if not load:  # ptxas -v's report, so every variant really goes through ptxas (no cache hit)
+        knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile = True, True
+    try:
+        with contextlib.redirect_stdout(log):
+            compiled = triton.compile(ASTSource(variant.jit, signature, constexprs, attrs), target=target,
+                                      options=options.__dict__)
+        if load:
+            compiled._init_handles()
+    except Exception as err:  # a compile error is a row of the table, and a failure of the tier
+        row.update(error=f"{type(err).__name__}: {str(err)[:400]}", compile_s=time.perf_counter() - start)
+        return row
+    finally:
+        knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile = old
+    if load:
+        registers, spills = compiled.n_regs, compiled.n_spills
+    else:
+        text = log.getvalue()
+        registers = int(re.search(r"Used (\d+) registers", text).group(1))
+        spills = int(re.search(r"(\d+) bytes spill stores", text).group(1))
+    ptx = compiled.asm["ptx"]
+    row.update(
+        registers=registers, spill_bytes=spills, shared_bytes=compiled.metadata.shared,
+        blocks_per_sm=occupancy(arch, registers, compiled.metadata.shared, row["num_warps"]),
+        vector_loads=bool(re.search(r"ld\.global(\.\w+)*\.v[248]", ptx)),
+        int32_arg_products=int32_arg_products(compiled.asm["ttir"]),
+        max_grid=[max(g[i] for g in variant.grids) for i in range(3)],
+        compile_s=round(time.perf_counter() - start, 2),
+    )
+    return row
+
+
+def problems(row: dict, arch: Arch) -> list[str]:
+    """What is wrong with one row of the table (empty: nothing)."""
+    name = f"{row['kernel']} {row['arch']} {row['dtype']} [{row['config']}]"
+    if "error" in row:
+        return [f"{name}: does not compile: {row['error']}"]
+    out = []
+    if row["shared_bytes"] > arch.shared_per_block:
+        out.append(f"{name}: {row['shared_bytes']} B of shared memory, over {arch.gpus}'s {arch.shared_per_block}")
+    if row["spill_bytes"] and (row["kernel"], row["arch"], row["dtype"]) not in ALLOWED_SPILLS:
+        out.append(f"{name}: spills {row['spill_bytes']} B per thread ({row['registers']} registers)")
+    if row["blocks_per_sm"] < 1:
+        out.append(f"{name}: no block fits an SM ({row['registers']} registers, {row['shared_bytes']} B shared)")
+    if row["int32_arg_products"]:
+        out.append(f"{name}: 32-bit products of sizes or strides: {row['int32_arg_products'][:3]}")
+    if any(g > limit for g, limit in zip(row["max_grid"], MAX_GRID)):
+        out.append(f"{name}: grid {row['max_grid']} over CUDA's {MAX_GRID}")
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _variants(arch: Arch, full: bool) -> list[Variant]:
+    return variants(arch, full)
+
+
+def _compile_index(arch: Arch, full: bool, index: int, load: bool = False) -> dict:
+    return compile_variant(_variants(arch, full)[index], arch, load)
+
+
+def table(archs=("sm_80", "sm_90"), full: bool = False, workers: int | None = None, limit: int | None = None,
+          kernels=None) -> list[dict]:
+    """The resource table: every variant (of ``kernels``, or all; the first ``limit`` per arch) compiled for
+    every arch, over ``workers`` processes."""
+    jobs = [(ARCHS[a], full, i) for a in archs
+            for i in [i for i, v in enumerate(_variants(ARCHS[a], full)) if not kernels or v.kernel in kernels][:limit]]
+    workers = workers or os.cpu_count() or 1
+    if workers == 1:
+        return [_compile_index(*job) for job in jobs]
+    with concurrent.futures.ProcessPoolExecutor(workers) as pool:
+        return list(pool.map(_compile_index, *zip(*jobs), chunksize=4))
+
+
+def table_on_device(arch: Arch, limit: int | None = None, workers: int | None = None) -> list[dict]:
+    """The table read from the binaries loaded on this process's GPU (of architecture ``arch``).
+
+    The variants are compiled in fresh worker processes first, in parallel, which fills Triton's cache;
+    this process then loads each one from the cache and asks the driver for its registers and spills.
+    """
+    indices = range(len(_variants(arch, False)[:limit]))
+    context = multiprocessing.get_context("spawn")  # never fork a process that holds a CUDA context
+    with concurrent.futures.ProcessPoolExecutor(workers or os.cpu_count() or 1, mp_context=context) as pool:
+        list(pool.map(_warm, [arch] * len(indices), indices))
+    return [_compile_index(arch, False, i, load=True) for i in indices]
+
+
+def _warm(arch: Arch, index: int) -> None:
+    """Compile one variant into Triton's cache (no report, no load): the parallel half of table_on_device."""
+    variant = _variants(arch, False)[index]
+    target, signature, constexprs, attrs, options = _specialize(variant.jit, variant.args, variant.kwargs, arch)
+    with contextlib.suppress(Exception):  # compile errors are reported by the loading pass
+        triton.compile(ASTSource(variant.jit, signature, constexprs, attrs), target=target, options=options.__dict__)
+
+
+def summary(rows: list[dict]) -> list[dict]:
+    """One line per (kernel, arch, dtype): variants, the most registers, spills and shared memory, and the
+    fewest blocks per SM of any variant (the README's table)."""
+    groups: dict = {}
+    for row in rows:
+        if "error" not in row:
+            groups.setdefault((row["kernel"], row["arch"], row["dtype"]), []).append(row)
+    return [dict(kernel=k, arch=a, dtype=d.replace("torch.", ""), variants=len(g),
+                 max_registers=max(r["registers"] for r in g), max_spill_bytes=max(r["spill_bytes"] for r in g),
+                 max_shared_bytes=max(r["shared_bytes"] for r in g), min_blocks_per_sm=min(r["blocks_per_sm"] for r in g))
+            for (k, a, d), g in sorted(groups.items())]
+
+
+def format_summary(lines: list[dict]) -> str:
+    """The summary as a Markdown table."""
+    out = ["| kernel | arch | dtype (vectors/bank) | variants | registers (max) | spills (max, B) | "
+           "shared memory (max, B) | blocks/SM (min) |", "|---|---|---|---|---|---|---|---|"]
+    out += [f"| {x['kernel']} | {x['arch']} | {x['dtype']} | {x['variants']} | {x['max_registers']} | "
+            f"{x['max_spill_bytes']} | {x['max_shared_bytes']:,} | {x['min_blocks_per_sm']} |" for x in lines]
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Compile every launch variant for sm_80 and sm_90; "
+                                                 "write the resource table.")
+    parser.add_argument("--out", help="JSON file for the table")
+    parser.add_argument("--arch", nargs="+", default=["sm_80", "sm_90"], choices=sorted(ARCHS))
+    parser.add_argument("--full", action="store_true",
+                        help="every flag combination on every config (default: the covering set CI compiles)")
+    parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--limit", type=int, default=None, help="compile only the first LIMIT variants per arch")
+    parser.add_argument("--kernels", nargs="+", help="compile only these kernels (default: all)")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    rows = table(tuple(args.arch), args.full, args.workers, args.limit, args.kernels)
+    bad = [p for row in rows for p in problems(row, ARCHS[row["arch"]])]
+    elapsed = time.perf_counter() - start
+    print(format_summary(summary(rows)))
+    print("\n".join(bad) or "no problems")
+    print(f"{len(rows)} variants in {elapsed:.0f} s")
+    if args.out:
+        result = dict(triton=triton.__version__, torch=torch.__version__, machine="CPU only (compiled, not run)",
+                      command="python -m fastted.kernels.resources" + " --full" * args.full + " --out " + args.out,
+                      full=args.full, seconds=round(elapsed),
+                      archs={a: dataclasses.asdict(ARCHS[a]) for a in args.arch}, problems=bad,
+                      summary=summary(rows), rows=rows)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
