@@ -1,27 +1,39 @@
-"""The whole GPU check of fastted's fused losses, in one run (see shared GPU.md).
+"""The whole GPU check of fastted, in one run built for a short window (see shared GPU.md).
 
-First, every recipe (TED, LWD, KD, CoDIR, RAIL-KD, DWT) on tiny BERT and
-GPT-2 models in bf16 and fp16 through the kernels, against itself in float64
-(the tests' check). Then, for each loss (filtered_mse, logit_kd,
-fused_linear_kd, contrastive_kd; --loss picks some):
+Sections, in order, each timed, each written to the result file as soon as it
+ends (a crash or a time-out keeps what was measured), each run even when one
+before it failed, each skipped when the time budget (--budget, seconds) left
+is below its estimate:
 
-1. Correctness in bf16 and fp16 on the GPU against float64 references: the
-   test suite's own checks (loss and every gradient, within twice PyTorch's
-   own error in that dtype plus a small slack), on the tests' shapes and on
-   one realistic shape.
-2. Ceilings measured in the same run: a bf16 torch matmul of the step's FLOP
-   count (TFLOP/s) and a device-to-device copy (GB/s).
-3. fastted vs eager PyTorch vs torch.compile (vs Liger-Kernel's fused-linear
-   JSD where installed) at the issue's sizes: forward, backward and full step
-   (median of triton.testing.do_bench), achieved TFLOP/s (GEMM losses) or
-   GB/s (logit_kd, which is memory-bound), peak memory beyond the inputs.
+1. recipes: every recipe (TED, LWD, KD, CoDIR, RAIL-KD, DWT) on tiny BERT and
+   GPT-2 models in bf16 and fp16 through the kernels, against itself in
+   float64 (the tests' check).
+2. correctness:<loss>: each loss in bf16 and fp16 against float64 references,
+   with the test suite's own checks, on the tests' shapes and a realistic one.
+3. autotune: the first call of every autotuned kernel (the autotuner's sweep
+   runs every config on the call's own buffers) against its second call and
+   the reference.
+4. resources: the compile tier's table read back on the device: every
+   variant compiled for this GPU and loaded, registers, spills and shared
+   memory from the loaded binaries, against the table compiled without a GPU.
+5. ceilings: a large bf16 matmul (TFLOP/s) and a device-to-device copy (GB/s).
+6. bench:<loss>: fastted vs eager PyTorch vs torch.compile (vs Liger where
+   installed) at the benchmark sizes, forward, backward and full step (median
+   of triton.testing.do_bench), peak memory beyond the inputs; each
+   GEMM-bound loss beside its own GEMM floor (the same GEMMs alone through
+   cuBLAS, in the same run), each memory-bound one beside the copy ceiling.
 
-It prints a short table per loss and writes everything to
-benchmarks/results/<date>-<gpu>-gpu-check.json (or --out). On a CPU it runs
-the same steps at the small sizes on the CPU paths, which checks the script,
-not the GPU.
+On a CPU it runs the same sections at the small sizes, the kernels under
+Triton's interpreter and the resources section compiling (not loading) a few
+variants, which checks the script, not the GPU; CI runs it so (``--smoke``
+keeps one case per section).
 
-    pip install --no-deps -e . && python benchmarks/gpu_check.py
+    pip install --no-deps -e . && python benchmarks/gpu_check.py     # budget 420 s by default
+    python benchmarks/gpu_check.py --only correctness:logit_kd bench:logit_kd --budget 120
+
+The per-section estimates in ``sections()`` (about 7 minutes in all on an
+H100/H200) are estimates until a GPU has run it: the result file records what
+each section took.
 """
 from __future__ import annotations
 
@@ -33,35 +45,47 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+import traceback
 
 import torch
 
+CUDA = torch.cuda.is_available()
+if not CUDA:  # before Triton is imported: the kernels run under the interpreter on a CPU
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))  # the repository root: the tests and benchmarks packages
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)  # the repository root: the tests and benchmarks packages
 
 import triton  # noqa: E402
 
 import fastted  # noqa: E402
 from benchmarks import test_contrastive_kd, test_filtered_mse, test_fused_linear_kd, test_logit_kd  # noqa: E402
+from benchmarks import test_pooled_distance, test_pooling  # noqa: E402
 from benchmarks.memory import cuda_peak_extra_mb  # noqa: E402
-from tests.ops import test_filtered_mse as t_mse  # noqa: E402  (one definition of "correct")
-from tests.ops import test_fused_linear_kd as t_flkd  # noqa: E402
-from tests.ops import test_contrastive_kd as t_ckd  # noqa: E402
-from tests.ops import test_logit_kd as t_lkd  # noqa: E402
 from tests.methods import test_methods as t_methods  # noqa: E402
+from tests.ops import test_contrastive_kd as t_ckd  # noqa: E402  (one definition of "correct")
+from tests.ops import test_filtered_mse as t_mse  # noqa: E402
+from tests.ops import test_fused_linear_kd as t_flkd  # noqa: E402
+from tests.ops import test_logit_kd as t_lkd  # noqa: E402
 from tests.ops import test_pooling as t_pool  # noqa: E402
 
-CUDA = torch.cuda.is_available()
-IMPL = "triton" if CUDA else "reference"
+IMPL = "triton"  # on a CPU, under the interpreter
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+SUITES = {"filtered_mse": test_filtered_mse, "logit_kd": test_logit_kd, "fused_linear_kd": test_fused_linear_kd,
+          "contrastive_kd": test_contrastive_kd, "pool_states": test_pooling,
+          "pooled_distance": test_pooled_distance}
 
 
 def bench_ms(fn, setup=None) -> float:
     """Median milliseconds of fn(); setup() runs untimed before each call when given."""
     if CUDA and setup is None:
-        return triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
     times = []
-    for _ in range(30 if CUDA else 5):
+    for _ in range(10 if CUDA else 3):
         if setup is not None:
             setup()
         if CUDA:
@@ -74,145 +98,159 @@ def bench_ms(fn, setup=None) -> float:
     return statistics.median(times)
 
 
-def _checked(label: dict, check) -> dict:
+def checked(label: dict, check) -> dict:
+    """Runs one check: the label with ok, and the assertion's message when it failed."""
     try:
         check()
         return dict(label, ok=True)
     except AssertionError as err:
-        return dict(label, ok=False, error=str(err))
+        return dict(label, ok=False, error=str(err)[:2000])
 
 
-# --------------------------------------------------------------------------- correctness, per loss
+# --------------------------------------------------------------------------- correctness
 
 
-def correctness_filtered_mse(dtype) -> list[dict]:
-    return [
-        _checked(dict(case=case, shape=str(shape), dtype=str(dtype)),
-                 lambda: t_mse.check_filtered_mse(case, shape, dtype, "random", 3, IMPL))
-        for case in t_mse.CASES
-        for shape in t_mse.SHAPES + ([((4, 512), 768, 1024, 1024)] if CUDA else [])
-    ]
+def _cases(cases: list, smoke: bool) -> list:
+    return cases[:1] if smoke else cases
 
 
-def correctness_logit_kd(dtype) -> list[dict]:
-    shapes = t_lkd.SHAPES + ([((8,), 128256)] if CUDA else [])
-    return [
-        _checked(dict(divergence=div, beta=beta, temperature=temp, shape=str(shape), dtype=str(dtype)),
-                 lambda: t_lkd.check_logit_kd(IMPL, shape[0], shape[1], dtype, div, beta, temp))
-        for div, beta in t_lkd.DIVERGENCES
-        for temp in (1.0, 2.0)
-        for shape in shapes
-    ]
+def correctness_recipes(smoke: bool) -> list[dict]:
+    """Every recipe on tiny BERT / GPT-2 models in bf16 and fp16 through the kernels, against float64."""
+    cases = [(dtype, task, name, recipe) for dtype in LOW_PRECISION for task in t_methods.TASKS
+             for name, recipe in t_methods.recipes_of(task)]
+    return [checked(dict(recipe=name, task=task, dtype=str(dtype)),
+                    lambda: t_methods.check_recipe_lowp(recipe, task, dtype, DEVICE, IMPL if CUDA else "auto"))
+            for dtype, task, name, recipe in _cases(cases, smoke)]
 
 
-def correctness_fused_linear_kd(dtype) -> list[dict]:
-    shapes = t_flkd.SHAPES + ([((2, 64), 2048, 4096, 128256)] if CUDA else [])
-    return [
-        _checked(dict(divergence=div, beta=beta, shape=str(shape), dtype=str(dtype)),
-                 lambda: t_flkd.check_fused_linear_kd(IMPL, shape, dtype, div, beta))
-        for div, beta in t_flkd.DIVERGENCES
-        for shape in shapes
-    ]
+def _loss_cases(loss: str, dtype) -> list[tuple[dict, object]]:
+    """(label, check) of one loss in one dtype: the tests' checks (on a GPU also at a realistic shape)."""
+    if loss == "filtered_mse":
+        shapes = t_mse.SHAPES + ([((4, 512), 768, 1024, 1024)] if CUDA else [])
+        return [(dict(case=case, shape=str(shape)), lambda case=case, shape=shape:
+                 t_mse.check_filtered_mse(case, shape, dtype, "random", 3, IMPL))
+                for case in t_mse.CASES for shape in shapes]
+    if loss == "logit_kd":
+        shapes = t_lkd.SHAPES + ([((8,), 128256)] if CUDA else [])
+        return [(dict(divergence=div, beta=beta, temperature=temp, shape=str(shape)),
+                 lambda div=div, beta=beta, temp=temp, shape=shape:
+                 t_lkd.check_logit_kd(IMPL, shape[0], shape[1], dtype, div, beta, temp))
+                for div, beta in t_lkd.DIVERGENCES for temp in (1.0, 2.0) for shape in shapes]
+    if loss == "fused_linear_kd":
+        shapes = t_flkd.SHAPES + ([((2, 64), 2048, 4096, 128256)] if CUDA else [])
+        return [(dict(divergence=div, beta=beta, shape=str(shape)), lambda div=div, beta=beta, shape=shape:
+                 t_flkd.check_fused_linear_kd(IMPL, shape, dtype, div, beta))
+                for div, beta in t_flkd.DIVERGENCES for shape in shapes]
+    if loss == "contrastive_kd":
+        shapes = t_ckd.SHAPES + ([(256, 65536, 128), (256, 4096, 768), (64, 4096, 1024)] if CUDA else [])
+        return [(dict(shape=str(shape), per_anchor=per_anchor, labels=labels),
+                 lambda shape=shape, per_anchor=per_anchor, labels=labels:
+                 t_ckd.check_contrastive_kd(IMPL, *shape, dtype, per_anchor=per_anchor, use_labels=labels))
+                for shape in shapes for per_anchor in (False, True) for labels in (False, True)
+                if not (per_anchor and shape[0] * shape[1] * shape[2] > 2**27)]  # no 8 GiB per-anchor banks
+    shapes = t_pool.SHAPES + ([(256, 128, 768, 12)] if CUDA else [])  # pool_states (pooled_distance's kernels)
+    return [(dict(shape=str(shape), mask=mask), lambda shape=shape, mask=mask:
+             t_pool.check_pool_states(IMPL, *shape, dtype, "mean", mask))
+            for shape in shapes for mask in ("random", "right_padding", "one_empty")]
 
 
-def correctness_contrastive_kd(dtype) -> list[dict]:
-    shapes = t_ckd.SHAPES + ([(256, 65536, 128), (256, 4096, 768)] if CUDA else [])
-    checks = [
-        _checked(dict(part="contrastive_kd", shape=str(shape), per_anchor=per_anchor, labels=labels, dtype=str(dtype)),
-                 lambda: t_ckd.check_contrastive_kd(IMPL, *shape, dtype, per_anchor=per_anchor, use_labels=labels))
-        for shape in shapes
-        for per_anchor in (False, True)
-        for labels in (False, True)
-        if not (per_anchor and shape[0] * shape[1] * shape[2] > 2**27)  # per-anchor banks of 8 GiB: no
-    ]
-    pool_shapes = t_pool.SHAPES + ([(256, 128, 768, 12)] if CUDA else [])
-    checks += [
-        _checked(dict(part="pool_states", shape=str(shape), mask=mask, dtype=str(dtype)),
-                 lambda: t_pool.check_pool_states(IMPL, *shape, dtype, "mean", mask))
-        for shape in pool_shapes
-        for mask in ("random", "right_padding", "one_empty")
-    ]
-    return checks
+CHECKED = ["filtered_mse", "logit_kd", "fused_linear_kd", "contrastive_kd", "pool_states"]
 
 
-def correctness_recipes(dtype) -> list[dict]:
-    """Every recipe on tiny BERT / GPT-2 models in ``dtype`` through the kernels, against itself in float64."""
-    device = "cuda" if CUDA else "cpu"
-    return [
-        _checked(dict(recipe=name, task=task, dtype=str(dtype)),
-                 lambda: t_methods.check_recipe_lowp(recipe, task, dtype, device, IMPL if CUDA else "auto"))
-        for task in t_methods.TASKS
-        for name, recipe in t_methods.recipes_of(task)
-    ]
+def correctness(loss: str, smoke: bool) -> list[dict]:
+    """One loss's checks in bf16 and fp16."""
+    cases = [(dict(label, dtype=str(dtype)), fn) for dtype in LOW_PRECISION for label, fn in _loss_cases(loss, dtype)]
+    return [checked(label, fn) for label, fn in _cases(cases, smoke)]
 
 
-# --------------------------------------------------------------------------- ceilings and work
+def autotune_first_calls(smoke: bool) -> list[dict]:
+    """Every autotuned kernel's first call of a new key against its second and the reference."""
+    cases = [(case, dtype) for dtype in (torch.bfloat16, torch.float16, torch.float32) for case in ("ted", "lwd")]
+    if not CUDA:  # the interpreter's autotuner keeps one config unless told to sweep, and has no GPU timer
+        from fastted.kernels import filtered_mse as kernel
+
+        def cpu_bench(kernel_call, quantiles):
+            start = time.perf_counter()
+            kernel_call()
+            return [(time.perf_counter() - start) * 1e3] * len(quantiles)
+
+        kernel.INTERPRETER_SWEEP = 3
+        kernel.filtered_mse_fwd_kernel._do_bench = cpu_bench
+    return [checked(dict(kernel="filtered_mse_fwd_kernel", case=case, dtype=str(dtype)),
+                    lambda case=case, dtype=dtype: t_mse.check_autotune_first_call(case, dtype))
+            for case, dtype in _cases(cases, smoke)]
 
 
-def matmul_ceiling(m: int, k: int, n: int, repeat: int, dtype) -> tuple[int, float]:
-    """FLOPs of `repeat` (m x k) @ (k x n) matmuls and their TFLOP/s through torch."""
-    device = "cuda" if CUDA else "cpu"
-    a = torch.randn(m, k, device=device, dtype=dtype)
-    b = torch.randn(k, n, device=device, dtype=dtype)
-    flops = 2 * m * k * n * repeat
-    return flops, flops / bench_ms(lambda: [torch.mm(a, b) for _ in range(repeat)]) / 1e9
+# --------------------------------------------------------------------------- resources on the device
 
 
-def copy_ceiling() -> float:
-    x = torch.randn(64 * 2**20 // 4, device="cuda" if CUDA else "cpu")  # 64 MiB
+def resources(smoke: bool) -> dict:
+    """The compile tier's variants for this GPU, compiled and loaded: the table from the binaries.
+
+    On a CPU (no binary to load) a few variants are compiled for sm_90 in a
+    process without the interpreter, which exercises the same code.
+    """
+    if not CUDA:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "table.json")
+            env = dict(os.environ, TRITON_INTERPRET="0")
+            subprocess.run([sys.executable, "-m", "fastted.kernels.resources", "--arch", "sm_90", "--limit", "4",
+                            "--workers", "1", "--out", out], check=True, env=env, capture_output=True, text=True)
+            with open(out) as f:
+                table = json.load(f)
+        return dict(rows=table["rows"], problems=table["problems"], loaded=False)
+    from fastted.kernels import device_arch
+    from fastted.kernels import resources as tier
+
+    arch = device_arch(DEVICE)
+    rows = tier.table_on_device(arch, limit=8 if smoke else None)
+    return dict(arch=arch.name, rows=rows, problems=[p for row in rows for p in tier.problems(row, arch)],
+                loaded=True)
+
+
+# --------------------------------------------------------------------------- ceilings, floors, timings
+
+
+def ceilings() -> dict:
+    n = 8192 if CUDA else 512
+    a = torch.randn(n, n, device=DEVICE, dtype=torch.bfloat16 if CUDA else torch.float32)
+    x = torch.randn(64 * 2**20 // 4 if CUDA else 2**20, device=DEVICE)
     y = torch.empty_like(x)
-    return 2 * x.numel() * x.element_size() / bench_ms(lambda: y.copy_(x)) / 1e6
+    return dict(matmul_tflops=2 * n**3 / bench_ms(lambda: a @ a) / 1e9,
+                copy_gbs=2 * x.numel() * x.element_size() / bench_ms(lambda: y.copy_(x)) / 1e6)
 
 
-def work(loss: str, size: dict, level: str = "states") -> dict:
-    """The full step's GEMM FLOPs (and its matmul ceiling), or its minimal memory traffic."""
-    dtype = getattr(torch, size["dtype"])
+def gemms(loss: str, size: dict) -> list[tuple[int, int, int]] | None:
+    """The (m, k, n) GEMMs of one full training step of a GEMM-bound loss; None for a memory-bound one."""
     if loss == "filtered_mse":
         n, layers, d_s, d_t, d_f = (size[k] for k in ("n_tokens", "n_layers", "d_s", "d_t", "d_f"))
-        # 2 N d_f (d_s + d_t) forward + 2 * 2 N d_f d_s backward, as one matmul of K = 3 d_s + d_t
-        flops, tflops = matmul_ceiling(n, 3 * d_s + d_t, d_f, layers, dtype)
-        return dict(flops=flops, matmul_tflops=tflops)
+        # forward S W^T and H V^T; backward dS = G W and dW = G^T S (the teacher is frozen)
+        return [(n, d_s, d_f), (n, d_t, d_f), (n, d_f, d_s), (d_f, n, d_s)] * layers
     if loss == "fused_linear_kd":
         n, h_s, h_t, v = (size[k] for k in ("n_rows", "h_s", "h_t", "vocab"))
-        # both heads forward + the student's two backward GEMMs: 2 N V (3 H_s + H_t)
-        flops, tflops = matmul_ceiling(n, 3 * h_s + h_t, v, 1, dtype)
-        return dict(flops=flops, matmul_tflops=tflops)
+        # both heads forward; the student's dX = G W and dW = G^T X
+        return [(n, h_s, v), (n, h_t, v), (n, v, h_s), (v, n, h_s)]
+    return None
+
+
+def gemm_floor_ms(shapes, dtype) -> float:
+    """Milliseconds of the same GEMMs alone through torch (cuBLAS on a GPU), one after the other."""
+    ops = [(torch.randn(m, k, device=DEVICE, dtype=dtype), torch.randn(k, n, device=DEVICE, dtype=dtype))
+           for m, k, n in shapes]
+    return bench_ms(lambda: [a @ b for a, b in ops])
+
+
+def min_bytes(loss: str, size: dict, extra: dict) -> int:
+    """The least memory a full step of a memory-bound loss must move."""
+    item = getattr(torch, size["dtype"]).itemsize
+    if loss == "logit_kd":
+        return 3 * size["n_rows"] * size["vocab"] * item  # read s and t, write dLoss/ds
     if loss == "contrastive_kd":
-        # read the bank once (the gradient comes with the forward); from hidden states, also read both models'
-        # states and write the student's gradient
         states = size["n_layers"] * size["batch"] * size["seq"] * size["width"]
-        return dict(bytes=(size["bank"] * size["proj"] + (3 * states if level == "states" else 0)) * dtype.itemsize)
-    n, v = size["n_rows"], size["vocab"]
-    return dict(bytes=3 * n * v * dtype.itemsize)  # read s and t, write dLoss/ds: the least a full step moves
-
-
-# --------------------------------------------------------------------------- timings
-
-
-def timings(module, impls, size_name: str, extra: dict, w: dict) -> list[dict]:
-    device = torch.device("cuda" if CUDA else "cpu")
-    rows = []
-    for impl in impls:
-        case = module.make_case(impl, size_name, device, **extra)
-        for _ in range(3):  # warm-up: autotuning, compilation, allocator
-            case.full()
-        row = dict(
-            impl=impl,
-            forward_ms=bench_ms(case.forward),
-            backward_ms=bench_ms(case.backward, setup=case.prepare_backward),
-            full_ms=bench_ms(case.full),
-        )
-        if "flops" in w:
-            row["full_tflops"] = w["flops"] / row["full_ms"] / 1e9
-        else:
-            row["full_gbs"] = w["bytes"] / row["full_ms"] / 1e6
-        del case
-        if CUDA:
-            row["forward_peak_extra_mib"] = cuda_peak_extra_mb(module.step(impl, size_name, "forward", "cuda", **extra))
-            row["peak_extra_mib"] = cuda_peak_extra_mb(module.step(impl, size_name, "full", "cuda", **extra))
-            torch.cuda.empty_cache()
-        rows.append(row)
-    return rows
+        return (size["bank"] * size["proj"] + (3 * states if extra.get("level", "states") == "states" else 0)) * item
+    # pooling and the pooled distance: read every state once, write the student's gradient
+    states = size["n_layers"] * size["batch"] * size["seq"] * size["width"]
+    return (2 if loss == "pool_states" else 3) * states * item
 
 
 def _sizes(module) -> list[str]:
@@ -222,86 +260,133 @@ def _sizes(module) -> list[str]:
     return [name for name, s in sizes.items() if s["on"] == ("gpu" if CUDA else "cpu")]
 
 
-def suite(loss: str) -> dict:
-    module = {"filtered_mse": test_filtered_mse, "logit_kd": test_logit_kd,
-              "fused_linear_kd": test_fused_linear_kd, "contrastive_kd": test_contrastive_kd}[loss]
-    check = {"filtered_mse": correctness_filtered_mse, "logit_kd": correctness_logit_kd,
-             "fused_linear_kd": correctness_fused_linear_kd, "contrastive_kd": correctness_contrastive_kd}[loss]
-    result = dict(correctness=[c for dtype in (torch.bfloat16, torch.float16) for c in check(dtype)], runs=[])
+def _variants(loss: str, module) -> list[dict]:
+    if loss == "fused_linear_kd":
+        return [dict(objective=o) for o in module.OBJECTIVES]
+    if loss == "contrastive_kd":
+        return [dict(level=level) for level in module.LEVELS]
+    return [{}]
+
+
+def bench(loss: str, smoke: bool, ceiling: dict) -> list[dict]:
+    """fastted, eager and torch.compile (and Liger) side by side at the suite's sizes, with the floor."""
+    module = SUITES[loss]
     liger = CUDA and importlib.util.find_spec("liger_kernel") is not None
-    for size_name in _sizes(module):
+    runs = []
+    for size_name in _sizes(module)[: 1 if smoke else None]:
         size = module.SIZES[size_name]
-        variants = [{}]
-        if loss == "fused_linear_kd":
-            variants = [dict(objective=o) for o in module.OBJECTIVES]
-        if loss == "contrastive_kd":
-            variants = [dict(level=level) for level in module.LEVELS]
-        for extra in variants:
-            w = work(loss, size, extra.get("level", "states"))
+        for extra in _variants(loss, module)[: 1 if smoke else None]:
             impls = ["fastted", "eager", "compile"] + (["liger"] if liger and extra.get("objective") == "jsd" else [])
-            result["runs"].append(dict(size=size_name, sizes=size, **extra, work=w,
-                                       timings=timings(module, impls, size_name, extra, w)))
-    return result
+            run = dict(size=size_name, sizes=size, **extra, timings=[])
+            shapes = gemms(loss, size)
+            if shapes is not None:
+                run["floor_ms"] = gemm_floor_ms(shapes, getattr(torch, size["dtype"]))
+                run["floor_tflops"] = sum(2 * m * k * n for m, k, n in shapes) / run["floor_ms"] / 1e9
+            else:
+                run["min_bytes"] = min_bytes(loss, size, extra)
+                run["floor_ms"] = run["min_bytes"] / ceiling["copy_gbs"] / 1e6
+            for impl in impls[: 2 if smoke else None]:
+                case = module.make_case(impl, size_name, DEVICE, **extra)
+                for _ in range(2):  # warm-up: autotuning, compilation, allocator
+                    case.full()
+                row = dict(impl=impl, forward_ms=bench_ms(case.forward),
+                           backward_ms=bench_ms(case.backward, setup=case.prepare_backward),
+                           full_ms=bench_ms(case.full))
+                row["x_floor"] = row["full_ms"] / run["floor_ms"]
+                del case
+                if CUDA:
+                    row["peak_extra_mib"] = cuda_peak_extra_mb(module.step(impl, size_name, "full", "cuda", **extra))
+                    torch.cuda.empty_cache()
+                run["timings"].append(row)
+            runs.append(run)
+    return runs
 
 
-def report(loss: str, res: dict, copy_gbs: float) -> None:
-    failed = [c for c in res["correctness"] if not c["ok"]]
-    n = len(res["correctness"])
-    print(f"\n== {loss}: correctness {n - len(failed)}/{n} within tolerance")
-    for c in failed:
-        print(f"  FAILED {c}")
-    for run in res["runs"]:
-        w = run["work"]
-        ceiling = (f"matmul {w['matmul_tflops']:.1f} TFLOP/s" if "flops" in w else f"copy {copy_gbs:.0f} GB/s")
-        print(f"-- size {run['size']} {run['sizes']} {run.get('objective', run.get('level', ''))}; ceiling: {ceiling}")
-        print(f"{'impl':8s} {'fwd ms':>9s} {'bwd ms':>9s} {'full ms':>9s} {'rate':>9s} {'% ceil':>7s} {'peak MiB':>9s}")
-        by = {r["impl"]: r for r in run["timings"]}
-        for r in run["timings"]:
-            rate = r.get("full_tflops", r.get("full_gbs"))
-            ceil = w["matmul_tflops"] if "flops" in w else copy_gbs
-            print(f"{r['impl']:8s} {r['forward_ms']:9.3f} {r['backward_ms']:9.3f} {r['full_ms']:9.3f} {rate:9.1f} "
-                  f"{100 * rate / ceil:6.0f}% {r.get('peak_extra_mib', float('nan')):9.1f}")
-        f = by["fastted"]
-        line = f"full step: {by['eager']['full_ms'] / f['full_ms']:.2f}x eager, "
-        line += f"{by['compile']['full_ms'] / f['full_ms']:.2f}x torch.compile"
-        if "liger" in by:
-            line += f", {by['liger']['full_ms'] / f['full_ms']:.2f}x Liger"
-        if CUDA:
-            line += f"; peak memory {f['peak_extra_mib'] / by['eager']['peak_extra_mib']:.2f} of eager's"
-        print(line)
+# --------------------------------------------------------------------------- the run
 
 
-def main() -> int:
+def sections(smoke: bool) -> list[tuple[str, float, object]]:
+    """(name, estimated seconds on an H100, function of the results so far) in the order they run."""
+    out = [("recipes", 40, lambda r: correctness_recipes(smoke))]
+    out += [(f"correctness:{loss}", 25, lambda r, loss=loss: correctness(loss, smoke)) for loss in CHECKED]
+    out += [("autotune", 20, lambda r: autotune_first_calls(smoke)), ("resources", 60, lambda r: resources(smoke)),
+            ("ceilings", 5, lambda r: ceilings())]
+    out += [(f"bench:{loss}", 30, lambda r, loss=loss: bench(loss, smoke, r["sections"]["ceilings"]["data"]))
+            for loss in SUITES]
+    return out
+
+
+def failures(data) -> list:
+    """The failed checks of a section's data."""
+    if isinstance(data, list):
+        return [c for c in data if isinstance(c, dict) and c.get("ok") is False]
+    if isinstance(data, dict):
+        return list(data.get("problems", []))
+    return []
+
+
+def write(result: dict, out: str) -> None:
+    """Atomically: a kill mid-write leaves the previous file."""
+    tmp = out + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(tmp, out)
+
+
+def summary(result: dict) -> None:
+    print(f"\n{result['device']}, torch {result['torch']}, triton {result['triton']}")
+    for name, sec in result["sections"].items():
+        bad = sec.get("failed", [])
+        print(f"{name:28s} {sec['status']:8s} {sec['seconds']:6.1f} s  {len(bad)} failed")
+        for b in bad[:5]:
+            print(f"    {b}")
+        if name.startswith("bench:") and sec["status"] == "ok":
+            for run in sec["data"]:
+                label = run.get("objective", run.get("level", ""))
+                by = {row["impl"]: row for row in run["timings"]}
+                line = "  ".join(f"{impl} {row['full_ms']:.3f} ms ({row['x_floor']:.2f}x floor)"
+                                 for impl, row in by.items())
+                print(f"    {run['size']} {label}: {line}")
+
+
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    losses = ["filtered_mse", "logit_kd", "fused_linear_kd", "contrastive_kd"]
-    parser.add_argument("--loss", nargs="+", default=losses, choices=losses)
+    parser.add_argument("--budget", type=float, default=420.0, help="seconds for the whole run (default 420)")
+    parser.add_argument("--only", nargs="+", help="run only these sections (names as in the summary)")
+    parser.add_argument("--smoke", action="store_true", help="one case per section: checks the script")
     parser.add_argument("--out", default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    start = time.monotonic()
     name = torch.cuda.get_device_name() if CUDA else "cpu"
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip()
-    copy_gbs = copy_ceiling()
-    result = dict(
-        device=name, torch=torch.__version__, triton=triton.__version__, fastted=fastted.__version__,
-        commit=commit, date=datetime.date.today().isoformat(), copy_gbs=copy_gbs,
-        liger=importlib.util.find_spec("liger_kernel") is not None, losses={},
-    )
+    result = dict(device=name, torch=torch.__version__, triton=triton.__version__, fastted=fastted.__version__,
+                  commit=commit, date=datetime.date.today().isoformat(), budget_s=args.budget, smoke=args.smoke,
+                  liger=importlib.util.find_spec("liger_kernel") is not None, sections={})
     out = args.out or os.path.join(HERE, "results", f"{result['date']}-{name.replace(' ', '-').lower()}-gpu-check.json")
-    result["recipes"] = [c for dtype in (torch.bfloat16, torch.float16) for c in correctness_recipes(dtype)]
-    for loss in args.loss:
-        result["losses"][loss] = suite(loss)
-        with open(out, "w") as f:  # after every loss: a later failure keeps what was measured
-            json.dump(result, f, indent=1)
-    print(f"\n{name}, torch {torch.__version__}, triton {triton.__version__}, copy {copy_gbs:.0f} GB/s")
-    for loss, res in result["losses"].items():
-        report(loss, res, copy_gbs)
-    failed = [c for c in result["recipes"] if not c["ok"]]
-    print(f"recipes (TED, LWD, KD, CoDIR, RAIL-KD, DWT x 3 tasks) in bf16 and fp16: "
-          f"{len(result['recipes']) - len(failed)}/{len(result['recipes'])} within tolerance")
-    for c in failed:
-        print(f"  FAILED {c['recipe']} {c['task']} {c['dtype']}: {c['error']}")
-    print(f"wrote {out}")
-    checks = [c for res in result["losses"].values() for c in res["correctness"]] + result["recipes"]
-    return 1 if any(not c["ok"] for c in checks) else 0
+    for section, estimate, fn in sections(args.smoke):
+        if args.only and section not in args.only:
+            continue
+        left = args.budget - (time.monotonic() - start)
+        if left < estimate and not args.smoke:
+            result["sections"][section] = dict(status="skipped", seconds=0.0,
+                                               reason=f"{left:.0f} s of the budget left, {estimate} s estimated")
+        else:
+            began = time.monotonic()
+            try:
+                data = fn(result)
+                bad = failures(data)
+                entry = dict(status="failed" if bad else "ok", data=data, failed=bad)
+            except Exception:  # a broken section is reported and the run goes on
+                entry = dict(status="error", error=traceback.format_exc()[-4000:], failed=["exception"])
+            entry["seconds"] = round(time.monotonic() - began, 1)
+            result["sections"][section] = entry
+            if CUDA:
+                torch.cuda.empty_cache()
+        result["seconds"] = round(time.monotonic() - start, 1)
+        write(result, out)  # after every section
+    summary(result)
+    print(f"wrote {out} ({result['seconds']} s)")
+    return 0 if all(s["status"] in ("ok", "skipped") for s in result["sections"].values()) else 1
 
 
 if __name__ == "__main__":
