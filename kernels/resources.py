@@ -160,22 +160,27 @@ def _logit_kd_cases(sizes, full):
 def _contrastive_cases(sizes, full):
     from fastted.kernels.contrastive_kd import contrastive_forward
 
-    # (vectors, bank): one dtype, or the student's low-precision vectors against the MemoryBank's fp32 bank
-    pairs = [(d, d) for d in DTYPES] + [(torch.bfloat16, torch.float32), (torch.float16, torch.float32)]
-    for s_dtype, n_dtype in pairs:
+    # (student, teacher, bank): one dtype, the student's low-precision vectors against the MemoryBank's fp32
+    # bank, and an fp32 teacher head beside a bf16 student
+    triples = [(d, d, d) for d in DTYPES] + [(torch.bfloat16, torch.bfloat16, torch.float32),
+                                             (torch.float16, torch.float16, torch.float32),
+                                             (torch.bfloat16, torch.float32, torch.float32)]
+    for s_dtype, t_dtype, n_dtype in triples:
         for (b, k, d), size in sizes:
             for per_anchor in (False, True):
                 if per_anchor and b * k * d > 2**34:
                     continue
-                for flags, _ in _flag_sets(full, _reduced(s_dtype, size) or _reduced(n_dtype, size), labels=(True, False), grads=("s,t", "s", "none")):
+                reduced = _reduced(s_dtype, size) or _reduced(n_dtype, size) or t_dtype != s_dtype
+                for flags, _ in _flag_sets(full, reduced, labels=(True, False), grads=("s,t", "s", "none")):
                     has_labels = flags["labels"]
                     grad_s, grad_t = flags["grads"] != "none", flags["grads"] == "s,t"
                     s = _empty((b, d), s_dtype)
-                    t = _empty((b, d), s_dtype)
+                    t = _empty((b, d), t_dtype)
                     neg = _empty((b, k, d) if per_anchor else (k, d), n_dtype)
                     labels = _empty((b,), torch.int64) if has_labels else None
                     neg_labels = _empty((b, k) if per_anchor else (k,), torch.int64) if has_labels else None
-                    case = dict(op="contrastive_kd", size=size, dtype=f"{s_dtype}/{n_dtype}",
+                    teacher = "" if t_dtype == s_dtype else f" (teacher {t_dtype})"
+                    case = dict(op="contrastive_kd", size=size, dtype=f"{s_dtype}/{n_dtype}{teacher}",
                                 per_anchor=per_anchor, **flags)
                     yield case, lambda: contrastive_forward(
                         s, t, neg, _empty((b,), torch.float32), labels=labels, negative_labels=neg_labels,
