@@ -5,7 +5,9 @@ weights w = mask / count, for all L layers at once, written straight into the
 concatenated (B, L * D) output. Tokens of weight 0 (padding) are never read.
 
 Backward: dLoss/dh_l[b, t, j] = w[b, t] g[b, l * D + j], all layers in one
-launch into one (L, B, T, D) buffer whose slices are the layers' gradients.
+launch into one (L, B, T, D) buffer whose slices are the layers' gradients
+(grid: examples x token blocks on the first axis, whose limit is 2^31 - 1,
+layers on the second).
 
 Each layer is addressed as a base pointer plus a per-layer element offset, so
 the states stay where the model put them (they share shape, strides, dtype).
@@ -69,9 +71,12 @@ def mean_pool_bwd_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    b = tl.program_id(0).to(tl.int64)
-    ts = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
-    layer = tl.program_id(2).to(tl.int64)
+    # one grid axis for (example, block of tokens): y and z stop at 65,535, and T / BLOCK_T passes that
+    pid = tl.program_id(0).to(tl.int64)
+    t_blocks = tl.cdiv(T, BLOCK_T)
+    b = pid // t_blocks
+    ts = (pid % t_blocks) * BLOCK_T + tl.arange(0, BLOCK_T)
+    layer = tl.program_id(1).to(tl.int64)
     t_ok = ts < T
     w = tl.load(w_ptr + b * T + ts, mask=t_ok, other=0.0)
     out = gh_ptr + ((layer * B + b) * T + ts[:, None]) * D
@@ -115,7 +120,7 @@ def mean_pool_backward(grad: torch.Tensor, weights: torch.Tensor, n_layers: int,
     out = torch.empty((n_layers, B, T, D), dtype=dtype, device=grad.device)
     block_t, block_d = _blocks(D)
     launch(
-        mean_pool_bwd_kernel, (B, triton.cdiv(T, block_t), n_layers),
+        mean_pool_bwd_kernel, (B * triton.cdiv(T, block_t), n_layers),
         grad, weights, out,
         B, T, D, n_layers,
         grad.stride(0),

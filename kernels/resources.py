@@ -212,7 +212,7 @@ CONTRASTIVE_SIZES = [((256, 65536, 128), "benchmark"), ((256, 4096, 768), "d768"
                      ((64, 4096, 200), "d200"), ((64, 4096, 48), "d48"), ((33, 1000, 100), "odd"),
                      ((2**16, 2**20, 1024), "largest")]
 POOLING_SIZES = [((32, 128, 768, 12), "benchmark"), ((8, 4096, 4096, 32), "large"), ((3, 77, 100, 5), "odd"),
-                 ((16, 2**16, 4096, 64), "largest")]
+                 ((2, 2**20, 4096, 64), "largest"), ((2**17, 128, 768, 12), "largest")]
 
 
 def recorded_launches(arch: Arch, full: bool = False) -> list[tuple[dict, Launch]]:
