@@ -122,7 +122,7 @@ def device_arch(device: torch.device) -> Arch:
 def aligned_row_stride(columns: int, dtype: torch.dtype) -> int:
     """The row stride (elements) of a buffer of ``columns`` columns whose rows start 16-byte aligned: what
     lets a row kernel load 128 bits at a time (a stride of 30,522 bf16 elements makes every load scalar)."""
-    size = torch.empty((), dtype=dtype).element_size()
+    size = dtype.itemsize
     return -(-columns * size // 16) * 16 // size
 
 

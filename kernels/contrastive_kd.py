@@ -240,7 +240,7 @@ def _blocks(D: int, per_anchor: bool, n_dtype: torch.dtype, arch) -> dict:
     depends on the bank's element size: an fp32 bank of width 1024 takes twice a bf16 one's.
     """
     block_d = max(16, triton.next_power_of_2(D))
-    n_size = torch.empty((), dtype=n_dtype).element_size()
+    n_size = n_dtype.itemsize
     if per_anchor:  # one anchor, its own negatives: no tl.dot, a tile of about 8 KB
         return dict(BLOCK_B=1, BLOCK_K=max(16, 8192 // (block_d * n_size)), BLOCK_D=block_d,
                     num_warps=4 if block_d < 128 else 8, num_stages=2)

@@ -69,7 +69,7 @@ def configs_for(dtype: torch.dtype, arch, aligned: bool = True) -> list[triton.C
         configs = FP32_CONFIGS
     else:
         configs = TENSOR_CORE_CONFIGS if aligned else UNALIGNED_CONFIGS
-    size = torch.empty((), dtype=dtype).element_size()
+    size = dtype.itemsize
     return [c for c in configs if shared_bytes(c, size) <= arch.shared_per_block]
 
 

@@ -229,6 +229,12 @@ def recorded_launches(arch: Arch, full: bool = False) -> list[tuple[dict, Launch
     return out
 
 
+def config_label(kwargs: dict) -> str:
+    """The table's name of a launch's choice: its block sizes, group size, warps and stages."""
+    return ",".join(f"{k}={v}" for k, v in kwargs.items()
+                    if k.startswith("BLOCK") or k in ("GROUP_M", "num_warps", "num_stages"))
+
+
 def _unwrap(launch: Launch, arch: Arch):
     """(JITFunction, [(config label, kwargs)]) of a recorded launch: one entry per config kept on arch."""
     kernel, kwargs = launch.kernel, dict(launch.kwargs)
@@ -246,8 +252,7 @@ def _unwrap(launch: Launch, arch: Arch):
     out = []
     for config in configs:
         kw = dict(kwargs, **(config.all_kwargs() if config is not None else {}))
-        label = {k: v for k, v in kw.items() if k.startswith("BLOCK") or k in ("GROUP_M", "num_warps", "num_stages")}
-        out.append((",".join(f"{k}={v}" for k, v in label.items()), kw))
+        out.append((config_label(kw), kw))
     return kernel, out
 
 

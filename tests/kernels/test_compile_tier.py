@@ -68,6 +68,7 @@ def test_every_autotune_config_of_each_dtype_is_compiled(tier, arch):
     """The autotuner may pick any config its pruning keeps: each one is in the table, for every dtype."""
     from fastted.kernels import ARCHS as LIMITS
     from fastted.kernels import filtered_mse
+    from fastted.kernels.resources import config_label
 
     import torch
 
@@ -77,8 +78,7 @@ def test_every_autotune_config_of_each_dtype_is_compiled(tier, arch):
         assert configs
         compiled = {r["config"] for r in rows if r["dtype"] == str(dtype)}
         for config in configs:
-            label = ",".join(f"{k}={v}" for k, v in config.all_kwargs().items()
-                             if k.startswith("BLOCK") or k in ("GROUP_M", "num_warps", "num_stages"))
+            label = config_label(config.all_kwargs())
             assert label in compiled, f"{dtype} config {label} not compiled for {arch}"
 
 
