@@ -31,6 +31,10 @@ setup(
         "gguf>=0.10",       # GGUF checkpoints (the SmolLM2 example) through transformers
         "accelerate>=0.26",
     ],
-    extras_require={"dev": ["pytest>=8", "pytest-benchmark>=4"], "tensorboard": ["tensorboard"]},
+    extras_require={
+        # liger-kernel: a baseline of `pytest benchmarks/` (its chunked losses run on a CPU too)
+        "dev": ["pytest>=8", "pytest-benchmark>=4", "liger-kernel>=0.8"],
+        "tensorboard": ["tensorboard"],
+    },
     entry_points={"console_scripts": ["fastted = fastted.cli:main"]},
 )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import time
 from typing import Callable
 
 import torch
@@ -120,8 +121,12 @@ def run_benchmark(benchmark, sync, case: Case, mode: str, check: Callable[[Case]
     the peak memory is measured in a fresh process (benchmarks/memory.py).
     """
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    for _ in range(2):  # warm-up: autotuning, compilation, allocator
+    for i in range(2):  # warm-up: autotuning, compilation, allocator; the first call's time is recorded
+        start = time.perf_counter()
         case.full()
+        sync()
+        if i == 0:
+            benchmark.extra_info["first_call_s"] = time.perf_counter() - start
     if mode == "forward":
         benchmark(lambda: (case.forward(), sync()))
     elif mode == "full":

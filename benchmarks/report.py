@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 import sys
 
-ORDER = ["fastted", "eager", "compile", "liger"]
-NAMES = {"compile": "torch.compile", "liger": "Liger"}
+ORDER = ["fastted", "eager", "compile", "liger", "liger-triton"]
+NAMES = {"compile": "torch.compile", "liger": "Liger (chunked, compiled)", "liger-triton": "Liger (Triton)"}
 
 
 def _group_header(path, machine, test, info) -> str:
@@ -35,6 +35,10 @@ def table(path: str) -> str:
         group["rows"].setdefault(mode, {})[impl] = (
             bench["stats"]["median"] * 1e3, bench["extra_info"].get("peak_extra_mib")
         )
+        first = bench["extra_info"].get("first_call_s")
+        if first is not None:  # the first call of a process: compilation, autotuning (whichever mode ran first)
+            firsts = group.setdefault("first", {})
+            firsts[impl] = max(firsts.get(impl, 0.0), first)
     out = []
     for (test, _), group in groups.items():
         rows = group["rows"]
@@ -62,6 +66,10 @@ def table(path: str) -> str:
             cells = [f"{peaks[i]:.1f}" if i in peaks else "-" for i in impls]
             ratio = f"{peaks['fastted'] / peaks['eager']:.2f}" if peaks.get("eager") else "-"
             out.append(f"| {mode} | " + " | ".join(cells) + f" | {ratio} |")
+        firsts = group.get("first", {})
+        if firsts:
+            out += ["", "First call of the process (full step; compilation and autotuning included): "
+                    + ", ".join(f"{NAMES.get(i, i)} {firsts[i]:.2f} s" for i in impls if i in firsts) + "."]
         out.append("")
     return "\n".join(out).rstrip()
 

@@ -38,11 +38,14 @@ class Arch:
     max_regs_per_thread: int = 255
     max_threads_per_sm: int = 2048
     max_blocks_per_sm: int = 32
+    # Dense bf16 tensor-core FLOP per byte of HBM bandwidth (A100: 312 TFLOP/s over 2.0 TB/s; H100 SXM:
+    # 989 over 3.35): how many rows a GEMM must share a weight read among to stay compute-bound.
+    flops_per_byte: int = 256
 
 
 ARCHS = {
-    "sm_80": Arch("sm_80", 80, "A100", shared_per_block=166_912, shared_per_sm=167_936),
-    "sm_90": Arch("sm_90", 90, "H100/H200", shared_per_block=232_448, shared_per_sm=233_472),
+    "sm_80": Arch("sm_80", 80, "A100", shared_per_block=166_912, shared_per_sm=167_936, flops_per_byte=156),
+    "sm_90": Arch("sm_90", 90, "H100/H200", shared_per_block=232_448, shared_per_sm=233_472, flops_per_byte=295),
 }
 # CUDA's grid limits: x up to 2^31 - 1 blocks, y and z up to 65,535.
 MAX_GRID = (2**31 - 1, 65535, 65535)
@@ -105,7 +108,8 @@ def _cuda_arch(index: int) -> Arch:
     shared = driver.active.utils.get_device_properties(index)["max_shared_mem"]
     return Arch(f"sm_{props.major}{props.minor}", 10 * props.major + props.minor, props.name,
                 shared_per_block=shared, shared_per_sm=props.shared_memory_per_multiprocessor,
-                max_threads_per_sm=props.max_threads_per_multi_processor)
+                max_threads_per_sm=props.max_threads_per_multi_processor,
+                flops_per_byte=ARCHS["sm_80" if props.major < 9 else "sm_90"].flops_per_byte)
 
 
 def device_arch(device: torch.device) -> Arch:

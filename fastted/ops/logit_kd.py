@@ -11,6 +11,7 @@ rows), the autograd Function, the functional :func:`logit_kd` and the module
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -108,6 +109,39 @@ def check_logits(student_logits, teacher_logits) -> None:
 # --------------------------------------------------------------------------- the PyTorch path
 
 
+class Workspace:
+    """(R, V) buffers that the blocks of one call share, by name: each is allocated once, at the first block
+    that needs it, so that no block pays for fresh pages (on a CPU a fresh 32 MB buffer costs more than the
+    pass that fills it)."""
+
+    def __init__(self):
+        self.buffers: dict[str, Tensor] = {}
+
+    def get(self, name: str, like: Tensor, dtype: torch.dtype) -> Tensor:
+        rows, vocab = like.shape
+        buf = self.buffers.get(name)
+        if buf is None or buf.shape[0] < rows or buf.shape[1] != vocab or buf.dtype != dtype:
+            buf = self.buffers[name] = torch.empty((rows, vocab), dtype=dtype, device=like.device)
+        return buf[:rows]
+
+
+def _log_softmax_into(out: Tensor, z: Tensor, inv_t: float) -> Tensor:
+    """out = log_softmax(z * inv_t) over the last axis, written in place of out (which may be z itself).
+
+    In place through the out= overload of ATen's CPU kernel, which reads each row before it writes it; that
+    kernel writes as if out were contiguous, so a strided out goes through a temporary."""
+    if inv_t != 1.0:
+        z = torch.mul(z, inv_t, out=out) if z.dtype == out.dtype else out.copy_(z).mul_(inv_t)
+    if not out.is_contiguous():
+        return out.copy_(torch.log_softmax(z, -1, dtype=out.dtype))
+    return torch.ops.aten._log_softmax.out(z.to(out.dtype), -1, False, out=out)
+
+
+def _rowdot(a: Tensor, b: Tensor) -> Tensor:
+    """sum_v a * b per row."""
+    return torch.linalg.vecdot(a, b)
+
+
 def logit_kd_rows(
     zs: Tensor,
     zt: Tensor,
@@ -121,8 +155,160 @@ def logit_kd_rows(
     beta: float,
     soft_weight: float,
     hard_weight: float,
+    workspace: Optional[Workspace] = None,
+    scratch: bool = False,
 ) -> tuple[Tensor, Optional[Tensor]]:
     """A block of rows of the fused logit losses: the CPU twin of the Triton row kernel.
+
+    zs, zt: (R, V) student and teacher logits; kd_coef: (R,) weight of each
+    row's divergence in the mean (mask / count); labels, ce_coef: (R,) hard
+    labels and the weight of each row's cross-entropy, or None. Writes
+    dLoss/dzs into grad (R, V) when given (grad may be zs itself: the fused
+    LM head turns its block of logits into their gradient), where
+    loss = soft_weight T^2 sum_r kd_coef_r D_r + hard_weight sum_r ce_coef_r CE_r.
+    Returns the per-row divergence D (without T^2) and cross-entropy, fp32
+    (fp64 for fp64 logits), 0 on rows whose weight is 0.
+
+    On a CPU the divergences are written as a few fused passes over the block
+    (log-softmaxes in place, the divergence from row dot products of
+    log-probabilities, the gradient built in the student's buffer), about a
+    third of the passes of the formulas in :func:`logit_kd_rows_exact`; rows
+    where those dot products are not finite (logits of -inf: 0 * -inf) are
+    then recomputed by :func:`logit_kd_rows_exact` from their saved
+    log-probabilities, so banned tokens stay exact. ``workspace`` lends the
+    blocks of one call their (R, V) buffers; ``scratch`` says that zs and zt
+    are the caller's own buffers and may be overwritten. On other devices (the reference path of a CUDA
+    tensor: float64, or forced) this is :func:`logit_kd_rows_exact`.
+    """
+    opts = dict(temperature=temperature, divergence=divergence, beta=beta, soft_weight=soft_weight,
+                hard_weight=hard_weight)
+    if zs.device.type != "cpu":  # the fast path syncs on its fallback rows: CPU only
+        return logit_kd_rows_exact(zs, zt, kd_coef, labels, ce_coef, grad, **opts)
+    if divergence == "jsd" and beta in (0.0, 1.0):
+        divergence = "forward_kl" if beta == 0.0 else "reverse_kl"
+    ws = workspace if workspace is not None else Workspace()
+    acc = torch.promote_types(zs.dtype, torch.float32)
+    n_rows, vocab = zs.shape
+    inv_t = 1.0 / temperature
+    kd_coef = kd_coef.to(acc)
+    want = grad is not None
+    keep = kd_coef != 0
+
+    # The cross-entropy's parts that need the raw student logits, before its buffer is overwritten.
+    ce_rows = hc = onehot_rows = softmax1 = None
+    if labels is not None:
+        ce_coef = ce_coef.to(acc)
+        keep = keep | (ce_coef != 0)
+        in_range = (labels >= 0) & (labels < vocab)
+        safe = torch.where(in_range, labels, 0)[:, None]
+        hc = hard_weight * ce_coef
+        onehot_rows = (safe, torch.where(in_range, hc, 0)[:, None])
+        if temperature != 1.0:
+            picked = zs.gather(1, safe)[:, 0].to(acc)
+            softmax1 = ws.get("softmax1", zs, acc)  # exp(s - max), then softmax(s) once the sum is known
+            top = zs.amax(-1).to(acc)
+            torch.sub(zs, top[:, None], out=softmax1).exp_()
+            total = softmax1.sum(-1)
+            ce_rows = torch.log(total) + top - picked
+            if want:
+                softmax1.mul_((hc / total)[:, None])  # hard_weight ce_coef softmax(s): the CE's dense gradient
+
+    # Log-probabilities at temperature T, in place where the caller allows it: the student's in zs or in
+    # the gradient's buffer (where the gradient is built), the teacher's in zt.
+    if scratch and zs.dtype == acc:
+        ls = zs
+    elif want and grad.dtype == acc:
+        ls = grad
+    else:
+        ls = ws.get("ls", zs, acc)
+    _log_softmax_into(ls, zs, inv_t)
+    lt = zt if scratch and zt.dtype == acc else ws.get("lt", zt, acc)
+    _log_softmax_into(lt, zt, inv_t)
+    if labels is not None and temperature == 1.0:
+        ce_rows = -ls.gather(1, safe)[:, 0]
+
+    # The divergence per row, from dot products of what the log-softmaxes gave.
+    if divergence == "forward_kl":  # D = sum p (lt - ls)
+        p = torch.exp(lt, out=ws.get("p", zs, acc))
+        rows = _rowdot(p, lt) - _rowdot(p, ls)
+    elif divergence == "reverse_kl":  # D = sum q (ls - lt)
+        q = torch.exp(ls, out=ws.get("p", zs, acc))
+        rows = _rowdot(q, ls) - _rowdot(q, lt)
+    else:  # D = beta sum p lt + (1 - beta) sum q ls - sum m log m, m = (1 - beta) (q + beta / (1 - beta) p)
+        q = torch.exp(ls, out=ws.get("q", zs, acc))
+        p = torch.exp(lt, out=ws.get("p", zs, acc))
+        m1 = torch.add(q, p, alpha=beta / (1 - beta), out=ws.get("m", zs, acc))  # m / (1 - beta)
+        rows_p, rows_q = _rowdot(p, lt), _rowdot(q, ls)
+        lm1 = torch.log(m1, out=p)  # log(m / (1 - beta)); p is not needed any more
+        rows = beta * rows_p + (1 - beta) * (rows_q - _rowdot(m1, lm1)) - math.log(1 - beta)
+
+    # Rows the few passes cannot give exactly: keep their log-probabilities for the exact formulas.
+    bad = keep & ~torch.isfinite(rows if ce_rows is None else rows + ce_rows)
+    fix = None
+    if bool(bad.any()):
+        idx = bad.nonzero()[:, 0]
+        fix = (idx, ls[idx] * temperature, lt[idx] * temperature)  # logits whose log_softmax(. / T) is ls, lt
+
+    if want:
+        kc = soft_weight * temperature * kd_coef  # dLoss/dzs = kc * dD/d(zs / T)
+        g = ls
+        if divergence == "forward_kl":  # kc (q - p) [+ hc q when T = 1]
+            g.exp_()
+            g.mul_((kc if hc is None or softmax1 is not None else kc + hc)[:, None])
+            g.addcmul_(p, kc[:, None], value=-1.0)
+        elif divergence == "reverse_kl":  # kc q (ls - lt - D) [+ hc q]
+            g.sub_(lt).sub_(rows[:, None]).mul_(kc[:, None])
+            if hc is not None and softmax1 is None:
+                g.add_(hc[:, None])
+            g.mul_(q)
+        else:  # kc (1 - beta) q (ls - lm - sum q (ls - lm)) [+ hc q]; lm = lm1 + log(1 - beta) cancels
+            shift = rows_q - _rowdot(q, lm1)
+            g.sub_(lm1).sub_(shift[:, None]).mul_((kc * (1 - beta))[:, None])
+            if hc is not None and softmax1 is None:
+                g.add_(hc[:, None])
+            g.mul_(q)
+        if softmax1 is not None:
+            g.add_(softmax1)
+        if onehot_rows is not None:
+            g.scatter_add_(1, onehot_rows[0], -onehot_rows[1])
+        if not bool(keep.all()):
+            g.index_fill_(0, (~keep).nonzero()[:, 0], 0)
+        if g is not grad:
+            grad.copy_(g)
+
+    rows = torch.where(kd_coef != 0, rows, 0)
+    if ce_rows is not None:
+        ce_rows = torch.where(ce_coef != 0, torch.where(in_range, ce_rows, float("nan")), 0)
+    if fix is not None:
+        idx, s_fix, t_fix = fix
+        g_fix = torch.empty_like(s_fix) if want else None
+        kd_fix, ce_fix = logit_kd_rows_exact(
+            s_fix, t_fix, kd_coef[idx], None if labels is None else labels[idx],
+            None if ce_coef is None else ce_coef[idx], g_fix, **opts,
+        )
+        rows[idx] = kd_fix
+        if ce_rows is not None:
+            ce_rows[idx] = ce_fix
+        if want:
+            grad[idx] = g_fix.to(grad.dtype)
+    return rows, ce_rows
+
+
+def logit_kd_rows_exact(
+    zs: Tensor,
+    zt: Tensor,
+    kd_coef: Tensor,
+    labels: Optional[Tensor],
+    ce_coef: Optional[Tensor],
+    grad: Optional[Tensor],
+    *,
+    temperature: float,
+    divergence: str,
+    beta: float,
+    soft_weight: float,
+    hard_weight: float,
+) -> tuple[Tensor, Optional[Tensor]]:
+    """A block of rows of the fused logit losses, straight from the formulas: the spec of :func:`logit_kd_rows`.
 
     zs, zt: (R, V) student and teacher logits; kd_coef: (R,) weight of each
     row's divergence in the mean (mask / count); labels, ce_coef: (R,) hard
@@ -130,7 +316,9 @@ def logit_kd_rows(
     dLoss/dzs into grad (R, V) when given, where
     loss = soft_weight T^2 sum_r kd_coef_r D_r + hard_weight sum_r ce_coef_r CE_r.
     Returns the per-row divergence D (without T^2) and cross-entropy, fp32
-    (fp64 for fp64 logits), 0 on rows whose weight is 0.
+    (fp64 for fp64 logits), 0 on rows whose weight is 0. About 15 passes over
+    the block; :func:`logit_kd_rows` runs it for the rows its own few passes
+    cannot give exactly (logits of -inf, non-finite values) and on CUDA.
     """
     acc = torch.promote_types(zs.dtype, torch.float32)
     kd_coef = kd_coef.to(acc)
@@ -178,9 +366,12 @@ def logit_kd_chunked(s: Tensor, t: Tensor, kd_coef: Tensor, grad: Optional[Tenso
     n_rows, vocab = s.shape
     block = max(1, CHUNK_ELEMENTS // vocab)
     rows = []
+    workspace = Workspace()
     for start in range(0, n_rows, block):
         r = slice(start, start + block)
-        kd, _ = logit_kd_rows(s[r], t[r], kd_coef[r], None, None, None if grad is None else grad[r], **opts)
+        kd, _ = logit_kd_rows(
+            s[r], t[r], kd_coef[r], None, None, None if grad is None else grad[r], workspace=workspace, **opts
+        )
         rows.append(kd)
     return torch.cat(rows)
 
