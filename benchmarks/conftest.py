@@ -1,6 +1,22 @@
-"""Benchmark setup: the report header and the device sync of timed functions."""
+"""Benchmark setup: the report header, the device sync of timed functions, a cold compilation cache."""
+import os
+import shutil
+import tempfile
+
 import pytest
 import torch
+
+# torch.compile keeps what it compiled on disk, across processes: the first call a benchmark records
+# (extra_info["first_call_s"]) would then hide the compilation that a user's first run pays. A fresh cache
+# for the session (shared by the memory probes' processes) makes that first call cold.
+_COLD_CACHE = None
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    _COLD_CACHE = os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="fastted-bench-inductor-")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _COLD_CACHE is not None:
+        shutil.rmtree(_COLD_CACHE, ignore_errors=True)
 
 
 def pytest_report_header(config):

@@ -16,7 +16,7 @@ NAMES = {"compile": "torch.compile", "liger": "Liger (chunked, compiled)", "lige
 
 
 def _group_header(path, machine, test, info) -> str:
-    facts = ", ".join(f"{k}={v}" for k, v in info.items() if k not in ("device", "on", "size", "peak_extra_mib"))
+    facts = ", ".join(f"{k}={v}" for k, v in info.items() if k not in ("device", "on", "size", "peak_extra_mib", "first_call_s"))
     cpu = machine.get("cpu", {}).get("brand_raw", "") if info["device"] == "cpu" else ""
     where = f"{info['device']} ({cpu})" if cpu else info["device"]
     return f"{test} on {where}, size {info['size']}: {facts}; from `{path}`"

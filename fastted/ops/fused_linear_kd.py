@@ -55,39 +55,45 @@ CPU_FLOPS_PER_BYTE = 16  # a 2-core AVX-512 Xeon: ~350 GFLOP/s fp32 GEMM over ~2
 MEMORY_BUDGET = {"cpu": 256 << 20, "cuda": 1 << 30}  # bytes of logits buffers (and CPU workspace) at most
 
 
-def block_rows(n_rows: int, vocab: int, xs: Tensor, ws: Tensor, xt: Tensor, wt: Tensor, needs_grad: bool,
-               chunk_size: Optional[int]) -> int:
-    """Rows per block: ``chunk_size``, or the smallest block whose GEMMs stay compute-bound, within the budget.
-
-    The compute-bound size is AMORTIZE x the device's FLOP per byte x (bytes
-    of the heads each block reads) / (FLOP each row costs), rounded up to a
-    multiple of 64; the budget (MEMORY_BUDGET of the device kind, at most a
-    sixteenth of a GPU's memory) caps the block's logits buffers and, on a
-    CPU, the row function's fp32 workspace.
-    """
-    if chunk_size is not None:
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive int (rows per block), got {chunk_size!r}")
-        return min(chunk_size, n_rows)
-    h_s, h_t = xs.shape[-1], xt.shape[-1]
-    e_s, e_t = ws.dtype.itemsize, wt.dtype.itemsize
-    device = xs.device
+def compute_bound_rows(vocab: int, h_s: int, h_t: int, e_s: int, e_t: int, needs_grad: bool, balance: float,
+                       budget: int, row_bytes: int) -> int:
+    """The smallest multiple of 64 rows whose GEMMs spend at most 1 / AMORTIZE of their time re-reading the
+    heads at ``balance`` FLOP per byte (e_s, e_t: element sizes of the heads), or what ``budget`` bytes hold
+    at ``row_bytes`` per row, whichever is fewer (before the batch's own row count)."""
     head_bytes = vocab * (e_s * h_s * (2 if needs_grad else 1) + e_t * h_t + (8 * h_s if needs_grad else 0))
     row_flops = 2 * vocab * (h_s + h_t + (2 * h_s if needs_grad else 0))
-    if device.type == "cuda":
-        balance = device_arch(device).flops_per_byte
-        total = torch.cuda.get_device_properties(device).total_memory
-        budget = min(MEMORY_BUDGET["cuda"], total // 16)
-        row_bytes = vocab * (e_s + e_t)
-    else:
-        balance, budget = CPU_FLOPS_PER_BYTE, MEMORY_BUDGET.get(device.type, MEMORY_BUDGET["cpu"])
-        row_bytes = vocab * (e_s + e_t + 4 * 4)  # the row function's fp32 buffers: up to four (JSD + CE)
     rows = -(-AMORTIZE * balance * head_bytes // row_flops)
     rows = -(-rows // 64) * 64
     cap = budget // row_bytes
     if cap >= 32:
         cap -= cap % 16  # GEMM-friendly blocks
-    return max(1, min(rows, cap, n_rows))
+    return max(1, min(rows, cap))
+
+
+def block_rows(n_rows: int, vocab: int, xs: Tensor, ws: Tensor, xt: Tensor, wt: Tensor, needs_grad: bool,
+               chunk_size: Optional[int]) -> int:
+    """Rows per block: ``chunk_size``, or the smallest block whose GEMMs stay compute-bound, within the budget.
+
+    :func:`compute_bound_rows` at the device's FLOP per byte (the GPU
+    architecture's, or CPU_FLOPS_PER_BYTE); the budget (MEMORY_BUDGET of the
+    device kind, at most a sixteenth of a GPU's memory) caps the block's two
+    logits buffers and, on a CPU, the row function's fp32 workspace.
+    """
+    if chunk_size is not None:
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive int (rows per block), got {chunk_size!r}")
+        return min(chunk_size, n_rows)
+    e_s, e_t = ws.dtype.itemsize, wt.dtype.itemsize
+    device = xs.device
+    if device.type == "cuda":
+        balance = device_arch(device).flops_per_byte
+        budget = min(MEMORY_BUDGET["cuda"], torch.cuda.get_device_properties(device).total_memory // 16)
+        row_bytes = vocab * (e_s + e_t)
+    else:
+        balance, budget = CPU_FLOPS_PER_BYTE, MEMORY_BUDGET["cpu"]
+        row_bytes = vocab * (e_s + e_t + 4 * 4)  # the row function's fp32 buffers: up to four (JSD + CE)
+    rows = compute_bound_rows(vocab, xs.shape[-1], xt.shape[-1], e_s, e_t, needs_grad, balance, budget, row_bytes)
+    return min(rows, n_rows)
 
 
 def _head(x: Tensor, w: Tensor, b: Optional[Tensor], out: Tensor) -> Tensor:
@@ -240,9 +246,10 @@ def fused_linear_kd(
     cross-entropy of the student logits (temperature 1) on ``hard_labels``,
     averaged over the rows the mask keeps and the labels do not ignore: DWT's
     and continual pre-training's ``alpha_h * CE + alpha_s * KL`` in one pass.
-    The logits are computed a block of rows at a time (``chunk_size`` rows;
-    default: a block about as large as the hidden states) and never exist
-    for the whole batch.
+    The logits are computed a block of rows at a time and never exist for
+    the whole batch: ``chunk_size`` rows, or by default the smallest block
+    whose GEMMs stay compute-bound on the device (each block re-reads both
+    heads), within a memory budget (see :func:`block_rows`).
 
     Args:
         student_hidden: (N, H_s) or (B, T, H_s); student_weight: (V_s, H_s)

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from fastted.ops.checks import as_list, check_impl, check_positive_int, check_weight
 from fastted.ops.contrastive_kd import EPS
 from fastted.ops.pooling import check_pooling, check_states, pool_states, valid_examples
-from fastted.reference import masked_mean
+from fastted.reference import masked_mean, safe_count
 
 
 def check_projections(name: str, weights, biases, widths: list[int], in_name: str) -> list:
@@ -108,6 +108,17 @@ def pooled_distance(
                                "the pooled teacher layer(s)")
 
     valid = valid_examples(ps[0].shape[0], ps[0].device, mask, teacher_mask)
+    if len(ps) > 1:
+        a, b = _project_layers(ps, proj_s), _project_layers(pt, proj_t)
+        if a is not None and b is not None and a.shape[-1] == b.shape[-1]:  # all layers at once: (L, B, P)
+            acc = torch.promote_types(a.dtype, torch.float32)
+            a = F.normalize(a.to(acc), dim=-1, eps=EPS)
+            b = F.normalize(b.to(acc), dim=-1, eps=EPS)
+            weights = valid.to(acc) / safe_count(valid.sum().to(acc))
+            distances = torch.where(valid, (a - b).square().sum(-1), 0)  # (L, B)
+            layer_losses = distances @ weights  # (L,): each layer's mean over the valid examples
+            loss = layer_losses.sum()
+            return (loss, layer_losses.detach()) if return_layer_losses else loss
     losses = []
     for a, b, (w, wb), (v, vb) in zip(ps, pt, proj_s, proj_t):
         a = a if w is None else F.linear(a, w, wb)
@@ -124,6 +135,22 @@ def pooled_distance(
     layer_losses = torch.stack(losses)
     loss = layer_losses.sum()
     return (loss, layer_losses.detach()) if return_layer_losses else loss
+
+
+def _project_layers(vectors: list[Tensor], projections: list) -> Optional[Tensor]:
+    """The L layers' (B, d) vectors through their L projections as one batched matmul: (L, B, P), or None
+    when the layers differ in what they have (a projection, a bias) or in shape (the loop does those)."""
+    weights = [w for w, _ in projections]
+    biases = [b for _, b in projections]
+    if any(w is None for w in weights):
+        return torch.stack(vectors) if all(w is None for w in weights) else None
+    if len({tuple(w.shape) for w in weights}) != 1 or len({b is None for b in biases}) != 1:
+        return None
+    x = torch.stack(vectors)  # (L, B, d)
+    w = torch.stack(weights).transpose(1, 2)  # (L, d, P)
+    if biases[0] is None:
+        return torch.bmm(x, w)
+    return torch.baddbmm(torch.stack(biases)[:, None, :], x, w)
 
 
 class PooledDistanceLoss(nn.Module):

@@ -211,3 +211,47 @@ def test_fused_linear_kd_float64_reference_path():
     want = fused_linear_kd_reference(**inputs, temperature=2.0, hard_weight=0.3)[0]
     assert got.dtype == torch.float64
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def _head_time_share(rows, vocab, h_s, h_t, e, balance):
+    """The time a block's re-read of the heads (and the fp32 weight gradient) takes, over its GEMMs' time."""
+    head_bytes = vocab * (2 * e * h_s + e * h_t + 8 * h_s)
+    return head_bytes * balance / (rows * 2 * vocab * (3 * h_s + h_t))
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+@pytest.mark.parametrize("vocab", [32000, 128256])
+def test_gpu_blocks_keep_the_gemms_compute_bound(arch, vocab):
+    """At the issue's GPU size (N = 8192, H_s = 2048, H_t = 4096, bf16) the default block is the smallest
+    multiple of 64 rows whose re-read of the heads costs at most 1 / AMORTIZE of its GEMMs' time, and its
+    two logits buffers fit the budget (131-row blocks, the old rule's, spent more on traffic than on FLOP)."""
+    from fastted.kernels import ARCHS
+    from fastted.ops.fused_linear_kd import AMORTIZE, MEMORY_BUDGET, compute_bound_rows
+
+    balance = ARCHS[arch].flops_per_byte
+    budget = MEMORY_BUDGET["cuda"]
+    rows = compute_bound_rows(vocab, 2048, 4096, 2, 2, True, balance, budget, vocab * 4)
+    assert rows % 64 == 0 and rows * vocab * 4 <= budget
+    assert _head_time_share(rows, vocab, 2048, 4096, 2, balance) <= 1 / AMORTIZE
+    assert _head_time_share(rows - 64, vocab, 2048, 4096, 2, balance) > 1 / AMORTIZE
+    assert _head_time_share(131, vocab, 2048, 4096, 2, balance) > 1  # the old rule's block
+
+
+def test_block_rows_on_cpu_and_the_budget():
+    """On a CPU: the issue's size gets 128-row blocks; chunk_size overrides; a vocabulary too large for
+    the budget gets fewer rows than the GEMMs would like (memory wins); a small batch is one block."""
+    from fastted.ops.fused_linear_kd import MEMORY_BUDGET, block_rows
+
+    def rows(n, h_s, h_t, vocab, chunk_size=None, needs_grad=True):
+        xs, xt = torch.empty(n, h_s), torch.empty(n, h_t)
+        return block_rows(n, vocab, xs, torch.empty(vocab, h_s), xt, torch.empty(vocab, h_t), needs_grad,
+                          chunk_size)
+
+    assert rows(2048, 256, 384, 32000) == 128
+    assert rows(2048, 256, 384, 32000, chunk_size=300) == 300
+    assert rows(100, 256, 384, 32000) == 100
+    huge = rows(4096, 256, 384, 2_000_000)
+    assert 1 <= huge < 64 and huge * 2_000_000 * (4 + 4 + 16) <= MEMORY_BUDGET["cpu"]
+    assert rows(4096, 256, 384, 32000, needs_grad=False) <= rows(4096, 256, 384, 32000)
+    with pytest.raises(ValueError, match="chunk_size"):
+        rows(10, 8, 8, 100, chunk_size=0)
