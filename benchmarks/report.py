@@ -5,6 +5,7 @@ than impl and mode (size, objective, ...), with fastted's ratio to each
 baseline.
 
     python benchmarks/report.py benchmarks/results/<file>.json
+    python benchmarks/report.py --summary benchmarks/results/<file>.json ...   # fastted's ratios, one row each
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ def table(path: str) -> str:
     groups: dict[tuple, dict] = {}
     for bench in data["benchmarks"]:
         params = dict(bench["params"])
-        impl, mode = params.pop("impl"), params.pop("mode")
+        impl, mode = params.pop("impl", "fastted"), params.pop("mode", "full")  # a sweep has neither
         key = (bench["name"].split("[")[0], tuple(sorted(params.items())))
         group = groups.setdefault(key, {"info": bench["extra_info"], "rows": {}})
         group["rows"].setdefault(mode, {})[impl] = (
@@ -40,7 +41,12 @@ def table(path: str) -> str:
             firsts = group.setdefault("first", {})
             firsts[impl] = max(firsts.get(impl, 0.0), first)
     out = []
-    for (test, _), group in groups.items():
+    sweeps: dict[str, list] = {}
+    for (test, params), group in groups.items():
+        if "chunk_size" in dict(params):  # a block-size sweep: one row per block size, below
+            rows = group["rows"]["full"]["fastted"]
+            sweeps.setdefault(test, []).append((dict(params)["chunk_size"], group["info"], rows))
+            continue
         rows = group["rows"]
         impls = [i for i in ORDER if any(i in r for r in rows.values())]
         baselines = [i for i in impls if i != "fastted"]
@@ -71,9 +77,52 @@ def table(path: str) -> str:
             out += ["", "First call of the process (full step; compilation and autotuning included): "
                     + ", ".join(f"{NAMES.get(i, i)} {firsts[i]:.2f} s" for i in impls if i in firsts) + "."]
         out.append("")
+    for test, entries in sweeps.items():
+        info = entries[0][1]
+        out += [_group_header(path, machine, test, {k: v for k, v in info.items() if k != "rows"}), "",
+                "| rows per block | full step (ms) | peak beyond inputs (MiB) |", "|---|---|---|"]
+        for chunk, entry_info, (ms, peak) in sorted(entries, key=lambda e: e[1]["rows"] + (e[0] == "default") / 2):
+            label = f"{entry_info['rows']} (default)" if chunk == "default" else str(chunk)
+            out.append(f"| {label} | {ms:.3f} | " + ("-" if peak is None else f"{peak:.1f}") + " |")
+        out.append("")
     return "\n".join(out).rstrip()
 
 
+def summary(paths: list[str]) -> str:
+    """One row per suite and size: fastted's full step against each baseline (time ratio: baseline / fastted,
+    above 1 is fastted faster) and its peak memory beyond inputs over each baseline's."""
+    out = ["| suite, size, case | vs eager | vs torch.compile | vs Liger | peak / eager | peak / torch.compile "
+           "| peak / Liger | result file |", "|---" * 8 + "|"]
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        groups: dict[tuple, dict] = {}
+        for bench in data["benchmarks"]:
+            params = dict(bench["params"])
+            impl, mode = params.pop("impl", "fastted"), params.pop("mode", "full")
+            if mode != "full" or "chunk_size" in params:
+                continue
+            name = bench["name"].split("[")[0].removeprefix("test_")
+            groups.setdefault((name, tuple(sorted(params.items()))), {})[impl] = (
+                bench["stats"]["median"], bench["extra_info"].get("peak_extra_mib"))
+        for (name, params), rows in groups.items():
+            if "fastted" not in rows:
+                continue
+            t, m = rows["fastted"]
+            cells = []
+            for b in ("eager", "compile", "liger"):
+                cells.append(f"{rows[b][0] / t:.2f}x" if b in rows else "-")
+            for b in ("eager", "compile", "liger"):
+                ok = b in rows and rows[b][1] and m is not None
+                cells.append(f"{m / rows[b][1]:.2f}" if ok else "-")
+            label = ", ".join([name] + [str(v) for _, v in params])
+            out.append(f"| {label} | " + " | ".join(cells) + f" | `{path.rsplit('/', 1)[-1]}` |")
+    return "\n".join(out)
+
+
 if __name__ == "__main__":
-    for p in sys.argv[1:]:
-        print(table(p))
+    if sys.argv[1:2] == ["--summary"]:
+        print(summary(sys.argv[2:]))
+    else:
+        for p in sys.argv[1:]:
+            print(table(p))

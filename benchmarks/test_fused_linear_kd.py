@@ -118,14 +118,18 @@ def loss_fn(impl: str, objective: str, device: torch.device):
     return liger_fn(impl, objective)
 
 
-def make_case(impl: str, size: str, device: torch.device, objective: str = "kl+ce") -> Case:
+def make_case(impl: str, size: str, device: torch.device, objective: str = "kl+ce", chunk_size="default") -> Case:
     inputs = make_inputs(**SIZES[size], device=device, objective=objective)
-    return Case(inputs, loss_fn(impl, objective, device), [inputs["student_hidden"], inputs["student_weight"]])
+    fn = loss_fn(impl, objective, device)
+    if chunk_size != "default":  # fastted with a block size of its own
+        path = "triton" if device.type == "cuda" else "reference"
+        fn = lambda **kw: fastted.fused_linear_kd(**kw, **OBJECTIVES[objective], impl=path, chunk_size=chunk_size)
+    return Case(inputs, fn, [inputs["student_hidden"], inputs["student_weight"]])
 
 
-def step(impl: str, size: str, mode: str, device: str = "cpu", objective: str = "kl+ce"):
+def step(impl: str, size: str, mode: str, device: str = "cpu", objective: str = "kl+ce", chunk_size="default"):
     """The memory probe's builder: one forward or full step of a fresh case."""
-    return one_step(make_case(impl, size, torch.device(device), objective), mode)
+    return one_step(make_case(impl, size, torch.device(device), objective, chunk_size), mode)
 
 
 def _check(objective: str):
@@ -165,3 +169,27 @@ def test_cpu_peak_memory_is_a_quarter_of_eager():
           f"fastted {fused:.0f} MiB, eager {eager:.0f} MiB")
     assert eager > 1000, f"eager's step should hold several N x V fp32 tensors (~477 MiB each), measured {eager} MiB"
     assert fused <= eager / 4, f"fastted {fused:.0f} MiB > a quarter of eager's {eager:.0f} MiB"
+
+
+BLOCKS = [256, 512, 1024, 1472, 2048, 4096] if torch.cuda.is_available() else [32, 64, 128, 256, 512, 1024]
+
+
+@pytest.mark.parametrize("size", default_sizes(SIZES))
+@pytest.mark.parametrize("chunk_size", ["default"] + BLOCKS)
+def test_fused_linear_kd_blocks(benchmark, sync, chunk_size, size):
+    """The block size's trade-off: fastted's full JSD step with chunk_size rows per block (the default:
+    fused_linear_kd's own choice), its time and peak memory."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if chunk_size != "default" and chunk_size >= SIZES[size]["n_rows"]:
+        pytest.skip(f"{chunk_size} rows is the whole batch of {SIZES[size]['n_rows']}")
+    from fastted.ops.fused_linear_kd import block_rows
+
+    inputs = make_inputs(**SIZES[size], device=device, objective="jsd")
+    default = block_rows(SIZES[size]["n_rows"], SIZES[size]["vocab"], inputs["student_hidden"],
+                         inputs["student_weight"], inputs["teacher_hidden"], inputs["teacher_weight"], True, None)
+    run_benchmark(
+        benchmark, sync, make_case("fastted", size, device, "jsd", chunk_size), "full", _check("jsd"),
+        module=__name__, params=dict(impl="fastted", size=size, objective="jsd", chunk_size=chunk_size),
+        extra=dict(size=size, objective="jsd", rows=default if chunk_size == "default" else chunk_size,
+                   **SIZES[size], **OBJECTIVES["jsd"]),
+    )

@@ -77,6 +77,12 @@ def save_gradients(ctx, grads: Sequence[Optional[Tensor]]) -> None:
 
 
 def scaled_gradients(ctx, grad_output: Tensor) -> list[Optional[Tensor]]:
-    """The gradients :func:`save_gradients` kept, each times the loss's incoming gradient."""
+    """The gradients :func:`save_gradients` kept, each times the loss's incoming gradient.
+
+    On a CPU an incoming gradient of exactly 1 (``loss.backward()``) hands them over as they are, a pass
+    over every gradient saved; on a GPU they are always multiplied (comparing would cost a device sync).
+    """
     saved = iter(ctx.saved_tensors)
+    if grad_output.device.type == "cpu" and grad_output.numel() == 1 and bool(grad_output == 1):
+        return [next(saved) if has else None for has in ctx.grad_slots]
     return [next(saved) * grad_output if has else None for has in ctx.grad_slots]

@@ -89,6 +89,27 @@ class MeanPoolFunction(torch.autograd.Function):
         return (None, *grads.unbind(0))
 
 
+class MeanPoolCPUFunction(torch.autograd.Function):
+    """The PyTorch path: one batched matvec per layer forward; backward gives each layer's gradient as the
+    token weights times the pooled gradient (a broadcast product, cheaper than autograd's batched outer
+    product)."""
+
+    @staticmethod
+    def forward(ctx, weights, *states):
+        ctx.save_for_backward(weights)
+        ctx.n_layers = len(states)
+        w = weights.to(states[0].dtype)[:, None, :]  # (B, 1, T)
+        return torch.cat([torch.bmm(w, h)[:, 0] for h in states], dim=1)  # no (B, T, d) temporary
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weights,) = ctx.saved_tensors
+        n, batch = ctx.n_layers, weights.shape[0]
+        g = grad.reshape(batch, n, 1, -1)  # (B, L, 1, d)
+        w = weights.to(grad.dtype)[:, :, None]  # (B, T, 1)
+        return (None, *(w * g[:, layer] for layer in range(n)))
+
+
 # --------------------------------------------------------------------------- public API
 
 
@@ -129,7 +150,6 @@ def pool_states(
         if resolve_impl(impl, ref.device, ref.dtype) == "triton":
             states = detach_without_grad(aligned(h, True) for h in states)
             out = MeanPoolFunction.apply(weights, *states)
-        else:  # one batched matmul per layer: no (B, T, d) temporary in the forward
-            w = weights.to(ref.dtype)[:, None, :]  # (B, 1, T)
-            out = torch.cat([torch.bmm(w, h)[:, 0] for h in states], dim=1)
+        else:
+            out = MeanPoolCPUFunction.apply(weights, *detach_without_grad(states))
     return out if concat else list(out.split(width, dim=1))
