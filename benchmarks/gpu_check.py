@@ -22,6 +22,11 @@ is below its estimate:
    of triton.testing.do_bench), peak memory beyond the inputs; each
    GEMM-bound loss beside its own GEMM floor (the same GEMMs alone through
    cuBLAS, in the same run), each memory-bound one beside the copy ceiling.
+   The fused LM head against Liger-Kernel's chunked (compiled) fused-linear
+   JSD loss on both objectives and its Triton LigerFusedLinearJSD on JSD.
+7. blocks:fused_linear_kd: the fused head's full step at several block sizes
+   and at its default (V = 128,256): does the block rule pick a block whose
+   GEMMs are compute-bound on this GPU?
 
 On a CPU it runs the same sections at the small sizes, the kernels under
 Triton's interpreter and the resources section compiling (not loading) a few
@@ -276,7 +281,9 @@ def bench(loss: str, smoke: bool, ceiling: dict) -> list[dict]:
     for size_name in _sizes(module)[: 1 if smoke else None]:
         size = module.SIZES[size_name]
         for extra in _variants(loss, module)[: 1 if smoke else None]:
-            impls = ["fastted", "eager", "compile"] + (["liger"] if liger and extra.get("objective") == "jsd" else [])
+            impls = ["fastted", "eager", "compile"]
+            if liger and loss == "fused_linear_kd":  # the chunked loss has both objectives; Triton's JSD only
+                impls += ["liger"] + (["liger-triton"] if extra.get("objective") == "jsd" else [])
             run = dict(size=size_name, sizes=size, **extra, timings=[])
             shapes = gemms(loss, size)
             if shapes is not None:
@@ -305,6 +312,33 @@ def bench(loss: str, smoke: bool, ceiling: dict) -> list[dict]:
 # --------------------------------------------------------------------------- the run
 
 
+def blocks(smoke: bool) -> list[dict]:
+    """The fused LM head's full JSD step at several block sizes and at its default, V = 128,256: where the
+    GEMMs stop paying for re-reading the heads on this GPU (the default's rule, checked)."""
+    from fastted.ops.fused_linear_kd import block_rows
+
+    module = test_fused_linear_kd
+    size_name = "v128k" if CUDA else "small"
+    size = module.SIZES[size_name]
+    inputs = module.make_inputs(**size, device=DEVICE, objective="jsd")
+    default = block_rows(size["n_rows"], size["vocab"], inputs["student_hidden"], inputs["student_weight"],
+                         inputs["teacher_hidden"], inputs["teacher_weight"], True, None)
+    del inputs
+    rows = []
+    for chunk in (["default"] + module.BLOCKS)[: 2 if smoke else None]:
+        if chunk != "default" and chunk >= size["n_rows"]:
+            continue
+        case = module.make_case("fastted", size_name, DEVICE, "jsd", chunk)
+        case.full()
+        row = dict(chunk_size=chunk, rows=default if chunk == "default" else chunk, full_ms=bench_ms(case.full))
+        del case
+        if CUDA:
+            row["peak_extra_mib"] = cuda_peak_extra_mb(module.step("fastted", size_name, "full", "cuda", "jsd", chunk))
+            torch.cuda.empty_cache()
+        rows.append(row)
+    return rows
+
+
 def sections(smoke: bool) -> list[tuple[str, float, object]]:
     """(name, estimated seconds on an H100, function of the results so far) in the order they run."""
     out = [("recipes", 40, lambda r: correctness_recipes(smoke))]
@@ -313,6 +347,7 @@ def sections(smoke: bool) -> list[tuple[str, float, object]]:
             ("ceilings", 5, lambda r: ceilings())]
     out += [(f"bench:{loss}", 30, lambda r, loss=loss: bench(loss, smoke, r["sections"]["ceilings"]["data"]))
             for loss in SUITES]
+    out.append(("blocks:fused_linear_kd", 20, lambda r: blocks(smoke)))
     return out
 
 

@@ -27,7 +27,7 @@ def test_gpu_check_cpu_smoke(tmp_path):
     expected = ["recipes", "correctness:filtered_mse", "correctness:logit_kd", "correctness:fused_linear_kd",
                 "correctness:contrastive_kd", "correctness:pool_states", "autotune", "resources", "ceilings",
                 "bench:filtered_mse", "bench:logit_kd", "bench:fused_linear_kd", "bench:contrastive_kd",
-                "bench:pool_states", "bench:pooled_distance"]
+                "bench:pool_states", "bench:pooled_distance", "blocks:fused_linear_kd"]
     assert list(result["sections"]) == expected
     not_ok = {name: s.get("error", s.get("failed")) for name, s in result["sections"].items() if s["status"] != "ok"}
     assert not not_ok, not_ok
@@ -37,3 +37,5 @@ def test_gpu_check_cpu_smoke(tmp_path):
     assert result["sections"]["resources"]["data"]["rows"]
     assert all(run["floor_ms"] > 0 for run in result["sections"]["bench:filtered_mse"]["data"])
     assert "matmul_tflops" in result["sections"]["ceilings"]["data"]
+    blocks = result["sections"]["blocks:fused_linear_kd"]["data"]
+    assert blocks[0]["chunk_size"] == "default" and all(row["full_ms"] > 0 for row in blocks)
