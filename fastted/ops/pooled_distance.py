@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from fastted.ops.checks import as_list, check_impl, check_positive_int, check_weight
 from fastted.ops.contrastive_kd import EPS
+from fastted.ops.dispatch import detach_without_grad, save_gradients, scaled_gradients
 from fastted.ops.pooling import check_pooling, check_states, pool_states, valid_examples
 from fastted.reference import masked_mean, safe_count
 
@@ -108,17 +109,15 @@ def pooled_distance(
                                "the pooled teacher layer(s)")
 
     valid = valid_examples(ps[0].shape[0], ps[0].device, mask, teacher_mask)
-    if len(ps) > 1:
-        a, b = _project_layers(ps, proj_s), _project_layers(pt, proj_t)
-        if a is not None and b is not None and a.shape[-1] == b.shape[-1]:  # all layers at once: (L, B, P)
-            acc = torch.promote_types(a.dtype, torch.float32)
-            a = F.normalize(a.to(acc), dim=-1, eps=EPS)
-            b = F.normalize(b.to(acc), dim=-1, eps=EPS)
-            weights = valid.to(acc) / safe_count(valid.sum().to(acc))
-            distances = torch.where(valid, (a - b).square().sum(-1), 0)  # (L, B)
-            layer_losses = distances @ weights  # (L,): each layer's mean over the valid examples
-            loss = layer_losses.sum()
-            return (loss, layer_losses.detach()) if return_layer_losses else loss
+    batched = len(ps) > 1 and _stackable(proj_s) and _stackable(proj_t)
+    if batched and _width(ps, proj_s) == _width(pt, proj_t):  # all layers in one Function: (L, B, P)
+        heads = [None if x[0] is None else torch.stack(x) for side in (proj_s, proj_t)
+                 for x in ([w for w, _ in side], [b for _, b in side])]
+        acc = torch.promote_types(ps[0].dtype, torch.float32)
+        coef = valid.to(acc) / safe_count(valid.sum().to(acc))
+        loss, layer_losses = PooledDistanceFunction.apply(
+            coef, *detach_without_grad([torch.stack(ps), torch.stack(pt), *heads]))
+        return (loss, layer_losses) if return_layer_losses else loss
     losses = []
     for a, b, (w, wb), (v, vb) in zip(ps, pt, proj_s, proj_t):
         a = a if w is None else F.linear(a, w, wb)
@@ -137,20 +136,75 @@ def pooled_distance(
     return (loss, layer_losses.detach()) if return_layer_losses else loss
 
 
-def _project_layers(vectors: list[Tensor], projections: list) -> Optional[Tensor]:
-    """The L layers' (B, d) vectors through their L projections as one batched matmul: (L, B, P), or None
-    when the layers differ in what they have (a projection, a bias) or in shape (the loop does those)."""
-    weights = [w for w, _ in projections]
-    biases = [b for _, b in projections]
-    if any(w is None for w in weights):
-        return torch.stack(vectors) if all(w is None for w in weights) else None
-    if len({tuple(w.shape) for w in weights}) != 1 or len({b is None for b in biases}) != 1:
-        return None
-    x = torch.stack(vectors)  # (L, B, d)
-    w = torch.stack(weights).transpose(1, 2)  # (L, d, P)
-    if biases[0] is None:
-        return torch.bmm(x, w)
-    return torch.baddbmm(torch.stack(biases)[:, None, :], x, w)
+def _stackable(projections: list) -> bool:
+    """The layers' projections can be stacked: all absent, or all present with one shape and all with or all
+    without a bias."""
+    weights, biases = [w for w, _ in projections], [b for _, b in projections]
+    if all(w is None for w in weights):
+        return all(b is None for b in biases)
+    return (all(w is not None for w in weights) and len({tuple(w.shape) for w in weights}) == 1
+            and len({b is None for b in biases}) == 1)
+
+
+def _width(vectors: list[Tensor], projections: list) -> int:
+    return vectors[0].shape[1] if projections[0][0] is None else projections[0][0].shape[0]
+
+
+def _project(x: Tensor, w: Optional[Tensor], b: Optional[Tensor]) -> Tensor:
+    """(L, B, d) through (L, P, d) weights and (L, P) biases: (L, B, P)."""
+    if w is None:
+        return x
+    if b is None:
+        return torch.bmm(x, w.transpose(1, 2))
+    return torch.baddbmm(b[:, None, :], x, w.transpose(1, 2))
+
+
+def _unit(x: Tensor) -> tuple[Tensor, Tensor]:
+    norm = x.norm(dim=-1, keepdim=True).clamp_min(EPS)
+    return x / norm, norm
+
+
+def _unit_grad(g: Tensor, x_hat: Tensor, norm: Tensor) -> Tensor:
+    """The gradient of x from that of x_hat = x / max(||x||, EPS)."""
+    g_x = (g - (g * x_hat).sum(-1, keepdim=True) * x_hat) / norm
+    return torch.where(norm > EPS, g_x, g / EPS)
+
+
+class PooledDistanceFunction(torch.autograd.Function):
+    """The layer-wise distance of every layer at once, loss and gradients in the forward: projections as
+    batched matmuls, the normalizations and their gradients written out (a dozen small ops fewer than
+    autograd's graph of the same formulas, which on a CPU costs more than the arithmetic at RAIL-KD's
+    sizes)."""
+
+    @staticmethod
+    def forward(ctx, coef, xs, xt, ws, bs, wt, bt):
+        acc = coef.dtype
+        a_hat, a_norm = _unit(_project(xs, ws, bs).to(acc))  # (L, B, P)
+        b_hat, b_norm = _unit(_project(xt, wt, bt).to(acc))
+        diff = a_hat - b_hat
+        valid = (coef != 0)[None, :, None]
+        layer_losses = torch.where(valid[..., 0], (diff * diff).sum(-1), 0) @ coef  # (L,)
+        needs = ctx.needs_input_grad[1:]
+        grads = [None] * 6
+        if any(needs):
+            g_hat = torch.where(valid, diff * (2 * coef)[None, :, None], 0)  # dLoss / d a_hat = -dLoss / d b_hat
+            for side, (x, w, b, g_proj) in enumerate(((xs, ws, bs, _unit_grad(g_hat, a_hat, a_norm)),
+                                                      (xt, wt, bt, _unit_grad(-g_hat, b_hat, b_norm)))):
+                n_x, n_w, n_b = needs[side], needs[2 + 2 * side], needs[3 + 2 * side]
+                g_proj = g_proj.to(x.dtype)
+                if n_x:
+                    grads[side] = g_proj if w is None else torch.bmm(g_proj, w)
+                if n_w:
+                    grads[2 + 2 * side] = torch.bmm(g_proj.transpose(1, 2), x)
+                if n_b:
+                    grads[3 + 2 * side] = g_proj.sum(1)
+        save_gradients(ctx, grads)
+        ctx.mark_non_differentiable(layer_losses)
+        return layer_losses.sum(), layer_losses
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_layer_losses):
+        return (None, *scaled_gradients(ctx, grad_loss))
 
 
 class PooledDistanceLoss(nn.Module):
