@@ -49,7 +49,8 @@ def _accumulate_mm(acc: Tensor, a: Tensor, b: Tensor) -> None:
 # block does 2 R V (H_s + H_t [+ 2 H_s with gradients]) FLOP against that traffic, so the block must be
 # large enough that the traffic costs at most 1 / AMORTIZE of the GEMMs' time at the device's balance of
 # FLOP per byte. Past that, larger blocks only cost memory (and on a CPU, cache: at N = 2048, V = 32,000
-# a full step takes 0.80 s with 128-row blocks, 0.85 s with 256, 1.06 s with 512).
+# a full step takes 0.84 s with 128-row blocks, 0.86 s with 256, 1.13 s with 512; the sweep in
+# benchmarks/results/2026-12-01-cpu-2core-fused-linear-kd-blocks-n2048.json).
 AMORTIZE = 3
 CPU_FLOPS_PER_BYTE = 16  # a 2-core AVX-512 Xeon: ~350 GFLOP/s fp32 GEMM over ~22 GB/s
 MEMORY_BUDGET = {"cpu": 256 << 20, "cuda": 1 << 30}  # bytes of logits buffers (and CPU workspace) at most

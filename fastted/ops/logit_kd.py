@@ -296,20 +296,9 @@ def logit_kd_rows(
     return rows, ce_rows
 
 
-def logit_kd_rows_exact(
-    zs: Tensor,
-    zt: Tensor,
-    kd_coef: Tensor,
-    labels: Optional[Tensor],
-    ce_coef: Optional[Tensor],
-    grad: Optional[Tensor],
-    *,
-    temperature: float,
-    divergence: str,
-    beta: float,
-    soft_weight: float,
-    hard_weight: float,
-) -> tuple[Tensor, Optional[Tensor]]:
+def logit_kd_rows_exact(zs: Tensor, zt: Tensor, kd_coef: Tensor, labels: Optional[Tensor], ce_coef: Optional[Tensor],
+                        grad: Optional[Tensor], *, temperature: float, divergence: str, beta: float,
+                        soft_weight: float, hard_weight: float) -> tuple[Tensor, Optional[Tensor]]:
     """A block of rows of the fused logit losses, straight from the formulas: the spec of :func:`logit_kd_rows`.
 
     zs, zt: (R, V) student and teacher logits; kd_coef: (R,) weight of each
