@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -203,6 +204,8 @@ def _coerce(key: str, value, tp):
     if tp in (int, float):
         if isinstance(value, str):
             value = _number(value)
+        if isinstance(value, float) and not math.isfinite(value):  # lr=inf trains to NaN; clip=nan turns it off
+            raise ConfigError(f"{key}: got {value!r}, needs a finite number")
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (tp is int and value != int(value)):
             raise ConfigError(f"{key}: got {value!r}, needs {'an int' if tp is int else 'a number'}")
         return tp(value)

@@ -41,6 +41,10 @@ class LayerMap:
     teacher: tuple[int, ...]
 
     def __post_init__(self):
+        for name in ("student", "teacher"):
+            for layer in getattr(self, name):
+                if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+                    raise ValueError(f"a layer map's {name} layers must be ints >= 0 (layer indices), got {layer!r}")
         if len(self.student) != len(self.teacher):
             raise ValueError(f"a layer map needs as many student layers ({len(self.student)}) as teacher layers "
                              f"({len(self.teacher)})")

@@ -95,12 +95,20 @@ class MemoryBank(nn.Module):
         labels: (B,) integer labels (for different-label negatives); index:
         (B,) example ids, required in momentum mode (the entries to update),
         kept as ids in queue mode. In momentum mode a repeated id in one
-        batch keeps one of its vectors.
+        batch keeps one of its vectors. A vector with a non-finite value is
+        refused (ValueError) and nothing is stored: one NaN in the bank would
+        make every later loss and gradient NaN until it was evicted (on a GPU
+        this check is one host sync per update).
         """
         if not isinstance(vectors, Tensor) or vectors.dim() != 2 or vectors.shape[1] != self.dim:
             got = tuple(vectors.shape) if isinstance(vectors, Tensor) else type(vectors).__name__
             raise ValueError(f"vectors has shape {got}, but needs (B, {self.dim}) (the bank's dim)")
         n = vectors.shape[0]
+        finite = torch.isfinite(vectors.detach()).all(1)
+        if not bool(finite.all()):
+            row = int((~finite).nonzero()[0, 0])
+            raise ValueError(f"vectors[{row}] holds a non-finite value; the bank stores only finite vectors "
+                             f"(nothing of this batch was stored)")
         labels = self._ints("labels", labels, n)
         index = self._ints("index", index, n)
         v = F.normalize(vectors.detach().to(self.vectors.device, torch.float32), dim=1, eps=1e-12)

@@ -8,6 +8,7 @@ who knows whether it can afford one.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -30,9 +31,11 @@ def check_positive_int(name: str, value) -> int:
 
 
 def check_float(name: str, value, low: float, high: float = float("inf"), low_open: bool = False) -> float:
-    """A Python number in [low, high] ((low, high] with ``low_open``), returned as a float."""
+    """A finite Python number in [low, high] ((low, high] with ``low_open``), returned as a float."""
     if isinstance(value, Tensor) or not isinstance(value, (int, float)) or isinstance(value, bool):
         raise ValueError(f"{name} must be a Python number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}")
     ok = (value > low if low_open else value >= low) and value <= high
     if not ok:
         bounds = f"{'(' if low_open else '['}{low}, {high}{']' if high != float('inf') else ')'}"
@@ -115,4 +118,15 @@ def flat_mask(mask, lead: tuple, device: torch.device, ref_name: str) -> Tensor:
         raise ValueError(f"mask has shape {tuple(mask.shape)}, but needs {lead} (the leading shape of {ref_name})")
     if mask.device != device:
         raise ValueError(f"mask is on {mask.device}, but {ref_name} is on {device}")
+    check_weights_tensor("mask", mask)
     return mask.detach().reshape(-1)
+
+
+def check_weights_tensor(name: str, x: Tensor) -> None:
+    """Weights (a mask, per-layer weights) are finite and >= 0: checked on a CPU tensor; on a GPU the check
+    would cost a host sync, and a negative or non-finite weight there gives a wrong or non-finite loss."""
+    if x.device.type != "cpu" or x.dtype == torch.bool or not (x.is_floating_point() or x.is_signed()):
+        return
+    bad = (x < 0) | ~torch.isfinite(x) if x.is_floating_point() else x < 0
+    if bool(bad.any()):
+        raise ValueError(f"{name} holds {x[bad].flatten()[0].item()}, but its weights must be finite and >= 0")

@@ -120,8 +120,8 @@ def filtered_mse_inputs(
         if lw.shape != (n_layers,):
             raise ValueError(f"layer_weights has shape {tuple(lw.shape)}, but needs ({n_layers},): one per layer")
         if lw.device.type == "cpu":  # checked without a device sync
-            if bool((lw < 0).any()) or not float(lw.sum()) > 0:
-                raise ValueError(f"layer_weights must be non-negative with a positive sum, got {lw.tolist()}")
+            if bool((lw < 0).any()) or not bool(torch.isfinite(lw).all()) or not float(lw.sum()) > 0:
+                raise ValueError(f"layer_weights must be finite, non-negative, with a positive sum, got {lw.tolist()}")
         lw = lw.to(ref.device)
         scale = lw / lw.sum()
     return layers, mask, scale

@@ -57,6 +57,10 @@ def test_last_k_and_explicit_maps():
         explicit_map([], 3, 12)
     with pytest.raises(ValueError, match="as many student layers"):
         LayerMap((0, 1), (2,))
+    with pytest.raises(ValueError, match=r"teacher layers must be ints >= 0 \(layer indices\), got -1"):
+        LayerMap((0,), (-1,))
+    with pytest.raises(ValueError, match="student layers must be ints >= 0"):
+        LayerMap((1.0,), (2,))
 
 
 def test_random_map_draws_sorted_distinct_layers_from_its_candidates():

@@ -158,3 +158,22 @@ def test_bank_bad_updates():
         bank.update(torch.randn(3, 4), labels=torch.zeros(3))
     with pytest.raises(ValueError, match="k must be a positive int"):
         bank.sample(0, n_anchors=1)
+
+
+@pytest.mark.parametrize("mode", ["queue", "momentum"])
+def test_bank_refuses_non_finite_vectors(mode):
+    """A NaN or inf vector is refused and nothing of its batch is stored: the bank stays as it was, and the
+    losses it feeds stay finite."""
+    bank = fastted.MemoryBank(8, 4, mode=mode)
+    index = torch.arange(3)
+    good = torch.randn(3, 4, generator=torch.Generator().manual_seed(seed_for("bank-nan", mode)))
+    bank.update(good, index=index)
+    before = {name: x.clone() for name, x in bank.named_buffers()}
+    for bad_value in (float("nan"), float("inf")):
+        bad = good.clone()
+        bad[1, 2] = bad_value
+        with pytest.raises(ValueError, match=r"vectors\[1\] holds a non-finite value"):
+            bank.update(bad, index=index)
+        for name, x in bank.named_buffers():
+            assert torch.equal(x, before[name]), name
+    assert torch.isfinite(bank.vectors).all()

@@ -29,6 +29,7 @@ BAD_VECS = {
                             ["negatives requires grad", "negatives.detach()"]),
     "temperature_zero": ({**_vecs(), "temperature": 0.0}, ["temperature must lie in (0.0", "got 0.0"]),
     "temperature_negative": ({**_vecs(), "temperature": -0.07}, ["temperature must lie in (0.0", "-0.07"]),
+    "temperature_inf": ({**_vecs(), "temperature": float("inf")}, ["temperature must be a finite number", "inf"]),
     "labels_alone": ({**_vecs(), "labels": torch.zeros(4, dtype=torch.long)},
                      ["labels and negative_labels go together"]),
     "labels_float": ({**_vecs(), "labels": torch.zeros(4), "negative_labels": torch.zeros(10, dtype=torch.long)},
@@ -47,6 +48,7 @@ BAD_POOL = {
     "layers_differ": ({"states": [torch.randn(3, 5, 6), torch.randn(3, 5, 7)]},
                       ["states[1] is (3, 5, 7)", "states[0] is (3, 5, 6)", "must match"]),
     "mask_shape": ({"states": _layers(), "mask": torch.ones(3, 4)}, ["mask has shape (3, 4)", "(3, 5)"]),
+    "mask_negative": ({"states": _layers(), "mask": -torch.ones(3, 5)}, ["mask holds -1.0", "finite and >= 0"]),
     "pooling": ({"states": _layers(), "pooling": "max"}, ["pooling must be one of", "'max'"]),
 }
 

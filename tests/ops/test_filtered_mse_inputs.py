@@ -54,8 +54,11 @@ BAD = {
     "mask_device": ({**_good(), "mask": torch.ones(6, dtype=torch.bool, device="meta")}, ["mask is on meta"]),
     "mask_length": ({**_good(), "mask": torch.ones(5, dtype=torch.bool)}, ["mask has shape (5,)", "(6,)"]),
     "layer_weights_length": ({**_good(), "layer_weights": [1.0]}, ["layer_weights has shape (1,)", "(2,)"]),
-    "layer_weights_negative": ({**_good(), "layer_weights": [1.0, -1.0]}, ["layer_weights must be non-negative"]),
+    "layer_weights_negative": ({**_good(), "layer_weights": [1.0, -1.0]}, ["layer_weights must be finite, non-negative"]),
     "layer_weights_zero_sum": ({**_good(), "layer_weights": [0.0, 0.0]}, ["positive sum"]),
+    "layer_weights_inf": ({**_good(), "layer_weights": [1.0, float("inf")]}, ["layer_weights must be finite", "inf"]),
+    "mask_negative": ({**_good(), "mask": torch.tensor([1.0, 1.0, -2.0, 1.0, 1.0, 0.0])},
+                      ["mask holds -2.0", "finite and >= 0"]),
     "no_layers": ({**_good(), "student_states": [], "student_weights": [], "teacher_states": []}, ["student_states is empty"]),
     "states_3d": (_with("student_states", 0, torch.randn(6, 8, 1, 1)), ["student_states[0]", "(6, 8, 1, 1)"]),
     "target_width_without_filter": (

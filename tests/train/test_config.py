@@ -69,6 +69,11 @@ def test_round_trip_through_yaml(tmp_path):
     ("steps=[distil,evaluate,finetune-teacher]", None),
     ("task=clm", "steps: 'finetune-teacher' is for classification"),
     ("student.path=x", "student.path and student.layers / num_layers exclude each other"),
+    ("finetune.lr=inf", "finetune.lr: got inf, needs a finite number"),
+    ("finetune.clip=nan", "finetune.clip: got nan, needs a finite number"),
+    ("finetune.epochs=inf", "finetune.epochs: got inf, needs a finite number"),
+    ("distil.temperature=-inf", "distil.temperature: got -inf, needs a finite number"),
+    ("data.max_length=inf", "data.max_length: got inf, needs a finite number"),
 ])
 def test_bad_settings_name_the_key(override, message):
     if message is None:
