@@ -315,15 +315,10 @@ def bench(loss: str, smoke: bool, ceiling: dict) -> list[dict]:
 def blocks(smoke: bool) -> list[dict]:
     """The fused LM head's full JSD step at several block sizes and at its default, V = 128,256: where the
     GEMMs stop paying for re-reading the heads on this GPU (the default's rule, checked)."""
-    from fastted.ops.fused_linear_kd import block_rows
-
     module = test_fused_linear_kd
     size_name = "v128k" if CUDA else "small"
     size = module.SIZES[size_name]
-    inputs = module.make_inputs(**size, device=DEVICE, objective="jsd")
-    default = block_rows(size["n_rows"], size["vocab"], inputs["student_hidden"], inputs["student_weight"],
-                         inputs["teacher_hidden"], inputs["teacher_weight"], True, None)
-    del inputs
+    default = module.default_rows(size_name, DEVICE)
     rows = []
     for chunk in (["default"] + module.BLOCKS)[: 2 if smoke else None]:
         if chunk != "default" and chunk >= size["n_rows"]:

@@ -23,10 +23,9 @@ def _group_header(path, machine, test, info) -> str:
     return f"{test} on {where}, size {info['size']}: {facts}; from `{path}`"
 
 
-def table(path: str) -> str:
-    with open(path) as f:
-        data = json.load(f)
-    machine = data.get("machine_info", {})
+def _groups(data: dict) -> dict[tuple, dict]:
+    """A result file's benchmarks by (test, params other than impl and mode): their extra_info, the
+    (median ms, peak MiB) of each mode and impl, and each impl's first call."""
     groups: dict[tuple, dict] = {}
     for bench in data["benchmarks"]:
         params = dict(bench["params"])
@@ -40,9 +39,16 @@ def table(path: str) -> str:
         if first is not None:  # the first call of a process: compilation, autotuning (whichever mode ran first)
             firsts = group.setdefault("first", {})
             firsts[impl] = max(firsts.get(impl, 0.0), first)
+    return groups
+
+
+def table(path: str) -> str:
+    with open(path) as f:
+        data = json.load(f)
+    machine = data.get("machine_info", {})
     out = []
     sweeps: dict[str, list] = {}
-    for (test, params), group in groups.items():
+    for (test, params), group in _groups(data).items():
         if "chunk_size" in dict(params):  # a block-size sweep: one row per block size, below
             rows = group["rows"]["full"]["fastted"]
             sweeps.setdefault(test, []).append((dict(params)["chunk_size"], group["info"], rows))
@@ -96,18 +102,11 @@ def summary(paths: list[str]) -> str:
     for path in paths:
         with open(path) as f:
             data = json.load(f)
-        groups: dict[tuple, dict] = {}
-        for bench in data["benchmarks"]:
-            params = dict(bench["params"])
-            impl, mode = params.pop("impl", "fastted"), params.pop("mode", "full")
-            if mode != "full" or "chunk_size" in params:
+        for (test, params), group in _groups(data).items():
+            rows = group["rows"].get("full", {})
+            if "fastted" not in rows or "chunk_size" in dict(params):
                 continue
-            name = bench["name"].split("[")[0].removeprefix("test_")
-            groups.setdefault((name, tuple(sorted(params.items()))), {})[impl] = (
-                bench["stats"]["median"], bench["extra_info"].get("peak_extra_mib"))
-        for (name, params), rows in groups.items():
-            if "fastted" not in rows:
-                continue
+            name = test.removeprefix("test_")
             t, m = rows["fastted"]
             cells = []
             for b in ("eager", "compile", "liger"):

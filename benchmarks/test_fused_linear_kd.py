@@ -104,11 +104,12 @@ def liger_fn(impl: str, objective: str):
     return run
 
 
-def loss_fn(impl: str, objective: str, device: torch.device):
+def loss_fn(impl: str, objective: str, device: torch.device, chunk_size=None):
+    """impl's loss on the objective; fastted's with ``chunk_size`` rows per block (None: its default)."""
     options = OBJECTIVES[objective]
     if impl == "fastted":
         path = "triton" if device.type == "cuda" else "reference"
-        return lambda **kw: fastted.fused_linear_kd(**kw, **options, impl=path)
+        return lambda **kw: fastted.fused_linear_kd(**kw, **options, impl=path, chunk_size=chunk_size)
     if impl == "eager":
         return lambda **kw: fused_linear_kd_reference(**kw, **options)[0]
     if impl == "compile":
@@ -120,11 +121,17 @@ def loss_fn(impl: str, objective: str, device: torch.device):
 
 def make_case(impl: str, size: str, device: torch.device, objective: str = "kl+ce", chunk_size="default") -> Case:
     inputs = make_inputs(**SIZES[size], device=device, objective=objective)
-    fn = loss_fn(impl, objective, device)
-    if chunk_size != "default":  # fastted with a block size of its own
-        path = "triton" if device.type == "cuda" else "reference"
-        fn = lambda **kw: fastted.fused_linear_kd(**kw, **OBJECTIVES[objective], impl=path, chunk_size=chunk_size)
+    fn = loss_fn(impl, objective, device, None if chunk_size == "default" else chunk_size)
     return Case(inputs, fn, [inputs["student_hidden"], inputs["student_weight"]])
+
+
+def default_rows(size: str, device: torch.device) -> int:
+    """The rows per block fused_linear_kd picks by default for a full step at ``size`` on ``device``."""
+    from fastted.ops.fused_linear_kd import block_rows
+
+    s = SIZES[size]
+    empty = [torch.empty((0, s[h]), dtype=getattr(torch, s["dtype"]), device=device) for h in ("h_s", "h_t")]
+    return block_rows(s["n_rows"], s["vocab"], empty[0], empty[0], empty[1], empty[1], True, None)
 
 
 def step(impl: str, size: str, mode: str, device: str = "cpu", objective: str = "kl+ce", chunk_size="default"):
@@ -182,11 +189,7 @@ def test_fused_linear_kd_blocks(benchmark, sync, chunk_size, size):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if chunk_size != "default" and chunk_size >= SIZES[size]["n_rows"]:
         pytest.skip(f"{chunk_size} rows is the whole batch of {SIZES[size]['n_rows']}")
-    from fastted.ops.fused_linear_kd import block_rows
-
-    inputs = make_inputs(**SIZES[size], device=device, objective="jsd")
-    default = block_rows(SIZES[size]["n_rows"], SIZES[size]["vocab"], inputs["student_hidden"],
-                         inputs["student_weight"], inputs["teacher_hidden"], inputs["teacher_weight"], True, None)
+    default = default_rows(size, device)
     run_benchmark(
         benchmark, sync, make_case("fastted", size, device, "jsd", chunk_size), "full", _check("jsd"),
         module=__name__, params=dict(impl="fastted", size=size, objective="jsd", chunk_size=chunk_size),

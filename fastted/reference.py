@@ -86,6 +86,13 @@ def _kl_elementwise(p_log: Tensor, q_log: Tensor) -> Tensor:
     return kl.masked_fill(zero, 0.0)
 
 
+def effective_divergence(divergence: str, beta: float) -> str:
+    """The divergence computed: JSD at beta 0 and 1 is the forward and the reverse KL."""
+    if divergence == "jsd" and beta in (0.0, 1.0):
+        return "forward_kl" if beta == 0.0 else "reverse_kl"
+    return divergence
+
+
 def divergence_reference(s_log: Tensor, t_log: Tensor, divergence: str, beta: float) -> Tensor:
     """Per-row divergence between student and teacher log-probabilities (..., V) -> (...).
 
@@ -94,10 +101,7 @@ def divergence_reference(s_log: Tensor, t_log: Tensor, divergence: str, beta: fl
     M = beta teacher + (1 - beta) student, and at beta = 0 and 1 the forward
     and reverse KL (the convention of TRL's GKD and Liger-Kernel).
     """
-    if divergence == "jsd" and beta == 0.0:
-        divergence = "forward_kl"
-    if divergence == "jsd" and beta == 1.0:
-        divergence = "reverse_kl"
+    divergence = effective_divergence(divergence, beta)
     if divergence == "forward_kl":
         return _kl_elementwise(t_log, s_log).sum(-1)
     if divergence == "reverse_kl":

@@ -88,13 +88,13 @@ def check_labels(labels, negative_labels, negatives: Tensor, n_anchors: int):
 # --------------------------------------------------------------------------- the PyTorch path
 
 
-def _unit(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+def unit(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """x / max(||x||, eps) over the last dimension, and that clamped norm."""
     norm = x.norm(dim=-1, keepdim=True).clamp_min(eps)
     return x / norm, norm
 
 
-def _unit_backward(g: Tensor, x_hat: Tensor, norm: Tensor, eps: float) -> Tensor:
+def unit_backward(g: Tensor, x_hat: Tensor, norm: Tensor, eps: float) -> Tensor:
     """The gradient of x from that of x_hat = x / max(||x||, eps)."""
     return torch.where(norm > eps, (g - (g * x_hat).sum(-1, keepdim=True) * x_hat) / norm, g / eps)
 
@@ -121,8 +121,8 @@ def contrastive_kd_chunked(
     (loss_rows (B,), grad_s or None, grad_t or None), fp32 (fp64 for fp64).
     """
     acc = torch.promote_types(s.dtype, torch.float32)
-    s_hat, s_norm = _unit(s.to(acc), eps)
-    t_hat, t_norm = _unit(t.to(acc), eps)
+    s_hat, s_norm = unit(s.to(acc), eps)
+    t_hat, t_norm = unit(t.to(acc), eps)
     pos = (s_hat * t_hat).sum(1) / temperature
     q = s_hat / temperature
     # The running max starts at the positive: it stays finite, however many negatives are left out.
@@ -134,7 +134,7 @@ def contrastive_kd_chunked(
     # A block's scores (B, k) and normalized negatives ((k, D), or (B, k, D) per anchor) hold ~a million elements.
     block = max(1, CHUNK_ELEMENTS // (n_anchors * width if per_anchor else n_anchors + width))
     for start in range(0, k_total, block):
-        n_hat, _ = _unit(negatives[..., start:start + block, :].to(acc), eps)
+        n_hat, _ = unit(negatives[..., start:start + block, :].to(acc), eps)
         sc = q @ n_hat.t() if not per_anchor else torch.einsum("bkd,bd->bk", n_hat, q)  # (B, k)
         if labels is not None:  # leave out the negatives that share their anchor's label
             block_labels = negative_labels[..., start:start + block]
@@ -155,9 +155,9 @@ def contrastive_kd_chunked(
     scale = (coef / temperature / total)[:, None]  # 1 - p_pos = neg / total: no cancellation near p_pos = 1
     gs = gt = None
     if grad_s:
-        gs = _unit_backward((o - neg[:, None] * t_hat) * scale, s_hat, s_norm, eps).to(s.dtype)
+        gs = unit_backward((o - neg[:, None] * t_hat) * scale, s_hat, s_norm, eps).to(s.dtype)
     if grad_t:
-        gt = _unit_backward(-neg[:, None] * s_hat * scale, t_hat, t_norm, eps).to(t.dtype)
+        gt = unit_backward(-neg[:, None] * s_hat * scale, t_hat, t_norm, eps).to(t.dtype)
     return rows, gs, gt
 
 

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from fastted.ops.checks import check_float, check_impl, check_int_tensor, check_temperature, flat_mask
 from fastted.ops.dispatch import aligned, detach_without_grad, resolve_impl
-from fastted.reference import DIVERGENCES, divergence_reference, safe_count
+from fastted.reference import DIVERGENCES, divergence_reference, effective_divergence, safe_count
 
 # --------------------------------------------------------------------------- checks (shared with fused_linear_kd)
 
@@ -186,8 +186,7 @@ def logit_kd_rows(
                 hard_weight=hard_weight)
     if zs.device.type != "cpu":  # the fast path syncs on its fallback rows: CPU only
         return logit_kd_rows_exact(zs, zt, kd_coef, labels, ce_coef, grad, **opts)
-    if divergence == "jsd" and beta in (0.0, 1.0):
-        divergence = "forward_kl" if beta == 0.0 else "reverse_kl"
+    divergence = effective_divergence(divergence, beta)
     ws = workspace if workspace is not None else Workspace()
     acc = torch.promote_types(zs.dtype, torch.float32)
     n_rows, vocab = zs.shape

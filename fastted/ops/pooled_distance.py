@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastted.ops.checks import as_list, check_impl, check_positive_int, check_weight
-from fastted.ops.contrastive_kd import EPS
+from fastted.ops.contrastive_kd import EPS, unit, unit_backward
 from fastted.ops.dispatch import detach_without_grad, save_gradients, scaled_gradients
 from fastted.ops.pooling import check_pooling, check_states, pool_states, valid_examples
 from fastted.reference import masked_mean, safe_count
@@ -159,17 +159,6 @@ def _project(x: Tensor, w: Optional[Tensor], b: Optional[Tensor]) -> Tensor:
     return torch.baddbmm(b[:, None, :], x, w.transpose(1, 2))
 
 
-def _unit(x: Tensor) -> tuple[Tensor, Tensor]:
-    norm = x.norm(dim=-1, keepdim=True).clamp_min(EPS)
-    return x / norm, norm
-
-
-def _unit_grad(g: Tensor, x_hat: Tensor, norm: Tensor) -> Tensor:
-    """The gradient of x from that of x_hat = x / max(||x||, EPS)."""
-    g_x = (g - (g * x_hat).sum(-1, keepdim=True) * x_hat) / norm
-    return torch.where(norm > EPS, g_x, g / EPS)
-
-
 class PooledDistanceFunction(torch.autograd.Function):
     """The layer-wise distance of every layer at once, loss and gradients in the forward: projections as
     batched matmuls, the normalizations and their gradients written out (a dozen small ops fewer than
@@ -179,8 +168,8 @@ class PooledDistanceFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, coef, xs, xt, ws, bs, wt, bt):
         acc = coef.dtype
-        a_hat, a_norm = _unit(_project(xs, ws, bs).to(acc))  # (L, B, P)
-        b_hat, b_norm = _unit(_project(xt, wt, bt).to(acc))
+        a_hat, a_norm = unit(_project(xs, ws, bs).to(acc), EPS)  # (L, B, P)
+        b_hat, b_norm = unit(_project(xt, wt, bt).to(acc), EPS)
         diff = a_hat - b_hat
         valid = (coef != 0)[None, :, None]
         layer_losses = torch.where(valid[..., 0], (diff * diff).sum(-1), 0) @ coef  # (L,)
@@ -188,8 +177,8 @@ class PooledDistanceFunction(torch.autograd.Function):
         grads = [None] * 6
         if any(needs):
             g_hat = torch.where(valid, diff * (2 * coef)[None, :, None], 0)  # dLoss / d a_hat = -dLoss / d b_hat
-            for side, (x, w, b, g_proj) in enumerate(((xs, ws, bs, _unit_grad(g_hat, a_hat, a_norm)),
-                                                      (xt, wt, bt, _unit_grad(-g_hat, b_hat, b_norm)))):
+            for side, (x, w, b, g_proj) in enumerate(((xs, ws, bs, unit_backward(g_hat, a_hat, a_norm, EPS)),
+                                                      (xt, wt, bt, unit_backward(-g_hat, b_hat, b_norm, EPS)))):
                 n_x, n_w, n_b = needs[side], needs[2 + 2 * side], needs[3 + 2 * side]
                 g_proj = g_proj.to(x.dtype)
                 if n_x:
