@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 
 from fastted.config import PRESETS, ConfigError, load_config
 
@@ -36,8 +37,10 @@ def _parser() -> argparse.ArgumentParser:
         if which:
             p.add_argument("which", choices=("teacher", "student"))
         p.add_argument("-c", "--config", help="a YAML config file")
-        p.add_argument("--preset", choices=sorted(PRESETS), help="start from this preset (default bbc-minilm)")
-        p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. seed=1")
+        p.add_argument("--preset", metavar="NAME",
+                       help=f"start from this preset: {', '.join(PRESETS)} (default bbc-minilm)")
+        p.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                       help="config overrides, e.g. seed=1 (anywhere on the line)")
         return p
 
     add("pipeline", "run every step of the config's `steps`")
@@ -64,8 +67,45 @@ def _check_tokenizers(config) -> None:
                           f"compares them token by token and needs the same tokenizer")
 
 
+_VALUED_OPTIONS = ("-c", "--config", "--preset", "--method", "--local_rank", "--local-rank")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line, with ``key=value`` overrides taken from anywhere in it (argparse alone refuses those
+    placed after an option as unrecognized arguments)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    rest, overrides, i = [], [], 0
+    while i < len(argv):
+        token = argv[i]
+        if token in _VALUED_OPTIONS and i + 1 < len(argv):
+            rest += argv[i:i + 2]
+            i += 2
+            continue
+        (overrides if "=" in token and not token.startswith("-") else rest).append(token)
+        i += 1
+    args = _parser().parse_args(rest)
+    args.overrides = overrides
+    return args
+
+
+def make_output_dir(path: str) -> None:
+    """Create ``output_dir``, or a ConfigError when it, or a folder above it, is a file or cannot be written."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        what = "is a file" if existing == os.path.abspath(path) else f"is under the file {existing}"
+        raise ConfigError(f"output_dir: got {path!r}, which {what}; needs a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"output_dir: got {path!r}, which cannot be created ({error.strerror})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"output_dir: got {path!r}, needs a folder this user can write")
+
+
 def run(argv=None) -> dict:
-    args = _parser().parse_args(argv)
+    args = parse_args(argv)
     config = load_config(args.config, tuple(args.overrides), args.preset)
     if args.command == "config":
         from fastted.config import to_yaml
@@ -73,14 +113,14 @@ def run(argv=None) -> dict:
         print(to_yaml(config), end="")
         return {}
     from fastted import pipeline as p
-    from fastted.models import model_source
+    from fastted.models import check_against_models, model_source
 
     model_source(config.teacher, "teacher")  # missing model folders end here, before any work
     if config.student.path is not None:
         model_source(config.student, "student")
     _check_tokenizers(config)
-
-    os.makedirs(config.output_dir, exist_ok=True)
+    check_against_models(config)
+    make_output_dir(config.output_dir)
     if args.command == "pipeline":
         result = p.pipeline(config)
     elif args.command == "finetune":
@@ -114,18 +154,37 @@ def _print_results(config, results: dict) -> None:
     print(f"report: {os.path.join(config.output_dir, 'report.md')}")
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """fastted's own warnings (a damaged checkpoint passed over, a torn metrics line) as one line each."""
+    from fastted.trainer import CheckpointWarning
+
+    if issubclass(category, CheckpointWarning):
+        print(f"fastted: warning: {message}", file=sys.stderr)
+    else:
+        _default_showwarning(message, category, filename, lineno, file, line)
+
+
+_default_showwarning = warnings.showwarning
+
+
 def main(argv=None) -> int:
+    """The command: 0 when it worked, 2 for a bad setting or input, 1 when training went non-finite."""
+    from fastted.engine import NonFiniteError
+
+    warnings.showwarning = _show_warning
     try:
         run(argv)
-    except (ConfigError, ValueError, FileNotFoundError) as error:
+    except (ConfigError, ValueError, FileNotFoundError, NonFiniteError) as error:
         if os.environ.get("FASTTED_DEBUG") == "1":
             raise
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         print(f"fastted: error: {message}", file=sys.stderr)
-        return 2
+        return 1 if isinstance(error, NonFiniteError) else 2
     except KeyboardInterrupt:
         print("fastted: interrupted (the last complete checkpoint is kept; run again to resume)", file=sys.stderr)
         return 130
+    finally:
+        warnings.showwarning = _default_showwarning
     return 0
 
 

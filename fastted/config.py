@@ -291,11 +291,14 @@ def load_config(path: Optional[str] = None, overrides: tuple = (), preset: Optio
     if path is not None:
         if not os.path.isfile(path):
             raise ConfigError(f"--config: no such file {path!r}")
-        with open(path, encoding="utf-8") as f:
-            try:
+        try:
+            with open(path, encoding="utf-8") as f:
                 values = yaml.safe_load(f) or {}
-            except yaml.YAMLError as error:
-                raise ConfigError(f"--config {path}: not valid YAML ({str(error).splitlines()[0]})") from None
+        except UnicodeDecodeError as error:
+            raise ConfigError(f"--config {path}: got bytes that are not UTF-8 text (at byte {error.start}), needs "
+                              f"a YAML file") from None
+        except yaml.YAMLError as error:
+            raise ConfigError(f"--config {path}: not valid YAML ({str(error).splitlines()[0]})") from None
         if not isinstance(values, dict):
             raise ConfigError(f"--config {path}: needs a mapping of config keys, got {type(values).__name__}")
         values = dict(values)
@@ -312,7 +315,7 @@ def load_config(path: Optional[str] = None, overrides: tuple = (), preset: Optio
 
 def from_preset(name: str) -> Config:
     if name not in PRESETS:
-        raise ConfigError(f"--preset: unknown preset {name!r}; the presets are: {', '.join(PRESETS)}")
+        raise ConfigError(f"--preset: got {name!r}, needs one of {', '.join(PRESETS)}")
     config = Config()
     for key, value in PRESETS[name].items():
         _set_dotted(config, key, copy.deepcopy(value))
@@ -399,12 +402,31 @@ def check(config: Config) -> None:
     if s.path is not None and (s.layers is not None or s.num_layers is not None):
         raise ConfigError("student: student.path and student.layers / num_layers exclude each other")
     _positive("student.num_layers", s.num_layers)
+    if s.layers is not None:
+        if not s.layers:
+            raise ConfigError("student.layers: got [], needs at least one teacher layer index (or null)")
+        if any(i < 0 for i in s.layers) or len(set(s.layers)) != len(s.layers):
+            raise ConfigError(f"student.layers: got {s.layers}, needs distinct teacher layer indices >= 0 (a layer "
+                              f"taken twice would share its weights)")
+    _positive("student.hidden_size", s.hidden_size)
+    _positive("student.intermediate_size", s.intermediate_size)
+    if not config.output_dir.strip():
+        raise ConfigError("output_dir: got an empty path, needs a folder for the run's steps")
+    if not 0 < config.data.mlm_probability < 1:
+        raise ConfigError(f"data.mlm_probability: got {config.data.mlm_probability!r}, needs a number in (0, 1)")
     for prefix, t in (("finetune", config.finetune), ("filters.train", config.filters.train),
                       ("distil.train", config.distil.train)):
         _check_train(prefix, t)
     _positive("filters.interval", config.filters.interval)
     _positive("filters.filter_dim", config.filters.filter_dim)
-    _positive("distil.temperature", config.distil.temperature)
+    d = config.distil
+    _positive("distil.temperature", d.temperature)
+    _positive("distil.crd_temperature", d.crd_temperature)
+    _positive("distil.bank_size", d.bank_size)
+    _positive("distil.projection_dim", d.projection_dim)
+    for name in ("task_alpha", "kl_alpha", "mse_alpha", "crd_alpha", "rail_alpha", "alpha_h", "alpha_s",
+                 "alpha_s_end"):
+        _positive(f"distil.{name}", getattr(d, name), allow_zero=True)
     _choice("distil.rail_per", config.distil.rail_per, ("step", "epoch"))
     _choice("distil.alpha_s_schedule", config.distil.alpha_s_schedule, ("constant", "linear", "cosine"))
     _choice("engine.precision", config.engine.precision, PRECISIONS)

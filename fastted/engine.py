@@ -24,6 +24,7 @@ import math
 import os
 import random
 import socket
+from typing import Optional
 
 import numpy as np
 import torch
@@ -79,6 +80,17 @@ def barrier() -> None:
 
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+def reduce_over_ranks(values: torch.Tensor, op: str) -> torch.Tensor:
+    """``values`` reduced elementwise over the ranks by ``op`` ("min" or "max")."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return values
+    values = values.clone()
+    dist.all_reduce(values, op={"min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op])
+    return values
 
 
 def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
@@ -222,6 +234,15 @@ def seed_everything(seed: int) -> None:
 # --------------------------------------------------------------------------- the engine
 
 
+class NonFiniteError(RuntimeError):
+    """Training produced a non-finite loss, term, gradient norm or weight; the message names the step, what was
+    not finite and the last good checkpoint."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be resumed from: the message names the folder and what is wrong."""
+
+
 class _RecipeStep(nn.Module):
     """What DeepSpeed runs: the recipe, its output returned as a plain dict, in which ZeRO-3 finds the loss
     (and hooks it for its backward)."""
@@ -285,6 +306,8 @@ class Engine:
             for param in recipe.external_parameters():
                 deepspeed.zero.register_external_parameter(self.step_module, param)
         self.ds.checkpoint_engine = _safe_checkpoint_engine(self.ds._config)
+        self._trained = [p for _, p in named]
+        self._norm_from_grads = self.ds.zero_optimization_stage() == 0 and dtype is None
 
     # ------------------------------------------------------------------ one micro batch
 
@@ -301,10 +324,30 @@ class Engine:
     def backward(self, loss: torch.Tensor) -> None:
         self.ds.backward(loss)  # scaled by 1 / accumulation by DeepSpeed
 
-    def step(self) -> None:
+    def step(self) -> Optional[torch.Tensor]:
         """Call after every micro batch's backward: DeepSpeed counts the micro batches and, at the accumulation
-        boundary, clips, steps the optimizer and the schedule, and zeroes the gradients."""
+        boundary, clips, steps the optimizer and the schedule, and zeroes the gradients. Returns the gradient
+        norm at the boundary (a device tensor, not synced; None between boundaries or when DeepSpeed's optimizer
+        keeps none)."""
+        boundary = self.ds.is_gradient_accumulation_boundary()
+        norm = None
+        if boundary and self._norm_from_grads:  # ZeRO and DeepSpeed's mixed-precision optimizers keep their own
+            grads = [p.grad for p in self._trained if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(grads) if grads else None
         self.ds.step()
+        if boundary and norm is None:
+            norm = self.ds.get_global_grad_norm()
+        return None if norm is None else torch.as_tensor(norm, device=self.device)
+
+    def check_finite_parameters(self, where: str, last_good: Optional[str]) -> None:
+        """Raise :class:`NonFiniteError` naming the trained parameters (this rank's shards) that hold a non-finite
+        value: nothing non-finite is ever saved."""
+        bad = [name for name, p in self.recipe.named_parameters() if p.requires_grad
+               and not bool(torch.isfinite(p.ds_tensor if is_partitioned(p) else p).all())]
+        if bad:
+            shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+            raise NonFiniteError(f"{where}: non-finite weights ({shown}); not saved. Last good checkpoint: "
+                                 f"{last_good or 'none'}")
 
     @property
     def lr(self) -> float:
@@ -327,8 +370,10 @@ class Engine:
         if path is None:
             raise ValueError(f"checkpoint {directory}: DeepSpeed found no state in it")
         rng = os.path.join(directory, f"rng-rank{self.rank}.pt")
-        if os.path.exists(rng):
-            set_rng_state(torch.load(rng, weights_only=True))
+        if not os.path.exists(rng):
+            raise CheckpointError(f"checkpoint {directory}: no rng-rank{self.rank}.pt (saved by fewer ranks than "
+                                  f"{self.world}?): resume with the same number of ranks, or resume=false")
+        set_rng_state(torch.load(rng, weights_only=True))
 
     def gathered(self):
         """A context in which every recipe parameter is whole (ZeRO-3), e.g. to export the trained model."""

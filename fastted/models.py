@@ -170,6 +170,7 @@ class ModelAdapter:
         inputs = {k: v for k, v in batch.items() if k != "labels" and k not in _NON_MODEL_KEYS}
         if "input_ids" not in inputs and "inputs_embeds" not in inputs:
             raise ValueError(f"batch has keys {sorted(batch)}, but needs 'input_ids' (and usually 'attention_mask')")
+        self.check_batch(batch)
         split = None if head else self._head_split()
         with self.capture(layers) as captured:
             if split is None:
@@ -181,6 +182,30 @@ class ModelAdapter:
                 hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
                 logits, head_input = None, _projection_input(pre_head, emb, hidden)
         return ModelOutputs(logits, [captured[layer] for layer in layers], batch.get("attention_mask"), head_input)
+
+    def check_batch(self, batch: dict) -> None:
+        """Raise a ValueError naming the key when a CPU batch holds an input id outside the model's embedding rows
+        or a label outside its classes (vocabulary) and not -100. CUDA batches are not checked: the check would
+        cost a host sync per forward, and PyTorch's device-side assert stops such a run instead."""
+        name = type(self.model).__name__
+        ids = batch.get("input_ids")
+        embeddings = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
+        rows = getattr(embeddings, "num_embeddings", None)
+        if torch.is_tensor(ids) and ids.device.type == "cpu" and ids.numel():
+            low, high = int(ids.min()), int(ids.max())
+            if low < 0 or (rows is not None and high >= rows):
+                raise ValueError(f"batch['input_ids']: got ids from {low} to {high}, needs ids in [0, {rows}) (the "
+                                 f"{name}'s embedding rows: a tokenizer of another model?)")
+        labels = batch.get("labels")
+        classes = self.num_labels if self.task == "classification" else rows
+        if (torch.is_tensor(labels) and labels.device.type == "cpu" and labels.numel() and classes is not None
+                and not labels.is_floating_point() and classes > 1):
+            valid = (labels == -100) | ((labels >= 0) & (labels < classes))
+            if not bool(valid.all()):
+                bad = int(labels[~valid][0])
+                what = "classes (num_labels)" if self.task == "classification" else "vocabulary"
+                raise ValueError(f"batch['labels']: got {bad}, needs labels in [0, {classes}) (the {name}'s {what}) "
+                                 f"or -100 (ignored)")
 
     # ------------------------------------------------------------------ heads
 
@@ -431,6 +456,25 @@ def hf_config(path: str, gguf: Optional[str]):
     import transformers as tf
 
     return tf.AutoConfig.from_pretrained(path, **({"gguf_file": gguf} if gguf else {}))
+
+
+def check_against_models(config: Config) -> None:
+    """The settings that depend on the models, checked from their configs before any work: the student's teacher
+    layers exist and ``data.max_length`` fits every model's positions. Raises a ConfigError naming the key."""
+    teacher = hf_config(*model_source(config.teacher, "teacher"))
+    n_teacher = teacher.num_hidden_layers
+    layers = config.student.layers
+    if config.student.path is None and layers is not None and max(layers) >= n_teacher:
+        raise ConfigError(f"student.layers: got {layers}, needs indices of the teacher's {n_teacher} layers "
+                          f"(0..{n_teacher - 1})")
+    models = [("teacher", teacher)]
+    if config.student.path is not None:
+        models.append(("student", hf_config(*model_source(config.student, "student"))))
+    for name, cfg in models:
+        positions = _config_int(cfg, "max_position_embeddings", "n_positions", "n_ctx")
+        if positions is not None and config.data.max_length > positions:
+            raise ConfigError(f"data.max_length: got {config.data.max_length}, needs at most {positions} (the "
+                              f"{name}'s positions, config.max_position_embeddings)")
 
 
 def keep_layers(model, layers: list[int]):

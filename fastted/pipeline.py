@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from typing import Optional
 
@@ -48,8 +49,14 @@ def _model_dir(config: Config, name: str) -> str:
     return path
 
 
+def _train_key(config: Config, train: TrainConfig) -> str:
+    """The config section of ``train``: finetune, filters.train or distil.train."""
+    return {id(config.finetune): "finetune", id(config.filters.train): "filters.train"}.get(id(train),
+                                                                                          "distil.train")
+
+
 def _train(config: Config, name: str, recipe, data: Data, train: TrainConfig, device, evaluate_adapter) -> dict:
-    steps = total_steps(len(data.train), train)
+    steps = total_steps(len(data.train), train, _train_key(config, train))
     engine = Engine(recipe, train, config.engine, steps, device)
 
     def evaluate(eng):
@@ -60,15 +67,29 @@ def _train(config: Config, name: str, recipe, data: Data, train: TrainConfig, de
                   evaluate=None if evaluate_adapter is None else evaluate, config_text=to_yaml(config),
                   seed=config.seed, progress=config.progress, resume=config.resume)
     result = run(stage, engine)
-    out = os.path.join(stage.directory, "model")
     with engine.gathered():
         if engine.is_main:
-            recipe.save_pretrained(out)
-            data.tokenizer.save_pretrained(out)
-            with open(os.path.join(stage.directory, "result.json"), "w", encoding="utf-8") as f:
-                json.dump(result, f, indent=1)
+            _export(stage.directory, recipe, data.tokenizer, result)
     barrier()
     return result
+
+
+def _export(directory: str, recipe, tokenizer, result: dict) -> None:
+    """Write the trained model to ``directory/model`` and the run's result to ``result.json``, each under a
+    temporary name and renamed: a kill leaves the previous export (or none), never half of one."""
+    out, tmp, old = (os.path.join(directory, name) for name in ("model", "model.tmp", "model.old"))
+    for leftover in (tmp, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    recipe.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if os.path.isdir(out):
+        os.rename(out, old)
+    os.rename(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+    path = os.path.join(directory, "result.json")
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 @dataclass
@@ -163,7 +184,7 @@ def distil(config: Config, method: str) -> dict:
     else:
         teacher = load_model(path, config.task, gguf)
         student = build_student(config, teacher=teacher)
-    steps = total_steps(len(st.data.train), config.distil.train)
+    steps = total_steps(len(st.data.train), config.distil.train, "distil.train")
     models = RecipeModels(student, teacher, tokenizers=(s_tokenizer, tokenizer), total_steps=steps, filters=filters)
     recipe = build_recipe(method, config, models)
     return _train(config, f"distil-{method}", recipe, st.data, config.distil.train, st.device,

@@ -3,19 +3,34 @@
 The data order is a pure function of (seed, epoch) and the MLM masks of
 (seed, step, micro batch, rank) (:func:`fastted.data.data_order`,
 :func:`fastted.data.batch_generator`), so the data position is the optimizer
-step alone and a resumed run sees exactly the batches it would have seen. A
-checkpoint is a folder ``checkpoints/step-NNNNNNN`` written under a temporary
-name and renamed when every rank has finished writing; ``checkpoints/latest``
-names the newest (replaced atomically). A kill during a save leaves the
-previous checkpoint and ``latest`` as they were.
+step alone and a resumed run sees exactly the batches it would have seen.
+
+A checkpoint is a folder ``checkpoints/step-NNNNNNN`` written under a
+temporary name, closed by a ``manifest.json`` of every file's size and
+SHA-256, and renamed when every rank has finished writing;
+``checkpoints/latest`` names the newest (replaced atomically). A kill during a
+save leaves the previous checkpoint and ``latest`` as they were. On resume
+the manifest is verified: a damaged or incomplete newest checkpoint is passed
+over, with a warning naming it and the one resumed from, for the newest
+intact one; none intact is an error (nothing is deleted).
+
+Non-finite values stop the run: the loss, each term and the gradient norm
+are checked on the device every step, and read on the step's host sync
+(a logged step, a checkpoint, an evaluation, the end), so a NaN costs no
+extra sync; the run ends with :class:`NonFiniteError` naming the first bad
+step, the terms and the last good checkpoint, before anything non-finite is
+saved.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -23,9 +38,15 @@ import torch
 
 from fastted.config import TrainConfig
 from fastted.data import Data, batch_generator, data_order
-from fastted.engine import Engine, barrier, mean_over_ranks
+from fastted.engine import CheckpointError, Engine, NonFiniteError, barrier, mean_over_ranks, reduce_over_ranks
 
 CHECKPOINTS = "checkpoints"
+MANIFEST = "manifest.json"
+_CHECKPOINT_NAME = re.compile(r"step-(\d+)")
+
+
+class CheckpointWarning(UserWarning):
+    """A damaged checkpoint was passed over, or a torn metrics line dropped."""
 
 
 @dataclass
@@ -49,12 +70,13 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
     return n // batch_size
 
 
-def total_steps(n: int, config: TrainConfig) -> int:
+def total_steps(n: int, config: TrainConfig, key: str = "train") -> int:
+    """Optimizer steps of a run over ``n`` examples (``key``: the config section, for the error message)."""
     per_epoch = steps_per_epoch(n, config.batch_size)
+    if per_epoch == 0:
+        raise ValueError(f"{key}.batch_size: got {config.batch_size}, needs at most the {n} training examples")
     if config.max_steps is not None:
         return config.max_steps
-    if per_epoch == 0:
-        raise ValueError(f"batch_size {config.batch_size} is larger than the {n} training examples")
     return max(1, math.ceil(config.epochs * per_epoch))
 
 
@@ -80,15 +102,91 @@ def checkpoint_dir(directory: str) -> str:
     return os.path.join(directory, CHECKPOINTS)
 
 
+def _checkpoint_step(name: str) -> Optional[int]:
+    match = _CHECKPOINT_NAME.fullmatch(name)
+    return int(match.group(1)) if match else None
+
+
+def _file_record(path: str) -> dict:
+    with open(path, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    return {"bytes": os.path.getsize(path), "sha256": digest}
+
+
+def _checkpoint_files(folder: str) -> list[str]:
+    files = []
+    for parent, _, names in os.walk(folder):
+        files += [os.path.relpath(os.path.join(parent, n), folder) for n in names]
+    return sorted(f for f in files if f != MANIFEST)
+
+
+def write_manifest(folder: str) -> None:
+    """Record every file of a checkpoint folder (size and SHA-256) in its ``manifest.json``, written last."""
+    files = {rel: _file_record(os.path.join(folder, rel)) for rel in _checkpoint_files(folder)}
+    _write_atomic(os.path.join(folder, MANIFEST), json.dumps({"format": 1, "files": files}, indent=1))
+
+
+def verify_checkpoint(folder: str) -> Optional[str]:
+    """None when the checkpoint folder is intact (every file of its manifest there, with its size and hash, and
+    a readable trainer.json); else what is wrong, in a few words."""
+    try:
+        with open(os.path.join(folder, MANIFEST), encoding="utf-8") as f:
+            files = json.load(f)["files"]
+    except FileNotFoundError:
+        return f"no {MANIFEST} (the save did not finish)"
+    except (ValueError, KeyError, TypeError) as error:
+        return f"{MANIFEST} is unreadable ({type(error).__name__})"
+    for rel, want in sorted(files.items()):
+        path = os.path.join(folder, rel)
+        if not os.path.isfile(path):
+            return f"{rel} is missing"
+        size = os.path.getsize(path)
+        if size != want["bytes"]:
+            return f"{rel} has {size} bytes, the manifest says {want['bytes']}"
+        if _file_record(path)["sha256"] != want["sha256"]:
+            return f"{rel} differs from the manifest's SHA-256 (corrupted)"
+    if "trainer.json" not in files:
+        return "trainer.json is not in the manifest"
+    return None
+
+
 def latest_checkpoint(directory: str) -> Optional[str]:
-    """The newest complete checkpoint of a stage directory, or None."""
+    """The checkpoint a stage directory resumes from: the one ``latest`` names when it is intact, else the newest
+    intact one (with a :class:`CheckpointWarning` naming what was passed over), or None when there is no
+    checkpoint. Raises :class:`CheckpointError` when checkpoints exist but none is intact."""
     root = checkpoint_dir(directory)
-    pointer = os.path.join(root, "latest")
+    if not os.path.isdir(root):
+        return None
+    names = sorted((n for n in os.listdir(root) if _checkpoint_step(n) is not None
+                    and os.path.isdir(os.path.join(root, n))), key=_checkpoint_step, reverse=True)
+    pointer, named = os.path.join(root, "latest"), None
     if os.path.isfile(pointer):
         with open(pointer, encoding="utf-8") as f:
-            path = os.path.join(root, f.read().strip())
-        if os.path.isdir(path):
-            return path
+            named = f.read().strip()
+        if _checkpoint_step(named) is None:  # "../x", an absolute path: never leave checkpoints/
+            warnings.warn(f"{pointer} names {named!r}, not a checkpoint folder step-N inside {root}: ignored",
+                          CheckpointWarning, stacklevel=2)
+            named = None
+    if named is not None and named not in names:
+        if not names:
+            raise CheckpointError(f"{pointer} names {named}, which is not in {root}, and no other checkpoint is: "
+                                  f"restore it, or set resume=false to start over")
+        warnings.warn(f"{pointer} names {named}, which is not in {root}", CheckpointWarning, stacklevel=2)
+    if named in names:  # the pointer's checkpoint first, then the others newest first
+        names.remove(named)
+        names.insert(0, named)
+    damaged = []
+    for name in names:
+        reason = verify_checkpoint(os.path.join(root, name))
+        if reason is None:
+            if damaged:
+                warnings.warn(f"checkpoint {'; '.join(damaged)}: resuming from {name}, the newest intact one "
+                              f"(the damaged ones are kept)", CheckpointWarning, stacklevel=2)
+            return os.path.join(root, name)
+        damaged.append(f"{name} is damaged ({reason})")
+    if damaged:
+        raise CheckpointError(f"{root}: no intact checkpoint ({'; '.join(damaged)}): set resume=false to start over "
+                              f"(nothing is deleted)")
     return None
 
 
@@ -102,7 +200,8 @@ def _write_atomic(path: str, text: str) -> None:
 
 
 def save_checkpoint(engine: Engine, stage: Stage, step: int) -> str:
-    """Write ``checkpoints/step-{step}`` atomically and keep the last ``keep_last``. Every rank calls it."""
+    """Write ``checkpoints/step-{step}`` atomically, closed by its manifest, and keep the last ``keep_last``.
+    Every rank calls it."""
     root = checkpoint_dir(stage.directory)
     name = f"step-{step:07d}"
     final, tmp = os.path.join(root, name), os.path.join(root, name + ".tmp")
@@ -115,12 +214,14 @@ def save_checkpoint(engine: Engine, stage: Stage, step: int) -> str:
     barrier()
     if engine.is_main:
         _write_atomic(os.path.join(tmp, "config.yaml"), stage.config_text)
-        _write_atomic(os.path.join(tmp, "trainer.json"), json.dumps({"step": step, "stage": stage.name}))
+        _write_atomic(os.path.join(tmp, "trainer.json"), json.dumps({"step": step, "stage": stage.name,
+                                                                     "world": engine.world}))
+        write_manifest(tmp)
         if os.path.isdir(final):  # the same step saved again (end of a resumed run): replace it
             shutil.rmtree(final)
         os.rename(tmp, final)
         _write_atomic(os.path.join(root, "latest"), name)
-        kept = sorted(d for d in os.listdir(root) if d.startswith("step-") and not d.endswith(".tmp"))
+        kept = sorted((d for d in os.listdir(root) if _checkpoint_step(d) is not None), key=_checkpoint_step)
         for old in kept[:-stage.train.keep_last]:
             shutil.rmtree(os.path.join(root, old), ignore_errors=True)
     barrier()
@@ -128,7 +229,7 @@ def save_checkpoint(engine: Engine, stage: Stage, step: int) -> str:
 
 
 def load_checkpoint(engine: Engine, path: str) -> int:
-    """Restore a checkpoint into the engine; returns the optimizer step to continue from."""
+    """Restore a (verified) checkpoint into the engine; returns the optimizer step to continue from."""
     with open(os.path.join(path, "trainer.json"), encoding="utf-8") as f:
         step = int(json.load(f)["step"])
     engine.load(path)
@@ -160,19 +261,40 @@ def _check_same_run(stage: Stage, path: str) -> None:
 # --------------------------------------------------------------------------- metrics
 
 
-class Metrics:
-    """Rank 0 appends one JSON object per line to ``metrics.jsonl``, and to TensorBoard when it is installed."""
+def _read_records(path: str) -> list[dict]:
+    """The JSON lines of a metrics file. A torn last line (a kill during its write) is dropped with a
+    :class:`CheckpointWarning`; a bad line before it is an error naming the file and line."""
+    with open(path, encoding="utf-8") as f:
+        lines = [(i, line) for i, line in enumerate(f, 1) if line.strip()]
+    records = []
+    for k, (i, line) in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if k < len(lines) - 1:
+                raise CheckpointError(f"{path}, line {i}: not a JSON record (the file was edited or damaged): "
+                                      f"repair or delete that line") from None
+            warnings.warn(f"{path}, line {i}: a torn last line (a write cut short) is dropped", CheckpointWarning,
+                          stacklevel=3)
+    return records
 
-    def __init__(self, directory: str, enabled: bool, start_step: int):
+
+class Metrics:
+    """Rank 0 appends one JSON object per line to ``metrics.jsonl``, and to TensorBoard when it is installed.
+
+    A resumed run starts from the records up to its checkpoint's step (``start_step``); a run resumed at its
+    last step (``final``) evaluates again, so its old final evaluation is dropped too: no line is doubled."""
+
+    def __init__(self, directory: str, enabled: bool, start_step: int, final: bool = False):
         self.path = os.path.join(directory, "metrics.jsonl")
         self.enabled, self.writer = enabled, None
         if not enabled:
             return
         os.makedirs(directory, exist_ok=True)
         if os.path.exists(self.path):  # a resumed run: drop what came after its checkpoint
-            with open(self.path, encoding="utf-8") as f:
-                lines = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= start_step]
-            _write_atomic(self.path, "".join(lines))
+            kept = [r for r in _read_records(self.path) if r.get("step", 0) < start_step
+                    or (r.get("step", 0) == start_step and not (final and "eval" in r))]
+            _write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -209,10 +331,7 @@ def _scalars(record: dict, prefix: str = ""):
 
 def read_metrics(directory: str) -> list[dict]:
     path = os.path.join(directory, "metrics.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return _read_records(path) if os.path.exists(path) else []
 
 
 # --------------------------------------------------------------------------- the loop
@@ -226,36 +345,75 @@ def _progress(enabled: bool, total: int, initial: int, name: str):
     return tqdm(total=total, initial=initial, desc=name, unit="step", dynamic_ncols=True)
 
 
+class _FiniteWatch:
+    """The first optimizer step at which the loss, a term or the gradient norm is not finite, tracked on the
+    device (no host sync) and read by :meth:`check` on a step that syncs anyway."""
+
+    def __init__(self, device: torch.device):
+        self.first = torch.full((), -1, dtype=torch.long, device=device)  # -1: none yet
+        self.flags: dict[str, torch.Tensor] = {}  # per value: not finite at that first step
+
+    def update(self, step: int, values: dict) -> None:
+        finite = {name: torch.isfinite(torch.as_tensor(v, device=self.first.device)).all()
+                  for name, v in values.items()}
+        new = (self.first < 0) & ~torch.stack(list(finite.values())).all()
+        self.first = torch.where(new, torch.full_like(self.first, step), self.first)
+        for name, ok in finite.items():
+            self.flags[name] = torch.where(new, ~ok, self.flags.get(name, torch.zeros_like(ok)))
+
+    def check(self, stage: Stage, engine: Engine, last_good: Optional[str]) -> None:
+        """Raise :class:`NonFiniteError` (on every rank alike) if a step so far was not finite."""
+        first = torch.where(self.first < 0, torch.full_like(self.first, 2**62), self.first)
+        first = int(reduce_over_ranks(first, "min"))
+        if first == 2**62:
+            return
+        flags = reduce_over_ranks(torch.stack(list(self.flags.values())).long(), "max").tolist()
+        bad = [name for name, flag in zip(self.flags, flags) if flag] or ["loss"]
+        raise NonFiniteError(
+            f"{stage.name}: non-finite {', '.join(bad)} at step {first + 1} of {engine.total_steps}; stopped before "
+            f"saving it. Last good checkpoint: {last_good or 'none'} (lower the learning rate, or check the data "
+            f"of that step; a rerun resumes from the checkpoint)")
+
+
 def run(stage: Stage, engine: Engine) -> dict:
-    """Train ``stage.recipe`` under ``engine`` for its steps; returns the last metrics and evaluation."""
+    """Train ``stage.recipe`` under ``engine`` for its steps; returns the last metrics and evaluation.
+
+    Raises :class:`NonFiniteError` when a loss, term or gradient norm is not finite (checked on the steps that
+    sync: logged, evaluated, saved, the last), after which nothing more is saved."""
     total = engine.total_steps
-    start = 0
+    start, last_good = 0, None
     if stage.resume:
         path = latest_checkpoint(stage.directory)
         if path is not None:
             _check_same_run(stage, path)
-            start = load_checkpoint(engine, path)
-    metrics = Metrics(stage.directory, engine.is_main, start)
+            start, last_good = load_checkpoint(engine, path), path
+    metrics = Metrics(stage.directory, engine.is_main, start, final=start == total)
     bar = _progress(stage.progress and engine.is_main, total, start, stage.name)
     train, last, evaluation = stage.train, {}, {}
+    watch = _FiniteWatch(engine.device)
     engine.train(True)
     t0, tokens = time.perf_counter(), 0
     for step in range(start, total):
         sums: dict[str, torch.Tensor] = {}  # on the device: no host sync until the step is logged
-        layer_sums = None
+        layer_sums, grad_norm = None, None
         for epoch, batch in micro_batches(stage, step, engine):
             out = engine.forward(batch, step=step, epoch=epoch)
             engine.backward(out.loss)
             lr = engine.lr
-            engine.step()  # after every micro batch: DeepSpeed steps the optimizer at the accumulation boundary
+            norm = engine.step()  # after every micro batch: DeepSpeed steps the optimizer at the boundary
+            grad_norm = norm if norm is not None else grad_norm
             tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
             for name, value in {"loss": out.loss.detach(), **out.terms}.items():
                 sums[name] = sums.get(name, 0.0) + value.double()
             if out.layer_losses is not None:
                 layer = out.layer_losses.detach().double()
                 layer_sums = layer if layer_sums is None else layer_sums + layer
+        watch.update(step, sums if grad_norm is None else {**sums, "gradient norm": grad_norm})
         done = step + 1
-        if done % max(train.log_every, 1) == 0 or done == total:
+        logged = done % max(train.log_every, 1) == 0 or done == total
+        evaluated = stage.evaluate is not None and train.eval_every and done % train.eval_every == 0
+        saved = (train.save_every and done % train.save_every == 0) or done == total
+        if logged:
             names = list(sums)
             flat = torch.stack([sums[n] for n in names] + ([] if layer_sums is None else list(layer_sums)))
             flat = mean_over_ranks(flat / engine.accumulation).tolist()
@@ -270,10 +428,13 @@ def run(stage: Stage, engine: Engine) -> dict:
                 bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
         if bar is not None:
             bar.update(1)
-        if stage.evaluate is not None and train.eval_every and done % train.eval_every == 0 and done != total:
+        if logged or evaluated or saved:
+            watch.check(stage, engine, last_good)
+        if evaluated and done != total:
             evaluation = _evaluate(stage, engine, done, metrics)
-        if (train.save_every and done % train.save_every == 0) or done == total:
-            save_checkpoint(engine, stage, done)
+        if saved:
+            engine.check_finite_parameters(f"{stage.name}: after step {done} of {total}", last_good)
+            last_good = save_checkpoint(engine, stage, done)
     if bar is not None:
         bar.close()
     if stage.evaluate is not None:

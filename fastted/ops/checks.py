@@ -72,6 +72,12 @@ def as_list(name: str, value, n_layers: Optional[int], allow_none_entries: bool)
     return list(value)
 
 
+def check_floating(name: str, x: Tensor) -> None:
+    """``x`` holds real floating-point values (every loss refuses integer, bool and complex tensors alike)."""
+    if not x.is_floating_point():
+        raise ValueError(f"{name} has dtype {x.dtype}, but needs a floating-point dtype")
+
+
 def check_like(name: str, x: Tensor, ref: Tensor, ref_name: str) -> None:
     """``x`` shares ``ref``'s device and dtype."""
     if x.device != ref.device:

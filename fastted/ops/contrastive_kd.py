@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from fastted.ops.checks import check_impl, check_int_tensor, check_temperature, flat_mask
+from fastted.ops.checks import check_floating, check_impl, check_int_tensor, check_temperature, flat_mask
 from fastted.ops.dispatch import CHUNK_ELEMENTS, TRITON_DTYPES, aligned, detach_without_grad, resolve_impl
 from fastted.ops.dispatch import save_gradients, scaled_gradients
 from fastted.reference import safe_count
@@ -38,8 +38,7 @@ def check_vectors(student_vecs, teacher_vecs, negatives) -> int:
     for name, x in (("student_vecs", student_vecs), ("teacher_vecs", teacher_vecs), ("negatives", negatives)):
         if not isinstance(x, Tensor):
             raise ValueError(f"{name} must be a tensor, got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise ValueError(f"{name} has dtype {x.dtype}, but needs a floating-point dtype")
+        check_floating(name, x)
         if x.device != student_vecs.device:
             raise ValueError(f"{name} is on {x.device}, but student_vecs is on {student_vecs.device}")
     if student_vecs.dim() != 2 or student_vecs.numel() == 0:

@@ -23,7 +23,7 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from fastted.ops.checks import as_list, check_bias, check_impl, check_like, check_weight, flat_mask
+from fastted.ops.checks import as_list, check_bias, check_floating, check_impl, check_like, check_weight, flat_mask
 from fastted.ops.dispatch import CHUNK_ELEMENTS, aligned, autocast_dtype, detach_without_grad, resolve_impl
 from fastted.ops.dispatch import save_gradients, scaled_gradients, to_autocast
 from fastted.reference import safe_count
@@ -88,6 +88,7 @@ def filtered_mse_inputs(
                     f"layer's states need the same leading shape {lead}"
                 )
             check_like(name, x, ref_s, "student_states[0]")
+        check_floating(f"student_states[{l}]", s)
         d_s, d_t = s.shape[-1], t.shape[-1]
         if w is not None:
             check_weight(f"student_weights[{l}]", w, None, d_s, f"student_states[{l}]")

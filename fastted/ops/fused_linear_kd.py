@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from fastted.kernels import aligned_row_stride, device_arch
-from fastted.ops.checks import check_float, check_impl, check_like, check_weight
+from fastted.ops.checks import check_float, check_floating, check_impl, check_like, check_weight
 from fastted.ops.dispatch import autocast_dtype, detach_without_grad, resolve_impl, save_gradients
 from fastted.ops.dispatch import scaled_gradients, to_autocast
 from fastted.ops.logit_kd import Workspace, logit_kd_rows, logit_options, row_weights, shared_vocab
@@ -301,6 +301,8 @@ def fused_linear_kd(
     cast = autocast_dtype(xs.device.type)
     student = [to_autocast(x, cast) for x in (xs, ws, student_bias)]
     teacher = [to_autocast(x, cast) for x in (xt, wt, teacher_bias)]
+    check_floating("student_hidden", student[0])
+    check_floating("teacher_hidden", teacher[0])
     for name, x in zip(("student_weight", "student_bias"), student[1:]):
         if x is not None:
             check_like(name, x, student[0], "student_hidden")

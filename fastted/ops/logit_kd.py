@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastted.ops.checks import check_float, check_impl, check_int_tensor, check_temperature, flat_mask
+from fastted.ops.checks import check_float, check_floating, check_impl, check_int_tensor, check_temperature, flat_mask
 from fastted.ops.dispatch import aligned, detach_without_grad, resolve_impl
 from fastted.reference import DIVERGENCES, divergence_reference, effective_divergence, safe_count
 
@@ -93,8 +93,7 @@ def check_logits(student_logits, teacher_logits) -> None:
             raise ValueError(f"{name} must be a tensor of shape (N, V) or (B, T, V), got {type(x).__name__}")
         if x.dim() not in (2, 3) or x.numel() == 0:
             raise ValueError(f"{name} has shape {tuple(x.shape)}, but needs (N, V) or (B, T, V) with N, V > 0")
-        if not x.is_floating_point():
-            raise ValueError(f"{name} has dtype {x.dtype}, but needs a floating-point dtype")
+        check_floating(name, x)
     if student_logits.shape[:-1] != teacher_logits.shape[:-1]:
         raise ValueError(
             f"teacher_logits has shape {tuple(teacher_logits.shape)}, but student_logits has "

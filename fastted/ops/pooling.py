@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from fastted.ops.checks import as_list, flat_mask
+from fastted.ops.checks import as_list, check_floating, flat_mask
 from fastted.ops.dispatch import aligned, detach_without_grad, resolve_impl
 from fastted.reference import POOLINGS, pool_states_reference, safe_count
 
@@ -37,8 +37,7 @@ def check_states(name: str, states) -> list[Tensor]:
                 f"{name}[{i}] is {tuple(h.shape)} {h.dtype} on {h.device}, but {name}[0] is {tuple(ref.shape)} "
                 f"{ref.dtype} on {ref.device}: the layers of one model must match"
             )
-        if not h.is_floating_point():
-            raise ValueError(f"{name}[{i}] has dtype {h.dtype}, but needs a floating-point dtype")
+        check_floating(f"{name}[{i}]", h)
     return states
 
 

@@ -52,3 +52,33 @@ def test_bad_batches(models):
     codir = CoDIR(student, teacher, proj_dim=8, bank=bank).train()
     with pytest.raises(ValueError, match="index"):
         codir({k: v for k, v in b.items() if k != "index"})
+
+
+@pytest.mark.parametrize("key, value, fragment", [
+    ("input_ids", 30_000, "batch['input_ids']: got ids from 0 to 30000, needs ids in [0, 97)"),
+    ("input_ids", -1, "batch['input_ids']: got ids from -1 to"),
+    ("labels", 3, "batch['labels']: got 3, needs labels in [0, 3)"),
+    ("labels", -2, "batch['labels']: got -2, needs labels in [0, 3)"),
+])
+def test_out_of_range_ids_and_labels_are_named(models, key, value, fragment):
+    student, teacher = models
+    b = batch("classification", seed=51)
+    b[key] = b[key].clone()
+    b[key].view(-1)[0] = value
+    if key == "input_ids":
+        b[key].view(-1)[1] = 0
+    for recipe in (KD(student, teacher), LWD(student, teacher)):
+        with pytest.raises(ValueError) as info:
+            recipe(b)
+        assert fragment in str(info.value), str(info.value)
+
+
+def test_out_of_range_lm_labels_are_named():
+    student, teacher = gpt2(2, 32), gpt2(3, 48, seed=1)
+    b = batch("clm", seed=52)
+    b["labels"] = b["labels"].clone()
+    b["labels"][0, 1] = 97
+    with pytest.raises(ValueError, match=r"batch\['labels'\]: got 97, needs labels in \[0, 97\) \(the "
+                                         r"GPT2LMHeadModel's vocabulary\) or -100"):
+        KD(student, teacher)(b)
+

@@ -60,6 +60,11 @@ BAD = {
     "mask_negative": ({**_good(), "mask": torch.tensor([1.0, 1.0, -2.0, 1.0, 1.0, 0.0])},
                       ["mask holds -2.0", "finite and >= 0"]),
     "no_layers": ({**_good(), "student_states": [], "student_weights": [], "teacher_states": []}, ["student_states is empty"]),
+    "integer_states": ({key: [x.long() for x in v] for key, v in _good().items()},
+                       ["student_states[0] has dtype torch.int64, but needs a floating-point dtype"]),
+    "bool_states": ({**_good(), "student_states": [x.bool() for x in _good()["student_states"]],
+                     "teacher_states": [x.bool() for x in _good()["teacher_states"]], "student_weights": [None, None]},
+                    ["has dtype torch.bool, but needs a floating-point dtype"]),
     "states_3d": (_with("student_states", 0, torch.randn(6, 8, 1, 1)), ["student_states[0]", "(6, 8, 1, 1)"]),
     "target_width_without_filter": (
         {**_good(), "teacher_weights": None, "teacher_biases": None},

@@ -63,6 +63,10 @@ BAD_HEADS = {
                            ["hard_labels holds 50, outside [0, 50)", "ignore_index=-100"]),
     "chunk_size": ({**_heads(), "chunk_size": 0}, ["chunk_size must be a positive int", "0"]),
     "hidden_empty": ({**_heads(), "student_hidden": torch.randn(0, 8)}, ["student_hidden has shape (0, 8)"]),
+    "integer_states": ({key: v.long() if torch.is_tensor(v) else v for key, v in _heads().items()},
+                       ["student_hidden has dtype torch.int64, but needs a floating-point dtype"]),
+    "integer_teacher": ({**_heads(), "teacher_hidden": torch.ones(6, 12, dtype=torch.int32)},
+                        ["teacher_hidden has dtype torch.int32, but needs a floating-point dtype"]),
 }
 
 

@@ -73,6 +73,73 @@ def test_bad_command_line(capsys):
         "fastted: error: --method: got 'bogus', needs one of ted, lwd, kd, codir, railkd, dwt"
 
 
+TINY = ("--preset", "bbc-minilm-tiny")
+
+# Bad settings that must end before any training, each in one line naming the key (argv after the output_dir).
+BAD_SETTINGS = {
+    "output_dir_is_a_file": (["output_dir={file}"], "output_dir: got '{file}', which is a file; needs a folder"),
+    "output_dir_under_a_file": (["output_dir={file}/run"], "output_dir: got '{file}/run', which is under the file"),
+    "output_dir_empty": (["output_dir="], "output_dir: got an empty path, needs a folder"),
+    "layers_repeated": (["student.layers=[0,0]"], "student.layers: got [0, 0], needs distinct teacher layer"),
+    "layers_empty": (["student.layers=[]"], "student.layers: got [], needs at least one teacher layer index"),
+    "layers_beyond_teacher": (["student.layers=[0,9]"], "student.layers: got [0, 9], needs indices of the "
+                                                        "teacher's 6 layers (0..5)"),
+    "layers_negative": (["student.layers=[-1,2]"], "student.layers: got [-1, 2], needs distinct teacher layer"),
+    "fewer_examples_than_a_batch": (["data.max_train_examples=4"], "finetune.batch_size: got 16, needs at most "
+                                                                   "the 4 training examples"),
+    "max_length_beyond_positions": (["data.max_length=100000"], "data.max_length: got 100000, needs at most 512"),
+    "epochs_inf": (["finetune.epochs=inf"], "finetune.epochs: got inf, needs a finite number"),
+    "lr_nan": (["finetune.lr=nan"], "finetune.lr: got nan, needs a finite number"),
+    "clip_nan": (["distil.train.clip=nan"], "distil.train.clip: got nan, needs a finite number"),
+    "bank_size_zero": (["distil.bank_size=0"], "distil.bank_size: got 0, needs a number > 0"),
+    "crd_temperature_negative": (["distil.crd_temperature=-1"], "distil.crd_temperature: got -1.0, needs a number > 0"),
+    "mse_alpha_negative": (["distil.mse_alpha=-2"], "distil.mse_alpha: got -2.0, needs a number >= 0"),
+    "mlm_probability": (["data.mlm_probability=1.5"], "data.mlm_probability: got 1.5, needs a number in (0, 1)"),
+    "csv_without_labels": (["data.source={csv}"], "data.source: a classification run needs a 'label' column, got "
+                                                  "['text', 'sentiment']"),
+    "binary_config_file": (["-c", "{binary}"], "--config {binary}: got bytes that are not UTF-8 text"),
+    "unknown_preset": (["--preset", "bogus"], "--preset: got 'bogus', needs one of bbc-minilm, bbc-minilm-tiny"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_SETTINGS))
+def test_bad_settings_end_in_one_named_line(case, capsys, tmp_path):
+    minilm_path()
+    files = {"file": tmp_path / "a-file", "csv": tmp_path / "no-labels.csv", "binary": tmp_path / "binary.yaml"}
+    files["file"].write_text("not a folder")
+    files["csv"].write_text("text,sentiment\nhello world,1\nbad day,0\n" * 10)
+    files["binary"].write_bytes(bytes(range(128, 256)) * 3)
+    args, fragment = BAD_SETTINGS[case]
+    names = {key: str(path) for key, path in files.items()}
+    preset = () if "--preset" in args else TINY
+    argv = ["finetune", "student", *preset, f"output_dir={tmp_path / 'run'}", *(a.format(**names) for a in args)]
+    line = _error(capsys, *argv)
+    assert line.startswith("fastted: error: " + fragment.format(**names)), line
+    assert not (tmp_path / "run" / "finetune-student").exists()  # nothing ran
+
+
+def test_overrides_may_follow_options(capsys, tmp_path):
+    config = tmp_path / "my=run.yaml"  # an option's value holding "=" stays the option's
+    config.write_text("seed: 1\ndistil:\n  kl_alpha: 2.0\n")
+    assert main(["config", "seed=3", "--preset", "bbc-minilm-tiny", "data.max_length=16", "-c", str(config),
+                 "distil.temperature=3"]) == 0
+    out = capsys.readouterr().out
+    assert "seed: 3" in out and "max_length: 16" in out and "temperature: 3.0" in out and "kl_alpha: 2.0" in out
+
+
+def test_a_run_gone_non_finite_exits_1_naming_the_step(capsys, tmp_path):
+    """lr = 1e30 is finite but blows the weights up: the run stops at the first synced step with one line, exit
+    status 1, and no model is exported."""
+    minilm_path()
+    code = main(["finetune", "student", *TINY, f"output_dir={tmp_path}", "finetune.lr=1e30"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and err[-1].startswith("fastted: error: finetune-student: non-finite loss, task, gradient "
+                                            "norm at step 2 of 2; stopped before saving it. Last good checkpoint: "
+                                            "none")
+    assert not (tmp_path / "finetune-student" / "model").exists()
+    assert not (tmp_path / "finetune-student" / "checkpoints").exists()
+
+
 def test_config_prints_the_resolved_config(capsys):
     assert main(["config", "--preset", "bbc-minilm-tiny", "seed=9"]) == 0
     out = capsys.readouterr().out
@@ -111,6 +178,7 @@ def test_tiny_pipeline_end_to_end_then_resumed(tmp_path, capsys):
     assert main(["distil", "--method", "ted", "--preset", "bbc-minilm-tiny", f"output_dir={out}"]) == 0
     assert json.loads((out / "distil-ted" / "result.json").read_text())["resumed_from"] == 2
     assert (out / "distil-ted" / "metrics.jsonl").read_text().count('"loss"') == before
+    assert (out / "distil-ted" / "metrics.jsonl").read_text().count('"eval"') == 1  # evaluated again, not doubled
     # The same output_dir with other settings is refused, not silently mixed.
     line = _error(capsys, "distil", "--method", "ted", "--preset", "bbc-minilm-tiny", f"output_dir={out}",
                   "distil.temperature=3")

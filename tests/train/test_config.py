@@ -95,7 +95,7 @@ def test_bad_files(tmp_path):
     nested.write_text("data:\n  max_length: 64\n  surprise: 1\n")
     with pytest.raises(ConfigError, match="unknown config key 'data.surprise'"):
         load_config(str(nested))
-    with pytest.raises(ConfigError, match="--preset: unknown preset 'nope'"):
+    with pytest.raises(ConfigError, match="--preset: got 'nope', needs one of"):
         load_config(preset="nope")
 
 

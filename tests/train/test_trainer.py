@@ -37,10 +37,13 @@ class _Crash(Exception):
     pass
 
 
-def _run(kind, directory, crash_at=None, save_every=2, keep_last=2, engine_hook=None):
+def train_run(kind, directory, crash_at=None, save_every=2, keep_last=2, engine_hook=None, log_every=1,
+              evaluate=None):
+    """Train the tiny ``kind`` recipe for STEPS steps in ``directory`` (resuming when it holds a checkpoint);
+    ``crash_at`` raises _Crash in the collator after that many micro batches."""
     recipe = _recipe(kind)
     train = TrainConfig(batch_size=8, max_steps=STEPS, lr=5e-3, warmup_ratio=0.2, save_every=save_every,
-                        keep_last=keep_last)
+                        keep_last=keep_last, log_every=log_every)
     engine = Engine(recipe, train, EngineConfig(impl="reference"), STEPS, torch.device("cpu"))
     if engine_hook is not None:
         engine_hook(engine)
@@ -54,7 +57,7 @@ def _run(kind, directory, crash_at=None, save_every=2, keep_last=2, engine_hook=
         return collate(examples, generator)
 
     stage = Stage(name=kind, directory=str(directory), recipe=recipe, dataset=_dataset(), collator=collator,
-                  train=train, progress=False, config_text="kind: " + kind + "\n")
+                  train=train, progress=False, config_text="kind: " + kind + "\n", evaluate=evaluate)
     return run(stage, engine), recipe
 
 
@@ -82,13 +85,13 @@ def test_micro_batches_cover_the_global_batch_once():
 
 @pytest.mark.parametrize("kind", ["codir", "railkd"])
 def test_resume_after_a_crash_continues_exactly(kind, tmp_path):
-    whole, _ = _run(kind, tmp_path / "whole")
+    whole, _ = train_run(kind, tmp_path / "whole")
     losses = [r["loss"] for r in read_metrics(str(tmp_path / "whole")) if "loss" in r]
     assert len(losses) == STEPS
     with pytest.raises(_Crash):  # dies during step 4 (after the step-2 checkpoint, before the step-4 one)
-        _run(kind, tmp_path / "cut", crash_at=3)
+        train_run(kind, tmp_path / "cut", crash_at=3)
     assert latest_checkpoint(str(tmp_path / "cut")).endswith("step-0000002")
-    summary, recipe = _run(kind, tmp_path / "cut")
+    summary, recipe = train_run(kind, tmp_path / "cut")
     assert summary["resumed_from"] == 2
     again = [r["loss"] for r in read_metrics(str(tmp_path / "cut")) if "loss" in r]
     assert [r["step"] for r in read_metrics(str(tmp_path / "cut")) if "loss" in r] == [1, 2, 3, 4, 5]
@@ -109,17 +112,17 @@ def test_a_kill_during_a_save_keeps_the_previous_checkpoint(tmp_path):
         engine.save = save
 
     with pytest.raises(_Crash):
-        _run("railkd", tmp_path, engine_hook=hook)
+        train_run("railkd", tmp_path, engine_hook=hook)
     root = tmp_path / "checkpoints"
     assert latest_checkpoint(str(tmp_path)).endswith("step-0000002")
     assert (root / "step-0000004.tmp").is_dir() and not (root / "step-0000004").exists()
-    summary, _ = _run("railkd", tmp_path)  # resumes from step 2; the leftover is replaced
+    summary, _ = train_run("railkd", tmp_path)  # resumes from step 2; the leftover is replaced
     assert summary["resumed_from"] == 2
     assert sorted(os.listdir(root)) == ["latest", "step-0000004", "step-0000005"]
 
 
 def test_keep_last_n(tmp_path):
-    _run("railkd", tmp_path, save_every=1, keep_last=3)
+    train_run("railkd", tmp_path, save_every=1, keep_last=3)
     kept = sorted(d for d in os.listdir(tmp_path / "checkpoints") if d.startswith("step-"))
     assert kept == ["step-0000003", "step-0000004", "step-0000005"]
     assert latest_checkpoint(str(tmp_path)).endswith("step-0000005")
