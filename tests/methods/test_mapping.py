@@ -42,6 +42,7 @@ def test_uniform_map(n_s, n_t, pairs):
     assert uniform_map(n_s, n_t).pairs == pairs
 
 
+@pytest.mark.bad_input
 def test_last_k_and_explicit_maps():
     assert last_k_map(6, 12, 3).pairs == [(3, 9), (4, 10), (5, 11)]
     with pytest.raises(ValueError, match="k=7 exceeds"):
@@ -88,6 +89,7 @@ def test_random_map_is_a_function_of_seed_and_counter():
     assert per_epoch.draw(epoch=3) == RandomLayerMap(4, 12, per="epoch", seed=7).draw(step=99, epoch=3)
 
 
+@pytest.mark.bad_input
 def test_random_map_errors():
     with pytest.raises(ValueError, match="offers 3 distinct layers, but 4 student layers"):
         RandomLayerMap(4, 12, teacher_layers=[0, 1, 2])

@@ -144,12 +144,14 @@ def test_bank_feeds_contrastive_kd():
     (dict(size=4, dim=4, mode="fifo"), ["mode must be one of", "'fifo'"]),
     (dict(size=4, dim=4, momentum=1.0), ["momentum must be a number in [0, 1)", "1.0"]),
 ])
+@pytest.mark.bad_input
 def test_bank_bad_arguments(kwargs, fragments):
     with pytest.raises(ValueError) as info:
         fastted.MemoryBank(**kwargs)
     assert all(f in str(info.value) for f in fragments), str(info.value)
 
 
+@pytest.mark.bad_input
 def test_bank_bad_updates():
     bank = fastted.MemoryBank(8, 4)
     with pytest.raises(ValueError, match=r"vectors has shape \(3, 5\), but needs \(B, 4\)"):
@@ -161,6 +163,7 @@ def test_bank_bad_updates():
 
 
 @pytest.mark.parametrize("mode", ["queue", "momentum"])
+@pytest.mark.bad_input
 def test_bank_refuses_non_finite_vectors(mode):
     """A NaN or inf vector is refused and nothing of its batch is stored: the bank stays as it was, and the
     losses it feeds stay finite."""

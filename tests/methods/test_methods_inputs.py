@@ -5,6 +5,8 @@ from fastted import CoDIR, DWT, KD, LWD, RAILKD, MemoryBank, RandomLayerMap, TED
 
 from tests.tiny_models import batch, bert, gpt2
 
+pytestmark = pytest.mark.bad_input
+
 
 @pytest.fixture
 def models():

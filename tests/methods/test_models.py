@@ -63,6 +63,7 @@ def test_adapter_finds_blocks_and_captures_them_like_output_hidden_states(name):
             assert torch.allclose(adapter.output_head()(out.hidden_states[0]), ref.logits, atol=1e-5)
 
 
+@pytest.mark.bad_input
 def test_adapter_errors():
     model = bert(3, 32)
     adapter = ModelAdapter(model)
@@ -92,6 +93,7 @@ def test_task_loss_is_hugging_faces_loss(name):
     assert torch.allclose(task_loss(out.logits, b["labels"], task), out.loss, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.bad_input
 def test_task_loss_regression_and_errors():
     logits = torch.randn(6, 1)
     labels = torch.randn(6)
@@ -100,6 +102,7 @@ def test_task_loss_regression_and_errors():
         task_loss(logits, None, "classification")
 
 
+@pytest.mark.bad_input
 def test_check_same_vocab():
     check_same_vocab(adapt(bert(2, 32, "mlm")), adapt(bert(4, 48, "mlm")))
     with pytest.raises(ValueError, match="num_labels=3 and the teacher 5"):
@@ -142,6 +145,7 @@ def test_filters_save_and_load(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["filters.json", "filters.safetensors"]  # no temp files
 
 
+@pytest.mark.bad_input
 def test_filter_and_head_errors():
     with pytest.raises(ValueError, match="activation must be one of"):
         TaskFilters([0], 8, activation="swish")

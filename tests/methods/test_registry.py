@@ -56,6 +56,7 @@ def test_build_recipe_reads_its_own_settings(method):
     assert isinstance(out, RecipeOutput) and torch.isfinite(out.loss)
 
 
+@pytest.mark.bad_input
 def test_ted_without_stage1_filters_is_a_clear_error():
     with pytest.raises(ValueError, match=r"TED needs models.filters = \(student's, teacher's\) stage-I TaskFilters, "
                                          r"got NoneType"):

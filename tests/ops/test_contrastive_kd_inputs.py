@@ -7,6 +7,8 @@ import fastted
 
 from tests.tables import check_bad_input
 
+pytestmark = pytest.mark.bad_input
+
 
 def _vecs(b=4, k=10, d=8):
     return {"student_vecs": torch.randn(b, d), "teacher_vecs": torch.randn(b, d), "negatives": torch.randn(k, d)}

@@ -9,6 +9,8 @@ import fastted
 
 from tests.tables import check_bad_input, device
 
+pytestmark = pytest.mark.bad_input
+
 
 def _good(n_layers=2, lead=(6,), d_s=8, d_t=12, d_f=10):
     return {

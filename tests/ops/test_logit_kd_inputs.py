@@ -6,6 +6,8 @@ import fastted
 
 from tests.tables import check_bad_input, device
 
+pytestmark = pytest.mark.bad_input
+
 
 def _logits(lead=(6,), v_s=50, v_t=50):
     return {"student_logits": torch.randn(*lead, v_s), "teacher_logits": torch.randn(*lead, v_t)}

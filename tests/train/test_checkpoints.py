@@ -14,6 +14,8 @@ from fastted.engine import CheckpointError, NonFiniteError
 from fastted.trainer import CheckpointWarning, latest_checkpoint, read_metrics, verify_checkpoint
 from tests.train.test_trainer import STEPS, _Crash, train_run
 
+pytestmark = pytest.mark.bad_input
+
 MODEL_STATE = os.path.join("state", "mp_rank_00_model_states.pt")
 
 
@@ -203,3 +205,39 @@ def test_non_finite_weights_are_never_saved(tmp_path):
     with pytest.raises(NonFiniteError, match="after step 2 of 5: non-finite weights .*Last good checkpoint: none"):
         train_run("railkd", tmp_path, log_every=5, engine_hook=hook)
     assert not (tmp_path / "checkpoints").exists() or os.listdir(tmp_path / "checkpoints") == []
+
+
+# --------------------------------------------------------------------------- the model export
+
+
+def test_a_kill_during_the_model_export_leaves_the_previous_export(tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from fastted.methods import FineTune
+    from fastted.pipeline import _export
+    from tests.tiny_models import bert
+
+    class Tokenizer:
+        def __init__(self, fail=False):
+            self.fail = fail
+
+        def save_pretrained(self, directory):
+            if self.fail:
+                raise _Crash()  # the weights are written, the tokenizer not: as a kill midway
+            with open(os.path.join(directory, "tokenizer.json"), "w") as f:
+                f.write("{}")
+
+    first, second = FineTune(bert(2, 32, seed=1)), FineTune(bert(2, 32, seed=2))
+    _export(str(tmp_path), first, Tokenizer(), {"steps": 1})
+    with pytest.raises(_Crash):
+        _export(str(tmp_path), second, Tokenizer(fail=True), {"steps": 2})
+    assert sorted(os.listdir(tmp_path)) == ["model", "model.tmp", "result.json"]
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "model")
+    for p, q in zip(loaded.parameters(), first.student.parameters()):
+        assert torch.equal(p, q)  # the first export, whole
+    assert json.loads((tmp_path / "result.json").read_text()) == {"steps": 1}
+    _export(str(tmp_path), second, Tokenizer(), {"steps": 2})  # the rerun replaces it and clears the leftover
+    assert sorted(os.listdir(tmp_path)) == ["model", "result.json"]
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "model")
+    for p, q in zip(loaded.parameters(), second.student.parameters()):
+        assert torch.equal(p, q)

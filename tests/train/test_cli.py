@@ -32,23 +32,27 @@ def other_tokenizer_model(tmp_path):
     return str(path)
 
 
+@pytest.mark.bad_input
 def test_unknown_key(capsys):
     line = _error(capsys, "pipeline", "distil.tempreature=3")
     assert "unknown config key 'distil.tempreature'" in line and "temperature" in line
 
 
+@pytest.mark.bad_input
 def test_missing_model_path(capsys, tmp_path):
     line = _error(capsys, "pipeline", f"teacher.path={tmp_path / 'nope'}")
     assert line == f"fastted: error: teacher.path: no such model folder '{tmp_path / 'nope'}' (a Hugging Face " \
                    f"model folder, 'minilm' or 'smollm2')"
 
 
+@pytest.mark.bad_input
 def test_missing_dataset_path(capsys, tmp_path):
     minilm_path()
     line = _error(capsys, "finetune", "teacher", f"output_dir={tmp_path}", f"data.source={tmp_path / 'x.jsonl'}")
     assert "data.source" in line and "x.jsonl" in line
 
 
+@pytest.mark.bad_input
 def test_mismatched_tokenizers(capsys, tmp_path, other_tokenizer_model):
     minilm_path()
     line = _error(capsys, "distil", f"output_dir={tmp_path}", f"student.path={other_tokenizer_model}",
@@ -59,12 +63,14 @@ def test_mismatched_tokenizers(capsys, tmp_path, other_tokenizer_model):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only errors")
 @pytest.mark.parametrize("override, message", [("engine.precision=fp16", "fp16 needs a CUDA GPU"),
                                                ("engine.device=cuda", "no CUDA GPU")])
+@pytest.mark.bad_input
 def test_gpu_only_option_on_cpu(capsys, tmp_path, override, message):
     minilm_path()
     line = _error(capsys, "finetune", "teacher", f"output_dir={tmp_path}", override)
     assert message in line
 
 
+@pytest.mark.bad_input
 def test_bad_command_line(capsys):
     with pytest.raises(SystemExit) as info:
         main(["finetune", "teachers"])
@@ -103,6 +109,7 @@ BAD_SETTINGS = {
 
 
 @pytest.mark.parametrize("case", list(BAD_SETTINGS))
+@pytest.mark.bad_input
 def test_bad_settings_end_in_one_named_line(case, capsys, tmp_path):
     minilm_path()
     files = {"file": tmp_path / "a-file", "csv": tmp_path / "no-labels.csv", "binary": tmp_path / "binary.yaml"}
@@ -127,6 +134,7 @@ def test_overrides_may_follow_options(capsys, tmp_path):
     assert "seed: 3" in out and "max_length: 16" in out and "temperature: 3.0" in out and "kl_alpha: 2.0" in out
 
 
+@pytest.mark.bad_input
 def test_a_run_gone_non_finite_exits_1_naming_the_step(capsys, tmp_path):
     """lr = 1e30 is finite but blows the weights up: the run stops at the first synced step with one line, exit
     status 1, and no model is exported."""

