@@ -340,12 +340,12 @@ class Engine:
         return None if norm is None else torch.as_tensor(norm, device=self.device)
 
     def check_finite_parameters(self, where: str, last_good: Optional[str]) -> None:
-        """Raise :class:`NonFiniteError` naming the trained parameters (this rank's shards) that hold a non-finite
-        value: nothing non-finite is ever saved."""
+        """Raise :class:`NonFiniteError` on every rank when a trained parameter holds a non-finite value on any
+        rank (its shard, under ZeRO-3), naming this rank's: nothing non-finite is ever saved."""
         bad = [name for name, p in self.recipe.named_parameters() if p.requires_grad
                and not bool(torch.isfinite(p.ds_tensor if is_partitioned(p) else p).all())]
-        if bad:
-            shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        if int(reduce_over_ranks(torch.tensor(len(bad), device=self.device), "max")):
+            shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "") or "on another rank"
             raise NonFiniteError(f"{where}: non-finite weights ({shown}); not saved. Last good checkpoint: "
                                  f"{last_good or 'none'}")
 
