@@ -33,7 +33,9 @@ setup(
     ],
     extras_require={
         # liger-kernel: a baseline of `pytest benchmarks/` (its chunked losses run on a CPU too)
-        "dev": ["pytest>=8", "pytest-benchmark>=4", "liger-kernel>=0.8"],
+        # trl: the tests of fastted.integrations with TRL's SFTTrainer
+        "dev": ["pytest>=8", "pytest-benchmark>=4", "liger-kernel>=0.8", "trl>=1.0"],
+        "trl": ["trl>=1.0"],
         "tensorboard": ["tensorboard"],
     },
     entry_points={"console_scripts": ["fastted = fastted.cli:main"]},

@@ -149,6 +149,8 @@ def fused_linear_kd_reference(
     hard_weight: float = 0.0,
     soft_weight: float = 1.0,
     ignore_index: int = -100,
+    shift_labels: bool = False,
+    kd_ignored_rows: bool = False,
     divergence: str = "forward_kl",
     beta: float = 0.5,
     vocab_size: Optional[int] = None,
@@ -156,14 +158,23 @@ def fused_linear_kd_reference(
     """Eager LM heads + logit KD + cross-entropy: the spec of :func:`fastted.fused_linear_kd`.
 
     Materializes both (N, V) logits, as a training script does. Returns
-    ``(loss, kd, ce)``: loss = soft_weight * kd + hard_weight * ce, kd the
-    logit KD over the mask's rows, ce the cross-entropy of the student logits
-    (temperature 1) over the rows the mask keeps and hard_labels do not ignore.
+    ``(loss, kd, ce)``: loss = soft_weight * kd + hard_weight * ce, ce the
+    cross-entropy of the student logits (temperature 1) over the rows the mask
+    keeps and hard_labels do not ignore, kd the logit KD over those rows too
+    (over all the mask's rows with ``kd_ignored_rows`` or without labels).
+    ``shift_labels``: label t + 1 is row t's (a causal LM's (B, T) labels).
     """
     v = vocab_size if vocab_size is not None else student_weight.shape[0]
     s_logits = F.linear(student_hidden, student_weight[:v], None if student_bias is None else student_bias[:v])
     t_logits = F.linear(teacher_hidden, teacher_weight[:v], None if teacher_bias is None else teacher_bias[:v])
-    kd = logit_kd_reference(s_logits, t_logits, temperature=temperature, divergence=divergence, beta=beta, mask=mask)
+    if hard_labels is not None and shift_labels:
+        hard_labels = F.pad(hard_labels[:, 1:], (0, 1), value=ignore_index)
+    kd_mask = mask
+    if hard_labels is not None and not kd_ignored_rows:
+        kd_mask = (hard_labels != ignore_index) & (torch.ones_like(hard_labels, dtype=torch.bool) if mask is None
+                                                   else mask.bool())
+    kd = logit_kd_reference(s_logits, t_logits, temperature=temperature, divergence=divergence, beta=beta,
+                            mask=kd_mask)
     ce = kd.new_zeros(())
     if hard_labels is not None:
         valid = hard_labels != ignore_index

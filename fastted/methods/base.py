@@ -37,7 +37,6 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastted.mapping import LayerMap, RandomLayerMap, uniform_map
@@ -215,6 +214,24 @@ class Recipe(nn.Module):
         """Save what the recipe trained, loadable with ``from_pretrained``: by default the student model."""
         self.student_model.model.save_pretrained(directory)
 
+    def activation_checkpointing_enable(self, **kwargs) -> None:
+        """Recompute the student's activations in its backward (``transformers.Trainer``'s
+        ``gradient_checkpointing``): handed to the student model, under whichever name its transformers has."""
+        self._student_checkpointing("activation", kwargs)
+
+    def gradient_checkpointing_enable(self, **kwargs) -> None:
+        """The older name of :meth:`activation_checkpointing_enable`."""
+        self._student_checkpointing("gradient", kwargs)
+
+    def _student_checkpointing(self, kind: str, kwargs: dict) -> None:
+        model = self.student_model.model
+        if not hasattr(model, f"{kind}_checkpointing_enable"):
+            other = "gradient" if kind == "activation" else "activation"
+            kwargs = {k.replace(kind, other, 1) if k == f"{kind}_checkpointing_kwargs" else k: v
+                      for k, v in kwargs.items()}
+            kind = other
+        getattr(model, f"{kind}_checkpointing_enable")(**kwargs)
+
     # ------------------------------------------------------------------ helpers for the recipes
 
     def _schedule_step(self, step: Optional[int]) -> int:
@@ -293,12 +310,12 @@ class Recipe(nn.Module):
             labels = batch.get("labels")
             if labels is None:
                 raise ValueError(f"the {student.task} task loss needs batch['labels']")
-            if student.task == "clm":  # hidden state t predicts the label at t + 1, as HF shifts them
-                labels = F.pad(labels[:, 1:], (0, 1), value=-100)
         with gathered((wt, bt)):  # a ZeRO-3 teacher's head is partitioned outside its forward
             loss, kd, ce = fused_linear_kd(
                 xs, ws, xt, wt, temperature=temperature, student_bias=bs, teacher_bias=bt, mask=student_out.mask,
                 hard_labels=labels, hard_weight=w_task, soft_weight=w_kd, impl=self.impl, return_terms=True,
+                shift_labels=labels is not None and student.task == "clm",  # state t predicts label t + 1
+                kd_ignored_rows=True,  # the KL over every token the mask keeps, as the unfused recipes
             )
         terms = {}
         if w_task:

@@ -17,6 +17,7 @@ import functools
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastted.kernels import aligned_row_stride, device_arch
@@ -230,6 +231,8 @@ def fused_linear_kd(
     hard_weight: float = 0.0,
     soft_weight: float = 1.0,
     ignore_index: int = -100,
+    shift_labels: bool = False,
+    kd_ignored_rows: bool = False,
     divergence: str = "forward_kl",
     beta: float = 0.5,
     vocab_size: Optional[int] = None,
@@ -260,7 +263,17 @@ def fused_linear_kd(
             gradient reaches it.
         mask: rows to count, of the hidden states' leading shape.
         hard_labels: integer labels of the leading shape; ``ignore_index``
-            skips a row for the cross-entropy.
+            skips a row for the cross-entropy and, unless ``kd_ignored_rows``,
+            for the KD term too (Liger's and TRL's convention: the KD rows
+            are the labelled ones).
+        shift_labels: a causal LM's call: hidden state t predicts label t + 1,
+            so the labels of (B, T) are shifted left by one (the last position
+            gets ``ignore_index``), as Hugging Face's causal LMs shift them;
+            needs (B, T, H) hidden states. False (default): row t's label is
+            ``hard_labels[t]`` (labels shifted already, or a masked LM).
+        kd_ignored_rows: count the rows whose label is ``ignore_index`` in the
+            KD term (distillation over every token the mask keeps, e.g. the
+            unmasked tokens of an MLM batch); default False.
         vocab_size: when V_s != V_t (a padded embedding matrix), compare the
             first ``vocab_size`` entries of both (the cross-entropy too);
             without it, differing vocabularies are an error.
@@ -297,6 +310,10 @@ def fused_linear_kd(
             got = tuple(bias.shape) if isinstance(bias, Tensor) else type(bias).__name__
             raise ValueError(f"{name} has shape {got}, but needs ({w.shape[0]},) (one per vocabulary entry)")
     vocab = shared_vocab(vocab_size, ws.shape[0], wt.shape[0], "student_weight", "teacher_weight")
+    for name, flag in (("shift_labels", shift_labels), ("kd_ignored_rows", kd_ignored_rows)):
+        if not isinstance(flag, bool):
+            raise ValueError(f"{name} must be a bool, got {flag!r}")
+    hard_labels = _shifted(hard_labels, ignore_index, lead) if shift_labels else hard_labels
 
     cast = autocast_dtype(xs.device.type)
     student = [to_autocast(x, cast) for x in (xs, ws, student_bias)]
@@ -315,6 +332,8 @@ def fused_linear_kd(
     kd_coef, labels, ce_coef = row_weights(
         lead, xs.device, student[0].dtype, mask, hard_labels, ignore_index, "hard_labels", vocab, "student_hidden"
     )
+    if ce_coef is not None and not kd_ignored_rows:
+        kd_coef = ce_coef  # the rows the mask keeps and the labels do not ignore
     impl = resolve_impl(impl, xs.device, student[0].dtype)
     chunk_rows = block_rows(
         kd_coef.shape[0], vocab, student[0], student[1], teacher[0], teacher[1],
@@ -327,18 +346,30 @@ def fused_linear_kd(
     return (loss, kd, ce) if return_terms else loss
 
 
+def _shifted(labels, ignore_index: int, lead: tuple) -> Tensor:
+    """(B, T) labels shifted left by one, ``ignore_index`` at the end: label t + 1 for hidden state t."""
+    if not isinstance(labels, Tensor) or len(lead) != 2 or tuple(labels.shape) != lead:
+        got = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
+        raise ValueError(f"shift_labels=True shifts (B, T) hard_labels along T: it needs (B, T, H) hidden states and "
+                         f"hard_labels of shape {lead if len(lead) == 2 else '(B, T)'}, got hard_labels {got} for "
+                         f"hidden states of leading shape {lead}")
+    return F.pad(labels[:, 1:], (0, 1), value=ignore_index)
+
+
 class FusedLinearKDLoss(nn.Module):
     """nn.Module over :func:`fused_linear_kd`; ``kd`` and ``ce`` hold the last call's detached terms."""
 
     def __init__(self, temperature: float = 1.0, hard_weight: float = 0.0, soft_weight: float = 1.0,
                  divergence: str = "forward_kl", beta: float = 0.5, ignore_index: int = -100,
+                 shift_labels: bool = False, kd_ignored_rows: bool = False,
                  vocab_size: Optional[int] = None, chunk_size: Optional[int] = None, impl: str = "auto"):
         super().__init__()
         logit_options(temperature, divergence, beta)
         check_impl(impl)
         self.options = dict(
             temperature=temperature, hard_weight=hard_weight, soft_weight=soft_weight, divergence=divergence,
-            beta=beta, ignore_index=ignore_index, vocab_size=vocab_size, chunk_size=chunk_size, impl=impl,
+            beta=beta, ignore_index=ignore_index, shift_labels=shift_labels, kd_ignored_rows=kd_ignored_rows,
+            vocab_size=vocab_size, chunk_size=chunk_size, impl=impl,
         )
         self.kd: Optional[Tensor] = None
         self.ce: Optional[Tensor] = None

@@ -144,7 +144,8 @@ def test_fused_linear_kd_terms(impl):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_fused_linear_kd_all_rows_skipped(impl):
-    """All rows masked: loss 0 and zero gradients; all labels ignored: ce 0, kd as without labels."""
+    """All rows masked: loss 0 and zero gradients; all labels ignored: ce 0 and kd 0 (the KD rows are the labelled
+    ones), or with kd_ignored_rows kd over every mask row."""
     lead, h_s, h_t, vocab = SHAPES[0]
     inputs = _make(lead, h_s, h_t, vocab, torch.float32, seed_for("skipped", impl))
     inputs["mask"] = torch.zeros_like(inputs["mask"])
@@ -155,6 +156,9 @@ def test_fused_linear_kd_all_rows_skipped(impl):
 
     inputs = _make(lead, h_s, h_t, vocab, torch.float32, seed_for("ignored", impl), ignored=1.0)
     got, _ = check_fused_linear_kd(impl, SHAPES[0], torch.float32, inputs=inputs, hard_weight=0.5)
+    assert got[2].item() == 0.0 and got[1].item() == 0.0
+    got, _ = check_fused_linear_kd(impl, SHAPES[0], torch.float32, inputs=inputs, hard_weight=0.5,
+                                   kd_ignored_rows=True)
     assert got[2].item() == 0.0 and got[1].item() > 0
 
 
@@ -255,3 +259,52 @@ def test_block_rows_on_cpu_and_the_budget():
     assert rows(4096, 256, 384, 32000, needs_grad=False) <= rows(4096, 256, 384, 32000)
     with pytest.raises(ValueError, match="chunk_size"):
         rows(10, 8, 8, 100, chunk_size=0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("kd_ignored_rows", [False, True])
+def test_fused_linear_kd_shifted_labels_are_a_causal_lms(impl, kd_ignored_rows):
+    """shift_labels=True on (B, T, H) states is Hugging Face's causal-LM loss: position t's logits against label
+    t + 1, the last position dropped; the KD rows follow the shifted labels (or every mask row with
+    kd_ignored_rows). Checked against a float64 formula written out on the sliced logits, and against the
+    spec, on both paths."""
+    lead, h_s, h_t, vocab = (3, 11), 20, 28, 501
+    inputs = _make(lead, h_s, h_t, vocab, torch.float32, seed_for("shift", impl, kd_ignored_rows), ignored=0.3)
+    opts = dict(temperature=2.0, hard_weight=0.7, soft_weight=1.3, shift_labels=True,
+                kd_ignored_rows=kd_ignored_rows)
+    got, grads = _run(fastted.fused_linear_kd, inputs, 1.0, impl=impl, return_terms=True, **opts)
+
+    x = {k: (v.detach().double() if v.is_floating_point() else v).cpu() for k, v in inputs.items()}
+    s = x["student_hidden"] @ x["student_weight"].T + x["student_bias"]
+    t = x["teacher_hidden"] @ x["teacher_weight"].T + x["teacher_bias"]
+    labels, mask = x["hard_labels"][:, 1:], x["mask"][:, :-1].bool()
+    ce_rows = (labels != -100) & mask
+    ce = torch.nn.functional.cross_entropy(s[:, :-1][ce_rows], labels[ce_rows])
+    kd_rows = mask if kd_ignored_rows else ce_rows
+    kd_rows_full = torch.nn.functional.pad(kd_rows, (0, 1), value=False)
+    if kd_ignored_rows:  # the last position has no label but is a KD row when the mask keeps it
+        kd_rows_full[:, -1] = x["mask"][:, -1].bool()
+    ls, lt = (torch.log_softmax(z[kd_rows_full] / 2.0, -1) for z in (s, t))
+    kd = (lt.exp() * (lt - ls)).sum(-1).mean() * 4.0
+    torch.testing.assert_close(got[2].double().cpu(), ce, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[1].double().cpu(), kd, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[0].double().cpu(), 1.3 * kd + 0.7 * ce, rtol=1e-5, atol=1e-6)
+
+    _, ref_grads = _run(fused_linear_kd_reference, _cast(inputs, torch.float64), 1.0, **opts)
+    _, eager_grads = _run(fused_linear_kd_reference, _cast(inputs, torch.float32), 1.0, **opts)
+    for name, g in grads.items():
+        assert_close_to_spec(name, g, ref_grads[name], eager_grads[name], DTYPES[torch.float32])
+
+
+def test_fused_linear_kd_rows_with_ignored_labels_match_logit_kd():
+    """By default the KD term counts the rows the labels keep, as logit_kd with labels does (and Liger, TRL)."""
+    lead, h_s, h_t, vocab = (37,), 24, 40, 1003
+    inputs = _make(lead, h_s, h_t, vocab, torch.float32, seed_for("kd rows"), ignored=0.4)
+    _, kd, _ = fastted.fused_linear_kd(**inputs, temperature=2.0, return_terms=True)
+    s = inputs["student_hidden"] @ inputs["student_weight"].T + inputs["student_bias"]
+    t = inputs["teacher_hidden"] @ inputs["teacher_weight"].T + inputs["teacher_bias"]
+    want = fastted.logit_kd(s, t, temperature=2.0, mask=inputs["mask"], labels=inputs["hard_labels"])
+    torch.testing.assert_close(kd, want.detach(), rtol=1e-5, atol=1e-7)
+    _, all_rows, _ = fastted.fused_linear_kd(**inputs, temperature=2.0, return_terms=True, kd_ignored_rows=True)
+    torch.testing.assert_close(all_rows, fastted.logit_kd(s, t, temperature=2.0, mask=inputs["mask"]).detach(),
+                               rtol=1e-5, atol=1e-7)
