@@ -4,6 +4,7 @@ Importing fastted is cheap: it never touches CUDA, never imports Triton and
 never compiles a kernel; a kernel module is imported on its first use.
 """
 from fastted.filters import ClassificationHead, Filter, TaskFilters
+from fastted.layerwise import LayerwiseMSELoss
 from fastted.mapping import (
     LayerMap,
     RandomLayerMap,
@@ -46,6 +47,7 @@ __all__ = [
     "KD",
     "LWD",
     "LayerMap",
+    "LayerwiseMSELoss",
     "ModelAdapter",
     "RAILKD",
     "RandomLayerMap",
