@@ -18,6 +18,7 @@ Launch under ``torchrun --nproc_per_node N`` or ``deepspeed`` for several ranks.
 from __future__ import annotations
 
 import argparse
+import glob
 import os
 import sys
 import warnings
@@ -88,6 +89,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def check_data_source(config) -> None:
+    """A local data source (or test source) exists before any work: the data is read only when a step starts."""
+    from fastted.data import BBC_NEWS, looks_like_path
+
+    for key, source in (("data.source", config.data.source), ("data.test_source", config.data.test_source)):
+        if source is None or source == BBC_NEWS:
+            continue
+        path = os.path.expanduser(source)
+        if looks_like_path(source) and not (os.path.exists(path) or glob.glob(path)):
+            raise ConfigError(f"{key}: got {source!r}, which does not exist (a file, folder or glob, "
+                              f"{BBC_NEWS!r} or a dataset name)")
+
+
 def make_output_dir(path: str) -> None:
     """Create ``output_dir``, or a ConfigError when it, or a folder above it, is a file or cannot be written."""
     existing = os.path.abspath(path)
@@ -120,6 +134,16 @@ def run(argv=None) -> dict:
         model_source(config.student, "student")
     _check_tokenizers(config)
     check_against_models(config)
+    steps = {"pipeline": list(config.steps), "distil": ["distil"], "evaluate": ["evaluate"]}.get(
+        args.command, [f"{args.command}-{getattr(args, 'which', '')}"])
+    methods = (args.method if args.command == "distil" and args.method else None) or config.distil.methods
+    from fastted.config import METHODS
+
+    for method in methods:
+        if method not in METHODS:
+            raise ConfigError(f"--method: got {method!r}, needs one of {', '.join(METHODS)}")
+    p.check_prerequisites(config, steps, methods, args.command)
+    check_data_source(config)
     make_output_dir(config.output_dir)
     if args.command == "pipeline":
         result = p.pipeline(config)
@@ -128,12 +152,6 @@ def run(argv=None) -> dict:
     elif args.command == "filters":
         result = p.learn_filters(config, args.which)
     elif args.command == "distil":
-        methods = args.method or config.distil.methods
-        from fastted.config import METHODS
-
-        for method in methods:
-            if method not in METHODS:
-                raise ConfigError(f"--method: got {method!r}, needs one of {', '.join(METHODS)}")
         result = {method: p.distil(config, method) for method in methods}
     else:
         result = p.evaluate(config)

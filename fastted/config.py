@@ -35,6 +35,8 @@ class DataConfig:
     test_source: Optional[str] = None      # None: split `source` by `test_fraction` with the run's seed
     test_fraction: float = 0.2
     text_field: str = "text"
+    label_field: str = "label"             # classification: the labels' column (class names or ids)
+    sample_by: str = "line"                # .txt files: a row per line, paragraph or document (whole file)
     max_length: int = 128                  # tokens per example (fine-tuning) or per packed block (pre-training)
     max_train_examples: Optional[int] = None
     max_test_examples: Optional[int] = None
@@ -49,6 +51,7 @@ class ModelConfig:
     gguf_file: Optional[str] = None        # a GGUF file inside `path` (smollm2 sets it)
     layers: Optional[list[int]] = None     # student only: build it from these layers of the teacher
     num_layers: Optional[int] = None       # student only: or from this many evenly spaced teacher layers
+                                           # (neither, nor a path: half the teacher's layers, evenly spaced)
     random_init: bool = False              # student only: re-initialize the weights (DWT's larger student)
     hidden_size: Optional[int] = None      # student only, with random_init: another width
     intermediate_size: Optional[int] = None
@@ -155,6 +158,22 @@ PRESETS: dict[str, dict[str, Any]] = {
         "data.max_length": 256, "data.max_test_examples": 64,
         "distil.methods": ["lwd"], "distil.temperature": 1.0, "distil.mse_alpha": 1e-3, "distil.train.lr": 1e-4,
         "distil.train.batch_size": 8, "distil.train.max_steps": 200,
+    },
+    # Continual pre-training of your own causal LM on your own text: set teacher.path and data.source (a file,
+    # glob or folder of .txt/.jsonl/...). The student keeps half the teacher's layers; KD and LWD (mse_alpha at
+    # the scale of SmolLM2's raw hidden states, whose MSE is ~1e4).
+    "clm": {
+        "task": "clm", "output_dir": "runs/clm", "steps": ["distil", "evaluate"], "teacher.path": "smollm2",
+        "student.layers": None, "data.max_length": 256, "data.max_test_examples": 64,
+        "distil.methods": ["kd", "lwd"], "distil.temperature": 1.0, "distil.mse_alpha": 1e-3,
+        "distil.train.lr": 1e-4, "distil.train.batch_size": 8, "distil.train.max_steps": 200,
+    },
+    # The same for a masked LM (BERT-like): KD at T = 2 (DistilBERT's) and LWD on the masked-LM batches.
+    "mlm": {
+        "task": "mlm", "output_dir": "runs/mlm", "steps": ["distil", "evaluate"], "teacher.path": "minilm",
+        "student.layers": None, "data.max_length": 128, "data.max_test_examples": 64,
+        "distil.methods": ["kd", "lwd"], "distil.train.lr": 1e-4, "distil.train.batch_size": 16,
+        "distil.train.max_steps": 200,
     },
 }
 
@@ -304,13 +323,27 @@ def load_config(path: Optional[str] = None, overrides: tuple = (), preset: Optio
         values = dict(values)
         preset = values.pop("preset", None) if preset is None else preset
     config = from_preset(preset or "bbc-minilm")
+    explicit = set()
     for key, value in _flatten(values).items():
         _set_dotted(config, key, value)
+        explicit.add(key)
     for item in overrides:
         key, value = parse_override(item) if isinstance(item, str) else item
         _set_dotted(config, key, value)
+        explicit.add(key)
+    object.__setattr__(config, "preset", preset or "bbc-minilm")
+    object.__setattr__(config, "explicit_keys", frozenset(explicit))
     check(config)
     return config
+
+
+def origin(config, key: str) -> str:
+    """" (the value of preset P: set KEY for your model)" when ``key`` was not set by the user's file or overrides
+    (a config from :func:`load_config`), else "": error messages say where a value they reject came from."""
+    explicit = getattr(config, "explicit_keys", None)
+    if explicit is None or key in explicit or any(key.startswith(k + ".") for k in explicit):
+        return ""
+    return f" (the value of the preset {getattr(config, 'preset', 'bbc-minilm')}: set {key} for your model)"
 
 
 def from_preset(name: str) -> Config:
@@ -391,14 +424,13 @@ def check(config: Config) -> None:
         raise ConfigError("distil.methods: got [], needs at least one of " + ", ".join(METHODS))
     if not 0 < config.data.test_fraction < 1:
         raise ConfigError(f"data.test_fraction: got {config.data.test_fraction!r}, needs a number in (0, 1)")
+    _choice("data.sample_by", config.data.sample_by, ("line", "paragraph", "document"))
     _positive("data.max_length", config.data.max_length)
     _positive("data.max_train_examples", config.data.max_train_examples)
     _positive("data.max_test_examples", config.data.max_test_examples)
     if config.teacher.path is None:
         raise ConfigError("teacher.path: got null, needs a model folder, 'minilm' or 'smollm2'")
     s = config.student
-    if s.path is None and s.layers is None and s.num_layers is None:
-        raise ConfigError("student: needs student.path, student.layers or student.num_layers")
     if s.path is not None and (s.layers is not None or s.num_layers is not None):
         raise ConfigError("student: student.path and student.layers / num_layers exclude each other")
     _positive("student.num_layers", s.num_layers)

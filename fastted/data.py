@@ -113,7 +113,7 @@ def _reason(error: BaseException) -> str:
     return line if len(line) <= 300 else line[:297] + "..."
 
 
-def _looks_like_path(source: str) -> bool:
+def looks_like_path(source: str) -> bool:
     """True for what can only be a local path; False for what could be a Hub name such as "owner/dataset"."""
     return (os.path.splitext(source)[1].lower() in _BUILDERS or os.path.isabs(source)
             or source.startswith((".", "~")) or source.count("/") > 1 or (os.sep != "/" and os.sep in source)
@@ -150,13 +150,30 @@ def _builder(files: list[str], name: str) -> str:
     return builders.pop()
 
 
-def _load_folder(folder: str, name: str, split: str) -> "datasets.Dataset":
-    """A folder written by ``save_to_disk`` (a Dataset, or a DatasetDict: its ``split``), else a data folder."""
+def _folder_files(folder: str) -> list[str]:
+    """The data files (known extensions) under ``folder``, recursively, sorted; hidden ones left out."""
+    files = []
+    for parent, dirs, names in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        files += [os.path.join(parent, n) for n in names
+                  if not n.startswith(".") and os.path.splitext(n)[1].lower() in _BUILDERS]
+    return sorted(files)
+
+
+def _load_folder(folder: str, name: str, split: str, sample_by: str) -> "datasets.Dataset":
+    """A folder written by ``save_to_disk`` (a Dataset, or a DatasetDict: its ``split``), else the data files
+    under it (every file of the known extensions, recursively: a folder of .txt documents, say)."""
     import datasets
 
     saved = any(os.path.exists(os.path.join(folder, f)) for f in ("dataset_dict.json", "state.json"))
+    if not saved:
+        files = _folder_files(folder)
+        if not files:
+            raise ValueError(f"{name}: the folder {folder!r} holds no data file (extensions {sorted(_BUILDERS)}) "
+                             f"and is no save_to_disk folder")
+        return _load_files(files, name, sample_by)
     try:
-        loaded = datasets.load_from_disk(folder) if saved else datasets.load_dataset(folder, split=split)
+        loaded = datasets.load_from_disk(folder)
     except Exception as error:  # noqa: BLE001  anything datasets raises becomes one ValueError
         raise ValueError(f"{name}: cannot open the folder {folder!r}: {_reason(error)}") from error
     if isinstance(loaded, datasets.DatasetDict):
@@ -166,21 +183,27 @@ def _load_folder(folder: str, name: str, split: str) -> "datasets.Dataset":
     return loaded
 
 
+SAMPLE_BY = ("line", "paragraph", "document")
+
+
 def load_source(source: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]], *, name: str = "data.source",
-                split: str = "train") -> "datasets.Dataset":
+                split: str = "train", sample_by: str = "line") -> "datasets.Dataset":
     """Open a data source as a ``datasets.Dataset``.
 
     ``source`` is :data:`BBC_NEWS`; a local file, a glob or a list of files and
-    globs, read by extension (.txt: one row per line in column ``text``;
-    .json/.jsonl; .csv; .parquet); a folder written by ``save_to_disk`` (of a
-    DatasetDict, its ``split`` is taken); or a dataset name that
-    ``datasets.load_dataset(source, split=split)`` opens. ``split`` does not
-    apply to data files (they make one split). Raises ``ValueError`` naming
-    ``name`` for a missing path, an unknown extension or a name that cannot be
-    opened.
+    globs, read by extension (.txt: in column ``text``, one row per line,
+    paragraph or whole file by ``sample_by``; .json/.jsonl; .csv; .parquet); a
+    folder written by ``save_to_disk`` (of a DatasetDict, its ``split`` is
+    taken), or any other folder, whose data files are read (recursively, in
+    sorted order); or a dataset name that ``datasets.load_dataset(source,
+    split=split)`` opens. ``split`` does not apply to data files (they make one
+    split). Raises ``ValueError`` naming ``name`` for a missing path, an
+    unknown extension or a name that cannot be opened.
     """
     import datasets
 
+    if sample_by not in SAMPLE_BY:
+        raise ValueError(f"data.sample_by: got {sample_by!r}, needs one of {', '.join(SAMPLE_BY)}")
     if isinstance(source, (list, tuple)):
         if not source:
             raise ValueError(f"{name}: got an empty list, need at least one file")
@@ -193,8 +216,8 @@ def load_source(source: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]
             return load_bbc_news()
         path = os.path.expanduser(text)
         if os.path.isdir(path):
-            return _load_folder(path, name, split)
-        if not (_looks_like_path(text) or os.path.isfile(path)):
+            return _load_folder(path, name, split, sample_by)
+        if not (looks_like_path(text) or os.path.isfile(path)):
             try:
                 return datasets.load_dataset(text, split=split)
             except Exception as error:  # noqa: BLE001  anything datasets raises becomes one ValueError
@@ -204,9 +227,16 @@ def load_source(source: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]
     else:
         raise ValueError(f"{name}: got {type(source).__name__}, need a path, a list of paths, {BBC_NEWS!r} "
                          "or a dataset name")
+    return _load_files(files, name, sample_by)
+
+
+def _load_files(files: list[str], name: str, sample_by: str) -> "datasets.Dataset":
+    import datasets
+
     builder = _builder(files, name)
+    options = {"sample_by": sample_by} if builder == "text" else {}
     try:
-        return datasets.load_dataset(builder, data_files=files, split="train")
+        return datasets.load_dataset(builder, data_files=files, split="train", **options)
     except Exception as error:  # noqa: BLE001
         raise ValueError(f"{name}: cannot read {files[0]!r}{' and others' if len(files) > 1 else ''} as "
                          f"{builder}: {_reason(error)}") from error
@@ -220,7 +250,9 @@ def split_train_test(dataset: "datasets.Dataset", test_fraction: float, seed: in
     """(train, test): a fixed-seed split with ``test_fraction`` of the rows in test.
 
     Stratified by ``label`` when that column is a ``ClassLabel`` (each class
-    keeps its share in both parts). ``test_fraction`` must be in (0, 1).
+    keeps its share in both parts), unless a class is too rare for that (one
+    example, or fewer test rows than classes): then a plain random split.
+    ``test_fraction`` must be in (0, 1).
     """
     import datasets
 
@@ -230,8 +262,13 @@ def split_train_test(dataset: "datasets.Dataset", test_fraction: float, seed: in
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
     stratify = "label" if isinstance(dataset.features.get("label"), datasets.ClassLabel) else None
     try:
-        parts = dataset.train_test_split(test_size=float(test_fraction), seed=seed, stratify_by_column=stratify)
-    except ValueError as error:  # too few rows (or rows of a class) for this fraction
+        try:
+            parts = dataset.train_test_split(test_size=float(test_fraction), seed=seed, stratify_by_column=stratify)
+        except ValueError:
+            if stratify is None:
+                raise
+            parts = dataset.train_test_split(test_size=float(test_fraction), seed=seed)
+    except ValueError as error:  # too few rows for this fraction
         raise ValueError(f"{name} = {test_fraction!r} cannot split {len(dataset)} rows: {_reason(error)}") from error
     return parts["train"], parts["test"]
 
@@ -490,21 +527,23 @@ class Data:
 def prepare_data(config: Config, tokenizer) -> Data:
     """The data of ``config``: the source loaded and split, tokenized (and packed for the LM tasks)."""
     d = config.data
-    dataset = load_source(d.source, name="data.source")
+    dataset = load_source(d.source, name="data.source", sample_by=d.sample_by)
+    test = None
     if d.test_source is not None:
-        train, test = dataset, load_source(d.test_source, name="data.test_source")
+        test = load_source(d.test_source, name="data.test_source", sample_by=d.sample_by)
+    if config.task == "classification":
+        dataset = class_labels(dataset, d.label_field, "data.source")
+        if test is not None:
+            test = class_labels(test, d.label_field, "data.test_source", dataset.features["label"].names)
+    if test is not None:
+        train = dataset
     else:
         train, test = split_train_test(dataset, d.test_fraction, config.seed)
     if d.max_train_examples:
         train = train.select(range(min(d.max_train_examples, len(train))))
     if d.max_test_examples:
         test = test.select(range(min(d.max_test_examples, len(test))))
-    label_names = None
-    if config.task == "classification":
-        if "label" not in train.column_names:
-            raise ConfigError(f"data.source: a classification run needs a 'label' column, got {train.column_names}")
-        feature = train.features["label"]
-        label_names = list(getattr(feature, "names", None) or sorted(set(train["label"])))
+    label_names = train.features["label"].names if config.task == "classification" else None
     cache = os.path.join(config.output_dir, "cache") if d.cache else None
     pack_blocks = config.task != "classification" and d.pack
     separator = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
@@ -520,6 +559,46 @@ def prepare_data(config: Config, tokenizer) -> Data:
 
     collator = collator_for(config.task, tokenizer, mlm_probability=d.mlm_probability)
     return Data(prepare(train), prepare(test), collator, tokenizer, label_names)
+
+
+def class_labels(dataset, field: str, name: str, names: Optional[list[str]] = None):
+    """``dataset`` with its labels in a ``label`` column of ``datasets.ClassLabel`` type: class ids with names.
+
+    The labels come from column ``field`` (``data.label_field``): class names (strings, sorted into ids
+    0..C-1, or looked up in ``names``, the training set's), ints 0..C-1 (named "0".."C-1"), or a ClassLabel
+    column as it is. Raises a ConfigError naming the key for a missing column or labels that are neither."""
+    import datasets
+
+    if field not in dataset.column_names:
+        raise ConfigError(f"data.label_field: got {field!r}, but {name} has the columns {dataset.column_names} "
+                          f"(set data.label_field to the column of the labels)")
+    feature = dataset.features[field]
+    if isinstance(feature, datasets.ClassLabel):
+        if names is not None and feature.names != names:
+            raise ConfigError(f"{name}: its classes {feature.names} differ from the training set's {names}")
+        return dataset if field == "label" else dataset.rename_column(field, "label")
+    values = list(dataset[field])
+    if any(v is None for v in values):
+        raise ConfigError(f"{name}: column {field!r} has empty labels (row {values.index(None)})")
+    if all(isinstance(v, str) for v in values):
+        classes = names if names is not None else sorted(set(values))
+        unknown = sorted(set(values) - set(classes))
+        if unknown:
+            raise ConfigError(f"{name}: labels {unknown[:5]} are not among the training set's classes {classes}")
+        index = {c: i for i, c in enumerate(classes)}
+        ids = [index[v] for v in values]
+    elif all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        n = max(values) + 1 if names is None else len(names)
+        if min(values) < 0 or max(values) >= n:
+            raise ConfigError(f"{name}: integer labels must be class ids 0..{n - 1}, got {min(values)}..{max(values)}")
+        classes, ids = names if names is not None else [str(i) for i in range(n)], values
+    else:
+        kinds = sorted({type(v).__name__ for v in values})
+        raise ConfigError(f"{name}: column {field!r} holds {', '.join(kinds)} labels; needs class names "
+                          f"(strings) or class ids (ints)")
+    dataset = dataset.remove_columns([c for c in dict.fromkeys((field, "label")) if c in dataset.column_names])
+    dataset = dataset.add_column("label", ids)
+    return dataset.cast_column("label", datasets.ClassLabel(names=list(classes)))
 
 
 # ----------------------------------------------------------------------------------------------- batch order

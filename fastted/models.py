@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastted.config import Config, ConfigError, ModelConfig
+from fastted.config import Config, ConfigError, ModelConfig, origin
 from fastted.mapping import check_index
 
 TASKS = ("classification", "mlm", "clm")
@@ -459,14 +459,25 @@ def hf_config(path: str, gguf: Optional[str]):
 
 
 def check_against_models(config: Config) -> None:
-    """The settings that depend on the models, checked from their configs before any work: the student's teacher
-    layers exist and ``data.max_length`` fits every model's positions. Raises a ConfigError naming the key."""
-    teacher = hf_config(*model_source(config.teacher, "teacher"))
+    """The settings that depend on the models, checked from their configs before any work: the teacher's
+    tokenizer is there and fits its embeddings, the student's teacher layers exist and ``data.max_length`` fits
+    every model's positions. Raises a ConfigError naming the key."""
+    source = model_source(config.teacher, "teacher")
+    teacher = hf_config(*source)
+    tokenizer = load_tokenizer(*source)
+    vocab = len(tokenizer)
+    rows = _config_int(teacher, "vocab_size")
+    if vocab <= len(set(tokenizer.all_special_tokens)):  # transformers builds one of special tokens alone
+        raise ConfigError(f"teacher.path: the tokenizer of {source[0]} has no tokens but its {vocab} special ones (the "
+                          f"folder holds no tokenizer files?): save the tokenizer beside the model")
+    if rows is not None and vocab > rows:
+        raise ConfigError(f"teacher.path: its tokenizer has {vocab} tokens, but the model's embeddings {rows} rows: "
+                          f"the tokenizer is not this model's")
     n_teacher = teacher.num_hidden_layers
     layers = config.student.layers
     if config.student.path is None and layers is not None and max(layers) >= n_teacher:
         raise ConfigError(f"student.layers: got {layers}, needs indices of the teacher's {n_teacher} layers "
-                          f"(0..{n_teacher - 1})")
+                          f"(0..{n_teacher - 1}){origin(config, 'student.layers')}")
     models = [("teacher", teacher)]
     if config.student.path is not None:
         models.append(("student", hf_config(*model_source(config.student, "student"))))
@@ -474,7 +485,7 @@ def check_against_models(config: Config) -> None:
         positions = _config_int(cfg, "max_position_embeddings", "n_positions", "n_ctx")
         if positions is not None and config.data.max_length > positions:
             raise ConfigError(f"data.max_length: got {config.data.max_length}, needs at most {positions} (the "
-                              f"{name}'s positions, config.max_position_embeddings)")
+                              f"{name}'s positions, config.max_position_embeddings){origin(config, 'data.max_length')}")
 
 
 def keep_layers(model, layers: list[int]):
@@ -497,10 +508,11 @@ def keep_layers(model, layers: list[int]):
 
 
 def student_layers(config: ModelConfig, teacher_layers: int) -> list[int]:
-    """The teacher's layers a student cut from it keeps: ``config.layers``, or ``num_layers`` spread evenly."""
+    """The teacher's layers a student cut from it keeps: ``config.layers``, or ``num_layers`` spread evenly (by
+    default half the teacher's layers, rounded up)."""
     if config.layers is not None:
         return list(config.layers)
-    n = config.num_layers
+    n = config.num_layers if config.num_layers is not None else (teacher_layers + 1) // 2
     if n > teacher_layers:
         raise ConfigError(f"student.num_layers: got {n}, but the teacher has {teacher_layers} layers")
     return sorted({round(i * (teacher_layers - 1) / max(n - 1, 1)) for i in range(n)})

@@ -55,6 +55,37 @@ def _train_key(config: Config, train: TrainConfig) -> str:
                                                                                           "distil.train")
 
 
+def check_prerequisites(config: Config, steps: list[str], methods: list[str], command: str = "pipeline") -> None:
+    """Every step's inputs exist under ``output_dir`` or an earlier step of ``steps`` writes them: a ConfigError
+    naming what is missing before any step trains (TED's stage II needs both filters steps; in classification
+    the filters steps and KD, LWD and the others need the fine-tuned models)."""
+    from fastted.methods import recipe_class
+
+    made = {name for name in STEPS_WRITING if os.path.isdir(os.path.join(stage_dir(config, name), "model"))}
+    for step in steps:
+        needs = []
+        if step.startswith("filters-") and config.task == "classification":
+            needs = ["finetune-" + step.split("-", 1)[1]]
+        elif step == "distil":
+            for method in methods:
+                if recipe_class(method).uses_stage1_filters:
+                    needs += ["filters-teacher", "filters-student"]
+                elif config.task == "classification":
+                    needs += ["finetune-teacher", "finetune-student"]
+        missing = [name for name in dict.fromkeys(needs) if name not in made]
+        if missing:
+            what = f"{step} ({', '.join(methods)})" if step == "distil" else step
+            runs = " and ".join(f"`fastted {' '.join(name.split('-', 1))}`" for name in missing)
+            where = (f"add {', '.join(missing)} to steps before {step!r}" if command == "pipeline"
+                     else f"run {runs} first")
+            raise ConfigError(f"steps: {what} needs {', '.join(n + '/model' for n in missing)} in "
+                              f"{config.output_dir}, which no earlier step writes: {where}")
+        made |= {f"distil-{m}" for m in methods} if step == "distil" else {step}
+
+
+STEPS_WRITING = ("finetune-teacher", "finetune-student", "filters-teacher", "filters-student")
+
+
 def _train(config: Config, name: str, recipe, data: Data, train: TrainConfig, device, evaluate_adapter) -> dict:
     steps = total_steps(len(data.train), train, _train_key(config, train))
     engine = Engine(recipe, train, config.engine, steps, device)
@@ -106,6 +137,12 @@ def _start(config: Config) -> _Start:
     """What every step begins with: threads, device and ranks, seeds, the teacher's tokenizer and the data."""
     if config.engine.threads:
         torch.set_num_threads(config.engine.threads)
+    if not config.progress:  # no bars at all (transformers' save and load, datasets' maps): a log line per step
+        import datasets
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        datasets.disable_progress_bars()
     device = resolve_device(config.engine)
     rank, world = init_distributed(device)
     seed_everything(config.seed)
@@ -125,6 +162,8 @@ def finetune(config: Config, which: str) -> dict:
     n_labels = len(st.data.label_names)
     model = (load_model(st.path, config.task, st.gguf, n_labels) if which == "teacher"
              else build_student(config, n_labels))
+    model.config.id2label = dict(enumerate(st.data.label_names))  # saved with the model: its classes by name
+    model.config.label2id = {name: i for i, name in enumerate(st.data.label_names)}
     recipe = FineTune(model, task=config.task, impl=config.engine.impl)
     return _train(config, f"finetune-{which}", recipe, st.data, config.finetune, st.device, recipe.student_model)
 

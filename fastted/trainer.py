@@ -426,6 +426,10 @@ def run(stage: Stage, engine: Engine) -> dict:
             last = record
             if bar is not None:
                 bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+            elif engine.is_main:  # progress=false: one line per logged step, for logs and batch jobs
+                terms = " ".join(f"{k} {v:.4f}" for k, v in values.items())
+                print(f"{stage.name} step {done}/{total}: loss {record['loss']:.4f} {terms} lr {lr:.3g} "
+                      f"{record['tokens_per_s']:.0f} tok/s", flush=True)
         if bar is not None:
             bar.update(1)
         if logged or evaluated or saved:

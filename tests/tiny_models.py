@@ -35,6 +35,27 @@ def gpt2(layers, hidden, seed=0, **kw):
     return tf.GPT2LMHeadModel(config)
 
 
+WORDS = [f"w{i}" for i in range(VOCAB - 5)]
+
+
+def word_tokenizer(path, causal=False):
+    """A word-level fast tokenizer over the tiny models' ids, saved in ``path`` and loaded from it: [PAD] 0,
+    [UNK] 1, [CLS] 2, [SEP] 3, [MASK] 4, then the words w0..w91 (``WORDS``); [CLS] x [SEP] unless ``causal``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    if not causal:
+        core.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]",
+                                                            special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    tokenizer = tf.PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]",
+                                           cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
+                                           eos_token="[SEP]", bos_token="[CLS]")
+    tokenizer.save_pretrained(path)
+    return tf.PreTrainedTokenizerFast.from_pretrained(path)
+
+
 def batch(task, seed, batch_size=5, tokens=11, padded=True):
     """Random tokens with right padding (two examples shorter), labels for ``task``."""
     g = torch.Generator().manual_seed(seed)

@@ -10,27 +10,9 @@ import transformers as tf
 
 from fastted import KD, RAILKD, TED, CoDIR, RandomLayerMap, TaskFilters
 from fastted.integrations import RECIPE_STATE, DistillationMixin, DistillationTrainer, load_recipe_checkpoint
-from tests.tiny_models import LABELS, bert, gpt2
+from tests.tiny_models import LABELS, WORDS, bert, gpt2, word_tokenizer
 
-WORDS = [f"w{i}" for i in range(92)]
 STEPS = 6
-
-
-def _tokenizer(path, causal=False):
-    """A word-level fast tokenizer over the tiny models' 97 ids: [PAD] 0, [UNK] 1, [CLS] 2, [SEP] 3, [MASK] 4."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-
-    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS)}
-    core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    if not causal:
-        core.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]",
-                                                            special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
-    tokenizer = tf.PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]",
-                                           cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
-                                           eos_token="[SEP]", bos_token="[CLS]")
-    tokenizer.save_pretrained(path)
-    return tf.PreTrainedTokenizerFast.from_pretrained(path)
 
 
 def _texts(n, seed):
@@ -44,7 +26,7 @@ def _texts(n, seed):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    tokenizer = _tokenizer(tmp_path_factory.mktemp("tok"))
+    tokenizer = word_tokenizer(tmp_path_factory.mktemp("tok"))
     split = {name: datasets.Dataset.from_dict(_texts(n, seed)) for name, n, seed in (("train", 48, 1), ("test", 16, 2))}
     split = {k: v.map(lambda b: tokenizer(b["text"], truncation=True, max_length=32), batched=True)
              for k, v in split.items()}
@@ -145,7 +127,7 @@ def test_trl_sft_trainer_distils_a_causal_lm(tmp_path):
     """TRL's SFTTrainer prepares a text dataset for a causal LM (tokenizes, packs nothing, pads, labels); the mixin
     trains KD on it, evaluates the perplexity and saves a student that reloads with from_pretrained."""
     trl = pytest.importorskip("trl")
-    tokenizer = _tokenizer(tmp_path / "tok", causal=True)
+    tokenizer = word_tokenizer(tmp_path / "tok", causal=True)
     student, teacher = gpt2(2, 32, seed=1), gpt2(3, 48, seed=2)
 
     class DistillationSFTTrainer(DistillationMixin, trl.SFTTrainer):

@@ -101,7 +101,7 @@ BAD_SETTINGS = {
     "crd_temperature_negative": (["distil.crd_temperature=-1"], "distil.crd_temperature: got -1.0, needs a number > 0"),
     "mse_alpha_negative": (["distil.mse_alpha=-2"], "distil.mse_alpha: got -2.0, needs a number >= 0"),
     "mlm_probability": (["data.mlm_probability=1.5"], "data.mlm_probability: got 1.5, needs a number in (0, 1)"),
-    "csv_without_labels": (["data.source={csv}"], "data.source: a classification run needs a 'label' column, got "
+    "csv_without_labels": (["data.source={csv}"], "data.label_field: got 'label', but data.source has the columns "
                                                   "['text', 'sentiment']"),
     "binary_config_file": (["-c", "{binary}"], "--config {binary}: got bytes that are not UTF-8 text"),
     "unknown_preset": (["--preset", "bogus"], "--preset: got 'bogus', needs one of bbc-minilm, bbc-minilm-tiny"),
@@ -215,3 +215,87 @@ def test_mlm_continual_pretraining(tmp_path):
     assert set(train("distil-ted")[0]["terms"]) == {"task", "kd", "mse"}
     assert set(train("distil-codir")[-1]["terms"]) == {"task", "kd", "crd"}
     assert (out / "filters-teacher" / "model" / "filters.safetensors").exists()
+
+
+# --------------------------------------------------------------------------- your own data and model
+
+
+def _model_folder(path, model, causal=False):
+    from tests.tiny_models import word_tokenizer
+
+    model.save_pretrained(path)
+    word_tokenizer(path, causal=causal)
+    return str(path)
+
+
+def test_string_labels_in_a_column_of_your_choice(capsys, tmp_path):
+    """A CSV whose labels are class names in column `sentiment`: mapped to ids, the names saved as id2label."""
+    from transformers import AutoConfig
+
+    minilm_path()
+    rows = ["text,sentiment"] + [f"{'good fine nice' if i % 2 else 'bad awful poor'} day {i},"
+                                 f"{'positive' if i % 2 else 'negative'}" for i in range(60)]
+    (tmp_path / "reviews.csv").write_text("\n".join(rows) + "\n")
+    code = main(["finetune", "teacher", *TINY, f"output_dir={tmp_path / 'run'}", f"data.source={tmp_path}/reviews.csv",
+                 "data.label_field=sentiment", "finetune.max_steps=1"])
+    assert code == 0, capsys.readouterr().err
+    config = AutoConfig.from_pretrained(tmp_path / "run" / "finetune-teacher" / "model")
+    assert config.id2label == {0: "negative", 1: "positive"} and config.label2id == {"negative": 0, "positive": 1}
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("argv, fragment", [
+    (["distil", "--method", "ted"], "steps: distil (ted) needs filters-teacher/model, filters-student/model in"),
+    (["distil", "--method", "kd"], "steps: distil (kd) needs finetune-teacher/model, finetune-student/model"),
+    (["filters", "student"], "steps: filters-student needs finetune-student/model in"),
+    (["pipeline", "steps=[finetune-teacher,distil,evaluate]", "distil.methods=[lwd]"],
+     "steps: distil (lwd) needs finetune-student/model in {out}, which no earlier step writes: add "
+     "finetune-student to steps before 'distil'"),
+])
+def test_missing_prerequisites_end_before_any_training(argv, fragment, capsys, tmp_path):
+    minilm_path()
+    out = tmp_path / "run"
+    line = _error(capsys, *argv, *TINY, f"output_dir={out}")
+    assert fragment.format(out=out) in line, line
+    assert not out.exists() or os.listdir(out) == []
+
+
+@pytest.mark.bad_input
+def test_a_model_folder_without_tokenizer_or_with_a_preset_layer_it_lacks(capsys, tmp_path):
+    from tests.tiny_models import bert
+
+    bare = tmp_path / "bare"
+    bert(3, 32).save_pretrained(bare)
+    line = _error(capsys, "finetune", "teacher", *TINY, f"teacher.path={bare}", f"output_dir={tmp_path / 'a'}")
+    assert "teacher.path" in line and "tokenizer" in line, line
+    folder = _model_folder(tmp_path / "three", bert(3, 32))
+    line = _error(capsys, "finetune", "student", *TINY, f"teacher.path={folder}", f"output_dir={tmp_path / 'b'}")
+    assert line.endswith("student.layers: got [0, 2, 4], needs indices of the teacher's 3 layers (0..2) (the value "
+                         "of the preset bbc-minilm-tiny: set student.layers for your model)"), line
+
+
+def test_continual_pretraining_of_your_own_causal_lm_on_a_folder_of_text(capsys, tmp_path):
+    """--preset clm with teacher.path and data.source a folder of .txt documents; progress=false prints one line
+    per logged step; the student keeps half the teacher's layers."""
+    from transformers import AutoConfig
+
+    from tests.tiny_models import WORDS, gpt2
+
+    teacher = _model_folder(tmp_path / "teacher", gpt2(4, 32), causal=True)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i in range(12):
+        words = torch.randint(0, len(WORDS), (40,), generator=g)
+        (corpus / f"doc{i}.txt").write_text(" ".join(WORDS[int(w)] for w in words) + "\n")
+    out = tmp_path / "run"
+    code = main(["pipeline", "--preset", "clm", f"teacher.path={teacher}", f"data.source={corpus}",
+                 "data.sample_by=document", f"output_dir={out}", "data.max_length=16", "distil.train.batch_size=4",
+                 "distil.train.max_steps=2", "progress=false", "data.test_fraction=0.25"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "distil-kd step 1/2: loss " in printed and "distil-lwd step 2/2: loss " in printed
+    assert "it/s" not in printed
+    assert AutoConfig.from_pretrained(out / "distil-lwd" / "model").num_hidden_layers == 2
+    results = json.loads((out / "results.json").read_text())
+    assert set(results) == {"teacher (pretrained)", "student (initial)", "KD", "LWD"}

@@ -520,3 +520,61 @@ def test_collator_for(tokenizer):
         data.collator_for("seq2seq", tokenizer)
     assert "'seq2seq'" in str(info.value) and "classification" in str(info.value)
     assert math.isclose(data.collator_for("mlm", tokenizer).probability, 0.15)
+
+
+# --------------------------------------------------------------------------- anyone's data: labels, text files
+
+
+def test_string_labels_become_named_class_ids():
+    import datasets
+
+    from fastted.data import class_labels
+
+    train = datasets.Dataset.from_dict({"text": list("abcdef"),
+                                        "sentiment": ["pos", "neg", "neu", "pos", "neg", "pos"]})
+    out = class_labels(train, "sentiment", "data.source")
+    assert out.features["label"].names == ["neg", "neu", "pos"] and out["label"][:] == [2, 0, 1, 2, 0, 2]
+    assert "sentiment" not in out.column_names
+    test = datasets.Dataset.from_dict({"text": ["x", "y"], "sentiment": ["pos", "neg"]})
+    names = out.features["label"].names
+    assert class_labels(test, "sentiment", "data.test_source", names)["label"][:] == [2, 0]
+    ints = datasets.Dataset.from_dict({"text": ["x", "y", "z"], "label": [2, 0, 1]})
+    assert class_labels(ints, "label", "data.source").features["label"].names == ["0", "1", "2"]
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("column, values, names, fragment", [
+    ("label", ["a", "b"], None, "data.label_field: got 'label', but data.source has the columns ['text', 'x']"),
+    ("x", ["a", None], None, "column 'x' has empty labels (row 1)"),
+    ("x", [1.5, 2.5], None, "column 'x' holds float labels; needs class names (strings) or class ids (ints)"),
+    ("x", [0, -1], None, "integer labels must be class ids 0..0, got -1..0"),
+    ("x", ["a", "zz"], ["a", "b"], "labels ['zz'] are not among the training set's classes ['a', 'b']"),
+])
+def test_bad_labels_are_named(column, values, names, fragment):
+    import datasets
+
+    from fastted.config import ConfigError
+    from fastted.data import class_labels
+
+    ds = datasets.Dataset.from_dict({"text": ["p", "q"], "x": values})
+    with pytest.raises(ConfigError) as info:
+        class_labels(ds, column, "data.source", names)
+    assert fragment in str(info.value), str(info.value)
+
+
+def test_a_folder_of_text_files_one_document_each(tmp_path):
+    folder = tmp_path / "corpus"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.txt").write_text("first line\nsecond line\n")
+    (folder / "sub" / "b.txt").write_text("only line\n")
+    (folder / ".hidden.txt").write_text("never read\n")
+    (folder / "notes.md").write_text("not data\n")
+    docs = data.load_source(str(folder), sample_by="document")
+    assert docs["text"][:] == ["first line\nsecond line\n", "only line\n"]
+    lines = data.load_source(str(folder))
+    assert lines["text"][:] == ["first line", "second line", "only line"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="the folder .*empty' holds no data file"):
+        data.load_source(str(tmp_path / "empty"))
+    with pytest.raises(ValueError, match="data.sample_by: got 'word', needs one of line, paragraph, document"):
+        data.load_source(str(folder), sample_by="word")
