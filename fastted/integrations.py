@@ -89,8 +89,8 @@ def load_recipe_checkpoint(recipe: Recipe, directory: str) -> None:
         raise ValueError(f"resume_from_checkpoint: {directory} has no {RECIPE_STATE}: it was not saved by a "
                          f"fastted DistillationTrainer")
     student = recipe.student_model.model
-    saved = type(student).from_pretrained(directory, torch_dtype=next(student.parameters()).dtype)
-    student.load_state_dict(saved.state_dict())
+    saved = type(student).from_pretrained(directory)
+    student.load_state_dict(saved.state_dict())  # copied into the student's own dtype and device
     state = torch.load(path, map_location="cpu", weights_only=True)
     missing, unexpected = recipe.load_state_dict(state, strict=False)
     in_student = {k for k, v in recipe.state_dict(keep_vars=True).items()

@@ -123,6 +123,7 @@ def test_bad_arguments(data, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing` is deprecated:FutureWarning")  # SFTConfig's own
 def test_trl_sft_trainer_distils_a_causal_lm(tmp_path):
     """TRL's SFTTrainer prepares a text dataset for a causal LM (tokenizes, packs nothing, pads, labels); the mixin
     trains KD on it, evaluates the perplexity and saves a student that reloads with from_pretrained."""
