@@ -6,6 +6,7 @@ baseline.
 
     python benchmarks/report.py benchmarks/results/<file>.json
     python benchmarks/report.py --summary benchmarks/results/<file>.json ...   # fastted's ratios, one row each
+    python benchmarks/report.py --steps benchmarks/results/<file>.json      # test_step.py: each case's step
 """
 from __future__ import annotations
 
@@ -119,9 +120,31 @@ def summary(paths: list[str]) -> str:
     return "\n".join(out)
 
 
+def steps(path: str) -> str:
+    """benchmarks/test_step.py's cases: the median step, its ratio to the student's plain training step, and the
+    teacher's forward whole against cut after its last mapped layer."""
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    median = {b["extra_info"]["case"]: b["stats"]["median"] * 1e3 for b in data["benchmarks"]
+              if b["extra_info"].get("suite") == "step"}
+    info = next(b["extra_info"] for b in data["benchmarks"] if b["extra_info"].get("suite") == "step")
+    lines = [f"One optimizer step, B = {info['batch']}, T = {info['seq']}, {info['threads']} threads; from `{path}`",
+             "", "| case | median (ms) | / student's step |", "|---|---|---|"]
+    base = median.get("student")
+    for case, ms in median.items():
+        ratio = f"{ms / base:.2f}x" if base and not case.startswith("teacher") else ""
+        lines.append(f"| {case} | {ms:.1f} | {ratio} |")
+    if "teacher" in median and "teacher-truncated" in median:
+        lines += ["", f"Teacher forward, whole / cut after layer 2 of 6: "
+                      f"{median['teacher'] / median['teacher-truncated']:.2f}x"]
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--summary"]:
         print(summary(sys.argv[2:]))
+    elif sys.argv[1:2] == ["--steps"]:
+        print(steps(sys.argv[2]))
     else:
         for p in sys.argv[1:]:
             print(table(p))

@@ -1,7 +1,7 @@
 """benchmarks/report.py on a made-up result file: the ratios, the first calls, the block-size sweep."""
 import json
 
-from benchmarks.report import summary, table
+from benchmarks.report import steps, summary, table
 
 
 def _bench(name, params, median, peak=None, **info):
@@ -26,3 +26,14 @@ def test_tables_and_summary(tmp_path):
     assert "| 64 | 300.000 | 5.0 |" in text and "| 128 (default) | 200.000 | 6.0 |" in text
     row = summary([str(path)]).splitlines()[2]
     assert row.startswith("| op, small | 2.00x | 0.80x | 1.50x | 0.25 | 0.50 | 0.20 |")
+
+
+def test_steps(tmp_path):
+    benches = [dict(name=f"test_step[{case}]", params=dict(case=case), stats=dict(median=ms / 1e3),
+                    extra_info=dict(suite="step", case=case, batch=8, seq=128, threads=2))
+               for case, ms in (("student", 100.0), ("kd", 250.0), ("teacher", 60.0), ("teacher-truncated", 30.0))]
+    path = tmp_path / "steps.json"
+    path.write_text(json.dumps(dict(machine_info={}, benchmarks=benches)))
+    text = steps(str(path))
+    assert "| student | 100.0 | 1.00x |" in text and "| kd | 250.0 | 2.50x |" in text
+    assert "| teacher | 60.0 |  |" in text and "whole / cut after layer 2 of 6: 2.00x" in text

@@ -92,6 +92,7 @@ class DistilConfig:
     temperature: float = 2.0
     mask_padding: bool = True
     fused_lm_head: bool = True             # mlm / clm: the LM heads fused with the KL (no logits)
+    truncate_teacher: bool = True          # no KL term: the teacher runs only up to its last mapped layer
     # CoDIR
     crd_alpha: float = 0.1
     bank_size: int = 4096

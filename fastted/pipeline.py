@@ -226,6 +226,8 @@ def distil(config: Config, method: str) -> dict:
     steps = total_steps(len(st.data.train), config.distil.train, "distil.train")
     models = RecipeModels(student, teacher, tokenizers=(s_tokenizer, tokenizer), total_steps=steps, filters=filters)
     recipe = build_recipe(method, config, models)
+    if config.distil.truncate_teacher:
+        recipe.truncate_teacher()  # before the engine: ZeRO-3 never partitions the blocks cut off
     return _train(config, f"distil-{method}", recipe, st.data, config.distil.train, st.device,
                   recipe.student_model)
 

@@ -214,6 +214,30 @@ class Recipe(nn.Module):
         """Save what the recipe trained, loadable with ``from_pretrained``: by default the student model."""
         self.student_model.model.save_pretrained(directory)
 
+    def teacher_layers_needed(self) -> Optional[list[int]]:
+        """The teacher layers this recipe reads when none of its terms needs the teacher's logits, else None (the
+        whole teacher). The distillation recipes implement it; by default the whole teacher is needed."""
+        return None
+
+    def truncate_teacher(self) -> Optional[int]:
+        """Cut the teacher after the last layer the recipe reads when no term needs its logits (LWD or TED without
+        the KL term, CoDIR or RAIL-KD without KD): its later blocks never run, and under ZeRO-3 are never
+        partitioned or gathered. In place, on the teacher module; call it before training (the pipeline does,
+        ``distil.truncate_teacher``). Returns the number of blocks kept, or None when nothing was cut."""
+        layers = self.teacher_layers_needed()
+        if self.teacher_model is None or layers is None:
+            return None
+        keep = max(layers) + 1 if layers else 1
+        if keep >= self.teacher_model.num_layers:
+            return None
+        from fastted.models import keep_layers
+
+        model, task = self.teacher_model.model, self.teacher_model.task
+        keep_layers(model, list(range(keep)))
+        self.teacher_model = adapt(model, task)
+        self._teacher_truncated = True
+        return keep
+
     def activation_checkpointing_enable(self, **kwargs) -> None:
         """Recompute the student's activations in its backward (``transformers.Trainer``'s
         ``gradient_checkpointing``): handed to the student model, under whichever name its transformers has."""
@@ -249,9 +273,11 @@ class Recipe(nn.Module):
         return self.student_model(batch, layers, head=not self.fused_lm_head)
 
     def _teacher_forward(self, batch: dict, teacher_batch: Optional[dict], layers=()):
+        # A truncated LM teacher stops before its vocabulary projection: its logits would be of a middle layer.
+        head = not (self.fused_lm_head or (getattr(self, "_teacher_truncated", False)
+                                           and self.teacher_model.task != "classification"))
         with torch.no_grad():
-            return self.teacher_model(batch if teacher_batch is None else teacher_batch, layers,
-                                      head=not self.fused_lm_head)
+            return self.teacher_model(batch if teacher_batch is None else teacher_batch, layers, head=head)
 
     @staticmethod
     def _detached_logits(student_out) -> Optional[Tensor]:

@@ -78,6 +78,9 @@ class CoDIR(Recipe):
                    temperature=d.crd_temperature, kd_temperature=d.temperature, task_alpha=d.task_alpha,
                    kd_alpha=d.kl_alpha, crd_alpha=d.crd_alpha, **cls._config_options(config, models))
 
+    def teacher_layers_needed(self) -> Optional[list[int]]:
+        return None if self.alphas["kd"] else list(self.layer_map.teacher)
+
     def vectors(self, student_out, teacher_out) -> tuple:
         """(student vectors (B, P), teacher vectors (B, P)): pooled, concatenated, projected (not normalized)."""
         ps = pool_states(student_out.hidden_states, student_out.mask, pooling=self.pooling, impl=self.impl)

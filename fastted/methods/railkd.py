@@ -58,6 +58,11 @@ class RAILKD(Recipe):
         return cls(models.student, models.teacher, layer_map, temperature=d.temperature, task_alpha=d.task_alpha,
                    kd_alpha=d.kl_alpha, rail_alpha=d.rail_alpha, **cls._config_options(config, models))
 
+    def teacher_layers_needed(self) -> Optional[list[int]]:
+        if self.alphas["kd"]:
+            return None
+        return list(self.layer_map.teacher_layers) if self.alphas["rail"] else []
+
     def forward(self, batch: dict, *, step: Optional[int] = None, epoch: int = 0,
                 teacher_batch: Optional[dict] = None) -> RecipeOutput:
         pairs = self.layer_map.draw(step=self._schedule_step(step), epoch=epoch)

@@ -179,6 +179,11 @@ class TED(Recipe):
         if self.alphas["mse"] and layer_map is None:
             raise ValueError(f"mse_alpha={mse_alpha} needs a layer map")
 
+    def teacher_layers_needed(self) -> Optional[list[int]]:
+        if self.alphas["kd"]:
+            return None
+        return list(self.layer_map.teacher) if self.alphas["mse"] and self.layer_map is not None else []
+
     def _mse_inputs(self, student_states: list[Tensor], teacher_states: list[Tensor]) -> dict:
         xs, ws, bs = self.student_filters.split(student_states)
         with torch.no_grad():
