@@ -135,6 +135,46 @@ def logit_kd_reference(
     return masked_mean(rows, valid) * temperature**2
 
 
+def topk_targets_reference(teacher_logits: Tensor, k: int, temperature: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+    """What a teacher cache stores per token for the KL: ``(values, indices, tail_lse)``, the k largest logits
+    (..., k), their vocabulary ids (..., k), and the log-sum-exp of all the other logits divided by the
+    temperature (...,), -inf when k is the vocabulary. The spec of the cache's logit targets."""
+    t = teacher_logits.detach()
+    values, indices = t.topk(k, dim=-1)
+    rest = t.scatter(-1, indices, float("-inf"))
+    return values, indices, torch.logsumexp(rest / temperature, dim=-1)
+
+
+def sparse_logit_kd_reference(
+    student_logits: Tensor,
+    values: Tensor,
+    indices: Tensor,
+    tail_lse: Tensor,
+    *,
+    temperature: float = 1.0,
+    mask: Optional[Tensor] = None,
+) -> Tensor:
+    """KL(teacher || student) against a top-k teacher: the spec of the cached teacher's logit KD.
+
+    Both distributions at temperature T are taken over k + 1 buckets: the teacher's top-k ids one by one and
+    the rest of the vocabulary as one tail bucket. The teacher's are exact from what is stored (``values``,
+    ``tail_lse`` of :func:`topk_targets_reference`); the student's come from its full log-softmax (its tail
+    bucket the log-sum-exp of its other logits). KL over the buckets times T^2, averaged over the mask's rows.
+    With k = V (an empty tail) it is :func:`logit_kd_reference`'s forward KL; with k < V it is at most that
+    (merging outcomes never increases a KL divergence).
+    """
+    s_log = F.log_softmax(student_logits / temperature, dim=-1)
+    t_top = values.to(s_log.dtype) / temperature
+    t_norm = torch.logaddexp(torch.logsumexp(t_top, dim=-1), tail_lse.to(s_log.dtype))
+    p_log = torch.cat([t_top - t_norm[..., None], (tail_lse.to(s_log.dtype) - t_norm)[..., None]], dim=-1)
+    s_tail = torch.logsumexp(s_log.scatter(-1, indices, float("-inf")), dim=-1)
+    q_log = torch.cat([s_log.gather(-1, indices), s_tail[..., None]], dim=-1)
+    zero = p_log == float("-inf")  # an empty tail: p 0 there, whatever the student's (then -inf) bucket
+    rows = _kl_elementwise(p_log, q_log.masked_fill(zero, 0.0)).sum(-1)
+    valid = torch.ones_like(rows) if mask is None else mask.to(rows.dtype)
+    return masked_mean(rows, valid) * temperature**2
+
+
 def fused_linear_kd_reference(
     student_hidden: Tensor,
     student_weight: Tensor,
