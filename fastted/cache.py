@@ -29,6 +29,8 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
+from fastted.files import sha256_file, write_atomic
+
 MANIFEST = "manifest.json"
 QUANTIZATIONS = ("int8", "fp8", "bf16")
 _FORMAT = 1
@@ -69,11 +71,6 @@ def weights_hash(model: torch.nn.Module) -> str:
             digest.update(f"{name}:{value.dtype}:{tuple(value.shape)}".encode())
             digest.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
-
-
-def _file_sha256(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 # --------------------------------------------------------------------------- writing
@@ -120,9 +117,8 @@ def build_teacher_cache(teacher, examples: Sequence[dict], collator: Callable, d
             else:
                 tensors[key] = torch.cat(parts)
         path = os.path.join(directory, name)
-        save_file({key: t.contiguous() for key, t in tensors.items()}, path + ".tmp")
-        os.replace(path + ".tmp", path)
-        shards[name] = {"bytes": os.path.getsize(path), "sha256": _file_sha256(path), "examples": len(shard_ids)}
+        write_atomic(path, lambda tmp: save_file({key: t.contiguous() for key, t in tensors.items()}, tmp))
+        shards[name] = {"bytes": os.path.getsize(path), "sha256": sha256_file(path), "examples": len(shard_ids)}
         buffer.clear()
         shard_ids.clear()
 
@@ -158,10 +154,7 @@ def build_teacher_cache(teacher, examples: Sequence[dict], collator: Callable, d
     flush()
     manifest = {"format": _FORMAT, **(identity or {}), "layers": layers, "k": k, "temperature": float(temperature),
                 "quantization": quantization, "examples": len(examples), "vocab": vocab, "shards": shards}
-    tmp = os.path.join(directory, MANIFEST + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=1)
-    os.replace(tmp, os.path.join(directory, MANIFEST))
+    write_atomic(os.path.join(directory, MANIFEST), json.dumps(manifest, indent=1))
     return manifest
 
 
@@ -193,7 +186,7 @@ class TeacherCache:
             if not os.path.isfile(shard) or os.path.getsize(shard) != record["bytes"]:
                 raise ValueError(f"teacher cache {directory}: {name} is missing or has another size than its "
                                  f"manifest's (damaged): build the cache again")
-            if verify and _file_sha256(shard) != record["sha256"]:
+            if verify and sha256_file(shard) != record["sha256"]:
                 raise ValueError(f"teacher cache {directory}: {name} differs from its manifest's SHA-256 "
                                  f"(damaged): build the cache again")
             handle = safe_open(shard, framework="pt")

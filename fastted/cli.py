@@ -23,7 +23,7 @@ import os
 import sys
 import warnings
 
-from fastted.config import PRESETS, ConfigError, load_config
+from fastted.config import METHODS, PRESETS, ConfigError, load_config
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -137,8 +137,6 @@ def run(argv=None) -> dict:
     steps = {"pipeline": list(config.steps), "distil": ["distil"], "evaluate": ["evaluate"]}.get(
         args.command, [f"{args.command}-{getattr(args, 'which', '')}"])
     methods = (args.method if args.command == "distil" and args.method else None) or config.distil.methods
-    from fastted.config import METHODS
-
     for method in methods:
         if method not in METHODS:
             raise ConfigError(f"--method: got {method!r}, needs one of {', '.join(METHODS)}")

@@ -23,6 +23,7 @@ TASKS = ("classification", "mlm", "clm")
 METHODS = ("ted", "lwd", "kd", "codir", "railkd", "dwt")
 PRECISIONS = ("fp32", "bf16", "fp16")
 DECAYS = ("linear", "cosine", "constant")
+SAMPLE_BY = ("line", "paragraph", "document")  # the rows of a .txt source: lines, paragraphs, whole files
 
 
 class ConfigError(ValueError):
@@ -373,10 +374,9 @@ def to_yaml(config) -> str:
 
 def dump(config, path: str) -> None:
     """Write the config as YAML, atomically."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(to_yaml(config))
-    os.replace(tmp, path)
+    from fastted.files import write_atomic
+
+    write_atomic(path, to_yaml(config))
 
 
 def _choice(key, value, choices):
@@ -425,7 +425,7 @@ def check(config: Config) -> None:
         raise ConfigError("distil.methods: got [], needs at least one of " + ", ".join(METHODS))
     if not 0 < config.data.test_fraction < 1:
         raise ConfigError(f"data.test_fraction: got {config.data.test_fraction!r}, needs a number in (0, 1)")
-    _choice("data.sample_by", config.data.sample_by, ("line", "paragraph", "document"))
+    _choice("data.sample_by", config.data.sample_by, SAMPLE_BY)
     _positive("data.max_length", config.data.max_length)
     _positive("data.max_train_examples", config.data.max_train_examples)
     _positive("data.max_test_examples", config.data.max_test_examples)

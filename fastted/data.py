@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fastted.config import Config, ConfigError
+from fastted.config import SAMPLE_BY, Config, ConfigError
 from fastted.ops.checks import check_positive_int
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -181,9 +181,6 @@ def _load_folder(folder: str, name: str, split: str, sample_by: str) -> "dataset
             raise ValueError(f"{name}: the folder {folder!r} has the splits {sorted(loaded)}, but not {split!r}")
         loaded = loaded[split]
     return loaded
-
-
-SAMPLE_BY = ("line", "paragraph", "document")
 
 
 def load_source(source: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]], *, name: str = "data.source",
@@ -578,6 +575,8 @@ def class_labels(dataset, field: str, name: str, names: Optional[list[str]] = No
             raise ConfigError(f"{name}: its classes {feature.names} differ from the training set's {names}")
         return dataset if field == "label" else dataset.rename_column(field, "label")
     values = list(dataset[field])
+    if not values:
+        raise ConfigError(f"{name}: holds no rows (an empty file?), needs labelled examples")
     if any(v is None for v in values):
         raise ConfigError(f"{name}: column {field!r} has empty labels (row {values.index(None)})")
     if all(isinstance(v, str) for v in values):

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import Optional, Sequence
 
 from torch import Tensor, nn
 
+from fastted.files import write_atomic
 from fastted.ops.checks import check_positive_int
 
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "tanh": nn.Tanh, "silu": nn.SiLU}
@@ -111,8 +111,8 @@ class TaskFilters(nn.Module):
 
         os.makedirs(directory, exist_ok=True)
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        _atomic(directory, _WEIGHTS, lambda path: save_file(tensors, path))
-        _atomic(directory, _CONFIG, lambda path: open(path, "w").write(json.dumps(self.config, indent=2)))
+        write_atomic(os.path.join(directory, _WEIGHTS), lambda path: save_file(tensors, path))
+        write_atomic(os.path.join(directory, _CONFIG), json.dumps(self.config, indent=2))
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, device=None) -> "TaskFilters":
@@ -130,19 +130,6 @@ class TaskFilters(nn.Module):
                       activation=config["activation"])
         filters.load_state_dict(load_file(paths[1], device="cpu" if device is None else str(device)))
         return filters.to(device) if device is not None else filters
-
-
-def _atomic(directory, name: str, write) -> None:
-    """write(tmp_path) then rename over ``directory/name``: a crash leaves the old file or the new one."""
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, os.path.join(directory, name))
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 class ClassificationHead(nn.Module):

@@ -64,20 +64,17 @@ RECIPE_STATE = "recipe_state.pt"
 _KEPT_KEYS = ("labels", "index")  # batch keys the recipes read beside the student's inputs
 
 
+def _student_keys(recipe: Recipe) -> set[str]:
+    """The keys of the recipe's state dict that hold the student model's parameters and buffers."""
+    model = recipe.student_model.model
+    student = {id(t) for t in (*model.parameters(), *model.buffers())}
+    return {k for k, v in recipe.state_dict(keep_vars=True).items() if torch.is_tensor(v) and id(v) in student}
+
+
 def recipe_state(recipe: Recipe) -> dict:
     """The recipe's state dict without the student model's weights (those go to its ``from_pretrained`` folder)."""
-    student = {id(t) for t in _student_tensors(recipe)}
-    return {k: v for k, v in recipe.state_dict(keep_vars=True).items()
-            if not (torch.is_tensor(v) and id(v) in student)}
-
-
-def _student_tensors(recipe: Recipe) -> list:
-    model = recipe.student_model.model
-    return list(model.parameters()) + list(model.buffers())
-
-
-def _plain(state: dict) -> dict:
-    return {k: v.detach() if torch.is_tensor(v) else v for k, v in state.items()}
+    student = _student_keys(recipe)
+    return {k: v for k, v in recipe.state_dict().items() if k not in student}
 
 
 def load_recipe_checkpoint(recipe: Recipe, directory: str) -> None:
@@ -93,9 +90,8 @@ def load_recipe_checkpoint(recipe: Recipe, directory: str) -> None:
     student.load_state_dict(saved.state_dict())  # copied into the student's own dtype and device
     state = torch.load(path, map_location="cpu", weights_only=True)
     missing, unexpected = recipe.load_state_dict(state, strict=False)
-    in_student = {k for k, v in recipe.state_dict(keep_vars=True).items()
-                  if torch.is_tensor(v) and id(v) in {id(t) for t in _student_tensors(recipe)}}
-    missing = [k for k in missing if k not in in_student]
+    student_keys = _student_keys(recipe)
+    missing = [k for k in missing if k not in student_keys]
     if missing or unexpected:
         raise ValueError(f"resume_from_checkpoint: {path} does not fit this {type(recipe).__name__} (missing: "
                          f"{missing[:5]}, unexpected: {unexpected[:5]}): resume with the recipe it was saved from")
@@ -203,7 +199,7 @@ class DistillationMixin:
             return
         os.makedirs(output_dir, exist_ok=True)
         self.recipe.save_pretrained(output_dir)
-        torch.save(_plain(recipe_state(self.recipe)), os.path.join(output_dir, RECIPE_STATE))
+        torch.save(recipe_state(self.recipe), os.path.join(output_dir, RECIPE_STATE))
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))

@@ -34,6 +34,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from fastted.files import write_atomic
 from fastted.filters import TaskFilters
 from fastted.mapping import LayerMap
 from fastted.ops.checks import check_impl, check_positive_int
@@ -180,10 +181,7 @@ class LayerwiseMSELoss(nn.Module):
             self.student_filters.save_pretrained(os.path.join(directory, "student"))
         if self.teacher_filters is not None:
             self.teacher_filters.save_pretrained(os.path.join(directory, "teacher"))
-        tmp = os.path.join(directory, f".{_CONFIG}.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self.config, f, indent=2)
-        os.replace(tmp, os.path.join(directory, _CONFIG))
+        write_atomic(os.path.join(directory, _CONFIG), json.dumps(self.config, indent=2))
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, impl: str = "auto") -> "LayerwiseMSELoss":

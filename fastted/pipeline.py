@@ -33,6 +33,7 @@ import torch
 from fastted.config import Config, ConfigError, TrainConfig, to_yaml
 from fastted.data import Data, prepare_data
 from fastted.engine import Engine, barrier, init_distributed, resolve_device, seed_everything
+from fastted.files import write_atomic
 from fastted.models import build_student, hf_config, load_model, load_tokenizer, model_source, student_layers
 from fastted.trainer import Stage, evaluate_model, run, total_steps
 
@@ -117,10 +118,7 @@ def _export(directory: str, recipe, tokenizer, result: dict) -> None:
         os.rename(out, old)
     os.rename(tmp, out)
     shutil.rmtree(old, ignore_errors=True)
-    path = os.path.join(directory, "result.json")
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=1)
-    os.replace(path + ".tmp", path)
+    write_atomic(os.path.join(directory, "result.json"), json.dumps(result, indent=1))
 
 
 @dataclass

@@ -23,7 +23,6 @@ saved.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -39,6 +38,7 @@ import torch
 from fastted.config import TrainConfig
 from fastted.data import Data, batch_generator, data_order
 from fastted.engine import CheckpointError, Engine, NonFiniteError, barrier, mean_over_ranks, reduce_over_ranks
+from fastted.files import sha256_file, write_atomic
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
@@ -108,9 +108,7 @@ def _checkpoint_step(name: str) -> Optional[int]:
 
 
 def _file_record(path: str) -> dict:
-    with open(path, "rb") as f:
-        digest = hashlib.file_digest(f, "sha256").hexdigest()
-    return {"bytes": os.path.getsize(path), "sha256": digest}
+    return {"bytes": os.path.getsize(path), "sha256": sha256_file(path)}
 
 
 def _checkpoint_files(folder: str) -> list[str]:
@@ -123,7 +121,7 @@ def _checkpoint_files(folder: str) -> list[str]:
 def write_manifest(folder: str) -> None:
     """Record every file of a checkpoint folder (size and SHA-256) in its ``manifest.json``, written last."""
     files = {rel: _file_record(os.path.join(folder, rel)) for rel in _checkpoint_files(folder)}
-    _write_atomic(os.path.join(folder, MANIFEST), json.dumps({"format": 1, "files": files}, indent=1))
+    write_atomic(os.path.join(folder, MANIFEST), json.dumps({"format": 1, "files": files}, indent=1))
 
 
 def verify_checkpoint(folder: str) -> Optional[str]:
@@ -143,7 +141,7 @@ def verify_checkpoint(folder: str) -> Optional[str]:
         size = os.path.getsize(path)
         if size != want["bytes"]:
             return f"{rel} has {size} bytes, the manifest says {want['bytes']}"
-        if _file_record(path)["sha256"] != want["sha256"]:
+        if sha256_file(path) != want["sha256"]:
             return f"{rel} differs from the manifest's SHA-256 (corrupted)"
     if "trainer.json" not in files:
         return "trainer.json is not in the manifest"
@@ -190,15 +188,6 @@ def latest_checkpoint(directory: str) -> Optional[str]:
     return None
 
 
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save_checkpoint(engine: Engine, stage: Stage, step: int) -> str:
     """Write ``checkpoints/step-{step}`` atomically, closed by its manifest, and keep the last ``keep_last``.
     Every rank calls it."""
@@ -213,14 +202,14 @@ def save_checkpoint(engine: Engine, stage: Stage, step: int) -> str:
     engine.save(tmp)
     barrier()
     if engine.is_main:
-        _write_atomic(os.path.join(tmp, "config.yaml"), stage.config_text)
-        _write_atomic(os.path.join(tmp, "trainer.json"), json.dumps({"step": step, "stage": stage.name,
+        write_atomic(os.path.join(tmp, "config.yaml"), stage.config_text)
+        write_atomic(os.path.join(tmp, "trainer.json"), json.dumps({"step": step, "stage": stage.name,
                                                                      "world": engine.world}))
         write_manifest(tmp)
         if os.path.isdir(final):  # the same step saved again (end of a resumed run): replace it
             shutil.rmtree(final)
         os.rename(tmp, final)
-        _write_atomic(os.path.join(root, "latest"), name)
+        write_atomic(os.path.join(root, "latest"), name)
         kept = sorted((d for d in os.listdir(root) if _checkpoint_step(d) is not None), key=_checkpoint_step)
         for old in kept[:-stage.train.keep_last]:
             shutil.rmtree(os.path.join(root, old), ignore_errors=True)
@@ -294,7 +283,7 @@ class Metrics:
         if os.path.exists(self.path):  # a resumed run: drop what came after its checkpoint
             kept = [r for r in _read_records(self.path) if r.get("step", 0) < start_step
                     or (r.get("step", 0) == start_step and not (final and "eval" in r))]
-            _write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+            write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         try:
             from torch.utils.tensorboard import SummaryWriter
 

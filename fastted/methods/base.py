@@ -129,6 +129,7 @@ class Recipe(nn.Module):
             self.hold_frozen(self.teacher_model.model, "teacher")
         self.fused_lm_head = self._check_fused_lm_head(fused_lm_head)
         self.forward_count = 0
+        self._teacher_truncated = False  # truncate_teacher() cut it: an LM teacher then skips its head
 
     def _check_fused_lm_head(self, fused_lm_head) -> bool:
         if not isinstance(fused_lm_head, bool):
@@ -274,8 +275,7 @@ class Recipe(nn.Module):
 
     def _teacher_forward(self, batch: dict, teacher_batch: Optional[dict], layers=()):
         # A truncated LM teacher stops before its vocabulary projection: its logits would be of a middle layer.
-        head = not (self.fused_lm_head or (getattr(self, "_teacher_truncated", False)
-                                           and self.teacher_model.task != "classification"))
+        head = not (self.fused_lm_head or (self._teacher_truncated and self.teacher_model.task != "classification"))
         with torch.no_grad():
             return self.teacher_model(batch if teacher_batch is None else teacher_batch, layers, head=head)
 

@@ -549,6 +549,7 @@ def test_string_labels_become_named_class_ids():
     ("x", [1.5, 2.5], None, "column 'x' holds float labels; needs class names (strings) or class ids (ints)"),
     ("x", [0, -1], None, "integer labels must be class ids 0..0, got -1..0"),
     ("x", ["a", "zz"], ["a", "b"], "labels ['zz'] are not among the training set's classes ['a', 'b']"),
+    ("x", [], None, "data.source: holds no rows (an empty file?), needs labelled examples"),
 ])
 def test_bad_labels_are_named(column, values, names, fragment):
     import datasets
@@ -556,7 +557,7 @@ def test_bad_labels_are_named(column, values, names, fragment):
     from fastted.config import ConfigError
     from fastted.data import class_labels
 
-    ds = datasets.Dataset.from_dict({"text": ["p", "q"], "x": values})
+    ds = datasets.Dataset.from_dict({"text": ["p", "q"][:len(values)], "x": values})
     with pytest.raises(ConfigError) as info:
         class_labels(ds, column, "data.source", names)
     assert fragment in str(info.value), str(info.value)

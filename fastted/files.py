@@ -1,0 +1,36 @@
+"""Files that a kill never leaves half-written, and their hashes: the one copy every writer of fastted uses
+(checkpoints and their manifests, metrics, configs, TED's filters, the layer-wise loss, the teacher cache,
+a step's result)."""
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Callable, Union
+
+
+def write_atomic(path: Union[str, os.PathLike], content: Union[str, Callable[[str], None]]) -> None:
+    """Write ``path`` through a temporary file beside it, flushed to disk and renamed over it: a kill leaves the
+    old file or the new one. ``content`` is UTF-8 text, or a function that writes the file at the path it is
+    given (``lambda tmp: save_file(tensors, tmp)``)."""
+    path = os.fspath(path)
+    directory, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{name}.tmp-{os.getpid()}")
+    try:
+        if isinstance(content, str):
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(content)
+        else:
+            content(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def sha256_file(path: Union[str, os.PathLike]) -> str:
+    """The SHA-256 of a file's bytes, in hex."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
