@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from fastted.files import sha256_file, write_atomic
+from fastted.ops.checks import check_positive_int, check_temperature
 
 MANIFEST = "manifest.json"
 QUANTIZATIONS = ("int8", "fp8", "bf16")
@@ -99,8 +100,10 @@ def build_teacher_cache(teacher, examples: Sequence[dict], collator: Callable, d
 
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {quantization!r}")
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be a positive int, got {k!r}")
+    check_positive_int("k", k)
+    check_positive_int("batch_size", batch_size)
+    check_positive_int("shard_examples", shard_examples)
+    temperature = check_temperature("temperature", temperature)
     os.makedirs(directory, exist_ok=True)
     layers = list(layers)
     shards, buffer, shard_ids = {}, [], []

@@ -119,6 +119,13 @@ def test_a_cache_of_another_run_or_damaged_is_refused(tmp_path):
         TeacherCache(str(tmp_path))
     with pytest.raises(ValueError, match="quantization must be one of int8, fp8, bf16, got 'int4'"):
         build_teacher_cache(teacher, _examples(2, seed=7), CLMCollator(0), str(tmp_path), quantization="int4")
+    for option, value, fragment in (("k", 0, "k must be a positive int"),
+                                    ("batch_size", 0, "batch_size must be a positive int"),
+                                    ("shard_examples", -1, "shard_examples must be a positive int"),
+                                    ("temperature", float("inf"), "temperature must be a finite number"),
+                                    ("temperature", -1.0, "temperature must lie in (0.0, inf), got -1.0")):
+        with pytest.raises(ValueError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+            build_teacher_cache(teacher, _examples(2, seed=7), CLMCollator(0), str(tmp_path), **{option: value})
 
 
 def test_weights_hash_is_the_teachers_identity():
