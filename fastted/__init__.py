@@ -36,6 +36,7 @@ from fastted.ops.fused_linear_kd import FusedLinearKDLoss, fused_linear_kd
 from fastted.ops.logit_kd import LogitKDLoss, logit_kd
 from fastted.ops.pooled_distance import PooledDistanceLoss, pooled_distance
 from fastted.ops.pooling import pool_states
+from fastted.ops.sparse_logit_kd import SparseLogitKDLoss, fused_linear_sparse_kd, sparse_logit_kd
 
 __version__ = "0.1.0"
 
@@ -72,11 +73,14 @@ __all__ = [
     "LogitKDLoss",
     "MemoryBank",
     "PooledDistanceLoss",
+    "SparseLogitKDLoss",
     "contrastive_kd",
     "filtered_mse",
     "fused_linear_kd",
+    "fused_linear_sparse_kd",
     "logit_kd",
     "pool_states",
     "pooled_distance",
+    "sparse_logit_kd",
     "__version__",
 ]

@@ -147,8 +147,8 @@ def topk_targets_reference(teacher_logits: Tensor, k: int, temperature: float = 
 
 def sparse_logit_kd_reference(
     student_logits: Tensor,
-    values: Tensor,
-    indices: Tensor,
+    topk_values: Tensor,
+    topk_ids: Tensor,
     tail_lse: Tensor,
     *,
     temperature: float = 1.0,
@@ -164,7 +164,8 @@ def sparse_logit_kd_reference(
     (merging outcomes never increases a KL divergence).
     """
     s_log = F.log_softmax(student_logits / temperature, dim=-1)
-    t_top = values.to(s_log.dtype) / temperature
+    indices = topk_ids.long()
+    t_top = topk_values.to(s_log.dtype) / temperature
     t_norm = torch.logaddexp(torch.logsumexp(t_top, dim=-1), tail_lse.to(s_log.dtype))
     p_log = torch.cat([t_top - t_norm[..., None], (tail_lse.to(s_log.dtype) - t_norm)[..., None]], dim=-1)
     s_tail = torch.logsumexp(s_log.scatter(-1, indices, float("-inf")), dim=-1)
@@ -207,14 +208,24 @@ def fused_linear_kd_reference(
     v = vocab_size if vocab_size is not None else student_weight.shape[0]
     s_logits = F.linear(student_hidden, student_weight[:v], None if student_bias is None else student_bias[:v])
     t_logits = F.linear(teacher_hidden, teacher_weight[:v], None if teacher_bias is None else teacher_bias[:v])
+    return _head_losses_reference(
+        s_logits, lambda kd_mask: logit_kd_reference(s_logits, t_logits, temperature=temperature,
+                                                     divergence=divergence, beta=beta, mask=kd_mask),
+        mask, hard_labels, hard_weight, soft_weight, ignore_index, shift_labels, kd_ignored_rows)
+
+
+def _head_losses_reference(s_logits, kd_over, mask, hard_labels, hard_weight, soft_weight, ignore_index,
+                           shift_labels, kd_ignored_rows) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss, kd, ce) of an LM head's logits: ``kd_over(rows)`` the KD term over the KD rows (the mask's, and
+    the labelled ones unless ``kd_ignored_rows``), ce the cross-entropy over the labelled rows of the mask."""
+    v = s_logits.shape[-1]
     if hard_labels is not None and shift_labels:
         hard_labels = F.pad(hard_labels[:, 1:], (0, 1), value=ignore_index)
     kd_mask = mask
     if hard_labels is not None and not kd_ignored_rows:
         kd_mask = (hard_labels != ignore_index) & (torch.ones_like(hard_labels, dtype=torch.bool) if mask is None
                                                    else mask.bool())
-    kd = logit_kd_reference(s_logits, t_logits, temperature=temperature, divergence=divergence, beta=beta,
-                            mask=kd_mask)
+    kd = kd_over(kd_mask)
     ce = kd.new_zeros(())
     if hard_labels is not None:
         valid = hard_labels != ignore_index
@@ -225,6 +236,32 @@ def fused_linear_kd_reference(
         )
         ce = masked_mean(rows, valid.reshape(-1))
     return soft_weight * kd + hard_weight * ce, kd, ce
+
+
+def fused_linear_sparse_kd_reference(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    topk_values: Tensor,
+    topk_ids: Tensor,
+    tail_lse: Tensor,
+    *,
+    temperature: float = 1.0,
+    student_bias: Optional[Tensor] = None,
+    mask: Optional[Tensor] = None,
+    hard_labels: Optional[Tensor] = None,
+    hard_weight: float = 0.0,
+    soft_weight: float = 1.0,
+    ignore_index: int = -100,
+    shift_labels: bool = False,
+    kd_ignored_rows: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The student's eager LM head + :func:`sparse_logit_kd_reference` + cross-entropy: the spec of
+    :func:`fastted.fused_linear_sparse_kd` (rows, labels and terms as :func:`fused_linear_kd_reference`)."""
+    s_logits = F.linear(student_hidden, student_weight, student_bias)
+    return _head_losses_reference(
+        s_logits, lambda kd_mask: sparse_logit_kd_reference(s_logits, topk_values, topk_ids, tail_lse,
+                                                            temperature=temperature, mask=kd_mask),
+        mask, hard_labels, hard_weight, soft_weight, ignore_index, shift_labels, kd_ignored_rows)
 
 
 # --------------------------------------------------------------------------- pooling and contrastive distillation

@@ -157,6 +157,23 @@ def _logit_kd_cases(sizes, full):
                             soft_weight=1.0, hard_weight=0.5, padded_cols=stride if padded else None)
 
 
+def _sparse_kd_cases(sizes, full):
+    from fastted.kernels.sparse_logit_kd import sparse_kd_forward
+
+    for dtype in DTYPES:
+        for (n, v, k), size in sizes:
+            for flags, _ in _flag_sets(full, _reduced(dtype, size), ce=("T=2", "T=1", "none"), grad=(True, False)):
+                has_ce, write_grad = flags["ce"] != "none", flags["grad"]
+                z = _empty((n, v), dtype)
+                labels = _empty((n,), torch.int64) if has_ce else None
+                ce_coef = _empty((n,), torch.float32) if has_ce else None
+                case = dict(op="sparse_logit_kd", size=size, dtype=str(dtype), k=k, **flags)
+                yield case, lambda: sparse_kd_forward(
+                    z, _empty((n, k), torch.bfloat16), _empty((n, k), torch.int32), _empty((n,), torch.float32),
+                    _empty((n,), torch.float32), grad=z if write_grad else None, labels=labels, ce_coef=ce_coef,
+                    temperature=1.0 if flags["ce"] == "T=1" else 2.0, soft_weight=1.0, hard_weight=0.5)
+
+
 def _contrastive_cases(sizes, full):
     from fastted.kernels.contrastive_kd import contrastive_forward
 
@@ -206,6 +223,9 @@ FILTERED_MSE_SIZES = [((4096, 384, 768, 384), "benchmark"), ((8192, 2048, 4096, 
                       ((1000, 100, 300, 50), "odd"), ((2**20, 4096, 8192, 4096), "largest")]
 LOGIT_KD_SIZES = [((4096, 30522), "bert"), ((8192, 128256), "llama3"), ((999, 1001), "odd"),
                   ((2**20, 262144), "largest")]
+# (rows, vocabulary, k): the cache's default k = 64, a wide one (BLOCK_K 256), an odd one
+SPARSE_KD_SIZES = [((4096, 30522, 64), "bert"), ((8192, 128256, 64), "llama3"), ((8192, 50257, 256), "k256"),
+                   ((999, 1001, 37), "odd"), ((2**20, 262144, 64), "largest")]
 # one size per BLOCK_D class (64 to 1024: D 513-1024 with an fp32 bank once overflowed shared memory, 129-256
 # did on A100), the benchmark's, an odd one
 CONTRASTIVE_SIZES = [((256, 65536, 128), "benchmark"), ((256, 4096, 768), "d768"), ((64, 4096, 384), "d384"),
@@ -219,6 +239,7 @@ def recorded_launches(arch: Arch, full: bool = False) -> list[tuple[dict, Launch
     """Every launch the launchers make for the cases above on ``arch``, with its case (full: every flag
     combination, else the covering set of ``_flag_sets``)."""
     cases = itertools.chain(_filtered_mse_cases(FILTERED_MSE_SIZES, full), _logit_kd_cases(LOGIT_KD_SIZES, full),
+                            _sparse_kd_cases(SPARSE_KD_SIZES, full),
                             _contrastive_cases(CONTRASTIVE_SIZES, full), _pooling_cases(POOLING_SIZES, full))
     out = []
     with recording(arch) as launches:

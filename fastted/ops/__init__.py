@@ -12,6 +12,8 @@ op                 functional / module                           kernel
 filtered_mse       filtered_mse / FilteredMSELoss                kernels/filtered_mse.py
 logit_kd           logit_kd / LogitKDLoss                        kernels/logit_kd.py
 fused_linear_kd    fused_linear_kd / FusedLinearKDLoss           kernels/logit_kd.py (the row kernel)
+sparse_logit_kd    sparse_logit_kd / SparseLogitKDLoss,          kernels/sparse_logit_kd.py
+                   fused_linear_sparse_kd (the cached teacher)
 pooling            pool_states                                   kernels/pooling.py
 contrastive_kd     contrastive_kd / ContrastiveKDLoss            kernels/contrastive_kd.py
 pooled_distance    pooled_distance / PooledDistanceLoss          kernels/pooling.py (then autograd)

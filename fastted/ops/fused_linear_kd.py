@@ -107,9 +107,7 @@ def fused_linear_kd_blocks(
     xs: Tensor,
     ws: Tensor,
     bs: Optional[Tensor],
-    xt: Tensor,
-    wt: Tensor,
-    bt: Optional[Tensor],
+    teacher_block,
     kd_coef: Tensor,
     labels: Optional[Tensor],
     ce_coef: Optional[Tensor],
@@ -117,18 +115,22 @@ def fused_linear_kd_blocks(
     *,
     rows_fn,
     chunk_rows: int,
-    aligned_rows: bool = False,
+    stride: Optional[int] = None,
     **opts,
 ):
-    """Both LM heads and the logit losses, ``chunk_rows`` rows at a time: every path of :func:`fused_linear_kd`.
+    """The student's LM head and the logit losses, ``chunk_rows`` rows at a time: every path of
+    :func:`fused_linear_kd` and :func:`~fastted.ops.sparse_logit_kd.fused_linear_sparse_kd`.
 
-    xs (N, H_s), ws (V, H_s), bs (V,): the student head; xt, wt, bt the
-    teacher's. For each block of rows the student and teacher logits are
-    computed, ``rows_fn`` (:func:`~fastted.ops.logit_kd.logit_kd_rows` or the
-    Triton kernel's ``logit_kd_rows_triton``, same contract) turns the
+    xs (N, H_s), ws (V, H_s), bs (V,): the student head. For each block of rows
+    ``r`` the student logits are computed, ``teacher_block(r, rows)`` gives the
+    teacher's side of the block (its logits, or a cache's top-k), ``rows_fn``
+    (:func:`~fastted.ops.logit_kd.logit_kd_rows`, the Triton kernel's
+    ``logit_kd_rows_triton``, or the sparse twins: same contract) turns the
     student block into its gradient in place, and the gradients of xs, ws, bs
     follow from it; no (N, V) tensor ever exists. needs: which of xs, ws, bs
     want a gradient. Weight and bias gradients are accumulated in fp32.
+    ``stride``: the logits buffer's row stride, past V (a 16-byte multiple for
+    the Triton kernels' 128-bit loads); its padding holds -inf.
     Returns (kd_rows, ce_rows, (gx, gw, gb)).
     """
     n_rows = xs.shape[0]
@@ -139,26 +141,17 @@ def fused_linear_kd_blocks(
     gb = torch.zeros(ws.shape[0], dtype=acc, device=ws.device) if needs[2] else None
     kd_rows, ce_rows = [], []
     vocab = ws.shape[0]
-    # One pair of logits buffers for every block, with rows padded to a 16-byte multiple when asked (the
-    # Triton row kernel's loads are 128-bit only on aligned rows).
-    stride = aligned_row_stride(vocab, ws.dtype) if aligned_rows else vocab
+    stride = stride or vocab
     zs_buf = torch.empty((min(chunk_rows, n_rows), stride), dtype=ws.dtype, device=ws.device)
-    zt_buf = torch.empty((min(chunk_rows, n_rows), stride), dtype=wt.dtype, device=wt.device)
-    padded = stride > vocab
-    if padded:  # the padding is -inf, which the row kernel loads (whole 128-bit vectors)
-        zt_buf[:, vocab:] = float("-inf")
-    if aligned_rows:
-        opts = dict(opts, padded_cols=stride)
     for start in range(0, n_rows, chunk_rows):
         r = slice(start, start + chunk_rows)
         x = xs[r]
         zs = _head(x, ws, bs, zs_buf[: x.shape[0], :vocab])  # (R, V)
-        if padded:  # the row kernel wrote the padding's gradient (0) into it for the block before
+        if stride > vocab:  # the row kernel wrote the padding's gradient (0) into it for the block before
             zs_buf[:, vocab:] = float("-inf")
-        zt = _head(xt[r], wt, bt, zt_buf[: x.shape[0], :vocab])  # (R, V)
         kd, ce = rows_fn(
-            zs, zt, kd_coef[r], None if labels is None else labels[r], None if ce_coef is None else ce_coef[r],
-            zs if want else None, **opts,
+            zs, teacher_block(r, x.shape[0]), kd_coef[r], None if labels is None else labels[r],
+            None if ce_coef is None else ce_coef[r], zs if want else None, **opts,
         )
         kd_rows.append(kd)
         ce_rows.append(ce)
@@ -171,6 +164,40 @@ def fused_linear_kd_blocks(
                 gb += zs.sum(0, dtype=acc)
     ce_rows = torch.cat(ce_rows) if labels is not None else None
     return torch.cat(kd_rows), ce_rows, (gx, gw, gb)
+
+
+def teacher_head_blocks(xt: Tensor, wt: Tensor, bt: Optional[Tensor], chunk_rows: int, stride: int):
+    """``teacher_block`` of :func:`fused_linear_kd_blocks` for a live teacher: its head's logits of the rows,
+    in one buffer every block shares (padding past V at -inf, which the row kernel loads)."""
+    vocab = wt.shape[0]
+    zt_buf = torch.empty((min(chunk_rows, xt.shape[0]), stride), dtype=wt.dtype, device=wt.device)
+    if stride > vocab:
+        zt_buf[:, vocab:] = float("-inf")
+    return lambda r, rows: _head(xt[r], wt, bt, zt_buf[:rows, :vocab])
+
+
+def head_loss(kd_rows: Tensor, ce_rows: Optional[Tensor], kd_coef: Tensor, ce_coef: Optional[Tensor],
+              opts: dict) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss, kd, ce) of the blocks' rows: kd = T^2 times the rows' weighted divergences, ce the weighted
+    cross-entropies (0 without labels), loss = soft_weight * kd + hard_weight * ce."""
+    kd = opts["temperature"] ** 2 * (kd_rows @ kd_coef.to(kd_rows.dtype))
+    ce = ce_rows @ ce_coef.to(ce_rows.dtype) if ce_rows is not None else torch.zeros_like(kd)
+    return opts["soft_weight"] * kd + opts["hard_weight"] * ce, kd, ce
+
+
+def finish_head_gradients(grads, xs: Tensor, ws: Tensor, bs: Optional[Tensor], vocab: int) -> tuple:
+    """(gx, gw, gb) of the first ``vocab`` entries, in the inputs' shapes and dtypes: the head's gradient is
+    zero beyond the compared vocabulary."""
+    gx, gw, gb = grads
+
+    def full(g, x):
+        if g is None or g.shape[0] == x.shape[0]:
+            return None if g is None else g.to(x.dtype)
+        out = torch.zeros_like(x)
+        out[:vocab] = g
+        return out
+
+    return None if gx is None else gx.reshape(xs.shape), full(gw, ws), full(gb, bs)
 
 
 # --------------------------------------------------------------------------- autograd
@@ -187,24 +214,16 @@ class FusedLinearKDFunction(torch.autograd.Function):
                 from fastted.kernels.logit_kd import logit_kd_rows_triton as rows_fn
             else:  # the CPU twin overwrites the loop's own logits buffers, and shares its workspace across blocks
                 rows_fn = functools.partial(logit_kd_rows, workspace=Workspace(), scratch=True)
-            kd_rows, ce_rows, (gx, gw, gb) = fused_linear_kd_blocks(
+            stride = aligned_row_stride(vocab, ws.dtype) if impl == "triton" else vocab
+            opts = dict(opts, padded_cols=stride) if impl == "triton" else opts
+            x2, w2, b2 = xt.reshape(-1, xt.shape[-1]), wt[:vocab], None if bt is None else bt[:vocab]
+            kd_rows, ce_rows, grads = fused_linear_kd_blocks(
                 xs.reshape(-1, xs.shape[-1]), ws[:vocab], None if bs is None else bs[:vocab],
-                xt.reshape(-1, xt.shape[-1]), wt[:vocab], None if bt is None else bt[:vocab],
-                kd_coef, labels, ce_coef, needs, rows_fn=rows_fn, chunk_rows=chunk_rows,
-                aligned_rows=impl == "triton", **opts,
+                teacher_head_blocks(x2, w2, b2, chunk_rows, stride), kd_coef, labels, ce_coef, needs,
+                rows_fn=rows_fn, chunk_rows=chunk_rows, stride=stride, **opts,
             )
-            kd = opts["temperature"] ** 2 * (kd_rows @ kd_coef.to(kd_rows.dtype))
-            ce = ce_rows @ ce_coef.to(ce_rows.dtype) if ce_rows is not None else torch.zeros_like(kd)
-            loss = opts["soft_weight"] * kd + opts["hard_weight"] * ce
-
-            def full(g, x):  # the gradient of the whole head: zero beyond the compared vocabulary
-                if g is None or g.shape[0] == x.shape[0]:
-                    return None if g is None else g.to(x.dtype)
-                out = torch.zeros_like(x)
-                out[:vocab] = g
-                return out
-
-            grads = (None if gx is None else gx.reshape(xs.shape), full(gw, ws), full(gb, bs))
+            loss, kd, ce = head_loss(kd_rows, ce_rows, kd_coef, ce_coef, opts)
+            grads = finish_head_gradients(grads, xs, ws, bs, vocab)
         save_gradients(ctx, grads)
         ctx.mark_non_differentiable(kd, ce)
         return loss, kd, ce

@@ -1,0 +1,369 @@
+"""Logit distillation from a top-k teacher (a teacher cache), on the logits or fused with the student's LM head.
+
+What a teacher cache stores of a token (:mod:`fastted.cache`) is its k largest
+logits, their vocabulary ids and the log-sum-exp of the rest at temperature T
+(``tail_lse``). The divergence is KL(teacher || student) over k + 1 buckets, the
+k ids one by one and the rest of the vocabulary as one tail bucket, times T^2,
+averaged over the rows the mask keeps: exact for what is stored, equal to the
+full KL when k is the vocabulary and a lower bound below. The student's side
+needs its full log-sum-exp, which the row function takes in passes over its
+logits; nothing of size V is ever made for the teacher.
+
+This file holds the op's checks, the PyTorch row function
+:func:`sparse_kd_rows` (the CPU twin of the Triton row kernel
+``fastted.kernels.sparse_logit_kd``), the autograd Functions, the functional
+:func:`sparse_logit_kd` (on logits) and :func:`fused_linear_sparse_kd` (on the
+LM head's input, a block of rows at a time through the block loop of
+:mod:`fastted.ops.fused_linear_kd`, with a cross-entropy beside), and the
+module :class:`SparseLogitKDLoss`. The spec is
+:func:`fastted.reference.sparse_logit_kd_reference`.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from fastted.kernels import device_arch
+from fastted.ops.checks import check_float, check_floating, check_impl, check_like, check_temperature, check_weight
+from fastted.ops.dispatch import autocast_dtype, detach_without_grad, resolve_impl, save_gradients
+from fastted.ops.dispatch import scaled_gradients, to_autocast
+from fastted.ops.fused_linear_kd import (CPU_FLOPS_PER_BYTE, MEMORY_BUDGET, _shifted, compute_bound_rows,
+                                         finish_head_gradients, fused_linear_kd_blocks, head_loss)
+from fastted.ops.logit_kd import ROW_BLOCK_ELEMENTS, row_weights
+
+# --------------------------------------------------------------------------- checks
+
+
+def check_topk(values, ids, tail_lse, lead: tuple, vocab: int, device, ref_name: str) -> tuple[Tensor, Tensor, Tensor]:
+    """The cached teacher of ``lead`` rows, checked: values (..., K) float, ids (..., K) integer ids in
+    [0, vocab) (checked on a CPU; a GPU would need a sync), tail_lse (...). Returns them flattened to (N, K),
+    (N, K) int64, (N,) fp32."""
+    for name, x in (("topk_values", values), ("topk_ids", ids), ("tail_lse", tail_lse)):
+        if not isinstance(x, Tensor):
+            raise ValueError(f"{name} must be a tensor, got {type(x).__name__}")
+        if x.device != device:
+            raise ValueError(f"{name} is on {x.device}, but {ref_name} is on {device}")
+    if values.dim() != len(lead) + 1 or tuple(values.shape[:-1]) != lead or values.shape[-1] == 0:
+        raise ValueError(f"topk_values has shape {tuple(values.shape)}, but needs {lead + ('k',)} with k > 0 (the "
+                         f"leading shape of {ref_name})")
+    if ids.shape != values.shape:
+        raise ValueError(f"topk_ids has shape {tuple(ids.shape)}, but topk_values has {tuple(values.shape)}")
+    if tuple(tail_lse.shape) != lead:
+        raise ValueError(f"tail_lse has shape {tuple(tail_lse.shape)}, but needs {lead} (one per row)")
+    check_floating("topk_values", values)
+    check_floating("tail_lse", tail_lse)
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise ValueError(f"topk_ids must hold integer vocabulary ids, got dtype {ids.dtype}")
+    k = values.shape[-1]
+    if k > vocab:
+        raise ValueError(f"topk_values holds {k} logits a row, more than the student's vocabulary of {vocab}")
+    ids = ids.reshape(-1, k).to(torch.int64)
+    if device.type == "cpu" and ids.numel():
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= vocab:
+            raise ValueError(f"topk_ids holds {low if low < 0 else high}, outside [0, {vocab}) (the student's "
+                             f"vocabulary): the cache was made with another vocabulary")
+    return values.reshape(-1, k), ids, tail_lse.reshape(-1).to(torch.promote_types(tail_lse.dtype, torch.float32))
+
+
+# --------------------------------------------------------------------------- the PyTorch path
+
+
+def sparse_kd_rows(
+    z: Tensor,
+    teacher: tuple[Tensor, Tensor, Tensor],
+    kd_coef: Tensor,
+    labels: Optional[Tensor],
+    ce_coef: Optional[Tensor],
+    grad: Optional[Tensor],
+    *,
+    temperature: float,
+    soft_weight: float,
+    hard_weight: float,
+) -> tuple[Tensor, Optional[Tensor]]:
+    """A block of rows against a top-k teacher: the CPU twin of the Triton row kernel.
+
+    z: (R, V) student logits; teacher: (values (R, K), ids (R, K) int64,
+    tail_lse (R,)); kd_coef, labels, ce_coef as
+    :func:`~fastted.ops.logit_kd.logit_kd_rows` takes them. Writes dLoss/dz into
+    grad (may be z itself) when given, where loss = soft_weight T^2 sum_r
+    kd_coef_r KL_r + hard_weight sum_r ce_coef_r CE_r. Returns the per-row KL
+    over the k + 1 buckets (without T^2) and cross-entropy, fp32 (fp64 for fp64
+    logits), 0 on rows whose weight is 0.
+    """
+    values, ids, tail = teacher
+    acc = torch.promote_types(z.dtype, torch.float32)
+    inv_t = 1.0 / temperature
+    zf = z.to(acc)
+    b = zf * inv_t
+    lse_s = torch.logsumexp(b, -1)
+    rest = b.scatter(1, ids, float("-inf"))  # the student's tail bucket: the columns that are none of the ids
+    lse_r = torch.logsumexp(rest, -1)
+    a = values.to(acc) * inv_t
+    tail = tail.to(acc)
+    lse_t = torch.logaddexp(torch.logsumexp(a, -1), tail)
+    p = torch.exp(a - lse_t[:, None])
+    p_tail = torch.exp(tail - lse_t)
+    lq = b.gather(1, ids) - lse_s[:, None]
+    kd = torch.where(p > 0, p * (a - lse_t[:, None] - lq), 0.0).sum(-1)
+    kd = kd + torch.where(p_tail > 0, p_tail * (tail - lse_t - (lse_r - lse_s)), 0.0)
+    kd_coef = kd_coef.to(acc)
+    keep = kd_coef != 0
+    kd = torch.where(keep, kd, 0.0)
+    ce_rows = lse_u = None
+    if labels is not None:
+        ce_coef = ce_coef.to(acc)
+        in_range = (labels >= 0) & (labels < z.shape[1])
+        lse_u = torch.logsumexp(zf, -1)
+        z_label = zf.gather(1, torch.where(in_range, labels, 0)[:, None]).squeeze(1)
+        ce_rows = torch.where(ce_coef != 0, torch.where(in_range, lse_u - z_label, float("nan")), 0.0)
+        keep = keep | (ce_coef != 0)
+    if grad is not None:
+        has_tail = p_tail > 0
+        g = torch.exp(b - lse_s[:, None])
+        g -= torch.where(has_tail[:, None], p_tail[:, None] * torch.exp(rest - torch.where(has_tail, lse_r, 0.0)[:, None]),
+                         0.0)
+        g.scatter_add_(1, ids, -p)
+        g *= (soft_weight * temperature * kd_coef)[:, None]
+        if labels is not None:
+            dce = torch.exp(zf - lse_u[:, None])
+            dce.scatter_add_(1, torch.where(in_range, labels, 0)[:, None], -in_range.to(acc)[:, None])
+            g += dce * (hard_weight * ce_coef)[:, None]
+        grad.copy_(torch.where(keep[:, None], g, 0.0))
+    return kd, ce_rows
+
+
+def _rows_in_blocks(z: Tensor, teacher: tuple, kd_coef: Tensor, grad: Optional[Tensor], **opts) -> Tensor:
+    """:func:`sparse_kd_rows` over blocks of about a quarter of a million logits (its buffers stay small)."""
+    block = max(1, ROW_BLOCK_ELEMENTS // z.shape[1])
+    rows = []
+    for start in range(0, z.shape[0], block):
+        r = slice(start, start + block)
+        kd, _ = sparse_kd_rows(z[r], tuple(x[r] for x in teacher), kd_coef[r], None, None,
+                               None if grad is None else grad[r], **opts)
+        rows.append(kd)
+    return torch.cat(rows)
+
+
+def _triton_teacher(teacher: tuple) -> tuple:
+    values, ids, tail = teacher
+    return values.contiguous(), ids.to(torch.int32).contiguous(), tail.contiguous()
+
+
+# --------------------------------------------------------------------------- autograd
+
+
+class SparseLogitKDFunction(torch.autograd.Function):
+    """Loss and dLoss/d(student logits) in the forward; backward scales the gradient in place."""
+
+    @staticmethod
+    def forward(ctx, impl, opts, kd_coef, student_logits, values, ids, tail):
+        z = student_logits.reshape(-1, student_logits.shape[-1])
+        grad = torch.empty_like(z) if ctx.needs_input_grad[3] else None
+        if impl == "triton":
+            from fastted.kernels.sparse_logit_kd import sparse_kd_rows_triton
+
+            rows, _ = sparse_kd_rows_triton(z.contiguous(), _triton_teacher((values, ids, tail)), kd_coef, None,
+                                            None, grad, soft_weight=1.0, hard_weight=0.0, **opts)
+        else:
+            rows = _rows_in_blocks(z, (values, ids, tail), kd_coef, grad, soft_weight=1.0, hard_weight=0.0, **opts)
+        loss = opts["temperature"] ** 2 * (rows @ kd_coef.to(rows.dtype))
+        if grad is not None:
+            ctx.save_for_backward(grad)
+            ctx.shape = student_logits.shape
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (grad,) = ctx.saved_tensors
+        return None, None, None, grad.mul_(grad_loss).reshape(ctx.shape), None, None, None
+
+
+class FusedLinearSparseKDFunction(torch.autograd.Function):
+    """The student's head, loss and gradients in the forward, a block of rows at a time."""
+
+    @staticmethod
+    def forward(ctx, impl, opts, chunk_rows, kd_coef, labels, ce_coef, xs, ws, bs, values, ids, tail):
+        with torch.autocast(xs.device.type, enabled=False):
+            needs = tuple(bool(n) for n in ctx.needs_input_grad[6:9])
+            teacher = (values, ids, tail)
+            if impl == "triton":
+                from fastted.kernels.sparse_logit_kd import sparse_kd_rows_triton as rows_fn
+
+                teacher = _triton_teacher(teacher)
+            else:
+                rows_fn = sparse_kd_rows
+            kd_rows, ce_rows, grads = fused_linear_kd_blocks(
+                xs.reshape(-1, xs.shape[-1]), ws, bs, lambda r, rows: tuple(x[r] for x in teacher), kd_coef, labels,
+                ce_coef, needs, rows_fn=rows_fn, chunk_rows=chunk_rows, **opts,
+            )
+            loss, kd, ce = head_loss(kd_rows, ce_rows, kd_coef, ce_coef, opts)
+            grads = finish_head_gradients(grads, xs, ws, bs, ws.shape[0])
+        save_gradients(ctx, grads)
+        ctx.mark_non_differentiable(kd, ce)
+        return loss, kd, ce
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_kd, grad_ce):
+        return (None,) * 6 + (*scaled_gradients(ctx, grad_loss), None, None, None)
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def sparse_logit_kd(
+    student_logits: Tensor,
+    topk_values: Tensor,
+    topk_ids: Tensor,
+    tail_lse: Tensor,
+    *,
+    temperature: float = 2.0,
+    mask: Optional[Tensor] = None,
+    labels: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    impl: str = "auto",
+) -> Tensor:
+    """Logit distillation against a top-k teacher (what a teacher cache stores), in one pass over the logits.
+
+    KL(teacher || student) over k + 1 buckets (the k ids, and the rest as one
+    tail bucket) times T^2, averaged over the valid rows: see the module.
+
+    Args:
+        student_logits: (N, V) or (B, T, V), any float dtype.
+        topk_values: (..., K) the teacher's K largest logits (any float dtype);
+            topk_ids: (..., K) their vocabulary ids, distinct within a row;
+            tail_lse: (...) the log-sum-exp of the teacher's other logits
+            divided by ``temperature`` (-inf when K is the vocabulary). The
+            cache must have been made at the same temperature.
+        mask, labels, ignore_index: the rows to average over, as
+            :func:`~fastted.ops.logit_kd.logit_kd` takes them.
+        impl: "auto", "triton" or "reference".
+
+    Returns the fp32 scalar loss (float64 for float64 logits); the gradient
+    reaches the student's logits only.
+    """
+    if not isinstance(student_logits, Tensor) or student_logits.dim() not in (2, 3) or student_logits.numel() == 0:
+        got = tuple(student_logits.shape) if isinstance(student_logits, Tensor) else type(student_logits).__name__
+        raise ValueError(f"student_logits has shape {got}, but needs (N, V) or (B, T, V) with N, V > 0")
+    check_floating("student_logits", student_logits)
+    temperature = check_temperature("temperature", temperature)
+    lead = tuple(student_logits.shape[:-1])
+    teacher = check_topk(topk_values, topk_ids, tail_lse, lead, student_logits.shape[-1], student_logits.device,
+                         "student_logits")
+    kd_coef, labels, ce_coef = row_weights(lead, student_logits.device, student_logits.dtype, mask, labels,
+                                           ignore_index, "labels", None, "student_logits")
+    if ce_coef is not None:
+        kd_coef = ce_coef
+    impl = resolve_impl(impl, student_logits.device, student_logits.dtype)
+    (student_logits,) = detach_without_grad([student_logits])
+    return SparseLogitKDFunction.apply(impl, dict(temperature=temperature), kd_coef, student_logits, *teacher)
+
+
+def _block_rows(n_rows: int, xs: Tensor, ws: Tensor, needs_grad: bool, chunk_size: Optional[int]) -> int:
+    """Rows per block of the fused path: ``chunk_size``, or the smallest block whose GEMMs stay compute-bound
+    (as :func:`~fastted.ops.fused_linear_kd.block_rows`, with the student's head alone)."""
+    if chunk_size is not None:
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive int (rows per block), got {chunk_size!r}")
+        return min(chunk_size, n_rows)
+    vocab, e = ws.shape[0], ws.dtype.itemsize
+    if xs.device.type == "cuda":
+        balance = device_arch(xs.device).flops_per_byte
+        budget = min(MEMORY_BUDGET["cuda"], torch.cuda.get_device_properties(xs.device).total_memory // 16)
+        row_bytes = vocab * e
+    else:
+        balance, budget, row_bytes = CPU_FLOPS_PER_BYTE, MEMORY_BUDGET["cpu"], vocab * (e + 4 * 4)
+    rows = compute_bound_rows(vocab, xs.shape[-1], 0, e, 0, needs_grad, balance, budget, row_bytes)
+    return min(rows, n_rows)
+
+
+def fused_linear_sparse_kd(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    topk_values: Tensor,
+    topk_ids: Tensor,
+    tail_lse: Tensor,
+    *,
+    temperature: float = 1.0,
+    student_bias: Optional[Tensor] = None,
+    mask: Optional[Tensor] = None,
+    hard_labels: Optional[Tensor] = None,
+    hard_weight: float = 0.0,
+    soft_weight: float = 1.0,
+    ignore_index: int = -100,
+    shift_labels: bool = False,
+    kd_ignored_rows: bool = False,
+    chunk_size: Optional[int] = None,
+    impl: str = "auto",
+    return_terms: bool = False,
+):
+    """The student's LM head fused with logit KD against a top-k teacher (and cross-entropy).
+
+    ``soft_weight * kd + hard_weight * ce`` with kd :func:`sparse_logit_kd` of
+    the logits ``student_hidden @ student_weight^T + student_bias`` against the
+    cached teacher, and ce their cross-entropy on ``hard_labels``: what
+    :func:`~fastted.ops.fused_linear_kd.fused_linear_kd` computes with a live
+    teacher, with the same arguments and conventions (mask, labels, shift,
+    the KD rows, blocks of rows, no (N, V) tensor), the teacher's head and
+    hidden states replaced by what the cache stores of them.
+
+    Returns the fp32 scalar loss, or ``(loss, kd, ce)`` with ``return_terms``.
+    """
+    for name, x in (("student_hidden", student_hidden), ("student_weight", student_weight)):
+        if not isinstance(x, Tensor):
+            raise ValueError(f"{name} must be a tensor, got {type(x).__name__}")
+    opts = dict(temperature=check_temperature("temperature", temperature),
+                soft_weight=check_float("soft_weight", soft_weight, 0.0),
+                hard_weight=check_float("hard_weight", hard_weight, 0.0))
+    if opts["hard_weight"] > 0 and hard_labels is None:
+        raise ValueError(f"hard_weight={hard_weight} needs hard_labels: the cross-entropy is computed on them")
+    xs, ws = student_hidden, student_weight
+    if xs.dim() not in (2, 3) or any(n == 0 for n in xs.shape):
+        raise ValueError(f"student_hidden has shape {tuple(xs.shape)}, but needs (N, H_s) or (B, T, H_s), non-empty")
+    lead = tuple(xs.shape[:-1])
+    check_weight("student_weight", ws, None, xs.shape[-1], "student_hidden")
+    if student_bias is not None and (not isinstance(student_bias, Tensor) or student_bias.shape != (ws.shape[0],)):
+        got = tuple(student_bias.shape) if isinstance(student_bias, Tensor) else type(student_bias).__name__
+        raise ValueError(f"student_bias has shape {got}, but needs ({ws.shape[0]},) (one per vocabulary entry)")
+    for name, flag in (("shift_labels", shift_labels), ("kd_ignored_rows", kd_ignored_rows)):
+        if not isinstance(flag, bool):
+            raise ValueError(f"{name} must be a bool, got {flag!r}")
+    teacher = check_topk(topk_values, topk_ids, tail_lse, lead, ws.shape[0], xs.device, "student_hidden")
+    hard_labels = _shifted(hard_labels, ignore_index, lead) if shift_labels else hard_labels
+    cast = autocast_dtype(xs.device.type)
+    student = [to_autocast(x, cast) for x in (xs, ws, student_bias)]
+    check_floating("student_hidden", student[0])
+    for name, x in zip(("student_weight", "student_bias"), student[1:]):
+        if x is not None:
+            check_like(name, x, student[0], "student_hidden")
+    kd_coef, labels, ce_coef = row_weights(lead, xs.device, student[0].dtype, mask, hard_labels, ignore_index,
+                                           "hard_labels", ws.shape[0], "student_hidden")
+    if ce_coef is not None and not kd_ignored_rows:
+        kd_coef = ce_coef
+    impl = resolve_impl(impl, xs.device, student[0].dtype)
+    needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in student)
+    chunk_rows = _block_rows(kd_coef.shape[0], student[0], student[1], needs_grad, chunk_size)
+    student = detach_without_grad(student)
+    loss, kd, ce = FusedLinearSparseKDFunction.apply(impl, opts, chunk_rows, kd_coef, labels, ce_coef, *student,
+                                                     *teacher)
+    return (loss, kd, ce) if return_terms else loss
+
+
+class SparseLogitKDLoss(nn.Module):
+    """nn.Module over :func:`sparse_logit_kd`."""
+
+    def __init__(self, temperature: float = 2.0, ignore_index: int = -100, impl: str = "auto"):
+        super().__init__()
+        check_temperature("temperature", temperature)
+        check_impl(impl)
+        self.temperature, self.ignore_index, self.impl = temperature, ignore_index, impl
+
+    def forward(self, student_logits: Tensor, topk_values: Tensor, topk_ids: Tensor, tail_lse: Tensor,
+                mask: Optional[Tensor] = None, labels: Optional[Tensor] = None) -> Tensor:
+        return sparse_logit_kd(student_logits, topk_values, topk_ids, tail_lse, temperature=self.temperature,
+                               mask=mask, labels=labels, ignore_index=self.ignore_index, impl=self.impl)
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, impl={self.impl!r}"

@@ -1,0 +1,232 @@
+"""Logit distillation from a top-k teacher: the Triton row kernel and its launcher.
+
+One program handles one row (token) of student logits z over the vocabulary
+against what a teacher cache stores for it: the teacher's k largest logits,
+their vocabulary ids and the log-sum-exp of its other logits at temperature T
+(the tail). The divergence is KL over k + 1 buckets (the k ids one by one, the
+rest as one tail bucket), as :func:`fastted.reference.sparse_logit_kd_reference`
+specifies it:
+
+    pass 1  online log-sum-exp of z / T over the whole row and over the
+            columns that are not among the ids (the student's tail bucket,
+            summed exactly: each block's columns are compared with the ids,
+            never subtracted from the total); and of z itself when a
+            cross-entropy at temperature 1 is wanted;
+    then    the teacher's bucket probabilities from the k values and the
+            tail, the student's from z at the ids: the row's divergence;
+    pass 2  the gradient of every column as if it were in the tail,
+            written in z's dtype (it may overwrite z: the fused LM-head path
+            reuses its logits buffer), then, after a barrier, the k columns
+            of the ids overwritten with theirs (from z at the ids, read
+            before pass 2).
+
+Nothing of size V is kept between blocks; the only N x V tensor written is
+the gradient. Everything is accumulated in fp32. Rows whose weights are 0
+are skipped (zero loss, zero gradient).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fastted.kernels import interpreting, launch
+from fastted.kernels.logit_kd import _fold_max
+
+# ids compared with a block of columns at a time: a (BLOCK_V, IDS_CHUNK) tile of comparisons.
+IDS_CHUNK = tl.constexpr(16)
+
+
+@triton.jit
+def _not_ids(c, ids_row, K, BLOCK_V: tl.constexpr, CHUNK: tl.constexpr):
+    """True for the columns ``c`` (BLOCK_V of them) that are none of the row's K ids."""
+    hits = tl.zeros((BLOCK_V,), dtype=tl.int32)
+    for j in range(0, K, CHUNK):
+        kk = j + tl.arange(0, CHUNK)
+        ids = tl.load(ids_row + kk, mask=kk < K, other=-1)
+        hits += tl.sum((c[:, None] == ids[None, :]).to(tl.int32), axis=1)
+    return hits == 0
+
+
+@triton.jit
+def sparse_kd_kernel(
+    # data pointers
+    z_ptr,  # (N, V) student logits
+    grad_ptr,  # (N, V) out: dLoss/dz in z's dtype (may be z_ptr itself); unused without WRITE_GRAD
+    values_ptr,  # (N, K) the teacher's top-k logits (any float dtype)
+    ids_ptr,  # (N, K) int32 their vocabulary ids, distinct within a row, in [0, V)
+    tail_ptr,  # (N,) fp32 log-sum-exp of the teacher's other logits / T (-inf: no tail)
+    kd_coef_ptr,  # (N,) fp32 weight of each row's divergence in the mean (mask / count)
+    labels_ptr,  # (N,) int64 hard labels; unused without HAS_CE
+    ce_coef_ptr,  # (N,) fp32 weight of each row's cross-entropy in the mean; unused without HAS_CE
+    kd_out_ptr,  # (N,) fp32 out: each row's divergence, without T^2 (0 on skipped rows)
+    ce_out_ptr,  # (N,) fp32 out: each row's cross-entropy (NaN for a label outside [0, V)); HAS_CE only
+    # shapes and strides (columns are unit-stride)
+    V,
+    K,
+    stride_z,
+    stride_g,
+    stride_values,
+    stride_ids,
+    # scalars
+    inv_temp,  # 1 / T
+    kd_grad_scale,  # soft_weight * T
+    ce_scale,  # hard_weight
+    # constants
+    HAS_CE: tl.constexpr,
+    SEPARATE_CE: tl.constexpr,  # T != 1: the cross-entropy needs its own log-sum-exp of z
+    WRITE_GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,  # a power of two >= K: the top-k of a row in one block
+):
+    row = tl.program_id(0).to(tl.int64)
+    z_row = z_ptr + row * stride_z
+    ids_row = ids_ptr + row * stride_ids
+    cols = tl.arange(0, BLOCK_V)
+    n_blocks = tl.cdiv(V, BLOCK_V)
+
+    kd_c = tl.load(kd_coef_ptr + row)
+    skip = kd_c == 0.0
+    ce_c = 0.0
+    if HAS_CE:
+        ce_c = tl.load(ce_coef_ptr + row)
+        skip = skip & (ce_c == 0.0)
+
+    if skip:
+        tl.store(kd_out_ptr + row, 0.0)
+        if HAS_CE:
+            tl.store(ce_out_ptr + row, 0.0)
+        if WRITE_GRAD:
+            g_row = grad_ptr + row * stride_g
+            for i in range(0, n_blocks):
+                c = i * BLOCK_V + cols
+                tl.store(g_row + c, tl.zeros((BLOCK_V,), tl.float32).to(grad_ptr.dtype.element_ty), mask=c < V)
+    else:
+        # ---- pass 1: log-sum-exp of b = z / T over the row and over its tail; of z for the cross-entropy
+        m_s = float("-inf")
+        d_s = 0.0
+        shift_s = 0.0
+        m_r = float("-inf")  # the tail: the columns that are none of the ids
+        d_r = 0.0
+        shift_r = 0.0
+        m_u = float("-inf")
+        d_u = 0.0
+        shift_u = 0.0
+        for i in range(0, n_blocks):
+            c = i * BLOCK_V + cols
+            z = tl.load(z_row + c, mask=c < V, other=float("-inf")).to(tl.float32)
+            b = z * inv_temp
+            m_s, new_shift_s = _fold_max(m_s, b)
+            d_s = d_s * tl.exp(shift_s - new_shift_s) + tl.sum(tl.exp(b - new_shift_s), axis=0)
+            shift_s = new_shift_s
+            r = tl.where(_not_ids(c, ids_row, K, BLOCK_V, IDS_CHUNK), b, float("-inf"))
+            m_r, new_shift_r = _fold_max(m_r, r)
+            d_r = d_r * tl.exp(shift_r - new_shift_r) + tl.sum(tl.exp(r - new_shift_r), axis=0)
+            shift_r = new_shift_r
+            if SEPARATE_CE:
+                m_u, new_shift_u = _fold_max(m_u, z)
+                d_u = d_u * tl.exp(shift_u - new_shift_u) + tl.sum(tl.exp(z - new_shift_u), axis=0)
+                shift_u = new_shift_u
+        lse_s = shift_s + tl.log(d_s)
+        lse_r = shift_r + tl.log(d_r)  # -inf when the ids cover the row
+
+        # ---- the k + 1 buckets: the teacher's from what is stored, the student's from z at the ids
+        ks = tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        ids = tl.load(ids_row + ks, mask=k_ok, other=0)
+        a = tl.load(values_ptr + row * stride_values + ks, mask=k_ok, other=float("-inf")).to(tl.float32) * inv_temp
+        tail = tl.load(tail_ptr + row).to(tl.float32)
+        m_t = tl.maximum(tl.max(a, axis=0), tail)
+        lse_t = m_t + tl.log(tl.sum(tl.exp(a - m_t), axis=0) + tl.exp(tail - m_t))
+        p = tl.exp(a - lse_t)
+        p_tail = tl.exp(tail - lse_t)
+        z_ids = tl.load(z_row + ids, mask=k_ok, other=float("-inf")).to(tl.float32)
+        lq = z_ids * inv_temp - lse_s
+        kd = tl.sum(tl.where(p > 0.0, p * (a - lse_t - lq), 0.0), axis=0)
+        kd += tl.where(p_tail > 0.0, p_tail * (tail - lse_t - (lse_r - lse_s)), 0.0)
+        kd = tl.where(kd_c != 0.0, kd, 0.0)
+        tl.store(kd_out_ptr + row, kd)
+
+        lse_u = lse_s
+        label = -1
+        if HAS_CE:
+            if SEPARATE_CE:
+                lse_u = shift_u + tl.log(d_u)
+            label = tl.load(labels_ptr + row)
+            in_range = (label >= 0) & (label < V)
+            z_label = tl.load(z_row + tl.where(in_range, label, 0)).to(tl.float32)
+            ce = tl.where(in_range, lse_u - z_label, float("nan"))
+            tl.store(ce_out_ptr + row, tl.where(ce_c != 0.0, ce, 0.0))
+
+        # ---- pass 2: the gradient, every column as a tail column; then the ids' columns
+        if WRITE_GRAD:
+            g_row = grad_ptr + row * stride_g
+            kd_scale = kd_grad_scale * kd_c
+            tail_share = tl.where(p_tail > 0.0, p_tail, 0.0)
+            lse_r_safe = tl.where(p_tail > 0.0, lse_r, 0.0)
+            for i in range(0, n_blocks):
+                c = i * BLOCK_V + cols
+                ok = c < V
+                z = tl.load(z_row + c, mask=ok, other=float("-inf")).to(tl.float32)
+                b = z * inv_temp
+                g = kd_scale * (tl.exp(b - lse_s) - tail_share * tl.exp(b - lse_r_safe))
+                if HAS_CE:
+                    g += (ce_scale * ce_c) * (tl.exp(z - lse_u) - tl.where(c == label, 1.0, 0.0))
+                tl.store(g_row + c, g.to(grad_ptr.dtype.element_ty), mask=ok)
+            tl.debug_barrier()  # the ids' columns below are stored after every thread's pass-2 stores
+            g_ids = kd_scale * (tl.exp(lq) - p)
+            if HAS_CE:
+                g_ids += (ce_scale * ce_c) * (tl.exp(z_ids - lse_u) - tl.where(ids == label, 1.0, 0.0))
+            tl.store(g_row + ids, g_ids.to(grad_ptr.dtype.element_ty), mask=k_ok)
+
+
+def _block_v(V: int) -> int:
+    # Each block compares its columns with the ids IDS_CHUNK at a time: 1024 columns keep that tile at 64
+    # comparisons a thread with 8 warps; the interpreter pays per block, so a wide one there.
+    return min(triton.next_power_of_2(V), 16384 if interpreting() else 1024)
+
+
+def sparse_kd_forward(
+    z: torch.Tensor,
+    values: torch.Tensor,
+    ids: torch.Tensor,
+    tail: torch.Tensor,
+    kd_coef: torch.Tensor,
+    *,
+    grad: torch.Tensor | None,
+    labels: torch.Tensor | None = None,
+    ce_coef: torch.Tensor | None = None,
+    temperature: float,
+    soft_weight: float,
+    hard_weight: float = 0.0,
+    block_v: int | None = None,
+):
+    """Launches the row kernel over the rows of z (N, V) and the top-k teacher (values, ids: (N, K), unit
+    column stride; ids int32; tail (N,) fp32). grad: (N, V) output for dLoss/dz (may be z itself) or None.
+    Returns (kd_rows, ce_rows): (N,) fp32 divergences without T^2, and cross-entropies (None without labels).
+    """
+    n_rows, V = z.shape
+    K = ids.shape[1]
+    kd_rows = torch.empty(n_rows, dtype=torch.float32, device=z.device)
+    ce_rows = torch.empty(n_rows, dtype=torch.float32, device=z.device) if labels is not None else None
+    block = block_v or _block_v(V)
+    launch(
+        sparse_kd_kernel, (n_rows,),
+        z, grad, values, ids, tail, kd_coef, labels, ce_coef, kd_rows, ce_rows,
+        V, K, z.stride(0), grad.stride(0) if grad is not None else 0, values.stride(0), ids.stride(0),
+        1.0 / temperature, soft_weight * temperature, hard_weight,
+        HAS_CE=labels is not None,
+        SEPARATE_CE=labels is not None and temperature != 1.0,
+        WRITE_GRAD=grad is not None,
+        BLOCK_V=block,
+        BLOCK_K=max(16, triton.next_power_of_2(K)),
+        num_warps=1 if interpreting() else 8,
+    )
+    return kd_rows, ce_rows
+
+
+def sparse_kd_rows_triton(z, teacher, kd_coef, labels, ce_coef, grad, *, temperature, soft_weight, hard_weight):
+    """The contract of :func:`fastted.ops.sparse_logit_kd.sparse_kd_rows`, on the Triton kernel."""
+    values, ids, tail = teacher
+    return sparse_kd_forward(z, values, ids, tail, kd_coef, grad=grad, labels=labels, ce_coef=ce_coef,
+                             temperature=temperature, soft_weight=soft_weight, hard_weight=hard_weight)
