@@ -5,13 +5,14 @@ batch of B x T tokens, each case times forward, backward and AdamW's step:
 
 - student: the student alone on the task (fastted's FineTune recipe): the baseline;
 - kd, lwd, ted: the methods as the demo runs them (a live teacher, its full forward);
+- kd-cached, lwd-cached, ted-cached: the same from a teacher cache of the batch (``fastted.cache``: top-64
+  logits, int8 layer targets read, dequantized and padded per step; no teacher forward);
 - lwd-no-kl / lwd-no-kl-truncated: LWD without the KL term, with the whole teacher and with the teacher cut
   after its last mapped layer (``Recipe.truncate_teacher``, what ``distil.truncate_teacher`` does);
 - teacher / teacher-truncated: the teacher's forward alone (no grad), whole and cut after layer 2 (half its
   six layers unmapped): the issue's "at least 1.5x faster" target.
 
-The ratios to the student's step are in ``extra_info`` (and printed by the README's command). The teacher
-cache (its outputs read instead of computed) is not built yet: its case is owed.
+The ratios to the student's step are in ``extra_info`` (and printed by the README's command).
 
     pytest benchmarks/test_step.py --benchmark-json=<file>
     FASTTED_BENCH_SIZE=demo pytest benchmarks/test_step.py ...   # B = 32, T = 128: the demo's batch
@@ -29,7 +30,8 @@ from fastted.methods import FineTune
 
 SIZES = {"small": dict(batch=8, seq=128), "demo": dict(batch=32, seq=128)}
 LABELS = 5
-CASES = ["student", "kd", "lwd", "ted", "lwd-no-kl", "lwd-no-kl-truncated", "teacher", "teacher-truncated"]
+CASES = ["student", "kd", "lwd", "ted", "kd-cached", "lwd-cached", "ted-cached", "lwd-no-kl", "lwd-no-kl-truncated",
+         "teacher", "teacher-truncated"]
 
 
 def _size() -> dict:
@@ -59,7 +61,26 @@ def _batch(batch: int, seq: int, vocab: int) -> dict:
     return dict(input_ids=ids, attention_mask=mask, labels=torch.randint(0, LABELS, (batch,), generator=g))
 
 
-def _recipe(case: str, student, teacher):
+def _cached(recipe, b: dict, directory: str):
+    """``recipe`` reading a cache of batch ``b``'s teacher outputs (its rows as the dataset): built here, untimed."""
+    from fastted.cache import TeacherCache, build_teacher_cache
+    from fastted.data import ClassificationCollator
+
+    lengths = b["attention_mask"].sum(1).tolist()
+    examples = [{"input_ids": b["input_ids"][i, :n].tolist(), "label": int(b["labels"][i]), "index": i}
+                for i, n in enumerate(lengths)]
+    expect = recipe.teacher_cache_expect()
+    build_teacher_cache(recipe.teacher_model, examples, ClassificationCollator(0), directory, layers=expect["layers"],
+                        k=64, temperature=expect["temperature"], transform=recipe.cache_transform(),
+                        identity=expect)
+    recipe.use_teacher_cache(TeacherCache(directory))
+    return recipe
+
+
+def _recipe(case: str, student, teacher, directory=None):
+    if case.endswith("-cached"):
+        return _cached(_recipe(case[:-len("-cached")], student, teacher), _batch(**_size(), vocab=teacher.config
+                                                                                 .vocab_size), directory)
     student, teacher = copy.deepcopy(student), copy.deepcopy(teacher)
     pairs = explicit_map([(0, 1), (1, 3), (2, 5)], 3, 6)  # the demo's uniform map of 3 onto 6 layers
     if case == "student":
@@ -78,10 +99,12 @@ def _recipe(case: str, student, teacher):
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_step(benchmark, sync, models, case):
+def test_step(benchmark, sync, models, case, tmp_path):
     size = _size()
     student, teacher = models
     b = _batch(**size, vocab=teacher.config.vocab_size)
+    if case.endswith("-cached"):
+        b["index"] = torch.arange(size["batch"])
     benchmark.extra_info.update(suite="step", case=case, **size, threads=torch.get_num_threads())
     if case.startswith("teacher"):
         model = copy.deepcopy(teacher).eval()
@@ -97,7 +120,7 @@ def test_step(benchmark, sync, models, case):
             sync()
             return out
     else:
-        recipe = _recipe(case, student, teacher).train()
+        recipe = _recipe(case, student, teacher, str(tmp_path)).train()
         optimizer = torch.optim.AdamW([p for p in recipe.parameters() if p.requires_grad], lr=1e-5)
 
         def step():

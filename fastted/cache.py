@@ -15,9 +15,11 @@ made from (the teacher's weights hash, the tokenizer, the data fingerprint, the 
 quantization) and each shard's size and SHA-256. :class:`TeacherCache` refuses a cache that does not match the
 run it is opened for, naming each difference, and a shard that does not match its manifest.
 
-What is built here is the cache's format, its writer and its reader. Owed (the rest of the offline-teacher
-issue): the ``fastted cache-teacher`` step over a run's data on many ranks, the recipes reading it, the sparse
-top-k KL as a fused op, and the filtered-MSE kernel dequantizing int8 / fp8 targets.
+Each rank of a run writes the shards of its share of the examples (every world-th one) and a part manifest;
+:func:`finish_teacher_cache` merges the parts into ``manifest.json``, written last: a cache without it is an
+unfinished one, which no reader opens. :meth:`TeacherCache.batch` gathers a batch's stored outputs, padded to
+the batch's tokens, for the recipes (:meth:`fastted.methods.Recipe.use_teacher_cache`); the pipeline's
+``cache-teacher`` step builds a run's cache (:func:`fastted.pipeline.cache_teacher`).
 """
 from __future__ import annotations
 
@@ -74,6 +76,19 @@ def weights_hash(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+def data_fingerprint(dataset) -> str:
+    """SHA-256 of a tokenized dataset's ``input_ids``, row by row (the run's data, packing and order of rows)."""
+    import numpy as np
+
+    digest = hashlib.sha256()
+    for batch in dataset.with_format("numpy", columns=["input_ids"]).iter(batch_size=4096):
+        for row in batch["input_ids"]:
+            ids = np.asarray(row, dtype=np.int64)
+            digest.update(len(ids).to_bytes(8, "little"))
+            digest.update(ids.tobytes())
+    return digest.hexdigest()
+
+
 # --------------------------------------------------------------------------- writing
 
 
@@ -84,9 +99,15 @@ def _rows_of(example_mask: Tensor) -> Tensor:
 def build_teacher_cache(teacher, examples: Sequence[dict], collator: Callable, directory: str, *,
                         layers: Sequence[int] = (), k: int = 64, temperature: float = 1.0,
                         quantization: str = "int8", transform: Optional[Callable] = None,
-                        identity: Optional[dict] = None, batch_size: int = 16, shard_examples: int = 4096) -> dict:
+                        identity: Optional[dict] = None, batch_size: int = 16, shard_examples: int = 4096,
+                        rank: int = 0, world: int = 1, device=None, progress: Optional[Callable] = None) -> dict:
     """Run ``teacher`` (a :class:`~fastted.models.ModelAdapter`) once over ``examples`` (in order; batches made
     by ``collator(examples, None)``) and store its top-k logits and ``layers``' targets in ``directory``.
+
+    With ``world`` > 1 this rank runs every world-th example from ``rank`` on, writes its own shards and a part
+    manifest, and returns it: :func:`finish_teacher_cache` (on one rank, after all have written) merges the
+    parts. ``device``: where the batches go (the teacher's device); ``progress(n)``: called after each batch
+    with its number of examples.
 
     Args:
         transform: maps the list of captured layer states to the stored targets (TED: the frozen teacher
@@ -100,18 +121,21 @@ def build_teacher_cache(teacher, examples: Sequence[dict], collator: Callable, d
 
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {quantization!r}")
-    check_positive_int("k", k)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise ValueError(f"k must be an int >= 0 (top-k logits a token; 0 stores the layer targets alone), got {k!r}")
     check_positive_int("batch_size", batch_size)
     check_positive_int("shard_examples", shard_examples)
     temperature = check_temperature("temperature", temperature)
     os.makedirs(directory, exist_ok=True)
     layers = list(layers)
     shards, buffer, shard_ids = {}, [], []
+    mine = range(rank, len(examples), world)
+    tokens = 0
 
     def flush():
         if not buffer:
             return
-        name = f"shard-{len(shards):05d}.safetensors"
+        name = f"shard-{rank:03d}-{len(shards):05d}.safetensors"
         tensors = {"example_ids": torch.tensor(shard_ids, dtype=torch.int64)}
         for key in buffer[0]:
             parts = [entry[key] for entry in buffer]
@@ -125,39 +149,83 @@ def build_teacher_cache(teacher, examples: Sequence[dict], collator: Callable, d
         buffer.clear()
         shard_ids.clear()
 
-    vocab = None
+    vocab = logit_kind = None
     with torch.no_grad():
-        for start in range(0, len(examples), batch_size):
-            chunk = [examples[i] for i in range(start, min(start + batch_size, len(examples)))]
+        for start in range(0, len(mine), batch_size):
+            chosen = mine[start:start + batch_size]
+            chunk = [examples[i] for i in chosen]
             batch = collator(chunk, None)
-            out = teacher(batch, layers)
+            if device is not None:
+                batch = {key: value.to(device) for key, value in batch.items()}
+            # k = 0: the layers alone (a language model stops before its vocabulary projection)
+            out = teacher(batch, layers, head=k > 0 or teacher.task == "classification")
             targets = out.hidden_states if transform is None else transform(out.hidden_states)
-            logits = out.logits.float()
-            vocab = logits.shape[-1]
-            kk = min(k, vocab)
-            values, ids = logits.topk(kk, dim=-1)
-            tail = torch.logsumexp(logits.scatter(-1, ids, float("-inf")) / temperature, dim=-1)
+            if k:
+                logits = out.logits.float()
+                vocab = logits.shape[-1]
+                logit_kind = "token" if logits.dim() == 3 else "example"
+                values, ids = logits.topk(min(k, vocab), dim=-1)
+                tail = torch.logsumexp(logits.scatter(-1, ids, float("-inf")) / temperature, dim=-1)
+                values, ids, tail = values.cpu(), ids.cpu(), tail.cpu()
             mask = batch.get("attention_mask")
+            targets = [state.cpu() for state in targets]
+            mask = None if mask is None else mask.cpu()
             for b in range(len(chunk)):
                 token_rows = _rows_of(mask[b]) if mask is not None else torch.arange(batch["input_ids"].shape[1])
-                logit_rows = token_rows if logits.dim() == 3 else torch.zeros(1, dtype=torch.long)
-                pick = (lambda x: x[b][logit_rows]) if logits.dim() == 3 else (lambda x: x[b][None])
-                entry = {"logit_rows": len(logit_rows), "topk_values": pick(values).bfloat16(),
-                         "topk_ids": pick(ids).to(torch.uint16 if vocab <= 65536 else torch.int32),
-                         "tail_lse": pick(tail).float(), "token_rows": len(token_rows)}
+                entry = {"token_rows": len(token_rows)}
+                tokens += len(token_rows)
+                if k:
+                    per_token = logits.dim() == 3
+                    logit_rows = token_rows if per_token else torch.zeros(1, dtype=torch.long)
+                    pick = (lambda x: x[b][logit_rows]) if per_token else (lambda x: x[b][None])
+                    entry.update(logit_rows=len(logit_rows), topk_values=pick(values).bfloat16(),
+                                 topk_ids=pick(ids).to(torch.uint16 if vocab <= 65536 else torch.int32),
+                                 tail_lse=pick(tail).float())
                 for i, state in enumerate(targets):
                     q, scale = quantize_rows(state[b][token_rows], quantization)
                     entry[f"layer{i}"] = q
                     if scale is not None:
                         entry[f"layer{i}_scale"] = scale
                 buffer.append(entry)
-                shard_ids.append(start + b)
+                shard_ids.append(chosen[b])
                 if len(shard_ids) == shard_examples:
                     flush()
+            if progress is not None:
+                progress(len(chunk))
     flush()
     manifest = {"format": _FORMAT, **(identity or {}), "layers": layers, "k": k, "temperature": float(temperature),
-                "quantization": quantization, "examples": len(examples), "vocab": vocab, "shards": shards}
+                "quantization": quantization, "examples": len(examples), "tokens": tokens, "vocab": vocab,
+                "logits": logit_kind, "shards": shards}
+    if world == 1:
+        write_atomic(os.path.join(directory, MANIFEST), json.dumps(manifest, indent=1))
+    else:
+        write_atomic(os.path.join(directory, f"manifest.part-{rank:03d}.json"), json.dumps(manifest, indent=1))
+    return manifest
+
+
+def finish_teacher_cache(directory: str, world: int) -> dict:
+    """Merge the part manifests of ``world`` ranks' :func:`build_teacher_cache` into ``manifest.json`` (each
+    part present, every example of the data stored once) and remove the parts. Returns the manifest."""
+    parts = []
+    for rank in range(world):
+        path = os.path.join(directory, f"manifest.part-{rank:03d}.json")
+        if not os.path.isfile(path):
+            raise ValueError(f"teacher cache {directory}: rank {rank} wrote no part manifest (its build did not "
+                             f"finish): build the cache again")
+        with open(path, encoding="utf-8") as f:
+            parts.append(json.load(f))
+    manifest = dict(parts[0], shards={}, tokens=0)
+    for part in parts:
+        manifest["tokens"] += part["tokens"]
+        manifest["vocab"] = manifest["vocab"] or part["vocab"]
+        manifest["logits"] = manifest["logits"] or part["logits"]
+        manifest["shards"].update(part["shards"])
+    stored = sum(record["examples"] for record in manifest["shards"].values())
+    if stored != manifest["examples"]:
+        raise ValueError(f"teacher cache {directory}: the ranks stored {stored} examples of {manifest['examples']}")
     write_atomic(os.path.join(directory, MANIFEST), json.dumps(manifest, indent=1))
+    for rank in range(world):
+        os.remove(os.path.join(directory, f"manifest.part-{rank:03d}.json"))
     return manifest
 
 
@@ -169,7 +237,8 @@ class TeacherCache:
     ``tokenizer``, ``data``, ``layers``, ``k``, ``temperature``, ``quantization``); a difference is a ValueError
     naming each key with the cache's and the run's values. ``verify`` checks every shard against its SHA-256."""
 
-    def __init__(self, directory: str, expect: Optional[dict] = None, verify: bool = True):
+    def __init__(self, directory: str, expect: Optional[dict] = None, verify: bool = True,
+                 rebuild: str = "build the cache again"):
         from safetensors import safe_open
 
         path = os.path.join(directory, MANIFEST)
@@ -180,18 +249,17 @@ class TeacherCache:
         differ = [f"{key}: cache {self.manifest.get(key)!r}, run {want!r}" for key, want in (expect or {}).items()
                   if self.manifest.get(key) != want]
         if differ:
-            raise ValueError(f"teacher cache {directory} was made for another run ({'; '.join(differ)}): build it "
-                             f"again for this one")
+            raise ValueError(f"teacher cache {directory} was made for another run ({'; '.join(differ)}): {rebuild}")
         self.directory, self._where = directory, {}
         self._shards = []
         for name, record in self.manifest["shards"].items():
             shard = os.path.join(directory, name)
             if not os.path.isfile(shard) or os.path.getsize(shard) != record["bytes"]:
                 raise ValueError(f"teacher cache {directory}: {name} is missing or has another size than its "
-                                 f"manifest's (damaged): build the cache again")
+                                 f"manifest's (damaged): {rebuild}")
             if verify and sha256_file(shard) != record["sha256"]:
                 raise ValueError(f"teacher cache {directory}: {name} differs from its manifest's SHA-256 "
-                                 f"(damaged): build the cache again")
+                                 f"(damaged): {rebuild}")
             handle = safe_open(shard, framework="pt")
             self._shards.append(handle)
             for row, example in enumerate(handle.get_tensor("example_ids").tolist()):
@@ -212,11 +280,53 @@ class TeacherCache:
             o = handle.get_slice(offsets)[row:row + 2].tolist()
             return handle.get_slice(key)[o[0]:o[1]]
 
-        out = {"topk_values": rows("topk_values", "logit_offsets").float(),
-               "topk_ids": rows("topk_ids", "logit_offsets").to(torch.int64),
-               "tail_lse": rows("tail_lse", "logit_offsets").float(), "targets": []}
         keys = set(handle.keys())
+        out = {"targets": []}
+        if "topk_values" in keys:
+            out.update(topk_values=rows("topk_values", "logit_offsets").float(),
+                       topk_ids=rows("topk_ids", "logit_offsets").to(torch.int64),
+                       tail_lse=rows("tail_lse", "logit_offsets").float())
         for i in range(len(self.manifest["layers"])):
             scale = rows(f"layer{i}_scale", "token_offsets") if f"layer{i}_scale" in keys else None
             out["targets"].append(dequantize_rows(rows(f"layer{i}", "token_offsets"), scale))
         return out
+
+    def batch(self, index: Tensor, mask: Optional[Tensor], device=None) -> dict:
+        """The stored outputs of a batch of dataset rows ``index`` (B,), placed at the tokens of its attention
+        ``mask`` (B, T) (the positions the cache stored, the collator pads on the right): ``topk`` = (values,
+        ids, tail_lse) of shape (B, T, k), (B, T, k), (B, T) per token (a classification teacher's: (B, k), (B, k),
+        (B,)), None in a cache without logits, and ``targets``: per cached layer (B, T, d) fp32, zero at the
+        padding. Padded rows hold ids 0..k-1 (distinct, as the losses need) and are left out by the mask."""
+        entries = [self.example(int(i)) for i in index.tolist()]
+        n, t = len(entries), (mask.shape[1] if mask is not None else None)
+        positions = [(_rows_of(mask[b].cpu()) if mask is not None else None) for b in range(n)]
+        out = {"topk": None, "targets": []}
+        if "topk_values" in entries[0]:
+            k = entries[0]["topk_values"].shape[-1]
+            per_token = self.manifest["logits"] == "token"
+            shape = (n, t) if per_token else (n,)
+            values = torch.zeros(*shape, k)
+            ids = torch.arange(k).expand(*shape, k).clone()
+            tail = torch.zeros(shape)
+            for b, entry in enumerate(entries):
+                where = positions[b] if per_token else b
+                if per_token:
+                    self._check_rows(index[b], entry["topk_values"].shape[0], len(where))
+                    values[b, where], ids[b, where], tail[b, where] = (entry["topk_values"], entry["topk_ids"],
+                                                                       entry["tail_lse"])
+                else:
+                    values[b], ids[b], tail[b] = entry["topk_values"][0], entry["topk_ids"][0], entry["tail_lse"][0]
+            out["topk"] = tuple(x.to(device) if device is not None else x for x in (values, ids, tail))
+        for i in range(len(self.manifest["layers"])):
+            d = entries[0]["targets"][i].shape[-1]
+            layer = torch.zeros(n, t, d)
+            for b, entry in enumerate(entries):
+                self._check_rows(index[b], entry["targets"][i].shape[0], len(positions[b]))
+                layer[b, positions[b]] = entry["targets"][i]
+            out["targets"].append(layer.to(device) if device is not None else layer)
+        return out
+
+    def _check_rows(self, example, stored: int, tokens: int) -> None:
+        if stored != tokens:
+            raise ValueError(f"teacher cache {self.directory}: example {int(example)} has {stored} stored tokens but "
+                             f"{tokens} in this batch's attention mask: the data differs from the cache's")

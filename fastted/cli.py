@@ -6,6 +6,7 @@
     fastted pipeline -c configs/smollm2-bbc.yaml distil.train.max_steps=50
     fastted finetune teacher | student    # one step of the pipeline, reading and writing output_dir
     fastted filters teacher | student
+    fastted cache-teacher [--method kd ...]  # the teacher once over the data: distil.teacher_cache=true reads it
     fastted distil [--method ted ...]
     fastted evaluate
     fastted config                        # print the resolved config
@@ -47,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     add("pipeline", "run every step of the config's `steps`")
     add("finetune", "fine-tune the teacher or the student alone", which=True)
     add("filters", "TED stage I: learn task-aware filters", which=True)
+    add("cache-teacher", "run the teacher once over the training data and store its top-k logits and layer "
+        "targets (read by distil with distil.teacher_cache=true)").add_argument(
+        "--method", action="append", help="a method (repeatable); default: distil.methods")
     add("distil", "stage II of the distillation methods").add_argument(
         "--method", action="append", help="a method (repeatable); default: distil.methods")
     add("evaluate", "evaluate every model of the run; write results.json, report.md and report.png")
@@ -134,9 +138,10 @@ def run(argv=None) -> dict:
         model_source(config.student, "student")
     _check_tokenizers(config)
     check_against_models(config)
-    steps = {"pipeline": list(config.steps), "distil": ["distil"], "evaluate": ["evaluate"]}.get(
-        args.command, [f"{args.command}-{getattr(args, 'which', '')}"])
-    methods = (args.method if args.command == "distil" and args.method else None) or config.distil.methods
+    steps = {"pipeline": list(config.steps), "distil": ["distil"], "evaluate": ["evaluate"],
+             "cache-teacher": ["cache-teacher"]}.get(args.command, [f"{args.command}-{getattr(args, 'which', '')}"])
+    methods = (args.method if args.command in ("distil", "cache-teacher") and args.method else None) \
+        or config.distil.methods
     for method in methods:
         if method not in METHODS:
             raise ConfigError(f"--method: got {method!r}, needs one of {', '.join(METHODS)}")
@@ -151,6 +156,8 @@ def run(argv=None) -> dict:
         result = p.learn_filters(config, args.which)
     elif args.command == "distil":
         result = {method: p.distil(config, method) for method in methods}
+    elif args.command == "cache-teacher":
+        result = {method: p.cache_teacher(config, method) for method in methods}
     else:
         result = p.evaluate(config)
     if "evaluate" in result or args.command == "evaluate":

@@ -94,6 +94,10 @@ class DistilConfig:
     mask_padding: bool = True
     fused_lm_head: bool = True             # mlm / clm: the LM heads fused with the KL (no logits)
     truncate_teacher: bool = True          # no KL term: the teacher runs only up to its last mapped layer
+    teacher_cache: bool = False            # KD, LWD, TED: distil from the cache-teacher step's cache, not the
+                                           # live teacher (classification and clm)
+    cache_k: int = 64                      # the cache's top-k logits a token (0: the layer targets alone)
+    cache_quantization: str = "int8"       # the cache's layer targets: int8, fp8 or bf16
     # CoDIR
     crd_alpha: float = 0.1
     bank_size: int = 4096
@@ -140,7 +144,10 @@ class Config:
     engine: EngineConfig = field(default_factory=EngineConfig)
 
 
-STEPS = ("finetune-teacher", "finetune-student", "filters-teacher", "filters-student", "distil", "evaluate")
+STEPS = ("finetune-teacher", "finetune-student", "filters-teacher", "filters-student", "cache-teacher", "distil",
+         "evaluate")
+# The methods whose recipes read a teacher cache (Recipe.reads_teacher_cache).
+CACHED_METHODS = ("ted", "lwd", "kd")
 
 # The presets: overrides of the defaults above, by dotted key.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -461,6 +468,18 @@ def check(config: Config) -> None:
                  "alpha_s_end"):
         _positive(f"distil.{name}", getattr(d, name), allow_zero=True)
     _choice("distil.rail_per", config.distil.rail_per, ("step", "epoch"))
+    _positive("distil.cache_k", d.cache_k, allow_zero=True)
+    _choice("distil.cache_quantization", d.cache_quantization, ("int8", "fp8", "bf16"))
+    if d.teacher_cache or "cache-teacher" in config.steps:
+        what = "distil.teacher_cache" if d.teacher_cache else "steps: cache-teacher"
+        if config.task == "mlm":
+            raise ConfigError(f"{what}: a masked LM's teacher sees each step's own random masks, which a cache "
+                              f"of fixed inputs cannot hold; a teacher cache serves classification and clm")
+        live = [m for m in d.methods if m not in CACHED_METHODS]
+        if live:
+            raise ConfigError(f"{what}: {', '.join(live)} needs the live teacher (a teacher cache serves "
+                              f"{', '.join(CACHED_METHODS)}): drop it from distil.methods or run it without the "
+                              f"cache")
     _choice("distil.alpha_s_schedule", config.distil.alpha_s_schedule, ("constant", "linear", "cosine"))
     _choice("engine.precision", config.engine.precision, PRECISIONS)
     _choice("engine.zero_stage", config.engine.zero_stage, (0, 1, 2, 3))

@@ -92,6 +92,7 @@ class ModelOutputs:
     hidden_states: list[Tensor]   # the requested layers, (B, T, d) each, in the requested order
     mask: Optional[Tensor]        # (B, T) attention mask, the token mask of every loss
     head_input: Optional[Tensor] = None  # (B, T, H) input of the vocabulary projection (head=False only)
+    topk: Optional[tuple] = None  # a cached teacher's logits: (values, ids, tail_lse), see fastted.cache
 
 
 class ModelAdapter:

@@ -6,7 +6,9 @@
     finetune-student   the student (layers of the teacher), fine-tuned -> finetune-student/model
     filters-teacher    TED stage I on the fine-tuned teacher          -> filters-teacher/model (+ filters)
     filters-student    TED stage I on the fine-tuned student          -> filters-student/model (+ filters)
+    cache-teacher      the teacher once over the training data        -> cache-teacher-<method>/ (a cache)
     distil             stage II of each method in distil.methods      -> distil-<method>/model
+                       (from the cache with distil.teacher_cache)
     evaluate           every model above on the test split            -> results.json, report.md, report.png
 
 A language-modelling run (task mlm or clm: continual pre-training) starts
@@ -63,25 +65,43 @@ def check_prerequisites(config: Config, steps: list[str], methods: list[str], co
     from fastted.methods import recipe_class
 
     made = {name for name in STEPS_WRITING if os.path.isdir(os.path.join(stage_dir(config, name), "model"))}
+    made |= {f"cache-teacher-{m}" for m in methods
+             if os.path.isfile(os.path.join(stage_dir(config, f"cache-teacher-{m}"), "manifest.json"))}
     for step in steps:
         needs = []
         if step.startswith("filters-") and config.task == "classification":
             needs = ["finetune-" + step.split("-", 1)[1]]
-        elif step == "distil":
+        elif step in ("distil", "cache-teacher"):
             for method in methods:
                 if recipe_class(method).uses_stage1_filters:
                     needs += ["filters-teacher", "filters-student"]
                 elif config.task == "classification":
                     needs += ["finetune-teacher", "finetune-student"]
+                if step == "distil" and config.distil.teacher_cache:
+                    needs.append(f"cache-teacher-{method}")
         missing = [name for name in dict.fromkeys(needs) if name not in made]
         if missing:
-            what = f"{step} ({', '.join(methods)})" if step == "distil" else step
-            runs = " and ".join(f"`fastted {' '.join(name.split('-', 1))}`" for name in missing)
-            where = (f"add {', '.join(missing)} to steps before {step!r}" if command == "pipeline"
+            what = f"{step} ({', '.join(methods)})" if step in ("distil", "cache-teacher") else step
+            runs = " and ".join(f"`fastted {_command_of(name)}`" for name in dict.fromkeys(missing))
+            steps_of = dict.fromkeys("cache-teacher" if n.startswith("cache-") else n for n in missing)
+            where = (f"add {', '.join(steps_of)} to steps before {step!r}" if command == "pipeline"
                      else f"run {runs} first")
-            raise ConfigError(f"steps: {what} needs {', '.join(n + '/model' for n in missing)} in "
-                              f"{config.output_dir}, which no earlier step writes: {where}")
-        made |= {f"distil-{m}" for m in methods} if step == "distil" else {step}
+            made_of = [n + ("/manifest.json" if n.startswith("cache-") else "/model") for n in missing]
+            raise ConfigError(f"steps: {what} needs {', '.join(made_of)} in {config.output_dir}, which no earlier "
+                              f"step writes: {where}")
+        if step == "distil":
+            made |= {f"distil-{m}" for m in methods}
+        elif step == "cache-teacher":
+            made |= {f"cache-teacher-{m}" for m in methods}
+        else:
+            made.add(step)
+
+
+def _command_of(name: str) -> str:
+    """The command that writes step folder ``name``: "finetune teacher", "cache-teacher --method kd"."""
+    if name.startswith("cache-teacher-"):
+        return f"cache-teacher --method {name[len('cache-teacher-'):]}"
+    return " ".join(name.split("-", 1))
 
 
 STEPS_WRITING = ("finetune-teacher", "finetune-student", "filters-teacher", "filters-student")
@@ -202,13 +222,12 @@ def _interval(config: Config, which: str) -> int:
     return n_student // n_filters
 
 
-def distil(config: Config, method: str) -> dict:
-    """Stage II of ``method``: the student learns from the frozen teacher."""
+def _recipe(config: Config, method: str, st: _Start):
+    """The stage-II recipe of ``method`` on the run's models (what distil trains and cache-teacher runs)."""
     from fastted.filters import TaskFilters
     from fastted.methods import RecipeModels, build_recipe, recipe_class
 
-    st = _start(config)
-    path, gguf, tokenizer = st.path, st.gguf, st.data.tokenizer
+    tokenizer = st.data.tokenizer
     s_tokenizer = load_tokenizer(*model_source(config.student, "student")) if config.student.path else tokenizer
     filters = None
     if recipe_class(method).uses_stage1_filters:
@@ -219,15 +238,103 @@ def distil(config: Config, method: str) -> dict:
         teacher = load_model(_model_dir(config, "finetune-teacher"), config.task)
         student = load_model(_model_dir(config, "finetune-student"), config.task)
     else:
-        teacher = load_model(path, config.task, gguf)
+        teacher = load_model(st.path, config.task, st.gguf)
         student = build_student(config, teacher=teacher)
     steps = total_steps(len(st.data.train), config.distil.train, "distil.train")
     models = RecipeModels(student, teacher, tokenizers=(s_tokenizer, tokenizer), total_steps=steps, filters=filters)
-    recipe = build_recipe(method, config, models)
-    if config.distil.truncate_teacher:
+    return build_recipe(method, config, models)
+
+
+def _with_index(dataset):
+    """``dataset`` with its row ids in ``index`` (what a cached teacher reads its rows by)."""
+    return dataset if "index" in dataset.column_names else dataset.add_column("index", list(range(len(dataset))))
+
+
+def _cache_identity(config: Config, recipe, data: Data) -> dict:
+    """What a run's teacher cache is checked against: the teacher's weights, the tokenizer's vocabulary, the
+    training data (tokens, packing, order of rows), the task; with the recipe's layers, temperature and targets,
+    k and the quantization."""
+    from fastted.cache import data_fingerprint, weights_hash
+    from fastted.data import tokenizer_key
+
+    name, _, vocab = tokenizer_key(data.tokenizer)
+    return {"teacher": weights_hash(recipe.teacher_model.model), "tokenizer": f"{name}:{vocab}",
+            "data": data_fingerprint(data.train), "task": config.task, "k": config.distil.cache_k,
+            "quantization": config.distil.cache_quantization, **recipe.teacher_cache_expect()}
+
+
+def cache_teacher(config: Config, method: str) -> dict:
+    """Run the teacher of ``method``'s recipe once over the training data (its rows, packing and order, each rank
+    every world-th row) and store its top-k logits and the recipe's layer targets in cache-teacher-<method>/."""
+    from fastted.cache import build_teacher_cache, finish_teacher_cache
+
+    st = _start(config)
+    recipe = _recipe(config, method, st)
+    identity = _cache_identity(config, recipe, st.data)
+    k = config.distil.cache_k
+    if not k and config.distil.truncate_teacher:
+        recipe.truncate_teacher()  # the layer targets alone: the teacher stops at its last mapped layer
+    teacher = recipe.teacher_model
+    transform = recipe.cache_transform()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.engine.precision)
+    for module in [teacher.model] + ([transform] if transform is not None else []):
+        module.to(st.device, dtype=dtype if st.device.type == "cuda" else None).eval()
+    directory = stage_dir(config, f"cache-teacher-{method}")
+    if st.rank == 0:
+        shutil.rmtree(directory, ignore_errors=True)  # a rebuild leaves nothing of an older cache behind
+        os.makedirs(directory)
+    barrier()
+    batch_size = config.distil.train.micro_batch_size or max(config.distil.train.batch_size // st.world, 1)
+    n = len(range(st.rank, len(st.data.train), st.world))
+    bar = None
+    if config.progress and st.rank == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n, desc=f"cache-teacher-{method}", unit="ex")
+    manifest = build_teacher_cache(
+        teacher, st.data.train, st.data.collator, directory, layers=identity["layers"], k=k,
+        temperature=identity["temperature"], quantization=config.distil.cache_quantization, transform=transform,
+        identity=identity, batch_size=batch_size, rank=st.rank, world=st.world, device=st.device,
+        progress=None if bar is None else bar.update)
+    if bar is not None:
+        bar.close()
+    barrier()
+    if st.world > 1:
+        if st.rank == 0:
+            manifest = finish_teacher_cache(directory, st.world)
+        barrier()
+        with open(os.path.join(directory, "manifest.json"), encoding="utf-8") as f:
+            manifest = json.load(f)
+    stored = sum(record["bytes"] for record in manifest["shards"].values())
+    tokens = manifest["tokens"]
+    result = {"examples": manifest["examples"], "bytes": stored, "tokens": tokens,
+              "bytes_per_token": round(stored / max(tokens, 1), 1), "k": k,
+              "quantization": config.distil.cache_quantization, "layers": identity["layers"]}
+    if st.rank == 0:
+        write_atomic(os.path.join(directory, "result.json"), json.dumps(result, indent=1))
+        if not config.progress:
+            print(f"cache-teacher-{method}: {result['examples']} examples, {stored / 2**20:.1f} MiB, "
+                  f"{result['bytes_per_token']} B/token", flush=True)
+    return result
+
+
+def distil(config: Config, method: str) -> dict:
+    """Stage II of ``method``: the student learns from the frozen teacher (or, with ``distil.teacher_cache``,
+    from what cache-teacher stored of it)."""
+    from fastted.cache import TeacherCache
+
+    st = _start(config)
+    recipe = _recipe(config, method, st)
+    data = st.data
+    if config.distil.teacher_cache:
+        directory = stage_dir(config, f"cache-teacher-{method}")
+        cache = TeacherCache(directory, expect=_cache_identity(config, recipe, data),
+                             rebuild=f"run `fastted cache-teacher --method {method}` with this run's settings")
+        recipe.use_teacher_cache(cache)  # before the engine: the teacher is then never moved or partitioned
+        data = Data(_with_index(data.train), data.test, data.collator, data.tokenizer, data.label_names)
+    elif config.distil.truncate_teacher:
         recipe.truncate_teacher()  # before the engine: ZeRO-3 never partitions the blocks cut off
-    return _train(config, f"distil-{method}", recipe, st.data, config.distil.train, st.device,
-                  recipe.student_model)
+    return _train(config, f"distil-{method}", recipe, data, config.distil.train, st.device, recipe.student_model)
 
 
 def evaluate(config: Config) -> dict:
@@ -273,6 +380,9 @@ def pipeline(config: Config) -> dict:
             out[name] = finetune(config, name.split("-", 1)[1])
         elif name.startswith("filters-"):
             out[name] = learn_filters(config, name.split("-", 1)[1])
+        elif name == "cache-teacher":
+            for method in config.distil.methods:
+                out[f"cache-teacher-{method}"] = cache_teacher(config, method)
         elif name == "distil":
             for method in config.distil.methods:
                 out[f"distil-{method}"] = distil(config, method)

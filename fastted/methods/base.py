@@ -19,7 +19,9 @@ What the engine (and any other trainer) may rely on, and nothing else:
 - :meth:`Recipe.save_pretrained`: the trained model, loadable with
   ``from_pretrained``;
 - :meth:`Recipe.from_config`: the recipe of a run's config (the registry in
-  :mod:`fastted.methods` maps method names to recipe classes).
+  :mod:`fastted.methods` maps method names to recipe classes);
+- :meth:`Recipe.use_teacher_cache`: distil from a teacher cache
+  (:mod:`fastted.cache`) instead of running the teacher (TED, LWD, KD).
 
 With ``fused_lm_head=True`` (language modelling: TED, LWD, KD, DWT) the
 models run without their vocabulary projections and the "task" and "kd"
@@ -40,10 +42,11 @@ import torch
 from torch import Tensor, nn
 
 from fastted.mapping import LayerMap, RandomLayerMap, uniform_map
-from fastted.models import ModelAdapter, adapt, gathered
+from fastted.models import ModelAdapter, ModelOutputs, adapt, gathered
 from fastted.ops.checks import check_impl
 from fastted.ops.fused_linear_kd import fused_linear_kd
 from fastted.ops.logit_kd import logit_kd
+from fastted.ops.sparse_logit_kd import fused_linear_sparse_kd, sparse_logit_kd
 
 
 @dataclass
@@ -109,6 +112,7 @@ class Recipe(nn.Module):
 
     label: str = ""
     uses_stage1_filters: bool = False
+    reads_teacher_cache: bool = False  # use_teacher_cache() works: the teacher's outputs can come from a cache
 
     def __init__(self, student, teacher=None, *, task: Optional[str] = None, impl: str = "auto",
                  train_student: bool = True, fused_lm_head: bool = False):
@@ -130,6 +134,7 @@ class Recipe(nn.Module):
         self.fused_lm_head = self._check_fused_lm_head(fused_lm_head)
         self.forward_count = 0
         self._teacher_truncated = False  # truncate_teacher() cut it: an LM teacher then skips its head
+        self.teacher_cache = None  # use_teacher_cache(): the teacher's outputs come from it
 
     def _check_fused_lm_head(self, fused_lm_head) -> bool:
         if not isinstance(fused_lm_head, bool):
@@ -239,6 +244,62 @@ class Recipe(nn.Module):
         self._teacher_truncated = True
         return keep
 
+    # ------------------------------------------------------------------ a cached teacher
+
+    def teacher_cache_expect(self) -> dict:
+        """What a teacher cache must hold for this recipe, as :class:`~fastted.cache.TeacherCache` checks it:
+        ``layers`` (the teacher layers stored, in order), ``temperature`` (of the stored tail) and ``targets``
+        (what a layer's target is: "raw" states or "filters:<hash>" of TED's frozen teacher filters)."""
+        raise ValueError(f"{type(self).__name__} reads no teacher cache: it needs the live teacher (a teacher "
+                         f"cache serves TED, LWD and KD)")
+
+    def cache_transform(self):
+        """What the cache stores of the captured layer states (``build_teacher_cache``'s ``transform``): None
+        for the raw states."""
+        return None
+
+    def use_teacher_cache(self, cache) -> None:
+        """Distil from ``cache`` (a :class:`~fastted.cache.TeacherCache` of this run's training data) instead of
+        running the teacher: the KL term reads its top-k logits (:func:`~fastted.ops.sparse_logit_kd.sparse_logit_kd`,
+        or fused with the student's head), the MSE term its stored layer targets. Batches then need
+        ``batch["index"]``, their dataset rows. The teacher (and its TED filters) leave the frozen modules:
+        nothing moves, casts or partitions them, and ``recipe.teacher`` is None. A cache that holds other
+        layers, another temperature or other targets than the recipe needs is a ValueError naming each."""
+        expect = self.teacher_cache_expect()
+        differ = [f"{key}: cache {cache.manifest.get(key)!r}, recipe {want!r}" for key, want in expect.items()
+                  if cache.manifest.get(key) != want]
+        if self._needs_cached_logits() and cache.manifest.get("logits") is None:
+            differ.append("logits: the cache holds none (k = 0), the KL term needs them")
+        if differ:
+            raise ValueError(f"teacher cache {cache.directory} does not hold what this {type(self).__name__} "
+                             f"needs ({'; '.join(differ)})")
+        self.teacher_cache = cache
+        self._cache_slot = {layer: i for i, layer in enumerate(cache.manifest["layers"])}
+        dropped = {id(m) for m in self._cache_replaces()}
+        self._frozen = [m for m in self._frozen if id(m) not in dropped]
+        object.__setattr__(self, "teacher", None)
+
+    def _needs_cached_logits(self) -> bool:
+        return False
+
+    def _cache_replaces(self) -> list[nn.Module]:
+        """The frozen modules a cache stands in for: the teacher."""
+        return [self.teacher_model.model]
+
+    def _cached_teacher(self, batch: dict, layers) -> ModelOutputs:
+        """The teacher's outputs of ``batch`` read from the cache: top-k logits and the layers' targets."""
+        if "index" not in batch:
+            raise ValueError("a cached teacher needs batch['index'], the batch's rows of the dataset the cache was "
+                             "made from (the run's collators add it)")
+        missing = [layer for layer in layers if layer not in self._cache_slot]
+        if missing:
+            raise ValueError(f"teacher cache {self.teacher_cache.directory} holds layers "
+                             f"{list(self._cache_slot)}, not {missing}")
+        mask = batch.get("attention_mask")
+        stored = self.teacher_cache.batch(batch["index"], mask, device=batch["input_ids"].device)
+        targets = [stored["targets"][self._cache_slot[layer]] for layer in layers]
+        return ModelOutputs(None, targets, mask, topk=stored["topk"])
+
     def activation_checkpointing_enable(self, **kwargs) -> None:
         """Recompute the student's activations in its backward (``transformers.Trainer``'s
         ``gradient_checkpointing``): handed to the student model, under whichever name its transformers has."""
@@ -274,6 +335,8 @@ class Recipe(nn.Module):
         return self.student_model(batch, layers, head=not self.fused_lm_head)
 
     def _teacher_forward(self, batch: dict, teacher_batch: Optional[dict], layers=()):
+        if self.teacher_cache is not None:
+            return self._cached_teacher(batch if teacher_batch is None else teacher_batch, layers)
         # A truncated LM teacher stops before its vocabulary projection: its logits would be of a middle layer.
         head = not (self.fused_lm_head or (self._teacher_truncated and self.teacher_model.task != "classification"))
         with torch.no_grad():
@@ -303,8 +366,12 @@ class Recipe(nn.Module):
             terms["task"] = self.student_model.task_loss(student_out.logits, batch.get("labels"))
         if weights["kd"]:
             mask = None if self.student_model.task == "classification" else student_out.mask
-            terms["kd"] = logit_kd(student_out.logits, teacher_out.logits, temperature=temperature, mask=mask,
-                                   impl=self.impl)
+            if teacher_out.topk is not None:  # a cached teacher's top-k
+                terms["kd"] = sparse_logit_kd(student_out.logits, *teacher_out.topk, temperature=temperature,
+                                              mask=mask, impl=self.impl)
+            else:
+                terms["kd"] = logit_kd(student_out.logits, teacher_out.logits, temperature=temperature, mask=mask,
+                                       impl=self.impl)
         return terms
 
     def _head_terms(self, student_out, teacher_out, batch: dict, weights: dict,
@@ -326,23 +393,25 @@ class Recipe(nn.Module):
         student = self.student_model
         xs = student_out.head_input
         ws, bs = student.lm_head_parts()
-        if w_kd:
-            xt = teacher_out.head_input
-            wt, bt = self.teacher_model.lm_head_parts()
-        else:  # no KL: the student's own head stands in as a constant teacher, whose vocabulary may differ
-            xt, wt, bt = xs.detach(), ws.detach(), None if bs is None else bs.detach()
         labels = None
         if w_task:
             labels = batch.get("labels")
             if labels is None:
                 raise ValueError(f"the {student.task} task loss needs batch['labels']")
-        with gathered((wt, bt)):  # a ZeRO-3 teacher's head is partitioned outside its forward
-            loss, kd, ce = fused_linear_kd(
-                xs, ws, xt, wt, temperature=temperature, student_bias=bs, teacher_bias=bt, mask=student_out.mask,
-                hard_labels=labels, hard_weight=w_task, soft_weight=w_kd, impl=self.impl, return_terms=True,
-                shift_labels=labels is not None and student.task == "clm",  # state t predicts label t + 1
-                kd_ignored_rows=True,  # the KL over every token the mask keeps, as the unfused recipes
-            )
+        options = dict(temperature=temperature, mask=student_out.mask, hard_labels=labels, hard_weight=w_task,
+                       soft_weight=w_kd, impl=self.impl, return_terms=True,
+                       shift_labels=labels is not None and student.task == "clm",  # state t predicts label t + 1
+                       kd_ignored_rows=True)  # the KL over every token the mask keeps, as the unfused recipes
+        if w_kd and teacher_out.topk is not None:  # a cached teacher: its top-k logits, no head of its own
+            loss, kd, ce = fused_linear_sparse_kd(xs, ws, *teacher_out.topk, student_bias=bs, **options)
+        else:
+            if w_kd:
+                xt = teacher_out.head_input
+                wt, bt = self.teacher_model.lm_head_parts()
+            else:  # no KL: the student's own head stands in as a constant teacher, whose vocabulary may differ
+                xt, wt, bt = xs.detach(), ws.detach(), None if bs is None else bs.detach()
+            with gathered((wt, bt)):  # a ZeRO-3 teacher's head is partitioned outside its forward
+                loss, kd, ce = fused_linear_kd(xs, ws, xt, wt, student_bias=bs, teacher_bias=bt, **options)
         terms = {}
         if w_task:
             terms["task"] = ce

@@ -135,6 +135,7 @@ class TED(Recipe):
 
     label = "TED"
     uses_stage1_filters = True
+    reads_teacher_cache = True
 
     def __init__(self, student, teacher, student_filters: TaskFilters, teacher_filters: TaskFilters, *,
                  task_alpha: float = 1.0, kl_alpha: float = 1.0, mse_alpha: float = 1.0, temperature: float = 2.0,
@@ -180,12 +181,35 @@ class TED(Recipe):
             raise ValueError(f"mse_alpha={mse_alpha} needs a layer map")
 
     def teacher_layers_needed(self) -> Optional[list[int]]:
-        if self.alphas["kd"]:
-            return None
+        return None if self.alphas["kd"] else self._cached_layers()
+
+    # ------------------------------------------------------------------ a cached teacher
+
+    def teacher_cache_expect(self) -> dict:
+        from fastted.cache import weights_hash
+
+        # LWD and KD (no filters) store the raw states; TED its frozen teacher filters' outputs
+        targets = "raw" if self.student_filters is None else f"filters:{weights_hash(self.teacher_filters)}"
+        return {"layers": self._cached_layers(), "temperature": self.temperature, "targets": targets}
+
+    def _cached_layers(self) -> list[int]:
         return list(self.layer_map.teacher) if self.alphas["mse"] and self.layer_map is not None else []
+
+    def cache_transform(self):
+        """TED's targets are the frozen teacher filters' outputs: what the cache stores of each layer."""
+        return None if self.student_filters is None else self.teacher_filters
+
+    def _needs_cached_logits(self) -> bool:
+        return bool(self.alphas["kd"])
+
+    def _cache_replaces(self) -> list[nn.Module]:
+        filters = [] if self.student_filters is None else [self.teacher_filters]
+        return [self.teacher_model.model] + filters
 
     def _mse_inputs(self, student_states: list[Tensor], teacher_states: list[Tensor]) -> dict:
         xs, ws, bs = self.student_filters.split(student_states)
+        if self.teacher_cache is not None:  # the cache holds the teacher filters' outputs
+            return dict(student_states=xs, student_weights=ws, student_biases=bs, teacher_states=teacher_states)
         with torch.no_grad():
             xt, wt, bt = self.teacher_filters.split(teacher_states)
         return dict(student_states=xs, student_weights=ws, student_biases=bs, teacher_states=xt,
@@ -205,8 +229,11 @@ class TED(Recipe):
             if teacher_batch is not None and teacher_batch["input_ids"].shape != batch["input_ids"].shape:
                 raise ValueError("the MSE term compares token by token: teacher_batch must have the student's shape")
             mask = s_out.mask if self.mask_padding else None
+            t_states = t_out.hidden_states
+            if self.teacher_cache is not None:  # stored targets, dequantized in fp32: in the student's dtype
+                t_states = [t.to(s_out.hidden_states[0].dtype) for t in t_states]
             terms["mse"], layer_losses = filtered_mse(
-                **self._mse_inputs(s_out.hidden_states, t_out.hidden_states), mask=mask, impl=self.impl,
+                **self._mse_inputs(s_out.hidden_states, t_states), mask=mask, impl=self.impl,
                 return_layer_losses=True,
             )
         return self._total(terms, self.alphas, head_loss, layer_losses=layer_losses,

@@ -90,7 +90,7 @@ def test_a_classifier_stores_one_logit_row_per_example_and_the_bytes_per_token(t
     assert got["topk_values"].shape == (1, 2) and got["targets"][0].shape == (len(examples[4]["input_ids"]), 32)
     from safetensors.torch import load_file
 
-    shard = load_file(os.path.join(tmp_path, "shard-00000.safetensors"))
+    shard = load_file(os.path.join(tmp_path, "shard-000-00000.safetensors"))
     tokens = sum(len(ex["input_ids"]) for ex in examples)
     assert shard["layer0"].dtype == torch.int8 and shard["layer0_scale"].dtype == torch.float32
     per_token = (shard["layer0"].numel() + 4 * shard["layer0_scale"].numel()) / tokens
@@ -108,18 +108,18 @@ def test_a_cache_of_another_run_or_damaged_is_refused(tmp_path):
         TeacherCache(str(tmp_path), expect={"teacher": "xyz", "k": 8, "tokenizer": "t1"})
     with pytest.raises(ValueError, match="holds no example 9"):
         TeacherCache(str(tmp_path)).example(9)
-    shard = tmp_path / "shard-00000.safetensors"
+    shard = tmp_path / "shard-000-00000.safetensors"
     data = bytearray(shard.read_bytes())
     data[-10] ^= 0xFF
     shard.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match="shard-00000.safetensors differs from its manifest's SHA-256"):
+    with pytest.raises(ValueError, match="shard-000-00000.safetensors differs from its manifest's SHA-256"):
         TeacherCache(str(tmp_path))
     (tmp_path / "manifest.json").unlink()
     with pytest.raises(ValueError, match="no manifest.json"):
         TeacherCache(str(tmp_path))
     with pytest.raises(ValueError, match="quantization must be one of int8, fp8, bf16, got 'int4'"):
         build_teacher_cache(teacher, _examples(2, seed=7), CLMCollator(0), str(tmp_path), quantization="int4")
-    for option, value, fragment in (("k", 0, "k must be a positive int"),
+    for option, value, fragment in (("k", -1, "k must be an int >= 0"),
                                     ("batch_size", 0, "batch_size must be a positive int"),
                                     ("shard_examples", -1, "shard_examples must be a positive int"),
                                     ("temperature", float("inf"), "temperature must be a finite number"),

@@ -105,6 +105,13 @@ BAD_SETTINGS = {
                                                   "['text', 'sentiment']"),
     "binary_config_file": (["-c", "{binary}"], "--config {binary}: got bytes that are not UTF-8 text"),
     "unknown_preset": (["--preset", "bogus"], "--preset: got 'bogus', needs one of bbc-minilm, bbc-minilm-tiny"),
+    "teacher_cache_for_mlm": (["task=mlm", "steps=[distil]", "distil.teacher_cache=true"],
+                              "distil.teacher_cache: a masked LM's teacher sees each step's own random masks"),
+    "teacher_cache_for_codir": (["distil.teacher_cache=true", "distil.methods=[kd,codir]"],
+                                "distil.teacher_cache: codir needs the live teacher (a teacher cache serves ted, "
+                                "lwd, kd)"),
+    "cache_quantization": (["distil.cache_quantization=int4"], "distil.cache_quantization: got 'int4'"),
+    "cache_k_negative": (["distil.cache_k=-1"], "distil.cache_k: got -1, needs a number >= 0"),
 }
 
 
@@ -194,6 +201,39 @@ def test_tiny_pipeline_end_to_end_then_resumed(tmp_path, capsys):
     assert os.path.isdir(out / "cache")
 
 
+def _train_records(out, step):
+    lines = (out / step / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if "loss" in r]
+
+
+def test_distil_from_the_teacher_cache(tmp_path, capsys):
+    """cache-teacher then distil with distil.teacher_cache: the same step-1 terms as the live teacher (KL and
+    task exact to the bf16-stored logits, MSE within int8's 1 %), the cache's size reported; a cache of other
+    settings refused with the command that rebuilds it."""
+    minilm_path()
+    out = tmp_path / "run"
+    code = main(["pipeline", *TINY, f"output_dir={out}", "distil.teacher_cache=true", "progress=false",
+                 "steps=[finetune-teacher,finetune-student,filters-teacher,filters-student,cache-teacher,distil]"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    for method in ("kd", "lwd", "ted"):
+        result = json.loads((out / f"cache-teacher-{method}" / "result.json").read_text())
+        assert result["examples"] == 64 and result["tokens"] > 64 and result["bytes_per_token"] > 0
+        assert f"cache-teacher-{method}: 64 examples" in printed
+    assert json.loads((out / "cache-teacher-kd" / "result.json").read_text())["layers"] == []
+    cached = {m: _train_records(out, f"distil-{m}")[0]["terms"] for m in ("kd", "lwd", "ted")}
+    assert main(["distil", *TINY, f"output_dir={out}", "resume=false"]) == 0
+    for method, terms in cached.items():
+        live = _train_records(out, f"distil-{method}")[0]["terms"]
+        assert terms.keys() == live.keys()
+        for name, value in live.items():
+            assert terms[name] == pytest.approx(value, rel=1e-2 if name != "task" else 1e-5), (method, name)
+    line = _error(capsys, "distil", "--method", "kd", *TINY, f"output_dir={out}", "distil.teacher_cache=true",
+                  "distil.temperature=3", "resume=false")
+    assert ("was made for another run (temperature: cache 2.0, run 3.0): run `fastted cache-teacher --method kd` "
+            "with this run's settings") in line, line
+
+
 def test_mlm_continual_pretraining(tmp_path):
     """task=mlm from the pretrained MiniLM: TED's stage I with the model's own LM head, then TED, DWT (cosine
     alpha_s) and CoDIR (block ids as the bank's exclusions) with the fused LM head; perplexities at the end."""
@@ -248,6 +288,9 @@ def test_string_labels_in_a_column_of_your_choice(capsys, tmp_path):
     (["distil", "--method", "ted"], "steps: distil (ted) needs filters-teacher/model, filters-student/model in"),
     (["distil", "--method", "kd"], "steps: distil (kd) needs finetune-teacher/model, finetune-student/model"),
     (["filters", "student"], "steps: filters-student needs finetune-student/model in"),
+    (["distil", "--method", "kd", "distil.teacher_cache=true"],
+     "cache-teacher-kd/manifest.json in {out}, which no earlier step writes: run `fastted finetune teacher` and "
+     "`fastted finetune student` and `fastted cache-teacher --method kd` first"),
     (["pipeline", "steps=[finetune-teacher,distil,evaluate]", "distil.methods=[lwd]"],
      "steps: distil (lwd) needs finetune-student/model in {out}, which no earlier step writes: add "
      "finetune-student to steps before 'distil'"),

@@ -1,0 +1,170 @@
+"""Recipes distilling from a teacher cache: the same step as the live teacher (KL exact for what is stored, the MSE
+within int8's error), on encoders and decoders, fused LM head included; caches built on several ranks; every
+mismatch between a cache and a recipe refused by name."""
+import copy
+
+import pytest
+import torch
+
+from fastted import KD, LWD, TED, CoDIR, TaskFilters, explicit_map
+from fastted.cache import TeacherCache, build_teacher_cache, finish_teacher_cache
+from fastted.data import ClassificationCollator, CLMCollator
+from tests.tiny_models import LABELS, VOCAB, bert, gpt2
+
+
+def _examples(n, seed, task):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(4, 12, (n,), generator=g)
+    out = [{"input_ids": torch.randint(5, VOCAB, (int(lengths[i]),), generator=g).tolist(), "index": i}
+           for i in range(n)]
+    if task == "classification":
+        for ex in out:
+            ex["label"] = int(torch.randint(0, LABELS, (1,), generator=g))
+    return out
+
+
+def _models(task):
+    if task == "classification":
+        return bert(2, 32, seed=1), bert(4, 48, seed=2)
+    return gpt2(2, 32, seed=1), gpt2(4, 48, seed=2)
+
+
+RECIPES = {
+    "kd": lambda s, t, fused: KD(s, t, fused_lm_head=fused),
+    "lwd": lambda s, t, fused: LWD(s, t, explicit_map([(0, 1), (1, 3)], 2, 4), mse_alpha=2.0, fused_lm_head=fused),
+    "ted": lambda s, t, fused: TED(s, t, TaskFilters([0, 1], 32, 24, nonlinear=True), TaskFilters([1, 3], 48, 24),
+                                   fused_lm_head=fused),
+}
+
+
+def _cache(recipe, examples, collator, directory, k, quantization, **kw):
+    expect = recipe.teacher_cache_expect()
+    build_teacher_cache(recipe.teacher_model, examples, collator, str(directory), layers=expect["layers"], k=k,
+                        temperature=expect["temperature"], quantization=quantization,
+                        transform=recipe.cache_transform(), identity=expect, batch_size=3, **kw)
+    return TeacherCache(str(directory))
+
+
+def _step(recipe, batch):
+    out = recipe(batch, step=0)
+    out.loss.backward()
+    return out, {n: p.grad.clone() for n, p in recipe.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("quantization", ["int8", "bf16"])
+@pytest.mark.parametrize("task, method, fused", [
+    ("classification", "kd", False), ("classification", "lwd", False), ("classification", "ted", False),
+    ("clm", "kd", True), ("clm", "lwd", False), ("clm", "ted", True),
+])
+def test_a_cached_teacher_gives_the_live_step(tmp_path, task, method, fused, quantization):
+    """Every term and gradient of one step from the cache against the live teacher's: the KL exact (the whole
+    vocabulary cached), the MSE and the gradients within the quantization's error (1 % for int8)."""
+    student, teacher = _models(task)
+    torch.manual_seed(3)
+    live = RECIPES[method](student, teacher, fused)
+    cached = copy.deepcopy(live)
+    examples = _examples(10, seed=5, task=task)
+    collator = ClassificationCollator(0) if task == "classification" else CLMCollator(0)
+    cached.use_teacher_cache(_cache(live, examples, collator, tmp_path, VOCAB, quantization))
+    assert cached.teacher is None and live.teacher is not None
+    assert all(m is not live.teacher_model.model for m in cached.frozen_modules())
+
+    batch = collator([examples[i] for i in (7, 2, 9, 4)])
+    out_live, grads_live = _step(live, batch)
+    out_cached, grads_cached = _step(cached, batch)
+    assert out_live.terms.keys() == out_cached.terms.keys()
+    tolerance = 1e-2 if quantization == "int8" else 5e-3
+    for name, value in out_live.terms.items():
+        rtol = 1e-5 if name == "task" else tolerance  # the top-k values are stored in bf16
+        torch.testing.assert_close(out_cached.terms[name], value, rtol=rtol, atol=1e-7, msg=name)
+    assert grads_cached.keys() == grads_live.keys()
+    total = torch.cat([g.flatten() for g in grads_live.values()]).norm()
+    for name, g in grads_live.items():  # relative to the parameter's gradient, or 1e-3 of the whole (a key bias: 0)
+        err = (grads_cached[name] - g).norm() / torch.maximum(g.norm(), 1e-3 * total)
+        assert err < 2 * tolerance, f"{name}: relative error {err:.2e}"
+
+
+def test_a_top_k_cache_gives_the_bucketed_kl(tmp_path):
+    """With k below the vocabulary the cached KL is the bucketed one of the live logits (its spec), a lower
+    bound of the live KL."""
+    from fastted.reference import sparse_logit_kd_reference, topk_targets_reference
+
+    student, teacher = _models("clm")
+    live = KD(student, teacher)
+    cached = copy.deepcopy(live)
+    examples = _examples(6, seed=8, task="clm")
+    cached.use_teacher_cache(_cache(live, examples, CLMCollator(0), tmp_path, 8, "int8"))
+    batch = CLMCollator(0)(examples[:4])
+    with torch.no_grad():
+        s_logits = live.student_model(batch).logits
+        t_logits = live.teacher_model(batch).logits
+        values, ids, tail = topk_targets_reference(t_logits, 8, 2.0)
+        want = sparse_logit_kd_reference(s_logits, values.bfloat16(), ids, tail, temperature=2.0,
+                                         mask=batch["attention_mask"])
+        got = cached(batch, step=0).terms["kd"]
+        assert got < live(batch, step=0).terms["kd"]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_a_cache_built_on_ranks_is_the_cache_of_one(tmp_path):
+    """Two ranks each store every other example and merge their part manifests: the same outputs as one rank's
+    cache; a rank that did not finish is named."""
+    teacher = gpt2(3, 32, seed=2)
+    recipe = LWD(gpt2(2, 32, seed=1), teacher, explicit_map([(0, 0), (1, 2)], 2, 3))
+    examples = _examples(9, seed=11, task="clm")
+    one = _cache(recipe, examples, CLMCollator(0), tmp_path / "one", 16, "int8")
+    for rank in (0, 1):
+        expect = recipe.teacher_cache_expect()
+        build_teacher_cache(recipe.teacher_model, examples, CLMCollator(0), str(tmp_path / "two"),
+                            layers=expect["layers"], k=16, temperature=2.0, identity=expect, batch_size=2,
+                            rank=rank, world=2)
+    assert not (tmp_path / "two" / "manifest.json").exists()  # not a cache before the merge
+    manifest = finish_teacher_cache(str(tmp_path / "two"), 2)
+    assert manifest["examples"] == 9 and manifest["tokens"] == one.manifest["tokens"]
+    two = TeacherCache(str(tmp_path / "two"))
+    for i in range(9):
+        a, b = one.example(i), two.example(i)
+        for key in ("topk_values", "topk_ids", "tail_lse"):
+            assert torch.equal(a[key], b[key]), (i, key)
+        for x, y in zip(a["targets"], b["targets"]):
+            assert torch.equal(x, y), i
+    expect = recipe.teacher_cache_expect()
+    build_teacher_cache(recipe.teacher_model, examples, CLMCollator(0), str(tmp_path / "three"),
+                        layers=expect["layers"], k=16, temperature=2.0, rank=0, world=3)
+    with pytest.raises(ValueError, match="rank 1 wrote no part manifest"):
+        finish_teacher_cache(str(tmp_path / "three"), 3)
+
+
+@pytest.mark.bad_input
+def test_a_cache_that_does_not_fit_the_recipe_is_refused(tmp_path):
+    student, teacher = _models("classification")
+    examples = _examples(4, seed=2, task="classification")
+    collator = ClassificationCollator(0)
+    lwd = RECIPES["lwd"](student, teacher, False)
+    cache = _cache(lwd, examples, collator, tmp_path / "lwd", 4, "int8")
+
+    other = LWD(student, teacher, explicit_map([(0, 0), (1, 2)], 2, 4))
+    with pytest.raises(ValueError, match=r"does not hold what this LWD needs \(layers: cache \[1, 3\], recipe "
+                                         r"\[0, 2\]\)"):
+        other.use_teacher_cache(cache)
+    with pytest.raises(ValueError, match=r"temperature: cache 2.0, recipe 1.0"):
+        LWD(student, teacher, explicit_map([(0, 1), (1, 3)], 2, 4), temperature=1.0).use_teacher_cache(cache)
+    ted = RECIPES["ted"](student, teacher, False)
+    with pytest.raises(ValueError, match=r"targets: cache 'raw', recipe 'filters:"):
+        ted.use_teacher_cache(cache)
+    with pytest.raises(ValueError, match="CoDIR reads no teacher cache: it needs the live teacher"):
+        CoDIR(student, teacher, explicit_map([(0, 1), (1, 3)], 2, 4), proj_dim=8, bank_size=8).use_teacher_cache(
+            cache)
+    layers_only = _cache(lwd, examples, collator, tmp_path / "layers", 0, "int8")
+    assert layers_only.manifest["logits"] is None
+    with pytest.raises(ValueError, match=r"logits: the cache holds none \(k = 0\), the KL term needs them"):
+        RECIPES["lwd"](student, teacher, False).use_teacher_cache(layers_only)
+    no_kl = LWD(student, teacher, explicit_map([(0, 1), (1, 3)], 2, 4), kl_alpha=0.0)
+    no_kl.use_teacher_cache(layers_only)  # a cache of the layer targets alone serves a recipe without the KL
+    no_kl(collator(examples[:2]), step=0)
+
+    lwd.use_teacher_cache(cache)
+    batch = collator(examples[:2])
+    del batch["index"]
+    with pytest.raises(ValueError, match=r"a cached teacher needs batch\['index'\]"):
+        lwd(batch, step=0)
