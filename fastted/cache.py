@@ -6,8 +6,8 @@ example for a classification teacher's logits):
 - the teacher's k largest logits (bf16) and their vocabulary ids (uint16 below 65,536 entries, else int32),
   and the log-sum-exp of all its other logits at the cache's temperature (fp32): what the KL against a top-k
   teacher needs (:func:`fastted.reference.sparse_logit_kd_reference`), exact for what is stored;
-- each mapped layer's target (the raw hidden state for LWD, the frozen TED filter's output, by ``transform``)
-  as int8 with one fp32 scale per row (``quantization="int8"``: the error of an entry is at most half its
+- each mapped layer's target (the raw hidden state for LWD, the frozen TED filter's output, by ``transform``;
+  for CoDIR and RAIL-KD one pooled vector per example) as int8 with one fp32 scale per row (``quantization="int8"``: the error of an entry is at most half its
   row's scale, max |row| / 254), fp8 (e4m3, per-row scale) or bf16.
 
 Storage: safetensors shards (memory-mapped when read) and ``manifest.json``, which records what the cache was
@@ -110,7 +110,8 @@ def build_teacher_cache(teacher, examples: Sequence[dict], collator: Callable, d
     with its number of examples.
 
     Args:
-        transform: maps the list of captured layer states to the stored targets (TED: the frozen teacher
+        transform: ``transform(states, attention_mask)`` maps the list of captured layer states to the stored
+            targets, (B, T, d) per token or (B, d) per example (CoDIR's and RAIL-KD's pooled vectors) (TED: the frozen teacher
             filters); default the raw states (LWD).
         identity: what the run will check the cache against (``teacher``: :func:`weights_hash` of the teacher,
             ``tokenizer``, ``data`` fingerprint ...), recorded in the manifest with layers, k, temperature and
@@ -150,6 +151,7 @@ def build_teacher_cache(teacher, examples: Sequence[dict], collator: Callable, d
         shard_ids.clear()
 
     vocab = logit_kind = None
+    targets_per = "token"
     with torch.no_grad():
         for start in range(0, len(mine), batch_size):
             chosen = mine[start:start + batch_size]
@@ -159,7 +161,8 @@ def build_teacher_cache(teacher, examples: Sequence[dict], collator: Callable, d
                 batch = {key: value.to(device) for key, value in batch.items()}
             # k = 0: the layers alone (a language model stops before its vocabulary projection)
             out = teacher(batch, layers, head=k > 0 or teacher.task == "classification")
-            targets = out.hidden_states if transform is None else transform(out.hidden_states)
+            targets = out.hidden_states if transform is None else transform(out.hidden_states, out.mask)
+            targets_per = "example" if targets and targets[0].dim() == 2 else "token"
             if k:
                 logits = out.logits.float()
                 vocab = logits.shape[-1]
@@ -172,7 +175,7 @@ def build_teacher_cache(teacher, examples: Sequence[dict], collator: Callable, d
             mask = None if mask is None else mask.cpu()
             for b in range(len(chunk)):
                 token_rows = _rows_of(mask[b]) if mask is not None else torch.arange(batch["input_ids"].shape[1])
-                entry = {"token_rows": len(token_rows)}
+                entry = {"target_rows": len(token_rows) if targets_per == "token" else 1}
                 tokens += len(token_rows)
                 if k:
                     per_token = logits.dim() == 3
@@ -182,7 +185,8 @@ def build_teacher_cache(teacher, examples: Sequence[dict], collator: Callable, d
                                  topk_ids=pick(ids).to(torch.uint16 if vocab <= 65536 else torch.int32),
                                  tail_lse=pick(tail).float())
                 for i, state in enumerate(targets):
-                    q, scale = quantize_rows(state[b][token_rows], quantization)
+                    q, scale = quantize_rows(state[b][token_rows] if targets_per == "token" else state[b][None],
+                                             quantization)
                     entry[f"layer{i}"] = q
                     if scale is not None:
                         entry[f"layer{i}_scale"] = scale
@@ -195,7 +199,7 @@ def build_teacher_cache(teacher, examples: Sequence[dict], collator: Callable, d
     flush()
     manifest = {"format": _FORMAT, **(identity or {}), "layers": layers, "k": k, "temperature": float(temperature),
                 "quantization": quantization, "examples": len(examples), "tokens": tokens, "vocab": vocab,
-                "logits": logit_kind, "shards": shards}
+                "logits": logit_kind, "targets_per": targets_per, "shards": shards}
     if world == 1:
         write_atomic(os.path.join(directory, MANIFEST), json.dumps(manifest, indent=1))
     else:
@@ -268,9 +272,10 @@ class TeacherCache:
     def __len__(self) -> int:
         return len(self._where)
 
-    def example(self, index: int) -> dict:
+    def example(self, index: int, dequantize: bool = True) -> dict:
         """The stored teacher outputs of dataset row ``index``: ``topk_values`` (rows, k) fp32, ``topk_ids``
-        (rows, k) int64, ``tail_lse`` (rows,), ``targets``: per mapped layer (tokens, d) fp32 (dequantized)."""
+        (rows, k) int64, ``tail_lse`` (rows,), ``targets``: per mapped layer (tokens, d) fp32 (dequantized), or
+        with ``dequantize=False`` as stored, with ``scales``: per layer (tokens,) fp32 (None for bf16)."""
         if index not in self._where:
             raise ValueError(f"teacher cache {self.directory} holds no example {index} (it has {len(self)})")
         shard, row = self._where[index]
@@ -281,49 +286,70 @@ class TeacherCache:
             return handle.get_slice(key)[o[0]:o[1]]
 
         keys = set(handle.keys())
-        out = {"targets": []}
+        out = {"targets": [], "scales": []}
         if "topk_values" in keys:
             out.update(topk_values=rows("topk_values", "logit_offsets").float(),
                        topk_ids=rows("topk_ids", "logit_offsets").to(torch.int64),
                        tail_lse=rows("tail_lse", "logit_offsets").float())
         for i in range(len(self.manifest["layers"])):
-            scale = rows(f"layer{i}_scale", "token_offsets") if f"layer{i}_scale" in keys else None
-            out["targets"].append(dequantize_rows(rows(f"layer{i}", "token_offsets"), scale))
+            scale = rows(f"layer{i}_scale", "target_offsets") if f"layer{i}_scale" in keys else None
+            values = rows(f"layer{i}", "target_offsets")
+            out["targets"].append(dequantize_rows(values, scale) if dequantize else values)
+            out["scales"].append(None if dequantize else scale)
         return out
 
-    def batch(self, index: Tensor, mask: Optional[Tensor], device=None) -> dict:
+    def batch(self, index: Tensor, mask: Optional[Tensor], device=None, dequantize: bool = True) -> dict:
         """The stored outputs of a batch of dataset rows ``index`` (B,), placed at the tokens of its attention
         ``mask`` (B, T) (the positions the cache stored, the collator pads on the right): ``topk`` = (values,
         ids, tail_lse) of shape (B, T, k), (B, T, k), (B, T) per token (a classification teacher's: (B, k), (B, k),
         (B,)), None in a cache without logits, and ``targets``: per cached layer (B, T, d) fp32, zero at the
-        padding. Padded rows hold ids 0..k-1 (distinct, as the losses need) and are left out by the mask."""
-        entries = [self.example(int(i)) for i in index.tolist()]
+        padding. Padded rows hold ids 0..k-1 (distinct, as the losses need) and are left out by the mask.
+
+        ``dequantize=False``: the targets as stored (int8, fp8 or bf16) with ``scales``, per layer (B, T) fp32
+        row scales (None for bf16), for :func:`~fastted.ops.filtered_mse.filtered_mse`'s ``teacher_scales``,
+        which dequantizes them inside its kernel; else ``scales`` is None."""
+        entries = [self.example(int(i), dequantize) for i in index.tolist()]
         n, t = len(entries), (mask.shape[1] if mask is not None else None)
         positions = [(_rows_of(mask[b].cpu()) if mask is not None else None) for b in range(n)]
         out = {"topk": None, "targets": []}
         if "topk_values" in entries[0]:
             k = entries[0]["topk_values"].shape[-1]
-            per_token = self.manifest["logits"] == "token"
-            shape = (n, t) if per_token else (n,)
+            token_logits = self.manifest["logits"] == "token"
+            shape = (n, t) if token_logits else (n,)
             values = torch.zeros(*shape, k)
             ids = torch.arange(k).expand(*shape, k).clone()
             tail = torch.zeros(shape)
             for b, entry in enumerate(entries):
-                where = positions[b] if per_token else b
-                if per_token:
+                where = positions[b] if token_logits else b
+                if token_logits:
                     self._check_rows(index[b], entry["topk_values"].shape[0], len(where))
                     values[b, where], ids[b, where], tail[b, where] = (entry["topk_values"], entry["topk_ids"],
                                                                        entry["tail_lse"])
                 else:
                     values[b], ids[b], tail[b] = entry["topk_values"][0], entry["topk_ids"][0], entry["tail_lse"][0]
             out["topk"] = tuple(x.to(device) if device is not None else x for x in (values, ids, tail))
+        scaled = not dequantize and self.manifest["quantization"] != "bf16"
+        per_token = self.manifest["targets_per"] == "token"
+        out["scales"] = [] if scaled else None
         for i in range(len(self.manifest["layers"])):
-            d = entries[0]["targets"][i].shape[-1]
-            layer = torch.zeros(n, t, d)
+            first = entries[0]["targets"][i]
+            shape = (n, t) if per_token else (n,)
+            layer = torch.zeros(*shape, first.shape[-1], dtype=first.dtype)
+            scales = torch.zeros(shape) if scaled else None
             for b, entry in enumerate(entries):
-                self._check_rows(index[b], entry["targets"][i].shape[0], len(positions[b]))
-                layer[b, positions[b]] = entry["targets"][i]
+                stored = entry["targets"][i].view(torch.uint8)  # fp8 tensors take no indexed writes everywhere
+                if per_token:
+                    self._check_rows(index[b], stored.shape[0], len(positions[b]))
+                    layer.view(torch.uint8)[b, positions[b]] = stored
+                    if scaled:
+                        scales[b, positions[b]] = entry["scales"][i]
+                else:
+                    layer.view(torch.uint8)[b] = stored[0]
+                    if scaled:
+                        scales[b] = entry["scales"][i][0]
             out["targets"].append(layer.to(device) if device is not None else layer)
+            if scaled:
+                out["scales"].append(scales.to(device) if device is not None else scales)
         return out
 
     def _check_rows(self, example, stored: int, tokens: int) -> None:

@@ -94,8 +94,8 @@ class DistilConfig:
     mask_padding: bool = True
     fused_lm_head: bool = True             # mlm / clm: the LM heads fused with the KL (no logits)
     truncate_teacher: bool = True          # no KL term: the teacher runs only up to its last mapped layer
-    teacher_cache: bool = False            # KD, LWD, TED: distil from the cache-teacher step's cache, not the
-                                           # live teacher (classification and clm)
+    teacher_cache: bool = False            # distil from the cache-teacher step's cache, not the live teacher
+                                           # (classification and clm; every method but DWT)
     cache_k: int = 64                      # the cache's top-k logits a token (0: the layer targets alone)
     cache_quantization: str = "int8"       # the cache's layer targets: int8, fp8 or bf16
     # CoDIR
@@ -147,7 +147,7 @@ class Config:
 STEPS = ("finetune-teacher", "finetune-student", "filters-teacher", "filters-student", "cache-teacher", "distil",
          "evaluate")
 # The methods whose recipes read a teacher cache (Recipe.reads_teacher_cache).
-CACHED_METHODS = ("ted", "lwd", "kd")
+CACHED_METHODS = ("ted", "lwd", "kd", "codir", "railkd")
 
 # The presets: overrides of the defaults above, by dotted key.
 PRESETS: dict[str, dict[str, Any]] = {

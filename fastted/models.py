@@ -93,6 +93,7 @@ class ModelOutputs:
     mask: Optional[Tensor]        # (B, T) attention mask, the token mask of every loss
     head_input: Optional[Tensor] = None  # (B, T, H) input of the vocabulary projection (head=False only)
     topk: Optional[tuple] = None  # a cached teacher's logits: (values, ids, tail_lse), see fastted.cache
+    target_scales: Optional[list[Tensor]] = None  # a cached teacher's: row scales of quantized hidden_states
 
 
 class ModelAdapter:

@@ -275,9 +275,8 @@ def cache_teacher(config: Config, method: str) -> dict:
     if not k and config.distil.truncate_teacher:
         recipe.truncate_teacher()  # the layer targets alone: the teacher stops at its last mapped layer
     teacher = recipe.teacher_model
-    transform = recipe.cache_transform()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.engine.precision)
-    for module in [teacher.model] + ([transform] if transform is not None else []):
+    for module in recipe.frozen_modules():  # the teacher (and TED's teacher filters), as the engine places them
         module.to(st.device, dtype=dtype if st.device.type == "cuda" else None).eval()
     directory = stage_dir(config, f"cache-teacher-{method}")
     if st.rank == 0:
@@ -293,7 +292,8 @@ def cache_teacher(config: Config, method: str) -> dict:
         bar = tqdm(total=n, desc=f"cache-teacher-{method}", unit="ex")
     manifest = build_teacher_cache(
         teacher, st.data.train, st.data.collator, directory, layers=identity["layers"], k=k,
-        temperature=identity["temperature"], quantization=config.distil.cache_quantization, transform=transform,
+        temperature=identity["temperature"], quantization=config.distil.cache_quantization,
+        transform=recipe.cache_transform(),
         identity=identity, batch_size=batch_size, rank=st.rank, world=st.world, device=st.device,
         progress=None if bar is None else bar.update)
     if bar is not None:

@@ -38,6 +38,7 @@ def filtered_mse_reference(
     student_biases: Optional[Sequence[Optional[Tensor]]] = None,
     teacher_weights: Optional[Sequence[Optional[Tensor]]] = None,
     teacher_biases: Optional[Sequence[Optional[Tensor]]] = None,
+    teacher_scales: Optional[Sequence[Tensor]] = None,
     mask: Optional[Tensor] = None,
     layer_weights: Optional[Sequence[float]] = None,
 ) -> tuple[Tensor, Tensor]:
@@ -45,7 +46,8 @@ def filtered_mse_reference(
 
     Returns ``(loss, layer_losses)``. Computes in the inputs' dtype, as an
     eager training script does; with ``mask=None`` each layer's loss is exactly
-    ``F.mse_loss`` of the two filter outputs (TED's unmasked mean).
+    ``F.mse_loss`` of the two filter outputs (TED's unmasked mean). Quantized
+    targets (``teacher_scales``) are dequantized first, in the student's dtype.
     """
     n_layers = len(student_states)
     layer_losses = []
@@ -55,6 +57,8 @@ def filtered_mse_reference(
         b = student_biases[layer] if student_biases is not None else None
         s_proj = F.linear(s, w, b) if w is not None else (s + b if b is not None else s)
         t = teacher_states[layer]
+        if teacher_scales is not None:
+            t = t.to(s.dtype) * teacher_scales[layer].to(s.dtype)[..., None]
         v = teacher_weights[layer] if teacher_weights is not None else None
         c = teacher_biases[layer] if teacher_biases is not None else None
         t_proj = F.linear(t, v, c) if v is not None else (t + c if c is not None else t)

@@ -6,8 +6,11 @@ For each mapped layer l the kernel computes one tile of the filtered error
 
 as a single GEMM over the concatenated K dimension (the student projection
 and the negated teacher projection accumulate into one fp32 accumulator), and
-reduces the masked squared error in the epilogue. The projected tensors never
-reach memory; when a gradient is wanted the epilogue writes dLoss/dE_l (the
+reduces the masked squared error in the epilogue. Targets given directly may
+be quantized (int8 or fp8 e4m3 with an fp32 scale per row, as a teacher cache
+stores them): the epilogue loads them as they are stored and dequantizes them
+in registers, a quarter (int8 against fp32) or half (against bf16) of the
+bytes of dequantized targets. The projected tensors never reach memory; when a gradient is wanted the epilogue writes dLoss/dE_l (the
 only thing the backward GEMMs need) and its column sums (the bias gradient).
 
 All L layers of a group are covered by one launch: program_id(1) is the layer,
@@ -125,6 +128,7 @@ def _project(
         "HAS_B": lambda args: args["b_base"] is not None,
         "HAS_V": lambda args: args["v_base"] is not None,
         "HAS_C": lambda args: args["c_base"] is not None,
+        "HAS_Q": lambda args: args["q_base"] is not None,
         "HAS_MASK": lambda args: args["mask_ptr"] is not None,
         "WRITE_GRAD": lambda args: args["g_base"] is not None,
         "WRITE_COLSUM": lambda args: args["colsum_ptr"] is not None,
@@ -145,6 +149,8 @@ def filtered_mse_fwd_kernel(
     v_offsets,  # int64 (L,)
     c_base,  # teacher filter biases, (D_F,) per layer; None: no bias
     c_offsets,  # int64 (L,)
+    q_base,  # fp32 (N,) per layer: the row scales of quantized targets (int8 / fp8 t); None: t as it is
+    q_offsets,  # int64 (L,)
     g_base,  # out: dLoss/dE, (N, D_F) per layer, contiguous; None: no gradient wanted
     g_offsets,  # int64 (L,)
     mask_ptr,  # fp32 (N,) token weights; None: every token counts 1
@@ -166,12 +172,14 @@ def filtered_mse_fwd_kernel(
     # --- constants
     IN_DTYPE: tl.constexpr,  # element type of every data tensor
     ALIGN: tl.constexpr,  # elements per 16 bytes: every layer offset is a multiple of it
+    T_ALIGN: tl.constexpr,  # the same for the teacher states or targets (int8 / fp8 targets: 16)
     UPCAST: tl.constexpr,  # run tl.dot in fp32 (the interpreter's bf16 dot is wrong)
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs, so fp32 is not silently tf32
     HAS_W: tl.constexpr,
     HAS_B: tl.constexpr,
     HAS_V: tl.constexpr,
     HAS_C: tl.constexpr,
+    HAS_Q: tl.constexpr,
     HAS_MASK: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
     WRITE_COLSUM: tl.constexpr,
@@ -199,7 +207,7 @@ def filtered_mse_fwd_kernel(
     col_ok = cols < D_F
 
     s_ptr = s_base + tl.multiple_of(tl.load(s_offsets + layer), ALIGN)
-    t_ptr = t_base + tl.multiple_of(tl.load(t_offsets + layer), ALIGN)
+    t_ptr = t_base + tl.multiple_of(tl.load(t_offsets + layer), T_ALIGN)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if HAS_W:
@@ -217,7 +225,11 @@ def filtered_mse_fwd_kernel(
     if not HAS_W:
         acc += tl.load(s_ptr + rows[:, None] * stride_s + cols[None, :], mask=tile_ok, other=0.0).to(tl.float32)
     if not HAS_V:
-        acc -= tl.load(t_ptr + rows[:, None] * stride_t + cols[None, :], mask=tile_ok, other=0.0).to(tl.float32)
+        target = tl.load(t_ptr + rows[:, None] * stride_t + cols[None, :], mask=tile_ok, other=0.0).to(tl.float32)
+        if HAS_Q:  # quantized targets: dequantized here, by their row's scale
+            q_ptr = q_base + tl.multiple_of(tl.load(q_offsets + layer), 4)
+            target = target * tl.load(q_ptr + rows, mask=row_ok, other=0.0)[:, None]
+        acc -= target
     if HAS_B:
         b_ptr = b_base + tl.multiple_of(tl.load(b_offsets + layer), ALIGN)
         acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -254,14 +266,15 @@ _MIN_BLOCK_M = min(config.kwargs["BLOCK_M"] for config in AUTOTUNE_CONFIGS)
 _MIN_BLOCK_N = min(config.kwargs["BLOCK_N"] for config in AUTOTUNE_CONFIGS)
 
 
-def filtered_mse_forward(s, w, b, t, v, c, mask, count, layer_scale, *, write_grad, write_colsum):
+def filtered_mse_forward(s, w, b, t, v, c, q, mask, count, layer_scale, *, write_grad, write_colsum):
     """Launch the fused kernel once over the L layers of a uniform group.
 
     s: L student states (N, D_S) with unit column stride and one row stride;
     w: L weights (D_F, D_S), contiguous, or None (identity student, D_S = D_F);
     b, c: L biases (D_F,) or None; t: L teacher states (N, D_T) (with v) or
     targets (N, D_F) (v None), one row stride; v: L weights (D_F, D_T) or None;
-    mask: fp32 (N,) or None; count: fp32 (1,) sum of the mask; layer_scale:
+    q: L fp32 row scales (N,) of quantized targets (t int8 or float8_e4m3fn,
+    v None), or None; mask: fp32 (N,) or None; count: fp32 (1,) sum of the mask; layer_scale:
     fp32 (L,). Every tensor's address is 16-byte aligned (the caller copies
     the ones that are not).
 
@@ -299,6 +312,7 @@ def filtered_mse_forward(s, w, b, t, v, c, mask, count, layer_scale, *, write_gr
         t[0], element_offsets(t, t[0], device),
         None if v is None else v[0], element_offsets(v, None if v is None else v[0], device),
         None if c is None else c[0], element_offsets(c, None if c is None else c[0], device),
+        None if q is None else q[0], element_offsets(q, None if q is None else q[0], device),
         g_base, element_offsets(grads, g_base, device),
         mask, count, layer_scale,
         sq_err, colsum,
@@ -306,6 +320,7 @@ def filtered_mse_forward(s, w, b, t, v, c, mask, count, layer_scale, *, write_gr
         s[0].stride(0), t[0].stride(0), max_tiles, max_pid_m,
         IN_DTYPE=_TL_DTYPES[dtype],
         ALIGN=16 // s[0].element_size(),
+        T_ALIGN=16 // t[0].element_size(),
         UPCAST=interpreting() and dtype == torch.bfloat16,
         DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
     )

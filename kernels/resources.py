@@ -46,7 +46,7 @@ from triton.backends.compiler import GPUTarget
 from triton.runtime.autotuner import Autotuner, Heuristics
 from triton.runtime.jit import create_function_from_signature
 
-from fastted.kernels import ARCHS, MAX_GRID, Arch, Launch, recording
+from fastted.kernels import ARCHS, MAX_GRID, Arch, Launch, device_arch, recording
 
 # Variants allowed to spill, with the reason. A key is (kernel, arch, dtype); nothing else may spill.
 ALLOWED_SPILLS: dict[tuple[str, str, str], str] = {}
@@ -128,8 +128,27 @@ def _filtered_mse_cases(sizes, full):
                     case = dict(op="filtered_mse", size=size, dtype=str(dtype), W=has_w, V=has_v, **flags,
                                 configs=configs)
                     yield case, lambda: filtered_mse_forward(
-                        s, w, b, t, v, c, mask, _empty((1,), torch.float32), _empty((layers,), torch.float32),
+                        s, w, b, t, v, c, None, mask, _empty((1,), torch.float32), _empty((layers,), torch.float32),
                         write_grad=write_grad, write_colsum=write_colsum)
+            # a teacher cache's quantized targets (int8 everywhere; fp8 loads from sm_89 on), with and without
+            # the student's filter
+            quantized = [torch.int8] + ([torch.float8_e4m3fn] if device_arch(META).capability >= 89 else [])
+            for t_dtype in quantized:
+                for has_w in (1, 0):
+                    for flags, configs in _flag_sets(full, True, grad=("colsum", "none")):
+                        write_grad = flags["grad"] != "none"
+                        layers = 3
+                        s = [_empty((n, d_s if has_w else d_f), dtype) for _ in range(layers)]
+                        w = [_empty((d_f, d_s), dtype) for _ in range(layers)] if has_w else None
+                        b = [_empty((d_f,), dtype) for _ in range(layers)] if has_w else None
+                        t = [_empty((n, d_f), t_dtype) for _ in range(layers)]
+                        q = [_empty((n,), torch.float32) for _ in range(layers)]
+                        case = dict(op="filtered_mse", size=size, dtype=f"{dtype}/{t_dtype}", W=has_w, V=0,
+                                    quantized=str(t_dtype), **flags, configs=configs)
+                        yield case, lambda: filtered_mse_forward(
+                            s, w, b, t, None, None, q, _empty((n,), torch.float32), _empty((1,), torch.float32),
+                            _empty((layers,), torch.float32), write_grad=write_grad,
+                            write_colsum=write_grad and bool(has_w))
 
 
 def _logit_kd_cases(sizes, full):

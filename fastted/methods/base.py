@@ -113,6 +113,7 @@ class Recipe(nn.Module):
     label: str = ""
     uses_stage1_filters: bool = False
     reads_teacher_cache: bool = False  # use_teacher_cache() works: the teacher's outputs can come from a cache
+    reads_quantized_targets: bool = False  # its loss takes a cache's int8 / fp8 targets with their row scales
 
     def __init__(self, student, teacher=None, *, task: Optional[str] = None, impl: str = "auto",
                  train_student: bool = True, fused_lm_head: bool = False):
@@ -249,13 +250,14 @@ class Recipe(nn.Module):
     def teacher_cache_expect(self) -> dict:
         """What a teacher cache must hold for this recipe, as :class:`~fastted.cache.TeacherCache` checks it:
         ``layers`` (the teacher layers stored, in order), ``temperature`` (of the stored tail) and ``targets``
-        (what a layer's target is: "raw" states or "filters:<hash>" of TED's frozen teacher filters)."""
+        (what a layer's target is: "raw" states, "filters:<hash>" of TED's frozen teacher filters, or
+        "pooled-<pooling>" vectors of CoDIR and RAIL-KD)."""
         raise ValueError(f"{type(self).__name__} reads no teacher cache: it needs the live teacher (a teacher "
-                         f"cache serves TED, LWD and KD)")
+                         f"cache serves TED, LWD, KD, CoDIR and RAIL-KD)")
 
     def cache_transform(self):
-        """What the cache stores of the captured layer states (``build_teacher_cache``'s ``transform``): None
-        for the raw states."""
+        """What the cache stores of the captured layer states: ``build_teacher_cache``'s ``transform(states,
+        mask)``, or None for the raw states."""
         return None
 
     def use_teacher_cache(self, cache) -> None:
@@ -296,9 +298,13 @@ class Recipe(nn.Module):
             raise ValueError(f"teacher cache {self.teacher_cache.directory} holds layers "
                              f"{list(self._cache_slot)}, not {missing}")
         mask = batch.get("attention_mask")
-        stored = self.teacher_cache.batch(batch["index"], mask, device=batch["input_ids"].device)
-        targets = [stored["targets"][self._cache_slot[layer]] for layer in layers]
-        return ModelOutputs(None, targets, mask, topk=stored["topk"])
+        # int8 / fp8 targets stay quantized: the filtered MSE kernel dequantizes them by their row scales
+        stored = self.teacher_cache.batch(batch["index"], mask, device=batch["input_ids"].device,
+                                          dequantize=not self.reads_quantized_targets)
+        slots = [self._cache_slot[layer] for layer in layers]
+        scales = None if stored["scales"] is None else [stored["scales"][i] for i in slots]
+        return ModelOutputs(None, [stored["targets"][i] for i in slots], mask, topk=stored["topk"],
+                            target_scales=scales)
 
     def activation_checkpointing_enable(self, **kwargs) -> None:
         """Recompute the student's activations in its backward (``transformers.Trainer``'s

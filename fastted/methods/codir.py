@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from torch import nn
 
 from fastted.mapping import LayerMap
@@ -46,6 +47,7 @@ class CoDIR(Recipe):
     """
 
     label = "CoDIR"
+    reads_teacher_cache = True
 
     def __init__(self, student, teacher, layer_map: Optional[LayerMap] = None, *, proj_dim: int = 128,
                  bank: Optional[MemoryBank] = None, bank_size: int = 4096, bank_mode: str = "queue",
@@ -81,10 +83,24 @@ class CoDIR(Recipe):
     def teacher_layers_needed(self) -> Optional[list[int]]:
         return None if self.alphas["kd"] else list(self.layer_map.teacher)
 
+    def teacher_cache_expect(self) -> dict:
+        layers = list(self.layer_map.teacher) if self.alphas["crd"] else []
+        return {"layers": layers, "temperature": self.kd_temperature, "targets": f"pooled-{self.pooling}"}
+
+    def cache_transform(self):
+        """The cache stores the teacher's pooled vectors, one per mapped layer and example."""
+        return lambda states, mask: pool_states(states, mask, pooling=self.pooling, concat=False, impl=self.impl)
+
+    def _needs_cached_logits(self) -> bool:
+        return bool(self.alphas["kd"])
+
     def vectors(self, student_out, teacher_out) -> tuple:
         """(student vectors (B, P), teacher vectors (B, P)): pooled, concatenated, projected (not normalized)."""
         ps = pool_states(student_out.hidden_states, student_out.mask, pooling=self.pooling, impl=self.impl)
-        pt = pool_states(teacher_out.hidden_states, teacher_out.mask, pooling=self.pooling, impl=self.impl)
+        if self.teacher_cache is not None:  # the cache's pooled vectors, one (B, d) per layer
+            pt = torch.cat([t.to(ps.dtype) for t in teacher_out.hidden_states], -1)
+        else:
+            pt = pool_states(teacher_out.hidden_states, teacher_out.mask, pooling=self.pooling, impl=self.impl)
         return self.student_head(ps), self.teacher_head(pt)
 
     def _labels(self, batch: dict):

@@ -17,6 +17,7 @@ from fastted.methods.base import Recipe, RecipeModels, RecipeOutput
 from fastted.models import check_same_vocab
 from fastted.ops.checks import check_alpha, check_temperature
 from fastted.ops.pooled_distance import PooledDistanceLoss
+from fastted.ops.pooling import pool_states
 
 
 class RAILKD(Recipe):
@@ -33,6 +34,7 @@ class RAILKD(Recipe):
     """
 
     label = "RAIL-KD"
+    reads_teacher_cache = True
 
     def __init__(self, student, teacher, layer_map: Optional[RandomLayerMap] = None, *,
                  proj_dim: Optional[int] = 128, concat: bool = False, pooling: str = "mean", temperature: float = 2.0,
@@ -63,6 +65,18 @@ class RAILKD(Recipe):
             return None
         return list(self.layer_map.teacher_layers) if self.alphas["rail"] else []
 
+    def teacher_cache_expect(self) -> dict:
+        """Every layer the draws may pick, pooled: the cache serves any draw."""
+        layers = list(self.layer_map.teacher_layers) if self.alphas["rail"] else []
+        return {"layers": layers, "temperature": self.temperature, "targets": f"pooled-{self.distance.pooling}"}
+
+    def cache_transform(self):
+        return lambda states, mask: pool_states(states, mask, pooling=self.distance.pooling, concat=False,
+                                                impl=self.impl)
+
+    def _needs_cached_logits(self) -> bool:
+        return bool(self.alphas["kd"])
+
     def forward(self, batch: dict, *, step: Optional[int] = None, epoch: int = 0,
                 teacher_batch: Optional[dict] = None) -> RecipeOutput:
         pairs = self.layer_map.draw(step=self._schedule_step(step), epoch=epoch)
@@ -71,6 +85,7 @@ class RAILKD(Recipe):
         t_out = self._teacher_forward(batch, teacher_batch, pairs.teacher if use_rail else ())
         terms, layer_losses = self._output_terms(s_out, t_out, batch, self.alphas, self.temperature), None
         if use_rail:
-            terms["rail"] = self.distance(s_out.hidden_states, t_out.hidden_states, s_out.mask, t_out.mask)
+            terms["rail"] = self.distance(s_out.hidden_states, t_out.hidden_states, s_out.mask, t_out.mask,
+                                          teacher_pooled=self.teacher_cache is not None)
             layer_losses = self.distance.layer_losses
         return self._total(terms, self.alphas, layer_losses=layer_losses, logits=s_out.logits.detach())

@@ -136,6 +136,7 @@ class TED(Recipe):
     label = "TED"
     uses_stage1_filters = True
     reads_teacher_cache = True
+    reads_quantized_targets = True  # the filtered MSE kernel dequantizes them
 
     def __init__(self, student, teacher, student_filters: TaskFilters, teacher_filters: TaskFilters, *,
                  task_alpha: float = 1.0, kl_alpha: float = 1.0, mse_alpha: float = 1.0, temperature: float = 2.0,
@@ -197,7 +198,7 @@ class TED(Recipe):
 
     def cache_transform(self):
         """TED's targets are the frozen teacher filters' outputs: what the cache stores of each layer."""
-        return None if self.student_filters is None else self.teacher_filters
+        return None if self.student_filters is None else lambda states, mask: self.teacher_filters(states)
 
     def _needs_cached_logits(self) -> bool:
         return bool(self.alphas["kd"])
@@ -229,11 +230,11 @@ class TED(Recipe):
             if teacher_batch is not None and teacher_batch["input_ids"].shape != batch["input_ids"].shape:
                 raise ValueError("the MSE term compares token by token: teacher_batch must have the student's shape")
             mask = s_out.mask if self.mask_padding else None
-            t_states = t_out.hidden_states
-            if self.teacher_cache is not None:  # stored targets, dequantized in fp32: in the student's dtype
+            t_states, scales = t_out.hidden_states, t_out.target_scales
+            if self.teacher_cache is not None and scales is None:  # bf16 targets: in the student's dtype
                 t_states = [t.to(s_out.hidden_states[0].dtype) for t in t_states]
             terms["mse"], layer_losses = filtered_mse(
-                **self._mse_inputs(s_out.hidden_states, t_states), mask=mask, impl=self.impl,
+                **self._mse_inputs(s_out.hidden_states, t_states), teacher_scales=scales, mask=mask, impl=self.impl,
                 return_layer_losses=True,
             )
         return self._total(terms, self.alphas, head_loss, layer_losses=layer_losses,

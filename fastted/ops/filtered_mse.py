@@ -12,9 +12,11 @@ time), the grouping of layers into launches of the Triton kernel
 :func:`filtered_mse` and the module :class:`FilteredMSELoss`. The spec is
 :func:`fastted.reference.filtered_mse_reference`.
 
-Each mapped layer pair is a :class:`FilteredMSELayer` of six roles: the
+Each mapped layer pair is a :class:`FilteredMSELayer` of seven roles: the
 student states ``s``, the student filter ``w`` and ``b``, the teacher states
-(or targets) ``t``, the teacher filter ``v`` and ``c``.
+(or targets) ``t``, the teacher filter ``v`` and ``c``, and ``q``, the row
+scales of quantized targets (int8 or fp8 ``t``, as a teacher cache stores
+them: target = t * q, dequantized inside the kernel).
 """
 from __future__ import annotations
 
@@ -39,11 +41,14 @@ class FilteredMSELayer(NamedTuple):
     t: Tensor  # (N, d_t) teacher states, or (N, d_f) targets when v is None
     v: Optional[Tensor]  # (d_f, d_t) teacher filter weight; None: t are the targets
     c: Optional[Tensor]  # (d_f,) teacher filter bias
+    q: Optional[Tensor] = None  # (N,) fp32 row scales of quantized targets t (int8 / fp8); None: t as it is
 
 
 ROLES = FilteredMSELayer._fields
+# The dtypes of quantized targets (what fastted.cache stores), read with their row scales.
+QUANTIZED = (torch.int8, torch.float8_e4m3fn)
 # The roles whose rows are the tokens: the kernel reads them with their row stride; the others contiguous.
-STATE_ROLES = ("s", "t")
+STATE_ROLES = ("s", "t", "q")
 
 
 # --------------------------------------------------------------------------- checks
@@ -51,7 +56,7 @@ STATE_ROLES = ("s", "t")
 
 def filtered_mse_inputs(
     student_states, student_weights, teacher_states, student_biases, teacher_weights, teacher_biases, mask,
-    layer_weights,
+    layer_weights, teacher_scales=None,
 ) -> tuple[list[FilteredMSELayer], Optional[Tensor], Tensor]:
     """Validate the public arguments; return the 2-D layers, the flat fp32 mask and the (L,) layer scale."""
     s_list = as_list("student_states", student_states, None, False)
@@ -64,6 +69,9 @@ def filtered_mse_inputs(
     b_list = as_list("student_biases", student_biases, n_layers, True) if student_biases is not None else none
     v_list = as_list("teacher_weights", teacher_weights, n_layers, True) if teacher_weights is not None else none
     c_list = as_list("teacher_biases", teacher_biases, n_layers, True) if teacher_biases is not None else none
+    q_list = as_list("teacher_scales", teacher_scales, n_layers, False) if teacher_scales is not None else none
+    if teacher_scales is not None and teacher_weights is not None:
+        raise ValueError("teacher_scales dequantize targets given as they are: they exclude teacher_weights")
 
     ref = s_list[0]
     if ref.dim() not in (2, 3):
@@ -81,13 +89,17 @@ def filtered_mse_inputs(
     for l in range(n_layers):
         s, w, b, t, v, c = (to_autocast(x, cast) for x in (s_list[l], w_list[l], b_list[l], t_list[l], v_list[l],
                                                              c_list[l]))
+        t, q = (t_list[l], q_list[l]) if q_list[l] is not None else (t, None)  # quantized: not autocast
         for name, x in ((f"student_states[{l}]", s), (f"teacher_states[{l}]", t)):
             if tuple(x.shape[:-1]) != lead or x.dim() != ref.dim():
                 raise ValueError(
                     f"{name} has shape {tuple(x.shape)}, but student_states[0] has {tuple(ref.shape)}: every "
                     f"layer's states need the same leading shape {lead}"
                 )
-            check_like(name, x, ref_s, "student_states[0]")
+            if x is not t or q is None:
+                check_like(name, x, ref_s, "student_states[0]")
+        if q is not None:
+            q = _checked_scales(l, t, q, lead, ref)
         check_floating(f"student_states[{l}]", s)
         d_s, d_t = s.shape[-1], t.shape[-1]
         if w is not None:
@@ -109,7 +121,7 @@ def filtered_mse_inputs(
             if bias is not None:
                 check_bias(name, bias, d_f)
                 check_like(name, bias, ref_s, "student_states[0]")
-        layers.append(FilteredMSELayer(s.reshape(-1, d_s), w, b, t.reshape(-1, d_t), v, c))
+        layers.append(FilteredMSELayer(s.reshape(-1, d_s), w, b, t.reshape(-1, d_t), v, c, q))
 
     if mask is not None:
         mask = flat_mask(mask, lead, ref.device, "student_states[0]").to(torch.float32)
@@ -126,6 +138,22 @@ def filtered_mse_inputs(
         lw = lw.to(ref.device)
         scale = lw / lw.sum()
     return layers, mask, scale
+
+
+def _checked_scales(l: int, t: Tensor, q, lead: tuple, ref: Tensor) -> Tensor:
+    """Layer l's quantized targets ``t`` (int8 / float8_e4m3fn) and row scales ``q`` (of the leading shape),
+    checked; returns q flat, fp32."""
+    if t.dtype not in QUANTIZED:
+        raise ValueError(f"teacher_states[{l}] has dtype {t.dtype}, but teacher_scales are the row scales of "
+                         f"quantized targets: int8 or float8_e4m3fn (fastted.cache.quantize_rows)")
+    if not isinstance(q, Tensor) or tuple(q.shape) != lead:
+        got = tuple(q.shape) if isinstance(q, Tensor) else type(q).__name__
+        raise ValueError(f"teacher_scales[{l}] has shape {got}, but needs {lead} (one scale per token)")
+    check_floating(f"teacher_scales[{l}]", q)
+    for name, x in ((f"teacher_states[{l}]", t), (f"teacher_scales[{l}]", q)):
+        if x.device != ref.device:
+            raise ValueError(f"{name} is on {x.device}, but student_states[0] is on {ref.device}")
+    return q.reshape(-1).to(torch.float32)
 
 
 # --------------------------------------------------------------------------- gradients from dLoss/dE
@@ -179,6 +207,12 @@ def grads_like(grads: dict[str, Tensor], layer: FilteredMSELayer) -> FilteredMSE
                               for role, x in zip(ROLES, layer)))
 
 
+def target_rows(layer: FilteredMSELayer, rows: slice, dtype: torch.dtype) -> Tensor:
+    """Rows of a layer's teacher states or targets in ``dtype``: quantized targets dequantized by their scales."""
+    t = layer.t[rows].to(dtype)
+    return t if layer.q is None else t * layer.q[rows].to(dtype)[:, None]
+
+
 # --------------------------------------------------------------------------- the PyTorch path
 
 
@@ -207,14 +241,14 @@ def filtered_mse_chunked(layers, mask, count, layer_scale, needs) -> tuple[Tenso
         b = layer.b.to(acc_dtype) if layer.b is not None else None
         c = layer.c.to(acc_dtype) if layer.c is not None else None
         scale = 2.0 * layer_scale[l].to(acc_dtype) / (d_f * safe.to(acc_dtype))
-        wide = FilteredMSELayer(layer.s, w, b, layer.t, v, c)
+        wide = FilteredMSELayer(layer.s, w, b, layer.t, v, c, layer.q)
         bias = b if c is None else (-c if b is None else b - c)  # both biases in one: one pass fewer per block
         total = torch.zeros((), dtype=acc_dtype, device=layer.s.device)
         grads: dict[str, Tensor] = {}
         for start in range(0, n_rows, block):
             rows = slice(start, min(start + block, n_rows)) if block < n_rows else slice(None)
             s = layer.s[rows].to(acc_dtype)
-            t = layer.t[rows].to(acc_dtype)
+            t = target_rows(layer, rows, acc_dtype)
             # err = S W^T + b - (H V^T + c), built in one buffer
             if w is None:
                 err = s.clone() if bias is None else s + bias
@@ -244,7 +278,7 @@ def filtered_mse_chunked(layers, mask, count, layer_scale, needs) -> tuple[Tenso
 def launch_group_key(layer: FilteredMSELayer) -> tuple:
     """Layers with the same key (which roles are present, widths, row strides) share one kernel launch."""
     return (
-        layer.w is None, layer.b is None, layer.v is None, layer.c is None,
+        layer.w is None, layer.b is None, layer.v is None, layer.c is None, layer.q is None, layer.t.dtype,
         layer.s.shape[1], layer.t.shape[1], layer.s.stride(0), layer.t.stride(0),
     )
 
@@ -252,8 +286,13 @@ def launch_group_key(layer: FilteredMSELayer) -> tuple:
 def filtered_mse_triton(layers, mask, count, layer_scale, needs) -> tuple[Tensor, list[FilteredMSELayer]]:
     """The Triton path, same contract as :func:`filtered_mse_chunked`: one kernel launch per group of layers
     with one :func:`launch_group_key`, then the backward GEMMs of one layer at a time."""
+    from fastted.kernels import device_arch
     from fastted.kernels.filtered_mse import filtered_mse_forward
 
+    # fp8 targets load as fp8 only from sm_89 on: before that they are dequantized here, in the states' dtype.
+    if device_arch(layers[0].s.device).capability < 89:
+        layers = [l._replace(t=target_rows(l, slice(None), l.s.dtype), q=None) if l.t.dtype == torch.float8_e4m3fn
+                  else l for l in layers]
     # States keep their row stride; weights and biases must be contiguous.
     layers = [
         FilteredMSELayer(*(None if x is None else aligned(x, role not in STATE_ROLES) for role, x in zip(ROLES, l)))
@@ -348,6 +387,7 @@ def filtered_mse(
     student_biases: Optional[Sequence[Optional[Tensor]]] = None,
     teacher_weights: Optional[Sequence[Optional[Tensor]]] = None,
     teacher_biases: Optional[Sequence[Optional[Tensor]]] = None,
+    teacher_scales: Optional[Sequence[Tensor]] = None,
     mask: Optional[Tensor] = None,
     layer_weights: Optional[Sequence[float] | Tensor] = None,
     impl: str = "auto",
@@ -369,6 +409,11 @@ def filtered_mse(
             and then Y_l = H_l V_l^T + c_l.
         student_biases, teacher_biases: L biases (d_f,) or None entries.
         teacher_weights: L frozen teacher filter weights (d_f, d_t), or None.
+        teacher_scales: L fp32 row scales of the leading shape, when the
+            targets are quantized (``teacher_states`` int8 or float8_e4m3fn,
+            no teacher_weights: Y_l = teacher_states * scale per row, what
+            :mod:`fastted.cache` stores): dequantized inside the kernel (fp8
+            from sm_89 on; before, and on the CPU path, in the states' dtype).
         mask: token mask of the states' leading shape, (N,) or (B, T). None:
             every token counts, which is TED's unmasked mean exactly. All
             tokens masked gives a loss of 0 and zero gradients.
@@ -384,7 +429,7 @@ def filtered_mse(
     """
     layers, mask, layer_scale = filtered_mse_inputs(
         student_states, student_weights, teacher_states, student_biases, teacher_weights, teacher_biases,
-        mask, layer_weights,
+        mask, layer_weights, teacher_scales,
     )
     ref = layers[0].s
     impl = resolve_impl(impl, ref.device, ref.dtype)

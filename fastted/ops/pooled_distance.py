@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastted.ops.checks import as_list, check_impl, check_positive_int, check_weight
+from fastted.ops.checks import as_list, check_floating, check_impl, check_positive_int, check_weight
 from fastted.ops.contrastive_kd import EPS, unit, unit_backward
 from fastted.ops.dispatch import detach_without_grad, save_gradients, scaled_gradients
 from fastted.ops.pooling import check_pooling, check_states, pool_states, valid_examples
@@ -51,6 +51,7 @@ def pooled_distance(
     teacher_mask: Optional[Tensor] = None,
     pooling: str = "mean",
     concat: bool = False,
+    teacher_pooled: bool = False,
     impl: str = "auto",
     return_layer_losses: bool = False,
 ):
@@ -76,13 +77,17 @@ def pooled_distance(
             ``mask`` (the same tokenizer). The means run over the examples
             with a valid token in both; none gives 0 and zero gradients.
         pooling: "mean" or "first" (see :func:`~fastted.ops.pooling.pool_states`).
+        teacher_pooled: ``teacher_states`` are the teacher's layers pooled
+            already, (B, d_t) each (a teacher cache's): they are not pooled
+            again (the teacher's valid tokens are ``mask``'s).
         return_layer_losses: also return the detached per-pair losses.
 
     Returns the fp32 scalar loss (float64 for float64 states), gradients
     through autograd to the states and the projections.
     """
     s_states = check_states("student_states", student_states)
-    t_states = check_states("teacher_states", teacher_states)
+    t_states = _pooled("teacher_states", teacher_states, s_states) if teacher_pooled else \
+        check_states("teacher_states", teacher_states)
     if not concat and len(s_states) != len(t_states):
         raise ValueError(
             f"teacher_states has {len(t_states)} layers, but student_states has {len(s_states)}: the layer-wise "
@@ -94,14 +99,18 @@ def pooled_distance(
             f"{s_states[0].shape[0]}: they must match"
         )
     if teacher_mask is None:
-        if mask is not None and t_states[0].shape[1] != s_states[0].shape[1]:
+        if mask is not None and not teacher_pooled and t_states[0].shape[1] != s_states[0].shape[1]:
             raise ValueError(
                 f"teacher_states have {t_states[0].shape[1]} tokens, but mask covers {s_states[0].shape[1]}: "
                 f"pass teacher_mask (the teacher's own attention mask)"
             )
         teacher_mask = mask
     ps = pool_states(s_states, mask, pooling=pooling, concat=concat, impl=impl)
-    pt = pool_states(t_states, teacher_mask, pooling=pooling, concat=concat, impl=impl)
+    if teacher_pooled:
+        pt = torch.cat([t.to(ps.dtype if concat else ps[0].dtype) for t in t_states], -1) if concat else \
+            [t.to(ps[0].dtype) for t in t_states]
+    else:
+        pt = pool_states(t_states, teacher_mask, pooling=pooling, concat=concat, impl=impl)
     ps, pt = ([ps], [pt]) if concat else (ps, pt)
     proj_s = check_projections("student_weights", student_weights, student_biases, [x.shape[1] for x in ps],
                                "the pooled student layer(s)")
@@ -134,6 +143,19 @@ def pooled_distance(
     layer_losses = torch.stack(losses)
     loss = layer_losses.sum()
     return (loss, layer_losses.detach()) if return_layer_losses else loss
+
+
+def _pooled(name: str, states, s_states) -> list[Tensor]:
+    """Pooled teacher layers: a list of (B, d) float tensors, B the student's examples."""
+    if isinstance(states, Tensor) or not isinstance(states, (list, tuple)) or not states:
+        raise ValueError(f"{name} must be a non-empty list of pooled (B, d) tensors, got {type(states).__name__}")
+    for i, x in enumerate(states):
+        if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[0] != s_states[0].shape[0]:
+            got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"{name}[{i}] has shape {got}, but teacher_pooled needs ({s_states[0].shape[0]}, d): "
+                             f"one pooled vector per example")
+        check_floating(f"{name}[{i}]", x)
+    return list(states)
 
 
 def _stackable(projections: list) -> bool:
@@ -235,14 +257,15 @@ class PooledDistanceLoss(nn.Module):
                                               for _ in range(teacher_layers))
 
     def forward(self, student_states: Sequence[Tensor], teacher_states: Sequence[Tensor],
-                mask: Optional[Tensor] = None, teacher_mask: Optional[Tensor] = None) -> Tensor:
+                mask: Optional[Tensor] = None, teacher_mask: Optional[Tensor] = None,
+                teacher_pooled: bool = False) -> Tensor:
         heads = {}
         for side, proj in (("student", self.student_proj), ("teacher", self.teacher_proj)):
             heads[f"{side}_weights"] = None if proj is None else [p.weight for p in proj]
             heads[f"{side}_biases"] = None if proj is None else [p.bias for p in proj]
         loss, self.layer_losses = pooled_distance(
             student_states, teacher_states, mask=mask, teacher_mask=teacher_mask, pooling=self.pooling,
-            concat=self.concat, impl=self.impl, return_layer_losses=True, **heads,
+            concat=self.concat, teacher_pooled=teacher_pooled, impl=self.impl, return_layer_losses=True, **heads,
         )
         return loss
 

@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from fastted import KD, LWD, TED, CoDIR, TaskFilters, explicit_map
+from fastted import DWT, KD, LWD, RAILKD, TED, CoDIR, RandomLayerMap, TaskFilters, explicit_map
 from fastted.cache import TeacherCache, build_teacher_cache, finish_teacher_cache
 from fastted.data import ClassificationCollator, CLMCollator
 from tests.tiny_models import LABELS, VOCAB, bert, gpt2
@@ -45,8 +45,8 @@ def _cache(recipe, examples, collator, directory, k, quantization, **kw):
     return TeacherCache(str(directory))
 
 
-def _step(recipe, batch):
-    out = recipe(batch, step=0)
+def _step(recipe, batch, step=0):
+    out = recipe(batch, step=step)
     out.loss.backward()
     return out, {n: p.grad.clone() for n, p in recipe.named_parameters() if p.grad is not None}
 
@@ -82,6 +82,42 @@ def test_a_cached_teacher_gives_the_live_step(tmp_path, task, method, fused, qua
     for name, g in grads_live.items():  # relative to the parameter's gradient, or 1e-3 of the whole (a key bias: 0)
         err = (grads_cached[name] - g).norm() / torch.maximum(g.norm(), 1e-3 * total)
         assert err < 2 * tolerance, f"{name}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("task", ["classification", "clm"])
+@pytest.mark.parametrize("method", ["codir", "railkd"])
+def test_pooled_vectors_from_the_cache(tmp_path, task, method):
+    """CoDIR and RAIL-KD read the teacher's pooled vectors (one int8 row per example and layer; RAIL-KD's of every
+    layer its draws may pick): the same contrastive / distance term and gradients as the live teacher, over steps
+    that fill CoDIR's bank and draw RAIL-KD's layers."""
+    student, teacher = _models(task)
+    torch.manual_seed(3)
+    if method == "codir":
+        live = CoDIR(student, teacher, explicit_map([(0, 1), (1, 3)], 2, 4), proj_dim=8, bank_size=16)
+    else:
+        live = RAILKD(student, teacher, RandomLayerMap(2, 4, per="step", seed=2), proj_dim=8)
+    cached = copy.deepcopy(live)
+    examples = _examples(12, seed=6, task=task)
+    collator = ClassificationCollator(0) if task == "classification" else CLMCollator(0)
+    cache = _cache(live, examples, collator, tmp_path, VOCAB, "int8")
+    assert cache.manifest["targets_per"] == "example"
+    assert cache.manifest["layers"] == ([1, 3] if method == "codir" else [0, 1, 2, 3])
+    cached.use_teacher_cache(cache)
+    term = "crd" if method == "codir" else "rail"
+    for step, rows in enumerate(((0, 3, 5, 7), (1, 2, 9, 11), (4, 6, 8, 10))):
+        batch = collator([examples[i] for i in rows])
+        out_live, grads_live = _step(live, batch, step)
+        out_cached, grads_cached = _step(cached, batch, step)
+        for recipe in (live, cached):
+            recipe.zero_grad()
+        if method == "codir" and step == 0:
+            assert out_cached.terms[term] == 0  # the bank fills on the first step
+            continue
+        torch.testing.assert_close(out_cached.terms[term], out_live.terms[term], rtol=1e-2, atol=1e-6)
+        total = torch.cat([g.flatten() for g in grads_live.values()]).norm()
+        for name, g in grads_live.items():
+            err = (grads_cached[name] - g).norm() / torch.maximum(g.norm(), 1e-3 * total)
+            assert err < 2e-2, f"step {step} {name}: relative error {err:.2e}"
 
 
 def test_a_top_k_cache_gives_the_bucketed_kl(tmp_path):
@@ -152,7 +188,9 @@ def test_a_cache_that_does_not_fit_the_recipe_is_refused(tmp_path):
     ted = RECIPES["ted"](student, teacher, False)
     with pytest.raises(ValueError, match=r"targets: cache 'raw', recipe 'filters:"):
         ted.use_teacher_cache(cache)
-    with pytest.raises(ValueError, match="CoDIR reads no teacher cache: it needs the live teacher"):
+    with pytest.raises(ValueError, match="DWT reads no teacher cache: it needs the live teacher"):
+        DWT(student, teacher).use_teacher_cache(cache)
+    with pytest.raises(ValueError, match=r"targets: cache 'raw', recipe 'pooled-mean'"):
         CoDIR(student, teacher, explicit_map([(0, 1), (1, 3)], 2, 4), proj_dim=8, bank_size=8).use_teacher_cache(
             cache)
     layers_only = _cache(lwd, examples, collator, tmp_path / "layers", 0, "int8")

@@ -328,3 +328,69 @@ def test_autotune_sweep_leaks_nothing(case, monkeypatch):
     monkeypatch.setattr(tuner, "_do_bench", bench)
     check_autotune_first_call(case, torch.float32)
     assert len(tuner.configs_timings) == len(sweep) and tuner.best_config is sweep[-1]  # a sweep ran
+
+
+# --------------------------------------------------------------------------- quantized targets (a teacher cache's)
+
+
+@pytest.mark.parametrize("kind", ["int8", "fp8"])
+@pytest.mark.parametrize("student", ["filtered", "identity"])
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=str)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_quantized_targets_against_float64(impl, dtype, student, kind):
+    """int8 / fp8 targets with fp32 row scales (fastted.cache.quantize_rows), dequantized inside the kernel: loss,
+    layer losses and the student's gradients against the float64 spec on the same quantized targets, masked."""
+    from fastted.cache import quantize_rows
+
+    g = torch.Generator().manual_seed(seed_for("quantized", impl, dtype, student, kind))
+    dev = device()
+    lead, d_s, d_f, n_layers = (3, 29), 40, 48, 3
+    rand = lambda *shape, scale=1.0: (torch.randn(*shape, generator=g, dtype=torch.float64) * scale)  # noqa: E731
+    states = [rand(*lead, d_s if student == "filtered" else d_f).to(dev, dtype) for _ in range(n_layers)]
+    weights = [rand(d_f, d_s, scale=d_s**-0.5).to(dev, dtype) if student == "filtered" else None
+               for _ in range(n_layers)]
+    biases = [rand(d_f, scale=0.1).to(dev, dtype) if student == "filtered" else None for _ in range(n_layers)]
+    targets, scales = [], []
+    for _ in range(n_layers):  # rows of very different magnitudes, as hidden states have
+        q, scale = quantize_rows(rand(lead[0] * lead[1], d_f) * torch.logspace(-1, 1, lead[0] * lead[1],
+                                                                               dtype=torch.float64)[:, None], kind)
+        targets.append(q.reshape(*lead, d_f).to(dev))
+        scales.append(scale.reshape(lead).to(dev))
+    mask = (torch.rand(lead, generator=g) > 0.3).to(dev)
+
+    def run(fn, s_dtype, **kw):
+        s = [x.detach().to(s_dtype).requires_grad_() for x in states]
+        w = [None if x is None else x.detach().to(s_dtype).requires_grad_() for x in weights]
+        b = [None if x is None else x.detach().to(s_dtype).requires_grad_() for x in biases]
+        loss, layer_losses = fn(s, w, targets, student_biases=b if student == "filtered" else None,
+                                teacher_scales=scales, mask=mask, **kw)
+        loss.backward()
+        return loss, layer_losses, [x.grad for x in s + [y for y in w + b if y is not None]]
+
+    got = run(fastted.filtered_mse, dtype, impl=impl, return_layer_losses=True)
+    ref = run(filtered_mse_reference, torch.float64)
+    lowp = run(filtered_mse_reference, dtype)
+    slack = DTYPES[dtype]
+    assert_close_to_spec("loss", got[0], ref[0], lowp[0], slack)
+    assert_close_to_spec("layer losses", got[1], ref[1], lowp[1], slack)
+    for i, (a, b_, c) in enumerate(zip(got[2], ref[2], lowp[2])):
+        assert a.dtype == dtype
+        assert_close_to_spec(f"grad {i}", a, b_, c, slack)
+
+
+@pytest.mark.bad_input
+def test_quantized_targets_bad_input():
+    s = [torch.randn(4, 8)]
+    q = torch.zeros(4, 8, dtype=torch.int8)
+    for kwargs, fragment in (
+        (dict(teacher_states=[torch.randn(4, 8)], teacher_scales=[torch.ones(4)]),
+         "teacher_states[0] has dtype torch.float32, but teacher_scales are the row scales of quantized targets"),
+        (dict(teacher_states=[q], teacher_scales=[torch.ones(5)]),
+         "teacher_scales[0] has shape (5,), but needs (4,) (one scale per token)"),
+        (dict(teacher_states=[q], teacher_scales=[torch.ones(4, dtype=torch.long)]), "teacher_scales[0]"),
+        (dict(teacher_states=[torch.zeros(4, 6, dtype=torch.int8)], teacher_scales=[torch.ones(4)],
+              teacher_weights=[torch.randn(8, 6)]), "teacher_scales dequantize targets given as they are"),
+    ):
+        with pytest.raises(ValueError) as info:
+            fastted.filtered_mse(s, [None], **kwargs)
+        assert fragment in str(info.value), str(info.value)

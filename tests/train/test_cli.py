@@ -107,9 +107,9 @@ BAD_SETTINGS = {
     "unknown_preset": (["--preset", "bogus"], "--preset: got 'bogus', needs one of bbc-minilm, bbc-minilm-tiny"),
     "teacher_cache_for_mlm": (["task=mlm", "steps=[distil]", "distil.teacher_cache=true"],
                               "distil.teacher_cache: a masked LM's teacher sees each step's own random masks"),
-    "teacher_cache_for_codir": (["distil.teacher_cache=true", "distil.methods=[kd,codir]"],
-                                "distil.teacher_cache: codir needs the live teacher (a teacher cache serves ted, "
-                                "lwd, kd)"),
+    "teacher_cache_for_dwt": (["distil.teacher_cache=true", "distil.methods=[kd,dwt]"],
+                              "distil.teacher_cache: dwt needs the live teacher (a teacher cache serves ted, lwd, "
+                              "kd, codir, railkd)"),
     "cache_quantization": (["distil.cache_quantization=int4"], "distil.cache_quantization: got 'int4'"),
     "cache_k_negative": (["distil.cache_k=-1"], "distil.cache_k: got -1, needs a number >= 0"),
 }
