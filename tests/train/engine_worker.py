@@ -1,5 +1,6 @@
 """A few steps of a recipe on tiny models through fastted's engine and trainer, then a resume: TED's stage II
-(classification), or LWD with the fused LM head (GPT-2 causal LM, BERT MLM).
+(classification), LWD with the fused LM head (GPT-2 causal LM, BERT MLM), LWD without the KL on a teacher cut
+after its last mapped layer, or TED from a teacher cache that every rank builds its share of.
 
 Run by tests/train/test_engine.py as one process (a world of one), under
 ``torchrun --nproc_per_node 2`` or under ``deepspeed --num_gpus 2`` (gloo). Writes, from rank 0, a JSON file with
@@ -16,10 +17,11 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
-from fastted import LWD, TED, TaskFilters  # noqa: E402
+from fastted import LWD, TED, TaskFilters, explicit_map  # noqa: E402
+from fastted.cache import TeacherCache, build_teacher_cache, finish_teacher_cache  # noqa: E402
 from fastted.config import EngineConfig, TrainConfig  # noqa: E402
 from fastted.data import ClassificationCollator, CLMCollator  # noqa: E402
-from fastted.engine import Engine  # noqa: E402
+from fastted.engine import Engine, init_distributed  # noqa: E402
 from fastted.models import is_partitioned  # noqa: E402
 from fastted.trainer import Stage, read_metrics, run  # noqa: E402
 from tests.tiny_models import bert, gpt2  # noqa: E402
@@ -31,7 +33,7 @@ def dataset(n=48, tokens=12, seed=0):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, 97, (n, tokens), generator=g)
     labels = torch.randint(0, 3, (n,), generator=g)
-    return [{"input_ids": ids[i].tolist(), "label": int(labels[i])} for i in range(n)]
+    return [{"input_ids": ids[i].tolist(), "label": int(labels[i]), "index": i} for i in range(n)]
 
 
 class MLMCollator:
@@ -48,11 +50,18 @@ class MLMCollator:
 
 def build(args):
     torch.manual_seed(3)
-    if args.recipe == "ted":
+    if args.recipe in ("ted", "ted-cached"):
         student, teacher = bert(2, 32, seed=1), bert(4, 48, seed=2)
         torch.manual_seed(3)
         s_filters, t_filters = TaskFilters([0, 1], 32, 24), TaskFilters([1, 3], 48, 24)
         recipe = TED(student, teacher, s_filters, t_filters, impl="reference")
+        collator = ClassificationCollator(0)
+        if args.recipe == "ted-cached":
+            recipe.use_teacher_cache(cached(recipe, collator, os.path.join(args.dir + "-cache")))
+    elif args.recipe == "lwd-cut":  # no KL: the teacher cut after layer 1 of 4, under ZeRO-3 only its 2 blocks
+        student, teacher = bert(2, 32, seed=1), bert(4, 48, seed=2)
+        recipe = LWD(student, teacher, explicit_map([(0, 0), (1, 1)], 2, 4), kl_alpha=0.0, impl="reference")
+        assert recipe.truncate_teacher() == 2
         collator = ClassificationCollator(0)
     elif args.recipe == "lwd-clm":  # the fused LM head: GPT-2's tied output embeddings read outside forward
         student, teacher = gpt2(2, 32, seed=1), gpt2(4, 48, seed=2)
@@ -72,19 +81,37 @@ def build(args):
     return recipe, engine, stage
 
 
+def cached(recipe, collator, directory):
+    """The recipe's teacher cache of the dataset, each rank writing every world-th example (made once)."""
+    rank, world = init_distributed(torch.device("cpu"))  # before the engine: the cache precedes it
+    if not os.path.isfile(os.path.join(directory, "manifest.json")):
+        expect = recipe.teacher_cache_expect()
+        build_teacher_cache(recipe.teacher_model, dataset(), collator, directory, layers=expect["layers"], k=3,
+                            temperature=expect["temperature"], transform=recipe.cache_transform(), identity=expect,
+                            batch_size=5, rank=rank, world=world)
+        torch.distributed.barrier()
+        if world > 1 and rank == 0:
+            finish_teacher_cache(directory, world)
+    torch.distributed.barrier()
+    return TeacherCache(directory)
+
+
 def layout(recipe):
+    if recipe.teacher is None:  # a cached teacher: no teacher module at all
+        return {"teacher_partitioned": None, "teacher_local_fraction": None, "teacher_blocks": 0,
+                "student_partitioned": all(is_partitioned(p) for p in recipe.parameters())}
     teacher = list(recipe.teacher.parameters())
     local = sum(p.ds_tensor.numel() if is_partitioned(p) else p.numel() for p in teacher)
     full = sum(p.ds_numel if is_partitioned(p) else p.numel() for p in teacher)
     return {"teacher_partitioned": all(is_partitioned(p) and p.numel() == 0 for p in teacher),
-            "teacher_local_fraction": local / full,
+            "teacher_local_fraction": local / full, "teacher_blocks": recipe.teacher.config.num_hidden_layers,
             "student_partitioned": all(is_partitioned(p) for p in recipe.parameters())}
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--zero-stage", type=int, default=0)
-    parser.add_argument("--recipe", default="ted", choices=("ted", "lwd-clm", "lwd-mlm"))
+    parser.add_argument("--recipe", default="ted", choices=("ted", "lwd-clm", "lwd-mlm", "lwd-cut", "ted-cached"))
     parser.add_argument("--local_rank", type=int)  # from the deepspeed launcher
     parser.add_argument("--dir", required=True)
     parser.add_argument("--out", required=True)

@@ -87,7 +87,7 @@ def _launch(tmp, stage, ranks, recipe="ted", launcher="torchrun"):
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("engine")
     runs = {"single": _launch(tmp, 0, 1), 2: _launch(tmp, 2, 2, launcher="deepspeed"), 3: _launch(tmp, 3, 2)}
-    for recipe in ("lwd-clm", "lwd-mlm"):
+    for recipe in ("lwd-clm", "lwd-mlm", "lwd-cut", "ted-cached"):
         runs[recipe, 1], runs[recipe, 3] = _launch(tmp, 0, 1, recipe), _launch(tmp, 3, 2, recipe)
     return runs
 
@@ -120,6 +120,30 @@ def test_fused_lm_head_under_zero3_matches_one_process(runs, recipe):
         assert one["losses"][0] > one["losses"][-1]
     assert two["losses"] == pytest.approx(one["losses"], rel=1e-4, abs=1e-6)
     assert two["resumed"][2:] == pytest.approx(two["losses"][2:], rel=1e-5, abs=1e-7)
+
+
+def test_a_cut_teacher_under_zero3_matches_one_process(runs):
+    """LWD without the KL on a teacher cut after its last mapped layer: ZeRO-3 partitions only the two blocks
+    kept, and two ranks give one process's losses, resumed included."""
+    one, two = runs["lwd-cut", 1], runs["lwd-cut", 3]
+    assert two["teacher_partitioned"] and two["teacher_blocks"] == 2 and one["teacher_blocks"] == 2
+    assert one["losses"][0] > one["losses"][-1]
+    assert two["losses"] == pytest.approx(one["losses"], rel=1e-4, abs=1e-6)
+    assert two["resumed"][2:] == pytest.approx(two["losses"][2:], rel=1e-5, abs=1e-7)
+
+
+def test_a_teacher_cache_built_on_two_ranks_trains_under_zero3(runs):
+    """TED from a teacher cache that two ranks build half each (merged by rank 0): no teacher module is left to
+    partition, and the two ranks' ZeRO-3 run gives one process's losses (from its own one-rank cache), which are
+    the live teacher's within int8's error."""
+    one, two, live = runs["ted-cached", 1], runs["ted-cached", 3], runs["single"]
+    assert two["teacher_partitioned"] is None and two["student_partitioned"]
+    assert two["losses"] == pytest.approx(one["losses"], rel=1e-4, abs=1e-6)
+    assert two["resumed"][2:] == pytest.approx(two["losses"][2:], rel=1e-5, abs=1e-7)
+    assert one["losses"] == pytest.approx(live["losses"], rel=2e-2)
+    assert os.listdir(two["dir"] + "-cache").count("manifest.json") == 1
+    assert sorted(n for n in os.listdir(two["dir"] + "-cache") if n.startswith("shard-")) == [
+        "shard-000-00000.safetensors", "shard-001-00000.safetensors"]
 
 
 def test_zero3_partitions_teacher_and_student(runs):
