@@ -50,7 +50,7 @@ def _filtered_mse_large_fp32_tile():
     with mock.patch.object(filtered_mse, "configs_for", lambda *args: [large]):
         yield lambda: filtered_mse.filtered_mse_forward(
             [_meta(4096, 384)], [_meta(384, 384)], [_meta(384)], [_meta(4096, 768)], [_meta(384, 768)], [_meta(384)],
-            _meta(4096), _meta(1), _meta(1), write_grad=True, write_colsum=True)
+            None, _meta(4096), _meta(1), _meta(1), write_grad=True, write_colsum=True)
 
 
 def _product(kernel):

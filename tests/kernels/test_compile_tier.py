@@ -16,7 +16,7 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-KERNELS = ["filtered_mse_fwd_kernel", "logit_kd_kernel", "contrastive_partials_kernel",
+KERNELS = ["filtered_mse_fwd_kernel", "logit_kd_kernel", "sparse_kd_kernel", "contrastive_partials_kernel",
            "contrastive_finalize_kernel", "mean_pool_fwd_kernel", "mean_pool_bwd_kernel"]
 ARCHS = ["sm_80", "sm_90"]
 
