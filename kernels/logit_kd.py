@@ -41,6 +41,33 @@ def _fold_max(m, x):
 
 
 @triton.jit
+def row_coefs(kd_coef_ptr, ce_coef_ptr, row, HAS_CE: tl.constexpr):
+    """(divergence weight, cross-entropy weight, skip) of a row: it is skipped when every weight it has is 0."""
+    kd_c = tl.load(kd_coef_ptr + row)
+    skip = kd_c == 0.0
+    ce_c = 0.0
+    if HAS_CE:
+        ce_c = tl.load(ce_coef_ptr + row)
+        skip = skip & (ce_c == 0.0)
+    return kd_c, ce_c, skip
+
+
+@triton.jit
+def skipped_row(kd_out_ptr, ce_out_ptr, grad_ptr, row, stride_g, V, HAS_CE: tl.constexpr, WRITE_GRAD: tl.constexpr,
+                BLOCK_V: tl.constexpr):
+    """A masked or ignored row: no loss, and a zero gradient over its V columns."""
+    tl.store(kd_out_ptr + row, 0.0)
+    if HAS_CE:
+        tl.store(ce_out_ptr + row, 0.0)
+    if WRITE_GRAD:
+        g_row = grad_ptr + row * stride_g
+        cols = tl.arange(0, BLOCK_V)
+        for i in range(0, tl.cdiv(V, BLOCK_V)):
+            c = i * BLOCK_V + cols
+            tl.store(g_row + c, tl.zeros((BLOCK_V,), tl.float32).to(grad_ptr.dtype.element_ty), mask=c < V)
+
+
+@triton.jit
 def logit_kd_kernel(
     # data pointers
     s_ptr,  # (N, V) student logits
@@ -77,23 +104,9 @@ def logit_kd_kernel(
     cols = tl.arange(0, BLOCK_V)
     n_blocks = tl.cdiv(V_LOAD, BLOCK_V)
 
-    kd_c = tl.load(kd_coef_ptr + row)
-    skip = kd_c == 0.0
-    ce_c = 0.0
-    if HAS_CE:
-        ce_c = tl.load(ce_coef_ptr + row)
-        skip = skip & (ce_c == 0.0)
-
+    kd_c, ce_c, skip = row_coefs(kd_coef_ptr, ce_coef_ptr, row, HAS_CE)
     if skip:
-        # A masked or ignored row: no loss, zero gradient.
-        tl.store(kd_out_ptr + row, 0.0)
-        if HAS_CE:
-            tl.store(ce_out_ptr + row, 0.0)
-        if WRITE_GRAD:
-            g_row = grad_ptr + row * stride_g
-            for i in range(0, n_blocks):
-                c = i * BLOCK_V + cols
-                tl.store(g_row + c, tl.zeros((BLOCK_V,), tl.float32).to(grad_ptr.dtype.element_ty), mask=c < V_LOAD)
+        skipped_row(kd_out_ptr, ce_out_ptr, grad_ptr, row, stride_g, V_LOAD, HAS_CE, WRITE_GRAD, BLOCK_V)
     else:
         # ---- pass 1: log-sum-exps (and the KL divergences), online over V
         m_s = float("-inf")  # running max of b = s / T

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from fastted.kernels import interpreting, launch
-from fastted.kernels.logit_kd import _fold_max
+from fastted.kernels.logit_kd import _fold_max, row_coefs, skipped_row
 
 # ids compared with a block of columns at a time: a (BLOCK_V, IDS_CHUNK) tile of comparisons.
 IDS_CHUNK = tl.constexpr(16)
@@ -85,22 +85,9 @@ def sparse_kd_kernel(
     cols = tl.arange(0, BLOCK_V)
     n_blocks = tl.cdiv(V, BLOCK_V)
 
-    kd_c = tl.load(kd_coef_ptr + row)
-    skip = kd_c == 0.0
-    ce_c = 0.0
-    if HAS_CE:
-        ce_c = tl.load(ce_coef_ptr + row)
-        skip = skip & (ce_c == 0.0)
-
+    kd_c, ce_c, skip = row_coefs(kd_coef_ptr, ce_coef_ptr, row, HAS_CE)
     if skip:
-        tl.store(kd_out_ptr + row, 0.0)
-        if HAS_CE:
-            tl.store(ce_out_ptr + row, 0.0)
-        if WRITE_GRAD:
-            g_row = grad_ptr + row * stride_g
-            for i in range(0, n_blocks):
-                c = i * BLOCK_V + cols
-                tl.store(g_row + c, tl.zeros((BLOCK_V,), tl.float32).to(grad_ptr.dtype.element_ty), mask=c < V)
+        skipped_row(kd_out_ptr, ce_out_ptr, grad_ptr, row, stride_g, V, HAS_CE, WRITE_GRAD, BLOCK_V)
     else:
         # ---- pass 1: log-sum-exp of b = z / T over the row and over its tail; of z for the cross-entropy
         m_s = float("-inf")

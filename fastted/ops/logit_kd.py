@@ -390,18 +390,26 @@ class LogitKDFunction(torch.autograd.Function):
             )
         else:
             rows = logit_kd_chunked(s, t, kd_coef, g, soft_weight=1.0, hard_weight=0.0, **opts)
-        loss = opts["temperature"] ** 2 * (rows @ kd_coef.to(rows.dtype))
-        if grad is not None:
-            ctx.save_for_backward(grad)
-            ctx.shape = student_logits.shape
-        return loss
+        return rows_loss(ctx, rows, kd_coef, grad, opts["temperature"], student_logits.shape)
 
     @staticmethod
     def backward(ctx, grad_loss):
-        (grad,) = ctx.saved_tensors
-        # In place: the (N, V) gradient is the step's largest tensor. A second
-        # backward through the same graph fails on the saved tensor's version.
-        return None, None, None, None, grad.mul_(grad_loss).reshape(ctx.shape), None
+        return None, None, None, None, saved_gradient(ctx, grad_loss), None
+
+
+def rows_loss(ctx, rows: Tensor, kd_coef: Tensor, grad: Optional[Tensor], temperature: float, shape) -> Tensor:
+    """T^2 times the rows' weighted divergences; ``grad`` (dLoss/dlogits, or None) kept for the backward."""
+    if grad is not None:
+        ctx.save_for_backward(grad)
+        ctx.shape = shape
+    return temperature**2 * (rows @ kd_coef.to(rows.dtype))
+
+
+def saved_gradient(ctx, grad_loss: Tensor) -> Tensor:
+    """The gradient :func:`rows_loss` kept, scaled by grad_loss in place: the (N, V) gradient is the step's
+    largest tensor (a second backward through the same graph fails on the saved tensor's version)."""
+    (grad,) = ctx.saved_tensors
+    return grad.mul_(grad_loss).reshape(ctx.shape)
 
 
 # --------------------------------------------------------------------------- public API

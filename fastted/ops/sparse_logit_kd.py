@@ -31,7 +31,7 @@ from fastted.ops.dispatch import autocast_dtype, detach_without_grad, resolve_im
 from fastted.ops.dispatch import scaled_gradients, to_autocast
 from fastted.ops.fused_linear_kd import (CPU_FLOPS_PER_BYTE, MEMORY_BUDGET, _shifted, compute_bound_rows,
                                          finish_head_gradients, fused_linear_kd_blocks, head_loss)
-from fastted.ops.logit_kd import ROW_BLOCK_ELEMENTS, row_weights
+from fastted.ops.logit_kd import ROW_BLOCK_ELEMENTS, row_weights, rows_loss, saved_gradient
 
 # --------------------------------------------------------------------------- checks
 
@@ -169,16 +169,11 @@ class SparseLogitKDFunction(torch.autograd.Function):
                                             None, grad, soft_weight=1.0, hard_weight=0.0, **opts)
         else:
             rows = _rows_in_blocks(z, (values, ids, tail), kd_coef, grad, soft_weight=1.0, hard_weight=0.0, **opts)
-        loss = opts["temperature"] ** 2 * (rows @ kd_coef.to(rows.dtype))
-        if grad is not None:
-            ctx.save_for_backward(grad)
-            ctx.shape = student_logits.shape
-        return loss
+        return rows_loss(ctx, rows, kd_coef, grad, opts["temperature"], student_logits.shape)
 
     @staticmethod
     def backward(ctx, grad_loss):
-        (grad,) = ctx.saved_tensors
-        return None, None, None, grad.mul_(grad_loss).reshape(ctx.shape), None, None, None
+        return None, None, None, saved_gradient(ctx, grad_loss), None, None, None
 
 
 class FusedLinearSparseKDFunction(torch.autograd.Function):
