@@ -7,8 +7,9 @@ example for a classification teacher's logits):
   and the log-sum-exp of all its other logits at the cache's temperature (fp32): what the KL against a top-k
   teacher needs (:func:`fastted.reference.sparse_logit_kd_reference`), exact for what is stored;
 - each mapped layer's target (the raw hidden state for LWD, the frozen TED filter's output, by ``transform``;
-  for CoDIR and RAIL-KD one pooled vector per example) as int8 with one fp32 scale per row (``quantization="int8"``: the error of an entry is at most half its
-  row's scale, max |row| / 254), fp8 (e4m3, per-row scale) or bf16.
+  for CoDIR and RAIL-KD one pooled vector per example) as int8 with one fp32 scale per row
+  (``quantization="int8"``: the error of an entry is at most half its row's scale, max |row| / 254), fp8
+  (e4m3, per-row scale) or bf16.
 
 Storage: safetensors shards (memory-mapped when read) and ``manifest.json``, which records what the cache was
 made from (the teacher's weights hash, the tokenizer, the data fingerprint, the layers, k, the temperature, the
@@ -111,8 +112,8 @@ def build_teacher_cache(teacher, examples: Sequence[dict], collator: Callable, d
 
     Args:
         transform: ``transform(states, attention_mask)`` maps the list of captured layer states to the stored
-            targets, (B, T, d) per token or (B, d) per example (CoDIR's and RAIL-KD's pooled vectors) (TED: the frozen teacher
-            filters); default the raw states (LWD).
+            targets, (B, T, d) per token (TED: the frozen teacher filters' outputs) or (B, d) per example
+            (CoDIR's and RAIL-KD's pooled vectors); default the raw states (LWD).
         identity: what the run will check the cache against (``teacher``: :func:`weights_hash` of the teacher,
             ``tokenizer``, ``data`` fingerprint ...), recorded in the manifest with layers, k, temperature and
             the quantization.

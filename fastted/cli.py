@@ -171,9 +171,17 @@ def _print_results(config, results: dict) -> None:
     if dist.is_initialized() and dist.get_rank() != 0:
         return
     key = "accuracy" if config.task == "classification" else "perplexity"
-    print(f"\ntest {key} ({config.output_dir}):")
-    for label, r in results.items():
-        print(f"  {label:<22} {r[key]:.4f}")
+    if "models" in results:  # several seeds: means, intervals and paired differences
+        print(f"\ntest {key} ({config.output_dir}), seeds {results['seeds']}: mean [95% interval]")
+        for label, m in results["models"].items():
+            print(f"  {label:<22} {m['mean']:.4f} [{m['low']:.4f}, {m['high']:.4f}]")
+        scale = 100.0 if key == "accuracy" else 1.0
+        for name, d in results["differences"].items():
+            print(f"  {name:<28} {scale * d['diff']:+.2f} points [{scale * d['low']:+.2f}, {scale * d['high']:+.2f}]")
+    else:
+        print(f"\ntest {key} ({config.output_dir}):")
+        for label, r in results.items():
+            print(f"  {label:<22} {r[key]:.4f}")
     print(f"report: {os.path.join(config.output_dir, 'report.md')}")
 
 

@@ -34,6 +34,7 @@ class ConfigError(ValueError):
 class DataConfig:
     source: str = "bbc-news"               # "bbc-news", a file / glob / save_to_disk folder, or a dataset name
     test_source: Optional[str] = None      # None: split `source` by `test_fraction` with the run's seed
+    split_seed: Optional[int] = None       # the split's seed (None: `seed`; a run of several seeds keeps one split)
     test_fraction: float = 0.2
     text_field: str = "text"
     label_field: str = "label"             # classification: the labels' column (class names or ids)
@@ -131,6 +132,10 @@ class Config:
     task: str = "classification"
     output_dir: str = "runs/bbc-minilm"
     seed: int = 0
+    seeds: Optional[list[int]] = None      # several seeds: each training step once per seed, in seed-<s>/ folders,
+                                           # one test split for all; evaluate reports means, intervals, differences
+    seed_teacher: bool = False             # with seeds: each seed fine-tunes its own teacher (default: the teacher's
+                                           # steps run once, with the first seed, and are shared)
     steps: list[str] = field(default_factory=lambda: ["finetune-teacher", "finetune-student", "filters-teacher",
                                                       "filters-student", "distil", "evaluate"])
     progress: bool = True
@@ -418,6 +423,8 @@ def _check_train(prefix: str, t: TrainConfig) -> None:
 def check(config: Config) -> None:
     """Every value in range; raises ConfigError naming the key."""
     _choice("task", config.task, TASKS)
+    if config.seeds is not None and (not config.seeds or len(set(config.seeds)) != len(config.seeds)):
+        raise ConfigError(f"seeds: got {config.seeds}, needs distinct ints (or null for the one `seed`)")
     for i, step in enumerate(config.steps):
         _choice(f"steps[{i}]", step, STEPS)
     if config.task != "classification":

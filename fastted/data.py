@@ -535,7 +535,8 @@ def prepare_data(config: Config, tokenizer) -> Data:
     if test is not None:
         train = dataset
     else:
-        train, test = split_train_test(dataset, d.test_fraction, config.seed)
+        split_seed = config.seed if d.split_seed is None else d.split_seed
+        train, test = split_train_test(dataset, d.test_fraction, split_seed)
     if d.max_train_examples:
         train = train.select(range(min(d.max_train_examples, len(train))))
     if d.max_test_examples:

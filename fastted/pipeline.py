@@ -366,14 +366,16 @@ def evaluate(config: Config) -> dict:
         model.to(st.device).eval()
         with torch.no_grad():
             results[label] = {"step": name, **evaluate_model(ModelAdapter(model, config.task), st.data, config.task,
-                                                            micro, st.device, st.rank, st.world)}
+                                                            micro, st.device, st.rank, st.world, per_example=True)}
     if st.rank == 0:
         write_report(config, results)
     return results
 
 
 def pipeline(config: Config) -> dict:
-    """Every step of ``config.steps`` in order."""
+    """Every step of ``config.steps`` in order (with ``seeds``: :func:`pipeline_seeds`)."""
+    if config.seeds is not None:
+        return pipeline_seeds(config)
     out = {}
     for name in config.steps:
         if name.startswith("finetune-"):
@@ -389,3 +391,79 @@ def pipeline(config: Config) -> dict:
         else:
             out["evaluate"] = evaluate(config)
     return out
+
+
+# --------------------------------------------------------------------------- several seeds
+
+TEACHER_STEPS = ("finetune-teacher", "filters-teacher", "cache-teacher")
+
+
+def seed_config(config: Config, seed: int) -> Config:
+    """The run of one of ``config.seeds``: its own seed and folder (``output_dir/seed-<s>``), the one test split
+    of the base ``seed`` (or ``data.split_seed``)."""
+    import copy
+
+    one = copy.deepcopy(config)
+    one.seeds, one.seed = None, seed
+    one.output_dir = os.path.join(config.output_dir, f"seed-{seed}")
+    if one.data.split_seed is None:
+        one.data.split_seed = config.seed
+    return one
+
+
+def pipeline_seeds(config: Config) -> dict:
+    """``config.steps`` once per seed of ``config.seeds``, each in its own folder, resumable as one seed is; the
+    teacher's steps once, with the first seed, shared by the others through links (unless ``seed_teacher``);
+    then ``evaluate`` over all of them (:func:`evaluate_seeds`)."""
+    out = {}
+    first = seed_config(config, config.seeds[0]).output_dir
+    for i, seed in enumerate(config.seeds):
+        one = seed_config(config, seed)
+        one.steps = [s for s in config.steps if s != "evaluate"]
+        if i and not config.seed_teacher:
+            os.makedirs(one.output_dir, exist_ok=True)
+            for name in os.listdir(first):  # the teacher's folders of the first seed: linked, not trained again
+                link = os.path.join(one.output_dir, name)
+                if name.startswith(TEACHER_STEPS) and not os.path.lexists(link):
+                    os.symlink(os.path.abspath(os.path.join(first, name)), link)
+            one.steps = [s for s in one.steps if s not in TEACHER_STEPS]
+        out[f"seed-{seed}"] = pipeline(one)
+    if "evaluate" in config.steps:
+        out["evaluate"] = evaluate_seeds(config)
+    return out
+
+
+def evaluate_seeds(config: Config) -> dict:
+    """Every seed's models on the one test split (each seed's folder gets its own results), then over the seeds:
+    per model the mean, standard deviation and 95 % interval, and each method's paired difference against the
+    student alone and against KD (a bootstrap over the test examples, the seeds averaged): results.json,
+    report.md and report.png of ``output_dir``."""
+    from fastted.report import write_seeds_report
+
+    per_seed = {seed: evaluate(seed_config(config, seed)) for seed in config.seeds}
+    summary = seeds_summary(config, per_seed)
+    if not (torch.distributed.is_initialized() and torch.distributed.get_rank() != 0):
+        write_seeds_report(config, summary)
+    return summary
+
+
+def seeds_summary(config: Config, per_seed: dict) -> dict:
+    """The statistics of ``per_seed`` (seed -> evaluate()'s results): see :func:`evaluate_seeds`."""
+    from fastted.stats import mean_interval, paired_bootstrap
+
+    key = "accuracy" if config.task == "classification" else "perplexity"
+    labels = [label for label in next(iter(per_seed.values())) if all(label in r for r in per_seed.values())]
+    models = {label: {**mean_interval([r[label][key] for r in per_seed.values()]),
+                      "per_seed": {str(s): r[label][key] for s, r in per_seed.items()}} for label in labels}
+    differences = {}
+    if config.task == "classification":
+        correct = {label: [r[label]["correct"] for r in per_seed.values()] for label in labels}
+        bases = [b for b in ("student alone", "KD") if b in labels]
+        methods = [label for label in labels if label not in ("teacher", "student alone")]
+        for base in bases:
+            for label in methods:
+                if label != base:
+                    differences[f"{label} - {base}"] = paired_bootstrap(correct[label], correct[base],
+                                                                         seed=config.seed)
+    return {"metric": key, "seeds": list(config.seeds), "models": models, "differences": differences,
+            "test_examples": next(iter(per_seed.values()))[labels[0]].get("examples")}

@@ -72,3 +72,61 @@ def _plot(path: str, curves: dict, results: dict, key: str, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def write_seeds_report(config, summary: dict) -> str:
+    """A run of several seeds: results.json (the summary, each seed's numbers included), report.md (each model's
+    mean, standard deviation and 95 % interval; each method's paired difference against the student alone and
+    against KD, in points) and report.png (the means with their intervals, on an axis fitted to them)."""
+    from fastted.files import write_atomic
+
+    out = config.output_dir
+    os.makedirs(out, exist_ok=True)
+    write_atomic(os.path.join(out, "results.json"), json.dumps(summary, indent=1))
+    key, scale = summary["metric"], (100.0 if summary["metric"] == "accuracy" else 1.0)
+    seeds = ", ".join(map(str, summary["seeds"]))
+    lines = [f"# fastted report: {os.path.basename(os.path.abspath(out))}", "",
+             f"Task: {config.task}; data: {config.data.source}; teacher: {config.teacher.path}; seeds {seeds} "
+             f"(one test split of {summary['test_examples']} examples).", "",
+             f"| model | mean test {key} | std | 95% interval (t, over seeds) | per seed |",
+             "| --- | --- | --- | --- | --- |"]
+    for label, m in summary["models"].items():
+        per = ", ".join(f"{v:.4f}" for v in m["per_seed"].values())
+        lines.append(f"| {label} | {m['mean']:.4f} | {m['std']:.4f} | [{m['low']:.4f}, {m['high']:.4f}] | {per} |")
+    if summary["differences"]:
+        lines += ["", "Paired differences on the same test examples and seeds (a bootstrap over the examples, "
+                      "10,000 resamples); an interval that holds 0 ranks nothing:", "",
+                  "| difference | points | 95% interval | resamples <= 0 |", "| --- | --- | --- | --- |"]
+        for name, d in summary["differences"].items():
+            lines.append(f"| {name} | {scale * d['diff']:+.2f} | [{scale * d['low']:+.2f}, {scale * d['high']:+.2f}] | "
+                         f"{d['p_le_0']:.3f} |")
+    lines += ["", "![test metric over seeds](report.png)", ""]
+    text = "\n".join(lines)
+    write_atomic(os.path.join(out, "report.md"), text)
+    _plot_seeds(os.path.join(out, "report.png"), summary)
+    return text
+
+
+def _plot_seeds(path: str, summary: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(summary["models"])
+    models = [summary["models"][label] for label in labels]
+    means = [m["mean"] for m in models]
+    errors = [[m["mean"] - m["low"] for m in models], [m["high"] - m["mean"] for m in models]]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.errorbar(range(len(labels)), means, yerr=errors, fmt="o", capsize=4, color="#4878a8")
+    for i, m in enumerate(models):
+        ax.scatter([i] * len(m["per_seed"]), list(m["per_seed"].values()), s=10, color="#999999", zorder=3)
+    low = min(min(m["low"] for m in models), min(min(m["per_seed"].values()) for m in models))
+    high = max(max(m["high"] for m in models), max(max(m["per_seed"].values()) for m in models))
+    pad = max(high - low, 1e-3) * 0.15
+    ax.set_ylim(low - pad, high + pad)  # fitted to the data, not from 0: differences of a point show
+    ax.set_xticks(range(len(labels)), labels, rotation=20, fontsize=8)
+    ax.set_title(f"test {summary['metric']}: mean and 95% interval over seeds {summary['seeds']} (dots: seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -448,21 +448,28 @@ def _evaluate(stage: Stage, engine: Engine, step: int, metrics: Metrics) -> dict
 # --------------------------------------------------------------------------- evaluation of a trained model
 
 
-def evaluate_model(adapter, data: Data, task: str, micro: int, device, rank: int = 0, world: int = 1) -> dict:
+def evaluate_model(adapter, data: Data, task: str, micro: int, device, rank: int = 0, world: int = 1,
+                   per_example: bool = False) -> dict:
     """Accuracy (classification) or mean LM loss and perplexity over the test split, the examples shared out
-    between the ``world`` ranks (this one is ``rank``) and the counts summed."""
+    between the ``world`` ranks (this one is ``rank``) and the counts summed. ``per_example``: a classifier's
+    result also holds ``correct``, 1 or 0 for each test example in order (what paired comparisons of models
+    resample, :func:`fastted.stats.paired_bootstrap`)."""
     import torch.distributed as dist
 
     sums = torch.zeros(2, dtype=torch.float64)
     n = len(data.test)
+    correct = {}
     for start in range(rank * micro, n, micro * world):
         examples = [data.test[i] for i in range(start, min(start + micro, n))]
         batch = data.collator(examples, batch_generator(0, start))
         batch = {k: v.to(device) for k, v in batch.items()}
         out = adapter(batch)
         if task == "classification":
-            sums[0] += float((out.logits.argmax(-1) == batch["labels"]).sum())
+            right = (out.logits.argmax(-1) == batch["labels"]).cpu()
+            sums[0] += float(right.sum())
             sums[1] += len(examples)
+            if per_example:
+                correct.update(zip(range(start, start + len(examples)), right.int().tolist()))
         else:
             labels = batch["labels"]
             if task == "clm":
@@ -477,7 +484,14 @@ def evaluate_model(adapter, data: Data, task: str, micro: int, device, rank: int
         sums = sums.to(device)
         dist.all_reduce(sums)
         sums = sums.cpu()
+        if per_example and task == "classification":
+            parts = [None] * world
+            dist.all_gather_object(parts, correct)
+            correct = {i: v for part in parts for i, v in part.items()}
     if task == "classification":
-        return {"accuracy": float(sums[0] / max(sums[1], 1)), "examples": int(sums[1])}
+        result = {"accuracy": float(sums[0] / max(sums[1], 1)), "examples": int(sums[1])}
+        if per_example:
+            result["correct"] = [correct[i] for i in range(n)]
+        return result
     loss = float(sums[0] / max(sums[1], 1))
     return {"lm_loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": int(sums[1])}

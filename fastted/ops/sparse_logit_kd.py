@@ -123,8 +123,8 @@ def sparse_kd_rows(
     if grad is not None:
         has_tail = p_tail > 0
         g = torch.exp(b - lse_s[:, None])
-        g -= torch.where(has_tail[:, None], p_tail[:, None] * torch.exp(rest - torch.where(has_tail, lse_r, 0.0)[:, None]),
-                         0.0)
+        tail_share = p_tail[:, None] * torch.exp(rest - torch.where(has_tail, lse_r, 0.0)[:, None])
+        g -= torch.where(has_tail[:, None], tail_share, 0.0)
         g.scatter_add_(1, ids, -p)
         g *= (soft_weight * temperature * kd_coef)[:, None]
         if labels is not None:

@@ -342,3 +342,35 @@ def test_continual_pretraining_of_your_own_causal_lm_on_a_folder_of_text(capsys,
     assert AutoConfig.from_pretrained(out / "distil-lwd" / "model").num_hidden_layers == 2
     results = json.loads((out / "results.json").read_text())
     assert set(results) == {"teacher (pretrained)", "student (initial)", "KD", "LWD"}
+
+
+def test_several_seeds_with_intervals_and_paired_differences(tmp_path, capsys):
+    """seeds=[0, 1]: each seed trains in its own folder on one test split, the teacher fine-tuned once and shared;
+    evaluate reports each model's mean and interval over the seeds and each method's paired difference against
+    the student alone and KD, from the per-example results of every seed."""
+    minilm_path()
+    out = tmp_path / "run"
+    code = main(["pipeline", *TINY, f"output_dir={out}", "seeds=[0,1]", "distil.methods=[kd,lwd]",
+                 "steps=[finetune-teacher,finetune-student,distil,evaluate]"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert (out / "seed-1" / "finetune-teacher").is_symlink()
+    assert not (out / "seed-0" / "finetune-teacher").is_symlink()
+    assert (out / "seed-1" / "distil-lwd" / "model" / "config.json").exists()
+    per_seed = [json.loads((out / f"seed-{s}" / "results.json").read_text()) for s in (0, 1)]
+    assert per_seed[0]["teacher"]["correct"] == per_seed[1]["teacher"]["correct"]  # one teacher, one split
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["seeds"] == [0, 1] and summary["test_examples"] == 32
+    for label in ("teacher", "student alone", "KD", "LWD"):
+        m = summary["models"][label]
+        values = [r[label]["accuracy"] for r in per_seed]
+        assert m["per_seed"] == {"0": values[0], "1": values[1]} and m["mean"] == pytest.approx(sum(values) / 2)
+        assert m["low"] <= m["mean"] <= m["high"]
+    assert set(summary["differences"]) == {"KD - student alone", "LWD - student alone", "LWD - KD"}
+    lwd = [sum(r["LWD"]["correct"][i] - r["KD"]["correct"][i] for r in per_seed) / 2 for i in range(32)]
+    d = summary["differences"]["LWD - KD"]
+    assert d["diff"] == pytest.approx(sum(lwd) / 32) and d["low"] <= d["diff"] <= d["high"]
+    report = (out / "report.md").read_text()
+    assert "| LWD - KD |" in report and "95% interval" in report
+    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "seeds [0, 1]: mean [95% interval]" in printed and "LWD - KD" in printed
