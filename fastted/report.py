@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+from fastted.files import write_atomic
 from fastted.trainer import read_metrics
 
 
@@ -17,8 +18,7 @@ def write_report(config, results: dict) -> str:
     out = config.output_dir
     os.makedirs(out, exist_ok=True)
     key, title = _metric(config)
-    with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=1)
+    write_atomic(os.path.join(out, "results.json"), json.dumps(results, indent=1))
     lines = [f"# fastted report: {os.path.basename(os.path.abspath(out))}", "",
              f"Task: {config.task}; data: {config.data.source}; teacher: {config.teacher.path}.", "",
              f"| model | test {title} | examples / tokens |", "| --- | --- | --- |"]
@@ -41,8 +41,7 @@ def write_report(config, results: dict) -> str:
                          f"{last.get('tokens_per_s', 0):.0f} |")
     lines += ["", "![loss curves and test metric](report.png)", ""]
     text = "\n".join(lines)
-    with open(os.path.join(out, "report.md"), "w", encoding="utf-8") as f:
-        f.write(text)
+    write_atomic(os.path.join(out, "report.md"), text)
     _plot(os.path.join(out, "report.png"), curves, results, key, title)
     return text
 
@@ -78,8 +77,6 @@ def write_seeds_report(config, summary: dict) -> str:
     """A run of several seeds: results.json (the summary, each seed's numbers included), report.md (each model's
     mean, standard deviation and 95 % interval; each method's paired difference against the student alone and
     against KD, in points) and report.png (the means with their intervals, on an axis fitted to them)."""
-    from fastted.files import write_atomic
-
     out = config.output_dir
     os.makedirs(out, exist_ok=True)
     write_atomic(os.path.join(out, "results.json"), json.dumps(summary, indent=1))

@@ -10,8 +10,9 @@ reduces the masked squared error in the epilogue. Targets given directly may
 be quantized (int8 or fp8 e4m3 with an fp32 scale per row, as a teacher cache
 stores them): the epilogue loads them as they are stored and dequantizes them
 in registers, a quarter (int8 against fp32) or half (against bf16) of the
-bytes of dequantized targets. The projected tensors never reach memory; when a gradient is wanted the epilogue writes dLoss/dE_l (the
-only thing the backward GEMMs need) and its column sums (the bias gradient).
+bytes of dequantized targets. The projected tensors never reach memory; when
+a gradient is wanted the epilogue writes dLoss/dE_l (the only thing the
+backward GEMMs need) and its column sums (the bias gradient).
 
 All L layers of a group are covered by one launch: program_id(1) is the layer,
 and each role (student states, student weights, ...) is addressed as a base

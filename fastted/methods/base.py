@@ -282,7 +282,8 @@ class Recipe(nn.Module):
         object.__setattr__(self, "teacher", None)
 
     def _needs_cached_logits(self) -> bool:
-        return False
+        """Whether a KL term reads the cached logits (the recipes that read a cache weigh it by alphas["kd"])."""
+        return bool(self.alphas["kd"])
 
     def _cache_replaces(self) -> list[nn.Module]:
         """The frozen modules a cache stands in for: the teacher."""

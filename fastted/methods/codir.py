@@ -91,9 +91,6 @@ class CoDIR(Recipe):
         """The cache stores the teacher's pooled vectors, one per mapped layer and example."""
         return lambda states, mask: pool_states(states, mask, pooling=self.pooling, concat=False, impl=self.impl)
 
-    def _needs_cached_logits(self) -> bool:
-        return bool(self.alphas["kd"])
-
     def vectors(self, student_out, teacher_out) -> tuple:
         """(student vectors (B, P), teacher vectors (B, P)): pooled, concatenated, projected (not normalized)."""
         ps = pool_states(student_out.hidden_states, student_out.mask, pooling=self.pooling, impl=self.impl)

@@ -74,9 +74,6 @@ class RAILKD(Recipe):
         return lambda states, mask: pool_states(states, mask, pooling=self.distance.pooling, concat=False,
                                                 impl=self.impl)
 
-    def _needs_cached_logits(self) -> bool:
-        return bool(self.alphas["kd"])
-
     def forward(self, batch: dict, *, step: Optional[int] = None, epoch: int = 0,
                 teacher_batch: Optional[dict] = None) -> RecipeOutput:
         pairs = self.layer_map.draw(step=self._schedule_step(step), epoch=epoch)

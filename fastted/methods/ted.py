@@ -200,9 +200,6 @@ class TED(Recipe):
         """TED's targets are the frozen teacher filters' outputs: what the cache stores of each layer."""
         return None if self.student_filters is None else lambda states, mask: self.teacher_filters(states)
 
-    def _needs_cached_logits(self) -> bool:
-        return bool(self.alphas["kd"])
-
     def _cache_replaces(self) -> list[nn.Module]:
         filters = [] if self.student_filters is None else [self.teacher_filters]
         return [self.teacher_model.model] + filters

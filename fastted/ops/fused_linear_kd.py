@@ -72,20 +72,23 @@ def compute_bound_rows(vocab: int, h_s: int, h_t: int, e_s: int, e_t: int, needs
     return max(1, min(rows, cap))
 
 
-def block_rows(n_rows: int, vocab: int, xs: Tensor, ws: Tensor, xt: Tensor, wt: Tensor, needs_grad: bool,
-               chunk_size: Optional[int]) -> int:
+def block_rows(n_rows: int, vocab: int, xs: Tensor, ws: Tensor, xt: Optional[Tensor], wt: Optional[Tensor],
+               needs_grad: bool, chunk_size: Optional[int]) -> int:
     """Rows per block: ``chunk_size``, or the smallest block whose GEMMs stay compute-bound, within the budget.
 
     :func:`compute_bound_rows` at the device's FLOP per byte (the GPU
     architecture's, or CPU_FLOPS_PER_BYTE); the budget (MEMORY_BUDGET of the
-    device kind, at most a sixteenth of a GPU's memory) caps the block's two
-    logits buffers and, on a CPU, the row function's fp32 workspace.
+    device kind, at most a sixteenth of a GPU's memory) caps the block's
+    logits buffers and, on a CPU, the row function's fp32 workspace. ``xt``,
+    ``wt`` None: no teacher head (a cached teacher,
+    :func:`~fastted.ops.sparse_logit_kd.fused_linear_sparse_kd`).
     """
     if chunk_size is not None:
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive int (rows per block), got {chunk_size!r}")
         return min(chunk_size, n_rows)
-    e_s, e_t = ws.dtype.itemsize, wt.dtype.itemsize
+    e_s, e_t = ws.dtype.itemsize, 0 if wt is None else wt.dtype.itemsize
+    h_t = 0 if xt is None else xt.shape[-1]
     device = xs.device
     if device.type == "cuda":
         balance = device_arch(device).flops_per_byte
@@ -94,7 +97,7 @@ def block_rows(n_rows: int, vocab: int, xs: Tensor, ws: Tensor, xt: Tensor, wt: 
     else:
         balance, budget = CPU_FLOPS_PER_BYTE, MEMORY_BUDGET["cpu"]
         row_bytes = vocab * (e_s + e_t + 4 * 4)  # the row function's fp32 buffers: up to four (JSD + CE)
-    rows = compute_bound_rows(vocab, xs.shape[-1], xt.shape[-1], e_s, e_t, needs_grad, balance, budget, row_bytes)
+    rows = compute_bound_rows(vocab, xs.shape[-1], h_t, e_s, e_t, needs_grad, balance, budget, row_bytes)
     return min(rows, n_rows)
 
 

@@ -25,12 +25,10 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from fastted.kernels import device_arch
 from fastted.ops.checks import check_float, check_floating, check_impl, check_like, check_temperature, check_weight
 from fastted.ops.dispatch import autocast_dtype, detach_without_grad, resolve_impl, save_gradients
 from fastted.ops.dispatch import scaled_gradients, to_autocast
-from fastted.ops.fused_linear_kd import (CPU_FLOPS_PER_BYTE, MEMORY_BUDGET, _shifted, compute_bound_rows,
-                                         finish_head_gradients, fused_linear_kd_blocks, head_loss)
+from fastted.ops.fused_linear_kd import _shifted, block_rows, finish_head_gradients, fused_linear_kd_blocks, head_loss
 from fastted.ops.logit_kd import ROW_BLOCK_ELEMENTS, row_weights, rows_loss, saved_gradient
 
 # --------------------------------------------------------------------------- checks
@@ -256,24 +254,6 @@ def sparse_logit_kd(
     return SparseLogitKDFunction.apply(impl, dict(temperature=temperature), kd_coef, student_logits, *teacher)
 
 
-def _block_rows(n_rows: int, xs: Tensor, ws: Tensor, needs_grad: bool, chunk_size: Optional[int]) -> int:
-    """Rows per block of the fused path: ``chunk_size``, or the smallest block whose GEMMs stay compute-bound
-    (as :func:`~fastted.ops.fused_linear_kd.block_rows`, with the student's head alone)."""
-    if chunk_size is not None:
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive int (rows per block), got {chunk_size!r}")
-        return min(chunk_size, n_rows)
-    vocab, e = ws.shape[0], ws.dtype.itemsize
-    if xs.device.type == "cuda":
-        balance = device_arch(xs.device).flops_per_byte
-        budget = min(MEMORY_BUDGET["cuda"], torch.cuda.get_device_properties(xs.device).total_memory // 16)
-        row_bytes = vocab * e
-    else:
-        balance, budget, row_bytes = CPU_FLOPS_PER_BYTE, MEMORY_BUDGET["cpu"], vocab * (e + 4 * 4)
-    rows = compute_bound_rows(vocab, xs.shape[-1], 0, e, 0, needs_grad, balance, budget, row_bytes)
-    return min(rows, n_rows)
-
-
 def fused_linear_sparse_kd(
     student_hidden: Tensor,
     student_weight: Tensor,
@@ -339,7 +319,8 @@ def fused_linear_sparse_kd(
         kd_coef = ce_coef
     impl = resolve_impl(impl, xs.device, student[0].dtype)
     needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in student)
-    chunk_rows = _block_rows(kd_coef.shape[0], student[0], student[1], needs_grad, chunk_size)
+    chunk_rows = block_rows(kd_coef.shape[0], ws.shape[0], student[0], student[1], None, None, needs_grad,
+                            chunk_size)
     student = detach_without_grad(student)
     loss, kd, ce = FusedLinearSparseKDFunction.apply(impl, opts, chunk_rows, kd_coef, labels, ce_coef, *student,
                                                      *teacher)
