@@ -95,15 +95,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def check_data_source(config) -> None:
     """A local data source (or test source) exists before any work: the data is read only when a step starts."""
-    from fastted.data import BBC_NEWS, looks_like_path
+    from fastted.data import BUILT_IN, looks_like_path
 
     for key, source in (("data.source", config.data.source), ("data.test_source", config.data.test_source)):
-        if source is None or source == BBC_NEWS:
+        if source is None or source in BUILT_IN:
             continue
         path = os.path.expanduser(source)
         if looks_like_path(source) and not (os.path.exists(path) or glob.glob(path)):
             raise ConfigError(f"{key}: got {source!r}, which does not exist (a file, folder or glob, "
-                              f"{BBC_NEWS!r} or a dataset name)")
+                              f"{' or '.join(map(repr, BUILT_IN))} or a dataset name)")
 
 
 def make_output_dir(path: str) -> None:

@@ -32,7 +32,7 @@ from typing import Optional
 
 import torch
 
-from fastted.config import Config, ConfigError, TrainConfig, to_yaml
+from fastted.config import Config, ConfigError, TrainConfig, method_config, to_yaml
 from fastted.data import Data, prepare_data
 from fastted.engine import Engine, barrier, init_distributed, resolve_device, seed_everything
 from fastted.files import write_atomic
@@ -268,6 +268,7 @@ def cache_teacher(config: Config, method: str) -> dict:
     every world-th row) and store its top-k logits and the recipe's layer targets in cache-teacher-<method>/."""
     from fastted.cache import build_teacher_cache, finish_teacher_cache
 
+    config = method_config(config, method)
     st = _start(config)
     recipe = _recipe(config, method, st)
     identity = _cache_identity(config, recipe, st.data)
@@ -323,6 +324,7 @@ def distil(config: Config, method: str) -> dict:
     from what cache-teacher stored of it)."""
     from fastted.cache import TeacherCache
 
+    config = method_config(config, method)  # distil.per_method's values for this method
     st = _start(config)
     recipe = _recipe(config, method, st)
     data = st.data

