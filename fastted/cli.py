@@ -176,8 +176,11 @@ def _print_results(config, results: dict) -> None:
         for label, m in results["models"].items():
             print(f"  {label:<22} {m['mean']:.4f} [{m['low']:.4f}, {m['high']:.4f}]")
         scale = 100.0 if key == "accuracy" else 1.0
+        print("  differences, points [95% over the test examples] [95% over the seeds]:")
         for name, d in results["differences"].items():
-            print(f"  {name:<28} {scale * d['diff']:+.2f} points [{scale * d['low']:+.2f}, {scale * d['high']:+.2f}]")
+            s = d["seeds"]
+            print(f"  {name:<28} {scale * d['diff']:+.2f} [{scale * d['low']:+.2f}, {scale * d['high']:+.2f}] "
+                  f"[{scale * s['low']:+.2f}, {scale * s['high']:+.2f}]{'' if d['holds'] else '  (ranks nothing)'}")
     else:
         print(f"\ntest {key} ({config.output_dir}):")
         for label, r in results.items():

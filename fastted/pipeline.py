@@ -438,7 +438,8 @@ def pipeline_seeds(config: Config) -> dict:
 def evaluate_seeds(config: Config) -> dict:
     """Every seed's models on the one test split (each seed's folder gets its own results), then over the seeds:
     per model the mean, standard deviation and 95 % interval, and each method's paired difference against the
-    student alone and against KD (a bootstrap over the test examples, the seeds averaged): results.json,
+    student alone and against KD (a bootstrap over the test examples, the seeds averaged, and a paired t
+    interval over the seeds; ``holds`` when both leave out 0 on one side): results.json,
     report.md and report.png of ``output_dir``."""
     from fastted.report import write_seeds_report
 
@@ -459,13 +460,21 @@ def seeds_summary(config: Config, per_seed: dict) -> dict:
                       "per_seed": {str(s): r[label][key] for s, r in per_seed.items()}} for label in labels}
     differences = {}
     if config.task == "classification":
-        correct = {label: [r[label]["correct"] for r in per_seed.values()] for label in labels}
+        per_seed_results = list(per_seed.values())
+        correct = {label: [r[label]["correct"] for r in per_seed_results] for label in labels}
         bases = [b for b in ("student alone", "KD") if b in labels]
         methods = [label for label in labels if label not in ("teacher", "student alone")]
         for base in bases:
             for label in methods:
                 if label != base:
-                    differences[f"{label} - {base}"] = paired_bootstrap(correct[label], correct[base],
-                                                                         seed=config.seed)
+                    d = paired_bootstrap(correct[label], correct[base], seed=config.seed)
+                    # The same difference seed by seed, with a paired Student-t interval over the seeds: the
+                    # bootstrap holds the seeds fixed, this holds the test split fixed; a difference holds when
+                    # both intervals leave out 0 on the same side.
+                    by_seed = [r[label][key] - r[base][key] for r in per_seed_results]
+                    d["seeds"] = {**mean_interval(by_seed), "per_seed": by_seed}
+                    d["holds"] = bool((d["low"] > 0 and d["seeds"]["low"] > 0)
+                                      or (d["high"] < 0 and d["seeds"]["high"] < 0))
+                    differences[f"{label} - {base}"] = d
     return {"metric": key, "seeds": list(config.seeds), "models": models, "differences": differences,
             "test_examples": next(iter(per_seed.values()))[labels[0]].get("examples")}

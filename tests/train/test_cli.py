@@ -378,7 +378,11 @@ def test_several_seeds_with_intervals_and_paired_differences(tmp_path, capsys):
     lwd = [sum(r["LWD"]["correct"][i] - r["KD"]["correct"][i] for r in per_seed) / 2 for i in range(32)]
     d = summary["differences"]["LWD - KD"]
     assert d["diff"] == pytest.approx(sum(lwd) / 32) and d["low"] <= d["diff"] <= d["high"]
+    by_seed = [r["LWD"]["accuracy"] - r["KD"]["accuracy"] for r in per_seed]  # the same difference over the seeds
+    assert d["seeds"]["per_seed"] == pytest.approx(by_seed) and d["seeds"]["mean"] == pytest.approx(d["diff"])
+    assert d["seeds"]["low"] <= d["seeds"]["mean"] <= d["seeds"]["high"]
+    assert d["holds"] == ((d["low"] > 0 and d["seeds"]["low"] > 0) or (d["high"] < 0 and d["seeds"]["high"] < 0))
     report = (out / "report.md").read_text()
-    assert "| LWD - KD |" in report and "95% interval" in report
+    assert "| LWD - KD |" in report and "95% interval" in report and "95% over seeds" in report
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "seeds [0, 1]: mean [95% interval]" in printed and "LWD - KD" in printed
