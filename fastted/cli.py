@@ -95,7 +95,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def check_data_source(config) -> None:
     """A local data source (or test source) exists before any work: the data is read only when a step starts."""
-    from fastted.data import BUILT_IN, looks_like_path
+    from fastted.data import BUILT_IN, BUILT_IN_TEXT, looks_like_path
 
     for key, source in (("data.source", config.data.source), ("data.test_source", config.data.test_source)):
         if source is None or source in BUILT_IN:
@@ -103,7 +103,7 @@ def check_data_source(config) -> None:
         path = os.path.expanduser(source)
         if looks_like_path(source) and not (os.path.exists(path) or glob.glob(path)):
             raise ConfigError(f"{key}: got {source!r}, which does not exist (a file, folder or glob, "
-                              f"{' or '.join(map(repr, BUILT_IN))} or a dataset name)")
+                              f"{BUILT_IN_TEXT} or a dataset name)")
 
 
 def make_output_dir(path: str) -> None:

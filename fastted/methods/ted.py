@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from fastted.cache import dequantize_rows
 from fastted.filters import ClassificationHead, TaskFilters
 from fastted.mapping import LayerMap, interval_layers
 from fastted.methods.base import Recipe, RecipeModels, RecipeOutput
@@ -198,12 +199,11 @@ class TED(Recipe):
         states = inputs["teacher_states"]
         weights = inputs.get("teacher_weights") or [None] * len(states)
         biases = inputs.get("teacher_biases") or [None] * len(states)
+        row_scales = teacher_scales or [None] * len(states)  # a cache's int8 / fp8 targets: their row scales
         powers = []
         with torch.no_grad():
-            for l, (t, w, b) in enumerate(zip(states, weights, biases)):
-                y = t.float()
-                if teacher_scales is not None:  # a cache's int8 / fp8 targets and their row scales
-                    y = y * teacher_scales[l].float().unsqueeze(-1)
+            for t, w, b, q in zip(states, weights, biases, row_scales):
+                y = dequantize_rows(t.reshape(-1, t.shape[-1]), None if q is None else q.reshape(-1))
                 if w is not None:  # TED's frozen teacher filter makes the targets
                     y = y @ w.float().t()
                 if b is not None:

