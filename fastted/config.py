@@ -103,6 +103,10 @@ class DistilConfig:
     # CoDIR
     crd_alpha: float = 0.1
     bank_size: int = 4096
+    bank_mode: str = "queue"               # queue: the last bank_size teacher vectors; momentum: one entry per
+                                           # training example (bank_size is then the training set's size)
+    crd_negatives: int = 0                 # 0: every bank entry is every anchor's negative; K: K drawn per anchor
+    pooling: str = "mean"                  # of the mapped layers' tokens: mean, or first ([CLS])
     projection_dim: int = 128
     crd_temperature: float = 0.07
     # RAIL-KD
@@ -548,6 +552,9 @@ def check(config: Config) -> None:
     _positive("distil.crd_temperature", d.crd_temperature)
     _positive("distil.bank_size", d.bank_size)
     _positive("distil.projection_dim", d.projection_dim)
+    _choice("distil.bank_mode", d.bank_mode, ("queue", "momentum"))
+    _positive("distil.crd_negatives", d.crd_negatives, allow_zero=True)
+    _choice("distil.pooling", d.pooling, ("mean", "first"))
     for name in ("task_alpha", "kl_alpha", "mse_alpha", "crd_alpha", "rail_alpha", "alpha_h", "alpha_s",
                  "alpha_s_end"):
         _positive(f"distil.{name}", getattr(d, name), allow_zero=True)

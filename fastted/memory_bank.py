@@ -82,6 +82,12 @@ class MemoryBank(nn.Module):
         """No entry filled yet (a host sync on a GPU until the bank is full once)."""
         return not self._full and not bool(self.filled.any())
 
+    @property
+    def full(self) -> bool:
+        """Every entry filled (a host sync on a GPU until it is, then none)."""
+        self._full = self._full or bool(self.filled.all())
+        return self._full
+
     def __len__(self) -> int:
         """The number of filled entries (a host sync on a GPU)."""
         return int(self.filled.sum())
@@ -151,21 +157,25 @@ class MemoryBank(nn.Module):
     def negatives(self) -> Negatives:
         """All filled entries as one shared bank: vectors (K, D), labels (K,), index (K,)."""
         filled = self.filled
-        self._full = self._full or bool(filled.all())
-        if self._full:
+        if self.full:
             return Negatives(self.vectors, self.labels, self.ids)
         if not bool(filled.any()):
             raise ValueError("the memory bank is empty: update() it with teacher vectors before asking for negatives")
         return Negatives(self.vectors[filled], self.labels[filled], self.ids[filled])
 
     def sample(self, k: int, *, labels: Optional[Tensor] = None, index: Optional[Tensor] = None,
-               n_anchors: Optional[int] = None, generator: Optional[torch.Generator] = None) -> Negatives:
+               n_anchors: Optional[int] = None, generator: Optional[torch.Generator] = None,
+               strict: bool = True) -> Negatives:
         """k negatives per anchor, drawn uniformly (with replacement) from the filled entries.
 
         labels: (B,) anchor labels: entries with the anchor's label are never
         drawn (different-label negatives in fine-tuning); index: (B,) anchor
         example ids: the anchor's own entry is never drawn. n_anchors gives B
-        when neither is passed. Returns vectors (B, k, D), labels and index (B, k).
+        when neither is passed. An anchor with no allowed entry (a filling
+        bank that holds only its label) is a ValueError, or with
+        ``strict=False`` gets k draws from every entry, which the caller
+        leaves out by the returned labels or index (``contrastive_kd``'s
+        ``negative_labels``). Returns vectors (B, k, D), labels and index (B, k).
         """
         check_positive_int("k", k)
         pool = self.filled.nonzero()[:, 0]  # (n_filled,) entries to draw from
@@ -200,6 +210,8 @@ class MemoryBank(nn.Module):
         else:  # anchors with few allowed entries (or none): draw from their allowed entries directly
             for anchor in bad.any(1).nonzero()[:, 0].tolist():
                 choices = pool[~forbidden(pool[None, :], torch.tensor([anchor], device=device))[0]]
+                if len(choices) == 0 and not strict:
+                    continue  # its draws stay forbidden ones: the caller leaves them out
                 if len(choices) == 0:
                     raise ValueError(
                         f"anchor {anchor} has no allowed negative in the memory bank: every filled entry shares "

@@ -241,7 +241,8 @@ def _recipe(config: Config, method: str, st: _Start):
         teacher = load_model(st.path, config.task, st.gguf)
         student = build_student(config, teacher=teacher)
     steps = total_steps(len(st.data.train), config.distil.train, "distil.train")
-    models = RecipeModels(student, teacher, tokenizers=(s_tokenizer, tokenizer), total_steps=steps, filters=filters)
+    models = RecipeModels(student, teacher, tokenizers=(s_tokenizer, tokenizer), total_steps=steps, filters=filters,
+                          train_size=len(st.data.train))
     return build_recipe(method, config, models)
 
 
@@ -333,9 +334,10 @@ def distil(config: Config, method: str) -> dict:
         cache = TeacherCache(directory, expect=_cache_identity(config, recipe, data),
                              rebuild=f"run `fastted cache-teacher --method {method}` with this run's settings")
         recipe.use_teacher_cache(cache)  # before the engine: the teacher is then never moved or partitioned
-        data = Data(_with_index(data.train), data.test, data.collator, data.tokenizer, data.label_names)
     elif config.distil.truncate_teacher:
         recipe.truncate_teacher()  # before the engine: ZeRO-3 never partitions the blocks cut off
+    if config.distil.teacher_cache or recipe.needs_example_ids:  # the cache's rows, a momentum bank's entries
+        data = Data(_with_index(data.train), data.test, data.collator, data.tokenizer, data.label_names)
     return _train(config, f"distil-{method}", recipe, data, config.distil.train, st.device, recipe.student_model)
 
 

@@ -67,8 +67,24 @@ PUBLISHED["dwt-paper"] = {"distil.per_method": {"dwt": {"alpha_h": 1.0, "alpha_s
 PUBLISHED["railkd-paper"] = {"distil.per_method": {"railkd": {"task_alpha": 1 / 3, "kl_alpha": 1 / 3,
                                                               "rail_alpha": 1 / 3, "rail_per": "epoch"}}}
 
+# CoDIR (Sun et al., EMNLP 2020), fine-tuning, from the authors' code (intersun/CoDIR, commit bb225c5):
+# run_glue_script.py (T 2, kd_weight 0.5 with the task term at 1 - 0.5, nce_k 100 negatives, 10 epochs, weight
+# decay 0.1, warmup 6 % of the updates), fairseq/options.py add_crd_args (a 128-wide projection) and
+# fairseq/criterions/sentence_prediction_crd.py (each mapped layer's first token, [CLS], concatenated; negatives
+# drawn from the examples of the other classes; a memory of one entry per training example, momentum 0.5 and
+# temperature 0.07 in crd/memory.py). Not carried over: the contrastive weight, which the script takes from the
+# command line with no value recorded (fastted's distil.crd_alpha stays), the per-task learning rates and batch
+# sizes, searched per task, and the loss itself: the code's is CRD's NCE over two memories (student's and
+# teacher's), fastted's an InfoNCE of the student against the teacher's memory. The memory starts empty here
+# (there: random vectors), so the first epoch draws from the examples seen so far.
+PUBLISHED["codir-paper"] = {"distil.per_method": {"codir": {
+    "temperature": 2.0, "task_alpha": 0.5, "kl_alpha": 0.5, "projection_dim": 128, "crd_temperature": 0.07,
+    "crd_negatives": 100, "bank_mode": "momentum", "pooling": "first",
+    "train": {"epochs": 10.0, "weight_decay": 0.1, "warmup_ratio": 0.06}}}}
+
 SOURCES = {
     **{f"ted-glue-{task}": "cliang1453/task-aware-distillation scripts/{ted,lwd,kd}_glue.sh" for task in _TED_GLUE},
     "dwt-paper": "Lee et al. 2023 (DWT), the alpha_s schedule and random initialization",
     "railkd-paper": "Haidar et al. 2022 (RAIL-KD), equation 4 and the per-epoch draw",
+    "codir-paper": "intersun/CoDIR run_glue_script.py, fairseq/options.py, sentence_prediction_crd.py, crd/",
 }

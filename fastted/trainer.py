@@ -229,7 +229,9 @@ def _run_settings(config_text: str) -> dict:
     import yaml
 
     values = yaml.safe_load(config_text) or {}
-    for key in ("progress", "resume"):  # how a run is shown or started, not what it computes
+    # How a run is shown or started, not what it computes; and the name of the paper's values that `published`
+    # set, which the saved config holds themselves (a step another entry never touched resumes without it).
+    for key in ("progress", "resume", "published"):
         values.pop(key, None)
     return values
 

@@ -72,6 +72,7 @@ class RecipeModels:
     teacher: Any                                # the frozen teacher
     tokenizers: Optional[tuple] = None          # (student's, teacher's): the recipes check that they agree
     total_steps: Optional[int] = None           # optimizer steps of the run (for schedules over the run)
+    train_size: Optional[int] = None            # training examples (CoDIR's momentum bank: one entry each)
     filters: Optional[tuple] = None             # TED: (student's, teacher's) stage-I TaskFilters
 
 
@@ -113,6 +114,7 @@ class Recipe(nn.Module):
     label: str = ""
     uses_stage1_filters: bool = False
     reads_teacher_cache: bool = False  # use_teacher_cache() works: the teacher's outputs can come from a cache
+    needs_example_ids: bool = False    # every training batch must carry batch["index"] (CoDIR's momentum bank)
     reads_quantized_targets: bool = False  # its loss takes a cache's int8 / fp8 targets with their row scales
 
     def __init__(self, student, teacher=None, *, task: Optional[str] = None, impl: str = "auto",

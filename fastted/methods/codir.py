@@ -1,6 +1,7 @@
 """CoDIR: contrastive distillation on intermediate representations (Sun et al., EMNLP 2020).
 
-The mapped layers of each model are mean-pooled over their valid tokens and
+The mapped layers of each model are pooled (the mean over their valid
+tokens, or the first token as in the authors' fine-tuning code) and
 concatenated, projected by a learned head (one per model) and L2-normalized.
 The student's vector of an example must pick out the teacher's vector of
 the same example against a memory bank of teacher vectors of other examples
@@ -10,9 +11,13 @@ the same example against a memory bank of teacher vectors of other examples
 
 In fine-tuning the negatives are the bank entries of a different label
 (``label_negatives``); in pre-training, with example ids in ``batch["index"]``,
-an anchor's own entry is left out. After each training step the batch's
-teacher vectors enter the bank. Until the bank holds an entry (the first
-step) the contrastive term is 0.
+an anchor's own entry is left out. By default every allowed entry of the
+bank is a negative of every anchor (one shared bank, the fused kernel's
+fastest path); ``negatives=K`` draws K per anchor instead, as the authors'
+code does (100, from a bank of one entry per training example:
+``bank_mode="momentum"``). After each training step the batch's teacher
+vectors enter the bank. Until the bank holds an entry (the first step) the
+contrastive term is 0.
 """
 from __future__ import annotations
 
@@ -27,7 +32,7 @@ from fastted.methods.base import Recipe, RecipeModels, RecipeOutput
 from fastted.models import check_same_vocab
 from fastted.ops.checks import check_alpha, check_positive_int, check_temperature
 from fastted.ops.contrastive_kd import contrastive_kd
-from fastted.ops.pooling import pool_states, valid_examples
+from fastted.ops.pooling import check_pooling, pool_states, valid_examples
 
 
 class CoDIR(Recipe):
@@ -40,10 +45,17 @@ class CoDIR(Recipe):
         proj_dim: width of the projected vectors.
         bank: the memory bank; default ``MemoryBank(bank_size, proj_dim,
             mode=bank_mode)`` (momentum mode needs ``batch["index"]``).
+        bank_size, bank_mode: of the default bank ("queue": the last
+            bank_size teacher vectors; "momentum": one entry per example id,
+            bank_size of them, and every batch needs ``batch["index"]``).
+        negatives: 0 (default): every allowed bank entry, shared by the
+            anchors; K > 0: K allowed entries drawn per anchor (with
+            replacement; fewer while the bank holds fewer than K).
         temperature: of the InfoNCE; kd_temperature: of the KL term.
         label_negatives: use only different-label negatives when the task is
             classification and the batch has labels.
-        pooling: "mean" (the paper) or "first".
+        pooling: "mean" (the average over the valid tokens) or "first" (the
+            first token, [CLS]: the authors' fine-tuning code).
     """
 
     label = "CoDIR"
@@ -51,7 +63,7 @@ class CoDIR(Recipe):
 
     def __init__(self, student, teacher, layer_map: Optional[LayerMap] = None, *, proj_dim: int = 128,
                  bank: Optional[MemoryBank] = None, bank_size: int = 4096, bank_mode: str = "queue",
-                 temperature: float = 0.07, kd_temperature: float = 2.0, task_alpha: float = 1.0,
+                 negatives: int = 0, temperature: float = 0.07, kd_temperature: float = 2.0, task_alpha: float = 1.0,
                  kd_alpha: float = 1.0, crd_alpha: float = 1.0, label_negatives: bool = True, pooling: str = "mean",
                  tokenizers: Optional[tuple] = None, task: Optional[str] = None, impl: str = "auto"):
         super().__init__(student, teacher, task=task, impl=impl)
@@ -71,14 +83,31 @@ class CoDIR(Recipe):
             check_same_vocab(s, t, tokenizers, "CoDIR's KL term")
         self.temperature = check_temperature("temperature", temperature)
         self.kd_temperature = check_temperature("kd_temperature", kd_temperature)
+        if isinstance(negatives, bool) or not isinstance(negatives, int) or negatives < 0:
+            raise ValueError(f"negatives must be 0 (every bank entry) or a positive int (drawn per anchor), "
+                             f"got {negatives!r}")
+        check_pooling(pooling)
+        self.negatives = negatives
         self.label_negatives, self.pooling = bool(label_negatives), pooling
 
     @classmethod
     def from_config(cls, config, models: RecipeModels) -> "CoDIR":
         d = config.distil
-        return cls(models.student, models.teacher, proj_dim=d.projection_dim, bank_size=d.bank_size,
+        bank_size = d.bank_size
+        if d.bank_mode == "momentum":  # one entry per training example
+            if models.train_size is None:
+                raise ValueError("distil.bank_mode: momentum keeps one entry per training example and needs the "
+                                 "training set's size (RecipeModels.train_size)")
+            bank_size = models.train_size
+        return cls(models.student, models.teacher, proj_dim=d.projection_dim, bank_size=bank_size,
+                   bank_mode=d.bank_mode, negatives=d.crd_negatives, pooling=d.pooling,
                    temperature=d.crd_temperature, kd_temperature=d.temperature, task_alpha=d.task_alpha,
                    kd_alpha=d.kl_alpha, crd_alpha=d.crd_alpha, **cls._config_options(config, models))
+
+    @property
+    def needs_example_ids(self) -> bool:
+        """A momentum bank is keyed by example id: every training batch must carry ``index``."""
+        return self.bank.mode == "momentum"
 
     def teacher_layers_needed(self) -> Optional[list[int]]:
         return None if self.alphas["kd"] else list(self.layer_map.teacher)
@@ -119,6 +148,14 @@ class CoDIR(Recipe):
             labels, kind = self._labels(batch)
             if self.bank.empty:
                 terms["crd"] = sv.sum() * 0.0  # the first step fills the bank; a zero that keeps the graph
+            elif self.negatives:  # K drawn per anchor, none of its own label (or its own entry)
+                k = self.negatives if self.bank.full else min(self.negatives, len(self.bank))
+                neg = self.bank.sample(k, n_anchors=sv.shape[0], strict=False,
+                                       **({} if kind is None else {kind: labels}))
+                # An anchor with no allowed entry yet (a filling bank) drew forbidden ones: the labels leave them out.
+                neg_labels = None if labels is None else (neg.labels if kind == "labels" else neg.index)
+                terms["crd"] = contrastive_kd(sv, tv, neg.vectors, temperature=self.temperature, mask=anchors,
+                                              labels=labels, negative_labels=neg_labels, impl=self.impl)
             else:
                 neg = self.bank.negatives()
                 neg_labels = None if labels is None else (neg.labels if kind == "labels" else neg.index)

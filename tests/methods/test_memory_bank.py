@@ -93,6 +93,11 @@ def test_sample_leaves_out_same_label_and_own_entries():
     assert lonely.sample(3, labels=torch.tensor([0])).index.tolist() == [[3, 3, 3]]
     with pytest.raises(ValueError, match="anchor 1 has no allowed negative"):
         lonely.sample(2, labels=torch.tensor([0, 0]), index=torch.tensor([1, 3]))
+    # strict=False: the anchor with no allowed entry keeps its (forbidden) draws, for the caller to mask by
+    # label; the others still get allowed ones only
+    loose = lonely.sample(2, labels=torch.tensor([0, 0]), index=torch.tensor([1, 3]), strict=False)
+    assert loose.index.shape == (2, 2) and loose.index[0].tolist() == [3, 3]
+    assert lonely.full and not fastted.MemoryBank(4, 2).full
     with pytest.raises(ValueError, match="k=5 is larger than the memory bank's 4 filled entries"):
         lonely.sample(5, n_anchors=2)
     with pytest.raises(ValueError, match="the memory bank is empty"):

@@ -370,6 +370,52 @@ def test_codir_matches_formula_and_fills_its_bank(task, mode):
     assert torch.equal(bank.pushed, pushed), "an evaluation forward must not change the bank"
 
 
+@pytest.mark.parametrize("task", ["classification", "mlm"])
+def test_codir_draws_k_negatives_per_anchor_from_a_momentum_bank(task):
+    """The authors' setting (codir-paper): first-token pooling, a momentum bank of one entry per example, K
+    negatives drawn per anchor. The loss is the InfoNCE over each anchor's own draws, in float64; while the bank
+    holds fewer than K entries every anchor draws as many as it holds; an anchor whose draws are all forbidden (a
+    classification bank holding its label alone) has no negative."""
+    student, teacher = _models(task)
+    bank = MemoryBank(40, 16, mode="momentum", seed=5)
+    recipe = CoDIR(student, teacher, explicit_map([(0, 1), (1, 3)], 2, 4), proj_dim=16, bank=bank, negatives=6,
+                   pooling="first", task_alpha=0.4, kd_alpha=0.6, crd_alpha=1.7, temperature=0.1)
+    recipe.train()
+    b0 = batch(task, seed=18)
+    if task == "classification":
+        b0["labels"] = torch.zeros_like(b0["labels"])  # one label in the bank: an anchor of label 0 has no negative
+        b0["index"] = torch.arange(len(b0["labels"])) + 20
+    recipe(b0, step=0).loss.backward()
+    b = batch(task, seed=25)
+    if task == "classification":
+        b["index"] = torch.arange(len(b["labels"]))
+    filled = len(bank)
+    twin = MemoryBank(40, 16, mode="momentum")
+    twin.load_state_dict(bank.state_dict())  # the same entries and sampler state: the draws the recipe will make
+    kind = "labels" if task == "classification" else "index"
+    neg = twin.sample(min(6, filled), **{kind: b[kind]}, strict=False)
+    out = recipe(b, step=1)
+    out.loss.backward()
+
+    s64, t64 = double(student), double(teacher)
+    s_logits, s_states = hidden64(s64, b, [0, 1])
+    t_logits, t_states = hidden64(t64, b, [1, 3])
+    sv = double(recipe.student_head)(torch.cat([h[:, 0] for h in s_states], 1))
+    tv = double(recipe.teacher_head)(torch.cat([h[:, 0] for h in t_states], 1))
+    keep = (neg.labels if kind == "labels" else neg.index) != b[kind][:, None]
+    sn, tn, nn_ = F.normalize(sv, dim=-1), F.normalize(tv, dim=-1), F.normalize(neg.vectors.double(), dim=-1)
+    pos = (sn * tn).sum(-1) / 0.1
+    scores = torch.einsum("bkd,bd->bk", nn_, sn).div(0.1).masked_fill(~keep, float("-inf"))
+    crd = (torch.logsumexp(torch.cat([pos[:, None], scores], 1), 1) - pos).mean()
+    if task == "classification":
+        assert not keep[b["labels"] == 0].any() and keep[b["labels"] != 0].all()
+    ref = 0.4 * ref_task(s_logits, b["labels"], task) + 0.6 * ref_kl(s_logits, t_logits, 2.0, _kd_mask(task, b)) \
+        + 1.7 * crd
+    assert_close("crd", out.terms["crd"], crd, rtol=1e-4)
+    assert_close("loss", out.loss, ref, rtol=1e-4)
+    assert float(crd.detach()) > 0 and recipe.student_head.weight.grad is not None
+
+
 # --------------------------------------------------------------------------- RAIL-KD
 
 

@@ -56,6 +56,22 @@ def test_build_recipe_reads_its_own_settings(method):
     assert isinstance(out, RecipeOutput) and torch.isfinite(out.loss)
 
 
+def test_codir_reads_the_bank_pooling_and_negatives_settings():
+    """The codir-paper entry's settings reach the recipe: a momentum bank of one entry per training example (the
+    run's train_size, whatever bank_size says), K negatives drawn per anchor, first-token pooling."""
+    config = _config(**{"distil.bank_mode": "momentum", "distil.crd_negatives": 5, "distil.pooling": "first"})
+    models = _models()
+    models.train_size = 37
+    recipe = build_recipe("codir", config, models)
+    assert (recipe.bank.mode, recipe.bank.size, recipe.negatives, recipe.pooling) == ("momentum", 37, 5, "first")
+    assert recipe.needs_example_ids and not build_recipe("codir", _config(), _models()).needs_example_ids
+    assert not any(build_recipe(m, _config(), _models(filters=m == "ted")).needs_example_ids
+                   for m in METHODS if m != "codir")
+    models.train_size = None
+    with pytest.raises(ValueError, match="distil.bank_mode: momentum keeps one entry per training example"):
+        build_recipe("codir", config, models)
+
+
 @pytest.mark.bad_input
 def test_ted_without_stage1_filters_is_a_clear_error():
     with pytest.raises(ValueError, match=r"TED needs models.filters = \(student's, teacher's\) stage-I TaskFilters, "

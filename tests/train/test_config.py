@@ -141,6 +141,11 @@ def test_published_sets_a_papers_values_under_the_users():
     assert config.distil.train.warmup_ratio == pytest.approx(1500 / (3 * 6136), abs=1e-4)
     sst2 = load_config(overrides=("published=ted-glue-sst2",))
     assert method_config(sst2, "ted").distil.mse_alpha == 20.0 and sst2.distil.train.warmup_ratio == 0.0
+    codir = method_config(load_config(overrides=("published=codir-paper",)), "codir").distil
+    assert (codir.bank_mode, codir.crd_negatives, codir.pooling, codir.projection_dim) == ("momentum", 100, "first",
+                                                                                            128)
+    assert (codir.task_alpha, codir.kl_alpha, codir.temperature, codir.crd_temperature) == (0.5, 0.5, 2.0, 0.07)
+    assert (codir.train.epochs, codir.train.weight_decay, codir.train.warmup_ratio) == (10.0, 0.1, 0.06)
     assert set(SOURCES) == set(PUBLISHED)
     for name in PUBLISHED:  # every entry applies and checks, for every method it names
         one = load_config(overrides=(f"published={name}",))
@@ -154,6 +159,9 @@ def test_published_sets_a_papers_values_under_the_users():
     ("distil.per_method.ted.mse_alhpa=1", "unknown config key 'distil.per_method.ted.mse_alhpa'"),
     ("distil.per_method.lwd.mse_alpha=-2", "distil.per_method.lwd: distil.mse_alpha: got -2.0, needs a number >= 0"),
     ("distil.per_method.ted.train.lr=fast", "distil.per_method.ted.train.lr: got 'fast', needs a number"),
+    ("distil.bank_mode=fifo", "distil.bank_mode: got 'fifo', needs one of queue, momentum"),
+    ("distil.crd_negatives=-1", "distil.crd_negatives: got -1, needs a number >= 0"),
+    ("distil.per_method.codir.pooling=max", "distil.per_method.codir: distil.pooling: got 'max', needs one of mean"),
     ("distil.per_method.ted.teacher_cache=true", "distil.per_method.ted.teacher_cache: distil.teacher_cache holds "
                                                  "for the whole run"),
 ])
