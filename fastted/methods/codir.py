@@ -148,16 +148,15 @@ class CoDIR(Recipe):
             labels, kind = self._labels(batch)
             if self.bank.empty:
                 terms["crd"] = sv.sum() * 0.0  # the first step fills the bank; a zero that keeps the graph
-            elif self.negatives:  # K drawn per anchor, none of its own label (or its own entry)
-                k = self.negatives if self.bank.full else min(self.negatives, len(self.bank))
-                neg = self.bank.sample(k, n_anchors=sv.shape[0], strict=False,
-                                       **({} if kind is None else {kind: labels}))
-                # An anchor with no allowed entry yet (a filling bank) drew forbidden ones: the labels leave them out.
-                neg_labels = None if labels is None else (neg.labels if kind == "labels" else neg.index)
-                terms["crd"] = contrastive_kd(sv, tv, neg.vectors, temperature=self.temperature, mask=anchors,
-                                              labels=labels, negative_labels=neg_labels, impl=self.impl)
             else:
-                neg = self.bank.negatives()
+                if self.negatives:  # K drawn per anchor, none of its own label (or its own entry)
+                    k = self.negatives if self.bank.full else min(self.negatives, len(self.bank))
+                    # An anchor with no allowed entry yet (a filling bank) keeps forbidden draws: the labels below
+                    # leave them out.
+                    neg = self.bank.sample(k, n_anchors=sv.shape[0], strict=False,
+                                           **({} if kind is None else {kind: labels}))
+                else:  # every filled entry, shared by the anchors
+                    neg = self.bank.negatives()
                 neg_labels = None if labels is None else (neg.labels if kind == "labels" else neg.index)
                 terms["crd"] = contrastive_kd(sv, tv, neg.vectors, temperature=self.temperature, mask=anchors,
                                               labels=labels, negative_labels=neg_labels, impl=self.impl)

@@ -13,12 +13,8 @@ from fastted.cli import main
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "smollm2-bbc.yaml")
 
 
-@pytest.fixture(autouse=True)
-def cpu_users_path(monkeypatch):
-    """The command as a CPU user runs it: the fused losses on their PyTorch path. The conftest's
-    TRITON_INTERPRET=1 would run every kernel of a whole pipeline in Triton's interpreter (over 90 % of these
-    tests' time); the kernels against float64 and whole recipes on them are tests/ops' and tests/methods'."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+# The command as a CPU user runs it (see tests/conftest.py's cpu_users_path).
+pytestmark = pytest.mark.usefixtures("cpu_users_path")
 
 
 @pytest.mark.slow
