@@ -50,7 +50,8 @@ class CoDIR(Recipe):
             bank_size of them, and every batch needs ``batch["index"]``).
         negatives: 0 (default): every allowed bank entry, shared by the
             anchors; K > 0: K allowed entries drawn per anchor (with
-            replacement; fewer while the bank holds fewer than K).
+            replacement; as many as the bank holds while it holds fewer
+            than K, filling or smaller than K).
         temperature: of the InfoNCE; kd_temperature: of the KL term.
         label_negatives: use only different-label negatives when the task is
             classification and the batch has labels.
@@ -150,7 +151,7 @@ class CoDIR(Recipe):
                 terms["crd"] = sv.sum() * 0.0  # the first step fills the bank; a zero that keeps the graph
             else:
                 if self.negatives:  # K drawn per anchor, none of its own label (or its own entry)
-                    k = self.negatives if self.bank.full else min(self.negatives, len(self.bank))
+                    k = min(self.negatives, self.bank.size if self.bank.full else len(self.bank))
                     # An anchor with no allowed entry yet (a filling bank) keeps forbidden draws: the labels below
                     # leave them out.
                     neg = self.bank.sample(k, n_anchors=sv.shape[0], strict=False,

@@ -416,6 +416,29 @@ def test_codir_draws_k_negatives_per_anchor_from_a_momentum_bank(task):
     assert float(crd.detach()) > 0 and recipe.student_head.weight.grad is not None
 
 
+def test_codir_draws_as_many_negatives_as_a_small_full_bank_holds():
+    """negatives=K over a bank of fewer than K entries: once full, each anchor draws as many as the bank holds
+    (training went on past the step that filled it), the loss the InfoNCE over those draws."""
+    student, teacher = _models("classification")
+    bank = MemoryBank(8, 8, seed=2)
+    recipe = CoDIR(student, teacher, proj_dim=8, bank=bank, negatives=20, label_negatives=False).train()
+    for step in range(3):
+        b = batch("classification", seed=40 + step)
+        twin = MemoryBank(8, 8)
+        twin.load_state_dict(bank.state_dict())
+        out = recipe(b, step=step)
+        out.loss.backward()
+        if step == 2:
+            assert twin.full
+            neg = twin.sample(8, n_anchors=len(b["labels"]))
+            sv, tv = (F.normalize(v.detach().double(), dim=-1) for v in recipe.vectors(
+                recipe.student_model(b, recipe.layer_map.student), recipe.teacher_model(b, recipe.layer_map.teacher)))
+            pos = (sv * tv).sum(-1) / 0.07
+            scores = torch.einsum("bkd,bd->bk", F.normalize(neg.vectors.double(), dim=-1), sv) / 0.07
+            ref = (torch.logsumexp(torch.cat([pos[:, None], scores], 1), 1) - pos).mean()
+            assert_close("crd", out.terms["crd"], ref, rtol=1e-4)
+
+
 # --------------------------------------------------------------------------- RAIL-KD
 
 
