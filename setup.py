@@ -1,10 +1,30 @@
 """fastted: fused layer-wise knowledge distillation for transformer language models.
 
 The Triton kernels live in the top-level folder ``kernels/`` of the source
-tree and install as ``fastted.kernels`` (never as a top-level ``kernels``
-module: that name belongs to another package on PyPI).
+tree and install as ``fastted.kernels`` only. ``kernels/`` has no
+``__init__.py``, so that it never shadows the PyPI distribution ``kernels``
+(which transformers imports) when the repository root is on ``sys.path``;
+the wheel's ``build_py`` copies its modules into ``fastted/kernels/``, and in
+a source checkout ``fastted/kernels/__init__.py`` reaches into the folder.
 """
+from pathlib import Path
+
 from setuptools import setup
+from setuptools.command.build_py import build_py
+
+
+class build_py_with_kernels(build_py):
+    """build_py, plus the modules of the top-level ``kernels/`` folder copied into ``fastted/kernels/``."""
+
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False):  # an editable install reads them where they are
+            return
+        target = Path(self.build_lib, "fastted", "kernels")
+        self.mkpath(str(target))
+        for source in sorted(Path("kernels").glob("*.py")):
+            self.copy_file(str(source), str(target / source.name))
+
 
 setup(
     name="fastted",
@@ -15,7 +35,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=["fastted", "fastted.ops", "fastted.methods", "fastted.kernels"],
-    package_dir={"fastted": "fastted", "fastted.kernels": "kernels"},
+    cmdclass={"build_py": build_py_with_kernels},
     install_requires=[
         # Any torch >= 2.4 satisfies this: an installed (CUDA or CPU) build is kept.
         "torch>=2.4",

@@ -1,12 +1,12 @@
-"""Triton kernels of fastted, installed as ``fastted.kernels``.
+"""The launch machinery every kernel module of fastted shares (re-exported as ``fastted.kernels``).
 
-Each module holds the ``@triton.jit`` kernels of one op and their launchers,
-under the op's name: ``kernels/<op>.py`` beside ``fastted/ops/<op>.py``, which
-holds the op's checks, PyTorch path, autograd Function and public API
+Each kernel module holds the ``@triton.jit`` kernels of one op and their
+launchers, under the op's name: ``kernels/<op>.py`` beside ``fastted/ops/<op>.py``,
+which holds the op's checks, PyTorch path, autograd Function and public API
 (``fused_linear_kd`` runs the row kernel of ``logit_kd.py``, ``pooled_distance``
-the kernels of ``pooling.py``). This package itself imports no Triton; an op
-imports its kernel module the first time a Triton path is taken, so importing
-fastted never touches CUDA and never compiles a kernel.
+the kernels of ``pooling.py``). This module imports no Triton; an op imports
+its kernel module the first time a Triton path is taken, so importing fastted
+never touches CUDA and never compiles a kernel.
 
 Every launcher launches through :func:`launch` and sizes its blocks with the
 :class:`Arch` of :func:`device_arch`: inside :func:`recording`, the launches
