@@ -37,6 +37,21 @@ def other_tokenizer_model(tmp_path):
     return str(path)
 
 
+def test_help_from_the_repository_root():
+    """`python -m fastted --help` as a user types it in a clone (the root first on sys.path): every command
+    listed."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-m", "fastted", "--help"], cwd=root, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for command in ("pipeline", "finetune", "filters", "cache-teacher", "distil", "evaluate", "config"):
+        assert f"    {command}" in done.stdout, command
+
+
 @pytest.mark.bad_input
 def test_unknown_key(capsys):
     line = _error(capsys, "pipeline", "distil.tempreature=3")
