@@ -77,6 +77,36 @@ def configs_for(dtype: torch.dtype, arch, aligned: bool = True) -> list[triton.C
     return [c for c in configs if shared_bytes(c, size) <= arch.shared_per_block]
 
 
+# The interpreter's timer for a sweep (INTERPRETER_SWEEP above one): a function (kernel_call, quantiles) ->
+# timings, set by the test and the GPU check that make the autotuner sweep on the CPU. None: configs are not
+# run to be timed, and the first one kept wins.
+INTERPRETER_TIMER = None
+# The per-tile partial sums each config of a sweep writes into the call's own buffers. colsum_ptr is None
+# where no bias takes a gradient (no biases, frozen ones, a forward without gradient).
+PARTIAL_SUMS = ("sq_err_ptr", "colsum_ptr")
+
+
+def _zero_partial_sums(nargs, reset_only=False):
+    """The autotuner's pre_hook, before each config of a sweep and after the sweep: the partial sums start
+    at zero. reset_to_zero does the same, but Triton before 3.8 calls ``.zero_()`` on every argument it
+    names, None included, so the first call without colsum crashed there."""
+    for name in PARTIAL_SUMS:
+        if nargs[name] is not None:
+            nargs[name].zero_()
+
+
+def _bench(kernel_call, quantiles):
+    """The autotuner's timer: the driver's on a GPU. The interpreter has none, and Triton before 3.8 times a
+    sweep of one config too: there each config times 0 without being run, unless INTERPRETER_TIMER is set."""
+    if not interpreting():
+        from triton.runtime import driver
+
+        return driver.active.get_benchmarker()(kernel_call, quantiles=quantiles)
+    if INTERPRETER_TIMER is not None:
+        return INTERPRETER_TIMER(kernel_call, quantiles)
+    return [0.0] * len(quantiles)
+
+
 def _prune_configs(configs, named_args, **kwargs):
     if interpreting():
         return sorted(configs, key=lambda c: c is not INTERPRETER_CONFIG)[:INTERPRETER_SWEEP]
@@ -121,7 +151,8 @@ def _project(
     key=["N_KEY", "D_S", "D_T", "D_F", "stride_s", "stride_t"],  # (Triton adds the tensors' dtypes)
     prune_configs_by={"early_config_prune": _prune_configs},
     # Each config of a sweep runs on the call's own buffers: the per-tile partial sums must start at zero.
-    reset_to_zero=["sq_err_ptr", "colsum_ptr"],
+    pre_hook=_zero_partial_sums,
+    do_bench=_bench,
 )
 @triton.heuristics(
     {

@@ -86,7 +86,30 @@ def launch(kernel, grid, *args, **kwargs) -> None:
     if active is not None:
         active[1].append(Launch(kernel, grid, args, kwargs))
         return
+    if interpreting():
+        _interpreter_index_fix()
     kernel[grid](*args, **kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def _interpreter_index_fix() -> None:
+    """Triton's interpreter before 3.7 converts a scalar tensor to a Python int (what ``range`` asks of a
+    loop bound: ``for k in range(0, tl.cdiv(K, BLOCK_K))``) with ``int()`` of its one-element array, which
+    numpy 2.4 refuses (only 0-dimensional arrays convert): every loop bounded by a kernel argument or a
+    loaded value fails under TRITON_INTERPRET=1. This gives the interpreter 3.7's conversion (of the
+    squeezed array); it changes nothing that is compiled, and nothing on Triton 3.7 or later."""
+    import triton
+    from triton.runtime import interpreter
+
+    if tuple(int(part) for part in triton.__version__.split(".")[:2]) >= (3, 7):
+        return
+    patch_tensor = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    interpreter._patch_lang_tensor = patched
 
 
 def interpreting() -> bool:

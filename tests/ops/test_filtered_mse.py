@@ -288,18 +288,28 @@ def test_every_autotune_config(config, dtype, monkeypatch):
     assert kernel.filtered_mse_fwd_kernel.best_config is kernel.AUTOTUNE_CONFIGS[config]
 
 
-def check_autotune_first_call(case, dtype, shape=((2, 75), 40, 56, 70)):
+def _call(fn, inputs, grad, **kwargs):
+    """(loss, layer losses, gradients) of one call: with a backward, or (grad False) a forward under no_grad."""
+    if grad:
+        return _run(fn, inputs, 1.0, **kwargs)
+    with torch.no_grad():
+        loss, layer_losses = fn(**inputs, **kwargs)
+    return loss, layer_losses, []
+
+
+def check_autotune_first_call(case, dtype, shape=((2, 75), 40, 56, 70), grad=True):
     """The first call of a new autotune key (the autotuner's sweep runs every config on the call's own
-    buffers) equals the second (the cached config) bit for bit, and the float64 reference."""
+    buffers) equals the second (the cached config) bit for bit, and the float64 reference. grad False: a
+    forward without gradient (no gradient or column-sum buffers)."""
     from fastted.kernels import filtered_mse as kernel
 
     kernel.filtered_mse_fwd_kernel.cache.clear()  # a new key for every config: the sweep runs again
     lead, d_s, d_t, d_f = shape
-    inputs = _make(case, lead, d_s, d_t, d_f, 2, dtype, "random", seed_for("first call", case, dtype, shape))
-    first, second = (_run(fastted.filtered_mse, _clone(inputs), 1.0, impl="triton", return_layer_losses=True)
+    inputs = _make(case, lead, d_s, d_t, d_f, 2, dtype, "random", seed_for("first call", case, dtype, shape, grad))
+    first, second = (_call(fastted.filtered_mse, _clone(inputs), grad, impl="triton", return_layer_losses=True)
                      for _ in range(2))
-    ref = _run(_spec, _clone(inputs, torch.float64), 1.0)
-    lowp = _run(_spec, _clone(inputs), 1.0)
+    ref = _call(_spec, _clone(inputs, torch.float64), grad)
+    lowp = _call(_spec, _clone(inputs), grad)
     names = ["loss", "layer_losses"] + [f"grad {i}" for i in range(len(first[2]))]
     for name, a, b, r, lp in zip(names, [first[0], first[1], *first[2]], [second[0], second[1], *second[2]],
                                  [ref[0], ref[1], *ref[2]], [lowp[0], lowp[1], *lowp[2]]):
@@ -307,11 +317,9 @@ def check_autotune_first_call(case, dtype, shape=((2, 75), 40, 56, 70)):
         assert_close_to_spec(name, a, r, lp, DTYPES[dtype])
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU check runs this on the device")
-@pytest.mark.parametrize("case", ["ted", "lwd"])
-def test_autotune_sweep_leaks_nothing(case, monkeypatch):
-    """Under the interpreter the autotuner sweeps three configs, small tiles first, and keeps the last (a
-    large tile): without reset_to_zero the stale small tiles' partial sums reach the first call's loss."""
+def _sweep_on_cpu(monkeypatch):
+    """Makes the interpreter's autotuner sweep three configs, small tiles first, and keep the last (a large
+    tile); returns the autotuner and the sweep."""
     from fastted.kernels import filtered_mse as kernel
 
     tuner = kernel.filtered_mse_fwd_kernel
@@ -325,9 +333,30 @@ def test_autotune_sweep_leaks_nothing(case, monkeypatch):
         kernel_call()
         return [float(next(timings))] * len(quantiles)
 
-    monkeypatch.setattr(tuner, "_do_bench", bench)
+    monkeypatch.setattr(kernel, "INTERPRETER_TIMER", bench)
+    return tuner, sweep
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU check runs this on the device")
+@pytest.mark.parametrize("case", ["ted", "lwd"])
+def test_autotune_sweep_leaks_nothing(case, monkeypatch):
+    """Under the interpreter the autotuner sweeps three configs: without zeroing the partial sums before
+    each, the stale small tiles' partial sums reach the first call's loss and bias gradients."""
+    tuner, sweep = _sweep_on_cpu(monkeypatch)
     check_autotune_first_call(case, torch.float32)
     assert len(tuner.configs_timings) == len(sweep) and tuner.best_config is sweep[-1]  # a sweep ran
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU check runs this on the device")
+@pytest.mark.parametrize("case, grad", [("identity", True), ("targets_no_bias", True), ("lwd", False)],
+                         ids=["identity-student", "filter-without-bias", "no-grad-forward"])
+def test_autotune_sweep_without_colsum(case, grad, monkeypatch):
+    """The same sweep where the kernel gets no column-sum buffer (colsum None: no bias to take a gradient, or
+    no gradient at all): Triton before 3.8 called .zero_() on it as a reset_to_zero argument and crashed on
+    the first call of every key."""
+    tuner, sweep = _sweep_on_cpu(monkeypatch)
+    check_autotune_first_call(case, torch.float32, grad=grad)
+    assert len(tuner.configs_timings) == len(sweep) and tuner.best_config is sweep[-1]
 
 
 # --------------------------------------------------------------------------- quantized targets (a teacher cache's)
