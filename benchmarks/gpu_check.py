@@ -33,8 +33,22 @@ Triton's interpreter and the resources section compiling (not loading) a few
 variants, which checks the script, not the GPU; CI runs it so (``--smoke``
 keeps one case per section).
 
-    pip install --no-deps -e . && python benchmarks/gpu_check.py     # budget 420 s by default
-    python benchmarks/gpu_check.py --only correctness:logit_kd bench:logit_kd --budget 120
+    python3 benchmarks/gpu_check.py     # budget 420 s by default
+    python3 benchmarks/gpu_check.py --only correctness:logit_kd bench:logit_kd --budget 120
+
+It runs from the checkout without installing fastted: the repository root goes
+on sys.path (and PYTHONPATH, for its subprocesses), where
+``fastted.kernels`` reads the kernels from ``kernels/``. It imports torch,
+triton, transformers, numpy and pytest, nothing of the engine (no deepspeed,
+no datasets) and no setuptools, so it starts with the GPU machine's own
+python3 (Python 3.12, torch 2.11, triton 3.6, transformers 5.17, reaching
+no package index) and nothing carried to it; benchmarks/test_gpu_check.py
+runs it with those three unimportable. Optional wheels, built for Python 3.12
+by ``scripts/gpu_wheels.sh`` into ``build/gpu-wheels`` and installed there
+with ``python3 -m pip install --no-index --no-deps build/gpu-wheels/*.whl``:
+liger-kernel 0.8.5 (the Liger baselines of bench:fused_linear_kd; skipped
+without it) and setuptools 84.2.1 (only for ``pip install --no-deps
+--no-build-isolation -e .``, which the check does not need).
 
 The per-section estimates in ``sections()`` (about 7 minutes in all on an
 H100/H200) are estimates until a GPU has run it: the result file records what
@@ -62,7 +76,8 @@ if not CUDA:  # before Triton is imported: the kernels run under the interpreter
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, ROOT)  # the repository root: the tests and benchmarks packages
+sys.path.insert(0, ROOT)  # the repository root: fastted (installed or not), the tests and benchmarks packages
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)  # subprocesses
 
 import triton  # noqa: E402
 
@@ -169,8 +184,13 @@ def correctness(loss: str, smoke: bool) -> list[dict]:
 
 
 def autotune_first_calls(smoke: bool) -> list[dict]:
-    """Every autotuned kernel's first call of a new key against its second and the reference."""
-    cases = [(case, dtype) for dtype in (torch.bfloat16, torch.float16, torch.float32) for case in ("ted", "lwd")]
+    """Every autotuned kernel's first call of a new key against its second and the reference: with the
+    column-sum buffer (biases), without it (an identity student; a forward without gradient), where Triton
+    before 3.8 zeroed None."""
+    cases = [(case, dtype, grad) for dtype in (torch.bfloat16, torch.float16, torch.float32)
+             for case, grad in (("ted", True), ("lwd", True), ("identity", True), ("lwd", False))]
+    if smoke:  # one case with a column-sum buffer, one without
+        cases = [cases[0], next(c for c in cases if not c[2])]
     if not CUDA:  # the interpreter's autotuner keeps one config unless told to sweep, and has no GPU timer
         from fastted.kernels import filtered_mse as kernel
 
@@ -180,10 +200,10 @@ def autotune_first_calls(smoke: bool) -> list[dict]:
             return [(time.perf_counter() - start) * 1e3] * len(quantiles)
 
         kernel.INTERPRETER_SWEEP = 3
-        kernel.filtered_mse_fwd_kernel._do_bench = cpu_bench
-    return [checked(dict(kernel="filtered_mse_fwd_kernel", case=case, dtype=str(dtype)),
-                    lambda case=case, dtype=dtype: t_mse.check_autotune_first_call(case, dtype))
-            for case, dtype in _cases(cases, smoke)]
+        kernel.INTERPRETER_TIMER = cpu_bench
+    return [checked(dict(kernel="filtered_mse_fwd_kernel", case=case, dtype=str(dtype), grad=grad),
+                    lambda case=case, dtype=dtype, grad=grad: t_mse.check_autotune_first_call(case, dtype, grad=grad))
+            for case, dtype, grad in cases]
 
 
 # --------------------------------------------------------------------------- resources on the device
@@ -388,7 +408,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     start = time.monotonic()
     name = torch.cuda.get_device_name() if CUDA else "cpu"
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip()
+    try:  # a copy of the tree without .git, or a machine without git: no commit, but the check runs
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip()
+    except OSError:
+        commit = ""
     result = dict(device=name, torch=torch.__version__, triton=triton.__version__, fastted=fastted.__version__,
                   commit=commit, date=datetime.date.today().isoformat(), budget_s=args.budget, smoke=args.smoke,
                   liger=importlib.util.find_spec("liger_kernel") is not None, sections={})

@@ -3,7 +3,9 @@
 A GPU is lent for minutes; a script that broke since its last run would waste
 them. On a CPU the sections run at the small sizes (the kernels under Triton's
 interpreter, the resources section compiling a few variants for sm_90), one
-case each (--smoke), and each one must end "ok".
+case each (--smoke), and each one must end "ok". It runs as on the GPU
+machine, whose python3 has no deepspeed, datasets or setuptools: none of them
+can be imported, in the check or its subprocesses.
 """
 import json
 import os
@@ -14,14 +16,36 @@ import pytest
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+ABSENT_ON_GPU_MACHINE = ("deepspeed", "datasets", "setuptools")
+# On PYTHONPATH as sitecustomize, run at the start of every Python process: the path finder no longer sees
+# those packages, so importing one fails and importlib.util.find_spec answers None, as where they are absent.
+BLOCKER = f"""import sys
+from importlib.machinery import PathFinder
+
+
+class PathFinderWithout(PathFinder):
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        if name.partition(".")[0] in {ABSENT_ON_GPU_MACHINE!r}:
+            return None
+        return super().find_spec(name, path, target)
+
+
+sys.meta_path[:] = [PathFinderWithout if finder is PathFinder else finder for finder in sys.meta_path]
+"""
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU, run the check itself")
 def test_gpu_check_cpu_smoke(tmp_path):
     out = tmp_path / "check.json"
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(BLOCKER)
+    path = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH")) if p)
     proc = subprocess.run([sys.executable, os.path.join(HERE, "gpu_check.py"), "--smoke", "--out", str(out)],
-                          capture_output=True, text=True, timeout=900, env=dict(os.environ, TRITON_INTERPRET="1"))
+                          capture_output=True, text=True, timeout=900, cwd=tmp_path,
+                          env=dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=path))
     assert out.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
     expected = ["recipes", "correctness:filtered_mse", "correctness:logit_kd", "correctness:fused_linear_kd",
