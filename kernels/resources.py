@@ -11,17 +11,26 @@ a launch would get) and compiled with the installed Triton and ptxas for
 sm_80 or sm_90(a), which reports registers and spills; shared memory comes
 from the compiled metadata.
 
-What is asserted (``check``): it compiles; the shared memory fits a block of
-the architecture; no spills, except those listed in ``ALLOWED_SPILLS`` with
-a reason; no int32 product of a size or stride argument (an offset that
-could pass 2^31); every recorded grid within CUDA's limits, at the largest
-sizes too (N = 1M tokens, V = 256k); the loads that should be 128-bit are.
+What is asserted (``problems``): it compiles; the shared memory fits a block
+of the architecture; no spills but those expected of the ptxas release that
+compiled it (``expected_spills``), none larger than expected; no int32
+product of a size or stride argument (an offset that could pass 2^31); every
+recorded grid within CUDA's limits, at the largest sizes too (N = 1M tokens,
+V = 256k); the loads that should be 128-bit are.
 
-    python -m fastted.kernels.resources --out benchmarks/results/compile-tier.json
+    python -m fastted.kernels.resources --write
 
-writes the resource table (kernel, arch, dtype, config, registers, spills,
-shared bytes, blocks per SM) of every variant; on a GPU, ``--device`` reads
-the same table back from the binaries loaded on the device.
+writes the committed resource table of the installed Triton (``table_path``:
+``compile-tier.json`` for CI's Triton, ``compile-tier-triton<X.Y>.json`` for
+another): every variant's kernel, arch, dtype, config, registers, spills,
+shared bytes and blocks per SM, the verdicts on the known defects
+(``tests/kernels/known_bad.py``), and the table's stamp: what produced it
+(``stamp``: the Triton and ptxas versions, a hash of each kernel source, a
+hash of each architecture's recorded variants). The tier's test compares the
+stamp of the current inputs (``--stamp``, a second's recording on meta
+tensors) with the committed one and reads the committed table when they
+match; it compiles everything again only when they differ, and then fails
+until the table is written again. ``--out FILE`` writes the table elsewhere.
 """
 from __future__ import annotations
 
@@ -30,14 +39,18 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import functools
+import hashlib
+import importlib.util
 import io
 import itertools
 import json
 import multiprocessing
 import os
 import re
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 import triton
@@ -48,8 +61,16 @@ from triton.runtime.jit import create_function_from_signature
 
 from fastted.kernels import ARCHS, MAX_GRID, Arch, Launch, device_arch, recording
 
-# Variants allowed to spill, with the reason. A key is (kernel, arch, dtype); nothing else may spill.
-ALLOWED_SPILLS: dict[tuple[str, str, str], str] = {}
+# The checkout: kernels/ sits in the repository root (in a wheel, fastted/kernels/: no table there).
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+# The Triton release CI installs: its table keeps the name the README cites.
+CI_TRITON = "3.9"
+# The spills each ptxas release is known to produce, variant by variant: a release not listed may spill nothing.
+SPILLS_PATH = RESULTS / "compile-tier-spills.json"
+# The defects the checks must catch, compiled with every table (in the checkout only).
+KNOWN_BAD_PATH = ROOT / "tests" / "kernels" / "known_bad.py"
+WRITE_COMMAND = "python -m fastted.kernels.resources --write"
 
 META = torch.device("meta")
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -339,6 +360,120 @@ def variants(arch: Arch, full: bool = False) -> list[Variant]:
     return list(found.values())
 
 
+# --------------------------------------------------------------------------- the stamp: what a table depends on
+
+
+@functools.lru_cache(maxsize=None)
+def ptxas_version(arch: str) -> str:
+    """The release of the ptxas Triton runs for ``arch`` ("12.9.86"); Triton 3.9 takes a newer one, its
+    ``ptxas-blackwell``, from sm_90 on, 3.6 the same one up to sm_100."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    text = subprocess.check_output([get_ptxas(ARCHS[arch].capability).path, "--version"], text=True)
+    return re.search(r"V(\d+\.\d+\.\d+)", text).group(1)
+
+
+def _release(version: str) -> str:
+    return ".".join(version.split(".")[:2])
+
+
+def source_hashes() -> dict[str, str]:
+    """sha256 (16 hex digits) of each file whose text can change a row: the kernel modules (kernels, their
+    launchers, this tier's own measuring and checks) and the known defects."""
+    files = {f"kernels/{p.name}": p for p in sorted(Path(__file__).parent.glob("*.py")) if p.name != "__init__.py"}
+    if KNOWN_BAD_PATH.exists():
+        files["tests/kernels/known_bad.py"] = KNOWN_BAD_PATH
+    return {name: hashlib.sha256(p.read_bytes()).hexdigest()[:16] for name, p in files.items()}
+
+
+def _options(options) -> dict:
+    """A variant's compile options, machine-independent: libdevice by file name, not by its path."""
+    out = dict(vars(options))
+    if out.get("extern_libs"):
+        out["extern_libs"] = [(name, os.path.basename(path)) for name, path in out["extern_libs"]]
+    return out
+
+
+def launches_hash(arch: Arch, full: bool = False) -> str:
+    """sha256 of every variant the launchers record on ``arch``: what compiles (signature, constexprs,
+    divisibility attributes, options) and why (config, dtype, cases, grids). Anything that changes a
+    launcher's choices (a heuristic, a pruning rule, torch's strides) changes it."""
+    digest = hashlib.sha256()
+    for v in _variants(arch, full):
+        _, signature, constexprs, attrs, options = _specialize(v.jit, v.args, v.kwargs, arch)
+        item = [v.kernel, v.config, v.dtype, list(signature.items()), sorted(map(repr, constexprs.items())),
+                sorted(map(repr, attrs.items())), _options(options), v.cases, v.grids]
+        digest.update(json.dumps(item, sort_keys=True, default=repr).encode())
+    return digest.hexdigest()[:16]
+
+
+def stamp(archs=("sm_80", "sm_90"), full: bool = False) -> dict:
+    """What the table of ``archs`` depends on; equal stamps, equal tables (compiling is deterministic)."""
+    return dict(triton=triton.__version__, ptxas={a: ptxas_version(a) for a in archs}, full=full,
+                sources=source_hashes(), launches={a: launches_hash(ARCHS[a], full) for a in archs})
+
+
+def stamp_differences(committed: dict | None, current: dict) -> list[str]:
+    """What differs between a table's stamp and the current one, in words (empty: they match)."""
+    if not committed:
+        return ["the table has no stamp"]
+    out = []
+    for key in ("triton", "full"):
+        if committed.get(key) != current[key]:
+            out.append(f"{key}: {committed.get(key)} then, {current[key]} now")
+    for key in ("ptxas", "launches", "sources"):
+        then, now = committed.get(key, {}), current[key]
+        changed = sorted(k for k in then.keys() | now.keys() if then.get(k) != now.get(k))
+        if changed:
+            out.append(f"{key} of {', '.join(changed)}")
+    return out
+
+
+def table_path(version: str = triton.__version__) -> Path:
+    """The committed table of a Triton release: CI's keeps the plain name."""
+    release = _release(version)
+    return RESULTS / ("compile-tier.json" if release == CI_TRITON else f"compile-tier-triton{release}.json")
+
+
+def row_id(row: dict) -> tuple:
+    """A variant's name across tables: kernel, arch, dtype, config, and the first case that launches it."""
+    return row["kernel"], row["arch"], row["dtype"], row["config"], json.dumps(row["example"], sort_keys=True)
+
+
+def expected_spills(ptxas: str) -> dict[tuple, int]:
+    """{row id: bytes per thread} the variants ptxas of this release (or "12.8.93") is known to spill."""
+    if not SPILLS_PATH.exists():
+        return {}
+    with open(SPILLS_PATH) as f:
+        entry = json.load(f)["releases"].get(_release(ptxas), {})
+    return {row_id(r): r["spill_bytes"] for r in entry.get("spills", [])}
+
+
+def write_expected_spills(rows: list[dict], ptxas: dict[str, str]) -> None:
+    """Record the spills of ``rows`` as those expected of the ptxas releases that compiled them (their
+    archs' entries replaced, other archs' kept): a deliberate step, reviewed in the diff."""
+    expected = {"releases": {}}
+    if SPILLS_PATH.exists():
+        with open(SPILLS_PATH) as f:
+            expected = json.load(f)
+    for release in sorted({_release(v) for v in ptxas.values()}):
+        archs = {a for a, v in ptxas.items() if _release(v) == release}
+        entry = expected["releases"].get(release, {})
+        kept = [r for r in entry.get("spills", []) if r["arch"] not in archs]
+        new = [dict(kernel=r["kernel"], arch=r["arch"], dtype=r["dtype"], config=r["config"], example=r["example"],
+                    spill_bytes=r["spill_bytes"]) for r in rows if r["arch"] in archs and r.get("spill_bytes")]
+        if kept or new:
+            expected["releases"][release] = dict(triton=triton.__version__, spills=kept + new)
+        else:
+            expected["releases"].pop(release, None)
+    expected["about"] = ("The spills each ptxas release is known to produce (bytes per thread; the tier fails on "
+                         "any other, or a larger one; a release not listed may spill nothing). Written by "
+                         f"{WRITE_COMMAND} --expect-spills under the Triton that ships that ptxas.")
+    with open(SPILLS_PATH, "w") as f:
+        json.dump(dict(about=expected.pop("about"), **expected), f, indent=1)
+        f.write("\n")
+
+
 # --------------------------------------------------------------------------- compiling and reading resources
 
 
@@ -411,16 +546,22 @@ def compile_variant(variant: Variant, arch: Arch, load: bool = False) -> dict:
     return row
 
 
-def problems(row: dict, arch: Arch) -> list[str]:
-    """What is wrong with one row of the table (empty: nothing)."""
+def problems(row: dict, arch: Arch, ptxas: str | None = None) -> list[str]:
+    """What is wrong with one row of the table compiled by ``ptxas`` (its version; default: the one the
+    installed Triton runs for the row's arch). Empty: nothing."""
     name = f"{row['kernel']} {row['arch']} {row['dtype']} [{row['config']}]"
     if "error" in row:
         return [f"{name}: does not compile: {row['error']}"]
     out = []
     if row["shared_bytes"] > arch.shared_per_block:
         out.append(f"{name}: {row['shared_bytes']} B of shared memory, over {arch.gpus}'s {arch.shared_per_block}")
-    if row["spill_bytes"] and (row["kernel"], row["arch"], row["dtype"]) not in ALLOWED_SPILLS:
-        out.append(f"{name}: spills {row['spill_bytes']} B per thread ({row['registers']} registers)")
+    if row["spill_bytes"]:
+        ptxas = ptxas or ptxas_version(row["arch"])
+        expected = expected_spills(ptxas).get(row_id(row))
+        if expected is None or row["spill_bytes"] > expected:
+            known = "none expected" if expected is None else f"{expected} B expected"
+            out.append(f"{name}: spills {row['spill_bytes']} B per thread ({row['registers']} registers; "
+                       f"{known} of ptxas {ptxas}, {SPILLS_PATH.name})")
     if row["blocks_per_sm"] < 1:
         out.append(f"{name}: no block fits an SM ({row['registers']} registers, {row['shared_bytes']} B shared)")
     if row["int32_arg_products"]:
@@ -495,10 +636,35 @@ def format_summary(lines: list[dict]) -> str:
     return "\n".join(out)
 
 
+def known_bad_verdicts() -> list[dict]:
+    """The checks' verdicts on the known defects of ``tests/kernels/known_bad.py`` (empty outside a
+    checkout): with the table, so that a matching stamp spares compiling them too."""
+    if not KNOWN_BAD_PATH.exists():
+        return []
+    spec = importlib.util.spec_from_file_location("fastted_known_bad", KNOWN_BAD_PATH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.verdicts()
+
+
+def comparable(table: dict) -> dict:
+    """What of a table must come out the same from the same stamp: rows without their compile times, the
+    known defects' verdicts, the problems."""
+    volatile = ("compile_s", "loaded")
+    return dict(rows=[{k: v for k, v in r.items() if k not in volatile} for r in table["rows"]],
+                known_bad=[dict(name=r["name"], problems=r["problems"]) for r in table.get("known_bad", [])],
+                problems=table["problems"])
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Compile every launch variant for sm_80 and sm_90; "
                                                  "write the resource table.")
     parser.add_argument("--out", help="JSON file for the table")
+    parser.add_argument("--write", action="store_true",
+                        help=f"write the committed table of the installed Triton ({table_path().name})")
+    parser.add_argument("--stamp", action="store_true", help="print the stamp of the current inputs; compile nothing")
+    parser.add_argument("--expect-spills", action="store_true",
+                        help=f"record this table's spills as those expected of its ptxas ({SPILLS_PATH.name})")
     parser.add_argument("--arch", nargs="+", default=["sm_80", "sm_90"], choices=sorted(ARCHS))
     parser.add_argument("--full", action="store_true",
                         help="every flag combination on every config (default: the covering set CI compiles)")
@@ -506,19 +672,35 @@ def main(argv=None) -> int:
     parser.add_argument("--limit", type=int, default=None, help="compile only the first LIMIT variants per arch")
     parser.add_argument("--kernels", nargs="+", help="compile only these kernels (default: all)")
     args = parser.parse_args(argv)
+    whole = args.limit is None and not args.kernels  # a partial table gets no stamp: it can never stand for one
+    if args.stamp:
+        print(json.dumps(stamp(tuple(args.arch), args.full), indent=1))
+        return 0
+    if args.write:
+        if not whole or args.full or args.arch != ["sm_80", "sm_90"]:
+            parser.error("--write writes the committed table: every kernel, both archs, the covering set")
+        args.out = str(table_path())
     start = time.perf_counter()
+    # the inputs' stamp before compiling them: a source edited meanwhile makes the table stale, not wrong
+    stamped = stamp(tuple(args.arch), args.full) if whole and args.out else None
     rows = table(tuple(args.arch), args.full, args.workers, args.limit, args.kernels)
-    bad = [p for row in rows for p in problems(row, ARCHS[row["arch"]])]
+    ptxas = {a: ptxas_version(a) for a in args.arch}
+    if args.expect_spills:
+        write_expected_spills(rows, ptxas)
+    bad = [p for row in rows for p in problems(row, ARCHS[row["arch"]], ptxas[row["arch"]])]
+    known_bad = known_bad_verdicts() if whole and args.out else []
     elapsed = time.perf_counter() - start
     print(format_summary(summary(rows)))
     print("\n".join(bad) or "no problems")
     print(f"{len(rows)} variants in {elapsed:.0f} s")
     if args.out:
+        command = ("python -m fastted.kernels.resources" + " --full" * args.full
+                   + (" --write" if args.write else f" --out {args.out}"))
         result = dict(triton=triton.__version__, torch=torch.__version__, machine="CPU only (compiled, not run)",
-                      command="python -m fastted.kernels.resources" + " --full" * args.full + " --out " + args.out,
+                      command=command, stamp=stamped,
                       full=args.full, seconds=round(elapsed),
                       archs={a: dataclasses.asdict(ARCHS[a]) for a in args.arch}, problems=bad,
-                      summary=summary(rows), rows=rows)
+                      known_bad=known_bad, summary=summary(rows), rows=rows)
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
     return 1 if bad else 0

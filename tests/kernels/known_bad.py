@@ -1,7 +1,10 @@
 """Defects the compile tier must catch, compiled for sm_90 by its own machinery (see test_compile_tier.py).
 
 Each is a launch this project once made, or the smallest kernel showing the
-defect: the checks that pass on today's kernels are seen failing here.
+defect: the checks that pass on today's kernels are seen failing here. The
+tier's writer (``python -m fastted.kernels.resources --write``) records
+``verdicts()`` in the committed table, and this file's text is in the table's
+stamp; alone:
 
     TRITON_INTERPRET=0 python tests/kernels/known_bad.py --out known_bad.json
 """
@@ -68,10 +71,8 @@ CASES = {
 }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", required=True)
-    args = parser.parse_args()
+def verdicts() -> list[dict]:
+    """Each case compiled for sm_90: its name, the checks' problems, its row of the table."""
     arch = ARCHS["sm_90"]
     rows = []
     for name, case in CASES.items():
@@ -85,8 +86,15 @@ def main() -> None:
                                    [tier._grid(launch_, kwargs)])
             row = tier.compile_variant(variant, arch)
             rows.append(dict(name=name, problems=tier.problems(row, arch), row=row))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
     with open(args.out, "w") as f:
-        json.dump(dict(rows=rows), f, indent=1)
+        json.dump(dict(rows=verdicts()), f, indent=1)
 
 
 if __name__ == "__main__":
