@@ -115,7 +115,9 @@ def test_import_touches_no_cuda_and_no_kernel():
     code = (
         "import sys, torch, fastted\n"
         "assert not torch.cuda.is_initialized(), 'CUDA initialized'\n"
-        "bad = [m for m in sys.modules if m == 'triton' or m.startswith(('triton.', 'fastted.kernels.'))]\n"
+        # fastted.kernels.runtime, the launch machinery the dispatch reads, imports no Triton; no kernel module.
+        "bad = [m for m in sys.modules if m == 'triton' or m.startswith(('triton.', 'fastted.kernels.'))\n"
+        "       and m != 'fastted.kernels.runtime']\n"
         "assert not bad, bad\n"
         "assert not any(m.startswith(('transformers', 'deepspeed', 'datasets')) for m in sys.modules)\n"
         "print('ok')\n"
