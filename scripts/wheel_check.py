@@ -26,7 +26,7 @@ def check_installed() -> None:
     assert fastted.kernels.launch is runtime.launch
     for module in (contrastive_kd, filtered_mse, logit_kd, pooling, resources, sparse_logit_kd):
         assert Path(module.__file__).resolve().parent == site / "fastted" / "kernels", module.__file__
-    print(f"wheel: fastted {fastted.__version__ if hasattr(fastted, '__version__') else ''} from {where.parent}")
+    print(f"wheel: fastted from {where.parent}")
 
 
 def _compare(name, impl, run, spec, leaves) -> None:

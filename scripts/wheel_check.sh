@@ -35,7 +35,8 @@ grep -viE '^(torch|fastted)==' constraints.txt > "$work/constraints.txt"
     "$python" -m pip install -c "$work/constraints.txt" "$wheel" >> "$work/install.log" 2>&1 ||
     { tail -40 "$work/install.log"; exit 1; }
 
-cp scripts/wheel_check.py "$work/outside/" 2>/dev/null || { mkdir -p "$work/outside" && cp scripts/wheel_check.py "$work/outside/"; }
+mkdir -p "$work/outside"
+cp scripts/wheel_check.py "$work/outside/"
 cd "$work/outside"
 case "$PWD" in "$root"*) echo "wheel-check: $PWD is inside the clone"; exit 1;; esac
 "$python" wheel_check.py
