@@ -175,7 +175,8 @@ def _precision_sections(engine: EngineConfig, user: dict) -> dict:
     another one is a ConfigError (the teacher and the frozen modules follow engine.precision)."""
     precision = resolve_precision(engine)
     for name in ("bf16", "fp16"):
-        enabled = (user.get(name) or {}).get("enabled") if isinstance(user.get(name), dict) else None
+        section = user.get(name)
+        enabled = section.get("enabled") if isinstance(section, dict) else None
         if isinstance(enabled, bool) and enabled != (precision == name):
             want = name if enabled else "fp32"
             raise ConfigError(f"engine.deepspeed: {name}.enabled is {str(enabled).lower()}, but engine.precision is "
@@ -202,10 +203,10 @@ def deepspeed_config(train: TrainConfig, engine: EngineConfig, world: int) -> di
 
 
 # The user's zero_optimization settings that hold for a frozen model at ZeRO-3 (under either of DeepSpeed's
-# names): how far ahead and how much to gather, how many gathered parameters may live, when to release them, and
-# where the partitions are kept. Nothing of the optimizer, gradients, batch sizes or the stage.
+# names): how much to gather ahead, how many gathered parameters may live, when to release them. With
+# offload_param (teacher_offload_param), nothing else: not the optimizer, gradients, batch sizes or the stage.
 TEACHER_ZERO_KEYS = ("stage3_prefetch_bucket_size", "prefetch_bucket_size", "stage3_max_live_parameters",
-                     "max_live_parameters", "stage3_max_reuse_distance", "max_reuse_distance", "offload_param")
+                     "max_live_parameters", "stage3_max_reuse_distance", "max_reuse_distance")
 
 
 def teacher_offload_param(engine: EngineConfig) -> Optional[dict]:
@@ -227,8 +228,7 @@ def teacher_deepspeed_config(engine: EngineConfig, micro: int) -> dict:
     :func:`teacher_offload_param` where its partitions live; the micro batch is the student's, the precision
     ``engine.precision``'s."""
     user = _user_deepspeed(engine.deepspeed)
-    zero = {key: value for key, value in (user.get("zero_optimization") or {}).items()
-            if key in TEACHER_ZERO_KEYS and key != "offload_param"}
+    zero = {key: value for key, value in (user.get("zero_optimization") or {}).items() if key in TEACHER_ZERO_KEYS}
     offload = teacher_offload_param(engine)
     if offload is not None:
         zero["offload_param"] = offload
