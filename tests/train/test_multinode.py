@@ -34,9 +34,10 @@ def _result(out, directory):
 @pytest.mark.slow
 def test_two_nodes_of_two_ranks_train_checkpoint_and_resume_as_one_process(tmp_path):
     args = ["--zero-stage", "3", "--recipe", "ted"]
-    one_out, one_dir = tmp_path / "one.json", tmp_path / "one"
-    one = subprocess.Popen([sys.executable, WORKER, *args, "--dir", str(one_dir), "--out", str(one_out)],
-                           env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    one_out, one_dir = tmp_path / "one.json", tmp_path / "one"  # the reference: one process, no ZeRO
+    one = subprocess.Popen([sys.executable, WORKER, "--zero-stage", "0", "--recipe", "ted", "--dir", str(one_dir),
+                            "--out", str(one_out)], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True)
     out, directory = tmp_path / "nodes.json", tmp_path / "nodes"  # one output_dir: the nodes' shared storage
     endpoint = f"127.0.0.1:{_port()}"
     agents = []
