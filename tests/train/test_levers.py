@@ -42,6 +42,7 @@ def test_auto_precision_on_a_gpu_follows_its_bf16_support(monkeypatch, bf16_supp
     assert ds["bf16"]["enabled"] == (want == "bf16") and not ds["fp16"]["enabled"]
 
 
+@pytest.mark.bad_input
 def test_a_deepspeed_precision_against_engine_precision_is_refused():
     with pytest.raises(ConfigError, match=r"engine.deepspeed: bf16.enabled is true, but engine.precision is 'fp32': "
                                           r"set engine.precision=bf16"):
