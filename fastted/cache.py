@@ -107,8 +107,10 @@ def build_teacher_cache(teacher, examples: Sequence[dict], collator: Callable, d
 
     With ``world`` > 1 this rank runs every world-th example from ``rank`` on, writes its own shards and a part
     manifest, and returns it: :func:`finish_teacher_cache` (on one rank, after all have written) merges the
-    parts. ``device``: where the batches go (the teacher's device); ``progress(n)``: called after each batch
-    with its number of examples.
+    parts. Every rank runs the same number of teacher forwards (a rank with a batch fewer runs a stand-in whose
+    outputs it drops), so a teacher partitioned under ZeRO-3 never leaves a rank waiting for a gather.
+    ``device``: where the batches go (the teacher's device); ``progress(n)``: called after each batch with its
+    number of examples.
 
     Args:
         transform: ``transform(states, attention_mask)`` maps the list of captured layer states to the stored
@@ -153,9 +155,12 @@ def build_teacher_cache(teacher, examples: Sequence[dict], collator: Callable, d
 
     vocab = logit_kind = None
     targets_per = "token"
+    # As many batches as rank 0 has (the most); a rank with a batch fewer runs the first rows as a stand-in.
+    rounds = -(-len(range(0, len(examples), world)) // batch_size)
     with torch.no_grad():
-        for start in range(0, len(mine), batch_size):
-            chosen = mine[start:start + batch_size]
+        for start in range(0, rounds * batch_size, batch_size):
+            real = start < len(mine)
+            chosen = mine[start:start + batch_size] if real else range(min(batch_size, len(examples)))
             chunk = [examples[i] for i in chosen]
             batch = collator(chunk, None)
             if device is not None:
@@ -163,6 +168,8 @@ def build_teacher_cache(teacher, examples: Sequence[dict], collator: Callable, d
             # k = 0: the layers alone (a language model stops before its vocabulary projection)
             out = teacher(batch, layers, head=k > 0 or teacher.task == "classification")
             targets = out.hidden_states if transform is None else transform(out.hidden_states, out.mask)
+            if not real:
+                continue
             targets_per = "example" if targets and targets[0].dim() == 2 else "token"
             if k:
                 logits = out.logits.float()

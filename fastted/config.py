@@ -21,7 +21,7 @@ import yaml
 
 TASKS = ("classification", "mlm", "clm")
 METHODS = ("ted", "lwd", "kd", "codir", "railkd", "dwt")
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # auto: bf16 on a GPU that supports it, else fp32
 DECAYS = ("linear", "cosine", "constant")
 SAMPLE_BY = ("line", "paragraph", "document")  # the rows of a .txt source: lines, paragraphs, whole files
 
@@ -128,10 +128,17 @@ class DistilConfig:
 
 @dataclass
 class EngineConfig:
-    precision: str = "fp32"
+    precision: str = "auto"                # auto (bf16 on GPUs that support it, else fp32), fp32, bf16, fp16;
+                                           # a run's saved config holds the resolved value
     zero_stage: int = 0
     teacher_zero3: Optional[bool] = None   # None: partition the teacher whenever there is more than one rank
+                                           # (or its parameters are offloaded)
+    teacher_offload: Optional[str] = None  # the partitioned teacher's parameters: cpu (kept in host memory, for
+                                           # teachers larger than the GPUs), none; None: as engine.deepspeed's
+                                           # zero_optimization.offload_param says (no offload without one)
+    activation_checkpointing: bool = False  # the student recomputes its blocks' activations in backward
     deepspeed: Optional[Union[str, dict]] = None  # a DeepSpeed JSON/YAML file or dict merged over fastted's
+                                                  # (the teacher takes its stage-3 gather settings and offload_param)
     impl: str = "auto"                     # the fused losses' path: auto, triton, reference
     device: str = "auto"                   # auto, cpu, cuda
     threads: Optional[int] = None          # torch CPU threads per rank
@@ -576,6 +583,11 @@ def check(config: Config) -> None:
         _choice("distil.per_method", method, METHODS)
         method_config(config, method)
     _choice("engine.precision", config.engine.precision, PRECISIONS)
+    if config.engine.teacher_offload is not None:
+        _choice("engine.teacher_offload", config.engine.teacher_offload, ("cpu", "none"))
+        if config.engine.teacher_offload == "cpu" and config.engine.teacher_zero3 is False:
+            raise ConfigError("engine.teacher_offload: got 'cpu' with engine.teacher_zero3 false, needs the teacher "
+                              "partitioned (teacher_zero3 true or null): offload moves ZeRO-3's partitions")
     _choice("engine.zero_stage", config.engine.zero_stage, (0, 1, 2, 3))
     _choice("engine.impl", config.engine.impl, ("auto", "triton", "reference"))
     _choice("engine.device", config.engine.device, ("auto", "cpu", "cuda"))

@@ -7,7 +7,13 @@ through ``deepspeed.initialize`` with a torch AdamW and fastted's own
 warmup + decay schedule (:func:`lr_at`); DeepSpeed does the precision,
 gradient accumulation, clipping and ZeRO partitioning. The teacher goes
 through ``deepspeed.initialize`` without an optimizer at ZeRO stage 3 with no
-persistent parameters, so no rank holds a full copy of it.
+persistent parameters, so no rank holds a full copy of it; its DeepSpeed config
+(:func:`teacher_deepspeed_config`) takes from the user's ``engine.deepspeed``
+only what holds for a frozen ZeRO-3 model (gather settings, parameter offload),
+and ``engine.teacher_offload=cpu`` keeps its partitions in host memory.
+``engine.precision: auto`` resolves to bf16 on GPUs that support it and fp32
+elsewhere (:func:`resolve_precision`); ``engine.activation_checkpointing``
+makes the student recompute its blocks' activations in its backward.
 
 ZeRO-3 gathers a parameter only for the forward of the module that owns it.
 The fused losses read weights outside any owner's forward (TED's filters and
@@ -20,6 +26,7 @@ backward. The engine knows a recipe only through that interface
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import random
@@ -52,6 +59,17 @@ def resolve_device(config: EngineConfig) -> torch.device:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed would otherwise warn that it found no GPU
         return torch.device("cpu")
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def resolve_precision(config: EngineConfig, device: Optional[torch.device] = None) -> str:
+    """The precision a run computes in: ``engine.precision`` when it names one (fp32, bf16, fp16); for ``auto``,
+    bf16 on a CUDA GPU that supports it (``torch.cuda.is_bf16_supported()``), else fp32 (the CPU, older GPUs).
+    ``device``: this rank's (``resolve_device``); None: the one ``resolve_device`` would pick."""
+    if config.precision != "auto":
+        return config.precision
+    if device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() and config.device != "cpu" else "cpu")
+    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
 
 
 def _free_port() -> int:
@@ -152,31 +170,73 @@ def _user_deepspeed(spec) -> dict:
     return values
 
 
+def _precision_sections(engine: EngineConfig, user: dict) -> dict:
+    """DeepSpeed's bf16 / fp16 sections for the resolved ``engine.precision``; a user's config that enables
+    another one is a ConfigError (the teacher and the frozen modules follow engine.precision)."""
+    precision = resolve_precision(engine)
+    for name in ("bf16", "fp16"):
+        section = user.get(name)
+        enabled = section.get("enabled") if isinstance(section, dict) else None
+        if isinstance(enabled, bool) and enabled != (precision == name):
+            want = name if enabled else "fp32"
+            raise ConfigError(f"engine.deepspeed: {name}.enabled is {str(enabled).lower()}, but engine.precision is "
+                              f"{precision!r}: set engine.precision={want} and leave {name}.enabled out (the teacher "
+                              f"and the frozen modules follow engine.precision)")
+    return {"bf16": {"enabled": precision == "bf16"}, "fp16": {"enabled": precision == "fp16"}}
+
+
 def deepspeed_config(train: TrainConfig, engine: EngineConfig, world: int) -> dict:
     """The student's DeepSpeed config: fastted's settings, then the user's file or mapping over them."""
     micro, accumulation = batch_layout(train, world)
+    user = _user_deepspeed(engine.deepspeed)
     config = {
         "train_batch_size": micro * accumulation * world,
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accumulation,
         "gradient_clipping": train.clip,
         "zero_optimization": {"stage": engine.zero_stage},
-        "bf16": {"enabled": engine.precision == "bf16"},
-        "fp16": {"enabled": engine.precision == "fp16"},
+        **_precision_sections(engine, user),
         "steps_per_print": 2**31 - 1,
         "zero_allow_untested_optimizer": True,
     }
-    return _merge(config, _user_deepspeed(engine.deepspeed))
+    return _merge(config, user)
+
+
+# The user's zero_optimization settings that hold for a frozen model at ZeRO-3 (under either of DeepSpeed's
+# names): how much to gather ahead, how many gathered parameters may live, when to release them. With
+# offload_param (teacher_offload_param), nothing else: not the optimizer, gradients, batch sizes or the stage.
+TEACHER_ZERO_KEYS = ("stage3_prefetch_bucket_size", "prefetch_bucket_size", "stage3_max_live_parameters",
+                     "max_live_parameters", "stage3_max_reuse_distance", "max_reuse_distance")
+
+
+def teacher_offload_param(engine: EngineConfig) -> Optional[dict]:
+    """Where the partitioned teacher's parameters live, as DeepSpeed's ``offload_param``: None (on the device),
+    ``engine.teacher_offload=cpu``'s {device: cpu, pin_memory: true} (the user's other offload_param settings
+    kept), or with ``teacher_offload`` unset the user's ``zero_optimization.offload_param``."""
+    user = dict((_user_deepspeed(engine.deepspeed).get("zero_optimization") or {}).get("offload_param") or {})
+    if engine.teacher_offload == "none":
+        return None
+    if engine.teacher_offload == "cpu":
+        user.pop("nvme_path", None)
+        return {"pin_memory": True, **user, "device": "cpu"}
+    return user if user.get("device", "none") != "none" else None
 
 
 def teacher_deepspeed_config(engine: EngineConfig, micro: int) -> dict:
-    """Inference at ZeRO-3 with nothing persistent: every teacher parameter stays partitioned between uses."""
+    """Inference at ZeRO-3 with nothing persistent: every teacher parameter stays partitioned between uses. The
+    user's ``engine.deepspeed`` gives its gather settings (:data:`TEACHER_ZERO_KEYS`), and
+    :func:`teacher_offload_param` where its partitions live; the micro batch is the student's, the precision
+    ``engine.precision``'s."""
+    user = _user_deepspeed(engine.deepspeed)
+    zero = {key: value for key, value in (user.get("zero_optimization") or {}).items() if key in TEACHER_ZERO_KEYS}
+    offload = teacher_offload_param(engine)
+    if offload is not None:
+        zero["offload_param"] = offload
     return {
         "train_micro_batch_size_per_gpu": micro,
-        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
+        "zero_optimization": {**zero, "stage": 3, "stage3_param_persistence_threshold": 0,
                               "stage3_model_persistence_threshold": 0},
-        "bf16": {"enabled": engine.precision == "bf16"},
-        "fp16": {"enabled": engine.precision == "fp16"},
+        **_precision_sections(engine, user),
         "steps_per_print": 2**31 - 1,
     }
 
@@ -265,7 +325,8 @@ class Engine:
     Args:
         recipe: a :class:`~fastted.methods.base.Recipe` (its parameters are what trains).
         train: the stage's TrainConfig (batch, lr, schedule, clipping).
-        engine: the EngineConfig (precision, ZeRO stage, DeepSpeed overrides).
+        engine: the EngineConfig (precision, ZeRO stage, teacher partitioning and offload, activation
+            checkpointing, DeepSpeed overrides); ``precision: auto`` is resolved here (:attr:`precision`).
         total_steps: optimizer steps of the run, for the schedule.
         device: this rank's device (``resolve_device``).
     """
@@ -279,9 +340,14 @@ class Engine:
         self.micro_batch, self.accumulation = batch_layout(train, self.world)
         self.recipe = recipe
         self.total_steps = total_steps
+        engine = dataclasses.replace(engine, precision=resolve_precision(engine, device))
+        self.precision = engine.precision
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(engine.precision)
+        if engine.activation_checkpointing:
+            recipe.activation_checkpointing_enable()
         teacher = recipe.teacher
-        partition_teacher = engine.teacher_zero3 if engine.teacher_zero3 is not None else self.world > 1
+        partition_teacher = (engine.teacher_zero3 if engine.teacher_zero3 is not None
+                             else self.world > 1 or teacher_offload_param(engine) is not None)
         if teacher is not None and partition_teacher:
             teacher.to(device)
             deepspeed.initialize(model=teacher, config=teacher_deepspeed_config(engine, self.micro_batch))

@@ -34,7 +34,7 @@ import torch
 
 from fastted.config import Config, ConfigError, TrainConfig, method_config, to_yaml
 from fastted.data import Data, prepare_data
-from fastted.engine import Engine, barrier, init_distributed, resolve_device, seed_everything
+from fastted.engine import Engine, barrier, init_distributed, resolve_device, resolve_precision, seed_everything
 from fastted.files import write_atomic
 from fastted.models import build_student, hf_config, load_model, load_tokenizer, model_source, student_layers
 from fastted.trainer import Stage, evaluate_model, run, total_steps
@@ -152,7 +152,8 @@ class _Start:
 
 
 def _start(config: Config) -> _Start:
-    """What every step begins with: threads, device and ranks, seeds, the teacher's tokenizer and the data."""
+    """What every step begins with: threads, device and ranks (``engine.precision`` resolved in ``config``, so that
+    the step's saved config holds the precision it ran in), seeds, the teacher's tokenizer and the data."""
     if config.engine.threads:
         torch.set_num_threads(config.engine.threads)
     if not config.progress:  # no bars at all (transformers' save and load, datasets' maps): a log line per step
@@ -162,6 +163,7 @@ def _start(config: Config) -> _Start:
         transformers.utils.logging.disable_progress_bar()
         datasets.disable_progress_bars()
     device = resolve_device(config.engine)
+    config.engine.precision = resolve_precision(config.engine, device)  # what every step reads and saves
     rank, world = init_distributed(device)
     seed_everything(config.seed)
     path, gguf = model_source(config.teacher, "teacher")

@@ -455,23 +455,34 @@ def evaluate_model(adapter, data: Data, task: str, micro: int, device, rank: int
     """Accuracy (classification) or mean LM loss and perplexity over the test split, the examples shared out
     between the ``world`` ranks (this one is ``rank``) and the counts summed. ``per_example``: a classifier's
     result also holds ``correct``, 1 or 0 for each test example in order (what paired comparisons of models
-    resample, :func:`fastted.stats.paired_bootstrap`)."""
+    resample, :func:`fastted.stats.paired_bootstrap`).
+
+    Every rank runs the same number of forwards, so a model partitioned under ZeRO-3 (whose every forward
+    gathers its parameters from all ranks) never leaves one rank waiting: the micro batches of ``micro``
+    examples are dealt out in turn, and a rank whose share has run out runs a stand-in batch (the first test
+    examples) whose result it discards."""
     import torch.distributed as dist
 
     sums = torch.zeros(2, dtype=torch.float64)
     n = len(data.test)
     correct = {}
-    for start in range(rank * micro, n, micro * world):
-        examples = [data.test[i] for i in range(start, min(start + micro, n))]
-        batch = data.collator(examples, batch_generator(0, start))
+    rounds = len(range(0, n, micro * world))  # rank 0's batches: the most any rank has
+    for turn in range(rounds):
+        start = (turn * world + rank) * micro
+        real = start < n
+        chosen = range(start, min(start + micro, n)) if real else range(min(micro, n))
+        examples = [data.test[i] for i in chosen]
+        batch = data.collator(examples, batch_generator(0, chosen.start))
         batch = {k: v.to(device) for k, v in batch.items()}
         out = adapter(batch)
+        if not real:  # a stand-in: only its forward counts, for the other ranks' gathers
+            continue
         if task == "classification":
             right = (out.logits.argmax(-1) == batch["labels"]).cpu()
             sums[0] += float(right.sum())
             sums[1] += len(examples)
             if per_example:
-                correct.update(zip(range(start, start + len(examples)), right.int().tolist()))
+                correct.update(zip(chosen, right.int().tolist()))
         else:
             labels = batch["labels"]
             if task == "clm":
