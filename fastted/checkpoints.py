@@ -209,9 +209,13 @@ def _convert(folder: str, target: str) -> None:
     args = argparse.Namespace(input_folder=os.path.join(folder, STATE), output_folder=os.path.join(tmp, STATE),
                               num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
                               inject_missing_state=True)
-    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
-        with weights_only_loads(module_tensors_only=True):
-            ds_to_universal.main(args)
-    write_manifest(tmp)
+    try:
+        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+            with weights_only_loads(module_tensors_only=True):
+                ds_to_universal.main(args)
+        write_manifest(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(target, ignore_errors=True)
     os.rename(tmp, target)

@@ -476,13 +476,20 @@ class Engine:
                 path, _ = self.ds.load_checkpoint(universal, tag=STATE, load_module_strict=True)
         finally:
             self.ds._config.load_universal_checkpoint = False
-        # ZeRO-3's universal loading gives every parameter group the first group's settings: the groups without
-        # weight decay would decay. Each group gets its own back (the schedule's lr is the same in all).
+        # ZeRO-3's universal loading gives every parameter group the first group's settings (the groups without
+        # weight decay would decay) and one shared step tensor, which Adam then counts up once per group and
+        # step. Each group gets its own settings back (the schedule's lr is the same in all) and its own step.
         for group, own in zip(base.param_groups, settings):
             group.update(own)
+        seen = set()
+        for state in base.state.values():
+            for key, value in state.items():
+                if torch.is_tensor(value) and id(value) in seen:
+                    state[key] = value.clone()
+                seen.add(id(value))
         states = sorted(n for n in os.listdir(os.path.join(directory, STATE)) if n.endswith("model_states.pt"))
         module = load_checkpoint_file(os.path.join(directory, STATE, states[0]), "cpu")["module"]
-        trained = {name for name, _ in self.step_module.named_parameters()}
+        trained = {name for name, _ in self.step_module.named_parameters(remove_duplicate=False)}  # tied too
         rest = {k: v for k, v in module.items() if k not in trained}
         missing, unexpected = self.step_module.load_state_dict(rest, strict=False)
         missing = [k for k in missing if k not in trained]
