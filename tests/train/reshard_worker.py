@@ -3,7 +3,8 @@ process group, a folder per stage).
 
 The run: LWD with normalized MSE on tiny BERT MLM models (no dropout), fastted's MLM collator drawing real random
 masks, a global batch of 8 in micro batches of 2 (accumulation 4, 2 or 1 on 1, 2 or 4 ranks), 4 steps,
-checkpoints at steps 2 and 4. The MSE scales (a buffer) are set to fresh random values before the first run, so a
+checkpoints at steps 2 and 4, a large weight decay (so that a parameter group resumed with another group's
+settings shows). The MSE scales (a buffer) are set to fresh random values before the first run, so a
 resume that does not restore them computes others from its first batch.
 
 ``--phase save`` (2 ranks): the uninterrupted run of every stage; then, on ZeRO-2's folder, the bytes each rank
@@ -51,7 +52,7 @@ def build(zero_stage, directory, scales=None):
     recipe = LWD(student, teacher, normalize_mse=True, impl="reference")
     if scales is not None:
         recipe.mse_scales.copy_(scales)
-    train = TrainConfig(batch_size=8, micro_batch_size=2, max_steps=STEPS, lr=3e-3, warmup_ratio=0.0,
+    train = TrainConfig(batch_size=8, micro_batch_size=2, max_steps=STEPS, lr=3e-3, weight_decay=0.5, warmup_ratio=0.0,
                         decay="linear", clip=1.0, save_every=2, keep_last=3)
     engine_config = EngineConfig(zero_stage=zero_stage, teacher_zero3=zero_stage == 3, impl="reference")
     engine = Engine(recipe, train, engine_config, STEPS, torch.device("cpu"))
