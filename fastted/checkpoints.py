@@ -21,8 +21,9 @@ ZeRO 1 and 2 in ``stage_1_and_2`` and ZeRO 3 in ``stage3``; tested in fp32 on gl
 manifest and renamed; a later resume on another world reuses it after checking it (its files' hashes shared out
 between the ranks). fastted's own resharding was the alternative; DeepSpeed's is kept because its loaders already
 cut partitions for every stage, and :meth:`fastted.engine.Engine.load` mends what they miss (the module's
-buffers and extra state, and ZeRO-3's parameter-group settings). ZeRO-0 keeps whole optimizer states in the
-model states and resumes natively on any world, as does any checkpoint on the world that saved it.
+buffers and extra state, and ZeRO-3's parameter-group settings and step counters). ZeRO-0 keeps whole optimizer
+states in the model states and resumes natively on any world, as does any checkpoint on the world that saved it.
+A checkpoint of another ZeRO stage is refused by name (the universal loading does not cross stages).
 """
 from __future__ import annotations
 
@@ -191,7 +192,7 @@ def universal_checkpoint(folder: str, rank: int = 0, world: int = 1) -> str:
         try:
             _convert(folder, target)
         except Exception as caught:  # DeepSpeed's conversion: any failure is reported by name on every rank
-            error = f"{type(caught).__name__}: {str(caught).splitlines()[0] if str(caught) else ''}"
+            error = f"{type(caught).__name__}: {(str(caught).splitlines() or [''])[0]}"
     error = _agreed(error, world)
     if error is not None:
         saved = saved_layout(folder)["world"]

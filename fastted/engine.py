@@ -427,17 +427,16 @@ class Engine:
                 json.dump(layout, f)
 
     def needs_universal(self, directory: str) -> bool:
-        """Whether the checkpoint in ``directory`` loads only through its universal form (saved on another number
-        of ranks, or under another ZeRO stage, by a ZeRO-partitioned optimizer). ZeRO-0 keeps whole optimizer
-        states, which load natively on any number of ranks. Raises :class:`CheckpointError` where the layouts
-        cannot meet (ZeRO-0 on one side only)."""
+        """Whether the checkpoint in ``directory`` loads only through its universal form: saved on another number
+        of ranks by a ZeRO-partitioned optimizer (stages 1-3). ZeRO-0 keeps whole optimizer states, which load
+        natively on any number of ranks. Raises :class:`CheckpointError` when it was saved under another ZeRO
+        stage (DeepSpeed's universal loading does not cross stages: its model-state files differ)."""
         saved, stage = saved_layout(directory), int(self.ds.zero_optimization_stage())
-        saved_stage = stage if saved["zero_stage"] is None else saved["zero_stage"]
-        if saved_stage != stage and 0 in (saved_stage, stage):
-            raise CheckpointError(f"checkpoint {directory}: saved under ZeRO stage {saved_stage}, this run uses "
-                                  f"stage {stage}; ZeRO-0 checkpoints and ZeRO-partitioned ones do not convert "
-                                  f"into each other: resume with engine.zero_stage={saved_stage}, or resume=false")
-        return stage > 0 and (saved["world"] != self.world or saved_stage != stage)
+        if saved["zero_stage"] is not None and saved["zero_stage"] != stage:
+            raise CheckpointError(f"checkpoint {directory}: saved under ZeRO stage {saved['zero_stage']}, this run "
+                                  f"uses stage {stage}: resume with engine.zero_stage={saved['zero_stage']}, or "
+                                  f"resume=false to start over")
+        return stage > 0 and saved["world"] != self.world
 
     def load(self, directory: str, universal: Optional[str] = None) -> None:
         """Restore what :meth:`save` wrote: natively, or from ``universal``, the checkpoint's universal form
@@ -446,9 +445,9 @@ class Engine:
         From the universal form every rank reads its own partition of each parameter and of the optimizer's
         states; the module's other entries (buffers, extra state: TED's MSE scales, memory banks, counters),
         which DeepSpeed's universal loading skips, are read from the model states (frozen parameters are not:
-        they are the recipe's own, never trained). A rank that saved an RNG
-        state (rank < the saved world size) restores it; a rank beyond the saved ranks keeps its own (the
-        state its process was seeded with), so its random draws (dropout) differ from an uninterrupted run's."""
+        they are the recipe's own, never trained). A rank that saved an RNG state (rank < the saved world size)
+        restores it; a rank beyond the saved ranks keeps its own (the state its process was seeded with), so its
+        random draws (dropout) differ from an uninterrupted run's."""
         layout = saved_layout(directory)
         if universal is None and self.needs_universal(directory):
             raise CheckpointError(f"checkpoint {directory}: saved on {layout['world']} ranks (ZeRO stage "
@@ -474,6 +473,11 @@ class Engine:
         try:
             with weights_only_loads():
                 path, _ = self.ds.load_checkpoint(universal, tag=STATE, load_module_strict=True)
+        except Exception as error:  # DeepSpeed's loader: any failure is one named line
+            saved, what = saved_layout(directory)["world"], (str(error).splitlines() or [""])[0]
+            raise CheckpointError(f"checkpoint {directory}: saved on {saved} ranks, its universal form did not load "
+                                  f"on {self.world} ({type(error).__name__}: {what}): resume on {saved} ranks, or "
+                                  f"resume=false to start over") from error
         finally:
             self.ds._config.load_universal_checkpoint = False
         # ZeRO-3's universal loading gives every parameter group the first group's settings (the groups without

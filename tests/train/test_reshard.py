@@ -129,17 +129,21 @@ def test_mlm_masks_are_keyed_by_piece_not_by_rank():
 
 @pytest.mark.bad_input
 def test_a_resume_that_cannot_be_done_is_one_named_line(tmp_path):
-    """Saved under ZeRO-0, resumed under ZeRO-2 (or the reverse): a CheckpointError naming the stages and the
-    setting to use; a checkpoint DeepSpeed cannot convert: a CheckpointError naming the folder and what to do."""
+    """Saved under another ZeRO stage: a CheckpointError naming both stages and the setting to use; a checkpoint
+    DeepSpeed cannot convert: a CheckpointError naming the folder and what to do, and nothing left behind."""
     folder = tmp_path / "step-0000002"
     (folder / "state").mkdir(parents=True)
-    (folder / "engine.json").write_text(json.dumps({"world": 2, "zero_stage": 0}))
     zero2 = SimpleNamespace(ds=SimpleNamespace(zero_optimization_stage=lambda: 2), world=1)
-    with pytest.raises(CheckpointError, match=r"saved under ZeRO stage 0, this run uses stage 2.*"
-                                              r"resume with engine.zero_stage=0, or resume=false"):
-        Engine.needs_universal(zero2, str(folder))
+    for saved in (0, 3):
+        (folder / "engine.json").write_text(json.dumps({"world": 1, "zero_stage": saved}))
+        with pytest.raises(CheckpointError, match=rf"saved under ZeRO stage {saved}, this run uses stage 2: "
+                                                  rf"resume with engine.zero_stage={saved}, or resume=false"):
+            Engine.needs_universal(zero2, str(folder))
     (folder / "engine.json").write_text(json.dumps({"world": 2, "zero_stage": 2}))
     assert Engine.needs_universal(zero2, str(folder))
+    (folder / "engine.json").write_text(json.dumps({"world": 2, "zero_stage": 0}))
+    zero0 = SimpleNamespace(ds=SimpleNamespace(zero_optimization_stage=lambda: 0), world=1)
+    assert not Engine.needs_universal(zero0, str(folder))  # whole optimizer states: natively on any world
     with pytest.raises(CheckpointError) as info:
         universal_checkpoint(str(folder))  # no DeepSpeed files in it
     message = str(info.value)
