@@ -26,10 +26,13 @@ backward. The engine knows a recipe only through that interface
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import math
 import os
 import random
+import re
 import socket
 from typing import Optional
 
@@ -108,6 +111,17 @@ def reduce_over_ranks(values: torch.Tensor, op: str) -> torch.Tensor:
         return values
     values = values.clone()
     dist.all_reduce(values, op={"min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op])
+    return values
+
+
+def gather_over_ranks(value) -> list:
+    """Every rank's ``value`` (a small picklable object: a few records, a reason), in rank order, on every rank."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [value]
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
     return values
 
 
@@ -243,6 +257,9 @@ def teacher_deepspeed_config(engine: EngineConfig, micro: int) -> dict:
 
 # --------------------------------------------------------------------------- checkpoints that load without pickle
 
+STATE = "state"              # the DeepSpeed tag (sub-folder) of a checkpoint's model, optimizer and schedule
+ENGINE_FILE = "engine.json"  # how the checkpoint was laid out: its world size and ZeRO stage
+
 
 def checkpoint_types() -> list:
     """The few DeepSpeed types its checkpoints hold besides tensors, containers and numbers."""
@@ -253,6 +270,35 @@ def checkpoint_types() -> list:
     return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
+def load_checkpoint_file(path: str, map_location=None):
+    """One checkpoint file, loaded with ``weights_only=True`` and only :func:`checkpoint_types` allowed."""
+    with torch.serialization.safe_globals(checkpoint_types()):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
+@contextlib.contextmanager
+def weights_only_loads(module_tensors_only: bool = False):
+    """Every ``torch.load`` inside loads with ``weights_only=True`` (only :func:`checkpoint_types` allowed), even
+    where the caller asks for pickle: DeepSpeed's universal-checkpoint conversion and loader do. With
+    ``module_tensors_only``, a loaded DeepSpeed model state keeps only the tensors of its ``module`` (the
+    conversion cannot take a module's extra state, which :meth:`Engine.load` restores itself)."""
+    real = torch.load
+
+    def load(f, map_location=None, *args, **kwargs):
+        kwargs["weights_only"] = True
+        with torch.serialization.safe_globals(checkpoint_types()):
+            state = real(f, map_location, *args, **kwargs)
+        if module_tensors_only and isinstance(state, dict) and isinstance(state.get("module"), dict):
+            state["module"] = {k: v for k, v in state["module"].items() if torch.is_tensor(v)}
+        return state
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = real
+
+
 def _safe_checkpoint_engine(ds_config):
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
@@ -260,10 +306,21 @@ def _safe_checkpoint_engine(ds_config):
         """DeepSpeed's torch engine, but loading with ``weights_only=True`` (no arbitrary unpickling)."""
 
         def load(self, path: str, map_location=None):
-            with torch.serialization.safe_globals(checkpoint_types()):
-                return torch.load(path, map_location=map_location, weights_only=True)
+            return load_checkpoint_file(path, map_location)
 
     return SafeCheckpointEngine(ds_config)
+
+
+def saved_layout(directory: str) -> dict:
+    """``{"world": ranks, "zero_stage": stage}`` of the checkpoint in ``directory``, from its engine.json (a
+    checkpoint written before that file: the world is its number of rng-rank files, the stage None)."""
+    path = os.path.join(directory, ENGINE_FILE)
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            layout = json.load(f)
+        return {"world": int(layout["world"]), "zero_stage": int(layout["zero_stage"])}
+    ranks = [n for n in os.listdir(directory) if re.fullmatch(r"rng-rank\d+\.pt", n)]
+    return {"world": len(ranks), "zero_stage": None}
 
 
 def rng_state() -> dict:
@@ -426,20 +483,90 @@ class Engine:
 
     def save(self, directory: str) -> None:
         """A DeepSpeed checkpoint (model, optimizer, schedule) plus this rank's RNG, written into ``directory``
-        (the trainer makes it atomic and records the step). Every rank must call it."""
-        self.ds.save_checkpoint(directory, tag="state", save_latest=False)
+        (the trainer makes it atomic and records the step), and from rank 0 its layout (engine.json: world size
+        and ZeRO stage). Every rank must call it."""
+        self.ds.save_checkpoint(directory, tag=STATE, save_latest=False)
         torch.save(rng_state(), os.path.join(directory, f"rng-rank{self.rank}.pt"))
+        if self.is_main:
+            layout = {"world": self.world, "zero_stage": int(self.ds.zero_optimization_stage())}
+            with open(os.path.join(directory, ENGINE_FILE), "w", encoding="utf-8") as f:
+                json.dump(layout, f)
 
-    def load(self, directory: str) -> None:
-        """Restore what :meth:`save` wrote."""
-        path, _ = self.ds.load_checkpoint(directory, tag="state", load_module_strict=True)
+    def needs_universal(self, directory: str) -> bool:
+        """Whether the checkpoint in ``directory`` loads only through its universal form: saved on another number
+        of ranks by a ZeRO-partitioned optimizer (stages 1-3). ZeRO-0 keeps whole optimizer states, which load
+        natively on any number of ranks. Raises :class:`CheckpointError` when it was saved under another ZeRO
+        stage (DeepSpeed's universal loading does not cross stages: its model-state files differ)."""
+        saved, stage = saved_layout(directory), int(self.ds.zero_optimization_stage())
+        if saved["zero_stage"] is not None and saved["zero_stage"] != stage:
+            raise CheckpointError(f"checkpoint {directory}: saved under ZeRO stage {saved['zero_stage']}, this run "
+                                  f"uses stage {stage}: resume with engine.zero_stage={saved['zero_stage']}, or "
+                                  f"resume=false to start over")
+        return stage > 0 and saved["world"] != self.world
+
+    def load(self, directory: str, universal: Optional[str] = None) -> None:
+        """Restore what :meth:`save` wrote: natively, or from ``universal``, the checkpoint's universal form
+        (:func:`fastted.checkpoints.universal_checkpoint`), where :meth:`needs_universal` says so.
+
+        From the universal form every rank reads its own partition of each parameter and of the optimizer's
+        states; the module's other entries (buffers, extra state: TED's MSE scales, memory banks, counters),
+        which DeepSpeed's universal loading skips, are read from the model states (frozen parameters are not:
+        they are the recipe's own, never trained). A rank that saved an RNG state (rank < the saved world size)
+        restores it; a rank beyond the saved ranks keeps its own (the state its process was seeded with), so its
+        random draws (dropout) differ from an uninterrupted run's."""
+        layout = saved_layout(directory)
+        if universal is None and self.needs_universal(directory):
+            raise CheckpointError(f"checkpoint {directory}: saved on {layout['world']} ranks (ZeRO stage "
+                                  f"{layout['zero_stage']}), this run has {self.world}: resume through "
+                                  f"fastted.trainer.run, which converts it, or on {layout['world']} ranks")
+        if universal is None:
+            path, _ = self.ds.load_checkpoint(directory, tag=STATE, load_module_strict=True)
+        else:
+            path = self._load_universal(directory, universal)
         if path is None:
-            raise ValueError(f"checkpoint {directory}: DeepSpeed found no state in it")
+            raise CheckpointError(f"checkpoint {directory}: DeepSpeed found no state in it")
         rng = os.path.join(directory, f"rng-rank{self.rank}.pt")
-        if not os.path.exists(rng):
-            raise CheckpointError(f"checkpoint {directory}: no rng-rank{self.rank}.pt (saved by fewer ranks than "
-                                  f"{self.world}?): resume with the same number of ranks, or resume=false")
-        set_rng_state(torch.load(rng, weights_only=True))
+        if self.rank < layout["world"]:
+            if not os.path.exists(rng):
+                raise CheckpointError(f"checkpoint {directory}: no rng-rank{self.rank}.pt, though it was saved by "
+                                      f"{layout['world']} ranks: resume=false to start over")
+            set_rng_state(torch.load(rng, weights_only=True))
+
+    def _load_universal(self, directory: str, universal: str) -> Optional[str]:
+        base = getattr(self.optimizer, "optimizer", self.optimizer)  # the torch AdamW inside ZeRO's optimizer
+        settings = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in base.param_groups]
+        self.ds._config.load_universal_checkpoint = True
+        try:
+            with weights_only_loads():
+                path, _ = self.ds.load_checkpoint(universal, tag=STATE, load_module_strict=True)
+        except Exception as error:  # DeepSpeed's loader: any failure is one named line
+            saved, what = saved_layout(directory)["world"], (str(error).splitlines() or [""])[0]
+            raise CheckpointError(f"checkpoint {directory}: saved on {saved} ranks, its universal form did not load "
+                                  f"on {self.world} ({type(error).__name__}: {what}): resume on {saved} ranks, or "
+                                  f"resume=false to start over") from error
+        finally:
+            self.ds._config.load_universal_checkpoint = False
+        # ZeRO-3's universal loading gives every parameter group the first group's settings (the groups without
+        # weight decay would decay) and one shared step tensor, which Adam then counts up once per group and
+        # step. Each group gets its own settings back (the schedule's lr is the same in all) and its own step.
+        for group, own in zip(base.param_groups, settings):
+            group.update(own)
+        seen = set()
+        for state in base.state.values():
+            for key, value in state.items():
+                if torch.is_tensor(value) and id(value) in seen:
+                    state[key] = value.clone()
+                seen.add(id(value))
+        states = sorted(n for n in os.listdir(os.path.join(directory, STATE)) if n.endswith("model_states.pt"))
+        module = load_checkpoint_file(os.path.join(directory, STATE, states[0]), "cpu")["module"]
+        trained = {name for name, _ in self.step_module.named_parameters(remove_duplicate=False)}  # tied too
+        rest = {k: v for k, v in module.items() if k not in trained}
+        missing, unexpected = self.step_module.load_state_dict(rest, strict=False)
+        missing = [k for k in missing if k not in trained]
+        if missing or unexpected:
+            raise CheckpointError(f"checkpoint {directory}: its buffers do not match the recipe's (missing "
+                                  f"{missing[:3]}, unexpected {unexpected[:3]}): resume=false to start over")
+        return path
 
     def gathered(self):
         """A context in which every recipe parameter is whole (ZeRO-3), e.g. to export the trained model."""

@@ -1,11 +1,14 @@
 """Files that a kill never leaves half-written, and their hashes: the one copy every writer of fastted uses
 (checkpoints and their manifests, metrics, configs, TED's filters, the layer-wise loss, the teacher cache,
-a step's result)."""
+a step's result). ``bytes_hashed`` counts the bytes this process has hashed, so that a test can hold the
+checkpoint checks to their budget (each rank hashes only its share)."""
 from __future__ import annotations
 
 import hashlib
 import os
 from typing import Callable, Union
+
+bytes_hashed = 0  # bytes read by sha256_file in this process, ever (tests take differences)
 
 
 def write_atomic(path: Union[str, os.PathLike], content: Union[str, Callable[[str], None]]) -> None:
@@ -31,6 +34,9 @@ def write_atomic(path: Union[str, os.PathLike], content: Union[str, Callable[[st
 
 
 def sha256_file(path: Union[str, os.PathLike]) -> str:
-    """The SHA-256 of a file's bytes, in hex."""
+    """The SHA-256 of a file's bytes, in hex (added to ``bytes_hashed``)."""
+    global bytes_hashed
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+        bytes_hashed += f.tell()
+    return digest

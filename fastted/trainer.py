@@ -1,18 +1,22 @@
 """The thin loop: one recipe, one dataset, optimizer steps, metrics, evaluation, checkpoints.
 
 The data order is a pure function of (seed, epoch) and the MLM masks of
-(seed, step, micro batch, rank) (:func:`fastted.data.data_order`,
+(seed, step, piece of the global batch) (:func:`fastted.data.data_order`,
 :func:`fastted.data.batch_generator`), so the data position is the optimizer
-step alone and a resumed run sees exactly the batches it would have seen.
+step alone and a resumed run sees exactly the batches it would have seen, on
+any number of ranks.
 
 A checkpoint is a folder ``checkpoints/step-NNNNNNN`` written under a
 temporary name, closed by a ``manifest.json`` of every file's size and
-SHA-256, and renamed when every rank has finished writing;
-``checkpoints/latest`` names the newest (replaced atomically). A kill during a
-save leaves the previous checkpoint and ``latest`` as they were. On resume
-the manifest is verified: a damaged or incomplete newest checkpoint is passed
-over, with a warning naming it and the one resumed from, for the newest
-intact one; none intact is an error (nothing is deleted).
+SHA-256 (each rank hashing its own files), and renamed when every rank has
+finished writing; ``checkpoints/latest`` names the newest (replaced
+atomically). A kill during a save leaves the previous checkpoint and
+``latest`` as they were. On resume the manifest is verified, each rank
+hashing its share: a damaged or incomplete newest checkpoint is passed over,
+with a warning naming it and the one resumed from, for the newest intact one;
+none intact is an error (nothing is deleted). A checkpoint saved on another
+number of ranks resumes through its universal form
+(:mod:`fastted.checkpoints`).
 
 Non-finite values stop the run: the loss, each term and the gradient norm
 are checked on the device every step, and read on the step's host sync
@@ -26,7 +30,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import shutil
 import time
 import warnings
@@ -35,18 +38,13 @@ from typing import Callable, Optional
 
 import torch
 
+from fastted.checkpoints import (CheckpointWarning, checkpoint_dir, checkpoint_step, latest_checkpoint,
+                                 universal_checkpoint, write_manifest)
+from fastted.checkpoints import verify_checkpoint  # noqa: F401  (re-exported: it lived here)
 from fastted.config import TrainConfig
 from fastted.data import Data, batch_generator, data_order
 from fastted.engine import CheckpointError, Engine, NonFiniteError, barrier, mean_over_ranks, reduce_over_ranks
-from fastted.files import sha256_file, write_atomic
-
-CHECKPOINTS = "checkpoints"
-MANIFEST = "manifest.json"
-_CHECKPOINT_NAME = re.compile(r"step-(\d+)")
-
-
-class CheckpointWarning(UserWarning):
-    """A damaged checkpoint was passed over, or a torn metrics line dropped."""
+from fastted.files import write_atomic
 
 
 @dataclass
@@ -82,7 +80,9 @@ def total_steps(n: int, config: TrainConfig, key: str = "train") -> int:
 
 def micro_batches(stage: Stage, step: int, engine: Engine):
     """This rank's micro batches of optimizer step ``step``: the step's global batch cut into
-    accumulation x ranks pieces; micro batch a of rank r is piece a * ranks + r."""
+    accumulation x ranks pieces; micro batch a of rank r is piece a * ranks + r. A piece's random parts (the
+    MLM masks) are keyed by (seed, step, piece), not by rank: with the same micro batch size, a run on any
+    number of ranks draws the same masks."""
     n, size = len(stage.dataset), stage.train.batch_size
     per_epoch = steps_per_epoch(n, size)
     epoch, position = divmod(step, per_epoch)
@@ -92,105 +92,15 @@ def micro_batches(stage: Stage, step: int, engine: Engine):
         piece = a * engine.world + engine.rank
         chosen = indices[piece * micro:(piece + 1) * micro]
         examples = [stage.dataset[int(i)] for i in chosen]
-        yield epoch, stage.collator(examples, batch_generator(stage.seed, step, a, engine.rank))
+        yield epoch, stage.collator(examples, batch_generator(stage.seed, step, piece, 0))  # (.., a, 0) on 1 rank
 
 
 # --------------------------------------------------------------------------- checkpoints
 
 
-def checkpoint_dir(directory: str) -> str:
-    return os.path.join(directory, CHECKPOINTS)
-
-
-def _checkpoint_step(name: str) -> Optional[int]:
-    match = _CHECKPOINT_NAME.fullmatch(name)
-    return int(match.group(1)) if match else None
-
-
-def _file_record(path: str) -> dict:
-    return {"bytes": os.path.getsize(path), "sha256": sha256_file(path)}
-
-
-def _checkpoint_files(folder: str) -> list[str]:
-    files = []
-    for parent, _, names in os.walk(folder):
-        files += [os.path.relpath(os.path.join(parent, n), folder) for n in names]
-    return sorted(f for f in files if f != MANIFEST)
-
-
-def write_manifest(folder: str) -> None:
-    """Record every file of a checkpoint folder (size and SHA-256) in its ``manifest.json``, written last."""
-    files = {rel: _file_record(os.path.join(folder, rel)) for rel in _checkpoint_files(folder)}
-    write_atomic(os.path.join(folder, MANIFEST), json.dumps({"format": 1, "files": files}, indent=1))
-
-
-def verify_checkpoint(folder: str) -> Optional[str]:
-    """None when the checkpoint folder is intact (every file of its manifest there, with its size and hash, and
-    a readable trainer.json); else what is wrong, in a few words."""
-    try:
-        with open(os.path.join(folder, MANIFEST), encoding="utf-8") as f:
-            files = json.load(f)["files"]
-    except FileNotFoundError:
-        return f"no {MANIFEST} (the save did not finish)"
-    except (ValueError, KeyError, TypeError) as error:
-        return f"{MANIFEST} is unreadable ({type(error).__name__})"
-    for rel, want in sorted(files.items()):
-        path = os.path.join(folder, rel)
-        if not os.path.isfile(path):
-            return f"{rel} is missing"
-        size = os.path.getsize(path)
-        if size != want["bytes"]:
-            return f"{rel} has {size} bytes, the manifest says {want['bytes']}"
-        if sha256_file(path) != want["sha256"]:
-            return f"{rel} differs from the manifest's SHA-256 (corrupted)"
-    if "trainer.json" not in files:
-        return "trainer.json is not in the manifest"
-    return None
-
-
-def latest_checkpoint(directory: str) -> Optional[str]:
-    """The checkpoint a stage directory resumes from: the one ``latest`` names when it is intact, else the newest
-    intact one (with a :class:`CheckpointWarning` naming what was passed over), or None when there is no
-    checkpoint. Raises :class:`CheckpointError` when checkpoints exist but none is intact."""
-    root = checkpoint_dir(directory)
-    if not os.path.isdir(root):
-        return None
-    names = sorted((n for n in os.listdir(root) if _checkpoint_step(n) is not None
-                    and os.path.isdir(os.path.join(root, n))), key=_checkpoint_step, reverse=True)
-    pointer, named = os.path.join(root, "latest"), None
-    if os.path.isfile(pointer):
-        with open(pointer, encoding="utf-8") as f:
-            named = f.read().strip()
-        if _checkpoint_step(named) is None:  # "../x", an absolute path: never leave checkpoints/
-            warnings.warn(f"{pointer} names {named!r}, not a checkpoint folder step-N inside {root}: ignored",
-                          CheckpointWarning, stacklevel=2)
-            named = None
-    if named is not None and named not in names:
-        if not names:
-            raise CheckpointError(f"{pointer} names {named}, which is not in {root}, and no other checkpoint is: "
-                                  f"restore it, or set resume=false to start over")
-        warnings.warn(f"{pointer} names {named}, which is not in {root}", CheckpointWarning, stacklevel=2)
-    if named in names:  # the pointer's checkpoint first, then the others newest first
-        names.remove(named)
-        names.insert(0, named)
-    damaged = []
-    for name in names:
-        reason = verify_checkpoint(os.path.join(root, name))
-        if reason is None:
-            if damaged:
-                warnings.warn(f"checkpoint {'; '.join(damaged)}: resuming from {name}, the newest intact one "
-                              f"(the damaged ones are kept)", CheckpointWarning, stacklevel=2)
-            return os.path.join(root, name)
-        damaged.append(f"{name} is damaged ({reason})")
-    if damaged:
-        raise CheckpointError(f"{root}: no intact checkpoint ({'; '.join(damaged)}): set resume=false to start over "
-                              f"(nothing is deleted)")
-    return None
-
-
 def save_checkpoint(engine: Engine, stage: Stage, step: int) -> str:
-    """Write ``checkpoints/step-{step}`` atomically, closed by its manifest, and keep the last ``keep_last``.
-    Every rank calls it."""
+    """Write ``checkpoints/step-{step}`` atomically, closed by its manifest (each rank hashing its own files), and
+    keep the last ``keep_last``. Every rank calls it."""
     root = checkpoint_dir(stage.directory)
     name = f"step-{step:07d}"
     final, tmp = os.path.join(root, name), os.path.join(root, name + ".tmp")
@@ -200,17 +110,18 @@ def save_checkpoint(engine: Engine, stage: Stage, step: int) -> str:
         os.makedirs(tmp)
     barrier()
     engine.save(tmp)
-    barrier()
     if engine.is_main:
         write_atomic(os.path.join(tmp, "config.yaml"), stage.config_text)
         write_atomic(os.path.join(tmp, "trainer.json"), json.dumps({"step": step, "stage": stage.name,
                                                                      "world": engine.world}))
-        write_manifest(tmp)
+    barrier()
+    write_manifest(tmp, engine.rank, engine.world)
+    if engine.is_main:
         if os.path.isdir(final):  # the same step saved again (end of a resumed run): replace it
             shutil.rmtree(final)
         os.rename(tmp, final)
         write_atomic(os.path.join(root, "latest"), name)
-        kept = sorted((d for d in os.listdir(root) if _checkpoint_step(d) is not None), key=_checkpoint_step)
+        kept = sorted((d for d in os.listdir(root) if checkpoint_step(d) is not None), key=checkpoint_step)
         for old in kept[:-stage.train.keep_last]:
             shutil.rmtree(os.path.join(root, old), ignore_errors=True)
     barrier()
@@ -218,10 +129,13 @@ def save_checkpoint(engine: Engine, stage: Stage, step: int) -> str:
 
 
 def load_checkpoint(engine: Engine, path: str) -> int:
-    """Restore a (verified) checkpoint into the engine; returns the optimizer step to continue from."""
+    """Restore a (verified) checkpoint into the engine, through its universal form when it was saved on another
+    number of ranks (:func:`fastted.checkpoints.universal_checkpoint`); returns the optimizer step to continue
+    from. Every rank calls it."""
     with open(os.path.join(path, "trainer.json"), encoding="utf-8") as f:
         step = int(json.load(f)["step"])
-    engine.load(path)
+    universal = universal_checkpoint(path, engine.rank, engine.world) if engine.needs_universal(path) else None
+    engine.load(path, universal)
     return step
 
 
@@ -233,6 +147,12 @@ def _run_settings(config_text: str) -> dict:
     # set, which the saved config holds themselves (a step another entry never touched resumes without it).
     for key in ("progress", "resume", "published"):
         values.pop(key, None)
+    return _without(values, "micro_batch_size")  # how the global batch is cut: set anew for another world size
+
+
+def _without(values, key: str):
+    if isinstance(values, dict):
+        return {k: _without(v, key) for k, v in values.items() if k != key}
     return values
 
 
@@ -374,7 +294,7 @@ def run(stage: Stage, engine: Engine) -> dict:
     total = engine.total_steps
     start, last_good = 0, None
     if stage.resume:
-        path = latest_checkpoint(stage.directory)
+        path = latest_checkpoint(stage.directory, engine.rank, engine.world)
         if path is not None:
             _check_same_run(stage, path)
             start, last_good = load_checkpoint(engine, path), path

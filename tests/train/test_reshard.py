@@ -1,0 +1,153 @@
+"""A run saved on 2 ranks resumes on 1 and on 4 (ZeRO 0, 1, 2 and 3, the same global batch) with the uninterrupted
+run's losses; each rank hashes only its share of a checkpoint, and the ranks agree on which checkpoint is intact.
+
+Three launches of tests/train/reshard_worker.py (2 ranks save, 1 and 4 ranks resume), each running every ZeRO
+stage in turn; and a few checks in this process."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from fastted.checkpoints import file_owner, universal_checkpoint
+from fastted.data import MLMCollator, batch_generator, data_order
+from fastted.engine import CheckpointError, Engine
+from fastted.trainer import Stage, micro_batches
+from tests.train.reshard_worker import Tokenizer, dataset
+
+WORKER = os.path.join(os.path.dirname(__file__), "reshard_worker.py")
+
+
+def _port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(tmp, ranks, phase, saved=None):
+    out, directory = tmp / f"{phase}-{ranks}.json", tmp / f"{phase}-{ranks}"
+    args = ["--phase", phase, "--dir", str(directory), "--out", str(out)] + (["--saved", saved] if saved else [])
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port",
+               str(_port()), WORKER, *args]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    with open(out) as f:
+        return {**json.load(f), "dir": str(directory)}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("reshard")
+    saved = _launch(tmp, 2, "save")
+    return {2: saved, 1: _launch(tmp, 1, "resume", saved["dir"]), 4: _launch(tmp, 4, "resume", saved["dir"])}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [1, 4])
+def test_saved_on_two_ranks_resumes_on_another_number_with_the_same_losses(runs, world):
+    """From the step-2 checkpoint of 2 ranks, steps 3 and 4 on 1 rank (accumulation 4) and on 4 ranks
+    (accumulation 1) give the uninterrupted run's losses, under every ZeRO stage: model, Adam's moments and step,
+    schedule, the MSE scales (a buffer, set at random before the run) and the MLM masks all as they were. ZeRO
+    1-3 went through the checkpoint's universal form; ZeRO-0 loaded natively."""
+    saved, resumed = runs[2]["losses"], runs[world]["losses"]
+    assert runs[world]["world"] == world
+    for stage in "0123":
+        assert list(resumed[stage]) == ["3", "4"], stage  # resumed at step 2
+        assert [resumed[stage][s] for s in "34"] == pytest.approx([saved[stage][s] for s in "34"], rel=0, abs=1e-5)
+        assert saved[stage]["4"] < saved[stage]["1"] - 0.2  # it learns: the losses compared are not flat
+    assert runs[world]["universal"] == {"0": False, "1": True, "2": True, "3": True}
+    assert runs[world]["reused"] and runs[world]["reuse_hashed"] == runs[world]["universal_bytes"]
+    message = runs[world]["unconverted"]
+    assert "saved on 2 ranks (ZeRO stage 2), this run has" in message and "resume through" in message
+
+
+@pytest.mark.slow
+def test_each_rank_hashes_its_share_once(runs):
+    """The bytes hashed over both ranks: the two checkpoints' bytes once while saving them, the newest one's once
+    while checking it on resume (each rank a part of it), within the 1.05x budget."""
+    run = runs[2]
+    assert run["saved_bytes"] <= run["saved_hashed"] <= 1.05 * run["saved_bytes"]
+    by_rank = run["verify_hashed_by_rank"]
+    assert run["verify_bytes"] <= sum(by_rank) <= 1.05 * run["verify_bytes"]
+    assert min(by_rank) > 0.2 * run["verify_bytes"]  # both ranks hash: rank 1 its optimizer and RNG files
+
+
+@pytest.mark.slow
+@pytest.mark.bad_input
+def test_a_damaged_rank_file_is_passed_over_by_every_rank_alike(runs):
+    """Step 4's optimizer file of rank 1 (which only rank 1 hashes) corrupted: both ranks resume from step 2 and
+    warn alike, naming the file."""
+    ranks = runs[2]["damaged"]
+    assert [r["picked"] for r in ranks] == ["step-0000002", "step-0000002"]
+    assert ranks[0]["warnings"] == ranks[1]["warnings"]
+    [warning] = ranks[0]["warnings"]
+    assert ("step-0000004 is damaged (state/zero_pp_rank_1_mp_rank_00_optim_states.pt differs from the manifest's "
+            "SHA-256") in warning and "resuming from step-0000002" in warning
+
+
+def test_file_owner_takes_the_rank_of_the_name_and_rank_0_the_shared_files():
+    assert file_owner("rng-rank3.pt", 4) == 3 and file_owner("rng-rank5.pt", 4) == 1
+    assert file_owner(os.path.join("state", "zero_pp_rank_6_mp_rank_00_optim_states.pt"), 4) == 2
+    assert file_owner(os.path.join("state", "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"), 2) == 1
+    for shared in ("trainer.json", "engine.json", "config.yaml", "zero_to_fp32.py",
+                   os.path.join("state", "mp_rank_00_model_states.pt")):
+        assert file_owner(shared, 4) == 0
+
+
+def test_mlm_masks_are_keyed_by_piece_not_by_rank():
+    """The micro batches of a step on 1, 2 and 4 ranks (micro batch 2, global batch 8): piece p is the same batch,
+    masks included, whatever the world; on one rank, micro batch a's masks are today's (seed, step, a, 0)."""
+    collator = MLMCollator(Tokenizer(), probability=0.3)
+    stage = Stage(name="x", directory="", recipe=None, dataset=dataset(), collator=collator,
+                  train=SimpleNamespace(batch_size=8), seed=5)
+    pieces = {}
+    for world in (1, 2, 4):
+        for rank in range(world):
+            engine = SimpleNamespace(rank=rank, world=world, accumulation=4 // world, micro_batch=2)
+            for a, (_, batch) in enumerate(micro_batches(stage, 3, engine)):
+                pieces.setdefault(a * world + rank, []).append(batch)
+    assert sorted(pieces) == list(range(4))
+    for piece, batches in pieces.items():
+        assert len(batches) == 3
+        assert (batches[0]["labels"] != -100).any()
+        for batch in batches[1:]:
+            for key in ("input_ids", "labels", "attention_mask"):
+                assert torch.equal(batch[key], batches[0][key]), (piece, key)
+    one_rank = list(micro_batches(stage, 3, SimpleNamespace(rank=0, world=1, accumulation=4, micro_batch=2)))
+    order = data_order(len(stage.dataset), 5, 0)[3 * 8:4 * 8]  # step 3 of an epoch of 6 steps
+    for a, (_, batch) in enumerate(one_rank):
+        examples = [stage.dataset[int(i)] for i in order[2 * a:2 * a + 2]]
+        assert torch.equal(batch["labels"], collator(examples, batch_generator(5, 3, a, 0))["labels"])
+
+
+@pytest.mark.bad_input
+def test_a_resume_that_cannot_be_done_is_one_named_line(tmp_path):
+    """Saved under another ZeRO stage: a CheckpointError naming both stages and the setting to use; a checkpoint
+    DeepSpeed cannot convert: a CheckpointError naming the folder and what to do, and nothing left behind."""
+    folder = tmp_path / "step-0000002"
+    (folder / "state").mkdir(parents=True)
+    zero2 = SimpleNamespace(ds=SimpleNamespace(zero_optimization_stage=lambda: 2), world=1)
+    for saved in (0, 3):
+        (folder / "engine.json").write_text(json.dumps({"world": 1, "zero_stage": saved}))
+        with pytest.raises(CheckpointError, match=rf"saved under ZeRO stage {saved}, this run uses stage 2: "
+                                                  rf"resume with engine.zero_stage={saved}, or resume=false"):
+            Engine.needs_universal(zero2, str(folder))
+    (folder / "engine.json").write_text(json.dumps({"world": 2, "zero_stage": 2}))
+    assert Engine.needs_universal(zero2, str(folder))
+    (folder / "engine.json").write_text(json.dumps({"world": 2, "zero_stage": 0}))
+    zero0 = SimpleNamespace(ds=SimpleNamespace(zero_optimization_stage=lambda: 0), world=1)
+    assert not Engine.needs_universal(zero0, str(folder))  # whole optimizer states: natively on any world
+    with pytest.raises(CheckpointError) as info:
+        universal_checkpoint(str(folder))  # no DeepSpeed files in it
+    message = str(info.value)
+    assert len(message.splitlines()) == 1
+    assert message.startswith(f"checkpoint {folder}: saved on 2 ranks, it could not be converted for 1 (")
+    assert message.endswith("resume on 2 ranks, or resume=false to start over")
+    assert not (folder / "universal").exists() and not (folder / "universal.tmp").exists()
