@@ -6,7 +6,7 @@ Used as a wrapper that a launcher starts on every rank (benchmarks/scale_memory.
     python -m torch.distributed.run --nproc_per_node 2 benchmarks/rank_memory.py <out dir> -m fastted distil ...
 
 runs ``-m <module> <args>`` (or ``<script> <args>``) in this process with a sampler around it and writes
-``<out dir>/rank-<RANK>.json``: ``{"rank", "exit_code", "seconds", "start_kib", "peak_kib", "samples"}``,
+``<out dir>/rank-<RANK>.json``: ``{"rank", "exit_code", "seconds", "start_kib", "peak_kib", "samples", "pss_samples"}``,
 ``start_kib`` and ``peak_kib`` holding ``RssAnon``, ``Pss`` and ``VmHWM`` in KiB. RssAnon counts pages only this
 process maps (its heap, the weights it copied); Pss adds shared pages (memory-mapped safetensors, the GGUF
 file) split evenly between the processes that map them; VmHWM is the peak RSS, shared pages counted whole.
@@ -51,19 +51,35 @@ def sample(fields=FIELDS) -> dict:
 
 
 class PeakSampler:
-    """A context that samples ``fields`` every ``interval`` seconds in a thread; ``start`` holds the values on
-    entry, ``peak`` the largest seen (a last sample is taken on exit), both in KiB."""
+    """A context that samples ``fields`` in a thread; ``start`` holds the values on entry, ``peak`` the largest
+    seen (a last sample is taken on exit), both in KiB.
 
-    def __init__(self, fields=FIELDS, interval: float = 0.02):
-        self.fields, self.interval = tuple(fields), interval
+    RssAnon and VmHWM (/proc/self/status, microseconds to read) are read every ``interval`` seconds. Pss walks
+    the page tables (about 30 ms per GiB resident): it is read every ``interval`` seconds or, when a read takes
+    longer, so that reading it keeps the thread busy at most ``pss_share`` of the time, and besides whenever
+    RssAnon has grown 5 % past its value at the last Pss read (a load in progress)."""
+
+    def __init__(self, fields=FIELDS, interval: float = 0.02, pss_share: float = 0.1):
+        self.fields, self.interval, self.pss_share = tuple(fields), interval, pss_share
         self.start: dict = {}
         self.peak: dict = {}
-        self.samples = 0
+        self.samples = self.pss_samples = 0
+        self._next_pss = 0.0
+        self._anon_at_pss = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _take(self) -> None:
-        for key, value in sample(self.fields).items():
+    def _take(self, force_pss: bool = False) -> None:
+        values = status_kib(tuple(f for f in self.fields if f != "Pss"))
+        now = time.perf_counter()
+        growing = values.get("RssAnon", 0) > 1.05 * self._anon_at_pss
+        if "Pss" in self.fields and (force_pss or growing or now >= self._next_pss):
+            values["Pss"] = pss_kib()
+            self._anon_at_pss = values.get("RssAnon", 0)
+            took = time.perf_counter() - now
+            self._next_pss = now + max(self.interval, took / self.pss_share)
+            self.pss_samples += 1
+        for key, value in values.items():
             self.peak[key] = max(self.peak.get(key, 0), value)
         self.samples += 1
 
@@ -80,7 +96,7 @@ class PeakSampler:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        self._take()
+        self._take(force_pss=True)
 
 
 def main(argv: list[str]) -> int:
@@ -107,7 +123,8 @@ def main(argv: list[str]) -> int:
     rank = int(os.environ.get("RANK", "0"))
     os.makedirs(out, exist_ok=True)
     record = {"rank": rank, "exit_code": code, "seconds": round(time.perf_counter() - began, 2),
-              "start_kib": sampler.start, "peak_kib": sampler.peak, "samples": sampler.samples}
+              "start_kib": sampler.start, "peak_kib": sampler.peak, "samples": sampler.samples,
+              "pss_samples": sampler.pss_samples}
     with open(os.path.join(out, f"rank-{rank}.json"), "w", encoding="utf-8") as f:
         json.dump(record, f, indent=1)
     return code
