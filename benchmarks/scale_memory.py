@@ -19,7 +19,8 @@ ranks, such as memory-mapped weights, split between them) and VmHWM. The result 
 rank, the growth of each peak from the small to the large teacher over the growth of the teacher's fp32 bytes,
 and whether it is at most 0.6 (the target; the verdict reads RssAnon and Pss)::
 
-    python benchmarks/scale_memory.py [--dir runs/scale-memory] [--json benchmarks/results/<date>-cpu-2core-scale-memory.json]
+    python benchmarks/scale_memory.py [--dir runs/scale-memory]
+        [--json benchmarks/results/<date>-cpu-2core-scale-memory.json] [--steps ...] [--formats ...]
 
 About 10 minutes on 2 CPU cores, 2.5 GB of disk for the teachers; the teachers are built once per --dir.
 """
@@ -109,7 +110,8 @@ def write_gguf(model, path: str, tokenizer_gguf: str) -> None:
             values = llama_to_gguf_order(values, cfg.num_attention_heads)
         elif base.endswith("self_attn.k_proj"):
             values = llama_to_gguf_order(values, cfg.num_key_value_heads)
-        writer.add_tensor(f"{name}.{suffix}", np.ascontiguousarray(values, np.float16 if values.ndim > 1 else np.float32))
+        dtype = np.float16 if values.ndim > 1 else np.float32  # llama.cpp's F16 files keep norms in F32
+        writer.add_tensor(f"{name}.{suffix}", np.ascontiguousarray(values, dtype))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -291,6 +293,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", default=",".join(STEPS), help="comma-separated subset of " + ",".join(STEPS))
     parser.add_argument("--formats", default=",".join(FORMATS), help="comma-separated subset of " + ",".join(FORMATS))
     parser.add_argument("--timeout", type=int, default=600, help="seconds per launch")
+    parser.add_argument("--note", default=None, help="a line kept in the result file (what was measured, and how)")
     args = parser.parse_args(argv)
     steps = [s for s in args.steps.split(",") if s]
     formats = [f for f in args.formats.split(",") if f]
@@ -342,6 +345,7 @@ def main(argv=None) -> int:
         "command": " ".join(["python", *sys.argv]),
         "device": "CPU, 2 cores",
         "date": datetime.date.today().isoformat(),
+        "note": args.note,
         "versions": _versions(),
         "target": f"each rank's peak memory grows by at most {TARGET}x the teacher's fp32 growth (verdict on "
                   f"{' and '.join(VERDICT_FIELDS)}; VmHWM counts shared file pages whole and is shown only)",

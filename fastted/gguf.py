@@ -172,6 +172,8 @@ def _write_folder(path: str, out: str, max_shard_bytes: int) -> None:
     weight_map, skipped, total = _write_weights(tensors, architecture, config_dict, config, out, max_shard_bytes)
     with open(os.path.join(out, INDEX), "w", encoding="utf-8") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
+    for entry in os.listdir(out):  # config and tokenizer files, on disk before the manifest says they are
+        _fsync(os.path.join(out, entry))
     stat = os.stat(path)
     files = {entry: os.path.getsize(os.path.join(out, entry)) for entry in sorted(os.listdir(out))}
     manifest = {"source": os.path.realpath(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
@@ -180,6 +182,11 @@ def _write_folder(path: str, out: str, max_shard_bytes: int) -> None:
     with open(os.path.join(out, MANIFEST), "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=1)
         f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync(path: str) -> None:
+    with open(path, "rb") as f:
         os.fsync(f.fileno())
 
 
@@ -247,8 +254,8 @@ def _release_freed_memory() -> None:
 
 
 def _dequantized(info, chunk_elements: int = 1 << 22):
-    """The float32 values of one GGUF tensor (:class:`_Tensor`), in a fresh writable array, de-quantized a slab of rows at
-    a time so that the de-quantizer's temporaries stay small."""
+    """The float32 values of one GGUF tensor (:class:`_Tensor`), in a fresh writable array, de-quantized a slab
+    of rows at a time so that the de-quantizer's temporaries stay small."""
     import numpy as np
     from gguf import dequantize
 
@@ -310,7 +317,9 @@ def _write_weights(tensors, architecture: str, config_dict: dict, config, out: s
     def flush_shard():
         nonlocal shard, shard_bytes
         if shard:
-            save_file(shard, os.path.join(out, f".shard-{len(shards)}"), metadata={"format": "pt"})
+            path = os.path.join(out, f".shard-{len(shards)}")
+            save_file(shard, path, metadata={"format": "pt"})
+            _fsync(path)
             shards.append(sorted(shard))
             shard, shard_bytes = {}, 0
 
