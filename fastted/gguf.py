@@ -76,11 +76,17 @@ def hf_folder(folder: str, gguf_file: str, cache_root: str, *, max_shard_bytes: 
 
     Collective: every rank calls it, and it ends with :func:`fastted.engine.barrier`. Local rank 0 of each node
     (env ``LOCAL_RANK``, 0 without a launcher) converts the file when its folder is missing or incomplete; the
-    other ranks wait at the barrier. Raises a ValueError naming ``gguf_file`` when there is no such file, and a
-    RuntimeError on the ranks that waited when the conversion failed (local rank 0 raises its own error).
+    other ranks wait at the barrier. Raises a ValueError naming ``gguf_file`` when there is no such file, a
+    RuntimeError when called under a launcher (``WORLD_SIZE`` > 1) before torch.distributed is initialized, and
+    one on the ranks that waited when the conversion failed (local rank 0 raises its own error).
     """
+    import torch.distributed as dist
+
     from fastted.engine import barrier
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        raise RuntimeError("hf_folder is collective: call it on every rank once torch.distributed is initialized "
+                           "(fastted.engine.init_distributed), or the ranks that wait would not wait")
     path = os.path.join(folder, gguf_file)
     if not os.path.isfile(path):
         raise ValueError(f"gguf_file: no file {gguf_file!r} in {folder!r} (needs a .gguf file)")

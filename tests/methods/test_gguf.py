@@ -186,6 +186,10 @@ def test_errors_name_the_file_and_the_failure(stand_in, monkeypatch):
     folder, file, cache, calls = stand_in
     with pytest.raises(ValueError, match=r"gguf_file: no file 'missing.gguf' in"):
         fg.hf_folder(folder, "missing.gguf", cache)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # launched, but the process group not yet initialized
+    with pytest.raises(RuntimeError, match=r"hf_folder is collective: .*once torch.distributed is initialized"):
+        fg.hf_folder(folder, file, cache)
+    monkeypatch.delenv("WORLD_SIZE")
     monkeypatch.setenv("LOCAL_RANK", "1")  # a rank that waits for a conversion that never came
     with pytest.raises(RuntimeError, match=r"was not converted into .*local rank 0 of this node"):
         fg.hf_folder(folder, file, cache)
