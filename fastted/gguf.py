@@ -22,8 +22,9 @@ The folder sits in ``cache_root`` under ``<gguf stem>-<16 hex digits>``: the dig
 size and modification time (nanoseconds) and the versions of the converter, transformers and gguf, so a changed
 file (or converter) converts again and an unchanged one is found without reading it. It is written into a
 temporary folder unique to the host and process, beside it, and renamed into place: the rename is the commit.
-With a ``cache_root`` shared between nodes every node's local rank 0 converts a missing folder and the first
-rename wins (the others discard theirs). A folder whose manifest is missing or whose files differ from it in
+Global rank 0 converts first; with a ``cache_root`` shared between nodes that is the only conversion, and on
+node-local storage each other node's local rank 0 then converts its own copy (should two processes convert one
+folder, the first rename wins and the other discards its copy). A folder whose manifest is missing or whose files differ from it in
 size is never used: it is converted again.
 """
 from __future__ import annotations
@@ -74,15 +75,15 @@ def is_complete(folder: str) -> bool:
 def hf_folder(folder: str, gguf_file: str, cache_root: str, *, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> str:
     """The Hugging Face model folder converted from ``folder``/``gguf_file``, in ``cache_root``.
 
-    Collective: every rank calls it, and it ends with :func:`fastted.engine.barrier`. Local rank 0 of each node
-    (env ``LOCAL_RANK``, 0 without a launcher) converts the file when its folder is missing or incomplete; the
-    other ranks wait at the barrier. Raises a ValueError naming ``gguf_file`` when there is no such file, a
-    RuntimeError when called under a launcher (``WORLD_SIZE`` > 1) before torch.distributed is initialized, and
-    one on the ranks that waited when the conversion failed (local rank 0 raises its own error).
+    Collective: every rank calls it. Global rank 0 converts the file first when its folder is missing or
+    incomplete, while the others wait; then, when ``cache_root`` is node-local storage (the folder is still
+    missing on a node), local rank 0 of that node converts its own copy (env ``LOCAL_RANK``, 0 without a
+    launcher). With a shared ``cache_root`` the file is therefore converted once, not once per node. Raises a
+    ValueError naming ``gguf_file`` when there is no such file, a RuntimeError when called under a launcher
+    (``WORLD_SIZE`` > 1) before torch.distributed is initialized, and on every rank when a conversion failed (the
+    rank that converted raises its own error).
     """
     import torch.distributed as dist
-
-    from fastted.engine import barrier
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         raise RuntimeError("hf_folder is collective: call it on every rank once torch.distributed is initialized "
@@ -91,19 +92,38 @@ def hf_folder(folder: str, gguf_file: str, cache_root: str, *, max_shard_bytes: 
     if not os.path.isfile(path):
         raise ValueError(f"gguf_file: no file {gguf_file!r} in {folder!r} (needs a .gguf file)")
     target = os.path.join(cache_root, cache_key(path))
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    _convert_where(rank == 0, path, target, max_shard_bytes)  # shared storage: once for the whole job
+    _convert_where(int(os.environ.get("LOCAL_RANK", "0")) == 0, path, target, max_shard_bytes)  # node-local
+    if not is_complete(target):
+        raise RuntimeError(f"the GGUF {path} was not converted into {target}: {cache_root!r} is not the same "
+                           f"folder on this rank as on the rank that converted it")
+    return target
+
+
+def _convert_where(converts: bool, path: str, target: str, max_shard_bytes: int) -> None:
+    """Convert on the ranks where ``converts`` holds and the folder is missing, then agree over all ranks
+    whether any conversion failed (a failure on one rank is an error on all, never a rank left waiting)."""
+    import torch
+    import torch.distributed as dist
+
     error = None
-    if int(os.environ.get("LOCAL_RANK", "0")) == 0 and not is_complete(target):
+    if converts and not is_complete(target):
         try:
             convert(path, target, max_shard_bytes=max_shard_bytes)
-        except BaseException as e:  # the others must not wait at the barrier forever
+        except BaseException as e:  # the others must not wait for it forever
             error = e
-    barrier()
+    failed = int(error is not None)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        on_gpu = dist.get_backend() == "nccl"
+        flag = torch.tensor([failed], device=torch.device("cuda", torch.cuda.current_device()) if on_gpu else "cpu")
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        failed = int(flag.item())
     if error is not None:
         raise error
-    if not is_complete(target):
-        raise RuntimeError(f"the GGUF {path} was not converted into {target}: the conversion failed on local rank "
-                           f"0 of this node (see its error), or {cache_root!r} is not the same folder there")
-    return target
+    if failed:
+        raise RuntimeError(f"the conversion of the GGUF {path} into {target} failed on another rank (see its "
+                           f"error)")
 
 
 def convert(path: str, target: str, *, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:

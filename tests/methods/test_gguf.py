@@ -190,9 +190,15 @@ def test_errors_name_the_file_and_the_failure(stand_in, monkeypatch):
     with pytest.raises(RuntimeError, match=r"hf_folder is collective: .*once torch.distributed is initialized"):
         fg.hf_folder(folder, file, cache)
     monkeypatch.delenv("WORLD_SIZE")
-    monkeypatch.setenv("LOCAL_RANK", "1")  # a rank that waits for a conversion that never came
-    with pytest.raises(RuntimeError, match=r"was not converted into .*local rank 0 of this node"):
-        fg.hf_folder(folder, file, cache)
+    import torch.distributed as dist
+
+    with monkeypatch.context() as m:  # rank 1 of its node and of the job: it waits for a conversion that never came
+        m.setenv("LOCAL_RANK", "1")
+        m.setattr(dist, "is_initialized", lambda: True)
+        m.setattr(dist, "get_rank", lambda: 1)
+        m.setattr(dist, "get_world_size", lambda: 1)
+        with pytest.raises(RuntimeError, match=r"was not converted into .*not the same folder on this rank"):
+            fg.hf_folder(folder, file, cache)
     assert calls == []
     monkeypatch.setenv("LOCAL_RANK", "0")
 
