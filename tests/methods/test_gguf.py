@@ -186,12 +186,13 @@ def test_errors_name_the_file_and_the_failure(stand_in, monkeypatch):
     folder, file, cache, calls = stand_in
     with pytest.raises(ValueError, match=r"gguf_file: no file 'missing.gguf' in"):
         fg.hf_folder(folder, "missing.gguf", cache)
-    monkeypatch.setenv("WORLD_SIZE", "2")  # launched, but the process group not yet initialized
-    with pytest.raises(RuntimeError, match=r"hf_folder is collective: .*once torch.distributed is initialized"):
-        fg.hf_folder(folder, file, cache)
-    monkeypatch.delenv("WORLD_SIZE")
     import torch.distributed as dist
 
+    with monkeypatch.context() as m:  # launched, but the process group not yet initialized (an earlier test of
+        m.setenv("WORLD_SIZE", "2")   # this process may have initialized one)
+        m.setattr(dist, "is_initialized", lambda: False)
+        with pytest.raises(RuntimeError, match=r"hf_folder is collective: .*once torch.distributed is initialized"):
+            fg.hf_folder(folder, file, cache)
     with monkeypatch.context() as m:  # rank 1 of its node and of the job: it waits for a conversion that never came
         m.setenv("LOCAL_RANK", "1")
         m.setattr(dist, "is_initialized", lambda: True)
