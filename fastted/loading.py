@@ -257,18 +257,20 @@ def _model_class(task: str):
     return model_class(task)
 
 
-def build_model(folder: str, task: str, *, num_labels: Optional[int] = None, blocks: Optional[Sequence[int]] = None,
-                fresh: Optional[ModelConfig] = None, fresh_key: str = "teacher", seed: int = 0,
-                zero: Optional[dict] = None, meta: bool = False) -> nn.Module:
+def build_model(folder: str, task: str, *, gguf: Optional[str] = None, num_labels: Optional[int] = None,
+                blocks: Optional[Sequence[int]] = None, shapes: Sequence[tuple[ModelConfig, str]] = (),
+                fresh: bool = False, seed: int = 0, zero: Optional[dict] = None, meta: bool = False) -> nn.Module:
     """The model of ``task`` in the Hugging Face ``folder``, built as the module docstring says.
 
     Args:
         folder: a model folder (config.json and weights).
         task: "classification", "mlm" or "clm".
+        gguf: a GGUF file in ``folder`` whose config a fresh or meta model takes (weights are read from
+            safetensors only: convert the file first, :func:`hf_folder`).
         num_labels: classification: the number of classes (a new head when the folder's differs).
         blocks: the source blocks kept, in order (None: all).
-        fresh: a fresh model (no weights read) of the shape these settings give (:func:`reshape`), drawn from
-            ``torch.manual_seed(seed)``; ``fresh_key`` names the settings in errors.
+        shapes: (settings, key) pairs that reshape the config in order before ``blocks`` (:func:`reshape`).
+        fresh: no weights read: every parameter drawn as transformers draws it, after ``torch.manual_seed(seed)``.
         zero: the DeepSpeed config that partitions the model (ZeRO-3), or None: whole on each rank.
         meta: on the meta device, without weights (a stand-in of the model's structure).
     """
@@ -276,19 +278,21 @@ def build_model(folder: str, task: str, *, num_labels: Optional[int] = None, blo
 
     from fastted.models import hf_config
 
-    config = copy.deepcopy(hf_config(folder, None))
+    if gguf and not (fresh or meta):
+        raise ValueError(f"build_model reads weights from safetensors: convert {gguf} first (hf_folder)")
+    config = copy.deepcopy(hf_config(folder, gguf))
     if task == "classification" and num_labels is not None and config.num_labels != num_labels:
         config.num_labels = num_labels
+    for settings, key in shapes:
+        reshape(config, settings, key)
     if blocks is not None:
         keep_blocks(config, blocks)
-    if fresh is not None:
-        reshape(config, fresh, fresh_key)
     auto = _model_class(task)
     if meta:
         with torch.device("meta"), initialization.no_init_weights():
             return auto.from_config(config)
     construction = nullcontext() if zero is None else _zero3_construction(zero)
-    if fresh is not None:
+    if fresh:
         torch.manual_seed(seed)
         with construction:
             model = auto.from_config(config)
@@ -348,3 +352,81 @@ def _copy(target: torch.Tensor, value: torch.Tensor, name: str, folder: str) -> 
                           f"its config {tuple(target.shape)}")
     with torch.no_grad():
         target.copy_(value)
+
+
+def place(module: nn.Module, device: torch.device, parameters: bool = True) -> None:
+    """Move the parameters (unless ``parameters`` is False) and buffers of ``module`` that ZeRO-3 does not
+    partition onto ``device``, one tensor at a time; a partitioned parameter stays where DeepSpeed keeps it."""
+    for sub in module.modules():
+        for param in sub.parameters(recurse=False) if parameters else ():
+            if not is_partitioned(param) and param.device != device:
+                param.data = param.data.to(device)
+        for name, buffer in list(sub.named_buffers(recurse=False)):
+            if buffer is not None and buffer.device != device:
+                setattr(sub, name, buffer.to(device))
+
+
+# --------------------------------------------------------------------------- a run's models
+
+
+def hf_folder(config, folder: str, gguf: Optional[str]) -> str:
+    """A plain Hugging Face folder of a model source: ``folder`` itself, or its GGUF file converted once into
+    ``<output_dir>/cache/gguf`` (:func:`fastted.gguf.hf_folder`; collective: every rank calls it)."""
+    if not gguf:
+        return folder
+    from fastted.gguf import hf_folder as converted
+
+    return converted(folder, gguf, os.path.join(config.output_dir, "cache", "gguf"))
+
+
+def teacher_num_layers(config) -> int:
+    """The teacher's blocks: ``teacher.num_layers`` of a fresh teacher, else its source's config's."""
+    from fastted.models import hf_config, model_source
+
+    t = config.teacher
+    if t.random_init and t.num_layers is not None:
+        return t.num_layers
+    return hf_config(*model_source(t, "teacher")).num_hidden_layers
+
+
+def build_teacher(config, *, folder: Optional[str] = None, num_labels: Optional[int] = None,
+                  zero: Optional[dict] = None, blocks: Optional[Sequence[int]] = None, meta: bool = False):
+    """The run's teacher, partitioned with ``zero`` (a DeepSpeed config) or whole: the model in ``folder`` (a
+    step's output) or the teacher source, fresh and shaped by ``teacher.*`` with ``teacher.random_init``;
+    ``blocks`` kept (the others neither built nor read), on the meta device with ``meta``."""
+    from fastted.models import keep_layers, load_model, model_source
+
+    task, gguf = config.task, None
+    if folder is None:
+        folder, gguf = model_source(config.teacher, "teacher")
+        if config.teacher.random_init:
+            return build_model(folder, task, gguf=gguf, num_labels=num_labels, blocks=blocks,
+                               shapes=[(config.teacher, "teacher")], fresh=True, seed=config.seed, zero=zero,
+                               meta=meta)
+    if meta:
+        return build_model(folder, task, gguf=gguf, num_labels=num_labels, blocks=blocks, meta=True)
+    if zero is None and blocks is None:
+        return load_model(folder, task, gguf, num_labels)
+    if zero is None and gguf:
+        return keep_layers(load_model(folder, task, gguf, num_labels), list(blocks))
+    return build_model(hf_folder(config, folder, gguf), task, num_labels=num_labels, blocks=blocks, zero=zero)
+
+
+def build_student(config, *, num_labels: Optional[int] = None, zero: Optional[dict] = None):
+    """The run's student, partitioned with ``zero`` or whole, never through a whole teacher: ``student.path``,
+    or the teacher source's config with the kept layers only (:func:`fastted.models.student_layers`), their
+    weights read from the teacher's files (block ``layers[j]`` as block ``j``), or fresh with
+    ``student.random_init`` (drawn after ``torch.manual_seed(seed)``, as :func:`fastted.models.build_student`)."""
+    from fastted.models import model_source, student_layers
+
+    s, task = config.student, config.task
+    if s.path is not None:
+        folder, gguf = model_source(s, "student")
+        return build_model(hf_folder(config, folder, gguf), task, num_labels=num_labels, zero=zero)
+    folder, gguf = model_source(config.teacher, "teacher")
+    layers = student_layers(s, teacher_num_layers(config))
+    if s.random_init:
+        shapes = ([(config.teacher, "teacher")] if config.teacher.random_init else []) + [(s, "student")]
+        return build_model(folder, task, gguf=gguf, num_labels=num_labels, blocks=layers, shapes=shapes,
+                           fresh=True, seed=config.seed, zero=zero)
+    return build_model(hf_folder(config, folder, gguf), task, num_labels=num_labels, blocks=layers, zero=zero)
