@@ -288,6 +288,9 @@ def build_model(folder: str, task: str, *, gguf: Optional[str] = None, num_label
     if blocks is not None:
         keep_blocks(config, blocks)
     auto = _model_class(task)
+    # The architecture's module is imported before zero.Init patches module classes: a class defined inside it
+    # would lose, on its exit, what decorators (the kernels hub's) later put in its __init__.
+    auto._model_mapping[type(config)]
     if meta:
         with torch.device("meta"), initialization.no_init_weights():
             return auto.from_config(config)
