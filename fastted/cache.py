@@ -68,12 +68,17 @@ def dequantize_rows(values: Tensor, scale: Optional[Tensor]) -> Tensor:
 
 
 def weights_hash(model: torch.nn.Module) -> str:
-    """SHA-256 of a model's state: every entry's name, dtype, shape and bytes (the teacher's identity)."""
+    """SHA-256 of a model's state: every entry's name, dtype, shape and bytes (the teacher's identity). A ZeRO-3
+    partitioned entry is gathered alone while it is read (so every rank must call it), and hashes as the whole
+    tensor does."""
+    from fastted.models import gathered
+
     digest = hashlib.sha256()
-    for name, value in sorted(model.state_dict().items()):
+    for name, value in sorted(model.state_dict(keep_vars=True).items()):
         if torch.is_tensor(value):
-            digest.update(f"{name}:{value.dtype}:{tuple(value.shape)}".encode())
-            digest.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            with gathered([value]):
+                digest.update(f"{name}:{value.dtype}:{tuple(value.shape)}".encode())
+                digest.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 

