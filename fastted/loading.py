@@ -18,8 +18,12 @@
    transformers initializes them, module by module, gathered under ZeRO-3 and drawn on every rank from the same
    random stream.
 
-A GGUF source is first converted once into such a folder (:func:`fastted.gguf.hf_folder`, on every rank) when
-the model is partitioned; without ZeRO-3 the models load as before (:func:`fastted.models.load_model`).
+The last section builds a run's models: :func:`build_teacher` (a fresh teacher of the shape ``teacher.*`` set,
+with ``teacher.random_init``) and :func:`build_student` (``student.path``, or the teacher's kept layers read
+from its files: never a copy or a second whole load of the teacher). A GGUF source is first converted once into
+a plain folder (:func:`hf_folder`); without ZeRO-3 the pipeline loads models as it always has
+(:func:`fastted.models.load_model`, the student cut from the whole teacher). :func:`place` moves what ZeRO-3
+does not partition onto a device, one tensor at a time.
 
 ``build_model(..., meta=True)`` builds the model on the meta device, without weights: what a recipe is first
 built on when the pipeline must learn which teacher layers it reads before the teacher is built
@@ -38,6 +42,8 @@ import torch
 from torch import nn
 
 from fastted.config import ConfigError, ModelConfig
+from fastted.models import (ModelAdapter, model_class, hf_config, is_partitioned, keep_layers, load_model,
+                            model_source, student_layers)
 
 _SAFE_INDEX, _SAFE_SINGLE = "model.safetensors.index.json", "model.safetensors"
 _BIN_INDEX, _BIN_SINGLE = "pytorch_model.bin.index.json", "pytorch_model.bin"
@@ -137,12 +143,6 @@ class _Reader:
         self._open.clear()
 
 
-def _block_path(model: nn.Module) -> str:
-    from fastted.models import ModelAdapter
-
-    return ModelAdapter(model).layers_path
-
-
 def source_names(model: nn.Module, files: dict[str, list[str]], blocks: Optional[Sequence[int]]) -> dict:
     """{model entry name: (file, checkpoint name)} of the entries of ``model`` the checkpoint holds. Checkpoint
     names are renamed as transformers renames them for ``model`` (legacy names, the base model's prefix added or
@@ -159,7 +159,7 @@ def source_names(model: nn.Module, files: dict[str, list[str]], blocks: Optional
     renamings = [m for m in mapping if m not in converters]
     wanted = set(model.state_dict().keys())
     prefix = getattr(model, "base_model_prefix", "") or ""
-    layers = _block_path(model)
+    layers = ModelAdapter(model).layers_path
     block = re.compile(rf"^{re.escape(layers)}\.(\d+)\.(.*)$")
     renumber = None if blocks is None else {source: j for j, source in enumerate(blocks)}
     out = {}
@@ -180,12 +180,6 @@ def source_names(model: nn.Module, files: dict[str, list[str]], blocks: Optional
 
 
 # --------------------------------------------------------------------------- building
-
-
-def is_partitioned(param: torch.Tensor) -> bool:
-    from fastted.models import is_partitioned as partitioned
-
-    return partitioned(param)
 
 
 def _gathered_for_writing(params: list, zero: bool):
@@ -251,12 +245,6 @@ def _zero3_construction(ds_config: dict):
         PreTrainedModel.init_weights = original
 
 
-def _model_class(task: str):
-    from fastted.models import _model_class as model_class
-
-    return model_class(task)
-
-
 def build_model(folder: str, task: str, *, gguf: Optional[str] = None, num_labels: Optional[int] = None,
                 blocks: Optional[Sequence[int]] = None, shapes: Sequence[tuple[ModelConfig, str]] = (),
                 fresh: bool = False, seed: int = 0, zero: Optional[dict] = None, meta: bool = False) -> nn.Module:
@@ -276,8 +264,6 @@ def build_model(folder: str, task: str, *, gguf: Optional[str] = None, num_label
     """
     from transformers import initialization
 
-    from fastted.models import hf_config
-
     if gguf and not (fresh or meta):
         raise ValueError(f"build_model reads weights from safetensors: convert {gguf} first (hf_folder)")
     config = copy.deepcopy(hf_config(folder, gguf))
@@ -287,7 +273,7 @@ def build_model(folder: str, task: str, *, gguf: Optional[str] = None, num_label
         reshape(config, settings, key)
     if blocks is not None:
         keep_blocks(config, blocks)
-    auto = _model_class(task)
+    auto = model_class(task)
     # The architecture's module is imported before zero.Init patches module classes: a class defined inside it
     # would lose, on its exit, what decorators (the kernels hub's) later put in its __init__.
     auto._model_mapping[type(config)]
@@ -384,8 +370,6 @@ def hf_folder(config, folder: str, gguf: Optional[str]) -> str:
 
 def teacher_num_layers(config) -> int:
     """The teacher's blocks: ``teacher.num_layers`` of a fresh teacher, else its source's config's."""
-    from fastted.models import hf_config, model_source
-
     t = config.teacher
     if t.random_init and t.num_layers is not None:
         return t.num_layers
@@ -397,8 +381,6 @@ def build_teacher(config, *, folder: Optional[str] = None, num_labels: Optional[
     """The run's teacher, partitioned with ``zero`` (a DeepSpeed config) or whole: the model in ``folder`` (a
     step's output) or the teacher source, fresh and shaped by ``teacher.*`` with ``teacher.random_init``;
     ``blocks`` kept (the others neither built nor read), on the meta device with ``meta``."""
-    from fastted.models import keep_layers, load_model, model_source
-
     task, gguf = config.task, None
     if folder is None:
         folder, gguf = model_source(config.teacher, "teacher")
@@ -420,8 +402,6 @@ def build_student(config, *, num_labels: Optional[int] = None, zero: Optional[di
     or the teacher source's config with the kept layers only (:func:`fastted.models.student_layers`), their
     weights read from the teacher's files (block ``layers[j]`` as block ``j``), or fresh with
     ``student.random_init`` (drawn after ``torch.manual_seed(seed)``, as :func:`fastted.models.build_student`)."""
-    from fastted.models import model_source, student_layers
-
     s, task = config.student, config.task
     if s.path is not None:
         folder, gguf = model_source(s, "student")

@@ -416,7 +416,8 @@ def model_source(config: ModelConfig, key: str) -> tuple[str, Optional[str]]:
     return config.path, config.gguf_file
 
 
-def _model_class(task: str):
+def model_class(task: str):
+    """The transformers Auto class of ``task`` (AutoModelForSequenceClassification, ...ForMaskedLM, ...ForCausalLM)."""
     import transformers as tf
 
     return {"classification": tf.AutoModelForSequenceClassification, "mlm": tf.AutoModelForMaskedLM,
@@ -433,7 +434,7 @@ def load_model(path: str, task: str, gguf_file: Optional[str] = None, num_labels
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the load report of a new classification head is expected here
     try:
-        model = _model_class(task).from_pretrained(path, **kwargs)
+        model = model_class(task).from_pretrained(path, **kwargs)
     finally:
         hf_logging.set_verbosity(verbosity)
     if gguf_file:  # transformers de-quantizes GGUF weights on load: what trains and is saved is a plain model

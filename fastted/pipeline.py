@@ -182,7 +182,8 @@ def _partitioning(config: Config, st: _Start, train: Optional[TrainConfig], micr
     engine = config.engine
     inference = teacher_deepspeed_config(engine, micro)
     teacher = inference if partitions_teacher(engine, st.world) else None
-    stage = deepspeed_config(train or config.distil.train, engine, st.world)
+    # evaluation has no batch layout to check: a global batch of one example per rank
+    stage = deepspeed_config(train or TrainConfig(batch_size=st.world), engine, st.world)
     if stage["zero_optimization"].get("stage", 0) != 3:
         return teacher, None
     return teacher, (inference if train is None else stage)
@@ -205,10 +206,9 @@ def _student(config: Config, legacy: bool, zero: Optional[dict], num_labels: Opt
 
 
 def _run_partitioned(model, config: Config, micro: int):
-    """``model`` under DeepSpeed's inference engine when ZeRO-3 partitions it (its forward hooks gather each
-    module's parameters), else ``model``; returns what keeps the engine alive."""
-    from fastted.models import is_partitioned
-
+    """Put ``model`` under DeepSpeed's inference engine when ZeRO-3 partitions it (the engine's forward hooks
+    gather each module's parameters for its forward); returns the engine to keep while the model runs, or None
+    for a whole model."""
     if not any(is_partitioned(p) for p in model.parameters()):
         return None
     import deepspeed
@@ -299,7 +299,8 @@ def _recipe(config: Config, method: str, st: _Start, truncate: bool = False):
         filters = (TaskFilters.from_pretrained(s_dir), TaskFilters.from_pretrained(t_dir))
     elif config.task == "classification":
         t_dir, s_dir = _model_dir(config, "finetune-teacher"), _model_dir(config, "finetune-student")
-    cut_first = (truncate and not legacy and zeros[0] is not None and not (t_dir is None and config.teacher.random_init)
+    fresh_teacher = t_dir is None and config.teacher.random_init  # drawn whole, then cut (its draws stay the same)
+    cut_first = (truncate and not legacy and zeros[0] is not None and not fresh_teacher
                  and recipe_class(method).teacher_layers_needed is not Recipe.teacher_layers_needed)
     teacher = build_teacher(config, folder=t_dir, zero=zeros[0], meta=cut_first)
     if s_dir is not None:
@@ -356,8 +357,7 @@ def cache_teacher(config: Config, method: str) -> dict:
     teacher = recipe.teacher_model
     batch_size = config.distil.train.micro_batch_size or max(config.distil.train.batch_size // st.world, 1)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.engine.precision)
-    if teacher.model in recipe.frozen_modules():
-        live = _run_partitioned(teacher.model, config, batch_size)  # noqa: F841 (its hooks gather the teacher)
+    live = _run_partitioned(teacher.model, config, batch_size)  # noqa: F841 (its hooks gather the teacher)
     for module in recipe.frozen_modules():  # the teacher (and TED's teacher filters), as the engine places them
         place(module, st.device)
         if not any(is_partitioned(p) for p in module.parameters()):
@@ -446,7 +446,8 @@ def evaluate(config: Config) -> dict:
         zero = zeros[0] if teacher_like else zeros[1]
         if name is None:
             if teacher_like:
-                model = pretrained = build_teacher(config, zero=zero)
+                model = build_teacher(config, zero=zero)
+                pretrained = model if legacy else None  # the legacy student is cut from it
             else:
                 model = _student(config, legacy, zero, teacher=pretrained)
         else:
