@@ -197,3 +197,16 @@ def test_activation_checkpointing_keeps_fewer_activations_and_the_losses():
         assert a + block_inputs < 0.5 * b, (a, b)
     print(f"saved for backward per step: {plain_saved[0]} B plain, {saved[0]} B + {block_inputs} B of block inputs "
           f"checkpointed")
+
+
+def test_freed_host_memory_goes_back_unless_the_user_set_the_threshold(monkeypatch):
+    """init_distributed fixes glibc's mmap threshold (benchmarks/scale_memory.py measured what the default keeps);
+    a MALLOC_MMAP_THRESHOLD_ of the user's wins, and a C library without mallopt is skipped."""
+    import platform
+
+    from fastted.engine import return_freed_host_memory
+
+    glibc = platform.libc_ver()[0] == "glibc"
+    assert return_freed_host_memory() is glibc
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    assert return_freed_host_memory() is False
