@@ -10,7 +10,9 @@ through ``deepspeed.initialize`` without an optimizer at ZeRO stage 3 with no
 persistent parameters, so no rank holds a full copy of it; its DeepSpeed config
 (:func:`teacher_deepspeed_config`) takes from the user's ``engine.deepspeed``
 only what holds for a frozen ZeRO-3 model (gather settings, parameter offload),
-and ``engine.teacher_offload=cpu`` keeps its partitions in host memory.
+and ``engine.teacher_offload=cpu`` keeps its partitions in host memory. Every
+model at ZeRO-3 gathers at most about two of its blocks at once unless the user
+says otherwise (:func:`gather_window`).
 ``engine.precision: auto`` resolves to bf16 on GPUs that support it and fp32
 elsewhere (:func:`resolve_precision`); ``engine.activation_checkpointing``
 makes the student recompute its blocks' activations in its backward.
@@ -273,13 +275,42 @@ def partitions_teacher(engine: EngineConfig, world: int) -> bool:
     return world > 1 or teacher_offload_param(engine) is not None
 
 
-def teacher_deepspeed_config(engine: EngineConfig, micro: int) -> dict:
+# ZeRO-3's gather window: (DeepSpeed's default, the cap in blocks of the model it runs). DeepSpeed prefetches
+# parameters in the order of its recorded trace until ``max_live_parameters`` are gathered, and keeps a parameter
+# gathered while its next use lies within ``max_reuse_distance``; its defaults (1e9 each) exceed a whole model of
+# under a billion parameters, so from the second forward on every rank would gather all of it (a 298M teacher:
+# 1.2 GB more per rank). Capped at two blocks, a rank gathers the block it runs and the next one.
+GATHER_WINDOW = {"stage3_prefetch_bucket_size": (50_000_000, 1), "stage3_max_live_parameters": (10**9, 2),
+                 "stage3_max_reuse_distance": (10**9, 2)}
+
+
+def block_parameters(model: nn.Module) -> Optional[int]:
+    """Parameters of the largest transformer block of ``model`` (an element of one of its ``nn.ModuleList``s),
+    counted whole under ZeRO-3; None when it has none."""
+    sizes = [sum(getattr(p, "ds_numel", p.numel()) for p in block.parameters())
+             for module in model.modules() if isinstance(module, nn.ModuleList) for block in module]
+    return max(sizes, default=0) or None
+
+
+def gather_window(model: Optional[nn.Module], zero: dict) -> dict:
+    """The ZeRO-3 settings of :data:`GATHER_WINDOW` that ``zero`` (the user's ``zero_optimization``) sets under
+    neither of DeepSpeed's names: DeepSpeed's default capped at the blocks of ``model`` (nothing without a model
+    or blocks)."""
+    block = None if model is None else block_parameters(model)
+    if block is None:
+        return {}
+    return {key: int(min(default, blocks * block)) for key, (default, blocks) in GATHER_WINDOW.items()
+            if key not in zero and key.removeprefix("stage3_") not in zero}
+
+
+def teacher_deepspeed_config(engine: EngineConfig, micro: int, model: Optional[nn.Module] = None) -> dict:
     """Inference at ZeRO-3 with nothing persistent: every teacher parameter stays partitioned between uses. The
-    user's ``engine.deepspeed`` gives its gather settings (:data:`TEACHER_ZERO_KEYS`), and
-    :func:`teacher_offload_param` where its partitions live; the micro batch is the student's, the precision
-    ``engine.precision``'s."""
+    user's ``engine.deepspeed`` gives its gather settings (:data:`TEACHER_ZERO_KEYS`), by default
+    :func:`gather_window` of ``model`` (the model it runs), and :func:`teacher_offload_param` where its partitions
+    live; the micro batch is the student's, the precision ``engine.precision``'s."""
     user = _user_deepspeed(engine.deepspeed)
     zero = {key: value for key, value in (user.get("zero_optimization") or {}).items() if key in TEACHER_ZERO_KEYS}
+    zero.update(gather_window(model, zero))
     offload = teacher_offload_param(engine)
     if offload is not None:
         zero["offload_param"] = offload
@@ -443,10 +474,13 @@ class Engine:
         if teacher is not None and partitions_teacher(engine, self.world):
             # built partitioned (fastted.loading), or whole (library use): DeepSpeed then partitions it parameter
             # by parameter, each moved to the device alone
-            deepspeed.initialize(model=teacher, config=teacher_deepspeed_config(engine, self.micro_batch))
+            deepspeed.initialize(model=teacher, config=teacher_deepspeed_config(engine, self.micro_batch, teacher))
         # Only what ZeRO-3 does not partition moves here, one tensor at a time: under stage 3 DeepSpeed partitions
         # the recipe's parameters where they are (below), each moved alone, so only its buffers move now.
         student_config = deepspeed_config(train, engine, self.world)
+        zero = student_config["zero_optimization"]
+        if zero.get("stage", 0) == 3:  # the user's keys are merged in already
+            zero.update(gather_window(recipe, zero))
         place(recipe, device, parameters=student_config["zero_optimization"].get("stage", 0) < 3)
         for module in recipe.frozen_modules():
             place(module, device)

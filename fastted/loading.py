@@ -11,7 +11,8 @@
    initialization;
 3. its weights copied module by module from the folder's memory-mapped safetensors (or a memory-mapped
    ``pytorch_model.bin``), one tensor at a time: under ZeRO-3 each module's own parameters are gathered
-   (``GatheredParameters(modifier_rank=0)``), rank 0 reads and copies them, and they are partitioned again.
+   (``GatheredParameters(modifier_rank=0)``), rank 0 reads and copies them, and they are partitioned again; the
+   files are unmapped every :data:`READ_WINDOW` bytes, so the reading rank does not keep the pages it has read.
    Checkpoint names are matched to the model's as transformers matches them (its renamings of legacy names, the
    base model's prefix added or removed), and the kept blocks renumbered. Parameters the folder does not hold (a
    new classification head) and every parameter of a fresh model (``random_init``) are initialized as
@@ -47,6 +48,7 @@ from fastted.models import (ModelAdapter, model_class, hf_config, is_partitioned
 
 _SAFE_INDEX, _SAFE_SINGLE = "model.safetensors.index.json", "model.safetensors"
 _BIN_INDEX, _BIN_SINGLE = "pytorch_model.bin.index.json", "pytorch_model.bin"
+READ_WINDOW = 64 << 20  # bytes of the checkpoint read between unmaps (_Reader)
 
 
 # --------------------------------------------------------------------------- the config
@@ -121,11 +123,15 @@ def _open_bin(path: str) -> dict:
 
 
 class _Reader:
-    """Reads one tensor at a time from the checkpoint files, each opened once and memory-mapped."""
+    """Reads one tensor at a time from the checkpoint files, memory-mapped. The pages a read touches stay in the
+    process while its file is mapped, so :meth:`unmap` closes the files every ``window`` bytes read: the reading
+    rank holds at most about that much of the checkpoint beyond the module it copies."""
 
-    def __init__(self):
+    def __init__(self, window: int = READ_WINDOW):
         self._open: dict[str, object] = {}
         self._stack = ExitStack()
+        self._window = window
+        self._read = 0
 
     def __call__(self, file: str, name: str) -> torch.Tensor:
         if file not in self._open:
@@ -136,11 +142,19 @@ class _Reader:
             else:
                 self._open[file] = _open_bin(file)
         handle = self._open[file]
-        return handle.get_tensor(name) if hasattr(handle, "get_tensor") else handle[name]
+        tensor = handle.get_tensor(name) if hasattr(handle, "get_tensor") else handle[name]
+        self._read += tensor.numel() * tensor.element_size()
+        return tensor
+
+    def unmap(self) -> None:
+        """Close the files once ``window`` bytes were read since they were opened (call between tensors' uses)."""
+        if self._read >= self._window:
+            self.close()
 
     def close(self) -> None:
         self._stack.close()
         self._open.clear()
+        self._read = 0
 
 
 def source_names(model: nn.Module, files: dict[str, list[str]], blocks: Optional[Sequence[int]]) -> dict:
@@ -302,7 +316,7 @@ def load_weights(model: nn.Module, folder: str, blocks: Optional[Sequence[int]] 
     for name, param in model.named_parameters(remove_duplicate=False):
         names_of.setdefault(id(param), []).append(name)
     copy_here = not zero or _rank() == 0
-    read = _Reader()
+    read = _Reader(READ_WINDOW)
     done: set[int] = set()
     try:
         for prefix, module in model.named_modules():
@@ -320,6 +334,7 @@ def load_weights(model: nn.Module, folder: str, blocks: Optional[Sequence[int]] 
                 if copy_here:
                     for param, name, (file, key) in todo:
                         _copy(param, read(file, key), name, folder)
+                    read.unmap()
             for param, _, _ in todo:
                 param._is_hf_initialized = True
         state = model.state_dict(keep_vars=True)

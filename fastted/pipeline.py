@@ -213,7 +213,7 @@ def _run_partitioned(model, config: Config, micro: int):
         return None
     import deepspeed
 
-    return deepspeed.initialize(model=model, config=teacher_deepspeed_config(config.engine, micro))[0]
+    return deepspeed.initialize(model=model, config=teacher_deepspeed_config(config.engine, micro, model))[0]
 
 
 # --------------------------------------------------------------------------- the steps

@@ -9,8 +9,8 @@ import yaml
 from fastted import LWD
 from fastted.config import ConfigError, EngineConfig, TrainConfig, load_config, to_yaml
 from fastted.data import CLMCollator
-from fastted.engine import (Engine, deepspeed_config, resolve_precision, teacher_deepspeed_config,
-                            teacher_offload_param)
+from fastted.engine import (Engine, block_parameters, deepspeed_config, gather_window, resolve_precision,
+                            teacher_deepspeed_config, teacher_offload_param)
 from tests.tiny_models import gpt2
 
 # --------------------------------------------------------------------------- precision
@@ -109,6 +109,29 @@ def test_the_teacher_takes_the_users_gather_settings_and_offload_alone(tmp_path)
     assert student["zero_optimization"]["stage"] == 2 and student["optimizer"]["type"] == "AdamW"  # unchanged
     plain = teacher_deepspeed_config(EngineConfig(), 2)["zero_optimization"]
     assert plain == {"stage": 3, "stage3_param_persistence_threshold": 0, "stage3_model_persistence_threshold": 0}
+
+
+def test_the_gather_window_is_deepspeeds_default_capped_at_the_models_blocks():
+    """One block prefetched, two live and within reuse distance (the block that runs and the next); a setting the
+    user made, under either of DeepSpeed's names, is kept; a model whose blocks exceed DeepSpeed's defaults keeps
+    them; a model without blocks gets none. (What it does on 2 ranks: tests/train/test_zero3_ranks.py.)"""
+    model = gpt2(3, 32, seed=0)
+    block = block_parameters(model)
+    assert block == sum(p.numel() for p in model.transformer.h[0].parameters())
+    window = {"stage3_prefetch_bucket_size": block, "stage3_max_live_parameters": 2 * block,
+              "stage3_max_reuse_distance": 2 * block}
+    assert gather_window(model, {}) == window
+    assert gather_window(model, {"prefetch_bucket_size": 7, "stage3_max_live_parameters": 9}) == {
+        "stage3_max_reuse_distance": 2 * block}
+    assert gather_window(None, {}) == {} and gather_window(torch.nn.Linear(4, 4), {}) == {}
+    huge = torch.nn.ModuleList([torch.nn.Linear(40_000, 40_000, device="meta")])  # 1.6e9 parameters
+    assert gather_window(huge, {}) == {"stage3_prefetch_bucket_size": 50_000_000,
+                                       "stage3_max_live_parameters": 10**9, "stage3_max_reuse_distance": 10**9}
+    zero = teacher_deepspeed_config(EngineConfig(deepspeed=USER), 2, model)["zero_optimization"]
+    assert (zero["stage3_prefetch_bucket_size"], zero["stage3_max_live_parameters"], zero["max_reuse_distance"]) == (
+        2e7, 3e8, 1e8) and "stage3_max_reuse_distance" not in zero  # the user's three settings
+    zero = teacher_deepspeed_config(EngineConfig(), 2, model)["zero_optimization"]
+    assert {key: zero[key] for key in window} == window
 
 
 @pytest.mark.parametrize("offload, user, want", [

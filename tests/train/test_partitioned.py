@@ -1,7 +1,7 @@
 """Models built partitioned under ZeRO-3, never whole on a rank: the pipeline's distil, cache-teacher and evaluate
 on two gloo ranks (engine.zero_stage=3, engine.teacher_zero3=true) against one process without ZeRO, with every
 transfer onto the device and every whole model recorded (tests/train/partitioned_worker.py); fastted.loading's
-builds against transformers' loads in one process; the teacher's shape settings."""
+builds against transformers' loads in one process; the reader's unmapping; the teacher's shape settings."""
 import copy
 import json
 import os
@@ -170,6 +170,42 @@ def test_whole_builds_equal_transformers_loads(tmp_path):
         cut = build_model(str(folder), task, blocks=[3, 1], **kwargs)
         _same_state(cut, keep_layers(copy.deepcopy(want), [3, 1]))
         assert cut.config.num_hidden_layers == 2
+
+
+def test_the_reader_unmaps_the_checkpoint_every_window(tmp_path, monkeypatch):
+    """The pages of a memory-mapped checkpoint stay in the process that read them while the file is mapped: the
+    reader closes its files once a window of bytes was read (rank 0 reads every tensor of a partitioned model), and
+    a load that unmaps after every module gives the same model."""
+    from fastted import loading
+
+    folder = tmp_path / "clm"
+    gpt2(4, 32).save_pretrained(folder)
+    file = str(folder / "model.safetensors")
+
+    def mapped():
+        with open("/proc/self/maps") as f:
+            return file in f.read()
+
+    read = loading._Reader(window=1024)
+    small = read(file, "transformer.h.0.ln_1.weight")  # 32 floats: under the window
+    read.unmap()
+    assert small.numel() == 32 and mapped()
+    large = read(file, "transformer.wte.weight")
+    assert large.numel() * 4 > 1024
+    del small, large
+    read.unmap()
+    assert not mapped()
+    read.close()
+
+    closes = []
+    close = loading._Reader.close
+    monkeypatch.setattr(loading._Reader, "close", lambda self: (closes.append(1), close(self)))
+    want = build_model(str(folder), "clm")
+    assert len(closes) == 1  # a 4-block GPT-2 is far under the default window: opened once
+    monkeypatch.setattr(loading, "READ_WINDOW", 1)
+    closes.clear()
+    _same_state(build_model(str(folder), "clm"), want)
+    assert len(closes) > 4 * 4  # after every module with weights
 
 
 def test_teacher_shape_settings(tmp_path):

@@ -1,6 +1,6 @@
 """Per-rank loops under ZeRO-3 on 2 and 3 gloo ranks (tests/train/zero3_worker.py), against one process: the
 evaluation of a partitioned student on a test split the ranks do not divide evenly, a teacher cache built over an
-odd number of rows by a partitioned teacher, and the memory levers (teacher offload, activation checkpointing)
+odd number of rows by a partitioned teacher, ZeRO-3's gather window, and the memory levers (teacher offload, activation checkpointing)
 under ZeRO-3 against the same run without them."""
 import json
 import os
@@ -13,6 +13,7 @@ import torch
 
 from fastted.cache import TeacherCache, build_teacher_cache
 from fastted.data import CLMCollator
+from fastted.engine import block_parameters
 from fastted.models import ModelAdapter
 from fastted.trainer import evaluate_model
 from tests.train import zero3_worker as worker
@@ -43,7 +44,7 @@ def _launch(tmp, ranks, parts):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("zero3")
-    return {2: _launch(tmp, 2, "eval,cache,levers"), 3: _launch(tmp, 3, "eval")}
+    return {2: _launch(tmp, 2, "eval,cache,window,levers"), 3: _launch(tmp, 3, "eval")}
 
 
 def _one_rank(task, n):
@@ -102,3 +103,26 @@ def test_teacher_offload_and_activation_checkpointing_keep_the_losses(runs):
     assert plain["losses"][0] != plain["losses"][1]
     for name in ("offload", "checkpointing"):
         assert levers[name]["losses"] == pytest.approx(plain["losses"], rel=0, abs=1e-6), name
+
+
+def test_a_partitioned_teacher_gathers_two_blocks_at_most(runs):
+    """From its second forward on, DeepSpeed prefetches until max_live_parameters are gathered: with its default
+    (1e9) a teacher of under a billion parameters is gathered whole on every rank. fastted's window keeps the
+    block that runs and the next (and the largest module outside the blocks, gathered for its own forward)."""
+    teacher = worker.window_teacher()
+    whole = sum(p.numel() for p in teacher.parameters())
+    block = block_parameters(teacher)
+    outside = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in teacher.modules())
+    got = runs[2]["window"]
+    assert got["defaults"] == whole  # the whole teacher on each rank: what the window is for
+    assert 0 < got["windowed"] <= 2 * block + outside < whole / 2
+
+
+def test_the_engine_gives_teacher_and_zero3_student_a_window_of_their_blocks(runs):
+    """The Engine's teacher and its ZeRO-3 student run under DeepSpeed's defaults capped at one block (prefetch)
+    and two (live parameters, reuse distance), as DeepSpeed itself read the configs."""
+    for run in runs[2]["levers"].values():
+        for which in ("teacher", "student"):
+            block = run["blocks"][which]
+            assert 0 < block < 50_000_000
+            assert run["windows"][which] == [block, 2 * block, 2 * block], which

@@ -5,6 +5,8 @@
   batches do not divide evenly.
 - ``cache``: a teacher cache built by every rank over an odd number of rows, the teacher partitioned as the
   engine partitions it (``deepspeed.initialize`` with :func:`fastted.engine.teacher_deepspeed_config`).
+- ``window``: a teacher partitioned with and without its gather window (:func:`fastted.engine.gather_window`),
+  three forwards each: the most parameters gathered at once, counted whole.
 - ``levers``: LWD with the fused LM head under ZeRO-3 (student and teacher partitioned), two steps each: as it
   is, with the teacher's parameters offloaded to the CPU (``engine.teacher_offload=cpu``), and with the
   student's activation checkpointing.
@@ -26,7 +28,7 @@ from fastted import LWD  # noqa: E402
 from fastted.cache import TeacherCache, build_teacher_cache, finish_teacher_cache  # noqa: E402
 from fastted.config import EngineConfig, TrainConfig  # noqa: E402
 from fastted.data import ClassificationCollator, CLMCollator, Data  # noqa: E402
-from fastted.engine import Engine, mean_over_ranks, teacher_deepspeed_config  # noqa: E402
+from fastted.engine import Engine, block_parameters, mean_over_ranks, teacher_deepspeed_config  # noqa: E402
 from fastted.methods import FineTune  # noqa: E402
 from fastted.models import ModelAdapter, is_partitioned  # noqa: E402
 from fastted.trainer import evaluate_model  # noqa: E402
@@ -86,7 +88,7 @@ def build_cache(directory, rank, world, n):
     import deepspeed
 
     model = cache_teacher()
-    deepspeed.initialize(model=model, config=teacher_deepspeed_config(EngineConfig(), MICRO))
+    deepspeed.initialize(model=model, config=teacher_deepspeed_config(EngineConfig(), MICRO, model))
     assert all(is_partitioned(p) for p in model.parameters())
     build_teacher_cache(ModelAdapter(model, "clm"), cache_rows(n), CLMCollator(0), directory, layers=[0, 2], k=5,
                         batch_size=MICRO, rank=rank, world=world)
@@ -95,6 +97,37 @@ def build_cache(directory, rank, world, n):
         finish_teacher_cache(directory, world)
     torch.distributed.barrier()
     return len(TeacherCache(directory))
+
+
+def window_teacher():
+    return gpt2(6, 32, seed=3)
+
+
+def most_gathered(windowed: bool) -> int:
+    """The most parameters (counted whole) gathered at once over three forwards of :func:`window_teacher`
+    partitioned as the teacher is: with the gather window of the model, or with DeepSpeed's defaults."""
+    import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    model = window_teacher().eval()
+    deepspeed.initialize(model=model, config=teacher_deepspeed_config(EngineConfig(), MICRO,
+                                                                      model if windowed else None))
+    params = list(model.parameters())
+    most = [0]
+
+    def count(*_):
+        most[0] = max(most[0], sum(p.ds_numel for p in params if p.ds_status != ZeroParamStatus.NOT_AVAILABLE))
+
+    hooks = [m.register_forward_hook(count) for m in model.modules()]
+    hooks += [m.register_forward_pre_hook(count) for m in model.modules()]
+    collator = CLMCollator(0)
+    with torch.no_grad():
+        for seed in range(3):
+            batch = collator(examples(MICRO, seed=20 + seed, labels=False))
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    for hook in hooks:
+        hook.remove()
+    return most[0]
 
 
 def checkpointing(model) -> bool:
@@ -136,7 +169,11 @@ def lwd_run(world, **engine):
         losses.append(float(mean_over_ranks(out.loss.detach().double())))
     offload = teacher.zero_offload_param()
     device = None if offload is None else str(getattr(offload.device, "value", offload.device))
-    return {"losses": losses, "teacher_offload": device,
+    windows = {name: [getattr(ds._config.zero_config, key) for key in
+                      ("prefetch_bucket_size", "max_live_parameters", "max_reuse_distance")]
+               for name, ds in (("teacher", teacher), ("student", engine.ds))}
+    return {"losses": losses, "teacher_offload": device, "windows": windows,
+            "blocks": {"teacher": block_parameters(recipe.teacher), "student": block_parameters(recipe)},
             "checkpointing": checkpointing(recipe.student_model.model),
             "teacher_partitioned": all(is_partitioned(p) for p in recipe.teacher.parameters())}
 
@@ -160,6 +197,8 @@ def main():
         result["eval"] = evaluate(world, args.test_rows)
     if "cache" in parts:
         result["cache_examples"] = build_cache(os.path.join(args.dir, "cache"), rank, world, args.cache_rows)
+    if "window" in parts:
+        result["window"] = {"windowed": most_gathered(True), "defaults": most_gathered(False)}
     if "levers" in parts:
         result["levers"] = {"plain": lwd_run(world), "offload": lwd_run(world, teacher_offload="cpu"),
                             "checkpointing": lwd_run(world, activation_checkpointing=True)}
