@@ -10,7 +10,11 @@ the manifest last (:func:`write_manifest`). On resume every rank checks that eve
 with its size (cheap) and hashes its share again, the files of ranks beyond this run's world going to rank
 ``r % world`` (:func:`verify_checkpoint`); the ranks agree on one verdict (the lowest rank's reason), so every
 rank picks the same checkpoint and warns alike (:func:`latest_checkpoint`). Over all ranks, a save and a resume
-each hash the checkpoint's bytes once.
+each hash the checkpoint's bytes once. A resume on another number of ranks hashes what it reads: the first
+converts the checkpoint (below), whose files it has checked, and hashes the universal form as it writes it; a
+later one reads the DeepSpeed state from the universal form, so it hashes that and the checkpoint's other files,
+checking the sizes of the state's (1.02x the checkpoint for 1.2M parameters, the excess a few hundred bytes of
+header per parameter file).
 
 Resharding. A checkpoint saved on N ranks under a ZeRO-partitioned optimizer (stages 1, 2, 3) resumes on M ranks
 through DeepSpeed's universal checkpoint: every parameter's fp32 weights and Adam moments whole, one folder per
@@ -37,7 +41,7 @@ import warnings
 from typing import Callable, Optional
 
 from fastted.engine import STATE, CheckpointError, gather_over_ranks, saved_layout, weights_only_loads
-from fastted.files import sha256_file, write_atomic
+from fastted.files import HashingWriter, sha256_file, write_atomic
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
@@ -78,24 +82,35 @@ def _record(path: str) -> dict:
     return {"bytes": os.path.getsize(path), "sha256": sha256_file(path)}
 
 
-def write_manifest(folder: str, rank: int = 0, world: int = 1) -> None:
+def write_manifest(folder: str, rank: int = 0, world: int = 1, known: Optional[dict] = None) -> None:
     """Close a checkpoint folder by its ``manifest.json`` (every file's size and SHA-256, written last). Every rank
     of the ``world`` calls it and hashes its share (:func:`file_owner`); rank 0 gathers the records, hashes what
-    no other rank did (a file another rank did not see yet) and writes the manifest."""
+    no other rank did (a file another rank did not see yet) and writes the manifest. ``known``: {absolute path:
+    record} of files hashed as they were written (:class:`fastted.files.HashingWriter`), taken where the size
+    still matches instead of reading the file again."""
+    known = known or {}
+
+    def record(rel: str) -> dict:
+        path = os.path.join(folder, rel)
+        seen = known.get(os.path.abspath(path))
+        return seen if seen is not None and seen["bytes"] == os.path.getsize(path) else _record(path)
+
     names = _folder_files(folder)
-    mine = {rel: _record(os.path.join(folder, rel)) for rel in names if file_owner(rel, world) == rank}
+    mine = {rel: record(rel) for rel in names if file_owner(rel, world) == rank}
     shares = gather_over_ranks(mine) if world > 1 else [mine]
     if rank != 0:
         return
     files = {rel: record for share in shares for rel, record in share.items()}
-    files.update({rel: _record(os.path.join(folder, rel)) for rel in names if rel not in files})
+    files.update({rel: record(rel) for rel in names if rel not in files})
     write_atomic(os.path.join(folder, MANIFEST), json.dumps({"format": 1, "files": dict(sorted(files.items()))},
                                                             indent=1))
 
 
-def _check_files(folder: str, rank: int, owner: Callable[[str], int], required: tuple = ()) -> Optional[str]:
+def _check_files(folder: str, rank: int, owner: Callable[[str], int], required: tuple = (),
+                 hashed: Callable[[str], bool] = lambda rel: True) -> Optional[str]:
     """What is wrong with a folder by its manifest, seen from ``rank``: every file present with its size (checked by
-    every rank), and the hashes of the files ``owner`` gives this rank; None when nothing is."""
+    every rank), and the hashes of the files ``owner`` gives this rank, of those ``hashed`` selects (the files a
+    resume reads); None when nothing is."""
     try:
         with open(os.path.join(folder, MANIFEST), encoding="utf-8") as f:
             files = json.load(f)["files"]
@@ -111,7 +126,7 @@ def _check_files(folder: str, rank: int, owner: Callable[[str], int], required: 
         if os.path.getsize(path) != size:
             return f"{rel} has {os.path.getsize(path)} bytes, the manifest says {size}"
     for rel, _, digest in records:
-        if owner(rel) == rank and sha256_file(os.path.join(folder, rel)) != digest:
+        if owner(rel) == rank and hashed(rel) and sha256_file(os.path.join(folder, rel)) != digest:
             return f"{rel} differs from the manifest's SHA-256 (corrupted)"
     for rel in required:
         if rel not in files:
@@ -125,11 +140,30 @@ def _agreed(reason: Optional[str], world: int) -> Optional[str]:
     return next((r for r in (gather_over_ranks(reason) if world > 1 else [reason]) if r is not None), None)
 
 
+def _in_state(rel: str) -> bool:
+    return rel.split(os.sep, 1)[0] == STATE
+
+
+def _through_universal(folder: str, world: int) -> bool:
+    """Whether a resume on ``world`` ranks reads the checkpoint's DeepSpeed state from its universal form, which
+    exists (saved on another number of ranks by a ZeRO-partitioned optimizer), and not from its ``state``."""
+    try:
+        layout = saved_layout(folder)
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return (layout["world"] != world and (layout["zero_stage"] or 0) > 0
+            and os.path.isfile(os.path.join(folder, UNIVERSAL, MANIFEST)))
+
+
 def verify_checkpoint(folder: str, rank: int = 0, world: int = 1) -> Optional[str]:
     """None when the checkpoint folder is intact (every file of its manifest there, with its size and hash, and a
     trainer.json), else what is wrong, in a few words: the same verdict on every rank of the ``world``, which
-    must all call it (each hashes its share, :func:`file_owner`)."""
-    return _agreed(_check_files(folder, rank, lambda rel: file_owner(rel, world), required=("trainer.json",)), world)
+    must all call it (each hashes its share, :func:`file_owner`). A resume that will read the DeepSpeed state
+    from the checkpoint's universal form (:func:`universal_checkpoint`, which checks that form) hashes the
+    files of ``state`` only if that form must be made again; their sizes are checked here."""
+    through = _through_universal(folder, world)
+    return _agreed(_check_files(folder, rank, lambda rel: file_owner(rel, world), required=("trainer.json",),
+                                hashed=lambda rel: not (through and _in_state(rel))), world)
 
 
 def latest_checkpoint(directory: str, rank: int = 0, world: int = 1) -> Optional[str]:
@@ -183,8 +217,15 @@ def universal_checkpoint(folder: str, rank: int = 0, world: int = 1) -> str:
     target = os.path.join(folder, UNIVERSAL)
     reason = "absent"
     if os.path.isdir(target):
+        checked_state = not _through_universal(folder, world)  # verify_checkpoint hashed the state: no form yet
         owners = {rel: i % world for i, rel in enumerate(_folder_files(target))}
         reason = _agreed(_check_files(target, rank, lambda rel: owners.get(rel, 0)), world)
+        if reason is not None and not checked_state:  # made again from the state, which must be checked first
+            damaged = _agreed(_check_files(folder, rank, lambda rel: file_owner(rel, world), hashed=_in_state), world)
+            if damaged is not None:
+                raise CheckpointError(f"checkpoint {folder}: its universal form is damaged ({reason}), and so is "
+                                      f"its state ({damaged}): resume on {saved_layout(folder)['world']} ranks "
+                                      f"from another checkpoint, or resume=false to start over")
     if reason is None:
         return target
     error = None
@@ -202,7 +243,8 @@ def universal_checkpoint(folder: str, rank: int = 0, world: int = 1) -> str:
 
 
 def _convert(folder: str, target: str) -> None:
-    """DeepSpeed's ds_to_universal on one process, quiet, every load weights-only, into ``target`` atomically."""
+    """DeepSpeed's ds_to_universal on one process, quiet, every load weights-only, into ``target`` atomically; its
+    files hashed as they are written (:func:`_hashed_writes`), so its manifest reads none of them again."""
     from deepspeed.checkpoint import ds_to_universal
 
     tmp = target + ".tmp"
@@ -210,13 +252,58 @@ def _convert(folder: str, target: str) -> None:
     args = argparse.Namespace(input_folder=os.path.join(folder, STATE), output_folder=os.path.join(tmp, STATE),
                               num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
                               inject_missing_state=True)
+    written: dict = {}
     try:
         with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
-            with weights_only_loads(module_tensors_only=True):
+            with weights_only_loads(module_tensors_only=True), _hashed_writes(written):
                 ds_to_universal.main(args)
-        write_manifest(tmp)
+        write_manifest(tmp, known=written)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     shutil.rmtree(target, ignore_errors=True)
     os.rename(tmp, target)
+
+
+@contextlib.contextmanager
+def _hashed_writes(records: dict):
+    """Inside, every ``torch.save`` to a path and every ``shutil.copy2`` (DeepSpeed's conversion writes its files
+    with these two) hashes the bytes on their way to the file, into ``records`` {absolute path: record}. A tensor
+    saved as a value of a dict is saved alone, not with the rest of its storage: the conversion writes a parameter
+    the optimizer holds no fragment of (one of two tied weights) from the loaded model states, where it is a view
+    of the storage of every parameter, which ``torch.save`` would write whole (a second model in the universal
+    form)."""
+    import torch
+
+    real_save, real_copy = torch.save, shutil.copy2
+
+    def alone(value):
+        if torch.is_tensor(value) and value.untyped_storage().nbytes() > value.numel() * value.element_size():
+            return value.clone()
+        return value
+
+    def save(obj, f, *args, **kwargs):
+        if not isinstance(f, (str, os.PathLike)):
+            return real_save(obj, f, *args, **kwargs)
+        if isinstance(obj, dict):
+            obj = {key: alone(value) for key, value in obj.items()}
+        with open(f, "wb") as out:
+            writer = HashingWriter(out)
+            real_save(obj, writer, *args, **kwargs)
+        records[os.path.abspath(f)] = writer.record()
+
+    def copy2(src, dst, *args, **kwargs):
+        if os.path.isdir(dst):
+            dst = os.path.join(dst, os.path.basename(src))
+        with open(src, "rb") as source, open(dst, "wb") as out:
+            writer = HashingWriter(out)
+            shutil.copyfileobj(source, writer, 16 << 20)
+        shutil.copystat(src, dst)
+        records[os.path.abspath(dst)] = writer.record()
+        return dst
+
+    torch.save, shutil.copy2 = save, copy2
+    try:
+        yield
+    finally:
+        torch.save, shutil.copy2 = real_save, real_copy

@@ -632,8 +632,9 @@ class Engine:
                 if torch.is_tensor(value) and id(value) in seen:
                     state[key] = value.clone()
                 seen.add(id(value))
-        states = sorted(n for n in os.listdir(os.path.join(directory, STATE)) if n.endswith("model_states.pt"))
-        module = load_checkpoint_file(os.path.join(directory, STATE, states[0]), "cpu")["module"]
+        # the universal form's copy of the model states: a resume through it reads nothing of the checkpoint's state
+        states = sorted(n for n in os.listdir(os.path.join(universal, STATE)) if n.endswith("model_states.pt"))
+        module = load_checkpoint_file(os.path.join(universal, STATE, states[0]), "cpu")["module"]
         trained = {name for name, _ in self.step_module.named_parameters(remove_duplicate=False)}  # tied too
         rest = {k: v for k, v in module.items() if k not in trained}
         missing, unexpected = self.step_module.load_state_dict(rest, strict=False)

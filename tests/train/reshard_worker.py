@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from fastted import LWD  # noqa: E402
 from fastted import files  # noqa: E402
-from fastted.checkpoints import latest_checkpoint, universal_checkpoint  # noqa: E402
+from fastted.checkpoints import latest_checkpoint, universal_checkpoint, verify_checkpoint  # noqa: E402
 from fastted.config import EngineConfig, TrainConfig  # noqa: E402
 from fastted.data import MLMCollator  # noqa: E402
 from fastted.engine import CheckpointError, Engine, gather_over_ranks, init_distributed  # noqa: E402
@@ -118,15 +118,28 @@ def resume_phase(root, saved, rank, world):
                 f.write("step-0000002")
         torch.distributed.barrier()
         engine, stage = build(zero_stage, directory)
+        before = files.bytes_hashed
         summary = run(stage, engine)
+        run_hashed = hashed_over_ranks(before)
         assert summary["resumed_from"] == 2
         result["losses"][zero_stage] = losses(directory)
-        universal = os.path.join(directory, "checkpoints", "step-0000002", "universal")
+        step2 = os.path.join(directory, "checkpoints", "step-0000002")
+        universal = os.path.join(step2, "universal")
         result.setdefault("universal", {})[zero_stage] = os.path.isdir(universal)
         if zero_stage == 2:  # a second resume on this world reuses the universal form, checked, not made anew
+            result["run_hashed"] = run_hashed  # step 2 checked and converted, step 4 saved
+            result["run_bytes"] = checkpoint_bytes(step2) + checkpoint_bytes(
+                os.path.join(directory, "checkpoints", "step-0000004"))
+            result["checkpoint_bytes"] = checkpoint_bytes(step2)
+            with open(os.path.join(step2, "manifest.json")) as f:
+                result["state_bytes"] = sum(r["bytes"] for rel, r in json.load(f)["files"].items()
+                                            if rel.startswith("state" + os.sep))
             made = os.path.getmtime(os.path.join(universal, "manifest.json"))
             before = files.bytes_hashed
-            assert universal_checkpoint(os.path.dirname(universal), rank, world) == universal
+            assert verify_checkpoint(step2, rank, world) is None
+            result["reuse_verify_hashed"] = hashed_over_ranks(before)
+            before = files.bytes_hashed
+            assert universal_checkpoint(step2, rank, world) == universal
             result["reuse_hashed"] = hashed_over_ranks(before)
             result["universal_bytes"] = checkpoint_bytes(universal)
             result["reused"] = os.path.getmtime(os.path.join(universal, "manifest.json")) == made

@@ -13,10 +13,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from fastted.checkpoints import file_owner, universal_checkpoint
+from fastted import files
+from fastted.checkpoints import file_owner, universal_checkpoint, verify_checkpoint, write_manifest
+from fastted.config import EngineConfig, TrainConfig
 from fastted.data import MLMCollator, batch_generator, data_order
 from fastted.engine import CheckpointError, Engine
+from fastted.methods import FineTune
 from fastted.trainer import Stage, micro_batches
+from tests.tiny_models import bert
 from tests.train.reshard_worker import Tokenizer, dataset
 
 WORKER = os.path.join(os.path.dirname(__file__), "reshard_worker.py")
@@ -77,6 +81,18 @@ def test_each_rank_hashes_its_share_once(runs):
     by_rank = run["verify_hashed_by_rank"]
     assert run["verify_bytes"] <= sum(by_rank) <= 1.05 * run["verify_bytes"]
     assert min(by_rank) > 0.2 * run["verify_bytes"]  # both ranks hash: rank 1 its optimizer and RNG files
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [1, 4])
+def test_a_resume_on_another_world_hashes_what_it_reads_once(runs, world):
+    """Resumed on another world, over all ranks: the step-2 checkpoint hashed once and its universal form hashed as
+    it was written (no second read: only the few bytes of DeepSpeed's ``latest_universal``), then step 4 saved; a later resume on that world hashes the checkpoint's own
+    files but not its DeepSpeed state, which it reads from the universal form, and the universal form once."""
+    run = runs[world]
+    assert run["run_bytes"] <= run["run_hashed"] <= run["run_bytes"] + 64  # DeepSpeed's latest_universal read
+    assert run["reuse_verify_hashed"] == run["checkpoint_bytes"] - run["state_bytes"] > 0
+    assert run["reuse_hashed"] == run["universal_bytes"]
 
 
 @pytest.mark.slow
@@ -151,3 +167,56 @@ def test_a_resume_that_cannot_be_done_is_one_named_line(tmp_path):
     assert message.startswith(f"checkpoint {folder}: saved on 2 ranks, it could not be converted for 1 (")
     assert message.endswith("resume on 2 ranks, or resume=false to start over")
     assert not (folder / "universal").exists() and not (folder / "universal.tmp").exists()
+
+
+def _flip(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 1
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.slow
+def test_at_real_tensor_sizes_a_resume_through_the_universal_form_hashes_the_checkpoint_once(tmp_path):
+    """A ZeRO-2 checkpoint of a BERT with 256-wide layers (1.2M parameters, one Adam step; saved by one process and
+    marked as saved by 2): the universal form costs one small file's read to make (its files are hashed as they
+    are written), and a resume through it hashes the checkpoint's own files and the universal form, at most 1.05x
+    the checkpoint (the 2-rank tests' tiny tensors are mostly file headers). A damaged universal form is made
+    again after the state it is made from is checked; with that state damaged too, the error names both."""
+    recipe = FineTune(bert(2, 256, head="mlm", seed=3), task="mlm", impl="reference")
+    engine = Engine(recipe, TrainConfig(batch_size=4, max_steps=1, warmup_ratio=0.0),
+                    EngineConfig(zero_stage=2, impl="reference"), 1, torch.device("cpu"))
+    collator = MLMCollator(Tokenizer(), probability=0.3)
+    out = engine.forward(collator(dataset()[:4], batch_generator(0, 0, 0, 0)), step=0)
+    engine.backward(out.loss)
+    engine.step()
+    folder = tmp_path / "step-0000001"
+    folder.mkdir()
+    engine.save(str(folder))
+    (folder / "engine.json").write_text(json.dumps({"world": 2, "zero_stage": 2}))
+    (folder / "trainer.json").write_text(json.dumps({"step": 1}))
+    write_manifest(str(folder))
+    records = json.loads((folder / "manifest.json").read_text())["files"]
+    checkpoint = sum(r["bytes"] for r in records.values())
+    state = sum(r["bytes"] for rel, r in records.items() if rel.startswith("state" + os.sep))
+    assert sum(p.numel() for p in recipe.parameters()) > 1_000_000 and state > 0.9 * checkpoint
+
+    before = files.bytes_hashed
+    universal = universal_checkpoint(str(folder), 0, 1)
+    assert files.bytes_hashed - before <= 64  # DeepSpeed's latest_universal, written by hand
+    size = sum(r["bytes"] for r in json.loads((folder / "universal" / "manifest.json").read_text())["files"].values())
+    before = files.bytes_hashed
+    assert verify_checkpoint(str(folder), 0, 1) is None and universal_checkpoint(str(folder), 0, 1) == universal
+    hashed = files.bytes_hashed - before
+    assert hashed == checkpoint - state + size <= 1.05 * checkpoint
+
+    damaged = next((folder / "universal").rglob("exp_avg.pt"))
+    _flip(damaged)
+    assert universal_checkpoint(str(folder), 0, 1) == universal  # made again, from the checked state
+    before = files.bytes_hashed
+    assert universal_checkpoint(str(folder), 0, 1) == universal and files.bytes_hashed - before == size
+    _flip(next((folder / "universal").rglob("exp_avg.pt")))
+    _flip(next((folder / "state").glob("*optim_states.pt")))
+    with pytest.raises(CheckpointError, match=r"its universal form is damaged \(.*exp_avg.pt differs from the "
+                                              r"manifest's SHA-256.*\), and so is its state \(state/.*optim_states.pt "
+                                              r"differs"):
+        universal_checkpoint(str(folder), 0, 1)
