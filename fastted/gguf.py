@@ -12,8 +12,9 @@ ZeRO-3 by :mod:`fastted.models`):
 - the tokenizer read from the GGUF, saved with ``save_pretrained``;
 - ``fastted-gguf.json``: a manifest of the source file and of every file above with its size, written last.
 
-The conversion reads the file through the gguf package's memory-mapped ``GGUFReader`` and holds at most one
-shard and one tensor: each tensor is de-quantized, renamed and processed by transformers' own GGUF functions
+The conversion reads the file through the gguf package's memory-mapped ``GGUFReader`` and holds one tensor at a
+time (a shard is written as its tensors come, and the file's pages are dropped from the process every 64 MiB
+read): each tensor is de-quantized, renamed and processed by transformers' own GGUF functions
 (``modeling_gguf_pytorch_utils``: the GGUF-to-HF name map of a model built on the meta device, and the
 architecture's tensor processor, which e.g. reverses llama.cpp's q/k permutation), added to the current shard
 and freed with it. GGUF tensors that the model has no parameter for are skipped, as transformers skips them.
@@ -33,18 +34,21 @@ import functools
 import hashlib
 import json
 import math
+import mmap
 import os
 import re
 import shutil
 import socket
+import struct
 from contextlib import contextmanager
-from typing import NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 # Raised when the written layout or the processing changes, so that older folders convert again.
 CONVERTER_VERSION = 1
 MANIFEST = "fastted-gguf.json"
 INDEX = "model.safetensors.index.json"
 DEFAULT_SHARD_BYTES = 1 << 30
+UNMAP_BYTES = 64 << 20  # bytes of the GGUF read between drops of its pages from the process
 
 
 def cache_key(path: str) -> str:
@@ -186,7 +190,7 @@ def _write_folder(path: str, out: str, max_shard_bytes: int) -> None:
     import transformers as tf
 
     folder, name = os.path.split(os.path.abspath(path))
-    tensors, architecture = _tensor_table(path)
+    tensors, architecture, unmap = _tensor_table(path)
     config_dict, _ = tf.PretrainedConfig.get_config_dict(folder, gguf_file=name)
     config = _config(config_dict, architecture, path)
     config.dtype = torch.float32
@@ -195,7 +199,8 @@ def _write_folder(path: str, out: str, max_shard_bytes: int) -> None:
     tokenizer.save_pretrained(out)
     del tokenizer
     _release_freed_memory()  # the metadata parsed three times (vocabulary included): gone before the tensors
-    weight_map, skipped, total = _write_weights(tensors, architecture, config_dict, config, out, max_shard_bytes)
+    weight_map, skipped, total = _write_weights(tensors, architecture, config_dict, config, out, max_shard_bytes,
+                                                unmap)
     with open(os.path.join(out, INDEX), "w", encoding="utf-8") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
     for entry in os.listdir(out):  # config and tokenizer files, on disk before the manifest says they are
@@ -241,8 +246,9 @@ class _Tensor(NamedTuple):
     data: object  # numpy array
 
 
-def _tensor_table(path: str) -> tuple[list[_Tensor], str]:
-    """(the tensors of the GGUF ``path``, its ``general.architecture``).
+def _tensor_table(path: str) -> tuple[list[_Tensor], str, Callable[[], None]]:
+    """(the tensors of the GGUF ``path``, its ``general.architecture``, a function that drops the file's pages
+    read so far from this process: they stay in the page cache, and a later read maps them again).
 
     ``GGUFReader`` parses every metadata value into numpy views (for a 49152-token vocabulary about 150 MB);
     its tensors keep views into the same arenas, so kept alive they would pin most of that. Only the tensors'
@@ -264,7 +270,13 @@ def _tensor_table(path: str) -> tuple[list[_Tensor], str]:
         count = math.prod(shape)
         data = blob[offset:offset + count * dtype.itemsize].view(dtype).reshape(shape)
         tensors.append(_Tensor(name, gguf.GGMLQuantizationType(tensor_type), data))
-    return tensors, architecture
+
+    def unmap() -> None:
+        raw = getattr(blob, "_mmap", None)
+        if raw is not None and hasattr(mmap, "MADV_DONTNEED"):
+            raw.madvise(mmap.MADV_DONTNEED)
+
+    return tensors, architecture, unmap
 
 
 def _release_freed_memory() -> None:
@@ -310,14 +322,53 @@ def _name_maps_cached():
         gguf.get_tensor_name_map = original
 
 
-def _write_weights(tensors, architecture: str, config_dict: dict, config, out: str,
-                   max_shard_bytes: int) -> tuple[dict, list, int]:
-    """Write the GGUF's ``tensors`` (see :func:`_tensor_table`) into shards in ``out``; return (weight map, skipped
-    GGUF names, total bytes)."""
+class _StreamedShard:
+    """A safetensors file of float32 tensors written one tensor at a time, so a shard is never held in memory:
+    each tensor's bytes are appended to a data file beside it as it comes, and :meth:`close` writes the header
+    (known only then) and copies the data after it."""
+
+    def __init__(self, path: str):
+        self.path, self.bytes = path, 0
+        self._entries: list[tuple[str, list]] = []
+        self._data = open(path + ".data", "wb")
+
+    def add(self, name: str, tensor) -> None:
+        import torch
+
+        if tensor.dtype != torch.float32:
+            raise TypeError(f"{name}: a converted tensor is float32, got {tensor.dtype}")
+        values = tensor.detach().contiguous().numpy()
+        self._entries.append((name, list(values.shape), self.bytes, self.bytes + values.nbytes))
+        self._data.write(memoryview(values.reshape(-1)).cast("B"))
+        self.bytes += values.nbytes
+
+    def close(self) -> list[str]:
+        """Write the file (fsynced); the names of its tensors."""
+        self._data.close()
+        header = {"__metadata__": {"format": "pt"}}
+        header.update({name: {"dtype": "F32", "shape": shape, "data_offsets": [start, end]}
+                       for name, shape, start, end in self._entries})
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned (safetensors allows trailing spaces)
+        with open(self.path, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)))
+            f.write(raw)
+            with open(self.path + ".data", "rb") as data:
+                shutil.copyfileobj(data, f, 16 << 20)
+            f.flush()
+            os.fsync(f.fileno())
+        os.remove(self.path + ".data")
+        return sorted(name for name, *_ in self._entries)
+
+
+def _write_weights(tensors, architecture: str, config_dict: dict, config, out: str, max_shard_bytes: int,
+                   unmap: Callable[[], None] = lambda: None) -> tuple[dict, list, int]:
+    """Write the GGUF's ``tensors`` (see :func:`_tensor_table`) into shards in ``out`` (:class:`_StreamedShard`),
+    calling ``unmap`` every :data:`UNMAP_BYTES` of the GGUF read (the pages leave the process); return (weight
+    map, skipped GGUF names, total bytes)."""
     import numpy as np
     import torch
     import transformers as tf
-    from safetensors.torch import save_file
     from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
 
     try:
@@ -332,8 +383,7 @@ def _write_weights(tensors, architecture: str, config_dict: dict, config, out: s
     del model
 
     shards: list[list[str]] = []
-    shard: dict[str, torch.Tensor] = {}
-    shard_bytes = 0
+    shard: Optional[_StreamedShard] = None
     written: set[str] = set()
     total = 0
     skipped = []
@@ -341,36 +391,39 @@ def _write_weights(tensors, architecture: str, config_dict: dict, config, out: s
     block = None
 
     def flush_shard():
-        nonlocal shard, shard_bytes
-        if shard:
-            path = os.path.join(out, f".shard-{len(shards)}")
-            save_file(shard, path, metadata={"format": "pt"})
-            _fsync(path)
-            shards.append(sorted(shard))
-            shard, shard_bytes = {}, 0
+        nonlocal shard
+        if shard is not None:
+            shards.append(shard.close())
+            shard = None
 
     def add(hf_name: str, tensor: torch.Tensor):
-        nonlocal shard_bytes, total
+        nonlocal shard, total
         if hf_name in written:
             raise ValueError(f"gguf_file: two GGUF tensors give the parameter {hf_name!r} (tensors not grouped by "
                              f"block?): cannot convert it tensor by tensor")
         nbytes = tensor.numel() * tensor.element_size()
-        if shard and shard_bytes + nbytes > max_shard_bytes:
+        if shard is not None and shard.bytes and shard.bytes + nbytes > max_shard_bytes:
             flush_shard()
-        shard[hf_name] = tensor.contiguous()
+        if shard is None:
+            shard = _StreamedShard(os.path.join(out, f".shard-{len(shards)}"))
+        shard.add(hf_name, tensor)
         written.add(hf_name)
-        shard_bytes += nbytes
         total += nbytes
 
     def flush_pending():
         for hf_name in list(pending):
             add(hf_name, pending.pop(hf_name).to(torch.float32))
 
+    read = 0
     for info in tensors:
         this_block = info.name.split(".")[1] if info.name.startswith("blk.") else None
         if this_block != block:
             flush_pending()
             block = this_block
+        read += info.data.nbytes
+        if read >= UNMAP_BYTES:  # the pages read before this tensor leave the process
+            unmap()
+            read = info.data.nbytes
         weights = _dequantized(info)
         result = processor.process(weights=weights, name=info.name, tensor_key_mapping=names,
                                    parsed_parameters={"tensors": pending})

@@ -18,15 +18,11 @@ import torch
 
 from fastted import gguf as fg
 
+from tests.launch import rank_env, torchrun
+
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gguf_worker.py")
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
 SHARD_BYTES = 32 << 20
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _smollm2():
@@ -49,13 +45,9 @@ def test_smollm2_converted_once_equals_transformers_gguf_load(tmp_path, monkeypa
     folder, file = _smollm2()
     cache, out = tmp_path / "cache", tmp_path / "ranks"
     out.mkdir()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(_port()), WORKER, "--folder", folder, "--file", file, "--cache", str(cache), "--out", str(out),
-               "--shard-bytes", str(SHARD_BYTES)]
-    launch = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    command = torchrun(2, WORKER, "--folder", folder, "--file", file, "--cache", str(cache), "--out", str(out),
+                       "--shard-bytes", str(SHARD_BYTES))
+    launch = subprocess.Popen(command, env=rank_env(PYTHONPATH=ROOT), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     # transformers' own loads meanwhile, on the core that the waiting rank leaves idle
     theirs = tf.AutoModelForCausalLM.from_pretrained(folder, gguf_file=file)
     theirs_tok = load_tokenizer(folder, file)
@@ -104,6 +96,56 @@ def test_smollm2_converted_once_equals_transformers_gguf_load(tmp_path, monkeypa
     growth = [(r["peak_kib"] - r["start_kib"]) * 1024 for r in ranks]
     assert growth[0] < 0.5 * model_bytes, (growth, model_bytes)
     assert growth[1] < 0.05 * model_bytes, (growth, model_bytes)
+
+
+def _mapped_kib(path: str) -> int:
+    """The resident KiB of this process's mappings of ``path`` (/proc/self/smaps)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) >= 5 and "-" in fields[0] and ":" in fields[3]:  # a mapping's header line
+                inside = fields[-1] == path
+            elif inside and fields[0] == "Rss:":
+                total += int(fields[1])
+    return total
+
+
+def test_the_conversion_drops_the_pages_it_has_read():
+    """The GGUF's pages stay in the process that read them while the file is mapped (rank 0's Pss grew by the
+    whole file): the table's unmap, called every 64 MiB the conversion reads, drops them, and the tensors read again
+    after it."""
+    folder, file = _smollm2()
+    path = os.path.realpath(os.path.join(folder, file))
+    tensors, _, unmap = fg._tensor_table(path)
+    big = sorted(tensors, key=lambda t: -t.data.nbytes)[:3]
+    sums = [float(t.data.astype("float64").sum()) for t in big]
+    assert _mapped_kib(path) * 1024 >= 0.9 * sum(t.data.nbytes for t in big)
+    unmap()
+    assert _mapped_kib(path) == 0
+    assert [float(t.data.astype("float64").sum()) for t in big] == sums
+
+
+def test_a_streamed_shard_is_the_safetensors_file_of_its_tensors(tmp_path):
+    """Tensors appended one at a time (odd sizes, an empty one, a scalar) read back exactly by safetensors, with
+    the format metadata transformers looks for; the data file beside it is gone."""
+    from safetensors import safe_open
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"b.weight": torch.randn(7, 3, generator=g), "a.bias": torch.randn(5, generator=g),
+               "empty": torch.zeros(0, 4), "scalar": torch.tensor(2.5), "c": torch.randn(3, 5, generator=g).t()}
+    shard = fg._StreamedShard(str(tmp_path / "shard"))
+    for name, tensor in tensors.items():
+        shard.add(name, tensor)
+    assert shard.bytes == sum(t.numel() * 4 for t in tensors.values())
+    assert shard.close() == sorted(tensors)
+    assert os.listdir(tmp_path) == ["shard"]
+    with safe_open(str(tmp_path / "shard"), "pt") as f:
+        assert f.metadata() == {"format": "pt"} and sorted(f.keys()) == sorted(tensors)
+        for name, tensor in tensors.items():
+            assert torch.equal(f.get_tensor(name), tensor), name
+    with pytest.raises(TypeError, match="x: a converted tensor is float32, got torch.float16"):
+        fg._StreamedShard(str(tmp_path / "other")).add("x", torch.zeros(2, dtype=torch.float16))
 
 
 # --------------------------------------------------------------------------- the cache, on a stand-in writer
