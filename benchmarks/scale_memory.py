@@ -9,7 +9,8 @@ float16 first, so that both files hold the same values; that transformers' GGUF 
 checked on the small teacher.
 
 Then, for each of ``distil``, ``evaluate`` and ``cache-teacher`` (task clm, method kd, ``engine.teacher_zero3=true``,
-a 2-layer student, 32-token lines, one step), each format and each teacher, it launches::
+a 2-layer student, 32-token lines, two steps: from the second forward on ZeRO-3 prefetches along its recorded
+trace), each format and each teacher, it launches::
 
     python -m torch.distributed.run --nproc_per_node 2 benchmarks/rank_memory.py <out> -m fastted <step> ...
 
@@ -227,7 +228,7 @@ def fastted_args(step: str, run_dir: str, teacher_dir: str, fmt: str, data: tupl
     args += [f"output_dir={run_dir}", f"teacher.path={folder}", f"data.source={data[0]}",
              f"data.test_source={data[1]}", "data.pack=false", "data.max_length=32", "data.max_train_examples=16",
              "data.max_test_examples=4", "distil.methods=[kd]", "distil.train.batch_size=2",
-             "distil.train.max_steps=1", "distil.train.warmup_ratio=0", "student.layers=null",
+             "distil.train.max_steps=2", "distil.train.warmup_ratio=0", "student.layers=null",
              f"student.num_layers={STUDENT_LAYERS}", "engine.teacher_zero3=true", "engine.threads=1",
              "progress=false"]
     if fmt == "gguf":
@@ -354,7 +355,7 @@ def main(argv=None) -> int:
                   f"{' and '.join(VERDICT_FIELDS)}; VmHWM counts shared file pages whole and is shown only)",
         "setup": {"ranks": 2, "backend": "gloo", "task": "clm", "method": "kd", "teacher_zero3": True,
                   "student_layers": STUDENT_LAYERS, "max_length": 32, "train_examples": 16, "test_examples": 4,
-                  "steps": 1, "batch_size": 2, "sample_interval_s": 0.02},
+                  "steps": 2, "batch_size": 2, "sample_interval_s": 0.02},
         "teachers": teachers,
         "teacher_growth_fp32_bytes": teacher_growth,
         "gguf_round_trip_small_teacher": round_trip,

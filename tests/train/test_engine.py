@@ -2,8 +2,6 @@
 (gloo, on the CPU) against one process, with a resume in each: TED's stage II, and LWD with the fused LM head."""
 import json
 import os
-import socket
-import subprocess
 import sys
 
 import pytest
@@ -11,6 +9,8 @@ import torch
 
 from fastted.config import ConfigError, EngineConfig, TrainConfig
 from fastted.engine import batch_layout, checkpoint_types, deepspeed_config, lr_at, resolve_device
+
+from tests.launch import free_port, run_ranks, torchrun
 
 WORKER = os.path.join(os.path.dirname(__file__), "engine_worker.py")
 
@@ -57,28 +57,15 @@ def test_gpu_only_options_on_cpu(kwargs, message, monkeypatch):
     assert resolve_device(EngineConfig()).type == "cpu"
 
 
-def _port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(tmp, stage, ranks, recipe="ted", launcher="torchrun"):
     out, directory = tmp / f"{recipe}-zero{stage}-{ranks}.json", tmp / f"{recipe}-zero{stage}-{ranks}"
     args = ["--zero-stage", str(stage), "--recipe", recipe, "--dir", str(directory), "--out", str(out)]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):  # an in-process world of one
-        env.pop(key, None)
-    if ranks == 1:
-        command = [sys.executable, WORKER, *args]
-    elif launcher == "torchrun":
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
-                   "--master_port", str(_port()), WORKER, *args]
+    if ranks == 1 or launcher == "torchrun":
+        command = torchrun(ranks, WORKER, *args)
     else:  # DeepSpeed's launcher (it adds --local_rank to the script's arguments)
         command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
-                   "--master_port", str(_port()), WORKER, *args]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+                   "--master_port", str(free_port()), WORKER, *args]
+    run_ranks(command)
     with open(out) as f:
         return {**json.load(f), "dir": str(directory)}
 

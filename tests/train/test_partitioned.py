@@ -5,9 +5,6 @@ builds against transformers' loads in one process; the reader's unmapping; the t
 import copy
 import json
 import os
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,16 +12,11 @@ import torch
 from fastted.config import ConfigError, check
 from fastted.loading import build_model
 from fastted.models import check_against_models, keep_layers, load_model
+from tests.launch import run_ranks, torchrun
 from tests.tiny_models import WORDS, bert, gpt2, word_tokenizer
 
 WORKER = os.path.join(os.path.dirname(__file__), "partitioned_worker.py")
 TEACHER_LAYERS = 6
-
-
-def _port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _setup(tmp):
@@ -61,14 +53,7 @@ def _setup(tmp):
 
 def _launch(tmp, run, files, ranks):
     out = tmp / f"{run}.json"
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    launcher = [] if ranks == 1 else ["-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
-                                      "--master_port", str(_port())]
-    command = [sys.executable, *launcher, WORKER, str(out), *files, "--floor", "1000", "--stacks-after", "240"]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    run_ranks(torchrun(ranks, WORKER, str(out), *files, "--floor", "1000", "--stacks-after", "240"))
     records = [json.loads(out.read_text())]
     records += [json.loads((tmp / f"{run}.json.rank{r}").read_text()) for r in range(1, ranks)]
     return records

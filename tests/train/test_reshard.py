@@ -5,9 +5,6 @@ Three launches of tests/train/reshard_worker.py (2 ranks save, 1 and 4 ranks res
 stage in turn; and a few checks in this process."""
 import json
 import os
-import socket
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
@@ -20,28 +17,17 @@ from fastted.data import MLMCollator, batch_generator, data_order
 from fastted.engine import CheckpointError, Engine
 from fastted.methods import FineTune
 from fastted.trainer import Stage, micro_batches
+from tests.launch import run_ranks, torchrun
 from tests.tiny_models import bert
 from tests.train.reshard_worker import Tokenizer, dataset
 
 WORKER = os.path.join(os.path.dirname(__file__), "reshard_worker.py")
 
 
-def _port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(tmp, ranks, phase, saved=None):
     out, directory = tmp / f"{phase}-{ranks}.json", tmp / f"{phase}-{ranks}"
     args = ["--phase", phase, "--dir", str(directory), "--out", str(out)] + (["--saved", saved] if saved else [])
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port",
-               str(_port()), WORKER, *args]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    run_ranks(torchrun(ranks, WORKER, *args), timeout=600)
     with open(out) as f:
         return {**json.load(f), "dir": str(directory)}
 

@@ -3,10 +3,6 @@ evaluation of a partitioned student on a test split the ranks do not divide even
 odd number of rows by a partitioned teacher, ZeRO-3's gather window, and the memory levers (teacher offload, activation checkpointing)
 under ZeRO-3 against the same run without them."""
 import json
-import os
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,27 +12,16 @@ from fastted.data import CLMCollator
 from fastted.engine import block_parameters
 from fastted.models import ModelAdapter
 from fastted.trainer import evaluate_model
+from tests.launch import run_ranks, torchrun
 from tests.train import zero3_worker as worker
 
 pytestmark = pytest.mark.slow
 
 
-def _port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(tmp, ranks, parts):
     out, directory = tmp / f"zero3-{ranks}.json", tmp / f"zero3-{ranks}"
     directory.mkdir()
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port",
-               str(_port()), worker.__file__, "--parts", parts, "--dir", str(directory), "--out", str(out)]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    run_ranks(torchrun(ranks, worker.__file__, "--parts", parts, "--dir", str(directory), "--out", str(out)))
     with open(out) as f:
         return {**json.load(f), "dir": directory}
 
