@@ -26,7 +26,7 @@ rank whose VmHWM grew 0.55)::
     python benchmarks/scale_memory.py [--dir runs/scale-memory]
         [--json benchmarks/results/<date>-cpu-2core-scale-memory.json] [--steps ...] [--formats ...]
 
-About 10 minutes on 2 CPU cores; 2.3 GB of disk for the teachers, built once per --dir (a run's output folder
+About 16 minutes on 2 CPU cores; 2.3 GB of disk for the teachers, built once per --dir (a run's output folder
 is removed once it has succeeded).
 """
 from __future__ import annotations
