@@ -162,6 +162,7 @@ def _flip(path):
 
 
 @pytest.mark.slow
+@pytest.mark.bad_input
 def test_at_real_tensor_sizes_a_resume_through_the_universal_form_hashes_the_checkpoint_once(tmp_path):
     """A ZeRO-2 checkpoint of a BERT with 256-wide layers (1.2M parameters, one Adam step; saved by one process and
     marked as saved by 2): the universal form costs one small file's read to make (its files are hashed as they
