@@ -20,14 +20,14 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import shutil
-import subprocess
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from benchmarks import result_file  # noqa: E402
 
 SIZES = {"tiny": (2, 32), "small": (2, 256), "medium": (4, 1024)}  # (blocks, width); the FFN is twice the width
 BUDGET = 1.05
@@ -105,23 +105,17 @@ def main(argv=None) -> int:
         rows[name] = measure(os.path.join(args.dir, name), blocks, width)
         print(f"{name}: {rows[name]['parameters']:,} parameters, checkpoint {rows[name]['checkpoint_bytes']:,} B: "
               + ", ".join(f"{k} {v}x" for k, v in rows[name]["ratio"].items()), flush=True)
-    from importlib.metadata import version
-
-    commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     result = {
         "command": " ".join(["python", *sys.argv]),
         "device": "CPU",
         "date": datetime.date.today().isoformat(),
-        "versions": {"python": platform.python_version(), "fastted_commit": commit.stdout.strip() or None,
-                     **{name: version(name) for name in ("torch", "deepspeed")}},
+        "versions": result_file.versions("torch", "deepspeed"),
         "budget": f"bytes hashed at most {BUDGET}x the checkpoint's bytes",
         "sizes": rows,
         "within_budget": {name: all(v <= BUDGET for v in row["ratio"].values()) for name, row in rows.items()},
         "seconds": round(time.perf_counter() - began, 1),
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(result, f, indent=1)
+    result_file.write(args.json, result)
     print(f"{args.json}: within budget: {result['within_budget']}", flush=True)
     return 0
 

@@ -35,7 +35,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import shutil
 import socket
 import subprocess
@@ -45,6 +44,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # this clone's fastted, as the launched ranks import it (PYTHONPATH)
 WRAPPER = os.path.join(ROOT, "benchmarks", "rank_memory.py")
+
+from benchmarks import result_file  # noqa: E402
 
 # The teachers: SmolLM2's vocabulary, one width, two depths.
 VOCAB, HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, POSITIONS = 49152, 1024, 2816, 16, 4, 2048
@@ -282,14 +283,6 @@ def growth(small: dict, large: dict, teacher_growth: int) -> list[dict]:
     return rows
 
 
-def _versions() -> dict:
-    from importlib.metadata import version
-
-    commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    return {"python": platform.python_version(), "fastted_commit": commit.stdout.strip() or None,
-            **{name: version(name) for name in ("torch", "transformers", "deepspeed", "gguf", "safetensors")}}
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dir", default=os.path.join("runs", "scale-memory"), help="teachers, data and runs")
@@ -343,7 +336,7 @@ def main(argv=None) -> int:
         if ok:
             entry["ranks"] = growth(by_size["small"], by_size["large"], teacher_growth)
             entry["within_target"] = all(row[f]["within_target"] for row in entry["ranks"] for f in VERDICT_FIELDS)
-            print(f"  growth ratios: " + "; ".join(
+            print("  growth ratios: " + "; ".join(
                 f"rank {row['rank']} " + ", ".join(f"{f} {row[f]['ratio']}" for f in ("RssAnon", "Pss", "VmHWM"))
                 for row in entry["ranks"]), flush=True)
         growths.append(entry)
@@ -353,7 +346,7 @@ def main(argv=None) -> int:
         "device": "CPU, 2 cores",
         "date": datetime.date.today().isoformat(),
         "note": args.note,
-        "versions": _versions(),
+        "versions": result_file.versions("torch", "transformers", "deepspeed", "gguf", "safetensors"),
         "target": f"each rank's peak memory grows by at most {TARGET}x the teacher's fp32 growth (verdict on "
                   f"{' and '.join(VERDICT_FIELDS)}: the kernel's exact peak resident set, shared file pages counted whole; "
                   f"RssAnon and Pss, sampled every 20 ms, are shown)",
@@ -368,9 +361,7 @@ def main(argv=None) -> int:
         "runs": runs,
         "seconds": round(time.perf_counter() - began, 1),
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(result, f, indent=1)
+    result_file.write(args.json, result)
     print(f"{args.json}: within target: {result['within_target']} ({result['seconds']} s)", flush=True)
     return 0
 

@@ -90,18 +90,18 @@ def write_manifest(folder: str, rank: int = 0, world: int = 1, known: Optional[d
     still matches instead of reading the file again."""
     known = known or {}
 
-    def record(rel: str) -> dict:
+    def record_of(rel: str) -> dict:
         path = os.path.join(folder, rel)
         seen = known.get(os.path.abspath(path))
         return seen if seen is not None and seen["bytes"] == os.path.getsize(path) else _record(path)
 
     names = _folder_files(folder)
-    mine = {rel: record(rel) for rel in names if file_owner(rel, world) == rank}
+    mine = {rel: record_of(rel) for rel in names if file_owner(rel, world) == rank}
     shares = gather_over_ranks(mine) if world > 1 else [mine]
     if rank != 0:
         return
     files = {rel: record for share in shares for rel, record in share.items()}
-    files.update({rel: record(rel) for rel in names if rel not in files})
+    files.update({rel: record_of(rel) for rel in names if rel not in files})
     write_atomic(os.path.join(folder, MANIFEST), json.dumps({"format": 1, "files": dict(sorted(files.items()))},
                                                             indent=1))
 

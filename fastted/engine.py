@@ -481,7 +481,7 @@ class Engine:
         zero = student_config["zero_optimization"]
         if zero.get("stage", 0) == 3:  # the user's keys are merged in already
             zero.update(gather_window(recipe, zero))
-        place(recipe, device, parameters=student_config["zero_optimization"].get("stage", 0) < 3)
+        place(recipe, device, parameters=zero.get("stage", 0) < 3)
         for module in recipe.frozen_modules():
             place(module, device)
         if dtype is not None:  # the frozen parts of the recipe (teacher filters, stage-I models) too
