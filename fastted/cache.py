@@ -83,9 +83,13 @@ def weights_hash(model: torch.nn.Module) -> str:
 
 
 def data_fingerprint(dataset) -> str:
-    """SHA-256 of a tokenized dataset's ``input_ids``, row by row (the run's data, packing and order of rows)."""
+    """SHA-256 of a tokenized dataset's ``input_ids``, row by row (the run's data, packing and order of rows);
+    packed blocks of token shards (:class:`fastted.shards.PackedBlocks`) give their own fingerprint, made of the
+    shards' meta, the token range and the block size, so nothing of the corpus is read."""
     import numpy as np
 
+    if isinstance(getattr(dataset, "fingerprint", None), str):
+        return dataset.fingerprint
     digest = hashlib.sha256()
     for batch in dataset.with_format("numpy", columns=["input_ids"]).iter(batch_size=4096):
         for row in batch["input_ids"]:

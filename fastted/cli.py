@@ -9,6 +9,7 @@
     fastted cache-teacher [--method kd ...]  # the teacher once over the data: distil.teacher_cache=true reads it
     fastted distil [--method ted ...]
     fastted evaluate
+    fastted tokenize [--out DIR]          # the corpus tokenized once into token shards (every step does it first)
     fastted config                        # print the resolved config
 
 Settings come from a preset (``--preset``, default bbc-minilm), then a YAML
@@ -54,6 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     add("distil", "stage II of the distillation methods").add_argument(
         "--method", action="append", help="a method (repeatable); default: distil.methods")
     add("evaluate", "evaluate every model of the run; write results.json, report.md and report.png")
+    add("tokenize", "tokenize the run's corpus once into memory-mapped token shards (the steps of an mlm or clm "
+        "run then map them); with --out, the whole source into DIR, to name as data.source").add_argument(
+        "--out", metavar="DIR", help="write the whole source (no split) as token shards into DIR")
     add("config", "print the resolved config as YAML")
     return parser
 
@@ -72,7 +76,7 @@ def _check_tokenizers(config) -> None:
                           f"compares them token by token and needs the same tokenizer")
 
 
-_VALUED_OPTIONS = ("-c", "--config", "--preset", "--method", "--local_rank", "--local-rank")
+_VALUED_OPTIONS = ("-c", "--config", "--preset", "--method", "--out", "--local_rank", "--local-rank")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -139,7 +143,7 @@ def run(argv=None) -> dict:
     _check_tokenizers(config)
     check_against_models(config)
     steps = {"pipeline": list(config.steps), "distil": ["distil"], "evaluate": ["evaluate"],
-             "cache-teacher": ["cache-teacher"]}.get(args.command, [f"{args.command}-{getattr(args, 'which', '')}"])
+             "cache-teacher": ["cache-teacher"], "tokenize": []}.get(args.command, [f"{args.command}-{getattr(args, 'which', '')}"])
     methods = (args.method if args.command in ("distil", "cache-teacher") and args.method else None) \
         or config.distil.methods
     for method in methods:
@@ -158,6 +162,8 @@ def run(argv=None) -> dict:
         result = {method: p.distil(config, method) for method in methods}
     elif args.command == "cache-teacher":
         result = {method: p.cache_teacher(config, method) for method in methods}
+    elif args.command == "tokenize":
+        result = p.tokenize(config, args.out)
     else:
         result = p.evaluate(config)
     if "evaluate" in result or args.command == "evaluate":

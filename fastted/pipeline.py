@@ -110,9 +110,16 @@ def _command_of(name: str) -> str:
 STEPS_WRITING = ("finetune-teacher", "finetune-student", "filters-teacher", "filters-student")
 
 
+def tokens_per_step(data: Data, train: TrainConfig) -> Optional[int]:
+    """The tokens of an optimizer step when they are fixed: packed blocks (batch_size x block tokens)."""
+    block = getattr(data.train, "block_size", None)
+    return None if block is None else train.batch_size * block
+
+
 def _train(config: Config, name: str, recipe, data: Data, train: TrainConfig, device, evaluate_adapter) -> dict:
-    steps = total_steps(len(data.train), train, _train_key(config, train))
-    engine = Engine(recipe, train, config.engine, steps, device)
+    per_step = tokens_per_step(data, train)
+    steps = total_steps(len(data.train), train, _train_key(config, train), per_step)
+    engine = Engine(recipe, train, config.engine, steps, device, tokens_per_step=per_step)
 
     def evaluate(eng):
         return evaluate_model(evaluate_adapter, data, config.task, eng.micro_batch, eng.device, eng.rank, eng.world)
@@ -170,7 +177,7 @@ def _start(config: Config) -> _Start:
     rank, world = init_distributed(device)
     seed_everything(config.seed)
     path, gguf = model_source(config.teacher, "teacher")
-    data = prepare_data(config, load_tokenizer(path, gguf))
+    data = prepare_data(config, load_tokenizer(path, gguf), rank)
     return _Start(device, rank, world, path, gguf, data)
 
 
@@ -307,7 +314,8 @@ def _recipe(config: Config, method: str, st: _Start, truncate: bool = False):
         student = load_model(s_dir, config.task) if legacy else build_model(s_dir, config.task, zero=zeros[1])
     else:
         student = _student(config, legacy, zeros[1], teacher=teacher)
-    steps = total_steps(len(st.data.train), config.distil.train, "distil.train")
+    steps = total_steps(len(st.data.train), config.distil.train, "distil.train",
+                        tokens_per_step(st.data, config.distil.train))
     models = RecipeModels(student, teacher, tokenizers=(s_tokenizer, tokenizer), total_steps=steps, filters=filters,
                           train_size=len(st.data.train))
     recipe = build_recipe(method, config, models)
@@ -326,8 +334,11 @@ def _cache_cuts_teacher(config: Config) -> bool:
 
 
 def _with_index(dataset):
-    """``dataset`` with its row ids in ``index`` (what a cached teacher reads its rows by)."""
-    return dataset if "index" in dataset.column_names else dataset.add_column("index", list(range(len(dataset))))
+    """``dataset`` with its row ids in ``index`` (what a cached teacher reads its rows by); packed blocks carry
+    theirs."""
+    if "index" in getattr(dataset, "column_names", ("index",)):
+        return dataset
+    return dataset.add_column("index", list(range(len(dataset))))
 
 
 def _cache_identity(config: Config, recipe, data: Data) -> dict:
@@ -465,6 +476,47 @@ def evaluate(config: Config) -> dict:
     if st.rank == 0:
         write_report(config, results)
     return results
+
+
+def tokenize(config: Config, out: Optional[str] = None) -> dict:
+    """The corpus tokenized once into token shards: the run's train and test splits under its cache (what every
+    step of an mlm or clm run maps; they do this first themselves), or with ``out`` the whole source, unsplit,
+    into ``out`` (a corpus to name as ``data.source`` in other runs). Rank 0 tokenizes with ``data.num_proc``
+    workers while the other ranks wait. Returns the folders and their token and document counts."""
+    from fastted import shards
+    from fastted.data import (is_tokenized, load_source, separator_id, tokenize_corpus, tokenizer_key,
+                              tokenizing_workers)
+
+    if config.task == "classification" or not config.data.pack:
+        raise ConfigError(f"task: fastted tokenize makes the token shards of packed pre-training (task mlm or clm "
+                          f"with data.pack true); this run is {config.task}"
+                          f"{'' if config.task == 'classification' else ' without packing'}, whose examples are "
+                          f"tokenized (and cached) by each step")
+    if is_tokenized(config.data.source):
+        raise ConfigError(f"data.source: {config.data.source!r} is tokenized already; name it as data.source")
+    device = resolve_device(config.engine)
+    rank, _ = init_distributed(device)
+    path, gguf = model_source(config.teacher, "teacher")
+    tokenizer = load_tokenizer(path, gguf)
+    d = config.data
+    if out is None:
+        directory = tokenize_corpus(config, tokenizer, rank)
+        folders = {name: os.path.join(directory, name) for name in ("train", "test")}
+    else:
+        folders = {"corpus": os.path.abspath(os.path.expanduser(out))}
+        shards.made_once(folders["corpus"], lambda: shards.write_corpus(
+            load_source(d.source, name="data.source", sample_by=d.sample_by), tokenizer, folders["corpus"],
+            text_field=d.text_field, separator_id=separator_id(tokenizer), num_proc=tokenizing_workers(config),
+            identity={"source": str(d.source), "split": "all", "tokenizer": tokenizer_key(tokenizer)}),
+            rank=rank, rebuild=f"delete {folders['corpus']} and run again")
+    result = {}
+    for name, folder in folders.items():
+        corpus = shards.TokenCorpus(folder)
+        result[name] = {"path": folder, "tokens": corpus.n_tokens, "documents": corpus.n_documents}
+    if rank == 0:
+        for name, r in result.items():
+            print(f"tokenize: {name}: {r['tokens']} tokens, {r['documents']} documents in {r['path']}", flush=True)
+    return result
 
 
 def pipeline(config: Config) -> dict:

@@ -414,3 +414,52 @@ def test_several_seeds_with_intervals_and_paired_differences(tmp_path, capsys):
     assert "| LWD - KD |" in report and "95% interval" in report and "95% over seeds" in report
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "seeds [0, 1]: mean [95% interval]" in printed and "LWD - KD" in printed
+
+
+def test_tokenize_once_then_pretrain_on_the_shards_with_a_token_budget(capsys, tmp_path):
+    """`fastted tokenize --out` writes a corpus of token shards with 2 workers; a clm run names it as its source,
+    trains for distil.train.max_tokens (32 tokens a step: 3 steps for 70 tokens) with a warmup in tokens, and holds
+    out its last documents. `fastted tokenize` without --out makes the run's own shards, which the steps reuse."""
+    from fastted import shards
+    from tests.tiny_models import WORDS, gpt2
+
+    teacher = _model_folder(tmp_path / "teacher", gpt2(4, 32), causal=True)
+    g = torch.Generator().manual_seed(1)
+    lines = [" ".join(WORDS[int(w)] for w in torch.randint(0, len(WORDS), (int(n),), generator=g))
+             for n in torch.randint(3, 30, (60,), generator=g)]
+    (tmp_path / "corpus.txt").write_text("\n".join(lines) + "\n")
+    common = ["--preset", "clm", f"teacher.path={teacher}", "data.max_length=16", "data.num_proc=2",
+              "progress=false"]
+    assert main(["tokenize", "--out", str(tmp_path / "tokens"), f"data.source={tmp_path / 'corpus.txt'}",
+                 *common]) == 0
+    assert "tokenize: corpus: " in capsys.readouterr().out
+    corpus = shards.TokenCorpus(str(tmp_path / "tokens"))
+    assert corpus.n_documents == 60 and len(corpus.shards) == 2
+
+    out = tmp_path / "run"
+    code = main(["pipeline", f"data.source={tmp_path / 'tokens'}", f"output_dir={out}", "distil.methods=[kd]",
+                 "distil.train.batch_size=2", "distil.train.max_steps=null", "distil.train.max_tokens=70",
+                 "distil.train.warmup_tokens=40", "distil.train.min_lr=1e-5", "data.test_documents=6", *common])
+    assert code == 0
+    records = [json.loads(line) for line in (out / "distil-kd" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train] == [1, 2, 3] and [r["tokens"] for r in train] == [32, 64, 96]
+    assert [r["lr"] for r in train[:2]] == pytest.approx([1e-4 / 3, 2e-4 / 3])  # 2 warmup steps (40 / 32)
+    assert json.loads((out / "results.json").read_text())["KD"]["tokens"] > 0
+
+    # the run's own shards of the raw corpus: made by `fastted tokenize`, then reused by the steps
+    raw = tmp_path / "raw"
+    assert main(["tokenize", f"data.source={tmp_path / 'corpus.txt'}", f"output_dir={raw}", *common]) == 0
+    made = [p for p in (raw / "cache").iterdir() if p.name.startswith("tokens-")]
+    assert len(made) == 1
+    stamp = (made[0] / "train" / shards.META).stat().st_mtime_ns
+    assert main(["distil", "--method", "kd", f"data.source={tmp_path / 'corpus.txt'}", f"output_dir={raw}",
+                 "distil.train.max_steps=1", "distil.train.batch_size=2", *common]) == 0
+    assert (made[0] / "train" / shards.META).stat().st_mtime_ns == stamp  # not tokenized again
+    assert [p.name for p in (raw / "cache").iterdir() if p.name.startswith("tokens-")] == [made[0].name]
+
+
+@pytest.mark.bad_input
+def test_tokenize_refuses_what_it_cannot_make(capsys, tmp_path):
+    assert main(["tokenize", "--preset", "bbc-minilm-tiny", f"output_dir={tmp_path}"]) == 2
+    assert "fastted tokenize makes the token shards of packed pre-training" in capsys.readouterr().err

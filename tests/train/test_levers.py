@@ -61,7 +61,7 @@ def test_a_step_saves_the_resolved_precision(monkeypatch, tmp_path):
 
     monkeypatch.setattr(pipeline, "model_source", lambda model, which: (str(tmp_path), None))
     monkeypatch.setattr(pipeline, "load_tokenizer", lambda path, gguf=None: None)
-    monkeypatch.setattr(pipeline, "prepare_data", lambda config, tokenizer: "data")
+    monkeypatch.setattr(pipeline, "prepare_data", lambda config, tokenizer, rank: "data")
     config = load_config(overrides=(f"output_dir={tmp_path}", "progress=false"))
     assert config.engine.precision == "auto"
     pipeline._start(config)
