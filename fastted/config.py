@@ -45,6 +45,11 @@ class DataConfig:
     max_test_examples: Optional[int] = None
     mlm_probability: float = 0.15
     pack: bool = True                      # pre-training: concatenate documents into max_length blocks
+    document_mask: Optional[bool] = None   # packed blocks: positions restart, attention and the loss stay inside
+                                           # each document (None: on for clm, off for mlm)
+    test_documents: Optional[int] = None   # documents held out as the test split, by count (None: test_fraction
+                                           # of them; for mlm / clm at most TEST_DOCUMENTS)
+    num_proc: Optional[int] = None         # tokenizing workers (None: the CPU count, at most 32)
     cache: bool = True                     # tokenized datasets cached under <output_dir>/cache
 
 
@@ -78,6 +83,9 @@ class TrainConfig:
     eval_every: int = 0                    # optimizer steps; 0: only at the end
     save_every: int = 0                    # optimizer steps; 0: only at the end
     keep_last: int = 2
+    max_tokens: Optional[int] = None       # packed pre-training: a budget in tokens (sets the optimizer steps)
+    warmup_tokens: Optional[int] = None    # packed pre-training: warmup in tokens (overrides warmup_ratio)
+    min_lr: float = 0.0                    # the floor the decay ends at
 
 
 @dataclass
@@ -145,6 +153,8 @@ class EngineConfig:
     impl: str = "auto"                     # the fused losses' path: auto, triton, reference
     device: str = "auto"                   # auto, cpu, cuda
     threads: Optional[int] = None          # torch CPU threads per rank
+    peak_tflops: Optional[float] = None    # a device's peak dense TFLOP/s in the run's precision, for MFU (None: from
+                                           # the GPU's name, A100 / H100 / H200; the CPU reports FLOP/s alone)
 
 
 @dataclass
@@ -506,6 +516,15 @@ def _check_train(prefix: str, t: TrainConfig) -> None:
     for name in ("log_every", "eval_every", "save_every"):
         _positive(f"{prefix}.{name}", getattr(t, name), allow_zero=True)
     _positive(f"{prefix}.keep_last", t.keep_last)
+    _positive(f"{prefix}.max_tokens", t.max_tokens)
+    _positive(f"{prefix}.warmup_tokens", t.warmup_tokens, allow_zero=True)
+    _positive(f"{prefix}.min_lr", t.min_lr, allow_zero=True)
+    if t.min_lr > t.lr:
+        raise ConfigError(f"{prefix}.min_lr: got {t.min_lr!r}, more than {prefix}.lr ({t.lr!r}); needs a floor "
+                          f"at most the peak")
+    if t.max_tokens is not None and t.max_steps is not None:
+        raise ConfigError(f"{prefix}.max_tokens ({t.max_tokens}) and {prefix}.max_steps ({t.max_steps}) both set "
+                          f"the run's length; keep one")
     if t.micro_batch_size is not None and t.batch_size % t.micro_batch_size:
         raise ConfigError(f"{prefix}.batch_size ({t.batch_size}) must be a multiple of {prefix}.micro_batch_size "
                           f"({t.micro_batch_size})")
@@ -573,9 +592,22 @@ def check(config: Config) -> None:
         raise ConfigError("output_dir: got an empty path, needs a folder for the run's steps")
     if not 0 < config.data.mlm_probability < 1:
         raise ConfigError(f"data.mlm_probability: got {config.data.mlm_probability!r}, needs a number in (0, 1)")
+    packed = config.task != "classification" and config.data.pack
     for prefix, t in (("finetune", config.finetune), ("filters.train", config.filters.train),
                       ("distil.train", config.distil.train)):
         _check_train(prefix, t)
+        for name in ("max_tokens", "warmup_tokens"):
+            if getattr(t, name) is not None and not packed:
+                raise ConfigError(f"{prefix}.{name}: got {getattr(t, name)}, but a budget in tokens needs packed "
+                                  f"blocks (task mlm or clm with data.pack true), whose steps hold a fixed number "
+                                  f"of tokens; this run is {config.task}"
+                                  f"{'' if config.task == 'classification' else ' without packing'}")
+    _positive("data.test_documents", config.data.test_documents)
+    _positive("data.num_proc", config.data.num_proc)
+    if config.data.document_mask and not packed:
+        raise ConfigError(f"data.document_mask: got true, but it applies to packed blocks (task mlm or clm with "
+                          f"data.pack true); this run is {config.task}"
+                          f"{'' if config.task == 'classification' else ' without packing'}")
     _positive("filters.interval", config.filters.interval)
     _positive("filters.filter_dim", config.filters.filter_dim)
     d = config.distil
@@ -616,3 +648,4 @@ def check(config: Config) -> None:
     _choice("engine.impl", config.engine.impl, ("auto", "triton", "reference"))
     _choice("engine.device", config.engine.device, ("auto", "cpu", "cuda"))
     _positive("engine.threads", config.engine.threads)
+    _positive("engine.peak_tflops", config.engine.peak_tflops)

@@ -170,17 +170,29 @@ def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- schedule
 
 
-def lr_at(step: int, total: int, config: TrainConfig) -> float:
-    """The learning-rate multiplier at optimizer step ``step`` of ``total``: linear warmup, then decay to 0."""
-    warmup = int(config.warmup_ratio * total)
+def warmup_steps(total: int, config: TrainConfig, tokens_per_step: Optional[int] = None) -> int:
+    """The schedule's warmup in optimizer steps: ``warmup_tokens`` over the tokens of a step (packed
+    pre-training, whose steps hold ``tokens_per_step`` tokens each), else ``warmup_ratio`` of ``total``."""
+    if config.warmup_tokens is not None:
+        if not tokens_per_step:
+            raise ValueError("warmup_tokens: needs packed blocks (a fixed number of tokens per step)")
+        return math.ceil(config.warmup_tokens / tokens_per_step)
+    return int(config.warmup_ratio * total)
+
+
+def lr_at(step: int, total: int, config: TrainConfig, tokens_per_step: Optional[int] = None) -> float:
+    """The learning-rate multiplier at optimizer step ``step`` of ``total``: linear warmup
+    (:func:`warmup_steps`), then decay (linear or cosine) to ``min_lr``, or constant."""
+    warmup = warmup_steps(total, config, tokens_per_step)
     if step < warmup:
         return (step + 1) / (warmup + 1)
     if config.decay == "constant":
         return 1.0
+    floor = min(config.min_lr / config.lr, 1.0) if config.lr else 0.0
     progress = min((step - warmup) / max(total - warmup, 1), 1.0)
     if config.decay == "linear":
-        return 1.0 - progress
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return floor + (1.0 - floor) * (1.0 - progress)
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def batch_layout(config: TrainConfig, world: int) -> tuple[int, int]:
@@ -454,10 +466,12 @@ class Engine:
             checkpointing, DeepSpeed overrides); ``precision: auto`` is resolved here (:attr:`precision`).
         total_steps: optimizer steps of the run, for the schedule.
         device: this rank's device (``resolve_device``).
+        tokens_per_step: the tokens of an optimizer step when it is fixed (packed blocks), for a warmup in
+            tokens.
     """
 
     def __init__(self, recipe: Recipe, train: TrainConfig, engine: EngineConfig, total_steps: int,
-                 device: torch.device):
+                 device: torch.device, tokens_per_step: Optional[int] = None):
         import deepspeed
 
         self.rank, self.world = init_distributed(device)
@@ -465,6 +479,7 @@ class Engine:
         self.micro_batch, self.accumulation = batch_layout(train, self.world)
         self.recipe = recipe
         self.total_steps = total_steps
+        self.engine_config = engine
         engine = dataclasses.replace(engine, precision=resolve_precision(engine, device))
         self.precision = engine.precision
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(engine.precision)
@@ -496,7 +511,8 @@ class Engine:
         groups = [{"params": [p for n, p in named if not _no_decay(n, p)], "weight_decay": train.weight_decay},
                   {"params": [p for n, p in named if _no_decay(n, p)], "weight_decay": 0.0}]
         optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=train.lr)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, total_steps, train))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_at(s, total_steps, train, tokens_per_step))
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=self.step_module, optimizer=optimizer, lr_scheduler=scheduler,
             config=student_config)

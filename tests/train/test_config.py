@@ -77,12 +77,43 @@ def test_round_trip_through_yaml(tmp_path):
 ])
 @pytest.mark.bad_input
 def test_bad_settings_name_the_key(override, message):
+    _check_refused(override, message)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (("distil.train.max_tokens=1000",), "distil.train.max_tokens: got 1000, but a budget in tokens needs packed "
+                                        "blocks (task mlm or clm with data.pack true), whose steps hold a fixed "
+                                        "number of tokens; this run is classification"),
+    (("task=clm", "steps=[distil]", "data.pack=false", "distil.train.warmup_tokens=10"),
+     "distil.train.warmup_tokens: got 10, but a budget in tokens needs packed blocks"),
+    (("task=clm", "steps=[distil]", "distil.train.max_tokens=0"), "distil.train.max_tokens: got 0, needs a number > 0"),
+    (("task=clm", "steps=[distil]", "distil.train.max_tokens=100", "distil.train.max_steps=3"),
+     "distil.train.max_tokens (100) and distil.train.max_steps (3) both set the run's length; keep one"),
+    (("distil.train.min_lr=0.1",), "distil.train.min_lr: got 0.1, more than distil.train.lr (0.0001)"),
+    (("distil.train.min_lr=-1",), "distil.train.min_lr: got -1.0, needs a number >= 0"),
+    (("data.document_mask=true",), "data.document_mask: got true, but it applies to packed blocks (task mlm or clm "
+                                   "with data.pack true); this run is classification"),
+    (("data.test_documents=0",), "data.test_documents: got 0, needs a number > 0"),
+    (("data.num_proc=0",), "data.num_proc: got 0, needs a number > 0"),
+    (("engine.peak_tflops=-3",), "engine.peak_tflops: got -3.0, needs a number > 0"),
+    (("task=clm", "steps=[distil]", "distil.train.max_tokens=4096", "distil.train.warmup_tokens=512",
+      "distil.train.min_lr=1e-5", "data.document_mask=false", "data.test_documents=7", "data.num_proc=3"), None),
+])
+@pytest.mark.bad_input
+def test_bad_token_budgets_and_data_settings_name_the_key(overrides, message):
+    _check_refused(overrides, message)
+
+
+def _check_refused(overrides, message):
+    overrides = (overrides,) if isinstance(overrides, str) else tuple(overrides)
     if message is None:
-        load_config(overrides=(override,))
+        load_config(overrides=overrides)
         return
     with pytest.raises(ConfigError, match=None) as info:
-        load_config(overrides=(override,))
+        load_config(overrides=overrides)
     assert message in str(info.value)
+
+
 
 
 @pytest.mark.bad_input

@@ -1,6 +1,7 @@
 """The engine: schedule, batch layout, DeepSpeed configs, GPU-only options, and ZeRO-2 / ZeRO-3 on two ranks
 (gloo, on the CPU) against one process, with a resume in each: TED's stage II, and LWD with the fused LM head."""
 import json
+import math
 import os
 import sys
 
@@ -26,6 +27,32 @@ def test_lr_at_warms_up_then_decays(decay):
         want = {"linear": 1 - p, "cosine": 0.5 * (1 + torch.cos(torch.tensor(torch.pi * p)).item()),
                 "constant": 1.0}[decay]
         assert values[s] == pytest.approx(want, abs=1e-6), s
+
+
+@pytest.mark.parametrize("decay", ["linear", "cosine"])
+def test_lr_at_warms_up_in_tokens_and_decays_to_min_lr(decay):
+    """warmup_tokens 1000 at 96 tokens a step: 11 warmup steps; the decay ends at min_lr / lr = 0.1."""
+    config = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_ratio=0.5, warmup_tokens=1000, decay=decay)
+    total, warmup, floor = 40, 11, 0.1
+    values = [lr_at(s, total, config, tokens_per_step=96) for s in range(total + 5)]
+    assert values[:warmup] == pytest.approx([(s + 1) / (warmup + 1) for s in range(warmup)])
+    for s in range(warmup, total + 5):
+        p = min((s - warmup) / (total - warmup), 1.0)
+        shape = 1 - p if decay == "linear" else 0.5 * (1 + math.cos(math.pi * p))
+        assert values[s] == pytest.approx(floor + (1 - floor) * shape, abs=1e-9), s
+    assert values[-1] == pytest.approx(floor)  # past the end: held at min_lr
+    with pytest.raises(ValueError, match="warmup_tokens: needs packed blocks"):
+        lr_at(0, total, config)
+
+
+def test_max_tokens_sets_the_steps():
+    from fastted.trainer import total_steps
+
+    config = TrainConfig(batch_size=4, max_tokens=10_000)
+    assert total_steps(1000, config, tokens_per_step=4 * 128) == 20  # 10,000 / 512, rounded up
+    assert total_steps(1000, TrainConfig(batch_size=4, epochs=2)) == 500
+    with pytest.raises(ValueError, match="distil.train.max_tokens: needs packed blocks"):
+        total_steps(1000, config, "distil.train")
 
 
 def test_batch_layout_and_deepspeed_config(tmp_path):
