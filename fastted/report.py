@@ -1,5 +1,6 @@
 """The run's closing report: results.json, report.md (a table of the test metric of every model, and
-each step's last losses) and report.png (each step's loss curve, and the test metric of every model)."""
+each step's last losses), report.png (each step's loss curve, and the test metric of every model) and, for the
+steps whose records count their tokens, report-throughput.png (the training loss and tokens/s against tokens)."""
 from __future__ import annotations
 
 import json
@@ -14,7 +15,7 @@ def _metric(config) -> tuple[str, str]:
 
 
 def write_report(config, results: dict) -> str:
-    """Write the three files into ``config.output_dir``; returns the markdown."""
+    """Write the files into ``config.output_dir``; returns the markdown."""
     out = config.output_dir
     os.makedirs(out, exist_ok=True)
     key, title = _metric(config)
@@ -40,9 +41,15 @@ def write_report(config, results: dict) -> str:
             lines.append(f"| {step} | {last['step']} | {last['loss']:.4f} | {terms} | "
                          f"{last.get('tokens_per_s', 0):.0f} |")
     lines += ["", "![loss curves and test metric](report.png)", ""]
+    counted = {step: [r for r in records if "tokens" in r] for step, records in curves.items()}
+    counted = {step: records for step, records in counted.items() if records}  # records before tokens were kept: none
+    if counted:
+        lines += ["![training loss and throughput against tokens](report-throughput.png)", ""]
     text = "\n".join(lines)
     write_atomic(os.path.join(out, "report.md"), text)
     _plot(os.path.join(out, "report.png"), curves, results, key, title)
+    if counted:
+        _plot_throughput(os.path.join(out, "report-throughput.png"), counted)
     return text
 
 
@@ -68,6 +75,29 @@ def _plot(path: str, curves: dict, results: dict, key: str, title: str) -> None:
     for bar, value in zip(bars, values):
         right.annotate(f"{value:.3f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
                        va="bottom", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _plot_throughput(path: str, curves: dict) -> None:
+    """Each step's training loss and tokens/s (of each logging window) against the tokens trained."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for step, records in curves.items():
+        tokens = [r["tokens"] for r in records]
+        left.plot(tokens, [r["loss"] for r in records], label=step)
+        right.plot(tokens, [r["tokens_per_s"] for r in records], label=step)
+    for ax, label, title in ((left, "training loss", "loss against tokens"),
+                             (right, "tokens / s (logging window)", "throughput")):
+        ax.set_xlabel("tokens trained")
+        ax.set_ylabel(label)
+        ax.set_title(title)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -31,7 +31,6 @@ import json
 import math
 import os
 import shutil
-import time
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -45,6 +44,7 @@ from fastted.config import TrainConfig
 from fastted.data import Data, batch_generator, data_order
 from fastted.engine import CheckpointError, Engine, NonFiniteError, barrier, mean_over_ranks, reduce_over_ranks
 from fastted.files import write_atomic
+from fastted.throughput import Meter
 
 
 @dataclass
@@ -68,13 +68,20 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
     return n // batch_size
 
 
-def total_steps(n: int, config: TrainConfig, key: str = "train") -> int:
-    """Optimizer steps of a run over ``n`` examples (``key``: the config section, for the error message)."""
+def total_steps(n: int, config: TrainConfig, key: str = "train", tokens_per_step: Optional[int] = None) -> int:
+    """Optimizer steps of a run over ``n`` examples (``key``: the config section, for the error message):
+    ``max_steps``, else ``max_tokens`` over ``tokens_per_step`` (packed blocks: batch_size x block tokens),
+    rounded up, else ``epochs``."""
     per_epoch = steps_per_epoch(n, config.batch_size)
     if per_epoch == 0:
         raise ValueError(f"{key}.batch_size: got {config.batch_size}, needs at most the {n} training examples")
     if config.max_steps is not None:
         return config.max_steps
+    if config.max_tokens is not None:
+        if not tokens_per_step:
+            raise ValueError(f"{key}.max_tokens: needs packed blocks (task mlm or clm with data.pack), whose steps "
+                             f"hold a fixed number of tokens; set {key}.max_steps or epochs")
+        return max(1, math.ceil(config.max_tokens / tokens_per_step))
     return max(1, math.ceil(config.epochs * per_epoch))
 
 
@@ -98,9 +105,10 @@ def micro_batches(stage: Stage, step: int, engine: Engine):
 # --------------------------------------------------------------------------- checkpoints
 
 
-def save_checkpoint(engine: Engine, stage: Stage, step: int) -> str:
+def save_checkpoint(engine: Engine, stage: Stage, step: int, tokens: Optional[int] = None) -> str:
     """Write ``checkpoints/step-{step}`` atomically, closed by its manifest (each rank hashing its own files), and
-    keep the last ``keep_last``. Every rank calls it."""
+    keep the last ``keep_last``; ``tokens``, the run's tokens so far over all ranks, goes into its trainer.json
+    (what a resumed run counts on from). Every rank calls it."""
     root = checkpoint_dir(stage.directory)
     name = f"step-{step:07d}"
     final, tmp = os.path.join(root, name), os.path.join(root, name + ".tmp")
@@ -112,8 +120,9 @@ def save_checkpoint(engine: Engine, stage: Stage, step: int) -> str:
     engine.save(tmp)
     if engine.is_main:
         write_atomic(os.path.join(tmp, "config.yaml"), stage.config_text)
-        write_atomic(os.path.join(tmp, "trainer.json"), json.dumps({"step": step, "stage": stage.name,
-                                                                     "world": engine.world}))
+        state = {"step": step, "stage": stage.name, "world": engine.world}
+        write_atomic(os.path.join(tmp, "trainer.json"), json.dumps(
+            state if tokens is None else {**state, "tokens": int(tokens)}))
     barrier()
     write_manifest(tmp, engine.rank, engine.world)
     if engine.is_main:
@@ -137,6 +146,16 @@ def load_checkpoint(engine: Engine, path: str) -> int:
     universal = universal_checkpoint(path, engine.rank, engine.world) if engine.needs_universal(path) else None
     engine.load(path, universal)
     return step
+
+
+def _saved_tokens(path: Optional[str], metrics: "Metrics") -> int:
+    """The run's tokens at the checkpoint ``path`` resumed from (None: a new run, 0): its trainer.json's, else (a
+    checkpoint written before they were saved) the last kept metrics record's, else 0."""
+    if path is None:
+        return 0
+    with open(os.path.join(path, "trainer.json"), encoding="utf-8") as f:
+        saved = json.load(f)
+    return int(saved["tokens"]) if "tokens" in saved else metrics.tokens
 
 
 def _run_settings(config_text: str) -> dict:
@@ -194,11 +213,12 @@ class Metrics:
     """Rank 0 appends one JSON object per line to ``metrics.jsonl``, and to TensorBoard when it is installed.
 
     A resumed run starts from the records up to its checkpoint's step (``start_step``); a run resumed at its
-    last step (``final``) evaluates again, so its old final evaluation is dropped too: no line is doubled."""
+    last step (``final``) evaluates again, so its old final evaluation is dropped too: no line is doubled.
+    :attr:`tokens`: the last kept record's tokens (0 without one)."""
 
     def __init__(self, directory: str, enabled: bool, start_step: int, final: bool = False):
         self.path = os.path.join(directory, "metrics.jsonl")
-        self.enabled, self.writer = enabled, None
+        self.enabled, self.writer, self.tokens = enabled, None, 0
         if not enabled:
             return
         os.makedirs(directory, exist_ok=True)
@@ -206,6 +226,7 @@ class Metrics:
             kept = [r for r in _read_records(self.path) if r.get("step", 0) < start_step
                     or (r.get("step", 0) == start_step and not (final and "eval" in r))]
             write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+            self.tokens = next((int(r["tokens"]) for r in reversed(kept) if "tokens" in r), 0)
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -289,6 +310,10 @@ class _FiniteWatch:
 def run(stage: Stage, engine: Engine) -> dict:
     """Train ``stage.recipe`` under ``engine`` for its steps; returns the last metrics and evaluation.
 
+    Each logged record holds the loss, its terms and the throughput of its logging window
+    (:class:`fastted.throughput.Meter`: tokens, tokens/s, step time, peak memory, FLOPs, MFU, the teacher's share),
+    evaluations and checkpoint saves left out of the window's time.
+
     Raises :class:`NonFiniteError` when a loss, term or gradient norm is not finite (checked on the steps that
     sync: logged, evaluated, saved, the last), after which nothing more is saved."""
     total = engine.total_steps
@@ -299,26 +324,41 @@ def run(stage: Stage, engine: Engine) -> dict:
             _check_same_run(stage, path)
             start, last_good = load_checkpoint(engine, path), path
     metrics = Metrics(stage.directory, engine.is_main, start, final=start == total)
+    config = getattr(engine, "engine_config", None)  # engine.peak_tflops: the device's peak, for MFU
+    meter = Meter(stage.recipe, engine.device, engine.world, engine.precision, getattr(config, "peak_tflops", None),
+                  tokens=_saved_tokens(last_good, metrics))
+    try:
+        last, evaluation = _train(stage, engine, start, last_good, metrics, meter)
+    finally:
+        meter.close()  # the teacher's timing hooks
+    metrics.close()
+    return {"train": last, "eval": evaluation, "steps": total, "resumed_from": start}
+
+
+def _train(stage: Stage, engine: Engine, start: int, last_good: Optional[str], metrics: Metrics,
+           meter: Meter) -> tuple[dict, dict]:
+    """The steps from ``start`` and the final evaluation: (the last logged record, the last evaluation)."""
+    total = engine.total_steps
     bar = _progress(stage.progress and engine.is_main, total, start, stage.name)
     train, last, evaluation = stage.train, {}, {}
     watch = _FiniteWatch(engine.device)
     engine.train(True)
-    t0, tokens = time.perf_counter(), 0
     for step in range(start, total):
         sums: dict[str, torch.Tensor] = {}  # on the device: no host sync until the step is logged
         layer_sums, grad_norm = None, None
         for epoch, batch in micro_batches(stage, step, engine):
+            meter.batch(batch)  # as the collator returned it, on the host: no sync
             out = engine.forward(batch, step=step, epoch=epoch)
             engine.backward(out.loss)
             lr = engine.lr
             norm = engine.step()  # after every micro batch: DeepSpeed steps the optimizer at the boundary
             grad_norm = norm if norm is not None else grad_norm
-            tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
             for name, value in {"loss": out.loss.detach(), **out.terms}.items():
                 sums[name] = sums.get(name, 0.0) + value.double()
             if out.layer_losses is not None:
                 layer = out.layer_losses.detach().double()
                 layer_sums = layer if layer_sums is None else layer_sums + layer
+        meter.step()
         watch.update(step, sums if grad_norm is None else {**sums, "gradient norm": grad_norm})
         done = step + 1
         logged = done % max(train.log_every, 1) == 0 or done == total
@@ -327,35 +367,50 @@ def run(stage: Stage, engine: Engine) -> dict:
         if logged:
             names = list(sums)
             flat = torch.stack([sums[n] for n in names] + ([] if layer_sums is None else list(layer_sums)))
-            flat = mean_over_ranks(flat / engine.accumulation).tolist()
+            flat = mean_over_ranks(flat / engine.accumulation).tolist()  # the step's sync
             values = dict(zip(names, flat))
-            elapsed = time.perf_counter() - t0
             record = {"step": done, "epoch": epoch, "stage": stage.name, "loss": values.pop("loss"), "lr": lr,
-                      "tokens_per_s": tokens * engine.world / max(elapsed, 1e-9),
-                      "layer_losses": flat[len(names):], "terms": values, "weights": dict(out.weights)}
+                      **meter.fields(), "layer_losses": flat[len(names):], "terms": values,
+                      "weights": dict(out.weights)}
             metrics.log(record)
             last = record
             if bar is not None:
-                bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+                shown = {"mfu": f"{record['mfu']:.1%}"} if "mfu" in record else {}
+                bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                                mem=f"{record['peak_memory'] / 2**30:.1f}G", **shown, refresh=False)
             elif engine.is_main:  # progress=false: one line per logged step, for logs and batch jobs
                 terms = " ".join(f"{k} {v:.4f}" for k, v in values.items())
                 print(f"{stage.name} step {done}/{total}: loss {record['loss']:.4f} {terms} lr {lr:.3g} "
-                      f"{record['tokens_per_s']:.0f} tok/s", flush=True)
+                      f"{_throughput_text(record)}", flush=True)
         if bar is not None:
             bar.update(1)
         if logged or evaluated or saved:
-            watch.check(stage, engine, last_good)
+            watch.check(stage, engine, last_good)  # a sync: what the device queued is done before the timing
         if evaluated and done != total:
-            evaluation = _evaluate(stage, engine, done, metrics)
+            with meter.excluded():
+                evaluation = _evaluate(stage, engine, done, metrics)
         if saved:
-            engine.check_finite_parameters(f"{stage.name}: after step {done} of {total}", last_good)
-            last_good = save_checkpoint(engine, stage, done)
+            with meter.excluded():
+                engine.check_finite_parameters(f"{stage.name}: after step {done} of {total}", last_good)
+                last_good = save_checkpoint(engine, stage, done, meter.total_tokens())
     if bar is not None:
         bar.close()
     if stage.evaluate is not None:
         evaluation = _evaluate(stage, engine, total, metrics)
-    metrics.close()
-    return {"train": last, "eval": evaluation, "steps": total, "resumed_from": start}
+    return last, evaluation
+
+
+def _throughput_text(record: dict) -> str:
+    """The throughput of a logged record, as the progress=false line shows it."""
+    text = (f"{record['tokens_per_s']:.0f} tok/s {record['step_time']:.3f} s/step tokens {record['tokens']} "
+            f"mem {record['peak_memory'] / 2**30:.2f} GiB ({record['peak_memory_kind']})")
+    if "flops_per_s" in record:
+        text += f" {record['flops_per_s'] / 1e12:.3g} TFLOP/s"
+    if "mfu" in record:
+        text += f" mfu {record['mfu']:.1%}"
+    if "teacher_share" in record:
+        text += f" teacher {record['teacher_share']:.0%}"
+    return text
 
 
 def _evaluate(stage: Stage, engine: Engine, step: int, metrics: Metrics) -> dict:
