@@ -425,6 +425,35 @@ def _evaluate(stage: Stage, engine: Engine, step: int, metrics: Metrics) -> dict
 # --------------------------------------------------------------------------- evaluation of a trained model
 
 
+EVAL_ROWS = 1024  # token rows whose logits exist at once in a language model's evaluation
+
+
+def lm_loss_sum(adapter, batch: dict) -> tuple[float, int]:
+    """(summed cross-entropy, tokens) of a language model's batch over its labels that are not -100 (shifted by
+    one for clm, as HF shifts them). The logits are made :data:`EVAL_ROWS` token rows at a time from the LM
+    head's input and weights, so an evaluation at a vocabulary of 128k never holds a (B, T, V) tensor (a model
+    whose head cannot be cut there gives its logits whole)."""
+    from fastted.models import gathered
+
+    labels = batch["labels"]
+    try:
+        weight, bias = adapter.lm_head_parts()
+        states = adapter(batch, head=False).head_input  # (B, T, H)
+    except ValueError:
+        weight, bias, states = None, None, adapter(batch).logits  # (B, T, V)
+    if adapter.task == "clm":
+        states, labels = states[:, :-1], labels[:, 1:]
+    keep = labels.reshape(-1) != -100
+    rows, targets = states.reshape(-1, states.shape[-1])[keep], labels.reshape(-1)[keep]  # (N, H or V), (N,)
+    total = torch.zeros((), dtype=torch.float64, device=rows.device)
+    with gathered((weight, bias)):
+        for lo in range(0, rows.shape[0], EVAL_ROWS):
+            chunk = rows[lo:lo + EVAL_ROWS]
+            logits = chunk if weight is None else torch.nn.functional.linear(chunk, weight, bias)
+            total += torch.nn.functional.cross_entropy(logits.float(), targets[lo:lo + EVAL_ROWS], reduction="sum")
+    return float(total.detach()), int(targets.numel())
+
+
 def evaluate_model(adapter, data: Data, task: str, micro: int, device, rank: int = 0, world: int = 1,
                    per_example: bool = False) -> dict:
     """Accuracy (classification) or mean LM loss and perplexity over the test split, the examples shared out
@@ -449,7 +478,7 @@ def evaluate_model(adapter, data: Data, task: str, micro: int, device, rank: int
         examples = [data.test[i] for i in chosen]
         batch = data.collator(examples, batch_generator(0, chosen.start))
         batch = {k: v.to(device) for k, v in batch.items()}
-        out = adapter(batch)
+        out = adapter(batch) if task == "classification" else lm_loss_sum(adapter, batch)
         if not real:  # a stand-in: only its forward counts, for the other ranks' gathers
             continue
         if task == "classification":
@@ -459,15 +488,7 @@ def evaluate_model(adapter, data: Data, task: str, micro: int, device, rank: int
             if per_example:
                 correct.update(zip(chosen, right.int().tolist()))
         else:
-            labels = batch["labels"]
-            if task == "clm":
-                logits, labels = out.logits[:, :-1], labels[:, 1:]
-            else:
-                logits = out.logits
-            count = int((labels != -100).sum())
-            loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
-                                                     labels.reshape(-1), ignore_index=-100, reduction="sum")
-            sums += torch.tensor([float(loss), count], dtype=torch.float64)
+            sums += torch.tensor(out, dtype=torch.float64)
     if dist.is_initialized() and world > 1:
         sums = sums.to(device)
         dist.all_reduce(sums)

@@ -180,3 +180,26 @@ def test_metrics_go_to_tensorboard_when_installed(tmp_path, monkeypatch):
                                   ("layer_losses/0", 0.2, 3), ("layer_losses/1", 0.3, 3)}
     assert written[-1] == ("closed",)
     assert read_metrics(str(tmp_path))[0]["terms"] == {"task": 1.0, "mse": 0.5}
+
+
+@pytest.mark.parametrize("task", ["clm", "mlm"])
+def test_the_lm_evaluation_loss_is_the_full_logits_cross_entropy(task, monkeypatch):
+    """evaluate_model's LM loss, its logits made 7 token rows at a time from the head's input, against the
+    cross-entropy of the model's own whole logits in float64 (labels shifted for clm)."""
+    import fastted.trainer as trainer
+    from fastted.models import ModelAdapter
+    from tests.tiny_models import batch, gpt2
+
+    monkeypatch.setattr(trainer, "EVAL_ROWS", 7)
+    model = (gpt2(2, 16, seed=4) if task == "clm" else bert(2, 16, "mlm", seed=4)).double().eval()
+    b = batch(task, 3)
+    with torch.no_grad():
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        labels = b["labels"]
+        if task == "clm":
+            logits, labels = logits[:, :-1], labels[:, 1:]
+        ref = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                                ignore_index=-100, reduction="sum")
+        loss, count = trainer.lm_loss_sum(ModelAdapter(model), b)
+    assert count == int((labels != -100).sum()) and count > 14  # more than two chunks
+    assert loss == pytest.approx(float(ref), rel=1e-6)
