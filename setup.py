@@ -59,5 +59,5 @@ setup(
         "trl": ["trl>=1.0"],
         "tensorboard": ["tensorboard"],
     },
-    entry_points={"console_scripts": ["fastted = fastted.cli:main"]},
+    entry_points={"console_scripts": ["fastted = fastted.cli:command"]},
 )

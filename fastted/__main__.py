@@ -1,6 +1,6 @@
 """``python -m fastted``: the ``fastted`` command."""
 import sys
 
-from fastted.cli import main
+from fastted.cli import command
 
-sys.exit(main())
+sys.exit(command())

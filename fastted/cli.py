@@ -228,5 +228,17 @@ def main(argv=None) -> int:
     return 0
 
 
+def command(argv=None) -> int:
+    """The ``fastted`` console command and ``python -m fastted``: :func:`main`, then, when it worked, the process
+    group ended cleanly (:func:`fastted.engine.end_distributed`). :func:`main` alone leaves it up, for callers that
+    run several commands in one process."""
+    code = main(argv)
+    if code == 0:
+        from fastted.engine import end_distributed
+
+        end_distributed()
+    return code
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(command())

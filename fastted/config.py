@@ -50,7 +50,8 @@ class DataConfig:
     test_documents: Optional[int] = None   # documents held out as the test split, by count (None: test_fraction
                                            # of them; for mlm / clm at most TEST_DOCUMENTS)
     num_proc: Optional[int] = None         # tokenizing workers (None: the CPU count, at most 32)
-    cache: bool = True                     # tokenized datasets cached under <output_dir>/cache
+    cache: bool = True                     # fine-tuning: tokenized datasets cached under <output_dir>/cache
+                                           # (pre-training keeps its token shards there always)
 
 
 @dataclass

@@ -578,22 +578,7 @@ def prepare_data(config: Config, tokenizer, rank: int = 0) -> Data:
     if config.task != "classification" and config.data.pack:
         return prepare_blocks(config, tokenizer, rank)
     d = config.data
-    dataset = load_source(d.source, name="data.source", sample_by=d.sample_by)
-    test = None
-    if d.test_source is not None:
-        test = load_source(d.test_source, name="data.test_source", sample_by=d.sample_by)
-    if config.task == "classification":
-        dataset = class_labels(dataset, d.label_field, "data.source")
-        if test is not None:
-            test = class_labels(test, d.label_field, "data.test_source", dataset.features["label"].names)
-    if test is not None:
-        train = dataset
-    else:
-        train, test = _split(config, dataset)
-    if d.max_train_examples:
-        train = train.select(range(min(d.max_train_examples, len(train))))
-    if d.max_test_examples:
-        test = test.select(range(min(d.max_test_examples, len(test))))
+    train, test = load_splits(config)
     label_names = train.features["label"].names if config.task == "classification" else None
     cache = os.path.join(config.output_dir, "cache") if d.cache else None
 
@@ -605,6 +590,27 @@ def prepare_data(config: Config, tokenizer, rank: int = 0) -> Data:
 
     collator = collator_for(config.task, tokenizer, mlm_probability=d.mlm_probability)
     return Data(prepare(train), prepare(test), collator, tokenizer, label_names)
+
+
+def load_splits(config: Config) -> tuple:
+    """(train, test) ``datasets.Dataset``s of the run's raw source: loaded (the test source too, if any),
+    labelled for classification, split (:func:`_split`) when there is no test source, and cut to
+    ``max_train_examples`` and ``max_test_examples`` rows."""
+    d = config.data
+    dataset = load_source(d.source, name="data.source", sample_by=d.sample_by)
+    test = None
+    if d.test_source is not None:
+        test = load_source(d.test_source, name="data.test_source", sample_by=d.sample_by)
+    if config.task == "classification":
+        dataset = class_labels(dataset, d.label_field, "data.source")
+        if test is not None:
+            test = class_labels(test, d.label_field, "data.test_source", dataset.features["label"].names)
+    train, test = (dataset, test) if test is not None else _split(config, dataset)
+    if d.max_train_examples:
+        train = train.select(range(min(d.max_train_examples, len(train))))
+    if d.max_test_examples:
+        test = test.select(range(min(d.max_test_examples, len(test))))
+    return train, test
 
 
 def _split(config: Config, dataset) -> tuple:
@@ -665,15 +671,7 @@ def tokenize_corpus(config: Config, tokenizer, rank: int = 0) -> str:
     directory = tokens_dir(config, tokenizer)
 
     def make():
-        dataset = load_source(d.source, name="data.source", sample_by=d.sample_by)
-        if d.test_source is not None:
-            train, test = dataset, load_source(d.test_source, name="data.test_source", sample_by=d.sample_by)
-        else:
-            train, test = _split(config, dataset)
-        if d.max_train_examples:
-            train = train.select(range(min(d.max_train_examples, len(train))))
-        if d.max_test_examples:
-            test = test.select(range(min(d.max_test_examples, len(test))))
+        train, test = load_splits(config)
         for name, part in (("train", train), ("test", test)):  # test last: its meta says both are written
             shards.write_corpus(part, tokenizer, os.path.join(directory, name), text_field=d.text_field,
                                 separator_id=separator_id(tokenizer), num_proc=tokenizing_workers(config),

@@ -127,6 +127,22 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def end_distributed() -> None:
+    """End this process's process group cleanly, when one is up: a barrier, then ``destroy_process_group``. Left
+    to the interpreter's exit, gloo's threads have aborted rank 0 ("terminate called without an active
+    exception", exit status -6) after all its work was done, and torchrun then reported the run failed. A barrier
+    that fails because another rank is gone leaves the group to the exit: that rank reports its own failure."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
+    try:
+        dist.barrier()
+    except RuntimeError:
+        return
+    dist.destroy_process_group()
+
+
 def barrier() -> None:
     import torch.distributed as dist
 

@@ -84,7 +84,7 @@ def recipe_flops_per_token(recipe, seq_len: int) -> int:
     teacher = None if getattr(recipe, "teacher_cache", None) is not None else recipe.teacher_model
     trains = any(p.requires_grad for p in student.model.parameters())
     return flops_per_token(student, teacher, seq_len, student_trains=trains,
-                           teacher_head=not getattr(recipe, "_teacher_truncated", False))
+                           teacher_head=not getattr(recipe, "teacher_truncated", False))
 
 
 def peak_tflops_of(name: str, precision: str) -> Optional[float]:

@@ -247,6 +247,11 @@ class Recipe(nn.Module):
         self._teacher_truncated = True
         return keep
 
+    @property
+    def teacher_truncated(self) -> bool:
+        """Whether :meth:`truncate_teacher` cut the teacher (a language model's teacher then runs no head)."""
+        return self._teacher_truncated
+
     def replace_teacher(self, model) -> None:
         """Hold ``model`` as the teacher in place of the one the recipe was built on: the pipeline builds a
         recipe on a meta-device stand-in of the teacher, learns from :meth:`truncate_teacher` the blocks it reads,

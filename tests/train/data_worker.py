@@ -18,7 +18,7 @@ import torch  # noqa: E402
 from fastted import shards  # noqa: E402
 from fastted.config import load_config  # noqa: E402
 from fastted.data import prepare_data  # noqa: E402
-from fastted.engine import init_distributed  # noqa: E402
+from fastted.engine import end_distributed, init_distributed  # noqa: E402
 from fastted.models import load_tokenizer  # noqa: E402
 
 
@@ -46,8 +46,7 @@ def main() -> None:
     with open(f"{out}-{rank}.json", "w", encoding="utf-8") as f:
         json.dump({"train": len(data.train), "test": len(data.test), "hash": digest.hexdigest(),
                    "keys": sorted(batch)}, f)
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    end_distributed()
 
 
 if __name__ == "__main__":

@@ -165,6 +165,9 @@ def main() -> None:
     rank = dist.get_rank() if dist.is_initialized() else 0
     with open(args.out + (f".rank{rank}" if rank else ""), "w") as f:
         json.dump({"world": dist.get_world_size() if dist.is_initialized() else 1, "steps": RECORD["steps"]}, f)
+    from fastted.engine import end_distributed
+
+    end_distributed()  # a clean end: left to the interpreter's exit, gloo's threads have aborted rank 0
 
 
 if __name__ == "__main__":

@@ -447,6 +447,18 @@ def test_tokenize_once_then_pretrain_on_the_shards_with_a_token_budget(capsys, t
     assert [r["lr"] for r in train[:2]] == pytest.approx([1e-4 / 3, 2e-4 / 3])  # 2 warmup steps (40 / 32)
     assert json.loads((out / "results.json").read_text())["KD"]["tokens"] > 0
 
+    # the teacher cached over the same packed blocks (document masks on), then distilled from
+    cached = tmp_path / "cached"
+    shared = [f"data.source={tmp_path / 'tokens'}", f"output_dir={cached}", "distil.train.batch_size=2",
+              "distil.train.max_steps=2", "data.test_documents=6", *common]
+    assert main(["cache-teacher", "--method", "kd", *shared]) == 0
+    manifest = json.loads((cached / "cache-teacher-kd" / "manifest.json").read_text())
+    blocks = corpus.document_end(corpus.n_documents - 7) // 16  # the blocks before the 6 held-out documents
+    assert manifest["examples"] == blocks and manifest["tokens"] == 16 * blocks
+    assert main(["distil", "--method", "kd", "distil.teacher_cache=true", *shared]) == 0
+    assert [r["step"] for r in map(json.loads, (cached / "distil-kd" / "metrics.jsonl").read_text().splitlines())
+            if "loss" in r] == [1, 2]
+
     # the run's own shards of the raw corpus: made by `fastted tokenize`, then reused by the steps
     raw = tmp_path / "raw"
     assert main(["tokenize", f"data.source={tmp_path / 'corpus.txt'}", f"output_dir={raw}", *common]) == 0

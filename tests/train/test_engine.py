@@ -182,3 +182,20 @@ def test_checkpoints_load_without_pickle(runs):
             assert isinstance(state, dict) and state, path
     assert {t.__name__ for t in checkpoint_types()} == {"LossScaler", "DynamicLossScaler", "ZeroStageEnum",
                                                      "fragment_address"}
+
+
+def test_the_command_ends_its_process_group(monkeypatch):
+    """`fastted` (cli.command) ends the process group after a command that worked, so no rank is left to gloo's
+    threads at the interpreter's exit; cli.main alone leaves it up for the next command of the same process."""
+    import torch.distributed as dist
+
+    from fastted import cli
+    from fastted.engine import end_distributed, init_distributed
+
+    end_distributed()  # nothing up: nothing to do
+    worked = {"code": 0}
+    monkeypatch.setattr(cli, "main", lambda argv=None: (init_distributed(torch.device("cpu")), worked["code"])[1])
+    worked["code"] = 2
+    assert cli.command([]) == 2 and dist.is_initialized()  # a failed command leaves it to the exit
+    worked["code"] = 0
+    assert cli.command([]) == 0 and not dist.is_initialized()

@@ -28,7 +28,8 @@ from fastted import LWD  # noqa: E402
 from fastted.cache import TeacherCache, build_teacher_cache, finish_teacher_cache  # noqa: E402
 from fastted.config import EngineConfig, TrainConfig  # noqa: E402
 from fastted.data import ClassificationCollator, CLMCollator, Data  # noqa: E402
-from fastted.engine import Engine, block_parameters, mean_over_ranks, teacher_deepspeed_config  # noqa: E402
+from fastted.engine import (Engine, block_parameters, end_distributed, mean_over_ranks,  # noqa: E402
+                            teacher_deepspeed_config)
 from fastted.methods import FineTune  # noqa: E402
 from fastted.models import ModelAdapter, is_partitioned  # noqa: E402
 from fastted.trainer import evaluate_model  # noqa: E402
@@ -205,10 +206,7 @@ def main():
     if rank == 0:
         with open(args.out, "w") as f:
             json.dump(result, f)
-    # A clean end: left to the interpreter's exit, the process group's threads once aborted rank 0 ("terminate
-    # called without an active exception", 2 of 4 launches of all four parts under load)
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    end_distributed()  # a clean end: left to the interpreter's exit, gloo's threads have aborted rank 0
 
 
 if __name__ == "__main__":
