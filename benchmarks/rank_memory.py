@@ -7,7 +7,8 @@ Used as a wrapper that a launcher starts on every rank (benchmarks/scale_memory.
 
 runs ``-m <module> <args>`` (or ``<script> <args>``) in this process with a sampler around it and writes
 ``<out dir>/rank-<RANK>.json``: ``{"rank", "exit_code", "seconds", "start_kib", "peak_kib", "samples", "pss_samples"}``,
-``start_kib`` and ``peak_kib`` holding ``RssAnon``, ``Pss`` and ``VmHWM`` in KiB. RssAnon counts pages only this
+``start_kib`` and ``peak_kib`` holding ``RssAnon``, ``Pss`` and ``VmHWM`` in KiB (also when the program ends through
+``os._exit``, as the fastted command ends a distributed run). RssAnon counts pages only this
 process maps (its heap, the weights it copied); Pss adds shared pages (memory-mapped safetensors, the GGUF
 file) split evenly between the processes that map them; VmHWM is the peak RSS, shared pages counted whole.
 """
@@ -114,19 +115,34 @@ def main(argv: list[str]) -> int:
         name, args = target[0], target[1:]
         run = lambda: runpy.run_path(name, run_name="__main__")  # noqa: E731
     sys.argv = [name, *args]
-    code, began = 0, time.perf_counter()
-    with PeakSampler() as sampler:
-        try:
-            run()
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    rank = int(os.environ.get("RANK", "0"))
-    os.makedirs(out, exist_ok=True)
-    record = {"rank": rank, "exit_code": code, "seconds": round(time.perf_counter() - began, 2),
-              "start_kib": sampler.start, "peak_kib": sampler.peak, "samples": sampler.samples,
-              "pss_samples": sampler.pss_samples}
-    with open(os.path.join(out, f"rank-{rank}.json"), "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=1)
+    began = time.perf_counter()
+    sampler = PeakSampler()
+    exit_now = os._exit
+
+    def write(code: int) -> None:
+        sampler.__exit__()
+        rank = int(os.environ.get("RANK", "0"))
+        os.makedirs(out, exist_ok=True)
+        record = {"rank": rank, "exit_code": code, "seconds": round(time.perf_counter() - began, 2),
+                  "start_kib": sampler.start, "peak_kib": sampler.peak, "samples": sampler.samples,
+                  "pss_samples": sampler.pss_samples}
+        with open(os.path.join(out, f"rank-{rank}.json"), "w", encoding="utf-8") as f:
+            json.dump(record, f, indent=1)
+
+    def record_then_exit(code: int) -> None:  # the fastted command ends a distributed run with os._exit
+        write(code)
+        exit_now(code)
+
+    os._exit = record_then_exit
+    sampler.__enter__()
+    code = 0
+    try:
+        run()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        os._exit = exit_now
+    write(code)
     return code
 
 

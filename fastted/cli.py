@@ -230,14 +230,23 @@ def main(argv=None) -> int:
 
 def command(argv=None) -> int:
     """The ``fastted`` console command and ``python -m fastted``: :func:`main`, then, when it worked, the process
-    group ended cleanly (:func:`fastted.engine.end_distributed`). :func:`main` alone leaves it up, for callers that
-    run several commands in one process."""
+    group ended (:func:`fastted.engine.end_distributed`); a process that had a group ends with ``os._exit``, its
+    output flushed. DeepSpeed keeps references to the group's objects, so they outlive ``destroy_process_group``
+    and were torn down with the interpreter, where gloo's threads have aborted a rank ("terminate called without
+    an active exception") after its work was done, and torchrun reported the run failed. :func:`main` alone
+    leaves the group up, for callers that run several commands in one process."""
+    import torch.distributed as dist
+
     code = main(argv)
+    if not dist.is_initialized():
+        return code
     if code == 0:
         from fastted.engine import end_distributed
 
         end_distributed()
-    return code
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -40,3 +40,15 @@ def run_ranks(command: list, timeout: int = 300, env: dict = None) -> subprocess
     done = subprocess.run(command, env=env or rank_env(), capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     return done
+
+
+def finish() -> None:
+    """How a worker ends: its process group ended (:func:`fastted.engine.end_distributed`), its output flushed,
+    and ``os._exit(0)``, as the ``fastted`` command ends (:func:`fastted.cli.command`): DeepSpeed's references
+    keep the group's objects alive into the interpreter's teardown, where gloo's threads have aborted a rank."""
+    from fastted.engine import end_distributed
+
+    end_distributed()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

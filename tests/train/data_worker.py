@@ -15,10 +15,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import torch  # noqa: E402
 
+from tests.launch import finish  # noqa: E402
 from fastted import shards  # noqa: E402
 from fastted.config import load_config  # noqa: E402
 from fastted.data import prepare_data  # noqa: E402
-from fastted.engine import end_distributed, init_distributed  # noqa: E402
+from fastted.engine import init_distributed  # noqa: E402
 from fastted.models import load_tokenizer  # noqa: E402
 
 
@@ -46,7 +47,7 @@ def main() -> None:
     with open(f"{out}-{rank}.json", "w", encoding="utf-8") as f:
         json.dump({"train": len(data.train), "test": len(data.test), "hash": digest.hexdigest(),
                    "keys": sorted(batch)}, f)
-    end_distributed()
+    finish()  # the group ended, then os._exit: no interpreter teardown (tests/launch.py)
 
 
 if __name__ == "__main__":

@@ -17,11 +17,12 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
+from tests.launch import finish  # noqa: E402
 from fastted import LWD, TED, TaskFilters, explicit_map  # noqa: E402
 from fastted.cache import TeacherCache, build_teacher_cache, finish_teacher_cache  # noqa: E402
 from fastted.config import EngineConfig, TrainConfig  # noqa: E402
 from fastted.data import ClassificationCollator, CLMCollator  # noqa: E402
-from fastted.engine import Engine, end_distributed, init_distributed  # noqa: E402
+from fastted.engine import Engine, init_distributed  # noqa: E402
 from fastted.models import is_partitioned  # noqa: E402
 from fastted.trainer import Stage, read_metrics, run  # noqa: E402
 from tests.tiny_models import bert, gpt2  # noqa: E402
@@ -135,7 +136,7 @@ def main():
     if engine.is_main:
         with open(args.out, "w") as f:
             json.dump({**result, "losses": losses, "resumed": resumed, "resumed_from": summary["resumed_from"]}, f)
-    end_distributed()  # a clean end: left to the exit, gloo's threads have aborted rank 0
+    finish()  # the group ended, then os._exit: no interpreter teardown (tests/launch.py)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
+from tests.launch import finish  # noqa: E402
 from fastted.config import EngineConfig  # noqa: E402
 from fastted.engine import resolve_device  # noqa: E402
 
@@ -165,9 +166,7 @@ def main() -> None:
     rank = dist.get_rank() if dist.is_initialized() else 0
     with open(args.out + (f".rank{rank}" if rank else ""), "w") as f:
         json.dump({"world": dist.get_world_size() if dist.is_initialized() else 1, "steps": RECORD["steps"]}, f)
-    from fastted.engine import end_distributed
-
-    end_distributed()  # a clean end: left to the interpreter's exit, gloo's threads have aborted rank 0
+    finish()  # the group ended, then os._exit: no interpreter teardown (tests/launch.py)
 
 
 if __name__ == "__main__":

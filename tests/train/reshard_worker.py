@@ -25,12 +25,13 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
+from tests.launch import finish  # noqa: E402
 from fastted import LWD  # noqa: E402
 from fastted import files  # noqa: E402
 from fastted.checkpoints import latest_checkpoint, universal_checkpoint, verify_checkpoint  # noqa: E402
 from fastted.config import EngineConfig, TrainConfig  # noqa: E402
 from fastted.data import MLMCollator  # noqa: E402
-from fastted.engine import CheckpointError, Engine, end_distributed, gather_over_ranks, init_distributed  # noqa: E402
+from fastted.engine import CheckpointError, Engine, gather_over_ranks, init_distributed  # noqa: E402
 from fastted.trainer import Stage, read_metrics, run  # noqa: E402
 from tests.tiny_models import VOCAB, bert  # noqa: E402
 from tests.train.engine_worker import dataset  # noqa: E402
@@ -166,7 +167,7 @@ def main():
     if rank == 0:
         with open(args.out, "w") as f:
             json.dump({"world": world, **result}, f)
-    end_distributed()  # a clean end: left to the exit, gloo's threads have aborted rank 0
+    finish()  # the group ended, then os._exit: no interpreter teardown (tests/launch.py)
 
 
 if __name__ == "__main__":

@@ -184,18 +184,33 @@ def test_checkpoints_load_without_pickle(runs):
                                                      "fragment_address"}
 
 
-def test_the_command_ends_its_process_group(monkeypatch):
-    """`fastted` (cli.command) ends the process group after a command that worked, so no rank is left to gloo's
-    threads at the interpreter's exit; cli.main alone leaves it up for the next command of the same process."""
-    import torch.distributed as dist
+@pytest.mark.parametrize("code", [0, 2])
+def test_the_command_ends_its_process_group(tmp_path, code):
+    """`fastted` (cli.command) ends the process group after a command that worked and exits through os._exit
+    with main's status, its output flushed, so no rank is left to gloo's threads at the interpreter's teardown; a
+    failed command exits with its status, the group left to the launcher. In a process of its own: this one's
+    group serves the other tests."""
+    import subprocess
 
-    from fastted import cli
-    from fastted.engine import end_distributed, init_distributed
+    from tests.launch import rank_env
 
-    end_distributed()  # nothing up: nothing to do
-    worked = {"code": 0}
-    monkeypatch.setattr(cli, "main", lambda argv=None: (init_distributed(torch.device("cpu")), worked["code"])[1])
-    worked["code"] = 2
-    assert cli.command([]) == 2 and dist.is_initialized()  # a failed command leaves it to the exit
-    worked["code"] = 0
-    assert cli.command([]) == 0 and not dist.is_initialized()
+    script = tmp_path / "ends.py"
+    script.write_text(f"""
+import atexit, torch, torch.distributed as dist
+from fastted import cli, engine
+from fastted.engine import init_distributed
+ending = engine.end_distributed
+engine.end_distributed = lambda: (ending(), print("ended", dist.is_initialized()))
+engine.end_distributed()  # nothing up: nothing to do
+cli.main = lambda argv=None: (init_distributed(torch.device("cpu")), print("worked"), {code})[2]
+atexit.register(lambda: print("teardown"))  # skipped by os._exit
+cli.command([])
+print("not reached")
+""")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    done = subprocess.run([sys.executable, str(script)], env=rank_env(PYTHONPATH=root), capture_output=True,
+                          text=True, timeout=120)
+    ours = ("ended True", "ended False", "worked", "teardown", "not reached")  # DeepSpeed prints too
+    lines = [line for line in done.stdout.splitlines() if line in ours]
+    assert done.returncode == code, done.stderr[-3000:]
+    assert lines == ["ended False", "worked"] + (["ended False"] if code == 0 else []), done.stdout

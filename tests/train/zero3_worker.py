@@ -24,11 +24,12 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
+from tests.launch import finish  # noqa: E402
 from fastted import LWD  # noqa: E402
 from fastted.cache import TeacherCache, build_teacher_cache, finish_teacher_cache  # noqa: E402
 from fastted.config import EngineConfig, TrainConfig  # noqa: E402
 from fastted.data import ClassificationCollator, CLMCollator, Data  # noqa: E402
-from fastted.engine import (Engine, block_parameters, end_distributed, mean_over_ranks,  # noqa: E402
+from fastted.engine import (Engine, block_parameters, mean_over_ranks,  # noqa: E402
                             teacher_deepspeed_config)
 from fastted.methods import FineTune  # noqa: E402
 from fastted.models import ModelAdapter, is_partitioned  # noqa: E402
@@ -206,7 +207,7 @@ def main():
     if rank == 0:
         with open(args.out, "w") as f:
             json.dump(result, f)
-    end_distributed()  # a clean end: left to the interpreter's exit, gloo's threads have aborted rank 0
+    finish()  # the group ended, then os._exit: no interpreter teardown (tests/launch.py)
 
 
 if __name__ == "__main__":
