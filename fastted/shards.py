@@ -117,9 +117,7 @@ def write_corpus(dataset, tokenizer, directory: str, *, text_field: str = "text"
         raise ValueError(f"data.text_field = {text_field!r} is not a column of the dataset; it has "
                          f"{dataset.column_names}")
     dtype = token_dtype(len(tokenizer))
-    tmp = directory + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    tmp = _fresh(directory)
     rows = dataset.select_columns([text_field])
     pieces = max(1, min(int(num_proc), len(rows)))
     _JOBS[:] = [(rows.shard(pieces, i, contiguous=True), tokenizer, text_field, separator_id, dtype, tmp)
@@ -135,14 +133,7 @@ def write_corpus(dataset, tokenizer, directory: str, *, text_field: str = "text"
                          f"{len(tokenizer)})")
     for shard in shards:
         shard["dtype"] = dtype.name
-    meta = {"format": FORMAT, "version": VERSION, "shards": shards, "tokens": sum(s["n_tokens"] for s in shards),
-            "documents": sum(s["n_docs"] for s in shards), "separator_id": separator_id,
-            "vocab_size": len(tokenizer), "identity": identity or {}}
-    write_atomic(os.path.join(tmp, META), json.dumps(meta, indent=1))
-    if os.path.isdir(directory):
-        shutil.rmtree(directory)
-    os.rename(tmp, directory)
-    return meta
+    return _publish(tmp, directory, shards, separator_id, len(tokenizer), identity)
 
 
 def index_token_arrays(arrays: Sequence[str], directory: str, *, separator_id: Optional[int],
@@ -150,9 +141,7 @@ def index_token_arrays(arrays: Sequence[str], directory: str, *, separator_id: O
     """A corpus over a folder's ``.npy`` token arrays, where they are: the document ends (after each
     ``separator_id``, and at each array's end) found a window at a time and written to ``directory`` with a
     meta.json that names the arrays. Returns the meta."""
-    tmp = directory + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    tmp = _fresh(directory)
     shards = []
     for number, path in enumerate(arrays):
         array = np.load(path, mmap_mode="r")
@@ -174,8 +163,23 @@ def index_token_arrays(arrays: Sequence[str], directory: str, *, separator_id: O
         shards.append({"tokens": os.path.abspath(path), "offset": int(array.offset), "dtype": array.dtype.str,
                        "n_tokens": int(array.size), "n_docs": int(docs.size), "docs": docs_name})
         del array
+    return _publish(tmp, directory, shards, separator_id, None, identity)
+
+
+def _fresh(directory: str) -> str:
+    """An empty folder beside ``directory`` to write its shards into: ``directory.tmp``."""
+    tmp = directory + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    return tmp
+
+
+def _publish(tmp: str, directory: str, shards: list, separator_id: Optional[int], vocab_size: Optional[int],
+             identity: Optional[dict]) -> dict:
+    """Close the folder ``tmp`` (from :func:`_fresh`) with its meta.json, written last, and rename it to
+    ``directory`` (replacing an older one). Returns the meta."""
     meta = {"format": FORMAT, "version": VERSION, "shards": shards, "tokens": sum(s["n_tokens"] for s in shards),
-            "documents": sum(s["n_docs"] for s in shards), "separator_id": separator_id, "vocab_size": None,
+            "documents": sum(s["n_docs"] for s in shards), "separator_id": separator_id, "vocab_size": vocab_size,
             "identity": identity or {}}
     write_atomic(os.path.join(tmp, META), json.dumps(meta, indent=1))
     if os.path.isdir(directory):
