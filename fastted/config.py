@@ -551,6 +551,16 @@ def _check_teacher_shape(config: Config) -> None:
                           "student.random_init=true (a fresh student of the teacher's shape) or student.path")
 
 
+def packs_blocks(config: Config) -> bool:
+    """Packed pre-training: task mlm or clm with ``data.pack`` (token shards, steps of a fixed number of tokens)."""
+    return config.task != "classification" and config.data.pack
+
+
+def run_kind(config: Config) -> str:
+    """The run's task as the errors about packed blocks name it: "classification", "clm", "clm without packing"."""
+    return config.task + ("" if config.task == "classification" or config.data.pack else " without packing")
+
+
 def check(config: Config) -> None:
     """Every value in range; raises ConfigError naming the key."""
     _choice("task", config.task, TASKS)
@@ -593,7 +603,7 @@ def check(config: Config) -> None:
         raise ConfigError("output_dir: got an empty path, needs a folder for the run's steps")
     if not 0 < config.data.mlm_probability < 1:
         raise ConfigError(f"data.mlm_probability: got {config.data.mlm_probability!r}, needs a number in (0, 1)")
-    packed = config.task != "classification" and config.data.pack
+    packed = packs_blocks(config)
     for prefix, t in (("finetune", config.finetune), ("filters.train", config.filters.train),
                       ("distil.train", config.distil.train)):
         _check_train(prefix, t)
@@ -601,14 +611,12 @@ def check(config: Config) -> None:
             if getattr(t, name) is not None and not packed:
                 raise ConfigError(f"{prefix}.{name}: got {getattr(t, name)}, but a budget in tokens needs packed "
                                   f"blocks (task mlm or clm with data.pack true), whose steps hold a fixed number "
-                                  f"of tokens; this run is {config.task}"
-                                  f"{'' if config.task == 'classification' else ' without packing'}")
+                                  f"of tokens; this run is {run_kind(config)}")
     _positive("data.test_documents", config.data.test_documents)
     _positive("data.num_proc", config.data.num_proc)
     if config.data.document_mask and not packed:
         raise ConfigError(f"data.document_mask: got true, but it applies to packed blocks (task mlm or clm with "
-                          f"data.pack true); this run is {config.task}"
-                          f"{'' if config.task == 'classification' else ' without packing'}")
+                          f"data.pack true); this run is {run_kind(config)}")
     _positive("filters.interval", config.filters.interval)
     _positive("filters.filter_dim", config.filters.filter_dim)
     d = config.distil

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fastted.config import SAMPLE_BY, Config, ConfigError, DataConfig
+from fastted.config import SAMPLE_BY, Config, ConfigError, DataConfig, packs_blocks
 from fastted.ops.checks import check_positive_int
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -551,7 +551,7 @@ class Data:
 def document_mask_on(config: Config) -> bool:
     """Whether the run's packed blocks keep attention, positions and the loss inside each document:
     ``data.document_mask``, by default on for causal LM and off for masked LM; never without packing."""
-    if config.task == "classification" or not config.data.pack:
+    if not packs_blocks(config):
         return False
     return config.data.document_mask if config.data.document_mask is not None else config.task == "clm"
 
@@ -575,7 +575,7 @@ def prepare_data(config: Config, tokenizer, rank: int = 0) -> Data:
     """The data of ``config``: the source loaded and split, tokenized; for pre-training (mlm, clm with
     ``data.pack``) tokenized once into token shards and cut into blocks (:func:`prepare_blocks`). ``rank``: this
     process's rank (only rank 0 tokenizes a corpus; the others wait for it)."""
-    if config.task != "classification" and config.data.pack:
+    if packs_blocks(config):
         return prepare_blocks(config, tokenizer, rank)
     d = config.data
     train, test = load_splits(config)

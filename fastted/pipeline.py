@@ -32,7 +32,7 @@ from typing import Optional
 
 import torch
 
-from fastted.config import Config, ConfigError, TrainConfig, method_config, to_yaml
+from fastted.config import Config, ConfigError, TrainConfig, method_config, packs_blocks, run_kind, to_yaml
 from fastted.data import Data, prepare_data
 from fastted.engine import (Engine, barrier, batch_layout, deepspeed_config, init_distributed, partitions_teacher,
                             resolve_device, resolve_precision, seed_everything, teacher_deepspeed_config)
@@ -487,11 +487,10 @@ def tokenize(config: Config, out: Optional[str] = None) -> dict:
     from fastted.data import (is_tokenized, load_source, separator_id, tokenize_corpus, tokenizer_key,
                               tokenizing_workers)
 
-    if config.task == "classification" or not config.data.pack:
+    if not packs_blocks(config):
         raise ConfigError(f"task: fastted tokenize makes the token shards of packed pre-training (task mlm or clm "
-                          f"with data.pack true); this run is {config.task}"
-                          f"{'' if config.task == 'classification' else ' without packing'}, whose examples are "
-                          f"tokenized (and cached) by each step")
+                          f"with data.pack true); this run is {run_kind(config)}, whose examples are tokenized (and "
+                          f"cached) by each step")
     if is_tokenized(config.data.source):
         raise ConfigError(f"data.source: {config.data.source!r} is tokenized already; name it as data.source")
     device = resolve_device(config.engine)
