@@ -199,19 +199,30 @@ def _logit_kd_cases(sizes, full):
 
 def _sparse_kd_cases(sizes, full):
     from fastted.kernels.sparse_logit_kd import sparse_kd_forward
+    from fastted.ops.packed_topk import id_bits, words_per_row
 
     for dtype in DTYPES:
         for (n, v, k), size in sizes:
             for flags, _ in _flag_sets(full, _reduced(dtype, size), ce=("T=2", "T=1", "none"), grad=(True, False)):
-                has_ce, write_grad = flags["ce"] != "none", flags["grad"]
-                z = _empty((n, v), dtype)
-                labels = _empty((n,), torch.int64) if has_ce else None
-                ce_coef = _empty((n,), torch.float32) if has_ce else None
-                case = dict(op="sparse_logit_kd", size=size, dtype=str(dtype), k=k, **flags)
-                yield case, lambda: sparse_kd_forward(
-                    z, _empty((n, k), torch.bfloat16), _empty((n, k), torch.int32), _empty((n,), torch.float32),
-                    _empty((n,), torch.float32), grad=z if write_grad else None, labels=labels, ce_coef=ce_coef,
-                    temperature=1.0 if flags["ce"] == "T=1" else 2.0, soft_weight=1.0, hard_weight=0.5)
+                # the teacher as three tensors, or packed as a cache stores it (uint8 levels, ids in int32 words)
+                for packed in (False, True):
+                    has_ce, write_grad = flags["ce"] != "none", flags["grad"]
+                    z = _empty((n, v), dtype)
+                    labels = _empty((n,), torch.int64) if has_ce else None
+                    ce_coef = _empty((n,), torch.float32) if has_ce else None
+                    case = dict(op="sparse_logit_kd", size=size, dtype=str(dtype), k=k, **flags)
+                    if packed:  # (the unpacked cases keep their names: the spill lists name them)
+                        bits = id_bits(v)
+                        teacher = dict(values=_empty((n, k), torch.uint8),
+                                       ids=_empty((n, words_per_row(k, bits)), torch.int32),
+                                       top=_empty((n,), torch.float32), step=_empty((n,), torch.float32), id_bits=bits)
+                        case["packed"] = True
+                    else:
+                        teacher = dict(values=_empty((n, k), torch.bfloat16), ids=_empty((n, k), torch.int32))
+                    yield case, lambda: sparse_kd_forward(
+                        z, tail=_empty((n,), torch.float32), kd_coef=_empty((n,), torch.float32), **teacher,
+                        grad=z if write_grad else None, labels=labels, ce_coef=ce_coef,
+                        temperature=1.0 if flags["ce"] == "T=1" else 2.0, soft_weight=1.0, hard_weight=0.5)
 
 
 def _contrastive_cases(sizes, full):

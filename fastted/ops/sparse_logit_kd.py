@@ -17,10 +17,16 @@ LM head's input, a block of rows at a time through the block loop of
 :mod:`fastted.ops.fused_linear_kd`, with a cross-entropy beside), and the
 module :class:`SparseLogitKDLoss`. The spec is
 :func:`fastted.reference.sparse_logit_kd_reference`.
+
+The teacher comes as three tensors (values, ids, tail_lse) or as the cache's
+:class:`~fastted.ops.packed_topk.PackedTopK`, which every path reads as it
+is: the Triton kernel decodes its ids and values where it reads them, the
+PyTorch path unpacks the block of rows it works on (:func:`unpack_topk` of
+``packed.rows(r)``), never all N rows at once.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -30,6 +36,7 @@ from fastted.ops.dispatch import autocast_dtype, detach_without_grad, resolve_im
 from fastted.ops.dispatch import scaled_gradients, to_autocast
 from fastted.ops.fused_linear_kd import _shifted, block_rows, finish_head_gradients, fused_linear_kd_blocks, head_loss
 from fastted.ops.logit_kd import ROW_BLOCK_ELEMENTS, row_weights, rows_loss, saved_gradient
+from fastted.ops.packed_topk import PackedTopK, unpack_ids, unpack_topk, words_per_row
 
 # --------------------------------------------------------------------------- checks
 
@@ -61,9 +68,71 @@ def check_topk(values, ids, tail_lse, lead: tuple, vocab: int, device, ref_name:
     if device.type == "cpu" and ids.numel():
         low, high = int(ids.min()), int(ids.max())
         if low < 0 or high >= vocab:
-            raise ValueError(f"topk_ids holds {low if low < 0 else high}, outside [0, {vocab}) (the student's "
-                             f"vocabulary): the cache was made with another vocabulary")
+            raise _outside_vocabulary("topk_ids holds", low if low < 0 else high, vocab)
     return values.reshape(-1, k), ids, tail_lse.reshape(-1).to(torch.promote_types(tail_lse.dtype, torch.float32))
+
+
+def _outside_vocabulary(what: str, value: int, vocab: int) -> ValueError:
+    return ValueError(f"{what} {value}, outside [0, {vocab}) (the student's vocabulary): the cache was made with "
+                      f"another vocabulary")
+
+
+def check_packed_topk(packed: PackedTopK, lead: tuple, vocab: int, device, ref_name: str) -> PackedTopK:
+    """The packed teacher (:mod:`fastted.ops.packed_topk`) of ``lead`` rows, checked as :func:`check_topk`
+    checks the three tensors: levels (..., K) uint8, words (..., W) int32 with W the words of K ids of
+    ``id_bits`` bits, top, step and tail (...) float; K <= vocab; on a CPU its ids decoded (a block of rows at a
+    time) in [0, vocab) (``2 ** id_bits`` may exceed the vocabulary). Returns it as contiguous (N, ...) rows,
+    top, step and tail in fp32 or wider."""
+    bits = packed.id_bits
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 32:
+        raise ValueError(f"topk_values.id_bits must be an int in [1, 32], got {bits!r}")
+    for name, x in zip(PackedTopK._fields, packed[:5]):
+        if not isinstance(x, Tensor):
+            raise ValueError(f"topk_values.{name} must be a tensor, got {type(x).__name__}")
+        if x.device != device:
+            raise ValueError(f"topk_values.{name} is on {x.device}, but {ref_name} is on {device}")
+    words, levels = packed.words, packed.levels
+    if levels.dim() != len(lead) + 1 or tuple(levels.shape[:-1]) != lead or levels.shape[-1] == 0:
+        raise ValueError(f"topk_values.levels has shape {tuple(levels.shape)}, but needs {lead + ('k',)} with "
+                         f"k > 0 (the leading shape of {ref_name})")
+    if levels.dtype != torch.uint8:
+        raise ValueError(f"topk_values.levels has dtype {levels.dtype}, but needs torch.uint8")
+    k = levels.shape[-1]
+    n_words = words_per_row(k, bits)
+    if tuple(words.shape) != lead + (n_words,):
+        raise ValueError(f"topk_values.words has shape {tuple(words.shape)}, but needs {lead + (n_words,)} "
+                         f"({k} ids of {bits} bits a row)")
+    if words.dtype != torch.int32:
+        raise ValueError(f"topk_values.words has dtype {words.dtype}, but needs torch.int32")
+    for name in ("top", "step", "tail"):
+        x = getattr(packed, name)
+        if tuple(x.shape) != lead:
+            raise ValueError(f"topk_values.{name} has shape {tuple(x.shape)}, but needs {lead} (one per row)")
+        check_floating(f"topk_values.{name}", x)
+    if k > vocab:
+        raise ValueError(f"topk_values holds {k} logits a row, more than the student's vocabulary of {vocab}")
+    rows = PackedTopK(words.reshape(-1, n_words).contiguous(), levels.reshape(-1, k).contiguous(),
+                      *(x.reshape(-1).to(torch.promote_types(x.dtype, torch.float32)).contiguous()
+                        for x in (packed.top, packed.step, packed.tail)), bits)
+    if device.type == "cpu" and 2**bits > vocab:  # else every id its bits can hold is in the vocabulary
+        block = max(1, ROW_BLOCK_ELEMENTS // k)
+        for start in range(0, rows.words.shape[0], block):
+            high = int(unpack_ids(rows.words[start:start + block], bits, k).max())
+            if high >= vocab:
+                raise _outside_vocabulary("topk_values.words holds the id", high, vocab)
+    return rows
+
+
+def check_teacher(topk_values, topk_ids, tail_lse, lead: tuple, vocab: int, device, ref_name: str):
+    """The teacher of the public functions: a :class:`PackedTopK` in ``topk_values`` (then ``topk_ids`` and
+    ``tail_lse`` None), checked by :func:`check_packed_topk`, or the three tensors by :func:`check_topk`."""
+    if isinstance(topk_values, PackedTopK):
+        given = [name for name, x in (("topk_ids", topk_ids), ("tail_lse", tail_lse)) if x is not None]
+        if given:
+            raise ValueError(f"{' and '.join(given)} must be None when topk_values is a PackedTopK (it holds the "
+                             f"ids and the tail)")
+        return check_packed_topk(topk_values, lead, vocab, device, ref_name)
+    return check_topk(topk_values, topk_ids, tail_lse, lead, vocab, device, ref_name)
 
 
 # --------------------------------------------------------------------------- the PyTorch path
@@ -84,14 +153,15 @@ def sparse_kd_rows(
     """A block of rows against a top-k teacher: the CPU twin of the Triton row kernel.
 
     z: (R, V) student logits; teacher: (values (R, K), ids (R, K) int64,
-    tail_lse (R,)); kd_coef, labels, ce_coef as
+    tail_lse (R,)), or the R rows of a :class:`PackedTopK` (unpacked here,
+    this block only); kd_coef, labels, ce_coef as
     :func:`~fastted.ops.logit_kd.logit_kd_rows` takes them. Writes dLoss/dz into
     grad (may be z itself) when given, where loss = soft_weight T^2 sum_r
     kd_coef_r KL_r + hard_weight sum_r ce_coef_r CE_r. Returns the per-row KL
     over the k + 1 buckets (without T^2) and cross-entropy, fp32 (fp64 for fp64
     logits), 0 on rows whose weight is 0.
     """
-    values, ids, tail = teacher
+    values, ids, tail = unpack_topk(teacher) if isinstance(teacher, PackedTopK) else teacher
     acc = torch.promote_types(z.dtype, torch.float32)
     inv_t = 1.0 / temperature
     zf = z.to(acc)
@@ -139,13 +209,21 @@ def _rows_in_blocks(z: Tensor, teacher: tuple, kd_coef: Tensor, grad: Optional[T
     rows = []
     for start in range(0, z.shape[0], block):
         r = slice(start, start + block)
-        kd, _ = sparse_kd_rows(z[r], tuple(x[r] for x in teacher), kd_coef[r], None, None,
+        kd, _ = sparse_kd_rows(z[r], _teacher_rows(teacher, r), kd_coef[r], None, None,
                                None if grad is None else grad[r], **opts)
         rows.append(kd)
     return torch.cat(rows)
 
 
-def _triton_teacher(teacher: tuple) -> tuple:
+def _teacher_rows(teacher, r):
+    """Rows ``r`` (a slice) of a checked teacher: of the three tensors, or of a :class:`PackedTopK`, still
+    packed."""
+    return teacher.rows(r) if isinstance(teacher, PackedTopK) else tuple(x[r] for x in teacher)
+
+
+def _triton_teacher(teacher):
+    if isinstance(teacher, PackedTopK):  # checked: contiguous rows; top, step and tail as the kernel loads them
+        return PackedTopK(teacher.words, teacher.levels, *(x.float() for x in teacher[2:5]), teacher.id_bits)
     values, ids, tail = teacher
     return values.contiguous(), ids.to(torch.int32).contiguous(), tail.contiguous()
 
@@ -154,34 +232,34 @@ def _triton_teacher(teacher: tuple) -> tuple:
 
 
 class SparseLogitKDFunction(torch.autograd.Function):
-    """Loss and dLoss/d(student logits) in the forward; backward scales the gradient in place."""
+    """Loss and dLoss/d(student logits) in the forward; backward scales the gradient in place. teacher: the
+    checked (values, ids, tail) or PackedTopK rows (constants)."""
 
     @staticmethod
-    def forward(ctx, impl, opts, kd_coef, student_logits, values, ids, tail):
+    def forward(ctx, impl, opts, kd_coef, student_logits, teacher):
         z = student_logits.reshape(-1, student_logits.shape[-1])
         grad = torch.empty_like(z) if ctx.needs_input_grad[3] else None
         if impl == "triton":
             from fastted.kernels.sparse_logit_kd import sparse_kd_rows_triton
 
-            rows, _ = sparse_kd_rows_triton(z.contiguous(), _triton_teacher((values, ids, tail)), kd_coef, None,
-                                            None, grad, soft_weight=1.0, hard_weight=0.0, **opts)
+            rows, _ = sparse_kd_rows_triton(z.contiguous(), _triton_teacher(teacher), kd_coef, None, None, grad,
+                                            soft_weight=1.0, hard_weight=0.0, **opts)
         else:
-            rows = _rows_in_blocks(z, (values, ids, tail), kd_coef, grad, soft_weight=1.0, hard_weight=0.0, **opts)
+            rows = _rows_in_blocks(z, teacher, kd_coef, grad, soft_weight=1.0, hard_weight=0.0, **opts)
         return rows_loss(ctx, rows, kd_coef, grad, opts["temperature"], student_logits.shape)
 
     @staticmethod
     def backward(ctx, grad_loss):
-        return None, None, None, saved_gradient(ctx, grad_loss), None, None, None
+        return None, None, None, saved_gradient(ctx, grad_loss), None
 
 
 class FusedLinearSparseKDFunction(torch.autograd.Function):
     """The student's head, loss and gradients in the forward, a block of rows at a time."""
 
     @staticmethod
-    def forward(ctx, impl, opts, chunk_rows, kd_coef, labels, ce_coef, xs, ws, bs, values, ids, tail):
+    def forward(ctx, impl, opts, chunk_rows, kd_coef, labels, ce_coef, xs, ws, bs, teacher):
         with torch.autocast(xs.device.type, enabled=False):
             needs = tuple(bool(n) for n in ctx.needs_input_grad[6:9])
-            teacher = (values, ids, tail)
             if impl == "triton":
                 from fastted.kernels.sparse_logit_kd import sparse_kd_rows_triton as rows_fn
 
@@ -189,7 +267,7 @@ class FusedLinearSparseKDFunction(torch.autograd.Function):
             else:
                 rows_fn = sparse_kd_rows
             kd_rows, ce_rows, grads = fused_linear_kd_blocks(
-                xs.reshape(-1, xs.shape[-1]), ws, bs, lambda r, rows: tuple(x[r] for x in teacher), kd_coef, labels,
+                xs.reshape(-1, xs.shape[-1]), ws, bs, lambda r, rows: _teacher_rows(teacher, r), kd_coef, labels,
                 ce_coef, needs, rows_fn=rows_fn, chunk_rows=chunk_rows, **opts,
             )
             loss, kd, ce = head_loss(kd_rows, ce_rows, kd_coef, ce_coef, opts)
@@ -200,7 +278,7 @@ class FusedLinearSparseKDFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, grad_kd, grad_ce):
-        return (None,) * 6 + (*scaled_gradients(ctx, grad_loss), None, None, None)
+        return (None,) * 6 + (*scaled_gradients(ctx, grad_loss), None)
 
 
 # --------------------------------------------------------------------------- public API
@@ -208,9 +286,9 @@ class FusedLinearSparseKDFunction(torch.autograd.Function):
 
 def sparse_logit_kd(
     student_logits: Tensor,
-    topk_values: Tensor,
-    topk_ids: Tensor,
-    tail_lse: Tensor,
+    topk_values: Union[Tensor, PackedTopK],
+    topk_ids: Optional[Tensor] = None,
+    tail_lse: Optional[Tensor] = None,
     *,
     temperature: float = 2.0,
     mask: Optional[Tensor] = None,
@@ -230,6 +308,11 @@ def sparse_logit_kd(
             tail_lse: (...) the log-sum-exp of the teacher's other logits
             divided by ``temperature`` (-inf when K is the vocabulary). The
             cache must have been made at the same temperature.
+            Or the teacher packed as a cache stores it: a
+            :class:`~fastted.ops.packed_topk.PackedTopK` of leading shape
+            (...) in ``topk_values``, ``topk_ids`` and ``tail_lse`` None; it
+            is read as it is (its values those of
+            :func:`~fastted.ops.packed_topk.unpack_topk`), never expanded.
         mask, labels, ignore_index: the rows to average over, as
             :func:`~fastted.ops.logit_kd.logit_kd` takes them.
         impl: "auto", "triton" or "reference".
@@ -243,23 +326,23 @@ def sparse_logit_kd(
     check_floating("student_logits", student_logits)
     temperature = check_temperature("temperature", temperature)
     lead = tuple(student_logits.shape[:-1])
-    teacher = check_topk(topk_values, topk_ids, tail_lse, lead, student_logits.shape[-1], student_logits.device,
-                         "student_logits")
+    teacher = check_teacher(topk_values, topk_ids, tail_lse, lead, student_logits.shape[-1], student_logits.device,
+                            "student_logits")
     kd_coef, labels, ce_coef = row_weights(lead, student_logits.device, student_logits.dtype, mask, labels,
                                            ignore_index, "labels", None, "student_logits")
     if ce_coef is not None:
         kd_coef = ce_coef
     impl = resolve_impl(impl, student_logits.device, student_logits.dtype)
     (student_logits,) = detach_without_grad([student_logits])
-    return SparseLogitKDFunction.apply(impl, dict(temperature=temperature), kd_coef, student_logits, *teacher)
+    return SparseLogitKDFunction.apply(impl, dict(temperature=temperature), kd_coef, student_logits, teacher)
 
 
 def fused_linear_sparse_kd(
     student_hidden: Tensor,
     student_weight: Tensor,
-    topk_values: Tensor,
-    topk_ids: Tensor,
-    tail_lse: Tensor,
+    topk_values: Union[Tensor, PackedTopK],
+    topk_ids: Optional[Tensor] = None,
+    tail_lse: Optional[Tensor] = None,
     *,
     temperature: float = 1.0,
     student_bias: Optional[Tensor] = None,
@@ -282,7 +365,10 @@ def fused_linear_sparse_kd(
     :func:`~fastted.ops.fused_linear_kd.fused_linear_kd` computes with a live
     teacher, with the same arguments and conventions (mask, labels, shift,
     the KD rows, blocks of rows, no (N, V) tensor), the teacher's head and
-    hidden states replaced by what the cache stores of them.
+    hidden states replaced by what the cache stores of them: ``topk_values``,
+    ``topk_ids``, ``tail_lse`` as :func:`sparse_logit_kd` takes them, or a
+    :class:`~fastted.ops.packed_topk.PackedTopK` alone in ``topk_values``,
+    read as it is a block of rows at a time.
 
     Returns the fp32 scalar loss, or ``(loss, kd, ce)`` with ``return_terms``.
     """
@@ -305,7 +391,7 @@ def fused_linear_sparse_kd(
     for name, flag in (("shift_labels", shift_labels), ("kd_ignored_rows", kd_ignored_rows)):
         if not isinstance(flag, bool):
             raise ValueError(f"{name} must be a bool, got {flag!r}")
-    teacher = check_topk(topk_values, topk_ids, tail_lse, lead, ws.shape[0], xs.device, "student_hidden")
+    teacher = check_teacher(topk_values, topk_ids, tail_lse, lead, ws.shape[0], xs.device, "student_hidden")
     hard_labels = _shifted(hard_labels, ignore_index, lead) if shift_labels else hard_labels
     cast = autocast_dtype(xs.device.type)
     student = [to_autocast(x, cast) for x in (xs, ws, student_bias)]
@@ -323,12 +409,13 @@ def fused_linear_sparse_kd(
                             chunk_size)
     student = detach_without_grad(student)
     loss, kd, ce = FusedLinearSparseKDFunction.apply(impl, opts, chunk_rows, kd_coef, labels, ce_coef, *student,
-                                                     *teacher)
+                                                     teacher)
     return (loss, kd, ce) if return_terms else loss
 
 
 class SparseLogitKDLoss(nn.Module):
-    """nn.Module over :func:`sparse_logit_kd`."""
+    """nn.Module over :func:`sparse_logit_kd`: ``loss(student_logits, topk_values, topk_ids, tail_lse)``, or
+    ``loss(student_logits, packed)`` with a :class:`~fastted.ops.packed_topk.PackedTopK`."""
 
     def __init__(self, temperature: float = 2.0, ignore_index: int = -100, impl: str = "auto"):
         super().__init__()
@@ -336,8 +423,9 @@ class SparseLogitKDLoss(nn.Module):
         check_impl(impl)
         self.temperature, self.ignore_index, self.impl = temperature, ignore_index, impl
 
-    def forward(self, student_logits: Tensor, topk_values: Tensor, topk_ids: Tensor, tail_lse: Tensor,
-                mask: Optional[Tensor] = None, labels: Optional[Tensor] = None) -> Tensor:
+    def forward(self, student_logits: Tensor, topk_values: Union[Tensor, PackedTopK],
+                topk_ids: Optional[Tensor] = None, tail_lse: Optional[Tensor] = None, mask: Optional[Tensor] = None,
+                labels: Optional[Tensor] = None) -> Tensor:
         return sparse_logit_kd(student_logits, topk_values, topk_ids, tail_lse, temperature=self.temperature,
                                mask=mask, labels=labels, ignore_index=self.ignore_index, impl=self.impl)
 

@@ -122,6 +122,17 @@ def test_aligned_rows_load_128_bits(tier, arch):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("arch", ARCHS)
+def test_sparse_kd_is_compiled_for_both_teachers(tier, arch):
+    """The sparse KL's kernel reads its teacher as three tensors or PACKED (a cache's uint8 levels and ids in
+    int32 words): every dtype and size is compiled both ways."""
+    rows = _rows(tier, "sparse_kd_kernel", arch)
+    both = {(r["dtype"], r["example"]["size"]) for r in rows}
+    for packed in (False, True):
+        assert {(r["dtype"], r["example"]["size"]) for r in rows if r["example"].get("packed", False) == packed} == both
+
+
+@pytest.mark.slow
 def test_table_is_committed(tier):
     """The committed table of this Triton is what the current kernels, launchers and Triton compile: its
     stamp is the current one, and compiled again (when the stamp differs, or FASTTED_COMPILE_TIER=force)
