@@ -118,6 +118,21 @@ def checkpoint_files(folder: str) -> dict[str, list[str]]:
                       f"pytorch_model.bin)")
 
 
+def weight_files(folder: str) -> list[str]:
+    """The weight files of ``folder`` that :func:`checkpoint_files` reads (those of its index, or the single
+    file), found without opening any of them: the index alone is read."""
+    for index_name in (_SAFE_INDEX, _BIN_INDEX):
+        index = os.path.join(folder, index_name)
+        if os.path.isfile(index):
+            with open(index, encoding="utf-8") as f:
+                return [os.path.join(folder, file) for file in sorted(set(json.load(f)["weight_map"].values()))]
+    for single in (_SAFE_SINGLE, _BIN_SINGLE):
+        if os.path.isfile(os.path.join(folder, single)):
+            return [os.path.join(folder, single)]
+    raise ConfigError(f"{folder}: no model weights (model.safetensors, a sharded safetensors index or "
+                      f"pytorch_model.bin)")
+
+
 def _open_bin(path: str) -> dict:
     return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
 
