@@ -87,6 +87,8 @@ class TrainConfig:
     max_tokens: Optional[int] = None       # packed pre-training: a budget in tokens (sets the optimizer steps)
     warmup_tokens: Optional[int] = None    # packed pre-training: warmup in tokens (overrides warmup_ratio)
     min_lr: float = 0.0                    # the floor the decay ends at
+    prefetch_steps: int = 2                # steps whose batches (and cached teacher outputs) a background
+                                           # thread reads ahead of the loop; 0: read in the loop
 
 
 @dataclass
@@ -112,6 +114,8 @@ class DistilConfig:
                                            # (classification and clm; every method but DWT)
     cache_k: int = 64                      # the cache's top-k logits a token (0: the layer targets alone)
     cache_quantization: str = "int8"       # the cache's layer targets: int8, fp8 or bf16
+    cache_layer_bytes: int = 0             # the cache's layer targets a token, in bytes: a share of the tokens (0: all)
+    cache_shard_mb: int = 256              # a cache shard is written when a rank holds this many MiB of it
     # CoDIR
     crd_alpha: float = 0.1
     bank_size: int = 4096
@@ -520,6 +524,7 @@ def _check_train(prefix: str, t: TrainConfig) -> None:
     _positive(f"{prefix}.max_tokens", t.max_tokens)
     _positive(f"{prefix}.warmup_tokens", t.warmup_tokens, allow_zero=True)
     _positive(f"{prefix}.min_lr", t.min_lr, allow_zero=True)
+    _positive(f"{prefix}.prefetch_steps", t.prefetch_steps, allow_zero=True)
     if t.min_lr > t.lr:
         raise ConfigError(f"{prefix}.min_lr: got {t.min_lr!r}, more than {prefix}.lr ({t.lr!r}); needs a floor "
                           f"at most the peak")
@@ -633,6 +638,8 @@ def check(config: Config) -> None:
     _choice("distil.rail_per", config.distil.rail_per, ("step", "epoch"))
     _positive("distil.cache_k", d.cache_k, allow_zero=True)
     _choice("distil.cache_quantization", d.cache_quantization, ("int8", "fp8", "bf16"))
+    _positive("distil.cache_layer_bytes", d.cache_layer_bytes, allow_zero=True)
+    _positive("distil.cache_shard_mb", d.cache_shard_mb)
     if d.teacher_cache or "cache-teacher" in config.steps:
         what = "distil.teacher_cache" if d.teacher_cache else "steps: cache-teacher"
         if config.task == "mlm":

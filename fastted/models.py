@@ -48,8 +48,8 @@ TASKS = ("classification", "mlm", "clm")
 _FINAL_NORMS = ("ln_f", "norm", "final_layer_norm", "final_layernorm", "norm_f")
 # Config entries of models that change their logits after the vocabulary projection (soft-capping, scaling).
 _LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier")
-# Batch keys that are not model inputs: example ids for memory banks.
-_NON_MODEL_KEYS = ("index",)
+# Batch keys that are not model inputs: example ids (memory banks, a teacher cache), a prefetched cache read.
+_NON_MODEL_KEYS = ("index", "teacher_cache")
 
 
 def _infer_task(model: nn.Module) -> str:
@@ -95,6 +95,7 @@ class ModelOutputs:
     head_input: Optional[Tensor] = None  # (B, T, H) input of the vocabulary projection (head=False only)
     topk: Optional[tuple] = None  # a cached teacher's logits: (values, ids, tail_lse), see fastted.cache
     target_scales: Optional[list[Tensor]] = None  # a cached teacher's: row scales of quantized hidden_states
+    target_mask: Optional[Tensor] = None  # a cached teacher's: (B, T) the tokens with targets, when it keeps a share
 
 
 class ModelAdapter:

@@ -283,13 +283,30 @@ def _interval(config: Config, which: str) -> int:
     return n_student // n_filters
 
 
-def _recipe(config: Config, method: str, st: _Start, truncate: bool = False):
+def _step_models(config: Config, cls) -> tuple[Optional[str], Optional[str]]:
+    """(teacher's, student's) model folders that earlier steps wrote for the recipe class ``cls``: the filters
+    steps' for a recipe on TED's stage-I filters, the fine-tuning steps' in classification, else (None, None)
+    (the run's teacher source and the student cut from it)."""
+    if cls.uses_stage1_filters:
+        return _model_dir(config, "filters-teacher"), _model_dir(config, "filters-student")
+    if config.task == "classification":
+        return _model_dir(config, "finetune-teacher"), _model_dir(config, "finetune-student")
+    return None, None
+
+
+def _recipe(config: Config, method: str, st: _Start, truncate: bool = False, cached: bool = False):
     """The stage-II recipe of ``method`` on the run's models (what distil trains and cache-teacher runs), its
     teacher cut after the last layer it reads with ``truncate`` (:meth:`~fastted.methods.base.Recipe.truncate_teacher`).
 
     Partitioned (:func:`_partitioning`), the models are built by :mod:`fastted.loading`, each partition by
     partition, and a teacher to cut is cut before it is built: the recipe is built on a meta-device stand-in of
-    it, cut, and handed the teacher built with the kept blocks alone (the others are never built nor read)."""
+    it, cut, and handed the teacher built with the kept blocks alone (the others are never built nor read).
+
+    ``cached`` (distil from a teacher cache): the teacher is the meta-device stand-in alone, on every rank, and no
+    byte of its weights is read; the recipe takes its shape from it until
+    :meth:`~fastted.methods.base.Recipe.use_teacher_cache` drops it. A student cut from the teacher reads its
+    kept blocks from the teacher's files itself (:func:`fastted.loading.build_student`): its initialization,
+    never the teacher's other blocks."""
     from fastted.filters import TaskFilters
     from fastted.loading import build_model
     from fastted.methods import RecipeModels, build_recipe, recipe_class
@@ -300,18 +317,17 @@ def _recipe(config: Config, method: str, st: _Start, truncate: bool = False):
     zeros = _partitioning(config, st, config.distil.train, batch_layout(config.distil.train, st.world)[0])
     legacy = _legacy(config, zeros)
     filters = None
-    t_dir = s_dir = None  # the models the earlier steps wrote, or the run's teacher source and its cut student
+    t_dir, s_dir = _step_models(config, recipe_class(method))
     if recipe_class(method).uses_stage1_filters:
-        t_dir, s_dir = _model_dir(config, "filters-teacher"), _model_dir(config, "filters-student")
         filters = (TaskFilters.from_pretrained(s_dir), TaskFilters.from_pretrained(t_dir))
-    elif config.task == "classification":
-        t_dir, s_dir = _model_dir(config, "finetune-teacher"), _model_dir(config, "finetune-student")
     fresh_teacher = t_dir is None and config.teacher.random_init  # drawn whole, then cut (its draws stay the same)
-    cut_first = (truncate and not legacy and zeros[0] is not None and not fresh_teacher
+    cut_first = (truncate and not cached and not legacy and zeros[0] is not None and not fresh_teacher
                  and recipe_class(method).teacher_layers_needed is not Recipe.teacher_layers_needed)
-    teacher = build_teacher(config, folder=t_dir, zero=zeros[0], meta=cut_first)
+    teacher = build_teacher(config, folder=t_dir, zero=zeros[0], meta=cut_first or cached)
     if s_dir is not None:
         student = load_model(s_dir, config.task) if legacy else build_model(s_dir, config.task, zero=zeros[1])
+    elif cached:  # never a copy of the stand-in: the kept blocks read from the teacher's files
+        student = _student(config, False, zeros[1])
     else:
         student = _student(config, legacy, zeros[1], teacher=teacher)
     steps = total_steps(len(st.data.train), config.distil.train, "distil.train",
@@ -329,7 +345,8 @@ def _recipe(config: Config, method: str, st: _Start, truncate: bool = False):
 
 def _cache_cuts_teacher(config: Config) -> bool:
     """Whether a teacher cache's teacher is cut after its last mapped layer: it stores the layer targets alone
-    (``distil.cache_k`` 0) and ``distil.truncate_teacher``. The cache's identity is then the cut teacher's."""
+    (``distil.cache_k`` 0) and ``distil.truncate_teacher``. The cache's identity is its source's all the same
+    (:func:`fastted.identity.teacher_identity`): the cut is the config's, and the layers are in the manifest."""
     return not config.distil.cache_k and config.distil.truncate_teacher
 
 
@@ -342,16 +359,21 @@ def _with_index(dataset):
 
 
 def _cache_identity(config: Config, recipe, data: Data) -> dict:
-    """What a run's teacher cache is checked against: the teacher's weights, the tokenizer's vocabulary, the
-    training data (tokens, packing, order of rows), the task; with the recipe's layers, temperature and targets,
-    k and the quantization."""
-    from fastted.cache import data_fingerprint, weights_hash
+    """What a run's teacher cache is checked against: the teacher (:func:`fastted.identity.teacher_identity` of the
+    folder its recipe's teacher is built from: its config and its checkpoint files' headers, none of its weights,
+    the same whether the teacher is loaded or a meta-device stand-in), the tokenizer's vocabulary, the training
+    data (tokens, packing, order of rows), the task; with the recipe's layers, temperature and targets, k and the
+    quantization and the layer targets' budget."""
+    from fastted.cache import data_fingerprint
     from fastted.data import tokenizer_key
+    from fastted.identity import teacher_identity
 
     name, _, vocab = tokenizer_key(data.tokenizer)
-    return {"teacher": weights_hash(recipe.teacher_model.model), "tokenizer": f"{name}:{vocab}",
+    teacher = teacher_identity(config, _step_models(config, type(recipe))[0])
+    return {"teacher": teacher, "tokenizer": f"{name}:{vocab}",
             "data": data_fingerprint(data.train), "task": config.task, "k": config.distil.cache_k,
-            "quantization": config.distil.cache_quantization, **recipe.teacher_cache_expect()}
+            "quantization": config.distil.cache_quantization, "layer_bytes": config.distil.cache_layer_bytes,
+            **recipe.teacher_cache_expect()}
 
 
 def cache_teacher(config: Config, method: str) -> dict:
@@ -388,9 +410,9 @@ def cache_teacher(config: Config, method: str) -> dict:
     manifest = build_teacher_cache(
         teacher, st.data.train, st.data.collator, directory, layers=identity["layers"], k=k,
         temperature=identity["temperature"], quantization=config.distil.cache_quantization,
-        transform=recipe.cache_transform(),
-        identity=identity, batch_size=batch_size, rank=st.rank, world=st.world, device=st.device,
-        progress=None if bar is None else bar.update)
+        transform=recipe.cache_transform(), identity=identity, batch_size=batch_size,
+        shard_bytes=config.distil.cache_shard_mb << 20, layer_bytes=config.distil.cache_layer_bytes, seed=config.seed,
+        rank=st.rank, world=st.world, device=st.device, progress=None if bar is None else bar.update)
     if bar is not None:
         bar.close()
     barrier()
@@ -403,8 +425,10 @@ def cache_teacher(config: Config, method: str) -> dict:
     stored = sum(record["bytes"] for record in manifest["shards"].values())
     tokens = manifest["tokens"]
     result = {"examples": manifest["examples"], "bytes": stored, "tokens": tokens,
-              "bytes_per_token": round(stored / max(tokens, 1), 1), "k": k,
-              "quantization": config.distil.cache_quantization, "layers": identity["layers"]}
+              "bytes_per_token": manifest["bytes_per_token"]["total"],
+              "bytes_per_token_by_part": manifest["bytes_per_token"], "k": k,
+              "quantization": config.distil.cache_quantization, "layers": identity["layers"],
+              "layer_bytes": manifest["layer_bytes"], "layer_fraction": manifest["layer_fraction"]}
     if st.rank == 0:
         write_atomic(os.path.join(directory, "result.json"), json.dumps(result, indent=1))
         if not config.progress:
@@ -421,15 +445,14 @@ def distil(config: Config, method: str) -> dict:
     config = method_config(config, method)  # distil.per_method's values for this method
     st = _start(config)
     d = config.distil
-    # cut before the engine (ZeRO-3 never gathers the blocks cut off); with a cache, as cache-teacher cut it
-    recipe = _recipe(config, method, st, truncate=_cache_cuts_teacher(config) if d.teacher_cache
-                     else d.truncate_teacher)
+    # cut before the engine (ZeRO-3 never gathers the blocks cut off); with a cache, a meta-device stand-in alone
+    recipe = _recipe(config, method, st, truncate=d.truncate_teacher and not d.teacher_cache, cached=d.teacher_cache)
     data = st.data
     if config.distil.teacher_cache:
         directory = stage_dir(config, f"cache-teacher-{method}")
         cache = TeacherCache(directory, expect=_cache_identity(config, recipe, data),
                              rebuild=f"run `fastted cache-teacher --method {method}` with this run's settings")
-        recipe.use_teacher_cache(cache)  # before the engine: the teacher is then never moved or partitioned
+        recipe.use_teacher_cache(cache)  # before the engine: the stand-in is then never moved or partitioned
     if config.distil.teacher_cache or recipe.needs_example_ids:  # the cache's rows, a momentum bank's entries
         data = Data(_with_index(data.train), data.test, data.collator, data.tokenizer, data.label_names)
     return _train(config, f"distil-{method}", recipe, data, config.distil.train, st.device, recipe.student_model)

@@ -4,7 +4,9 @@ The data order is a pure function of (seed, epoch) and the MLM masks of
 (seed, step, piece of the global batch) (:func:`fastted.data.data_order`,
 :func:`fastted.data.batch_generator`), so the data position is the optimizer
 step alone and a resumed run sees exactly the batches it would have seen, on
-any number of ranks.
+any number of ranks. A background thread makes each step's batches (and
+reads a teacher cache's outputs for them) a few steps ahead of the loop, in
+the same order (``train.prefetch_steps``, :class:`Prefetcher`).
 
 A checkpoint is a folder ``checkpoints/step-NNNNNNN`` written under a
 temporary name, closed by a ``manifest.json`` of every file's size and
@@ -30,7 +32,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import queue
 import shutil
+import threading
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -102,6 +106,82 @@ def micro_batches(stage: Stage, step: int, engine: Engine):
         yield epoch, stage.collator(examples, batch_generator(stage.seed, step, piece, 0))  # (.., a, 0) on 1 rank
 
 
+class Prefetcher:
+    """The steps ``start``..``total - 1`` in run order, each as ``(step, micro)``: ``micro`` holds exactly what
+    :func:`micro_batches` yields for it, each batch passed through the recipe's
+    :meth:`~fastted.methods.base.Recipe.prefetch` (a teacher cache's read of its rows, pinned on a CUDA run).
+
+    With ``depth`` > 0, inside a ``with`` block, a daemon thread makes them ahead of the loop: at most ``depth``
+    steps wait in its queue while it makes the next. The batches are pure functions of the step (the data order
+    and the MLM masks' generators are keyed by it), so a resumed run reads the same rows, and evaluations and
+    checkpoint saves between steps share nothing mutable with the thread (the collator and the cache are only
+    read). An exception in the thread is raised in the loop, itself (its traceback running into the thread), at
+    the step whose batches it stopped. Leaving the block (the end, an exception, a KeyboardInterrupt) stops the
+    thread and waits for it. ``depth`` 0, or outside a block: each step's batches made lazily in the loop, as
+    :func:`micro_batches` makes them."""
+
+    def __init__(self, stage: Stage, engine: Engine, start: int, total: int, depth: int):
+        self.stage, self.engine, self.steps, self.depth = stage, engine, range(start, total), depth
+        self._queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))  # a step's micro batches, or the exception
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def __enter__(self) -> "Prefetcher":
+        if self.depth and len(self.steps):
+            self._thread = threading.Thread(target=self._work, name="fastted-prefetch", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the thread and wait for it (it finishes the micro batch it is making)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def __iter__(self):
+        for step in self.steps:
+            if self._thread is None:
+                yield step, micro_batches(self.stage, step, self.engine)
+                continue
+            item = self._queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield step, item
+
+    def _work(self) -> None:
+        device = self.engine.device
+        pin = device.type == "cuda"  # the copies to the device then leave the host free
+        if pin:
+            torch.cuda.set_device(device)  # pinned memory and CUDA state of this rank's device, not device 0
+        torch.set_num_threads(1)  # this thread's own (OpenMP's is per thread): the step keeps the cores
+        prefetch = getattr(self.stage.recipe, "prefetch", None)  # a recipe that is not a fastted Recipe has none
+        try:
+            for step in self.steps:
+                micro = []
+                for epoch, batch in micro_batches(self.stage, step, self.engine):
+                    if self._stop.is_set():
+                        return
+                    micro.append((epoch, batch if prefetch is None else prefetch(batch, pin=pin)))
+                if not self._put(micro):
+                    return
+        except BaseException as error:  # raised in the loop, in the place of the step it stopped
+            self._put(error)
+
+    def _put(self, item) -> bool:
+        """Queue ``item``, waiting while the queue is full; False when the loop stopped the thread first."""
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+
 # --------------------------------------------------------------------------- checkpoints
 
 
@@ -166,12 +246,13 @@ def _run_settings(config_text: str) -> dict:
     # set, which the saved config holds themselves (a step another entry never touched resumes without it).
     for key in ("progress", "resume", "published"):
         values.pop(key, None)
-    return _without(values, "micro_batch_size")  # how the global batch is cut: set anew for another world size
+    # How the global batch is cut (set anew for another world size) and how far its reads run ahead.
+    return _without(values, ("micro_batch_size", "prefetch_steps"))
 
 
-def _without(values, key: str):
+def _without(values, keys: tuple):
     if isinstance(values, dict):
-        return {k: _without(v, key) for k, v in values.items() if k != key}
+        return {k: _without(v, keys) for k, v in values.items() if k not in keys}
     return values
 
 
@@ -337,62 +418,64 @@ def run(stage: Stage, engine: Engine) -> dict:
 
 def _train(stage: Stage, engine: Engine, start: int, last_good: Optional[str], metrics: Metrics,
            meter: Meter) -> tuple[dict, dict]:
-    """The steps from ``start`` and the final evaluation: (the last logged record, the last evaluation)."""
+    """The steps from ``start`` and the final evaluation: (the last logged record, the last evaluation). The
+    steps' batches are read ahead by a :class:`Prefetcher` (``train.prefetch_steps``), which ends with the loop."""
     total = engine.total_steps
     bar = _progress(stage.progress and engine.is_main, total, start, stage.name)
     train, last, evaluation = stage.train, {}, {}
     watch = _FiniteWatch(engine.device)
     engine.train(True)
-    for step in range(start, total):
-        sums: dict[str, torch.Tensor] = {}  # on the device: no host sync until the step is logged
-        layer_sums, grad_norm = None, None
-        for epoch, batch in micro_batches(stage, step, engine):
-            meter.batch(batch)  # as the collator returned it, on the host: no sync
-            out = engine.forward(batch, step=step, epoch=epoch)
-            engine.backward(out.loss)
-            lr = engine.lr
-            norm = engine.step()  # after every micro batch: DeepSpeed steps the optimizer at the boundary
-            grad_norm = norm if norm is not None else grad_norm
-            for name, value in {"loss": out.loss.detach(), **out.terms}.items():
-                sums[name] = sums.get(name, 0.0) + value.double()
-            if out.layer_losses is not None:
-                layer = out.layer_losses.detach().double()
-                layer_sums = layer if layer_sums is None else layer_sums + layer
-        meter.step()
-        watch.update(step, sums if grad_norm is None else {**sums, "gradient norm": grad_norm})
-        done = step + 1
-        logged = done % max(train.log_every, 1) == 0 or done == total
-        evaluated = stage.evaluate is not None and train.eval_every and done % train.eval_every == 0
-        saved = (train.save_every and done % train.save_every == 0) or done == total
-        if logged:
-            names = list(sums)
-            flat = torch.stack([sums[n] for n in names] + ([] if layer_sums is None else list(layer_sums)))
-            flat = mean_over_ranks(flat / engine.accumulation).tolist()  # the step's sync
-            values = dict(zip(names, flat))
-            record = {"step": done, "epoch": epoch, "stage": stage.name, "loss": values.pop("loss"), "lr": lr,
-                      **meter.fields(), "layer_losses": flat[len(names):], "terms": values,
-                      "weights": dict(out.weights)}
-            metrics.log(record)
-            last = record
+    with Prefetcher(stage, engine, start, total, train.prefetch_steps) as steps:
+        for step, micro in steps:
+            sums: dict[str, torch.Tensor] = {}  # on the device: no host sync until the step is logged
+            layer_sums, grad_norm = None, None
+            for epoch, batch in micro:
+                meter.batch(batch)  # as the collator returned it, on the host: no sync
+                out = engine.forward(batch, step=step, epoch=epoch)
+                engine.backward(out.loss)
+                lr = engine.lr
+                norm = engine.step()  # after every micro batch: DeepSpeed steps the optimizer at the boundary
+                grad_norm = norm if norm is not None else grad_norm
+                for name, value in {"loss": out.loss.detach(), **out.terms}.items():
+                    sums[name] = sums.get(name, 0.0) + value.double()
+                if out.layer_losses is not None:
+                    layer = out.layer_losses.detach().double()
+                    layer_sums = layer if layer_sums is None else layer_sums + layer
+            meter.step()
+            watch.update(step, sums if grad_norm is None else {**sums, "gradient norm": grad_norm})
+            done = step + 1
+            logged = done % max(train.log_every, 1) == 0 or done == total
+            evaluated = stage.evaluate is not None and train.eval_every and done % train.eval_every == 0
+            saved = (train.save_every and done % train.save_every == 0) or done == total
+            if logged:
+                names = list(sums)
+                flat = torch.stack([sums[n] for n in names] + ([] if layer_sums is None else list(layer_sums)))
+                flat = mean_over_ranks(flat / engine.accumulation).tolist()  # the step's sync
+                values = dict(zip(names, flat))
+                record = {"step": done, "epoch": epoch, "stage": stage.name, "loss": values.pop("loss"), "lr": lr,
+                          **meter.fields(), "layer_losses": flat[len(names):], "terms": values,
+                          "weights": dict(out.weights)}
+                metrics.log(record)
+                last = record
+                if bar is not None:
+                    shown = {"mfu": f"{record['mfu']:.1%}"} if "mfu" in record else {}
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                                    mem=f"{record['peak_memory'] / 2**30:.1f}G", **shown, refresh=False)
+                elif engine.is_main:  # progress=false: one line per logged step, for logs and batch jobs
+                    terms = " ".join(f"{k} {v:.4f}" for k, v in values.items())
+                    print(f"{stage.name} step {done}/{total}: loss {record['loss']:.4f} {terms} lr {lr:.3g} "
+                          f"{_throughput_text(record)}", flush=True)
             if bar is not None:
-                shown = {"mfu": f"{record['mfu']:.1%}"} if "mfu" in record else {}
-                bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}",
-                                mem=f"{record['peak_memory'] / 2**30:.1f}G", **shown, refresh=False)
-            elif engine.is_main:  # progress=false: one line per logged step, for logs and batch jobs
-                terms = " ".join(f"{k} {v:.4f}" for k, v in values.items())
-                print(f"{stage.name} step {done}/{total}: loss {record['loss']:.4f} {terms} lr {lr:.3g} "
-                      f"{_throughput_text(record)}", flush=True)
-        if bar is not None:
-            bar.update(1)
-        if logged or evaluated or saved:
-            watch.check(stage, engine, last_good)  # a sync: what the device queued is done before the timing
-        if evaluated and done != total:
-            with meter.excluded():
-                evaluation = _evaluate(stage, engine, done, metrics)
-        if saved:
-            with meter.excluded():
-                engine.check_finite_parameters(f"{stage.name}: after step {done} of {total}", last_good)
-                last_good = save_checkpoint(engine, stage, done, meter.total_tokens())
+                bar.update(1)
+            if logged or evaluated or saved:
+                watch.check(stage, engine, last_good)  # a sync: what the device queued is done before the timing
+            if evaluated and done != total:
+                with meter.excluded():
+                    evaluation = _evaluate(stage, engine, done, metrics)
+            if saved:
+                with meter.excluded():
+                    engine.check_finite_parameters(f"{stage.name}: after step {done} of {total}", last_good)
+                    last_good = save_checkpoint(engine, stage, done, meter.total_tokens())
     if bar is not None:
         bar.close()
     if stage.evaluate is not None:

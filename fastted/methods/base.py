@@ -46,6 +46,7 @@ from fastted.models import ModelAdapter, ModelOutputs, adapt, gathered
 from fastted.ops.checks import check_impl
 from fastted.ops.fused_linear_kd import fused_linear_kd
 from fastted.ops.logit_kd import logit_kd
+from fastted.ops.packed_topk import PackedTopK
 from fastted.ops.sparse_logit_kd import fused_linear_sparse_kd, sparse_logit_kd
 
 
@@ -78,6 +79,23 @@ class RecipeModels:
 
 # The terms of the logits, which the fused LM head computes in one call.
 _HEAD_TERMS = ("task", "kd")
+
+# The batch key under which Recipe.prefetch puts a teacher cache's read of the batch (a dict of tensors).
+PREFETCHED = "teacher_cache"
+
+
+def _map_tensors(fn, value):
+    """``value`` with ``fn`` applied to each tensor in it, through dicts, lists, tuples and named tuples (a
+    :class:`~fastted.ops.packed_topk.PackedTopK`); anything else as it is."""
+    if torch.is_tensor(value):
+        return fn(value)
+    if isinstance(value, dict):
+        return {key: _map_tensors(fn, v) for key, v in value.items()}
+    if isinstance(value, tuple) and hasattr(value, "_fields"):
+        return type(value)(*(_map_tensors(fn, v) for v in value))
+    if isinstance(value, (list, tuple)):
+        return type(value)(_map_tensors(fn, v) for v in value)
+    return value
 
 
 def _freeze(module: nn.Module) -> nn.Module:
@@ -314,8 +332,29 @@ class Recipe(nn.Module):
         """The frozen modules a cache stands in for: the teacher."""
         return [self.teacher_model.model]
 
+    def prefetch(self, batch: dict, pin: bool = False) -> dict:
+        """``batch`` with the teacher cache's read of its rows under ``batch["teacher_cache"]``
+        (:data:`PREFETCHED`), made now on the host: a trainer calls it ahead of the step (in a background thread,
+        :class:`fastted.trainer.Prefetcher`), so the forward reads nothing. ``pin``: the read's tensors in pinned
+        memory, for a CUDA run whose copies to the device then overlap the step. Without a cache, or a batch
+        without ``index``, ``batch`` itself (the forward then reads, or raises, as it would have)."""
+        if self.teacher_cache is None or "index" not in batch:
+            return batch
+        stored = self._read_cache(batch)
+        if pin:
+            stored = _map_tensors(Tensor.pin_memory, stored)
+        return {**batch, PREFETCHED: stored}
+
+    def _read_cache(self, batch: dict, device=None) -> dict:
+        """The cache's stored outputs of ``batch``'s rows (:meth:`fastted.cache.TeacherCache.batch`), on
+        ``device`` (None: the host)."""
+        # int8 / fp8 targets stay quantized: the filtered MSE kernel dequantizes them by their row scales
+        return self.teacher_cache.batch(batch["index"], batch.get("attention_mask"), device=device,
+                                        dequantize=not self.reads_quantized_targets)
+
     def _cached_teacher(self, batch: dict, layers) -> ModelOutputs:
-        """The teacher's outputs of ``batch`` read from the cache: top-k logits and the layers' targets."""
+        """The teacher's outputs of ``batch`` read from the cache (or read ahead by :meth:`prefetch`): top-k
+        logits and the layers' targets."""
         if "index" not in batch:
             raise ValueError("a cached teacher needs batch['index'], the batch's rows of the dataset the cache was "
                              "made from (the run's collators add it)")
@@ -324,13 +363,16 @@ class Recipe(nn.Module):
             raise ValueError(f"teacher cache {self.teacher_cache.directory} holds layers "
                              f"{list(self._cache_slot)}, not {missing}")
         mask = batch.get("attention_mask")
-        # int8 / fp8 targets stay quantized: the filtered MSE kernel dequantizes them by their row scales
-        stored = self.teacher_cache.batch(batch["index"], mask, device=batch["input_ids"].device,
-                                          dequantize=not self.reads_quantized_targets)
+        device = batch["input_ids"].device
+        stored = batch.get(PREFETCHED)
+        if stored is None:
+            stored = self._read_cache(batch, device)
+        else:  # read ahead on the host (pinned on a CUDA run): the host does not wait for the copies
+            stored = _map_tensors(lambda x: x.to(device, non_blocking=True), stored)
         slots = [self._cache_slot[layer] for layer in layers]
         scales = None if stored["scales"] is None else [stored["scales"][i] for i in slots]
         return ModelOutputs(None, [stored["targets"][i] for i in slots], mask, topk=stored["topk"],
-                            target_scales=scales)
+                            target_scales=scales, target_mask=stored.get("target_mask"))
 
     def activation_checkpointing_enable(self, **kwargs) -> None:
         """Recompute the student's activations in its backward (``transformers.Trainer``'s
@@ -398,9 +440,11 @@ class Recipe(nn.Module):
             terms["task"] = self.student_model.task_loss(student_out.logits, batch.get("labels"))
         if weights["kd"]:
             mask = None if self.student_model.task == "classification" else student_out.mask
-            if teacher_out.topk is not None:  # a cached teacher's top-k
-                terms["kd"] = sparse_logit_kd(student_out.logits, *teacher_out.topk, temperature=temperature,
-                                              mask=mask, impl=self.impl)
+            if teacher_out.topk is not None:  # a cached teacher's top-k: packed (read as it is) or three tensors
+                topk = teacher_out.topk
+                teacher = (topk,) if isinstance(topk, PackedTopK) else tuple(topk)
+                terms["kd"] = sparse_logit_kd(student_out.logits, *teacher, temperature=temperature, mask=mask,
+                                              impl=self.impl)
             else:
                 terms["kd"] = logit_kd(student_out.logits, teacher_out.logits, temperature=temperature, mask=mask,
                                        impl=self.impl)
@@ -435,7 +479,9 @@ class Recipe(nn.Module):
                        shift_labels=labels is not None and student.task == "clm",  # state t predicts label t + 1
                        kd_ignored_rows=True)  # the KL over every token the mask keeps, as the unfused recipes
         if w_kd and teacher_out.topk is not None:  # a cached teacher: its top-k logits, no head of its own
-            loss, kd, ce = fused_linear_sparse_kd(xs, ws, *teacher_out.topk, student_bias=bs, **options)
+            topk = teacher_out.topk  # packed (read as it is) or three tensors
+            teacher = (topk,) if isinstance(topk, PackedTopK) else tuple(topk)
+            loss, kd, ce = fused_linear_sparse_kd(xs, ws, *teacher, student_bias=bs, **options)
         else:
             if w_kd:
                 xt = teacher_out.head_input

@@ -266,6 +266,9 @@ class TED(Recipe):
             if teacher_batch is not None and teacher_batch["input_ids"].shape != batch["input_ids"].shape:
                 raise ValueError("the MSE term compares token by token: teacher_batch must have the student's shape")
             mask = s_out.mask if self.mask_padding else None
+            if t_out.target_mask is not None:  # a cache that keeps a share of the tokens: the MSE over those
+                kept = t_out.target_mask.to(torch.long)
+                mask = kept if mask is None else mask * kept
             t_states, scales = t_out.hidden_states, t_out.target_scales
             if self.teacher_cache is not None and scales is None:  # bf16 targets: in the student's dtype
                 t_states = [t.to(s_out.hidden_states[0].dtype) for t in t_states]

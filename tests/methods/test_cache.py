@@ -44,8 +44,8 @@ def test_a_causal_lms_outputs_read_back(tmp_path):
     collator = CLMCollator(0)
     identity = {"teacher": weights_hash(teacher.model), "data": "toy"}
     manifest = build_teacher_cache(teacher, examples, collator, str(tmp_path), layers=[0, 2], k=8, temperature=2.0,
-                                   identity=identity, batch_size=4, shard_examples=5)
-    assert len(manifest["shards"]) == 3 and manifest["examples"] == 11
+                                   identity=identity, batch_size=4, shard_bytes=1200)
+    assert 2 <= len(manifest["shards"]) < 11 and manifest["examples"] == 11  # flushed by bytes, not by examples
     cache = TeacherCache(str(tmp_path), expect={**identity, "layers": [0, 2], "k": 8, "temperature": 2.0})
     assert len(cache) == 11
     for i in (0, 6, 10):
@@ -54,7 +54,8 @@ def test_a_causal_lms_outputs_read_back(tmp_path):
         logits = live.logits[0].float()
         values, ids, tail = topk_targets_reference(logits, 8, 2.0)
         assert torch.equal(got["topk_ids"], ids)
-        torch.testing.assert_close(got["topk_values"], values.bfloat16().float())
+        step = (values[:, :1] - values[:, -1:]) / 255  # uint8 steps below each row's largest: half a step at most
+        assert ((got["topk_values"] - values).abs() <= step / 2 * (1 + 1e-4) + 1e-6).all()
         torch.testing.assert_close(got["tail_lse"], tail, rtol=1e-6, atol=1e-6)
         for state, target in zip(live.hidden_states, got["targets"]):
             state = state[0].float()
@@ -90,12 +91,18 @@ def test_a_classifier_stores_one_logit_row_per_example_and_the_bytes_per_token(t
     assert got["topk_values"].shape == (1, 2) and got["targets"][0].shape == (len(examples[4]["input_ids"]), 32)
     from safetensors.torch import load_file
 
-    shard = load_file(os.path.join(tmp_path, "shard-000-00000.safetensors"))
+    shard = load_file(os.path.join(tmp_path, "shard-000-00000.safetensors"))  # a safetensors file as any reads it
     tokens = sum(len(ex["input_ids"]) for ex in examples)
     assert shard["layer0"].dtype == torch.int8 and shard["layer0_scale"].dtype == torch.float32
     per_token = (shard["layer0"].numel() + 4 * shard["layer0_scale"].numel()) / tokens
-    assert per_token == 32 + 4  # int8 entries and one fp32 scale per row: k = 64 and three layers of 384 would be
-    # 64 * (2 + 2) + 4 + 3 * (384 + 4) = 1,424 bytes per token, under the issue's 1.5 KB
+    assert per_token == 32 + 4  # int8 entries and one fp32 scale per row
+    logits = sum(shard[key].numel() * shard[key].element_size() for key in shard if key.startswith("topk"))
+    assert logits == 6 * (4 + 2 + 3 * 4)  # per example: one word of two 1-bit ids, two levels, top, step, tail
+    manifest = cache.manifest
+    assert manifest["part_bytes"]["layers"] == shard["layer0"].numel() + 4 * shard["layer0_scale"].numel()
+    assert manifest["part_bytes"]["logits"] == logits
+    assert manifest["bytes_per_token"]["total"] == round(os.path.getsize(os.path.join(tmp_path,
+                                                         "shard-000-00000.safetensors")) / tokens, 1)
 
 
 @pytest.mark.bad_input
@@ -112,7 +119,12 @@ def test_a_cache_of_another_run_or_damaged_is_refused(tmp_path):
     data = bytearray(shard.read_bytes())
     data[-10] ^= 0xFF
     shard.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match="shard-000-00000.safetensors differs from its manifest's SHA-256"):
+    opened = TeacherCache(str(tmp_path))  # opening reads sizes alone: the first read of the shard checks it
+    with pytest.raises(ValueError, match="shard-000-00000.safetensors differs from its manifest's SHA-256 "
+                                         r"\(damaged\): build the cache again"):
+        opened.example(0)
+    shard.write_bytes(bytes(data[:-1]))
+    with pytest.raises(ValueError, match="shard-000-00000.safetensors is missing or has another size"):
         TeacherCache(str(tmp_path))
     (tmp_path / "manifest.json").unlink()
     with pytest.raises(ValueError, match="no manifest.json"):
@@ -121,7 +133,8 @@ def test_a_cache_of_another_run_or_damaged_is_refused(tmp_path):
         build_teacher_cache(teacher, _examples(2, seed=7), CLMCollator(0), str(tmp_path), quantization="int4")
     for option, value, fragment in (("k", -1, "k must be an int >= 0"),
                                     ("batch_size", 0, "batch_size must be a positive int"),
-                                    ("shard_examples", -1, "shard_examples must be a positive int"),
+                                    ("shard_bytes", -1, "shard_bytes must be a positive int"),
+                                    ("layer_bytes", -1, "layer_bytes must be an int >= 0"),
                                     ("temperature", float("inf"), "temperature must be a finite number"),
                                     ("temperature", -1.0, "temperature must lie in (0.0, inf), got -1.0")):
         with pytest.raises(ValueError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
@@ -135,3 +148,78 @@ def test_weights_hash_is_the_teachers_identity():
         next(b.parameters())[0, 0] += 1e-3
     assert weights_hash(a) != weights_hash(b)
     assert json.dumps(weights_hash(a))  # a plain string, for the manifest
+
+
+def test_a_layer_budget_keeps_each_token_with_the_same_probability(tmp_path):
+    """layer_bytes below what a token's targets take: each token is kept with probability f, the same draws at
+    every build, and the reader puts the kept rows at their tokens with a target mask."""
+    teacher = ModelAdapter(gpt2(2, 32, seed=2))
+    examples = [{"input_ids": torch.randint(5, 97, (30,), generator=torch.Generator().manual_seed(i)).tolist()}
+                for i in range(60)]
+    collator = CLMCollator(0)
+    kw = dict(layers=[0, 1], k=0, batch_size=8, layer_bytes=20, seed=3)
+    manifest = build_teacher_cache(teacher, examples, collator, str(tmp_path / "a"), **kw)
+    f = 20 / (2 * (32 + 4) + 4)  # two int8 rows of 32 with their fp32 scales, and the position
+    assert manifest["layer_fraction"] == pytest.approx(f)
+    cache = TeacherCache(str(tmp_path / "a"))
+    kept = [cache.example(i)["positions"] for i in range(60)]
+    total = sum(len(p) for p in kept)
+    n = 60 * 30
+    assert abs(total - f * n) < 4 * (n * f * (1 - f)) ** 0.5  # a binomial count's spread, at four sigma
+    assert manifest["bytes_per_token"]["layers"] == pytest.approx(f * (2 * 36 + 4), rel=0.1)
+    again = build_teacher_cache(teacher, examples, collator, str(tmp_path / "b"), **kw)
+    assert again["shards"][next(iter(again["shards"]))]["sha256"] == manifest["shards"][next(iter(manifest["shards"]))]["sha256"]
+
+    batch = collator(examples[:4], None)
+    live = teacher(batch, [0, 1])
+    got = cache.batch(torch.arange(4), batch["attention_mask"])
+    for b in range(4):
+        expected = torch.zeros(30, dtype=torch.bool)
+        expected[kept[b]] = True
+        assert torch.equal(got["target_mask"][b], expected)
+        for layer in range(2):
+            rows = got["targets"][layer][b]
+            assert torch.equal(rows[~expected], torch.zeros_like(rows[~expected]))
+            state = live.hidden_states[layer][b][expected]
+            assert ((rows[expected] - state).abs() <= state.abs().amax(-1, keepdim=True) / 254 * 1.01 + 1e-6).all()
+
+
+def test_logits_made_a_block_of_rows_at_a_time_are_the_whole_batchs(tmp_path, monkeypatch):
+    """The builder's top-k from the head's input in blocks of rows equals the top-k of the whole logits."""
+    import fastted.cache as cache_module
+
+    teacher = ModelAdapter(gpt2(2, 32, seed=2))
+    examples = _examples(7, seed=5)
+    build_teacher_cache(teacher, examples, CLMCollator(0), str(tmp_path / "whole"), k=6, temperature=2.0)
+    monkeypatch.setattr(cache_module, "LOGIT_ELEMENTS", 97 * 3)  # three rows at a time
+    build_teacher_cache(teacher, examples, CLMCollator(0), str(tmp_path / "rows"), k=6, temperature=2.0)
+    whole, rows = TeacherCache(str(tmp_path / "whole")), TeacherCache(str(tmp_path / "rows"))
+    for i in range(7):
+        a, b = whole.example(i), rows.example(i)
+        assert torch.equal(a["topk_ids"], b["topk_ids"])
+        torch.testing.assert_close(a["topk_values"], b["topk_values"], rtol=0, atol=1e-5)
+        torch.testing.assert_close(a["tail_lse"], b["tail_lse"], rtol=1e-6, atol=1e-6)
+
+
+def test_building_holds_one_shard_at_most_and_opening_reads_no_shard(tmp_path, monkeypatch):
+    import fastted.cache as cache_module
+    from fastted import files
+
+    held = []
+    flush = cache_module._ShardWriter.flush
+    monkeypatch.setattr(cache_module._ShardWriter, "flush", lambda self: (held.append(self.held), flush(self))[1])
+    teacher = ModelAdapter(gpt2(2, 32, seed=2))
+    examples = [{"input_ids": list(range(5, 25))} for _ in range(40)]  # 20 tokens: 20 * (2 * 36 + 4 * 16 ...)
+    manifest = build_teacher_cache(teacher, examples, CLMCollator(0), str(tmp_path), layers=[0, 1], k=4,
+                                   shard_bytes=4000)
+    one = max(held[:-1]) - 4000  # what the example that crossed the limit added
+    assert len(manifest["shards"]) == len(held) > 5
+    assert all(h < 4000 + one + 1 for h in held) and one < 4000
+    before = files.bytes_hashed
+    cache = TeacherCache(str(tmp_path))
+    assert files.bytes_hashed == before  # the manifest and the sizes: no shard read at open
+    cache.example(0)
+    first = os.path.join(tmp_path, "shard-000-00000.safetensors")
+    assert files.bytes_hashed - before == os.path.getsize(first)  # the shard read, checked once
+    cache.batch(torch.tensor([1, 0]), None)
+    assert files.bytes_hashed - before == os.path.getsize(first)

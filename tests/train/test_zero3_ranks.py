@@ -70,7 +70,8 @@ def test_a_cache_built_by_uneven_ranks_under_a_zero3_teacher(runs, tmp_path):
     for i in range(9):
         a, b = one.example(i), two.example(i)
         assert torch.equal(a["topk_ids"], b["topk_ids"]), i
-        torch.testing.assert_close(a["topk_values"], b["topk_values"], rtol=0, atol=0)
+        step = float(a["topk_values"].max() - a["topk_values"].min()) / 255  # one uint8 level at most
+        torch.testing.assert_close(a["topk_values"], b["topk_values"], rtol=0, atol=step)
         torch.testing.assert_close(a["tail_lse"], b["tail_lse"], rtol=1e-6, atol=1e-6)
         for x, y in zip(a["targets"], b["targets"]):
             torch.testing.assert_close(x, y, rtol=0, atol=x.abs().max().item() / 127)  # one int8 step
