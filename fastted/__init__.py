@@ -34,6 +34,7 @@ from fastted.ops.contrastive_kd import ContrastiveKDLoss, contrastive_kd
 from fastted.ops.filtered_mse import FilteredMSELoss, filtered_mse
 from fastted.ops.fused_linear_kd import FusedLinearKDLoss, fused_linear_kd
 from fastted.ops.logit_kd import LogitKDLoss, logit_kd
+from fastted.ops.packed_topk import PackedTopK, pack_topk, unpack_topk
 from fastted.ops.pooled_distance import PooledDistanceLoss, pooled_distance
 from fastted.ops.pooling import pool_states
 from fastted.ops.sparse_logit_kd import SparseLogitKDLoss, fused_linear_sparse_kd, sparse_logit_kd
@@ -72,6 +73,7 @@ __all__ = [
     "FusedLinearKDLoss",
     "LogitKDLoss",
     "MemoryBank",
+    "PackedTopK",
     "PooledDistanceLoss",
     "SparseLogitKDLoss",
     "contrastive_kd",
@@ -79,8 +81,10 @@ __all__ = [
     "fused_linear_kd",
     "fused_linear_sparse_kd",
     "logit_kd",
+    "pack_topk",
     "pool_states",
     "pooled_distance",
     "sparse_logit_kd",
+    "unpack_topk",
     "__version__",
 ]

@@ -437,6 +437,24 @@ def cache_teacher(config: Config, method: str) -> dict:
     return result
 
 
+def _open_on_every_rank(open_cache):
+    """``open_cache()`` on every rank, or the first refusal on all of them: each rank checks the teacher's
+    identity from its own files, and a node whose copy differs must not leave the others waiting in a
+    collective."""
+    from fastted.engine import gather_over_ranks
+
+    try:
+        cache, reason = open_cache(), None
+    except ValueError as error:
+        cache, reason = None, str(error)
+    reasons = gather_over_ranks(reason)
+    refused = [(rank, r) for rank, r in enumerate(reasons) if r is not None]
+    if refused:
+        rank, reason = refused[0]
+        raise ValueError(reason if len(reasons) == 1 else f"rank {rank}: {reason}")
+    return cache
+
+
 def distil(config: Config, method: str) -> dict:
     """Stage II of ``method``: the student learns from the frozen teacher (or, with ``distil.teacher_cache``,
     from what cache-teacher stored of it)."""
@@ -450,8 +468,9 @@ def distil(config: Config, method: str) -> dict:
     data = st.data
     if config.distil.teacher_cache:
         directory = stage_dir(config, f"cache-teacher-{method}")
-        cache = TeacherCache(directory, expect=_cache_identity(config, recipe, data),
-                             rebuild=f"run `fastted cache-teacher --method {method}` with this run's settings")
+        cache = _open_on_every_rank(lambda: TeacherCache(
+            directory, expect=_cache_identity(config, recipe, data),
+            rebuild=f"run `fastted cache-teacher --method {method}` with this run's settings"))
         recipe.use_teacher_cache(cache)  # before the engine: the stand-in is then never moved or partitioned
     if config.distil.teacher_cache or recipe.needs_example_ids:  # the cache's rows, a momentum bank's entries
         data = Data(_with_index(data.train), data.test, data.collator, data.tokenizer, data.label_names)
