@@ -203,24 +203,27 @@ class _Shard:
 
     def __init__(self, path: str, record: dict):
         self.path, self.record = path, record
-        self._arrays: Optional[dict] = None
+        self._opened: Optional[tuple[dict, dict]] = None
         self._lock = threading.Lock()
 
-    def arrays(self, verify: bool, damaged: Callable[[str], Exception]) -> dict:
-        if self._arrays is None:
+    def arrays(self, verify: bool, damaged: Callable[[str], Exception]) -> tuple[dict, dict]:
+        """(arrays, their safetensors dtype names), by key."""
+        if self._opened is None:
             with self._lock:
-                if self._arrays is None:
+                if self._opened is None:
+                    from fastted.identity import safetensors_header
+
                     if verify and sha256_file(self.path) != self.record["sha256"]:
                         raise damaged("differs from its manifest's SHA-256")
-                    mapped = np.memmap(self.path, dtype=np.uint8, mode="r")
-                    length = int.from_bytes(bytes(mapped[:8]), "little")
-                    header = json.loads(bytes(mapped[8:8 + length]))
+                    text = safetensors_header(self.path)
+                    header = json.loads(text)
                     header.pop("__metadata__", None)
-                    base = 8 + length
-                    self._arrays = {key: mapped[base + e["data_offsets"][0]:base + e["data_offsets"][1]]
-                                    .view(_NUMPY[e["dtype"]]).reshape(e["shape"]) for key, e in header.items()}
-                    self._tags = {key: e["dtype"] for key, e in header.items()}
-        return self._arrays
+                    base = 8 + len(text)
+                    mapped = np.memmap(self.path, dtype=np.uint8, mode="r")
+                    arrays = {key: mapped[base + e["data_offsets"][0]:base + e["data_offsets"][1]]
+                              .view(_NUMPY[e["dtype"]]).reshape(e["shape"]) for key, e in header.items()}
+                    self._opened = arrays, {key: e["dtype"] for key, e in header.items()}
+        return self._opened
 
 
 def _tensor(array: np.ndarray, tag: str) -> Tensor:
@@ -338,7 +341,6 @@ def build_teacher_cache(teacher, examples: Sequence[dict], collator: Callable, d
             counts = mask.sum(-1).tolist()
             at = 0  # the batch's real tokens before example b (the rows of the packed logits)
             for b, n in enumerate(counts):
-                positions = mask[b].nonzero().squeeze(-1)
                 arrays, rows = {}, {}
                 if topk is not None:
                     r = slice(at, at + n) if logit_kind == "token" else slice(b, b + 1)
@@ -348,6 +350,7 @@ def build_teacher_cache(teacher, examples: Sequence[dict], collator: Callable, d
                 at += n
                 if targets:
                     if targets_per == "token":
+                        positions = mask[b].nonzero().squeeze(-1)
                         kept = _kept_positions(n, fraction, seed, chosen[b]) if fraction < 1 else None
                         where = positions if kept is None else positions[kept.to(positions.device)]
                         if kept is not None:
@@ -494,7 +497,7 @@ class TeacherCache:
             return ValueError(f"teacher cache {self.directory}: {os.path.basename(shard.path)} {what} (damaged): "
                               f"{self.rebuild}")
 
-        arrays = shard.arrays(self.verify, damaged)
+        arrays, tags = shard.arrays(self.verify, damaged)
         if int(arrays["example_ids"][row]) != example:
             raise damaged(f"holds example {int(arrays['example_ids'][row])} where its manifest puts {example}")
         spans = {}
@@ -502,7 +505,7 @@ class TeacherCache:
             if f"{group}_offsets" in arrays:
                 lo, hi = arrays[f"{group}_offsets"][row:row + 2].tolist()
                 spans[group] = slice(lo, hi)
-        return arrays, shard._tags, spans
+        return arrays, tags, spans
 
     def example(self, index: int, dequantize: bool = True) -> dict:
         """The stored teacher outputs of dataset row ``index``: ``topk_values`` (rows, k) fp32 (as the packed
@@ -629,7 +632,7 @@ class TeacherCache:
         counts = [spans[group].stop - spans[group].start for _, _, spans in rows]
         return torch.arange(max(counts, default=1))[None, :] < torch.tensor(counts)[:, None]
 
-    def _check_rows(self, example, stored: int, tokens: Optional[int]) -> None:
-        if tokens is not None and stored != tokens:
+    def _check_rows(self, example, stored: int, tokens: int) -> None:
+        if stored != tokens:
             raise ValueError(f"teacher cache {self.directory}: example {int(example)} has {stored} stored tokens but "
                              f"{tokens} in this batch's attention mask: the data differs from the cache's")

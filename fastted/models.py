@@ -93,7 +93,7 @@ class ModelOutputs:
     hidden_states: list[Tensor]   # the requested layers, (B, T, d) each, in the requested order
     mask: Optional[Tensor]        # (B, T) attention mask, the token mask of every loss
     head_input: Optional[Tensor] = None  # (B, T, H) input of the vocabulary projection (head=False only)
-    topk: Optional[tuple] = None  # a cached teacher's logits: (values, ids, tail_lse), see fastted.cache
+    topk: Optional[tuple] = None  # a cached teacher's logits: a PackedTopK (fastted.ops.packed_topk), see fastted.cache
     target_scales: Optional[list[Tensor]] = None  # a cached teacher's: row scales of quantized hidden_states
     target_mask: Optional[Tensor] = None  # a cached teacher's: (B, T) the tokens with targets, when it keeps a share
 

@@ -46,7 +46,6 @@ from fastted.models import ModelAdapter, ModelOutputs, adapt, gathered
 from fastted.ops.checks import check_impl
 from fastted.ops.fused_linear_kd import fused_linear_kd
 from fastted.ops.logit_kd import logit_kd
-from fastted.ops.packed_topk import PackedTopK
 from fastted.ops.sparse_logit_kd import fused_linear_sparse_kd, sparse_logit_kd
 
 
@@ -440,11 +439,9 @@ class Recipe(nn.Module):
             terms["task"] = self.student_model.task_loss(student_out.logits, batch.get("labels"))
         if weights["kd"]:
             mask = None if self.student_model.task == "classification" else student_out.mask
-            if teacher_out.topk is not None:  # a cached teacher's top-k: packed (read as it is) or three tensors
-                topk = teacher_out.topk
-                teacher = (topk,) if isinstance(topk, PackedTopK) else tuple(topk)
-                terms["kd"] = sparse_logit_kd(student_out.logits, *teacher, temperature=temperature, mask=mask,
-                                              impl=self.impl)
+            if teacher_out.topk is not None:  # a cached teacher's top-k, packed: read as it is
+                terms["kd"] = sparse_logit_kd(student_out.logits, teacher_out.topk, temperature=temperature,
+                                              mask=mask, impl=self.impl)
             else:
                 terms["kd"] = logit_kd(student_out.logits, teacher_out.logits, temperature=temperature, mask=mask,
                                        impl=self.impl)
@@ -479,9 +476,7 @@ class Recipe(nn.Module):
                        shift_labels=labels is not None and student.task == "clm",  # state t predicts label t + 1
                        kd_ignored_rows=True)  # the KL over every token the mask keeps, as the unfused recipes
         if w_kd and teacher_out.topk is not None:  # a cached teacher: its top-k logits, no head of its own
-            topk = teacher_out.topk  # packed (read as it is) or three tensors
-            teacher = (topk,) if isinstance(topk, PackedTopK) else tuple(topk)
-            loss, kd, ce = fused_linear_sparse_kd(xs, ws, *teacher, student_bias=bs, **options)
+            loss, kd, ce = fused_linear_sparse_kd(xs, ws, teacher_out.topk, student_bias=bs, **options)
         else:
             if w_kd:
                 xt = teacher_out.head_input
