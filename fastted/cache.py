@@ -332,6 +332,10 @@ def build_teacher_cache(teacher, examples: Sequence[dict], collator: Callable, d
                 vocab, logit_kind = out.logits.shape[-1], "example"
             if not real:
                 continue
+            for layer, state in zip(layers or range(len(targets)), targets):
+                if not bool(torch.isfinite(state).all()):
+                    raise ValueError(f"the teacher's target of layer {layer} is not finite in the batch of examples "
+                                     f"{list(chosen)[:4]}...: nothing non-finite is cached")
             if topk is not None:
                 bits = id_bits(vocab)
                 packed = pack_topk(*topk, vocab)

@@ -103,6 +103,9 @@ def pack_topk(values: Tensor, ids: Tensor, tail: Tensor, vocab: int) -> PackedTo
     values = values.detach().float()
     if not bool(torch.isfinite(values).all()):
         raise ValueError("topk_values holds a non-finite logit: the teacher's logits must be finite to be cached")
+    if bool((tail.isnan() | (tail == float("inf"))).any()):
+        raise ValueError("tail_lse holds NaN or +inf (-inf alone means no tail): the teacher's other logits were "
+                         "not finite")
     top, low = values.amax(-1), values.amin(-1)
     step = ((top - low) / LEVELS).clamp_min(torch.finfo(torch.float32).tiny)
     levels = ((top[..., None] - values) / step[..., None]).round().clamp(0, LEVELS).to(torch.uint8)

@@ -223,3 +223,27 @@ def test_building_holds_one_shard_at_most_and_opening_reads_no_shard(tmp_path, m
     assert files.bytes_hashed - before == os.path.getsize(first)  # the shard read, checked once
     cache.batch(torch.tensor([1, 0]), None)
     assert files.bytes_hashed - before == os.path.getsize(first)
+
+
+@pytest.mark.bad_input
+def test_a_non_finite_teacher_output_is_refused(tmp_path, monkeypatch):
+    from fastted.ops.packed_topk import pack_topk
+
+    values, ids = torch.tensor([[3.0, 1.0]]), torch.tensor([[4, 2]])
+    with pytest.raises(ValueError, match="topk_values holds a non-finite logit"):
+        pack_topk(torch.tensor([[float("nan"), 1.0]]), ids, torch.tensor([0.0]), 10)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"tail_lse holds NaN or \+inf"):
+            pack_topk(values, ids, torch.tensor([bad]), 10)
+    assert pack_topk(values, ids, torch.tensor([float("-inf")]), 10).tail.isneginf().all()  # no tail: kept
+
+    teacher = ModelAdapter(gpt2(2, 32, seed=2))
+
+    def transform(states, mask):
+        states = [s.clone() for s in states]
+        states[1][0, 0, 3] = float("nan")
+        return states
+
+    with pytest.raises(ValueError, match="the teacher's target of layer 1 is not finite"):
+        build_teacher_cache(teacher, _examples(3, seed=7), CLMCollator(0), str(tmp_path), layers=[0, 1], k=0,
+                            transform=transform)
