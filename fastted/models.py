@@ -398,6 +398,11 @@ def task_loss(logits: Tensor, labels: Tensor, task: str) -> Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).long(), ignore_index=-100)
 
 
+def same_tokenizer(student_tokenizer, teacher_tokenizer) -> bool:
+    """Whether two tokenizers give every token the same id: what a token-by-token comparison of two models needs."""
+    return student_tokenizer.get_vocab() == teacher_tokenizer.get_vocab()
+
+
 def check_same_vocab(student: ModelAdapter, teacher: ModelAdapter, tokenizers: Optional[tuple] = None,
                      what: str = "this recipe") -> None:
     """Raise a ValueError when the two models' output spaces (vocabularies, label sets, tokenizers) differ."""
@@ -414,7 +419,7 @@ def check_same_vocab(student: ModelAdapter, teacher: ModelAdapter, tokenizers: O
         )
     if tokenizers is not None:
         s_tok, t_tok = tokenizers
-        if s_tok.get_vocab() != t_tok.get_vocab():
+        if not same_tokenizer(s_tok, t_tok):
             raise ValueError(f"the student's and the teacher's tokenizers have different vocabularies: {what} needs "
                              f"one tokenizer for both (the token positions of the two models must align)")
 

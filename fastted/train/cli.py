@@ -66,11 +66,12 @@ def _check_tokenizers(config) -> None:
     """A student from another folder must share the teacher's tokenizer."""
     if config.student.path is None:
         return
+    from fastted.models import same_tokenizer
     from fastted.train.sources import load_tokenizer, model_source
 
     teacher = load_tokenizer(*model_source(config.teacher, "teacher"))
     student = load_tokenizer(*model_source(config.student, "student"))
-    if teacher.get_vocab() != student.get_vocab():
+    if not same_tokenizer(student, teacher):
         raise ConfigError(f"student.path: its tokenizer ({type(student).__name__}, {len(student)} tokens) differs "
                           f"from the teacher's ({type(teacher).__name__}, {len(teacher)} tokens); distillation "
                           f"compares them token by token and needs the same tokenizer")

@@ -37,6 +37,7 @@ from fastted.train.data import Data, prepare_data
 from fastted.train.engine import (Engine, barrier, batch_layout, deepspeed_config, init_distributed, partitions_teacher,
                             resolve_device, resolve_precision, seed_everything, teacher_deepspeed_config)
 from fastted.files import write_atomic
+from fastted.integrations import with_index
 from fastted.train.loading import build_teacher, place, teacher_num_layers
 from fastted.models import is_partitioned
 from fastted.train.sources import build_student, hf_config, load_model, load_tokenizer, model_source, student_layers
@@ -350,14 +351,6 @@ def _cache_cuts_teacher(config: Config) -> bool:
     return not config.distil.cache_k and config.distil.truncate_teacher
 
 
-def _with_index(dataset):
-    """``dataset`` with its row ids in ``index`` (what a cached teacher reads its rows by); packed blocks carry
-    theirs."""
-    if "index" in getattr(dataset, "column_names", ("index",)):
-        return dataset
-    return dataset.add_column("index", list(range(len(dataset))))
-
-
 def _cache_identity(config: Config, recipe, data: Data) -> dict:
     """What a run's teacher cache is checked against: the teacher (:func:`fastted.train.identity.teacher_identity` of the
     folder its recipe's teacher is built from: its config and its checkpoint files' headers, none of its weights,
@@ -473,7 +466,7 @@ def distil(config: Config, method: str) -> dict:
             rebuild=f"run `fastted cache-teacher --method {method}` with this run's settings"))
         recipe.use_teacher_cache(cache)  # before the engine: the stand-in is then never moved or partitioned
     if config.distil.teacher_cache or recipe.needs_example_ids:  # the cache's rows, a momentum bank's entries
-        data = Data(_with_index(data.train), data.test, data.collator, data.tokenizer, data.label_names)
+        data = Data(with_index(data.train), data.test, data.collator, data.tokenizer, data.label_names)
     return _train(config, f"distil-{method}", recipe, data, config.distil.train, st.device, recipe.student_model)
 
 

@@ -43,7 +43,6 @@ import torch
 
 from fastted.train.checkpoints import (CheckpointWarning, checkpoint_dir, checkpoint_step, latest_checkpoint,
                                  universal_checkpoint, write_manifest)
-from fastted.train.checkpoints import verify_checkpoint  # noqa: F401  (re-exported: it lived here)
 from fastted.train.config import TrainConfig
 from fastted.train.data import Data, batch_generator, data_order
 from fastted.train.engine import CheckpointError, Engine, NonFiniteError, barrier, mean_over_ranks, reduce_over_ranks

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from fastted.train.engine import CheckpointError, NonFiniteError
-from fastted.train.trainer import CheckpointWarning, latest_checkpoint, read_metrics, verify_checkpoint
+from fastted.train.checkpoints import verify_checkpoint
+from fastted.train.trainer import CheckpointWarning, latest_checkpoint, read_metrics
 from tests.train.test_trainer import STEPS, _Crash, train_run
 
 pytestmark = pytest.mark.bad_input
