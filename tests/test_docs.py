@@ -101,3 +101,48 @@ def test_site_builds_strict(tmp_path):
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, f"mkdocs build --strict failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
     assert (tmp_path / "site" / "index.html").is_file()
+
+
+def _page(name):
+    return (ROOT / "docs" / name).read_text(encoding="utf-8")
+
+
+def test_compile_tier_figures_match_the_table():
+    """The compile tier's variant count and time, as the page and the README state them, are the committed
+    table's (benchmarks/results/compile-tier.json)."""
+    import json
+
+    table = json.loads((ROOT / "benchmarks" / "results" / "compile-tier.json").read_text())
+    page = re.sub(r"\s+", " ", _page("compile-tier.md"))
+    assert f"the committed table, {len(table['rows'])} variants, took {table['seconds']} s" in page
+    readme = re.sub(r"\s+", " ", (ROOT / "README.md").read_text(encoding="utf-8"))
+    assert f"({len(table['rows'])} kernel variants" in readme
+
+
+def _reliability_counts():
+    page = re.sub(r"\s+", " ", _page("reliability.md"))
+    total = int(re.search(r"runs (\d+) cases", page).group(1))
+    parts = [int(re.search(rf"(\d+) against {what}", page).group(1))
+             for what in ("the Python API", "the command", "checkpoints")]
+    passed = int(re.search(r"All (\d+) pass", page).group(1))
+    return total, parts, passed
+
+
+def test_reliability_counts_add_up():
+    """docs/reliability.md: the API, command and checkpoint cases sum to the total it states (320 = 183 + 112 + 25
+    when written), and the README states the same total."""
+    total, parts, passed = _reliability_counts()
+    assert sum(parts) == total == passed, (total, parts, passed)
+    readme = re.sub(r"\s+", " ", (ROOT / "README.md").read_text(encoding="utf-8"))
+    assert f"the {total} `bad_input` cases" in readme
+
+
+@pytest.mark.slow
+def test_reliability_total_is_the_bad_input_marker():
+    """The total docs/reliability.md states is the number of tests marked bad_input (collected, not run)."""
+    total, _, _ = _reliability_counts()
+    done = subprocess.run([sys.executable, "-m", "pytest", "tests", "-m", "bad_input", "--collect-only", "-q",
+                           "-p", "no:cacheprovider"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    found = re.search(r"(\d+)/\d+ tests collected", done.stdout) or re.search(r"(\d+) tests collected", done.stdout)
+    assert found, done.stdout[-2000:] + done.stderr[-2000:]
+    assert int(found.group(1)) == total, f"{found.group(1)} tests are marked bad_input; docs/reliability.md says {total}"
