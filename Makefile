@@ -4,7 +4,7 @@
 PYTHON ?= python3
 STAMP := .make/installed-$(shell $(PYTHON) -c "import sys; print(sys.prefix.replace('/', '_'))")
 
-.PHONY: demo test smoke bench install check-latest wheel-check lock
+.PHONY: demo test smoke lint bench install check-latest wheel-check lock
 
 demo: $(STAMP)
 	$(PYTHON) -m fastted pipeline
@@ -15,6 +15,12 @@ test: $(STAMP)
 # The smoke subset (tests/smoke.txt): imports, each fused loss on both paths, `fastted --help`, the tiny pipeline.
 smoke: $(STAMP)
 	$(PYTHON) -m pytest $$(grep -v '^#' tests/smoke.txt) --benchmark-disable -q
+
+# ruff's lint and format check, and the import contract (.importlinter): what .ci/run and pre-commit run.
+lint: $(STAMP)
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+	$(PYTHON) -c "import sys; from importlinter.cli import lint_imports_command; sys.argv = ['lint-imports']; lint_imports_command()"
 
 bench: $(STAMP)
 	$(PYTHON) -m pytest benchmarks

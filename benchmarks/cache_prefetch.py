@@ -2,9 +2,9 @@
 (its issue's target: with prefetching, a cached step takes at most 1.05x the step fed from memory).
 
 A GPT-2 student of 4 blocks of 256 learns by LWD (the fused LM head's sparse KL over the teacher's top-64 logits,
-the MSE of 2 mapped layers through projections) from a teacher cache that :func:`fastted.cache.build_teacher_cache`
+the MSE of 2 mapped layers through projections) from a teacher cache that :func:`fastted.train.cache.build_teacher_cache`
 builds of a random GPT-2 teacher of 8 blocks of 384 (vocabulary 8,192, int8 layer targets) over blocks of 512
-tokens. The same run (same student, batches and losses) is timed through :func:`fastted.trainer.run`, one micro
+tokens. The same run (same student, batches and losses) is timed through :func:`fastted.train.trainer.run`, one micro
 batch of 4 blocks a step, as:
 
 - ``prefetched``: ``train.prefetch_steps=2``: the trainer's thread collates each step's batches and reads their
@@ -86,8 +86,8 @@ def examples(size: dict) -> list[dict]:
 
 def build_cache(size: dict, directory: str) -> dict:
     """The teacher cache of the run's blocks in ``directory``: top-k logits and int8 targets of the mapped layers."""
-    from fastted.cache import build_teacher_cache
-    from fastted.data import CLMCollator
+    from fastted.train.cache import build_teacher_cache
+    from fastted.train.data import CLMCollator
 
     r = recipe(size)
     expect = r.teacher_cache_expect()
@@ -112,8 +112,8 @@ class Counted:
 
 
 def _stage(size: dict, directory: str, r, collator, prefetch_steps: int):
-    from fastted.config import TrainConfig
-    from fastted.trainer import Stage
+    from fastted.train.config import TrainConfig
+    from fastted.train.trainer import Stage
 
     train = TrainConfig(batch_size=size["micro"], max_steps=size["warmup"] + size["steps"], lr=1e-4,
                         warmup_ratio=0.0, log_every=1, prefetch_steps=prefetch_steps)
@@ -123,10 +123,10 @@ def _stage(size: dict, directory: str, r, collator, prefetch_steps: int):
 
 def in_memory(size: dict, cache_dir: str) -> dict:
     """The cache's reads of the run's micro batches, made once: {rows: what Recipe.prefetch puts in the batch}."""
-    from fastted.cache import TeacherCache
-    from fastted.data import CLMCollator
+    from fastted.train.cache import TeacherCache
+    from fastted.train.data import CLMCollator
     from fastted.methods.base import PREFETCHED
-    from fastted.trainer import micro_batches
+    from fastted.train.trainer import micro_batches
 
     r = recipe(size)
     r.use_teacher_cache(TeacherCache(cache_dir))
@@ -141,12 +141,12 @@ def in_memory(size: dict, cache_dir: str) -> dict:
 
 def timed_run(size: dict, directory: str, cache_dir: str, variant: str, held: dict) -> dict:
     """One run of ``variant``: its step times after the warmup, its losses and the cache's reads."""
-    from fastted.cache import TeacherCache
-    from fastted.config import EngineConfig
-    from fastted.data import CLMCollator
-    from fastted.engine import Engine
+    from fastted.train.cache import TeacherCache
+    from fastted.train.config import EngineConfig
+    from fastted.train.data import CLMCollator
+    from fastted.train.engine import Engine
     from fastted.methods.base import PREFETCHED
-    from fastted.trainer import read_metrics, run
+    from fastted.train.trainer import read_metrics, run
 
     shutil.rmtree(directory, ignore_errors=True)
     r = recipe(size)
@@ -172,7 +172,7 @@ def collate_seconds(size: dict) -> float:
     """The median time to collate a micro batch (the memory variant's one host task in the loop)."""
     import time
 
-    from fastted.data import CLMCollator
+    from fastted.train.data import CLMCollator
 
     data, collate, times = examples(size), CLMCollator(0), []
     for i in range(0, len(data) - size["micro"] + 1, size["micro"]):

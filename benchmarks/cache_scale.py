@@ -13,7 +13,7 @@
 4. peak RSS while building (4,096-token blocks of that teacher with k = 64 at 128,256 entries, default
    ``shard_bytes``), in a fresh process per size, at two sizes an order of magnitude apart: under 1 GB and
    about the same (glibc's mmap threshold as the builder fixes it);
-5. opening a cache of 1,000 shards (4 ranks' shards merged by :func:`fastted.cache.finish_teacher_cache`) in a
+5. opening a cache of 1,000 shards (4 ranks' shards merged by :func:`fastted.train.cache.finish_teacher_cache`) in a
    fresh process takes under 1 s and hashes no shard byte (``fastted.files.bytes_hashed``).
 
 ::
@@ -67,7 +67,7 @@ QUICK = dict(size_examples=4, size_length=64, kl_batches=2, kl_rows=64, real_bat
 
 
 class StubTeacher:
-    """A causal LM as :func:`fastted.cache.build_teacher_cache` calls it (:class:`fastted.models.ModelAdapter`'s
+    """A causal LM as :func:`fastted.train.cache.build_teacher_cache` calls it (:class:`fastted.models.ModelAdapter`'s
     interface): each row's head input and layer states are drawn from a generator seeded by the row's tokens and
     the layer, so a row gets the same outputs in any batch and at every call (a student made later sees the
     states the cache was built from).
@@ -126,7 +126,7 @@ def token_examples(n: int, length: int, seed: int, vocab: int = VOCAB) -> list[d
 
 
 def _collator():
-    from fastted.data import CLMCollator
+    from fastted.train.data import CLMCollator
 
     return CLMCollator(0)
 
@@ -136,7 +136,7 @@ def _collator():
 
 def cache_size(directory: str, examples: int, length: int, vocab: int = VOCAB, k: int = K) -> dict:
     """Bytes a token of a logits-only cache of ``examples`` x ``length`` tokens at ``k`` and ``vocab``."""
-    from fastted.cache import build_teacher_cache
+    from fastted.train.cache import build_teacher_cache
 
     shutil.rmtree(directory, ignore_errors=True)
     began = time.perf_counter()
@@ -228,10 +228,11 @@ def smollm2(directory: str, batches: int, rows: int, k: int = K) -> dict:
     """SmolLM2-135M's real logits over the BBC News text (``batches`` sequences of ``rows`` tokens): the KL rows
     of :func:`kl_errors` and the size of a logits-only cache of them built through
     :class:`fastted.models.ModelAdapter`; ``{"skipped": why}`` where the model or the text does not load."""
-    from fastted.cache import build_teacher_cache
-    from fastted.config import ModelConfig
-    from fastted.data import load_bbc_news
-    from fastted.models import ModelAdapter, load_model, load_tokenizer, model_source
+    from fastted.train.cache import build_teacher_cache
+    from fastted.train.config import ModelConfig
+    from fastted.train.data import load_bbc_news
+    from fastted.models import ModelAdapter
+    from fastted.train.sources import load_model, load_tokenizer, model_source
 
     began = time.perf_counter()
     try:
@@ -269,7 +270,7 @@ def layer_budget(directory: str, width: int, batches: int, length: int, layers: 
     same cache without a budget, per batch of one ``length``-token row, the student the live teacher's states
     times (1 + 0.05 z1) plus 0.3 z2 (z Gaussian: an error that grows with the state, outliers and sink
     included)."""
-    from fastted.cache import TeacherCache, build_teacher_cache
+    from fastted.train.cache import TeacherCache, build_teacher_cache
     from fastted.reference import filtered_mse_reference
 
     teacher = StubTeacher(VOCAB, layer_width=width)
@@ -336,9 +337,9 @@ def build_for_rss(directory: str, blocks: int, length: int, width: int, layer_by
     """Build ``blocks`` rows of ``length`` tokens (4 layers of ``width``, bf16 states, k = 64 at 128,256
     entries, ``layer_bytes``, batch size 1, default shard_bytes) in this process; its VmHWM at the end (run in a
     fresh process: the peak is the build's). Nothing is set here: ``build_teacher_cache`` fixes glibc's mmap
-    threshold at 1 MiB itself (:func:`fastted.engine.return_freed_host_memory`; glibc's own rises to 32 MiB as
+    threshold at 1 MiB itself (:func:`fastted.train.engine.return_freed_host_memory`; glibc's own rises to 32 MiB as
     large blocks are freed, and a build from a plain script then kept 630 MB more at 80 blocks)."""
-    from fastted.cache import LOGIT_ELEMENTS, SHARD_BYTES, build_teacher_cache
+    from fastted.train.cache import LOGIT_ELEMENTS, SHARD_BYTES, build_teacher_cache
     if malloc not in MALLOC:
         raise ValueError(f"malloc must be one of {MALLOC}, got {malloc!r}")
     teacher = StubTeacher(VOCAB, layer_width=width, dtype=torch.bfloat16)
@@ -374,7 +375,7 @@ def many_shards(directory: str, examples: int, world: int = 4) -> dict:
     """A tiny cache (k = 64 of 4,096 entries, one 64-wide layer, 4 tokens an example) of one shard per example
     (``shard_bytes=1``), written by ``world`` simulated ranks and merged. (Opening reads the manifest and the
     shards' sizes: what the shards hold does not matter.)"""
-    from fastted.cache import build_teacher_cache, finish_teacher_cache
+    from fastted.train.cache import build_teacher_cache, finish_teacher_cache
 
     shutil.rmtree(directory, ignore_errors=True)
     teacher = StubTeacher(4096, layer_width=64)
@@ -392,7 +393,7 @@ def many_shards(directory: str, examples: int, world: int = 4) -> dict:
 def open_cache(directory: str) -> dict:
     """Seconds of ``TeacherCache(directory)`` in this process and the bytes hashed by it, then by a first read."""
     from fastted import files
-    from fastted.cache import TeacherCache
+    from fastted.train.cache import TeacherCache
 
     before = files.bytes_hashed
     began = time.perf_counter()

@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from fastted.cli import main as fastted
+from fastted.train.cli import main as fastted
 from fastted.methods import recipe_class
 
 METHODS = ("kd", "lwd", "ted")

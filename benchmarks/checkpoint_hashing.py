@@ -50,10 +50,10 @@ def manifest_bytes(folder: str, prefix: str = "") -> int:
 def measure(folder: str, blocks: int, width: int) -> dict:
     import torch
 
-    from fastted.checkpoints import universal_checkpoint, verify_checkpoint, write_manifest
-    from fastted.config import EngineConfig, TrainConfig
-    from fastted.data import MLMCollator, batch_generator
-    from fastted.engine import Engine
+    from fastted.train.checkpoints import universal_checkpoint, verify_checkpoint, write_manifest
+    from fastted.train.config import EngineConfig, TrainConfig
+    from fastted.train.data import MLMCollator, batch_generator
+    from fastted.train.engine import Engine
     from fastted.methods import FineTune
     from tests.tiny_models import bert
     from tests.train.reshard_worker import Tokenizer, dataset
@@ -75,7 +75,7 @@ def measure(folder: str, blocks: int, width: int) -> dict:
     save = hashed(lambda: write_manifest(folder))
     checkpoint = manifest_bytes(folder)
 
-    def resume():  # what fastted.trainer does on a resume on another number of ranks
+    def resume():  # what fastted.train.trainer does on a resume on another number of ranks
         assert verify_checkpoint(folder, 0, 1) is None
         universal_checkpoint(folder, 0, 1)
 

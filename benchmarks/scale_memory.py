@@ -61,8 +61,8 @@ VERDICT_FIELDS = ("VmHWM",)  # exact; RssAnon and Pss are sampled (see the modul
 
 
 def _smollm2_gguf() -> str:
-    from fastted.config import ModelConfig
-    from fastted.models import model_source
+    from fastted.train.config import ModelConfig
+    from fastted.train.sources import model_source
 
     return os.path.join(*model_source(ModelConfig(path="smollm2"), "teacher"))
 
@@ -134,7 +134,7 @@ def build_teacher(directory: str, blocks: int, seed: int) -> dict:
     import torch
     import transformers as tf
 
-    from fastted.models import load_tokenizer
+    from fastted.train.sources import load_tokenizer
 
     shutil.rmtree(directory, ignore_errors=True)
     st_dir, gguf_dir = os.path.join(directory, "safetensors"), os.path.join(directory, "gguf")
@@ -176,7 +176,7 @@ def check_gguf_round_trip(directory: str) -> dict:
     import torch
     import transformers as tf
 
-    from fastted.models import load_tokenizer
+    from fastted.train.sources import load_tokenizer
 
     st_dir, gguf_dir = os.path.join(directory, "safetensors"), os.path.join(directory, "gguf")
     ours_model = tf.AutoModelForCausalLM.from_pretrained(st_dir)

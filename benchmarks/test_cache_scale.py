@@ -9,7 +9,7 @@ from benchmarks.cache_scale import (BYTES_PER_TOKEN, K, KL_RELATIVE_ERROR, OPEN_
 
 
 def test_the_stub_teacher_gives_a_row_the_same_states_in_any_batch():
-    from fastted.data import CLMCollator
+    from fastted.train.data import CLMCollator
 
     teacher = StubTeacher(97, head_width=8, layer_width=24)
     examples = token_examples(3, 7, seed=0, vocab=97)

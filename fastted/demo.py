@@ -8,7 +8,7 @@ the student's filters and body learn to reproduce them through
 ``fastted.filtered_mse``. It prints the loss falling; on a CPU it takes a few
 seconds. Run it with ``python -m fastted.demo`` (``--help`` for options).
 
-The training issue replaces this with the real distillation demo.
+The real distillation demo is the engine's: ``make demo`` (``python -m fastted pipeline``).
 """
 from __future__ import annotations
 

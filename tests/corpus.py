@@ -1,11 +1,11 @@
-"""Synthetic pre-tokenized corpora for the data tests and benchmarks: fastted token shards (:mod:`fastted.shards`)
+"""Synthetic pre-tokenized corpora for the data tests and benchmarks: fastted token shards (:mod:`fastted.train.shards`)
 of random ids, written a window at a time, never whole in memory, and never committed."""
 import json
 import os
 
 import numpy as np
 
-from fastted import shards
+from fastted.train import shards
 
 WINDOW = 2 ** 24  # tokens drawn and written at a time
 

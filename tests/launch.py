@@ -43,10 +43,10 @@ def run_ranks(command: list, timeout: int = 300, env: dict = None) -> subprocess
 
 
 def finish() -> None:
-    """How a worker ends: its process group ended (:func:`fastted.engine.end_distributed`), its output flushed,
-    and ``os._exit(0)``, as the ``fastted`` command ends (:func:`fastted.cli.command`): DeepSpeed's references
+    """How a worker ends: its process group ended (:func:`fastted.train.engine.end_distributed`), its output flushed,
+    and ``os._exit(0)``, as the ``fastted`` command ends (:func:`fastted.train.cli.command`): DeepSpeed's references
     keep the group's objects alive into the interpreter's teardown, where gloo's threads have aborted a rank."""
-    from fastted.engine import end_distributed
+    from fastted.train.engine import end_distributed
 
     end_distributed()
     sys.stdout.flush()

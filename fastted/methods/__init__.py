@@ -15,7 +15,7 @@ from fastted.methods.lwd import LWD
 from fastted.methods.railkd import RAILKD
 from fastted.methods.ted import TED, TEDStage1, load_stage1
 
-# The distillation recipes by their names in a config, in the order of fastted.config.METHODS.
+# The distillation recipes by their names in a config, in the order of fastted.train.config.METHODS.
 METHODS: dict[str, type[Recipe]] = {"ted": TED, "lwd": LWD, "kd": KD, "codir": CoDIR, "railkd": RAILKD, "dwt": DWT}
 
 
@@ -27,7 +27,7 @@ def recipe_class(method: str) -> type[Recipe]:
 
 
 def build_recipe(method: str, config, models: RecipeModels) -> Recipe:
-    """The stage-II recipe of ``method``, its settings from ``config`` (a :class:`fastted.config.Config`)."""
+    """The stage-II recipe of ``method``, its settings from ``config`` (a :class:`fastted.train.config.Config`)."""
     return recipe_class(method).from_config(config, models)
 
 

@@ -21,7 +21,7 @@ What the engine (and any other trainer) may rely on, and nothing else:
 - :meth:`Recipe.from_config`: the recipe of a run's config (the registry in
   :mod:`fastted.methods` maps method names to recipe classes);
 - :meth:`Recipe.use_teacher_cache`: distil from a teacher cache
-  (:mod:`fastted.cache`) instead of running the teacher (TED, LWD, KD).
+  (:mod:`fastted.train.cache`) instead of running the teacher (TED, LWD, KD).
 
 With ``fused_lm_head=True`` (language modelling: TED, LWD, KD, DWT) the
 models run without their vocabulary projections and the "task" and "kd"
@@ -201,7 +201,7 @@ class Recipe(nn.Module):
 
     @classmethod
     def from_config(cls, config, models: RecipeModels) -> "Recipe":
-        """The recipe of a run: its settings read from ``config`` (a :class:`fastted.config.Config`), its
+        """The recipe of a run: its settings read from ``config`` (a :class:`fastted.train.config.Config`), its
         models from ``models``. The distillation recipes implement it; the registry of
         :mod:`fastted.methods` calls it."""
         raise NotImplementedError(f"{cls.__name__} is not built from a run's config")
@@ -290,7 +290,7 @@ class Recipe(nn.Module):
     # ------------------------------------------------------------------ a cached teacher
 
     def teacher_cache_expect(self) -> dict:
-        """What a teacher cache must hold for this recipe, as :class:`~fastted.cache.TeacherCache` checks it:
+        """What a teacher cache must hold for this recipe, as :class:`~fastted.train.cache.TeacherCache` checks it:
         ``layers`` (the teacher layers stored, in order), ``temperature`` (of the stored tail) and ``targets``
         (what a layer's target is: "raw" states, "filters:<hash>" of TED's frozen teacher filters, or
         "pooled-<pooling>" vectors of CoDIR and RAIL-KD)."""
@@ -303,7 +303,7 @@ class Recipe(nn.Module):
         return None
 
     def use_teacher_cache(self, cache) -> None:
-        """Distil from ``cache`` (a :class:`~fastted.cache.TeacherCache` of this run's training data) instead of
+        """Distil from ``cache`` (a :class:`~fastted.train.cache.TeacherCache` of this run's training data) instead of
         running the teacher: the KL term reads its top-k logits (:func:`~fastted.ops.sparse_logit_kd.sparse_logit_kd`,
         or fused with the student's head), the MSE term its stored layer targets. Batches then need
         ``batch["index"]``, their dataset rows. The teacher (and its TED filters) leave the frozen modules:
@@ -334,7 +334,7 @@ class Recipe(nn.Module):
     def prefetch(self, batch: dict, pin: bool = False) -> dict:
         """``batch`` with the teacher cache's read of its rows under ``batch["teacher_cache"]``
         (:data:`PREFETCHED`), made now on the host: a trainer calls it ahead of the step (in a background thread,
-        :class:`fastted.trainer.Prefetcher`), so the forward reads nothing. ``pin``: the read's tensors in pinned
+        :class:`fastted.train.trainer.Prefetcher`), so the forward reads nothing. ``pin``: the read's tensors in pinned
         memory, for a CUDA run whose copies to the device then overlap the step. Without a cache, or a batch
         without ``index``, ``batch`` itself (the forward then reads, or raises, as it would have)."""
         if self.teacher_cache is None or "index" not in batch:
@@ -345,7 +345,7 @@ class Recipe(nn.Module):
         return {**batch, PREFETCHED: stored}
 
     def _read_cache(self, batch: dict, device=None) -> dict:
-        """The cache's stored outputs of ``batch``'s rows (:meth:`fastted.cache.TeacherCache.batch`), on
+        """The cache's stored outputs of ``batch``'s rows (:meth:`fastted.train.cache.TeacherCache.batch`), on
         ``device`` (None: the host)."""
         # int8 / fp8 targets stay quantized: the filtered MSE kernel dequantizes them by their row scales
         return self.teacher_cache.batch(batch["index"], batch.get("attention_mask"), device=device,

@@ -24,11 +24,11 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from fastted.cache import dequantize_rows
+from fastted.ops.quantize import dequantize_rows
 from fastted.filters import ClassificationHead, TaskFilters
 from fastted.mapping import LayerMap, interval_layers
 from fastted.methods.base import Recipe, RecipeModels, RecipeOutput
-from fastted.models import check_same_vocab
+from fastted.models import check_same_vocab, weights_hash
 from fastted.ops.checks import check_alpha, check_temperature
 from fastted.ops.filtered_mse import filtered_mse
 
@@ -226,8 +226,6 @@ class TED(Recipe):
     # ------------------------------------------------------------------ a cached teacher
 
     def teacher_cache_expect(self) -> dict:
-        from fastted.cache import weights_hash
-
         # LWD and KD (no filters) store the raw states; TED its frozen teacher filters' outputs
         targets = "raw" if self.student_filters is None else f"filters:{weights_hash(self.teacher_filters)}"
         return {"layers": self._cached_layers(), "temperature": self.temperature, "targets": targets}

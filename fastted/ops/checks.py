@@ -9,6 +9,7 @@ who knows whether it can afford one.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional
 
 import torch
@@ -24,16 +25,22 @@ def check_impl(impl: str) -> str:
     return impl
 
 
+def is_number(value) -> bool:
+    """A real number, Python's or numpy's (``np.float32(2.0)`` is one); never a bool or a tensor."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def check_positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    """An int >= 1, Python's or numpy's, returned as a Python int."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
+    return int(value)
 
 
 def check_float(name: str, value, low: float, high: float = float("inf"), low_open: bool = False) -> float:
-    """A finite Python number in [low, high] ((low, high] with ``low_open``), returned as a float."""
-    if isinstance(value, Tensor) or not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise ValueError(f"{name} must be a Python number, got {type(value).__name__}")
+    """A finite number (Python's or numpy's) in [low, high] ((low, high] with ``low_open``), returned as a float."""
+    if not is_number(value):
+        raise ValueError(f"{name} must be a number (a Python or numpy scalar), got {type(value).__name__}")
     if not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value}")
     ok = (value > low if low_open else value >= low) and value <= high
@@ -50,7 +57,7 @@ def check_temperature(name: str, value) -> float:
 
 def check_alpha(name: str, value) -> float:
     """A loss weight: a finite number >= 0."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or value == float("inf"):
+    if not is_number(value) or not value >= 0 or value == float("inf"):
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     return float(value)
 

@@ -45,7 +45,7 @@ class FilteredMSELayer(NamedTuple):
 
 
 ROLES = FilteredMSELayer._fields
-# The dtypes of quantized targets (what fastted.cache stores), read with their row scales.
+# The dtypes of quantized targets (what fastted.train.cache stores), read with their row scales.
 QUANTIZED = (torch.int8, torch.float8_e4m3fn)
 # The roles whose rows are the tokens: the kernel reads them with their row stride; the others contiguous.
 STATE_ROLES = ("s", "t", "q")
@@ -145,7 +145,7 @@ def _checked_scales(l: int, t: Tensor, q, lead: tuple, ref: Tensor) -> Tensor:
     checked; returns q flat, fp32."""
     if t.dtype not in QUANTIZED:
         raise ValueError(f"teacher_states[{l}] has dtype {t.dtype}, but teacher_scales are the row scales of "
-                         f"quantized targets: int8 or float8_e4m3fn (fastted.cache.quantize_rows)")
+                         f"quantized targets: int8 or float8_e4m3fn (fastted.ops.quantize.quantize_rows)")
     if not isinstance(q, Tensor) or tuple(q.shape) != lead:
         got = tuple(q.shape) if isinstance(q, Tensor) else type(q).__name__
         raise ValueError(f"teacher_scales[{l}] has shape {got}, but needs {lead} (one scale per token)")
@@ -412,7 +412,7 @@ def filtered_mse(
         teacher_scales: L fp32 row scales of the leading shape, when the
             targets are quantized (``teacher_states`` int8 or float8_e4m3fn,
             no teacher_weights: Y_l = teacher_states * scale per row, what
-            :mod:`fastted.cache` stores): dequantized inside the kernel (fp8
+            :mod:`fastted.train.cache` stores): dequantized inside the kernel (fp8
             from sm_89 on; before, and on the CPU path, in the states' dtype).
         mask: token mask of the states' leading shape, (N,) or (B, T). None:
             every token counts, which is TED's unmasked mean exactly. All

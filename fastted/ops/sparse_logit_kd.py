@@ -1,6 +1,6 @@
 """Logit distillation from a top-k teacher (a teacher cache), on the logits or fused with the student's LM head.
 
-What a teacher cache stores of a token (:mod:`fastted.cache`) is its k largest
+What a teacher cache stores of a token (:mod:`fastted.train.cache`) is its k largest
 logits, their vocabulary ids and the log-sum-exp of the rest at temperature T
 (``tail_lse``). The divergence is KL(teacher || student) over k + 1 buckets, the
 k ids one by one and the rest of the vocabulary as one tail bucket, times T^2,

@@ -4,8 +4,8 @@ import torch
 from transformers import BertForMaskedLM
 
 from fastted import DWT, KD, LWD, RAILKD, TED, CoDIR, Recipe, RecipeOutput, Schedule, TaskFilters, TEDStage1
-from fastted.config import METHODS as CONFIG_METHODS
-from fastted.config import load_config
+from fastted.train.config import METHODS as CONFIG_METHODS
+from fastted.train.config import load_config
 from fastted.methods import METHODS, FineTune, RecipeModels, build_recipe, recipe_class
 from tests.tiny_models import batch, bert
 

@@ -367,9 +367,9 @@ def test_autotune_sweep_without_colsum(case, grad, monkeypatch):
 @pytest.mark.parametrize("dtype", list(DTYPES), ids=str)
 @pytest.mark.parametrize("impl", IMPLS)
 def test_quantized_targets_against_float64(impl, dtype, student, kind):
-    """int8 / fp8 targets with fp32 row scales (fastted.cache.quantize_rows), dequantized inside the kernel: loss,
+    """int8 / fp8 targets with fp32 row scales (fastted.ops.quantize.quantize_rows), dequantized inside the kernel: loss,
     layer losses and the student's gradients against the float64 spec on the same quantized targets, masked."""
-    from fastted.cache import quantize_rows
+    from fastted.ops.quantize import quantize_rows
 
     g = torch.Generator().manual_seed(seed_for("quantized", impl, dtype, student, kind))
     dev = device()

@@ -16,11 +16,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch  # noqa: E402
 
 from tests.launch import finish  # noqa: E402
-from fastted import shards  # noqa: E402
-from fastted.config import load_config  # noqa: E402
-from fastted.data import prepare_data  # noqa: E402
-from fastted.engine import init_distributed  # noqa: E402
-from fastted.models import load_tokenizer  # noqa: E402
+from fastted.train import shards  # noqa: E402
+from fastted.train.config import load_config  # noqa: E402
+from fastted.train.data import prepare_data  # noqa: E402
+from fastted.train.engine import init_distributed  # noqa: E402
+from fastted.train.sources import load_tokenizer  # noqa: E402
 
 
 def main() -> None:

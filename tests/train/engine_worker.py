@@ -19,12 +19,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from tests.launch import finish  # noqa: E402
 from fastted import LWD, TED, TaskFilters, explicit_map  # noqa: E402
-from fastted.cache import TeacherCache, build_teacher_cache, finish_teacher_cache  # noqa: E402
-from fastted.config import EngineConfig, TrainConfig  # noqa: E402
-from fastted.data import ClassificationCollator, CLMCollator  # noqa: E402
-from fastted.engine import Engine, init_distributed  # noqa: E402
+from fastted.train.cache import TeacherCache, build_teacher_cache, finish_teacher_cache  # noqa: E402
+from fastted.train.config import EngineConfig, TrainConfig  # noqa: E402
+from fastted.train.data import ClassificationCollator, CLMCollator  # noqa: E402
+from fastted.train.engine import Engine, init_distributed  # noqa: E402
 from fastted.models import is_partitioned  # noqa: E402
-from fastted.trainer import Stage, read_metrics, run  # noqa: E402
+from fastted.train.trainer import Stage, read_metrics, run  # noqa: E402
 from tests.tiny_models import bert, gpt2  # noqa: E402
 
 STEPS = 4

@@ -2,7 +2,7 @@
 
 ``partitioned_worker.py OUT.json ARGV1.json [ARGV2.json ...]``: each ARGV file holds the argument list of one
 ``fastted`` command (``distil ...``, ``cache-teacher ...``, ``evaluate ...``), run in turn by
-``fastted.cli.main`` in this process. Around them it records, for each command:
+``fastted.train.cli.main`` in this process. Around them it records, for each command:
 
 - ``transfers``: every ``Module.to`` / ``Module.cuda`` call, and every ``Tensor.to`` / ``Tensor.cuda`` call on a
   parameter or its data, whose destination is the engine's device (``resolve_device``; on the CPU the CPU itself:
@@ -10,7 +10,7 @@
   buffers, or of the tensor, that ZeRO-3 does not partition;
 - ``whole_models``: every Hugging Face model that is whole (not partitioned, not on the meta device) when it is
   built (the end of ``post_init``) or loaded (``from_pretrained``), with its bytes;
-- ``read``: the checkpoint entries :mod:`fastted.loading` read on this rank.
+- ``read``: the checkpoint entries :mod:`fastted.train.loading` read on this rank.
 
 Each list keeps the events of more than ``--floor`` bytes, each with the fastted frames that made it. Writes OUT
 (rank 0's and rank 1's records: ``OUT`` and ``OUT.rank1``).
@@ -27,8 +27,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
 from tests.launch import finish  # noqa: E402
-from fastted.config import EngineConfig  # noqa: E402
-from fastted.engine import resolve_device  # noqa: E402
+from fastted.train.config import EngineConfig  # noqa: E402
+from fastted.train.engine import resolve_device  # noqa: E402
 
 RECORD: dict = {}
 PARAMETERS: dict = {}  # id -> weak reference of every parameter a module registered
@@ -127,7 +127,7 @@ def _install(device: torch.device) -> None:
     base.post_init = recorded_post_init
     base.from_pretrained = classmethod(recorded_from_pretrained)
     try:
-        from fastted import loading
+        from fastted.train import loading
     except ImportError:  # fastted before partitioned loading
         return
     read = loading._Reader.__call__
@@ -151,7 +151,7 @@ def main() -> None:
         import faulthandler
 
         faulthandler.dump_traceback_later(args.stacks_after, exit=True)
-    from fastted.cli import main as fastted
+    from fastted.train.cli import main as fastted
 
     RECORD.update(floor=args.floor, steps=[])
     _install(resolve_device(EngineConfig()))

@@ -28,11 +28,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from tests.launch import finish  # noqa: E402
 from fastted import LWD  # noqa: E402
 from fastted import files  # noqa: E402
-from fastted.checkpoints import latest_checkpoint, universal_checkpoint, verify_checkpoint  # noqa: E402
-from fastted.config import EngineConfig, TrainConfig  # noqa: E402
-from fastted.data import MLMCollator  # noqa: E402
-from fastted.engine import CheckpointError, Engine, gather_over_ranks, init_distributed  # noqa: E402
-from fastted.trainer import Stage, read_metrics, run  # noqa: E402
+from fastted.train.checkpoints import latest_checkpoint, universal_checkpoint, verify_checkpoint  # noqa: E402
+from fastted.train.config import EngineConfig, TrainConfig  # noqa: E402
+from fastted.train.data import MLMCollator  # noqa: E402
+from fastted.train.engine import CheckpointError, Engine, gather_over_ranks, init_distributed  # noqa: E402
+from fastted.train.trainer import Stage, read_metrics, run  # noqa: E402
 from tests.tiny_models import VOCAB, bert  # noqa: E402
 from tests.train.engine_worker import dataset  # noqa: E402
 

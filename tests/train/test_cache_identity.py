@@ -11,10 +11,10 @@ import os
 import pytest
 import torch
 
-from fastted.cli import main
-from fastted.config import load_config
-from fastted.identity import gguf_header, teacher_identity
-from fastted.loading import weight_files
+from fastted.train.cli import main
+from fastted.train.config import load_config
+from fastted.train.identity import gguf_header, teacher_identity
+from fastted.train.loading import weight_files
 from tests.tiny_models import WORDS, gpt2, word_tokenizer
 
 # The command as a CPU user runs it (see tests/conftest.py's cpu_users_path).
@@ -135,7 +135,7 @@ class _Reads:
         import safetensors
         import safetensors.torch
 
-        from fastted import pipeline
+        from fastted.train import pipeline
 
         self.files = {os.path.realpath(f): (values or {}).get(f) or _header_end(f) for f in files}
         self.reads, self.tensors, self.other = [], [], []
@@ -193,7 +193,7 @@ class _Reads:
                                       ("safetensors.torch", "safe_open", counted_safe_open),
                                       ("safetensors.torch", "load_file", counted_load_file),
                                       ("transformers.modeling_utils", "safe_open", counted_safe_open),
-                                      ("fastted.pipeline", "_train", train_checking_maps)]:
+                                      ("fastted.train.pipeline", "_train", train_checking_maps)]:
             monkeypatch.setattr(f"{module}.{name}", patched, raising=False)
 
     def value_bytes(self) -> int:

@@ -10,8 +10,9 @@ import os
 import pytest
 import torch
 
-from fastted.engine import CheckpointError, NonFiniteError
-from fastted.trainer import CheckpointWarning, latest_checkpoint, read_metrics, verify_checkpoint
+from fastted.train.engine import CheckpointError, NonFiniteError
+from fastted.train.checkpoints import verify_checkpoint
+from fastted.train.trainer import CheckpointWarning, latest_checkpoint, read_metrics
 from tests.train.test_trainer import STEPS, _Crash, train_run
 
 pytestmark = pytest.mark.bad_input
@@ -214,7 +215,7 @@ def test_a_kill_during_the_model_export_leaves_the_previous_export(tmp_path):
     from transformers import AutoModelForSequenceClassification
 
     from fastted.methods import FineTune
-    from fastted.pipeline import _export
+    from fastted.train.pipeline import _export
     from tests.tiny_models import bert
 
     class Tokenizer:

@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 
-from fastted.cli import main
+from fastted.train.cli import main
 from tests.tiny_models import bert, minilm_path
 
 
@@ -95,6 +95,10 @@ def test_bad_command_line(capsys):
     with pytest.raises(SystemExit) as info:
         main(["finetune", "teachers"])
     assert info.value.code == 2
+    with pytest.raises(SystemExit) as info:  # a bare word where an override belongs: never ignored
+        main(["config", "--preset", "bbc-minilm-tiny", "seed"])
+    assert info.value.code == 2
+    assert "argument 'seed': an override needs the form key.sub=value" in capsys.readouterr().err
     assert _error(capsys, "distil", "--method", "bogus") == \
         "fastted: error: --method: got 'bogus', needs one of ted, lwd, kd, codir, railkd, dwt"
 
@@ -420,7 +424,7 @@ def test_tokenize_once_then_pretrain_on_the_shards_with_a_token_budget(capsys, t
     """`fastted tokenize --out` writes a corpus of token shards with 2 workers; a clm run names it as its source,
     trains for distil.train.max_tokens (32 tokens a step: 3 steps for 70 tokens) with a warmup in tokens, and holds
     out its last documents. `fastted tokenize` without --out makes the run's own shards, which the steps reuse."""
-    from fastted import shards
+    from fastted.train import shards
     from tests.tiny_models import WORDS, gpt2
 
     teacher = _model_folder(tmp_path / "teacher", gpt2(4, 32), causal=True)

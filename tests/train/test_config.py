@@ -2,7 +2,7 @@
 import pytest
 import yaml
 
-from fastted.config import Config, ConfigError, PRESETS, dump, from_dict, load_config, to_dict
+from fastted.train.config import Config, ConfigError, PRESETS, dump, from_dict, load_config, to_dict
 
 
 def test_defaults_are_the_embedded_default():
@@ -142,7 +142,7 @@ def test_example_configs_load(name):
 
 
 def test_per_method_values_reach_only_their_method(tmp_path):
-    from fastted.config import method_config
+    from fastted.train.config import method_config
 
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump({"distil": {"mse_alpha": 2.0, "per_method": {"lwd": {"mse_alpha": 30,
@@ -157,8 +157,8 @@ def test_per_method_values_reach_only_their_method(tmp_path):
 
 
 def test_published_sets_a_papers_values_under_the_users():
-    from fastted.config import method_config
-    from fastted.published import PUBLISHED, SOURCES
+    from fastted.train.config import method_config
+    from fastted.train.published import PUBLISHED, SOURCES
 
     config = load_config(overrides=("published=ted-glue-mnli", "distil.per_method.ted.mse_alpha=50",
                                     "distil.train.lr=1e-5"))

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from fastted import data
+from fastted.train import data
 from tests.tiny_models import minilm_path
 
 BBC_COUNTS = {"business": 510, "entertainment": 386, "politics": 417, "sports": 511, "tech": 401}
@@ -494,7 +494,7 @@ def test_collator_for(tokenizer):
 def test_string_labels_become_named_class_ids():
     import datasets
 
-    from fastted.data import class_labels
+    from fastted.train.data import class_labels
 
     train = datasets.Dataset.from_dict({"text": list("abcdef"),
                                         "sentiment": ["pos", "neg", "neu", "pos", "neg", "pos"]})
@@ -520,8 +520,8 @@ def test_string_labels_become_named_class_ids():
 def test_bad_labels_are_named(column, values, names, fragment):
     import datasets
 
-    from fastted.config import ConfigError
-    from fastted.data import class_labels
+    from fastted.train.config import ConfigError
+    from fastted.train.data import class_labels
 
     ds = datasets.Dataset.from_dict({"text": ["p", "q"][:len(values)], "x": values})
     with pytest.raises(ConfigError) as info:

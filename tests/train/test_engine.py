@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-from fastted.config import ConfigError, EngineConfig, TrainConfig
-from fastted.engine import batch_layout, checkpoint_types, deepspeed_config, lr_at, resolve_device
+from fastted.train.config import ConfigError, EngineConfig, TrainConfig
+from fastted.train.engine import batch_layout, checkpoint_types, deepspeed_config, lr_at, resolve_device
 
 from tests.launch import free_port, run_ranks, torchrun
 
@@ -46,7 +46,7 @@ def test_lr_at_warms_up_in_tokens_and_decays_to_min_lr(decay):
 
 
 def test_max_tokens_sets_the_steps():
-    from fastted.trainer import total_steps
+    from fastted.train.trainer import total_steps
 
     config = TrainConfig(batch_size=4, max_tokens=10_000)
     assert total_steps(1000, config, tokens_per_step=4 * 128) == 20  # 10,000 / 512, rounded up
@@ -197,8 +197,8 @@ def test_the_command_ends_its_process_group(tmp_path, code):
     script = tmp_path / "ends.py"
     script.write_text(f"""
 import atexit, torch, torch.distributed as dist
-from fastted import cli, engine
-from fastted.engine import init_distributed
+from fastted.train import cli, engine
+from fastted.train.engine import init_distributed
 ending = engine.end_distributed
 engine.end_distributed = lambda: (ending(), print("ended", dist.is_initialized()))
 engine.end_distributed()  # nothing up: nothing to do

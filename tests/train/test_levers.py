@@ -7,9 +7,9 @@ import torch
 import yaml
 
 from fastted import LWD
-from fastted.config import ConfigError, EngineConfig, TrainConfig, load_config, to_yaml
-from fastted.data import CLMCollator
-from fastted.engine import (Engine, block_parameters, deepspeed_config, gather_window, resolve_precision,
+from fastted.train.config import ConfigError, EngineConfig, TrainConfig, load_config, to_yaml
+from fastted.train.data import CLMCollator
+from fastted.train.engine import (Engine, block_parameters, deepspeed_config, gather_window, resolve_precision,
                             teacher_deepspeed_config, teacher_offload_param)
 from tests.tiny_models import gpt2
 
@@ -57,7 +57,7 @@ def test_a_deepspeed_precision_against_engine_precision_is_refused():
 def test_a_step_saves_the_resolved_precision(monkeypatch, tmp_path):
     """Every pipeline step starts in pipeline._start, which writes the resolved precision into the config that
     the step reads (cache-teacher's dtype, the engine) and saves in its checkpoints."""
-    import fastted.pipeline as pipeline
+    import fastted.train.pipeline as pipeline
 
     monkeypatch.setattr(pipeline, "model_source", lambda model, which: (str(tmp_path), None))
     monkeypatch.setattr(pipeline, "load_tokenizer", lambda path, gguf=None: None)
@@ -227,7 +227,7 @@ def test_freed_host_memory_goes_back_unless_the_user_set_the_threshold(monkeypat
     a MALLOC_MMAP_THRESHOLD_ of the user's wins, and a C library without mallopt is skipped."""
     import platform
 
-    from fastted.engine import return_freed_host_memory
+    from fastted.train.engine import return_freed_host_memory
 
     glibc = platform.libc_ver()[0] == "glibc"
     assert return_freed_host_memory() is glibc

@@ -1,6 +1,6 @@
 """Models built partitioned under ZeRO-3, never whole on a rank: the pipeline's distil, cache-teacher and evaluate
 on two gloo ranks (engine.zero_stage=3, engine.teacher_zero3=true) against one process without ZeRO, with every
-transfer onto the device and every whole model recorded (tests/train/partitioned_worker.py); fastted.loading's
+transfer onto the device and every whole model recorded (tests/train/partitioned_worker.py); fastted.train.loading's
 builds against transformers' loads in one process; the reader's unmapping; the teacher's shape settings."""
 import copy
 import json
@@ -9,9 +9,10 @@ import os
 import pytest
 import torch
 
-from fastted.config import ConfigError, check
-from fastted.loading import build_model
-from fastted.models import check_against_models, keep_layers, load_model
+from fastted.train.config import ConfigError, check
+from fastted.train.loading import build_model
+from fastted.models import keep_layers
+from fastted.train.sources import check_against_models, load_model
 from tests.launch import run_ranks, torchrun
 from tests.tiny_models import WORDS, bert, gpt2, word_tokenizer
 
@@ -161,7 +162,7 @@ def test_the_reader_unmaps_the_checkpoint_every_window(tmp_path, monkeypatch):
     """The pages of a memory-mapped checkpoint stay in the process that read them while the file is mapped: the
     reader closes its files once a window of bytes was read (rank 0 reads every tensor of a partitioned model), and
     a load that unmaps after every module gives the same model."""
-    from fastted import loading
+    from fastted.train import loading
 
     folder = tmp_path / "clm"
     gpt2(4, 32).save_pretrained(folder)
@@ -196,8 +197,8 @@ def test_the_reader_unmaps_the_checkpoint_every_window(tmp_path, monkeypatch):
 def test_teacher_shape_settings(tmp_path):
     """teacher.random_init with num_layers, hidden_size and intermediate_size gives that shape (heads kept);
     teacher keys that would be ignored are refused by name."""
-    from fastted.config import load_config as load
-    from fastted.loading import build_teacher
+    from fastted.train.config import load_config as load
+    from fastted.train.loading import build_teacher
 
     def load_config(overrides):
         return load(overrides=tuple(overrides), preset="clm")

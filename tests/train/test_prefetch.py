@@ -1,4 +1,4 @@
-"""The trainer's read-ahead (:class:`fastted.trainer.Prefetcher`, ``train.prefetch_steps``): the steps' micro batches
+"""The trainer's read-ahead (:class:`fastted.train.trainer.Prefetcher`, ``train.prefetch_steps``): the steps' micro batches
 exactly as the loop makes them, in run order from any resumed start; the cache's reads in that order, by the
 thread; a failure in the thread raised in the loop; the thread gone after every way out of the loop; and a cached
 distillation run (checkpoints, evaluations and a resume included) that computes the same with and without it."""
@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from fastted import LWD, explicit_map
-from fastted.cache import TeacherCache, build_teacher_cache
-from fastted.config import ConfigError, EngineConfig, TrainConfig, load_config
-from fastted.data import CLMCollator
-from fastted.engine import Engine
+from fastted.train.cache import TeacherCache, build_teacher_cache
+from fastted.train.config import ConfigError, EngineConfig, TrainConfig, load_config
+from fastted.train.data import CLMCollator
+from fastted.train.engine import Engine
 from fastted.methods.base import PREFETCHED
-from fastted.trainer import Prefetcher, Stage, latest_checkpoint, lm_loss_sum, read_metrics, run
+from fastted.train.trainer import Prefetcher, Stage, latest_checkpoint, lm_loss_sum, read_metrics, run
 from tests.tiny_models import VOCAB, gpt2
 
 STEPS = 5

@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from fastted import files
-from fastted.checkpoints import file_owner, universal_checkpoint, verify_checkpoint, write_manifest
-from fastted.config import EngineConfig, TrainConfig
-from fastted.data import MLMCollator, batch_generator, data_order
-from fastted.engine import CheckpointError, Engine
+from fastted.train.checkpoints import file_owner, universal_checkpoint, verify_checkpoint, write_manifest
+from fastted.train.config import EngineConfig, TrainConfig
+from fastted.train.data import MLMCollator, batch_generator, data_order
+from fastted.train.engine import CheckpointError, Engine
 from fastted.methods import FineTune
-from fastted.trainer import Stage, micro_batches
+from fastted.train.trainer import Stage, micro_batches
 from tests.launch import run_ranks, torchrun
 from tests.tiny_models import bert
 from tests.train.reshard_worker import Tokenizer, dataset

@@ -8,7 +8,7 @@ import datasets
 import numpy as np
 import pytest
 
-from fastted import shards
+from fastted.train import shards
 from tests import tiny_models as tm
 
 
@@ -176,10 +176,10 @@ def _shard_run(directory, blocks, crash_after=None, steps=7):
     import torch
 
     from fastted import KD
-    from fastted.config import EngineConfig, TrainConfig
-    from fastted.data import CLMCollator
-    from fastted.engine import Engine
-    from fastted.trainer import Stage, read_metrics, run
+    from fastted.train.config import EngineConfig, TrainConfig
+    from fastted.train.data import CLMCollator
+    from fastted.train.engine import Engine
+    from fastted.train.trainer import Stage, read_metrics, run
 
     recipe = KD(tm.gpt2(2, 32, seed=1), tm.gpt2(3, 48, seed=2), impl="reference")
     train = TrainConfig(batch_size=4, max_steps=steps, lr=5e-3, warmup_ratio=0.0, save_every=2, log_every=1)
@@ -251,8 +251,8 @@ def test_a_raw_corpus_is_tokenized_once_whatever_the_ranks(tmp_path):
 
 @pytest.mark.bad_input
 def test_a_pretokenized_source_holds_out_its_last_documents(words, tmp_path):
-    from fastted.config import ConfigError, load_config
-    from fastted.data import prepare_data, tokenizer_key
+    from fastted.train.config import ConfigError, load_config
+    from fastted.train.data import prepare_data, tokenizer_key
 
     docs = _random_docs(4, n=80)
     corpus_dir = str(tmp_path / "corpus")

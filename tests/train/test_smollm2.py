@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from fastted.cli import main
+from fastted.train.cli import main
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "smollm2-bbc.yaml")
 

@@ -1,11 +1,11 @@
-"""fastted.stats: Student-t quantiles against the tables, intervals over seeds, the paired bootstrap over test
+"""fastted.train.stats: Student-t quantiles against the tables, intervals over seeds, the paired bootstrap over test
 examples against its definition and against the normal approximation of a paired difference."""
 import math
 
 import numpy as np
 import pytest
 
-from fastted.stats import mean_interval, paired_bootstrap, t_cdf, t_quantile
+from fastted.train.stats import mean_interval, paired_bootstrap, t_cdf, t_quantile
 
 # Two-sided 95 % critical values of Student's t (the 0.975 quantile), from the standard tables.
 T_975 = {1: 12.706204736174707, 2: 4.302652729911275, 3: 3.182446305284263, 4: 2.7764451051977987,

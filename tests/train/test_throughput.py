@@ -1,4 +1,4 @@
-"""The numbers a run is steered by (fastted.throughput): model FLOPs per token against hand counts from the
+"""The numbers a run is steered by (fastted.train.throughput): model FLOPs per token against hand counts from the
 configs, the GPUs' peaks, a logging window that leaves evaluation and checkpoint saves out, tokens that
 continue across a resume, the teacher's share of the step, and the report's throughput figure."""
 import json
@@ -10,16 +10,16 @@ import pytest
 import torch
 
 from fastted import KD
-from fastted.config import EngineConfig, TrainConfig
-from fastted.data import ClassificationCollator, data_order
-from fastted.engine import Engine
+from fastted.train.config import EngineConfig, TrainConfig
+from fastted.train.data import ClassificationCollator, data_order
+from fastted.train.engine import Engine
 from fastted.methods.finetune import FineTune
 from fastted.models import ModelAdapter
-from fastted.report import write_report
-from fastted.throughput import (Meter, TeacherTimer, device_peak_flops, flops_per_token, peak_memory,
+from fastted.train.report import write_report
+from fastted.train.throughput import (Meter, TeacherTimer, device_peak_flops, flops_per_token, peak_memory,
                                 peak_tflops_of, recipe_flops_per_token)
-from fastted.trainer import Metrics, Stage, read_metrics, run
-from tests.methods.test_models import llama
+from fastted.train.trainer import Metrics, Stage, read_metrics, run
+from tests.test_models import llama
 from tests.tiny_models import VOCAB, bert, gpt2
 from tests.train.test_trainer import STEPS, _Crash, _dataset, train_run
 
@@ -125,7 +125,7 @@ class _Clock:
 def test_meter_window_on_a_fake_clock(monkeypatch):
     """Exact values: a window of 10 s holding 4 s of excluded time is 6 s of training; tokens are the mask's,
     FLOPs the recipe's per position of the padded batch; a cached teacher's share is 0."""
-    import fastted.throughput as throughput
+    import fastted.train.throughput as throughput
 
     clock = _Clock()
     monkeypatch.setattr(throughput.time, "perf_counter", clock)
@@ -410,7 +410,7 @@ def _write_records(folder, records):
 
 
 def test_report_plots_throughput_against_tokens(tmp_path, monkeypatch):
-    import fastted.report as report
+    import fastted.train.report as report
 
     new = [{"step": s, "loss": 2.0 / s, "tokens": 100 * s, "tokens_per_s": 50.0 + s} for s in (1, 2, 3)]
     old = [{"step": s, "loss": 1.0 / s, "tokens_per_s": 40.0} for s in (1, 2)]  # written before tokens were kept

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from fastted import CoDIR, RAILKD, RandomLayerMap
-from fastted.config import EngineConfig, TrainConfig
-from fastted.data import ClassificationCollator, data_order
-from fastted.engine import Engine
-from fastted.trainer import Stage, latest_checkpoint, micro_batches, read_metrics, run
+from fastted.train.config import EngineConfig, TrainConfig
+from fastted.train.data import ClassificationCollator, data_order
+from fastted.train.engine import Engine
+from fastted.train.trainer import Stage, latest_checkpoint, micro_batches, read_metrics, run
 from tests.tiny_models import bert
 
 STEPS = 5
@@ -154,7 +154,7 @@ def test_metrics_go_to_tensorboard_when_installed(tmp_path, monkeypatch):
     import sys
     import types
 
-    from fastted.trainer import Metrics
+    from fastted.train.trainer import Metrics
 
     written = []
 
@@ -186,7 +186,7 @@ def test_metrics_go_to_tensorboard_when_installed(tmp_path, monkeypatch):
 def test_the_lm_evaluation_loss_is_the_full_logits_cross_entropy(task, monkeypatch):
     """evaluate_model's LM loss, its logits made 7 token rows at a time from the head's input, against the
     cross-entropy of the model's own whole logits in float64 (labels shifted for clm)."""
-    import fastted.trainer as trainer
+    import fastted.train.trainer as trainer
     from fastted.models import ModelAdapter
     from tests.tiny_models import batch, gpt2
 

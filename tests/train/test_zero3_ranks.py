@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 
-from fastted.cache import TeacherCache, build_teacher_cache
-from fastted.data import CLMCollator
-from fastted.engine import block_parameters
+from fastted.train.cache import TeacherCache, build_teacher_cache
+from fastted.train.data import CLMCollator
+from fastted.train.engine import block_parameters
 from fastted.models import ModelAdapter
-from fastted.trainer import evaluate_model
+from fastted.train.trainer import evaluate_model
 from tests.launch import run_ranks, torchrun
 from tests.train import zero3_worker as worker
 

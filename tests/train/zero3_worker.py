@@ -1,11 +1,11 @@
 """Per-rank loops under ZeRO-3 on gloo ranks, for tests/train/test_zero3_ranks.py (run under ``torchrun``).
 
-- ``eval``: a classifier and a causal LM, each the student of an :class:`~fastted.engine.Engine` at ZeRO-3
-  (partitioned), evaluated by :func:`fastted.trainer.evaluate_model` on a test split that the ranks' micro
+- ``eval``: a classifier and a causal LM, each the student of an :class:`~fastted.train.engine.Engine` at ZeRO-3
+  (partitioned), evaluated by :func:`fastted.train.trainer.evaluate_model` on a test split that the ranks' micro
   batches do not divide evenly.
 - ``cache``: a teacher cache built by every rank over an odd number of rows, the teacher partitioned as the
-  engine partitions it (``deepspeed.initialize`` with :func:`fastted.engine.teacher_deepspeed_config`).
-- ``window``: a teacher partitioned with and without its gather window (:func:`fastted.engine.gather_window`),
+  engine partitions it (``deepspeed.initialize`` with :func:`fastted.train.engine.teacher_deepspeed_config`).
+- ``window``: a teacher partitioned with and without its gather window (:func:`fastted.train.engine.gather_window`),
   three forwards each: the most parameters gathered at once, counted whole.
 - ``levers``: LWD with the fused LM head under ZeRO-3 (student and teacher partitioned), two steps each: as it
   is, with the teacher's parameters offloaded to the CPU (``engine.teacher_offload=cpu``), and with the
@@ -26,14 +26,14 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from tests.launch import finish  # noqa: E402
 from fastted import LWD  # noqa: E402
-from fastted.cache import TeacherCache, build_teacher_cache, finish_teacher_cache  # noqa: E402
-from fastted.config import EngineConfig, TrainConfig  # noqa: E402
-from fastted.data import ClassificationCollator, CLMCollator, Data  # noqa: E402
-from fastted.engine import (Engine, block_parameters, mean_over_ranks,  # noqa: E402
+from fastted.train.cache import TeacherCache, build_teacher_cache, finish_teacher_cache  # noqa: E402
+from fastted.train.config import EngineConfig, TrainConfig  # noqa: E402
+from fastted.train.data import ClassificationCollator, CLMCollator, Data  # noqa: E402
+from fastted.train.engine import (Engine, block_parameters, mean_over_ranks,  # noqa: E402
                             teacher_deepspeed_config)
 from fastted.methods import FineTune  # noqa: E402
 from fastted.models import ModelAdapter, is_partitioned  # noqa: E402
-from fastted.trainer import evaluate_model  # noqa: E402
+from fastted.train.trainer import evaluate_model  # noqa: E402
 from tests.tiny_models import bert, gpt2  # noqa: E402
 
 MICRO = 2  # test examples per forward and rank

@@ -6,8 +6,10 @@ import os
 import pytest
 import torch
 
-from fastted.cache import TeacherCache, build_teacher_cache, dequantize_rows, quantize_rows, weights_hash
-from fastted.data import ClassificationCollator, CLMCollator
+from fastted.ops.quantize import dequantize_rows, quantize_rows
+from fastted.models import weights_hash
+from fastted.train.cache import TeacherCache, build_teacher_cache
+from fastted.train.data import ClassificationCollator, CLMCollator
 from fastted.models import ModelAdapter
 from fastted.reference import sparse_logit_kd_reference, topk_targets_reference
 from tests.tiny_models import bert, gpt2
@@ -186,7 +188,7 @@ def test_a_layer_budget_keeps_each_token_with_the_same_probability(tmp_path):
 
 def test_logits_made_a_block_of_rows_at_a_time_are_the_whole_batchs(tmp_path, monkeypatch):
     """The builder's top-k from the head's input in blocks of rows equals the top-k of the whole logits."""
-    import fastted.cache as cache_module
+    import fastted.train.cache as cache_module
 
     teacher = ModelAdapter(gpt2(2, 32, seed=2))
     examples = _examples(7, seed=5)
@@ -202,7 +204,7 @@ def test_logits_made_a_block_of_rows_at_a_time_are_the_whole_batchs(tmp_path, mo
 
 
 def test_building_holds_one_shard_at_most_and_opening_reads_no_shard(tmp_path, monkeypatch):
-    import fastted.cache as cache_module
+    import fastted.train.cache as cache_module
     from fastted import files
 
     held = []

@@ -1,11 +1,11 @@
 """A teacher's identity, read from what describes it and from none of its weights.
 
-A teacher cache (:mod:`fastted.cache`) records the identity of the teacher it was made from; a run that distils
+A teacher cache (:mod:`fastted.train.cache`) records the identity of the teacher it was made from; a run that distils
 from the cache checks its own teacher's against it, and so never needs the teacher itself.
 :func:`teacher_identity` reads:
 
 - the teacher's config: the canonical JSON of its ``config.json`` (keys sorted), or the metadata of its GGUF file;
-- each weight file (those of the folder's index, or its single file: :func:`fastted.loading.weight_files`): its
+- each weight file (those of the folder's index, or its single file: :func:`fastted.train.loading.weight_files`): its
   name and size; for safetensors the SHA-256 of its header, which lists every tensor's name, dtype, shape and
   offsets and holds none of their values; for GGUF the SHA-256 of its tensor table (names, shapes, types,
   offsets); and where the file is a link into a Hugging Face hub cache's ``blobs/`` folder the blob's name, which
@@ -37,11 +37,11 @@ _GGUF_STRING, _GGUF_ARRAY = 8, 9
 
 
 def teacher_identity(config, folder: Optional[str] = None) -> dict:
-    """The identity of the run's teacher as :func:`fastted.loading.build_teacher` builds it from ``folder`` (a
+    """The identity of the run's teacher as :func:`fastted.train.loading.build_teacher` builds it from ``folder`` (a
     step's model folder), or from the teacher source when ``folder`` is None, without reading any weight (see the
     module docstring): ``{"config": <SHA-256>, "weights": <SHA-256>}``, or for a fresh teacher ``{"config":
     <SHA-256>, "fresh": {seed, shape settings, versions}}``. JSON-able; equal for the same teacher."""
-    from fastted.models import model_source
+    from fastted.train.sources import model_source
 
     gguf = None
     if folder is None:
@@ -52,7 +52,7 @@ def teacher_identity(config, folder: Optional[str] = None) -> dict:
         path = os.path.join(folder, gguf)
         metadata, tensors = gguf_header(path)
         return {"config": metadata, "weights": _digest([_file_record(path, folder, tensors)])}
-    from fastted.loading import weight_files
+    from fastted.train.loading import weight_files
 
     records = []
     for path in weight_files(folder):
@@ -156,7 +156,7 @@ def _file_record(path: str, folder: str, header: Optional[str]) -> dict:
 
 def _config_digest(folder: str, gguf: Optional[str]) -> str:
     """SHA-256 of the canonical JSON of ``folder``'s config.json, or of the metadata of its GGUF file."""
-    from fastted.config import ConfigError
+    from fastted.train.config import ConfigError
 
     if gguf:
         return gguf_header(os.path.join(folder, gguf))[0]

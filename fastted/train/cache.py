@@ -28,7 +28,7 @@ Each rank of a run writes the shards of its share of the examples (every world-t
 :func:`finish_teacher_cache` merges the parts into ``manifest.json``, written last: a cache without it is an
 unfinished one, which no reader opens. :meth:`TeacherCache.batch` gathers a batch's stored outputs, padded to
 the batch's tokens, for the recipes (:meth:`fastted.methods.Recipe.use_teacher_cache`); the pipeline's
-``cache-teacher`` step builds a run's cache (:func:`fastted.pipeline.cache_teacher`).
+``cache-teacher`` step builds a run's cache (:func:`fastted.train.pipeline.cache_teacher`).
 """
 from __future__ import annotations
 
@@ -45,58 +45,19 @@ from torch import Tensor
 
 from fastted.files import HashingWriter, sha256_file, write_atomic
 from fastted.ops.checks import check_positive_int, check_temperature
+from fastted.ops.quantize import QUANTIZATIONS, dequantize_rows, quantize_rows
 from fastted.ops.packed_topk import PackedTopK, id_bits, pack_topk, padding_row, unpack_topk
 
 MANIFEST = "manifest.json"
-QUANTIZATIONS = ("int8", "fp8", "bf16")
 SHARD_BYTES = 128 << 20  # a shard is flushed when it holds this much: a rank's buffer while building
 LOGIT_ELEMENTS = 1 << 24  # logits made at a time from a head's input while building (64 MB in fp32)
 _FORMAT = 2
-# --------------------------------------------------------------------------- quantization of the layer targets
-
-
-def quantize_rows(x: Tensor, kind: str) -> tuple[Tensor, Optional[Tensor]]:
-    """(values, per-row scale) of (rows, d) ``x``: int8 or fp8 e4m3 with an fp32 scale per row, or bf16 (no
-    scale). int8: round(x / s) with s = max|row| / 127, so an entry's error is at most s / 2."""
-    if kind not in QUANTIZATIONS:
-        raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {kind!r}")
-    x = x.detach().float()
-    if kind == "bf16":
-        return x.bfloat16(), None
-    top = 127.0 if kind == "int8" else 448.0  # e4m3's largest finite value
-    scale = (x.abs().amax(dim=-1) / top).clamp_min(torch.finfo(torch.float32).tiny)
-    scaled = x / scale.float()[:, None]
-    if kind == "int8":
-        return scaled.round().clamp(-127, 127).to(torch.int8), scale
-    return scaled.to(torch.float8_e4m3fn), scale
-
-
-def dequantize_rows(values: Tensor, scale: Optional[Tensor]) -> Tensor:
-    """The fp32 rows :func:`quantize_rows` stored."""
-    return values.float() if scale is None else values.float() * scale.float()[:, None]
-
-
 # --------------------------------------------------------------------------- identity
-
-
-def weights_hash(model: torch.nn.Module) -> str:
-    """SHA-256 of a model's state: every entry's name, dtype, shape and bytes (the teacher's identity). A ZeRO-3
-    partitioned entry is gathered alone while it is read (so every rank must call it), and hashes as the whole
-    tensor does."""
-    from fastted.models import gathered
-
-    digest = hashlib.sha256()
-    for name, value in sorted(model.state_dict(keep_vars=True).items()):
-        if torch.is_tensor(value):
-            with gathered([value]):
-                digest.update(f"{name}:{value.dtype}:{tuple(value.shape)}".encode())
-                digest.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def data_fingerprint(dataset) -> str:
     """SHA-256 of a tokenized dataset's ``input_ids``, row by row (the run's data, packing and order of rows);
-    packed blocks of token shards (:class:`fastted.shards.PackedBlocks`) give their own fingerprint, made of the
+    packed blocks of token shards (:class:`fastted.train.shards.PackedBlocks`) give their own fingerprint, made of the
     shards' meta, the token range and the block size, so nothing of the corpus is read."""
     import numpy as np
 
@@ -211,7 +172,7 @@ class _Shard:
         if self._opened is None:
             with self._lock:
                 if self._opened is None:
-                    from fastted.identity import safetensors_header
+                    from fastted.train.identity import safetensors_header
 
                     if verify and sha256_file(self.path) != self.record["sha256"]:
                         raise damaged("differs from its manifest's SHA-256")
@@ -292,7 +253,7 @@ def build_teacher_cache(teacher, examples: Sequence[dict], collator: Callable, d
         raise ValueError(f"layer_bytes must be an int >= 0 (a token's layer targets in bytes; 0: every token's), "
                          f"got {layer_bytes!r}")
     temperature = check_temperature("temperature", temperature)
-    from fastted.engine import return_freed_host_memory
+    from fastted.train.engine import return_freed_host_memory
 
     return_freed_host_memory()  # what each batch frees goes back to the system, not into the heap
     os.makedirs(directory, exist_ok=True)

@@ -1,8 +1,8 @@
 """The thin loop: one recipe, one dataset, optimizer steps, metrics, evaluation, checkpoints.
 
 The data order is a pure function of (seed, epoch) and the MLM masks of
-(seed, step, piece of the global batch) (:func:`fastted.data.data_order`,
-:func:`fastted.data.batch_generator`), so the data position is the optimizer
+(seed, step, piece of the global batch) (:func:`fastted.train.data.data_order`,
+:func:`fastted.train.data.batch_generator`), so the data position is the optimizer
 step alone and a resumed run sees exactly the batches it would have seen, on
 any number of ranks. A background thread makes each step's batches (and
 reads a teacher cache's outputs for them) a few steps ahead of the loop, in
@@ -18,7 +18,7 @@ hashing its share: a damaged or incomplete newest checkpoint is passed over,
 with a warning naming it and the one resumed from, for the newest intact one;
 none intact is an error (nothing is deleted). A checkpoint saved on another
 number of ranks resumes through its universal form
-(:mod:`fastted.checkpoints`).
+(:mod:`fastted.train.checkpoints`).
 
 Non-finite values stop the run: the loss, each term and the gradient norm
 are checked on the device every step, and read on the step's host sync
@@ -41,14 +41,13 @@ from typing import Callable, Optional
 
 import torch
 
-from fastted.checkpoints import (CheckpointWarning, checkpoint_dir, checkpoint_step, latest_checkpoint,
+from fastted.train.checkpoints import (CheckpointWarning, checkpoint_dir, checkpoint_step, latest_checkpoint,
                                  universal_checkpoint, write_manifest)
-from fastted.checkpoints import verify_checkpoint  # noqa: F401  (re-exported: it lived here)
-from fastted.config import TrainConfig
-from fastted.data import Data, batch_generator, data_order
-from fastted.engine import CheckpointError, Engine, NonFiniteError, barrier, mean_over_ranks, reduce_over_ranks
+from fastted.train.config import TrainConfig
+from fastted.train.data import Data, batch_generator, data_order
+from fastted.train.engine import CheckpointError, Engine, NonFiniteError, barrier, mean_over_ranks, reduce_over_ranks
 from fastted.files import write_atomic
-from fastted.throughput import Meter
+from fastted.train.throughput import Meter
 
 
 @dataclass
@@ -219,7 +218,7 @@ def save_checkpoint(engine: Engine, stage: Stage, step: int, tokens: Optional[in
 
 def load_checkpoint(engine: Engine, path: str) -> int:
     """Restore a (verified) checkpoint into the engine, through its universal form when it was saved on another
-    number of ranks (:func:`fastted.checkpoints.universal_checkpoint`); returns the optimizer step to continue
+    number of ranks (:func:`fastted.train.checkpoints.universal_checkpoint`); returns the optimizer step to continue
     from. Every rank calls it."""
     with open(os.path.join(path, "trainer.json"), encoding="utf-8") as f:
         step = int(json.load(f)["step"])
@@ -392,7 +391,7 @@ def run(stage: Stage, engine: Engine) -> dict:
     """Train ``stage.recipe`` under ``engine`` for its steps; returns the last metrics and evaluation.
 
     Each logged record holds the loss, its terms and the throughput of its logging window
-    (:class:`fastted.throughput.Meter`: tokens, tokens/s, step time, peak memory, FLOPs, MFU, the teacher's share),
+    (:class:`fastted.train.throughput.Meter`: tokens, tokens/s, step time, peak memory, FLOPs, MFU, the teacher's share),
     evaluations and checkpoint saves left out of the window's time.
 
     Raises :class:`NonFiniteError` when a loss, term or gradient norm is not finite (checked on the steps that
@@ -542,7 +541,7 @@ def evaluate_model(adapter, data: Data, task: str, micro: int, device, rank: int
     """Accuracy (classification) or mean LM loss and perplexity over the test split, the examples shared out
     between the ``world`` ranks (this one is ``rank``) and the counts summed. ``per_example``: a classifier's
     result also holds ``correct``, 1 or 0 for each test example in order (what paired comparisons of models
-    resample, :func:`fastted.stats.paired_bootstrap`).
+    resample, :func:`fastted.train.stats.paired_bootstrap`).
 
     Every rank runs the same number of forwards, so a model partitioned under ZeRO-3 (whose every forward
     gathers its parameters from all ranks) never leaves one rank waiting: the micro batches of ``micro``

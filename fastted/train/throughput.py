@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from fastted.engine import mean_over_ranks, reduce_over_ranks
+from fastted.train.engine import mean_over_ranks, reduce_over_ranks
 
 # Dense peak TFLOP/s per GPU without sparsity, from NVIDIA's data sheets: (bf16 / fp16 tensor cores, fp32 as TF32).
 # The first entry whose name is in the device's name wins (the H100 PCIe before the SXM H100).

@@ -1,6 +1,6 @@
 """Checkpoint folders that prove themselves, checked by every rank for its share, and resumed on any number of ranks.
 
-A checkpoint is a folder ``checkpoints/step-NNNNNNN`` (:func:`fastted.trainer.save_checkpoint` writes it under a
+A checkpoint is a folder ``checkpoints/step-NNNNNNN`` (:func:`fastted.train.trainer.save_checkpoint` writes it under a
 temporary name and renames it) closed by a ``manifest.json`` of every file's size and SHA-256.
 
 Hashing per rank. Each rank hashes only its share of a checkpoint (:func:`file_owner`): the files it writes, which
@@ -24,7 +24,7 @@ ZeRO 1 and 2 in ``stage_1_and_2`` and ZeRO 3 in ``stage3``; tested in fp32 on gl
 ``ds_to_universal``) into its sub-folder ``universal``, written under a temporary name, closed by its own
 manifest and renamed; a later resume on another world reuses it after checking it (its files' hashes shared out
 between the ranks). fastted's own resharding was the alternative; DeepSpeed's is kept because its loaders already
-cut partitions for every stage, and :meth:`fastted.engine.Engine.load` mends what they miss (the module's
+cut partitions for every stage, and :meth:`fastted.train.engine.Engine.load` mends what they miss (the module's
 buffers and extra state, and ZeRO-3's parameter-group settings and step counters). ZeRO-0 keeps whole optimizer
 states in the model states and resumes natively on any world, as does any checkpoint on the world that saved it.
 A checkpoint of another ZeRO stage is refused by name (the universal loading does not cross stages).
@@ -40,7 +40,7 @@ import shutil
 import warnings
 from typing import Callable, Optional
 
-from fastted.engine import STATE, CheckpointError, gather_over_ranks, saved_layout, weights_only_loads
+from fastted.train.engine import STATE, CheckpointError, gather_over_ranks, saved_layout, weights_only_loads
 from fastted.files import HashingWriter, sha256_file, write_atomic
 
 CHECKPOINTS = "checkpoints"

@@ -7,7 +7,7 @@ import json
 import os
 
 from fastted.files import write_atomic
-from fastted.trainer import read_metrics
+from fastted.train.trainer import read_metrics
 
 
 def _metric(config) -> tuple[str, str]:

@@ -91,7 +91,7 @@ def hf_folder(folder: str, gguf_file: str, cache_root: str, *, max_shard_bytes: 
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         raise RuntimeError("hf_folder is collective: call it on every rank once torch.distributed is initialized "
-                           "(fastted.engine.init_distributed), or the ranks that wait would not wait")
+                           "(fastted.train.engine.init_distributed), or the ranks that wait would not wait")
     path = os.path.join(folder, gguf_file)
     if not os.path.isfile(path):
         raise ValueError(f"gguf_file: no file {gguf_file!r} in {folder!r} (needs a .gguf file)")

@@ -18,7 +18,7 @@ their own that points at the arrays where they are.
 
 :class:`PackedBlocks` cuts a token range of a corpus into blocks of ``block_size`` (the last incomplete one
 dropped) and gives each block with the positions at which a document starts inside it; the collators restart
-position ids there and keep attention and the loss inside each document (:mod:`fastted.data`).
+position ids there and keep attention and the loss inside each document (:mod:`fastted.train.data`).
 """
 from __future__ import annotations
 

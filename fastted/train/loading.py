@@ -23,7 +23,7 @@ The last section builds a run's models: :func:`build_teacher` (a fresh teacher o
 with ``teacher.random_init``) and :func:`build_student` (``student.path``, or the teacher's kept layers read
 from its files: never a copy or a second whole load of the teacher). A GGUF source is first converted once into
 a plain folder (:func:`hf_folder`); without ZeRO-3 the pipeline loads models as it always has
-(:func:`fastted.models.load_model`, the student cut from the whole teacher). :func:`place` moves what ZeRO-3
+(:func:`fastted.train.sources.load_model`, the student cut from the whole teacher). :func:`place` moves what ZeRO-3
 does not partition onto a device, one tensor at a time.
 
 ``build_model(..., meta=True)`` builds the model on the meta device, without weights: what a recipe is first
@@ -42,9 +42,9 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from fastted.config import ConfigError, ModelConfig
-from fastted.models import (ModelAdapter, model_class, hf_config, is_partitioned, keep_layers, load_model,
-                            model_source, student_layers)
+from fastted.train.config import ConfigError, ModelConfig
+from fastted.models import ModelAdapter, is_partitioned, keep_layers
+from fastted.train.sources import hf_config, load_model, model_class, model_source, student_layers
 
 _SAFE_INDEX, _SAFE_SINGLE = "model.safetensors.index.json", "model.safetensors"
 _BIN_INDEX, _BIN_SINGLE = "pytorch_model.bin.index.json", "pytorch_model.bin"
@@ -390,10 +390,10 @@ def place(module: nn.Module, device: torch.device, parameters: bool = True) -> N
 
 def hf_folder(config, folder: str, gguf: Optional[str]) -> str:
     """A plain Hugging Face folder of a model source: ``folder`` itself, or its GGUF file converted once into
-    ``<output_dir>/cache/gguf`` (:func:`fastted.gguf.hf_folder`; collective: every rank calls it)."""
+    ``<output_dir>/cache/gguf`` (:func:`fastted.train.gguf.hf_folder`; collective: every rank calls it)."""
     if not gguf:
         return folder
-    from fastted.gguf import hf_folder as converted
+    from fastted.train.gguf import hf_folder as converted
 
     return converted(folder, gguf, os.path.join(config.output_dir, "cache", "gguf"))
 
@@ -429,9 +429,9 @@ def build_teacher(config, *, folder: Optional[str] = None, num_labels: Optional[
 
 def build_student(config, *, num_labels: Optional[int] = None, zero: Optional[dict] = None):
     """The run's student, partitioned with ``zero`` or whole, never through a whole teacher: ``student.path``,
-    or the teacher source's config with the kept layers only (:func:`fastted.models.student_layers`), their
+    or the teacher source's config with the kept layers only (:func:`fastted.train.sources.student_layers`), their
     weights read from the teacher's files (block ``layers[j]`` as block ``j``), or fresh with
-    ``student.random_init`` (drawn after ``torch.manual_seed(seed)``, as :func:`fastted.models.build_student`)."""
+    ``student.random_init`` (drawn after ``torch.manual_seed(seed)``, as :func:`fastted.train.sources.build_student`)."""
     s, task = config.student, config.task
     if s.path is not None:
         folder, gguf = model_source(s, "student")

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from fastted import DWT, KD, LWD, RAILKD, TED, CoDIR, RandomLayerMap, TaskFilters, explicit_map
-from fastted.cache import TeacherCache, build_teacher_cache, finish_teacher_cache
-from fastted.data import ClassificationCollator, CLMCollator
+from fastted.train.cache import TeacherCache, build_teacher_cache, finish_teacher_cache
+from fastted.train.data import ClassificationCollator, CLMCollator
 from tests.tiny_models import LABELS, VOCAB, bert, gpt2
 
 

@@ -169,7 +169,7 @@ class Config:
     seed: int = 0
     seeds: Optional[list[int]] = None      # several seeds: each training step once per seed, in seed-<s>/ folders,
                                            # one test split for all; evaluate reports means, intervals, differences
-    published: Optional[str] = None        # a paper's hyperparameters (fastted.published: ted-glue-mnli, ...), set
+    published: Optional[str] = None        # a paper's hyperparameters (fastted.train.published: ted-glue-mnli, ...), set
                                            # over the preset and under your file and overrides
     seed_teacher: bool = False             # with seeds: each seed fine-tunes its own teacher (default: the teacher's
                                            # steps run once, with the first seed, and are shared)
@@ -416,9 +416,9 @@ def load_config(path: Optional[str] = None, overrides: tuple = (), preset: Optio
 
 
 def apply_published(config: Config, name: str) -> None:
-    """Set the hyperparameters that :data:`fastted.published.PUBLISHED` holds under ``name`` (a paper's, with its
+    """Set the hyperparameters that :data:`fastted.train.published.PUBLISHED` holds under ``name`` (a paper's, with its
     source there), merging ``distil.per_method`` entry by entry."""
-    from fastted.published import PUBLISHED
+    from fastted.train.published import PUBLISHED
 
     if name not in PUBLISHED:
         raise ConfigError(f"published: got {name!r}, needs one of {', '.join(PUBLISHED)}")

@@ -25,7 +25,7 @@ import os
 import sys
 import warnings
 
-from fastted.config import METHODS, PRESETS, ConfigError, load_config
+from fastted.train.config import METHODS, PRESETS, ConfigError, load_config
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -66,11 +66,12 @@ def _check_tokenizers(config) -> None:
     """A student from another folder must share the teacher's tokenizer."""
     if config.student.path is None:
         return
-    from fastted.models import load_tokenizer, model_source
+    from fastted.models import same_tokenizer
+    from fastted.train.sources import load_tokenizer, model_source
 
     teacher = load_tokenizer(*model_source(config.teacher, "teacher"))
     student = load_tokenizer(*model_source(config.student, "student"))
-    if teacher.get_vocab() != student.get_vocab():
+    if not same_tokenizer(student, teacher):
         raise ConfigError(f"student.path: its tokenizer ({type(student).__name__}, {len(student)} tokens) differs "
                           f"from the teacher's ({type(teacher).__name__}, {len(teacher)} tokens); distillation "
                           f"compares them token by token and needs the same tokenizer")
@@ -92,14 +93,17 @@ def parse_args(argv=None) -> argparse.Namespace:
             continue
         (overrides if "=" in token and not token.startswith("-") else rest).append(token)
         i += 1
-    args = _parser().parse_args(rest)
+    parser = _parser()
+    args = parser.parse_args(rest)
+    if args.overrides:  # a bare word where an override belongs: never ignored
+        parser.error(f"argument {args.overrides[0]!r}: an override needs the form key.sub=value, e.g. seed=1")
     args.overrides = overrides
     return args
 
 
 def check_data_source(config) -> None:
     """A local data source (or test source) exists before any work: the data is read only when a step starts."""
-    from fastted.data import BUILT_IN, BUILT_IN_TEXT, looks_like_path
+    from fastted.train.data import BUILT_IN, BUILT_IN_TEXT, looks_like_path
 
     for key, source in (("data.source", config.data.source), ("data.test_source", config.data.test_source)):
         if source is None or source in BUILT_IN:
@@ -130,12 +134,12 @@ def run(argv=None) -> dict:
     args = parse_args(argv)
     config = load_config(args.config, tuple(args.overrides), args.preset)
     if args.command == "config":
-        from fastted.config import to_yaml
+        from fastted.train.config import to_yaml
 
         print(to_yaml(config), end="")
         return {}
-    from fastted import pipeline as p
-    from fastted.models import check_against_models, model_source
+    from fastted.train import pipeline as p
+    from fastted.train.sources import check_against_models, model_source
 
     model_source(config.teacher, "teacher")  # missing model folders end here, before any work
     if config.student.path is not None:
@@ -196,7 +200,7 @@ def _print_results(config, results: dict) -> None:
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """fastted's own warnings (a damaged checkpoint passed over, a torn metrics line) as one line each."""
-    from fastted.trainer import CheckpointWarning
+    from fastted.train.trainer import CheckpointWarning
 
     if issubclass(category, CheckpointWarning):
         print(f"fastted: warning: {message}", file=sys.stderr)
@@ -209,7 +213,7 @@ _default_showwarning = warnings.showwarning
 
 def main(argv=None) -> int:
     """The command: 0 when it worked, 2 for a bad setting or input, 1 when training went non-finite."""
-    from fastted.engine import NonFiniteError
+    from fastted.train.engine import NonFiniteError
 
     warnings.showwarning = _show_warning
     try:
@@ -230,7 +234,7 @@ def main(argv=None) -> int:
 
 def command(argv=None) -> int:
     """The ``fastted`` console command and ``python -m fastted``: :func:`main`, then, when it worked, the process
-    group ended (:func:`fastted.engine.end_distributed`); a process that had a group ends with ``os._exit``, its
+    group ended (:func:`fastted.train.engine.end_distributed`); a process that had a group ends with ``os._exit``, its
     output flushed. DeepSpeed keeps references to the group's objects, so they outlive ``destroy_process_group``
     and were torn down with the interpreter, where gloo's threads have aborted a rank ("terminate called without
     an active exception") after its work was done, and torchrun reported the run failed. :func:`main` alone
@@ -241,7 +245,7 @@ def command(argv=None) -> int:
     if not dist.is_initialized():
         return code
     if code == 0:
-        from fastted.engine import end_distributed
+        from fastted.train.engine import end_distributed
 
         end_distributed()
     sys.stdout.flush()

@@ -43,9 +43,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from fastted.config import ConfigError, EngineConfig, TrainConfig
+from fastted.train.config import ConfigError, EngineConfig, TrainConfig
 from fastted.methods.base import Recipe, RecipeOutput
-from fastted.loading import place
+from fastted.train.loading import place
 from fastted.models import gathered, is_partitioned
 
 # --------------------------------------------------------------------------- devices and ranks
@@ -503,7 +503,7 @@ class Engine:
             recipe.activation_checkpointing_enable()
         teacher = recipe.teacher
         if teacher is not None and partitions_teacher(engine, self.world):
-            # built partitioned (fastted.loading), or whole (library use): DeepSpeed then partitions it parameter
+            # built partitioned (fastted.train.loading), or whole (library use): DeepSpeed then partitions it parameter
             # by parameter, each moved to the device alone
             deepspeed.initialize(model=teacher, config=teacher_deepspeed_config(engine, self.micro_batch, teacher))
         # Only what ZeRO-3 does not partition moves here, one tensor at a time: under stage 3 DeepSpeed partitions
@@ -613,7 +613,7 @@ class Engine:
 
     def load(self, directory: str, universal: Optional[str] = None) -> None:
         """Restore what :meth:`save` wrote: natively, or from ``universal``, the checkpoint's universal form
-        (:func:`fastted.checkpoints.universal_checkpoint`), where :meth:`needs_universal` says so.
+        (:func:`fastted.train.checkpoints.universal_checkpoint`), where :meth:`needs_universal` says so.
 
         From the universal form every rank reads its own partition of each parameter and of the optimizer's
         states; the module's other entries (buffers, extra state: TED's MSE scales, memory banks, counters),
@@ -625,7 +625,7 @@ class Engine:
         if universal is None and self.needs_universal(directory):
             raise CheckpointError(f"checkpoint {directory}: saved on {layout['world']} ranks (ZeRO stage "
                                   f"{layout['zero_stage']}), this run has {self.world}: resume through "
-                                  f"fastted.trainer.run, which converts it, or on {layout['world']} ranks")
+                                  f"fastted.train.trainer.run, which converts it, or on {layout['world']} ranks")
         if universal is None:
             path, _ = self.ds.load_checkpoint(directory, tag=STATE, load_module_strict=True)
         else:

@@ -1,4 +1,4 @@
-"""One rank of tests/methods/test_gguf.py's conversion: ``fastted.gguf.hf_folder`` called by every rank of a gloo
+"""One rank of tests/train/test_gguf.py's conversion: ``fastted.train.gguf.hf_folder`` called by every rank of a gloo
 group (torchrun), with the peak private memory (RssAnon) of the call sampled by a thread. Writes
 ``<out>/rank-<RANK>.json``: ``{"folder", "start_kib", "peak_kib", "seconds"}``."""
 import argparse
@@ -17,7 +17,7 @@ import transformers  # noqa: E402
 from transformers.models.llama import modeling_llama  # noqa: E402,F401
 
 from benchmarks.rank_memory import PeakSampler  # noqa: E402
-from fastted.gguf import hf_folder  # noqa: E402
+from fastted.train.gguf import hf_folder  # noqa: E402
 
 
 def main() -> None:

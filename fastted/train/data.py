@@ -13,7 +13,7 @@ of that way.
   of the dataset's fingerprint, the tokenizer and the settings.
 * Pre-training: :func:`tokenize_corpus` tokenizes the corpus once (rank 0, with
   ``data.num_proc`` workers, the other ranks waiting) into memory-mapped token
-  shards (:mod:`fastted.shards`), or a pre-tokenized corpus is named
+  shards (:mod:`fastted.train.shards`), or a pre-tokenized corpus is named
   directly; :func:`prepare_blocks` cuts them into blocks that every rank maps.
 * The collators pad a list of examples into tensors for the three tasks
   (classification, masked LM, causal LM); :func:`collator_for` picks one. On
@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fastted.config import SAMPLE_BY, Config, ConfigError, DataConfig, packs_blocks
+from fastted.train.config import SAMPLE_BY, Config, ConfigError, DataConfig, packs_blocks
 from fastted.ops.checks import check_positive_int
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -662,10 +662,10 @@ def tokenizing_workers(config: Config) -> int:
 
 
 def tokenize_corpus(config: Config, tokenizer, rank: int = 0) -> str:
-    """Tokenize the run's raw corpus once into token shards (:mod:`fastted.shards`): ``train/`` and ``test/``
+    """Tokenize the run's raw corpus once into token shards (:mod:`fastted.train.shards`): ``train/`` and ``test/``
     under :func:`tokens_dir`, written by rank 0 with ``data.num_proc`` workers while the other ranks wait;
     nothing when they exist. Returns the folder."""
-    from fastted import shards
+    from fastted.train import shards
 
     d = config.data
     directory = tokens_dir(config, tokenizer)
@@ -687,7 +687,7 @@ def tokenize_corpus(config: Config, tokenizer, rank: int = 0) -> str:
 def _token_corpus(source: str, config: Config, tokenizer, rank: int, name: str):
     """A pre-tokenized source opened: a folder of fastted token shards as it is, or a folder of ``.npy`` token
     arrays indexed once (their document ends, at the tokenizer's separator) under ``<output_dir>/cache``."""
-    from fastted import shards
+    from fastted.train import shards
 
     if shards.is_corpus(source):
         corpus = shards.TokenCorpus(source, rebuild=f"make {source} again (fastted tokenize)")
@@ -708,7 +708,7 @@ def _token_corpus(source: str, config: Config, tokenizer, rank: int, name: str):
 
 def is_tokenized(source) -> bool:
     """Whether ``source`` names a pre-tokenized corpus: a folder of token shards or of ``.npy`` token arrays."""
-    from fastted import shards
+    from fastted.train import shards
 
     return isinstance(source, (str, os.PathLike)) and (shards.is_corpus(source) or bool(shards.token_arrays(source)))
 
@@ -721,12 +721,12 @@ def _document_range(corpus, first: int, stop: int) -> tuple[int, int]:
 
 def prepare_blocks(config: Config, tokenizer, rank: int = 0) -> Data:
     """Pre-training data: the corpus as token shards (tokenized once by :func:`tokenize_corpus`, or named
-    pre-tokenized), cut into ``data.max_length`` blocks (:class:`fastted.shards.PackedBlocks`), every rank
+    pre-tokenized), cut into ``data.max_length`` blocks (:class:`fastted.train.shards.PackedBlocks`), every rank
     reading the same memory-mapped shards.
 
     A pre-tokenized source without a ``test_source`` holds out its last documents (:func:`held_out`'s count);
     ``max_train_examples`` and ``max_test_examples`` keep the first documents of each split."""
-    from fastted import shards
+    from fastted.train import shards
 
     d = config.data
     if is_tokenized(d.source):

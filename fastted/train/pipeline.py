@@ -17,10 +17,10 @@ from the pretrained teacher and its student and runs ``distil`` and
 
 This module holds the steps alone: the models come from
 :mod:`fastted.models` (loading, the student cut from the teacher), the data
-from :func:`fastted.data.prepare_data`, the recipes from the registry of
-:mod:`fastted.methods`, the training from :mod:`fastted.trainer` under
-:class:`fastted.engine.Engine`. Each training step is a
-:class:`~fastted.trainer.Stage` of the same name, in the folder of that name.
+from :func:`fastted.train.data.prepare_data`, the recipes from the registry of
+:mod:`fastted.methods`, the training from :mod:`fastted.train.trainer` under
+:class:`fastted.train.engine.Engine`. Each training step is a
+:class:`~fastted.train.trainer.Stage` of the same name, in the folder of that name.
 """
 from __future__ import annotations
 
@@ -32,15 +32,16 @@ from typing import Optional
 
 import torch
 
-from fastted.config import Config, ConfigError, TrainConfig, method_config, packs_blocks, run_kind, to_yaml
-from fastted.data import Data, prepare_data
-from fastted.engine import (Engine, barrier, batch_layout, deepspeed_config, init_distributed, partitions_teacher,
+from fastted.train.config import Config, ConfigError, TrainConfig, method_config, packs_blocks, run_kind, to_yaml
+from fastted.train.data import Data, prepare_data
+from fastted.train.engine import (Engine, barrier, batch_layout, deepspeed_config, init_distributed, partitions_teacher,
                             resolve_device, resolve_precision, seed_everything, teacher_deepspeed_config)
 from fastted.files import write_atomic
-from fastted.loading import build_teacher, place, teacher_num_layers
-from fastted.models import (build_student, hf_config, is_partitioned, load_model, load_tokenizer, model_source,
-                            student_layers)
-from fastted.trainer import Stage, evaluate_model, run, total_steps
+from fastted.integrations import with_index
+from fastted.train.loading import build_teacher, place, teacher_num_layers
+from fastted.models import is_partitioned
+from fastted.train.sources import build_student, hf_config, load_model, load_tokenizer, model_source, student_layers
+from fastted.train.trainer import Stage, evaluate_model, run, total_steps
 
 
 def stage_dir(config: Config, name: str) -> str:
@@ -183,7 +184,7 @@ def _start(config: Config) -> _Start:
 
 def _partitioning(config: Config, st: _Start, train: Optional[TrainConfig], micro: int) -> tuple:
     """(teacher's, student's) DeepSpeed configs that partition them while they are built (ZeRO-3), None for a
-    model built whole: the teacher by :func:`fastted.engine.partitions_teacher`, the student when the stage's
+    model built whole: the teacher by :func:`fastted.train.engine.partitions_teacher`, the student when the stage's
     DeepSpeed config (``train``'s) is at stage 3; with ``train`` None (evaluation) a ZeRO-3 student runs as the
     teacher does, under the teacher's inference config."""
     engine = config.engine
@@ -198,14 +199,14 @@ def _partitioning(config: Config, st: _Start, train: Optional[TrainConfig], micr
 
 def _legacy(config: Config, zeros: tuple) -> bool:
     """Nothing partitioned and no fresh teacher: the models load whole as they always have (the student cut from
-    a whole teacher); otherwise every model is built by :mod:`fastted.loading`."""
+    a whole teacher); otherwise every model is built by :mod:`fastted.train.loading`."""
     return zeros == (None, None) and not config.teacher.random_init
 
 
 def _student(config: Config, legacy: bool, zero: Optional[dict], num_labels: Optional[int] = None, teacher=None):
-    """The run's student: :func:`fastted.models.build_student` (cut from ``teacher`` when it is given) when
-    ``legacy`` (:func:`_legacy`), else :func:`fastted.loading.build_student`, partitioned with ``zero``."""
-    from fastted import loading
+    """The run's student: :func:`fastted.train.sources.build_student` (cut from ``teacher`` when it is given) when
+    ``legacy`` (:func:`_legacy`), else :func:`fastted.train.loading.build_student`, partitioned with ``zero``."""
+    from fastted.train import loading
 
     if legacy:
         return build_student(config, num_labels, teacher=teacher)
@@ -298,17 +299,17 @@ def _recipe(config: Config, method: str, st: _Start, truncate: bool = False, cac
     """The stage-II recipe of ``method`` on the run's models (what distil trains and cache-teacher runs), its
     teacher cut after the last layer it reads with ``truncate`` (:meth:`~fastted.methods.base.Recipe.truncate_teacher`).
 
-    Partitioned (:func:`_partitioning`), the models are built by :mod:`fastted.loading`, each partition by
+    Partitioned (:func:`_partitioning`), the models are built by :mod:`fastted.train.loading`, each partition by
     partition, and a teacher to cut is cut before it is built: the recipe is built on a meta-device stand-in of
     it, cut, and handed the teacher built with the kept blocks alone (the others are never built nor read).
 
     ``cached`` (distil from a teacher cache): the teacher is the meta-device stand-in alone, on every rank, and no
     byte of its weights is read; the recipe takes its shape from it until
     :meth:`~fastted.methods.base.Recipe.use_teacher_cache` drops it. A student cut from the teacher reads its
-    kept blocks from the teacher's files itself (:func:`fastted.loading.build_student`): its initialization,
+    kept blocks from the teacher's files itself (:func:`fastted.train.loading.build_student`): its initialization,
     never the teacher's other blocks."""
     from fastted.filters import TaskFilters
-    from fastted.loading import build_model
+    from fastted.train.loading import build_model
     from fastted.methods import RecipeModels, build_recipe, recipe_class
     from fastted.methods.base import Recipe
 
@@ -346,27 +347,19 @@ def _recipe(config: Config, method: str, st: _Start, truncate: bool = False, cac
 def _cache_cuts_teacher(config: Config) -> bool:
     """Whether a teacher cache's teacher is cut after its last mapped layer: it stores the layer targets alone
     (``distil.cache_k`` 0) and ``distil.truncate_teacher``. The cache's identity is its source's all the same
-    (:func:`fastted.identity.teacher_identity`): the cut is the config's, and the layers are in the manifest."""
+    (:func:`fastted.train.identity.teacher_identity`): the cut is the config's, and the layers are in the manifest."""
     return not config.distil.cache_k and config.distil.truncate_teacher
 
 
-def _with_index(dataset):
-    """``dataset`` with its row ids in ``index`` (what a cached teacher reads its rows by); packed blocks carry
-    theirs."""
-    if "index" in getattr(dataset, "column_names", ("index",)):
-        return dataset
-    return dataset.add_column("index", list(range(len(dataset))))
-
-
 def _cache_identity(config: Config, recipe, data: Data) -> dict:
-    """What a run's teacher cache is checked against: the teacher (:func:`fastted.identity.teacher_identity` of the
+    """What a run's teacher cache is checked against: the teacher (:func:`fastted.train.identity.teacher_identity` of the
     folder its recipe's teacher is built from: its config and its checkpoint files' headers, none of its weights,
     the same whether the teacher is loaded or a meta-device stand-in), the tokenizer's vocabulary, the training
     data (tokens, packing, order of rows), the task; with the recipe's layers, temperature and targets, k and the
     quantization and the layer targets' budget."""
-    from fastted.cache import data_fingerprint
-    from fastted.data import tokenizer_key
-    from fastted.identity import teacher_identity
+    from fastted.train.cache import data_fingerprint
+    from fastted.train.data import tokenizer_key
+    from fastted.train.identity import teacher_identity
 
     name, _, vocab = tokenizer_key(data.tokenizer)
     teacher = teacher_identity(config, _step_models(config, type(recipe))[0])
@@ -379,7 +372,7 @@ def _cache_identity(config: Config, recipe, data: Data) -> dict:
 def cache_teacher(config: Config, method: str) -> dict:
     """Run the teacher of ``method``'s recipe once over the training data (its rows, packing and order, each rank
     every world-th row) and store its top-k logits and the recipe's layer targets in cache-teacher-<method>/."""
-    from fastted.cache import build_teacher_cache, finish_teacher_cache
+    from fastted.train.cache import build_teacher_cache, finish_teacher_cache
 
     config = method_config(config, method)
     st = _start(config)
@@ -441,7 +434,7 @@ def _open_on_every_rank(open_cache):
     """``open_cache()`` on every rank, or the first refusal on all of them: each rank checks the teacher's
     identity from its own files, and a node whose copy differs must not leave the others waiting in a
     collective."""
-    from fastted.engine import gather_over_ranks
+    from fastted.train.engine import gather_over_ranks
 
     try:
         cache, reason = open_cache(), None
@@ -458,7 +451,7 @@ def _open_on_every_rank(open_cache):
 def distil(config: Config, method: str) -> dict:
     """Stage II of ``method``: the student learns from the frozen teacher (or, with ``distil.teacher_cache``,
     from what cache-teacher stored of it)."""
-    from fastted.cache import TeacherCache
+    from fastted.train.cache import TeacherCache
 
     config = method_config(config, method)  # distil.per_method's values for this method
     st = _start(config)
@@ -473,16 +466,16 @@ def distil(config: Config, method: str) -> dict:
             rebuild=f"run `fastted cache-teacher --method {method}` with this run's settings"))
         recipe.use_teacher_cache(cache)  # before the engine: the stand-in is then never moved or partitioned
     if config.distil.teacher_cache or recipe.needs_example_ids:  # the cache's rows, a momentum bank's entries
-        data = Data(_with_index(data.train), data.test, data.collator, data.tokenizer, data.label_names)
+        data = Data(with_index(data.train), data.test, data.collator, data.tokenizer, data.label_names)
     return _train(config, f"distil-{method}", recipe, data, config.distil.train, st.device, recipe.student_model)
 
 
 def evaluate(config: Config) -> dict:
     """Every model the run has made, on the test split; writes results.json, report.md and report.png."""
-    from fastted.loading import build_model
+    from fastted.train.loading import build_model
     from fastted.methods import recipe_class
     from fastted.models import ModelAdapter
-    from fastted.report import write_report
+    from fastted.train.report import write_report
 
     st = _start(config)
     candidates = [("teacher", "finetune-teacher"), ("student alone", "finetune-student")]
@@ -525,8 +518,8 @@ def tokenize(config: Config, out: Optional[str] = None) -> dict:
     step of an mlm or clm run maps; they do this first themselves), or with ``out`` the whole source, unsplit,
     into ``out`` (a corpus to name as ``data.source`` in other runs). Rank 0 tokenizes with ``data.num_proc``
     workers while the other ranks wait. Returns the folders and their token and document counts."""
-    from fastted import shards
-    from fastted.data import (is_tokenized, load_source, separator_id, tokenize_corpus, tokenizer_key,
+    from fastted.train import shards
+    from fastted.train.data import (is_tokenized, load_source, separator_id, tokenize_corpus, tokenizer_key,
                               tokenizing_workers)
 
     if not packs_blocks(config):
@@ -627,7 +620,7 @@ def evaluate_seeds(config: Config) -> dict:
     student alone and against KD (a bootstrap over the test examples, the seeds averaged, and a paired t
     interval over the seeds; ``holds`` when both leave out 0 on one side): results.json,
     report.md and report.png of ``output_dir``."""
-    from fastted.report import write_seeds_report
+    from fastted.train.report import write_seeds_report
 
     per_seed = {seed: evaluate(seed_config(config, seed)) for seed in config.seeds}
     summary = seeds_summary(config, per_seed)
@@ -638,7 +631,7 @@ def evaluate_seeds(config: Config) -> dict:
 
 def seeds_summary(config: Config, per_seed: dict) -> dict:
     """The statistics of ``per_seed`` (seed -> evaluate()'s results): see :func:`evaluate_seeds`."""
-    from fastted.stats import mean_interval, paired_bootstrap
+    from fastted.train.stats import mean_interval, paired_bootstrap
 
     key = "accuracy" if config.task == "classification" else "perplexity"
     labels = [label for label in next(iter(per_seed.values())) if all(label in r for r in per_seed.values())]

@@ -165,6 +165,31 @@ def test_bank_bad_updates():
         bank.update(torch.randn(3, 4), labels=torch.zeros(3))
     with pytest.raises(ValueError, match="k must be a positive int"):
         bank.sample(0, n_anchors=1)
+    with pytest.raises(ValueError, match="vectors has dtype torch.int64, but needs a floating-point dtype"):
+        bank.update(torch.arange(12).reshape(3, 4))  # ids passed where the states belong
+    assert not bank.filled.any()
+
+
+@pytest.mark.parametrize("size, dim", [(16, 4), (8, 5)])
+@pytest.mark.bad_input
+def test_bank_of_another_size_refused_by_name(size, dim):
+    """A saved bank loaded into a bank of another size or width: a ValueError naming both shapes, also inside a
+    model's state dict (the key's prefix named), and nothing of the bank changed."""
+    saved = fastted.MemoryBank(8, 4)
+    saved.update(torch.randn(3, 4))
+    bank = torch.nn.Sequential(fastted.MemoryBank(size, dim))
+    with pytest.raises(ValueError, match=rf"0\.vectors: the saved memory bank holds 8 vectors of width 4, this one "
+                                         rf"size={size}, dim={dim}"):
+        bank.load_state_dict(torch.nn.Sequential(saved).state_dict())
+    assert not bank[0].filled.any()
+
+
+def test_bank_numpy_scalars_are_numbers():
+    """numpy's scalars are numbers: a size, width and momentum read from an array are taken as they are."""
+    import numpy as np
+
+    bank = fastted.MemoryBank(np.int64(8), np.int32(4), mode="momentum", momentum=np.float32(0.25))
+    assert (bank.size, bank.dim, bank.momentum) == (8, 4, 0.25) and type(bank.momentum) is float
 
 
 @pytest.mark.parametrize("mode", ["queue", "momentum"])

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fastted import DWT, KD, LWD, TED, TaskFilters, explicit_map
-from fastted.data import CLMCollator, MLMCollator, document_positions
+from fastted.train.data import CLMCollator, MLMCollator, document_positions
 from fastted.models import ModelAdapter
 from tests.tiny_models import VOCAB, bert, gpt2
 
