@@ -7,6 +7,7 @@ cannot run is not tagged ``python`` (``text``, ``bash``), or, rarely, carries ``
 the line before its fence, which skips it here with that reason. A block that imports transformers or datasets
 takes seconds to start and is marked slow.
 """
+
 import importlib.util
 import os
 import re
@@ -60,11 +61,14 @@ def test_python_example_runs(code, tmp_path):
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", TQDM_DISABLE="1")
     (tmp_path / "example.py").write_text(code)
     try:
-        done = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                              timeout=TIMEOUT_S)
+        done = subprocess.run(
+            [sys.executable, "example.py"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TIMEOUT_S
+        )
     except subprocess.TimeoutExpired:
         pytest.fail(f"the example ran past {TIMEOUT_S} s:\n{code}")
-    assert done.returncode == 0, f"the example failed (exit {done.returncode}):\n{code}\n--- stderr ---\n{done.stderr[-4000:]}"
+    assert done.returncode == 0, (
+        f"the example failed (exit {done.returncode}):\n{code}\n--- stderr ---\n{done.stderr[-4000:]}"
+    )
 
 
 def test_examples_are_found():
@@ -92,13 +96,23 @@ def test_cited_result_files_exist():
 @pytest.mark.slow
 def test_site_builds_strict(tmp_path):
     needed = ("mkdocs", "material", "mkdocstrings", "mkdocstrings_handlers.python")
-    absent = [m for m in needed if importlib.util.find_spec(m.split(".")[0]) is None
-              or (m == "mkdocstrings_handlers.python" and importlib.util.find_spec(m) is None)]
+    absent = [
+        m
+        for m in needed
+        if importlib.util.find_spec(m.split(".")[0]) is None
+        or (m == "mkdocstrings_handlers.python" and importlib.util.find_spec(m) is None)
+    ]
     if absent:
         pytest.skip(f"the site needs {', '.join(absent)}: pip install mkdocs mkdocs-material mkdocstrings-python")
     env = dict(os.environ, NO_MKDOCS_2_WARNING="1")
-    done = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, f"mkdocs build --strict failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
     assert (tmp_path / "site" / "index.html").is_file()
 
@@ -122,8 +136,10 @@ def test_compile_tier_figures_match_the_table():
 def _reliability_counts():
     page = re.sub(r"\s+", " ", _page("reliability.md"))
     total = int(re.search(r"runs (\d+) cases", page).group(1))
-    parts = [int(re.search(rf"(\d+) against {what}", page).group(1))
-             for what in ("the Python API", "the command", "checkpoints")]
+    parts = [
+        int(re.search(rf"(\d+) against {what}", page).group(1))
+        for what in ("the Python API", "the command", "checkpoints")
+    ]
     passed = int(re.search(r"All (\d+) pass", page).group(1))
     return total, parts, passed
 
@@ -141,8 +157,15 @@ def test_reliability_counts_add_up():
 def test_reliability_total_is_the_bad_input_marker():
     """The total docs/reliability.md states is the number of tests marked bad_input (collected, not run)."""
     total, _, _ = _reliability_counts()
-    done = subprocess.run([sys.executable, "-m", "pytest", "tests", "-m", "bad_input", "--collect-only", "-q",
-                           "-p", "no:cacheprovider"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "tests", "-m", "bad_input", "--collect-only", "-q", "-p", "no:cacheprovider"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     found = re.search(r"(\d+)/\d+ tests collected", done.stdout) or re.search(r"(\d+) tests collected", done.stdout)
     assert found, done.stdout[-2000:] + done.stderr[-2000:]
-    assert int(found.group(1)) == total, f"{found.group(1)} tests are marked bad_input; docs/reliability.md says {total}"
+    assert int(found.group(1)) == total, (
+        f"{found.group(1)} tests are marked bad_input; docs/reliability.md says {total}"
+    )
