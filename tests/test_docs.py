@@ -169,3 +169,11 @@ def test_reliability_total_is_the_bad_input_marker():
     assert int(found.group(1)) == total, (
         f"{found.group(1)} tests are marked bad_input; docs/reliability.md says {total}"
     )
+
+
+def test_lock_count_is_the_lock():
+    """The number of pinned distributions docs/install.md gives is constraints.txt's."""
+    lock = (ROOT / "constraints.txt").read_text(encoding="utf-8").splitlines()
+    pins = [line for line in lock if "==" in line and not line.lstrip().startswith("#")]
+    page = re.sub(r"\s+", " ", _page("install.md"))
+    assert f"(all {len(pins)} in `constraints.txt`)" in page, f"constraints.txt pins {len(pins)}"
