@@ -1,4 +1,4 @@
-"""Turn a pytest-benchmark JSON result file into the README's markdown tables.
+"""Turn a pytest-benchmark JSON result file into the markdown tables of docs/benchmarks.md (and the README's summary).
 
 One pair of tables (time, peak memory) per benchmark and parameter set other
 than impl and mode (size, objective, ...), with fastted's ratio to each

@@ -12,7 +12,8 @@ batch of B x T tokens, each case times forward, backward and AdamW's step:
 - teacher / teacher-truncated: the teacher's forward alone (no grad), whole and cut after layer 2 (half its
   six layers unmapped): the issue's "at least 1.5x faster" target.
 
-The ratios to the student's step are in ``extra_info`` (and printed by the README's command).
+The ratios to the student's step are in ``extra_info`` (and printed by the command of docs/teacher-cache.md,
+whose table they fill).
 
     pytest benchmarks/test_step.py --benchmark-json=<file>
     FASTTED_BENCH_SIZE=demo pytest benchmarks/test_step.py ...   # B = 32, T = 128: the demo's batch

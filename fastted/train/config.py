@@ -235,8 +235,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
-# The README's method comparisons: every distillation method that a fine-tuning run compares, three seeds each
-# (the teacher fine-tuned once), on each built-in task.
+# The method comparisons of docs/comparison.md: every distillation method that a fine-tuning run compares, three
+# seeds each (the teacher fine-tuned once), on each built-in task.
 COMPARED = {"seeds": [0, 1, 2], "distil.methods": ["kd", "lwd", "ted", "codir", "railkd"]}
 PRESETS["bbc-minilm-compare"] = {**PRESETS["bbc-minilm"], **COMPARED, "output_dir": "runs/bbc-minilm-compare"}
 PRESETS["rt-minilm-compare"] = {**PRESETS["rt-minilm"], **COMPARED, "output_dir": "runs/rt-minilm-compare"}
