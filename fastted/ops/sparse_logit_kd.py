@@ -34,8 +34,8 @@ from torch import Tensor, nn
 from fastted.ops.checks import check_float, check_floating, check_impl, check_like, check_temperature, check_weight
 from fastted.ops.dispatch import autocast_dtype, detach_without_grad, resolve_impl, save_gradients
 from fastted.ops.dispatch import scaled_gradients, to_autocast
-from fastted.ops.fused_linear_kd import _shifted, block_rows, finish_head_gradients, fused_linear_kd_blocks, head_loss
-from fastted.ops.logit_kd import ROW_BLOCK_ELEMENTS, row_weights, rows_loss, saved_gradient
+from fastted.ops.rows import ROW_BLOCK_ELEMENTS, block_rows, finish_head_gradients, head_blocks, head_loss, kd_loss
+from fastted.ops.rows import row_weights, shifted_labels
 from fastted.ops.packed_topk import PackedTopK, unpack_ids, unpack_topk, words_per_row
 
 # --------------------------------------------------------------------------- checks
@@ -246,11 +246,12 @@ class SparseLogitKDFunction(torch.autograd.Function):
                                             soft_weight=1.0, hard_weight=0.0, **opts)
         else:
             rows = _rows_in_blocks(z, teacher, kd_coef, grad, soft_weight=1.0, hard_weight=0.0, **opts)
-        return rows_loss(ctx, rows, kd_coef, grad, opts["temperature"], student_logits.shape)
+        save_gradients(ctx, [None if grad is None else grad.reshape(student_logits.shape)], in_place=True)
+        return kd_loss(rows, kd_coef, opts["temperature"])
 
     @staticmethod
     def backward(ctx, grad_loss):
-        return None, None, None, saved_gradient(ctx, grad_loss), None
+        return (None,) * 3 + (*scaled_gradients(ctx, grad_loss), None)
 
 
 class FusedLinearSparseKDFunction(torch.autograd.Function):
@@ -266,7 +267,7 @@ class FusedLinearSparseKDFunction(torch.autograd.Function):
                 teacher = _triton_teacher(teacher)
             else:
                 rows_fn = sparse_kd_rows
-            kd_rows, ce_rows, grads = fused_linear_kd_blocks(
+            kd_rows, ce_rows, grads = head_blocks(
                 xs.reshape(-1, xs.shape[-1]), ws, bs, lambda r, rows: _teacher_rows(teacher, r), kd_coef, labels,
                 ce_coef, needs, rows_fn=rows_fn, chunk_rows=chunk_rows, **opts,
             )
@@ -392,7 +393,7 @@ def fused_linear_sparse_kd(
         if not isinstance(flag, bool):
             raise ValueError(f"{name} must be a bool, got {flag!r}")
     teacher = check_teacher(topk_values, topk_ids, tail_lse, lead, ws.shape[0], xs.device, "student_hidden")
-    hard_labels = _shifted(hard_labels, ignore_index, lead) if shift_labels else hard_labels
+    hard_labels = shifted_labels(hard_labels, ignore_index, lead) if shift_labels else hard_labels
     cast = autocast_dtype(xs.device.type)
     student = [to_autocast(x, cast) for x in (xs, ws, student_bias)]
     check_floating("student_hidden", student[0])
