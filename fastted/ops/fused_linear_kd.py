@@ -25,6 +25,7 @@ from fastted.ops.checks import check_float, check_floating, check_impl, check_li
 from fastted.ops.dispatch import autocast_dtype, detach_without_grad, resolve_impl, save_gradients
 from fastted.ops.dispatch import scaled_gradients, to_autocast
 from fastted.ops.logit_kd import logit_kd_rows
+from fastted.ops.registry import GpuCheck, KernelOp
 from fastted.ops.rows import Workspace, block_rows, finish_head_gradients, head_blocks, head_logits, head_loss
 from fastted.ops.rows import logit_options, row_weights, shared_vocab, shifted_labels
 
@@ -235,3 +236,35 @@ class FusedLinearKDLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+
+# --------------------------------------------------------------------------- what the tools know of this op
+
+
+def _gpu_cases(tests, dtype, impl: str, cuda: bool) -> list:
+    """The tests' check of every divergence (on a GPU at a Llama 3 8B-sized head too)."""
+    shapes = tests.SHAPES + ([((2, 64), 2048, 4096, 128256)] if cuda else [])
+    return [(dict(divergence=div, beta=beta, shape=str(shape)), lambda div=div, beta=beta, shape=shape:
+             tests.check_fused_linear_kd(impl, shape, dtype, div, beta))
+            for div, beta in tests.DIVERGENCES for shape in shapes]
+
+
+def _gemms(size: dict) -> list[tuple[int, int, int]]:
+    """Both heads forward; the student's dX = G W and dW = G^T X."""
+    n, h_s, h_t, v = (size[k] for k in ("n_rows", "h_s", "h_t", "vocab"))
+    return [(n, h_s, v), (n, h_t, v), (n, v, h_s), (v, n, h_s)]
+
+
+KERNEL_OP = KernelOp(
+    "fused_linear_kd",
+    None,  # logit_kd's row kernel, on the padded buffers its compile tier records ("padded" cases)
+    GpuCheck(
+        "fused_linear_kd", cases=_gpu_cases, gemms=_gemms,
+        variants=lambda bench: [dict(objective=objective) for objective in bench.OBJECTIVES],
+        # Liger's chunked (compiled) loss has both objectives, its Triton LigerFusedLinearJSD the JSD only
+        liger=lambda variant: ["liger"] + (["liger-triton"] if variant.get("objective") == "jsd" else []),
+        # V = 128,256 on a GPU: does the block rule pick a block whose GEMMs are compute-bound there?
+        blocks=("v128k", "small", dict(objective="jsd")),
+    ),
+    runs="logit_kd",
+)

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from fastted.ops.checks import check_floating, check_impl
 from fastted.ops.dispatch import aligned, detach_without_grad, resolve_impl, save_gradients, scaled_gradients
+from fastted.ops.registry import CompileTier, GpuCheck, KernelOp
 from fastted.ops.rows import ROW_BLOCK_ELEMENTS, Workspace, kd_loss, logit_options, row_weights, shared_vocab
 from fastted.reference import divergence_reference, effective_divergence
 
@@ -401,3 +402,72 @@ class LogitKDLoss(nn.Module):
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, divergence={self.divergence!r}, beta={self.beta}, "
                 f"vocab_size={self.vocab_size}, impl={self.impl!r}")
+
+
+# --------------------------------------------------------------------------- what the tools know of this op
+
+# The sizes the compile tier records: the benchmarks' (so their variants are the ones the table shows), odd ones
+# (no divisibility by 16 anywhere), and the largest the API accepts (for the grid limits; they add no variant).
+COMPILE_SIZES = [((4096, 30522), "bert"), ((8192, 128256), "llama3"), ((999, 1001), "odd"),
+                 ((2**20, 262144), "largest")]
+
+
+def _compile_cases(full: bool, sizes=COMPILE_SIZES):
+    """The compile tier's cases: (case, run) pairs whose runs call the launchers on meta tensors."""
+    from fastted.kernels import aligned_row_stride
+    from fastted.kernels.logit_kd import FORWARD_KL, JSD, REVERSE_KL, logit_kd_forward
+    from fastted.kernels.resources import DTYPES, empty, flag_sets, reduced
+
+    for dtype in DTYPES:
+        for (n, v), size in sizes:
+            for divergence in (FORWARD_KL, REVERSE_KL, JSD):
+                # the cross-entropy: its own log-sum-exp at T != 1, shared at T = 1, or none
+                for flags, _ in flag_sets(full, reduced(dtype, size), ce=("T=2", "T=1", "none"), grad=(True, False)):
+                    for padded in (False, True):  # user logits (stride V) or the fused head's buffers
+                        has_ce, write_grad = flags["ce"] != "none", flags["grad"]
+                        temperature = 1.0 if flags["ce"] == "T=1" else 2.0
+                        stride = aligned_row_stride(v, dtype) if padded else v
+                        s = empty((n, v), dtype, (stride, 1))
+                        t = empty((n, v), dtype, (stride, 1))
+                        labels = empty((n,), torch.int64) if has_ce else None
+                        ce_coef = empty((n,), torch.float32) if has_ce else None
+                        case = dict(op="logit_kd", size=size, dtype=str(dtype), divergence=divergence.value,
+                                    **flags, padded=padded)
+                        yield case, lambda: logit_kd_forward(
+                            s, t, empty((n,), torch.float32), grad=s if write_grad else None, labels=labels,
+                            ce_coef=ce_coef, temperature=temperature, divergence=divergence.value, beta=0.5,
+                            soft_weight=1.0, hard_weight=0.5, padded_cols=stride if padded else None)
+
+
+def _tier_expectations(rows: list[dict], arch: str) -> list[str]:
+    """The row kernel on aligned rows (the fused head's padded buffers, Llama 3's 128,256) uses 128-bit loads;
+    on BERT's 30,522-wide unpadded rows it cannot, which is why the fused LM head pads its logits buffers."""
+    padded = [r for r in rows if r["example"]["padded"] or r["example"]["size"] == "llama3"]
+    bert = [r for r in rows if r["example"]["size"] == "bert" and not r["example"]["padded"]]
+    out = []
+    if not padded or not all(r["vector_loads"] for r in padded):
+        out.append(f"logit_kd_kernel on aligned rows without 128-bit loads on {arch}")
+    if not bert or any(r["vector_loads"] for r in bert):
+        out.append(f"logit_kd_kernel on BERT's unpadded rows: 128-bit loads expected nowhere on {arch}")
+    return out
+
+
+def _gpu_cases(tests, dtype, impl: str, cuda: bool) -> list:
+    """The tests' check of every divergence at T = 1 and 2 (on a GPU at Llama 3's vocabulary too)."""
+    shapes = tests.SHAPES + ([((8,), 128256)] if cuda else [])
+    return [(dict(divergence=div, beta=beta, temperature=temp, shape=str(shape)),
+             lambda div=div, beta=beta, temp=temp, shape=shape:
+             tests.check_logit_kd(impl, shape[0], shape[1], dtype, div, beta, temp))
+            for div, beta in tests.DIVERGENCES for temp in (1.0, 2.0) for shape in shapes]
+
+
+def _min_bytes(size: dict, variant: dict) -> int:
+    """Read s and t, write dLoss/ds."""
+    return 3 * size["n_rows"] * size["vocab"] * getattr(torch, size["dtype"]).itemsize
+
+
+KERNEL_OP = KernelOp(
+    "logit_kd",
+    CompileTier(("logit_kd_kernel",), _compile_cases, _tier_expectations),
+    GpuCheck("logit_kd", cases=_gpu_cases, min_bytes=_min_bytes),
+)
