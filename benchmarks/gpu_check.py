@@ -24,9 +24,15 @@ is below its estimate:
    cuBLAS, in the same run), each memory-bound one beside the copy ceiling.
    The fused LM head against Liger-Kernel's chunked (compiled) fused-linear
    JSD loss on both objectives and its Triton LigerFusedLinearJSD on JSD.
-7. blocks:fused_linear_kd: the fused head's full step at several block sizes
-   and at its default (V = 128,256): does the block rule pick a block whose
-   GEMMs are compute-bound on this GPU?
+7. blocks:<loss>: a blocked loss's full step at several block sizes and at
+   its default (the fused LM head at V = 128,256): does the block rule pick a
+   block whose GEMMs are compute-bound on this GPU?
+
+The losses, their checks, benchmarks, floors and block sweeps are what each
+op declares of itself (``KERNEL_OP`` of ``fastted/ops/<op>.py``, read through
+:mod:`fastted.ops.registry`); its checks and benchmark are the modules of its
+name, ``tests/ops/test_<op>.py`` and ``benchmarks/test_<op>.py``. This script
+names no op.
 
 On a CPU it runs the same sections at the small sizes, the kernels under
 Triton's interpreter and the resources section compiling (not loading) a few
@@ -34,7 +40,7 @@ variants, which checks the script, not the GPU; CI runs it so (``--smoke``
 keeps one case per section).
 
     python3 benchmarks/gpu_check.py     # budget 420 s by default
-    python3 benchmarks/gpu_check.py --only correctness:logit_kd bench:logit_kd --budget 120
+    python3 benchmarks/gpu_check.py --only autotune resources --budget 120
 
 It runs from the checkout without installing fastted: the repository root goes
 on sys.path (and PYTHONPATH, for its subprocesses), where
@@ -46,7 +52,7 @@ no package index) and nothing carried to it; benchmarks/test_gpu_check.py
 runs it with those three unimportable. Optional wheels, built for Python 3.12
 by ``scripts/gpu_wheels.sh`` into ``build/gpu-wheels`` and installed there
 with ``python3 -m pip install --no-index --no-deps build/gpu-wheels/*.whl``:
-liger-kernel 0.8.5 (the Liger baselines of bench:fused_linear_kd; skipped
+liger-kernel 0.8.5 (the Liger baselines of the fused LM head's bench; skipped
 without it) and setuptools 84.2.1 (only for ``pip install --no-deps
 --no-build-isolation -e .``, which the check does not need).
 
@@ -82,22 +88,25 @@ os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYT
 import triton  # noqa: E402
 
 import fastted  # noqa: E402
-from benchmarks import test_contrastive_kd, test_filtered_mse, test_fused_linear_kd, test_logit_kd  # noqa: E402
-from benchmarks import test_pooled_distance, test_pooling  # noqa: E402
 from benchmarks.memory import cuda_peak_extra_mb  # noqa: E402
+from fastted.ops.registry import kernel_ops  # noqa: E402
 from tests.methods import test_methods as t_methods  # noqa: E402
-from tests.ops import test_contrastive_kd as t_ckd  # noqa: E402  (one definition of "correct")
-from tests.ops import test_filtered_mse as t_mse  # noqa: E402
-from tests.ops import test_fused_linear_kd as t_flkd  # noqa: E402
-from tests.ops import test_logit_kd as t_lkd  # noqa: E402
-from tests.ops import test_pooling as t_pool  # noqa: E402
 
 IMPL = "triton"  # on a CPU, under the interpreter
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 LOW_PRECISION = (torch.bfloat16, torch.float16)
-SUITES = {"filtered_mse": test_filtered_mse, "logit_kd": test_logit_kd, "fused_linear_kd": test_fused_linear_kd,
-          "contrastive_kd": test_contrastive_kd, "pool_states": test_pooling,
-          "pooled_distance": test_pooled_distance}
+
+
+def _module(name: str):
+    """An op's tests or benchmark module (its checks are the one definition of "correct"); None if absent."""
+    return importlib.import_module(name) if importlib.util.find_spec(name) is not None else None
+
+
+# Every declared op by its sections' name: those with checks of their own, with a benchmark, with a block sweep.
+OPS = {op.gpu.name: op for op in kernel_ops()}
+CHECKED = [name for name, op in OPS.items() if op.gpu.cases is not None]
+SUITES = {name: bench for name, op in OPS.items() if (bench := _module(op.benchmark)) is not None}
+BLOCKED = [name for name in SUITES if OPS[name].gpu.blocks is not None]
 
 
 def bench_ms(fn, setup=None) -> float:
@@ -145,36 +154,8 @@ def correctness_recipes(smoke: bool) -> list[dict]:
 
 def _loss_cases(loss: str, dtype) -> list[tuple[dict, object]]:
     """(label, check) of one loss in one dtype: the tests' checks (on a GPU also at a realistic shape)."""
-    if loss == "filtered_mse":
-        shapes = t_mse.SHAPES + ([((4, 512), 768, 1024, 1024)] if CUDA else [])
-        return [(dict(case=case, shape=str(shape)), lambda case=case, shape=shape:
-                 t_mse.check_filtered_mse(case, shape, dtype, "random", 3, IMPL))
-                for case in t_mse.CASES for shape in shapes]
-    if loss == "logit_kd":
-        shapes = t_lkd.SHAPES + ([((8,), 128256)] if CUDA else [])
-        return [(dict(divergence=div, beta=beta, temperature=temp, shape=str(shape)),
-                 lambda div=div, beta=beta, temp=temp, shape=shape:
-                 t_lkd.check_logit_kd(IMPL, shape[0], shape[1], dtype, div, beta, temp))
-                for div, beta in t_lkd.DIVERGENCES for temp in (1.0, 2.0) for shape in shapes]
-    if loss == "fused_linear_kd":
-        shapes = t_flkd.SHAPES + ([((2, 64), 2048, 4096, 128256)] if CUDA else [])
-        return [(dict(divergence=div, beta=beta, shape=str(shape)), lambda div=div, beta=beta, shape=shape:
-                 t_flkd.check_fused_linear_kd(IMPL, shape, dtype, div, beta))
-                for div, beta in t_flkd.DIVERGENCES for shape in shapes]
-    if loss == "contrastive_kd":
-        shapes = t_ckd.SHAPES + ([(256, 65536, 128), (256, 4096, 768), (64, 4096, 1024)] if CUDA else [])
-        return [(dict(shape=str(shape), per_anchor=per_anchor, labels=labels),
-                 lambda shape=shape, per_anchor=per_anchor, labels=labels:
-                 t_ckd.check_contrastive_kd(IMPL, *shape, dtype, per_anchor=per_anchor, use_labels=labels))
-                for shape in shapes for per_anchor in (False, True) for labels in (False, True)
-                if not (per_anchor and shape[0] * shape[1] * shape[2] > 2**27)]  # no 8 GiB per-anchor banks
-    shapes = t_pool.SHAPES + ([(256, 128, 768, 12)] if CUDA else [])  # pool_states (pooled_distance's kernels)
-    return [(dict(shape=str(shape), mask=mask), lambda shape=shape, mask=mask:
-             t_pool.check_pool_states(IMPL, *shape, dtype, "mean", mask))
-            for shape in shapes for mask in ("random", "right_padding", "one_empty")]
-
-
-CHECKED = ["filtered_mse", "logit_kd", "fused_linear_kd", "contrastive_kd", "pool_states"]
+    op = OPS[loss]
+    return op.gpu.cases(_module(op.tests), dtype, IMPL, CUDA)
 
 
 def correctness(loss: str, smoke: bool) -> list[dict]:
@@ -184,26 +165,10 @@ def correctness(loss: str, smoke: bool) -> list[dict]:
 
 
 def autotune_first_calls(smoke: bool) -> list[dict]:
-    """Every autotuned kernel's first call of a new key against its second and the reference: with the
-    column-sum buffer (biases), without it (an identity student; a forward without gradient), where Triton
-    before 3.8 zeroed None."""
-    cases = [(case, dtype, grad) for dtype in (torch.bfloat16, torch.float16, torch.float32)
-             for case, grad in (("ted", True), ("lwd", True), ("identity", True), ("lwd", False))]
-    if smoke:  # one case with a column-sum buffer, one without
-        cases = [cases[0], next(c for c in cases if not c[2])]
-    if not CUDA:  # the interpreter's autotuner keeps one config unless told to sweep, and has no GPU timer
-        from fastted.kernels import filtered_mse as kernel
-
-        def cpu_bench(kernel_call, quantiles):
-            start = time.perf_counter()
-            kernel_call()
-            return [(time.perf_counter() - start) * 1e3] * len(quantiles)
-
-        kernel.INTERPRETER_SWEEP = 3
-        kernel.INTERPRETER_TIMER = cpu_bench
-    return [checked(dict(kernel="filtered_mse_fwd_kernel", case=case, dtype=str(dtype), grad=grad),
-                    lambda case=case, dtype=dtype, grad=grad: t_mse.check_autotune_first_call(case, dtype, grad=grad))
-            for case, dtype, grad in cases]
+    """Every autotuned kernel's first call of a new key against its second and the reference (each op's
+    declared cases; on a CPU the interpreter's autotuner is told to sweep)."""
+    return [checked(label, fn) for op in OPS.values() if op.gpu.autotune is not None
+            for label, fn in op.gpu.autotune(_module(op.tests), smoke, CUDA)]
 
 
 # --------------------------------------------------------------------------- resources on the device
@@ -247,15 +212,8 @@ def ceilings() -> dict:
 
 def gemms(loss: str, size: dict) -> list[tuple[int, int, int]] | None:
     """The (m, k, n) GEMMs of one full training step of a GEMM-bound loss; None for a memory-bound one."""
-    if loss == "filtered_mse":
-        n, layers, d_s, d_t, d_f = (size[k] for k in ("n_tokens", "n_layers", "d_s", "d_t", "d_f"))
-        # forward S W^T and H V^T; backward dS = G W and dW = G^T S (the teacher is frozen)
-        return [(n, d_s, d_f), (n, d_t, d_f), (n, d_f, d_s), (d_f, n, d_s)] * layers
-    if loss == "fused_linear_kd":
-        n, h_s, h_t, v = (size[k] for k in ("n_rows", "h_s", "h_t", "vocab"))
-        # both heads forward; the student's dX = G W and dW = G^T X
-        return [(n, h_s, v), (n, h_t, v), (n, v, h_s), (v, n, h_s)]
-    return None
+    declared = OPS[loss].gpu.gemms
+    return None if declared is None else declared(size)
 
 
 def gemm_floor_ms(shapes, dtype) -> float:
@@ -267,15 +225,7 @@ def gemm_floor_ms(shapes, dtype) -> float:
 
 def min_bytes(loss: str, size: dict, extra: dict) -> int:
     """The least memory a full step of a memory-bound loss must move."""
-    item = getattr(torch, size["dtype"]).itemsize
-    if loss == "logit_kd":
-        return 3 * size["n_rows"] * size["vocab"] * item  # read s and t, write dLoss/ds
-    if loss == "contrastive_kd":
-        states = size["n_layers"] * size["batch"] * size["seq"] * size["width"]
-        return (size["bank"] * size["proj"] + (3 * states if extra.get("level", "states") == "states" else 0)) * item
-    # pooling and the pooled distance: read every state once, write the student's gradient
-    states = size["n_layers"] * size["batch"] * size["seq"] * size["width"]
-    return (2 if loss == "pool_states" else 3) * states * item
+    return OPS[loss].gpu.min_bytes(size, extra)
 
 
 def _sizes(module) -> list[str]:
@@ -286,11 +236,7 @@ def _sizes(module) -> list[str]:
 
 
 def _variants(loss: str, module) -> list[dict]:
-    if loss == "fused_linear_kd":
-        return [dict(objective=o) for o in module.OBJECTIVES]
-    if loss == "contrastive_kd":
-        return [dict(level=level) for level in module.LEVELS]
-    return [{}]
+    return OPS[loss].gpu.variants(module)
 
 
 def bench(loss: str, smoke: bool, ceiling: dict) -> list[dict]:
@@ -302,8 +248,8 @@ def bench(loss: str, smoke: bool, ceiling: dict) -> list[dict]:
         size = module.SIZES[size_name]
         for extra in _variants(loss, module)[: 1 if smoke else None]:
             impls = ["fastted", "eager", "compile"]
-            if liger and loss == "fused_linear_kd":  # the chunked loss has both objectives; Triton's JSD only
-                impls += ["liger"] + (["liger-triton"] if extra.get("objective") == "jsd" else [])
+            if liger and OPS[loss].gpu.liger is not None:  # Liger's implementations of the same loss
+                impls += OPS[loss].gpu.liger(extra)
             run = dict(size=size_name, sizes=size, **extra, timings=[])
             shapes = gemms(loss, size)
             if shapes is not None:
@@ -332,23 +278,26 @@ def bench(loss: str, smoke: bool, ceiling: dict) -> list[dict]:
 # --------------------------------------------------------------------------- the run
 
 
-def blocks(smoke: bool) -> list[dict]:
-    """The fused LM head's full JSD step at several block sizes and at its default, V = 128,256: where the
-    GEMMs stop paying for re-reading the heads on this GPU (the default's rule, checked)."""
-    module = test_fused_linear_kd
-    size_name = "v128k" if CUDA else "small"
+def blocks(loss: str, smoke: bool) -> list[dict]:
+    """A blocked loss's full step at several block sizes and at its default, at the size it declares (the fused
+    LM head's JSD at V = 128,256 on a GPU): where the GEMMs stop paying for re-reading the heads on this GPU
+    (the default's rule, checked)."""
+    module = SUITES[loss]
+    gpu_size, cpu_size, extra = OPS[loss].gpu.blocks
+    size_name = gpu_size if CUDA else cpu_size
     size = module.SIZES[size_name]
     default = module.default_rows(size_name, DEVICE)
     rows = []
     for chunk in (["default"] + module.BLOCKS)[: 2 if smoke else None]:
         if chunk != "default" and chunk >= size["n_rows"]:
             continue
-        case = module.make_case("fastted", size_name, DEVICE, "jsd", chunk)
+        case = module.make_case("fastted", size_name, DEVICE, chunk_size=chunk, **extra)
         case.full()
         row = dict(chunk_size=chunk, rows=default if chunk == "default" else chunk, full_ms=bench_ms(case.full))
         del case
         if CUDA:
-            row["peak_extra_mib"] = cuda_peak_extra_mb(module.step("fastted", size_name, "full", "cuda", "jsd", chunk))
+            row["peak_extra_mib"] = cuda_peak_extra_mb(module.step("fastted", size_name, "full", "cuda",
+                                                                   chunk_size=chunk, **extra))
             torch.cuda.empty_cache()
         rows.append(row)
     return rows
@@ -362,7 +311,7 @@ def sections(smoke: bool) -> list[tuple[str, float, object]]:
             ("ceilings", 5, lambda r: ceilings())]
     out += [(f"bench:{loss}", 30, lambda r, loss=loss: bench(loss, smoke, r["sections"]["ceilings"]["data"]))
             for loss in SUITES]
-    out.append(("blocks:fused_linear_kd", 20, lambda r: blocks(smoke)))
+    out += [(f"blocks:{loss}", 20, lambda r, loss=loss: blocks(loss, smoke)) for loss in BLOCKED]
     return out
 
 
@@ -383,6 +332,9 @@ def write(result: dict, out: str) -> None:
     os.replace(tmp, out)
 
 
+BENCH_KEYS = ("size", "sizes", "timings", "floor_ms", "floor_tflops", "min_bytes")
+
+
 def summary(result: dict) -> None:
     print(f"\n{result['device']}, torch {result['torch']}, triton {result['triton']}")
     for name, sec in result["sections"].items():
@@ -392,7 +344,7 @@ def summary(result: dict) -> None:
             print(f"    {b}")
         if name.startswith("bench:") and sec["status"] == "ok":
             for run in sec["data"]:
-                label = run.get("objective", run.get("level", ""))
+                label = " ".join(str(v) for k, v in run.items() if k not in BENCH_KEYS)  # the variant
                 by = {row["impl"]: row for row in run["timings"]}
                 line = "  ".join(f"{impl} {row['full_ms']:.3f} ms ({row['x_floor']:.2f}x floor)"
                                  for impl, row in by.items())

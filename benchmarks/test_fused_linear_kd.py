@@ -127,7 +127,7 @@ def make_case(impl: str, size: str, device: torch.device, objective: str = "kl+c
 
 def default_rows(size: str, device: torch.device) -> int:
     """The rows per block fused_linear_kd picks by default for a full step at ``size`` on ``device``."""
-    from fastted.ops.fused_linear_kd import block_rows
+    from fastted.ops.rows import block_rows
 
     s = SIZES[size]
     empty = [torch.empty((0, s[h]), dtype=getattr(torch, s["dtype"]), device=device) for h in ("h_s", "h_t")]

@@ -2,8 +2,10 @@
 
 The launchers themselves pick the variants. Inside
 :func:`fastted.kernels.recording` they run on meta tensors (nothing is
-allocated, nothing launched) for the cases the public API can reach, and
-their launches are recorded; an autotuned kernel's launch becomes one
+allocated, nothing launched) for the cases the public API can reach, which
+each op declares beside itself (the compile tier of its ``KERNEL_OP``, read
+through :mod:`fastted.ops.registry`: this file lists no op), and their
+launches are recorded; an autotuned kernel's launch becomes one
 variant per config its pruning keeps on that architecture, and heuristics
 are resolved as at a launch. Each variant is then bound by Triton's own
 argument binder (the same signature, constexprs and divisibility attributes
@@ -59,7 +61,7 @@ from triton.backends.compiler import GPUTarget
 from triton.runtime.autotuner import Autotuner, Heuristics
 from triton.runtime.jit import create_function_from_signature
 
-from fastted.kernels import ARCHS, MAX_GRID, Arch, Launch, device_arch, recording
+from fastted.kernels import ARCHS, MAX_GRID, Arch, Launch, recording
 
 # The checkout: kernels/ sits in the repository root (in a wheel, fastted/kernels/: no table there).
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,17 +95,19 @@ class Variant:
 # --------------------------------------------------------------------------- what the launchers launch
 
 
-def _empty(shape, dtype, stride=None):
+def empty(shape, dtype, stride=None):
+    """A meta tensor: what the ops' compile-tier cases pass the launchers (nothing is allocated)."""
     if stride is None:
         return torch.empty(shape, dtype=dtype, device=META)
     return torch.empty_strided(shape, stride, dtype=dtype, device=META)
 
 
-def _reduced(dtype: torch.dtype, size: str) -> bool:
+def reduced(dtype: torch.dtype, size: str) -> bool:
+    """Whether a case needs only the covering set's first combination (see :func:`flag_sets`)."""
     return dtype == torch.float16 or size == "odd"
 
 
-def _flag_sets(full: bool, reduced: bool, **flags):
+def flag_sets(full: bool, reduced: bool, **flags):
     """The flag combinations to record, each with how many autotune configs to compile ("all" or "first").
 
     Each flag's values come most-code first. full: every combination, on every config. Otherwise a
@@ -126,172 +130,13 @@ def _flag_sets(full: bool, reduced: bool, **flags):
             yield dict(first, **{name: value}), "first"
 
 
-def _filtered_mse_cases(sizes, full):
-    from fastted.kernels.filtered_mse import filtered_mse_forward
-
-    for dtype in DTYPES:
-        for (n, d_s, d_t, d_f), size in sizes:
-            # the GEMM structure: student filter or identity, teacher filter or targets given
-            for has_w, has_v in ((1, 1), (1, 0), (0, 1), (0, 0)):
-                for flags, configs in _flag_sets(full, _reduced(dtype, size), biases=(1, 0), mask=(True, False),
-                                                 grad=("colsum", "grad", "none")):
-                    biases, has_mask = flags["biases"], flags["mask"]
-                    write_grad = flags["grad"] != "none"
-                    write_colsum = flags["grad"] == "colsum" and bool(biases and has_w)
-                    layers = 3
-                    s = [_empty((n, d_s if has_w else d_f), dtype) for _ in range(layers)]
-                    w = [_empty((d_f, d_s), dtype) for _ in range(layers)] if has_w else None
-                    b = [_empty((d_f,), dtype) for _ in range(layers)] if has_w and biases else None
-                    t = [_empty((n, d_t if has_v else d_f), dtype) for _ in range(layers)]
-                    v = [_empty((d_f, d_t), dtype) for _ in range(layers)] if has_v else None
-                    c = [_empty((d_f,), dtype) for _ in range(layers)] if has_v and biases else None
-                    mask = _empty((n,), torch.float32) if has_mask else None
-                    case = dict(op="filtered_mse", size=size, dtype=str(dtype), W=has_w, V=has_v, **flags,
-                                configs=configs)
-                    yield case, lambda: filtered_mse_forward(
-                        s, w, b, t, v, c, None, mask, _empty((1,), torch.float32), _empty((layers,), torch.float32),
-                        write_grad=write_grad, write_colsum=write_colsum)
-            # a teacher cache's quantized targets (int8 everywhere; fp8 loads from sm_89 on), with and without
-            # the student's filter
-            quantized = [torch.int8] + ([torch.float8_e4m3fn] if device_arch(META).capability >= 89 else [])
-            for t_dtype in quantized:
-                for has_w in (1, 0):
-                    for flags, configs in _flag_sets(full, True, grad=("colsum", "none")):
-                        write_grad = flags["grad"] != "none"
-                        layers = 3
-                        s = [_empty((n, d_s if has_w else d_f), dtype) for _ in range(layers)]
-                        w = [_empty((d_f, d_s), dtype) for _ in range(layers)] if has_w else None
-                        b = [_empty((d_f,), dtype) for _ in range(layers)] if has_w else None
-                        t = [_empty((n, d_f), t_dtype) for _ in range(layers)]
-                        q = [_empty((n,), torch.float32) for _ in range(layers)]
-                        case = dict(op="filtered_mse", size=size, dtype=f"{dtype}/{t_dtype}", W=has_w, V=0,
-                                    quantized=str(t_dtype), **flags, configs=configs)
-                        yield case, lambda: filtered_mse_forward(
-                            s, w, b, t, None, None, q, _empty((n,), torch.float32), _empty((1,), torch.float32),
-                            _empty((layers,), torch.float32), write_grad=write_grad,
-                            write_colsum=write_grad and bool(has_w))
-
-
-def _logit_kd_cases(sizes, full):
-    from fastted.kernels import aligned_row_stride
-    from fastted.kernels.logit_kd import FORWARD_KL, JSD, REVERSE_KL, logit_kd_forward
-
-    for dtype in DTYPES:
-        for (n, v), size in sizes:
-            for divergence in (FORWARD_KL, REVERSE_KL, JSD):
-                # the cross-entropy: its own log-sum-exp at T != 1, shared at T = 1, or none
-                for flags, _ in _flag_sets(full, _reduced(dtype, size), ce=("T=2", "T=1", "none"), grad=(True, False)):
-                    for padded in (False, True):  # user logits (stride V) or the fused head's buffers
-                        has_ce, write_grad = flags["ce"] != "none", flags["grad"]
-                        temperature = 1.0 if flags["ce"] == "T=1" else 2.0
-                        stride = aligned_row_stride(v, dtype) if padded else v
-                        s = _empty((n, v), dtype, (stride, 1))
-                        t = _empty((n, v), dtype, (stride, 1))
-                        labels = _empty((n,), torch.int64) if has_ce else None
-                        ce_coef = _empty((n,), torch.float32) if has_ce else None
-                        case = dict(op="logit_kd", size=size, dtype=str(dtype), divergence=divergence.value,
-                                    **flags, padded=padded)
-                        yield case, lambda: logit_kd_forward(
-                            s, t, _empty((n,), torch.float32), grad=s if write_grad else None, labels=labels,
-                            ce_coef=ce_coef, temperature=temperature, divergence=divergence.value, beta=0.5,
-                            soft_weight=1.0, hard_weight=0.5, padded_cols=stride if padded else None)
-
-
-def _sparse_kd_cases(sizes, full):
-    from fastted.kernels.sparse_logit_kd import sparse_kd_forward
-    from fastted.ops.packed_topk import id_bits, words_per_row
-
-    for dtype in DTYPES:
-        for (n, v, k), size in sizes:
-            for flags, _ in _flag_sets(full, _reduced(dtype, size), ce=("T=2", "T=1", "none"), grad=(True, False)):
-                # the teacher as three tensors, or packed as a cache stores it (uint8 levels, ids in int32 words)
-                for packed in (False, True):
-                    has_ce, write_grad = flags["ce"] != "none", flags["grad"]
-                    z = _empty((n, v), dtype)
-                    labels = _empty((n,), torch.int64) if has_ce else None
-                    ce_coef = _empty((n,), torch.float32) if has_ce else None
-                    case = dict(op="sparse_logit_kd", size=size, dtype=str(dtype), k=k, **flags)
-                    if packed:  # (the unpacked cases keep their names: the spill lists name them)
-                        bits = id_bits(v)
-                        teacher = dict(values=_empty((n, k), torch.uint8),
-                                       ids=_empty((n, words_per_row(k, bits)), torch.int32),
-                                       top=_empty((n,), torch.float32), step=_empty((n,), torch.float32), id_bits=bits)
-                        case["packed"] = True
-                    else:
-                        teacher = dict(values=_empty((n, k), torch.bfloat16), ids=_empty((n, k), torch.int32))
-                    yield case, lambda: sparse_kd_forward(
-                        z, tail=_empty((n,), torch.float32), kd_coef=_empty((n,), torch.float32), **teacher,
-                        grad=z if write_grad else None, labels=labels, ce_coef=ce_coef,
-                        temperature=1.0 if flags["ce"] == "T=1" else 2.0, soft_weight=1.0, hard_weight=0.5)
-
-
-def _contrastive_cases(sizes, full):
-    from fastted.kernels.contrastive_kd import contrastive_forward
-
-    # (student, teacher, bank): one dtype, the student's low-precision vectors against the MemoryBank's fp32
-    # bank, and an fp32 teacher head beside a bf16 student
-    triples = [(d, d, d) for d in DTYPES] + [(torch.bfloat16, torch.bfloat16, torch.float32),
-                                             (torch.float16, torch.float16, torch.float32),
-                                             (torch.bfloat16, torch.float32, torch.float32)]
-    for s_dtype, t_dtype, n_dtype in triples:
-        for (b, k, d), size in sizes:
-            for per_anchor in (False, True):
-                if per_anchor and b * k * d > 2**34:
-                    continue
-                reduced = _reduced(s_dtype, size) or _reduced(n_dtype, size) or t_dtype != s_dtype
-                for flags, _ in _flag_sets(full, reduced, labels=(True, False), grads=("s,t", "s", "none")):
-                    has_labels = flags["labels"]
-                    grad_s, grad_t = flags["grads"] != "none", flags["grads"] == "s,t"
-                    s = _empty((b, d), s_dtype)
-                    t = _empty((b, d), t_dtype)
-                    neg = _empty((b, k, d) if per_anchor else (k, d), n_dtype)
-                    labels = _empty((b,), torch.int64) if has_labels else None
-                    neg_labels = _empty((b, k) if per_anchor else (k,), torch.int64) if has_labels else None
-                    teacher = "" if t_dtype == s_dtype else f" (teacher {t_dtype})"
-                    case = dict(op="contrastive_kd", size=size, dtype=f"{s_dtype}/{n_dtype}{teacher}",
-                                per_anchor=per_anchor, **flags)
-                    yield case, lambda: contrastive_forward(
-                        s, t, neg, _empty((b,), torch.float32), labels=labels, negative_labels=neg_labels,
-                        temperature=0.07, eps=1e-12, grad_s=grad_s, grad_t=grad_t)
-
-
-def _pooling_cases(sizes, full):
-    from fastted.kernels.pooling import mean_pool_backward, mean_pool_forward
-
-    for dtype in DTYPES:
-        for (b, t, d, layers), size in sizes:
-            states = [_empty((b, t, d), dtype) for _ in range(layers)]
-            weights = _empty((b, t), torch.float32)
-            case = dict(op="pool_states", size=size, dtype=str(dtype))
-            yield dict(case, direction="forward"), lambda: mean_pool_forward(states, weights)
-            yield dict(case, direction="backward"), lambda: mean_pool_backward(
-                _empty((b, layers * d), dtype), weights, layers, dtype)
-
-
-# The sizes recorded: the benchmarks' (so their variants are the ones the table shows), odd ones (no
-# divisibility by 16 anywhere), and the largest the API accepts (for the grid limits; they add no variant).
-FILTERED_MSE_SIZES = [((4096, 384, 768, 384), "benchmark"), ((8192, 2048, 4096, 2048), "large"),
-                      ((1000, 100, 300, 50), "odd"), ((2**20, 4096, 8192, 4096), "largest")]
-LOGIT_KD_SIZES = [((4096, 30522), "bert"), ((8192, 128256), "llama3"), ((999, 1001), "odd"),
-                  ((2**20, 262144), "largest")]
-# (rows, vocabulary, k): the cache's default k = 64, a wide one (BLOCK_K 256), an odd one
-SPARSE_KD_SIZES = [((4096, 30522, 64), "bert"), ((8192, 128256, 64), "llama3"), ((8192, 50257, 256), "k256"),
-                   ((999, 1001, 37), "odd"), ((2**20, 262144, 64), "largest")]
-# one size per BLOCK_D class (64 to 1024: D 513-1024 with an fp32 bank once overflowed shared memory, 129-256
-# did on A100), the benchmark's, an odd one
-CONTRASTIVE_SIZES = [((256, 65536, 128), "benchmark"), ((256, 4096, 768), "d768"), ((64, 4096, 384), "d384"),
-                     ((64, 4096, 200), "d200"), ((64, 4096, 48), "d48"), ((33, 1000, 100), "odd"),
-                     ((2**16, 2**20, 1024), "largest")]
-POOLING_SIZES = [((32, 128, 768, 12), "benchmark"), ((8, 4096, 4096, 32), "large"), ((3, 77, 100, 5), "odd"),
-                 ((2, 2**20, 4096, 64), "largest"), ((2**17, 128, 768, 12), "largest")]
-
-
 def recorded_launches(arch: Arch, full: bool = False) -> list[tuple[dict, Launch]]:
-    """Every launch the launchers make for the cases above on ``arch``, with its case (full: every flag
-    combination, else the covering set of ``_flag_sets``)."""
-    cases = itertools.chain(_filtered_mse_cases(FILTERED_MSE_SIZES, full), _logit_kd_cases(LOGIT_KD_SIZES, full),
-                            _sparse_kd_cases(SPARSE_KD_SIZES, full),
-                            _contrastive_cases(CONTRASTIVE_SIZES, full), _pooling_cases(POOLING_SIZES, full))
+    """Every launch the launchers make on ``arch`` for the cases the ops declare (their ``KERNEL_OP``'s
+    compile tier, in the registry's order), with its case (full: every flag combination, else the covering
+    set of :func:`flag_sets`)."""
+    from fastted.ops.registry import compiled_ops
+
+    cases = itertools.chain.from_iterable(op.compile.cases(full) for op in compiled_ops())
     out = []
     with recording(arch) as launches:
         for case, run in cases:  # each run as it is yielded: its closure sees that case's tensors

@@ -21,7 +21,11 @@ pooled_distance    pooled_distance / PooledDistanceLoss          kernels/pooling
 
 Shared by all of them: :mod:`fastted.ops.checks` (input checks) and
 :mod:`fastted.ops.dispatch` (the choice of path, alignment, autocast, the
-saved-gradient pattern). The package re-exports nothing, so that
+saved-gradient pattern); by the logit losses, :mod:`fastted.ops.rows` (their
+checks, the CPU paths' workspace, the block loop over an LM head). Each op
+file ends with its ``KERNEL_OP``: its compile-tier and GPU-check cases and its
+floors, which :mod:`fastted.ops.registry` collects for the compile tier and
+the GPU check. The package re-exports nothing, so that
 ``fastted.ops.<op>`` is always the module (the public functions and modules
 are ``fastted.<name>``). Importing it imports no Triton.
 """

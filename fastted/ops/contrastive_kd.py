@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from fastted.ops.checks import check_floating, check_impl, check_int_tensor, check_temperature, flat_mask
 from fastted.ops.dispatch import CHUNK_ELEMENTS, TRITON_DTYPES, aligned, detach_without_grad, resolve_impl
 from fastted.ops.dispatch import save_gradients, scaled_gradients
+from fastted.ops.registry import CompileTier, GpuCheck, KernelOp
 from fastted.reference import safe_count
 
 EPS = 1e-12  # F.normalize's floor: x / max(||x||, eps)
@@ -268,3 +269,72 @@ class ContrastiveKDLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, impl={self.impl!r}"
+
+
+# --------------------------------------------------------------------------- what the tools know of this op
+
+# The sizes the compile tier records: the benchmarks' (so their variants are the ones the table shows), odd ones
+# (no divisibility by 16 anywhere), and the largest the API accepts (for the grid limits; they add no variant).
+# One size per BLOCK_D class (64 to 1024: D 513-1024 with an fp32 bank once overflowed shared memory, 129-256
+# did on A100), the benchmark's, an odd one
+COMPILE_SIZES = [((256, 65536, 128), "benchmark"), ((256, 4096, 768), "d768"), ((64, 4096, 384), "d384"),
+                 ((64, 4096, 200), "d200"), ((64, 4096, 48), "d48"), ((33, 1000, 100), "odd"),
+                 ((2**16, 2**20, 1024), "largest")]
+
+
+def _compile_cases(full: bool, sizes=COMPILE_SIZES):
+    """The compile tier's cases: (case, run) pairs whose runs call the launchers on meta tensors."""
+    from fastted.kernels.contrastive_kd import contrastive_forward
+    from fastted.kernels.resources import DTYPES, empty, flag_sets, reduced
+
+    # (student, teacher, bank): one dtype, the student's low-precision vectors against the MemoryBank's fp32
+    # bank, and an fp32 teacher head beside a bf16 student
+    triples = [(d, d, d) for d in DTYPES] + [(torch.bfloat16, torch.bfloat16, torch.float32),
+                                             (torch.float16, torch.float16, torch.float32),
+                                             (torch.bfloat16, torch.float32, torch.float32)]
+    for s_dtype, t_dtype, n_dtype in triples:
+        for (b, k, d), size in sizes:
+            for per_anchor in (False, True):
+                if per_anchor and b * k * d > 2**34:
+                    continue
+                few = reduced(s_dtype, size) or reduced(n_dtype, size) or t_dtype != s_dtype
+                for flags, _ in flag_sets(full, few, labels=(True, False), grads=("s,t", "s", "none")):
+                    has_labels = flags["labels"]
+                    grad_s, grad_t = flags["grads"] != "none", flags["grads"] == "s,t"
+                    s = empty((b, d), s_dtype)
+                    t = empty((b, d), t_dtype)
+                    neg = empty((b, k, d) if per_anchor else (k, d), n_dtype)
+                    labels = empty((b,), torch.int64) if has_labels else None
+                    neg_labels = empty((b, k) if per_anchor else (k,), torch.int64) if has_labels else None
+                    teacher = "" if t_dtype == s_dtype else f" (teacher {t_dtype})"
+                    case = dict(op="contrastive_kd", size=size, dtype=f"{s_dtype}/{n_dtype}{teacher}",
+                                per_anchor=per_anchor, **flags)
+                    yield case, lambda: contrastive_forward(
+                        s, t, neg, empty((b,), torch.float32), labels=labels, negative_labels=neg_labels,
+                        temperature=0.07, eps=1e-12, grad_s=grad_s, grad_t=grad_t)
+
+
+def _gpu_cases(tests, dtype, impl: str, cuda: bool) -> list:
+    """The tests' check, shared and per-anchor banks, with and without labels (on a GPU at CoDIR's sizes)."""
+    shapes = tests.SHAPES + ([(256, 65536, 128), (256, 4096, 768), (64, 4096, 1024)] if cuda else [])
+    return [(dict(shape=str(shape), per_anchor=per_anchor, labels=labels),
+             lambda shape=shape, per_anchor=per_anchor, labels=labels:
+             tests.check_contrastive_kd(impl, *shape, dtype, per_anchor=per_anchor, use_labels=labels))
+            for shape in shapes for per_anchor in (False, True) for labels in (False, True)
+            if not (per_anchor and shape[0] * shape[1] * shape[2] > 2**27)]  # no 8 GiB per-anchor banks
+
+
+def _min_bytes(size: dict, variant: dict) -> int:
+    """Read the bank; from hidden states (level "states"), read both models' states and write the student's
+    gradient."""
+    states = size["n_layers"] * size["batch"] * size["seq"] * size["width"]
+    read_states = variant.get("level", "states") == "states"
+    return (size["bank"] * size["proj"] + (3 * states if read_states else 0)) * getattr(torch, size["dtype"]).itemsize
+
+
+KERNEL_OP = KernelOp(
+    "contrastive_kd",
+    CompileTier(("contrastive_partials_kernel", "contrastive_finalize_kernel"), _compile_cases),
+    GpuCheck("contrastive_kd", cases=_gpu_cases, variants=lambda bench: [dict(level=level) for level in bench.LEVELS],
+             min_bytes=_min_bytes),
+)

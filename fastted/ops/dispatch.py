@@ -70,19 +70,28 @@ def detach_without_grad(tensors: Iterable[Optional[Tensor]]) -> list[Optional[Te
     return [None if x is None else x.detach() for x in tensors]
 
 
-def save_gradients(ctx, grads: Sequence[Optional[Tensor]]) -> None:
-    """Keep the gradients an op's forward computed (None where an input needs none) for its backward."""
+def save_gradients(ctx, grads: Sequence[Optional[Tensor]], in_place: bool = False) -> None:
+    """Keep the gradients an op's forward computed (None where an input needs none) for its backward.
+
+    ``in_place``: backward scales them in place, always, for a gradient as large as the step's largest tensor
+    (the logit losses' (N, V)): no second copy of it, and a second backward through the same graph fails on
+    the saved tensor's version instead of handing over a gradient already scaled.
+    """
     ctx.grad_slots = [g is not None for g in grads]
+    ctx.scale_in_place = in_place
     ctx.save_for_backward(*[g for g in grads if g is not None])
 
 
 def scaled_gradients(ctx, grad_output: Tensor) -> list[Optional[Tensor]]:
     """The gradients :func:`save_gradients` kept, each times the loss's incoming gradient.
 
-    On a CPU an incoming gradient of exactly 1 (``loss.backward()``) hands them over as they are, a pass
-    over every gradient saved; on a GPU they are always multiplied (comparing would cost a device sync).
+    Saved ``in_place``, they are scaled in place. Otherwise on a CPU an incoming gradient of exactly 1
+    (``loss.backward()``) hands them over as they are, a pass over every gradient saved; on a GPU they are
+    always multiplied (comparing would cost a device sync).
     """
     saved = iter(ctx.saved_tensors)
+    if ctx.scale_in_place:
+        return [next(saved).mul_(grad_output) if has else None for has in ctx.grad_slots]
     if grad_output.device.type == "cpu" and grad_output.numel() == 1 and bool(grad_output == 1):
         return [next(saved) if has else None for has in ctx.grad_slots]
     return [next(saved) * grad_output if has else None for has in ctx.grad_slots]

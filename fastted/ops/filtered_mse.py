@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from fastted.ops.checks import as_list, check_bias, check_floating, check_impl, check_like, check_weight, flat_mask
 from fastted.ops.dispatch import CHUNK_ELEMENTS, aligned, autocast_dtype, detach_without_grad, resolve_impl
 from fastted.ops.dispatch import save_gradients, scaled_gradients, to_autocast
+from fastted.ops.registry import CompileTier, GpuCheck, KernelOp
 from fastted.reference import safe_count
 
 
@@ -473,3 +474,124 @@ class FilteredMSELoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"impl={self.impl!r}, layer_weights={self.layer_weights!r}"
+
+
+# --------------------------------------------------------------------------- what the tools know of this op
+
+# The sizes the compile tier records: the benchmarks' (so their variants are the ones the table shows), odd ones
+# (no divisibility by 16 anywhere), and the largest the API accepts (for the grid limits; they add no variant).
+COMPILE_SIZES = [((4096, 384, 768, 384), "benchmark"), ((8192, 2048, 4096, 2048), "large"),
+                 ((1000, 100, 300, 50), "odd"), ((2**20, 4096, 8192, 4096), "largest")]
+
+
+def _compile_cases(full: bool, sizes=COMPILE_SIZES):
+    """The compile tier's cases: (case, run) pairs whose runs call the launchers on meta tensors."""
+    from fastted.kernels import device_arch
+    from fastted.kernels.filtered_mse import filtered_mse_forward
+    from fastted.kernels.resources import DTYPES, META, empty, flag_sets, reduced
+
+    for dtype in DTYPES:
+        for (n, d_s, d_t, d_f), size in sizes:
+            # the GEMM structure: student filter or identity, teacher filter or targets given
+            for has_w, has_v in ((1, 1), (1, 0), (0, 1), (0, 0)):
+                for flags, configs in flag_sets(full, reduced(dtype, size), biases=(1, 0), mask=(True, False),
+                                                 grad=("colsum", "grad", "none")):
+                    biases, has_mask = flags["biases"], flags["mask"]
+                    write_grad = flags["grad"] != "none"
+                    write_colsum = flags["grad"] == "colsum" and bool(biases and has_w)
+                    layers = 3
+                    s = [empty((n, d_s if has_w else d_f), dtype) for _ in range(layers)]
+                    w = [empty((d_f, d_s), dtype) for _ in range(layers)] if has_w else None
+                    b = [empty((d_f,), dtype) for _ in range(layers)] if has_w and biases else None
+                    t = [empty((n, d_t if has_v else d_f), dtype) for _ in range(layers)]
+                    v = [empty((d_f, d_t), dtype) for _ in range(layers)] if has_v else None
+                    c = [empty((d_f,), dtype) for _ in range(layers)] if has_v and biases else None
+                    mask = empty((n,), torch.float32) if has_mask else None
+                    case = dict(op="filtered_mse", size=size, dtype=str(dtype), W=has_w, V=has_v, **flags,
+                                configs=configs)
+                    yield case, lambda: filtered_mse_forward(
+                        s, w, b, t, v, c, None, mask, empty((1,), torch.float32), empty((layers,), torch.float32),
+                        write_grad=write_grad, write_colsum=write_colsum)
+            # a teacher cache's quantized targets (int8 everywhere; fp8 loads from sm_89 on), with and without
+            # the student's filter
+            quantized = [torch.int8] + ([torch.float8_e4m3fn] if device_arch(META).capability >= 89 else [])
+            for t_dtype in quantized:
+                for has_w in (1, 0):
+                    for flags, configs in flag_sets(full, True, grad=("colsum", "none")):
+                        write_grad = flags["grad"] != "none"
+                        layers = 3
+                        s = [empty((n, d_s if has_w else d_f), dtype) for _ in range(layers)]
+                        w = [empty((d_f, d_s), dtype) for _ in range(layers)] if has_w else None
+                        b = [empty((d_f,), dtype) for _ in range(layers)] if has_w else None
+                        t = [empty((n, d_f), t_dtype) for _ in range(layers)]
+                        q = [empty((n,), torch.float32) for _ in range(layers)]
+                        case = dict(op="filtered_mse", size=size, dtype=f"{dtype}/{t_dtype}", W=has_w, V=0,
+                                    quantized=str(t_dtype), **flags, configs=configs)
+                        yield case, lambda: filtered_mse_forward(
+                            s, w, b, t, None, None, q, empty((n,), torch.float32), empty((1,), torch.float32),
+                            empty((layers,), torch.float32), write_grad=write_grad,
+                            write_colsum=write_grad and bool(has_w))
+
+
+def _tier_expectations(rows: list[dict], arch: str) -> list[str]:
+    """The autotuner may pick any config its pruning keeps: each one is compiled, for every dtype."""
+    from fastted.kernels import ARCHS
+    from fastted.kernels.filtered_mse import configs_for
+    from fastted.kernels.resources import DTYPES, config_label
+
+    out = []
+    for dtype in DTYPES:
+        configs = configs_for(dtype, ARCHS[arch])
+        if not configs:
+            out.append(f"no autotune config of {dtype} kept on {arch}")
+        compiled = {r["config"] for r in rows if r["dtype"] == str(dtype)}
+        out += [f"{dtype} config {label} not compiled for {arch}" for label in
+                (config_label(config.all_kwargs()) for config in configs) if label not in compiled]
+    return out
+
+
+def _gpu_cases(tests, dtype, impl: str, cuda: bool) -> list:
+    """The tests' checks of every case and shape (on a GPU a realistic one too)."""
+    shapes = tests.SHAPES + ([((4, 512), 768, 1024, 1024)] if cuda else [])
+    return [(dict(case=case, shape=str(shape)), lambda case=case, shape=shape:
+             tests.check_filtered_mse(case, shape, dtype, "random", 3, impl))
+            for case in tests.CASES for shape in shapes]
+
+
+def _autotune_cases(tests, smoke: bool, cuda: bool) -> list:
+    """The autotuned kernel's first call of a new key against its second and the reference: with the
+    column-sum buffer (biases), without it (an identity student; a forward without gradient), where Triton
+    before 3.8 zeroed None."""
+    cases = [(case, dtype, grad) for dtype in (torch.bfloat16, torch.float16, torch.float32)
+             for case, grad in (("ted", True), ("lwd", True), ("identity", True), ("lwd", False))]
+    if smoke:  # one case with a column-sum buffer, one without
+        cases = [cases[0], next(c for c in cases if not c[2])]
+    if not cuda:  # the interpreter's autotuner keeps one config unless told to sweep, and has no GPU timer
+        import time
+
+        from fastted.kernels import filtered_mse as kernel
+
+        def cpu_bench(kernel_call, quantiles):
+            start = time.perf_counter()
+            kernel_call()
+            return [(time.perf_counter() - start) * 1e3] * len(quantiles)
+
+        kernel.INTERPRETER_SWEEP = 3
+        kernel.INTERPRETER_TIMER = cpu_bench
+    return [(dict(kernel="filtered_mse_fwd_kernel", case=case, dtype=str(dtype), grad=grad),
+             lambda case=case, dtype=dtype, grad=grad: tests.check_autotune_first_call(case, dtype, grad=grad))
+            for case, dtype, grad in cases]
+
+
+def _gemms(size: dict) -> list[tuple[int, int, int]]:
+    """The GEMMs of a full step: forward S W^T and H V^T; backward dS = G W and dW = G^T S (the teacher is
+    frozen)."""
+    n, layers, d_s, d_t, d_f = (size[k] for k in ("n_tokens", "n_layers", "d_s", "d_t", "d_f"))
+    return [(n, d_s, d_f), (n, d_t, d_f), (n, d_f, d_s), (d_f, n, d_s)] * layers
+
+
+KERNEL_OP = KernelOp(
+    "filtered_mse",
+    CompileTier(("filtered_mse_fwd_kernel",), _compile_cases, _tier_expectations),
+    GpuCheck("filtered_mse", cases=_gpu_cases, gemms=_gemms, autotune=_autotune_cases),
+)

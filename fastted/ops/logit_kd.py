@@ -3,7 +3,7 @@
 ``D(softmax(t / T), softmax(s / T)) * T^2`` averaged over the rows the mask
 keeps, D the forward KL, the reverse KL or the JSD. This file holds the op's
 input checks (the logit options, the compared vocabulary and the row weights
-are shared with :mod:`fastted.ops.fused_linear_kd`), its PyTorch path
+are shared with the other logit losses: :mod:`fastted.ops.rows`), its PyTorch path
 (:func:`logit_kd_rows`, the CPU twin of the Triton row kernel
 ``fastted.kernels.logit_kd``, and :func:`logit_kd_chunked` over blocks of
 rows), the autograd Function, the functional :func:`logit_kd` and the module
@@ -18,73 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastted.ops.checks import check_float, check_floating, check_impl, check_int_tensor, check_temperature, flat_mask
-from fastted.ops.dispatch import aligned, detach_without_grad, resolve_impl
-from fastted.reference import DIVERGENCES, divergence_reference, effective_divergence, safe_count
+from fastted.ops.checks import check_floating, check_impl
+from fastted.ops.dispatch import aligned, detach_without_grad, resolve_impl, save_gradients, scaled_gradients
+from fastted.ops.registry import CompileTier, GpuCheck, KernelOp
+from fastted.ops.rows import ROW_BLOCK_ELEMENTS, Workspace, kd_loss, logit_options, row_weights, shared_vocab
+from fastted.reference import divergence_reference, effective_divergence
 
-# --------------------------------------------------------------------------- checks (shared with fused_linear_kd)
-
-
-def logit_options(temperature, divergence, beta) -> dict:
-    """The checked options of every logit loss: temperature > 0, a divergence of DIVERGENCES, beta in [0, 1]."""
-    if divergence not in DIVERGENCES:
-        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
-    return dict(
-        temperature=check_temperature("temperature", temperature),
-        divergence=divergence,
-        beta=check_float("beta", beta, 0.0, 1.0),
-    )
-
-
-def shared_vocab(vocab_size, v_s: int, v_t: int, what_s: str, what_t: str) -> int:
-    """The number of leading vocabulary entries compared: both, or vocab_size when given."""
-    if vocab_size is None:
-        if v_s != v_t:
-            raise ValueError(
-                f"{what_s} covers a vocabulary of {v_s}, but {what_t} covers {v_t}: pass vocab_size=<n> to compare "
-                f"the first n entries of both (n <= {min(v_s, v_t)}, e.g. the tokenizer's size when one "
-                f"embedding matrix is padded)"
-            )
-        return v_s
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not 1 <= vocab_size <= min(v_s, v_t):
-        raise ValueError(
-            f"vocab_size must be an int in [1, {min(v_s, v_t)}] (the smaller of the two vocabularies), "
-            f"got {vocab_size!r}"
-        )
-    return vocab_size
-
-
-def row_weights(lead, device, dtype, mask, labels, ignore_index, labels_name, vocab, ref_name):
-    """Validate mask and labels of leading shape ``lead``; return (N,) mean weights, fp32 (fp64 for fp64 inputs).
-
-    Returns (kd_coef, labels, ce_coef): kd_coef = mask / count over the mask's
-    rows; with labels, ce_coef the same over the rows the mask keeps and the
-    labels do not ignore. No host sync on a GPU.
-    """
-    n_rows = 1
-    for n in lead:
-        n_rows *= n
-    acc = torch.promote_types(dtype, torch.float32)
-    valid = None
-    if mask is not None:
-        valid = flat_mask(mask, lead, device, ref_name).to(acc)
-    kd_valid = valid if valid is not None else torch.ones(n_rows, dtype=acc, device=device)
-    kd_coef = kd_valid / safe_count(kd_valid.sum())
-    if labels is None:
-        return kd_coef, None, None
-    check_int_tensor(labels_name, labels, lead, device, ref_name, " (one label per row/token)")
-    labels = labels.detach().reshape(n_rows).to(torch.int64)
-    ce_valid = (labels != ignore_index).to(acc)
-    if valid is not None:
-        ce_valid = ce_valid * (valid != 0)
-    if vocab is not None and device.type == "cpu":  # no device sync here; on a GPU a bad label gives a NaN loss
-        bad = (ce_valid != 0) & ((labels < 0) | (labels >= vocab))
-        if bool(bad.any()):
-            raise ValueError(
-                f"{labels_name} holds {labels[bad][0].item()}, outside [0, {vocab}) (the compared vocabulary); "
-                f"labels to skip must equal ignore_index={ignore_index}"
-            )
-    return kd_coef, labels, ce_valid / safe_count(ce_valid.sum())
+# --------------------------------------------------------------------------- checks
 
 
 def check_logits(student_logits, teacher_logits) -> None:
@@ -106,24 +46,6 @@ def check_logits(student_logits, teacher_logits) -> None:
 
 
 # --------------------------------------------------------------------------- the PyTorch path
-
-ROW_BLOCK_ELEMENTS = 1 << 18  # logits per block of logit_kd's CPU path
-
-
-class Workspace:
-    """(R, V) buffers that the blocks of one call share, by name: each is allocated once, at the first block
-    that needs it, so that no block pays for fresh pages (on a CPU a fresh 32 MB buffer costs more than the
-    pass that fills it)."""
-
-    def __init__(self):
-        self.buffers: dict[str, Tensor] = {}
-
-    def get(self, name: str, like: Tensor, dtype: torch.dtype) -> Tensor:
-        rows, vocab = like.shape
-        buf = self.buffers.get(name)
-        if buf is None or buf.shape[0] < rows or buf.shape[1] != vocab or buf.dtype != dtype:
-            buf = self.buffers[name] = torch.empty((rows, vocab), dtype=dtype, device=like.device)
-        return buf[:rows]
 
 
 def _log_softmax_into(out: Tensor, z: Tensor, inv_t: float) -> Tensor:
@@ -370,7 +292,8 @@ def logit_kd_chunked(s: Tensor, t: Tensor, kd_coef: Tensor, grad: Optional[Tenso
 
 
 class LogitKDFunction(torch.autograd.Function):
-    """Loss and dLoss/d(student logits) in the forward; backward scales the gradient in place."""
+    """Loss and dLoss/d(student logits) in the forward; backward scales the gradient in place (the step's
+    largest tensor: :func:`~fastted.ops.dispatch.save_gradients`)."""
 
     @staticmethod
     def forward(ctx, impl, opts, vocab, kd_coef, student_logits, teacher_logits):
@@ -390,26 +313,12 @@ class LogitKDFunction(torch.autograd.Function):
             )
         else:
             rows = logit_kd_chunked(s, t, kd_coef, g, soft_weight=1.0, hard_weight=0.0, **opts)
-        return rows_loss(ctx, rows, kd_coef, grad, opts["temperature"], student_logits.shape)
+        save_gradients(ctx, [None if grad is None else grad.reshape(student_logits.shape)], in_place=True)
+        return kd_loss(rows, kd_coef, opts["temperature"])
 
     @staticmethod
     def backward(ctx, grad_loss):
-        return None, None, None, None, saved_gradient(ctx, grad_loss), None
-
-
-def rows_loss(ctx, rows: Tensor, kd_coef: Tensor, grad: Optional[Tensor], temperature: float, shape) -> Tensor:
-    """T^2 times the rows' weighted divergences; ``grad`` (dLoss/dlogits, or None) kept for the backward."""
-    if grad is not None:
-        ctx.save_for_backward(grad)
-        ctx.shape = shape
-    return temperature**2 * (rows @ kd_coef.to(rows.dtype))
-
-
-def saved_gradient(ctx, grad_loss: Tensor) -> Tensor:
-    """The gradient :func:`rows_loss` kept, scaled by grad_loss in place: the (N, V) gradient is the step's
-    largest tensor (a second backward through the same graph fails on the saved tensor's version)."""
-    (grad,) = ctx.saved_tensors
-    return grad.mul_(grad_loss).reshape(ctx.shape)
+        return (None,) * 4 + (*scaled_gradients(ctx, grad_loss), None)
 
 
 # --------------------------------------------------------------------------- public API
@@ -493,3 +402,72 @@ class LogitKDLoss(nn.Module):
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, divergence={self.divergence!r}, beta={self.beta}, "
                 f"vocab_size={self.vocab_size}, impl={self.impl!r}")
+
+
+# --------------------------------------------------------------------------- what the tools know of this op
+
+# The sizes the compile tier records: the benchmarks' (so their variants are the ones the table shows), odd ones
+# (no divisibility by 16 anywhere), and the largest the API accepts (for the grid limits; they add no variant).
+COMPILE_SIZES = [((4096, 30522), "bert"), ((8192, 128256), "llama3"), ((999, 1001), "odd"),
+                 ((2**20, 262144), "largest")]
+
+
+def _compile_cases(full: bool, sizes=COMPILE_SIZES):
+    """The compile tier's cases: (case, run) pairs whose runs call the launchers on meta tensors."""
+    from fastted.kernels import aligned_row_stride
+    from fastted.kernels.logit_kd import FORWARD_KL, JSD, REVERSE_KL, logit_kd_forward
+    from fastted.kernels.resources import DTYPES, empty, flag_sets, reduced
+
+    for dtype in DTYPES:
+        for (n, v), size in sizes:
+            for divergence in (FORWARD_KL, REVERSE_KL, JSD):
+                # the cross-entropy: its own log-sum-exp at T != 1, shared at T = 1, or none
+                for flags, _ in flag_sets(full, reduced(dtype, size), ce=("T=2", "T=1", "none"), grad=(True, False)):
+                    for padded in (False, True):  # user logits (stride V) or the fused head's buffers
+                        has_ce, write_grad = flags["ce"] != "none", flags["grad"]
+                        temperature = 1.0 if flags["ce"] == "T=1" else 2.0
+                        stride = aligned_row_stride(v, dtype) if padded else v
+                        s = empty((n, v), dtype, (stride, 1))
+                        t = empty((n, v), dtype, (stride, 1))
+                        labels = empty((n,), torch.int64) if has_ce else None
+                        ce_coef = empty((n,), torch.float32) if has_ce else None
+                        case = dict(op="logit_kd", size=size, dtype=str(dtype), divergence=divergence.value,
+                                    **flags, padded=padded)
+                        yield case, lambda: logit_kd_forward(
+                            s, t, empty((n,), torch.float32), grad=s if write_grad else None, labels=labels,
+                            ce_coef=ce_coef, temperature=temperature, divergence=divergence.value, beta=0.5,
+                            soft_weight=1.0, hard_weight=0.5, padded_cols=stride if padded else None)
+
+
+def _tier_expectations(rows: list[dict], arch: str) -> list[str]:
+    """The row kernel on aligned rows (the fused head's padded buffers, Llama 3's 128,256) uses 128-bit loads;
+    on BERT's 30,522-wide unpadded rows it cannot, which is why the fused LM head pads its logits buffers."""
+    padded = [r for r in rows if r["example"]["padded"] or r["example"]["size"] == "llama3"]
+    bert = [r for r in rows if r["example"]["size"] == "bert" and not r["example"]["padded"]]
+    out = []
+    if not padded or not all(r["vector_loads"] for r in padded):
+        out.append(f"logit_kd_kernel on aligned rows without 128-bit loads on {arch}")
+    if not bert or any(r["vector_loads"] for r in bert):
+        out.append(f"logit_kd_kernel on BERT's unpadded rows: 128-bit loads expected nowhere on {arch}")
+    return out
+
+
+def _gpu_cases(tests, dtype, impl: str, cuda: bool) -> list:
+    """The tests' check of every divergence at T = 1 and 2 (on a GPU at Llama 3's vocabulary too)."""
+    shapes = tests.SHAPES + ([((8,), 128256)] if cuda else [])
+    return [(dict(divergence=div, beta=beta, temperature=temp, shape=str(shape)),
+             lambda div=div, beta=beta, temp=temp, shape=shape:
+             tests.check_logit_kd(impl, shape[0], shape[1], dtype, div, beta, temp))
+            for div, beta in tests.DIVERGENCES for temp in (1.0, 2.0) for shape in shapes]
+
+
+def _min_bytes(size: dict, variant: dict) -> int:
+    """Read s and t, write dLoss/ds."""
+    return 3 * size["n_rows"] * size["vocab"] * getattr(torch, size["dtype"]).itemsize
+
+
+KERNEL_OP = KernelOp(
+    "logit_kd",
+    CompileTier(("logit_kd_kernel",), _compile_cases, _tier_expectations),
+    GpuCheck("logit_kd", cases=_gpu_cases, min_bytes=_min_bytes),
+)

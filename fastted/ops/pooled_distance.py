@@ -20,7 +20,8 @@ from torch import Tensor, nn
 from fastted.ops.checks import as_list, check_floating, check_impl, check_positive_int, check_weight
 from fastted.ops.contrastive_kd import EPS, unit, unit_backward
 from fastted.ops.dispatch import detach_without_grad, save_gradients, scaled_gradients
-from fastted.ops.pooling import check_pooling, check_states, pool_states, valid_examples
+from fastted.ops.pooling import check_pooling, check_states, pool_states, states_bytes, valid_examples
+from fastted.ops.registry import GpuCheck, KernelOp
 from fastted.reference import masked_mean, safe_count
 
 
@@ -271,3 +272,14 @@ class PooledDistanceLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"concat={self.concat}, pooling={self.pooling!r}, impl={self.impl!r}"
+
+
+# --------------------------------------------------------------------------- what the tools know of this op
+
+KERNEL_OP = KernelOp(
+    "pooled_distance",
+    None,
+    # its kernels are pooling's (checked there); read both models' states, write the student's gradient
+    GpuCheck("pooled_distance", covered_by="pooling", min_bytes=lambda size, variant: 3 * states_bytes(size)),
+    runs="pooling",
+)

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from fastted.ops.checks import as_list, check_floating, flat_mask
 from fastted.ops.dispatch import aligned, detach_without_grad, resolve_impl
+from fastted.ops.registry import CompileTier, GpuCheck, KernelOp
 from fastted.reference import POOLINGS, pool_states_reference, safe_count
 
 # --------------------------------------------------------------------------- checks
@@ -152,3 +153,56 @@ def pool_states(
         else:
             out = MeanPoolCPUFunction.apply(weights, *detach_without_grad(states))
     return out if concat else list(out.split(width, dim=1))
+
+
+# --------------------------------------------------------------------------- what the tools know of this op
+
+# The sizes the compile tier records: the benchmarks' (so their variants are the ones the table shows), odd ones
+# (no divisibility by 16 anywhere), and the largest the API accepts (for the grid limits; they add no variant).
+COMPILE_SIZES = [((32, 128, 768, 12), "benchmark"), ((8, 4096, 4096, 32), "large"), ((3, 77, 100, 5), "odd"),
+                 ((2, 2**20, 4096, 64), "largest"), ((2**17, 128, 768, 12), "largest")]
+
+
+def _compile_cases(full: bool, sizes=COMPILE_SIZES):
+    """The compile tier's cases: (case, run) pairs whose runs call the launchers on meta tensors."""
+    from fastted.kernels.pooling import mean_pool_backward, mean_pool_forward
+    from fastted.kernels.resources import DTYPES, empty
+
+    for dtype in DTYPES:
+        for (b, t, d, layers), size in sizes:
+            states = [empty((b, t, d), dtype) for _ in range(layers)]
+            weights = empty((b, t), torch.float32)
+            case = dict(op="pool_states", size=size, dtype=str(dtype))
+            yield dict(case, direction="forward"), lambda: mean_pool_forward(states, weights)
+            yield dict(case, direction="backward"), lambda: mean_pool_backward(
+                empty((b, layers * d), dtype), weights, layers, dtype)
+
+
+def _tier_expectations(rows: list[dict], arch: str) -> list[str]:
+    """Aligned layers (every size but the odd one) are pooled with 128-bit loads."""
+    aligned_rows = [r for r in rows if r["kernel"] == "mean_pool_fwd_kernel" and r["example"]["size"] != "odd"]
+    if aligned_rows and all(r["vector_loads"] for r in aligned_rows):
+        return []
+    return [f"mean_pool_fwd_kernel on aligned layers without 128-bit loads on {arch}"]
+
+
+def _gpu_cases(tests, dtype, impl: str, cuda: bool) -> list:
+    """The tests' check of mean pooling under three masks (on a GPU at BERT-base's sizes too)."""
+    shapes = tests.SHAPES + ([(256, 128, 768, 12)] if cuda else [])
+    return [(dict(shape=str(shape), mask=mask), lambda shape=shape, mask=mask:
+             tests.check_pool_states(impl, *shape, dtype, "mean", mask))
+            for shape in shapes for mask in ("random", "right_padding", "one_empty")]
+
+
+def states_bytes(size: dict) -> int:
+    """The bytes of one model's hidden states at a benchmark size (every layer): what pooling reads."""
+    states = size["n_layers"] * size["batch"] * size["seq"] * size["width"]
+    return states * getattr(torch, size["dtype"]).itemsize
+
+
+KERNEL_OP = KernelOp(
+    "pooling",
+    CompileTier(("mean_pool_fwd_kernel", "mean_pool_bwd_kernel"), _compile_cases, _tier_expectations),
+    # read every state once, write the student's gradient
+    GpuCheck("pool_states", cases=_gpu_cases, min_bytes=lambda size, variant: 2 * states_bytes(size)),
+)

@@ -34,9 +34,10 @@ from torch import Tensor, nn
 from fastted.ops.checks import check_float, check_floating, check_impl, check_like, check_temperature, check_weight
 from fastted.ops.dispatch import autocast_dtype, detach_without_grad, resolve_impl, save_gradients
 from fastted.ops.dispatch import scaled_gradients, to_autocast
-from fastted.ops.fused_linear_kd import _shifted, block_rows, finish_head_gradients, fused_linear_kd_blocks, head_loss
-from fastted.ops.logit_kd import ROW_BLOCK_ELEMENTS, row_weights, rows_loss, saved_gradient
-from fastted.ops.packed_topk import PackedTopK, unpack_ids, unpack_topk, words_per_row
+from fastted.ops.rows import ROW_BLOCK_ELEMENTS, block_rows, finish_head_gradients, head_blocks, head_loss, kd_loss
+from fastted.ops.rows import row_weights, shifted_labels
+from fastted.ops.packed_topk import PackedTopK, id_bits, unpack_ids, unpack_topk, words_per_row
+from fastted.ops.registry import CompileTier, GpuCheck, KernelOp
 
 # --------------------------------------------------------------------------- checks
 
@@ -246,11 +247,12 @@ class SparseLogitKDFunction(torch.autograd.Function):
                                             soft_weight=1.0, hard_weight=0.0, **opts)
         else:
             rows = _rows_in_blocks(z, teacher, kd_coef, grad, soft_weight=1.0, hard_weight=0.0, **opts)
-        return rows_loss(ctx, rows, kd_coef, grad, opts["temperature"], student_logits.shape)
+        save_gradients(ctx, [None if grad is None else grad.reshape(student_logits.shape)], in_place=True)
+        return kd_loss(rows, kd_coef, opts["temperature"])
 
     @staticmethod
     def backward(ctx, grad_loss):
-        return None, None, None, saved_gradient(ctx, grad_loss), None
+        return (None,) * 3 + (*scaled_gradients(ctx, grad_loss), None)
 
 
 class FusedLinearSparseKDFunction(torch.autograd.Function):
@@ -266,7 +268,7 @@ class FusedLinearSparseKDFunction(torch.autograd.Function):
                 teacher = _triton_teacher(teacher)
             else:
                 rows_fn = sparse_kd_rows
-            kd_rows, ce_rows, grads = fused_linear_kd_blocks(
+            kd_rows, ce_rows, grads = head_blocks(
                 xs.reshape(-1, xs.shape[-1]), ws, bs, lambda r, rows: _teacher_rows(teacher, r), kd_coef, labels,
                 ce_coef, needs, rows_fn=rows_fn, chunk_rows=chunk_rows, **opts,
             )
@@ -392,7 +394,7 @@ def fused_linear_sparse_kd(
         if not isinstance(flag, bool):
             raise ValueError(f"{name} must be a bool, got {flag!r}")
     teacher = check_teacher(topk_values, topk_ids, tail_lse, lead, ws.shape[0], xs.device, "student_hidden")
-    hard_labels = _shifted(hard_labels, ignore_index, lead) if shift_labels else hard_labels
+    hard_labels = shifted_labels(hard_labels, ignore_index, lead) if shift_labels else hard_labels
     cast = autocast_dtype(xs.device.type)
     student = [to_autocast(x, cast) for x in (xs, ws, student_bias)]
     check_floating("student_hidden", student[0])
@@ -431,3 +433,73 @@ class SparseLogitKDLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, impl={self.impl!r}"
+
+
+# --------------------------------------------------------------------------- what the tools know of this op
+
+# The sizes the compile tier records: the benchmarks' (so their variants are the ones the table shows), odd ones
+# (no divisibility by 16 anywhere), and the largest the API accepts (for the grid limits; they add no variant).
+# (rows, vocabulary, k): the cache's default k = 64, a wide one (BLOCK_K 256), an odd one
+COMPILE_SIZES = [((4096, 30522, 64), "bert"), ((8192, 128256, 64), "llama3"), ((8192, 50257, 256), "k256"),
+                 ((999, 1001, 37), "odd"), ((2**20, 262144, 64), "largest")]
+
+
+def _compile_cases(full: bool, sizes=COMPILE_SIZES):
+    """The compile tier's cases: (case, run) pairs whose runs call the launchers on meta tensors."""
+    from fastted.kernels.sparse_logit_kd import sparse_kd_forward
+    from fastted.kernels.resources import DTYPES, empty, flag_sets, reduced
+
+    for dtype in DTYPES:
+        for (n, v, k), size in sizes:
+            for flags, _ in flag_sets(full, reduced(dtype, size), ce=("T=2", "T=1", "none"), grad=(True, False)):
+                # the teacher as three tensors, or packed as a cache stores it (uint8 levels, ids in int32 words)
+                for packed in (False, True):
+                    has_ce, write_grad = flags["ce"] != "none", flags["grad"]
+                    z = empty((n, v), dtype)
+                    labels = empty((n,), torch.int64) if has_ce else None
+                    ce_coef = empty((n,), torch.float32) if has_ce else None
+                    case = dict(op="sparse_logit_kd", size=size, dtype=str(dtype), k=k, **flags)
+                    if packed:  # (the unpacked cases keep their names: the spill lists name them)
+                        bits = id_bits(v)
+                        teacher = dict(values=empty((n, k), torch.uint8),
+                                       ids=empty((n, words_per_row(k, bits)), torch.int32),
+                                       top=empty((n,), torch.float32), step=empty((n,), torch.float32), id_bits=bits)
+                        case["packed"] = True
+                    else:
+                        teacher = dict(values=empty((n, k), torch.bfloat16), ids=empty((n, k), torch.int32))
+                    yield case, lambda: sparse_kd_forward(
+                        z, tail=empty((n,), torch.float32), kd_coef=empty((n,), torch.float32), **teacher,
+                        grad=z if write_grad else None, labels=labels, ce_coef=ce_coef,
+                        temperature=1.0 if flags["ce"] == "T=1" else 2.0, soft_weight=1.0, hard_weight=0.5)
+
+
+def _tier_expectations(rows: list[dict], arch: str) -> list[str]:
+    """The kernel reads its teacher as three tensors or PACKED (a cache's uint8 levels and ids in int32 words):
+    every dtype and size is compiled both ways."""
+    def compiled(rows):
+        return {(r["dtype"], r["example"]["size"]) for r in rows}
+
+    both = compiled(rows)
+    return [f"sparse_kd_kernel on {arch}: {'packed' if packed else 'unpacked'} teachers compiled for {sorted(got)}, "
+            f"not every dtype and size" for packed in (False, True)
+            if (got := compiled(r for r in rows if r["example"].get("packed", False) == packed)) != both]
+
+
+def _gpu_cases(tests, dtype, impl: str, cuda: bool) -> list:
+    """The tests' check at k = 1, 16, 64 and V (on a GPU at Llama 3's vocabulary too)."""
+    shapes = [(1, 301), (16, 1003), (64, 30522), (301, 301)] + ([(64, 128256)] if cuda else [])
+    return [(dict(k=k, vocab=vocab), lambda k=k, vocab=vocab: tests.check_sparse_logit_kd(impl, k, vocab, dtype))
+            for k, vocab in shapes]
+
+
+def _min_bytes(size: dict, variant: dict) -> int:
+    """Read the student's logits and write their gradient; read the teacher's k values (bf16) and ids (int32)."""
+    n, vocab, k = size["n_rows"], size["vocab"], size["k"]
+    return 2 * n * vocab * getattr(torch, size["dtype"]).itemsize + n * k * (2 + 4)
+
+
+KERNEL_OP = KernelOp(
+    "sparse_logit_kd",
+    CompileTier(("sparse_kd_kernel",), _compile_cases, _tier_expectations),
+    GpuCheck("sparse_logit_kd", cases=_gpu_cases, min_bytes=_min_bytes),
+)

@@ -69,6 +69,13 @@ CASES = {
     "int32 stride product": _product(int32_product_kernel),
     "int64 stride product": _product(int64_product_kernel),
 }
+# name -> the words of the problem that must catch it (None: the sound twin, no problem at all)
+CAUGHT_BY = {
+    "contrastive fp32 bank, old blocks": "shared memory",
+    "filtered_mse fp32, 128x256 tile": "spills",
+    "int32 stride product": "32-bit products",
+    "int64 stride product": None,
+}
 
 
 def verdicts() -> list[dict]:

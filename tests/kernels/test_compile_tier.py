@@ -26,9 +26,11 @@ import sys
 
 import pytest
 
+from fastted.ops.registry import compiled_ops, tier_kernels
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-KERNELS = ["filtered_mse_fwd_kernel", "logit_kd_kernel", "sparse_kd_kernel", "contrastive_partials_kernel",
-           "contrastive_finalize_kernel", "mean_pool_fwd_kernel", "mean_pool_bwd_kernel"]
+# The kernels every op declares (fastted.ops.registry): each must have rows for both archs.
+KERNELS = tier_kernels()
 ARCHS = ["sm_80", "sm_90"]
 MODULE = ["-m", "fastted.kernels.resources"]
 ENV = dict(os.environ, TRITON_INTERPRET="0")
@@ -89,47 +91,17 @@ def test_every_variant_compiles_fits_and_does_not_spill(tier, kernel, arch):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ARCHS)
-def test_every_autotune_config_of_each_dtype_is_compiled(tier, arch):
-    """The autotuner may pick any config its pruning keeps: each one is in the table, for every dtype."""
-    from fastted.kernels import ARCHS as LIMITS
-    from fastted.kernels import filtered_mse
-    from fastted.kernels.resources import config_label
+@pytest.mark.parametrize("op", [op.name for op in compiled_ops() if op.compile.expectations is not None])
+def test_what_each_op_expects_of_its_variants(tier, op, arch):
+    """What an op declares of its compiled variants beyond the checks above (its KERNEL_OP's expectations:
+    every autotune config its pruning keeps compiled for every dtype, 128-bit loads where its rows are
+    aligned, every teacher layout compiled)."""
+    from fastted.ops.registry import kernel_op
 
-    import torch
-
-    rows = _rows(tier, "filtered_mse_fwd_kernel", arch)
-    for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        configs = filtered_mse.configs_for(dtype, LIMITS[arch])
-        assert configs
-        compiled = {r["config"] for r in rows if r["dtype"] == str(dtype)}
-        for config in configs:
-            label = config_label(config.all_kwargs())
-            assert label in compiled, f"{dtype} config {label} not compiled for {arch}"
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("arch", ARCHS)
-def test_aligned_rows_load_128_bits(tier, arch):
-    """Pooling (aligned layers) and the logit kernel on aligned rows use vector loads; the logit kernel on
-    BERT's 30,522-wide unpadded rows cannot, which is why the fused LM head pads its logits buffers."""
-    pool = _rows(tier, "mean_pool_fwd_kernel", arch)
-    assert all(r["vector_loads"] for r in pool if r["example"]["size"] != "odd")
-    logits = _rows(tier, "logit_kd_kernel", arch)
-    padded = [r for r in logits if r["example"]["padded"] or r["example"]["size"] == "llama3"]
-    assert padded and all(r["vector_loads"] for r in padded)
-    bert = [r for r in logits if r["example"]["size"] == "bert" and not r["example"]["padded"]]
-    assert bert and not any(r["vector_loads"] for r in bert)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("arch", ARCHS)
-def test_sparse_kd_is_compiled_for_both_teachers(tier, arch):
-    """The sparse KL's kernel reads its teacher as three tensors or PACKED (a cache's uint8 levels and ids in
-    int32 words): every dtype and size is compiled both ways."""
-    rows = _rows(tier, "sparse_kd_kernel", arch)
-    both = {(r["dtype"], r["example"]["size"]) for r in rows}
-    for packed in (False, True):
-        assert {(r["dtype"], r["example"]["size"]) for r in rows if r["example"].get("packed", False) == packed} == both
+    declared = kernel_op(op).compile
+    rows = [row for kernel in declared.kernels for row in _rows(tier, kernel, arch)]
+    problems = declared.expectations(rows, arch)
+    assert not problems, "\n".join(problems)
 
 
 @pytest.mark.slow
@@ -174,12 +146,17 @@ def test_checks_fail_on_known_defects(tier):
     """Each check fails on a defect the kernels once had: the contrastive kernel's old block rule with an
     fp32 bank at D = 768 (330 KB of shared memory), the old fp32 filtered-MSE tile (spills), an offset
     computed as an int32 product of a stride (verdicts compiled with the table; known_bad.py is in its
-    stamp)."""
+    stamp, and names the problem that catches each defect: CAUGHT_BY)."""
+    from tests.kernels.known_bad import CAUGHT_BY
+
     by_name = {row["name"]: row for row in tier["known_bad"]}
-    assert any("shared memory" in p for p in by_name["contrastive fp32 bank, old blocks"]["problems"])
-    assert any("spills" in p for p in by_name["filtered_mse fp32, 128x256 tile"]["problems"])
-    assert any("32-bit products" in p for p in by_name["int32 stride product"]["problems"])
-    assert not by_name["int64 stride product"]["problems"]
+    assert set(by_name) == set(CAUGHT_BY)
+    for name, words in CAUGHT_BY.items():
+        problems = by_name[name]["problems"]
+        if words is None:
+            assert not problems, (name, problems)
+        else:
+            assert any(words in p for p in problems), (name, problems)
 
 
 def test_int32_products_of_arguments_are_found():

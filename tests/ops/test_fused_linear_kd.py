@@ -230,7 +230,7 @@ def test_gpu_blocks_keep_the_gemms_compute_bound(arch, vocab):
     multiple of 64 rows whose re-read of the heads costs at most 1 / AMORTIZE of its GEMMs' time, and its
     two logits buffers fit the budget (131-row blocks, the old rule's, spent more on traffic than on FLOP)."""
     from fastted.kernels import ARCHS
-    from fastted.ops.fused_linear_kd import AMORTIZE, MEMORY_BUDGET, compute_bound_rows
+    from fastted.ops.rows import AMORTIZE, MEMORY_BUDGET, compute_bound_rows
 
     balance = ARCHS[arch].flops_per_byte
     budget = MEMORY_BUDGET["cuda"]
@@ -244,7 +244,7 @@ def test_gpu_blocks_keep_the_gemms_compute_bound(arch, vocab):
 def test_block_rows_on_cpu_and_the_budget():
     """On a CPU: the issue's size gets 128-row blocks; chunk_size overrides; a vocabulary too large for
     the budget gets fewer rows than the GEMMs would like (memory wins); a small batch is one block."""
-    from fastted.ops.fused_linear_kd import MEMORY_BUDGET, block_rows
+    from fastted.ops.rows import MEMORY_BUDGET, block_rows
 
     def rows(n, h_s, h_t, vocab, chunk_size=None, needs_grad=True):
         xs, xt = torch.empty(n, h_s), torch.empty(n, h_t)

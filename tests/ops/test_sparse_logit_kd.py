@@ -110,6 +110,11 @@ def _as(inputs, dtype):
 def test_sparse_logit_kd_against_float64(impl, k, vocab, dtype):
     """Loss and gradient of both paths against the float64 spec on the same (bf16-stored) targets, with a mask,
     in (B, T, V); k = V is the full KL (an empty tail)."""
+    check_sparse_logit_kd(impl, k, vocab, dtype)
+
+
+def check_sparse_logit_kd(impl, k, vocab, dtype):
+    """The check of test_sparse_logit_kd_against_float64 (the GPU check runs it too)."""
     temperature = 2.0
     inputs, mask, _ = _cached(seed_for("sparse op", impl, k, vocab, dtype), (3, 7), vocab, k, temperature, dtype)
     got, grads = _grads(fastted.sparse_logit_kd, inputs, ["student_logits"], -1.7, temperature=temperature,
