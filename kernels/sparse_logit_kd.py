@@ -37,7 +37,6 @@ import triton.language as tl
 
 from fastted.kernels import interpreting, launch
 from fastted.kernels.logit_kd import _fold_max, row_coefs, skipped_row
-from fastted.ops.packed_topk import PackedTopK
 
 # ids compared with a block of columns at a time: a (BLOCK_V, IDS_CHUNK) tile of comparisons.
 IDS_CHUNK = tl.constexpr(16)
@@ -262,7 +261,7 @@ def sparse_kd_rows_triton(z, teacher, kd_coef, labels, ce_coef, grad, *, tempera
     fp32)."""
     opts = dict(grad=grad, labels=labels, ce_coef=ce_coef, temperature=temperature, soft_weight=soft_weight,
                 hard_weight=hard_weight)
-    if isinstance(teacher, PackedTopK):
+    if hasattr(teacher, "id_bits"):  # a PackedTopK (its fields by name: the kernels import nothing of the ops)
         return sparse_kd_forward(z, teacher.levels, teacher.words, teacher.tail, kd_coef, top=teacher.top,
                                  step=teacher.step, id_bits=teacher.id_bits, **opts)
     values, ids, tail = teacher
