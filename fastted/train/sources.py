@@ -103,7 +103,7 @@ def check_against_models(config: Config) -> None:
     if rows is not None and vocab > rows:
         raise ConfigError(f"teacher.path: its tokenizer has {vocab} tokens, but the model's embeddings {rows} rows: "
                           f"the tokenizer is not this model's")
-    from fastted.loading import reshape, teacher_num_layers
+    from fastted.train.loading import reshape, teacher_num_layers
 
     if config.teacher.random_init:  # the fresh teacher's shape fits the architecture (heads divide the width)
         reshape(copy.deepcopy(teacher), config.teacher, "teacher")
