@@ -248,3 +248,19 @@ def test_bad_per_method_and_published_settings(override, message):
         load_config(overrides=(override,))
     assert message in str(info.value)
 
+
+def test_a_step_compares_its_own_methods_settings_and_reads_an_older_checkpoints_flat_keys():
+    """What resume compares (fastted.train.trainer): a step's own method's section alone, whole, and an older
+    checkpoint's saved flat keys as the sections they now are."""
+    from fastted.train.config import method_config, step_settings, to_yaml
+
+    step = yaml.safe_load(to_yaml(method_config(load_config(overrides=("distil.kd.kl_alpha=0.5",
+                                                                       "distil.ted.mse_alpha=9")), "kd")))
+    old = copy.deepcopy(step)
+    for method in METHODS:
+        old["distil"].pop(method)
+    old["distil"].update({"kl_alpha": 0.5, "temperature": 2.0, "mse_alpha": 1.0, "crd_temperature": 0.07})
+    assert step_settings(old) == step_settings(step)
+    assert list(step_settings(step)["distil"])[-1] == "kd" and "ted" not in step_settings(step)["distil"]
+    old["distil"]["temperature"] = 3.0
+    assert step_settings(old) != step_settings(step)
