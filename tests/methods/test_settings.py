@@ -41,7 +41,14 @@ def test_the_config_section_is_the_settings(method):
     assert type(getattr(load_config().distil, method)) is settings
 
 
+# The flat method keys of DistilConfig before each method owned its settings.
+FLAT_KEYS = {"task_alpha", "kl_alpha", "mse_alpha", "temperature", "mask_padding", "normalize_mse", "crd_alpha",
+             "bank_size", "bank_mode", "crd_negatives", "pooling", "projection_dim", "crd_temperature", "rail_alpha",
+             "rail_per", "alpha_h", "alpha_s", "alpha_s_end", "alpha_s_schedule", "remap"}
+
+
 def test_every_old_key_maps_onto_a_setting():
+    assert set(OLD_KEYS) == FLAT_KEYS
     for old, new in OLD_KEYS.items():
         for key in new:
             _, method, name = key.split(".")
