@@ -71,3 +71,49 @@ def test_the_config_reads_the_cache_methods_from_the_recipes():
 
     assert list(CACHED_METHODS) == [m for m in METHODS if METHODS[m].reads_teacher_cache]
     assert "dwt" not in CACHED_METHODS and "ted" in CACHED_METHODS
+
+
+NEW_METHOD = '''
+from dataclasses import dataclass
+from fastted.methods.base import register, setting
+from fastted.methods.layerwise import LayerwiseRecipe, LogitSettings
+
+@dataclass
+class ToySettings(LogitSettings):
+    gamma: float = setting(0.5, ">= 0")
+
+@register("toy", ToySettings)
+class Toy(LayerwiseRecipe):
+    label = "Toy"
+    def __init__(self, student, teacher, *, task_alpha=1.0, kl_alpha=1.0, temperature=2.0, gamma=0.5,
+                 tokenizers=None, task=None, impl="auto"):
+        super().__init__(student, teacher, None, task_alpha=task_alpha, kl_alpha=kl_alpha, mse_alpha=0.0,
+                         temperature=temperature, tokenizers=tokenizers, task=task, impl=impl)
+        self.gamma = gamma
+
+from fastted.methods import RecipeModels, build_recipe
+from fastted.train.config import CACHED_METHODS, ConfigError, load_config
+from tests.tiny_models import bert
+
+config = load_config(overrides=("distil.methods=[toy]", "distil.toy.gamma=0.25", "distil.teacher_cache=true"))
+assert "toy" in CACHED_METHODS and config.distil.toy == ToySettings(gamma=0.25)
+try:
+    load_config(overrides=("distil.toy.gamma=-1",))
+    raise AssertionError("no ConfigError")
+except ConfigError as error:
+    assert str(error) == "distil.toy.gamma: got -1.0, needs a number >= 0", error
+recipe = build_recipe("toy", config, RecipeModels(bert(2, 32), bert(4, 48, seed=1)))
+assert type(recipe) is Toy and recipe.gamma == 0.25
+'''
+
+
+def test_a_new_method_is_its_module_alone():
+    """A method registered before the config is built (as fastted.methods' imports do) has its config section, its
+    checks, its place among the cache-reading methods and its recipe from a config, with nothing else changed."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", NEW_METHOD], cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
