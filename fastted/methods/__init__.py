@@ -1,22 +1,25 @@
 """The distillation methods as recipes over Hugging Face models: one file per method, and their registry.
 
-:data:`METHODS` maps each method's name in a config (``distil.methods``) to
-its recipe class; :func:`build_recipe` builds one from a run's config, each
-class reading its own part of it (:meth:`~fastted.methods.base.Recipe.from_config`).
+Each method's module registers its recipe with its settings dataclass
+(:func:`~fastted.methods.base.register`): :data:`METHODS` maps each method's
+name in a config (``distil.methods``, ``distil.<name>``) to its recipe class,
+in the order of the imports below; :func:`build_recipe` builds one from a
+run's config (:meth:`~fastted.methods.base.Recipe.from_config`). A new method
+is a module here and its import below.
 """
 from __future__ import annotations
 
-from fastted.methods.base import Recipe, RecipeModels, RecipeOutput
-from fastted.methods.codir import CoDIR
-from fastted.methods.dwt import DWT, Schedule, remap_parameters
+from fastted.methods.base import REGISTRY, Recipe, RecipeModels, RecipeOutput
 from fastted.methods.finetune import FineTune
-from fastted.methods.kd import KD
+from fastted.methods.ted import TED, TEDStage1, load_stage1  # noqa: I001 (the import order is the registry's)
 from fastted.methods.lwd import LWD
+from fastted.methods.kd import KD
+from fastted.methods.codir import CoDIR
 from fastted.methods.railkd import RAILKD
-from fastted.methods.ted import TED, TEDStage1, load_stage1
+from fastted.methods.dwt import DWT, Schedule, remap_parameters
 
-# The distillation recipes by their names in a config, in the order of fastted.train.config.METHODS.
-METHODS: dict[str, type[Recipe]] = {"ted": TED, "lwd": LWD, "kd": KD, "codir": CoDIR, "railkd": RAILKD, "dwt": DWT}
+# The distillation recipes by their names in a config, in registration order.
+METHODS: dict[str, type[Recipe]] = REGISTRY
 
 
 def recipe_class(method: str) -> type[Recipe]:

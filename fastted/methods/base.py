@@ -18,8 +18,9 @@ What the engine (and any other trainer) may rely on, and nothing else:
   losses read outside their own module's forward (ZeRO-3 must gather them);
 - :meth:`Recipe.save_pretrained`: the trained model, loadable with
   ``from_pretrained``;
-- :meth:`Recipe.from_config`: the recipe of a run's config (the registry in
-  :mod:`fastted.methods` maps method names to recipe classes);
+- :meth:`Recipe.from_config`: the recipe of a run's config (:func:`register`
+  puts each method in :data:`REGISTRY`, by its name in a config, with its
+  settings dataclass, from which the config builds ``distil.<name>``);
 - :meth:`Recipe.use_teacher_cache`: distil from a teacher cache
   (:mod:`fastted.train.cache`) instead of running the teacher (TED, LWD, KD).
 
@@ -34,9 +35,11 @@ are functions of it.
 """
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import os
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -102,6 +105,47 @@ def _freeze(module: nn.Module) -> nn.Module:
     return module.eval()
 
 
+# ------------------------------------------------------------------ the methods and their settings
+
+# A recipe's keyword arguments that the run supplies, never its method's settings: the tokenizers to check, the
+# task, the fused losses' path, the fused LM head (distil.fused_lm_head, shared by the methods), the run's
+# optimizer steps and its seed. Recipe.from_config passes each that the recipe's __init__ takes.
+RUN_OPTIONS = ("tokenizers", "task", "impl", "fused_lm_head", "total_steps", "seed")
+
+# The distillation methods by their names in a config (distil.methods, distil.<name>), in registration order:
+# the order of fastted.methods' imports.
+REGISTRY: dict[str, type["Recipe"]] = {}
+
+
+def setting(default, check: Union[str, tuple, None] = None, **kwargs):
+    """A field of a method's settings dataclass: its default and the range a config checks it against (``"> 0"``,
+    ``">= 0"`` or a tuple of the allowed values); the recipe's own checks stay in its ``__init__``."""
+    return field(default=default, metadata={} if check is None else {"check": check}, **kwargs)
+
+
+def register(name: str, settings: type, old_keys: Optional[dict[str, str]] = None):
+    """Class decorator: the recipe of method ``name`` with its settings dataclass, whose fields are the recipe's
+    keyword arguments with the same names and defaults (besides the models and :data:`RUN_OPTIONS`).
+    ``old_keys``: the flat ``distil.<key>`` of configs written before the methods owned their settings, by the
+    field each set (a config maps them with a deprecation notice)."""
+    if not dataclasses.is_dataclass(settings):
+        raise ValueError(f"register({name!r}): settings must be a dataclass, got {settings!r}")
+
+    def wrap(cls: type["Recipe"]) -> type["Recipe"]:
+        if name in REGISTRY:
+            raise ValueError(f"method {name!r} is registered twice: {REGISTRY[name].__name__} and {cls.__name__}")
+        fields = {f.name for f in dataclasses.fields(settings)}
+        unknown = {old: new for old, new in (old_keys or {}).items() if new not in fields}
+        if unknown:
+            raise ValueError(f"register({name!r}): old_keys map to {sorted(unknown.values())}, not fields of "
+                             f"{settings.__name__}")
+        cls.method, cls.settings, cls.old_keys = name, settings, dict(old_keys or {})
+        REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
 class Recipe(nn.Module):
     """Base of the recipes.
 
@@ -130,7 +174,10 @@ class Recipe(nn.Module):
 
     label: str = ""
     uses_stage1_filters: bool = False
-    reads_teacher_cache: bool = False  # use_teacher_cache() works: the teacher's outputs can come from a cache
+    method: ClassVar[str] = ""                 # register(): the name in a config
+    settings: ClassVar[Optional[type]] = None  # register(): the settings dataclass, distil.<method> of a config
+    old_keys: ClassVar[dict[str, str]] = {}    # register(): old flat distil keys -> settings fields
+    reads_teacher_cache: bool = False  # use_teacher_cache() works: a config allows distil.teacher_cache for it
     needs_example_ids: bool = False    # every training batch must carry batch["index"] (CoDIR's momentum bank)
     reads_quantized_targets: bool = False  # its loss takes a cache's int8 / fp8 targets with their row scales
 
@@ -201,19 +248,36 @@ class Recipe(nn.Module):
 
     @classmethod
     def from_config(cls, config, models: RecipeModels) -> "Recipe":
-        """The recipe of a run: its settings read from ``config`` (a :class:`fastted.train.config.Config`), its
-        models from ``models``. The distillation recipes implement it; the registry of
+        """The recipe of a run: its method's settings read from ``config.distil.<method>`` (a
+        :class:`fastted.train.config.Config`), its models from ``models``, the run's options
+        (:data:`RUN_OPTIONS`) that its ``__init__`` takes. The registered recipes have it; the registry of
         :mod:`fastted.methods` calls it."""
-        raise NotImplementedError(f"{cls.__name__} is not built from a run's config")
+        if cls.settings is None:
+            raise NotImplementedError(f"{cls.__name__} is not built from a run's config")
+        settings = dataclasses.asdict(getattr(config.distil, cls.method))
+        return cls(*cls._config_models(models), **cls._config_settings(settings, models),
+                   **cls._config_options(config, models))
 
-    @staticmethod
-    def _config_options(config, models: RecipeModels, fused_lm_head: bool = False) -> dict:
-        """The keyword arguments every recipe takes from a run: tokenizers, task, impl, and for the recipes
-        that can fuse the LM heads (``fused_lm_head=True``) ``distil.fused_lm_head`` on LM tasks."""
-        options = dict(tokenizers=models.tokenizers, task=config.task, impl=config.engine.impl)
-        if fused_lm_head and config.task != "classification":
-            options["fused_lm_head"] = config.distil.fused_lm_head
-        return options
+    @classmethod
+    def _config_models(cls, models: RecipeModels) -> tuple:
+        """The positional arguments of :meth:`from_config`: (student, teacher)."""
+        return models.student, models.teacher
+
+    @classmethod
+    def _config_settings(cls, settings: dict, models: RecipeModels) -> dict:
+        """The method's settings as its keyword arguments (a recipe may resolve one against the run)."""
+        return settings
+
+    @classmethod
+    def _config_options(cls, config, models: RecipeModels) -> dict:
+        """The run's options that the recipe's ``__init__`` takes: tokenizers, task, impl; the run's steps
+        and seed; and ``distil.fused_lm_head`` on LM tasks for the recipes that can fuse the LM heads."""
+        run = dict(tokenizers=models.tokenizers, task=config.task, impl=config.engine.impl,
+                   total_steps=models.total_steps, seed=config.seed)
+        if config.task != "classification":
+            run["fused_lm_head"] = config.distil.fused_lm_head
+        takes = inspect.signature(cls).parameters
+        return {name: value for name, value in run.items() if name in takes}
 
     def frozen_modules(self) -> list[nn.Module]:
         """The frozen modules held outside the module tree: the teacher, its filters, a stage-I model."""
@@ -294,8 +358,9 @@ class Recipe(nn.Module):
         ``layers`` (the teacher layers stored, in order), ``temperature`` (of the stored tail) and ``targets``
         (what a layer's target is: "raw" states, "filters:<hash>" of TED's frozen teacher filters, or
         "pooled-<pooling>" vectors of CoDIR and RAIL-KD)."""
+        served = ", ".join(recipe.label for recipe in REGISTRY.values() if recipe.reads_teacher_cache)
         raise ValueError(f"{type(self).__name__} reads no teacher cache: it needs the live teacher (a teacher "
-                         f"cache serves TED, LWD, KD, CoDIR and RAIL-KD)")
+                         f"cache serves {served})")
 
     def cache_transform(self):
         """What the cache stores of the captured layer states: ``build_teacher_cache``'s ``transform(states,
@@ -419,11 +484,12 @@ class Recipe(nn.Module):
     def _detached_logits(student_out) -> Optional[Tensor]:
         return None if student_out.logits is None else student_out.logits.detach()
 
-    def _checked_map(self, layer_map, kind=LayerMap):
-        """``layer_map`` (default: uniform, or RAIL-KD's draw over all layers) checked against both models."""
+    def _checked_map(self, layer_map, kind=LayerMap, **default):
+        """``layer_map`` (default: uniform, or RAIL-KD's draw over all layers, with the keyword arguments
+        ``default``) checked against both models."""
         s, t = self.student_model, self.teacher_model
         if layer_map is None:
-            layer_map = (uniform_map if kind is LayerMap else RandomLayerMap)(s.num_layers, t.num_layers)
+            layer_map = (uniform_map if kind is LayerMap else RandomLayerMap)(s.num_layers, t.num_layers, **default)
         if not isinstance(layer_map, kind):
             raise ValueError(f"layer_map must be a {kind.__name__} (fastted.mapping), got {type(layer_map).__name__}")
         names = ("student", "teacher") if kind is LayerMap else ("student_layers", "teacher_layers")

@@ -21,6 +21,7 @@ contrastive term is 0.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -28,13 +29,36 @@ from torch import nn
 
 from fastted.mapping import LayerMap
 from fastted.memory_bank import MemoryBank
-from fastted.methods.base import Recipe, RecipeModels, RecipeOutput
+from fastted.methods.base import Recipe, RecipeModels, RecipeOutput, register, setting
 from fastted.models import check_same_vocab
 from fastted.ops.checks import check_alpha, check_positive_int, check_temperature
 from fastted.ops.contrastive_kd import contrastive_kd
 from fastted.ops.pooling import check_pooling, pool_states, valid_examples
 
 
+@dataclass
+class CoDIRSettings:
+    """CoDIR's settings (``distil.codir`` of a config)."""
+
+    proj_dim: int = setting(128, "> 0")                 # width of the projected vectors
+    bank_size: int = setting(4096, "> 0")               # entries of the memory bank (momentum: the run's examples)
+    bank_mode: str = setting("queue", ("queue", "momentum"))  # queue: the last bank_size teacher vectors;
+                                                        # momentum: one entry per training example
+    negatives: int = setting(0, ">= 0")                 # 0: every bank entry is every anchor's negative; K: K drawn
+                                                        # per anchor
+    temperature: float = setting(0.07, "> 0")           # of the InfoNCE
+    kd_temperature: float = setting(2.0, "> 0")         # of the KL term
+    task_alpha: float = setting(1.0, ">= 0")
+    kd_alpha: float = setting(1.0, ">= 0")              # weight of the KL term
+    crd_alpha: float = setting(0.1, ">= 0")             # weight of the contrastive term
+    label_negatives: bool = True                        # classification: negatives of other labels only
+    pooling: str = setting("mean", ("mean", "first"))   # of the mapped layers' tokens: mean, or first ([CLS])
+
+
+@register("codir", CoDIRSettings, old_keys={
+    "task_alpha": "task_alpha", "kl_alpha": "kd_alpha", "temperature": "kd_temperature", "crd_alpha": "crd_alpha",
+    "bank_size": "bank_size", "bank_mode": "bank_mode", "crd_negatives": "negatives", "pooling": "pooling",
+    "projection_dim": "proj_dim", "crd_temperature": "temperature"})
 class CoDIR(Recipe):
     """CoDIR's recipe.
 
@@ -53,6 +77,9 @@ class CoDIR(Recipe):
             replacement; as many as the bank holds while it holds fewer
             than K, filling or smaller than K).
         temperature: of the InfoNCE; kd_temperature: of the KL term.
+        task_alpha, kd_alpha, crd_alpha: the weights of the task, KL and
+            contrastive terms (crd_alpha 0.1: the authors' script takes it
+            from its command line, with no value recorded).
         label_negatives: use only different-label negatives when the task is
             classification and the batch has labels.
         pooling: "mean" (the average over the valid tokens) or "first" (the
@@ -65,7 +92,7 @@ class CoDIR(Recipe):
     def __init__(self, student, teacher, layer_map: Optional[LayerMap] = None, *, proj_dim: int = 128,
                  bank: Optional[MemoryBank] = None, bank_size: int = 4096, bank_mode: str = "queue",
                  negatives: int = 0, temperature: float = 0.07, kd_temperature: float = 2.0, task_alpha: float = 1.0,
-                 kd_alpha: float = 1.0, crd_alpha: float = 1.0, label_negatives: bool = True, pooling: str = "mean",
+                 kd_alpha: float = 1.0, crd_alpha: float = 0.1, label_negatives: bool = True, pooling: str = "mean",
                  tokenizers: Optional[tuple] = None, task: Optional[str] = None, impl: str = "auto"):
         super().__init__(student, teacher, task=task, impl=impl)
         s, t = self.student_model, self.teacher_model
@@ -92,18 +119,13 @@ class CoDIR(Recipe):
         self.label_negatives, self.pooling = bool(label_negatives), pooling
 
     @classmethod
-    def from_config(cls, config, models: RecipeModels) -> "CoDIR":
-        d = config.distil
-        bank_size = d.bank_size
-        if d.bank_mode == "momentum":  # one entry per training example
+    def _config_settings(cls, settings: dict, models: RecipeModels) -> dict:
+        if settings["bank_mode"] == "momentum":  # one entry per training example, whatever bank_size says
             if models.train_size is None:
-                raise ValueError("distil.bank_mode: momentum keeps one entry per training example and needs the "
-                                 "training set's size (RecipeModels.train_size)")
-            bank_size = models.train_size
-        return cls(models.student, models.teacher, proj_dim=d.projection_dim, bank_size=bank_size,
-                   bank_mode=d.bank_mode, negatives=d.crd_negatives, pooling=d.pooling,
-                   temperature=d.crd_temperature, kd_temperature=d.temperature, task_alpha=d.task_alpha,
-                   kd_alpha=d.kl_alpha, crd_alpha=d.crd_alpha, **cls._config_options(config, models))
+                raise ValueError("distil.codir.bank_mode: momentum keeps one entry per training example and needs "
+                                 "the training set's size (RecipeModels.train_size)")
+            settings = {**settings, "bank_size": models.train_size}
+        return settings
 
     @property
     def needs_example_ids(self) -> bool:

@@ -14,12 +14,13 @@ initialization is the default, since the paper found remapping hurts.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import nn
 
-from fastted.methods.base import Recipe, RecipeModels, RecipeOutput
+from fastted.methods.base import Recipe, RecipeOutput, register, setting
 from fastted.models import adapt, check_same_vocab
 from fastted.ops.checks import check_alpha, check_temperature
 
@@ -65,6 +66,21 @@ class Schedule:
         return f"Schedule({self.kind!r}, start={self.start}, end={self.end}, steps={self.steps})"
 
 
+@dataclass
+class DWTSettings:
+    """DWT's settings (``distil.dwt`` of a config): ``alpha_h * task + alpha_s(step) * KL``."""
+
+    alpha_h: float = setting(1.0, ">= 0")               # weight of the task loss
+    alpha_s: float = setting(4.0, ">= 0")               # weight of the KL term at the first step (the paper's 4)
+    alpha_s_end: Optional[float] = setting(1.0, ">= 0")  # ... decayed to this at the last (the paper's 1);
+                                                        # None: a constant alpha_s
+    alpha_s_schedule: str = setting("cosine", KINDS)    # the decay's shape (the paper names the end points)
+    temperature: float = setting(2.0, "> 0")            # of the KL term
+    remap: bool = False                                 # start the student from the teacher (the paper: it hurts)
+
+
+@register("dwt", DWTSettings, old_keys={key: key for key in (
+    "alpha_h", "alpha_s", "alpha_s_end", "alpha_s_schedule", "temperature", "remap")})
 class DWT(Recipe):
     """DWT's recipe.
 
@@ -72,8 +88,13 @@ class DWT(Recipe):
         student: the larger model; teacher: the smaller, weaker one (same
             tokenizer and output space).
         alpha_h: weight of the task (MLM / LM / classification) loss.
-        alpha_s: weight of the KL term: a number (constant) or a
-            :class:`Schedule` of the step.
+        alpha_s, alpha_s_end, alpha_s_schedule, total_steps: the weight of
+            the KL term, from ``alpha_s`` at step 0 to ``alpha_s_end`` at
+            ``total_steps`` (the run's optimizer steps) along
+            ``alpha_s_schedule`` (:class:`Schedule`); constant with
+            ``alpha_s_end=None`` or ``alpha_s_schedule="constant"``. A
+            :class:`Schedule` as ``alpha_s`` is taken as it is (the other
+            three then unused).
         temperature: of the KL term.
         remap: initialize the student from the teacher with
             :func:`remap_parameters` (default False: keep the student's init).
@@ -90,28 +111,18 @@ class DWT(Recipe):
 
     label = "DWT"
 
-    def __init__(self, student, teacher, *, alpha_h: float = 1.0, alpha_s: float | Schedule = 1.0,
-                 temperature: float = 1.0, remap: bool = False, tokenizers: Optional[tuple] = None,
+    def __init__(self, student, teacher, *, alpha_h: float = 1.0, alpha_s: float | Schedule = 4.0,
+                 alpha_s_end: Optional[float] = 1.0, alpha_s_schedule: str = "cosine", temperature: float = 2.0,
+                 remap: bool = False, total_steps: Optional[int] = None, tokenizers: Optional[tuple] = None,
                  task: Optional[str] = None, impl: str = "auto", fused_lm_head: bool = False):
         super().__init__(student, teacher, task=task, impl=impl, fused_lm_head=fused_lm_head)
         self.alpha_h = check_alpha("alpha_h", alpha_h)
-        if not isinstance(alpha_s, Schedule):
-            alpha_s = Schedule("constant", check_alpha("alpha_s", alpha_s))
-        self.alpha_s = alpha_s
+        self.alpha_s = alpha_s if isinstance(alpha_s, Schedule) else _kl_schedule(alpha_s, alpha_s_end,
+                                                                                   alpha_s_schedule, total_steps)
         self.temperature = check_temperature("temperature", temperature)
         check_same_vocab(self.student_model, self.teacher_model, tokenizers, "DWT's KL term")
         if remap:
             remap_parameters(self.student_model, self.teacher_model)
-
-    @classmethod
-    def from_config(cls, config, models: RecipeModels) -> "DWT":
-        d = config.distil
-        if d.alpha_s_end is None or d.alpha_s_schedule == "constant":
-            schedule = Schedule("constant", d.alpha_s)
-        else:
-            schedule = Schedule(d.alpha_s_schedule, d.alpha_s, d.alpha_s_end, models.total_steps)
-        return cls(models.student, models.teacher, alpha_h=d.alpha_h, alpha_s=schedule, temperature=d.temperature,
-                   remap=d.remap, **cls._config_options(config, models, fused_lm_head=True))
 
     def forward(self, batch: dict, *, step: Optional[int] = None, epoch: int = 0,
                 teacher_batch: Optional[dict] = None) -> RecipeOutput:
@@ -121,6 +132,17 @@ class DWT(Recipe):
         t_out = self._teacher_forward(batch, teacher_batch)
         terms, head_loss = self._head_terms(s_out, t_out, batch, weights, self.temperature)
         return self._total(terms, weights, head_loss, logits=self._detached_logits(s_out))
+
+
+def _kl_schedule(alpha_s, end, kind: str, total_steps: Optional[int]) -> Schedule:
+    """DWT's alpha_s from its settings: constant, or decaying from ``alpha_s`` to ``end`` over the run."""
+    start = check_alpha("alpha_s", alpha_s)
+    if end is None or kind == "constant":
+        return Schedule("constant", start)
+    if total_steps is None:
+        raise ValueError(f"alpha_s decays from {start} to {end} ({kind}) over the run: DWT needs total_steps, the "
+                         f"run's optimizer steps (or alpha_s_end=None for a constant alpha_s)")
+    return Schedule(kind, start, end, total_steps)
 
 
 def _source_name(name: str, s_prefix: str, t_prefix: str, n_teacher: int) -> str:

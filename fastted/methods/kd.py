@@ -1,16 +1,23 @@
-"""KD: logit distillation alone, TED's stage II with ``mse_alpha = 0``::
+"""KD: logit distillation alone, the layer-wise base without layers (``mse_alpha = 0``)::
 
     loss = task_alpha * task + kl_alpha * KL(softmax(t / T) || softmax(s / T)) * T^2
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
-from fastted.methods.base import Recipe, RecipeModels
-from fastted.methods.ted import TED
+from fastted.methods.base import register
+from fastted.methods.layerwise import LayerwiseRecipe, LogitSettings
 
 
-class KD(TED):
+@dataclass
+class KDSettings(LogitSettings):
+    """KD's settings: the weights of the task and KL terms and the temperature (``distil.kd`` of a config)."""
+
+
+@register("kd", KDSettings, old_keys={key: key for key in ("task_alpha", "kl_alpha", "temperature")})
+class KD(LayerwiseRecipe):
     """Logit distillation (Hinton et al.; DistilBERT's and TED's KL at temperature T).
 
     Args as :class:`~fastted.methods.ted.TED`; with ``fused_lm_head=True``
@@ -20,17 +27,10 @@ class KD(TED):
     """
 
     label = "KD"
-    uses_stage1_filters = False
 
     def __init__(self, student, teacher, *, task_alpha: float = 1.0, kl_alpha: float = 1.0,
                  temperature: float = 2.0, tokenizers: Optional[tuple] = None, task: Optional[str] = None,
                  impl: str = "auto", fused_lm_head: bool = False):
-        Recipe.__init__(self, student, teacher, task=task, impl=impl, fused_lm_head=fused_lm_head)
-        self.student_filters = None
-        self._setup(None, task_alpha, kl_alpha, 0.0, temperature, True, tokenizers)
-
-    @classmethod
-    def from_config(cls, config, models: RecipeModels) -> "KD":
-        d = config.distil
-        return cls(models.student, models.teacher, task_alpha=d.task_alpha, kl_alpha=d.kl_alpha,
-                   temperature=d.temperature, **cls._config_options(config, models, fused_lm_head=True))
+        super().__init__(student, teacher, None, task_alpha=task_alpha, kl_alpha=kl_alpha, mse_alpha=0.0,
+                         temperature=temperature, tokenizers=tokenizers, task=task, impl=impl,
+                         fused_lm_head=fused_lm_head)

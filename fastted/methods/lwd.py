@@ -9,16 +9,26 @@ beside the task loss and the KL term::
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 from torch import Tensor, nn
 
 from fastted.mapping import LayerMap
-from fastted.methods.base import Recipe, RecipeModels
-from fastted.methods.ted import TED
+from fastted.methods.base import register
+from fastted.methods.layerwise import LayerwiseRecipe, LayerwiseSettings
 
 
-class LWD(TED):
+@dataclass
+class LWDSettings(LayerwiseSettings):
+    """LWD's settings (``distil.lwd`` of a config): TED's, and whether the projections train."""
+
+    train_projection: bool = True               # False keeps the random projections fixed
+
+
+@register("lwd", LWDSettings, old_keys={key: key for key in (
+    "task_alpha", "kl_alpha", "mse_alpha", "temperature", "mask_padding", "normalize_mse")})
+class LWD(LayerwiseRecipe):
     """Layer-wise distillation of raw hidden states.
 
     Args:
@@ -31,30 +41,23 @@ class LWD(TED):
     """
 
     label = "LWD"
-    uses_stage1_filters = False
 
     def __init__(self, student, teacher, layer_map: Optional[LayerMap] = None, *, task_alpha: float = 1.0,
                  kl_alpha: float = 1.0, mse_alpha: float = 1.0, temperature: float = 2.0, mask_padding: bool = True,
                  normalize_mse: bool = False, train_projection: bool = True, tokenizers: Optional[tuple] = None,
                  task: Optional[str] = None, impl: str = "auto", fused_lm_head: bool = False):
-        Recipe.__init__(self, student, teacher, task=task, impl=impl, fused_lm_head=fused_lm_head)
+        super().__init__(student, teacher, layer_map, task_alpha=task_alpha, kl_alpha=kl_alpha, mse_alpha=mse_alpha,
+                         temperature=temperature, mask_padding=mask_padding, normalize_mse=normalize_mse,
+                         tokenizers=tokenizers, task=task, impl=impl, fused_lm_head=fused_lm_head)
         s, t = self.student_model, self.teacher_model
-        layer_map = self._checked_map(layer_map)
-        self.student_filters = None
         if s.hidden_size == t.hidden_size:
             self.projections = None
         else:
-            self.projections = nn.ModuleList(nn.Linear(s.hidden_size, t.hidden_size) for _ in layer_map.student)
+            self.projections = nn.ModuleList(nn.Linear(s.hidden_size, t.hidden_size) for _ in self.layer_map.student)
             self.projections.requires_grad_(train_projection)
-        self._setup(layer_map, task_alpha, kl_alpha, mse_alpha, temperature, mask_padding, tokenizers, normalize_mse)
 
-    @classmethod
-    def from_config(cls, config, models: RecipeModels) -> "LWD":
-        d = config.distil
-        return cls(models.student, models.teacher, task_alpha=d.task_alpha, kl_alpha=d.kl_alpha,
-                   mse_alpha=d.mse_alpha, temperature=d.temperature, mask_padding=d.mask_padding,
-                   normalize_mse=d.normalize_mse,
-                   **cls._config_options(config, models, fused_lm_head=True))
+    def _mapped_layers(self, layer_map: Optional[LayerMap]) -> LayerMap:
+        return self._checked_map(layer_map)  # None: the uniform map
 
     def _mse_inputs(self, student_states: list[Tensor], teacher_states: list[Tensor]) -> dict:
         n = len(student_states)

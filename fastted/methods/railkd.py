@@ -10,27 +10,49 @@ projected, L2-normalized representations, layer by layer or concatenated::
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
-from fastted.mapping import RandomLayerMap
-from fastted.methods.base import Recipe, RecipeModels, RecipeOutput
+from fastted.mapping import PER, RandomLayerMap
+from fastted.methods.base import Recipe, RecipeOutput, register, setting
 from fastted.models import check_same_vocab
 from fastted.ops.checks import check_alpha, check_temperature
 from fastted.ops.pooled_distance import PooledDistanceLoss
 from fastted.ops.pooling import pool_states
 
 
+@dataclass
+class RAILKDSettings:
+    """RAIL-KD's settings (``distil.railkd`` of a config)."""
+
+    proj_dim: Optional[int] = setting(128, "> 0")       # width of the projections (None: none; equal widths)
+    concat: bool = False                                # one concatenated vector per model, not one per layer
+    pooling: str = setting("mean", ("mean", "first"))   # of each layer's tokens
+    temperature: float = setting(2.0, "> 0")            # of the KL term
+    task_alpha: float = setting(1.0, ">= 0")
+    kd_alpha: float = setting(1.0, ">= 0")              # weight of the KL term
+    rail_alpha: float = setting(1.0, ">= 0")            # weight of the pooled distance
+    per: str = setting("epoch", PER)                    # the teacher layers drawn again each step or each epoch
+                                                        # (the paper: each epoch)
+
+
+@register("railkd", RAILKDSettings, old_keys={
+    "task_alpha": "task_alpha", "kl_alpha": "kd_alpha", "temperature": "temperature", "rail_alpha": "rail_alpha",
+    "rail_per": "per"})
 class RAILKD(Recipe):
     """RAIL-KD's recipe.
 
     Args:
         student, teacher: the models.
-        layer_map: the random map; default ``RandomLayerMap(n_s, n_t)``:
-            every student layer, drawn from every teacher layer, per epoch.
+        layer_map: the random map; default ``RandomLayerMap(n_s, n_t,
+            per=per, seed=seed)``: every student layer, drawn from every
+            teacher layer.
         proj_dim: width of the projections (None: none; the widths must match).
         concat: the concatenated variant (one vector per model) instead of the
             layer-wise one.
         pooling: "mean" or "first".
+        per, seed: of the default map: draw again each "step" or each "epoch"
+            (the paper's), from ``seed`` (a given ``layer_map`` keeps its own).
     """
 
     label = "RAIL-KD"
@@ -38,11 +60,11 @@ class RAILKD(Recipe):
 
     def __init__(self, student, teacher, layer_map: Optional[RandomLayerMap] = None, *,
                  proj_dim: Optional[int] = 128, concat: bool = False, pooling: str = "mean", temperature: float = 2.0,
-                 task_alpha: float = 1.0, kd_alpha: float = 1.0, rail_alpha: float = 1.0,
-                 tokenizers: Optional[tuple] = None, task: Optional[str] = None, impl: str = "auto"):
+                 task_alpha: float = 1.0, kd_alpha: float = 1.0, rail_alpha: float = 1.0, per: str = "epoch",
+                 seed: int = 0, tokenizers: Optional[tuple] = None, task: Optional[str] = None, impl: str = "auto"):
         super().__init__(student, teacher, task=task, impl=impl)
         s, t = self.student_model, self.teacher_model
-        self.layer_map = layer_map = self._checked_map(layer_map, RandomLayerMap)
+        self.layer_map = layer_map = self._checked_map(layer_map, RandomLayerMap, per=per, seed=seed)
         self.distance = PooledDistanceLoss(s.hidden_size, t.hidden_size, len(layer_map), proj_dim, concat=concat,
                                            pooling=pooling, impl=impl)
         self.alphas = {"task": check_alpha("task_alpha", task_alpha), "kd": check_alpha("kd_alpha", kd_alpha),
@@ -50,15 +72,6 @@ class RAILKD(Recipe):
         if self.alphas["kd"]:
             check_same_vocab(s, t, tokenizers, "RAIL-KD's KL term")
         self.temperature = check_temperature("temperature", temperature)
-
-    @classmethod
-    def from_config(cls, config, models: RecipeModels) -> "RAILKD":
-        d = config.distil
-        n_student = models.student.config.num_hidden_layers
-        n_teacher = models.teacher.config.num_hidden_layers
-        layer_map = RandomLayerMap(n_student, n_teacher, per=d.rail_per, seed=config.seed)
-        return cls(models.student, models.teacher, layer_map, temperature=d.temperature, task_alpha=d.task_alpha,
-                   kd_alpha=d.kl_alpha, rail_alpha=d.rail_alpha, **cls._config_options(config, models))
 
     def teacher_layers_needed(self) -> Optional[list[int]]:
         if self.alphas["kd"]:

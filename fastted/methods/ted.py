@@ -19,18 +19,17 @@ this recipe without filters.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
-from fastted.ops.quantize import dequantize_rows
 from fastted.filters import ClassificationHead, TaskFilters
 from fastted.mapping import LayerMap, interval_layers
-from fastted.methods.base import Recipe, RecipeModels, RecipeOutput
-from fastted.models import check_same_vocab, weights_hash
-from fastted.ops.checks import check_alpha, check_temperature
-from fastted.ops.filtered_mse import filtered_mse
+from fastted.methods.base import Recipe, RecipeModels, RecipeOutput, register
+from fastted.methods.layerwise import LayerwiseRecipe, LayerwiseSettings
+from fastted.models import weights_hash
 
 
 class TEDStage1(Recipe):
@@ -98,17 +97,28 @@ def load_stage1(directory: str | os.PathLike, model_class, device=None, **kwargs
     return (model if device is None else model.to(device)), filters
 
 
-def _check_filters(name: str, filters, adapter) -> None:
+def _check_filters_type(name: str, filters) -> None:
     if not isinstance(filters, TaskFilters):
         raise ValueError(f"{name} must be a TaskFilters, got {type(filters).__name__}")
+
+
+def _check_filters(name: str, filters, adapter) -> None:
+    _check_filters_type(name, filters)
     adapter.check_layers(f"{name}.layers", filters.layers)
     if filters.config["hidden_size"] != adapter.hidden_size:
         raise ValueError(f"{name} read width {filters.config['hidden_size']}, but the {type(adapter.model).__name__} "
                          f"has hidden_size {adapter.hidden_size}")
 
 
-class TED(Recipe):
-    """TED's stage II (and, through its subclasses, LWD and KD).
+@dataclass
+class TEDSettings(LayerwiseSettings):
+    """TED's stage II: the weights of its task, KL and filtered-MSE terms (``distil.ted`` of a config)."""
+
+
+@register("ted", TEDSettings, old_keys={key: key for key in (
+    "task_alpha", "kl_alpha", "mse_alpha", "temperature", "mask_padding", "normalize_mse")})
+class TED(LayerwiseRecipe):
+    """TED's stage II.
 
     Args:
         student, teacher: the models (Hugging Face models or ModelAdapters).
@@ -119,12 +129,9 @@ class TED(Recipe):
         mask_padding: average the MSE over the attention mask's tokens
             (default); False averages over every token, padding included, as
             TED's public code does.
-        normalize_mse: divide each layer's MSE by its targets' mean square
-            (per element, over the first training batch's tokens, averaged
-            over ranks; then fixed, and saved with the recipe), so the term
-            is the relative error and one ``mse_alpha`` carries across models
-            whose hidden states differ in scale. The logged layer losses stay
-            the raw MSEs.
+        normalize_mse: divide each layer's MSE by its targets' mean square,
+            so that one ``mse_alpha`` carries across models (see
+            :class:`~fastted.methods.layerwise.LayerwiseRecipe`).
         tokenizers: (student's, teacher's), to check that they agree.
         fused_lm_head: language modelling ("mlm", "clm") only: the task and
             KL terms come from one :func:`~fastted.ops.fused_linear_kd.fused_linear_kd`
@@ -142,104 +149,51 @@ class TED(Recipe):
 
     label = "TED"
     uses_stage1_filters = True
-    reads_teacher_cache = True
     reads_quantized_targets = True  # the filtered MSE kernel dequantizes them
 
     def __init__(self, student, teacher, student_filters: TaskFilters, teacher_filters: TaskFilters, *,
                  task_alpha: float = 1.0, kl_alpha: float = 1.0, mse_alpha: float = 1.0, temperature: float = 2.0,
                  mask_padding: bool = True, normalize_mse: bool = False, tokenizers: Optional[tuple] = None,
                  task: Optional[str] = None, impl: str = "auto", fused_lm_head: bool = False):
-        super().__init__(student, teacher, task=task, impl=impl, fused_lm_head=fused_lm_head)
-        _check_filters("student_filters", student_filters, self.student_model)
-        _check_filters("teacher_filters", teacher_filters, self.teacher_model)
+        for name, filters in (("student_filters", student_filters), ("teacher_filters", teacher_filters)):
+            _check_filters_type(name, filters)
         if student_filters.filter_dim != teacher_filters.filter_dim or len(student_filters) != len(teacher_filters):
             raise ValueError(
                 f"student_filters map {len(student_filters)} layers to width {student_filters.filter_dim} and "
                 f"teacher_filters {len(teacher_filters)} layers to width {teacher_filters.filter_dim}: TED needs one "
                 f"count and one filter_dim for both"
             )
+        super().__init__(student, teacher, LayerMap(tuple(student_filters.layers), tuple(teacher_filters.layers)),
+                         task_alpha=task_alpha, kl_alpha=kl_alpha, mse_alpha=mse_alpha, temperature=temperature,
+                         mask_padding=mask_padding, normalize_mse=normalize_mse, tokenizers=tokenizers, task=task,
+                         impl=impl, fused_lm_head=fused_lm_head)
+        _check_filters("student_filters", student_filters, self.student_model)
+        _check_filters("teacher_filters", teacher_filters, self.teacher_model)
         self.student_filters = student_filters
         self.hold_frozen(teacher_filters, "teacher_filters")
-        self._setup(LayerMap(tuple(student_filters.layers), tuple(teacher_filters.layers)), task_alpha, kl_alpha,
-                    mse_alpha, temperature, mask_padding, tokenizers, normalize_mse)
+
+    def _mapped_layers(self, layer_map: LayerMap) -> LayerMap:
+        # the filters' layers: __init__ checks them against the models as the filters' own, by their names
+        return layer_map
 
     @classmethod
-    def from_config(cls, config, models: RecipeModels) -> "TED":
-        d = config.distil
+    def _config_models(cls, models: RecipeModels) -> tuple:
         if not isinstance(models.filters, tuple) or len(models.filters) != 2:
             raise ValueError(f"TED needs models.filters = (student's, teacher's) stage-I TaskFilters, got "
                              f"{type(models.filters).__name__}")
-        student_filters, teacher_filters = models.filters
-        return cls(models.student, models.teacher, student_filters, teacher_filters, task_alpha=d.task_alpha,
-                   kl_alpha=d.kl_alpha, mse_alpha=d.mse_alpha, temperature=d.temperature,
-                   mask_padding=d.mask_padding, normalize_mse=d.normalize_mse,
-                   **cls._config_options(config, models, fused_lm_head=True))
-
-    def _setup(self, layer_map: Optional[LayerMap], task_alpha, kl_alpha, mse_alpha, temperature, mask_padding,
-               tokenizers, normalize_mse: bool = False) -> None:
-        self.layer_map = layer_map
-        self.alphas = {"task": check_alpha("task_alpha", task_alpha), "kd": check_alpha("kl_alpha", kl_alpha),
-                       "mse": check_alpha("mse_alpha", mse_alpha)}
-        self.temperature = check_temperature("temperature", temperature)
-        self.mask_padding = bool(mask_padding)
-        if self.alphas["kd"]:
-            check_same_vocab(self.student_model, self.teacher_model, tokenizers, f"{type(self).__name__}'s KL term")
-        elif tokenizers is not None:
-            check_same_vocab(self.student_model, self.teacher_model, tokenizers, type(self).__name__)
-        if self.alphas["mse"] and layer_map is None:
-            raise ValueError(f"mse_alpha={mse_alpha} needs a layer map")
-        self.normalize_mse = bool(normalize_mse) and layer_map is not None
-        if self.normalize_mse:  # 0 until the first batch measures the targets' mean square of each layer
-            self.register_buffer("mse_scales", torch.zeros(len(layer_map.student), dtype=torch.float32))
-            self._scales_known = False
-
-    def _target_power(self, inputs: dict, teacher_scales, mask: Optional[Tensor]) -> Tensor:
-        """Each layer's targets' mean square per element, over the (masked) tokens of this batch and every
-        rank: what ``normalize_mse`` divides the layer's MSE by."""
-        states = inputs["teacher_states"]
-        weights = inputs.get("teacher_weights") or [None] * len(states)
-        biases = inputs.get("teacher_biases") or [None] * len(states)
-        row_scales = teacher_scales or [None] * len(states)  # a cache's int8 / fp8 targets: their row scales
-        powers = []
-        with torch.no_grad():
-            for t, w, b, q in zip(states, weights, biases, row_scales):
-                y = dequantize_rows(t.reshape(-1, t.shape[-1]), None if q is None else q.reshape(-1))
-                if w is not None:  # TED's frozen teacher filter makes the targets
-                    y = y @ w.float().t()
-                if b is not None:
-                    y = y + b.float()
-                per_token = y.pow(2).mean(-1)
-                m = torch.ones_like(per_token) if mask is None else mask.reshape(per_token.shape).float()
-                powers.append(torch.stack([(per_token * m).sum(), m.sum()]))
-            sums = torch.stack(powers)  # (L, 2): sum of squares, tokens
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                torch.distributed.all_reduce(sums)
-            power = sums[:, 0] / sums[:, 1].clamp_min(1.0)
-        if not bool(torch.isfinite(power).all()) or not bool((power > 0).all()):
-            raise ValueError(f"normalize_mse: the teacher's targets have mean squares {power.tolist()} on the first "
-                             f"batch; each layer's needs to be finite and > 0 to divide its MSE by")
-        return power
-
-    def teacher_layers_needed(self) -> Optional[list[int]]:
-        return None if self.alphas["kd"] else self._cached_layers()
+        return (models.student, models.teacher, *models.filters)
 
     # ------------------------------------------------------------------ a cached teacher
 
-    def teacher_cache_expect(self) -> dict:
-        # LWD and KD (no filters) store the raw states; TED its frozen teacher filters' outputs
-        targets = "raw" if self.student_filters is None else f"filters:{weights_hash(self.teacher_filters)}"
-        return {"layers": self._cached_layers(), "temperature": self.temperature, "targets": targets}
-
-    def _cached_layers(self) -> list[int]:
-        return list(self.layer_map.teacher) if self.alphas["mse"] and self.layer_map is not None else []
+    def _cache_targets(self) -> str:
+        return f"filters:{weights_hash(self.teacher_filters)}"
 
     def cache_transform(self):
         """TED's targets are the frozen teacher filters' outputs: what the cache stores of each layer."""
-        return None if self.student_filters is None else lambda states, mask: self.teacher_filters(states)
+        return lambda states, mask: self.teacher_filters(states)
 
     def _cache_replaces(self) -> list[nn.Module]:
-        filters = [] if self.student_filters is None else [self.teacher_filters]
-        return [self.teacher_model.model] + filters
+        return [self.teacher_model.model, self.teacher_filters]
 
     def _mse_inputs(self, student_states: list[Tensor], teacher_states: list[Tensor]) -> dict:
         xs, ws, bs = self.student_filters.split(student_states)
@@ -250,44 +204,6 @@ class TED(Recipe):
         return dict(student_states=xs, student_weights=ws, student_biases=bs, teacher_states=xt,
                     teacher_weights=wt, teacher_biases=bt)
 
-    def forward(self, batch: dict, *, step: Optional[int] = None, epoch: int = 0,
-                teacher_batch: Optional[dict] = None) -> RecipeOutput:
-        self._schedule_step(step)
-        use_mse = bool(self.alphas["mse"])
-        s_layers = self.layer_map.student if use_mse else ()
-        t_layers = self.layer_map.teacher if use_mse else ()
-        s_out = self._student_forward(batch, s_layers)
-        t_out = self._teacher_forward(batch, teacher_batch, t_layers)
-        terms, head_loss = self._head_terms(s_out, t_out, batch, self.alphas, self.temperature)
-        layer_losses = None
-        if use_mse:
-            if teacher_batch is not None and teacher_batch["input_ids"].shape != batch["input_ids"].shape:
-                raise ValueError("the MSE term compares token by token: teacher_batch must have the student's shape")
-            mask = s_out.mask if self.mask_padding else None
-            if t_out.target_mask is not None:  # a cache that keeps a share of the tokens: the MSE over those
-                kept = t_out.target_mask.to(torch.long)
-                mask = kept if mask is None else mask * kept
-            t_states, scales = t_out.hidden_states, t_out.target_scales
-            if self.teacher_cache is not None and scales is None:  # bf16 targets: in the student's dtype
-                t_states = [t.to(s_out.hidden_states[0].dtype) for t in t_states]
-            inputs = self._mse_inputs(s_out.hidden_states, t_states)
-            weights = None
-            if self.normalize_mse:
-                if not self._scales_known:  # one host sync, until the scales are measured (or loaded)
-                    if not bool(self.mse_scales.any()):
-                        self.mse_scales.copy_(self._target_power(inputs, scales, mask))
-                    self._scales_known = True
-                weights = 1.0 / self.mse_scales.float()
-            terms["mse"], layer_losses = filtered_mse(
-                **inputs, teacher_scales=scales, mask=mask, impl=self.impl, layer_weights=weights,
-                return_layer_losses=True,
-            )
-            if weights is not None:  # filtered_mse normalizes the weights by their sum: mean_l MSE_l / scale_l
-                terms["mse"] = terms["mse"] * weights.mean()
-        return self._total(terms, self.alphas, head_loss, layer_losses=layer_losses,
-                           logits=self._detached_logits(s_out))
-
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Save the student and its filters (LWD and KD have none) into one directory."""
+        """Save the student and its filters into one directory."""
         _save_with_filters(self.student, self.student_filters, directory)
-

@@ -25,7 +25,7 @@ import os
 import sys
 import warnings
 
-from fastted.train.config import METHODS, PRESETS, ConfigError, load_config
+from fastted.train.config import METHODS, PRESETS, ConfigError, ConfigKeyWarning, load_config
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -199,10 +199,11 @@ def _print_results(config, results: dict) -> None:
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """fastted's own warnings (a damaged checkpoint passed over, a torn metrics line) as one line each."""
+    """fastted's own warnings (a damaged checkpoint passed over, a torn metrics line, an old config key) as one
+    line each."""
     from fastted.train.trainer import CheckpointWarning
 
-    if issubclass(category, CheckpointWarning):
+    if issubclass(category, (CheckpointWarning, ConfigKeyWarning)):
         print(f"fastted: warning: {message}", file=sys.stderr)
     else:
         _default_showwarning(message, category, filename, lineno, file, line)
@@ -217,7 +218,11 @@ def main(argv=None) -> int:
 
     warnings.showwarning = _show_warning
     try:
-        run(argv)
+        with warnings.catch_warnings():
+            # an old config key's notice is for the user running the command: shown, where Python hides
+            # DeprecationWarnings raised outside __main__
+            warnings.simplefilter("default", ConfigKeyWarning)
+            run(argv)
     except (ConfigError, ValueError, FileNotFoundError, NonFiniteError) as error:
         if os.environ.get("FASTTED_DEBUG") == "1":
             raise

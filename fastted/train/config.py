@@ -6,6 +6,14 @@ file, then ``key.sub=value`` overrides from the command line, in that order;
 every key is checked against the dataclasses, so a misspelt key is an error,
 not a silently ignored setting. The resolved config is written beside every
 checkpoint and read back with ``yaml.safe_load``.
+
+The ``distil`` section holds what all methods share (which run, the schedule,
+the teacher cache) and a section per method, ``distil.<method>``, built from
+the method's own settings dataclass in its registry
+(:data:`fastted.methods.METHODS`): the keys and defaults of a config are the
+recipe class's keyword arguments. The flat keys of older configs
+(``distil.mse_alpha``, ``distil.crd_temperature``, ...) still load: each sets
+its methods' keys, with a :class:`ConfigKeyWarning` naming the new ones.
 """
 from __future__ import annotations
 
@@ -14,13 +22,16 @@ import dataclasses
 import math
 import os
 import typing
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 import yaml
 
+from fastted.methods import METHODS as RECIPES
+
 TASKS = ("classification", "mlm", "clm")
-METHODS = ("ted", "lwd", "kd", "codir", "railkd", "dwt")
+METHODS = tuple(RECIPES)  # the registry's names, in its order
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # auto: bf16 on a GPU that supports it, else fp32
 DECAYS = ("linear", "cosine", "constant")
 SAMPLE_BY = ("line", "paragraph", "document")  # the rows of a .txt source: lines, paragraphs, whole files
@@ -28,6 +39,10 @@ SAMPLE_BY = ("line", "paragraph", "document")  # the rows of a .txt source: line
 
 class ConfigError(ValueError):
     """A bad config: the message names the key, what it got and what it needs."""
+
+
+class ConfigKeyWarning(DeprecationWarning):
+    """An old config key, mapped onto the keys that replace it: the message names both."""
 
 
 @dataclass
@@ -101,45 +116,38 @@ class FiltersConfig:
 
 
 @dataclass
-class DistilConfig:
+class _SharedDistil:
+    """What every method of a run shares: which methods run, their schedule, the teacher cache."""
+
     methods: list[str] = field(default_factory=lambda: ["kd", "lwd", "ted"])
-    task_alpha: float = 1.0
-    kl_alpha: float = 1.0
-    mse_alpha: float = 1.0
-    temperature: float = 2.0
-    mask_padding: bool = True
     fused_lm_head: bool = True             # mlm / clm: the LM heads fused with the KL (no logits)
     truncate_teacher: bool = True          # no KL term: the teacher runs only up to its last mapped layer
     teacher_cache: bool = False            # distil from the cache-teacher step's cache, not the live teacher
-                                           # (classification and clm; every method but DWT)
+                                           # (classification and clm; the methods whose recipes read one)
     cache_k: int = 64                      # the cache's top-k logits a token (0: the layer targets alone)
     cache_quantization: str = "int8"       # the cache's layer targets: int8, fp8 or bf16
     cache_layer_bytes: int = 0             # the cache's layer targets a token, in bytes: a share of the tokens (0: all)
     cache_shard_mb: int = 256              # a cache shard is written when a rank holds this many MiB of it
-    # CoDIR
-    crd_alpha: float = 0.1
-    bank_size: int = 4096
-    bank_mode: str = "queue"               # queue: the last bank_size teacher vectors; momentum: one entry per
-                                           # training example (bank_size is then the training set's size)
-    crd_negatives: int = 0                 # 0: every bank entry is every anchor's negative; K: K drawn per anchor
-    pooling: str = "mean"                  # of the mapped layers' tokens: mean, or first ([CLS])
-    projection_dim: int = 128
-    crd_temperature: float = 0.07
-    # RAIL-KD
-    rail_alpha: float = 1.0
-    rail_per: str = "step"
-    # DWT: alpha_h * task + alpha_s(step) * KL
-    alpha_h: float = 1.0
-    alpha_s: float = 4.0
-    alpha_s_end: Optional[float] = 1.0     # None: constant alpha_s
-    alpha_s_schedule: str = "cosine"
-    remap: bool = False
-    normalize_mse: bool = False            # TED / LWD: each layer's MSE over its targets' mean square (measured on
-                                           # the first batch), so one mse_alpha carries across models
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-4))
-    # Per method, any of the keys above: {ted: {mse_alpha: 100}, lwd: {mse_alpha: 10, train: {lr: 5e-5}}}
-    # (on the command line: distil.per_method.ted.mse_alpha=100). Each method's step reads its own values.
+    # Per method, any of the shared keys above: {lwd: {train: {lr: 5e-5}}} (on the command line:
+    # distil.per_method.lwd.train.lr=5e-5). Each method's step reads its own values. A method's own settings are
+    # its section: distil.ted.mse_alpha.
     per_method: dict = field(default_factory=dict)
+
+
+# The distil section: the shared keys, then a section per registered method, distil.<method>, of its settings
+# dataclass (fastted.methods.base.register): a new method brings its own keys and defaults.
+DistilConfig = dataclasses.make_dataclass(
+    "DistilConfig",
+    [(name, recipe.settings, field(default_factory=recipe.settings)) for name, recipe in RECIPES.items()],
+    bases=(_SharedDistil,), namespace={"__module__": __name__, "__doc__": "The distil section of a config."})
+
+# The flat distil keys of configs written before each method owned its settings, by the keys that replace them:
+# each old key set every method that read it (distil.temperature: the KL temperature of them all).
+OLD_KEYS: dict[str, list[str]] = {}
+for _name, _recipe in RECIPES.items():
+    for _old, _new in _recipe.old_keys.items():
+        OLD_KEYS.setdefault(_old, []).append(f"distil.{_name}.{_new}")
 
 
 @dataclass
@@ -189,7 +197,7 @@ class Config:
 STEPS = ("finetune-teacher", "finetune-student", "filters-teacher", "filters-student", "cache-teacher", "distil",
          "evaluate")
 # The methods whose recipes read a teacher cache (Recipe.reads_teacher_cache).
-CACHED_METHODS = ("ted", "lwd", "kd", "codir", "railkd")
+CACHED_METHODS = tuple(name for name, recipe in RECIPES.items() if recipe.reads_teacher_cache)
 
 # The presets: overrides of the defaults above, by dotted key.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -214,8 +222,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "task": "clm", "output_dir": "runs/smollm2-bbc", "steps": ["distil", "evaluate"],
         "teacher.path": "smollm2", "student.layers": None, "student.num_layers": 6,
         "data.max_length": 256, "data.max_test_examples": 64,
-        "distil.methods": ["lwd"], "distil.temperature": 1.0, "distil.mse_alpha": 1e-3, "distil.train.lr": 1e-4,
-        "distil.train.batch_size": 8, "distil.train.max_steps": 200,
+        "distil.methods": ["lwd"], "distil.lwd.temperature": 1.0, "distil.lwd.mse_alpha": 1e-3,
+        "distil.dwt.temperature": 1.0, "distil.train.lr": 1e-4, "distil.train.batch_size": 8,
+        "distil.train.max_steps": 200,
     },
     # Continual pre-training of your own causal LM on your own text: set teacher.path and data.source (a file,
     # glob or folder of .txt/.jsonl/...). The student keeps half the teacher's layers; KD and LWD (mse_alpha at
@@ -223,8 +232,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "clm": {
         "task": "clm", "output_dir": "runs/clm", "steps": ["distil", "evaluate"], "teacher.path": "smollm2",
         "student.layers": None, "data.max_length": 256, "data.max_test_examples": 64,
-        "distil.methods": ["kd", "lwd"], "distil.temperature": 1.0, "distil.mse_alpha": 1e-3,
-        "distil.train.lr": 1e-4, "distil.train.batch_size": 8, "distil.train.max_steps": 200,
+        "distil.methods": ["kd", "lwd"], "distil.kd.temperature": 1.0, "distil.lwd.temperature": 1.0,
+        "distil.lwd.mse_alpha": 1e-3, "distil.train.lr": 1e-4, "distil.train.batch_size": 8,
+        "distil.train.max_steps": 200,
     },
     # The same for a masked LM (BERT-like): KD at T = 2 (DistilBERT's) and LWD on the masked-LM batches.
     "mlm": {
@@ -236,8 +246,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 # The method comparisons of docs/comparison.md: every distillation method that a fine-tuning run compares, three
-# seeds each (the teacher fine-tuned once), on each built-in task.
-COMPARED = {"seeds": [0, 1, 2], "distil.methods": ["kd", "lwd", "ted", "codir", "railkd"]}
+# seeds each (the teacher fine-tuned once), on each built-in task. RAIL-KD draws its layers each step here, as the
+# committed results were run (its default is the paper's per-epoch draw).
+COMPARED = {"seeds": [0, 1, 2], "distil.methods": ["kd", "lwd", "ted", "codir", "railkd"],
+            "distil.railkd.per": "step"}
 PRESETS["bbc-minilm-compare"] = {**PRESETS["bbc-minilm"], **COMPARED, "output_dir": "runs/bbc-minilm-compare"}
 PRESETS["rt-minilm-compare"] = {**PRESETS["rt-minilm"], **COMPARED, "output_dir": "runs/rt-minilm-compare"}
 
@@ -318,6 +330,11 @@ def _number(text: str):
 
 
 def _build(cls, values: dict, prefix: str = ""):
+    if cls is DistilConfig:  # key by key, as a file's: an older config's flat keys map onto the methods' sections
+        config = Config()
+        for key, value in _flatten({"distil": values}).items():
+            _set_dotted(config, key, value)
+        return config.distil
     hints = _hints(cls)
     for key in values:
         if key not in hints:
@@ -326,7 +343,28 @@ def _build(cls, values: dict, prefix: str = ""):
     return cls(**kwargs)
 
 
+def _renamed(key: str) -> Optional[list[str]]:
+    """The keys that replace ``key`` when it is an old one (None when it is not): a flat ``distil.<key>`` of
+    :data:`OLD_KEYS`, or a method's own setting under ``distil.per_method.<method>``, which is now its section's."""
+    parts = key.split(".")
+    if len(parts) == 2 and parts[0] == "distil" and parts[1] in OLD_KEYS:
+        return OLD_KEYS[parts[1]]
+    if len(parts) == 4 and parts[:2] == ["distil", "per_method"] and parts[2] in RECIPES:
+        recipe = RECIPES[parts[2]]
+        name = recipe.old_keys.get(parts[3], parts[3])
+        if name in {f.name for f in dataclasses.fields(recipe.settings)}:
+            return [f"distil.{parts[2]}.{name}"]
+    return None
+
+
 def _set_dotted(config, key: str, value) -> None:
+    new_keys = _renamed(key)
+    if new_keys is not None:
+        warnings.warn(f"config key {key} is deprecated: it sets {', '.join(new_keys)} (write those instead)",
+                      ConfigKeyWarning, stacklevel=2)
+        for new in new_keys:
+            _set_dotted(config, new, copy.deepcopy(value))
+        return
     parts = key.split(".")
     target = config
     for i, part in enumerate(parts):
@@ -379,6 +417,12 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+def _per_method_last(pairs: list) -> list:
+    """``pairs`` with the ``distil.per_method`` keys last, in order: an old file's per-method value of a setting (now
+    the method's section) still overrides its flat value, wherever the file wrote it."""
+    return sorted(pairs, key=lambda pair: str(pair[0]).startswith("distil.per_method."))
+
+
 def load_config(path: Optional[str] = None, overrides: tuple = (), preset: Optional[str] = None) -> Config:
     """The preset (default "bbc-minilm"; a YAML file may name one with ``preset:``), then the file, then the
     overrides ("key=value" strings or (key, value) pairs)."""
@@ -399,8 +443,8 @@ def load_config(path: Optional[str] = None, overrides: tuple = (), preset: Optio
         values = dict(values)
         preset = values.pop("preset", None) if preset is None else preset
     config = from_preset(preset or "bbc-minilm")
-    pairs = list(_flatten(values).items())
-    pairs += [parse_override(item) if isinstance(item, str) else tuple(item) for item in overrides]
+    pairs = _per_method_last(list(_flatten(values).items()))
+    pairs += _per_method_last([parse_override(item) if isinstance(item, str) else tuple(item) for item in overrides])
     published = next((value for key, value in reversed(pairs) if key == "published"), config.published)
     published = _coerce("published", published, _hints(Config)["published"])  # "null" on the command line: None
     if published is not None:
@@ -408,7 +452,7 @@ def load_config(path: Optional[str] = None, overrides: tuple = (), preset: Optio
     explicit = set()
     for key, value in pairs:
         _set_dotted(config, key, value)
-        explicit.add(key)
+        explicit.update(_renamed(key) or [key])
     object.__setattr__(config, "preset", preset or "bbc-minilm")
     object.__setattr__(config, "explicit_keys", frozenset(explicit))
     check(config)
@@ -433,9 +477,9 @@ _RUN_WIDE = ("methods", "per_method", "teacher_cache")
 
 def method_config(config: Config, method: str) -> Config:
     """The config that ``method``'s steps read: a copy with ``distil.per_method[method]`` set over ``distil``,
-    ``per_method`` emptied and ``methods`` this one (a step's saved config then holds its own values alone, so
-    another method's entry, or another method added to the run, never blocks its resume), checked; ConfigError
-    names the per-method key."""
+    ``per_method`` emptied, ``methods`` this one and the other methods' sections at their defaults (a step's saved
+    config then holds its own values alone, so another method's entry or settings, or another method added to the
+    run, never blocks its resume), checked; ConfigError names the per-method key."""
     values = (config.distil.per_method or {}).get(method) or {}
     if not isinstance(values, dict):
         raise ConfigError(f"distil.per_method.{method}: got {values!r}, needs a mapping of distil keys")
@@ -446,15 +490,50 @@ def method_config(config: Config, method: str) -> Config:
         if key.split(".")[0] in _RUN_WIDE:
             raise ConfigError(f"{name}: distil.{key.split('.')[0]} holds for the whole run, not one method; set it "
                               f"in distil")
+        if key.split(".")[0] in RECIPES:
+            raise ConfigError(f"{name}: a method's settings are its own section; set distil.{key}")
         try:
             _set_dotted(one, f"distil.{key}", value)
         except ConfigError as error:
             raise ConfigError(str(error).replace(f"distil.{key}", name)) from None
+    for name, recipe in RECIPES.items():
+        if name != method:
+            setattr(one.distil, name, recipe.settings())
     try:
         check(one)
     except ConfigError as error:
         raise ConfigError(f"distil.per_method.{method}: {error}") from None
     return one
+
+
+def step_settings(values: dict) -> dict:
+    """A step's saved config (the YAML values of :func:`method_config`'s config) as a step compares a checkpoint's
+    settings with its own: the old flat distil keys of a checkpoint written before the methods owned their settings
+    moved, quietly, onto their sections; each section whole (its defaults where unset); and only the sections of
+    the step's own methods (another method's settings never block its resume)."""
+    distil = values.get("distil")
+    if not isinstance(distil, dict):
+        return values
+    moves = [(new, value) for key, value in distil.items() if key in OLD_KEYS for new in OLD_KEYS[key]]
+    per_method = {}
+    for method, entry in (distil.get("per_method") or {}).items():
+        kept = {}
+        for key, value in (entry.items() if isinstance(entry, dict) else ()):
+            new = _renamed(f"distil.per_method.{method}.{key}")
+            moves += [(n, value) for n in new] if new else []
+            if not new:
+                kept[key] = value
+        if kept or not isinstance(entry, dict):
+            per_method[method] = kept if isinstance(entry, dict) else entry
+    out = {key: value for key, value in distil.items() if key not in OLD_KEYS and key not in RECIPES}
+    if "per_method" in distil:
+        out["per_method"] = per_method
+    methods = distil.get("methods") or []
+    for name in (m for m in RECIPES if m in methods):
+        section = {**dataclasses.asdict(RECIPES[name].settings()), **(distil.get(name) or {})}
+        section.update({key.split(".")[2]: value for key, value in moves if key.split(".")[1] == name})
+        out[name] = section
+    return {**values, "distil": out}
 
 
 def origin(config, key: str) -> str:
@@ -534,6 +613,21 @@ def _check_train(prefix: str, t: TrainConfig) -> None:
     if t.micro_batch_size is not None and t.batch_size % t.micro_batch_size:
         raise ConfigError(f"{prefix}.batch_size ({t.batch_size}) must be a multiple of {prefix}.micro_batch_size "
                           f"({t.micro_batch_size})")
+
+
+def _check_settings(prefix: str, settings) -> None:
+    """A method's settings in the ranges its dataclass declares (fastted.methods.base.setting)."""
+    for f in dataclasses.fields(settings):
+        rule, key, value = f.metadata.get("check"), f"{prefix}.{f.name}", getattr(settings, f.name)
+        if rule == "> 0":
+            _positive(key, value)
+        elif rule == ">= 0":
+            _positive(key, value, allow_zero=True)
+        elif isinstance(rule, tuple):
+            _choice(key, value, rule)
+        elif rule is not None:
+            raise ValueError(f"{type(settings).__name__}.{f.name}: check {rule!r}, needs '> 0', '>= 0' or a tuple of "
+                             f"the allowed values")
 
 
 def _check_teacher_shape(config: Config) -> None:
@@ -625,17 +719,8 @@ def check(config: Config) -> None:
     _positive("filters.interval", config.filters.interval)
     _positive("filters.filter_dim", config.filters.filter_dim)
     d = config.distil
-    _positive("distil.temperature", d.temperature)
-    _positive("distil.crd_temperature", d.crd_temperature)
-    _positive("distil.bank_size", d.bank_size)
-    _positive("distil.projection_dim", d.projection_dim)
-    _choice("distil.bank_mode", d.bank_mode, ("queue", "momentum"))
-    _positive("distil.crd_negatives", d.crd_negatives, allow_zero=True)
-    _choice("distil.pooling", d.pooling, ("mean", "first"))
-    for name in ("task_alpha", "kl_alpha", "mse_alpha", "crd_alpha", "rail_alpha", "alpha_h", "alpha_s",
-                 "alpha_s_end"):
-        _positive(f"distil.{name}", getattr(d, name), allow_zero=True)
-    _choice("distil.rail_per", config.distil.rail_per, ("step", "epoch"))
+    for name in RECIPES:
+        _check_settings(f"distil.{name}", getattr(d, name))
     _positive("distil.cache_k", d.cache_k, allow_zero=True)
     _choice("distil.cache_quantization", d.cache_quantization, ("int8", "fp8", "bf16"))
     _positive("distil.cache_layer_bytes", d.cache_layer_bytes, allow_zero=True)
@@ -650,7 +735,6 @@ def check(config: Config) -> None:
             raise ConfigError(f"{what}: {', '.join(live)} needs the live teacher (a teacher cache serves "
                               f"{', '.join(CACHED_METHODS)}): drop it from distil.methods or run it without the "
                               f"cache")
-    _choice("distil.alpha_s_schedule", config.distil.alpha_s_schedule, ("constant", "linear", "cosine"))
     for method in d.per_method or {}:
         _choice("distil.per_method", method, METHODS)
         method_config(config, method)

@@ -2,16 +2,17 @@
 
 Each entry is a set of dotted config keys, applied over the preset and under
 the user's own file and overrides (so any of them can still be changed), with
-the source it was read from. Per-method values go to ``distil.per_method``:
-the TED paper's scripts weigh the KL and MSE terms differently for TED, LWD
-and KD on the same task.
+the source it was read from. Each method's values go to its own section,
+``distil.<method>``: the TED paper's scripts weigh the KL and MSE terms
+differently for TED, LWD and KD on the same task; shared keys that one method
+alone takes go to ``distil.per_method``.
 
 What carries over, and what does not: the TED entries are the weights that
 the authors' scripts use to distil DeBERTaV3-base into DeBERTaV3-xsmall (both
 12 layers; TED's filters every layer, 768 wide, which is what fastted's
 defaults give for that pair: one filter per student layer, the teacher's
 width). Their ``mse_alpha`` is on the scale of those models' hidden states;
-for other models ``distil.normalize_mse`` makes the MSE relative to the
+for other models ``distil.ted.normalize_mse`` (and LWD's) makes the MSE relative to the
 targets' mean square, so that a weight means the same across models (then
 tune it again: the published values assume the raw MSE).
 """
@@ -44,12 +45,12 @@ def _ted_glue(task: str) -> dict[str, Any]:
     steps = epochs * -(-_GLUE_TRAIN[task] // batch)
     return {
         "data.max_length": max_length,
-        "distil.temperature": 2.0,
+        "distil.ted.temperature": 2.0, "distil.lwd.temperature": 2.0, "distil.kd.temperature": 2.0,
         "distil.train.batch_size": batch, "distil.train.lr": lr, "distil.train.epochs": float(epochs),
         "distil.train.warmup_ratio": round(warmup / steps, 4), "distil.train.weight_decay": 0.0,
-        "distil.per_method": {"ted": {"kl_alpha": ted[0], "mse_alpha": ted[1]},
-                              "lwd": {"kl_alpha": lwd[0], "mse_alpha": lwd[1]},
-                              "kd": {"kl_alpha": kd}},
+        "distil.ted.kl_alpha": ted[0], "distil.ted.mse_alpha": ted[1],
+        "distil.lwd.kl_alpha": lwd[0], "distil.lwd.mse_alpha": lwd[1],
+        "distil.kd.kl_alpha": kd,
     }
 
 
@@ -58,14 +59,14 @@ PUBLISHED: dict[str, dict[str, Any]] = {f"ted-glue-{task}": _ted_glue(task) for 
 # DWT (Lee et al., 2023, distillation from a weaker teacher): the KL weight starts high (4) and decays to 1 over
 # training, and the larger student starts from random weights (the paper found remapping the teacher's
 # parameters into it hurts). The decay's shape is fastted's default (cosine); the paper names the end points.
-PUBLISHED["dwt-paper"] = {"distil.per_method": {"dwt": {"alpha_h": 1.0, "alpha_s": 4.0, "alpha_s_end": 1.0,
-                                                        "remap": False}}}
+PUBLISHED["dwt-paper"] = {"distil.dwt.alpha_h": 1.0, "distil.dwt.alpha_s": 4.0, "distil.dwt.alpha_s_end": 1.0,
+                          "distil.dwt.remap": False}
 
 # RAIL-KD (Haidar et al., Findings of NAACL 2022, equation 4): the task, KL and random intermediate-layer losses
 # weighted by lambdas that sum to 1, the teacher layers drawn again each epoch. The paper's per-task lambdas are
 # not reproduced here: equal thirds.
-PUBLISHED["railkd-paper"] = {"distil.per_method": {"railkd": {"task_alpha": 1 / 3, "kl_alpha": 1 / 3,
-                                                              "rail_alpha": 1 / 3, "rail_per": "epoch"}}}
+PUBLISHED["railkd-paper"] = {"distil.railkd.task_alpha": 1 / 3, "distil.railkd.kd_alpha": 1 / 3,
+                             "distil.railkd.rail_alpha": 1 / 3, "distil.railkd.per": "epoch"}
 
 # CoDIR (Sun et al., EMNLP 2020), fine-tuning, from the authors' code (intersun/CoDIR, commit bb225c5):
 # run_glue_script.py (T 2, kd_weight 0.5 with the task term at 1 - 0.5, nce_k 100 negatives, 10 epochs, weight
@@ -73,14 +74,15 @@ PUBLISHED["railkd-paper"] = {"distil.per_method": {"railkd": {"task_alpha": 1 / 
 # fairseq/criterions/sentence_prediction_crd.py (each mapped layer's first token, [CLS], concatenated; negatives
 # drawn from the examples of the other classes; a memory of one entry per training example, momentum 0.5 and
 # temperature 0.07 in crd/memory.py). Not carried over: the contrastive weight, which the script takes from the
-# command line with no value recorded (fastted's distil.crd_alpha stays), the per-task learning rates and batch
+# command line with no value recorded (fastted's distil.codir.crd_alpha stays), the per-task learning rates and batch
 # sizes, searched per task, and the loss itself: the code's is CRD's NCE over two memories (student's and
 # teacher's), fastted's an InfoNCE of the student against the teacher's memory. The memory starts empty here
 # (there: random vectors), so the first epoch draws from the examples seen so far.
-PUBLISHED["codir-paper"] = {"distil.per_method": {"codir": {
-    "temperature": 2.0, "task_alpha": 0.5, "kl_alpha": 0.5, "projection_dim": 128, "crd_temperature": 0.07,
-    "crd_negatives": 100, "bank_mode": "momentum", "pooling": "first",
-    "train": {"epochs": 10.0, "weight_decay": 0.1, "warmup_ratio": 0.06}}}}
+PUBLISHED["codir-paper"] = {
+    "distil.codir.kd_temperature": 2.0, "distil.codir.task_alpha": 0.5, "distil.codir.kd_alpha": 0.5,
+    "distil.codir.proj_dim": 128, "distil.codir.temperature": 0.07, "distil.codir.negatives": 100,
+    "distil.codir.bank_mode": "momentum", "distil.codir.pooling": "first",
+    "distil.per_method.codir.train": {"epochs": 10.0, "weight_decay": 0.1, "warmup_ratio": 0.06}}
 
 SOURCES = {
     **{f"ted-glue-{task}": "cliang1453/task-aware-distillation scripts/{ted,lwd,kd}_glue.sh" for task in _TED_GLUE},

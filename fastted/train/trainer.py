@@ -43,7 +43,7 @@ import torch
 
 from fastted.train.checkpoints import (CheckpointWarning, checkpoint_dir, checkpoint_step, latest_checkpoint,
                                  universal_checkpoint, write_manifest)
-from fastted.train.config import TrainConfig
+from fastted.train.config import TrainConfig, step_settings
 from fastted.train.data import Data, batch_generator, data_order
 from fastted.train.engine import CheckpointError, Engine, NonFiniteError, barrier, mean_over_ranks, reduce_over_ranks
 from fastted.files import write_atomic
@@ -245,6 +245,7 @@ def _run_settings(config_text: str) -> dict:
     # set, which the saved config holds themselves (a step another entry never touched resumes without it).
     for key in ("progress", "resume", "published"):
         values.pop(key, None)
+    values = step_settings(values)  # its own method's settings alone, an older checkpoint's flat keys moved
     # How the global batch is cut (set anew for another world size) and how far its reads run ahead.
     return _without(values, ("micro_batch_size", "prefetch_steps"))
 

@@ -282,7 +282,7 @@ def test_fused_lm_head_errors():
     student, teacher = bert(2, 32), bert(4, 48, seed=1)  # classification
     filters = (TaskFilters([0, 1], 32, 48), TaskFilters([1, 3], 48, 48))
     builders = [lambda **kw: TED(student, teacher, *filters, **kw), lambda **kw: LWD(student, teacher, **kw),
-                lambda **kw: KD(student, teacher, **kw), lambda **kw: DWT(teacher, student, **kw)]
+                lambda **kw: KD(student, teacher, **kw), lambda **kw: DWT(teacher, student, total_steps=10, **kw)]
     for build in builders:
         with pytest.raises(ValueError, match="fused_lm_head=True .*'mlm' or 'clm'.*'classification'"):
             build(fused_lm_head=True)

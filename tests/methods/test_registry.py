@@ -11,10 +11,15 @@ from tests.tiny_models import batch, bert
 
 
 def _config(task="classification", **overrides):
-    values = {"task": task, "seed": 7, "distil.kl_alpha": 3.0, "distil.mse_alpha": 5.0, "distil.temperature": 4.0,
-              "distil.crd_alpha": 0.25, "distil.projection_dim": 16, "distil.bank_size": 32, "distil.rail_alpha": 0.5,
-              "distil.rail_per": "epoch", "distil.alpha_h": 0.75, "distil.alpha_s": 2.0, "distil.alpha_s_end": 0.5,
-              "distil.alpha_s_schedule": "linear", "engine.impl": "reference", **overrides}
+    values = {"task": task, "seed": 7, "engine.impl": "reference"}
+    for method in ("ted", "lwd", "kd"):
+        values.update({f"distil.{method}.kl_alpha": 3.0, f"distil.{method}.temperature": 4.0})
+    values.update({"distil.ted.mse_alpha": 5.0, "distil.lwd.mse_alpha": 5.0, "distil.codir.kd_temperature": 4.0,
+                   "distil.codir.crd_alpha": 0.25, "distil.codir.proj_dim": 16, "distil.codir.bank_size": 32,
+                   "distil.railkd.rail_alpha": 0.5, "distil.railkd.per": "step", "distil.railkd.proj_dim": 8,
+                   "distil.railkd.concat": True, "distil.dwt.alpha_h": 0.75, "distil.dwt.alpha_s": 2.0,
+                   "distil.dwt.alpha_s_end": 0.5, "distil.dwt.alpha_s_schedule": "linear",
+                   "distil.dwt.temperature": 4.0, **overrides})
     if task != "classification":
         values["steps"] = ["distil", "evaluate"]
     return load_config(preset="bbc-minilm-tiny", overrides=tuple(values.items()))
@@ -44,9 +49,10 @@ def test_build_recipe_reads_its_own_settings(method):
         assert recipe.temperature == 4.0
     if method == "codir":
         assert recipe.alphas["crd"] == 0.25 and recipe.bank.size == 32 and recipe.student_head.out_features == 16
-        assert recipe.kd_temperature == 4.0 and recipe.temperature == config.distil.crd_temperature
+        assert recipe.kd_temperature == 4.0 and recipe.temperature == config.distil.codir.temperature == 0.07
     if method == "railkd":
-        assert recipe.alphas["rail"] == 0.5 and (recipe.layer_map.per, recipe.layer_map.seed) == ("epoch", 7)
+        assert recipe.alphas["rail"] == 0.5 and (recipe.layer_map.per, recipe.layer_map.seed) == ("step", 7)
+        assert recipe.distance.concat and recipe.distance.student_proj[0].out_features == 8  # unset before: no key
         assert recipe.layer_map.student_layers == (0, 1) and recipe.layer_map.teacher_layers == (0, 1, 2, 3)
     if method == "dwt":
         assert recipe.alpha_h == 0.75 and recipe.temperature == 4.0
@@ -59,7 +65,8 @@ def test_build_recipe_reads_its_own_settings(method):
 def test_codir_reads_the_bank_pooling_and_negatives_settings():
     """The codir-paper entry's settings reach the recipe: a momentum bank of one entry per training example (the
     run's train_size, whatever bank_size says), K negatives drawn per anchor, first-token pooling."""
-    config = _config(**{"distil.bank_mode": "momentum", "distil.crd_negatives": 5, "distil.pooling": "first"})
+    config = _config(**{"distil.codir.bank_mode": "momentum", "distil.codir.negatives": 5,
+                        "distil.codir.pooling": "first"})
     models = _models()
     models.train_size = 37
     recipe = build_recipe("codir", config, models)
@@ -68,7 +75,7 @@ def test_codir_reads_the_bank_pooling_and_negatives_settings():
     assert not any(build_recipe(m, _config(), _models(filters=m == "ted")).needs_example_ids
                    for m in METHODS if m != "codir")
     models.train_size = None
-    with pytest.raises(ValueError, match="distil.bank_mode: momentum keeps one entry per training example"):
+    with pytest.raises(ValueError, match="distil.codir.bank_mode: momentum keeps one entry per training example"):
         build_recipe("codir", config, models)
 
 
@@ -84,7 +91,7 @@ def test_lm_recipes_take_the_fused_head_setting():
     for fused in (True, False):
         recipe = build_recipe("kd", _config("mlm", **{"distil.fused_lm_head": fused}), models)
         assert recipe.fused_lm_head is fused
-    dwt = build_recipe("dwt", _config("mlm", **{"distil.alpha_s_end": None}), models)
+    dwt = build_recipe("dwt", _config("mlm", **{"distil.dwt.alpha_s_end": None}), models)
     assert dwt.fused_lm_head and repr(dwt.alpha_s) == repr(Schedule("constant", 2.0))
 
 
@@ -116,7 +123,7 @@ def test_external_parameters_are_what_the_fused_losses_read_outside_forward():
 
 def test_save_pretrained_saves_a_loadable_student(tmp_path):
     student = bert(2, 32, "mlm")
-    recipe = DWT(student, bert(2, 32, "mlm", seed=1))
+    recipe = DWT(student, bert(2, 32, "mlm", seed=1), total_steps=10)
     recipe.save_pretrained(tmp_path / "dwt")
     loaded = BertForMaskedLM.from_pretrained(tmp_path / "dwt")
     for (name, p), q in zip(student.state_dict().items(), loaded.state_dict().values()):

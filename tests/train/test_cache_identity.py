@@ -37,7 +37,8 @@ def _run(tmp_path, methods=METHODS, student=True) -> list:
     argv = ["--preset", "clm", f"teacher.path={teacher}", f"data.source={tmp_path / 'corpus.txt'}",
             "data.max_length=16", "data.max_test_examples=4", "progress=false", f"output_dir={tmp_path / 'run'}",
             "distil.train.batch_size=4", "distil.train.max_steps=2", "filters.train.batch_size=4",
-            "filters.train.max_steps=1", "distil.mse_alpha=1.0", f"distil.methods=[{','.join(methods)}]"]
+            "filters.train.max_steps=1", "distil.ted.mse_alpha=1.0", "distil.lwd.mse_alpha=1.0",
+            f"distil.methods=[{','.join(methods)}]"]
     if student:
         gpt2(2, 24, seed=1).save_pretrained(tmp_path / "student")
         word_tokenizer(tmp_path / "student", causal=True)

@@ -54,8 +54,8 @@ def test_help_from_the_repository_root():
 
 @pytest.mark.bad_input
 def test_unknown_key(capsys):
-    line = _error(capsys, "pipeline", "distil.tempreature=3")
-    assert "unknown config key 'distil.tempreature'" in line and "temperature" in line
+    line = _error(capsys, "pipeline", "distil.ted.tempreature=3")
+    assert "unknown config key 'distil.ted.tempreature'" in line and "temperature" in line
 
 
 @pytest.mark.bad_input
@@ -121,9 +121,11 @@ BAD_SETTINGS = {
     "epochs_inf": (["finetune.epochs=inf"], "finetune.epochs: got inf, needs a finite number"),
     "lr_nan": (["finetune.lr=nan"], "finetune.lr: got nan, needs a finite number"),
     "clip_nan": (["distil.train.clip=nan"], "distil.train.clip: got nan, needs a finite number"),
-    "bank_size_zero": (["distil.bank_size=0"], "distil.bank_size: got 0, needs a number > 0"),
-    "crd_temperature_negative": (["distil.crd_temperature=-1"], "distil.crd_temperature: got -1.0, needs a number > 0"),
-    "mse_alpha_negative": (["distil.mse_alpha=-2"], "distil.mse_alpha: got -2.0, needs a number >= 0"),
+    "bank_size_zero": (["distil.codir.bank_size=0"], "distil.codir.bank_size: got 0, needs a number > 0"),
+    "crd_temperature_negative": (["distil.codir.temperature=-1"],
+                                 "distil.codir.temperature: got -1.0, needs a number > 0"),
+    "mse_alpha_negative": (["distil.ted.mse_alpha=-2"], "distil.ted.mse_alpha: got -2.0, needs a number >= 0"),
+    "old_key_negative": (["distil.mse_alpha=-2"], "distil.ted.mse_alpha: got -2.0, needs a number >= 0"),
     "mlm_probability": (["data.mlm_probability=1.5"], "data.mlm_probability: got 1.5, needs a number in (0, 1)"),
     "csv_without_labels": (["data.source={csv}"], "data.label_field: got 'label', but data.source has the columns "
                                                   "['text', 'sentiment']"),
@@ -158,11 +160,27 @@ def test_bad_settings_end_in_one_named_line(case, capsys, tmp_path):
 
 def test_overrides_may_follow_options(capsys, tmp_path):
     config = tmp_path / "my=run.yaml"  # an option's value holding "=" stays the option's
-    config.write_text("seed: 1\ndistil:\n  kl_alpha: 2.0\n")
+    config.write_text("seed: 1\ndistil:\n  kd: {kl_alpha: 2.0}\n")
     assert main(["config", "seed=3", "--preset", "bbc-minilm-tiny", "data.max_length=16", "-c", str(config),
-                 "distil.temperature=3"]) == 0
+                 "distil.kd.temperature=3"]) == 0
     out = capsys.readouterr().out
     assert "seed: 3" in out and "max_length: 16" in out and "temperature: 3.0" in out and "kl_alpha: 2.0" in out
+
+
+def test_an_old_config_key_still_sets_its_methods_with_one_notice(capsys, tmp_path):
+    """The flat keys of configs written before each method owned its settings, in a file and on the command line:
+    each sets the keys that replace it, with one line on stderr naming both."""
+    config = tmp_path / "old.yaml"
+    config.write_text("distil:\n  mse_alpha: 0.25\n")
+    assert main(["config", "--preset", "bbc-minilm-tiny", "-c", str(config), "distil.crd_temperature=0.2"]) == 0
+    out, err = capsys.readouterr()
+    assert ("fastted: warning: config key distil.crd_temperature is deprecated: it sets distil.codir.temperature "
+            "(write those instead)") in err.splitlines()
+    assert ("fastted: warning: config key distil.mse_alpha is deprecated: it sets distil.ted.mse_alpha, "
+            "distil.lwd.mse_alpha (write those instead)") in err.splitlines()
+    values = yaml.safe_load(out)["distil"]
+    assert values["codir"]["temperature"] == 0.2 and values["ted"]["mse_alpha"] == values["lwd"]["mse_alpha"] == 0.25
+    assert "crd_temperature" not in values and "mse_alpha" not in values
 
 
 @pytest.mark.bad_input
@@ -191,7 +209,7 @@ def test_tiny_pipeline_end_to_end_then_resumed(tmp_path, capsys):
     minilm_path()
     out = tmp_path / "run"
     assert main(["pipeline", "--preset", "bbc-minilm-tiny", f"output_dir={out}",
-                 "distil.per_method.kd.kl_alpha=0.5", "distil.methods=[kd,lwd,ted,codir]",
+                 "distil.kd.kl_alpha=0.5", "distil.methods=[kd,lwd,ted,codir]",
                  "published=codir-paper"]) == 0
     printed = capsys.readouterr().out
     for label in ("teacher", "student alone", "KD", "LWD", "TED", "CoDIR"):
@@ -214,10 +232,11 @@ def test_tiny_pipeline_end_to_end_then_resumed(tmp_path, capsys):
     assert [r["step"] for r in train] == [1, 2] and len(train[0]["layer_losses"]) == 3
     assert set(train[0]["terms"]) == {"task", "kd", "mse"} and train[0]["tokens_per_s"] > 0
     assert any("eval" in r for r in records)
-    # Each distil step ran with its own values (distil.per_method) and saved those alone.
+    # Each distil step ran with its own values (distil.<method>) and saved those alone.
     saved = {m: yaml.safe_load((out / f"distil-{m}" / "checkpoints" / "step-0000002" / "config.yaml").read_text())
              for m in ("kd", "ted")}
-    assert saved["kd"]["distil"]["kl_alpha"] == 0.5 and saved["ted"]["distil"]["kl_alpha"] == 1.0
+    assert saved["kd"]["distil"]["kd"]["kl_alpha"] == 0.5 and saved["ted"]["distil"]["ted"]["kl_alpha"] == 1.0
+    assert saved["ted"]["distil"]["kd"]["kl_alpha"] == 1.0  # another method's settings: its defaults
     assert saved["ted"]["distil"]["per_method"] == {} and saved["ted"]["distil"]["methods"] == ["ted"]
     # CoDIR as its authors' code runs it (published: codir-paper): a bank of one entry per training example,
     # keyed by the example ids the step adds to a classification set, 100 negatives drawn per anchor (as many as
@@ -226,7 +245,8 @@ def test_tiny_pipeline_end_to_end_then_resumed(tmp_path, capsys):
     assert codir[0]["terms"]["crd"] == 0.0 and codir[1]["terms"]["crd"] > 0.0
     assert codir[1]["weights"] == {"task": 0.5, "kd": 0.5, "crd": 0.1}
     saved_codir = yaml.safe_load((out / "distil-codir" / "checkpoints" / "step-0000002" / "config.yaml").read_text())
-    assert (saved_codir["distil"]["bank_mode"], saved_codir["distil"]["crd_negatives"]) == ("momentum", 100)
+    assert (saved_codir["distil"]["codir"]["bank_mode"], saved_codir["distil"]["codir"]["negatives"]) == \
+        ("momentum", 100)
     # Run again (without KD's entry, which TED's checkpoint never held): every step resumes from its last
     # checkpoint and trains nothing more.
     before = (out / "distil-ted" / "metrics.jsonl").read_text().count('"loss"')
@@ -236,7 +256,7 @@ def test_tiny_pipeline_end_to_end_then_resumed(tmp_path, capsys):
     assert (out / "distil-ted" / "metrics.jsonl").read_text().count('"eval"') == 1  # evaluated again, not doubled
     # The same output_dir with other settings is refused, not silently mixed.
     line = _error(capsys, "distil", "--method", "ted", "--preset", "bbc-minilm-tiny", f"output_dir={out}",
-                  "distil.temperature=3")
+                  "distil.ted.temperature=3")
     assert "holds a checkpoint of a run with other settings (differing: distil)" in line
     assert os.path.isdir(out / "cache")
 
@@ -269,7 +289,7 @@ def test_distil_from_the_teacher_cache(tmp_path, capsys):
         for name, value in live.items():
             assert terms[name] == pytest.approx(value, rel=1e-2 if name != "task" else 1e-5), (method, name)
     line = _error(capsys, "distil", "--method", "kd", *TINY, f"output_dir={out}", "distil.teacher_cache=true",
-                  "distil.temperature=3", "resume=false")
+                  "distil.kd.temperature=3", "resume=false")
     assert ("was made for another run (temperature: cache 2.0, run 3.0): run `fastted cache-teacher --method kd` "
             "with this run's settings") in line, line
 
@@ -281,7 +301,8 @@ def test_mlm_continual_pretraining(tmp_path):
     out = tmp_path / "mlm"
     code = main(["pipeline", "--preset", "bbc-minilm-tiny", f"output_dir={out}", "task=mlm",
                  "steps=[filters-teacher,filters-student,distil,evaluate]", "distil.methods=[ted,dwt,codir]",
-                 "distil.alpha_s=4", "distil.alpha_s_end=1", "data.max_length=24", "distil.bank_size=64"])
+                 "distil.dwt.alpha_s=4", "distil.dwt.alpha_s_end=1", "data.max_length=24",
+                 "distil.codir.bank_size=64"])
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     assert list(results) == ["teacher (pretrained)", "student (initial)", "TED", "DWT", "CoDIR"]

@@ -1,8 +1,10 @@
 """Typed configs: presets, YAML, dotted overrides, and one clear error per bad setting."""
+import copy
+
 import pytest
 import yaml
 
-from fastted.train.config import Config, ConfigError, PRESETS, dump, from_dict, load_config, to_dict
+from fastted.train.config import METHODS, Config, ConfigError, PRESETS, dump, from_dict, load_config, to_dict
 
 
 def test_defaults_are_the_embedded_default():
@@ -72,7 +74,7 @@ def test_round_trip_through_yaml(tmp_path):
     ("finetune.lr=inf", "finetune.lr: got inf, needs a finite number"),
     ("finetune.clip=nan", "finetune.clip: got nan, needs a finite number"),
     ("finetune.epochs=inf", "finetune.epochs: got inf, needs a finite number"),
-    ("distil.temperature=-inf", "distil.temperature: got -inf, needs a finite number"),
+    ("distil.ted.temperature=-inf", "distil.ted.temperature: got -inf, needs a finite number"),
     ("data.max_length=inf", "data.max_length: got inf, needs a finite number"),
 ])
 @pytest.mark.bad_input
@@ -141,46 +143,85 @@ def test_example_configs_load(name):
     assert config.output_dir.startswith("runs/")
 
 
-def test_per_method_values_reach_only_their_method(tmp_path):
+def test_method_settings_and_per_method_values_reach_only_their_method(tmp_path):
+    from fastted.methods.ted import TEDSettings
     from fastted.train.config import method_config
 
     path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump({"distil": {"mse_alpha": 2.0, "per_method": {"lwd": {"mse_alpha": 30,
-                                                                                        "train": {"lr": 5e-5}}}}}))
-    config = load_config(str(path), ("distil.per_method.ted.kl_alpha=7", "distil.per_method.lwd.temperature=3"))
+    path.write_text(yaml.safe_dump({"distil": {"ted": {"mse_alpha": 2.0}, "lwd": {"mse_alpha": 30},
+                                               "per_method": {"lwd": {"train": {"lr": 5e-5}}}}}))
+    config = load_config(str(path), ("distil.ted.kl_alpha=7", "distil.lwd.temperature=3"))
     ted, lwd, kd = (method_config(config, m) for m in ("ted", "lwd", "kd"))
-    assert (ted.distil.kl_alpha, ted.distil.mse_alpha, ted.distil.temperature) == (7.0, 2.0, 2.0)
-    assert isinstance(ted.distil.kl_alpha, float)  # typed when applied, from the command line's text
-    assert (lwd.distil.mse_alpha, lwd.distil.temperature, lwd.distil.train.lr) == (30.0, 3.0, 5e-5)
-    assert (kd.distil.mse_alpha, kd.distil.train.lr, kd.distil.methods, kd.distil.per_method) == (2.0, 1e-4, ["kd"], {})
-    assert config.distil.mse_alpha == 2.0 and config.distil.train.lr == 1e-4 and "lwd" in config.distil.per_method
+    assert (ted.distil.ted.kl_alpha, ted.distil.ted.mse_alpha, ted.distil.ted.temperature) == (7.0, 2.0, 2.0)
+    assert isinstance(ted.distil.ted.kl_alpha, float)  # typed when applied, from the command line's text
+    assert (lwd.distil.lwd.mse_alpha, lwd.distil.lwd.temperature, lwd.distil.train.lr) == (30.0, 3.0, 5e-5)
+    assert lwd.distil.ted == TEDSettings()  # a step's config holds the other methods' defaults, not the run's
+    assert (kd.distil.train.lr, kd.distil.methods, kd.distil.per_method) == (1e-4, ["kd"], {})
+    assert config.distil.ted.mse_alpha == 2.0 and config.distil.train.lr == 1e-4 and "lwd" in config.distil.per_method
+
+
+def test_old_flat_keys_load_onto_the_methods_sections_with_a_notice(tmp_path):
+    """A config file, an override and a saved config of before the methods owned their settings: each old key sets
+    the keys that replace it (every method that read it), with one ConfigKeyWarning naming both; an old
+    per-method value still wins over the flat one, wherever the file wrote it."""
+    from fastted.train.config import ConfigKeyWarning, method_config
+
+    path = tmp_path / "old.yaml"
+    path.write_text(yaml.safe_dump({"distil": {
+        "per_method": {"lwd": {"mse_alpha": 30, "train": {"lr": 5e-5}}}, "mse_alpha": 2.0, "kl_alpha": 3.0,
+        "crd_temperature": 0.5, "projection_dim": 64, "crd_negatives": 7, "rail_per": "step", "alpha_s": 2.0}},
+        sort_keys=False))
+    with pytest.warns(ConfigKeyWarning) as caught:
+        config = load_config(str(path), ("distil.per_method.ted.kl_alpha=7", "distil.temperature=3"))
+    messages = {str(w.message) for w in caught}
+    assert ("config key distil.crd_temperature is deprecated: it sets distil.codir.temperature (write those "
+            "instead)") in messages
+    assert ("config key distil.per_method.ted.kl_alpha is deprecated: it sets distil.ted.kl_alpha (write those "
+            "instead)") in messages
+    d = config.distil
+    assert (d.ted.mse_alpha, d.lwd.mse_alpha, d.ted.kl_alpha, d.lwd.kl_alpha, d.kd.kl_alpha) == (2.0, 30.0, 7.0, 3.0,
+                                                                                                  3.0)
+    assert (d.codir.kd_alpha, d.railkd.kd_alpha, d.codir.temperature, d.codir.proj_dim, d.codir.negatives) == \
+        (3.0, 3.0, 0.5, 64, 7)
+    assert (d.codir.kd_temperature, d.ted.temperature, d.dwt.temperature, d.railkd.per, d.dwt.alpha_s) == \
+        (3.0, 3.0, 3.0, "step", 2.0)
+    assert d.per_method == {"lwd": {"train": {"lr": 5e-5}}}
+    assert method_config(config, "lwd").distil.train.lr == 5e-5
+    with pytest.warns(ConfigKeyWarning, match=r"distil\.projection_dim is deprecated: it sets distil\.codir\.proj_dim"):
+        assert load_config(overrides=("distil.projection_dim=32",)).distil.codir.proj_dim == 32
+    with pytest.warns(ConfigKeyWarning, match=r"distil\.kl_alpha is deprecated"):
+        saved = from_dict({"distil": {"methods": ["kd"], "kl_alpha": 0.5, "temperature": 1.0}})
+    assert (saved.distil.kd.kl_alpha, saved.distil.kd.temperature, saved.distil.methods) == (0.5, 1.0, ["kd"])
 
 
 def test_published_sets_a_papers_values_under_the_users():
     from fastted.train.config import method_config
     from fastted.train.published import PUBLISHED, SOURCES
 
-    config = load_config(overrides=("published=ted-glue-mnli", "distil.per_method.ted.mse_alpha=50",
-                                    "distil.train.lr=1e-5"))
+    config = load_config(overrides=("published=ted-glue-mnli", "distil.ted.mse_alpha=50", "distil.train.lr=1e-5"))
     assert config.published == "ted-glue-mnli"
-    ted, lwd, kd = (method_config(config, m) for m in ("ted", "lwd", "kd"))
-    assert (ted.distil.kl_alpha, ted.distil.mse_alpha) == (5.0, 50.0)  # the user's mse_alpha over the script's 7500
-    assert (lwd.distil.kl_alpha, lwd.distil.mse_alpha) == (5.0, 100.0)
-    assert (kd.distil.kl_alpha, kd.distil.mse_alpha) == (5.0, 1.0)
+    ted, lwd, kd = config.distil.ted, config.distil.lwd, config.distil.kd
+    assert (ted.kl_alpha, ted.mse_alpha) == (5.0, 50.0)  # the user's mse_alpha over the script's 7500
+    assert (lwd.kl_alpha, lwd.mse_alpha) == (5.0, 100.0)
+    assert (kd.kl_alpha, kd.temperature) == (5.0, 2.0)
     assert config.distil.train.lr == 1e-5 and config.distil.train.batch_size == 64
     # The scripts' 1,500 warmup steps of 3 epochs over MNLI's 392,702 pairs at batch 64, as a ratio.
     assert config.distil.train.warmup_ratio == pytest.approx(1500 / (3 * 6136), abs=1e-4)
     sst2 = load_config(overrides=("published=ted-glue-sst2",))
-    assert method_config(sst2, "ted").distil.mse_alpha == 20.0 and sst2.distil.train.warmup_ratio == 0.0
-    codir = method_config(load_config(overrides=("published=codir-paper",)), "codir").distil
-    assert (codir.bank_mode, codir.crd_negatives, codir.pooling, codir.projection_dim) == ("momentum", 100, "first",
-                                                                                            128)
-    assert (codir.task_alpha, codir.kl_alpha, codir.temperature, codir.crd_temperature) == (0.5, 0.5, 2.0, 0.07)
-    assert (codir.train.epochs, codir.train.weight_decay, codir.train.warmup_ratio) == (10.0, 0.1, 0.06)
+    assert method_config(sst2, "ted").distil.ted.mse_alpha == 20.0 and sst2.distil.train.warmup_ratio == 0.0
+    one = method_config(load_config(overrides=("published=codir-paper",)), "codir").distil
+    codir = one.codir
+    assert (codir.bank_mode, codir.negatives, codir.pooling, codir.proj_dim) == ("momentum", 100, "first", 128)
+    assert (codir.task_alpha, codir.kd_alpha, codir.kd_temperature, codir.temperature) == (0.5, 0.5, 2.0, 0.07)
+    assert (one.train.epochs, one.train.weight_decay, one.train.warmup_ratio) == (10.0, 0.1, 0.06)
+    railkd = load_config(overrides=("published=railkd-paper",)).distil.railkd
+    assert (railkd.task_alpha, railkd.kd_alpha, railkd.rail_alpha, railkd.per) == (1 / 3, 1 / 3, 1 / 3, "epoch")
+    dwt = load_config(overrides=("published=dwt-paper",)).distil.dwt
+    assert (dwt.alpha_h, dwt.alpha_s, dwt.alpha_s_end, dwt.remap) == (1.0, 4.0, 1.0, False)
     assert set(SOURCES) == set(PUBLISHED)
-    for name in PUBLISHED:  # every entry applies and checks, for every method it names
+    for name in PUBLISHED:  # every entry applies and checks, for every method
         one = load_config(overrides=(f"published={name}",))
-        for method in one.distil.per_method:
+        for method in METHODS:
             method_config(one, method)
 
 
@@ -188,11 +229,16 @@ def test_published_sets_a_papers_values_under_the_users():
     ("published=ted-glue-bogus", "published: got 'ted-glue-bogus', needs one of ted-glue-mnli"),
     ("distil.per_method.bogus.mse_alpha=1", "distil.per_method: got 'bogus', needs one of ted"),
     ("distil.per_method.ted.mse_alhpa=1", "unknown config key 'distil.per_method.ted.mse_alhpa'"),
-    ("distil.per_method.lwd.mse_alpha=-2", "distil.per_method.lwd: distil.mse_alpha: got -2.0, needs a number >= 0"),
+    ("distil.per_method.lwd.train.lr=-2", "distil.per_method.lwd: distil.train.lr: got -2.0, needs a number >= 0"),
+    ("distil.per_method.lwd.mse_alpha=-2", "distil.lwd.mse_alpha: got -2.0, needs a number >= 0"),
+    ("distil.per_method.ted.lwd.kl_alpha=1", "distil.per_method.ted.lwd.kl_alpha: a method's settings are its own "
+                                             "section; set distil.lwd.kl_alpha"),
     ("distil.per_method.ted.train.lr=fast", "distil.per_method.ted.train.lr: got 'fast', needs a number"),
-    ("distil.bank_mode=fifo", "distil.bank_mode: got 'fifo', needs one of queue, momentum"),
-    ("distil.crd_negatives=-1", "distil.crd_negatives: got -1, needs a number >= 0"),
-    ("distil.per_method.codir.pooling=max", "distil.per_method.codir: distil.pooling: got 'max', needs one of mean"),
+    ("distil.codir.bank_mode=fifo", "distil.codir.bank_mode: got 'fifo', needs one of queue, momentum"),
+    ("distil.codir.negatives=-1", "distil.codir.negatives: got -1, needs a number >= 0"),
+    ("distil.railkd.per=batch", "distil.railkd.per: got 'batch', needs one of step, epoch"),
+    ("distil.dwt.alpha_s_schedule=exp", "distil.dwt.alpha_s_schedule: got 'exp', needs one of constant, linear"),
+    ("distil.per_method.codir.pooling=max", "distil.codir.pooling: got 'max', needs one of mean"),
     ("distil.per_method.ted.teacher_cache=true", "distil.per_method.ted.teacher_cache: distil.teacher_cache holds "
                                                  "for the whole run"),
 ])
@@ -201,3 +247,20 @@ def test_bad_per_method_and_published_settings(override, message):
     with pytest.raises(ConfigError) as info:
         load_config(overrides=(override,))
     assert message in str(info.value)
+
+
+def test_a_step_compares_its_own_methods_settings_and_reads_an_older_checkpoints_flat_keys():
+    """What resume compares (fastted.train.trainer): a step's own method's section alone, whole, and an older
+    checkpoint's saved flat keys as the sections they now are."""
+    from fastted.train.config import method_config, step_settings, to_yaml
+
+    step = yaml.safe_load(to_yaml(method_config(load_config(overrides=("distil.kd.kl_alpha=0.5",
+                                                                       "distil.ted.mse_alpha=9")), "kd")))
+    old = copy.deepcopy(step)
+    for method in METHODS:
+        old["distil"].pop(method)
+    old["distil"].update({"kl_alpha": 0.5, "temperature": 2.0, "mse_alpha": 1.0, "crd_temperature": 0.07})
+    assert step_settings(old) == step_settings(step)
+    assert list(step_settings(step)["distil"])[-1] == "kd" and "ted" not in step_settings(step)["distil"]
+    old["distil"]["temperature"] = 3.0
+    assert step_settings(old) != step_settings(step)

@@ -36,7 +36,7 @@ def _setup(tmp):
               "data.max_length=16", "data.test_fraction=0.3", "distil.train.batch_size=4",
               "distil.train.max_steps=2", "progress=false", "student.layers=[0,2]", "distil.methods=[kd,lwd]",
               # LWD on the task loss alone reads no teacher layer: its teacher is cut to one block
-              "distil.per_method.lwd.kl_alpha=0", "distil.per_method.lwd.mse_alpha=0"]
+              "distil.lwd.kl_alpha=0", "distil.lwd.mse_alpha=0"]
     fresh = ["teacher.random_init=true", "teacher.num_layers=3", "teacher.hidden_size=48",
              "teacher.intermediate_size=40", "student.random_init=true"]
     steps = [["distil", "--method", "kd"], ["distil", "--method", "lwd"], ["cache-teacher", "--method", "kd"],
