@@ -111,13 +111,13 @@ class Counted:
         return self.cache.batch(index, mask, **kwargs)
 
 
-def _stage(size: dict, directory: str, r, collator, prefetch_steps: int):
+def _training(size: dict, directory: str, r, collator, prefetch_steps: int):
     from fastted.train.config import TrainConfig
-    from fastted.train.trainer import Stage
+    from fastted.train.trainer import Training
 
     train = TrainConfig(batch_size=size["micro"], max_steps=size["warmup"] + size["steps"], lr=1e-4,
                         warmup_ratio=0.0, log_every=1, prefetch_steps=prefetch_steps)
-    return Stage(name="lwd", directory=directory, recipe=r, dataset=examples(size), collator=collator, train=train,
+    return Training(name="lwd", directory=directory, recipe=r, dataset=examples(size), collator=collator, train=train,
                  progress=False, resume=False)
 
 
@@ -130,11 +130,11 @@ def in_memory(size: dict, cache_dir: str) -> dict:
 
     r = recipe(size)
     r.use_teacher_cache(TeacherCache(cache_dir))
-    stage = _stage(size, "", r, CLMCollator(0), 0)
+    training = _training(size, "", r, CLMCollator(0), 0)
     layout = SimpleNamespace(micro_batch=size["micro"], accumulation=1, world=1, rank=0)
     held = {}
-    for step in range(stage.train.max_steps):
-        for _, batch in micro_batches(stage, step, layout):
+    for step in range(training.train.max_steps):
+        for _, batch in micro_batches(training, step, layout):
             held[tuple(batch["index"].tolist())] = r.prefetch(batch)[PREFETCHED]
     return held
 
@@ -158,11 +158,11 @@ def timed_run(size: dict, directory: str, cache_dir: str, variant: str, held: di
         batch = collate(examples, generator)
         return {**batch, PREFETCHED: held[tuple(batch["index"].tolist())]}
 
-    stage = _stage(size, directory, r, fed_from_memory if variant == "memory" else collate,
+    training = _training(size, directory, r, fed_from_memory if variant == "memory" else collate,
                    2 if variant == "prefetched" else 0)
-    engine = Engine(r, stage.train, EngineConfig(), stage.train.max_steps, torch.device("cpu"))
+    engine = Engine(r, training.train, EngineConfig(), training.train.max_steps, torch.device("cpu"))
     with contextlib.redirect_stdout(io.StringIO()):  # progress=false prints a line a step
-        run(stage, engine)
+        run(training, engine)
     records = [x for x in read_metrics(directory) if "loss" in x]
     return {"step_times": [x["step_time"] for x in records[size["warmup"]:]],
             "losses": [(x["loss"], x["terms"]) for x in records], "reads": cache.reads}

@@ -20,7 +20,7 @@ This module holds the steps alone: the models come from
 from :func:`fastted.train.data.prepare_data`, the recipes from the registry of
 :mod:`fastted.methods`, the training from :mod:`fastted.train.trainer` under
 :class:`fastted.train.engine.Engine`. Each training step is a
-:class:`~fastted.train.trainer.Stage` of the same name, in the folder of that name.
+:class:`~fastted.train.trainer.Training` of the same name, in the folder of that name.
 """
 from __future__ import annotations
 
@@ -41,16 +41,16 @@ from fastted.integrations import with_index
 from fastted.train.loading import build_teacher, place, teacher_num_layers
 from fastted.models import is_partitioned
 from fastted.train.sources import build_student, hf_config, load_model, load_tokenizer, model_source, student_layers
-from fastted.train.trainer import Stage, evaluate_model, run, total_steps
+from fastted.train.trainer import Training, evaluate_model, run, total_steps
 
 
-def stage_dir(config: Config, name: str) -> str:
+def run_dir(config: Config, name: str) -> str:
     """The folder of the step ``name`` (e.g. "distil-ted") under ``output_dir``."""
     return os.path.join(config.output_dir, name)
 
 
 def _model_dir(config: Config, name: str) -> str:
-    path = os.path.join(stage_dir(config, name), "model")
+    path = os.path.join(run_dir(config, name), "model")
     if not os.path.isdir(path):
         raise ConfigError(f"{path} does not exist: run the {name} step first (fastted {name.split('-')[0]} ...)")
     return path
@@ -68,9 +68,9 @@ def check_prerequisites(config: Config, steps: list[str], methods: list[str], co
     the filters steps and KD, LWD and the others need the fine-tuned models)."""
     from fastted.methods import recipe_class
 
-    made = {name for name in STEPS_WRITING if os.path.isdir(os.path.join(stage_dir(config, name), "model"))}
+    made = {name for name in STEPS_WRITING if os.path.isdir(os.path.join(run_dir(config, name), "model"))}
     made |= {f"cache-teacher-{m}" for m in methods
-             if os.path.isfile(os.path.join(stage_dir(config, f"cache-teacher-{m}"), "manifest.json"))}
+             if os.path.isfile(os.path.join(run_dir(config, f"cache-teacher-{m}"), "manifest.json"))}
     for step in steps:
         needs = []
         if step.startswith("filters-") and config.task == "classification":
@@ -125,14 +125,14 @@ def _train(config: Config, name: str, recipe, data: Data, train: TrainConfig, de
     def evaluate(eng):
         return evaluate_model(evaluate_adapter, data, config.task, eng.micro_batch, eng.device, eng.rank, eng.world)
 
-    stage = Stage(name=name, directory=stage_dir(config, name), recipe=recipe, dataset=data.train,
+    training = Training(name=name, directory=run_dir(config, name), recipe=recipe, dataset=data.train,
                   collator=data.collator, train=train,
                   evaluate=None if evaluate_adapter is None else evaluate, config_text=to_yaml(config),
                   seed=config.seed, progress=config.progress, resume=config.resume)
-    result = run(stage, engine)
+    result = run(training, engine)
     with engine.gathered():
         if engine.is_main:
-            _export(stage.directory, recipe, data.tokenizer, result)
+            _export(training.directory, recipe, data.tokenizer, result)
     barrier()
     return result
 
@@ -184,17 +184,17 @@ def _start(config: Config) -> _Start:
 
 def _partitioning(config: Config, st: _Start, train: Optional[TrainConfig], micro: int) -> tuple:
     """(teacher's, student's) DeepSpeed configs that partition them while they are built (ZeRO-3), None for a
-    model built whole: the teacher by :func:`fastted.train.engine.partitions_teacher`, the student when the stage's
+    model built whole: the teacher by :func:`fastted.train.engine.partitions_teacher`, the student when the training's
     DeepSpeed config (``train``'s) is at stage 3; with ``train`` None (evaluation) a ZeRO-3 student runs as the
     teacher does, under the teacher's inference config."""
     engine = config.engine
     inference = teacher_deepspeed_config(engine, micro)
     teacher = inference if partitions_teacher(engine, st.world) else None
     # evaluation has no batch layout to check: a global batch of one example per rank
-    stage = deepspeed_config(train or TrainConfig(batch_size=st.world), engine, st.world)
-    if stage["zero_optimization"].get("stage", 0) != 3:
+    ds_config = deepspeed_config(train or TrainConfig(batch_size=st.world), engine, st.world)
+    if ds_config["zero_optimization"].get("stage", 0) != 3:
         return teacher, None
-    return teacher, (inference if train is None else stage)
+    return teacher, (inference if train is None else ds_config)
 
 
 def _legacy(config: Config, zeros: tuple) -> bool:
@@ -389,7 +389,7 @@ def cache_teacher(config: Config, method: str) -> dict:
         if not any(is_partitioned(p) for p in module.parameters()):
             module.to(dtype=dtype if st.device.type == "cuda" else None)
         module.eval()
-    directory = stage_dir(config, f"cache-teacher-{method}")
+    directory = run_dir(config, f"cache-teacher-{method}")
     if st.rank == 0:
         shutil.rmtree(directory, ignore_errors=True)  # a rebuild leaves nothing of an older cache behind
         os.makedirs(directory)
@@ -449,7 +449,7 @@ def _open_on_every_rank(open_cache):
 
 
 def distil(config: Config, method: str) -> dict:
-    """Stage II of ``method``: the student learns from the frozen teacher (or, with ``distil.teacher_cache``,
+    """Training II of ``method``: the student learns from the frozen teacher (or, with ``distil.teacher_cache``,
     from what cache-teacher stored of it)."""
     from fastted.train.cache import TeacherCache
 
@@ -460,7 +460,7 @@ def distil(config: Config, method: str) -> dict:
     recipe = _recipe(config, method, st, truncate=d.truncate_teacher and not d.teacher_cache, cached=d.teacher_cache)
     data = st.data
     if config.distil.teacher_cache:
-        directory = stage_dir(config, f"cache-teacher-{method}")
+        directory = run_dir(config, f"cache-teacher-{method}")
         cache = _open_on_every_rank(lambda: TeacherCache(
             directory, expect=_cache_identity(config, recipe, data),
             rebuild=f"run `fastted cache-teacher --method {method}` with this run's settings"))
@@ -497,7 +497,7 @@ def evaluate(config: Config) -> dict:
             else:
                 model = _student(config, legacy, zero, teacher=pretrained)
         else:
-            directory = os.path.join(stage_dir(config, name), "model")
+            directory = os.path.join(run_dir(config, name), "model")
             if not os.path.isdir(directory):
                 continue
             model = load_model(directory, config.task) if legacy else build_model(directory, config.task, zero=zero)

@@ -51,10 +51,10 @@ from fastted.train.throughput import Meter
 
 
 @dataclass
-class Stage:
+class Training:
     """One training run of a recipe."""
 
-    name: str                      # e.g. "distil-ted": the progress bar's label and the metrics' "stage"
+    name: str                      # e.g. "distil-ted": the progress bar's label and the metrics' "training"
     directory: str                 # metrics.jsonl and checkpoints/ go here
     recipe: torch.nn.Module
     dataset: object                # a tokenized datasets.Dataset (or any sequence of example dicts)
@@ -88,21 +88,21 @@ def total_steps(n: int, config: TrainConfig, key: str = "train", tokens_per_step
     return max(1, math.ceil(config.epochs * per_epoch))
 
 
-def micro_batches(stage: Stage, step: int, engine: Engine):
+def micro_batches(training: Training, step: int, engine: Engine):
     """This rank's micro batches of optimizer step ``step``: the step's global batch cut into
     accumulation x ranks pieces; micro batch a of rank r is piece a * ranks + r. A piece's random parts (the
     MLM masks) are keyed by (seed, step, piece), not by rank: with the same micro batch size, a run on any
     number of ranks draws the same masks."""
-    n, size = len(stage.dataset), stage.train.batch_size
+    n, size = len(training.dataset), training.train.batch_size
     per_epoch = steps_per_epoch(n, size)
     epoch, position = divmod(step, per_epoch)
-    indices = data_order(n, stage.seed, epoch)[position * size:(position + 1) * size]
+    indices = data_order(n, training.seed, epoch)[position * size:(position + 1) * size]
     micro = engine.micro_batch
     for a in range(engine.accumulation):
         piece = a * engine.world + engine.rank
         chosen = indices[piece * micro:(piece + 1) * micro]
-        examples = [stage.dataset[int(i)] for i in chosen]
-        yield epoch, stage.collator(examples, batch_generator(stage.seed, step, piece, 0))  # (.., a, 0) on 1 rank
+        examples = [training.dataset[int(i)] for i in chosen]
+        yield epoch, training.collator(examples, batch_generator(training.seed, step, piece, 0))  # (.., a, 0) on 1 rank
 
 
 class Prefetcher:
@@ -119,8 +119,8 @@ class Prefetcher:
     thread and waits for it. ``depth`` 0, or outside a block: each step's batches made lazily in the loop, as
     :func:`micro_batches` makes them."""
 
-    def __init__(self, stage: Stage, engine: Engine, start: int, total: int, depth: int):
-        self.stage, self.engine, self.steps, self.depth = stage, engine, range(start, total), depth
+    def __init__(self, training: Training, engine: Engine, start: int, total: int, depth: int):
+        self.training, self.engine, self.steps, self.depth = training, engine, range(start, total), depth
         self._queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))  # a step's micro batches, or the exception
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
@@ -144,7 +144,7 @@ class Prefetcher:
     def __iter__(self):
         for step in self.steps:
             if self._thread is None:
-                yield step, micro_batches(self.stage, step, self.engine)
+                yield step, micro_batches(self.training, step, self.engine)
                 continue
             item = self._queue.get()
             if isinstance(item, BaseException):
@@ -157,11 +157,11 @@ class Prefetcher:
         if pin:
             torch.cuda.set_device(device)  # pinned memory and CUDA state of this rank's device, not device 0
         torch.set_num_threads(1)  # this thread's own (OpenMP's is per thread): the step keeps the cores
-        prefetch = getattr(self.stage.recipe, "prefetch", None)  # a recipe that is not a fastted Recipe has none
+        prefetch = getattr(self.training.recipe, "prefetch", None)  # a recipe that is not a fastted Recipe has none
         try:
             for step in self.steps:
                 micro = []
-                for epoch, batch in micro_batches(self.stage, step, self.engine):
+                for epoch, batch in micro_batches(self.training, step, self.engine):
                     if self._stop.is_set():
                         return
                     micro.append((epoch, batch if prefetch is None else prefetch(batch, pin=pin)))
@@ -184,11 +184,11 @@ class Prefetcher:
 # --------------------------------------------------------------------------- checkpoints
 
 
-def save_checkpoint(engine: Engine, stage: Stage, step: int, tokens: Optional[int] = None) -> str:
+def save_checkpoint(engine: Engine, training: Training, step: int, tokens: Optional[int] = None) -> str:
     """Write ``checkpoints/step-{step}`` atomically, closed by its manifest (each rank hashing its own files), and
     keep the last ``keep_last``; ``tokens``, the run's tokens so far over all ranks, goes into its trainer.json
     (what a resumed run counts on from). Every rank calls it."""
-    root = checkpoint_dir(stage.directory)
+    root = checkpoint_dir(training.directory)
     name = f"step-{step:07d}"
     final, tmp = os.path.join(root, name), os.path.join(root, name + ".tmp")
     if engine.is_main:
@@ -198,8 +198,8 @@ def save_checkpoint(engine: Engine, stage: Stage, step: int, tokens: Optional[in
     barrier()
     engine.save(tmp)
     if engine.is_main:
-        write_atomic(os.path.join(tmp, "config.yaml"), stage.config_text)
-        state = {"step": step, "stage": stage.name, "world": engine.world}
+        write_atomic(os.path.join(tmp, "config.yaml"), training.config_text)
+        state = {"step": step, "training": training.name, "world": engine.world}
         write_atomic(os.path.join(tmp, "trainer.json"), json.dumps(
             state if tokens is None else {**state, "tokens": int(tokens)}))
     barrier()
@@ -210,7 +210,7 @@ def save_checkpoint(engine: Engine, stage: Stage, step: int, tokens: Optional[in
         os.rename(tmp, final)
         write_atomic(os.path.join(root, "latest"), name)
         kept = sorted((d for d in os.listdir(root) if checkpoint_step(d) is not None), key=checkpoint_step)
-        for old in kept[:-stage.train.keep_last]:
+        for old in kept[:-training.train.keep_last]:
             shutil.rmtree(os.path.join(root, old), ignore_errors=True)
     barrier()
     return final
@@ -256,16 +256,16 @@ def _without(values, keys: tuple):
     return values
 
 
-def _check_same_run(stage: Stage, path: str) -> None:
+def _check_same_run(training: Training, path: str) -> None:
     saved = os.path.join(path, "config.yaml")
-    if not stage.config_text or not os.path.exists(saved):
+    if not training.config_text or not os.path.exists(saved):
         return
     with open(saved, encoding="utf-8") as f:
         before = _run_settings(f.read())
-    now = _run_settings(stage.config_text)
+    now = _run_settings(training.config_text)
     if before != now:
         changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
-        raise ValueError(f"{stage.directory} holds a checkpoint of a run with other settings (differing: "
+        raise ValueError(f"{training.directory} holds a checkpoint of a run with other settings (differing: "
                          f"{', '.join(changed)}): use another output_dir, or resume=false to start over")
 
 
@@ -374,7 +374,7 @@ class _FiniteWatch:
         for name, ok in finite.items():
             self.flags[name] = torch.where(new, ~ok, self.flags.get(name, torch.zeros_like(ok)))
 
-    def check(self, stage: Stage, engine: Engine, last_good: Optional[str]) -> None:
+    def check(self, training: Training, engine: Engine, last_good: Optional[str]) -> None:
         """Raise :class:`NonFiniteError` (on every rank alike) if a step so far was not finite."""
         first = torch.where(self.first < 0, torch.full_like(self.first, 2**62), self.first)
         first = int(reduce_over_ranks(first, "min"))
@@ -383,13 +383,13 @@ class _FiniteWatch:
         flags = reduce_over_ranks(torch.stack(list(self.flags.values())).long(), "max").tolist()
         bad = [name for name, flag in zip(self.flags, flags) if flag] or ["loss"]
         raise NonFiniteError(
-            f"{stage.name}: non-finite {', '.join(bad)} at step {first + 1} of {engine.total_steps}; stopped before "
+            f"{training.name}: non-finite {', '.join(bad)} at step {first + 1} of {engine.total_steps}; stopped before "
             f"saving it. Last good checkpoint: {last_good or 'none'} (lower the learning rate, or check the data "
             f"of that step; a rerun resumes from the checkpoint)")
 
 
-def run(stage: Stage, engine: Engine) -> dict:
-    """Train ``stage.recipe`` under ``engine`` for its steps; returns the last metrics and evaluation.
+def run(training: Training, engine: Engine) -> dict:
+    """Train ``training.recipe`` under ``engine`` for its steps; returns the last metrics and evaluation.
 
     Each logged record holds the loss, its terms and the throughput of its logging window
     (:class:`fastted.train.throughput.Meter`: tokens, tokens/s, step time, peak memory, FLOPs, MFU, the teacher's share),
@@ -399,33 +399,33 @@ def run(stage: Stage, engine: Engine) -> dict:
     sync: logged, evaluated, saved, the last), after which nothing more is saved."""
     total = engine.total_steps
     start, last_good = 0, None
-    if stage.resume:
-        path = latest_checkpoint(stage.directory, engine.rank, engine.world)
+    if training.resume:
+        path = latest_checkpoint(training.directory, engine.rank, engine.world)
         if path is not None:
-            _check_same_run(stage, path)
+            _check_same_run(training, path)
             start, last_good = load_checkpoint(engine, path), path
-    metrics = Metrics(stage.directory, engine.is_main, start, final=start == total)
+    metrics = Metrics(training.directory, engine.is_main, start, final=start == total)
     config = getattr(engine, "engine_config", None)  # engine.peak_tflops: the device's peak, for MFU
-    meter = Meter(stage.recipe, engine.device, engine.world, engine.precision, getattr(config, "peak_tflops", None),
+    meter = Meter(training.recipe, engine.device, engine.world, engine.precision, getattr(config, "peak_tflops", None),
                   tokens=_saved_tokens(last_good, metrics))
     try:
-        last, evaluation = _train(stage, engine, start, last_good, metrics, meter)
+        last, evaluation = _train(training, engine, start, last_good, metrics, meter)
     finally:
         meter.close()  # the teacher's timing hooks
     metrics.close()
     return {"train": last, "eval": evaluation, "steps": total, "resumed_from": start}
 
 
-def _train(stage: Stage, engine: Engine, start: int, last_good: Optional[str], metrics: Metrics,
+def _train(training: Training, engine: Engine, start: int, last_good: Optional[str], metrics: Metrics,
            meter: Meter) -> tuple[dict, dict]:
     """The steps from ``start`` and the final evaluation: (the last logged record, the last evaluation). The
     steps' batches are read ahead by a :class:`Prefetcher` (``train.prefetch_steps``), which ends with the loop."""
     total = engine.total_steps
-    bar = _progress(stage.progress and engine.is_main, total, start, stage.name)
-    train, last, evaluation = stage.train, {}, {}
+    bar = _progress(training.progress and engine.is_main, total, start, training.name)
+    train, last, evaluation = training.train, {}, {}
     watch = _FiniteWatch(engine.device)
     engine.train(True)
-    with Prefetcher(stage, engine, start, total, train.prefetch_steps) as steps:
+    with Prefetcher(training, engine, start, total, train.prefetch_steps) as steps:
         for step, micro in steps:
             sums: dict[str, torch.Tensor] = {}  # on the device: no host sync until the step is logged
             layer_sums, grad_norm = None, None
@@ -445,14 +445,14 @@ def _train(stage: Stage, engine: Engine, start: int, last_good: Optional[str], m
             watch.update(step, sums if grad_norm is None else {**sums, "gradient norm": grad_norm})
             done = step + 1
             logged = done % max(train.log_every, 1) == 0 or done == total
-            evaluated = stage.evaluate is not None and train.eval_every and done % train.eval_every == 0
+            evaluated = training.evaluate is not None and train.eval_every and done % train.eval_every == 0
             saved = (train.save_every and done % train.save_every == 0) or done == total
             if logged:
                 names = list(sums)
                 flat = torch.stack([sums[n] for n in names] + ([] if layer_sums is None else list(layer_sums)))
                 flat = mean_over_ranks(flat / engine.accumulation).tolist()  # the step's sync
                 values = dict(zip(names, flat))
-                record = {"step": done, "epoch": epoch, "stage": stage.name, "loss": values.pop("loss"), "lr": lr,
+                record = {"step": done, "epoch": epoch, "training": training.name, "loss": values.pop("loss"), "lr": lr,
                           **meter.fields(), "layer_losses": flat[len(names):], "terms": values,
                           "weights": dict(out.weights)}
                 metrics.log(record)
@@ -463,23 +463,23 @@ def _train(stage: Stage, engine: Engine, start: int, last_good: Optional[str], m
                                     mem=f"{record['peak_memory'] / 2**30:.1f}G", **shown, refresh=False)
                 elif engine.is_main:  # progress=false: one line per logged step, for logs and batch jobs
                     terms = " ".join(f"{k} {v:.4f}" for k, v in values.items())
-                    print(f"{stage.name} step {done}/{total}: loss {record['loss']:.4f} {terms} lr {lr:.3g} "
+                    print(f"{training.name} step {done}/{total}: loss {record['loss']:.4f} {terms} lr {lr:.3g} "
                           f"{_throughput_text(record)}", flush=True)
             if bar is not None:
                 bar.update(1)
             if logged or evaluated or saved:
-                watch.check(stage, engine, last_good)  # a sync: what the device queued is done before the timing
+                watch.check(training, engine, last_good)  # a sync: what the device queued is done before the timing
             if evaluated and done != total:
                 with meter.excluded():
-                    evaluation = _evaluate(stage, engine, done, metrics)
+                    evaluation = _evaluate(training, engine, done, metrics)
             if saved:
                 with meter.excluded():
-                    engine.check_finite_parameters(f"{stage.name}: after step {done} of {total}", last_good)
-                    last_good = save_checkpoint(engine, stage, done, meter.total_tokens())
+                    engine.check_finite_parameters(f"{training.name}: after step {done} of {total}", last_good)
+                    last_good = save_checkpoint(engine, training, done, meter.total_tokens())
     if bar is not None:
         bar.close()
-    if stage.evaluate is not None:
-        evaluation = _evaluate(stage, engine, total, metrics)
+    if training.evaluate is not None:
+        evaluation = _evaluate(training, engine, total, metrics)
     return last, evaluation
 
 
@@ -496,12 +496,12 @@ def _throughput_text(record: dict) -> str:
     return text
 
 
-def _evaluate(stage: Stage, engine: Engine, step: int, metrics: Metrics) -> dict:
+def _evaluate(training: Training, engine: Engine, step: int, metrics: Metrics) -> dict:
     engine.train(False)
     with torch.no_grad():
-        result = stage.evaluate(engine)
+        result = training.evaluate(engine)
     engine.train(True)
-    metrics.log({"step": step, "stage": stage.name, "eval": result})
+    metrics.log({"step": step, "training": training.name, "eval": result})
     return result
 
 

@@ -24,7 +24,7 @@ from fastted.train.config import EngineConfig, TrainConfig  # noqa: E402
 from fastted.train.data import ClassificationCollator, CLMCollator  # noqa: E402
 from fastted.train.engine import Engine, init_distributed  # noqa: E402
 from fastted.models import is_partitioned  # noqa: E402
-from fastted.train.trainer import Stage, read_metrics, run  # noqa: E402
+from fastted.train.trainer import Training, read_metrics, run  # noqa: E402
 from tests.tiny_models import bert, gpt2  # noqa: E402
 
 STEPS = 4
@@ -77,9 +77,9 @@ def build(args):
                         save_every=2, keep_last=3)
     engine_config = EngineConfig(zero_stage=args.zero_stage, teacher_zero3=args.zero_stage == 3, impl="reference")
     engine = Engine(recipe, train, engine_config, STEPS, torch.device("cpu"))
-    stage = Stage(name=args.recipe, directory=args.dir, recipe=recipe, dataset=dataset(), collator=collator,
+    training = Training(name=args.recipe, directory=args.dir, recipe=recipe, dataset=dataset(), collator=collator,
                   train=train, progress=False, config_text=f"zero_stage: {args.zero_stage}\n")
-    return recipe, engine, stage
+    return recipe, engine, training
 
 
 def cached(recipe, collator, directory):
@@ -119,8 +119,8 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.autograd.set_detect_anomaly(os.environ.get("ANOMALY") == "1")
-    recipe, engine, stage = build(args)
-    run(stage, engine)
+    recipe, engine, training = build(args)
+    run(training, engine)
     result = {"world": engine.world, **layout(recipe)}
     losses = [r["loss"] for r in read_metrics(args.dir) if "loss" in r]
     # A second run that resumes from the step-2 checkpoint (as after a kill during step 3).
@@ -130,8 +130,8 @@ def main():
         with open(os.path.join(root, "latest"), "w") as f:
             f.write("step-0000002")
     torch.distributed.barrier()
-    recipe, engine, stage = build(args)
-    summary = run(stage, engine)
+    recipe, engine, training = build(args)
+    summary = run(training, engine)
     resumed = [r["loss"] for r in read_metrics(args.dir) if "loss" in r]
     if engine.is_main:
         with open(args.out, "w") as f:

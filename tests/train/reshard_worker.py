@@ -32,7 +32,7 @@ from fastted.train.checkpoints import latest_checkpoint, universal_checkpoint, v
 from fastted.train.config import EngineConfig, TrainConfig  # noqa: E402
 from fastted.train.data import MLMCollator  # noqa: E402
 from fastted.train.engine import CheckpointError, Engine, gather_over_ranks, init_distributed  # noqa: E402
-from fastted.train.trainer import Stage, read_metrics, run  # noqa: E402
+from fastted.train.trainer import Training, read_metrics, run  # noqa: E402
 from tests.tiny_models import VOCAB, bert  # noqa: E402
 from tests.train.engine_worker import dataset  # noqa: E402
 
@@ -57,10 +57,10 @@ def build(zero_stage, directory, scales=None):
                         decay="linear", clip=1.0, save_every=2, keep_last=3)
     engine_config = EngineConfig(zero_stage=zero_stage, teacher_zero3=zero_stage == 3, impl="reference")
     engine = Engine(recipe, train, engine_config, STEPS, torch.device("cpu"))
-    stage = Stage(name=f"zero{zero_stage}", directory=directory, recipe=recipe, dataset=dataset(),
+    training = Training(name=f"zero{zero_stage}", directory=directory, recipe=recipe, dataset=dataset(),
                   collator=MLMCollator(Tokenizer(), probability=0.3), train=train, progress=False,
                   config_text=f"zero_stage: {zero_stage}\n")
-    return engine, stage
+    return engine, training
 
 
 def losses(directory):
@@ -81,9 +81,9 @@ def save_phase(root, rank, world):
     scales = torch.rand(2, generator=torch.Generator().manual_seed(7)) + 0.5  # a buffer a resume must restore
     for zero_stage in STAGES:
         directory = os.path.join(root, f"zero{zero_stage}")
-        engine, stage = build(zero_stage, directory, scales)
+        engine, training = build(zero_stage, directory, scales)
         before = files.bytes_hashed
-        run(stage, engine)
+        run(training, engine)
         result["losses"][zero_stage] = losses(directory)
         if zero_stage == 2:
             checkpoints = os.path.join(directory, "checkpoints")
@@ -118,9 +118,9 @@ def resume_phase(root, saved, rank, world):
             with open(os.path.join(directory, "checkpoints", "latest"), "w") as f:
                 f.write("step-0000002")
         torch.distributed.barrier()
-        engine, stage = build(zero_stage, directory)
+        engine, training = build(zero_stage, directory)
         before = files.bytes_hashed
-        summary = run(stage, engine)
+        summary = run(training, engine)
         run_hashed = hashed_over_ranks(before)
         assert summary["resumed_from"] == 2
         result["losses"][zero_stage] = losses(directory)

@@ -15,7 +15,7 @@ from fastted.train.config import ConfigError, EngineConfig, TrainConfig, load_co
 from fastted.train.data import CLMCollator
 from fastted.train.engine import Engine
 from fastted.methods.base import PREFETCHED
-from fastted.train.trainer import Prefetcher, Stage, latest_checkpoint, lm_loss_sum, read_metrics, run
+from fastted.train.trainer import Prefetcher, Training, latest_checkpoint, lm_loss_sum, read_metrics, run
 from tests.tiny_models import VOCAB, gpt2
 
 STEPS = 5
@@ -65,13 +65,13 @@ class _Recorded:
 
 def _stage(recipe=None, collator=_noisy, n=36):
     """Steps of 12 examples over ``n`` (36: the run's 5 steps cross into a second epoch)."""
-    return Stage(name="prefetch", directory="", recipe=recipe, dataset=_examples(n), collator=collator,
+    return Training(name="prefetch", directory="", recipe=recipe, dataset=_examples(n), collator=collator,
                  train=TrainConfig(batch_size=12, max_steps=STEPS), progress=False, seed=3)
 
 
-def _steps(stage, start, depth, engine=ENGINE):
+def _steps(training, start, depth, engine=ENGINE):
     """What the loop gets: [(step, [(epoch, batch), ...]), ...]."""
-    with Prefetcher(stage, engine, start, STEPS, depth) as steps:
+    with Prefetcher(training, engine, start, STEPS, depth) as steps:
         return [(step, list(micro)) for step, micro in steps]
 
 
@@ -220,10 +220,10 @@ def _cached_run(cache_dir, directory, depth, crash_at=None):
         return {"lm_loss": loss / tokens}
 
     text = f"distil:\n  train:\n    prefetch_steps: {depth}\n"  # another value resumes the same run
-    stage = Stage(name="lwd", directory=str(directory), recipe=recipe, dataset=_examples(24), collator=collator,
+    training = Training(name="lwd", directory=str(directory), recipe=recipe, dataset=_examples(24), collator=collator,
                   train=train, progress=False, config_text=text, evaluate=evaluate)
     try:
-        return run(stage, engine), cache.reads
+        return run(training, engine), cache.reads
     finally:
         assert not _threads()
 

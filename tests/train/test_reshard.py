@@ -16,7 +16,7 @@ from fastted.train.config import EngineConfig, TrainConfig
 from fastted.train.data import MLMCollator, batch_generator, data_order
 from fastted.train.engine import CheckpointError, Engine
 from fastted.methods import FineTune
-from fastted.train.trainer import Stage, micro_batches
+from fastted.train.trainer import Training, micro_batches
 from tests.launch import run_ranks, torchrun
 from tests.tiny_models import bert
 from tests.train.reshard_worker import Tokenizer, dataset
@@ -107,13 +107,13 @@ def test_mlm_masks_are_keyed_by_piece_not_by_rank():
     """The micro batches of a step on 1, 2 and 4 ranks (micro batch 2, global batch 8): piece p is the same batch,
     masks included, whatever the world; on one rank, micro batch a's masks are today's (seed, step, a, 0)."""
     collator = MLMCollator(Tokenizer(), probability=0.3)
-    stage = Stage(name="x", directory="", recipe=None, dataset=dataset(), collator=collator,
+    training = Training(name="x", directory="", recipe=None, dataset=dataset(), collator=collator,
                   train=SimpleNamespace(batch_size=8), seed=5)
     pieces = {}
     for world in (1, 2, 4):
         for rank in range(world):
             engine = SimpleNamespace(rank=rank, world=world, accumulation=4 // world, micro_batch=2)
-            for a, (_, batch) in enumerate(micro_batches(stage, 3, engine)):
+            for a, (_, batch) in enumerate(micro_batches(training, 3, engine)):
                 pieces.setdefault(a * world + rank, []).append(batch)
     assert sorted(pieces) == list(range(4))
     for piece, batches in pieces.items():
@@ -122,10 +122,10 @@ def test_mlm_masks_are_keyed_by_piece_not_by_rank():
         for batch in batches[1:]:
             for key in ("input_ids", "labels", "attention_mask"):
                 assert torch.equal(batch[key], batches[0][key]), (piece, key)
-    one_rank = list(micro_batches(stage, 3, SimpleNamespace(rank=0, world=1, accumulation=4, micro_batch=2)))
-    order = data_order(len(stage.dataset), 5, 0)[3 * 8:4 * 8]  # step 3 of an epoch of 6 steps
+    one_rank = list(micro_batches(training, 3, SimpleNamespace(rank=0, world=1, accumulation=4, micro_batch=2)))
+    order = data_order(len(training.dataset), 5, 0)[3 * 8:4 * 8]  # step 3 of an epoch of 6 steps
     for a, (_, batch) in enumerate(one_rank):
-        examples = [stage.dataset[int(i)] for i in order[2 * a:2 * a + 2]]
+        examples = [training.dataset[int(i)] for i in order[2 * a:2 * a + 2]]
         assert torch.equal(batch["labels"], collator(examples, batch_generator(5, 3, a, 0))["labels"])
 
 

@@ -179,7 +179,7 @@ def _shard_run(directory, blocks, crash_after=None, steps=7):
     from fastted.train.config import EngineConfig, TrainConfig
     from fastted.train.data import CLMCollator
     from fastted.train.engine import Engine
-    from fastted.train.trainer import Stage, read_metrics, run
+    from fastted.train.trainer import Training, read_metrics, run
 
     recipe = KD(tm.gpt2(2, 32, seed=1), tm.gpt2(3, 48, seed=2), impl="reference")
     train = TrainConfig(batch_size=4, max_steps=steps, lr=5e-3, warmup_ratio=0.0, save_every=2, log_every=1)
@@ -192,10 +192,10 @@ def _shard_run(directory, blocks, crash_after=None, steps=7):
         seen.append([int(e["index"]) for e in examples])
         return collate(examples, generator)
 
-    stage = Stage(name="kd", directory=str(directory), recipe=recipe, dataset=blocks, collator=collator, train=train,
+    training = Training(name="kd", directory=str(directory), recipe=recipe, dataset=blocks, collator=collator, train=train,
                   progress=False, config_text="kind: kd\n")
     try:
-        run(stage, engine)
+        run(training, engine)
     except KeyboardInterrupt:
         pass
     return seen, [r["loss"] for r in read_metrics(str(directory)) if "loss" in r]

@@ -18,7 +18,7 @@ from fastted.models import ModelAdapter
 from fastted.train.report import write_report
 from fastted.train.throughput import (Meter, TeacherTimer, device_peak_flops, flops_per_token, peak_memory,
                                 peak_tflops_of, recipe_flops_per_token)
-from fastted.train.trainer import Metrics, Stage, read_metrics, run
+from fastted.train.trainer import Metrics, Training, read_metrics, run
 from tests.test_models import llama
 from tests.tiny_models import VOCAB, bert, gpt2
 from tests.train.test_trainer import STEPS, _Crash, _dataset, train_run
@@ -272,10 +272,10 @@ def _timed_run(directory, monkeypatch, eval_s, save_s):
     logged = []
     real_log = Metrics.log
     monkeypatch.setattr(Metrics, "log", lambda self, r: (logged.append(time.perf_counter()), real_log(self, r)))
-    stage = Stage(name="timed", directory=str(directory), recipe=recipe, dataset=_dataset(),
+    training = Training(name="timed", directory=str(directory), recipe=recipe, dataset=_dataset(),
                   collator=ClassificationCollator(0), train=train, evaluate=evaluate, progress=False)
     began = time.perf_counter()
-    run(stage, engine)
+    run(training, engine)
     monkeypatch.setattr(Metrics, "log", real_log)
     records = read_metrics(str(directory))
     assert len(records) == len(logged)
@@ -361,9 +361,9 @@ def test_teacher_share_is_the_teachers_time_over_the_step(tmp_path):
         recipe.teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         return {"score": 1.0}
 
-    stage = Stage(name="share", directory=str(tmp_path), recipe=recipe, dataset=_dataset(),
+    training = Training(name="share", directory=str(tmp_path), recipe=recipe, dataset=_dataset(),
                   collator=ClassificationCollator(0), train=train, evaluate=evaluate, progress=False)
-    run(stage, engine)
+    run(training, engine)
     records = [r for r in read_metrics(str(tmp_path)) if "loss" in r]
     assert len(records) == 2
     for r in records:
@@ -384,9 +384,9 @@ def test_a_run_without_teacher_logs_its_flops_and_no_share(tmp_path):
     recipe = FineTune(bert(1, 16, intermediate_size=16, seed=1), impl="reference")
     train = TrainConfig(batch_size=8, max_steps=2, lr=1e-3, warmup_ratio=0.0, log_every=2)
     engine = Engine(recipe, train, EngineConfig(impl="reference"), 2, torch.device("cpu"))
-    stage = Stage(name="alone", directory=str(tmp_path), recipe=recipe, dataset=data,
+    training = Training(name="alone", directory=str(tmp_path), recipe=recipe, dataset=data,
                   collator=ClassificationCollator(0), train=train, progress=False)
-    run(stage, engine)
+    run(training, engine)
     [record] = [r for r in read_metrics(str(tmp_path)) if "loss" in r]
     assert "teacher_share" not in record and "mfu" not in record
     flops = 8 * 7 * recipe_flops_per_token(recipe, 7) + 8 * 12 * recipe_flops_per_token(recipe, 12)
@@ -415,7 +415,7 @@ def test_report_plots_throughput_against_tokens(tmp_path, monkeypatch):
     new = [{"step": s, "loss": 2.0 / s, "tokens": 100 * s, "tokens_per_s": 50.0 + s} for s in (1, 2, 3)]
     old = [{"step": s, "loss": 1.0 / s, "tokens_per_s": 40.0} for s in (1, 2)]  # written before tokens were kept
     _write_records(tmp_path / "finetune-student", old)
-    _write_records(tmp_path / "distil", new + [{"step": 3, "stage": "distil", "eval": {"accuracy": 0.5}}])
+    _write_records(tmp_path / "distil", new + [{"step": 3, "training": "distil", "eval": {"accuracy": 0.5}}])
     plotted = {}
     real = report._plot_throughput
     monkeypatch.setattr(report, "_plot_throughput", lambda path, curves: (plotted.update(curves), real(path, curves)))

@@ -11,7 +11,7 @@ from fastted import CoDIR, RAILKD, RandomLayerMap
 from fastted.train.config import EngineConfig, TrainConfig
 from fastted.train.data import ClassificationCollator, data_order
 from fastted.train.engine import Engine
-from fastted.train.trainer import Stage, latest_checkpoint, micro_batches, read_metrics, run
+from fastted.train.trainer import Training, latest_checkpoint, micro_batches, read_metrics, run
 from tests.tiny_models import bert
 
 STEPS = 5
@@ -56,9 +56,9 @@ def train_run(kind, directory, crash_at=None, save_every=2, keep_last=2, engine_
             raise _Crash()
         return collate(examples, generator)
 
-    stage = Stage(name=kind, directory=str(directory), recipe=recipe, dataset=_dataset(), collator=collator,
+    training = Training(name=kind, directory=str(directory), recipe=recipe, dataset=_dataset(), collator=collator,
                   train=train, progress=False, config_text="kind: " + kind + "\n", evaluate=evaluate)
-    return run(stage, engine), recipe
+    return run(training, engine), recipe
 
 
 def test_data_order_is_a_pure_function_of_seed_and_epoch():
@@ -70,12 +70,12 @@ def test_data_order_is_a_pure_function_of_seed_and_epoch():
 def test_micro_batches_cover_the_global_batch_once():
     """Two ranks x two accumulation steps: the four micro batches are the step's global batch, each example once."""
     data = [{"input_ids": [3 + i], "label": 0} for i in range(32)]
-    stage = SimpleNamespace(dataset=data, train=SimpleNamespace(batch_size=8), seed=1, collator=lambda ex, g: ex)
+    training = SimpleNamespace(dataset=data, train=SimpleNamespace(batch_size=8), seed=1, collator=lambda ex, g: ex)
     seen = []
     for rank in range(2):
         engine = SimpleNamespace(micro_batch=2, accumulation=2, world=2, rank=rank)
         for step in (0, 5):
-            seen += [(step, e["input_ids"][0]) for _, batch in micro_batches(stage, step, engine) for e in batch]
+            seen += [(step, e["input_ids"][0]) for _, batch in micro_batches(training, step, engine) for e in batch]
     for step in (0, 5):
         epoch, pos = divmod(step, 4)
         want = {3 + int(i) for i in data_order(32, 1, epoch)[pos * 8:(pos + 1) * 8]}
@@ -138,9 +138,9 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
         train = TrainConfig(batch_size=8, micro_batch_size=micro, max_steps=3, lr=5e-3, warmup_ratio=0.0)
         engine = Engine(recipe, train, EngineConfig(impl="reference"), 3, torch.device("cpu"))
         assert engine.accumulation == (1 if micro is None else 8 // micro)
-        stage = Stage(name="acc", directory=str(directory), recipe=recipe, dataset=_dataset(),
+        training = Training(name="acc", directory=str(directory), recipe=recipe, dataset=_dataset(),
                       collator=ClassificationCollator(0), train=train, progress=False)
-        run(stage, engine)
+        run(training, engine)
         return [r["loss"] for r in read_metrics(str(directory)) if "loss" in r], recipe
 
     whole, a = losses(tmp_path / "whole", None)
@@ -173,7 +173,7 @@ def test_metrics_go_to_tensorboard_when_installed(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", module)
     metrics = Metrics(str(tmp_path), True, 0)
     metrics.log({"step": 3, "loss": 1.5, "terms": {"task": 1.0, "mse": 0.5}, "layer_losses": [0.2, 0.3],
-                 "stage": "x"})
+                 "training": "x"})
     metrics.close()
     assert written[0] == ("dir", os.path.join(str(tmp_path), "tensorboard"))
     assert set(written[1:-1]) == {("loss", 1.5, 3), ("terms/task", 1.0, 3), ("terms/mse", 0.5, 3),
