@@ -7,6 +7,7 @@ tree and install as ``fastted.kernels`` only. ``kernels/`` has no
 the wheel's ``build_py`` copies its modules into ``fastted/kernels/``, and in
 a source checkout ``fastted/kernels/__init__.py`` reaches into the folder.
 """
+
 from pathlib import Path
 
 from setuptools import setup
@@ -55,8 +56,8 @@ setup(
             "deepspeed>=0.14",
             "pyyaml",
             "tqdm",
-            "matplotlib",       # the run report's PNG
-            "gguf>=0.10",       # GGUF checkpoints (the SmolLM2 example) through transformers
+            "matplotlib",  # the run report's PNG
+            "gguf>=0.10",  # GGUF checkpoints (the SmolLM2 example) through transformers
             "accelerate>=0.26",
         ],
         # liger-kernel: a baseline of `pytest benchmarks/` (its chunked losses run on a CPU too)
@@ -64,9 +65,19 @@ setup(
         # build: the sdist and wheel of scripts/wheel_check.sh
         # ruff, import-linter, pre-commit: the lint, format and import-layer checks of .ci/run
         # mkdocs*: the documentation site (mkdocs build --strict in the tests)
-        "dev": ["pytest>=8", "pytest-benchmark>=4", "liger-kernel>=0.8", "trl>=1.0", "build>=1",
-                "ruff>=0.15", "import-linter>=2.0", "pre-commit>=4", "mkdocs>=1.6", "mkdocs-material>=9.5",
-                "mkdocstrings-python>=1.10"],
+        "dev": [
+            "pytest>=8",
+            "pytest-benchmark>=4",
+            "liger-kernel>=0.8",
+            "trl>=1.0",
+            "build>=1",
+            "ruff>=0.15",
+            "import-linter>=2.0",
+            "pre-commit>=4",
+            "mkdocs>=1.6",
+            "mkdocs-material>=9.5",
+            "mkdocstrings-python>=1.10",
+        ],
         "trl": ["trl>=1.0"],
         "tensorboard": ["tensorboard"],
     },

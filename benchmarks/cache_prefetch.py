@@ -2,7 +2,8 @@
 (its issue's target: with prefetching, a cached step takes at most 1.05x the step fed from memory).
 
 A GPT-2 student of 4 blocks of 256 learns by LWD (the fused LM head's sparse KL over the teacher's top-64 logits,
-the MSE of 2 mapped layers through projections) from a teacher cache that :func:`fastted.train.cache.build_teacher_cache`
+the MSE of 2 mapped layers through projections) from a teacher cache that
+:func:`fastted.train.cache.build_teacher_cache`
 builds of a random GPT-2 teacher of 8 blocks of 384 (vocabulary 8,192, int8 layer targets) over blocks of 512
 tokens. The same run (same student, batches and losses) is timed through :func:`fastted.train.trainer.run`, one micro
 batch of 4 blocks a step, as:
@@ -26,6 +27,7 @@ alternating order. The runs' losses must agree exactly (the same computation), a
 
 About 3 minutes on 2 CPU cores. Time it on an otherwise idle machine.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,10 +52,36 @@ from benchmarks import result_file  # noqa: E402
 
 TARGET = 1.05  # prefetched / memory, median step
 VARIANTS = ("prefetched", "memory", "inline")
-FULL = dict(vocab=8192, layers=4, width=256, teacher_layers=8, teacher_width=384, heads=4, teacher_heads=6,
-            block=512, micro=4, k=64, warmup=3, steps=20, rounds=2)
-QUICK = dict(vocab=512, layers=2, width=64, teacher_layers=4, teacher_width=96, heads=4, teacher_heads=4,
-             block=64, micro=4, k=64, warmup=1, steps=3, rounds=1)
+FULL = dict(
+    vocab=8192,
+    layers=4,
+    width=256,
+    teacher_layers=8,
+    teacher_width=384,
+    heads=4,
+    teacher_heads=6,
+    block=512,
+    micro=4,
+    k=64,
+    warmup=3,
+    steps=20,
+    rounds=2,
+)
+QUICK = dict(
+    vocab=512,
+    layers=2,
+    width=64,
+    teacher_layers=4,
+    teacher_width=96,
+    heads=4,
+    teacher_heads=4,
+    block=64,
+    micro=4,
+    k=64,
+    warmup=1,
+    steps=3,
+    rounds=1,
+)
 
 
 def _gpt2(size: dict, teacher: bool, seed: int):
@@ -61,9 +89,19 @@ def _gpt2(size: dict, teacher: bool, seed: int):
 
     prefix = "teacher_" if teacher else ""
     torch.manual_seed(seed)
-    config = tf.GPT2Config(vocab_size=size["vocab"], n_embd=size[prefix + "width"], n_layer=size[prefix + "layers"],
-                           n_head=size[prefix + "heads"], n_positions=size["block"], resid_pdrop=0.0, embd_pdrop=0.0,
-                           attn_pdrop=0.0, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    config = tf.GPT2Config(
+        vocab_size=size["vocab"],
+        n_embd=size[prefix + "width"],
+        n_layer=size[prefix + "layers"],
+        n_head=size[prefix + "heads"],
+        n_positions=size["block"],
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     return tf.GPT2LMHeadModel(config)
 
 
@@ -91,9 +129,19 @@ def build_cache(size: dict, directory: str) -> dict:
 
     r = recipe(size)
     expect = r.teacher_cache_expect()
-    return build_teacher_cache(r.teacher_model, examples(size), CLMCollator(0), directory, layers=expect["layers"],
-                               k=size["k"], temperature=expect["temperature"], quantization="int8",
-                               transform=r.cache_transform(), identity=expect, batch_size=size["micro"])
+    return build_teacher_cache(
+        r.teacher_model,
+        examples(size),
+        CLMCollator(0),
+        directory,
+        layers=expect["layers"],
+        k=size["k"],
+        temperature=expect["temperature"],
+        quantization="int8",
+        transform=r.cache_transform(),
+        identity=expect,
+        batch_size=size["micro"],
+    )
 
 
 class Counted:
@@ -115,17 +163,31 @@ def _training(size: dict, directory: str, r, collator, prefetch_steps: int):
     from fastted.train.config import TrainConfig
     from fastted.train.trainer import Training
 
-    train = TrainConfig(batch_size=size["micro"], max_steps=size["warmup"] + size["steps"], lr=1e-4,
-                        warmup_ratio=0.0, log_every=1, prefetch_steps=prefetch_steps)
-    return Training(name="lwd", directory=directory, recipe=r, dataset=examples(size), collator=collator, train=train,
-                 progress=False, resume=False)
+    train = TrainConfig(
+        batch_size=size["micro"],
+        max_steps=size["warmup"] + size["steps"],
+        lr=1e-4,
+        warmup_ratio=0.0,
+        log_every=1,
+        prefetch_steps=prefetch_steps,
+    )
+    return Training(
+        name="lwd",
+        directory=directory,
+        recipe=r,
+        dataset=examples(size),
+        collator=collator,
+        train=train,
+        progress=False,
+        resume=False,
+    )
 
 
 def in_memory(size: dict, cache_dir: str) -> dict:
     """The cache's reads of the run's micro batches, made once: {rows: what Recipe.prefetch puts in the batch}."""
+    from fastted.methods.base import PREFETCHED
     from fastted.train.cache import TeacherCache
     from fastted.train.data import CLMCollator
-    from fastted.methods.base import PREFETCHED
     from fastted.train.trainer import micro_batches
 
     r = recipe(size)
@@ -141,11 +203,11 @@ def in_memory(size: dict, cache_dir: str) -> dict:
 
 def timed_run(size: dict, directory: str, cache_dir: str, variant: str, held: dict) -> dict:
     """One run of ``variant``: its step times after the warmup, its losses and the cache's reads."""
+    from fastted.methods.base import PREFETCHED
     from fastted.train.cache import TeacherCache
     from fastted.train.config import EngineConfig
     from fastted.train.data import CLMCollator
     from fastted.train.engine import Engine
-    from fastted.methods.base import PREFETCHED
     from fastted.train.trainer import read_metrics, run
 
     shutil.rmtree(directory, ignore_errors=True)
@@ -158,14 +220,18 @@ def timed_run(size: dict, directory: str, cache_dir: str, variant: str, held: di
         batch = collate(examples, generator)
         return {**batch, PREFETCHED: held[tuple(batch["index"].tolist())]}
 
-    training = _training(size, directory, r, fed_from_memory if variant == "memory" else collate,
-                   2 if variant == "prefetched" else 0)
+    training = _training(
+        size, directory, r, fed_from_memory if variant == "memory" else collate, 2 if variant == "prefetched" else 0
+    )
     engine = Engine(r, training.train, EngineConfig(), training.train.max_steps, torch.device("cpu"))
     with contextlib.redirect_stdout(io.StringIO()):  # progress=false prints a line a step
         run(training, engine)
     records = [x for x in read_metrics(directory) if "loss" in x]
-    return {"step_times": [x["step_time"] for x in records[size["warmup"]:]],
-            "losses": [(x["loss"], x["terms"]) for x in records], "reads": cache.reads}
+    return {
+        "step_times": [x["step_time"] for x in records[size["warmup"] :]],
+        "losses": [(x["loss"], x["terms"]) for x in records],
+        "reads": cache.reads,
+    }
 
 
 def collate_seconds(size: dict) -> float:
@@ -177,7 +243,7 @@ def collate_seconds(size: dict) -> float:
     data, collate, times = examples(size), CLMCollator(0), []
     for i in range(0, len(data) - size["micro"] + 1, size["micro"]):
         begin = time.perf_counter()
-        collate(data[i:i + size["micro"]])
+        collate(data[i : i + size["micro"]])
         times.append(time.perf_counter() - begin)
     return statistics.median(times)
 
@@ -189,21 +255,35 @@ def measure(directory: str, size: dict) -> dict:
     times = {v: [] for v in VARIANTS}
     runs = []
     for round_ in range(size["rounds"]):
-        for variant in (VARIANTS if round_ % 2 == 0 else VARIANTS[::-1]):
+        for variant in VARIANTS if round_ % 2 == 0 else VARIANTS[::-1]:
             out = timed_run(size, os.path.join(directory, "run"), cache_dir, variant, held)
             times[variant] += out["step_times"]
-            runs.append({"round": round_, "variant": variant, "losses": out["losses"], "reads": out["reads"],
-                         "median_step_s": statistics.median(out["step_times"])})
+            runs.append(
+                {
+                    "round": round_,
+                    "variant": variant,
+                    "losses": out["losses"],
+                    "reads": out["reads"],
+                    "median_step_s": statistics.median(out["step_times"]),
+                }
+            )
     median = {v: statistics.median(t) for v, t in times.items()}
     steps = size["warmup"] + size["steps"]
     return {
-        "setup": {**{k: v for k, v in size.items() if k != "rounds"}, "rounds": size["rounds"],
-                  "mapped_layers": 2, "quantization": "int8", "recipe": "LWD, fused LM head",
-                  "cache_bytes_per_token": manifest.get("bytes_per_token")},
+        "setup": {
+            **{k: v for k, v in size.items() if k != "rounds"},
+            "rounds": size["rounds"],
+            "mapped_layers": 2,
+            "quantization": "int8",
+            "recipe": "LWD, fused LM head",
+            "cache_bytes_per_token": manifest.get("bytes_per_token"),
+        },
         "median_step_s": median,
         "step_times_s": times,
-        "ratios": {"prefetched_over_memory": median["prefetched"] / median["memory"],
-                   "inline_over_memory": median["inline"] / median["memory"]},
+        "ratios": {
+            "prefetched_over_memory": median["prefetched"] / median["memory"],
+            "inline_over_memory": median["inline"] / median["memory"],
+        },
         "collate_median_s": collate_seconds(size),
         "losses_identical": all(r["losses"] == runs[0]["losses"] for r in runs),
         "reads": {f"{r['variant']}-{r['round']}": r["reads"] for r in runs},
@@ -216,8 +296,11 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny sizes; no result file unless --json")
     parser.add_argument("--dir", default=None, help="where the cache and runs go (default: a temporary folder)")
     parser.add_argument("--rounds", type=int, default=None, help="runs of each variant (default: 2; --quick 1)")
-    parser.add_argument("--json", default=None, help="the result file (default: benchmarks/results/<date>-cpu-"
-                                                     "<cores>core-cache-prefetch.json; --quick: none)")
+    parser.add_argument(
+        "--json",
+        default=None,
+        help="the result file (default: benchmarks/results/<date>-cpu-<cores>core-cache-prefetch.json; --quick: none)",
+    )
     args = parser.parse_args(argv)
     size = dict(QUICK if args.quick else FULL)
     if args.rounds is not None:
@@ -229,15 +312,21 @@ def main(argv=None) -> int:
         if args.dir is None:
             shutil.rmtree(directory, ignore_errors=True)
     expected = record["reads_expected"]
-    record["reads_as_expected"] = all(reads == expected[key.rsplit("-", 1)[0]] for key, reads in record["reads"].items())
+    record["reads_as_expected"] = all(
+        reads == expected[key.rsplit("-", 1)[0]] for key, reads in record["reads"].items()
+    )
     record["within_target"] = record["ratios"]["prefetched_over_memory"] <= TARGET
     today = datetime.date.today().isoformat()
-    result = {"what": "median step of a cached LWD distillation step with the trainer's read-ahead "
-                      "(prefetch_steps=2), fed from memory, and reading the cache in the forward",
-              "command": "python benchmarks/cache_prefetch.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "device": f"CPU, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}", "date": today,
-              "versions": result_file.versions("torch", "deepspeed", "transformers", "numpy"),
-              "target": {"prefetched_over_memory": TARGET}, **record}
+    result = {
+        "what": "median step of a cached LWD distillation step with the trainer's read-ahead "
+        "(prefetch_steps=2), fed from memory, and reading the cache in the forward",
+        "command": "python benchmarks/cache_prefetch.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "device": f"CPU, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}",
+        "date": today,
+        "versions": result_file.versions("torch", "deepspeed", "transformers", "numpy"),
+        "target": {"prefetched_over_memory": TARGET},
+        **record,
+    }
     path = args.json
     if path is None and not args.quick:
         path = os.path.join(ROOT, "benchmarks", "results", f"{today}-cpu-{os.cpu_count()}core-cache-prefetch.json")

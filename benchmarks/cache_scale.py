@@ -24,6 +24,7 @@
 The caches are written under ``--dir`` (a fresh temporary folder by default) and removed at the end. About 18
 minutes on 2 CPU cores (part 4's two larger builds: 6 and 8 of them); 1.3 GB of disk at most.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,8 @@ import sys
 import tempfile
 import time
 import zlib
+from collections.abc import Sequence
 from types import SimpleNamespace
-from typing import Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -55,12 +56,36 @@ OUTLIER_DIMS, SINK_DIMS = 6, 2  # LLM-like hidden states: outlier channels in ev
 
 # Every part at its full size and at --quick's.
 # --quick's layers are 16 times narrower, and so is their budget (the same f).
-FULL = dict(size_examples=16, size_length=256, kl_batches=8, kl_rows=256, real_batches=8, layer_width=4096,
-            layer_bytes=2048, layer_batches=16, layer_length=4096, rss_blocks=(8, 80), rss_length=4096,
-            open_examples=1000, open_repeats=5)
-QUICK = dict(size_examples=4, size_length=64, kl_batches=2, kl_rows=64, real_batches=0, layer_width=256,
-             layer_bytes=128, layer_batches=4, layer_length=256, rss_blocks=(2, 4), rss_length=256,
-             open_examples=1000, open_repeats=1)
+FULL = dict(
+    size_examples=16,
+    size_length=256,
+    kl_batches=8,
+    kl_rows=256,
+    real_batches=8,
+    layer_width=4096,
+    layer_bytes=2048,
+    layer_batches=16,
+    layer_length=4096,
+    rss_blocks=(8, 80),
+    rss_length=4096,
+    open_examples=1000,
+    open_repeats=5,
+)
+QUICK = dict(
+    size_examples=4,
+    size_length=64,
+    kl_batches=2,
+    kl_rows=64,
+    real_batches=0,
+    layer_width=256,
+    layer_bytes=128,
+    layer_batches=4,
+    layer_length=256,
+    rss_blocks=(2, 4),
+    rss_length=256,
+    open_examples=1000,
+    open_repeats=1,
+)
 
 
 # --------------------------------------------------------------------------- the stub teacher
@@ -78,14 +103,15 @@ class StubTeacher:
 
     task = "clm"
 
-    def __init__(self, vocab: int, head_width: int = HEAD_WIDTH, layer_width: int = 0, dtype=torch.float32,
-                 seed: int = 0):
+    def __init__(
+        self, vocab: int, head_width: int = HEAD_WIDTH, layer_width: int = 0, dtype=torch.float32, seed: int = 0
+    ):
         g = torch.Generator().manual_seed(seed)
         self.weight = torch.randn(vocab, head_width, generator=g)  # (V, H)
         self.layer_width, self.dtype, self.seed = layer_width, dtype, seed
         if layer_width:
             dims = torch.randperm(layer_width, generator=g)
-            self.outliers, self.sinks = dims[:OUTLIER_DIMS], dims[OUTLIER_DIMS:OUTLIER_DIMS + SINK_DIMS]
+            self.outliers, self.sinks = dims[:OUTLIER_DIMS], dims[OUTLIER_DIMS : OUTLIER_DIMS + SINK_DIMS]
             sign = torch.randint(0, 2, (OUTLIER_DIMS,), generator=g) * 2 - 1
             self.outlier_values = sign * (10 + 50 * torch.rand(OUTLIER_DIMS, generator=g))  # (OUTLIER_DIMS,)
 
@@ -102,8 +128,9 @@ class StubTeacher:
         t = ids.shape[0]
         scale = torch.exp(0.3 * torch.randn(t, 1, generator=g))  # (T, 1)
         x = torch.randn(t, self.layer_width, generator=g, dtype=self.dtype).mul_(scale.to(self.dtype))
-        x[:, self.outliers] += (self.outlier_values * (1 + 0.1 * torch.randn(t, OUTLIER_DIMS, generator=g))
-                                ).to(self.dtype)
+        x[:, self.outliers] += (self.outlier_values * (1 + 0.1 * torch.randn(t, OUTLIER_DIMS, generator=g))).to(
+            self.dtype
+        )
         x[0, self.sinks] += 400.0
         return x
 
@@ -140,11 +167,18 @@ def cache_size(directory: str, examples: int, length: int, vocab: int = VOCAB, k
 
     shutil.rmtree(directory, ignore_errors=True)
     began = time.perf_counter()
-    manifest = build_teacher_cache(StubTeacher(vocab), token_examples(examples, length, seed=1), _collator(),
-                                   directory, k=k, batch_size=4)
-    record = {"vocab": vocab, "k": k, "tokens": manifest["tokens"], "shards": len(manifest["shards"]),
-              "id_bits": manifest["id_bits"], "bytes_per_token": manifest["bytes_per_token"],
-              "seconds": round(time.perf_counter() - began, 2)}
+    manifest = build_teacher_cache(
+        StubTeacher(vocab), token_examples(examples, length, seed=1), _collator(), directory, k=k, batch_size=4
+    )
+    record = {
+        "vocab": vocab,
+        "k": k,
+        "tokens": manifest["tokens"],
+        "shards": len(manifest["shards"]),
+        "id_bits": manifest["id_bits"],
+        "bytes_per_token": manifest["bytes_per_token"],
+        "seconds": round(time.perf_counter() - began, 2),
+    }
     record["within_target"] = manifest["bytes_per_token"]["total"] <= BYTES_PER_TOKEN
     shutil.rmtree(directory, ignore_errors=True)
     return record
@@ -170,14 +204,19 @@ def _kl_variants(student: torch.Tensor, teacher: torch.Tensor, temperature: floa
     from fastted.reference import sparse_logit_kd_reference, topk_targets_reference
 
     values, ids, tail = topk_targets_reference(teacher, k, temperature)
-    stored = {"fp32": (values, ids, tail), "bf16": (values.bfloat16().float(), ids, tail),
-              "packed": unpack_topk(pack_topk(values, ids, tail, teacher.shape[-1]))}
-    return {name: float(sparse_logit_kd_reference(student, *form, temperature=temperature))
-            for name, form in stored.items()}
+    stored = {
+        "fp32": (values, ids, tail),
+        "bf16": (values.bfloat16().float(), ids, tail),
+        "packed": unpack_topk(pack_topk(values, ids, tail, teacher.shape[-1])),
+    }
+    return {
+        name: float(sparse_logit_kd_reference(student, *form, temperature=temperature)) for name, form in stored.items()
+    }
 
 
-def noise_for_kl(teacher: torch.Tensor, noise: torch.Tensor, temperature: float, target: float, k: int = K,
-                 steps: int = 8) -> float:
+def noise_for_kl(
+    teacher: torch.Tensor, noise: torch.Tensor, temperature: float, target: float, k: int = K, steps: int = 8
+) -> float:
     """The scale s at which ``teacher + s * noise`` has a KL (exact top-k) of about ``target``: bisection on
     log s (the KL grows with s)."""
     from fastted.reference import sparse_logit_kd_reference, topk_targets_reference
@@ -186,8 +225,11 @@ def noise_for_kl(teacher: torch.Tensor, noise: torch.Tensor, temperature: float,
     low, high = -6.0, 4.0
     for _ in range(steps):
         mid = (low + high) / 2
-        kl = float(sparse_logit_kd_reference(teacher + torch.exp(torch.tensor(mid)) * noise, values, ids, tail,
-                                             temperature=temperature))
+        kl = float(
+            sparse_logit_kd_reference(
+                teacher + torch.exp(torch.tensor(mid)) * noise, values, ids, tail, temperature=temperature
+            )
+        )
         low, high = (mid, high) if kl < target else (low, mid)
     return float(torch.exp(torch.tensor((low + high) / 2)))
 
@@ -209,13 +251,23 @@ def kl_errors(source: str, batches: Sequence[torch.Tensor], k: int = K, seed: in
                 per_batch.append(_kl_variants(student, teacher, temperature, k))
             rel = [abs(b["packed"] - b["bf16"]) / b["bf16"] for b in per_batch]
             rel_fp32 = {name: [abs(b[name] - b["fp32"]) / b["fp32"] for b in per_batch] for name in ("bf16", "packed")}
-            out.append({"source": source, "vocab": batches[0].shape[-1], "k": k, "temperature": temperature,
-                        "noise_scale": round(scale, 4), "batches": len(batches), "rows": batches[0].shape[0],
-                        "kl_bf16_mean": statistics.mean(b["bf16"] for b in per_batch),
-                        "kl_packed_mean": statistics.mean(b["packed"] for b in per_batch),
-                        "rel_err_mean": statistics.mean(rel), "rel_err_max": max(rel),
-                        "vs_fp32_rel_err_max": {name: max(v) for name, v in rel_fp32.items()},
-                        "within_target": max(rel) <= KL_RELATIVE_ERROR})
+            out.append(
+                {
+                    "source": source,
+                    "vocab": batches[0].shape[-1],
+                    "k": k,
+                    "temperature": temperature,
+                    "noise_scale": round(scale, 4),
+                    "batches": len(batches),
+                    "rows": batches[0].shape[0],
+                    "kl_bf16_mean": statistics.mean(b["bf16"] for b in per_batch),
+                    "kl_packed_mean": statistics.mean(b["packed"] for b in per_batch),
+                    "rel_err_mean": statistics.mean(rel),
+                    "rel_err_max": max(rel),
+                    "vs_fp32_rel_err_max": {name: max(v) for name, v in rel_fp32.items()},
+                    "within_target": max(rel) <= KL_RELATIVE_ERROR,
+                }
+            )
     return out
 
 
@@ -228,10 +280,10 @@ def smollm2(directory: str, batches: int, rows: int, k: int = K) -> dict:
     """SmolLM2-135M's real logits over the BBC News text (``batches`` sequences of ``rows`` tokens): the KL rows
     of :func:`kl_errors` and the size of a logits-only cache of them built through
     :class:`fastted.models.ModelAdapter`; ``{"skipped": why}`` where the model or the text does not load."""
+    from fastted.models import ModelAdapter
     from fastted.train.cache import build_teacher_cache
     from fastted.train.config import ModelConfig
     from fastted.train.data import load_bbc_news
-    from fastted.models import ModelAdapter
     from fastted.train.sources import load_model, load_tokenizer, model_source
 
     began = time.perf_counter()
@@ -248,15 +300,23 @@ def smollm2(directory: str, batches: int, rows: int, k: int = K) -> dict:
         ids += tokenizer(text)["input_ids"]
         if len(ids) >= batches * rows:
             break
-    examples = [{"input_ids": ids[i * rows:(i + 1) * rows]} for i in range(batches)]
+    examples = [{"input_ids": ids[i * rows : (i + 1) * rows]} for i in range(batches)]
     with torch.no_grad():
         logits = [model(input_ids=torch.tensor([e["input_ids"]])).logits[0].float() for e in examples]  # (T, V)
-    record = {"model": f"SmolLM2-135M-Instruct ({gguf})", "load_seconds": round(loaded, 1),
-              "kl": kl_errors("SmolLM2-135M on BBC News", logits, k)}
+    record = {
+        "model": f"SmolLM2-135M-Instruct ({gguf})",
+        "load_seconds": round(loaded, 1),
+        "kl": kl_errors("SmolLM2-135M on BBC News", logits, k),
+    }
     shutil.rmtree(directory, ignore_errors=True)
     manifest = build_teacher_cache(ModelAdapter(model), examples, _collator(), directory, k=k, batch_size=2)
-    record["cache"] = {"vocab": manifest["vocab"], "k": k, "tokens": manifest["tokens"],
-                       "id_bits": manifest["id_bits"], "bytes_per_token": manifest["bytes_per_token"]}
+    record["cache"] = {
+        "vocab": manifest["vocab"],
+        "k": k,
+        "tokens": manifest["tokens"],
+        "id_bits": manifest["id_bits"],
+        "bytes_per_token": manifest["bytes_per_token"],
+    }
     shutil.rmtree(directory, ignore_errors=True)
     return record
 
@@ -264,14 +324,15 @@ def smollm2(directory: str, batches: int, rows: int, k: int = K) -> dict:
 # --------------------------------------------------------------------------- 3. the layer-target budget
 
 
-def layer_budget(directory: str, width: int, batches: int, length: int, layers: int = 4, layer_bytes: int = 2048,
-                 seed: int = 3) -> dict:
+def layer_budget(
+    directory: str, width: int, batches: int, length: int, layers: int = 4, layer_bytes: int = 2048, seed: int = 3
+) -> dict:
     """The MSE term over the kept tokens of a cache with ``layer_bytes`` against the MSE over every token of the
     same cache without a budget, per batch of one ``length``-token row, the student the live teacher's states
     times (1 + 0.05 z1) plus 0.3 z2 (z Gaussian: an error that grows with the state, outliers and sink
     included)."""
-    from fastted.train.cache import TeacherCache, build_teacher_cache
     from fastted.reference import filtered_mse_reference
+    from fastted.train.cache import TeacherCache, build_teacher_cache
 
     teacher = StubTeacher(VOCAB, layer_width=width)
     examples = token_examples(batches, length, seed=seed)
@@ -281,8 +342,9 @@ def layer_budget(directory: str, width: int, batches: int, length: int, layers: 
         shutil.rmtree(path, ignore_errors=True)
     began = time.perf_counter()
     build_teacher_cache(teacher, examples, _collator(), full, layers=mapped, k=0, batch_size=1)
-    manifest = build_teacher_cache(teacher, examples, _collator(), kept, layers=mapped, k=0, batch_size=1,
-                                   layer_bytes=layer_bytes, seed=seed)
+    manifest = build_teacher_cache(
+        teacher, examples, _collator(), kept, layers=mapped, k=0, batch_size=1, layer_bytes=layer_bytes, seed=seed
+    )
     built = time.perf_counter() - began
     full_cache, kept_cache = TeacherCache(full), TeacherCache(kept)
     mask = torch.ones(1, length, dtype=torch.bool)
@@ -291,8 +353,9 @@ def layer_budget(directory: str, width: int, batches: int, length: int, layers: 
         ids = torch.tensor(example["input_ids"])
         live = [teacher.states(ids, layer)[None] for layer in mapped]  # (1, T, d) each
         g = torch.Generator().manual_seed(seed * 1000 + i)
-        student = [t * (1 + 0.05 * torch.randn(t.shape, generator=g)) + 0.3 * torch.randn(t.shape, generator=g)
-                   for t in live]
+        student = [
+            t * (1 + 0.05 * torch.randn(t.shape, generator=g)) + 0.3 * torch.randn(t.shape, generator=g) for t in live
+        ]
         index = torch.tensor([i])
         every = full_cache.batch(index, mask, dequantize=True)
         share = kept_cache.batch(index, mask, dequantize=True)
@@ -300,23 +363,45 @@ def layer_budget(directory: str, width: int, batches: int, length: int, layers: 
         mse_full = float(filtered_mse_reference(student, none, every["targets"], mask=mask)[0])
         mse_kept = float(filtered_mse_reference(student, none, share["targets"], mask=share["target_mask"])[0])
         mse_live = float(filtered_mse_reference(student, none, live, mask=mask)[0])
-        rows.append({"kept_tokens": int(share["target_mask"].sum()), "sink_kept": bool(share["target_mask"][0, 0]),
-                     "mse_full_int8": mse_full,
-                     "mse_kept": mse_kept, "rel_err": (mse_kept - mse_full) / mse_full,
-                     "int8_vs_live_rel_err": (mse_full - mse_live) / mse_live})
+        rows.append(
+            {
+                "kept_tokens": int(share["target_mask"].sum()),
+                "sink_kept": bool(share["target_mask"][0, 0]),
+                "mse_full_int8": mse_full,
+                "mse_kept": mse_kept,
+                "rel_err": (mse_kept - mse_full) / mse_full,
+                "int8_vs_live_rel_err": (mse_full - mse_live) / mse_live,
+            }
+        )
     rel = [r["rel_err"] for r in rows]
-    record = {"width": width, "layers": layers, "quantization": "int8", "layer_bytes": layer_bytes,
-              "fraction_f": manifest["layer_fraction"], "batches": batches, "tokens_per_batch": length,
-              "bytes_per_token": manifest["bytes_per_token"],
-              "full_bytes_per_token": full_cache.manifest["bytes_per_token"],
-              "rel_err": {"mean_abs": statistics.mean(abs(r) for r in rel), "mean": statistics.mean(rel),
-                          "std": statistics.pstdev(rel), "min": min(rel), "max": max(rel)},
-              "kept_tokens_mean": statistics.mean(r["kept_tokens"] for r in rows),
-              "rel_err_mean_by_sink": {  # the batches whose first token (the sink) has kept targets, the others
-                  name: statistics.mean(errs) if errs else None
-                  for name, errs in (("kept", [r["rel_err"] for r in rows if r["sink_kept"]]),
-                                     ("dropped", [r["rel_err"] for r in rows if not r["sink_kept"]]))},
-              "build_seconds_both": round(built, 1), "per_batch": rows}
+    record = {
+        "width": width,
+        "layers": layers,
+        "quantization": "int8",
+        "layer_bytes": layer_bytes,
+        "fraction_f": manifest["layer_fraction"],
+        "batches": batches,
+        "tokens_per_batch": length,
+        "bytes_per_token": manifest["bytes_per_token"],
+        "full_bytes_per_token": full_cache.manifest["bytes_per_token"],
+        "rel_err": {
+            "mean_abs": statistics.mean(abs(r) for r in rel),
+            "mean": statistics.mean(rel),
+            "std": statistics.pstdev(rel),
+            "min": min(rel),
+            "max": max(rel),
+        },
+        "kept_tokens_mean": statistics.mean(r["kept_tokens"] for r in rows),
+        "rel_err_mean_by_sink": {  # the batches whose first token (the sink) has kept targets, the others
+            name: statistics.mean(errs) if errs else None
+            for name, errs in (
+                ("kept", [r["rel_err"] for r in rows if r["sink_kept"]]),
+                ("dropped", [r["rel_err"] for r in rows if not r["sink_kept"]]),
+            )
+        },
+        "build_seconds_both": round(built, 1),
+        "per_batch": rows,
+    }
     for path in (full, kept):
         shutil.rmtree(path, ignore_errors=True)
     return record
@@ -340,30 +425,51 @@ def build_for_rss(directory: str, blocks: int, length: int, width: int, layer_by
     threshold at 1 MiB itself (:func:`fastted.train.engine.return_freed_host_memory`; glibc's own rises to 32 MiB as
     large blocks are freed, and a build from a plain script then kept 630 MB more at 80 blocks)."""
     from fastted.train.cache import LOGIT_ELEMENTS, SHARD_BYTES, build_teacher_cache
+
     if malloc not in MALLOC:
         raise ValueError(f"malloc must be one of {MALLOC}, got {malloc!r}")
     teacher = StubTeacher(VOCAB, layer_width=width, dtype=torch.bfloat16)
     examples = token_examples(blocks, length, seed=4)
     before = {"VmHWM_bytes": _status_kib("VmHWM") * 1024, "VmRSS_bytes": _status_kib("VmRSS") * 1024}
     began = time.perf_counter()
-    manifest = build_teacher_cache(teacher, examples, _collator(), directory, layers=[0, 1, 2, 3], k=K,
-                                   batch_size=1, layer_bytes=layer_bytes)
-    return {"malloc": malloc, "blocks": blocks, "tokens": manifest["tokens"],
-            "seconds": round(time.perf_counter() - began, 1), "shards": len(manifest["shards"]),
-            "bytes_per_token": manifest["bytes_per_token"], "fraction_f": manifest["layer_fraction"],
-            "before_build": before, "rss_at_end_bytes": _status_kib("VmRSS") * 1024,
-            "peak_rss_bytes": _status_kib("VmHWM") * 1024,
-            # What the peak is made of, besides the process before the build: the shard buffer (up to
-            # shard_bytes and one example), a batch's teacher states (bf16), a block of logits (fp32).
-            "sizes_bytes": {"shard_bytes": SHARD_BYTES, "batch_states": 4 * length * width * 2,
-                            "logit_block": LOGIT_ELEMENTS * 4}}
+    manifest = build_teacher_cache(
+        teacher, examples, _collator(), directory, layers=[0, 1, 2, 3], k=K, batch_size=1, layer_bytes=layer_bytes
+    )
+    return {
+        "malloc": malloc,
+        "blocks": blocks,
+        "tokens": manifest["tokens"],
+        "seconds": round(time.perf_counter() - began, 1),
+        "shards": len(manifest["shards"]),
+        "bytes_per_token": manifest["bytes_per_token"],
+        "fraction_f": manifest["layer_fraction"],
+        "before_build": before,
+        "rss_at_end_bytes": _status_kib("VmRSS") * 1024,
+        "peak_rss_bytes": _status_kib("VmHWM") * 1024,
+        # What the peak is made of, besides the process before the build: the shard buffer (up to
+        # shard_bytes and one example), a batch's teacher states (bf16), a block of logits (fp32).
+        "sizes_bytes": {
+            "shard_bytes": SHARD_BYTES,
+            "batch_states": 4 * length * width * 2,
+            "logit_block": LOGIT_ELEMENTS * 4,
+        },
+    }
 
 
 def peak_rss(directory: str, blocks: int, length: int, width: int, layer_bytes: int, malloc: str) -> dict:
     """:func:`build_for_rss` in a fresh Python process; the cache is removed afterwards."""
     shutil.rmtree(directory, ignore_errors=True)
-    record = _child("build", {"directory": directory, "blocks": blocks, "length": length, "width": width,
-                              "layer_bytes": layer_bytes, "malloc": malloc})
+    record = _child(
+        "build",
+        {
+            "directory": directory,
+            "blocks": blocks,
+            "length": length,
+            "width": width,
+            "layer_bytes": layer_bytes,
+            "malloc": malloc,
+        },
+    )
     shutil.rmtree(directory, ignore_errors=True)
     return record
 
@@ -382,12 +488,17 @@ def many_shards(directory: str, examples: int, world: int = 4) -> dict:
     data = token_examples(examples, 4, seed=5, vocab=4096)
     began = time.perf_counter()
     for rank in range(world):
-        build_teacher_cache(teacher, data, _collator(), directory, layers=[0], k=K, batch_size=16, shard_bytes=1,
-                            rank=rank, world=world)
+        build_teacher_cache(
+            teacher, data, _collator(), directory, layers=[0], k=K, batch_size=16, shard_bytes=1, rank=rank, world=world
+        )
     manifest = finish_teacher_cache(directory, world)
-    return {"shards": len(manifest["shards"]), "examples": manifest["examples"], "world": world,
-            "manifest_bytes": os.path.getsize(os.path.join(directory, "manifest.json")),
-            "build_seconds": round(time.perf_counter() - began, 1)}
+    return {
+        "shards": len(manifest["shards"]),
+        "examples": manifest["examples"],
+        "world": world,
+        "manifest_bytes": os.path.getsize(os.path.join(directory, "manifest.json")),
+        "build_seconds": round(time.perf_counter() - began, 1),
+    }
 
 
 def open_cache(directory: str) -> dict:
@@ -401,8 +512,12 @@ def open_cache(directory: str) -> dict:
     seconds = time.perf_counter() - began
     opened = files.bytes_hashed - before
     cache.example(len(cache) - 1)
-    return {"seconds": seconds, "bytes_hashed_after_open": opened,
-            "bytes_hashed_after_first_read": files.bytes_hashed - before, "shards": len(cache.manifest["shards"])}
+    return {
+        "seconds": seconds,
+        "bytes_hashed_after_open": opened,
+        "bytes_hashed_after_first_read": files.bytes_hashed - before,
+        "shards": len(cache.manifest["shards"]),
+    }
 
 
 def open_many(directory: str, examples: int, repeats: int) -> dict:
@@ -410,11 +525,17 @@ def open_many(directory: str, examples: int, repeats: int) -> dict:
     record = many_shards(directory, examples)
     opens = [_child("open", {"directory": directory}) for _ in range(repeats)]
     seconds = [o["seconds"] for o in opens]
-    record.update(open_seconds_median=statistics.median(seconds), open_seconds=seconds,
-                  bytes_hashed_after_open=max(o["bytes_hashed_after_open"] for o in opens),
-                  bytes_hashed_after_first_read=opens[0]["bytes_hashed_after_first_read"],
-                  largest_shard_bytes=max(os.path.getsize(os.path.join(directory, name))
-                                          for name in os.listdir(directory) if name.startswith("shard-")))
+    record.update(
+        open_seconds_median=statistics.median(seconds),
+        open_seconds=seconds,
+        bytes_hashed_after_open=max(o["bytes_hashed_after_open"] for o in opens),
+        bytes_hashed_after_first_read=opens[0]["bytes_hashed_after_first_read"],
+        largest_shard_bytes=max(
+            os.path.getsize(os.path.join(directory, name))
+            for name in os.listdir(directory)
+            if name.startswith("shard-")
+        ),
+    )
     record["within_target"] = record["open_seconds_median"] < OPEN_SECONDS and record["bytes_hashed_after_open"] == 0
     shutil.rmtree(directory, ignore_errors=True)
     return record
@@ -427,8 +548,12 @@ _CHILDREN = {"build": build_for_rss, "open": open_cache}
 
 def _child(name: str, kwargs: dict) -> dict:
     """``_CHILDREN[name](**kwargs)`` in a fresh Python process; its JSON result."""
-    done = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", name, json.dumps(kwargs)],
-                          capture_output=True, text=True, cwd=ROOT)
+    done = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--child", name, json.dumps(kwargs)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     if done.returncode != 0:
         raise RuntimeError(f"the {name} process failed ({done.returncode}):\n{done.stderr[-4000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -451,11 +576,26 @@ def run(directory: str, sizes: dict, real: bool = True, log=print) -> dict:
         kl += out["smollm2"].get("kl", [])
     out["kl"] = kl
     log("3. layer-target budget")
-    out["layer_budget"] = layer_budget(os.path.join(directory, "layers"), sizes["layer_width"],
-                                       sizes["layer_batches"], sizes["layer_length"], layer_bytes=sizes["layer_bytes"])
+    out["layer_budget"] = layer_budget(
+        os.path.join(directory, "layers"),
+        sizes["layer_width"],
+        sizes["layer_batches"],
+        sizes["layer_length"],
+        layer_bytes=sizes["layer_bytes"],
+    )
     log("4. peak RSS while building")
-    out["peak_rss"] = [peak_rss(os.path.join(directory, f"rss-{n}"), n, sizes["rss_length"], sizes["layer_width"],
-                                sizes["layer_bytes"], malloc) for malloc in MALLOC for n in sizes["rss_blocks"]]
+    out["peak_rss"] = [
+        peak_rss(
+            os.path.join(directory, f"rss-{n}"),
+            n,
+            sizes["rss_length"],
+            sizes["layer_width"],
+            sizes["layer_bytes"],
+            malloc,
+        )
+        for malloc in MALLOC
+        for n in sizes["rss_blocks"]
+    ]
     log("5. opening a cache of 1,000 shards")
     out["open"] = open_many(os.path.join(directory, "open"), sizes["open_examples"], sizes["open_repeats"])
     return out
@@ -463,28 +603,37 @@ def run(directory: str, sizes: dict, real: bool = True, log=print) -> dict:
 
 def table(out: dict) -> str:
     size, layers, opened = out["size"], out["layer_budget"], out["open"]
-    lines = [f"1. bytes/token, k={size['k']}, V={size['vocab']:,}: {size['bytes_per_token']} "
-             f"(target <= {BYTES_PER_TOKEN})"]
+    lines = [
+        f"1. bytes/token, k={size['k']}, V={size['vocab']:,}: {size['bytes_per_token']} (target <= {BYTES_PER_TOKEN})"
+    ]
     if "cache" in out["smollm2"]:
         c = out["smollm2"]["cache"]
         lines.append(f"   SmolLM2, V={c['vocab']:,}: {c['bytes_per_token']}")
     lines.append("2. | source | V | T | KL (bf16) | KL (packed) | rel err mean | rel err max |")
     for r in out["kl"]:
-        lines.append(f"   | {r['source']} | {r['vocab']:,} | {r['temperature']:g} | {r['kl_bf16_mean']:.4f} | "
-                     f"{r['kl_packed_mean']:.4f} | {r['rel_err_mean']:.2e} | {r['rel_err_max']:.2e} |")
+        lines.append(
+            f"   | {r['source']} | {r['vocab']:,} | {r['temperature']:g} | {r['kl_bf16_mean']:.4f} | "
+            f"{r['kl_packed_mean']:.4f} | {r['rel_err_mean']:.2e} | {r['rel_err_max']:.2e} |"
+        )
     if "skipped" in out["smollm2"]:
         lines.append(f"   SmolLM2 skipped: {out['smollm2']['skipped']}")
     e = layers["rel_err"]
-    lines.append(f"3. f={layers['fraction_f']:.4f}, bytes/token {layers['bytes_per_token']} (full: "
-                 f"{layers['full_bytes_per_token']['total']}); MSE kept vs all, rel err: mean |.| "
-                 f"{e['mean_abs']:.2e}, mean {e['mean']:.2e}, std {e['std']:.2e}, min {e['min']:.2e}, "
-                 f"max {e['max']:.2e}")
+    lines.append(
+        f"3. f={layers['fraction_f']:.4f}, bytes/token {layers['bytes_per_token']} (full: "
+        f"{layers['full_bytes_per_token']['total']}); MSE kept vs all, rel err: mean |.| "
+        f"{e['mean_abs']:.2e}, mean {e['mean']:.2e}, std {e['std']:.2e}, min {e['min']:.2e}, "
+        f"max {e['max']:.2e}"
+    )
     for r in out["peak_rss"]:
         mib = r["peak_rss_bytes"] / 2**20, r["before_build"]["VmHWM_bytes"] / 2**20
-        lines.append(f"4. malloc {r['malloc']}, {r['blocks']} blocks ({r['tokens']:,} tokens): peak RSS {mib[0]:.0f} "
-                     f"MiB ({mib[1]:.0f} before the build), {r['shards']} shards, {r['seconds']} s")
-    lines.append(f"5. {opened['shards']} shards: open median {opened['open_seconds_median'] * 1e3:.1f} ms, bytes "
-                 f"hashed after open {opened['bytes_hashed_after_open']}")
+        lines.append(
+            f"4. malloc {r['malloc']}, {r['blocks']} blocks ({r['tokens']:,} tokens): peak RSS {mib[0]:.0f} "
+            f"MiB ({mib[1]:.0f} before the build), {r['shards']} shards, {r['seconds']} s"
+        )
+    lines.append(
+        f"5. {opened['shards']} shards: open median {opened['open_seconds_median'] * 1e3:.1f} ms, bytes "
+        f"hashed after open {opened['bytes_hashed_after_open']}"
+    )
     return "\n".join(lines)
 
 
@@ -492,8 +641,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="every part at tiny sizes; no result file")
     parser.add_argument("--dir", default=None, help="where the caches are built (default: a temporary folder)")
-    parser.add_argument("--json", default=os.path.join(
-        ROOT, "benchmarks", "results", f"{datetime.date.today().isoformat()}-cpu-2core-cache-scale.json"))
+    parser.add_argument(
+        "--json",
+        default=os.path.join(
+            ROOT, "benchmarks", "results", f"{datetime.date.today().isoformat()}-cpu-2core-cache-scale.json"
+        ),
+    )
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -508,21 +661,35 @@ def main(argv=None) -> int:
         if args.dir is None:
             shutil.rmtree(directory, ignore_errors=True)
     print(table(out))
-    within = {"bytes_per_token": out["size"]["within_target"], "kl_rel_err": all(r["within_target"] for r in out["kl"]),
-              **{f"peak_rss_malloc_{malloc}": max(r["peak_rss_bytes"] for r in out["peak_rss"] if r["malloc"] == malloc)
-                 < PEAK_BYTES for malloc in MALLOC},
-              "open_1000_shards": out["open"]["within_target"]}
+    within = {
+        "bytes_per_token": out["size"]["within_target"],
+        "kl_rel_err": all(r["within_target"] for r in out["kl"]),
+        **{
+            f"peak_rss_malloc_{malloc}": max(r["peak_rss_bytes"] for r in out["peak_rss"] if r["malloc"] == malloc)
+            < PEAK_BYTES
+            for malloc in MALLOC
+        },
+        "open_1000_shards": out["open"]["within_target"],
+    }
     if args.quick:
         return 0 if all(within.values()) else 1
-    result = {"what": "the teacher cache at scale: bytes a token, the packed top-k's KL error, the layer-target "
-                      "budget's MSE error, peak RSS while building, opening 1,000 shards",
-              "command": " ".join(["python benchmarks/cache_scale.py", *(argv if argv is not None else sys.argv[1:])]),
-              "device": f"CPU, {os.cpu_count()} cores", "date": datetime.date.today().isoformat(),
-              "versions": result_file.versions("torch", "numpy", "transformers"),
-              "seconds_total": round(time.perf_counter() - began, 1),
-              "targets": {"bytes_per_token": BYTES_PER_TOKEN, "kl_rel_err_vs_bf16": KL_RELATIVE_ERROR,
-                          "peak_rss_bytes": PEAK_BYTES, "open_seconds": OPEN_SECONDS},
-              "within_target": within, **out}
+    result = {
+        "what": "the teacher cache at scale: bytes a token, the packed top-k's KL error, the layer-target "
+        "budget's MSE error, peak RSS while building, opening 1,000 shards",
+        "command": " ".join(["python benchmarks/cache_scale.py", *(argv if argv is not None else sys.argv[1:])]),
+        "device": f"CPU, {os.cpu_count()} cores",
+        "date": datetime.date.today().isoformat(),
+        "versions": result_file.versions("torch", "numpy", "transformers"),
+        "seconds_total": round(time.perf_counter() - began, 1),
+        "targets": {
+            "bytes_per_token": BYTES_PER_TOKEN,
+            "kl_rel_err_vs_bf16": KL_RELATIVE_ERROR,
+            "peak_rss_bytes": PEAK_BYTES,
+            "open_seconds": OPEN_SECONDS,
+        },
+        "within_target": within,
+        **out,
+    }
     result_file.write(args.json, result)
     print(f"written {args.json}")
     return 0 if all(within.values()) else 1

@@ -13,6 +13,7 @@ cached, the cache build's time, and the test accuracies of the students distille
 Takes about 15 minutes on 2 CPU cores (the live demo is most of it; a finished step is not run again). Time it
 on an otherwise idle machine.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,8 +26,8 @@ import time
 
 import torch
 
-from fastted.train.cli import main as fastted
 from fastted.methods import recipe_class
+from fastted.train.cli import main as fastted
 
 METHODS = ("kd", "lwd", "ted")
 PREREQUISITES = ("finetune-teacher", "finetune-student", "filters-teacher", "filters-student", "cache")
@@ -63,8 +64,12 @@ def _json(path: str) -> dict:
 def measure(root: str, preset: str) -> dict:
     live, cached = os.path.join(root, "live"), os.path.join(root, "cached")
     common = ("progress=false", "--preset", preset)
-    _run("pipeline", f"output_dir={live}", *common,
-         "steps=[finetune-teacher,finetune-student,filters-teacher,filters-student]")
+    _run(
+        "pipeline",
+        f"output_dir={live}",
+        *common,
+        "steps=[finetune-teacher,finetune-student,filters-teacher,filters-student]",
+    )
     times_path = os.path.join(root, "times.json")
     times = _json(times_path) if os.path.isfile(times_path) else {}
     for method in METHODS:
@@ -81,21 +86,25 @@ def measure(root: str, preset: str) -> dict:
         _timed(times, times_path, f"cached/{method}", "distil", "--method", method, *options)
     _run("evaluate", f"output_dir={cached}", *common)
 
-    accuracy = {run: {label: r["accuracy"] for label, r in _json(os.path.join(root, run, "results.json")).items()}
-                for run in ("live", "cached")}
+    accuracy = {
+        run: {label: r["accuracy"] for label, r in _json(os.path.join(root, run, "results.json")).items()}
+        for run in ("live", "cached")
+    }
     methods = {}
     for method in METHODS:
         first = {run: _records(os.path.join(root, run, f"distil-{method}"))[0]["terms"] for run in ("live", "cached")}
-        speed = {run: statistics.median(r["tokens_per_s"] for r in _records(os.path.join(root, run,
-                                                                                         f"distil-{method}")))
-                 for run in ("live", "cached")}
+        speed = {
+            run: statistics.median(r["tokens_per_s"] for r in _records(os.path.join(root, run, f"distil-{method}")))
+            for run in ("live", "cached")
+        }
         label = recipe_class(method).label
         cache = _json(os.path.join(cached, f"cache-teacher-{method}", "result.json"))
         methods[method] = {
             "cache": cache,
             "first_step_terms": first,
-            "relative_error": {name: abs(first["cached"][name] - value) / abs(value)
-                               for name, value in first["live"].items()},
+            "relative_error": {
+                name: abs(first["cached"][name] - value) / abs(value) for name, value in first["live"].items()
+            },
             "distil_seconds": {run: round(times[f"{run}/{method}"], 1) for run in ("live", "cached")},
             "cache_build_seconds": round(times[f"cache_build/{method}"], 1),
             "median_tokens_per_s": {run: round(v, 1) for run, v in speed.items()},
@@ -113,17 +122,22 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     start = time.perf_counter()
     result = measure(args.dir, args.preset)
-    result.update(command=f"python benchmarks/cached_demo.py --json {args.json} --preset {args.preset}",
-                  device=f"CPU, {torch.get_num_threads()} threads ({platform.processor() or platform.machine()})",
-                  torch=torch.__version__, seconds=round(time.perf_counter() - start))
+    result.update(
+        command=f"python benchmarks/cached_demo.py --json {args.json} --preset {args.preset}",
+        device=f"CPU, {torch.get_num_threads()} threads ({platform.processor() or platform.machine()})",
+        torch=torch.__version__,
+        seconds=round(time.perf_counter() - start),
+    )
     with open(args.json, "w", encoding="utf-8") as f:
         json.dump(result, f, indent=1)
     for method, r in result["methods"].items():
         errors = ", ".join(f"{k} {v:.2e}" for k, v in r["relative_error"].items())
-        print(f"{method}: {r['cache']['bytes_per_token']} B/token; first-step relative error {errors}; distil "
-              f"{r['distil_seconds']['live']} s live, {r['distil_seconds']['cached']} s cached (+ "
-              f"{r['cache_build_seconds']} s to build); accuracy {r['accuracy']['live']} live, "
-              f"{r['accuracy']['cached']} cached")
+        print(
+            f"{method}: {r['cache']['bytes_per_token']} B/token; first-step relative error {errors}; distil "
+            f"{r['distil_seconds']['live']} s live, {r['distil_seconds']['cached']} s cached (+ "
+            f"{r['cache_build_seconds']} s to build); accuracy {r['accuracy']['live']} live, "
+            f"{r['accuracy']['cached']} cached"
+        )
     return 0
 
 

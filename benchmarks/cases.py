@@ -1,12 +1,13 @@
 """What every benchmark of a fused loss shares: a case (inputs, loss, trainable
 inputs) and one way to time it and to measure its peak memory."""
+
 from __future__ import annotations
 
 import functools
 import os
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -102,19 +103,27 @@ def impl_fn(impl: str, device: torch.device, fused: Callable, eager: Callable) -
     return _COMPILED[eager]
 
 
-def run_suite_case(benchmark, sync, module_name: str, impl: str, mode: str, size: str, check: Callable[[Case], None],
-                   **extra) -> None:
+def run_suite_case(
+    benchmark, sync, module_name: str, impl: str, mode: str, size: str, check: Callable[[Case], None], **extra
+) -> None:
     """:func:`run_benchmark` of a suite whose module has ``SIZES`` and ``make_case(impl, size, device)``."""
     module = sys.modules[module_name]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     run_benchmark(
-        benchmark, sync, module.make_case(impl, size, device), mode, check,
-        module=module_name, params=dict(impl=impl, size=size), extra=dict(size=size, **module.SIZES[size], **extra),
+        benchmark,
+        sync,
+        module.make_case(impl, size, device),
+        mode,
+        check,
+        module=module_name,
+        params=dict(impl=impl, size=size),
+        extra=dict(size=size, **module.SIZES[size], **extra),
     )
 
 
-def run_benchmark(benchmark, sync, case: Case, mode: str, check: Callable[[Case], None], *, module: str,
-                  params: dict, extra: dict) -> None:
+def run_benchmark(
+    benchmark, sync, case: Case, mode: str, check: Callable[[Case], None], *, module: str, params: dict, extra: dict
+) -> None:
     """Times one mode of case with pytest-benchmark, checks its result, records its peak memory.
 
     module.step(**params, mode=..., device=...) must rebuild the case: on a CPU
@@ -132,6 +141,7 @@ def run_benchmark(benchmark, sync, case: Case, mode: str, check: Callable[[Case]
     elif mode == "full":
         benchmark(lambda: (case.full(), sync()))
     else:
+
         def setup():
             case.prepare_backward()
             sync()
@@ -141,7 +151,7 @@ def run_benchmark(benchmark, sync, case: Case, mode: str, check: Callable[[Case]
 
     benchmark.extra_info.update(**extra, device=str(device))
     if mode != "backward" and not benchmark.disabled:
-        step = getattr(__import__(module, fromlist=["step"]), "step")
+        step = __import__(module, fromlist=["step"]).step
         if device.type == "cuda":
             benchmark.extra_info["peak_extra_mib"] = cuda_peak_extra_mb(step(**params, mode=mode, device="cuda"))
         else:

@@ -14,6 +14,7 @@ tests/train/test_reshard.py.) Bytes, not time, are measured::
     python benchmarks/checkpoint_hashing.py [--dir runs/checkpoint-hashing]
         [--json benchmarks/results/<date>-cpu-checkpoint-hashing.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,19 +51,23 @@ def manifest_bytes(folder: str, prefix: str = "") -> int:
 def measure(folder: str, blocks: int, width: int) -> dict:
     import torch
 
+    from fastted.methods import FineTune
     from fastted.train.checkpoints import universal_checkpoint, verify_checkpoint, write_manifest
     from fastted.train.config import EngineConfig, TrainConfig
     from fastted.train.data import MLMCollator, batch_generator
     from fastted.train.engine import Engine
-    from fastted.methods import FineTune
     from tests.tiny_models import bert
     from tests.train.reshard_worker import Tokenizer, dataset
 
     recipe = FineTune(bert(blocks, width, head="mlm", seed=3), task="mlm", impl="reference")
-    engine = Engine(recipe, TrainConfig(batch_size=4, max_steps=1, warmup_ratio=0.0),
-                    EngineConfig(zero_stage=2, impl="reference"), 1, torch.device("cpu"))
-    out = engine.forward(MLMCollator(Tokenizer(), probability=0.3)(dataset()[:4], batch_generator(0, 0, 0, 0)),
-                         step=0)
+    engine = Engine(
+        recipe,
+        TrainConfig(batch_size=4, max_steps=1, warmup_ratio=0.0),
+        EngineConfig(zero_stage=2, impl="reference"),
+        1,
+        torch.device("cpu"),
+    )
+    out = engine.forward(MLMCollator(Tokenizer(), probability=0.3)(dataset()[:4], batch_generator(0, 0, 0, 0)), step=0)
     engine.backward(out.loss)
     engine.step()
     shutil.rmtree(folder, ignore_errors=True)
@@ -82,29 +87,42 @@ def measure(folder: str, blocks: int, width: int) -> dict:
     first_resume = hashed(resume)  # converts
     later_resume = hashed(resume)  # reuses the universal form
     universal = manifest_bytes(os.path.join(folder, "universal"))
-    return {"blocks": blocks, "width": width, "parameters": sum(p.numel() for p in recipe.parameters()),
-            "checkpoint_bytes": checkpoint, "state_bytes": manifest_bytes(folder, "state" + os.sep),
-            "universal_bytes": universal,
-            "hashed": {"save": save, "first_resume_other_world": first_resume,
-                       "later_resume_other_world": later_resume},
-            "ratio": {"save": round(save / checkpoint, 4),
-                      "first_resume_other_world": round(first_resume / checkpoint, 4),
-                      "later_resume_other_world": round(later_resume / checkpoint, 4)}}
+    return {
+        "blocks": blocks,
+        "width": width,
+        "parameters": sum(p.numel() for p in recipe.parameters()),
+        "checkpoint_bytes": checkpoint,
+        "state_bytes": manifest_bytes(folder, "state" + os.sep),
+        "universal_bytes": universal,
+        "hashed": {"save": save, "first_resume_other_world": first_resume, "later_resume_other_world": later_resume},
+        "ratio": {
+            "save": round(save / checkpoint, 4),
+            "first_resume_other_world": round(first_resume / checkpoint, 4),
+            "later_resume_other_world": round(later_resume / checkpoint, 4),
+        },
+    }
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dir", default=os.path.join("runs", "checkpoint-hashing"), help="the checkpoints")
-    parser.add_argument("--json", default=os.path.join(
-        ROOT, "benchmarks", "results", f"{datetime.date.today().isoformat()}-cpu-checkpoint-hashing.json"))
+    parser.add_argument(
+        "--json",
+        default=os.path.join(
+            ROOT, "benchmarks", "results", f"{datetime.date.today().isoformat()}-cpu-checkpoint-hashing.json"
+        ),
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     began = time.perf_counter()
     rows = {}
     for name, (blocks, width) in SIZES.items():
         rows[name] = measure(os.path.join(args.dir, name), blocks, width)
-        print(f"{name}: {rows[name]['parameters']:,} parameters, checkpoint {rows[name]['checkpoint_bytes']:,} B: "
-              + ", ".join(f"{k} {v}x" for k, v in rows[name]["ratio"].items()), flush=True)
+        print(
+            f"{name}: {rows[name]['parameters']:,} parameters, checkpoint {rows[name]['checkpoint_bytes']:,} B: "
+            + ", ".join(f"{k} {v}x" for k, v in rows[name]["ratio"].items()),
+            flush=True,
+        )
     result = {
         "command": " ".join(["python", *sys.argv]),
         "device": "CPU",

@@ -1,4 +1,5 @@
 """Benchmark setup: the report header, the device sync of timed functions, a cold compilation cache."""
+
 import ctypes
 import os
 import shutil
@@ -6,6 +7,7 @@ import tempfile
 
 import pytest
 import torch
+
 
 # torch.compile keeps what it compiled on disk, across processes: the first call a benchmark records
 # (extra_info["first_call_s"]) would then hide the compilation that a user's first run pays. A fresh cache

@@ -21,6 +21,7 @@ the epoch's permutation of the blocks (8 bytes a block), the one thing per rank 
 
 About a minute on 2 CPU cores once the corpus exists (writing it: about 20 s); 4 GB of disk at 1B tokens.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,8 +56,16 @@ def build(directory: str, tokens: int) -> tuple[str, str]:
         shutil.rmtree(corpus, ignore_errors=True)
         os.rename(corpus + ".tmp", corpus)
     if not os.path.isfile(os.path.join(model, "config.json")):
-        config = tf.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=256, bos_token_id=2,
-                               eos_token_id=3, pad_token_id=0)
+        config = tf.GPT2Config(
+            vocab_size=VOCAB,
+            n_embd=64,
+            n_layer=2,
+            n_head=4,
+            n_positions=256,
+            bos_token_id=2,
+            eos_token_id=3,
+            pad_token_id=0,
+        )
         tf.GPT2LMHeadModel(config).save_pretrained(model)
         word_tokenizer(model, causal=True)
     return corpus, model
@@ -70,15 +79,35 @@ def measure(directory: str, tokens: int, timeout: int = 600) -> dict:
     run_dir, memory = os.path.join(directory, "run"), os.path.join(directory, "memory")
     for path in (run_dir, memory):
         shutil.rmtree(path, ignore_errors=True)
-    argv = ["distil", "--preset", "clm", "--method", "kd", f"teacher.path={model}", f"data.source={corpus}",
-            f"output_dir={run_dir}", "data.max_length=128", "distil.train.batch_size=8", "distil.train.max_steps=1",
-            "data.test_documents=16", "data.max_test_examples=4", "student.layers=null", "student.num_layers=1",
-            "engine.threads=1", "progress=false"]
+    argv = [
+        "distil",
+        "--preset",
+        "clm",
+        "--method",
+        "kd",
+        f"teacher.path={model}",
+        f"data.source={corpus}",
+        f"output_dir={run_dir}",
+        "data.max_length=128",
+        "distil.train.batch_size=8",
+        "distil.train.max_steps=1",
+        "data.test_documents=16",
+        "data.max_test_examples=4",
+        "student.layers=null",
+        "student.num_layers=1",
+        "engine.threads=1",
+        "progress=false",
+    ]
     metrics = os.path.join(run_dir, "distil-kd", "metrics.jsonl")
     env = rank_env(PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), TRITON_INTERPRET="0")
     began = time.perf_counter()
-    process = subprocess.Popen(torchrun(2, WRAPPER, memory, "-m", "fastted", *argv), env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        torchrun(2, WRAPPER, memory, "-m", "fastted", *argv),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     first = None
     while process.poll() is None and time.perf_counter() - began < timeout:
         if first is None and os.path.exists(metrics) and os.path.getsize(metrics):
@@ -93,8 +122,12 @@ def measure(directory: str, tokens: int, timeout: int = 600) -> dict:
         if os.path.exists(path):
             with open(path) as f:
                 ranks.append(json.load(f))
-    record = {"exit_code": process.returncode, "seconds_total": round(time.perf_counter() - began, 1),
-              "seconds_to_first_step": None if first is None else round(first, 1), "ranks": []}
+    record = {
+        "exit_code": process.returncode,
+        "seconds_total": round(time.perf_counter() - began, 1),
+        "seconds_to_first_step": None if first is None else round(first, 1),
+        "ranks": [],
+    }
     if process.returncode != 0 or first is None:
         record["output_tail"] = output[-4000:]
         return record
@@ -103,12 +136,20 @@ def measure(directory: str, tokens: int, timeout: int = 600) -> dict:
     with open(os.path.join(corpus, "meta.json")) as f:
         meta = json.load(f)
     record.update(
-        corpus={"tokens": meta["tokens"], "documents": meta["documents"], "shards": len(meta["shards"]),
-                "dtype": meta["shards"][0]["dtype"], "bytes": sum(os.path.getsize(os.path.join(corpus, s["tokens"]))
-                                                                  for s in meta["shards"])},
-        first_step={"peak_memory_bytes": step["peak_memory"], "peak_memory_kind": step["peak_memory_kind"],
-                    "tokens": step["tokens"]},
-        ranks=[{"rank": r["rank"], "VmHWM_bytes_whole_command": r["peak_kib"]["VmHWM"] * 1024} for r in ranks])
+        corpus={
+            "tokens": meta["tokens"],
+            "documents": meta["documents"],
+            "shards": len(meta["shards"]),
+            "dtype": meta["shards"][0]["dtype"],
+            "bytes": sum(os.path.getsize(os.path.join(corpus, s["tokens"])) for s in meta["shards"]),
+        },
+        first_step={
+            "peak_memory_bytes": step["peak_memory"],
+            "peak_memory_kind": step["peak_memory_kind"],
+            "tokens": step["tokens"],
+        },
+        ranks=[{"rank": r["rank"], "VmHWM_bytes_whole_command": r["peak_kib"]["VmHWM"] * 1024} for r in ranks],
+    )
     record["within_target"] = bool(first < FIRST_STEP_SECONDS and step["peak_memory"] < PEAK_BYTES)
     return record
 
@@ -117,10 +158,18 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=1_000_000_000)
     parser.add_argument("--dir", default=os.path.join("runs", "data-scale"))
-    parser.add_argument("--json", default=os.path.join(
-        ROOT, "benchmarks", "results", f"{datetime.date.today().isoformat()}-cpu-2core-data-scale.json"))
-    parser.add_argument("--baseline-tokens", type=int, default=10_000_000,
-                        help="a small corpus, run first: the peak's growth to --tokens is what grows with the corpus")
+    parser.add_argument(
+        "--json",
+        default=os.path.join(
+            ROOT, "benchmarks", "results", f"{datetime.date.today().isoformat()}-cpu-2core-data-scale.json"
+        ),
+    )
+    parser.add_argument(
+        "--baseline-tokens",
+        type=int,
+        default=10_000_000,
+        help="a small corpus, run first: the peak's growth to --tokens is what grows with the corpus",
+    )
     args = parser.parse_args(argv)
     baseline = measure(args.dir, args.baseline_tokens)
     record = measure(args.dir, args.tokens)
@@ -133,13 +182,16 @@ def main(argv=None) -> int:
             - baseline["first_step"]["peak_memory_bytes"],
             "permutation_growth_bytes": 8 * blocks,  # the epoch's order of the blocks, int64
         }
-    result = {"what": "2 gloo ranks from launch to the first optimizer step of a clm run over a pre-tokenized "
-                      "corpus of memory-mapped uint32 shards, and their peak RSS",
-              "command": "python benchmarks/data_scale.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "device": f"CPU, {os.cpu_count()} cores", "date": datetime.date.today().isoformat(),
-              "versions": result_file.versions("torch", "deepspeed", "transformers", "numpy"),
-              "targets": {"seconds_to_first_step": FIRST_STEP_SECONDS, "peak_memory_bytes": PEAK_BYTES},
-              **record}
+    result = {
+        "what": "2 gloo ranks from launch to the first optimizer step of a clm run over a pre-tokenized "
+        "corpus of memory-mapped uint32 shards, and their peak RSS",
+        "command": "python benchmarks/data_scale.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "device": f"CPU, {os.cpu_count()} cores",
+        "date": datetime.date.today().isoformat(),
+        "versions": result_file.versions("torch", "deepspeed", "transformers", "numpy"),
+        "targets": {"seconds_to_first_step": FIRST_STEP_SECONDS, "peak_memory_bytes": PEAK_BYTES},
+        **record,
+    }
     result_file.write(args.json, result)
     print(json.dumps({k: v for k, v in result.items() if k not in ("versions", "output_tail")}, indent=1))
     return 0 if record.get("within_target") else 1

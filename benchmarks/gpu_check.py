@@ -60,6 +60,7 @@ The per-section estimates in ``sections()`` (about 7 minutes in all on an
 H100/H200) are estimates until a GPU has run it: the result file records what
 each section took.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -145,11 +146,19 @@ def _cases(cases: list, smoke: bool) -> list:
 
 def correctness_recipes(smoke: bool) -> list[dict]:
     """Every recipe on tiny BERT / GPT-2 models in bf16 and fp16 through the kernels, against float64."""
-    cases = [(dtype, task, name, recipe) for dtype in LOW_PRECISION for task in t_methods.TASKS
-             for name, recipe in t_methods.recipes_of(task)]
-    return [checked(dict(recipe=name, task=task, dtype=str(dtype)),
-                    lambda: t_methods.check_recipe_lowp(recipe, task, dtype, DEVICE, IMPL if CUDA else "auto"))
-            for dtype, task, name, recipe in _cases(cases, smoke)]
+    cases = [
+        (dtype, task, name, recipe)
+        for dtype in LOW_PRECISION
+        for task in t_methods.TASKS
+        for name, recipe in t_methods.recipes_of(task)
+    ]
+    return [
+        checked(
+            dict(recipe=name, task=task, dtype=str(dtype)),
+            lambda: t_methods.check_recipe_lowp(recipe, task, dtype, DEVICE, IMPL if CUDA else "auto"),
+        )
+        for dtype, task, name, recipe in _cases(cases, smoke)
+    ]
 
 
 def _loss_cases(loss: str, dtype) -> list[tuple[dict, object]]:
@@ -167,8 +176,12 @@ def correctness(loss: str, smoke: bool) -> list[dict]:
 def autotune_first_calls(smoke: bool) -> list[dict]:
     """Every autotuned kernel's first call of a new key against its second and the reference (each op's
     declared cases; on a CPU the interpreter's autotuner is told to sweep)."""
-    return [checked(label, fn) for op in OPS.values() if op.gpu.autotune is not None
-            for label, fn in op.gpu.autotune(_module(op.tests), smoke, CUDA)]
+    return [
+        checked(label, fn)
+        for op in OPS.values()
+        if op.gpu.autotune is not None
+        for label, fn in op.gpu.autotune(_module(op.tests), smoke, CUDA)
+    ]
 
 
 # --------------------------------------------------------------------------- resources on the device
@@ -184,8 +197,25 @@ def resources(smoke: bool) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "table.json")
             env = dict(os.environ, TRITON_INTERPRET="0")
-            subprocess.run([sys.executable, "-m", "fastted.kernels.resources", "--arch", "sm_90", "--limit", "4",
-                            "--workers", "1", "--out", out], check=True, env=env, capture_output=True, text=True)
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "fastted.kernels.resources",
+                    "--arch",
+                    "sm_90",
+                    "--limit",
+                    "4",
+                    "--workers",
+                    "1",
+                    "--out",
+                    out,
+                ],
+                check=True,
+                env=env,
+                capture_output=True,
+                text=True,
+            )
             with open(out) as f:
                 table = json.load(f)
         return dict(rows=table["rows"], problems=table["problems"], loaded=False)
@@ -194,8 +224,7 @@ def resources(smoke: bool) -> dict:
 
     arch = device_arch(DEVICE)
     rows = tier.table_on_device(arch, limit=8 if smoke else None)
-    return dict(arch=arch.name, rows=rows, problems=[p for row in rows for p in tier.problems(row, arch)],
-                loaded=True)
+    return dict(arch=arch.name, rows=rows, problems=[p for row in rows for p in tier.problems(row, arch)], loaded=True)
 
 
 # --------------------------------------------------------------------------- ceilings, floors, timings
@@ -206,8 +235,10 @@ def ceilings() -> dict:
     a = torch.randn(n, n, device=DEVICE, dtype=torch.bfloat16 if CUDA else torch.float32)
     x = torch.randn(64 * 2**20 // 4 if CUDA else 2**20, device=DEVICE)
     y = torch.empty_like(x)
-    return dict(matmul_tflops=2 * n**3 / bench_ms(lambda: a @ a) / 1e9,
-                copy_gbs=2 * x.numel() * x.element_size() / bench_ms(lambda: y.copy_(x)) / 1e6)
+    return dict(
+        matmul_tflops=2 * n**3 / bench_ms(lambda: a @ a) / 1e9,
+        copy_gbs=2 * x.numel() * x.element_size() / bench_ms(lambda: y.copy_(x)) / 1e6,
+    )
 
 
 def gemms(loss: str, size: dict) -> list[tuple[int, int, int]] | None:
@@ -218,8 +249,10 @@ def gemms(loss: str, size: dict) -> list[tuple[int, int, int]] | None:
 
 def gemm_floor_ms(shapes, dtype) -> float:
     """Milliseconds of the same GEMMs alone through torch (cuBLAS on a GPU), one after the other."""
-    ops = [(torch.randn(m, k, device=DEVICE, dtype=dtype), torch.randn(k, n, device=DEVICE, dtype=dtype))
-           for m, k, n in shapes]
+    ops = [
+        (torch.randn(m, k, device=DEVICE, dtype=dtype), torch.randn(k, n, device=DEVICE, dtype=dtype))
+        for m, k, n in shapes
+    ]
     return bench_ms(lambda: [a @ b for a, b in ops])
 
 
@@ -262,9 +295,12 @@ def bench(loss: str, smoke: bool, ceiling: dict) -> list[dict]:
                 case = module.make_case(impl, size_name, DEVICE, **extra)
                 for _ in range(2):  # warm-up: autotuning, compilation, allocator
                     case.full()
-                row = dict(impl=impl, forward_ms=bench_ms(case.forward),
-                           backward_ms=bench_ms(case.backward, setup=case.prepare_backward),
-                           full_ms=bench_ms(case.full))
+                row = dict(
+                    impl=impl,
+                    forward_ms=bench_ms(case.forward),
+                    backward_ms=bench_ms(case.backward, setup=case.prepare_backward),
+                    full_ms=bench_ms(case.full),
+                )
                 row["x_floor"] = row["full_ms"] / run["floor_ms"]
                 del case
                 if CUDA:
@@ -296,8 +332,9 @@ def blocks(loss: str, smoke: bool) -> list[dict]:
         row = dict(chunk_size=chunk, rows=default if chunk == "default" else chunk, full_ms=bench_ms(case.full))
         del case
         if CUDA:
-            row["peak_extra_mib"] = cuda_peak_extra_mb(module.step("fastted", size_name, "full", "cuda",
-                                                                   chunk_size=chunk, **extra))
+            row["peak_extra_mib"] = cuda_peak_extra_mb(
+                module.step("fastted", size_name, "full", "cuda", chunk_size=chunk, **extra)
+            )
             torch.cuda.empty_cache()
         rows.append(row)
     return rows
@@ -307,10 +344,15 @@ def sections(smoke: bool) -> list[tuple[str, float, object]]:
     """(name, estimated seconds on an H100, function of the results so far) in the order they run."""
     out = [("recipes", 40, lambda r: correctness_recipes(smoke))]
     out += [(f"correctness:{loss}", 25, lambda r, loss=loss: correctness(loss, smoke)) for loss in CHECKED]
-    out += [("autotune", 20, lambda r: autotune_first_calls(smoke)), ("resources", 60, lambda r: resources(smoke)),
-            ("ceilings", 5, lambda r: ceilings())]
-    out += [(f"bench:{loss}", 30, lambda r, loss=loss: bench(loss, smoke, r["sections"]["ceilings"]["data"]))
-            for loss in SUITES]
+    out += [
+        ("autotune", 20, lambda r: autotune_first_calls(smoke)),
+        ("resources", 60, lambda r: resources(smoke)),
+        ("ceilings", 5, lambda r: ceilings()),
+    ]
+    out += [
+        (f"bench:{loss}", 30, lambda r, loss=loss: bench(loss, smoke, r["sections"]["ceilings"]["data"]))
+        for loss in SUITES
+    ]
     out += [(f"blocks:{loss}", 20, lambda r, loss=loss: blocks(loss, smoke)) for loss in BLOCKED]
     return out
 
@@ -346,8 +388,9 @@ def summary(result: dict) -> None:
             for run in sec["data"]:
                 label = " ".join(str(v) for k, v in run.items() if k not in BENCH_KEYS)  # the variant
                 by = {row["impl"]: row for row in run["timings"]}
-                line = "  ".join(f"{impl} {row['full_ms']:.3f} ms ({row['x_floor']:.2f}x floor)"
-                                 for impl, row in by.items())
+                line = "  ".join(
+                    f"{impl} {row['full_ms']:.3f} ms ({row['x_floor']:.2f}x floor)" for impl, row in by.items()
+                )
                 print(f"    {run['size']} {label}: {line}")
 
 
@@ -364,17 +407,27 @@ def main(argv=None) -> int:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip()
     except OSError:
         commit = ""
-    result = dict(device=name, torch=torch.__version__, triton=triton.__version__, fastted=fastted.__version__,
-                  commit=commit, date=datetime.date.today().isoformat(), budget_s=args.budget, smoke=args.smoke,
-                  liger=importlib.util.find_spec("liger_kernel") is not None, sections={})
+    result = dict(
+        device=name,
+        torch=torch.__version__,
+        triton=triton.__version__,
+        fastted=fastted.__version__,
+        commit=commit,
+        date=datetime.date.today().isoformat(),
+        budget_s=args.budget,
+        smoke=args.smoke,
+        liger=importlib.util.find_spec("liger_kernel") is not None,
+        sections={},
+    )
     out = args.out or os.path.join(HERE, "results", f"{result['date']}-{name.replace(' ', '-').lower()}-gpu-check.json")
     for section, estimate, fn in sections(args.smoke):
         if args.only and section not in args.only:
             continue
         left = args.budget - (time.monotonic() - start)
         if left < estimate and not args.smoke:
-            result["sections"][section] = dict(status="skipped", seconds=0.0,
-                                               reason=f"{left:.0f} s of the budget left, {estimate} s estimated")
+            result["sections"][section] = dict(
+                status="skipped", seconds=0.0, reason=f"{left:.0f} s of the budget left, {estimate} s estimated"
+            )
         else:
             began = time.monotonic()
             try:

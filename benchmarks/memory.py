@@ -1,5 +1,6 @@
 """Peak memory of one call: CUDA allocator statistics on a GPU, peak RSS of a
 fresh process on the CPU (PyTorch keeps no allocator statistics there)."""
+
 from __future__ import annotations
 
 import importlib

@@ -12,6 +12,7 @@ runs ``-m <module> <args>`` (or ``<script> <args>``) in this process with a samp
 process maps (its heap, the weights it copied); Pss adds shared pages (memory-mapped safetensors, the GGUF
 file) split evenly between the processes that map them; VmHWM is the peak RSS, shared pages counted whole.
 """
+
 from __future__ import annotations
 
 import json
@@ -88,7 +89,7 @@ class PeakSampler:
         while not self._stop.wait(self.interval):
             self._take()
 
-    def __enter__(self) -> "PeakSampler":
+    def __enter__(self) -> PeakSampler:
         self.start = sample(self.fields)
         self.peak = dict(self.start)
         self._thread.start()
@@ -123,9 +124,15 @@ def main(argv: list[str]) -> int:
         sampler.__exit__()
         rank = int(os.environ.get("RANK", "0"))
         os.makedirs(out, exist_ok=True)
-        record = {"rank": rank, "exit_code": code, "seconds": round(time.perf_counter() - began, 2),
-                  "start_kib": sampler.start, "peak_kib": sampler.peak, "samples": sampler.samples,
-                  "pss_samples": sampler.pss_samples}
+        record = {
+            "rank": rank,
+            "exit_code": code,
+            "seconds": round(time.perf_counter() - began, 2),
+            "start_kib": sampler.start,
+            "peak_kib": sampler.peak,
+            "samples": sampler.samples,
+            "pss_samples": sampler.pss_samples,
+        }
         with open(os.path.join(out, f"rank-{rank}.json"), "w", encoding="utf-8") as f:
             json.dump(record, f, indent=1)
 

@@ -8,6 +8,7 @@ baseline.
     python benchmarks/report.py --summary benchmarks/results/<file>.json ...   # fastted's ratios, one row each
     python benchmarks/report.py --steps benchmarks/results/<file>.json      # test_step.py: each case's step
 """
+
 from __future__ import annotations
 
 import json
@@ -18,7 +19,9 @@ NAMES = {"compile": "torch.compile", "liger": "Liger (chunked, compiled)", "lige
 
 
 def _group_header(path, machine, test, info) -> str:
-    facts = ", ".join(f"{k}={v}" for k, v in info.items() if k not in ("device", "on", "size", "peak_extra_mib", "first_call_s"))
+    facts = ", ".join(
+        f"{k}={v}" for k, v in info.items() if k not in ("device", "on", "size", "peak_extra_mib", "first_call_s")
+    )
     cpu = machine.get("cpu", {}).get("brand_raw", "") if info["device"] == "cpu" else ""
     where = f"{info['device']} ({cpu})" if cpu else info["device"]
     return f"{test} on {where}, size {info['size']}: {facts}; from `{path}`"
@@ -34,7 +37,8 @@ def _groups(data: dict) -> dict[tuple, dict]:
         key = (bench["name"].split("[")[0], tuple(sorted(params.items())))
         group = groups.setdefault(key, {"info": bench["extra_info"], "rows": {}})
         group["rows"].setdefault(mode, {})[impl] = (
-            bench["stats"]["median"] * 1e3, bench["extra_info"].get("peak_extra_mib")
+            bench["stats"]["median"] * 1e3,
+            bench["extra_info"].get("peak_extra_mib"),
         )
         first = bench["extra_info"].get("first_call_s")
         if first is not None:  # the first call of a process: compilation, autotuning (whichever mode ran first)
@@ -59,8 +63,13 @@ def table(path: str) -> str:
         baselines = [i for i in impls if i != "fastted"]
         names = [NAMES.get(i, i) for i in impls]
         out += [_group_header(path, machine, test, group["info"]), ""]
-        out.append("| mode | " + " | ".join(f"{n} (ms)" for n in names) + " | "
-                   + " | ".join(f"vs {NAMES.get(b, b)}" for b in baselines) + " |")
+        out.append(
+            "| mode | "
+            + " | ".join(f"{n} (ms)" for n in names)
+            + " | "
+            + " | ".join(f"vs {NAMES.get(b, b)}" for b in baselines)
+            + " |"
+        )
         out.append("|---" * (1 + len(impls) + len(baselines)) + "|")
         for mode in ("forward", "backward", "full"):
             r = rows.get(mode, {})
@@ -69,8 +78,11 @@ def table(path: str) -> str:
             cells = [f"{r[i][0]:.3f}" if i in r else "-" for i in impls]
             ratios = [f"{r[b][0] / r['fastted'][0]:.2f}x" if b in r else "-" for b in baselines]
             out.append(f"| {mode} | " + " | ".join(cells + ratios) + " |")
-        out += ["", "| peak beyond inputs | " + " | ".join(f"{n} (MiB)" for n in names)
-                + " | fastted / eager |", "|---" * (2 + len(impls)) + "|"]
+        out += [
+            "",
+            "| peak beyond inputs | " + " | ".join(f"{n} (MiB)" for n in names) + " | fastted / eager |",
+            "|---" * (2 + len(impls)) + "|",
+        ]
         for mode in ("forward", "full"):
             r = rows.get(mode, {})
             peaks = {i: r[i][1] for i in impls if i in r and r[i][1] is not None}
@@ -81,13 +93,21 @@ def table(path: str) -> str:
             out.append(f"| {mode} | " + " | ".join(cells) + f" | {ratio} |")
         firsts = group.get("first", {})
         if firsts:
-            out += ["", "First call of the process (full step; compilation and autotuning included): "
-                    + ", ".join(f"{NAMES.get(i, i)} {firsts[i]:.2f} s" for i in impls if i in firsts) + "."]
+            out += [
+                "",
+                "First call of the process (full step; compilation and autotuning included): "
+                + ", ".join(f"{NAMES.get(i, i)} {firsts[i]:.2f} s" for i in impls if i in firsts)
+                + ".",
+            ]
         out.append("")
     for test, entries in sweeps.items():
         info = entries[0][1]
-        out += [_group_header(path, machine, test, {k: v for k, v in info.items() if k != "rows"}), "",
-                "| rows per block | full step (ms) | peak beyond inputs (MiB) |", "|---|---|---|"]
+        out += [
+            _group_header(path, machine, test, {k: v for k, v in info.items() if k != "rows"}),
+            "",
+            "| rows per block | full step (ms) | peak beyond inputs (MiB) |",
+            "|---|---|---|",
+        ]
         for chunk, entry_info, (ms, peak) in sorted(entries, key=lambda e: e[1]["rows"] + (e[0] == "default") / 2):
             label = f"{entry_info['rows']} (default)" if chunk == "default" else str(chunk)
             out.append(f"| {label} | {ms:.3f} | " + ("-" if peak is None else f"{peak:.1f}") + " |")
@@ -98,8 +118,11 @@ def table(path: str) -> str:
 def summary(paths: list[str]) -> str:
     """One row per suite and size: fastted's full step against each baseline (time ratio: baseline / fastted,
     above 1 is fastted faster) and its peak memory beyond inputs over each baseline's."""
-    out = ["| suite, size, case | vs eager | vs torch.compile | vs Liger | peak / eager | peak / torch.compile "
-           "| peak / Liger | result file |", "|---" * 8 + "|"]
+    out = [
+        "| suite, size, case | vs eager | vs torch.compile | vs Liger | peak / eager | peak / torch.compile "
+        "| peak / Liger | result file |",
+        "|---" * 8 + "|",
+    ]
     for path in paths:
         with open(path) as f:
             data = json.load(f)
@@ -125,18 +148,27 @@ def steps(path: str) -> str:
     teacher's forward whole against cut after its last mapped layer."""
     with open(path, encoding="utf-8") as f:
         data = json.load(f)
-    median = {b["extra_info"]["case"]: b["stats"]["median"] * 1e3 for b in data["benchmarks"]
-              if b["extra_info"].get("suite") == "step"}
+    median = {
+        b["extra_info"]["case"]: b["stats"]["median"] * 1e3
+        for b in data["benchmarks"]
+        if b["extra_info"].get("suite") == "step"
+    }
     info = next(b["extra_info"] for b in data["benchmarks"] if b["extra_info"].get("suite") == "step")
-    lines = [f"One optimizer step, B = {info['batch']}, T = {info['seq']}, {info['threads']} threads; from `{path}`",
-             "", "| case | median (ms) | / student's step |", "|---|---|---|"]
+    lines = [
+        f"One optimizer step, B = {info['batch']}, T = {info['seq']}, {info['threads']} threads; from `{path}`",
+        "",
+        "| case | median (ms) | / student's step |",
+        "|---|---|---|",
+    ]
     base = median.get("student")
     for case, ms in median.items():
         ratio = f"{ms / base:.2f}x" if base and not case.startswith("teacher") else ""
         lines.append(f"| {case} | {ms:.1f} | {ratio} |")
     if "teacher" in median and "teacher-truncated" in median:
-        lines += ["", f"Teacher forward, whole / cut after layer 2 of 6: "
-                      f"{median['teacher'] / median['teacher-truncated']:.2f}x"]
+        lines += [
+            "",
+            f"Teacher forward, whole / cut after layer 2 of 6: {median['teacher'] / median['teacher-truncated']:.2f}x",
+        ]
     return "\n".join(lines)
 
 

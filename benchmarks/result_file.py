@@ -1,5 +1,6 @@
 """What the standalone benchmark scripts (scale_memory.py, checkpoint_hashing.py) put in their result files: the
 versions they ran on, and the file itself."""
+
 from __future__ import annotations
 
 import json
@@ -15,8 +16,11 @@ def versions(*packages: str) -> dict:
     from importlib.metadata import version
 
     commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    return {"python": platform.python_version(), "fastted_commit": commit.stdout.strip() or None,
-            **{name: version(name) for name in packages}}
+    return {
+        "python": platform.python_version(),
+        "fastted_commit": commit.stdout.strip() or None,
+        **{name: version(name) for name in packages},
+    }
 
 
 def write(path: str, result: dict) -> None:

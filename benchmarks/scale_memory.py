@@ -29,6 +29,7 @@ rank whose VmHWM grew 0.55)::
 About 16 minutes on 2 CPU cores; 2.3 GB of disk for the teachers, built once per --dir (a run's output folder
 is removed once it has succeeded).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -141,11 +142,20 @@ def build_teacher(directory: str, blocks: int, seed: int) -> dict:
     os.makedirs(gguf_dir)
     tokenizer_gguf = _smollm2_gguf()
     tokenizer = load_tokenizer(os.path.dirname(tokenizer_gguf), os.path.basename(tokenizer_gguf))
-    config = tf.LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE,
-                            num_hidden_layers=blocks, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
-                            max_position_embeddings=POSITIONS, rms_norm_eps=1e-5, tie_word_embeddings=True,
-                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                            pad_token_id=tokenizer.pad_token_id)
+    config = tf.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=INTERMEDIATE,
+        num_hidden_layers=blocks,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        max_position_embeddings=POSITIONS,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     torch.manual_seed(seed)
     model = tf.LlamaForCausalLM(config)
     with torch.no_grad():
@@ -159,11 +169,20 @@ def build_teacher(directory: str, blocks: int, seed: int) -> dict:
     tokenizer.save_pretrained(st_dir)
     write_gguf(model, os.path.join(gguf_dir, GGUF_NAME), tokenizer_gguf)
     parameters = sum(p.numel() for p in model.parameters())
-    info = {"blocks": blocks, "hidden_size": HIDDEN, "intermediate_size": INTERMEDIATE, "heads": HEADS,
-            "kv_heads": KV_HEADS, "vocab": VOCAB, "parameters": parameters, "fp32_bytes": 4 * parameters,
-            "safetensors_bytes": sum(os.path.getsize(os.path.join(st_dir, f)) for f in os.listdir(st_dir)
-                                     if f.endswith(".safetensors")),
-            "gguf_bytes": os.path.getsize(os.path.join(gguf_dir, GGUF_NAME))}
+    info = {
+        "blocks": blocks,
+        "hidden_size": HIDDEN,
+        "intermediate_size": INTERMEDIATE,
+        "heads": HEADS,
+        "kv_heads": KV_HEADS,
+        "vocab": VOCAB,
+        "parameters": parameters,
+        "fp32_bytes": 4 * parameters,
+        "safetensors_bytes": sum(
+            os.path.getsize(os.path.join(st_dir, f)) for f in os.listdir(st_dir) if f.endswith(".safetensors")
+        ),
+        "gguf_bytes": os.path.getsize(os.path.join(gguf_dir, GGUF_NAME)),
+    }
     with open(info_path, "w") as f:
         json.dump(info, f, indent=1)
     return info
@@ -204,8 +223,10 @@ def write_data(directory: str) -> tuple[str, str]:
     """Training and test lines (deterministic word salad; 16 and 4 lines, one example each: no packing)."""
     import random
 
-    words = ("teacher student layer memory rank shard partition gradient token model distil scale node "
-             "tensor weight cache stream batch step loss").split()
+    words = (
+        "teacher student layer memory rank shard partition gradient token model distil scale node "
+        "tensor weight cache stream batch step loss"
+    ).split()
     rng = random.Random(0)
     paths = []
     for name, lines in (("train.txt", 16), ("test.txt", 4)):
@@ -223,18 +244,32 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def fastted_args(step: str, run_dir: str, teacher_dir: str, fmt: str, data: tuple[str, str],
-                 zero3_student: bool) -> list[str]:
+def fastted_args(
+    step: str, run_dir: str, teacher_dir: str, fmt: str, data: tuple[str, str], zero3_student: bool
+) -> list[str]:
     args = [step, "--preset", "clm"]
     if step != "evaluate":
         args += ["--method", "kd"]
     folder = os.path.join(teacher_dir, fmt)
-    args += [f"output_dir={run_dir}", f"teacher.path={folder}", f"data.source={data[0]}",
-             f"data.test_source={data[1]}", "data.pack=false", "data.max_length=32", "data.max_train_examples=16",
-             "data.max_test_examples=4", "distil.methods=[kd]", "distil.train.batch_size=2",
-             "distil.train.max_steps=2", "distil.train.warmup_ratio=0", "student.layers=null",
-             f"student.num_layers={STUDENT_LAYERS}", "engine.teacher_zero3=true", "engine.threads=1",
-             "progress=false"]
+    args += [
+        f"output_dir={run_dir}",
+        f"teacher.path={folder}",
+        f"data.source={data[0]}",
+        f"data.test_source={data[1]}",
+        "data.pack=false",
+        "data.max_length=32",
+        "data.max_train_examples=16",
+        "data.max_test_examples=4",
+        "distil.methods=[kd]",
+        "distil.train.batch_size=2",
+        "distil.train.max_steps=2",
+        "distil.train.warmup_ratio=0",
+        "student.layers=null",
+        f"student.num_layers={STUDENT_LAYERS}",
+        "engine.teacher_zero3=true",
+        "engine.threads=1",
+        "progress=false",
+    ]
     if fmt == "gguf":
         args.append(f"teacher.gguf_file={GGUF_NAME}")
     if zero3_student:
@@ -246,12 +281,29 @@ def launch(out: str, argv: list[str], timeout: int) -> dict:
     """Run ``fastted <argv>`` on 2 ranks under the memory wrapper; the per-rank records and the run's status."""
     shutil.rmtree(out, ignore_errors=True)
     os.makedirs(out)
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1",
-           "DS_ACCELERATOR": "cpu", "TRITON_INTERPRET": "0"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "OMP_NUM_THREADS": "1",
+        "DS_ACCELERATOR": "cpu",
+        "TRITON_INTERPRET": "0",
+    }
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(_port()), WRAPPER, os.path.join(out, "memory"), "-m", "fastted", *argv]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_port()),
+        WRAPPER,
+        os.path.join(out, "memory"),
+        "-m",
+        "fastted",
+        *argv,
+    ]
     began = time.perf_counter()
     try:
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
@@ -286,8 +338,12 @@ def growth(small: dict, large: dict, teacher_growth: int) -> list[dict]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dir", default=os.path.join("runs", "scale-memory"), help="teachers, data and runs")
-    parser.add_argument("--json", default=os.path.join(
-        ROOT, "benchmarks", "results", f"{datetime.date.today().isoformat()}-cpu-2core-scale-memory.json"))
+    parser.add_argument(
+        "--json",
+        default=os.path.join(
+            ROOT, "benchmarks", "results", f"{datetime.date.today().isoformat()}-cpu-2core-scale-memory.json"
+        ),
+    )
     parser.add_argument("--steps", default=",".join(STEPS), help="comma-separated subset of " + ",".join(STEPS))
     parser.add_argument("--formats", default=",".join(FORMATS), help="comma-separated subset of " + ",".join(FORMATS))
     parser.add_argument("--timeout", type=int, default=600, help="seconds per launch")
@@ -325,20 +381,37 @@ def main(argv=None) -> int:
             record = launch(os.path.join(args.dir, "memory", name), argv, args.timeout)
             if record["exit_code"] == 0:  # checkpoints and caches: 11 GB over all runs, none of them needed
                 shutil.rmtree(run_dir, ignore_errors=True)
-            by_size[size] = {"step": step, "format": fmt, "teacher": size, "zero3_student": zero3_student,
-                             "argv": ["fastted", *argv], **record}
+            by_size[size] = {
+                "step": step,
+                "format": fmt,
+                "teacher": size,
+                "zero3_student": zero3_student,
+                "argv": ["fastted", *argv],
+                **record,
+            }
             runs.append(by_size[size])
-            print(f"  exit {record['exit_code']} in {record['seconds']} s: "
-                  + ", ".join(f"rank {r['rank']} peak RssAnon {r['peak_kib']['RssAnon'] / 2**20:.2f} GiB, "
-                              f"Pss {r['peak_kib']['Pss'] / 2**20:.2f} GiB" for r in record["ranks"]), flush=True)
+            print(
+                f"  exit {record['exit_code']} in {record['seconds']} s: "
+                + ", ".join(
+                    f"rank {r['rank']} peak RssAnon {r['peak_kib']['RssAnon'] / 2**20:.2f} GiB, "
+                    f"Pss {r['peak_kib']['Pss'] / 2**20:.2f} GiB"
+                    for r in record["ranks"]
+                ),
+                flush=True,
+            )
         ok = all(r["exit_code"] == 0 and len(r["ranks"]) == 2 for r in by_size.values())
         entry = {"step": step, "format": fmt, "zero3_student": zero3_student, "completed": ok}
         if ok:
             entry["ranks"] = growth(by_size["small"], by_size["large"], teacher_growth)
             entry["within_target"] = all(row[f]["within_target"] for row in entry["ranks"] for f in VERDICT_FIELDS)
-            print("  growth ratios: " + "; ".join(
-                f"rank {row['rank']} " + ", ".join(f"{f} {row[f]['ratio']}" for f in ("RssAnon", "Pss", "VmHWM"))
-                for row in entry["ranks"]), flush=True)
+            print(
+                "  growth ratios: "
+                + "; ".join(
+                    f"rank {row['rank']} " + ", ".join(f"{f} {row[f]['ratio']}" for f in ("RssAnon", "Pss", "VmHWM"))
+                    for row in entry["ranks"]
+                ),
+                flush=True,
+            )
         growths.append(entry)
 
     result = {
@@ -348,11 +421,22 @@ def main(argv=None) -> int:
         "note": args.note,
         "versions": result_file.versions("torch", "transformers", "deepspeed", "gguf", "safetensors"),
         "target": f"each rank's peak memory grows by at most {TARGET}x the teacher's fp32 growth (verdict on "
-                  f"{' and '.join(VERDICT_FIELDS)}: the kernel's exact peak resident set, shared file pages counted whole; "
-                  f"RssAnon and Pss, sampled every 20 ms, are shown)",
-        "setup": {"ranks": 2, "backend": "gloo", "task": "clm", "method": "kd", "teacher_zero3": True,
-                  "student_layers": STUDENT_LAYERS, "max_length": 32, "train_examples": 16, "test_examples": 4,
-                  "steps": 2, "batch_size": 2, "sample_interval_s": 0.02},
+        f"{' and '.join(VERDICT_FIELDS)}: the kernel's exact peak resident set, shared file pages counted whole; "
+        f"RssAnon and Pss, sampled every 20 ms, are shown)",
+        "setup": {
+            "ranks": 2,
+            "backend": "gloo",
+            "task": "clm",
+            "method": "kd",
+            "teacher_zero3": True,
+            "student_layers": STUDENT_LAYERS,
+            "max_length": 32,
+            "train_examples": 16,
+            "test_examples": 4,
+            "steps": 2,
+            "batch_size": 2,
+            "sample_interval_s": 0.02,
+        },
         "teachers": teachers,
         "teacher_growth_fp32_bytes": teacher_growth,
         "gguf_round_trip_small_teacher": round_trip,

@@ -1,11 +1,27 @@
 """benchmarks/cache_scale.py's parts at its --quick sizes: a logits-only cache at k = 64 and 128,256 entries fits
 256 bytes a token, the packed top-64's KL is within 1 % of the bf16 top-64's, a layer budget keeps a share f of
 the tokens, a build's peak RSS is measured in its own process, and opening 1,000 shards hashes no shard byte."""
+
 import pytest
 
-from benchmarks.cache_scale import (BYTES_PER_TOKEN, K, KL_RELATIVE_ERROR, OPEN_SECONDS, PEAK_BYTES, QUICK, VOCAB,
-                                    StubTeacher, cache_size, kl_errors, layer_budget, many_shards, open_cache,
-                                    peak_rss, synthetic_logit_batches, token_examples)
+from benchmarks.cache_scale import (
+    BYTES_PER_TOKEN,
+    KL_RELATIVE_ERROR,
+    OPEN_SECONDS,
+    PEAK_BYTES,
+    QUICK,
+    VOCAB,
+    K,
+    StubTeacher,
+    cache_size,
+    kl_errors,
+    layer_budget,
+    many_shards,
+    open_cache,
+    peak_rss,
+    synthetic_logit_batches,
+    token_examples,
+)
 
 
 def test_the_stub_teacher_gives_a_row_the_same_states_in_any_batch():
@@ -42,8 +58,9 @@ def test_the_packed_top64s_kl_is_within_1_percent_of_the_bf16_top64s():
 
 
 def test_a_layer_budget_keeps_a_share_f_of_the_tokens(tmp_path):
-    record = layer_budget(str(tmp_path), QUICK["layer_width"], 2, QUICK["layer_length"],
-                          layer_bytes=QUICK["layer_bytes"])
+    record = layer_budget(
+        str(tmp_path), QUICK["layer_width"], 2, QUICK["layer_length"], layer_bytes=QUICK["layer_bytes"]
+    )
     full = 4 * (QUICK["layer_width"] + 4)  # int8 rows and their fp32 scales, 4 layers
     assert record["fraction_f"] == pytest.approx(QUICK["layer_bytes"] / (full + 4))
     assert record["full_bytes_per_token"]["layers"] == full
@@ -55,8 +72,9 @@ def test_a_layer_budget_keeps_a_share_f_of_the_tokens(tmp_path):
 
 @pytest.mark.slow
 def test_a_builds_peak_rss_is_measured_in_its_own_process(tmp_path):
-    record = peak_rss(str(tmp_path / "rss"), 2, QUICK["rss_length"], QUICK["layer_width"], QUICK["layer_bytes"],
-                      "builder")
+    record = peak_rss(
+        str(tmp_path / "rss"), 2, QUICK["rss_length"], QUICK["layer_width"], QUICK["layer_bytes"], "builder"
+    )
     assert record["tokens"] == 2 * QUICK["rss_length"] and record["shards"] == 1
     assert record["before_build"]["VmHWM_bytes"] <= record["peak_rss_bytes"] < PEAK_BYTES
     assert not (tmp_path / "rss").exists()

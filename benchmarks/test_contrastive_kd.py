@@ -25,6 +25,7 @@ test_cpu_peak_memory_is_a_quarter_of_eager checks the workspace bound.
 
     pytest benchmarks/test_contrastive_kd.py
 """
+
 from __future__ import annotations
 
 import functools
@@ -34,10 +35,9 @@ import torch
 import torch.nn.functional as F
 
 import fastted
-from fastted.reference import contrastive_kd_reference, pool_states_reference
-
 from benchmarks.cases import MODES, Case, Draws, default_sizes, one_step, run_benchmark
 from benchmarks.memory import cpu_peak_extra_mb
+from fastted.reference import contrastive_kd_reference, pool_states_reference
 
 _GPU = dict(batch=256, n_layers=12, width=768, seq=128, dtype="bfloat16", on="gpu")
 SIZES = {
@@ -55,8 +55,20 @@ LEVELS = ["states", "vectors"]
 OPTIONS = dict(temperature=0.07)  # CoDIR's temperature
 
 
-def codir_loss(student_states, teacher_states, mask, student_weight, student_bias, teacher_weight, teacher_bias,
-               negatives, *, pool, contrast, temperature):
+def codir_loss(
+    student_states,
+    teacher_states,
+    mask,
+    student_weight,
+    student_bias,
+    teacher_weight,
+    teacher_bias,
+    negatives,
+    *,
+    pool,
+    contrast,
+    temperature,
+):
     """CoDIR's loss from hidden states: pool, project, InfoNCE against the teacher and the bank."""
     student_vecs = F.linear(pool(student_states, mask), student_weight, student_bias)
     with torch.no_grad():
@@ -164,8 +176,13 @@ def _check(case: Case) -> None:
 def test_contrastive_kd(benchmark, sync, impl, mode, size, level):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     run_benchmark(
-        benchmark, sync, make_case(impl, size, device, level), mode, _check,
-        module=__name__, params=dict(impl=impl, size=size, level=level),
+        benchmark,
+        sync,
+        make_case(impl, size, device, level),
+        mode,
+        _check,
+        module=__name__,
+        params=dict(impl=impl, size=size, level=level),
         extra=dict(size=size, level=level, **SIZES[size], **OPTIONS),
     )
 
@@ -177,7 +194,9 @@ def test_cpu_peak_memory_is_a_quarter_of_eager():
     process). Measured here: about 18 MiB against 224 MiB."""
     fused = cpu_peak_extra_mb(__name__, "step", impl="fastted", size="cpu-k65536", mode="full", level="vectors")
     eager = cpu_peak_extra_mb(__name__, "step", impl="eager", size="cpu-k65536", mode="full", level="vectors")
-    print(f"peak RSS beyond inputs, full step of the loss at B=256, P=128, K=65536: "
-          f"fastted {fused:.0f} MiB, eager {eager:.0f} MiB")
+    print(
+        f"peak RSS beyond inputs, full step of the loss at B=256, P=128, K=65536: "
+        f"fastted {fused:.0f} MiB, eager {eager:.0f} MiB"
+    )
     assert eager > 128, f"eager's step should hold several B x (1 + K) fp32 tensors (64 MiB each), measured {eager} MiB"
     assert fused <= eager / 4, f"fastted {fused:.0f} MiB > a quarter of eager's {eager:.0f} MiB"

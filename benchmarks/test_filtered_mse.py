@@ -12,15 +12,15 @@ FASTTED_BENCH_SIZE=small or realistic to choose.
 
     pytest benchmarks/test_filtered_mse.py
 """
+
 from __future__ import annotations
 
 import pytest
 import torch
 
 import fastted
-from fastted.reference import filtered_mse_reference
-
 from benchmarks.cases import MODES, Case, Draws, default_size, one_step, run_suite_case
+from fastted.reference import filtered_mse_reference
 
 SIZES = {
     "realistic": dict(n_tokens=16384, n_layers=12, d_s=768, d_t=1024, d_f=1024, dtype="bfloat16"),

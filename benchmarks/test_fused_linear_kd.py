@@ -26,6 +26,7 @@ check below (N = 4096, H = 384, V = 30522).
 
     pytest benchmarks/test_fused_linear_kd.py
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -34,10 +35,9 @@ import pytest
 import torch
 
 import fastted
-from fastted.reference import fused_linear_kd_reference
-
 from benchmarks.cases import MODES, Case, Draws, default_sizes, one_step, run_benchmark
 from benchmarks.memory import cpu_peak_extra_mb
+from fastted.reference import fused_linear_kd_reference
 
 SIZES = {
     "v32k": dict(n_rows=8192, h_s=2048, h_t=4096, vocab=32000, dtype="bfloat16", on="gpu"),
@@ -82,15 +82,17 @@ def liger_fn(impl: str, objective: str):
         from liger_kernel.transformers import LigerFusedLinearJSD
 
         liger = LigerFusedLinearJSD(jsd_beta=options["beta"], temperature=temperature, ignore_index=IGNORE)
-        return lambda **kw: liger(kw["student_hidden"], kw["student_weight"], kw["teacher_hidden"],
-                                  kw["teacher_weight"], None)
+        return lambda **kw: liger(
+            kw["student_hidden"], kw["student_weight"], kw["teacher_hidden"], kw["teacher_weight"], None
+        )
     from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
 
     liger = LigerFusedLinearJSDLoss(
         weight_hard_loss=options.get("hard_weight", 0.0),
         weight_soft_loss=options.get("soft_weight", 1.0) * temperature**2,
         beta=options.get("beta", 0.0) if options.get("divergence") == "jsd" else 0.0,  # beta = 0: forward KL
-        ignore_index=IGNORE, temperature=temperature,
+        ignore_index=IGNORE,
+        temperature=temperature,
     )
     labels = {}
 
@@ -160,8 +162,13 @@ def test_fused_linear_kd(benchmark, sync, impl, mode, objective, size):
         pytest.skip("Liger's Triton LigerFusedLinearJSD runs on a GPU only, and has no cross-entropy term")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     run_benchmark(
-        benchmark, sync, make_case(impl, size, device, objective), mode, _check(objective),
-        module=__name__, params=dict(impl=impl, size=size, objective=objective),
+        benchmark,
+        sync,
+        make_case(impl, size, device, objective),
+        mode,
+        _check(objective),
+        module=__name__,
+        params=dict(impl=impl, size=size, objective=objective),
         extra=dict(size=size, objective=objective, **SIZES[size], **OBJECTIVES[objective]),
     )
 
@@ -172,8 +179,9 @@ def test_cpu_peak_memory_is_a_quarter_of_eager():
     as the eager step does (peak resident memory of a fresh process)."""
     fused = cpu_peak_extra_mb(__name__, "step", impl="fastted", size="cpu-4096", mode="full")
     eager = cpu_peak_extra_mb(__name__, "step", impl="eager", size="cpu-4096", mode="full")
-    print(f"peak RSS beyond inputs, full step at N=4096, V=30522, H=384: "
-          f"fastted {fused:.0f} MiB, eager {eager:.0f} MiB")
+    print(
+        f"peak RSS beyond inputs, full step at N=4096, V=30522, H=384: fastted {fused:.0f} MiB, eager {eager:.0f} MiB"
+    )
     assert eager > 1000, f"eager's step should hold several N x V fp32 tensors (~477 MiB each), measured {eager} MiB"
     assert fused <= eager / 4, f"fastted {fused:.0f} MiB > a quarter of eager's {eager:.0f} MiB"
 
@@ -191,8 +199,18 @@ def test_fused_linear_kd_blocks(benchmark, sync, chunk_size, size):
         pytest.skip(f"{chunk_size} rows is the whole batch of {SIZES[size]['n_rows']}")
     default = default_rows(size, device)
     run_benchmark(
-        benchmark, sync, make_case("fastted", size, device, "jsd", chunk_size), "full", _check("jsd"),
-        module=__name__, params=dict(impl="fastted", size=size, objective="jsd", chunk_size=chunk_size),
-        extra=dict(size=size, objective="jsd", rows=default if chunk_size == "default" else chunk_size,
-                   **SIZES[size], **OBJECTIVES["jsd"]),
+        benchmark,
+        sync,
+        make_case("fastted", size, device, "jsd", chunk_size),
+        "full",
+        _check("jsd"),
+        module=__name__,
+        params=dict(impl="fastted", size=size, objective="jsd", chunk_size=chunk_size),
+        extra=dict(
+            size=size,
+            objective="jsd",
+            rows=default if chunk_size == "default" else chunk_size,
+            **SIZES[size],
+            **OBJECTIVES["jsd"],
+        ),
     )

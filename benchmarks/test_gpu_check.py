@@ -7,6 +7,7 @@ case each (--smoke), and each one must end "ok". It runs as on the GPU
 machine, whose python3 has no deepspeed, datasets or setuptools: none of them
 can be imported, in the check or its subprocesses.
 """
+
 import importlib.util
 import json
 import os
@@ -46,20 +47,33 @@ def test_gpu_check_cpu_smoke(tmp_path):
     site.mkdir()
     (site / "sitecustomize.py").write_text(BLOCKER)
     path = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH")) if p)
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "gpu_check.py"), "--smoke", "--out", str(out)],
-                          capture_output=True, text=True, timeout=900, cwd=tmp_path,
-                          env=dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=path))
+    proc = subprocess.run(
+        [sys.executable, os.path.join(HERE, "gpu_check.py"), "--smoke", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=tmp_path,
+        env=dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=path),
+    )
     assert out.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
     # the sections of every op that declares them (fastted.ops.registry), in the registry's order
     ops = kernel_ops()
     benchmarked = [op for op in ops if importlib.util.find_spec(op.benchmark) is not None]
-    expected = (["recipes"] + [f"correctness:{op.gpu.name}" for op in ops if op.gpu.cases is not None]
-                + ["autotune", "resources", "ceilings"] + [f"bench:{op.gpu.name}" for op in benchmarked]
-                + [f"blocks:{op.gpu.name}" for op in benchmarked if op.gpu.blocks is not None])
+    expected = (
+        ["recipes"]
+        + [f"correctness:{op.gpu.name}" for op in ops if op.gpu.cases is not None]
+        + ["autotune", "resources", "ceilings"]
+        + [f"bench:{op.gpu.name}" for op in benchmarked]
+        + [f"blocks:{op.gpu.name}" for op in benchmarked if op.gpu.blocks is not None]
+    )
     assert list(result["sections"]) == expected
-    assert {"correctness:logit_kd", "correctness:pool_states", "bench:pooled_distance",
-            "blocks:fused_linear_kd"} <= set(expected)
+    assert {
+        "correctness:logit_kd",
+        "correctness:pool_states",
+        "bench:pooled_distance",
+        "blocks:fused_linear_kd",
+    } <= set(expected)
     not_ok = {name: s.get("error", s.get("failed")) for name, s in result["sections"].items() if s["status"] != "ok"}
     assert not not_ok, not_ok
     assert proc.returncode == 0, proc.stdout[-3000:]

@@ -9,15 +9,15 @@ small one. FASTTED_BENCH_SIZE=<name> picks one size of SIZES.
 
     pytest benchmarks/test_logit_kd.py
 """
+
 from __future__ import annotations
 
 import pytest
 import torch
 
 import fastted
-from fastted.reference import logit_kd_reference
-
 from benchmarks.cases import MODES, Case, default_sizes, one_step, run_suite_case
+from fastted.reference import logit_kd_reference
 
 SIZES = {
     "v32k": dict(n_rows=8192, vocab=32000, dtype="bfloat16", on="gpu"),

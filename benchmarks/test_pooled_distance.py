@@ -17,15 +17,15 @@ on a CPU a small one. Set FASTTED_BENCH_SIZE to choose.
 
     pytest benchmarks/test_pooled_distance.py
 """
+
 from __future__ import annotations
 
 import pytest
 import torch
 
 import fastted
-from fastted.reference import pooled_distance_reference
-
 from benchmarks.cases import MODES, Case, Draws, default_size, impl_fn, one_step, run_suite_case
+from fastted.reference import pooled_distance_reference
 
 SIZES = {
     "realistic": dict(batch=256, n_layers=6, width=768, seq=128, proj=128, dtype="bfloat16"),
@@ -38,18 +38,23 @@ def make_inputs(batch, n_layers, width, seq, proj, dtype, device, seed=0):
     """Both models' states, a right-padded attention mask and one projection per layer and model."""
     draws = Draws(seed, device, dtype)
     mask = draws.padding_mask(batch, seq)
-    states = {side: [draws.normal(batch, seq, width, grad=side == "student") for _ in range(n_layers)]
-              for side in ("student", "teacher")}
-    heads = {f"{side}_{part}": [draws.normal(*shape, scale=scale, grad=True) for _ in range(n_layers)]
-             for side in ("student", "teacher")
-             for part, shape, scale in (("weights", (proj, width), width**-0.5), ("biases", (proj,), 0.1))}
+    states = {
+        side: [draws.normal(batch, seq, width, grad=side == "student") for _ in range(n_layers)]
+        for side in ("student", "teacher")
+    }
+    heads = {
+        f"{side}_{part}": [draws.normal(*shape, scale=scale, grad=True) for _ in range(n_layers)]
+        for side in ("student", "teacher")
+        for part, shape, scale in (("weights", (proj, width), width**-0.5), ("biases", (proj,), 0.1))
+    }
     return dict(student_states=states["student"], teacher_states=states["teacher"], mask=mask, **heads)
 
 
 def make_case(impl: str, size: str, device: torch.device) -> Case:
     inputs = make_inputs(**SIZES[size], device=device)
-    trainable = [x for key, value in inputs.items() if key != "teacher_states" and isinstance(value, list)
-                 for x in value]
+    trainable = [
+        x for key, value in inputs.items() if key != "teacher_states" and isinstance(value, list) for x in value
+    ]
     return Case(inputs, impl_fn(impl, device, fastted.pooled_distance, pooled_distance_reference), trainable)
 
 
@@ -60,8 +65,9 @@ def step(impl: str, size: str, mode: str, device: str = "cpu"):
 
 def _check(case: Case) -> None:
     with torch.no_grad():
-        ref = pooled_distance_reference(**{k: [x.double() for x in v] if isinstance(v, list) else v
-                                           for k, v in case.inputs.items()})
+        ref = pooled_distance_reference(
+            **{k: [x.double() for x in v] if isinstance(v, list) else v for k, v in case.inputs.items()}
+        )
         got = case.forward()
     torch.testing.assert_close(got.double(), ref, rtol=2e-2, atol=1e-4)
 

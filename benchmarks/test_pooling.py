@@ -17,15 +17,15 @@ CPU a small one. Set FASTTED_BENCH_SIZE to choose.
 
     pytest benchmarks/test_pooling.py
 """
+
 from __future__ import annotations
 
 import pytest
 import torch
 
 import fastted
-from fastted.reference import pool_states_reference
-
 from benchmarks.cases import MODES, Case, Draws, default_size, impl_fn, one_step, run_suite_case
+from fastted.reference import pool_states_reference
 
 SIZES = {
     "realistic": dict(batch=256, n_layers=12, width=768, seq=128, dtype="bfloat16"),

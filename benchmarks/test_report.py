@@ -1,12 +1,17 @@
 """benchmarks/report.py on a made-up result file: the ratios, the first calls, the block-size sweep."""
+
 import json
 
 from benchmarks.report import steps, summary, table
 
 
 def _bench(name, params, median, peak=None, **info):
-    return dict(name=f"{name}[x]", params=params, stats=dict(median=median),
-                extra_info=dict(device="cpu", size="small", peak_extra_mib=peak, **info))
+    return dict(
+        name=f"{name}[x]",
+        params=params,
+        stats=dict(median=median),
+        extra_info=dict(device="cpu", size="small", peak_extra_mib=peak, **info),
+    )
 
 
 def test_tables_and_summary(tmp_path):
@@ -29,9 +34,15 @@ def test_tables_and_summary(tmp_path):
 
 
 def test_steps(tmp_path):
-    benches = [dict(name=f"test_step[{case}]", params=dict(case=case), stats=dict(median=ms / 1e3),
-                    extra_info=dict(suite="step", case=case, batch=8, seq=128, threads=2))
-               for case, ms in (("student", 100.0), ("kd", 250.0), ("teacher", 60.0), ("teacher-truncated", 30.0))]
+    benches = [
+        dict(
+            name=f"test_step[{case}]",
+            params=dict(case=case),
+            stats=dict(median=ms / 1e3),
+            extra_info=dict(suite="step", case=case, batch=8, seq=128, threads=2),
+        )
+        for case, ms in (("student", 100.0), ("kd", 250.0), ("teacher", 60.0), ("teacher-truncated", 30.0))
+    ]
     path = tmp_path / "steps.json"
     path.write_text(json.dumps(dict(machine_info={}, benchmarks=benches)))
     text = steps(str(path))

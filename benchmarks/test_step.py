@@ -18,6 +18,7 @@ whose table they fill).
     pytest benchmarks/test_step.py --benchmark-json=<file>
     FASTTED_BENCH_SIZE=demo pytest benchmarks/test_step.py ...   # B = 32, T = 128: the demo's batch
 """
+
 from __future__ import annotations
 
 import copy
@@ -31,8 +32,19 @@ from fastted.methods import FineTune
 
 SIZES = {"small": dict(batch=8, seq=128), "demo": dict(batch=32, seq=128)}
 LABELS = 5
-CASES = ["student", "kd", "lwd", "ted", "kd-cached", "lwd-cached", "ted-cached", "lwd-no-kl", "lwd-no-kl-truncated",
-         "teacher", "teacher-truncated"]
+CASES = [
+    "student",
+    "kd",
+    "lwd",
+    "ted",
+    "kd-cached",
+    "lwd-cached",
+    "ted-cached",
+    "lwd-no-kl",
+    "lwd-no-kl-truncated",
+    "teacher",
+    "teacher-truncated",
+]
 
 
 def _size() -> dict:
@@ -68,20 +80,33 @@ def _cached(recipe, b: dict, directory: str):
     from fastted.train.data import ClassificationCollator
 
     lengths = b["attention_mask"].sum(1).tolist()
-    examples = [{"input_ids": b["input_ids"][i, :n].tolist(), "label": int(b["labels"][i]), "index": i}
-                for i, n in enumerate(lengths)]
+    examples = [
+        {"input_ids": b["input_ids"][i, :n].tolist(), "label": int(b["labels"][i]), "index": i}
+        for i, n in enumerate(lengths)
+    ]
     expect = recipe.teacher_cache_expect()
-    build_teacher_cache(recipe.teacher_model, examples, ClassificationCollator(0), directory, layers=expect["layers"],
-                        k=64, temperature=expect["temperature"], transform=recipe.cache_transform(),
-                        identity=expect)
+    build_teacher_cache(
+        recipe.teacher_model,
+        examples,
+        ClassificationCollator(0),
+        directory,
+        layers=expect["layers"],
+        k=64,
+        temperature=expect["temperature"],
+        transform=recipe.cache_transform(),
+        identity=expect,
+    )
     recipe.use_teacher_cache(TeacherCache(directory))
     return recipe
 
 
 def _recipe(case: str, student, teacher, directory=None):
     if case.endswith("-cached"):
-        return _cached(_recipe(case[:-len("-cached")], student, teacher), _batch(**_size(), vocab=teacher.config
-                                                                                 .vocab_size), directory)
+        return _cached(
+            _recipe(case[: -len("-cached")], student, teacher),
+            _batch(**_size(), vocab=teacher.config.vocab_size),
+            directory,
+        )
     student, teacher = copy.deepcopy(student), copy.deepcopy(teacher)
     pairs = explicit_map([(0, 1), (1, 3), (2, 5)], 3, 6)  # the demo's uniform map of 3 onto 6 layers
     if case == "student":
@@ -131,5 +156,6 @@ def test_step(benchmark, sync, models, case, tmp_path):
             optimizer.step()
             sync()
             return loss.detach()
+
     out = benchmark.pedantic(step, rounds=5, warmup_rounds=1, iterations=1)
     assert torch.isfinite(out).all()

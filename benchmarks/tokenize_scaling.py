@@ -11,6 +11,7 @@ model folder's::
 
 Run it alone on the machine: nothing else heavy at the same time (a test suite moves such ratios by 2-3x).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,8 +45,12 @@ def main(argv=None) -> int:
     parser.add_argument("--copies", type=int, default=4, help="times the BBC News articles are repeated")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tokenizer", default="smollm2", help="a model folder, or smollm2 (the packaged GGUF's)")
-    parser.add_argument("--json", default=os.path.join(
-        ROOT, "benchmarks", "results", f"{datetime.date.today().isoformat()}-cpu-2core-tokenize-scaling.json"))
+    parser.add_argument(
+        "--json",
+        default=os.path.join(
+            ROOT, "benchmarks", "results", f"{datetime.date.today().isoformat()}-cpu-2core-tokenize-scaling.json"
+        ),
+    )
     args = parser.parse_args(argv)
 
     from fastted.train import shards
@@ -63,8 +68,9 @@ def main(argv=None) -> int:
             for workers in (1, 2):
                 out = os.path.join(work, str(workers))
                 began = time.perf_counter()
-                meta = shards.write_corpus(dataset, tokenizer, out, separator_id=separator_id(tokenizer),
-                                           num_proc=workers)
+                meta = shards.write_corpus(
+                    dataset, tokenizer, out, separator_id=separator_id(tokenizer), num_proc=workers
+                )
                 seconds[workers].append(time.perf_counter() - began)
                 tokens = meta["tokens"]
                 shutil.rmtree(out)
@@ -73,13 +79,18 @@ def main(argv=None) -> int:
     median = {w: statistics.median(s) for w, s in seconds.items()}
     ratio = median[1] / median[2]
     result = {
-        "what": "seconds to tokenize a corpus into token shards (fastted.train.shards.write_corpus) with 1 and 2 workers",
+        "what": "seconds to tokenize a corpus into token shards (fastted.train.shards.write_corpus) "
+        "with 1 and 2 workers",
         "command": "python benchmarks/tokenize_scaling.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "device": f"CPU, {os.cpu_count()} cores",
         "date": datetime.date.today().isoformat(),
         "versions": result_file.versions("torch", "transformers", "tokenizers", "datasets", "numpy"),
-        "corpus": {"documents": len(dataset), "tokens": tokens, "source": f"BBC News x {args.copies}",
-                   "tokenizer": f"{args.tokenizer} ({type(tokenizer).__name__}, {len(tokenizer)} tokens)"},
+        "corpus": {
+            "documents": len(dataset),
+            "tokens": tokens,
+            "source": f"BBC News x {args.copies}",
+            "tokenizer": f"{args.tokenizer} ({type(tokenizer).__name__}, {len(tokenizer)} tokens)",
+        },
         "seconds": {str(w): [round(x, 3) for x in s] for w, s in seconds.items()},
         "median_seconds": {str(w): round(m, 3) for w, m in median.items()},
         "tokens_per_s": {str(w): round(tokens / m) for w, m in median.items()},
@@ -88,8 +99,10 @@ def main(argv=None) -> int:
         "within_target": ratio >= TARGET,
     }
     result_file.write(args.json, result)
-    print(f"1 worker {median[1]:.2f} s, 2 workers {median[2]:.2f} s ({tokens} tokens): {ratio:.2f}x "
-          f"({'within' if ratio >= TARGET else 'short of'} the {TARGET}x target) -> {args.json}")
+    print(
+        f"1 worker {median[1]:.2f} s, 2 workers {median[2]:.2f} s ({tokens} tokens): {ratio:.2f}x "
+        f"({'within' if ratio >= TARGET else 'short of'} the {TARGET}x target) -> {args.json}"
+    )
     return 0
 
 

@@ -3,6 +3,7 @@
 Importing fastted is cheap: it never touches CUDA, never imports Triton and
 never compiles a kernel; a kernel module is imported on its first use.
 """
+
 from fastted.filters import ClassificationHead, Filter, TaskFilters
 from fastted.layerwise import LayerwiseMSELoss
 from fastted.mapping import (

@@ -1,4 +1,5 @@
 """``python -m fastted``: the ``fastted`` command."""
+
 import sys
 
 from fastted.train.cli import command

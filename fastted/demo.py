@@ -10,6 +10,7 @@ seconds. Run it with ``python -m fastted.demo`` (``--help`` for options).
 
 The real distillation demo is the engine's: ``make demo`` (``python -m fastted pipeline``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,8 +61,10 @@ def main(argv=None) -> int:
     optimizer = torch.optim.AdamW(params, lr=3e-3)
     teacher_layers = [1, 3, 5, 7]  # (l + 1) % 2 == 0: TED's interval rule with interval 2
 
-    print(f"fastted {fastted.__version__}: filtered MSE, 4 mapped layer pairs, "
-          f"student width {d_s} -> filters {d_f} <- teacher width {d_t}, device {device.type}, impl {args.impl}")
+    print(
+        f"fastted {fastted.__version__}: filtered MSE, 4 mapped layer pairs, "
+        f"student width {d_s} -> filters {d_f} <- teacher width {d_t}, device {device.type}, impl {args.impl}"
+    )
     first = last = None
     start = time.perf_counter()
     for step in range(args.steps + 1):

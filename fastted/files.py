@@ -2,11 +2,13 @@
 (checkpoints and their manifests, metrics, configs, TED's filters, the layer-wise loss, the teacher cache,
 a step's result). ``bytes_hashed`` counts the bytes this process has hashed, so that a test can hold the
 checkpoint checks to their budget (each rank hashes only its share)."""
+
 from __future__ import annotations
 
 import hashlib
 import os
-from typing import Callable, Union
+from collections.abc import Callable
+from typing import Union
 
 bytes_hashed = 0  # bytes read by sha256_file in this process, ever (tests take differences)
 

@@ -12,11 +12,13 @@ The last Linear of every filter is what the fused filtered-MSE kernel reads
 gradients for all layers in one launch; a nonlinear filter's first part runs
 before it as ordinary PyTorch.
 """
+
 from __future__ import annotations
 
 import json
 import os
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 from torch import Tensor, nn
 
@@ -57,8 +59,15 @@ class TaskFilters(nn.Module):
         nonlinear, activation: see :class:`Filter`.
     """
 
-    def __init__(self, layers: Sequence[int], hidden_size: int, filter_dim: Optional[int] = None, *,
-                 nonlinear: bool = False, activation: str = "gelu"):
+    def __init__(
+        self,
+        layers: Sequence[int],
+        hidden_size: int,
+        filter_dim: Optional[int] = None,
+        *,
+        nonlinear: bool = False,
+        activation: str = "gelu",
+    ):
         super().__init__()
         layers = list(layers)
         if not layers or any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in layers):
@@ -66,8 +75,13 @@ class TaskFilters(nn.Module):
         check_positive_int("hidden_size", hidden_size)
         filter_dim = hidden_size if filter_dim is None else check_positive_int("filter_dim", filter_dim)
         _activation(activation)
-        self.config = dict(layers=layers, hidden_size=hidden_size, filter_dim=filter_dim, nonlinear=bool(nonlinear),
-                           activation=activation)
+        self.config = dict(
+            layers=layers,
+            hidden_size=hidden_size,
+            filter_dim=filter_dim,
+            nonlinear=bool(nonlinear),
+            activation=activation,
+        )
         self.filters = nn.ModuleList(
             Filter(hidden_size, filter_dim, nonlinear=nonlinear, activation=activation) for _ in layers
         )
@@ -91,13 +105,17 @@ class TaskFilters(nn.Module):
     def split(self, states: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor], list[Optional[Tensor]]]:
         """(inputs of each filter's last Linear, its weights, its biases): what the fused MSE kernel reads."""
         self._check(states)
-        return ([f.pre(h) for f, h in zip(self.filters, states)], [f.proj.weight for f in self.filters],
-                [f.proj.bias for f in self.filters])
+        return (
+            [f.pre(h) for f, h in zip(self.filters, states)],
+            [f.proj.weight for f in self.filters],
+            [f.proj.bias for f in self.filters],
+        )
 
     def _check(self, states) -> None:
         if len(states) != len(self.filters):
-            raise ValueError(f"got {len(states)} hidden states, but these filters are for {len(self.filters)} "
-                             f"layers {self.layers}")
+            raise ValueError(
+                f"got {len(states)} hidden states, but these filters are for {len(self.filters)} layers {self.layers}"
+            )
 
     def extra_repr(self) -> str:
         c = self.config
@@ -115,19 +133,26 @@ class TaskFilters(nn.Module):
         write_atomic(os.path.join(directory, _CONFIG), json.dumps(self.config, indent=2))
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, device=None) -> "TaskFilters":
+    def from_pretrained(cls, directory: str | os.PathLike, device=None) -> TaskFilters:
         """Load filters saved by :meth:`save_pretrained` (no pickle: JSON and safetensors)."""
         from safetensors.torch import load_file
 
         paths = [os.path.join(directory, name) for name in (_CONFIG, _WEIGHTS)]
         missing = [p for p in paths if not os.path.isfile(p)]
         if missing:
-            raise FileNotFoundError(f"no saved filters in {directory}: missing {', '.join(missing)} (save them with "
-                                    f"TaskFilters.save_pretrained, or run TED's stage I)")
+            raise FileNotFoundError(
+                f"no saved filters in {directory}: missing {', '.join(missing)} (save them with "
+                f"TaskFilters.save_pretrained, or run TED's stage I)"
+            )
         with open(paths[0]) as f:
             config = json.load(f)
-        filters = cls(config["layers"], config["hidden_size"], config["filter_dim"], nonlinear=config["nonlinear"],
-                      activation=config["activation"])
+        filters = cls(
+            config["layers"],
+            config["hidden_size"],
+            config["filter_dim"],
+            nonlinear=config["nonlinear"],
+            activation=config["activation"],
+        )
         filters.load_state_dict(load_file(paths[1], device="cpu" if device is None else str(device)))
         return filters.to(device) if device is not None else filters
 

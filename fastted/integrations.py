@@ -48,6 +48,7 @@ Not covered: DeepSpeed ZeRO-3 and FSDP under the Trainer (the recipe's state is
 saved from the unsharded module; use ``fastted``'s own engine for sharded
 runs) and PEFT-wrapped students.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -83,8 +84,10 @@ def load_recipe_checkpoint(recipe: Recipe, directory: str) -> None:
     ``recipe_state.pt``. Raises a ValueError naming a missing file or a key that does not fit."""
     path = os.path.join(directory, RECIPE_STATE)
     if not os.path.isfile(path):
-        raise ValueError(f"resume_from_checkpoint: {directory} has no {RECIPE_STATE}: it was not saved by a "
-                         f"fastted DistillationTrainer")
+        raise ValueError(
+            f"resume_from_checkpoint: {directory} has no {RECIPE_STATE}: it was not saved by a "
+            f"fastted DistillationTrainer"
+        )
     student = recipe.student_model.model
     saved = type(student).from_pretrained(directory)
     student.load_state_dict(saved.state_dict())  # copied into the student's own dtype and device
@@ -93,8 +96,10 @@ def load_recipe_checkpoint(recipe: Recipe, directory: str) -> None:
     student_keys = _student_keys(recipe)
     missing = [k for k in missing if k not in student_keys]
     if missing or unexpected:
-        raise ValueError(f"resume_from_checkpoint: {path} does not fit this {type(recipe).__name__} (missing: "
-                         f"{missing[:5]}, unexpected: {unexpected[:5]}): resume with the recipe it was saved from")
+        raise ValueError(
+            f"resume_from_checkpoint: {path} does not fit this {type(recipe).__name__} (missing: "
+            f"{missing[:5]}, unexpected: {unexpected[:5]}): resume with the recipe it was saved from"
+        )
 
 
 def _accuracy(prediction) -> dict:
@@ -115,8 +120,9 @@ class DistillationMixin:
 
     def __init__(self, *args, recipe: Recipe, **kwargs):
         if not isinstance(recipe, Recipe):
-            raise ValueError(f"recipe must be a fastted Recipe (TED, LWD, KD, CoDIR, RAILKD, DWT, ...), got "
-                             f"{type(recipe).__name__}")
+            raise ValueError(
+                f"recipe must be a fastted Recipe (TED, LWD, KD, CoDIR, RAILKD, DWT, ...), got {type(recipe).__name__}"
+            )
         if "model" in kwargs or args:
             raise ValueError("pass the recipe as recipe=..., and no model: the trainer trains the recipe's student")
         student = recipe.student_model.model

@@ -25,11 +25,13 @@ come from stage I), and optionally the teacher's frozen TED filters
 (``teacher_filters``, a :class:`~fastted.filters.TaskFilters`; without them the
 teacher's raw states are the targets and ``filter_dim`` is the teacher's width).
 """
+
 from __future__ import annotations
 
 import json
 import os
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -49,11 +51,13 @@ def _pairs(layer_map) -> LayerMap:
     try:
         pairs = [tuple(p) for p in layer_map]
     except TypeError:
-        raise ValueError(f"layer_map must be a LayerMap or a list of (student_layer, teacher_layer) pairs, got "
-                         f"{layer_map!r}") from None
+        raise ValueError(
+            f"layer_map must be a LayerMap or a list of (student_layer, teacher_layer) pairs, got {layer_map!r}"
+        ) from None
     if not pairs or any(len(p) != 2 for p in pairs):
-        raise ValueError(f"layer_map must be a non-empty list of (student_layer, teacher_layer) pairs, got "
-                         f"{layer_map!r}")
+        raise ValueError(
+            f"layer_map must be a non-empty list of (student_layer, teacher_layer) pairs, got {layer_map!r}"
+        )
     return LayerMap(tuple(p[0] for p in pairs), tuple(p[1] for p in pairs))
 
 
@@ -84,10 +88,19 @@ class LayerwiseMSELoss(nn.Module):
     losses.
     """
 
-    def __init__(self, layer_map, student_width: int, teacher_width: int, *,
-                 student_filters: Optional[TaskFilters] = None, teacher_filters: Optional[TaskFilters] = None,
-                 filter_dim: Optional[int] = None, projection: bool = True,
-                 layer_weights: Optional[Sequence[float]] = None, impl: str = "auto"):
+    def __init__(
+        self,
+        layer_map,
+        student_width: int,
+        teacher_width: int,
+        *,
+        student_filters: Optional[TaskFilters] = None,
+        teacher_filters: Optional[TaskFilters] = None,
+        filter_dim: Optional[int] = None,
+        projection: bool = True,
+        layer_weights: Optional[Sequence[float]] = None,
+        impl: str = "auto",
+    ):
         super().__init__()
         self.layer_map = _pairs(layer_map)
         check_positive_int("student_width", student_width)
@@ -101,22 +114,26 @@ class LayerwiseMSELoss(nn.Module):
         if filter_dim != default_dim:
             what = "the teacher filters' width" if teacher_filters is not None else "the teacher's width (no filters)"
             raise ValueError(f"filter_dim: got {filter_dim}, needs {default_dim}, {what}")
-        for name, filters, layers, width in (("student_filters", student_filters, self.layer_map.student,
-                                              student_width),
-                                             ("teacher_filters", teacher_filters, self.layer_map.teacher,
-                                              teacher_width)):
+        for name, filters, layers, width in (
+            ("student_filters", student_filters, self.layer_map.student, student_width),
+            ("teacher_filters", teacher_filters, self.layer_map.teacher, teacher_width),
+        ):
             if filters is None:
                 continue
             if filters.layers != list(layers) or filters.config["hidden_size"] != width:
-                raise ValueError(f"{name} filter layers {filters.layers} of width {filters.config['hidden_size']}, "
-                                 f"but the map's layers are {list(layers)} of width {width}")
+                raise ValueError(
+                    f"{name} filter layers {filters.layers} of width {filters.config['hidden_size']}, "
+                    f"but the map's layers are {list(layers)} of width {width}"
+                )
             if filters.filter_dim != filter_dim:
                 raise ValueError(f"{name} map to width {filters.filter_dim}, but filter_dim is {filter_dim}")
         if not isinstance(projection, bool):
             raise ValueError(f"projection must be a bool, got {projection!r}")
         if not projection and (student_filters is not None or student_width != filter_dim):
-            raise ValueError(f"projection=False compares the student's raw states: it needs no student_filters and "
-                             f"student_width == filter_dim, got {student_width} and {filter_dim}")
+            raise ValueError(
+                f"projection=False compares the student's raw states: it needs no student_filters and "
+                f"student_width == filter_dim, got {student_width} and {filter_dim}"
+            )
         if student_filters is None and projection:
             student_filters = TaskFilters(list(self.layer_map.student), student_width, filter_dim)
         self.student_filters = student_filters
@@ -124,10 +141,16 @@ class LayerwiseMSELoss(nn.Module):
         if teacher_filters is not None:
             teacher_filters.requires_grad_(False)
         self.layer_weights = layer_weights
-        self.config = dict(student_layers=list(self.layer_map.student), teacher_layers=list(self.layer_map.teacher),
-                           student_width=student_width, teacher_width=teacher_width, filter_dim=filter_dim,
-                           teacher_filters=teacher_filters is not None, projection=projection,
-                           layer_weights=None if layer_weights is None else [float(w) for w in layer_weights])
+        self.config = dict(
+            student_layers=list(self.layer_map.student),
+            teacher_layers=list(self.layer_map.teacher),
+            student_width=student_width,
+            teacher_width=teacher_width,
+            filter_dim=filter_dim,
+            teacher_filters=teacher_filters is not None,
+            projection=projection,
+            layer_weights=None if layer_weights is None else [float(w) for w in layer_weights],
+        )
         self.layer_losses: Optional[Tensor] = None
 
     def train(self, mode: bool = True):
@@ -142,17 +165,22 @@ class LayerwiseMSELoss(nn.Module):
         if states is None:
             raise ValueError(f"{name} is None: call the model with output_hidden_states=True")
         if isinstance(states, Tensor) or not isinstance(states, (list, tuple)):
-            raise ValueError(f"{name} must be the tuple of output_hidden_states=True (embeddings, then one tensor per "
-                             f"block) or a model output holding it, got {type(states).__name__}")
+            raise ValueError(
+                f"{name} must be the tuple of output_hidden_states=True (embeddings, then one tensor per "
+                f"block) or a model output holding it, got {type(states).__name__}"
+            )
         if max(layers) + 1 >= len(states):
-            raise ValueError(f"{name} holds {len(states)} states (embeddings + {len(states) - 1} blocks), but the "
-                             f"map needs block {max(layers)} (element {max(layers) + 1})")
+            raise ValueError(
+                f"{name} holds {len(states)} states (embeddings + {len(states) - 1} blocks), but the "
+                f"map needs block {max(layers)} (element {max(layers) + 1})"
+            )
         return [states[layer + 1] for layer in layers]
 
     def forward(self, student_hidden_states, teacher_hidden_states, mask: Optional[Tensor] = None) -> Tensor:
         student = self._select("student_hidden_states", student_hidden_states, self.layer_map.student)
-        teacher = [h.detach() for h in self._select("teacher_hidden_states", teacher_hidden_states,
-                                                    self.layer_map.teacher)]
+        teacher = [
+            h.detach() for h in self._select("teacher_hidden_states", teacher_hidden_states, self.layer_map.teacher)
+        ]
         if self.student_filters is None:
             inputs, weights, biases = student, [None] * len(student), None
         else:
@@ -162,15 +190,25 @@ class LayerwiseMSELoss(nn.Module):
             with torch.no_grad():
                 targets, t_weights, t_biases = self.teacher_filters.split(teacher)
         loss, self.layer_losses = filtered_mse(
-            inputs, weights, targets, student_biases=biases, teacher_weights=t_weights, teacher_biases=t_biases,
-            mask=mask, layer_weights=self.layer_weights, impl=self.impl, return_layer_losses=True,
+            inputs,
+            weights,
+            targets,
+            student_biases=biases,
+            teacher_weights=t_weights,
+            teacher_biases=t_biases,
+            mask=mask,
+            layer_weights=self.layer_weights,
+            impl=self.impl,
+            return_layer_losses=True,
         )
         return loss
 
     def extra_repr(self) -> str:
         c = self.config
-        return (f"pairs={list(zip(c['student_layers'], c['teacher_layers']))}, {c['student_width']} -> "
-                f"{c['filter_dim']}, teacher_filters={c['teacher_filters']}")
+        return (
+            f"pairs={list(zip(c['student_layers'], c['teacher_layers']))}, {c['student_width']} -> "
+            f"{c['filter_dim']}, teacher_filters={c['teacher_filters']}"
+        )
 
     # ------------------------------------------------------------------ save / load
 
@@ -184,7 +222,7 @@ class LayerwiseMSELoss(nn.Module):
         write_atomic(os.path.join(directory, _CONFIG), json.dumps(self.config, indent=2))
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, impl: str = "auto") -> "LayerwiseMSELoss":
+    def from_pretrained(cls, directory: str | os.PathLike, impl: str = "auto") -> LayerwiseMSELoss:
         """The loss saved by :meth:`save_pretrained` (JSON and safetensors: no pickle)."""
         path = os.path.join(directory, _CONFIG)
         if not os.path.isfile(path):
@@ -193,6 +231,14 @@ class LayerwiseMSELoss(nn.Module):
             c = json.load(f)
         teacher = TaskFilters.from_pretrained(os.path.join(directory, "teacher")) if c["teacher_filters"] else None
         student = TaskFilters.from_pretrained(os.path.join(directory, "student")) if c["projection"] else None
-        return cls(list(zip(c["student_layers"], c["teacher_layers"])), c["student_width"], c["teacher_width"],
-                   student_filters=student, teacher_filters=teacher, filter_dim=c["filter_dim"],
-                   projection=c["projection"], layer_weights=c["layer_weights"], impl=impl)
+        return cls(
+            list(zip(c["student_layers"], c["teacher_layers"])),
+            c["student_width"],
+            c["teacher_width"],
+            student_filters=student,
+            teacher_filters=teacher,
+            filter_dim=c["filter_dim"],
+            projection=c["projection"],
+            layer_weights=c["layer_weights"],
+            impl=impl,
+        )

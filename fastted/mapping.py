@@ -14,10 +14,12 @@ Layers are 0-based transformer blocks (layer l is the output of block l, see
   per step or per epoch, a pure function of (seed, step or epoch) so that the
   same seed gives the same draws, also after a resume.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import torch
@@ -46,8 +48,10 @@ class LayerMap:
                 if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
                     raise ValueError(f"a layer map's {name} layers must be ints >= 0 (layer indices), got {layer!r}")
         if len(self.student) != len(self.teacher):
-            raise ValueError(f"a layer map needs as many student layers ({len(self.student)}) as teacher layers "
-                             f"({len(self.teacher)})")
+            raise ValueError(
+                f"a layer map needs as many student layers ({len(self.student)}) as teacher layers "
+                f"({len(self.teacher)})"
+            )
 
     @property
     def pairs(self) -> list[tuple[int, int]]:
@@ -86,8 +90,9 @@ def uniform_map(n_student: int, n_teacher: int) -> LayerMap:
     check_positive_int("n_student", n_student)
     check_positive_int("n_teacher", n_teacher)
     c = min(n_student, n_teacher)
-    return LayerMap(tuple((i + 1) * n_student // c - 1 for i in range(c)),
-                    tuple((i + 1) * n_teacher // c - 1 for i in range(c)))
+    return LayerMap(
+        tuple((i + 1) * n_student // c - 1 for i in range(c)), tuple((i + 1) * n_teacher // c - 1 for i in range(c))
+    )
 
 
 def last_k_map(n_student: int, n_teacher: int, k: int) -> LayerMap:
@@ -129,8 +134,16 @@ class RandomLayerMap:
         seed: the seed of the draws.
     """
 
-    def __init__(self, n_student: int, n_teacher: int, *, student_layers: Optional[Sequence[int]] = None,
-                 teacher_layers: Optional[Sequence[int]] = None, per: str = "epoch", seed: int = 0):
+    def __init__(
+        self,
+        n_student: int,
+        n_teacher: int,
+        *,
+        student_layers: Optional[Sequence[int]] = None,
+        teacher_layers: Optional[Sequence[int]] = None,
+        per: str = "epoch",
+        seed: int = 0,
+    ):
         check_positive_int("n_student", n_student)
         check_positive_int("n_teacher", n_teacher)
         if per not in PER:
@@ -165,5 +178,7 @@ class RandomLayerMap:
         return LayerMap(self.student_layers, teacher)
 
     def __repr__(self) -> str:
-        return (f"RandomLayerMap(student_layers={list(self.student_layers)}, teacher_layers="
-                f"{list(self.teacher_layers)}, per={self.per!r}, seed={self.seed})")
+        return (
+            f"RandomLayerMap(student_layers={list(self.student_layers)}, teacher_layers="
+            f"{list(self.teacher_layers)}, per={self.per!r}, seed={self.seed})"
+        )

@@ -15,6 +15,7 @@ bank (the fastest path of :func:`fastted.contrastive_kd`), :meth:`sample`
 draws K negatives per anchor. Everything, the sampler's random state too,
 is in the state dict, so the bank survives checkpoint and resume.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple, Optional
@@ -51,8 +52,17 @@ class MemoryBank(nn.Module):
         seed: seeds :meth:`sample`'s generator (kept in the state dict).
     """
 
-    def __init__(self, size: int, dim: int, *, mode: str = "queue", momentum: float = 0.5,
-                 dtype: torch.dtype = torch.float32, device=None, seed: int = 0):
+    def __init__(
+        self,
+        size: int,
+        dim: int,
+        *,
+        mode: str = "queue",
+        momentum: float = 0.5,
+        dtype: torch.dtype = torch.float32,
+        device=None,
+        seed: int = 0,
+    ):
         super().__init__()
         check_positive_int("size", size)
         check_positive_int("dim", dim)
@@ -114,8 +124,10 @@ class MemoryBank(nn.Module):
         finite = torch.isfinite(vectors.detach()).all(1)
         if not bool(finite.all()):
             row = int((~finite).nonzero()[0, 0])
-            raise ValueError(f"vectors[{row}] holds a non-finite value; the bank stores only finite vectors "
-                             f"(nothing of this batch was stored)")
+            raise ValueError(
+                f"vectors[{row}] holds a non-finite value; the bank stores only finite vectors "
+                f"(nothing of this batch was stored)"
+            )
         labels = self._ints("labels", labels, n)
         index = self._ints("index", index, n)
         v = F.normalize(vectors.detach().to(self.vectors.device, torch.float32), dim=1, eps=1e-12)
@@ -164,9 +176,16 @@ class MemoryBank(nn.Module):
             raise ValueError("the memory bank is empty: update() it with teacher vectors before asking for negatives")
         return Negatives(self.vectors[filled], self.labels[filled], self.ids[filled])
 
-    def sample(self, k: int, *, labels: Optional[Tensor] = None, index: Optional[Tensor] = None,
-               n_anchors: Optional[int] = None, generator: Optional[torch.Generator] = None,
-               strict: bool = True) -> Negatives:
+    def sample(
+        self,
+        k: int,
+        *,
+        labels: Optional[Tensor] = None,
+        index: Optional[Tensor] = None,
+        n_anchors: Optional[int] = None,
+        generator: Optional[torch.Generator] = None,
+        strict: bool = True,
+    ) -> Negatives:
         """k negatives per anchor, drawn uniformly (with replacement) from the filled entries.
 
         labels: (B,) anchor labels: entries with the anchor's label are never
@@ -228,9 +247,11 @@ class MemoryBank(nn.Module):
         """A saved bank of another size or width is refused by name (not with torch's list of size mismatches)."""
         saved = state_dict.get(prefix + "vectors")
         if isinstance(saved, Tensor) and tuple(saved.shape) != tuple(self.vectors.shape):
-            raise ValueError(f"{prefix}vectors: the saved memory bank holds {saved.shape[0]} vectors of width "
-                             f"{saved.shape[1] if saved.dim() == 2 else '?'}, this one size={self.size}, dim={self.dim}: "
-                             f"build the bank with the saved size and dim to load it")
+            raise ValueError(
+                f"{prefix}vectors: the saved memory bank holds {saved.shape[0]} vectors of width "
+                f"{saved.shape[1] if saved.dim() == 2 else '?'}, this one size={self.size}, dim={self.dim}: "
+                f"build the bank with the saved size and dim to load it"
+            )
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def get_extra_state(self) -> dict:

@@ -23,12 +23,14 @@ before the final norm.
 :func:`keep_layers` cuts a model to some of its blocks. Loading what a run's
 config names is the engine's (:mod:`fastted.train.sources`).
 """
+
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -83,11 +85,13 @@ def config_int(config, *names) -> Optional[int]:
 class ModelOutputs:
     """One forward of an adapted model."""
 
-    logits: Optional[Tensor]      # (B, C) classification, (B, T, V) language modelling; None with head=False
-    hidden_states: list[Tensor]   # the requested layers, (B, T, d) each, in the requested order
-    mask: Optional[Tensor]        # (B, T) attention mask, the token mask of every loss
+    logits: Optional[Tensor]  # (B, C) classification, (B, T, V) language modelling; None with head=False
+    hidden_states: list[Tensor]  # the requested layers, (B, T, d) each, in the requested order
+    mask: Optional[Tensor]  # (B, T) attention mask, the token mask of every loss
     head_input: Optional[Tensor] = None  # (B, T, H) input of the vocabulary projection (head=False only)
-    topk: Optional[tuple] = None  # a cached teacher's logits: a PackedTopK (fastted.ops.packed_topk), see fastted.train.cache
+    topk: Optional[tuple] = (
+        None  # a cached teacher's logits: a PackedTopK (fastted.ops.packed_topk), see fastted.train.cache
+    )
     target_scales: Optional[list[Tensor]] = None  # a cached teacher's: row scales of quantized hidden_states
     target_mask: Optional[Tensor] = None  # a cached teacher's: (B, T) the tokens with targets, when it keeps a share
 
@@ -134,8 +138,10 @@ class ModelAdapter:
         return len(self.layers)
 
     def __repr__(self) -> str:
-        return (f"ModelAdapter({type(self.model).__name__}, task={self.task!r}, layers={self.layers_path!r} "
-                f"x{self.num_layers}, hidden_size={self.hidden_size})")
+        return (
+            f"ModelAdapter({type(self.model).__name__}, task={self.task!r}, layers={self.layers_path!r} "
+            f"x{self.num_layers}, hidden_size={self.hidden_size})"
+        )
 
     # ------------------------------------------------------------------ forward
 
@@ -149,8 +155,10 @@ class ModelAdapter:
         captured: dict[int, Tensor] = {}
         handles = []
         for layer in set(layers):
+
             def hook(module, args, output, layer=layer):
                 captured[layer] = output[0] if isinstance(output, (tuple, list)) else output
+
             handles.append(self.layers[layer].register_forward_hook(hook))
         try:
             yield captured
@@ -187,7 +195,8 @@ class ModelAdapter:
         """A language model's batch with ``position_ids`` is a packed one: each row holds documents whose
         positions restart at 0, and attention stays inside each document. A causal LM gets no attention mask
         and reads the documents off the position ids (transformers' packed format, for its SDPA, eager and
-        flash paths; no key-value cache, which would hide the format); a masked LM gets a 4-D block-diagonal additive mask. The batch's ``attention_mask`` is
+        flash paths; no key-value cache, which would hide the format); a masked LM gets a 4-D block-diagonal additive
+        mask. The batch's ``attention_mask`` is
         still the losses' token mask (:class:`ModelOutputs`)."""
         inputs = dict(inputs)
         padding = inputs.pop("attention_mask", None)  # (B, T); the packed collators leave no padding
@@ -216,18 +225,28 @@ class ModelAdapter:
         if torch.is_tensor(ids) and ids.device.type == "cpu" and ids.numel():
             low, high = int(ids.min()), int(ids.max())
             if low < 0 or (rows is not None and high >= rows):
-                raise ValueError(f"batch['input_ids']: got ids from {low} to {high}, needs ids in [0, {rows}) (the "
-                                 f"{name}'s embedding rows: a tokenizer of another model?)")
+                raise ValueError(
+                    f"batch['input_ids']: got ids from {low} to {high}, needs ids in [0, {rows}) (the "
+                    f"{name}'s embedding rows: a tokenizer of another model?)"
+                )
         labels = batch.get("labels")
         classes = self.num_labels if self.task == "classification" else rows
-        if (torch.is_tensor(labels) and labels.device.type == "cpu" and labels.numel() and classes is not None
-                and not labels.is_floating_point() and classes > 1):
+        if (
+            torch.is_tensor(labels)
+            and labels.device.type == "cpu"
+            and labels.numel()
+            and classes is not None
+            and not labels.is_floating_point()
+            and classes > 1
+        ):
             valid = (labels == -100) | ((labels >= 0) & (labels < classes))
             if not bool(valid.all()):
                 bad = int(labels[~valid][0])
                 what = "classes (num_labels)" if self.task == "classification" else "vocabulary"
-                raise ValueError(f"batch['labels']: got {bad}, needs labels in [0, {classes}) (the {name}'s {what}) "
-                                 f"or -100 (ignored)")
+                raise ValueError(
+                    f"batch['labels']: got {bad}, needs labels in [0, {classes}) (the {name}'s {what}) "
+                    f"or -100 (ignored)"
+                )
 
     # ------------------------------------------------------------------ heads
 
@@ -243,8 +262,9 @@ class ModelAdapter:
         emb = self.model.get_output_embeddings()
         if emb is None:
             raise ValueError(f"{type(self.model).__name__} has no output embeddings (get_output_embeddings() is None)")
-        head = next(child for _, child in self.model.named_children()
-                    if child is emb or any(m is emb for m in child.modules()))
+        head = next(
+            child for _, child in self.model.named_children() if child is emb or any(m is emb for m in child.modules())
+        )
         parent_path = self.layers_path.rpartition(".")[0]
         parent = self.model.get_submodule(parent_path) if parent_path else self.model
         norms = [getattr(parent, n) for n in _FINAL_NORMS if isinstance(getattr(parent, n, None), nn.Module)]
@@ -274,27 +294,35 @@ class ModelAdapter:
         """
         name = type(self.model).__name__
         if self.task == "classification":
-            raise ValueError(f"the {name} is a classification model: only a language model ('mlm' or 'clm') has a "
-                             f"vocabulary projection to fuse (fused_lm_head)")
+            raise ValueError(
+                f"the {name} is a classification model: only a language model ('mlm' or 'clm') has a "
+                f"vocabulary projection to fuse (fused_lm_head)"
+            )
         emb = self.model.get_output_embeddings()
         shape = tuple(getattr(emb.weight, "ds_shape", emb.weight.shape)) if isinstance(emb, nn.Linear) else None
         if not isinstance(emb, nn.Linear) or shape[0] != self.vocab_size:  # ds_shape: ZeRO-3's full shape
             what = "None" if emb is None else f"a {type(emb).__name__}"
             if isinstance(emb, nn.Linear):
                 what += f" of weight {shape}"
-            raise ValueError(f"the {name}'s get_output_embeddings() is {what}, not the nn.Linear(hidden, "
-                             f"vocab_size={self.vocab_size}) projection that fused_lm_head replaces")
+            raise ValueError(
+                f"the {name}'s get_output_embeddings() is {what}, not the nn.Linear(hidden, "
+                f"vocab_size={self.vocab_size}) projection that fused_lm_head replaces"
+            )
         for attr in _LOGIT_POSTPROCESSING:
             value = getattr(self.model.config, attr, None)
             if value not in (None, 1, 1.0):
-                raise ValueError(f"the {name} changes its logits after the projection (config.{attr}={value}): "
-                                 f"the fused LM head would not reproduce them")
+                raise ValueError(
+                    f"the {name} changes its logits after the projection (config.{attr}={value}): "
+                    f"the fused LM head would not reproduce them"
+                )
         base = self.model.base_model
         prefix = getattr(self.model, "base_model_prefix", "")
         if base is self.model or not prefix or not self.layers_path.startswith(prefix + "."):
-            raise ValueError(f"cannot split the {name} into base model and head (base_model_prefix={prefix!r}, "
-                             f"blocks at {self.layers_path!r}): fused_lm_head needs a model whose base model "
-                             f"holds the blocks")
+            raise ValueError(
+                f"cannot split the {name} into base model and head (base_model_prefix={prefix!r}, "
+                f"blocks at {self.layers_path!r}): fused_lm_head needs a model whose base model "
+                f"holds the blocks"
+            )
         heads = []
         for child_name, child in self.model.named_children():
             if child is base or isinstance(child, nn.modules.loss._Loss):
@@ -302,12 +330,16 @@ class ModelAdapter:
             if child is emb or any(m is emb for m in child.modules()):
                 heads.append(child)
             else:  # e.g. DistilBERT's vocab_transform, ELECTRA's generator_predictions
-                raise ValueError(f"the {name} has a top-level {child_name!r} beside its base model {prefix!r} and "
-                                 f"the head that holds the output embedding: fused_lm_head cannot tell what runs "
-                                 f"between them")
+                raise ValueError(
+                    f"the {name} has a top-level {child_name!r} beside its base model {prefix!r} and "
+                    f"the head that holds the output embedding: fused_lm_head cannot tell what runs "
+                    f"between them"
+                )
         if len(heads) != 1:
-            raise ValueError(f"no top-level child of the {name} beside its base model {prefix!r} holds the output "
-                             f"embedding: fused_lm_head cannot find the head")
+            raise ValueError(
+                f"no top-level child of the {name} beside its base model {prefix!r} holds the output "
+                f"embedding: fused_lm_head cannot find the head"
+            )
         return base, (None if heads[0] is emb else heads[0]), emb
 
     def task_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
@@ -335,8 +367,10 @@ def _projection_input(pre_head: Optional[nn.Module], emb: nn.Module, hidden: Ten
     finally:
         del emb.forward
     if not captured:
-        raise ValueError(f"the {type(pre_head).__name__} head never called its output embedding: fused_lm_head "
-                         f"cannot find the projection's input")
+        raise ValueError(
+            f"the {type(pre_head).__name__} head never called its output embedding: fused_lm_head "
+            f"cannot find the projection's input"
+        )
     return captured[0]
 
 
@@ -403,15 +437,18 @@ def same_tokenizer(student_tokenizer, teacher_tokenizer) -> bool:
     return student_tokenizer.get_vocab() == teacher_tokenizer.get_vocab()
 
 
-def check_same_vocab(student: ModelAdapter, teacher: ModelAdapter, tokenizers: Optional[tuple] = None,
-                     what: str = "this recipe") -> None:
+def check_same_vocab(
+    student: ModelAdapter, teacher: ModelAdapter, tokenizers: Optional[tuple] = None, what: str = "this recipe"
+) -> None:
     """Raise a ValueError when the two models' output spaces (vocabularies, label sets, tokenizers) differ."""
     if student.task != teacher.task:
         raise ValueError(f"the student's task is {student.task!r} and the teacher's {teacher.task!r}: {what} needs one")
     if student.task == "classification":
         if student.num_labels != teacher.num_labels:
-            raise ValueError(f"the student has num_labels={student.num_labels} and the teacher {teacher.num_labels}: "
-                             f"{what} compares their logits, so they must match")
+            raise ValueError(
+                f"the student has num_labels={student.num_labels} and the teacher {teacher.num_labels}: "
+                f"{what} compares their logits, so they must match"
+            )
     elif student.vocab_size != teacher.vocab_size:
         raise ValueError(
             f"the student's vocab_size is {student.vocab_size} and the teacher's {teacher.vocab_size}: {what} "
@@ -420,8 +457,11 @@ def check_same_vocab(student: ModelAdapter, teacher: ModelAdapter, tokenizers: O
     if tokenizers is not None:
         s_tok, t_tok = tokenizers
         if not same_tokenizer(s_tok, t_tok):
-            raise ValueError(f"the student's and the teacher's tokenizers have different vocabularies: {what} needs "
-                             f"one tokenizer for both (the token positions of the two models must align)")
+            raise ValueError(
+                f"the student's and the teacher's tokenizers have different vocabularies: {what} needs "
+                f"one tokenizer for both (the token positions of the two models must align)"
+            )
+
 
 def keep_layers(model, layers: list[int]):
     """``model`` cut down to the transformer blocks ``layers`` (in that order), in place: the student of

@@ -9,10 +9,12 @@ conventions every op shares: the masked mean (:func:`masked_mean`, never a
 division by zero), the divergences and the poolings. Nothing here imports
 Triton or another fastted module.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -213,13 +215,23 @@ def fused_linear_kd_reference(
     s_logits = F.linear(student_hidden, student_weight[:v], None if student_bias is None else student_bias[:v])
     t_logits = F.linear(teacher_hidden, teacher_weight[:v], None if teacher_bias is None else teacher_bias[:v])
     return _head_losses_reference(
-        s_logits, lambda kd_mask: logit_kd_reference(s_logits, t_logits, temperature=temperature,
-                                                     divergence=divergence, beta=beta, mask=kd_mask),
-        mask, hard_labels, hard_weight, soft_weight, ignore_index, shift_labels, kd_ignored_rows)
+        s_logits,
+        lambda kd_mask: logit_kd_reference(
+            s_logits, t_logits, temperature=temperature, divergence=divergence, beta=beta, mask=kd_mask
+        ),
+        mask,
+        hard_labels,
+        hard_weight,
+        soft_weight,
+        ignore_index,
+        shift_labels,
+        kd_ignored_rows,
+    )
 
 
-def _head_losses_reference(s_logits, kd_over, mask, hard_labels, hard_weight, soft_weight, ignore_index,
-                           shift_labels, kd_ignored_rows) -> tuple[Tensor, Tensor, Tensor]:
+def _head_losses_reference(
+    s_logits, kd_over, mask, hard_labels, hard_weight, soft_weight, ignore_index, shift_labels, kd_ignored_rows
+) -> tuple[Tensor, Tensor, Tensor]:
     """(loss, kd, ce) of an LM head's logits: ``kd_over(rows)`` the KD term over the KD rows (the mask's, and
     the labelled ones unless ``kd_ignored_rows``), ce the cross-entropy over the labelled rows of the mask."""
     v = s_logits.shape[-1]
@@ -227,8 +239,9 @@ def _head_losses_reference(s_logits, kd_over, mask, hard_labels, hard_weight, so
         hard_labels = F.pad(hard_labels[:, 1:], (0, 1), value=ignore_index)
     kd_mask = mask
     if hard_labels is not None and not kd_ignored_rows:
-        kd_mask = (hard_labels != ignore_index) & (torch.ones_like(hard_labels, dtype=torch.bool) if mask is None
-                                                   else mask.bool())
+        kd_mask = (hard_labels != ignore_index) & (
+            torch.ones_like(hard_labels, dtype=torch.bool) if mask is None else mask.bool()
+        )
     kd = kd_over(kd_mask)
     ce = kd.new_zeros(())
     if hard_labels is not None:
@@ -263,9 +276,18 @@ def fused_linear_sparse_kd_reference(
     :func:`fastted.fused_linear_sparse_kd` (rows, labels and terms as :func:`fused_linear_kd_reference`)."""
     s_logits = F.linear(student_hidden, student_weight, student_bias)
     return _head_losses_reference(
-        s_logits, lambda kd_mask: sparse_logit_kd_reference(s_logits, topk_values, topk_ids, tail_lse,
-                                                            temperature=temperature, mask=kd_mask),
-        mask, hard_labels, hard_weight, soft_weight, ignore_index, shift_labels, kd_ignored_rows)
+        s_logits,
+        lambda kd_mask: sparse_logit_kd_reference(
+            s_logits, topk_values, topk_ids, tail_lse, temperature=temperature, mask=kd_mask
+        ),
+        mask,
+        hard_labels,
+        hard_weight,
+        soft_weight,
+        ignore_index,
+        shift_labels,
+        kd_ignored_rows,
+    )
 
 
 # --------------------------------------------------------------------------- pooling and contrastive distillation
@@ -361,8 +383,14 @@ def pooled_distance_reference(
     ps, pt = ps.chunk(n, dim=1), pt.chunk(n, dim=1)
     pick = lambda xs, i: None if xs is None else xs[i]  # noqa: E731
     pairs = [
-        (ps[i], pt[i], pick(student_weights, i), pick(student_biases, i), pick(teacher_weights, i),
-         pick(teacher_biases, i))
+        (
+            ps[i],
+            pt[i],
+            pick(student_weights, i),
+            pick(student_biases, i),
+            pick(teacher_weights, i),
+            pick(teacher_biases, i),
+        )
         for i in range(n)
     ]
     valid = torch.ones(ps[0].shape[0], dtype=torch.bool, device=ps[0].device)

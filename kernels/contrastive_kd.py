@@ -30,6 +30,7 @@ The B x K score matrix never exists: the kernels keep (splits, B) maxima and
 sums and a (splits, B, D) fp32 accumulator. Everything is accumulated in
 fp32. The negatives are constants (a memory bank): no gradient reaches them.
 """
+
 from __future__ import annotations
 
 import functools
@@ -225,7 +226,7 @@ def contrastive_finalize_kernel(
         tl.store(gt_ptr + row * D + dcols, g.to(gt_ptr.dtype.element_ty), mask=d_ok)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
@@ -242,8 +243,13 @@ def _blocks(D: int, per_anchor: bool, n_dtype: torch.dtype, arch) -> dict:
     block_d = max(16, triton.next_power_of_2(D))
     n_size = n_dtype.itemsize
     if per_anchor:  # one anchor, its own negatives: no tl.dot, a tile of about 8 KB
-        return dict(BLOCK_B=1, BLOCK_K=max(16, 8192 // (block_d * n_size)), BLOCK_D=block_d,
-                    num_warps=4 if block_d < 128 else 8, num_stages=2)
+        return dict(
+            BLOCK_B=1,
+            BLOCK_K=max(16, 8192 // (block_d * n_size)),
+            BLOCK_D=block_d,
+            num_warps=4 if block_d < 128 else 8,
+            num_stages=2,
+        )
     # an fp32 bank runs the exact (FMA) dot, whose operands and products take registers a bf16 one's do not
     block_b = 32 if block_d <= 128 and n_size < 4 else 16
     # a width that is no multiple of 16 loads element by element: more registers for the addresses
@@ -251,8 +257,13 @@ def _blocks(D: int, per_anchor: bool, n_dtype: torch.dtype, arch) -> dict:
     stages = 2
     while stages * block_k * block_d * n_size > arch.shared_per_block and block_k > 16:
         block_k //= 2
-    return dict(BLOCK_B=block_b, BLOCK_K=block_k, BLOCK_D=block_d,
-                num_warps=4 if block_d <= 128 and n_size < 4 else 8, num_stages=stages)
+    return dict(
+        BLOCK_B=block_b,
+        BLOCK_K=block_k,
+        BLOCK_D=block_d,
+        num_warps=4 if block_d <= 128 and n_size < 4 else 8,
+        num_stages=stages,
+    )
 
 
 def _splits(n_programs: int, n_tiles: int, device: torch.device) -> int:
@@ -302,12 +313,25 @@ def contrastive_forward(
     run_acc = torch.empty((splits, B, D), **f32) if grad_s else None
     has_labels = labels is not None
     launch(
-        contrastive_partials_kernel, (n_anchor_blocks, splits),
-        s, negatives, labels, negative_labels, run_max, run_sum, run_acc,
-        B, K, D, tiles_per_split,
-        s.stride(0), negatives.stride(0) if per_anchor else 0, negatives.stride(-2),
+        contrastive_partials_kernel,
+        (n_anchor_blocks, splits),
+        s,
+        negatives,
+        labels,
+        negative_labels,
+        run_max,
+        run_sum,
+        run_acc,
+        B,
+        K,
+        D,
+        tiles_per_split,
+        s.stride(0),
+        negatives.stride(0) if per_anchor else 0,
+        negatives.stride(-2),
         negative_labels.stride(0) if has_labels and per_anchor else 0,
-        1.0 / temperature, eps,
+        1.0 / temperature,
+        eps,
         PER_ANCHOR=per_anchor,
         HAS_LABELS=has_labels,
         WRITE_O=grad_s,
@@ -321,12 +345,26 @@ def contrastive_forward(
     gs = torch.empty((B, D), dtype=s.dtype, device=s.device) if grad_s else None
     gt = torch.empty((B, D), dtype=t.dtype, device=t.device) if grad_t else None
     launch(
-        contrastive_finalize_kernel, (B,),
-        s, t, coef, run_max, run_sum, run_acc, loss_rows, gs, gt,
-        B, D, splits,
-        s.stride(0), t.stride(0),
-        1.0 / temperature, eps,
-        WRITE_GS=grad_s, WRITE_GT=grad_t,
+        contrastive_finalize_kernel,
+        (B,),
+        s,
+        t,
+        coef,
+        run_max,
+        run_sum,
+        run_acc,
+        loss_rows,
+        gs,
+        gt,
+        B,
+        D,
+        splits,
+        s.stride(0),
+        t.stride(0),
+        1.0 / temperature,
+        eps,
+        WRITE_GS=grad_s,
+        WRITE_GT=grad_t,
         BLOCK_D=block_d,
         num_warps=1 if interpreting() else 4 if block_d <= 512 else 8,
     )

@@ -19,6 +19,7 @@ and each role (student states, student weights, ...) is addressed as a base
 pointer plus a per-layer element offset, so the layers stay where the caller's
 model put them. The host side guarantees that every offset is 16-byte aligned.
 """
+
 from __future__ import annotations
 
 import torch
@@ -26,7 +27,6 @@ import triton
 import triton.language as tl
 
 from fastted.kernels import device_arch, element_offsets, interpreting, launch
-
 
 # Tile configs of the autotuner (they parametrize the decorator, so they come first). bf16 and fp16 run
 # tl.dot on tensor cores; fp32 runs it exactly ("ieee": FMA, no TF32), whose operands live in registers,
@@ -50,8 +50,9 @@ FP32_CONFIGS = [
 ]
 # The one config the interpreter runs (it runs every config of a sweep on the CPU). Not in the lists
 # above: it is tuned for nothing but the interpreter's speed.
-INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4,
-                                   num_stages=2)
+INTERPRETER_CONFIG = triton.Config(
+    {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4, num_stages=2
+)
 AUTOTUNE_CONFIGS = TENSOR_CORE_CONFIGS + FP32_CONFIGS + [INTERPRETER_CONFIG]
 # How many configs the interpreter's autotuner keeps: one, except in the test that makes the autotuner
 # sweep on the CPU to see that no config's run leaks into the result.
@@ -318,7 +319,7 @@ def filtered_mse_forward(s, w, b, t, v, c, q, mask, count, layer_scale, *, write
     dtype = s[0].dtype
     n_layers = len(s)
     n_rows = s[0].shape[0]
-    d_f = (w[0].shape[0] if w is not None else s[0].shape[1])
+    d_f = w[0].shape[0] if w is not None else s[0].shape[1]
     d_s = s[0].shape[1] if w is not None else 0
     d_t = t[0].shape[1] if v is not None else 0
 
@@ -337,19 +338,38 @@ def filtered_mse_forward(s, w, b, t, v, c, q, mask, count, layer_scale, *, write
 
     grid = lambda meta: (triton.cdiv(n_rows, meta["BLOCK_M"]) * triton.cdiv(d_f, meta["BLOCK_N"]), n_layers)
     launch(
-        filtered_mse_fwd_kernel, grid,
-        s[0], element_offsets(s, s[0], device),
-        None if w is None else w[0], element_offsets(w, None if w is None else w[0], device),
-        None if b is None else b[0], element_offsets(b, None if b is None else b[0], device),
-        t[0], element_offsets(t, t[0], device),
-        None if v is None else v[0], element_offsets(v, None if v is None else v[0], device),
-        None if c is None else c[0], element_offsets(c, None if c is None else c[0], device),
-        None if q is None else q[0], element_offsets(q, None if q is None else q[0], device),
-        g_base, element_offsets(grads, g_base, device),
-        mask, count, layer_scale,
-        sq_err, colsum,
-        n_rows, d_s, d_t, d_f, triton.next_power_of_2(n_rows),
-        s[0].stride(0), t[0].stride(0), max_tiles, max_pid_m,
+        filtered_mse_fwd_kernel,
+        grid,
+        s[0],
+        element_offsets(s, s[0], device),
+        None if w is None else w[0],
+        element_offsets(w, None if w is None else w[0], device),
+        None if b is None else b[0],
+        element_offsets(b, None if b is None else b[0], device),
+        t[0],
+        element_offsets(t, t[0], device),
+        None if v is None else v[0],
+        element_offsets(v, None if v is None else v[0], device),
+        None if c is None else c[0],
+        element_offsets(c, None if c is None else c[0], device),
+        None if q is None else q[0],
+        element_offsets(q, None if q is None else q[0], device),
+        g_base,
+        element_offsets(grads, g_base, device),
+        mask,
+        count,
+        layer_scale,
+        sq_err,
+        colsum,
+        n_rows,
+        d_s,
+        d_t,
+        d_f,
+        triton.next_power_of_2(n_rows),
+        s[0].stride(0),
+        t[0].stride(0),
+        max_tiles,
+        max_pid_m,
         IN_DTYPE=_TL_DTYPES[dtype],
         ALIGN=16 // s[0].element_size(),
         T_ALIGN=16 // t[0].element_size(),

@@ -18,6 +18,7 @@ kernel writes is the gradient. Everything is accumulated in fp32. Logits of
 -inf (banned tokens) contribute nothing instead of NaN; rows whose weight is
 0 (masked, ignored) are skipped and get zero gradient and zero loss.
 """
+
 from __future__ import annotations
 
 import torch
@@ -53,8 +54,17 @@ def row_coefs(kd_coef_ptr, ce_coef_ptr, row, HAS_CE: tl.constexpr):
 
 
 @triton.jit
-def skipped_row(kd_out_ptr, ce_out_ptr, grad_ptr, row, stride_g, V, HAS_CE: tl.constexpr, WRITE_GRAD: tl.constexpr,
-                BLOCK_V: tl.constexpr):
+def skipped_row(
+    kd_out_ptr,
+    ce_out_ptr,
+    grad_ptr,
+    row,
+    stride_g,
+    V,
+    HAS_CE: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
     """A masked or ignored row: no loss, and a zero gradient over its V columns."""
     tl.store(kd_out_ptr + row, 0.0)
     if HAS_CE:
@@ -248,11 +258,25 @@ def logit_kd_forward(
     v_load = padded_cols or V
     block = block_v or _block_v(v_load)
     launch(
-        logit_kd_kernel, (n_rows,),
-        s, t, grad, kd_coef, labels, ce_coef, kd_rows, ce_rows,
-        V, v_load,
-        s.stride(0), t.stride(0), grad.stride(0) if grad is not None else 0,
-        1.0 / temperature, soft_weight * temperature, hard_weight, beta,
+        logit_kd_kernel,
+        (n_rows,),
+        s,
+        t,
+        grad,
+        kd_coef,
+        labels,
+        ce_coef,
+        kd_rows,
+        ce_rows,
+        V,
+        v_load,
+        s.stride(0),
+        t.stride(0),
+        grad.stride(0) if grad is not None else 0,
+        1.0 / temperature,
+        soft_weight * temperature,
+        hard_weight,
+        beta,
         DIVERGENCE=divergence,
         HAS_CE=labels is not None,
         SEPARATE_CE=labels is not None and temperature != 1.0,
@@ -273,12 +297,22 @@ def divergence_code(divergence: str, beta: float) -> int:
     return JSD.value
 
 
-def logit_kd_rows_triton(zs, zt, kd_coef, labels, ce_coef, grad, *, temperature, divergence, beta, soft_weight,
-                         hard_weight, padded_cols=None):
+def logit_kd_rows_triton(
+    zs, zt, kd_coef, labels, ce_coef, grad, *, temperature, divergence, beta, soft_weight, hard_weight, padded_cols=None
+):
     """The contract of :func:`fastted.ops.logit_kd.logit_kd_rows`, on the Triton kernel (padded_cols: as
     :func:`logit_kd_forward` takes it)."""
     return logit_kd_forward(
-        zs, zt, kd_coef, grad=grad, labels=labels, ce_coef=ce_coef, temperature=temperature,
-        divergence=divergence_code(divergence, beta), beta=beta, soft_weight=soft_weight, hard_weight=hard_weight,
+        zs,
+        zt,
+        kd_coef,
+        grad=grad,
+        labels=labels,
+        ce_coef=ce_coef,
+        temperature=temperature,
+        divergence=divergence_code(divergence, beta),
+        beta=beta,
+        soft_weight=soft_weight,
+        hard_weight=hard_weight,
         padded_cols=padded_cols,
     )

@@ -12,6 +12,7 @@ layers on the second).
 Each layer is addressed as a base pointer plus a per-layer element offset, so
 the states stay where the model put them (they share shape, strides, dtype).
 """
+
 from __future__ import annotations
 
 import torch
@@ -84,8 +85,11 @@ def mean_pool_bwd_kernel(
         cols = d0 + tl.arange(0, BLOCK_D)
         c_ok = cols < D
         g = tl.load(g_ptr + b * stride_gb + layer * D + cols, mask=c_ok, other=0.0).to(tl.float32)
-        tl.store(out + cols[None, :], (w[:, None] * g[None, :]).to(gh_ptr.dtype.element_ty),
-                 mask=t_ok[:, None] & c_ok[None, :])
+        tl.store(
+            out + cols[None, :],
+            (w[:, None] * g[None, :]).to(gh_ptr.dtype.element_ty),
+            mask=t_ok[:, None] & c_ok[None, :],
+        )
 
 
 def _blocks(D: int) -> tuple[int, int]:
@@ -102,11 +106,20 @@ def mean_pool_forward(states: list[torch.Tensor], weights: torch.Tensor) -> torc
     out = torch.empty((B, L * D), dtype=states[0].dtype, device=states[0].device)
     block_t, block_d = _blocks(D)
     launch(
-        mean_pool_fwd_kernel, (B, L, triton.cdiv(D, block_d)),
-        states[0], element_offsets(states, states[0], states[0].device), weights, out,
-        T, D, L,
-        states[0].stride(0), states[0].stride(1),
-        ALIGN=16 // states[0].element_size(), BLOCK_T=block_t, BLOCK_D=block_d,
+        mean_pool_fwd_kernel,
+        (B, L, triton.cdiv(D, block_d)),
+        states[0],
+        element_offsets(states, states[0], states[0].device),
+        weights,
+        out,
+        T,
+        D,
+        L,
+        states[0].stride(0),
+        states[0].stride(1),
+        ALIGN=16 // states[0].element_size(),
+        BLOCK_T=block_t,
+        BLOCK_D=block_d,
         num_warps=1 if interpreting() else 4,
     )
     return out
@@ -120,11 +133,18 @@ def mean_pool_backward(grad: torch.Tensor, weights: torch.Tensor, n_layers: int,
     out = torch.empty((n_layers, B, T, D), dtype=dtype, device=grad.device)
     block_t, block_d = _blocks(D)
     launch(
-        mean_pool_bwd_kernel, (B * triton.cdiv(T, block_t), n_layers),
-        grad, weights, out,
-        B, T, D, n_layers,
+        mean_pool_bwd_kernel,
+        (B * triton.cdiv(T, block_t), n_layers),
+        grad,
+        weights,
+        out,
+        B,
+        T,
+        D,
+        n_layers,
         grad.stride(0),
-        BLOCK_T=block_t, BLOCK_D=block_d,
+        BLOCK_T=block_t,
+        BLOCK_D=block_d,
         num_warps=1 if interpreting() else 4,
     )
     return out

@@ -34,6 +34,7 @@ tensors) with the committed one and reads the committed table when they
 match; it compiles everything again only when they differ, and then fails
 until the table is written again. ``--out FILE`` writes the table elsewhere.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,8 +57,8 @@ from pathlib import Path
 
 import torch
 import triton
-from triton.compiler import ASTSource, make_backend
 from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, make_backend
 from triton.runtime.autotuner import Autotuner, Heuristics
 from triton.runtime.jit import create_function_from_signature
 
@@ -148,8 +149,9 @@ def recorded_launches(arch: Arch, full: bool = False) -> list[tuple[dict, Launch
 
 def config_label(kwargs: dict) -> str:
     """The table's name of a launch's choice: its block sizes, group size, warps and stages."""
-    return ",".join(f"{k}={v}" for k, v in kwargs.items()
-                    if k.startswith("BLOCK") or k in ("GROUP_M", "num_warps", "num_stages"))
+    return ",".join(
+        f"{k}={v}" for k, v in kwargs.items() if k.startswith("BLOCK") or k in ("GROUP_M", "num_warps", "num_stages")
+    )
 
 
 def _unwrap(launch: Launch, arch: Arch):
@@ -180,7 +182,7 @@ def _grid(launch: Launch, kwargs: dict) -> tuple:
     return tuple(grid) + (1,) * (3 - len(grid))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _binder(jit, capability: int):
     target = GPUTarget("cuda", capability, 32)
     backend = make_backend(target)
@@ -206,8 +208,13 @@ def variants(arch: Arch, full: bool = False) -> list[Variant]:
         for config, kwargs in entries:
             args = launch.args
             _, signature, constexprs, attrs, options = _specialize(jit, args, kwargs, arch)
-            key = (jit.__name__, tuple(signature.items()), tuple(sorted(map(repr, constexprs.items()))),
-                   tuple(sorted(map(repr, attrs.items()))), repr(options))
+            key = (
+                jit.__name__,
+                tuple(signature.items()),
+                tuple(sorted(map(repr, constexprs.items()))),
+                tuple(sorted(map(repr, attrs.items()))),
+                repr(options),
+            )
             dtype = case["dtype"]
             if key not in found:
                 found[key] = Variant(jit.__name__, jit, args, kwargs, config, dtype, [], [])
@@ -219,7 +226,7 @@ def variants(arch: Arch, full: bool = False) -> list[Variant]:
 # --------------------------------------------------------------------------- the stamp: what a table depends on
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def ptxas_version(arch: str) -> str:
     """The release of the ptxas Triton runs for ``arch`` ("12.9.86"); Triton 3.9 takes a newer one, its
     ``ptxas-blackwell``, from sm_90 on, 3.6 the same one up to sm_100."""
@@ -257,16 +264,30 @@ def launches_hash(arch: Arch, full: bool = False) -> str:
     digest = hashlib.sha256()
     for v in _variants(arch, full):
         _, signature, constexprs, attrs, options = _specialize(v.jit, v.args, v.kwargs, arch)
-        item = [v.kernel, v.config, v.dtype, list(signature.items()), sorted(map(repr, constexprs.items())),
-                sorted(map(repr, attrs.items())), _options(options), v.cases, v.grids]
+        item = [
+            v.kernel,
+            v.config,
+            v.dtype,
+            list(signature.items()),
+            sorted(map(repr, constexprs.items())),
+            sorted(map(repr, attrs.items())),
+            _options(options),
+            v.cases,
+            v.grids,
+        ]
         digest.update(json.dumps(item, sort_keys=True, default=repr).encode())
     return digest.hexdigest()[:16]
 
 
 def stamp(archs=("sm_80", "sm_90"), full: bool = False) -> dict:
     """What the table of ``archs`` depends on; equal stamps, equal tables (compiling is deterministic)."""
-    return dict(triton=triton.__version__, ptxas={a: ptxas_version(a) for a in archs}, full=full,
-                sources=source_hashes(), launches={a: launches_hash(ARCHS[a], full) for a in archs})
+    return dict(
+        triton=triton.__version__,
+        ptxas={a: ptxas_version(a) for a in archs},
+        full=full,
+        sources=source_hashes(),
+        launches={a: launches_hash(ARCHS[a], full) for a in archs},
+    )
 
 
 def stamp_differences(committed: dict | None, current: dict) -> list[str]:
@@ -316,15 +337,27 @@ def write_expected_spills(rows: list[dict], ptxas: dict[str, str]) -> None:
         archs = {a for a, v in ptxas.items() if _release(v) == release}
         entry = expected["releases"].get(release, {})
         kept = [r for r in entry.get("spills", []) if r["arch"] not in archs]
-        new = [dict(kernel=r["kernel"], arch=r["arch"], dtype=r["dtype"], config=r["config"], example=r["example"],
-                    spill_bytes=r["spill_bytes"]) for r in rows if r["arch"] in archs and r.get("spill_bytes")]
+        new = [
+            dict(
+                kernel=r["kernel"],
+                arch=r["arch"],
+                dtype=r["dtype"],
+                config=r["config"],
+                example=r["example"],
+                spill_bytes=r["spill_bytes"],
+            )
+            for r in rows
+            if r["arch"] in archs and r.get("spill_bytes")
+        ]
         if kept or new:
             expected["releases"][release] = dict(triton=triton.__version__, spills=kept + new)
         else:
             expected["releases"].pop(release, None)
-    expected["about"] = ("The spills each ptxas release is known to produce (bytes per thread; the tier fails on "
-                         "any other, or a larger one; a release not listed may spill nothing). Written by "
-                         f"{WRITE_COMMAND} --expect-spills under the Triton that ships that ptxas.")
+    expected["about"] = (
+        "The spills each ptxas release is known to produce (bytes per thread; the tier fails on "
+        "any other, or a larger one; a release not listed may spill nothing). Written by "
+        f"{WRITE_COMMAND} --expect-spills under the Triton that ships that ptxas."
+    )
     with open(SPILLS_PATH, "w") as f:
         json.dump(dict(about=expected.pop("about"), **expected), f, indent=1)
         f.write("\n")
@@ -352,8 +385,11 @@ def int32_arg_products(ttir: str) -> list[str]:
     """The TTIR lines that multiply an i32 kernel argument (a size or a stride) in 32 bits."""
     args = {name for line in ttir.splitlines() if "tt.func" in line for name in re.findall(r"%(\w+): i32", line)}
     splats = {m.group(1) for m in re.finditer(r"%(\w+) = tt\.splat %(\w+) : i32", ttir) if m.group(2) in args}
-    return [line.strip() for line in ttir.splitlines()
-            if (m := _MULI.search(line)) and ({m.group(1), m.group(2)} & (args | splats))]
+    return [
+        line.strip()
+        for line in ttir.splitlines()
+        if (m := _MULI.search(line)) and ({m.group(1), m.group(2)} & (args | splats))
+    ]
 
 
 def compile_variant(variant: Variant, arch: Arch, load: bool = False) -> dict:
@@ -364,9 +400,16 @@ def compile_variant(variant: Variant, arch: Arch, load: bool = False) -> dict:
     """
     from triton import knobs
 
-    row = dict(kernel=variant.kernel, arch=arch.name, dtype=variant.dtype, config=variant.config,
-               num_warps=variant.kwargs.get("num_warps", 4), cases=len(variant.cases),
-               example=variant.cases[0], loaded=load)
+    row = dict(
+        kernel=variant.kernel,
+        arch=arch.name,
+        dtype=variant.dtype,
+        config=variant.config,
+        num_warps=variant.kwargs.get("num_warps", 4),
+        cases=len(variant.cases),
+        example=variant.cases[0],
+        loaded=load,
+    )
     target, signature, constexprs, attrs, options = _specialize(variant.jit, variant.args, variant.kwargs, arch)
     log = io.StringIO()
     start = time.perf_counter()
@@ -375,8 +418,9 @@ def compile_variant(variant: Variant, arch: Arch, load: bool = False) -> dict:
         knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile = True, True
     try:
         with contextlib.redirect_stdout(log):
-            compiled = triton.compile(ASTSource(variant.jit, signature, constexprs, attrs), target=target,
-                                      options=options.__dict__)
+            compiled = triton.compile(
+                ASTSource(variant.jit, signature, constexprs, attrs), target=target, options=options.__dict__
+            )
         if load:
             compiled._init_handles()
     except Exception as err:  # a compile error is a row of the table, and a failure of the tier
@@ -392,7 +436,9 @@ def compile_variant(variant: Variant, arch: Arch, load: bool = False) -> dict:
         spills = int(re.search(r"(\d+) bytes spill stores", text).group(1))
     ptx = compiled.asm["ptx"]
     row.update(
-        registers=registers, spill_bytes=spills, shared_bytes=compiled.metadata.shared,
+        registers=registers,
+        spill_bytes=spills,
+        shared_bytes=compiled.metadata.shared,
         blocks_per_sm=occupancy(arch, registers, compiled.metadata.shared, row["num_warps"]),
         vector_loads=bool(re.search(r"ld\.global(\.\w+)*\.v[248]", ptx)),
         int32_arg_products=int32_arg_products(compiled.asm["ttir"]),
@@ -416,8 +462,10 @@ def problems(row: dict, arch: Arch, ptxas: str | None = None) -> list[str]:
         expected = expected_spills(ptxas).get(row_id(row))
         if expected is None or row["spill_bytes"] > expected:
             known = "none expected" if expected is None else f"{expected} B expected"
-            out.append(f"{name}: spills {row['spill_bytes']} B per thread ({row['registers']} registers; "
-                       f"{known} of ptxas {ptxas}, {SPILLS_PATH.name})")
+            out.append(
+                f"{name}: spills {row['spill_bytes']} B per thread ({row['registers']} registers; "
+                f"{known} of ptxas {ptxas}, {SPILLS_PATH.name})"
+            )
     if row["blocks_per_sm"] < 1:
         out.append(f"{name}: no block fits an SM ({row['registers']} registers, {row['shared_bytes']} B shared)")
     if row["int32_arg_products"]:
@@ -427,7 +475,7 @@ def problems(row: dict, arch: Arch, ptxas: str | None = None) -> list[str]:
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _variants(arch: Arch, full: bool) -> list[Variant]:
     return variants(arch, full)
 
@@ -436,12 +484,16 @@ def _compile_index(arch: Arch, full: bool, index: int, load: bool = False) -> di
     return compile_variant(_variants(arch, full)[index], arch, load)
 
 
-def table(archs=("sm_80", "sm_90"), full: bool = False, workers: int | None = None, limit: int | None = None,
-          kernels=None) -> list[dict]:
+def table(
+    archs=("sm_80", "sm_90"), full: bool = False, workers: int | None = None, limit: int | None = None, kernels=None
+) -> list[dict]:
     """The resource table: every variant (of ``kernels``, or all; the first ``limit`` per arch) compiled for
     every arch, over ``workers`` processes."""
-    jobs = [(ARCHS[a], full, i) for a in archs
-            for i in [i for i, v in enumerate(_variants(ARCHS[a], full)) if not kernels or v.kernel in kernels][:limit]]
+    jobs = [
+        (ARCHS[a], full, i)
+        for a in archs
+        for i in [i for i, v in enumerate(_variants(ARCHS[a], full)) if not kernels or v.kernel in kernels][:limit]
+    ]
     workers = workers or os.cpu_count() or 1
     if workers == 1:
         return [_compile_index(*job) for job in jobs]
@@ -477,18 +529,33 @@ def summary(rows: list[dict]) -> list[dict]:
     for row in rows:
         if "error" not in row:
             groups.setdefault((row["kernel"], row["arch"], row["dtype"]), []).append(row)
-    return [dict(kernel=k, arch=a, dtype=d.replace("torch.", ""), variants=len(g),
-                 max_registers=max(r["registers"] for r in g), max_spill_bytes=max(r["spill_bytes"] for r in g),
-                 max_shared_bytes=max(r["shared_bytes"] for r in g), min_blocks_per_sm=min(r["blocks_per_sm"] for r in g))
-            for (k, a, d), g in sorted(groups.items())]
+    return [
+        dict(
+            kernel=k,
+            arch=a,
+            dtype=d.replace("torch.", ""),
+            variants=len(g),
+            max_registers=max(r["registers"] for r in g),
+            max_spill_bytes=max(r["spill_bytes"] for r in g),
+            max_shared_bytes=max(r["shared_bytes"] for r in g),
+            min_blocks_per_sm=min(r["blocks_per_sm"] for r in g),
+        )
+        for (k, a, d), g in sorted(groups.items())
+    ]
 
 
 def format_summary(lines: list[dict]) -> str:
     """The summary as a Markdown table."""
-    out = ["| kernel | arch | dtype (vectors/bank) | variants | registers (max) | spills (max, B) | "
-           "shared memory (max, B) | blocks/SM (min) |", "|---|---|---|---|---|---|---|---|"]
-    out += [f"| {x['kernel']} | {x['arch']} | {x['dtype']} | {x['variants']} | {x['max_registers']} | "
-            f"{x['max_spill_bytes']} | {x['max_shared_bytes']:,} | {x['min_blocks_per_sm']} |" for x in lines]
+    out = [
+        "| kernel | arch | dtype (vectors/bank) | variants | registers (max) | spills (max, B) | "
+        "shared memory (max, B) | blocks/SM (min) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    out += [
+        f"| {x['kernel']} | {x['arch']} | {x['dtype']} | {x['variants']} | {x['max_registers']} | "
+        f"{x['max_spill_bytes']} | {x['max_shared_bytes']:,} | {x['min_blocks_per_sm']} |"
+        for x in lines
+    ]
     return "\n".join(out)
 
 
@@ -507,23 +574,33 @@ def comparable(table: dict) -> dict:
     """What of a table must come out the same from the same stamp: rows without their compile times, the
     known defects' verdicts, the problems."""
     volatile = ("compile_s", "loaded")
-    return dict(rows=[{k: v for k, v in r.items() if k not in volatile} for r in table["rows"]],
-                known_bad=[dict(name=r["name"], problems=r["problems"]) for r in table.get("known_bad", [])],
-                problems=table["problems"])
+    return dict(
+        rows=[{k: v for k, v in r.items() if k not in volatile} for r in table["rows"]],
+        known_bad=[dict(name=r["name"], problems=r["problems"]) for r in table.get("known_bad", [])],
+        problems=table["problems"],
+    )
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Compile every launch variant for sm_80 and sm_90; "
-                                                 "write the resource table.")
+    parser = argparse.ArgumentParser(
+        description="Compile every launch variant for sm_80 and sm_90; write the resource table."
+    )
     parser.add_argument("--out", help="JSON file for the table")
-    parser.add_argument("--write", action="store_true",
-                        help=f"write the committed table of the installed Triton ({table_path().name})")
+    parser.add_argument(
+        "--write", action="store_true", help=f"write the committed table of the installed Triton ({table_path().name})"
+    )
     parser.add_argument("--stamp", action="store_true", help="print the stamp of the current inputs; compile nothing")
-    parser.add_argument("--expect-spills", action="store_true",
-                        help=f"record this table's spills as those expected of its ptxas ({SPILLS_PATH.name})")
+    parser.add_argument(
+        "--expect-spills",
+        action="store_true",
+        help=f"record this table's spills as those expected of its ptxas ({SPILLS_PATH.name})",
+    )
     parser.add_argument("--arch", nargs="+", default=["sm_80", "sm_90"], choices=sorted(ARCHS))
-    parser.add_argument("--full", action="store_true",
-                        help="every flag combination on every config (default: the covering set CI compiles)")
+    parser.add_argument(
+        "--full",
+        action="store_true",
+        help="every flag combination on every config (default: the covering set CI compiles)",
+    )
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--limit", type=int, default=None, help="compile only the first LIMIT variants per arch")
     parser.add_argument("--kernels", nargs="+", help="compile only these kernels (default: all)")
@@ -550,13 +627,25 @@ def main(argv=None) -> int:
     print("\n".join(bad) or "no problems")
     print(f"{len(rows)} variants in {elapsed:.0f} s")
     if args.out:
-        command = ("python -m fastted.kernels.resources" + " --full" * args.full
-                   + (" --write" if args.write else f" --out {args.out}"))
-        result = dict(triton=triton.__version__, torch=torch.__version__, machine="CPU only (compiled, not run)",
-                      command=command, stamp=stamped,
-                      full=args.full, seconds=round(elapsed),
-                      archs={a: dataclasses.asdict(ARCHS[a]) for a in args.arch}, problems=bad,
-                      known_bad=known_bad, summary=summary(rows), rows=rows)
+        command = (
+            "python -m fastted.kernels.resources"
+            + " --full" * args.full
+            + (" --write" if args.write else f" --out {args.out}")
+        )
+        result = dict(
+            triton=triton.__version__,
+            torch=torch.__version__,
+            machine="CPU only (compiled, not run)",
+            command=command,
+            stamp=stamped,
+            full=args.full,
+            seconds=round(elapsed),
+            archs={a: dataclasses.asdict(ARCHS[a]) for a in args.arch},
+            problems=bad,
+            known_bad=known_bad,
+            summary=summary(rows),
+            rows=rows,
+        )
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
     return 1 if bad else 0

@@ -14,6 +14,7 @@ are recorded instead of run and the architecture is the one recorded for, so
 the compile tier (``fastted.kernels.resources``) compiles exactly what the
 launchers pick, for a GPU this machine does not have.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -91,7 +92,7 @@ def launch(kernel, grid, *args, **kwargs) -> None:
     kernel[grid](*args, **kwargs)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _interpreter_index_fix() -> None:
     """Triton's interpreter before 3.7 converts a scalar tensor to a Python int (what ``range`` asks of a
     loop bound: ``for k in range(0, tl.cdiv(K, BLOCK_K))``) with ``int()`` of its one-element array, which
@@ -122,17 +123,22 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cuda_arch(index: int) -> Arch:
     props = torch.cuda.get_device_properties(index)
     # Triton's driver reports the opt-in per-block limit, which torch does not expose.
     from triton.runtime import driver
 
     shared = driver.active.utils.get_device_properties(index)["max_shared_mem"]
-    return Arch(f"sm_{props.major}{props.minor}", 10 * props.major + props.minor, props.name,
-                shared_per_block=shared, shared_per_sm=props.shared_memory_per_multiprocessor,
-                max_threads_per_sm=props.max_threads_per_multi_processor,
-                flops_per_byte=ARCHS["sm_80" if props.major < 9 else "sm_90"].flops_per_byte)
+    return Arch(
+        f"sm_{props.major}{props.minor}",
+        10 * props.major + props.minor,
+        props.name,
+        shared_per_block=shared,
+        shared_per_sm=props.shared_memory_per_multiprocessor,
+        max_threads_per_sm=props.max_threads_per_multi_processor,
+        flops_per_byte=ARCHS["sm_80" if props.major < 9 else "sm_90"].flops_per_byte,
+    )
 
 
 def device_arch(device: torch.device) -> Arch:
@@ -166,8 +172,11 @@ def element_offsets(tensors, base, device):
     size = base.element_size()
     misaligned = [i for i, t in enumerate(tensors) if t.data_ptr() % 16]
     if misaligned:
-        raise ValueError(f"tensors {misaligned} of a launch start at addresses that are not 16-byte aligned; "
-                         "the kernels need aligned layers (copy them with fastted.ops.dispatch.aligned)")
-    host = torch.tensor([(t.data_ptr() - base.data_ptr()) // size for t in tensors], dtype=torch.int64,
-                        pin_memory=device.type == "cuda")
+        raise ValueError(
+            f"tensors {misaligned} of a launch start at addresses that are not 16-byte aligned; "
+            "the kernels need aligned layers (copy them with fastted.ops.dispatch.aligned)"
+        )
+    host = torch.tensor(
+        [(t.data_ptr() - base.data_ptr()) // size for t in tensors], dtype=torch.int64, pin_memory=device.type == "cuda"
+    )
     return host.to(device, non_blocking=True)

@@ -29,6 +29,7 @@ The teacher is read as the op was given it: k values and int32 ids, or
 are stored, each id decoded from its bits where it is read and each value
 ``top - level * step`` from its uint8 level.
 """
+
 from __future__ import annotations
 
 import torch
@@ -239,11 +240,31 @@ def sparse_kd_forward(
     ce_rows = torch.empty(n_rows, dtype=torch.float32, device=z.device) if labels is not None else None
     block = block_v or _block_v(V)
     launch(
-        sparse_kd_kernel, (n_rows,),
-        z, grad, values, ids, tail, top, step, kd_coef, labels, ce_coef, kd_rows, ce_rows,
-        V, K, ids.shape[1] if packed else 0, id_bits if packed else 0,
-        z.stride(0), grad.stride(0) if grad is not None else 0, values.stride(0), ids.stride(0),
-        1.0 / temperature, soft_weight * temperature, hard_weight,
+        sparse_kd_kernel,
+        (n_rows,),
+        z,
+        grad,
+        values,
+        ids,
+        tail,
+        top,
+        step,
+        kd_coef,
+        labels,
+        ce_coef,
+        kd_rows,
+        ce_rows,
+        V,
+        K,
+        ids.shape[1] if packed else 0,
+        id_bits if packed else 0,
+        z.stride(0),
+        grad.stride(0) if grad is not None else 0,
+        values.stride(0),
+        ids.stride(0),
+        1.0 / temperature,
+        soft_weight * temperature,
+        hard_weight,
         HAS_CE=labels is not None,
         SEPARATE_CE=labels is not None and temperature != 1.0,
         WRITE_GRAD=grad is not None,
@@ -259,10 +280,25 @@ def sparse_kd_rows_triton(z, teacher, kd_coef, labels, ce_coef, grad, *, tempera
     """The contract of :func:`fastted.ops.sparse_logit_kd.sparse_kd_rows`, on the Triton kernel: the teacher
     (values, ids int32, tail), or a :class:`~fastted.ops.packed_topk.PackedTopK` read as it is (top and step
     fp32)."""
-    opts = dict(grad=grad, labels=labels, ce_coef=ce_coef, temperature=temperature, soft_weight=soft_weight,
-                hard_weight=hard_weight)
+    opts = dict(
+        grad=grad,
+        labels=labels,
+        ce_coef=ce_coef,
+        temperature=temperature,
+        soft_weight=soft_weight,
+        hard_weight=hard_weight,
+    )
     if hasattr(teacher, "id_bits"):  # a PackedTopK (its fields by name: the kernels import nothing of the ops)
-        return sparse_kd_forward(z, teacher.levels, teacher.words, teacher.tail, kd_coef, top=teacher.top,
-                                 step=teacher.step, id_bits=teacher.id_bits, **opts)
+        return sparse_kd_forward(
+            z,
+            teacher.levels,
+            teacher.words,
+            teacher.tail,
+            kd_coef,
+            top=teacher.top,
+            step=teacher.step,
+            id_bits=teacher.id_bits,
+            **opts,
+        )
     values, ids, tail = teacher
     return sparse_kd_forward(z, values, ids, tail, kd_coef, **opts)

@@ -5,6 +5,7 @@ the kernels' modules import, and one loss of each family (filtered MSE, logit KD
 its float64 spec with its gradient: on the CPU path, and with ``--interpret`` through the Triton kernel
 under Triton's interpreter.
 """
+
 import argparse
 import os
 import sys
@@ -61,20 +62,33 @@ def check_losses(impl: str) -> None:
     w = [rand(16, 24, scale=0.2) for _ in range(2)]
     v = [torch.randn(16, 40, generator=gen) * 0.2 for _ in range(2)]
     mask = (torch.rand(37, generator=gen) > 0.3).float()
-    _compare("filtered_mse", impl,
-             lambda: fastted.filtered_mse(s, w, t, teacher_weights=v, mask=mask, impl=impl),
-             lambda s0, s1, w0, w1: reference.filtered_mse_reference(
-                 [s0, s1], [w0, w1], [x.double() for x in t], teacher_weights=[x.double() for x in v],
-                 mask=mask.double())[0],
-             s + w)
+    _compare(
+        "filtered_mse",
+        impl,
+        lambda: fastted.filtered_mse(s, w, t, teacher_weights=v, mask=mask, impl=impl),
+        lambda s0, s1, w0, w1: reference.filtered_mse_reference(
+            [s0, s1], [w0, w1], [x.double() for x in t], teacher_weights=[x.double() for x in v], mask=mask.double()
+        )[0],
+        s + w,
+    )
     # Logit KD over a vocabulary of 301 for 19 rows.
     student, teacher = rand(19, 301, scale=3.0), torch.randn(19, 301, generator=gen) * 3.0
-    _compare("logit_kd", impl, lambda: fastted.logit_kd(student, teacher, temperature=2.0, impl=impl),
-             lambda x: reference.logit_kd_reference(x, teacher.double(), temperature=2.0), [student])
+    _compare(
+        "logit_kd",
+        impl,
+        lambda: fastted.logit_kd(student, teacher, temperature=2.0, impl=impl),
+        lambda x: reference.logit_kd_reference(x, teacher.double(), temperature=2.0),
+        [student],
+    )
     # Contrastive KD: 7 anchors of 32 against 45 negatives.
     anchors, positives, negatives = rand(7, 32), torch.randn(7, 32, generator=gen), torch.randn(45, 32, generator=gen)
-    _compare("contrastive_kd", impl, lambda: fastted.contrastive_kd(anchors, positives, negatives, impl=impl),
-             lambda x: reference.contrastive_kd_reference(x, positives.double(), negatives.double()), [anchors])
+    _compare(
+        "contrastive_kd",
+        impl,
+        lambda: fastted.contrastive_kd(anchors, positives, negatives, impl=impl),
+        lambda x: reference.contrastive_kd_reference(x, positives.double(), negatives.double()),
+        [anchors],
+    )
 
 
 ENGINE_DEPENDENCIES = ("deepspeed", "datasets", "matplotlib", "yaml", "transformers", "gguf", "accelerate")

@@ -3,6 +3,7 @@
 TRITON_INTERPRET must be set before triton is first imported; fastted imports
 its kernel modules lazily, so setting it here is early enough.
 """
+
 import os
 
 import pytest

@@ -1,5 +1,6 @@
 """Launching test workers on gloo CPU ranks, for the multi-rank tests: a free port, the environment of a launch,
 and torchrun's command line."""
+
 import os
 import socket
 import subprocess
@@ -30,8 +31,16 @@ def torchrun(ranks: int, *args: str) -> list:
     in one process without a launcher."""
     if ranks == 1:
         return [sys.executable, *args]
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port",
-            str(free_port()), *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(ranks),
+        "--master_port",
+        str(free_port()),
+        *args,
+    ]
 
 
 def run_ranks(command: list, timeout: int = 300, env: dict = None) -> subprocess.CompletedProcess:

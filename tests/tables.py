@@ -1,4 +1,5 @@
 """Shapes, dtypes, tolerances and the closeness check shared by the tests of the fused losses."""
+
 import zlib
 
 import pytest

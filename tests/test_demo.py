@@ -1,4 +1,5 @@
 """The README's main job: the demo trains and its loss falls."""
+
 import re
 
 from fastted import demo

@@ -4,6 +4,7 @@ what importing fastted and running its losses loads.
 The wheel check (scripts/wheel_check.sh, in .ci/run) also runs the losses in an environment that holds only the
 core dependencies, where importing the engine's would fail.
 """
+
 import ast
 import shutil
 import subprocess
@@ -87,9 +88,11 @@ def test_the_engine_names_its_missing_dependencies(tmp_path):
     """Without the train extra, importing fastted.train says what to install (checked here by hiding yaml)."""
     (tmp_path / "sitecustomize.py").write_text(
         "import importlib.util\n_find = importlib.util.find_spec\n"
-        "importlib.util.find_spec = lambda name, *a, **k: None if name == 'yaml' else _find(name, *a, **k)\n")
+        "importlib.util.find_spec = lambda name, *a, **k: None if name == 'yaml' else _find(name, *a, **k)\n"
+    )
     env = {"PYTHONPATH": f"{tmp_path}:{ROOT}", "PATH": str(Path(sys.executable).parent)}
-    done = subprocess.run([sys.executable, "-c", "import fastted.train"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, env=env)
+    done = subprocess.run(
+        [sys.executable, "-c", "import fastted.train"], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env
+    )
     assert done.returncode != 0
     assert "pyyaml" in done.stderr and 'pip install "fastted[train]"' in done.stderr, done.stderr[-2000:]

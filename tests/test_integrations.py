@@ -1,6 +1,7 @@
 """fastted's recipes under transformers.Trainer and TRL's SFTTrainer: real Trainer steps on tiny models with stock
 datasets and collators; train, evaluate, checkpoint, resume to identical losses and weights, reload the student
 with from_pretrained."""
+
 import math
 
 import datasets
@@ -20,16 +21,19 @@ def _texts(n, seed):
     lengths = torch.randint(3, 12, (n,), generator=g)
     words = torch.randint(0, len(WORDS), (n, 12), generator=g)
     labels = torch.randint(0, LABELS, (n,), generator=g)
-    return {"text": [" ".join(WORDS[int(w)] for w in words[i, :lengths[i]]) for i in range(n)],
-            "label": [int(x) for x in labels]}
+    return {
+        "text": [" ".join(WORDS[int(w)] for w in words[i, : lengths[i]]) for i in range(n)],
+        "label": [int(x) for x in labels],
+    }
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     tokenizer = word_tokenizer(tmp_path_factory.mktemp("tok"))
     split = {name: datasets.Dataset.from_dict(_texts(n, seed)) for name, n, seed in (("train", 48, 1), ("test", 16, 2))}
-    split = {k: v.map(lambda b: tokenizer(b["text"], truncation=True, max_length=32), batched=True)
-             for k, v in split.items()}
+    split = {
+        k: v.map(lambda b: tokenizer(b["text"], truncation=True, max_length=32), batched=True) for k, v in split.items()
+    }
     return tokenizer, split
 
 
@@ -47,13 +51,30 @@ def _recipe(kind):
 
 def _trainer(kind, data, out, **overrides):
     tokenizer, split = data
-    settings = dict(output_dir=str(out), max_steps=STEPS, per_device_train_batch_size=8, learning_rate=2e-3,
-                    save_strategy="steps", save_steps=3, logging_steps=1, report_to=[], use_cpu=True, seed=0,
-                    per_device_eval_batch_size=8, lr_scheduler_type="linear", warmup_steps=1)
+    settings = dict(
+        output_dir=str(out),
+        max_steps=STEPS,
+        per_device_train_batch_size=8,
+        learning_rate=2e-3,
+        save_strategy="steps",
+        save_steps=3,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        per_device_eval_batch_size=8,
+        lr_scheduler_type="linear",
+        warmup_steps=1,
+    )
     settings.update(overrides)
-    return DistillationTrainer(recipe=_recipe(kind), args=tf.TrainingArguments(**settings),
-                               train_dataset=split["train"], eval_dataset=split["test"], processing_class=tokenizer,
-                               data_collator=tf.DataCollatorWithPadding(tokenizer))
+    return DistillationTrainer(
+        recipe=_recipe(kind),
+        args=tf.TrainingArguments(**settings),
+        train_dataset=split["train"],
+        eval_dataset=split["test"],
+        processing_class=tokenizer,
+        data_collator=tf.DataCollatorWithPadding(tokenizer),
+    )
 
 
 def _losses(trainer):
@@ -118,8 +139,9 @@ def test_bad_arguments(data, tmp_path):
     with pytest.raises(ValueError, match="recipe must be a fastted Recipe"):
         DistillationTrainer(recipe=bert(2, 32), args=tf.TrainingArguments(str(tmp_path), report_to=[]))
     with pytest.raises(ValueError, match="pass the recipe as recipe="):
-        DistillationTrainer(model=bert(2, 32), recipe=_recipe("kd"),
-                            args=tf.TrainingArguments(str(tmp_path), report_to=[]))
+        DistillationTrainer(
+            model=bert(2, 32), recipe=_recipe("kd"), args=tf.TrainingArguments(str(tmp_path), report_to=[])
+        )
 
 
 @pytest.mark.slow
@@ -135,11 +157,26 @@ def test_trl_sft_trainer_distils_a_causal_lm(tmp_path):
         pass
 
     texts = datasets.Dataset.from_dict({"text": _texts(32, 3)["text"]})
-    args = trl.SFTConfig(output_dir=str(tmp_path / "sft"), max_steps=4, per_device_train_batch_size=8,
-                         learning_rate=2e-3, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
-                         max_length=16, per_device_eval_batch_size=8, dataset_text_field="text")
-    trainer = DistillationSFTTrainer(recipe=KD(student, teacher, temperature=1.0), args=args, train_dataset=texts,
-                                     eval_dataset=texts.select(range(8)), processing_class=tokenizer)
+    args = trl.SFTConfig(
+        output_dir=str(tmp_path / "sft"),
+        max_steps=4,
+        per_device_train_batch_size=8,
+        learning_rate=2e-3,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        max_length=16,
+        per_device_eval_batch_size=8,
+        dataset_text_field="text",
+    )
+    trainer = DistillationSFTTrainer(
+        recipe=KD(student, teacher, temperature=1.0),
+        args=args,
+        train_dataset=texts,
+        eval_dataset=texts.select(range(8)),
+        processing_class=tokenizer,
+    )
     trainer.train()
     losses = _losses(trainer)
     assert sorted(losses) == [1, 2, 3, 4] and losses[4] < losses[1]

@@ -1,5 +1,6 @@
 """LayerwiseMSELoss: the layer-wise loss that owns its projections, on the hidden-state tuples Hugging Face models
 return, against a float64 formula written out here; TED's filters; save and load; bad input."""
+
 import pytest
 import torch
 
@@ -35,19 +36,26 @@ def test_matches_the_formula_on_model_outputs(with_teacher_filters):
     student, teacher = bert(2, 32, seed=1), bert(4, 48, seed=2)
     teacher_filters = TaskFilters([1, 3], 48, 40, nonlinear=True) if with_teacher_filters else None
     torch.manual_seed(3)
-    loss_fn = LayerwiseMSELoss(PAIRS, 32, 48, teacher_filters=teacher_filters, layer_weights=[1.0, 3.0],
-                               impl="reference")
+    loss_fn = LayerwiseMSELoss(
+        PAIRS, 32, 48, teacher_filters=teacher_filters, layer_weights=[1.0, 3.0], impl="reference"
+    )
     b = batch("classification", seed=60)
     s, t = _outputs(student, teacher, b)
     loss = loss_fn(s, t.hidden_states, mask=b["attention_mask"])  # a model output, or its tuple
     loss.backward()
 
     s_states = [s.hidden_states[1].detach().double().requires_grad_(), s.hidden_states[2].detach().double()]
-    want = _formula(s_states, [t.hidden_states[2], t.hidden_states[4]], b["attention_mask"],
-                    loss_fn.student_filters, teacher_filters, [1.0, 3.0])
+    want = _formula(
+        s_states,
+        [t.hidden_states[2], t.hidden_states[4]],
+        b["attention_mask"],
+        loss_fn.student_filters,
+        teacher_filters,
+        [1.0, 3.0],
+    )
     torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-7)
     want.backward()
-    for l, f in enumerate(loss_fn.student_filters.filters):
+    for f in loss_fn.student_filters.filters:
         assert f.proj.weight.grad is not None and f.proj.weight.grad.abs().sum() > 0
     assert loss_fn.layer_losses.shape == (2,)
     if with_teacher_filters:
@@ -64,8 +72,9 @@ def test_gradient_reaches_the_student_like_the_formulas():
     states = [h.detach().requires_grad_() for h in s.hidden_states]
     loss_fn(states, t.hidden_states, mask=b["attention_mask"]).backward()
     ref = [h.detach().double().requires_grad_() for h in s.hidden_states]
-    _formula([ref[1], ref[2]], [t.hidden_states[2], t.hidden_states[4]], b["attention_mask"],
-             loss_fn.student_filters).backward()
+    _formula(
+        [ref[1], ref[2]], [t.hidden_states[2], t.hidden_states[4]], b["attention_mask"], loss_fn.student_filters
+    ).backward()
     for i in (1, 2):
         torch.testing.assert_close(states[i].grad.double(), ref[i].grad, rtol=1e-5, atol=1e-8)
     assert states[0].grad is None  # the embeddings: not mapped
@@ -80,8 +89,13 @@ def test_raw_states_of_a_decoder_without_projection():
     s, t = _outputs(student, teacher, b)
     got = loss_fn(s.hidden_states, t.hidden_states, mask=b["attention_mask"])
     m = b["attention_mask"].double()
-    want = sum((((s.hidden_states[i].double() - t.hidden_states[i].double()) ** 2).sum(-1) * m).sum()
-               / (32 * m.sum()) for i in (1, 2)) / 2
+    want = (
+        sum(
+            (((s.hidden_states[i].double() - t.hidden_states[i].double()) ** 2).sum(-1) * m).sum() / (32 * m.sum())
+            for i in (1, 2)
+        )
+        / 2
+    )
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-7)
 
 
@@ -103,21 +117,30 @@ def test_save_and_load(tmp_path):
 
 
 @pytest.mark.bad_input
-@pytest.mark.parametrize("build, fragment", [
-    (lambda: LayerwiseMSELoss([], 32, 48), "layer_map must be a non-empty list of (student_layer, teacher_layer)"),
-    (lambda: LayerwiseMSELoss([(0, 1, 2)], 32, 48), "pairs"),
-    (lambda: LayerwiseMSELoss(7, 32, 48), "layer_map must be a LayerMap or a list"),
-    (lambda: LayerwiseMSELoss([(-1, 1)], 32, 48), "student layers must be ints >= 0"),
-    (lambda: LayerwiseMSELoss(PAIRS, 0, 48), "student_width must be a positive int"),
-    (lambda: LayerwiseMSELoss(PAIRS, 32, 48, filter_dim=16), "filter_dim: got 16, needs 48"),
-    (lambda: LayerwiseMSELoss(PAIRS, 32, 48, projection=False), "projection=False compares the student's raw"),
-    (lambda: LayerwiseMSELoss(PAIRS, 32, 48, teacher_filters=TaskFilters([0, 3], 48, 40)),
-     "teacher_filters filter layers [0, 3] of width 48, but the map's layers are [1, 3]"),
-    (lambda: LayerwiseMSELoss(PAIRS, 32, 48, student_filters=TaskFilters([0, 1], 32, 40)),
-     "student_filters map to width 40, but filter_dim is 48"),
-    (lambda: LayerwiseMSELoss(PAIRS, 32, 48, teacher_filters=torch.nn.Linear(2, 2)),
-     "teacher_filters must be a fastted TaskFilters"),
-])
+@pytest.mark.parametrize(
+    "build, fragment",
+    [
+        (lambda: LayerwiseMSELoss([], 32, 48), "layer_map must be a non-empty list of (student_layer, teacher_layer)"),
+        (lambda: LayerwiseMSELoss([(0, 1, 2)], 32, 48), "pairs"),
+        (lambda: LayerwiseMSELoss(7, 32, 48), "layer_map must be a LayerMap or a list"),
+        (lambda: LayerwiseMSELoss([(-1, 1)], 32, 48), "student layers must be ints >= 0"),
+        (lambda: LayerwiseMSELoss(PAIRS, 0, 48), "student_width must be a positive int"),
+        (lambda: LayerwiseMSELoss(PAIRS, 32, 48, filter_dim=16), "filter_dim: got 16, needs 48"),
+        (lambda: LayerwiseMSELoss(PAIRS, 32, 48, projection=False), "projection=False compares the student's raw"),
+        (
+            lambda: LayerwiseMSELoss(PAIRS, 32, 48, teacher_filters=TaskFilters([0, 3], 48, 40)),
+            "teacher_filters filter layers [0, 3] of width 48, but the map's layers are [1, 3]",
+        ),
+        (
+            lambda: LayerwiseMSELoss(PAIRS, 32, 48, student_filters=TaskFilters([0, 1], 32, 40)),
+            "student_filters map to width 40, but filter_dim is 48",
+        ),
+        (
+            lambda: LayerwiseMSELoss(PAIRS, 32, 48, teacher_filters=torch.nn.Linear(2, 2)),
+            "teacher_filters must be a fastted TaskFilters",
+        ),
+    ],
+)
 def test_bad_arguments(build, fragment):
     with pytest.raises(ValueError) as info:
         build()
@@ -133,8 +156,11 @@ def test_bad_hidden_states():
         loss_fn(None, teacher)
     with pytest.raises(ValueError, match="teacher_hidden_states must be the tuple of output_hidden_states=True"):
         loss_fn(states, torch.randn(2, 5, 48))
-    with pytest.raises(ValueError, match=r"teacher_hidden_states holds 3 states \(embeddings \+ 2 blocks\), but the "
-                                         r"map needs block 3"):
+    with pytest.raises(
+        ValueError,
+        match=r"teacher_hidden_states holds 3 states \(embeddings \+ 2 blocks\), but the "
+        r"map needs block 3",
+    ):
         loss_fn(states, teacher[:3])
     with pytest.raises(ValueError, match="mask"):
         loss_fn(states, teacher, mask=torch.ones(3, 5))

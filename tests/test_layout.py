@@ -13,6 +13,7 @@ modules by package (``tests.ops.test_logit_kd`` and ``benchmarks.test_logit_kd``
 share a file name). They shadow nothing as long as no installed distribution
 ships a top-level module of those names, which the last test checks.
 """
+
 import importlib.metadata
 import os
 import subprocess
@@ -33,16 +34,18 @@ def _resolve_from_root(name: str, extra_path: Path | None = None) -> str:
     if extra_path is not None:
         env["PYTHONPATH"] = os.pathsep.join(p for p in [str(extra_path), env.get("PYTHONPATH", "")] if p)
     code = f"import sys, {name}; sys.stdout.write(getattr({name}, '__file__', None) or repr(list({name}.__path__)))"
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=120)
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, f"import {name} from {ROOT} failed:\n{done.stderr[-2000:]}"
     return done.stdout
 
 
 def test_every_top_level_folder_is_classified():
     """A new top-level Python folder must be placed in one of the two lists (and so be checked below)."""
-    folders = {p.name for p in ROOT.iterdir() if p.is_dir() and not p.name.startswith(".")
-               and (any(p.glob("*.py")) or (p / "__init__.py").exists())}
+    folders = {
+        p.name
+        for p in ROOT.iterdir()
+        if p.is_dir() and not p.name.startswith(".") and (any(p.glob("*.py")) or (p / "__init__.py").exists())
+    }
     folders -= {"fastted", "build", "dist"}
     assert folders <= set(NAMESPACE_FOLDERS + PACKAGE_FOLDERS), sorted(folders)
 
@@ -51,7 +54,8 @@ def test_every_top_level_folder_is_classified():
 def test_folder_is_no_regular_package(name):
     assert not (ROOT / name / "__init__.py").exists(), (
         f"{name}/__init__.py makes {name}/ a regular package that shadows an installed distribution "
-        f"'{name}' whenever the repository root is on sys.path")
+        f"'{name}' whenever the repository root is on sys.path"
+    )
 
 
 @pytest.mark.parametrize("name", NAMESPACE_FOLDERS)
@@ -75,8 +79,14 @@ def test_the_installed_kernels_distribution_wins():
     assert Path(landed).resolve() == Path(dist.locate_file("kernels/__init__.py")).resolve(), landed
     assert not Path(landed).resolve().is_relative_to(ROOT / "kernels"), landed  # (a venv may live in the clone)
     env = dict(os.environ)
-    done = subprocess.run([sys.executable, "-c", "import transformers.activations, fastted.kernels"], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", "import transformers.activations, fastted.kernels"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
 
 
@@ -88,7 +98,11 @@ def test_fastted_kernels_reaches_the_folder():
     assert fastted.kernels.launch is runtime.launch
     assert Path(filtered_mse.__file__).name == "filtered_mse.py"
     if "kernels" in sys.modules:  # whatever imported it (transformers) got the distribution, not the folder
-        assert not Path(getattr(sys.modules["kernels"], "__file__", None) or "/").resolve().is_relative_to(ROOT / "kernels")
+        assert (
+            not Path(getattr(sys.modules["kernels"], "__file__", None) or "/")
+            .resolve()
+            .is_relative_to(ROOT / "kernels")
+        )
 
 
 @pytest.mark.parametrize("name", PACKAGE_FOLDERS)

@@ -1,4 +1,5 @@
 """Layer maps: the documented pairs, RAIL-KD's seeded draws, and the errors."""
+
 import pytest
 
 from fastted import (
@@ -12,13 +13,16 @@ from fastted import (
 )
 
 
-@pytest.mark.parametrize("n,interval,layers", [
-    (12, 1, list(range(12))),
-    (12, 2, [1, 3, 5, 7, 9, 11]),
-    (12, 3, [2, 5, 8, 11]),
-    (6, 4, [3]),
-    (5, 6, []),
-])
+@pytest.mark.parametrize(
+    "n,interval,layers",
+    [
+        (12, 1, list(range(12))),
+        (12, 2, [1, 3, 5, 7, 9, 11]),
+        (12, 3, [2, 5, 8, 11]),
+        (6, 4, [3]),
+        (5, 6, []),
+    ],
+)
 def test_interval_rule(n, interval, layers):
     assert interval_layers(n, interval) == layers
 
@@ -32,12 +36,15 @@ def test_interval_map_pairs_each_models_rule():
         interval_map(6, 12, 0, 2)
 
 
-@pytest.mark.parametrize("n_s,n_t,pairs", [
-    (6, 12, [(0, 1), (1, 3), (2, 5), (3, 7), (4, 9), (5, 11)]),
-    (4, 6, [(0, 0), (1, 2), (2, 3), (3, 5)]),
-    (3, 3, [(0, 0), (1, 1), (2, 2)]),
-    (12, 6, [(1, 0), (3, 1), (5, 2), (7, 3), (9, 4), (11, 5)]),  # a larger student (DWT)
-])
+@pytest.mark.parametrize(
+    "n_s,n_t,pairs",
+    [
+        (6, 12, [(0, 1), (1, 3), (2, 5), (3, 7), (4, 9), (5, 11)]),
+        (4, 6, [(0, 0), (1, 2), (2, 3), (3, 5)]),
+        (3, 3, [(0, 0), (1, 1), (2, 2)]),
+        (12, 6, [(1, 0), (3, 1), (5, 2), (7, 3), (9, 4), (11, 5)]),  # a larger student (DWT)
+    ],
+)
 def test_uniform_map(n_s, n_t, pairs):
     assert uniform_map(n_s, n_t).pairs == pairs
 

@@ -1,4 +1,5 @@
 """fastted.MemoryBank: queue order, momentum updates, negatives, sampling, state-dict round trip."""
+
 import io
 
 import pytest
@@ -7,7 +8,6 @@ import torch.nn.functional as F
 
 import fastted
 from fastted.memory_bank import NO_LABEL
-
 from tests.tables import seed_for
 
 
@@ -38,8 +38,7 @@ def test_queue_batch_larger_than_bank_keeps_the_newest():
     bank.update(v, index=torch.arange(100, 107))
     # pushes 2..8 in order; the survivors are pushes 5..8, at slots 5 % 4 .. 8 % 4
     for j, pos in enumerate(range(5, 9)):
-        torch.testing.assert_close(bank.vectors[pos % 4].double(), F.normalize(v, dim=1)[3 + j], rtol=1e-6,
-                                   atol=1e-7)
+        torch.testing.assert_close(bank.vectors[pos % 4].double(), F.normalize(v, dim=1)[3 + j], rtol=1e-6, atol=1e-7)
         assert bank.ids[pos % 4].item() == 100 + 3 + j and bank.labels[pos % 4].item() == NO_LABEL
 
 
@@ -138,17 +137,19 @@ def test_bank_feeds_contrastive_kd():
     t, labels = _batch(8, 16, 11)
     neg = bank.negatives()
     got = fastted.contrastive_kd(s.float(), t.float(), neg.vectors, labels=labels, negative_labels=neg.labels)
-    want = fastted.reference.contrastive_kd_reference(s, t, F.normalize(v, dim=1), labels=labels,
-                                                      negative_labels=y)
+    want = fastted.reference.contrastive_kd_reference(s, t, F.normalize(v, dim=1), labels=labels, negative_labels=y)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("kwargs,fragments", [
-    (dict(size=0, dim=4), ["size must be a positive int", "0"]),
-    (dict(size=4, dim=2.5), ["dim must be a positive int", "2.5"]),
-    (dict(size=4, dim=4, mode="fifo"), ["mode must be one of", "'fifo'"]),
-    (dict(size=4, dim=4, momentum=1.0), ["momentum must be a number in [0, 1)", "1.0"]),
-])
+@pytest.mark.parametrize(
+    "kwargs,fragments",
+    [
+        (dict(size=0, dim=4), ["size must be a positive int", "0"]),
+        (dict(size=4, dim=2.5), ["dim must be a positive int", "2.5"]),
+        (dict(size=4, dim=4, mode="fifo"), ["mode must be one of", "'fifo'"]),
+        (dict(size=4, dim=4, momentum=1.0), ["momentum must be a number in [0, 1)", "1.0"]),
+    ],
+)
 @pytest.mark.bad_input
 def test_bank_bad_arguments(kwargs, fragments):
     with pytest.raises(ValueError) as info:
@@ -178,8 +179,11 @@ def test_bank_of_another_size_refused_by_name(size, dim):
     saved = fastted.MemoryBank(8, 4)
     saved.update(torch.randn(3, 4))
     bank = torch.nn.Sequential(fastted.MemoryBank(size, dim))
-    with pytest.raises(ValueError, match=rf"0\.vectors: the saved memory bank holds 8 vectors of width 4, this one "
-                                         rf"size={size}, dim={dim}"):
+    with pytest.raises(
+        ValueError,
+        match=rf"0\.vectors: the saved memory bank holds 8 vectors of width 4, this one "
+        rf"size={size}, dim={dim}",
+    ):
         bank.load_state_dict(torch.nn.Sequential(saved).state_dict())
     assert not bank[0].filled.any()
 

@@ -1,4 +1,5 @@
 """Model adapters, task losses, filters, DWT's schedules and parameter remapping."""
+
 import pytest
 import torch
 import transformers as tf
@@ -6,30 +7,52 @@ import transformers as tf
 from fastted import ModelAdapter, Schedule, TaskFilters, check_same_vocab, remap_parameters, task_loss
 from fastted.filters import ClassificationHead
 from fastted.models import adapt
-
 from tests.tiny_models import LABELS, VOCAB, batch, bert, gpt2
 
 
 def llama(layers, hidden, **kw):
     torch.manual_seed(0)
-    return tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers,
-                                              num_attention_heads=4, num_key_value_heads=2,
-                                              intermediate_size=kw.pop("intermediate_size", 2 * hidden),
-                                              max_position_embeddings=64, **kw))
+    return tf.LlamaForCausalLM(
+        tf.LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=kw.pop("intermediate_size", 2 * hidden),
+            max_position_embeddings=64,
+            **kw,
+        )
+    )
 
 
 def roberta(layers, hidden):
     torch.manual_seed(0)
-    return tf.RobertaForMaskedLM(tf.RobertaConfig(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers,
-                                                  num_attention_heads=4, intermediate_size=2 * hidden,
-                                                  max_position_embeddings=70))
+    return tf.RobertaForMaskedLM(
+        tf.RobertaConfig(
+            vocab_size=VOCAB,
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            intermediate_size=2 * hidden,
+            max_position_embeddings=70,
+        )
+    )
 
 
 def deberta(layers, hidden):
     torch.manual_seed(0)
-    return tf.DebertaV2ForSequenceClassification(tf.DebertaV2Config(
-        vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
-        intermediate_size=2 * hidden, num_labels=LABELS, max_position_embeddings=64))
+    return tf.DebertaV2ForSequenceClassification(
+        tf.DebertaV2Config(
+            vocab_size=VOCAB,
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            intermediate_size=2 * hidden,
+            num_labels=LABELS,
+            max_position_embeddings=64,
+        )
+    )
 
 
 MODELS = {
@@ -162,13 +185,13 @@ def test_filter_and_head_errors():
 
 def test_schedules():
     const = Schedule("constant", 2.5)
-    assert [const(s) for s in (0, 50, 10 ** 6)] == [2.5, 2.5, 2.5]
+    assert [const(s) for s in (0, 50, 10**6)] == [2.5, 2.5, 2.5]
     for kind in ("linear", "cosine"):
         s = Schedule(kind, start=4.0, end=1.0, steps=100)
         assert s(0) == pytest.approx(4.0) and s(50) == pytest.approx(2.5)
         assert s(100) == pytest.approx(1.0) and s(1000) == pytest.approx(1.0)
     assert Schedule("linear", 4.0, 1.0, 100)(25) == pytest.approx(3.25)
-    assert Schedule("cosine", 4.0, 1.0, 100)(25) == pytest.approx(1.0 + 3.0 * (1 + 2 ** -0.5) / 2)
+    assert Schedule("cosine", 4.0, 1.0, 100)(25) == pytest.approx(1.0 + 3.0 * (1 + 2**-0.5) / 2)
     with pytest.raises(ValueError, match="needs end and steps"):
         Schedule("linear", 4.0)
     with pytest.raises(ValueError, match="kind must be one of"):
@@ -179,8 +202,11 @@ def test_schedules():
 
 @pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
 def test_remap_copies_first_layers_and_repeats_the_last(family):
-    build = {"bert": lambda n, **kw: bert(n, 32, **kw), "gpt2": lambda n, **kw: gpt2(n, 32, **kw),
-             "llama": lambda n, **kw: llama(n, 32, **kw)}[family]
+    build = {
+        "bert": lambda n, **kw: bert(n, 32, **kw),
+        "gpt2": lambda n, **kw: gpt2(n, 32, **kw),
+        "llama": lambda n, **kw: llama(n, 32, **kw),
+    }[family]
     teacher, student = build(2), build(5)
     report = remap_parameters(student, teacher)
     s, t = adapt(student), adapt(teacher)
@@ -190,7 +216,8 @@ def test_remap_copies_first_layers_and_repeats_the_last(family):
             assert torch.equal(p, q), f"student layer {i}.{n} is not teacher layer {min(i, 1)}.{m}"
     assert torch.equal(student.get_input_embeddings().weight, teacher.get_input_embeddings().weight)
     assert report[f"{s.layers_path}.4.{next(iter(dict(s.layers[4].named_parameters())))}"].startswith(
-        f"{t.layers_path}.1.")
+        f"{t.layers_path}.1."
+    )
 
 
 @pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])

@@ -4,6 +4,7 @@ The references never use fastted: hidden states come from the models'
 ``output_hidden_states`` (not fastted's hooks), run on float64 copies of the
 models, and every formula is written out with plain torch operations.
 """
+
 import copy
 import os
 
@@ -18,20 +19,38 @@ VOCAB, LABELS = 97, 3
 def bert(layers, hidden, head="classification", seed=0, **kw):
     """A BERT-like model without dropout (so training-mode forwards are deterministic)."""
     torch.manual_seed(seed)
-    config = tf.BertConfig(vocab_size=kw.pop("vocab_size", VOCAB), hidden_size=hidden, num_hidden_layers=layers,
-                           num_attention_heads=4, intermediate_size=kw.pop("intermediate_size", 2 * hidden),
-                           num_labels=kw.pop("num_labels", LABELS),
-                           max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                           **kw)
+    config = tf.BertConfig(
+        vocab_size=kw.pop("vocab_size", VOCAB),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=kw.pop("intermediate_size", 2 * hidden),
+        num_labels=kw.pop("num_labels", LABELS),
+        max_position_embeddings=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        **kw,
+    )
     cls = {"classification": tf.BertForSequenceClassification, "mlm": tf.BertForMaskedLM}[head]
     return cls(config)
 
 
 def gpt2(layers, hidden, seed=0, **kw):
     torch.manual_seed(seed)
-    config = tf.GPT2Config(vocab_size=VOCAB, n_embd=hidden, n_layer=layers, n_head=4, n_positions=64,
-                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=2,
-                           pad_token_id=0, **kw)
+    config = tf.GPT2Config(
+        vocab_size=VOCAB,
+        n_embd=hidden,
+        n_layer=layers,
+        n_head=4,
+        n_positions=64,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        **kw,
+    )
     return tf.GPT2LMHeadModel(config)
 
 
@@ -47,11 +66,19 @@ def word_tokenizer(path, causal=False):
     core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     core.pre_tokenizer = pre_tokenizers.Whitespace()
     if not causal:
-        core.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]",
-                                                            special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
-    tokenizer = tf.PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]",
-                                           cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
-                                           eos_token="[SEP]", bos_token="[CLS]")
+        core.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+        )
+    tokenizer = tf.PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        eos_token="[SEP]",
+        bos_token="[CLS]",
+    )
     tokenizer.save_pretrained(path)
     return tf.PreTrainedTokenizerFast.from_pretrained(path)
 
@@ -62,7 +89,7 @@ def batch(task, seed, batch_size=5, tokens=11, padded=True):
     ids = torch.randint(3, VOCAB, (batch_size, tokens), generator=g)
     mask = torch.ones(batch_size, tokens, dtype=torch.long)
     if padded:
-        mask[1, tokens - 4:] = 0
+        mask[1, tokens - 4 :] = 0
         mask[3, 3:] = 0
     ids = ids.masked_fill(mask == 0, 0)
     out = dict(input_ids=ids, attention_mask=mask, index=torch.arange(batch_size) + 5 * (seed % 7))
@@ -105,7 +132,7 @@ def ref_kl(student_logits, teacher_logits, temperature, mask=None):
     p = torch.softmax(teacher_logits / temperature, -1)
     per_row = (p * (torch.log(p) - torch.log_softmax(student_logits / temperature, -1))).sum(-1)
     keep = torch.ones(per_row.shape, dtype=torch.bool) if mask is None else mask.bool()
-    return per_row[keep].mean() * temperature ** 2
+    return per_row[keep].mean() * temperature**2
 
 
 def ref_mse(student, teacher, mask=None):

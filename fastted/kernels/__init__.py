@@ -12,6 +12,7 @@ copies its modules here (``setup.py``'s ``build_py``); in a source checkout
 (an editable install, or the tree on ``sys.path``) this package's search path
 reaches into it instead.
 """
+
 from pathlib import Path
 
 if not (Path(__file__).parent / "runtime.py").exists():  # a source checkout: the modules live in ../../kernels
@@ -30,5 +31,15 @@ from fastted.kernels.runtime import (  # noqa: E402  (the search path first)
     recording,
 )
 
-__all__ = ["ARCHS", "MAX_GRID", "Arch", "Launch", "aligned_row_stride", "device_arch", "element_offsets",
-           "interpreting", "launch", "recording"]
+__all__ = [
+    "ARCHS",
+    "MAX_GRID",
+    "Arch",
+    "Launch",
+    "aligned_row_stride",
+    "device_arch",
+    "element_offsets",
+    "interpreting",
+    "launch",
+    "recording",
+]

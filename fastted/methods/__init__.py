@@ -7,16 +7,17 @@ in the order of the imports below; :func:`build_recipe` builds one from a
 run's config (:meth:`~fastted.methods.base.Recipe.from_config`). A new method
 is a module here and its import below.
 """
+
 from __future__ import annotations
 
 from fastted.methods.base import REGISTRY, Recipe, RecipeModels, RecipeOutput
-from fastted.methods.finetune import FineTune
-from fastted.methods.ted import TED, TEDStage1, load_stage1  # noqa: I001 (the import order is the registry's)
-from fastted.methods.lwd import LWD
-from fastted.methods.kd import KD
 from fastted.methods.codir import CoDIR
-from fastted.methods.railkd import RAILKD
 from fastted.methods.dwt import DWT, Schedule, remap_parameters
+from fastted.methods.finetune import FineTune
+from fastted.methods.kd import KD
+from fastted.methods.lwd import LWD
+from fastted.methods.railkd import RAILKD
+from fastted.methods.ted import TED, TEDStage1, load_stage1  # noqa: I001 (the import order is the registry's)
 
 # The distillation recipes by their names in a config, in registration order.
 METHODS: dict[str, type[Recipe]] = REGISTRY
@@ -34,5 +35,22 @@ def build_recipe(method: str, config, models: RecipeModels) -> Recipe:
     return recipe_class(method).from_config(config, models)
 
 
-__all__ = ["CoDIR", "DWT", "FineTune", "KD", "LWD", "METHODS", "RAILKD", "Recipe", "RecipeModels", "RecipeOutput",
-           "Schedule", "TED", "TEDStage1", "build_recipe", "load_stage1", "recipe_class", "remap_parameters"]
+__all__ = [
+    "CoDIR",
+    "DWT",
+    "FineTune",
+    "KD",
+    "LWD",
+    "METHODS",
+    "RAILKD",
+    "Recipe",
+    "RecipeModels",
+    "RecipeOutput",
+    "Schedule",
+    "TED",
+    "TEDStage1",
+    "build_recipe",
+    "load_stage1",
+    "recipe_class",
+    "remap_parameters",
+]

@@ -33,6 +33,7 @@ never materialized.
 "step" here is always the optimizer step: the schedules and the layer draws
 are functions of it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -56,11 +57,11 @@ from fastted.ops.sparse_logit_kd import fused_linear_sparse_kd, sparse_logit_kd
 class RecipeOutput:
     """One step of a recipe."""
 
-    loss: Tensor                                              # the weighted total (fp32 scalar)
-    terms: dict[str, Tensor] = field(default_factory=dict)    # each term, unweighted and detached
-    weights: dict[str, float] = field(default_factory=dict)   # each term's weight at this step
-    layer_losses: Optional[Tensor] = None                     # per mapped pair (or filter), detached
-    logits: Optional[Tensor] = None                           # the student's logits, for metrics (None if fused)
+    loss: Tensor  # the weighted total (fp32 scalar)
+    terms: dict[str, Tensor] = field(default_factory=dict)  # each term, unweighted and detached
+    weights: dict[str, float] = field(default_factory=dict)  # each term's weight at this step
+    layer_losses: Optional[Tensor] = None  # per mapped pair (or filter), detached
+    logits: Optional[Tensor] = None  # the student's logits, for metrics (None if fused)
 
     def as_dict(self) -> dict[str, Any]:
         """The fields as a plain dict (the tensors themselves, not copies): what DeepSpeed can hook."""
@@ -71,12 +72,12 @@ class RecipeOutput:
 class RecipeModels:
     """What a recipe is built from besides its settings (see :meth:`Recipe.from_config`)."""
 
-    student: Any                                # the trained model
-    teacher: Any                                # the frozen teacher
-    tokenizers: Optional[tuple] = None          # (student's, teacher's): the recipes check that they agree
-    total_steps: Optional[int] = None           # optimizer steps of the run (for schedules over the run)
-    train_size: Optional[int] = None            # training examples (CoDIR's momentum bank: one entry each)
-    filters: Optional[tuple] = None             # TED: (student's, teacher's) stage-I TaskFilters
+    student: Any  # the trained model
+    teacher: Any  # the frozen teacher
+    tokenizers: Optional[tuple] = None  # (student's, teacher's): the recipes check that they agree
+    total_steps: Optional[int] = None  # optimizer steps of the run (for schedules over the run)
+    train_size: Optional[int] = None  # training examples (CoDIR's momentum bank: one entry each)
+    filters: Optional[tuple] = None  # TED: (student's, teacher's) stage-I TaskFilters
 
 
 # The terms of the logits, which the fused LM head computes in one call.
@@ -114,7 +115,7 @@ RUN_OPTIONS = ("tokenizers", "task", "impl", "fused_lm_head", "total_steps", "se
 
 # The distillation methods by their names in a config (distil.methods, distil.<name>), in registration order:
 # the order of fastted.methods' imports.
-REGISTRY: dict[str, type["Recipe"]] = {}
+REGISTRY: dict[str, type[Recipe]] = {}
 
 
 def setting(default, check: Union[str, tuple, None] = None, **kwargs):
@@ -131,14 +132,15 @@ def register(name: str, settings: type, old_keys: Optional[dict[str, str]] = Non
     if not dataclasses.is_dataclass(settings):
         raise ValueError(f"register({name!r}): settings must be a dataclass, got {settings!r}")
 
-    def wrap(cls: type["Recipe"]) -> type["Recipe"]:
+    def wrap(cls: type[Recipe]) -> type[Recipe]:
         if name in REGISTRY:
             raise ValueError(f"method {name!r} is registered twice: {REGISTRY[name].__name__} and {cls.__name__}")
         fields = {f.name for f in dataclasses.fields(settings)}
         unknown = {old: new for old, new in (old_keys or {}).items() if new not in fields}
         if unknown:
-            raise ValueError(f"register({name!r}): old_keys map to {sorted(unknown.values())}, not fields of "
-                             f"{settings.__name__}")
+            raise ValueError(
+                f"register({name!r}): old_keys map to {sorted(unknown.values())}, not fields of {settings.__name__}"
+            )
         cls.method, cls.settings, cls.old_keys = name, settings, dict(old_keys or {})
         REGISTRY[name] = cls
         return cls
@@ -174,15 +176,23 @@ class Recipe(nn.Module):
 
     label: str = ""
     uses_stage1_filters: bool = False
-    method: ClassVar[str] = ""                 # register(): the name in a config
+    method: ClassVar[str] = ""  # register(): the name in a config
     settings: ClassVar[Optional[type]] = None  # register(): the settings dataclass, distil.<method> of a config
-    old_keys: ClassVar[dict[str, str]] = {}    # register(): old flat distil keys -> settings fields
+    old_keys: ClassVar[dict[str, str]] = {}  # register(): old flat distil keys -> settings fields
     reads_teacher_cache: bool = False  # use_teacher_cache() works: a config allows distil.teacher_cache for it
-    needs_example_ids: bool = False    # every training batch must carry batch["index"] (CoDIR's momentum bank)
+    needs_example_ids: bool = False  # every training batch must carry batch["index"] (CoDIR's momentum bank)
     reads_quantized_targets: bool = False  # its loss takes a cache's int8 / fp8 targets with their row scales
 
-    def __init__(self, student, teacher=None, *, task: Optional[str] = None, impl: str = "auto",
-                 train_student: bool = True, fused_lm_head: bool = False):
+    def __init__(
+        self,
+        student,
+        teacher=None,
+        *,
+        task: Optional[str] = None,
+        impl: str = "auto",
+        train_student: bool = True,
+        fused_lm_head: bool = False,
+    ):
         super().__init__()
         self.impl = check_impl(impl)
         self._frozen: list[nn.Module] = []  # a plain list: never registered, never in parameters()
@@ -210,8 +220,10 @@ class Recipe(nn.Module):
             return False
         task = self.student_model.task
         if task not in ("mlm", "clm"):
-            raise ValueError(f"fused_lm_head=True fuses the vocabulary projection of a language model: it needs the "
-                             f"task 'mlm' or 'clm', but this {type(self).__name__} is for {task!r}")
+            raise ValueError(
+                f"fused_lm_head=True fuses the vocabulary projection of a language model: it needs the "
+                f"task 'mlm' or 'clm', but this {type(self).__name__} is for {task!r}"
+            )
         for adapter in (self.student_model, self.teacher_model):
             if adapter is not None:
                 try:
@@ -247,7 +259,7 @@ class Recipe(nn.Module):
     # ------------------------------------------------------------------ the interface beyond forward
 
     @classmethod
-    def from_config(cls, config, models: RecipeModels) -> "Recipe":
+    def from_config(cls, config, models: RecipeModels) -> Recipe:
         """The recipe of a run: its method's settings read from ``config.distil.<method>`` (a
         :class:`fastted.train.config.Config`), its models from ``models``, the run's options
         (:data:`RUN_OPTIONS`) that its ``__init__`` takes. The registered recipes have it; the registry of
@@ -255,8 +267,9 @@ class Recipe(nn.Module):
         if cls.settings is None:
             raise NotImplementedError(f"{cls.__name__} is not built from a run's config")
         settings = dataclasses.asdict(getattr(config.distil, cls.method))
-        return cls(*cls._config_models(models), **cls._config_settings(settings, models),
-                   **cls._config_options(config, models))
+        return cls(
+            *cls._config_models(models), **cls._config_settings(settings, models), **cls._config_options(config, models)
+        )
 
     @classmethod
     def _config_models(cls, models: RecipeModels) -> tuple:
@@ -272,8 +285,13 @@ class Recipe(nn.Module):
     def _config_options(cls, config, models: RecipeModels) -> dict:
         """The run's options that the recipe's ``__init__`` takes: tokenizers, task, impl; the run's steps
         and seed; and ``distil.fused_lm_head`` on LM tasks for the recipes that can fuse the LM heads."""
-        run = dict(tokenizers=models.tokenizers, task=config.task, impl=config.engine.impl,
-                   total_steps=models.total_steps, seed=config.seed)
+        run = dict(
+            tokenizers=models.tokenizers,
+            task=config.task,
+            impl=config.engine.impl,
+            total_steps=models.total_steps,
+            seed=config.seed,
+        )
         if config.task != "classification":
             run["fused_lm_head"] = config.distil.fused_lm_head
         takes = inspect.signature(cls).parameters
@@ -344,8 +362,9 @@ class Recipe(nn.Module):
         new = adapt(model, old.task)
         got, want = [(a.num_layers, a.hidden_size, a.vocab_size) for a in (new, old)]
         if got != want:
-            raise ValueError(f"replace_teacher: the new teacher has (blocks, width, vocabulary) {got}, the recipe's "
-                             f"{want}")
+            raise ValueError(
+                f"replace_teacher: the new teacher has (blocks, width, vocabulary) {got}, the recipe's {want}"
+            )
         self._frozen = [_freeze(model) if m is old.model else m for m in self._frozen]
         if self.teacher is old.model:
             object.__setattr__(self, "teacher", model)
@@ -359,8 +378,9 @@ class Recipe(nn.Module):
         (what a layer's target is: "raw" states, "filters:<hash>" of TED's frozen teacher filters, or
         "pooled-<pooling>" vectors of CoDIR and RAIL-KD)."""
         served = ", ".join(recipe.label for recipe in REGISTRY.values() if recipe.reads_teacher_cache)
-        raise ValueError(f"{type(self).__name__} reads no teacher cache: it needs the live teacher (a teacher "
-                         f"cache serves {served})")
+        raise ValueError(
+            f"{type(self).__name__} reads no teacher cache: it needs the live teacher (a teacher cache serves {served})"
+        )
 
     def cache_transform(self):
         """What the cache stores of the captured layer states: ``build_teacher_cache``'s ``transform(states,
@@ -375,13 +395,18 @@ class Recipe(nn.Module):
         nothing moves, casts or partitions them, and ``recipe.teacher`` is None. A cache that holds other
         layers, another temperature or other targets than the recipe needs is a ValueError naming each."""
         expect = self.teacher_cache_expect()
-        differ = [f"{key}: cache {cache.manifest.get(key)!r}, recipe {want!r}" for key, want in expect.items()
-                  if cache.manifest.get(key) != want]
+        differ = [
+            f"{key}: cache {cache.manifest.get(key)!r}, recipe {want!r}"
+            for key, want in expect.items()
+            if cache.manifest.get(key) != want
+        ]
         if self._needs_cached_logits() and cache.manifest.get("logits") is None:
             differ.append("logits: the cache holds none (k = 0), the KL term needs them")
         if differ:
-            raise ValueError(f"teacher cache {cache.directory} does not hold what this {type(self).__name__} "
-                             f"needs ({'; '.join(differ)})")
+            raise ValueError(
+                f"teacher cache {cache.directory} does not hold what this {type(self).__name__} "
+                f"needs ({'; '.join(differ)})"
+            )
         self.teacher_cache = cache
         self._cache_slot = {layer: i for i, layer in enumerate(cache.manifest["layers"])}
         dropped = {id(m) for m in self._cache_replaces()}
@@ -413,19 +438,23 @@ class Recipe(nn.Module):
         """The cache's stored outputs of ``batch``'s rows (:meth:`fastted.train.cache.TeacherCache.batch`), on
         ``device`` (None: the host)."""
         # int8 / fp8 targets stay quantized: the filtered MSE kernel dequantizes them by their row scales
-        return self.teacher_cache.batch(batch["index"], batch.get("attention_mask"), device=device,
-                                        dequantize=not self.reads_quantized_targets)
+        return self.teacher_cache.batch(
+            batch["index"], batch.get("attention_mask"), device=device, dequantize=not self.reads_quantized_targets
+        )
 
     def _cached_teacher(self, batch: dict, layers) -> ModelOutputs:
         """The teacher's outputs of ``batch`` read from the cache (or read ahead by :meth:`prefetch`): top-k
         logits and the layers' targets."""
         if "index" not in batch:
-            raise ValueError("a cached teacher needs batch['index'], the batch's rows of the dataset the cache was "
-                             "made from (the run's collators add it)")
+            raise ValueError(
+                "a cached teacher needs batch['index'], the batch's rows of the dataset the cache was "
+                "made from (the run's collators add it)"
+            )
         missing = [layer for layer in layers if layer not in self._cache_slot]
         if missing:
-            raise ValueError(f"teacher cache {self.teacher_cache.directory} holds layers "
-                             f"{list(self._cache_slot)}, not {missing}")
+            raise ValueError(
+                f"teacher cache {self.teacher_cache.directory} holds layers {list(self._cache_slot)}, not {missing}"
+            )
         mask = batch.get("attention_mask")
         device = batch["input_ids"].device
         stored = batch.get(PREFETCHED)
@@ -435,8 +464,14 @@ class Recipe(nn.Module):
             stored = _map_tensors(lambda x: x.to(device, non_blocking=True), stored)
         slots = [self._cache_slot[layer] for layer in layers]
         scales = None if stored["scales"] is None else [stored["scales"][i] for i in slots]
-        return ModelOutputs(None, [stored["targets"][i] for i in slots], mask, topk=stored["topk"],
-                            target_scales=scales, target_mask=stored.get("target_mask"))
+        return ModelOutputs(
+            None,
+            [stored["targets"][i] for i in slots],
+            mask,
+            topk=stored["topk"],
+            target_scales=scales,
+            target_mask=stored.get("target_mask"),
+        )
 
     def activation_checkpointing_enable(self, **kwargs) -> None:
         """Recompute the student's activations in its backward (``transformers.Trainer``'s
@@ -451,8 +486,9 @@ class Recipe(nn.Module):
         model = self.student_model.model
         if not hasattr(model, f"{kind}_checkpointing_enable"):
             other = "gradient" if kind == "activation" else "activation"
-            kwargs = {k.replace(kind, other, 1) if k == f"{kind}_checkpointing_kwargs" else k: v
-                      for k, v in kwargs.items()}
+            kwargs = {
+                k.replace(kind, other, 1) if k == f"{kind}_checkpointing_kwargs" else k: v for k, v in kwargs.items()
+            }
             kind = other
         getattr(model, f"{kind}_checkpointing_enable")(**kwargs)
 
@@ -506,23 +542,27 @@ class Recipe(nn.Module):
         if weights["kd"]:
             mask = None if self.student_model.task == "classification" else student_out.mask
             if teacher_out.topk is not None:  # a cached teacher's top-k, packed: read as it is
-                terms["kd"] = sparse_logit_kd(student_out.logits, teacher_out.topk, temperature=temperature,
-                                              mask=mask, impl=self.impl)
+                terms["kd"] = sparse_logit_kd(
+                    student_out.logits, teacher_out.topk, temperature=temperature, mask=mask, impl=self.impl
+                )
             else:
-                terms["kd"] = logit_kd(student_out.logits, teacher_out.logits, temperature=temperature, mask=mask,
-                                       impl=self.impl)
+                terms["kd"] = logit_kd(
+                    student_out.logits, teacher_out.logits, temperature=temperature, mask=mask, impl=self.impl
+                )
         return terms
 
-    def _head_terms(self, student_out, teacher_out, batch: dict, weights: dict,
-                    temperature: float) -> tuple[dict, Optional[Tensor]]:
+    def _head_terms(
+        self, student_out, teacher_out, batch: dict, weights: dict, temperature: float
+    ) -> tuple[dict, Optional[Tensor]]:
         """(terms, head_loss): :meth:`_output_terms` and None, or with fused_lm_head the detached "task" and
         "kd" and their weighted sum from one fused call, which :meth:`_total` adds as it is."""
         if not self.fused_lm_head:
             return self._output_terms(student_out, teacher_out, batch, weights, temperature), None
         return self._fused_output_terms(student_out, teacher_out, batch, weights, temperature)
 
-    def _fused_output_terms(self, student_out, teacher_out, batch: dict, weights: dict,
-                            temperature: float) -> tuple[dict, Optional[Tensor]]:
+    def _fused_output_terms(
+        self, student_out, teacher_out, batch: dict, weights: dict, temperature: float
+    ) -> tuple[dict, Optional[Tensor]]:
         """:meth:`_output_terms` on the LM heads' inputs: ``weights["kd"] * kd + weights["task"] * task`` from
         :func:`~fastted.ops.fused_linear_kd.fused_linear_kd`, over the attention mask's tokens (the task loss:
         those whose label, shifted by one for "clm" as HF shifts it, is not -100)."""
@@ -537,10 +577,17 @@ class Recipe(nn.Module):
             labels = batch.get("labels")
             if labels is None:
                 raise ValueError(f"the {student.task} task loss needs batch['labels']")
-        options = dict(temperature=temperature, mask=student_out.mask, hard_labels=labels, hard_weight=w_task,
-                       soft_weight=w_kd, impl=self.impl, return_terms=True,
-                       shift_labels=labels is not None and student.task == "clm",  # state t predicts label t + 1
-                       kd_ignored_rows=True)  # the KL over every token the mask keeps, as the unfused recipes
+        options = dict(
+            temperature=temperature,
+            mask=student_out.mask,
+            hard_labels=labels,
+            hard_weight=w_task,
+            soft_weight=w_kd,
+            impl=self.impl,
+            return_terms=True,
+            shift_labels=labels is not None and student.task == "clm",  # state t predicts label t + 1
+            kd_ignored_rows=True,
+        )  # the KL over every token the mask keeps, as the unfused recipes
         if w_kd and teacher_out.topk is not None:  # a cached teacher: its top-k logits, no head of its own
             loss, kd, ce = fused_linear_sparse_kd(xs, ws, teacher_out.topk, student_bias=bs, **options)
         else:
@@ -559,12 +606,12 @@ class Recipe(nn.Module):
         return terms, loss
 
     @staticmethod
-    def _total(terms: dict[str, Tensor], weights: dict[str, float], head_loss: Optional[Tensor] = None,
-               **extra) -> RecipeOutput:
+    def _total(
+        terms: dict[str, Tensor], weights: dict[str, float], head_loss: Optional[Tensor] = None, **extra
+    ) -> RecipeOutput:
         """loss = sum of weight * term over the terms present; ``head_loss``, the fused LM head's weighted
         "task" + "kd", is added as it is, in place of those two terms."""
-        parts = [weights[name] * term for name, term in terms.items()
-                 if head_loss is None or name not in _HEAD_TERMS]
+        parts = [weights[name] * term for name, term in terms.items() if head_loss is None or name not in _HEAD_TERMS]
         loss = sum(parts if head_loss is None else [head_loss] + parts)
         if not isinstance(loss, Tensor):
             raise ValueError(f"every term of this recipe has weight 0 ({weights}): nothing to train")

@@ -19,6 +19,7 @@ code does (100, from a bank of one entry per training example:
 vectors enter the bank. Until the bank holds an entry (the first step) the
 contrastive term is 0.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -40,25 +41,37 @@ from fastted.ops.pooling import check_pooling, pool_states, valid_examples
 class CoDIRSettings:
     """CoDIR's settings (``distil.codir`` of a config)."""
 
-    proj_dim: int = setting(128, "> 0")                 # width of the projected vectors
-    bank_size: int = setting(4096, "> 0")               # entries of the memory bank (momentum: the run's examples)
+    proj_dim: int = setting(128, "> 0")  # width of the projected vectors
+    bank_size: int = setting(4096, "> 0")  # entries of the memory bank (momentum: the run's examples)
     bank_mode: str = setting("queue", ("queue", "momentum"))  # queue: the last bank_size teacher vectors;
-                                                        # momentum: one entry per training example
-    negatives: int = setting(0, ">= 0")                 # 0: every bank entry is every anchor's negative; K: K drawn
-                                                        # per anchor
-    temperature: float = setting(0.07, "> 0")           # of the InfoNCE
-    kd_temperature: float = setting(2.0, "> 0")         # of the KL term
+    # momentum: one entry per training example
+    negatives: int = setting(0, ">= 0")  # 0: every bank entry is every anchor's negative; K: K drawn
+    # per anchor
+    temperature: float = setting(0.07, "> 0")  # of the InfoNCE
+    kd_temperature: float = setting(2.0, "> 0")  # of the KL term
     task_alpha: float = setting(1.0, ">= 0")
-    kd_alpha: float = setting(1.0, ">= 0")              # weight of the KL term
-    crd_alpha: float = setting(0.1, ">= 0")             # weight of the contrastive term
-    label_negatives: bool = True                        # classification: negatives of other labels only
-    pooling: str = setting("mean", ("mean", "first"))   # of the mapped layers' tokens: mean, or first ([CLS])
+    kd_alpha: float = setting(1.0, ">= 0")  # weight of the KL term
+    crd_alpha: float = setting(0.1, ">= 0")  # weight of the contrastive term
+    label_negatives: bool = True  # classification: negatives of other labels only
+    pooling: str = setting("mean", ("mean", "first"))  # of the mapped layers' tokens: mean, or first ([CLS])
 
 
-@register("codir", CoDIRSettings, old_keys={
-    "task_alpha": "task_alpha", "kl_alpha": "kd_alpha", "temperature": "kd_temperature", "crd_alpha": "crd_alpha",
-    "bank_size": "bank_size", "bank_mode": "bank_mode", "crd_negatives": "negatives", "pooling": "pooling",
-    "projection_dim": "proj_dim", "crd_temperature": "temperature"})
+@register(
+    "codir",
+    CoDIRSettings,
+    old_keys={
+        "task_alpha": "task_alpha",
+        "kl_alpha": "kd_alpha",
+        "temperature": "kd_temperature",
+        "crd_alpha": "crd_alpha",
+        "bank_size": "bank_size",
+        "bank_mode": "bank_mode",
+        "crd_negatives": "negatives",
+        "pooling": "pooling",
+        "projection_dim": "proj_dim",
+        "crd_temperature": "temperature",
+    },
+)
 class CoDIR(Recipe):
     """CoDIR's recipe.
 
@@ -89,11 +102,28 @@ class CoDIR(Recipe):
     label = "CoDIR"
     reads_teacher_cache = True
 
-    def __init__(self, student, teacher, layer_map: Optional[LayerMap] = None, *, proj_dim: int = 128,
-                 bank: Optional[MemoryBank] = None, bank_size: int = 4096, bank_mode: str = "queue",
-                 negatives: int = 0, temperature: float = 0.07, kd_temperature: float = 2.0, task_alpha: float = 1.0,
-                 kd_alpha: float = 1.0, crd_alpha: float = 0.1, label_negatives: bool = True, pooling: str = "mean",
-                 tokenizers: Optional[tuple] = None, task: Optional[str] = None, impl: str = "auto"):
+    def __init__(
+        self,
+        student,
+        teacher,
+        layer_map: Optional[LayerMap] = None,
+        *,
+        proj_dim: int = 128,
+        bank: Optional[MemoryBank] = None,
+        bank_size: int = 4096,
+        bank_mode: str = "queue",
+        negatives: int = 0,
+        temperature: float = 0.07,
+        kd_temperature: float = 2.0,
+        task_alpha: float = 1.0,
+        kd_alpha: float = 1.0,
+        crd_alpha: float = 0.1,
+        label_negatives: bool = True,
+        pooling: str = "mean",
+        tokenizers: Optional[tuple] = None,
+        task: Optional[str] = None,
+        impl: str = "auto",
+    ):
         super().__init__(student, teacher, task=task, impl=impl)
         s, t = self.student_model, self.teacher_model
         check_positive_int("proj_dim", proj_dim)
@@ -105,15 +135,19 @@ class CoDIR(Recipe):
             raise ValueError(f"bank must be a fastted.MemoryBank, got {type(bank).__name__}")
         if self.bank.dim != proj_dim:
             raise ValueError(f"bank holds vectors of width {self.bank.dim}, but proj_dim is {proj_dim}")
-        self.alphas = {"task": check_alpha("task_alpha", task_alpha), "kd": check_alpha("kd_alpha", kd_alpha),
-                       "crd": check_alpha("crd_alpha", crd_alpha)}
+        self.alphas = {
+            "task": check_alpha("task_alpha", task_alpha),
+            "kd": check_alpha("kd_alpha", kd_alpha),
+            "crd": check_alpha("crd_alpha", crd_alpha),
+        }
         if self.alphas["kd"]:
             check_same_vocab(s, t, tokenizers, "CoDIR's KL term")
         self.temperature = check_temperature("temperature", temperature)
         self.kd_temperature = check_temperature("kd_temperature", kd_temperature)
         if isinstance(negatives, bool) or not isinstance(negatives, int) or negatives < 0:
-            raise ValueError(f"negatives must be 0 (every bank entry) or a positive int (drawn per anchor), "
-                             f"got {negatives!r}")
+            raise ValueError(
+                f"negatives must be 0 (every bank entry) or a positive int (drawn per anchor), got {negatives!r}"
+            )
         check_pooling(pooling)
         self.negatives = negatives
         self.label_negatives, self.pooling = bool(label_negatives), pooling
@@ -122,8 +156,10 @@ class CoDIR(Recipe):
     def _config_settings(cls, settings: dict, models: RecipeModels) -> dict:
         if settings["bank_mode"] == "momentum":  # one entry per training example, whatever bank_size says
             if models.train_size is None:
-                raise ValueError("distil.codir.bank_mode: momentum keeps one entry per training example and needs "
-                                 "the training set's size (RecipeModels.train_size)")
+                raise ValueError(
+                    "distil.codir.bank_mode: momentum keeps one entry per training example and needs "
+                    "the training set's size (RecipeModels.train_size)"
+                )
             settings = {**settings, "bank_size": models.train_size}
         return settings
 
@@ -159,8 +195,9 @@ class CoDIR(Recipe):
             return batch["index"], "index"
         return None, None
 
-    def forward(self, batch: dict, *, step: Optional[int] = None, epoch: int = 0,
-                teacher_batch: Optional[dict] = None) -> RecipeOutput:
+    def forward(
+        self, batch: dict, *, step: Optional[int] = None, epoch: int = 0, teacher_batch: Optional[dict] = None
+    ) -> RecipeOutput:
         self._schedule_step(step)
         s_out = self.student_model(batch, self.layer_map.student)
         t_out = self._teacher_forward(batch, teacher_batch, self.layer_map.teacher)
@@ -176,16 +213,27 @@ class CoDIR(Recipe):
                     k = min(self.negatives, self.bank.size if self.bank.full else len(self.bank))
                     # An anchor with no allowed entry yet (a filling bank) keeps forbidden draws: the labels below
                     # leave them out.
-                    neg = self.bank.sample(k, n_anchors=sv.shape[0], strict=False,
-                                           **({} if kind is None else {kind: labels}))
+                    neg = self.bank.sample(
+                        k, n_anchors=sv.shape[0], strict=False, **({} if kind is None else {kind: labels})
+                    )
                 else:  # every filled entry, shared by the anchors
                     neg = self.bank.negatives()
                 neg_labels = None if labels is None else (neg.labels if kind == "labels" else neg.index)
-                terms["crd"] = contrastive_kd(sv, tv, neg.vectors, temperature=self.temperature, mask=anchors,
-                                              labels=labels, negative_labels=neg_labels, impl=self.impl)
+                terms["crd"] = contrastive_kd(
+                    sv,
+                    tv,
+                    neg.vectors,
+                    temperature=self.temperature,
+                    mask=anchors,
+                    labels=labels,
+                    negative_labels=neg_labels,
+                    impl=self.impl,
+                )
             if self.training:
                 keep = anchors.nonzero().squeeze(1)
-                self.bank.update(tv.detach()[keep],
-                                 labels=batch["labels"][keep] if kind == "labels" else None,
-                                 index=batch["index"][keep] if "index" in batch else None)
+                self.bank.update(
+                    tv.detach()[keep],
+                    labels=batch["labels"][keep] if kind == "labels" else None,
+                    index=batch["index"][keep] if "index" in batch else None,
+                )
         return self._total(terms, self.alphas, logits=s_out.logits.detach())

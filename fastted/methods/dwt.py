@@ -11,6 +11,7 @@ optionally initializes the larger student from the teacher (copy the first
 layers, repeat the last; widen where the student is wider); random
 initialization is the default, since the paper found remapping hurts.
 """
+
 from __future__ import annotations
 
 import math
@@ -38,8 +39,9 @@ class Schedule:
     and ``end`` from ``steps`` on.
     """
 
-    def __init__(self, kind: str = "constant", start: float = 1.0, end: Optional[float] = None,
-                 steps: Optional[int] = None):
+    def __init__(
+        self, kind: str = "constant", start: float = 1.0, end: Optional[float] = None, steps: Optional[int] = None
+    ):
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         self.kind, self.start = kind, check_alpha("start", start)
@@ -70,17 +72,20 @@ class Schedule:
 class DWTSettings:
     """DWT's settings (``distil.dwt`` of a config): ``alpha_h * task + alpha_s(step) * KL``."""
 
-    alpha_h: float = setting(1.0, ">= 0")               # weight of the task loss
-    alpha_s: float = setting(4.0, ">= 0")               # weight of the KL term at the first step (the paper's 4)
+    alpha_h: float = setting(1.0, ">= 0")  # weight of the task loss
+    alpha_s: float = setting(4.0, ">= 0")  # weight of the KL term at the first step (the paper's 4)
     alpha_s_end: Optional[float] = setting(1.0, ">= 0")  # ... decayed to this at the last (the paper's 1);
-                                                        # None: a constant alpha_s
-    alpha_s_schedule: str = setting("cosine", KINDS)    # the decay's shape (the paper names the end points)
-    temperature: float = setting(2.0, "> 0")            # of the KL term
-    remap: bool = False                                 # start the student from the teacher (the paper: it hurts)
+    # None: a constant alpha_s
+    alpha_s_schedule: str = setting("cosine", KINDS)  # the decay's shape (the paper names the end points)
+    temperature: float = setting(2.0, "> 0")  # of the KL term
+    remap: bool = False  # start the student from the teacher (the paper: it hurts)
 
 
-@register("dwt", DWTSettings, old_keys={key: key for key in (
-    "alpha_h", "alpha_s", "alpha_s_end", "alpha_s_schedule", "temperature", "remap")})
+@register(
+    "dwt",
+    DWTSettings,
+    old_keys={key: key for key in ("alpha_h", "alpha_s", "alpha_s_end", "alpha_s_schedule", "temperature", "remap")},
+)
 class DWT(Recipe):
     """DWT's recipe.
 
@@ -111,21 +116,38 @@ class DWT(Recipe):
 
     label = "DWT"
 
-    def __init__(self, student, teacher, *, alpha_h: float = 1.0, alpha_s: float | Schedule = 4.0,
-                 alpha_s_end: Optional[float] = 1.0, alpha_s_schedule: str = "cosine", temperature: float = 2.0,
-                 remap: bool = False, total_steps: Optional[int] = None, tokenizers: Optional[tuple] = None,
-                 task: Optional[str] = None, impl: str = "auto", fused_lm_head: bool = False):
+    def __init__(
+        self,
+        student,
+        teacher,
+        *,
+        alpha_h: float = 1.0,
+        alpha_s: float | Schedule = 4.0,
+        alpha_s_end: Optional[float] = 1.0,
+        alpha_s_schedule: str = "cosine",
+        temperature: float = 2.0,
+        remap: bool = False,
+        total_steps: Optional[int] = None,
+        tokenizers: Optional[tuple] = None,
+        task: Optional[str] = None,
+        impl: str = "auto",
+        fused_lm_head: bool = False,
+    ):
         super().__init__(student, teacher, task=task, impl=impl, fused_lm_head=fused_lm_head)
         self.alpha_h = check_alpha("alpha_h", alpha_h)
-        self.alpha_s = alpha_s if isinstance(alpha_s, Schedule) else _kl_schedule(alpha_s, alpha_s_end,
-                                                                                   alpha_s_schedule, total_steps)
+        self.alpha_s = (
+            alpha_s
+            if isinstance(alpha_s, Schedule)
+            else _kl_schedule(alpha_s, alpha_s_end, alpha_s_schedule, total_steps)
+        )
         self.temperature = check_temperature("temperature", temperature)
         check_same_vocab(self.student_model, self.teacher_model, tokenizers, "DWT's KL term")
         if remap:
             remap_parameters(self.student_model, self.teacher_model)
 
-    def forward(self, batch: dict, *, step: Optional[int] = None, epoch: int = 0,
-                teacher_batch: Optional[dict] = None) -> RecipeOutput:
+    def forward(
+        self, batch: dict, *, step: Optional[int] = None, epoch: int = 0, teacher_batch: Optional[dict] = None
+    ) -> RecipeOutput:
         step = self._schedule_step(step)
         weights = {"task": self.alpha_h, "kd": self.alpha_s(step)}
         s_out = self._student_forward(batch)
@@ -140,8 +162,10 @@ def _kl_schedule(alpha_s, end, kind: str, total_steps: Optional[int]) -> Schedul
     if end is None or kind == "constant":
         return Schedule("constant", start)
     if total_steps is None:
-        raise ValueError(f"alpha_s decays from {start} to {end} ({kind}) over the run: DWT needs total_steps, the "
-                         f"run's optimizer steps (or alpha_s_end=None for a constant alpha_s)")
+        raise ValueError(
+            f"alpha_s decays from {start} to {end} ({kind}) over the run: DWT needs total_steps, the "
+            f"run's optimizer steps (or alpha_s_end=None for a constant alpha_s)"
+        )
     return Schedule(kind, start, end, total_steps)
 
 
@@ -149,7 +173,7 @@ def _source_name(name: str, s_prefix: str, t_prefix: str, n_teacher: int) -> str
     """The teacher parameter a student parameter starts from: layer i <- layer min(i, n_t - 1)."""
     if not name.startswith(s_prefix):
         return name
-    index, rest = name[len(s_prefix):].split(".", 1)
+    index, rest = name[len(s_prefix) :].split(".", 1)
     return f"{t_prefix}{min(int(index), n_teacher - 1)}.{rest}"
 
 
@@ -187,8 +211,10 @@ def remap_parameters(student, teacher) -> dict[str, Optional[str]]:
             report[name] = None
             continue
         if any(a < b for a, b in zip(param.shape, src.shape)):
-            raise ValueError(f"student parameter {name} has shape {tuple(param.shape)}, smaller than the teacher's "
-                             f"{source} {tuple(src.shape)}: remapping needs a student at least as large")
+            raise ValueError(
+                f"student parameter {name} has shape {tuple(param.shape)}, smaller than the teacher's "
+                f"{source} {tuple(src.shape)}: remapping needs a student at least as large"
+            )
         report[name] = source
         copies.append((name, param, src))
     for name, param, src in copies:

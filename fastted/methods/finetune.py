@@ -3,6 +3,7 @@
 
     loss = task
 """
+
 from __future__ import annotations
 
 from typing import Optional

@@ -1,7 +1,8 @@
 """KD: logit distillation alone, the layer-wise base without layers (``mse_alpha = 0``)::
 
-    loss = task_alpha * task + kl_alpha * KL(softmax(t / T) || softmax(s / T)) * T^2
+loss = task_alpha * task + kl_alpha * KL(softmax(t / T) || softmax(s / T)) * T^2
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -28,9 +29,29 @@ class KD(LayerwiseRecipe):
 
     label = "KD"
 
-    def __init__(self, student, teacher, *, task_alpha: float = 1.0, kl_alpha: float = 1.0,
-                 temperature: float = 2.0, tokenizers: Optional[tuple] = None, task: Optional[str] = None,
-                 impl: str = "auto", fused_lm_head: bool = False):
-        super().__init__(student, teacher, None, task_alpha=task_alpha, kl_alpha=kl_alpha, mse_alpha=0.0,
-                         temperature=temperature, tokenizers=tokenizers, task=task, impl=impl,
-                         fused_lm_head=fused_lm_head)
+    def __init__(
+        self,
+        student,
+        teacher,
+        *,
+        task_alpha: float = 1.0,
+        kl_alpha: float = 1.0,
+        temperature: float = 2.0,
+        tokenizers: Optional[tuple] = None,
+        task: Optional[str] = None,
+        impl: str = "auto",
+        fused_lm_head: bool = False,
+    ):
+        super().__init__(
+            student,
+            teacher,
+            None,
+            task_alpha=task_alpha,
+            kl_alpha=kl_alpha,
+            mse_alpha=0.0,
+            temperature=temperature,
+            tokenizers=tokenizers,
+            task=task,
+            impl=impl,
+            fused_lm_head=fused_lm_head,
+        )

@@ -10,6 +10,7 @@ The filtered MSE of all layers is one fused kernel launch; with
 ``fused_lm_head=True`` (language modelling) the task and KL terms are one fused
 pass over both LM heads, without their logits.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -30,20 +31,20 @@ from fastted.ops.quantize import dequantize_rows
 class LogitSettings:
     """The settings of the task and KL terms (KD's; TED's and LWD's extend them)."""
 
-    task_alpha: float = setting(1.0, ">= 0")    # weight of the student's task loss
-    kl_alpha: float = setting(1.0, ">= 0")      # weight of KL(softmax(t / T) || softmax(s / T)) * T^2
-    temperature: float = setting(2.0, "> 0")    # T of the KL term (TED's and DistilBERT's 2)
+    task_alpha: float = setting(1.0, ">= 0")  # weight of the student's task loss
+    kl_alpha: float = setting(1.0, ">= 0")  # weight of KL(softmax(t / T) || softmax(s / T)) * T^2
+    temperature: float = setting(2.0, "> 0")  # T of the KL term (TED's and DistilBERT's 2)
 
 
 @dataclass
 class LayerwiseSettings(LogitSettings):
     """The settings of TED's and LWD's MSE term besides the task and KL terms."""
 
-    mse_alpha: float = setting(1.0, ">= 0")     # weight of the mean over mapped layers of their MSE
-    mask_padding: bool = True                   # the MSE over the attention mask's tokens (False: every token,
-                                                # padding included, as TED's public code)
-    normalize_mse: bool = False                 # each layer's MSE over its targets' mean square (measured on the
-                                                # first batch), so one mse_alpha carries across models
+    mse_alpha: float = setting(1.0, ">= 0")  # weight of the mean over mapped layers of their MSE
+    mask_padding: bool = True  # the MSE over the attention mask's tokens (False: every token,
+    # padding included, as TED's public code)
+    normalize_mse: bool = False  # each layer's MSE over its targets' mean square (measured on the
+    # first batch), so one mse_alpha carries across models
 
 
 class LayerwiseRecipe(Recipe):
@@ -70,14 +71,30 @@ class LayerwiseRecipe(Recipe):
 
     reads_teacher_cache = True
 
-    def __init__(self, student, teacher, layer_map: Optional[LayerMap] = None, *, task_alpha: float = 1.0,
-                 kl_alpha: float = 1.0, mse_alpha: float = 1.0, temperature: float = 2.0, mask_padding: bool = True,
-                 normalize_mse: bool = False, tokenizers: Optional[tuple] = None, task: Optional[str] = None,
-                 impl: str = "auto", fused_lm_head: bool = False):
+    def __init__(
+        self,
+        student,
+        teacher,
+        layer_map: Optional[LayerMap] = None,
+        *,
+        task_alpha: float = 1.0,
+        kl_alpha: float = 1.0,
+        mse_alpha: float = 1.0,
+        temperature: float = 2.0,
+        mask_padding: bool = True,
+        normalize_mse: bool = False,
+        tokenizers: Optional[tuple] = None,
+        task: Optional[str] = None,
+        impl: str = "auto",
+        fused_lm_head: bool = False,
+    ):
         super().__init__(student, teacher, task=task, impl=impl, fused_lm_head=fused_lm_head)
         self.layer_map = layer_map = self._mapped_layers(layer_map)
-        self.alphas = {"task": check_alpha("task_alpha", task_alpha), "kd": check_alpha("kl_alpha", kl_alpha),
-                       "mse": check_alpha("mse_alpha", mse_alpha)}
+        self.alphas = {
+            "task": check_alpha("task_alpha", task_alpha),
+            "kd": check_alpha("kl_alpha", kl_alpha),
+            "mse": check_alpha("mse_alpha", mse_alpha),
+        }
         self.temperature = check_temperature("temperature", temperature)
         self.mask_padding = bool(mask_padding)
         if self.alphas["kd"]:
@@ -123,8 +140,10 @@ class LayerwiseRecipe(Recipe):
                 torch.distributed.all_reduce(sums)
             power = sums[:, 0] / sums[:, 1].clamp_min(1.0)
         if not bool(torch.isfinite(power).all()) or not bool((power > 0).all()):
-            raise ValueError(f"normalize_mse: the teacher's targets have mean squares {power.tolist()} on the first "
-                             f"batch; each layer's needs to be finite and > 0 to divide its MSE by")
+            raise ValueError(
+                f"normalize_mse: the teacher's targets have mean squares {power.tolist()} on the first "
+                f"batch; each layer's needs to be finite and > 0 to divide its MSE by"
+            )
         return power
 
     def teacher_layers_needed(self) -> Optional[list[int]]:
@@ -144,8 +163,9 @@ class LayerwiseRecipe(Recipe):
 
     # ------------------------------------------------------------------ the step
 
-    def forward(self, batch: dict, *, step: Optional[int] = None, epoch: int = 0,
-                teacher_batch: Optional[dict] = None) -> RecipeOutput:
+    def forward(
+        self, batch: dict, *, step: Optional[int] = None, epoch: int = 0, teacher_batch: Optional[dict] = None
+    ) -> RecipeOutput:
         self._schedule_step(step)
         use_mse = bool(self.alphas["mse"])
         s_layers = self.layer_map.student if use_mse else ()
@@ -173,10 +193,15 @@ class LayerwiseRecipe(Recipe):
                     self._scales_known = True
                 weights = 1.0 / self.mse_scales.float()
             terms["mse"], layer_losses = filtered_mse(
-                **inputs, teacher_scales=scales, mask=mask, impl=self.impl, layer_weights=weights,
+                **inputs,
+                teacher_scales=scales,
+                mask=mask,
+                impl=self.impl,
+                layer_weights=weights,
                 return_layer_losses=True,
             )
             if weights is not None:  # filtered_mse normalizes the weights by their sum: mean_l MSE_l / scale_l
                 terms["mse"] = terms["mse"] * weights.mean()
-        return self._total(terms, self.alphas, head_loss, layer_losses=layer_losses,
-                           logits=self._detached_logits(s_out))
+        return self._total(
+            terms, self.alphas, head_loss, layer_losses=layer_losses, logits=self._detached_logits(s_out)
+        )

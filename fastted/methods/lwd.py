@@ -7,6 +7,7 @@ beside the task loss and the KL term::
 
     loss = task_alpha * task + kl_alpha * KL(T) + mse_alpha * mean_l MSE(W_l S_l + b_l, H_l)
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -23,11 +24,16 @@ from fastted.methods.layerwise import LayerwiseRecipe, LayerwiseSettings
 class LWDSettings(LayerwiseSettings):
     """LWD's settings (``distil.lwd`` of a config): TED's, and whether the projections train."""
 
-    train_projection: bool = True               # False keeps the random projections fixed
+    train_projection: bool = True  # False keeps the random projections fixed
 
 
-@register("lwd", LWDSettings, old_keys={key: key for key in (
-    "task_alpha", "kl_alpha", "mse_alpha", "temperature", "mask_padding", "normalize_mse")})
+@register(
+    "lwd",
+    LWDSettings,
+    old_keys={
+        key: key for key in ("task_alpha", "kl_alpha", "mse_alpha", "temperature", "mask_padding", "normalize_mse")
+    },
+)
 class LWD(LayerwiseRecipe):
     """Layer-wise distillation of raw hidden states.
 
@@ -42,13 +48,39 @@ class LWD(LayerwiseRecipe):
 
     label = "LWD"
 
-    def __init__(self, student, teacher, layer_map: Optional[LayerMap] = None, *, task_alpha: float = 1.0,
-                 kl_alpha: float = 1.0, mse_alpha: float = 1.0, temperature: float = 2.0, mask_padding: bool = True,
-                 normalize_mse: bool = False, train_projection: bool = True, tokenizers: Optional[tuple] = None,
-                 task: Optional[str] = None, impl: str = "auto", fused_lm_head: bool = False):
-        super().__init__(student, teacher, layer_map, task_alpha=task_alpha, kl_alpha=kl_alpha, mse_alpha=mse_alpha,
-                         temperature=temperature, mask_padding=mask_padding, normalize_mse=normalize_mse,
-                         tokenizers=tokenizers, task=task, impl=impl, fused_lm_head=fused_lm_head)
+    def __init__(
+        self,
+        student,
+        teacher,
+        layer_map: Optional[LayerMap] = None,
+        *,
+        task_alpha: float = 1.0,
+        kl_alpha: float = 1.0,
+        mse_alpha: float = 1.0,
+        temperature: float = 2.0,
+        mask_padding: bool = True,
+        normalize_mse: bool = False,
+        train_projection: bool = True,
+        tokenizers: Optional[tuple] = None,
+        task: Optional[str] = None,
+        impl: str = "auto",
+        fused_lm_head: bool = False,
+    ):
+        super().__init__(
+            student,
+            teacher,
+            layer_map,
+            task_alpha=task_alpha,
+            kl_alpha=kl_alpha,
+            mse_alpha=mse_alpha,
+            temperature=temperature,
+            mask_padding=mask_padding,
+            normalize_mse=normalize_mse,
+            tokenizers=tokenizers,
+            task=task,
+            impl=impl,
+            fused_lm_head=fused_lm_head,
+        )
         s, t = self.student_model, self.teacher_model
         if s.hidden_size == t.hidden_size:
             self.projections = None
@@ -63,5 +95,6 @@ class LWD(LayerwiseRecipe):
         n = len(student_states)
         weights = [None] * n if self.projections is None else [p.weight for p in self.projections]
         biases = [None] * n if self.projections is None else [p.bias for p in self.projections]
-        return dict(student_states=student_states, student_weights=weights, student_biases=biases,
-                    teacher_states=teacher_states)
+        return dict(
+            student_states=student_states, student_weights=weights, student_biases=biases, teacher_states=teacher_states
+        )

@@ -8,6 +8,7 @@ projected, L2-normalized representations, layer by layer or concatenated::
 
     loss = task_alpha * task + kd_alpha * KL(T) + rail_alpha * pooled_distance
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -25,20 +26,28 @@ from fastted.ops.pooling import pool_states
 class RAILKDSettings:
     """RAIL-KD's settings (``distil.railkd`` of a config)."""
 
-    proj_dim: Optional[int] = setting(128, "> 0")       # width of the projections (None: none; equal widths)
-    concat: bool = False                                # one concatenated vector per model, not one per layer
-    pooling: str = setting("mean", ("mean", "first"))   # of each layer's tokens
-    temperature: float = setting(2.0, "> 0")            # of the KL term
+    proj_dim: Optional[int] = setting(128, "> 0")  # width of the projections (None: none; equal widths)
+    concat: bool = False  # one concatenated vector per model, not one per layer
+    pooling: str = setting("mean", ("mean", "first"))  # of each layer's tokens
+    temperature: float = setting(2.0, "> 0")  # of the KL term
     task_alpha: float = setting(1.0, ">= 0")
-    kd_alpha: float = setting(1.0, ">= 0")              # weight of the KL term
-    rail_alpha: float = setting(1.0, ">= 0")            # weight of the pooled distance
-    per: str = setting("epoch", PER)                    # the teacher layers drawn again each step or each epoch
-                                                        # (the paper: each epoch)
+    kd_alpha: float = setting(1.0, ">= 0")  # weight of the KL term
+    rail_alpha: float = setting(1.0, ">= 0")  # weight of the pooled distance
+    per: str = setting("epoch", PER)  # the teacher layers drawn again each step or each epoch
+    # (the paper: each epoch)
 
 
-@register("railkd", RAILKDSettings, old_keys={
-    "task_alpha": "task_alpha", "kl_alpha": "kd_alpha", "temperature": "temperature", "rail_alpha": "rail_alpha",
-    "rail_per": "per"})
+@register(
+    "railkd",
+    RAILKDSettings,
+    old_keys={
+        "task_alpha": "task_alpha",
+        "kl_alpha": "kd_alpha",
+        "temperature": "temperature",
+        "rail_alpha": "rail_alpha",
+        "rail_per": "per",
+    },
+)
 class RAILKD(Recipe):
     """RAIL-KD's recipe.
 
@@ -58,17 +67,36 @@ class RAILKD(Recipe):
     label = "RAIL-KD"
     reads_teacher_cache = True
 
-    def __init__(self, student, teacher, layer_map: Optional[RandomLayerMap] = None, *,
-                 proj_dim: Optional[int] = 128, concat: bool = False, pooling: str = "mean", temperature: float = 2.0,
-                 task_alpha: float = 1.0, kd_alpha: float = 1.0, rail_alpha: float = 1.0, per: str = "epoch",
-                 seed: int = 0, tokenizers: Optional[tuple] = None, task: Optional[str] = None, impl: str = "auto"):
+    def __init__(
+        self,
+        student,
+        teacher,
+        layer_map: Optional[RandomLayerMap] = None,
+        *,
+        proj_dim: Optional[int] = 128,
+        concat: bool = False,
+        pooling: str = "mean",
+        temperature: float = 2.0,
+        task_alpha: float = 1.0,
+        kd_alpha: float = 1.0,
+        rail_alpha: float = 1.0,
+        per: str = "epoch",
+        seed: int = 0,
+        tokenizers: Optional[tuple] = None,
+        task: Optional[str] = None,
+        impl: str = "auto",
+    ):
         super().__init__(student, teacher, task=task, impl=impl)
         s, t = self.student_model, self.teacher_model
         self.layer_map = layer_map = self._checked_map(layer_map, RandomLayerMap, per=per, seed=seed)
-        self.distance = PooledDistanceLoss(s.hidden_size, t.hidden_size, len(layer_map), proj_dim, concat=concat,
-                                           pooling=pooling, impl=impl)
-        self.alphas = {"task": check_alpha("task_alpha", task_alpha), "kd": check_alpha("kd_alpha", kd_alpha),
-                       "rail": check_alpha("rail_alpha", rail_alpha)}
+        self.distance = PooledDistanceLoss(
+            s.hidden_size, t.hidden_size, len(layer_map), proj_dim, concat=concat, pooling=pooling, impl=impl
+        )
+        self.alphas = {
+            "task": check_alpha("task_alpha", task_alpha),
+            "kd": check_alpha("kd_alpha", kd_alpha),
+            "rail": check_alpha("rail_alpha", rail_alpha),
+        }
         if self.alphas["kd"]:
             check_same_vocab(s, t, tokenizers, "RAIL-KD's KL term")
         self.temperature = check_temperature("temperature", temperature)
@@ -84,18 +112,25 @@ class RAILKD(Recipe):
         return {"layers": layers, "temperature": self.temperature, "targets": f"pooled-{self.distance.pooling}"}
 
     def cache_transform(self):
-        return lambda states, mask: pool_states(states, mask, pooling=self.distance.pooling, concat=False,
-                                                impl=self.impl)
+        return lambda states, mask: pool_states(
+            states, mask, pooling=self.distance.pooling, concat=False, impl=self.impl
+        )
 
-    def forward(self, batch: dict, *, step: Optional[int] = None, epoch: int = 0,
-                teacher_batch: Optional[dict] = None) -> RecipeOutput:
+    def forward(
+        self, batch: dict, *, step: Optional[int] = None, epoch: int = 0, teacher_batch: Optional[dict] = None
+    ) -> RecipeOutput:
         pairs = self.layer_map.draw(step=self._schedule_step(step), epoch=epoch)
         use_rail = bool(self.alphas["rail"])
         s_out = self.student_model(batch, pairs.student if use_rail else ())
         t_out = self._teacher_forward(batch, teacher_batch, pairs.teacher if use_rail else ())
         terms, layer_losses = self._output_terms(s_out, t_out, batch, self.alphas, self.temperature), None
         if use_rail:
-            terms["rail"] = self.distance(s_out.hidden_states, t_out.hidden_states, s_out.mask, t_out.mask,
-                                          teacher_pooled=self.teacher_cache is not None)
+            terms["rail"] = self.distance(
+                s_out.hidden_states,
+                t_out.hidden_states,
+                s_out.mask,
+                t_out.mask,
+                teacher_pooled=self.teacher_cache is not None,
+            )
             layer_losses = self.distance.layer_losses
         return self._total(terms, self.alphas, layer_losses=layer_losses, logits=s_out.logits.detach())

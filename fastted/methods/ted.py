@@ -16,6 +16,7 @@ KL terms are one fused pass over both LM heads, without their logits.
 :class:`~fastted.methods.lwd.LWD` and :class:`~fastted.methods.kd.KD` are
 this recipe without filters.
 """
+
 from __future__ import annotations
 
 import os
@@ -49,20 +50,36 @@ class TEDStage1(Recipe):
     one ``Linear(filter_dim, vocab_size)`` per filter.
     """
 
-    def __init__(self, model, filters: Optional[TaskFilters] = None, *, interval: int = 1,
-                 filter_dim: Optional[int] = None, nonlinear: bool = False, activation: str = "gelu",
-                 dropout: float = 0.1, task: Optional[str] = None, impl: str = "auto"):
+    def __init__(
+        self,
+        model,
+        filters: Optional[TaskFilters] = None,
+        *,
+        interval: int = 1,
+        filter_dim: Optional[int] = None,
+        nonlinear: bool = False,
+        activation: str = "gelu",
+        dropout: float = 0.1,
+        task: Optional[str] = None,
+        impl: str = "auto",
+    ):
         super().__init__(model, task=task, impl=impl, train_student=False)
         adapter = self.student_model
         if filters is None:
-            filters = TaskFilters(interval_layers(adapter.num_layers, interval), adapter.hidden_size, filter_dim,
-                                  nonlinear=nonlinear, activation=activation)
+            filters = TaskFilters(
+                interval_layers(adapter.num_layers, interval),
+                adapter.hidden_size,
+                filter_dim,
+                nonlinear=nonlinear,
+                activation=activation,
+            )
         _check_filters("filters", filters, adapter)
         self.filters = filters
         d_f = filters.filter_dim
         if adapter.task == "classification":
-            self.heads = nn.ModuleList(ClassificationHead(d_f, adapter.num_labels, dropout=dropout)
-                                       for _ in range(len(filters)))
+            self.heads = nn.ModuleList(
+                ClassificationHead(d_f, adapter.num_labels, dropout=dropout) for _ in range(len(filters))
+            )
         elif d_f == adapter.hidden_size:
             self.heads = None
             self.hold_frozen(adapter.output_head(), "lm_head")
@@ -75,8 +92,9 @@ class TEDStage1(Recipe):
             out = self.student_model(batch, self.filters.layers)
         filtered = self.filters(out.hidden_states)
         heads = [self.lm_head] * len(filtered) if self.heads is None else self.heads
-        losses = torch.stack([self.student_model.task_loss(head(x), batch.get("labels"))
-                              for head, x in zip(heads, filtered)])
+        losses = torch.stack(
+            [self.student_model.task_loss(head(x), batch.get("labels")) for head, x in zip(heads, filtered)]
+        )
         return self._total({"task": losses.mean()}, {"task": 1.0}, layer_losses=losses.detach())
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
@@ -106,8 +124,10 @@ def _check_filters(name: str, filters, adapter) -> None:
     _check_filters_type(name, filters)
     adapter.check_layers(f"{name}.layers", filters.layers)
     if filters.config["hidden_size"] != adapter.hidden_size:
-        raise ValueError(f"{name} read width {filters.config['hidden_size']}, but the {type(adapter.model).__name__} "
-                         f"has hidden_size {adapter.hidden_size}")
+        raise ValueError(
+            f"{name} read width {filters.config['hidden_size']}, but the {type(adapter.model).__name__} "
+            f"has hidden_size {adapter.hidden_size}"
+        )
 
 
 @dataclass
@@ -115,8 +135,13 @@ class TEDSettings(LayerwiseSettings):
     """TED's stage II: the weights of its task, KL and filtered-MSE terms (``distil.ted`` of a config)."""
 
 
-@register("ted", TEDSettings, old_keys={key: key for key in (
-    "task_alpha", "kl_alpha", "mse_alpha", "temperature", "mask_padding", "normalize_mse")})
+@register(
+    "ted",
+    TEDSettings,
+    old_keys={
+        key: key for key in ("task_alpha", "kl_alpha", "mse_alpha", "temperature", "mask_padding", "normalize_mse")
+    },
+)
 class TED(LayerwiseRecipe):
     """TED's stage II.
 
@@ -151,10 +176,24 @@ class TED(LayerwiseRecipe):
     uses_stage1_filters = True
     reads_quantized_targets = True  # the filtered MSE kernel dequantizes them
 
-    def __init__(self, student, teacher, student_filters: TaskFilters, teacher_filters: TaskFilters, *,
-                 task_alpha: float = 1.0, kl_alpha: float = 1.0, mse_alpha: float = 1.0, temperature: float = 2.0,
-                 mask_padding: bool = True, normalize_mse: bool = False, tokenizers: Optional[tuple] = None,
-                 task: Optional[str] = None, impl: str = "auto", fused_lm_head: bool = False):
+    def __init__(
+        self,
+        student,
+        teacher,
+        student_filters: TaskFilters,
+        teacher_filters: TaskFilters,
+        *,
+        task_alpha: float = 1.0,
+        kl_alpha: float = 1.0,
+        mse_alpha: float = 1.0,
+        temperature: float = 2.0,
+        mask_padding: bool = True,
+        normalize_mse: bool = False,
+        tokenizers: Optional[tuple] = None,
+        task: Optional[str] = None,
+        impl: str = "auto",
+        fused_lm_head: bool = False,
+    ):
         for name, filters in (("student_filters", student_filters), ("teacher_filters", teacher_filters)):
             _check_filters_type(name, filters)
         if student_filters.filter_dim != teacher_filters.filter_dim or len(student_filters) != len(teacher_filters):
@@ -163,10 +202,21 @@ class TED(LayerwiseRecipe):
                 f"teacher_filters {len(teacher_filters)} layers to width {teacher_filters.filter_dim}: TED needs one "
                 f"count and one filter_dim for both"
             )
-        super().__init__(student, teacher, LayerMap(tuple(student_filters.layers), tuple(teacher_filters.layers)),
-                         task_alpha=task_alpha, kl_alpha=kl_alpha, mse_alpha=mse_alpha, temperature=temperature,
-                         mask_padding=mask_padding, normalize_mse=normalize_mse, tokenizers=tokenizers, task=task,
-                         impl=impl, fused_lm_head=fused_lm_head)
+        super().__init__(
+            student,
+            teacher,
+            LayerMap(tuple(student_filters.layers), tuple(teacher_filters.layers)),
+            task_alpha=task_alpha,
+            kl_alpha=kl_alpha,
+            mse_alpha=mse_alpha,
+            temperature=temperature,
+            mask_padding=mask_padding,
+            normalize_mse=normalize_mse,
+            tokenizers=tokenizers,
+            task=task,
+            impl=impl,
+            fused_lm_head=fused_lm_head,
+        )
         _check_filters("student_filters", student_filters, self.student_model)
         _check_filters("teacher_filters", teacher_filters, self.teacher_model)
         self.student_filters = student_filters
@@ -179,8 +229,10 @@ class TED(LayerwiseRecipe):
     @classmethod
     def _config_models(cls, models: RecipeModels) -> tuple:
         if not isinstance(models.filters, tuple) or len(models.filters) != 2:
-            raise ValueError(f"TED needs models.filters = (student's, teacher's) stage-I TaskFilters, got "
-                             f"{type(models.filters).__name__}")
+            raise ValueError(
+                f"TED needs models.filters = (student's, teacher's) stage-I TaskFilters, got "
+                f"{type(models.filters).__name__}"
+            )
         return (models.student, models.teacher, *models.filters)
 
     # ------------------------------------------------------------------ a cached teacher
@@ -201,8 +253,14 @@ class TED(LayerwiseRecipe):
             return dict(student_states=xs, student_weights=ws, student_biases=bs, teacher_states=teacher_states)
         with torch.no_grad():
             xt, wt, bt = self.teacher_filters.split(teacher_states)
-        return dict(student_states=xs, student_weights=ws, student_biases=bs, teacher_states=xt,
-                    teacher_weights=wt, teacher_biases=bt)
+        return dict(
+            student_states=xs,
+            student_weights=ws,
+            student_biases=bs,
+            teacher_states=xt,
+            teacher_weights=wt,
+            teacher_biases=bt,
+        )
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Save the student and its filters into one directory."""

@@ -6,6 +6,7 @@ site can check and bind in one line. Nothing here imports Triton or touches a
 device: a check that would need a host sync on a GPU is left to the caller,
 who knows whether it can afford one.
 """
+
 from __future__ import annotations
 
 import math

@@ -12,6 +12,7 @@ PyTorch path, the autograd Function, the functional :func:`contrastive_kd`
 and the module :class:`ContrastiveKDLoss`. The spec is
 :func:`fastted.reference.contrastive_kd_reference`.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -20,8 +21,15 @@ import torch
 from torch import Tensor, nn
 
 from fastted.ops.checks import check_floating, check_impl, check_int_tensor, check_temperature, flat_mask
-from fastted.ops.dispatch import CHUNK_ELEMENTS, TRITON_DTYPES, aligned, detach_without_grad, resolve_impl
-from fastted.ops.dispatch import save_gradients, scaled_gradients
+from fastted.ops.dispatch import (
+    CHUNK_ELEMENTS,
+    TRITON_DTYPES,
+    aligned,
+    detach_without_grad,
+    resolve_impl,
+    save_gradients,
+    scaled_gradients,
+)
 from fastted.ops.registry import CompileTier, GpuCheck, KernelOp
 from fastted.reference import safe_count
 
@@ -50,8 +58,10 @@ def check_vectors(student_vecs, teacher_vecs, negatives) -> int:
             f"teacher_vecs has shape {tuple(teacher_vecs.shape)}, but needs {tuple(student_vecs.shape)} (the "
             f"positive of each anchor of student_vecs)"
         )
-    if negatives.dim() not in (2, 3) or negatives.shape[-1] != width or (
-        negatives.dim() == 3 and negatives.shape[0] != n_anchors
+    if (
+        negatives.dim() not in (2, 3)
+        or negatives.shape[-1] != width
+        or (negatives.dim() == 3 and negatives.shape[0] != n_anchors)
     ):
         raise ValueError(
             f"negatives has shape {tuple(negatives.shape)}, but needs (K, {width}) shared by the batch or "
@@ -134,12 +144,13 @@ def contrastive_kd_chunked(
     # A block's scores (B, k) and normalized negatives ((k, D), or (B, k, D) per anchor) hold ~a million elements.
     block = max(1, CHUNK_ELEMENTS // (n_anchors * width if per_anchor else n_anchors + width))
     for start in range(0, k_total, block):
-        n_hat, _ = unit(negatives[..., start:start + block, :].to(acc), eps)
+        n_hat, _ = unit(negatives[..., start : start + block, :].to(acc), eps)
         sc = q @ n_hat.t() if not per_anchor else torch.einsum("bkd,bd->bk", n_hat, q)  # (B, k)
         if labels is not None:  # leave out the negatives that share their anchor's label
-            block_labels = negative_labels[..., start:start + block]
-            sc = sc.masked_fill(labels[:, None] == (block_labels if per_anchor else block_labels[None, :]),
-                                float("-inf"))
+            block_labels = negative_labels[..., start : start + block]
+            sc = sc.masked_fill(
+                labels[:, None] == (block_labels if per_anchor else block_labels[None, :]), float("-inf")
+            )
         m_new = torch.maximum(m, sc.max(1).values)
         alpha = torch.exp(m - m_new)
         p = torch.exp(sc - m_new[:, None])
@@ -175,8 +186,13 @@ class ContrastiveKDFunction(torch.autograd.Function):
             from fastted.kernels.contrastive_kd import contrastive_forward
 
             rows, gs, gt = contrastive_forward(
-                aligned(s, False), aligned(t, False), negatives.contiguous(), coef, labels=labels,
-                negative_labels=negative_labels, **opts,
+                aligned(s, False),
+                aligned(t, False),
+                negatives.contiguous(),
+                coef,
+                labels=labels,
+                negative_labels=negative_labels,
+                **opts,
             )
         else:
             rows, gs, gt = contrastive_kd_chunked(s, t, negatives, coef, labels, negative_labels, **opts)
@@ -241,8 +257,10 @@ def contrastive_kd(
     impl = resolve_impl(impl, student_vecs.device, student_vecs.dtype)
     if impl == "triton" and student_vecs.shape[1] > MAX_TRITON_WIDTH:
         if requested == "triton":
-            raise ValueError(f"student_vecs has width {student_vecs.shape[1]}, but impl='triton' takes at most "
-                             f"{MAX_TRITON_WIDTH} (the kernels hold a vector per row); use impl='auto'")
+            raise ValueError(
+                f"student_vecs has width {student_vecs.shape[1]}, but impl='triton' takes at most "
+                f"{MAX_TRITON_WIDTH} (the kernels hold a vector per row); use impl='auto'"
+            )
         impl = "reference"
     if impl == "triton" and not {teacher_vecs.dtype, negatives.dtype} <= set(TRITON_DTYPES):
         impl = "reference"
@@ -259,12 +277,25 @@ class ContrastiveKDLoss(nn.Module):
         check_impl(impl)
         self.temperature, self.impl = temperature, impl
 
-    def forward(self, student_vecs: Tensor, teacher_vecs: Tensor, negatives: Tensor, *,
-                mask: Optional[Tensor] = None, labels: Optional[Tensor] = None,
-                negative_labels: Optional[Tensor] = None) -> Tensor:
+    def forward(
+        self,
+        student_vecs: Tensor,
+        teacher_vecs: Tensor,
+        negatives: Tensor,
+        *,
+        mask: Optional[Tensor] = None,
+        labels: Optional[Tensor] = None,
+        negative_labels: Optional[Tensor] = None,
+    ) -> Tensor:
         return contrastive_kd(
-            student_vecs, teacher_vecs, negatives, temperature=self.temperature, mask=mask, labels=labels,
-            negative_labels=negative_labels, impl=self.impl,
+            student_vecs,
+            teacher_vecs,
+            negatives,
+            temperature=self.temperature,
+            mask=mask,
+            labels=labels,
+            negative_labels=negative_labels,
+            impl=self.impl,
         )
 
     def extra_repr(self) -> str:
@@ -277,9 +308,15 @@ class ContrastiveKDLoss(nn.Module):
 # (no divisibility by 16 anywhere), and the largest the API accepts (for the grid limits; they add no variant).
 # One size per BLOCK_D class (64 to 1024: D 513-1024 with an fp32 bank once overflowed shared memory, 129-256
 # did on A100), the benchmark's, an odd one
-COMPILE_SIZES = [((256, 65536, 128), "benchmark"), ((256, 4096, 768), "d768"), ((64, 4096, 384), "d384"),
-                 ((64, 4096, 200), "d200"), ((64, 4096, 48), "d48"), ((33, 1000, 100), "odd"),
-                 ((2**16, 2**20, 1024), "largest")]
+COMPILE_SIZES = [
+    ((256, 65536, 128), "benchmark"),
+    ((256, 4096, 768), "d768"),
+    ((64, 4096, 384), "d384"),
+    ((64, 4096, 200), "d200"),
+    ((64, 4096, 48), "d48"),
+    ((33, 1000, 100), "odd"),
+    ((2**16, 2**20, 1024), "largest"),
+]
 
 
 def _compile_cases(full: bool, sizes=COMPILE_SIZES):
@@ -289,9 +326,11 @@ def _compile_cases(full: bool, sizes=COMPILE_SIZES):
 
     # (student, teacher, bank): one dtype, the student's low-precision vectors against the MemoryBank's fp32
     # bank, and an fp32 teacher head beside a bf16 student
-    triples = [(d, d, d) for d in DTYPES] + [(torch.bfloat16, torch.bfloat16, torch.float32),
-                                             (torch.float16, torch.float16, torch.float32),
-                                             (torch.bfloat16, torch.float32, torch.float32)]
+    triples = [(d, d, d) for d in DTYPES] + [
+        (torch.bfloat16, torch.bfloat16, torch.float32),
+        (torch.float16, torch.float16, torch.float32),
+        (torch.bfloat16, torch.float32, torch.float32),
+    ]
     for s_dtype, t_dtype, n_dtype in triples:
         for (b, k, d), size in sizes:
             for per_anchor in (False, True):
@@ -307,21 +346,45 @@ def _compile_cases(full: bool, sizes=COMPILE_SIZES):
                     labels = empty((b,), torch.int64) if has_labels else None
                     neg_labels = empty((b, k) if per_anchor else (k,), torch.int64) if has_labels else None
                     teacher = "" if t_dtype == s_dtype else f" (teacher {t_dtype})"
-                    case = dict(op="contrastive_kd", size=size, dtype=f"{s_dtype}/{n_dtype}{teacher}",
-                                per_anchor=per_anchor, **flags)
-                    yield case, lambda: contrastive_forward(
-                        s, t, neg, empty((b,), torch.float32), labels=labels, negative_labels=neg_labels,
-                        temperature=0.07, eps=1e-12, grad_s=grad_s, grad_t=grad_t)
+                    case = dict(
+                        op="contrastive_kd",
+                        size=size,
+                        dtype=f"{s_dtype}/{n_dtype}{teacher}",
+                        per_anchor=per_anchor,
+                        **flags,
+                    )
+                    yield (
+                        case,
+                        lambda: contrastive_forward(
+                            s,
+                            t,
+                            neg,
+                            empty((b,), torch.float32),
+                            labels=labels,
+                            negative_labels=neg_labels,
+                            temperature=0.07,
+                            eps=1e-12,
+                            grad_s=grad_s,
+                            grad_t=grad_t,
+                        ),
+                    )
 
 
 def _gpu_cases(tests, dtype, impl: str, cuda: bool) -> list:
     """The tests' check, shared and per-anchor banks, with and without labels (on a GPU at CoDIR's sizes)."""
     shapes = tests.SHAPES + ([(256, 65536, 128), (256, 4096, 768), (64, 4096, 1024)] if cuda else [])
-    return [(dict(shape=str(shape), per_anchor=per_anchor, labels=labels),
-             lambda shape=shape, per_anchor=per_anchor, labels=labels:
-             tests.check_contrastive_kd(impl, *shape, dtype, per_anchor=per_anchor, use_labels=labels))
-            for shape in shapes for per_anchor in (False, True) for labels in (False, True)
-            if not (per_anchor and shape[0] * shape[1] * shape[2] > 2**27)]  # no 8 GiB per-anchor banks
+    return [
+        (
+            dict(shape=str(shape), per_anchor=per_anchor, labels=labels),
+            lambda shape=shape, per_anchor=per_anchor, labels=labels: tests.check_contrastive_kd(
+                impl, *shape, dtype, per_anchor=per_anchor, use_labels=labels
+            ),
+        )
+        for shape in shapes
+        for per_anchor in (False, True)
+        for labels in (False, True)
+        if not (per_anchor and shape[0] * shape[1] * shape[2] > 2**27)
+    ]  # no 8 GiB per-anchor banks
 
 
 def _min_bytes(size: dict, variant: dict) -> int:
@@ -335,6 +398,10 @@ def _min_bytes(size: dict, variant: dict) -> int:
 KERNEL_OP = KernelOp(
     "contrastive_kd",
     CompileTier(("contrastive_partials_kernel", "contrastive_finalize_kernel"), _compile_cases),
-    GpuCheck("contrastive_kd", cases=_gpu_cases, variants=lambda bench: [dict(level=level) for level in bench.LEVELS],
-             min_bytes=_min_bytes),
+    GpuCheck(
+        "contrastive_kd",
+        cases=_gpu_cases,
+        variants=lambda bench: [dict(level=level) for level in bench.LEVELS],
+        min_bytes=_min_bytes,
+    ),
 )

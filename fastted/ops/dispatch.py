@@ -12,9 +12,11 @@ graph, so its forward computes the gradients of every input that needs one,
 :func:`save_gradients` keeps them, and backward only scales them by the
 incoming gradient (:func:`scaled_gradients`).
 """
+
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -29,7 +31,7 @@ CHUNK_ELEMENTS = 1 << 20
 
 
 def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype) -> str:
-    """"triton" or "reference" for inputs on ``device`` of ``dtype``; a ValueError for an impossible force."""
+    """ "triton" or "reference" for inputs on ``device`` of ``dtype``; a ValueError for an impossible force."""
     check_impl(impl)
     triton_ok = (device.type == "cuda" or interpreting()) and dtype in TRITON_DTYPES
     if impl == "auto":

@@ -18,16 +18,26 @@ student states ``s``, the student filter ``w`` and ``b``, the teacher states
 scales of quantized targets (int8 or fp8 ``t``, as a teacher cache stores
 them: target = t * q, dequantized inside the kernel).
 """
+
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
 
 from fastted.ops.checks import as_list, check_bias, check_floating, check_impl, check_like, check_weight, flat_mask
-from fastted.ops.dispatch import CHUNK_ELEMENTS, aligned, autocast_dtype, detach_without_grad, resolve_impl
-from fastted.ops.dispatch import save_gradients, scaled_gradients, to_autocast
+from fastted.ops.dispatch import (
+    CHUNK_ELEMENTS,
+    aligned,
+    autocast_dtype,
+    detach_without_grad,
+    resolve_impl,
+    save_gradients,
+    scaled_gradients,
+    to_autocast,
+)
 from fastted.ops.registry import CompileTier, GpuCheck, KernelOp
 from fastted.reference import safe_count
 
@@ -56,8 +66,15 @@ STATE_ROLES = ("s", "t", "q")
 
 
 def filtered_mse_inputs(
-    student_states, student_weights, teacher_states, student_biases, teacher_weights, teacher_biases, mask,
-    layer_weights, teacher_scales=None,
+    student_states,
+    student_weights,
+    teacher_states,
+    student_biases,
+    teacher_weights,
+    teacher_biases,
+    mask,
+    layer_weights,
+    teacher_scales=None,
 ) -> tuple[list[FilteredMSELayer], Optional[Tensor], Tensor]:
     """Validate the public arguments; return the 2-D layers, the flat fp32 mask and the (L,) layer scale."""
     s_list = as_list("student_states", student_states, None, False)
@@ -76,9 +93,7 @@ def filtered_mse_inputs(
 
     ref = s_list[0]
     if ref.dim() not in (2, 3):
-        raise ValueError(
-            f"student_states[0] has shape {tuple(ref.shape)}, but needs (N, d_s) or (B, T, d_s)"
-        )
+        raise ValueError(f"student_states[0] has shape {tuple(ref.shape)}, but needs (N, d_s) or (B, T, d_s)")
     lead = tuple(ref.shape[:-1])
     if any(n == 0 for n in lead):
         raise ValueError(f"student_states[0] has shape {tuple(ref.shape)}: there are no tokens")
@@ -88,8 +103,9 @@ def filtered_mse_inputs(
     ref_s = to_autocast(ref, cast)
     layers = []
     for l in range(n_layers):
-        s, w, b, t, v, c = (to_autocast(x, cast) for x in (s_list[l], w_list[l], b_list[l], t_list[l], v_list[l],
-                                                             c_list[l]))
+        s, w, b, t, v, c = (
+            to_autocast(x, cast) for x in (s_list[l], w_list[l], b_list[l], t_list[l], v_list[l], c_list[l])
+        )
         t, q = (t_list[l], q_list[l]) if q_list[l] is not None else (t, None)  # quantized: not autocast
         for name, x in ((f"student_states[{l}]", s), (f"teacher_states[{l}]", t)):
             if tuple(x.shape[:-1]) != lead or x.dim() != ref.dim():
@@ -145,8 +161,10 @@ def _checked_scales(l: int, t: Tensor, q, lead: tuple, ref: Tensor) -> Tensor:
     """Layer l's quantized targets ``t`` (int8 / float8_e4m3fn) and row scales ``q`` (of the leading shape),
     checked; returns q flat, fp32."""
     if t.dtype not in QUANTIZED:
-        raise ValueError(f"teacher_states[{l}] has dtype {t.dtype}, but teacher_scales are the row scales of "
-                         f"quantized targets: int8 or float8_e4m3fn (fastted.ops.quantize.quantize_rows)")
+        raise ValueError(
+            f"teacher_states[{l}] has dtype {t.dtype}, but teacher_scales are the row scales of "
+            f"quantized targets: int8 or float8_e4m3fn (fastted.ops.quantize.quantize_rows)"
+        )
     if not isinstance(q, Tensor) or tuple(q.shape) != lead:
         got = tuple(q.shape) if isinstance(q, Tensor) else type(q).__name__
         raise ValueError(f"teacher_scales[{l}] has shape {got}, but needs {lead} (one scale per token)")
@@ -160,8 +178,14 @@ def _checked_scales(l: int, t: Tensor, q, lead: tuple, ref: Tensor) -> Tensor:
 # --------------------------------------------------------------------------- gradients from dLoss/dE
 
 
-def accumulate_grads(grad_err: Tensor, rows: slice, layer: FilteredMSELayer, needs: FilteredMSELayer,
-                     grads: dict[str, Tensor], colsum: Optional[Tensor] = None) -> None:
+def accumulate_grads(
+    grad_err: Tensor,
+    rows: slice,
+    layer: FilteredMSELayer,
+    needs: FilteredMSELayer,
+    grads: dict[str, Tensor],
+    colsum: Optional[Tensor] = None,
+) -> None:
     """Turn dLoss/dE for a block of rows into gradients of the layer's inputs, by role.
 
     grad_err: (R, d_f) dLoss/dE for ``layer``'s rows ``rows`` (a slice);
@@ -204,8 +228,7 @@ def accumulate_grads(grad_err: Tensor, rows: slice, layer: FilteredMSELayer, nee
 
 def grads_like(grads: dict[str, Tensor], layer: FilteredMSELayer) -> FilteredMSELayer:
     """A layer's gradients by role (None where none was computed), each in the dtype of its input."""
-    return FilteredMSELayer(*(None if role not in grads else grads[role].to(x.dtype)
-                              for role, x in zip(ROLES, layer)))
+    return FilteredMSELayer(*(None if role not in grads else grads[role].to(x.dtype) for role, x in zip(ROLES, layer)))
 
 
 def target_rows(layer: FilteredMSELayer, rows: slice, dtype: torch.dtype) -> Tensor:
@@ -279,8 +302,16 @@ def filtered_mse_chunked(layers, mask, count, layer_scale, needs) -> tuple[Tenso
 def launch_group_key(layer: FilteredMSELayer) -> tuple:
     """Layers with the same key (which roles are present, widths, row strides) share one kernel launch."""
     return (
-        layer.w is None, layer.b is None, layer.v is None, layer.c is None, layer.q is None, layer.t.dtype,
-        layer.s.shape[1], layer.t.shape[1], layer.s.stride(0), layer.t.stride(0),
+        layer.w is None,
+        layer.b is None,
+        layer.v is None,
+        layer.c is None,
+        layer.q is None,
+        layer.t.dtype,
+        layer.s.shape[1],
+        layer.t.shape[1],
+        layer.s.stride(0),
+        layer.t.stride(0),
     )
 
 
@@ -292,8 +323,10 @@ def filtered_mse_triton(layers, mask, count, layer_scale, needs) -> tuple[Tensor
 
     # fp8 targets load as fp8 only from sm_89 on: before that they are dequantized here, in the states' dtype.
     if device_arch(layers[0].s.device).capability < 89:
-        layers = [l._replace(t=target_rows(l, slice(None), l.s.dtype), q=None) if l.t.dtype == torch.float8_e4m3fn
-                  else l for l in layers]
+        layers = [
+            l._replace(t=target_rows(l, slice(None), l.s.dtype), q=None) if l.t.dtype == torch.float8_e4m3fn else l
+            for l in layers
+        ]
     # States keep their row stride; weights and biases must be contiguous.
     layers = [
         FilteredMSELayer(*(None if x is None else aligned(x, role not in STATE_ROLES) for role, x in zip(ROLES, l)))
@@ -312,8 +345,12 @@ def filtered_mse_triton(layers, mask, count, layer_scale, needs) -> tuple[Tensor
         by_role = [None if r[0] is None else list(r) for r in zip(*group)]  # per role: the group's tensors
         index = torch.tensor(idx, device=sq_err.device) if len(idx) < len(layers) else None
         sq, grad_errs, colsum = filtered_mse_forward(
-            *by_role, mask, count, layer_scale if index is None else layer_scale[index],
-            write_grad=want_grad, write_colsum=want_colsum,
+            *by_role,
+            mask,
+            count,
+            layer_scale if index is None else layer_scale[index],
+            write_grad=want_grad,
+            write_colsum=want_colsum,
         )
         if index is None:
             sq_err = sq
@@ -367,8 +404,9 @@ class FilteredMSEFunction(torch.autograd.Function):
             layer_losses = sq_err / (d_f * safe_count(count).to(sq_err.dtype))
             loss = (layer_losses * layer_scale.to(sq_err.dtype)).sum()
 
-        save_gradients(ctx, [g for layer_grads, has_roles in zip(grads, present)
-                             for g, has in zip(layer_grads, has_roles) if has])
+        save_gradients(
+            ctx, [g for layer_grads, has_roles in zip(grads, present) for g, has in zip(layer_grads, has_roles) if has]
+        )
         ctx.mark_non_differentiable(layer_losses)
         return loss, layer_losses
 
@@ -429,8 +467,15 @@ def filtered_mse(
     (teacher states and filters too), in its own dtype.
     """
     layers, mask, layer_scale = filtered_mse_inputs(
-        student_states, student_weights, teacher_states, student_biases, teacher_weights, teacher_biases,
-        mask, layer_weights, teacher_scales,
+        student_states,
+        student_weights,
+        teacher_states,
+        student_biases,
+        teacher_weights,
+        teacher_biases,
+        mask,
+        layer_weights,
+        teacher_scales,
     )
     ref = layers[0].s
     impl = resolve_impl(impl, ref.device, ref.dtype)
@@ -466,9 +511,16 @@ class FilteredMSELoss(nn.Module):
         mask: Optional[Tensor] = None,
     ) -> Tensor:
         loss, self.layer_losses = filtered_mse(
-            student_states, student_weights, teacher_states,
-            student_biases=student_biases, teacher_weights=teacher_weights, teacher_biases=teacher_biases,
-            mask=mask, layer_weights=self.layer_weights, impl=self.impl, return_layer_losses=True,
+            student_states,
+            student_weights,
+            teacher_states,
+            student_biases=student_biases,
+            teacher_weights=teacher_weights,
+            teacher_biases=teacher_biases,
+            mask=mask,
+            layer_weights=self.layer_weights,
+            impl=self.impl,
+            return_layer_losses=True,
         )
         return loss
 
@@ -480,8 +532,12 @@ class FilteredMSELoss(nn.Module):
 
 # The sizes the compile tier records: the benchmarks' (so their variants are the ones the table shows), odd ones
 # (no divisibility by 16 anywhere), and the largest the API accepts (for the grid limits; they add no variant).
-COMPILE_SIZES = [((4096, 384, 768, 384), "benchmark"), ((8192, 2048, 4096, 2048), "large"),
-                 ((1000, 100, 300, 50), "odd"), ((2**20, 4096, 8192, 4096), "largest")]
+COMPILE_SIZES = [
+    ((4096, 384, 768, 384), "benchmark"),
+    ((8192, 2048, 4096, 2048), "large"),
+    ((1000, 100, 300, 50), "odd"),
+    ((2**20, 4096, 8192, 4096), "largest"),
+]
 
 
 def _compile_cases(full: bool, sizes=COMPILE_SIZES):
@@ -494,8 +550,9 @@ def _compile_cases(full: bool, sizes=COMPILE_SIZES):
         for (n, d_s, d_t, d_f), size in sizes:
             # the GEMM structure: student filter or identity, teacher filter or targets given
             for has_w, has_v in ((1, 1), (1, 0), (0, 1), (0, 0)):
-                for flags, configs in flag_sets(full, reduced(dtype, size), biases=(1, 0), mask=(True, False),
-                                                 grad=("colsum", "grad", "none")):
+                for flags, configs in flag_sets(
+                    full, reduced(dtype, size), biases=(1, 0), mask=(True, False), grad=("colsum", "grad", "none")
+                ):
                     biases, has_mask = flags["biases"], flags["mask"]
                     write_grad = flags["grad"] != "none"
                     write_colsum = flags["grad"] == "colsum" and bool(biases and has_w)
@@ -507,11 +564,26 @@ def _compile_cases(full: bool, sizes=COMPILE_SIZES):
                     v = [empty((d_f, d_t), dtype) for _ in range(layers)] if has_v else None
                     c = [empty((d_f,), dtype) for _ in range(layers)] if has_v and biases else None
                     mask = empty((n,), torch.float32) if has_mask else None
-                    case = dict(op="filtered_mse", size=size, dtype=str(dtype), W=has_w, V=has_v, **flags,
-                                configs=configs)
-                    yield case, lambda: filtered_mse_forward(
-                        s, w, b, t, v, c, None, mask, empty((1,), torch.float32), empty((layers,), torch.float32),
-                        write_grad=write_grad, write_colsum=write_colsum)
+                    case = dict(
+                        op="filtered_mse", size=size, dtype=str(dtype), W=has_w, V=has_v, **flags, configs=configs
+                    )
+                    yield (
+                        case,
+                        lambda: filtered_mse_forward(
+                            s,
+                            w,
+                            b,
+                            t,
+                            v,
+                            c,
+                            None,
+                            mask,
+                            empty((1,), torch.float32),
+                            empty((layers,), torch.float32),
+                            write_grad=write_grad,
+                            write_colsum=write_colsum,
+                        ),
+                    )
             # a teacher cache's quantized targets (int8 everywhere; fp8 loads from sm_89 on), with and without
             # the student's filter
             quantized = [torch.int8] + ([torch.float8_e4m3fn] if device_arch(META).capability >= 89 else [])
@@ -525,12 +597,33 @@ def _compile_cases(full: bool, sizes=COMPILE_SIZES):
                         b = [empty((d_f,), dtype) for _ in range(layers)] if has_w else None
                         t = [empty((n, d_f), t_dtype) for _ in range(layers)]
                         q = [empty((n,), torch.float32) for _ in range(layers)]
-                        case = dict(op="filtered_mse", size=size, dtype=f"{dtype}/{t_dtype}", W=has_w, V=0,
-                                    quantized=str(t_dtype), **flags, configs=configs)
-                        yield case, lambda: filtered_mse_forward(
-                            s, w, b, t, None, None, q, empty((n,), torch.float32), empty((1,), torch.float32),
-                            empty((layers,), torch.float32), write_grad=write_grad,
-                            write_colsum=write_grad and bool(has_w))
+                        case = dict(
+                            op="filtered_mse",
+                            size=size,
+                            dtype=f"{dtype}/{t_dtype}",
+                            W=has_w,
+                            V=0,
+                            quantized=str(t_dtype),
+                            **flags,
+                            configs=configs,
+                        )
+                        yield (
+                            case,
+                            lambda: filtered_mse_forward(
+                                s,
+                                w,
+                                b,
+                                t,
+                                None,
+                                None,
+                                q,
+                                empty((n,), torch.float32),
+                                empty((1,), torch.float32),
+                                empty((layers,), torch.float32),
+                                write_grad=write_grad,
+                                write_colsum=write_grad and bool(has_w),
+                            ),
+                        )
 
 
 def _tier_expectations(rows: list[dict], arch: str) -> list[str]:
@@ -545,25 +638,36 @@ def _tier_expectations(rows: list[dict], arch: str) -> list[str]:
         if not configs:
             out.append(f"no autotune config of {dtype} kept on {arch}")
         compiled = {r["config"] for r in rows if r["dtype"] == str(dtype)}
-        out += [f"{dtype} config {label} not compiled for {arch}" for label in
-                (config_label(config.all_kwargs()) for config in configs) if label not in compiled]
+        out += [
+            f"{dtype} config {label} not compiled for {arch}"
+            for label in (config_label(config.all_kwargs()) for config in configs)
+            if label not in compiled
+        ]
     return out
 
 
 def _gpu_cases(tests, dtype, impl: str, cuda: bool) -> list:
     """The tests' checks of every case and shape (on a GPU a realistic one too)."""
     shapes = tests.SHAPES + ([((4, 512), 768, 1024, 1024)] if cuda else [])
-    return [(dict(case=case, shape=str(shape)), lambda case=case, shape=shape:
-             tests.check_filtered_mse(case, shape, dtype, "random", 3, impl))
-            for case in tests.CASES for shape in shapes]
+    return [
+        (
+            dict(case=case, shape=str(shape)),
+            lambda case=case, shape=shape: tests.check_filtered_mse(case, shape, dtype, "random", 3, impl),
+        )
+        for case in tests.CASES
+        for shape in shapes
+    ]
 
 
 def _autotune_cases(tests, smoke: bool, cuda: bool) -> list:
     """The autotuned kernel's first call of a new key against its second and the reference: with the
     column-sum buffer (biases), without it (an identity student; a forward without gradient), where Triton
     before 3.8 zeroed None."""
-    cases = [(case, dtype, grad) for dtype in (torch.bfloat16, torch.float16, torch.float32)
-             for case, grad in (("ted", True), ("lwd", True), ("identity", True), ("lwd", False))]
+    cases = [
+        (case, dtype, grad)
+        for dtype in (torch.bfloat16, torch.float16, torch.float32)
+        for case, grad in (("ted", True), ("lwd", True), ("identity", True), ("lwd", False))
+    ]
     if smoke:  # one case with a column-sum buffer, one without
         cases = [cases[0], next(c for c in cases if not c[2])]
     if not cuda:  # the interpreter's autotuner keeps one config unless told to sweep, and has no GPU timer
@@ -578,9 +682,13 @@ def _autotune_cases(tests, smoke: bool, cuda: bool) -> list:
 
         kernel.INTERPRETER_SWEEP = 3
         kernel.INTERPRETER_TIMER = cpu_bench
-    return [(dict(kernel="filtered_mse_fwd_kernel", case=case, dtype=str(dtype), grad=grad),
-             lambda case=case, dtype=dtype, grad=grad: tests.check_autotune_first_call(case, dtype, grad=grad))
-            for case, dtype, grad in cases]
+    return [
+        (
+            dict(kernel="filtered_mse_fwd_kernel", case=case, dtype=str(dtype), grad=grad),
+            lambda case=case, dtype=dtype, grad=grad: tests.check_autotune_first_call(case, dtype, grad=grad),
+        )
+        for case, dtype, grad in cases
+    ]
 
 
 def _gemms(size: dict) -> list[tuple[int, int, int]]:

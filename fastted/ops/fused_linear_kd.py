@@ -12,6 +12,7 @@ teacher's head, the autograd Function, the functional :func:`fused_linear_kd`
 and the module :class:`FusedLinearKDLoss`. The spec is
 :func:`fastted.reference.fused_linear_kd_reference`.
 """
+
 from __future__ import annotations
 
 import functools
@@ -22,14 +23,31 @@ from torch import Tensor, nn
 
 from fastted.kernels import aligned_row_stride
 from fastted.ops.checks import check_float, check_floating, check_impl, check_like, check_weight
-from fastted.ops.dispatch import autocast_dtype, detach_without_grad, resolve_impl, save_gradients
-from fastted.ops.dispatch import scaled_gradients, to_autocast
+from fastted.ops.dispatch import (
+    autocast_dtype,
+    detach_without_grad,
+    resolve_impl,
+    save_gradients,
+    scaled_gradients,
+    to_autocast,
+)
 from fastted.ops.logit_kd import logit_kd_rows
 from fastted.ops.registry import GpuCheck, KernelOp
-from fastted.ops.rows import Workspace, block_rows, finish_head_gradients, head_blocks, head_logits, head_loss
-from fastted.ops.rows import logit_options, row_weights, shared_vocab, shifted_labels
+from fastted.ops.rows import (
+    Workspace,
+    block_rows,
+    finish_head_gradients,
+    head_blocks,
+    head_logits,
+    head_loss,
+    logit_options,
+    row_weights,
+    shared_vocab,
+    shifted_labels,
+)
 
 # --------------------------------------------------------------------------- the teacher's head
+
 
 def teacher_head_blocks(xt: Tensor, wt: Tensor, bt: Optional[Tensor], chunk_rows: int, stride: int):
     """``teacher_block`` of :func:`~fastted.ops.rows.head_blocks` for a live teacher: its head's logits of the rows,
@@ -59,9 +77,18 @@ class FusedLinearKDFunction(torch.autograd.Function):
             opts = dict(opts, padded_cols=stride) if impl == "triton" else opts
             x2, w2, b2 = xt.reshape(-1, xt.shape[-1]), wt[:vocab], None if bt is None else bt[:vocab]
             kd_rows, ce_rows, grads = head_blocks(
-                xs.reshape(-1, xs.shape[-1]), ws[:vocab], None if bs is None else bs[:vocab],
-                teacher_head_blocks(x2, w2, b2, chunk_rows, stride), kd_coef, labels, ce_coef, needs,
-                rows_fn=rows_fn, chunk_rows=chunk_rows, stride=stride, **opts,
+                xs.reshape(-1, xs.shape[-1]),
+                ws[:vocab],
+                None if bs is None else bs[:vocab],
+                teacher_head_blocks(x2, w2, b2, chunk_rows, stride),
+                kd_coef,
+                labels,
+                ce_coef,
+                needs,
+                rows_fn=rows_fn,
+                chunk_rows=chunk_rows,
+                stride=stride,
+                **opts,
             )
             loss, kd, ce = head_loss(kd_rows, ce_rows, kd_coef, ce_coef, opts)
             grads = finish_head_gradients(grads, xs, ws, bs, vocab)
@@ -143,8 +170,12 @@ def fused_linear_kd(
     student_hidden, student_weight and student_bias, in their dtypes; under
     autocast the heads run in the autocast dtype.
     """
-    args = (("student_hidden", student_hidden), ("student_weight", student_weight),
-            ("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight))
+    args = (
+        ("student_hidden", student_hidden),
+        ("student_weight", student_weight),
+        ("teacher_hidden", teacher_hidden),
+        ("teacher_weight", teacher_weight),
+    )
     for name, x in args:
         if not isinstance(x, Tensor):
             raise ValueError(f"{name} must be a tensor, got {type(x).__name__}")
@@ -196,8 +227,14 @@ def fused_linear_kd(
         kd_coef = ce_coef  # the rows the mask keeps and the labels do not ignore
     impl = resolve_impl(impl, xs.device, student[0].dtype)
     chunk_rows = block_rows(
-        kd_coef.shape[0], vocab, student[0], student[1], teacher[0], teacher[1],
-        torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in student), chunk_size,
+        kd_coef.shape[0],
+        vocab,
+        student[0],
+        student[1],
+        teacher[0],
+        teacher[1],
+        torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in student),
+        chunk_size,
     )
     student = detach_without_grad(student)
     loss, kd, ce = FusedLinearKDFunction.apply(
@@ -209,28 +246,62 @@ def fused_linear_kd(
 class FusedLinearKDLoss(nn.Module):
     """nn.Module over :func:`fused_linear_kd`; ``kd`` and ``ce`` hold the last call's detached terms."""
 
-    def __init__(self, temperature: float = 1.0, hard_weight: float = 0.0, soft_weight: float = 1.0,
-                 divergence: str = "forward_kl", beta: float = 0.5, ignore_index: int = -100,
-                 shift_labels: bool = False, kd_ignored_rows: bool = False,
-                 vocab_size: Optional[int] = None, chunk_size: Optional[int] = None, impl: str = "auto"):
+    def __init__(
+        self,
+        temperature: float = 1.0,
+        hard_weight: float = 0.0,
+        soft_weight: float = 1.0,
+        divergence: str = "forward_kl",
+        beta: float = 0.5,
+        ignore_index: int = -100,
+        shift_labels: bool = False,
+        kd_ignored_rows: bool = False,
+        vocab_size: Optional[int] = None,
+        chunk_size: Optional[int] = None,
+        impl: str = "auto",
+    ):
         super().__init__()
         logit_options(temperature, divergence, beta)
         check_impl(impl)
         self.options = dict(
-            temperature=temperature, hard_weight=hard_weight, soft_weight=soft_weight, divergence=divergence,
-            beta=beta, ignore_index=ignore_index, shift_labels=shift_labels, kd_ignored_rows=kd_ignored_rows,
-            vocab_size=vocab_size, chunk_size=chunk_size, impl=impl,
+            temperature=temperature,
+            hard_weight=hard_weight,
+            soft_weight=soft_weight,
+            divergence=divergence,
+            beta=beta,
+            ignore_index=ignore_index,
+            shift_labels=shift_labels,
+            kd_ignored_rows=kd_ignored_rows,
+            vocab_size=vocab_size,
+            chunk_size=chunk_size,
+            impl=impl,
         )
         self.kd: Optional[Tensor] = None
         self.ce: Optional[Tensor] = None
 
-    def forward(self, student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor,
-                teacher_weight: Tensor, *, student_bias: Optional[Tensor] = None,
-                teacher_bias: Optional[Tensor] = None, mask: Optional[Tensor] = None,
-                hard_labels: Optional[Tensor] = None) -> Tensor:
+    def forward(
+        self,
+        student_hidden: Tensor,
+        student_weight: Tensor,
+        teacher_hidden: Tensor,
+        teacher_weight: Tensor,
+        *,
+        student_bias: Optional[Tensor] = None,
+        teacher_bias: Optional[Tensor] = None,
+        mask: Optional[Tensor] = None,
+        hard_labels: Optional[Tensor] = None,
+    ) -> Tensor:
         loss, self.kd, self.ce = fused_linear_kd(
-            student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias=student_bias,
-            teacher_bias=teacher_bias, mask=mask, hard_labels=hard_labels, return_terms=True, **self.options,
+            student_hidden,
+            student_weight,
+            teacher_hidden,
+            teacher_weight,
+            student_bias=student_bias,
+            teacher_bias=teacher_bias,
+            mask=mask,
+            hard_labels=hard_labels,
+            return_terms=True,
+            **self.options,
         )
         return loss
 
@@ -244,9 +315,14 @@ class FusedLinearKDLoss(nn.Module):
 def _gpu_cases(tests, dtype, impl: str, cuda: bool) -> list:
     """The tests' check of every divergence (on a GPU at a Llama 3 8B-sized head too)."""
     shapes = tests.SHAPES + ([((2, 64), 2048, 4096, 128256)] if cuda else [])
-    return [(dict(divergence=div, beta=beta, shape=str(shape)), lambda div=div, beta=beta, shape=shape:
-             tests.check_fused_linear_kd(impl, shape, dtype, div, beta))
-            for div, beta in tests.DIVERGENCES for shape in shapes]
+    return [
+        (
+            dict(divergence=div, beta=beta, shape=str(shape)),
+            lambda div=div, beta=beta, shape=shape: tests.check_fused_linear_kd(impl, shape, dtype, div, beta),
+        )
+        for div, beta in tests.DIVERGENCES
+        for shape in shapes
+    ]
 
 
 def _gemms(size: dict) -> list[tuple[int, int, int]]:
@@ -259,7 +335,9 @@ KERNEL_OP = KernelOp(
     "fused_linear_kd",
     None,  # logit_kd's row kernel, on the padded buffers its compile tier records ("padded" cases)
     GpuCheck(
-        "fused_linear_kd", cases=_gpu_cases, gemms=_gemms,
+        "fused_linear_kd",
+        cases=_gpu_cases,
+        gemms=_gemms,
         variants=lambda bench: [dict(objective=objective) for objective in bench.OBJECTIVES],
         # Liger's chunked (compiled) loss has both objectives, its Triton LigerFusedLinearJSD the JSD only
         liger=lambda variant: ["liger"] + (["liger-triton"] if variant.get("objective") == "jsd" else []),

@@ -9,6 +9,7 @@ are shared with the other logit losses: :mod:`fastted.ops.rows`), its PyTorch pa
 rows), the autograd Function, the functional :func:`logit_kd` and the module
 :class:`LogitKDLoss`. The spec is :func:`fastted.reference.logit_kd_reference`.
 """
+
 from __future__ import annotations
 
 import math
@@ -103,8 +104,9 @@ def logit_kd_rows(
     are the caller's own buffers and may be overwritten. On other devices (the reference path of a CUDA
     tensor: float64, or forced) this is :func:`logit_kd_rows_exact`.
     """
-    opts = dict(temperature=temperature, divergence=divergence, beta=beta, soft_weight=soft_weight,
-                hard_weight=hard_weight)
+    opts = dict(
+        temperature=temperature, divergence=divergence, beta=beta, soft_weight=soft_weight, hard_weight=hard_weight
+    )
     if zs.device.type != "cpu":  # the fast path syncs on its fallback rows: CPU only
         return logit_kd_rows_exact(zs, zt, kd_coef, labels, ce_coef, grad, **opts)
     divergence = effective_divergence(divergence, beta)
@@ -205,8 +207,13 @@ def logit_kd_rows(
         idx, s_fix, t_fix = fix
         g_fix = torch.empty_like(s_fix) if want else None
         kd_fix, ce_fix = logit_kd_rows_exact(
-            s_fix, t_fix, kd_coef[idx], None if labels is None else labels[idx],
-            None if ce_coef is None else ce_coef[idx], g_fix, **opts,
+            s_fix,
+            t_fix,
+            kd_coef[idx],
+            None if labels is None else labels[idx],
+            None if ce_coef is None else ce_coef[idx],
+            g_fix,
+            **opts,
         )
         rows[idx] = kd_fix
         if ce_rows is not None:
@@ -216,9 +223,20 @@ def logit_kd_rows(
     return rows, ce_rows
 
 
-def logit_kd_rows_exact(zs: Tensor, zt: Tensor, kd_coef: Tensor, labels: Optional[Tensor], ce_coef: Optional[Tensor],
-                        grad: Optional[Tensor], *, temperature: float, divergence: str, beta: float,
-                        soft_weight: float, hard_weight: float) -> tuple[Tensor, Optional[Tensor]]:
+def logit_kd_rows_exact(
+    zs: Tensor,
+    zt: Tensor,
+    kd_coef: Tensor,
+    labels: Optional[Tensor],
+    ce_coef: Optional[Tensor],
+    grad: Optional[Tensor],
+    *,
+    temperature: float,
+    divergence: str,
+    beta: float,
+    soft_weight: float,
+    hard_weight: float,
+) -> tuple[Tensor, Optional[Tensor]]:
     """A block of rows of the fused logit losses, straight from the formulas: the spec of :func:`logit_kd_rows`.
 
     zs, zt: (R, V) student and teacher logits; kd_coef: (R,) weight of each
@@ -308,7 +326,14 @@ class LogitKDFunction(torch.autograd.Function):
             from fastted.kernels.logit_kd import logit_kd_rows_triton
 
             rows, _ = logit_kd_rows_triton(
-                aligned(s, False), aligned(t, False), kd_coef, None, None, g, soft_weight=1.0, hard_weight=0.0,
+                aligned(s, False),
+                aligned(t, False),
+                kd_coef,
+                None,
+                None,
+                g,
+                soft_weight=1.0,
+                hard_weight=0.0,
                 **opts,
             )
         else:
@@ -383,33 +408,58 @@ def logit_kd(
 class LogitKDLoss(nn.Module):
     """nn.Module over :func:`logit_kd`."""
 
-    def __init__(self, temperature: float = 2.0, divergence: str = "forward_kl", beta: float = 0.5,
-                 ignore_index: int = -100, vocab_size: Optional[int] = None, impl: str = "auto"):
+    def __init__(
+        self,
+        temperature: float = 2.0,
+        divergence: str = "forward_kl",
+        beta: float = 0.5,
+        ignore_index: int = -100,
+        vocab_size: Optional[int] = None,
+        impl: str = "auto",
+    ):
         super().__init__()
         logit_options(temperature, divergence, beta)
         check_impl(impl)
         self.temperature, self.divergence, self.beta = temperature, divergence, beta
         self.ignore_index, self.vocab_size, self.impl = ignore_index, vocab_size, impl
 
-    def forward(self, student_logits: Tensor, teacher_logits: Tensor, mask: Optional[Tensor] = None,
-                labels: Optional[Tensor] = None) -> Tensor:
+    def forward(
+        self,
+        student_logits: Tensor,
+        teacher_logits: Tensor,
+        mask: Optional[Tensor] = None,
+        labels: Optional[Tensor] = None,
+    ) -> Tensor:
         return logit_kd(
-            student_logits, teacher_logits, temperature=self.temperature, divergence=self.divergence,
-            beta=self.beta, mask=mask, labels=labels, ignore_index=self.ignore_index, vocab_size=self.vocab_size,
+            student_logits,
+            teacher_logits,
+            temperature=self.temperature,
+            divergence=self.divergence,
+            beta=self.beta,
+            mask=mask,
+            labels=labels,
+            ignore_index=self.ignore_index,
+            vocab_size=self.vocab_size,
             impl=self.impl,
         )
 
     def extra_repr(self) -> str:
-        return (f"temperature={self.temperature}, divergence={self.divergence!r}, beta={self.beta}, "
-                f"vocab_size={self.vocab_size}, impl={self.impl!r}")
+        return (
+            f"temperature={self.temperature}, divergence={self.divergence!r}, beta={self.beta}, "
+            f"vocab_size={self.vocab_size}, impl={self.impl!r}"
+        )
 
 
 # --------------------------------------------------------------------------- what the tools know of this op
 
 # The sizes the compile tier records: the benchmarks' (so their variants are the ones the table shows), odd ones
 # (no divisibility by 16 anywhere), and the largest the API accepts (for the grid limits; they add no variant).
-COMPILE_SIZES = [((4096, 30522), "bert"), ((8192, 128256), "llama3"), ((999, 1001), "odd"),
-                 ((2**20, 262144), "largest")]
+COMPILE_SIZES = [
+    ((4096, 30522), "bert"),
+    ((8192, 128256), "llama3"),
+    ((999, 1001), "odd"),
+    ((2**20, 262144), "largest"),
+]
 
 
 def _compile_cases(full: bool, sizes=COMPILE_SIZES):
@@ -431,12 +481,31 @@ def _compile_cases(full: bool, sizes=COMPILE_SIZES):
                         t = empty((n, v), dtype, (stride, 1))
                         labels = empty((n,), torch.int64) if has_ce else None
                         ce_coef = empty((n,), torch.float32) if has_ce else None
-                        case = dict(op="logit_kd", size=size, dtype=str(dtype), divergence=divergence.value,
-                                    **flags, padded=padded)
-                        yield case, lambda: logit_kd_forward(
-                            s, t, empty((n,), torch.float32), grad=s if write_grad else None, labels=labels,
-                            ce_coef=ce_coef, temperature=temperature, divergence=divergence.value, beta=0.5,
-                            soft_weight=1.0, hard_weight=0.5, padded_cols=stride if padded else None)
+                        case = dict(
+                            op="logit_kd",
+                            size=size,
+                            dtype=str(dtype),
+                            divergence=divergence.value,
+                            **flags,
+                            padded=padded,
+                        )
+                        yield (
+                            case,
+                            lambda: logit_kd_forward(
+                                s,
+                                t,
+                                empty((n,), torch.float32),
+                                grad=s if write_grad else None,
+                                labels=labels,
+                                ce_coef=ce_coef,
+                                temperature=temperature,
+                                divergence=divergence.value,
+                                beta=0.5,
+                                soft_weight=1.0,
+                                hard_weight=0.5,
+                                padded_cols=stride if padded else None,
+                            ),
+                        )
 
 
 def _tier_expectations(rows: list[dict], arch: str) -> list[str]:
@@ -455,10 +524,17 @@ def _tier_expectations(rows: list[dict], arch: str) -> list[str]:
 def _gpu_cases(tests, dtype, impl: str, cuda: bool) -> list:
     """The tests' check of every divergence at T = 1 and 2 (on a GPU at Llama 3's vocabulary too)."""
     shapes = tests.SHAPES + ([((8,), 128256)] if cuda else [])
-    return [(dict(divergence=div, beta=beta, temperature=temp, shape=str(shape)),
-             lambda div=div, beta=beta, temp=temp, shape=shape:
-             tests.check_logit_kd(impl, shape[0], shape[1], dtype, div, beta, temp))
-            for div, beta in tests.DIVERGENCES for temp in (1.0, 2.0) for shape in shapes]
+    return [
+        (
+            dict(divergence=div, beta=beta, temperature=temp, shape=str(shape)),
+            lambda div=div, beta=beta, temp=temp, shape=shape: tests.check_logit_kd(
+                impl, shape[0], shape[1], dtype, div, beta, temp
+            ),
+        )
+        for div, beta in tests.DIVERGENCES
+        for temp in (1.0, 2.0)
+        for shape in shapes
+    ]
 
 
 def _min_bytes(size: dict, variant: dict) -> int:

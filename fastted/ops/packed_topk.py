@@ -15,6 +15,7 @@ values. :func:`pack_topk` makes it, :func:`unpack_topk` undoes it (the spec of e
 :func:`~fastted.ops.sparse_logit_kd.sparse_logit_kd` and
 :func:`~fastted.ops.sparse_logit_kd.fused_linear_sparse_kd` read it as it is.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -44,15 +45,21 @@ class PackedTopK(NamedTuple):
     def lead(self) -> tuple:
         return tuple(self.levels.shape[:-1])
 
-    def to(self, device, non_blocking: bool = False) -> "PackedTopK":
+    def to(self, device, non_blocking: bool = False) -> PackedTopK:
         return PackedTopK(*(x.to(device, non_blocking=non_blocking) for x in self[:5]), self.id_bits)
 
-    def reshape_rows(self) -> "PackedTopK":
+    def reshape_rows(self) -> PackedTopK:
         """The same teacher as (N, ...) rows."""
-        return PackedTopK(self.words.reshape(-1, self.words.shape[-1]), self.levels.reshape(-1, self.k),
-                          self.top.reshape(-1), self.step.reshape(-1), self.tail.reshape(-1), self.id_bits)
+        return PackedTopK(
+            self.words.reshape(-1, self.words.shape[-1]),
+            self.levels.reshape(-1, self.k),
+            self.top.reshape(-1),
+            self.step.reshape(-1),
+            self.tail.reshape(-1),
+            self.id_bits,
+        )
 
-    def rows(self, r) -> "PackedTopK":
+    def rows(self, r) -> PackedTopK:
         """Rows ``r`` (a slice or an index) of an (N, ...) teacher."""
         return PackedTopK(*(x[r] for x in self[:5]), self.id_bits)
 
@@ -82,7 +89,7 @@ def pack_ids(ids: Tensor, bits: int) -> Tensor:
     words.index_add_(1, word, (ids << shift) & 0xFFFFFFFF)
     words.index_add_(1, word + 1, ids >> (32 - shift))
     words = words[:, :n_words]
-    words = torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
     return words.reshape(*lead, n_words)
 
 
@@ -104,8 +111,9 @@ def pack_topk(values: Tensor, ids: Tensor, tail: Tensor, vocab: int) -> PackedTo
     if not bool(torch.isfinite(values).all()):
         raise ValueError("topk_values holds a non-finite logit: the teacher's logits must be finite to be cached")
     if bool((tail.isnan() | (tail == float("inf"))).any()):
-        raise ValueError("tail_lse holds NaN or +inf (-inf alone means no tail): the teacher's other logits were "
-                         "not finite")
+        raise ValueError(
+            "tail_lse holds NaN or +inf (-inf alone means no tail): the teacher's other logits were not finite"
+        )
     top, low = values.amax(-1), values.amin(-1)
     step = ((top - low) / LEVELS).clamp_min(torch.finfo(torch.float32).tiny)
     levels = ((top[..., None] - values) / step[..., None]).round().clamp(0, LEVELS).to(torch.uint8)
@@ -121,5 +129,11 @@ def unpack_topk(packed: PackedTopK) -> tuple[Tensor, Tensor, Tensor]:
 
 def padding_row(k: int, bits: int) -> PackedTopK:
     """The packed teacher of a padding row: ids 0..k-1 (distinct, as the losses need), equal values, no tail."""
-    return PackedTopK(pack_ids(torch.arange(k), bits), torch.zeros(k, dtype=torch.uint8), torch.zeros(()),
-                      torch.zeros(()), torch.full((), float("-inf")), bits)
+    return PackedTopK(
+        pack_ids(torch.arange(k), bits),
+        torch.zeros(k, dtype=torch.uint8),
+        torch.zeros(()),
+        torch.zeros(()),
+        torch.full((), float("-inf")),
+        bits,
+    )

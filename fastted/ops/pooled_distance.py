@@ -9,9 +9,11 @@ functional :func:`pooled_distance` and the module :class:`PooledDistanceLoss`,
 which owns the projections. The spec is
 :func:`fastted.reference.pooled_distance_reference`.
 """
+
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -87,8 +89,11 @@ def pooled_distance(
     through autograd to the states and the projections.
     """
     s_states = check_states("student_states", student_states)
-    t_states = _pooled("teacher_states", teacher_states, s_states) if teacher_pooled else \
-        check_states("teacher_states", teacher_states)
+    t_states = (
+        _pooled("teacher_states", teacher_states, s_states)
+        if teacher_pooled
+        else check_states("teacher_states", teacher_states)
+    )
     if not concat and len(s_states) != len(t_states):
         raise ValueError(
             f"teacher_states has {len(t_states)} layers, but student_states has {len(s_states)}: the layer-wise "
@@ -108,25 +113,34 @@ def pooled_distance(
         teacher_mask = mask
     ps = pool_states(s_states, mask, pooling=pooling, concat=concat, impl=impl)
     if teacher_pooled:
-        pt = torch.cat([t.to(ps.dtype if concat else ps[0].dtype) for t in t_states], -1) if concat else \
-            [t.to(ps[0].dtype) for t in t_states]
+        pt = (
+            torch.cat([t.to(ps.dtype if concat else ps[0].dtype) for t in t_states], -1)
+            if concat
+            else [t.to(ps[0].dtype) for t in t_states]
+        )
     else:
         pt = pool_states(t_states, teacher_mask, pooling=pooling, concat=concat, impl=impl)
     ps, pt = ([ps], [pt]) if concat else (ps, pt)
-    proj_s = check_projections("student_weights", student_weights, student_biases, [x.shape[1] for x in ps],
-                               "the pooled student layer(s)")
-    proj_t = check_projections("teacher_weights", teacher_weights, teacher_biases, [x.shape[1] for x in pt],
-                               "the pooled teacher layer(s)")
+    proj_s = check_projections(
+        "student_weights", student_weights, student_biases, [x.shape[1] for x in ps], "the pooled student layer(s)"
+    )
+    proj_t = check_projections(
+        "teacher_weights", teacher_weights, teacher_biases, [x.shape[1] for x in pt], "the pooled teacher layer(s)"
+    )
 
     valid = valid_examples(ps[0].shape[0], ps[0].device, mask, teacher_mask)
     batched = len(ps) > 1 and _stackable(proj_s) and _stackable(proj_t)
     if batched and _width(ps, proj_s) == _width(pt, proj_t):  # all layers in one Function: (L, B, P)
-        heads = [None if x[0] is None else torch.stack(x) for side in (proj_s, proj_t)
-                 for x in ([w for w, _ in side], [b for _, b in side])]
+        heads = [
+            None if x[0] is None else torch.stack(x)
+            for side in (proj_s, proj_t)
+            for x in ([w for w, _ in side], [b for _, b in side])
+        ]
         acc = torch.promote_types(ps[0].dtype, torch.float32)
         coef = valid.to(acc) / safe_count(valid.sum().to(acc))
         loss, layer_losses = PooledDistanceFunction.apply(
-            coef, *detach_without_grad([torch.stack(ps), torch.stack(pt), *heads]))
+            coef, *detach_without_grad([torch.stack(ps), torch.stack(pt), *heads])
+        )
         return (loss, layer_losses) if return_layer_losses else loss
     losses = []
     for a, b, (w, wb), (v, vb) in zip(ps, pt, proj_s, proj_t):
@@ -153,8 +167,10 @@ def _pooled(name: str, states, s_states) -> list[Tensor]:
     for i, x in enumerate(states):
         if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[0] != s_states[0].shape[0]:
             got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"{name}[{i}] has shape {got}, but teacher_pooled needs ({s_states[0].shape[0]}, d): "
-                             f"one pooled vector per example")
+            raise ValueError(
+                f"{name}[{i}] has shape {got}, but teacher_pooled needs ({s_states[0].shape[0]}, d): "
+                f"one pooled vector per example"
+            )
         check_floating(f"{name}[{i}]", x)
     return list(states)
 
@@ -165,8 +181,11 @@ def _stackable(projections: list) -> bool:
     weights, biases = [w for w, _ in projections], [b for _, b in projections]
     if all(w is None for w in weights):
         return all(b is None for b in biases)
-    return (all(w is not None for w in weights) and len({tuple(w.shape) for w in weights}) == 1
-            and len({b is None for b in biases}) == 1)
+    return (
+        all(w is not None for w in weights)
+        and len({tuple(w.shape) for w in weights}) == 1
+        and len({b is None for b in biases}) == 1
+    )
 
 
 def _width(vectors: list[Tensor], projections: list) -> int:
@@ -200,8 +219,12 @@ class PooledDistanceFunction(torch.autograd.Function):
         grads = [None] * 6
         if any(needs):
             g_hat = torch.where(valid, diff * (2 * coef)[None, :, None], 0)  # dLoss / d a_hat = -dLoss / d b_hat
-            for side, (x, w, b, g_proj) in enumerate(((xs, ws, bs, unit_backward(g_hat, a_hat, a_norm, EPS)),
-                                                      (xt, wt, bt, unit_backward(-g_hat, b_hat, b_norm, EPS)))):
+            for side, (x, w, _b, g_proj) in enumerate(
+                (
+                    (xs, ws, bs, unit_backward(g_hat, a_hat, a_norm, EPS)),
+                    (xt, wt, bt, unit_backward(-g_hat, b_hat, b_norm, EPS)),
+                )
+            ):
                 n_x, n_w, n_b = needs[side], needs[2 + 2 * side], needs[3 + 2 * side]
                 g_proj = g_proj.to(x.dtype)
                 if n_x:
@@ -230,20 +253,37 @@ class PooledDistanceLoss(nn.Module):
     per-pair losses.
     """
 
-    def __init__(self, student_width: int, teacher_width: int, n_layers: int, proj_dim: Optional[int] = 128, *,
-                 teacher_layers: Optional[int] = None, concat: bool = False, pooling: str = "mean",
-                 bias: bool = True, impl: str = "auto"):
+    def __init__(
+        self,
+        student_width: int,
+        teacher_width: int,
+        n_layers: int,
+        proj_dim: Optional[int] = 128,
+        *,
+        teacher_layers: Optional[int] = None,
+        concat: bool = False,
+        pooling: str = "mean",
+        bias: bool = True,
+        impl: str = "auto",
+    ):
         super().__init__()
         check_pooling(pooling)
         check_impl(impl)
-        for name, value in (("student_width", student_width), ("teacher_width", teacher_width),
-                            ("n_layers", n_layers), ("proj_dim", proj_dim), ("teacher_layers", teacher_layers)):
+        for name, value in (
+            ("student_width", student_width),
+            ("teacher_width", teacher_width),
+            ("n_layers", n_layers),
+            ("proj_dim", proj_dim),
+            ("teacher_layers", teacher_layers),
+        ):
             if value is not None:
                 check_positive_int(name, value)
         teacher_layers = n_layers if teacher_layers is None else teacher_layers
         if not concat and teacher_layers != n_layers:
-            raise ValueError(f"teacher_layers={teacher_layers} differs from n_layers={n_layers}: only concat=True "
-                             f"compares models with different numbers of mapped layers")
+            raise ValueError(
+                f"teacher_layers={teacher_layers} differs from n_layers={n_layers}: only concat=True "
+                f"compares models with different numbers of mapped layers"
+            )
         self.concat, self.pooling, self.impl = concat, pooling, impl
         self.layer_losses: Optional[Tensor] = None
         if proj_dim is None:
@@ -254,19 +294,33 @@ class PooledDistanceLoss(nn.Module):
             self.teacher_proj = nn.ModuleList([nn.Linear(teacher_layers * teacher_width, proj_dim, bias=bias)])
         else:
             self.student_proj = nn.ModuleList(nn.Linear(student_width, proj_dim, bias=bias) for _ in range(n_layers))
-            self.teacher_proj = nn.ModuleList(nn.Linear(teacher_width, proj_dim, bias=bias)
-                                              for _ in range(teacher_layers))
+            self.teacher_proj = nn.ModuleList(
+                nn.Linear(teacher_width, proj_dim, bias=bias) for _ in range(teacher_layers)
+            )
 
-    def forward(self, student_states: Sequence[Tensor], teacher_states: Sequence[Tensor],
-                mask: Optional[Tensor] = None, teacher_mask: Optional[Tensor] = None,
-                teacher_pooled: bool = False) -> Tensor:
+    def forward(
+        self,
+        student_states: Sequence[Tensor],
+        teacher_states: Sequence[Tensor],
+        mask: Optional[Tensor] = None,
+        teacher_mask: Optional[Tensor] = None,
+        teacher_pooled: bool = False,
+    ) -> Tensor:
         heads = {}
         for side, proj in (("student", self.student_proj), ("teacher", self.teacher_proj)):
             heads[f"{side}_weights"] = None if proj is None else [p.weight for p in proj]
             heads[f"{side}_biases"] = None if proj is None else [p.bias for p in proj]
         loss, self.layer_losses = pooled_distance(
-            student_states, teacher_states, mask=mask, teacher_mask=teacher_mask, pooling=self.pooling,
-            concat=self.concat, teacher_pooled=teacher_pooled, impl=self.impl, return_layer_losses=True, **heads,
+            student_states,
+            teacher_states,
+            mask=mask,
+            teacher_mask=teacher_mask,
+            pooling=self.pooling,
+            concat=self.concat,
+            teacher_pooled=teacher_pooled,
+            impl=self.impl,
+            return_layer_losses=True,
+            **heads,
         )
         return loss
 

@@ -9,9 +9,11 @@ the losses on pooled vectors (:mod:`fastted.ops.contrastive_kd`,
 :mod:`fastted.ops.pooled_distance`). The spec is
 :func:`fastted.reference.pool_states_reference`.
 """
+
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -159,8 +161,13 @@ def pool_states(
 
 # The sizes the compile tier records: the benchmarks' (so their variants are the ones the table shows), odd ones
 # (no divisibility by 16 anywhere), and the largest the API accepts (for the grid limits; they add no variant).
-COMPILE_SIZES = [((32, 128, 768, 12), "benchmark"), ((8, 4096, 4096, 32), "large"), ((3, 77, 100, 5), "odd"),
-                 ((2, 2**20, 4096, 64), "largest"), ((2**17, 128, 768, 12), "largest")]
+COMPILE_SIZES = [
+    ((32, 128, 768, 12), "benchmark"),
+    ((8, 4096, 4096, 32), "large"),
+    ((3, 77, 100, 5), "odd"),
+    ((2, 2**20, 4096, 64), "largest"),
+    ((2**17, 128, 768, 12), "largest"),
+]
 
 
 def _compile_cases(full: bool, sizes=COMPILE_SIZES):
@@ -174,8 +181,10 @@ def _compile_cases(full: bool, sizes=COMPILE_SIZES):
             weights = empty((b, t), torch.float32)
             case = dict(op="pool_states", size=size, dtype=str(dtype))
             yield dict(case, direction="forward"), lambda: mean_pool_forward(states, weights)
-            yield dict(case, direction="backward"), lambda: mean_pool_backward(
-                empty((b, layers * d), dtype), weights, layers, dtype)
+            yield (
+                dict(case, direction="backward"),
+                lambda: mean_pool_backward(empty((b, layers * d), dtype), weights, layers, dtype),
+            )
 
 
 def _tier_expectations(rows: list[dict], arch: str) -> list[str]:
@@ -189,9 +198,14 @@ def _tier_expectations(rows: list[dict], arch: str) -> list[str]:
 def _gpu_cases(tests, dtype, impl: str, cuda: bool) -> list:
     """The tests' check of mean pooling under three masks (on a GPU at BERT-base's sizes too)."""
     shapes = tests.SHAPES + ([(256, 128, 768, 12)] if cuda else [])
-    return [(dict(shape=str(shape), mask=mask), lambda shape=shape, mask=mask:
-             tests.check_pool_states(impl, *shape, dtype, "mean", mask))
-            for shape in shapes for mask in ("random", "right_padding", "one_empty")]
+    return [
+        (
+            dict(shape=str(shape), mask=mask),
+            lambda shape=shape, mask=mask: tests.check_pool_states(impl, *shape, dtype, "mean", mask),
+        )
+        for shape in shapes
+        for mask in ("random", "right_padding", "one_empty")
+    ]
 
 
 def states_bytes(size: dict) -> int:

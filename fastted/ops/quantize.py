@@ -3,6 +3,7 @@
 The teacher cache (:mod:`fastted.train.cache`) stores its layer targets so, and the fused filtered MSE
 (:func:`fastted.ops.filtered_mse.filtered_mse`) dequantizes int8 and fp8 targets inside its kernel.
 """
+
 from __future__ import annotations
 
 from typing import Optional

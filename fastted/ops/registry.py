@@ -17,13 +17,15 @@ import Triton, the compile tier, the tests and the benchmarks only when
 called, so that importing an op stays light and the library needs neither
 tests nor benchmarks.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import functools
 import importlib
 import pkgutil
-from typing import Callable, Iterable, Optional
+from collections.abc import Callable, Iterable
+from typing import Optional
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,7 +100,7 @@ class RegistryError(ValueError):
     """A declaration that names what does not exist, or two ops of one name."""
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def kernel_ops() -> tuple[KernelOp, ...]:
     """Every op of ``fastted.ops`` that declares ``KERNEL_OP``, by module name (the tools' order)."""
     import fastted.ops
@@ -110,16 +112,19 @@ def kernel_ops() -> tuple[KernelOp, ...]:
         if op is None:
             continue
         if op.name != info.name:
-            raise RegistryError(f"fastted/ops/{info.name}.py declares KERNEL_OP named {op.name!r}: an op's "
-                                f"declaration carries its file's name")
+            raise RegistryError(
+                f"fastted/ops/{info.name}.py declares KERNEL_OP named {op.name!r}: an op's "
+                f"declaration carries its file's name"
+            )
         ops.append(op)
     names = {op.name for op in ops}
     for op in ops:
         if op.runs is not None and op.runs not in names:
             raise RegistryError(f"{op.name} runs the kernels of {op.runs!r}, which declares no KERNEL_OP")
         if op.gpu.covered_by is not None and op.gpu.covered_by not in names:
-            raise RegistryError(f"{op.name}'s GPU check is covered by {op.gpu.covered_by!r}, which declares no "
-                                f"KERNEL_OP")
+            raise RegistryError(
+                f"{op.name}'s GPU check is covered by {op.gpu.covered_by!r}, which declares no KERNEL_OP"
+            )
     return tuple(ops)
 
 

@@ -11,6 +11,7 @@ loss of the rows (:func:`kd_loss`); the block loop over a student's LM head
 :func:`finish_head_gradients`) and the causal LM's label shift
 (:func:`shifted_labels`).
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -145,8 +146,9 @@ CPU_FLOPS_PER_BYTE = 16  # a 2-core AVX-512 Xeon: ~350 GFLOP/s fp32 GEMM over ~2
 MEMORY_BUDGET = {"cpu": 256 << 20, "cuda": 1 << 30}  # bytes of logits buffers (and CPU workspace) at most
 
 
-def compute_bound_rows(vocab: int, h_s: int, h_t: int, e_s: int, e_t: int, needs_grad: bool, balance: float,
-                       budget: int, row_bytes: int) -> int:
+def compute_bound_rows(
+    vocab: int, h_s: int, h_t: int, e_s: int, e_t: int, needs_grad: bool, balance: float, budget: int, row_bytes: int
+) -> int:
     """The smallest multiple of 64 rows whose GEMMs spend at most 1 / AMORTIZE of their time re-reading the
     heads at ``balance`` FLOP per byte (e_s, e_t: element sizes of the heads), or what ``budget`` bytes hold
     at ``row_bytes`` per row, whichever is fewer (before the batch's own row count)."""
@@ -160,8 +162,16 @@ def compute_bound_rows(vocab: int, h_s: int, h_t: int, e_s: int, e_t: int, needs
     return max(1, min(rows, cap))
 
 
-def block_rows(n_rows: int, vocab: int, xs: Tensor, ws: Tensor, xt: Optional[Tensor], wt: Optional[Tensor],
-               needs_grad: bool, chunk_size: Optional[int]) -> int:
+def block_rows(
+    n_rows: int,
+    vocab: int,
+    xs: Tensor,
+    ws: Tensor,
+    xt: Optional[Tensor],
+    wt: Optional[Tensor],
+    needs_grad: bool,
+    chunk_size: Optional[int],
+) -> int:
     """Rows per block: ``chunk_size``, or the smallest block whose GEMMs stay compute-bound, within the budget.
 
     :func:`compute_bound_rows` at the device's FLOP per byte (the GPU
@@ -242,8 +252,13 @@ def head_blocks(
         if stride > vocab:  # the row kernel wrote the padding's gradient (0) into it for the block before
             zs_buf[:, vocab:] = float("-inf")
         kd, ce = rows_fn(
-            zs, teacher_block(r, x.shape[0]), kd_coef[r], None if labels is None else labels[r],
-            None if ce_coef is None else ce_coef[r], zs if want else None, **opts,
+            zs,
+            teacher_block(r, x.shape[0]),
+            kd_coef[r],
+            None if labels is None else labels[r],
+            None if ce_coef is None else ce_coef[r],
+            zs if want else None,
+            **opts,
         )
         kd_rows.append(kd)
         ce_rows.append(ce)
@@ -258,8 +273,9 @@ def head_blocks(
     return torch.cat(kd_rows), ce_rows, (gx, gw, gb)
 
 
-def head_loss(kd_rows: Tensor, ce_rows: Optional[Tensor], kd_coef: Tensor, ce_coef: Optional[Tensor],
-              opts: dict) -> tuple[Tensor, Tensor, Tensor]:
+def head_loss(
+    kd_rows: Tensor, ce_rows: Optional[Tensor], kd_coef: Tensor, ce_coef: Optional[Tensor], opts: dict
+) -> tuple[Tensor, Tensor, Tensor]:
     """(loss, kd, ce) of the blocks' rows: kd = T^2 times the rows' weighted divergences, ce the weighted
     cross-entropies (0 without labels), loss = soft_weight * kd + hard_weight * ce."""
     kd = kd_loss(kd_rows, kd_coef, opts["temperature"])
@@ -286,7 +302,9 @@ def shifted_labels(labels, ignore_index: int, lead: tuple) -> Tensor:
     """(B, T) labels shifted left by one, ``ignore_index`` at the end: label t + 1 for hidden state t."""
     if not isinstance(labels, Tensor) or len(lead) != 2 or tuple(labels.shape) != lead:
         got = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
-        raise ValueError(f"shift_labels=True shifts (B, T) hard_labels along T: it needs (B, T, H) hidden states and "
-                         f"hard_labels of shape {lead if len(lead) == 2 else '(B, T)'}, got hard_labels {got} for "
-                         f"hidden states of leading shape {lead}")
+        raise ValueError(
+            f"shift_labels=True shifts (B, T) hard_labels along T: it needs (B, T, H) hidden states and "
+            f"hard_labels of shape {lead if len(lead) == 2 else '(B, T)'}, got hard_labels {got} for "
+            f"hidden states of leading shape {lead}"
+        )
     return F.pad(labels[:, 1:], (0, 1), value=ignore_index)

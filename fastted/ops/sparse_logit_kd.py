@@ -24,6 +24,7 @@ is: the Triton kernel decodes its ids and values where it reads them, the
 PyTorch path unpacks the block of rows it works on (:func:`unpack_topk` of
 ``packed.rows(r)``), never all N rows at once.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Union
@@ -32,12 +33,26 @@ import torch
 from torch import Tensor, nn
 
 from fastted.ops.checks import check_float, check_floating, check_impl, check_like, check_temperature, check_weight
-from fastted.ops.dispatch import autocast_dtype, detach_without_grad, resolve_impl, save_gradients
-from fastted.ops.dispatch import scaled_gradients, to_autocast
-from fastted.ops.rows import ROW_BLOCK_ELEMENTS, block_rows, finish_head_gradients, head_blocks, head_loss, kd_loss
-from fastted.ops.rows import row_weights, shifted_labels
+from fastted.ops.dispatch import (
+    autocast_dtype,
+    detach_without_grad,
+    resolve_impl,
+    save_gradients,
+    scaled_gradients,
+    to_autocast,
+)
 from fastted.ops.packed_topk import PackedTopK, id_bits, unpack_ids, unpack_topk, words_per_row
 from fastted.ops.registry import CompileTier, GpuCheck, KernelOp
+from fastted.ops.rows import (
+    ROW_BLOCK_ELEMENTS,
+    block_rows,
+    finish_head_gradients,
+    head_blocks,
+    head_loss,
+    kd_loss,
+    row_weights,
+    shifted_labels,
+)
 
 # --------------------------------------------------------------------------- checks
 
@@ -52,8 +67,10 @@ def check_topk(values, ids, tail_lse, lead: tuple, vocab: int, device, ref_name:
         if x.device != device:
             raise ValueError(f"{name} is on {x.device}, but {ref_name} is on {device}")
     if values.dim() != len(lead) + 1 or tuple(values.shape[:-1]) != lead or values.shape[-1] == 0:
-        raise ValueError(f"topk_values has shape {tuple(values.shape)}, but needs {lead + ('k',)} with k > 0 (the "
-                         f"leading shape of {ref_name})")
+        raise ValueError(
+            f"topk_values has shape {tuple(values.shape)}, but needs {lead + ('k',)} with k > 0 (the "
+            f"leading shape of {ref_name})"
+        )
     if ids.shape != values.shape:
         raise ValueError(f"topk_ids has shape {tuple(ids.shape)}, but topk_values has {tuple(values.shape)}")
     if tuple(tail_lse.shape) != lead:
@@ -74,8 +91,9 @@ def check_topk(values, ids, tail_lse, lead: tuple, vocab: int, device, ref_name:
 
 
 def _outside_vocabulary(what: str, value: int, vocab: int) -> ValueError:
-    return ValueError(f"{what} {value}, outside [0, {vocab}) (the student's vocabulary): the cache was made with "
-                      f"another vocabulary")
+    return ValueError(
+        f"{what} {value}, outside [0, {vocab}) (the student's vocabulary): the cache was made with another vocabulary"
+    )
 
 
 def check_packed_topk(packed: PackedTopK, lead: tuple, vocab: int, device, ref_name: str) -> PackedTopK:
@@ -94,15 +112,19 @@ def check_packed_topk(packed: PackedTopK, lead: tuple, vocab: int, device, ref_n
             raise ValueError(f"topk_values.{name} is on {x.device}, but {ref_name} is on {device}")
     words, levels = packed.words, packed.levels
     if levels.dim() != len(lead) + 1 or tuple(levels.shape[:-1]) != lead or levels.shape[-1] == 0:
-        raise ValueError(f"topk_values.levels has shape {tuple(levels.shape)}, but needs {lead + ('k',)} with "
-                         f"k > 0 (the leading shape of {ref_name})")
+        raise ValueError(
+            f"topk_values.levels has shape {tuple(levels.shape)}, but needs {lead + ('k',)} with "
+            f"k > 0 (the leading shape of {ref_name})"
+        )
     if levels.dtype != torch.uint8:
         raise ValueError(f"topk_values.levels has dtype {levels.dtype}, but needs torch.uint8")
     k = levels.shape[-1]
     n_words = words_per_row(k, bits)
     if tuple(words.shape) != lead + (n_words,):
-        raise ValueError(f"topk_values.words has shape {tuple(words.shape)}, but needs {lead + (n_words,)} "
-                         f"({k} ids of {bits} bits a row)")
+        raise ValueError(
+            f"topk_values.words has shape {tuple(words.shape)}, but needs {lead + (n_words,)} "
+            f"({k} ids of {bits} bits a row)"
+        )
     if words.dtype != torch.int32:
         raise ValueError(f"topk_values.words has dtype {words.dtype}, but needs torch.int32")
     for name in ("top", "step", "tail"):
@@ -112,13 +134,19 @@ def check_packed_topk(packed: PackedTopK, lead: tuple, vocab: int, device, ref_n
         check_floating(f"topk_values.{name}", x)
     if k > vocab:
         raise ValueError(f"topk_values holds {k} logits a row, more than the student's vocabulary of {vocab}")
-    rows = PackedTopK(words.reshape(-1, n_words).contiguous(), levels.reshape(-1, k).contiguous(),
-                      *(x.reshape(-1).to(torch.promote_types(x.dtype, torch.float32)).contiguous()
-                        for x in (packed.top, packed.step, packed.tail)), bits)
+    rows = PackedTopK(
+        words.reshape(-1, n_words).contiguous(),
+        levels.reshape(-1, k).contiguous(),
+        *(
+            x.reshape(-1).to(torch.promote_types(x.dtype, torch.float32)).contiguous()
+            for x in (packed.top, packed.step, packed.tail)
+        ),
+        bits,
+    )
     if device.type == "cpu" and 2**bits > vocab:  # else every id its bits can hold is in the vocabulary
         block = max(1, ROW_BLOCK_ELEMENTS // k)
         for start in range(0, rows.words.shape[0], block):
-            high = int(unpack_ids(rows.words[start:start + block], bits, k).max())
+            high = int(unpack_ids(rows.words[start : start + block], bits, k).max())
             if high >= vocab:
                 raise _outside_vocabulary("topk_values.words holds the id", high, vocab)
     return rows
@@ -130,8 +158,9 @@ def check_teacher(topk_values, topk_ids, tail_lse, lead: tuple, vocab: int, devi
     if isinstance(topk_values, PackedTopK):
         given = [name for name, x in (("topk_ids", topk_ids), ("tail_lse", tail_lse)) if x is not None]
         if given:
-            raise ValueError(f"{' and '.join(given)} must be None when topk_values is a PackedTopK (it holds the "
-                             f"ids and the tail)")
+            raise ValueError(
+                f"{' and '.join(given)} must be None when topk_values is a PackedTopK (it holds the ids and the tail)"
+            )
         return check_packed_topk(topk_values, lead, vocab, device, ref_name)
     return check_topk(topk_values, topk_ids, tail_lse, lead, vocab, device, ref_name)
 
@@ -210,8 +239,9 @@ def _rows_in_blocks(z: Tensor, teacher: tuple, kd_coef: Tensor, grad: Optional[T
     rows = []
     for start in range(0, z.shape[0], block):
         r = slice(start, start + block)
-        kd, _ = sparse_kd_rows(z[r], _teacher_rows(teacher, r), kd_coef[r], None, None,
-                               None if grad is None else grad[r], **opts)
+        kd, _ = sparse_kd_rows(
+            z[r], _teacher_rows(teacher, r), kd_coef[r], None, None, None if grad is None else grad[r], **opts
+        )
         rows.append(kd)
     return torch.cat(rows)
 
@@ -243,8 +273,17 @@ class SparseLogitKDFunction(torch.autograd.Function):
         if impl == "triton":
             from fastted.kernels.sparse_logit_kd import sparse_kd_rows_triton
 
-            rows, _ = sparse_kd_rows_triton(z.contiguous(), _triton_teacher(teacher), kd_coef, None, None, grad,
-                                            soft_weight=1.0, hard_weight=0.0, **opts)
+            rows, _ = sparse_kd_rows_triton(
+                z.contiguous(),
+                _triton_teacher(teacher),
+                kd_coef,
+                None,
+                None,
+                grad,
+                soft_weight=1.0,
+                hard_weight=0.0,
+                **opts,
+            )
         else:
             rows = _rows_in_blocks(z, teacher, kd_coef, grad, soft_weight=1.0, hard_weight=0.0, **opts)
         save_gradients(ctx, [None if grad is None else grad.reshape(student_logits.shape)], in_place=True)
@@ -269,8 +308,17 @@ class FusedLinearSparseKDFunction(torch.autograd.Function):
             else:
                 rows_fn = sparse_kd_rows
             kd_rows, ce_rows, grads = head_blocks(
-                xs.reshape(-1, xs.shape[-1]), ws, bs, lambda r, rows: _teacher_rows(teacher, r), kd_coef, labels,
-                ce_coef, needs, rows_fn=rows_fn, chunk_rows=chunk_rows, **opts,
+                xs.reshape(-1, xs.shape[-1]),
+                ws,
+                bs,
+                lambda r, rows: _teacher_rows(teacher, r),
+                kd_coef,
+                labels,
+                ce_coef,
+                needs,
+                rows_fn=rows_fn,
+                chunk_rows=chunk_rows,
+                **opts,
             )
             loss, kd, ce = head_loss(kd_rows, ce_rows, kd_coef, ce_coef, opts)
             grads = finish_head_gradients(grads, xs, ws, bs, ws.shape[0])
@@ -328,10 +376,12 @@ def sparse_logit_kd(
     check_floating("student_logits", student_logits)
     temperature = check_temperature("temperature", temperature)
     lead = tuple(student_logits.shape[:-1])
-    teacher = check_teacher(topk_values, topk_ids, tail_lse, lead, student_logits.shape[-1], student_logits.device,
-                            "student_logits")
-    kd_coef, labels, ce_coef = row_weights(lead, student_logits.device, student_logits.dtype, mask, labels,
-                                           ignore_index, "labels", None, "student_logits")
+    teacher = check_teacher(
+        topk_values, topk_ids, tail_lse, lead, student_logits.shape[-1], student_logits.device, "student_logits"
+    )
+    kd_coef, labels, ce_coef = row_weights(
+        lead, student_logits.device, student_logits.dtype, mask, labels, ignore_index, "labels", None, "student_logits"
+    )
     if ce_coef is not None:
         kd_coef = ce_coef
     impl = resolve_impl(impl, student_logits.device, student_logits.dtype)
@@ -377,9 +427,11 @@ def fused_linear_sparse_kd(
     for name, x in (("student_hidden", student_hidden), ("student_weight", student_weight)):
         if not isinstance(x, Tensor):
             raise ValueError(f"{name} must be a tensor, got {type(x).__name__}")
-    opts = dict(temperature=check_temperature("temperature", temperature),
-                soft_weight=check_float("soft_weight", soft_weight, 0.0),
-                hard_weight=check_float("hard_weight", hard_weight, 0.0))
+    opts = dict(
+        temperature=check_temperature("temperature", temperature),
+        soft_weight=check_float("soft_weight", soft_weight, 0.0),
+        hard_weight=check_float("hard_weight", hard_weight, 0.0),
+    )
     if opts["hard_weight"] > 0 and hard_labels is None:
         raise ValueError(f"hard_weight={hard_weight} needs hard_labels: the cross-entropy is computed on them")
     xs, ws = student_hidden, student_weight
@@ -401,17 +453,18 @@ def fused_linear_sparse_kd(
     for name, x in zip(("student_weight", "student_bias"), student[1:]):
         if x is not None:
             check_like(name, x, student[0], "student_hidden")
-    kd_coef, labels, ce_coef = row_weights(lead, xs.device, student[0].dtype, mask, hard_labels, ignore_index,
-                                           "hard_labels", ws.shape[0], "student_hidden")
+    kd_coef, labels, ce_coef = row_weights(
+        lead, xs.device, student[0].dtype, mask, hard_labels, ignore_index, "hard_labels", ws.shape[0], "student_hidden"
+    )
     if ce_coef is not None and not kd_ignored_rows:
         kd_coef = ce_coef
     impl = resolve_impl(impl, xs.device, student[0].dtype)
     needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in student)
-    chunk_rows = block_rows(kd_coef.shape[0], ws.shape[0], student[0], student[1], None, None, needs_grad,
-                            chunk_size)
+    chunk_rows = block_rows(kd_coef.shape[0], ws.shape[0], student[0], student[1], None, None, needs_grad, chunk_size)
     student = detach_without_grad(student)
-    loss, kd, ce = FusedLinearSparseKDFunction.apply(impl, opts, chunk_rows, kd_coef, labels, ce_coef, *student,
-                                                     teacher)
+    loss, kd, ce = FusedLinearSparseKDFunction.apply(
+        impl, opts, chunk_rows, kd_coef, labels, ce_coef, *student, teacher
+    )
     return (loss, kd, ce) if return_terms else loss
 
 
@@ -425,11 +478,26 @@ class SparseLogitKDLoss(nn.Module):
         check_impl(impl)
         self.temperature, self.ignore_index, self.impl = temperature, ignore_index, impl
 
-    def forward(self, student_logits: Tensor, topk_values: Union[Tensor, PackedTopK],
-                topk_ids: Optional[Tensor] = None, tail_lse: Optional[Tensor] = None, mask: Optional[Tensor] = None,
-                labels: Optional[Tensor] = None) -> Tensor:
-        return sparse_logit_kd(student_logits, topk_values, topk_ids, tail_lse, temperature=self.temperature,
-                               mask=mask, labels=labels, ignore_index=self.ignore_index, impl=self.impl)
+    def forward(
+        self,
+        student_logits: Tensor,
+        topk_values: Union[Tensor, PackedTopK],
+        topk_ids: Optional[Tensor] = None,
+        tail_lse: Optional[Tensor] = None,
+        mask: Optional[Tensor] = None,
+        labels: Optional[Tensor] = None,
+    ) -> Tensor:
+        return sparse_logit_kd(
+            student_logits,
+            topk_values,
+            topk_ids,
+            tail_lse,
+            temperature=self.temperature,
+            mask=mask,
+            labels=labels,
+            ignore_index=self.ignore_index,
+            impl=self.impl,
+        )
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, impl={self.impl!r}"
@@ -440,14 +508,19 @@ class SparseLogitKDLoss(nn.Module):
 # The sizes the compile tier records: the benchmarks' (so their variants are the ones the table shows), odd ones
 # (no divisibility by 16 anywhere), and the largest the API accepts (for the grid limits; they add no variant).
 # (rows, vocabulary, k): the cache's default k = 64, a wide one (BLOCK_K 256), an odd one
-COMPILE_SIZES = [((4096, 30522, 64), "bert"), ((8192, 128256, 64), "llama3"), ((8192, 50257, 256), "k256"),
-                 ((999, 1001, 37), "odd"), ((2**20, 262144, 64), "largest")]
+COMPILE_SIZES = [
+    ((4096, 30522, 64), "bert"),
+    ((8192, 128256, 64), "llama3"),
+    ((8192, 50257, 256), "k256"),
+    ((999, 1001, 37), "odd"),
+    ((2**20, 262144, 64), "largest"),
+]
 
 
 def _compile_cases(full: bool, sizes=COMPILE_SIZES):
     """The compile tier's cases: (case, run) pairs whose runs call the launchers on meta tensors."""
-    from fastted.kernels.sparse_logit_kd import sparse_kd_forward
     from fastted.kernels.resources import DTYPES, empty, flag_sets, reduced
+    from fastted.kernels.sparse_logit_kd import sparse_kd_forward
 
     for dtype in DTYPES:
         for (n, v, k), size in sizes:
@@ -461,35 +534,56 @@ def _compile_cases(full: bool, sizes=COMPILE_SIZES):
                     case = dict(op="sparse_logit_kd", size=size, dtype=str(dtype), k=k, **flags)
                     if packed:  # (the unpacked cases keep their names: the spill lists name them)
                         bits = id_bits(v)
-                        teacher = dict(values=empty((n, k), torch.uint8),
-                                       ids=empty((n, words_per_row(k, bits)), torch.int32),
-                                       top=empty((n,), torch.float32), step=empty((n,), torch.float32), id_bits=bits)
+                        teacher = dict(
+                            values=empty((n, k), torch.uint8),
+                            ids=empty((n, words_per_row(k, bits)), torch.int32),
+                            top=empty((n,), torch.float32),
+                            step=empty((n,), torch.float32),
+                            id_bits=bits,
+                        )
                         case["packed"] = True
                     else:
                         teacher = dict(values=empty((n, k), torch.bfloat16), ids=empty((n, k), torch.int32))
-                    yield case, lambda: sparse_kd_forward(
-                        z, tail=empty((n,), torch.float32), kd_coef=empty((n,), torch.float32), **teacher,
-                        grad=z if write_grad else None, labels=labels, ce_coef=ce_coef,
-                        temperature=1.0 if flags["ce"] == "T=1" else 2.0, soft_weight=1.0, hard_weight=0.5)
+                    yield (
+                        case,
+                        lambda: sparse_kd_forward(
+                            z,
+                            tail=empty((n,), torch.float32),
+                            kd_coef=empty((n,), torch.float32),
+                            **teacher,
+                            grad=z if write_grad else None,
+                            labels=labels,
+                            ce_coef=ce_coef,
+                            temperature=1.0 if flags["ce"] == "T=1" else 2.0,
+                            soft_weight=1.0,
+                            hard_weight=0.5,
+                        ),
+                    )
 
 
 def _tier_expectations(rows: list[dict], arch: str) -> list[str]:
     """The kernel reads its teacher as three tensors or PACKED (a cache's uint8 levels and ids in int32 words):
     every dtype and size is compiled both ways."""
+
     def compiled(rows):
         return {(r["dtype"], r["example"]["size"]) for r in rows}
 
     both = compiled(rows)
-    return [f"sparse_kd_kernel on {arch}: {'packed' if packed else 'unpacked'} teachers compiled for {sorted(got)}, "
-            f"not every dtype and size" for packed in (False, True)
-            if (got := compiled(r for r in rows if r["example"].get("packed", False) == packed)) != both]
+    return [
+        f"sparse_kd_kernel on {arch}: {'packed' if packed else 'unpacked'} teachers compiled for {sorted(got)}, "
+        f"not every dtype and size"
+        for packed in (False, True)
+        if (got := compiled(r for r in rows if r["example"].get("packed", False) == packed)) != both
+    ]
 
 
 def _gpu_cases(tests, dtype, impl: str, cuda: bool) -> list:
     """The tests' check at k = 1, 16, 64 and V (on a GPU at Llama 3's vocabulary too)."""
     shapes = [(1, 301), (16, 1003), (64, 30522), (301, 301)] + ([(64, 128256)] if cuda else [])
-    return [(dict(k=k, vocab=vocab), lambda k=k, vocab=vocab: tests.check_sparse_logit_kd(impl, k, vocab, dtype))
-            for k, vocab in shapes]
+    return [
+        (dict(k=k, vocab=vocab), lambda k=k, vocab=vocab: tests.check_sparse_logit_kd(impl, k, vocab, dtype))
+        for k, vocab in shapes
+    ]
 
 
 def _min_bytes(size: dict, variant: dict) -> int:

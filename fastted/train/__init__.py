@@ -5,14 +5,25 @@ The library (:mod:`fastted`: the fused losses, the recipes, the integrations) ne
 needs the ``train`` extra (``pip install "fastted[train]"``), which is checked here, by name, before any of
 its modules is imported.
 """
+
 import importlib.util
 
 # The distributions the engine imports, by their import names.
-_NEEDS = {"transformers": "transformers", "datasets": "datasets", "deepspeed": "deepspeed", "yaml": "pyyaml",
-          "tqdm": "tqdm", "matplotlib": "matplotlib", "gguf": "gguf", "accelerate": "accelerate"}
+_NEEDS = {
+    "transformers": "transformers",
+    "datasets": "datasets",
+    "deepspeed": "deepspeed",
+    "yaml": "pyyaml",
+    "tqdm": "tqdm",
+    "matplotlib": "matplotlib",
+    "gguf": "gguf",
+    "accelerate": "accelerate",
+}
 
 _missing = [dist for module, dist in _NEEDS.items() if importlib.util.find_spec(module) is None]
 if _missing:
-    raise ImportError(f"fastted.train (the engine and the `fastted` command) needs {', '.join(_missing)}, which "
-                      f"{'is' if len(_missing) == 1 else 'are'} not installed: pip install \"fastted[train]\" "
-                      f"(the library alone, `import fastted`, needs none of them)")
+    raise ImportError(
+        f"fastted.train (the engine and the `fastted` command) needs {', '.join(_missing)}, which "
+        f'{"is" if len(_missing) == 1 else "are"} not installed: pip install "fastted[train]" '
+        f"(the library alone, `import fastted`, needs none of them)"
+    )

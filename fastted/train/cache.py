@@ -30,6 +30,7 @@ unfinished one, which no reader opens. :meth:`TeacherCache.batch` gathers a batc
 the batch's tokens, for the recipes (:meth:`fastted.methods.Recipe.use_teacher_cache`); the pipeline's
 ``cache-teacher`` step builds a run's cache (:func:`fastted.train.pipeline.cache_teacher`).
 """
+
 from __future__ import annotations
 
 import bisect
@@ -37,7 +38,8 @@ import hashlib
 import json
 import os
 import threading
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Optional
 
 import numpy as np
 import torch
@@ -45,8 +47,8 @@ from torch import Tensor
 
 from fastted.files import HashingWriter, sha256_file, write_atomic
 from fastted.ops.checks import check_positive_int, check_temperature
-from fastted.ops.quantize import QUANTIZATIONS, dequantize_rows, quantize_rows
 from fastted.ops.packed_topk import PackedTopK, id_bits, pack_topk, padding_row, unpack_topk
+from fastted.ops.quantize import QUANTIZATIONS, dequantize_rows, quantize_rows
 
 MANIFEST = "manifest.json"
 SHARD_BYTES = 128 << 20  # a shard is flushed when it holds this much: a rank's buffer while building
@@ -75,11 +77,27 @@ def data_fingerprint(dataset) -> str:
 # --------------------------------------------------------------------------- shard files
 
 # safetensors' dtype names of what a shard holds; bf16 and fp8 travel through numpy as their bits.
-_TAGS = {torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.uint8: "U8", torch.int8: "I8",
-         torch.float32: "F32", torch.bfloat16: "BF16", torch.float8_e4m3fn: "F8_E4M3"}
+_TAGS = {
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.uint8: "U8",
+    torch.int8: "I8",
+    torch.float32: "F32",
+    torch.bfloat16: "BF16",
+    torch.float8_e4m3fn: "F8_E4M3",
+}
 _BITS = {torch.bfloat16: torch.int16, torch.float8_e4m3fn: torch.uint8}
-_NUMPY = {"I64": np.int64, "I32": np.int32, "I16": np.int16, "U8": np.uint8, "I8": np.int8, "F32": np.float32,
-          "BF16": np.int16, "F8_E4M3": np.uint8}
+_NUMPY = {
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "U8": np.uint8,
+    "I8": np.int8,
+    "F32": np.float32,
+    "BF16": np.int16,
+    "F8_E4M3": np.uint8,
+}
 _TORCH = {tag: dtype for dtype, tag in _TAGS.items()}
 _PARTS = {"topk": "logits", "layer": "layers", "target_positions": "layers"}  # by key prefix; else "index"
 
@@ -181,8 +199,12 @@ class _Shard:
                     header.pop("__metadata__", None)
                     base = 8 + len(text)
                     mapped = np.memmap(self.path, dtype=np.uint8, mode="r")
-                    arrays = {key: mapped[base + e["data_offsets"][0]:base + e["data_offsets"][1]]
-                              .view(_NUMPY[e["dtype"]]).reshape(e["shape"]) for key, e in header.items()}
+                    arrays = {
+                        key: mapped[base + e["data_offsets"][0] : base + e["data_offsets"][1]]
+                        .view(_NUMPY[e["dtype"]])
+                        .reshape(e["shape"])
+                        for key, e in header.items()
+                    }
                     self._opened = arrays, {key: e["dtype"] for key, e in header.items()}
         return self._opened
 
@@ -201,7 +223,7 @@ def _topk_rows(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, temper
     rows = max(1, LOGIT_ELEMENTS // weight.shape[0])
     out = []
     for start in range(0, x.shape[0], rows):
-        logits = (x[start:start + rows].to(weight.dtype) @ weight.T).float()
+        logits = (x[start : start + rows].to(weight.dtype) @ weight.T).float()
         if bias is not None:
             logits += bias.float()
         out.append(_topk_of(logits, k, temperature))
@@ -214,12 +236,27 @@ def _topk_of(logits: Tensor, k: int, temperature: float):
     return values, ids, tail
 
 
-def build_teacher_cache(teacher, examples: Sequence[dict], collator: Callable, directory: str, *,
-                        layers: Sequence[int] = (), k: int = 64, temperature: float = 1.0,
-                        quantization: str = "int8", transform: Optional[Callable] = None,
-                        identity: Optional[dict] = None, batch_size: int = 16, shard_bytes: int = SHARD_BYTES,
-                        layer_bytes: int = 0, seed: int = 0, rank: int = 0, world: int = 1, device=None,
-                        progress: Optional[Callable] = None) -> dict:
+def build_teacher_cache(
+    teacher,
+    examples: Sequence[dict],
+    collator: Callable,
+    directory: str,
+    *,
+    layers: Sequence[int] = (),
+    k: int = 64,
+    temperature: float = 1.0,
+    quantization: str = "int8",
+    transform: Optional[Callable] = None,
+    identity: Optional[dict] = None,
+    batch_size: int = 16,
+    shard_bytes: int = SHARD_BYTES,
+    layer_bytes: int = 0,
+    seed: int = 0,
+    rank: int = 0,
+    world: int = 1,
+    device=None,
+    progress: Optional[Callable] = None,
+) -> dict:
     """Run ``teacher`` (a :class:`~fastted.models.ModelAdapter`) once over ``examples`` (in order; batches made
     by ``collator(examples, None)``) and store its top-k logits and ``layers``' targets in ``directory``.
 
@@ -250,8 +287,9 @@ def build_teacher_cache(teacher, examples: Sequence[dict], collator: Callable, d
     check_positive_int("batch_size", batch_size)
     check_positive_int("shard_bytes", shard_bytes)
     if isinstance(layer_bytes, bool) or not isinstance(layer_bytes, int) or layer_bytes < 0:
-        raise ValueError(f"layer_bytes must be an int >= 0 (a token's layer targets in bytes; 0: every token's), "
-                         f"got {layer_bytes!r}")
+        raise ValueError(
+            f"layer_bytes must be an int >= 0 (a token's layer targets in bytes; 0: every token's), got {layer_bytes!r}"
+        )
     temperature = check_temperature("temperature", temperature)
     from fastted.train.engine import return_freed_host_memory
 
@@ -268,7 +306,7 @@ def build_teacher_cache(teacher, examples: Sequence[dict], collator: Callable, d
     with torch.no_grad():
         for start in range(0, rounds * batch_size, batch_size):
             real = start < len(mine)
-            chosen = mine[start:start + batch_size] if real else range(min(batch_size, len(examples)))
+            chosen = mine[start : start + batch_size] if real else range(min(batch_size, len(examples)))
             chunk = [examples[i] for i in chosen]
             batch = collator(chunk, None)
             if device is not None:
@@ -295,8 +333,10 @@ def build_teacher_cache(teacher, examples: Sequence[dict], collator: Callable, d
                 continue
             for layer, state in zip(layers or range(len(targets)), targets):
                 if not bool(torch.isfinite(state).all()):
-                    raise ValueError(f"the teacher's target of layer {layer} is not finite in the batch of examples "
-                                     f"{list(chosen)[:4]}...: nothing non-finite is cached")
+                    raise ValueError(
+                        f"the teacher's target of layer {layer} is not finite in the batch of examples "
+                        f"{list(chosen)[:4]}...: nothing non-finite is cached"
+                    )
             if topk is not None:
                 bits = id_bits(vocab)
                 packed = pack_topk(*topk, vocab)
@@ -309,8 +349,13 @@ def build_teacher_cache(teacher, examples: Sequence[dict], collator: Callable, d
                 arrays, rows = {}, {}
                 if topk is not None:
                     r = slice(at, at + n) if logit_kind == "token" else slice(b, b + 1)
-                    arrays.update(topk_words=packed.words[r], topk_levels=packed.levels[r], topk_top=packed.top[r],
-                                  topk_step=packed.step[r], topk_tail=packed.tail[r])
+                    arrays.update(
+                        topk_words=packed.words[r],
+                        topk_levels=packed.levels[r],
+                        topk_top=packed.top[r],
+                        topk_step=packed.step[r],
+                        topk_tail=packed.tail[r],
+                    )
                     rows["logit"] = r.stop - r.start
                 at += n
                 if targets:
@@ -336,11 +381,25 @@ def build_teacher_cache(teacher, examples: Sequence[dict], collator: Callable, d
             if progress is not None:
                 progress(len(chunk))
     writer.flush()
-    manifest = {"format": _FORMAT, **(identity or {}), "layers": layers, "k": k, "temperature": float(temperature),
-                "quantization": quantization, "layer_bytes": layer_bytes, "layer_fraction": fraction,
-                "examples": len(examples), "world": world, "tokens": tokens, "vocab": vocab, "id_bits": bits,
-                "logits": logit_kind, "targets_per": targets_per, "part_bytes": writer.part_bytes,
-                "shards": writer.shards}
+    manifest = {
+        "format": _FORMAT,
+        **(identity or {}),
+        "layers": layers,
+        "k": k,
+        "temperature": float(temperature),
+        "quantization": quantization,
+        "layer_bytes": layer_bytes,
+        "layer_fraction": fraction,
+        "examples": len(examples),
+        "world": world,
+        "tokens": tokens,
+        "vocab": vocab,
+        "id_bits": bits,
+        "logits": logit_kind,
+        "targets_per": targets_per,
+        "part_bytes": writer.part_bytes,
+        "shards": writer.shards,
+    }
     _add_bytes_per_token(manifest)
     name = MANIFEST if world == 1 else f"manifest.part-{rank:03d}.json"
     write_atomic(os.path.join(directory, name), json.dumps(manifest, indent=1))
@@ -368,8 +427,10 @@ def _kept_positions(n: int, fraction: float, seed: int, example: int) -> Tensor:
 def _add_bytes_per_token(manifest: dict) -> None:
     tokens = max(manifest["tokens"], 1)
     parts = manifest["part_bytes"]
-    manifest["bytes_per_token"] = {**{part: round(b / tokens, 1) for part, b in parts.items()},
-                                   "total": round(sum(parts.values()) / tokens, 1)}
+    manifest["bytes_per_token"] = {
+        **{part: round(b / tokens, 1) for part, b in parts.items()},
+        "total": round(sum(parts.values()) / tokens, 1),
+    }
 
 
 def finish_teacher_cache(directory: str, world: int) -> dict:
@@ -379,8 +440,10 @@ def finish_teacher_cache(directory: str, world: int) -> dict:
     for rank in range(world):
         path = os.path.join(directory, f"manifest.part-{rank:03d}.json")
         if not os.path.isfile(path):
-            raise ValueError(f"teacher cache {directory}: rank {rank} wrote no part manifest (its build did not "
-                             f"finish): build the cache again")
+            raise ValueError(
+                f"teacher cache {directory}: rank {rank} wrote no part manifest (its build did not "
+                f"finish): build the cache again"
+            )
         with open(path, encoding="utf-8") as f:
             parts.append(json.load(f))
     manifest = dict(parts[0], shards={}, tokens=0, part_bytes=dict.fromkeys(parts[0]["part_bytes"], 0))
@@ -411,18 +474,24 @@ class TeacherCache:
     it). Opening reads the manifest and the shards' sizes alone; with ``verify`` a shard is checked against its
     SHA-256 when this process first reads it. Reads may come from several threads."""
 
-    def __init__(self, directory: str, expect: Optional[dict] = None, verify: bool = True,
-                 rebuild: str = "build the cache again"):
+    def __init__(
+        self, directory: str, expect: Optional[dict] = None, verify: bool = True, rebuild: str = "build the cache again"
+    ):
         path = os.path.join(directory, MANIFEST)
         if not os.path.isfile(path):
             raise ValueError(f"teacher cache {directory}: no {MANIFEST} (not a cache, or its build did not finish)")
         with open(path, encoding="utf-8") as f:
             self.manifest = json.load(f)
         if self.manifest.get("format") != _FORMAT:
-            raise ValueError(f"teacher cache {directory} has format {self.manifest.get('format')!r}, this fastted "
-                             f"reads format {_FORMAT}: {rebuild}")
-        differ = [f"{key}: cache {self.manifest.get(key)!r}, run {want!r}" for key, want in (expect or {}).items()
-                  if self.manifest.get(key) != want]
+            raise ValueError(
+                f"teacher cache {directory} has format {self.manifest.get('format')!r}, this fastted "
+                f"reads format {_FORMAT}: {rebuild}"
+            )
+        differ = [
+            f"{key}: cache {self.manifest.get(key)!r}, run {want!r}"
+            for key, want in (expect or {}).items()
+            if self.manifest.get(key) != want
+        ]
         if differ:
             raise ValueError(f"teacher cache {directory} was made for another run ({'; '.join(differ)}): {rebuild}")
         self.directory, self.verify, self.rebuild = directory, verify, rebuild
@@ -435,8 +504,10 @@ class TeacherCache:
             except FileNotFoundError:
                 size = None
             if size != record["bytes"]:
-                raise ValueError(f"teacher cache {directory}: {name} is missing or has another size than its "
-                                 f"manifest's (damaged): {rebuild}")
+                raise ValueError(
+                    f"teacher cache {directory}: {name} is missing or has another size than its "
+                    f"manifest's (damaged): {rebuild}"
+                )
             by_rank.setdefault(record["rank"], []).append((record["first"], len(self._shards)))
             self._shards.append(_Shard(shard, record))
         self._world = self.manifest["world"]
@@ -459,8 +530,9 @@ class TeacherCache:
         row = ordinal - firsts[at]
 
         def damaged(what: str) -> Exception:
-            return ValueError(f"teacher cache {self.directory}: {os.path.basename(shard.path)} {what} (damaged): "
-                              f"{self.rebuild}")
+            return ValueError(
+                f"teacher cache {self.directory}: {os.path.basename(shard.path)} {what} (damaged): {self.rebuild}"
+            )
 
         arrays, tags = shard.arrays(self.verify, damaged)
         if int(arrays["example_ids"][row]) != example:
@@ -468,7 +540,7 @@ class TeacherCache:
         spans = {}
         for group in ("logit", "target"):
             if f"{group}_offsets" in arrays:
-                lo, hi = arrays[f"{group}_offsets"][row:row + 2].tolist()
+                lo, hi = arrays[f"{group}_offsets"][row : row + 2].tolist()
                 spans[group] = slice(lo, hi)
         return arrays, tags, spans
 
@@ -482,8 +554,13 @@ class TeacherCache:
         out = {"targets": [], "scales": [], "positions": None}
         if "logit" in spans:
             r = spans["logit"]
-            packed = PackedTopK(*(_tensor(arrays[f"topk_{key}"][r], tags[f"topk_{key}"])
-                                  for key in ("words", "levels", "top", "step", "tail")), self.manifest["id_bits"])
+            packed = PackedTopK(
+                *(
+                    _tensor(arrays[f"topk_{key}"][r], tags[f"topk_{key}"])
+                    for key in ("words", "levels", "top", "step", "tail")
+                ),
+                self.manifest["id_bits"],
+            )
             out["topk_values"], out["topk_ids"], out["tail_lse"] = unpack_topk(packed)
         r = spans.get("target")
         if "target_positions" in arrays:
@@ -513,7 +590,7 @@ class TeacherCache:
             mask = self._stored_mask(rows)
         mask = mask.detach().cpu().bool()
         lengths, t = [int(mask[b].sum()) for b in range(n)], mask.shape[1]
-        prefix = [bool(mask[b, :lengths[b]].all()) for b in range(n)]  # right padding: a slice
+        prefix = [bool(mask[b, : lengths[b]].all()) for b in range(n)]  # right padding: a slice
         scaled = self.manifest["quantization"] != "bf16"
         out = {"topk": None, "targets": [], "scales": [] if scaled and not dequantize else None, "target_mask": None}
 
@@ -521,7 +598,7 @@ class TeacherCache:
             """Example b's stored rows ``src`` into its tokens of ``dst`` (B, T, ...) (at ``positions`` among
             them when a share is kept)."""
             if positions is None and prefix[b]:
-                dst[b, :len(src)] = src
+                dst[b, : len(src)] = src
             else:
                 tokens = mask[b].nonzero().squeeze(-1).numpy()
                 dst[b, tokens if positions is None else tokens[positions]] = src
@@ -584,20 +661,25 @@ class TeacherCache:
 
     def _stored_mask(self, rows: list) -> Tensor:
         """The attention mask of a batch whose examples fill their first positions: from the stored rows."""
-        if self.manifest["logits"] != "token" and not (self.manifest["layers"] and
-                                                       self.manifest["targets_per"] == "token"):
+        if self.manifest["logits"] != "token" and not (
+            self.manifest["layers"] and self.manifest["targets_per"] == "token"
+        ):
             return torch.ones(len(rows), 1, dtype=torch.bool)  # nothing is placed at tokens
         if self.manifest["logits"] == "token":
             group = "logit"
         elif self.manifest["targets_per"] == "token" and "target_positions" not in rows[0][0]:
             group = "target"
         else:
-            raise ValueError(f"teacher cache {self.directory}: reading it needs the batch's attention mask (its "
-                             f"examples' token counts are not stored)")
+            raise ValueError(
+                f"teacher cache {self.directory}: reading it needs the batch's attention mask (its "
+                f"examples' token counts are not stored)"
+            )
         counts = [spans[group].stop - spans[group].start for _, _, spans in rows]
         return torch.arange(max(counts, default=1))[None, :] < torch.tensor(counts)[:, None]
 
     def _check_rows(self, example, stored: int, tokens: int) -> None:
         if stored != tokens:
-            raise ValueError(f"teacher cache {self.directory}: example {int(example)} has {stored} stored tokens but "
-                             f"{tokens} in this batch's attention mask: the data differs from the cache's")
+            raise ValueError(
+                f"teacher cache {self.directory}: example {int(example)} has {stored} stored tokens but "
+                f"{tokens} in this batch's attention mask: the data differs from the cache's"
+            )

@@ -29,6 +29,7 @@ buffers and extra state, and ZeRO-3's parameter-group settings and step counters
 states in the model states and resumes natively on any world, as does any checkpoint on the world that saved it.
 A checkpoint of another ZeRO stage is refused by name (the universal loading does not cross stages).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,10 +39,11 @@ import os
 import re
 import shutil
 import warnings
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
-from fastted.train.engine import STATE, CheckpointError, gather_over_ranks, saved_layout, weights_only_loads
 from fastted.files import HashingWriter, sha256_file, write_atomic
+from fastted.train.engine import STATE, CheckpointError, gather_over_ranks, saved_layout, weights_only_loads
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
@@ -102,12 +104,18 @@ def write_manifest(folder: str, rank: int = 0, world: int = 1, known: Optional[d
         return
     files = {rel: record for share in shares for rel, record in share.items()}
     files.update({rel: record_of(rel) for rel in names if rel not in files})
-    write_atomic(os.path.join(folder, MANIFEST), json.dumps({"format": 1, "files": dict(sorted(files.items()))},
-                                                            indent=1))
+    write_atomic(
+        os.path.join(folder, MANIFEST), json.dumps({"format": 1, "files": dict(sorted(files.items()))}, indent=1)
+    )
 
 
-def _check_files(folder: str, rank: int, owner: Callable[[str], int], required: tuple = (),
-                 hashed: Callable[[str], bool] = lambda rel: True) -> Optional[str]:
+def _check_files(
+    folder: str,
+    rank: int,
+    owner: Callable[[str], int],
+    required: tuple = (),
+    hashed: Callable[[str], bool] = lambda rel: True,
+) -> Optional[str]:
     """What is wrong with a folder by its manifest, seen from ``rank``: every file present with its size (checked by
     every rank), and the hashes of the files ``owner`` gives this rank, of those ``hashed`` selects (the files a
     resume reads); None when nothing is."""
@@ -151,8 +159,11 @@ def _through_universal(folder: str, world: int) -> bool:
         layout = saved_layout(folder)
     except (OSError, ValueError, KeyError, TypeError):
         return False
-    return (layout["world"] != world and (layout["zero_stage"] or 0) > 0
-            and os.path.isfile(os.path.join(folder, UNIVERSAL, MANIFEST)))
+    return (
+        layout["world"] != world
+        and (layout["zero_stage"] or 0) > 0
+        and os.path.isfile(os.path.join(folder, UNIVERSAL, MANIFEST))
+    )
 
 
 def verify_checkpoint(folder: str, rank: int = 0, world: int = 1) -> Optional[str]:
@@ -162,8 +173,16 @@ def verify_checkpoint(folder: str, rank: int = 0, world: int = 1) -> Optional[st
     from the checkpoint's universal form (:func:`universal_checkpoint`, which checks that form) hashes the
     files of ``state`` only if that form must be made again; their sizes are checked here."""
     through = _through_universal(folder, world)
-    return _agreed(_check_files(folder, rank, lambda rel: file_owner(rel, world), required=("trainer.json",),
-                                hashed=lambda rel: not (through and _in_state(rel))), world)
+    return _agreed(
+        _check_files(
+            folder,
+            rank,
+            lambda rel: file_owner(rel, world),
+            required=("trainer.json",),
+            hashed=lambda rel: not (through and _in_state(rel)),
+        ),
+        world,
+    )
 
 
 def latest_checkpoint(directory: str, rank: int = 0, world: int = 1) -> Optional[str]:
@@ -174,20 +193,28 @@ def latest_checkpoint(directory: str, rank: int = 0, world: int = 1) -> Optional
     root = checkpoint_dir(directory)
     if not os.path.isdir(root):
         return None
-    names = sorted((n for n in os.listdir(root) if checkpoint_step(n) is not None
-                    and os.path.isdir(os.path.join(root, n))), key=checkpoint_step, reverse=True)
+    names = sorted(
+        (n for n in os.listdir(root) if checkpoint_step(n) is not None and os.path.isdir(os.path.join(root, n))),
+        key=checkpoint_step,
+        reverse=True,
+    )
     pointer, named = os.path.join(root, "latest"), None
     if os.path.isfile(pointer):
         with open(pointer, encoding="utf-8") as f:
             named = f.read().strip()
         if checkpoint_step(named) is None:  # "../x", an absolute path: never leave checkpoints/
-            warnings.warn(f"{pointer} names {named!r}, not a checkpoint folder step-N inside {root}: ignored",
-                          CheckpointWarning, stacklevel=2)
+            warnings.warn(
+                f"{pointer} names {named!r}, not a checkpoint folder step-N inside {root}: ignored",
+                CheckpointWarning,
+                stacklevel=2,
+            )
             named = None
     if named is not None and named not in names:
         if not names:
-            raise CheckpointError(f"{pointer} names {named}, which is not in {root}, and no other checkpoint is: "
-                                  f"restore it, or set resume=false to start over")
+            raise CheckpointError(
+                f"{pointer} names {named}, which is not in {root}, and no other checkpoint is: "
+                f"restore it, or set resume=false to start over"
+            )
         warnings.warn(f"{pointer} names {named}, which is not in {root}", CheckpointWarning, stacklevel=2)
     if named in names:  # the pointer's checkpoint first, then the others newest first
         names.remove(named)
@@ -197,13 +224,18 @@ def latest_checkpoint(directory: str, rank: int = 0, world: int = 1) -> Optional
         reason = verify_checkpoint(os.path.join(root, name), rank, world)
         if reason is None:
             if damaged:
-                warnings.warn(f"checkpoint {'; '.join(damaged)}: resuming from {name}, the newest intact one "
-                              f"(the damaged ones are kept)", CheckpointWarning, stacklevel=2)
+                warnings.warn(
+                    f"checkpoint {'; '.join(damaged)}: resuming from {name}, the newest intact one "
+                    f"(the damaged ones are kept)",
+                    CheckpointWarning,
+                    stacklevel=2,
+                )
             return os.path.join(root, name)
         damaged.append(f"{name} is damaged ({reason})")
     if damaged:
-        raise CheckpointError(f"{root}: no intact checkpoint ({'; '.join(damaged)}): set resume=false to start over "
-                              f"(nothing is deleted)")
+        raise CheckpointError(
+            f"{root}: no intact checkpoint ({'; '.join(damaged)}): set resume=false to start over (nothing is deleted)"
+        )
     return None
 
 
@@ -223,9 +255,11 @@ def universal_checkpoint(folder: str, rank: int = 0, world: int = 1) -> str:
         if reason is not None and not checked_state:  # made again from the state, which must be checked first
             damaged = _agreed(_check_files(folder, rank, lambda rel: file_owner(rel, world), hashed=_in_state), world)
             if damaged is not None:
-                raise CheckpointError(f"checkpoint {folder}: its universal form is damaged ({reason}), and so is "
-                                      f"its state ({damaged}): resume on {saved_layout(folder)['world']} ranks "
-                                      f"from another checkpoint, or resume=false to start over")
+                raise CheckpointError(
+                    f"checkpoint {folder}: its universal form is damaged ({reason}), and so is "
+                    f"its state ({damaged}): resume on {saved_layout(folder)['world']} ranks "
+                    f"from another checkpoint, or resume=false to start over"
+                )
     if reason is None:
         return target
     error = None
@@ -237,8 +271,10 @@ def universal_checkpoint(folder: str, rank: int = 0, world: int = 1) -> str:
     error = _agreed(error, world)
     if error is not None:
         saved = saved_layout(folder)["world"]
-        raise CheckpointError(f"checkpoint {folder}: saved on {saved} ranks, it could not be converted for {world} "
-                              f"({error}): resume on {saved} ranks, or resume=false to start over")
+        raise CheckpointError(
+            f"checkpoint {folder}: saved on {saved} ranks, it could not be converted for {world} "
+            f"({error}): resume on {saved} ranks, or resume=false to start over"
+        )
     return target
 
 
@@ -249,9 +285,15 @@ def _convert(folder: str, target: str) -> None:
 
     tmp = target + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    args = argparse.Namespace(input_folder=os.path.join(folder, STATE), output_folder=os.path.join(tmp, STATE),
-                              num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
-                              inject_missing_state=True)
+    args = argparse.Namespace(
+        input_folder=os.path.join(folder, STATE),
+        output_folder=os.path.join(tmp, STATE),
+        num_extract_workers=1,
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=True,
+    )
     written: dict = {}
     try:
         with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):

@@ -17,6 +17,7 @@ file (``-c``), then ``key.sub=value`` overrides. Bad settings end with one
 line on stderr and exit status 2 (set FASTTED_DEBUG=1 for the traceback).
 Launch under ``torchrun --nproc_per_node N`` or ``deepspeed`` for several ranks.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,11 @@ from fastted.train.config import METHODS, PRESETS, ConfigError, ConfigKeyWarning
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastted", description="Layer-wise knowledge distillation of transformer "
-                                     "language models (TED, LWD, KD, CoDIR, RAIL-KD, DWT).")
+    parser = argparse.ArgumentParser(
+        prog="fastted",
+        description="Layer-wise knowledge distillation of transformer "
+        "language models (TED, LWD, KD, CoDIR, RAIL-KD, DWT).",
+    )
     # The deepspeed launcher passes --local_rank before the command (the rank is also in LOCAL_RANK).
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -40,24 +44,31 @@ def _parser() -> argparse.ArgumentParser:
         if which:
             p.add_argument("which", choices=("teacher", "student"))
         p.add_argument("-c", "--config", help="a YAML config file")
-        p.add_argument("--preset", metavar="NAME",
-                       help=f"start from this preset: {', '.join(PRESETS)} (default bbc-minilm)")
-        p.add_argument("overrides", nargs="*", metavar="key.sub=value",
-                       help="config overrides, e.g. seed=1 (anywhere on the line)")
+        p.add_argument(
+            "--preset", metavar="NAME", help=f"start from this preset: {', '.join(PRESETS)} (default bbc-minilm)"
+        )
+        p.add_argument(
+            "overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. seed=1 (anywhere on the line)"
+        )
         return p
 
     add("pipeline", "run every step of the config's `steps`")
     add("finetune", "fine-tune the teacher or the student alone", which=True)
     add("filters", "TED stage I: learn task-aware filters", which=True)
-    add("cache-teacher", "run the teacher once over the training data and store its top-k logits and layer "
-        "targets (read by distil with distil.teacher_cache=true)").add_argument(
-        "--method", action="append", help="a method (repeatable); default: distil.methods")
+    add(
+        "cache-teacher",
+        "run the teacher once over the training data and store its top-k logits and layer "
+        "targets (read by distil with distil.teacher_cache=true)",
+    ).add_argument("--method", action="append", help="a method (repeatable); default: distil.methods")
     add("distil", "stage II of the distillation methods").add_argument(
-        "--method", action="append", help="a method (repeatable); default: distil.methods")
+        "--method", action="append", help="a method (repeatable); default: distil.methods"
+    )
     add("evaluate", "evaluate every model of the run; write results.json, report.md and report.png")
-    add("tokenize", "tokenize the run's corpus once into memory-mapped token shards (the steps of an mlm or clm "
-        "run then map them); with --out, the whole source into DIR, to name as data.source").add_argument(
-        "--out", metavar="DIR", help="write the whole source (no split) as token shards into DIR")
+    add(
+        "tokenize",
+        "tokenize the run's corpus once into memory-mapped token shards (the steps of an mlm or clm "
+        "run then map them); with --out, the whole source into DIR, to name as data.source",
+    ).add_argument("--out", metavar="DIR", help="write the whole source (no split) as token shards into DIR")
     add("config", "print the resolved config as YAML")
     return parser
 
@@ -72,9 +83,11 @@ def _check_tokenizers(config) -> None:
     teacher = load_tokenizer(*model_source(config.teacher, "teacher"))
     student = load_tokenizer(*model_source(config.student, "student"))
     if not same_tokenizer(student, teacher):
-        raise ConfigError(f"student.path: its tokenizer ({type(student).__name__}, {len(student)} tokens) differs "
-                          f"from the teacher's ({type(teacher).__name__}, {len(teacher)} tokens); distillation "
-                          f"compares them token by token and needs the same tokenizer")
+        raise ConfigError(
+            f"student.path: its tokenizer ({type(student).__name__}, {len(student)} tokens) differs "
+            f"from the teacher's ({type(teacher).__name__}, {len(teacher)} tokens); distillation "
+            f"compares them token by token and needs the same tokenizer"
+        )
 
 
 _VALUED_OPTIONS = ("-c", "--config", "--preset", "--method", "--out", "--local_rank", "--local-rank")
@@ -88,7 +101,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     while i < len(argv):
         token = argv[i]
         if token in _VALUED_OPTIONS and i + 1 < len(argv):
-            rest += argv[i:i + 2]
+            rest += argv[i : i + 2]
             i += 2
             continue
         (overrides if "=" in token and not token.startswith("-") else rest).append(token)
@@ -110,8 +123,10 @@ def check_data_source(config) -> None:
             continue
         path = os.path.expanduser(source)
         if looks_like_path(source) and not (os.path.exists(path) or glob.glob(path)):
-            raise ConfigError(f"{key}: got {source!r}, which does not exist (a file, folder or glob, "
-                              f"{BUILT_IN_TEXT} or a dataset name)")
+            raise ConfigError(
+                f"{key}: got {source!r}, which does not exist (a file, folder or glob, "
+                f"{BUILT_IN_TEXT} or a dataset name)"
+            )
 
 
 def make_output_dir(path: str) -> None:
@@ -146,10 +161,16 @@ def run(argv=None) -> dict:
         model_source(config.student, "student")
     _check_tokenizers(config)
     check_against_models(config)
-    steps = {"pipeline": list(config.steps), "distil": ["distil"], "evaluate": ["evaluate"],
-             "cache-teacher": ["cache-teacher"], "tokenize": []}.get(args.command, [f"{args.command}-{getattr(args, 'which', '')}"])
-    methods = (args.method if args.command in ("distil", "cache-teacher") and args.method else None) \
-        or config.distil.methods
+    steps = {
+        "pipeline": list(config.steps),
+        "distil": ["distil"],
+        "evaluate": ["evaluate"],
+        "cache-teacher": ["cache-teacher"],
+        "tokenize": [],
+    }.get(args.command, [f"{args.command}-{getattr(args, 'which', '')}"])
+    methods = (
+        args.method if args.command in ("distil", "cache-teacher") and args.method else None
+    ) or config.distil.methods
     for method in methods:
         if method not in METHODS:
             raise ConfigError(f"--method: got {method!r}, needs one of {', '.join(METHODS)}")
@@ -189,8 +210,10 @@ def _print_results(config, results: dict) -> None:
         print("  differences, points [95% over the test examples] [95% over the seeds]:")
         for name, d in results["differences"].items():
             s = d["seeds"]
-            print(f"  {name:<28} {scale * d['diff']:+.2f} [{scale * d['low']:+.2f}, {scale * d['high']:+.2f}] "
-                  f"[{scale * s['low']:+.2f}, {scale * s['high']:+.2f}]{'' if d['holds'] else '  (ranks nothing)'}")
+            print(
+                f"  {name:<28} {scale * d['diff']:+.2f} [{scale * d['low']:+.2f}, {scale * d['high']:+.2f}] "
+                f"[{scale * s['low']:+.2f}, {scale * s['high']:+.2f}]{'' if d['holds'] else '  (ranks nothing)'}"
+            )
     else:
         print(f"\ntest {key} ({config.output_dir}):")
         for label, r in results.items():

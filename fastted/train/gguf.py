@@ -25,9 +25,11 @@ file (or converter) converts again and an unchanged one is found without reading
 temporary folder unique to the host and process, beside it, and renamed into place: the rename is the commit.
 Global rank 0 converts first; with a ``cache_root`` shared between nodes that is the only conversion, and on
 node-local storage each other node's local rank 0 then converts its own copy (should two processes convert one
-folder, the first rename wins and the other discards its copy). A folder whose manifest is missing or whose files differ from it in
+folder, the first rename wins and the other discards its copy). A folder whose manifest is missing or whose files
+differ from it in
 size is never used: it is converted again.
 """
+
 from __future__ import annotations
 
 import functools
@@ -40,8 +42,9 @@ import re
 import shutil
 import socket
 import struct
+from collections.abc import Callable
 from contextlib import contextmanager
-from typing import Callable, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 # Raised when the written layout or the processing changes, so that older folders convert again.
 CONVERTER_VERSION = 1
@@ -54,8 +57,9 @@ UNMAP_BYTES = 64 << 20  # bytes of the GGUF read between drops of its pages from
 def cache_key(path: str) -> str:
     """The name of ``path``'s converted folder: ``<stem>-<16 hex digits>`` (see the module docstring)."""
     stat = os.stat(path)
-    identity = json.dumps([os.path.realpath(path), stat.st_size, stat.st_mtime_ns, CONVERTER_VERSION,
-                           *_versions().values()])
+    identity = json.dumps(
+        [os.path.realpath(path), stat.st_size, stat.st_mtime_ns, CONVERTER_VERSION, *_versions().values()]
+    )
     stem = re.sub(r"[^A-Za-z0-9._-]", "_", os.path.splitext(os.path.basename(path))[0])
     return f"{stem}-{hashlib.sha256(identity.encode()).hexdigest()[:16]}"
 
@@ -90,8 +94,10 @@ def hf_folder(folder: str, gguf_file: str, cache_root: str, *, max_shard_bytes: 
     import torch.distributed as dist
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        raise RuntimeError("hf_folder is collective: call it on every rank once torch.distributed is initialized "
-                           "(fastted.train.engine.init_distributed), or the ranks that wait would not wait")
+        raise RuntimeError(
+            "hf_folder is collective: call it on every rank once torch.distributed is initialized "
+            "(fastted.train.engine.init_distributed), or the ranks that wait would not wait"
+        )
     path = os.path.join(folder, gguf_file)
     if not os.path.isfile(path):
         raise ValueError(f"gguf_file: no file {gguf_file!r} in {folder!r} (needs a .gguf file)")
@@ -100,8 +106,10 @@ def hf_folder(folder: str, gguf_file: str, cache_root: str, *, max_shard_bytes: 
     _convert_where(rank == 0, path, target, max_shard_bytes)  # shared storage: once for the whole job
     _convert_where(int(os.environ.get("LOCAL_RANK", "0")) == 0, path, target, max_shard_bytes)  # node-local
     if not is_complete(target):
-        raise RuntimeError(f"the GGUF {path} was not converted into {target}: {cache_root!r} is not the same "
-                           f"folder on this rank as on the rank that converted it")
+        raise RuntimeError(
+            f"the GGUF {path} was not converted into {target}: {cache_root!r} is not the same "
+            f"folder on this rank as on the rank that converted it"
+        )
     return target
 
 
@@ -126,8 +134,7 @@ def _convert_where(converts: bool, path: str, target: str, max_shard_bytes: int)
     if error is not None:
         raise error
     if failed:
-        raise RuntimeError(f"the conversion of the GGUF {path} into {target} failed on another rank (see its "
-                           f"error)")
+        raise RuntimeError(f"the conversion of the GGUF {path} into {target} failed on another rank (see its error)")
 
 
 def convert(path: str, target: str, *, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
@@ -185,7 +192,6 @@ def _alive(pid: int) -> bool:
 
 def _write_folder(path: str, out: str, max_shard_bytes: int) -> None:
     """Write config, tokenizer, weight shards, index and (last) manifest of the GGUF ``path`` into ``out``."""
-    import gguf
     import torch
     import transformers as tf
 
@@ -199,17 +205,24 @@ def _write_folder(path: str, out: str, max_shard_bytes: int) -> None:
     tokenizer.save_pretrained(out)
     del tokenizer
     _release_freed_memory()  # the metadata parsed three times (vocabulary included): gone before the tensors
-    weight_map, skipped, total = _write_weights(tensors, architecture, config_dict, config, out, max_shard_bytes,
-                                                unmap)
+    weight_map, skipped, total = _write_weights(tensors, architecture, config_dict, config, out, max_shard_bytes, unmap)
     with open(os.path.join(out, INDEX), "w", encoding="utf-8") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
     for entry in os.listdir(out):  # config and tokenizer files, on disk before the manifest says they are
         _fsync(os.path.join(out, entry))
     stat = os.stat(path)
     files = {entry: os.path.getsize(os.path.join(out, entry)) for entry in sorted(os.listdir(out))}
-    manifest = {"source": os.path.realpath(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-                "converter_version": CONVERTER_VERSION, **_versions(), "dtype": "float32", "parameter_bytes": total,
-                "skipped_gguf_tensors": skipped, "files": files}
+    manifest = {
+        "source": os.path.realpath(path),
+        "size": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+        "converter_version": CONVERTER_VERSION,
+        **_versions(),
+        "dtype": "float32",
+        "parameter_bytes": total,
+        "skipped_gguf_tensors": skipped,
+        "files": files,
+    }
     with open(os.path.join(out, MANIFEST), "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=1)
         f.flush()
@@ -231,9 +244,11 @@ def _config(config_dict: dict, architecture: str, path: str):
         GGUF_CONFIG_ARCHS = {}
 
     if architecture in GGUF_CONFIG_ARCHS:  # read by transformers' packed-weights path, not the legacy one
-        raise ValueError(f"gguf_file: {path} is a {architecture!r} model, which transformers loads through its "
-                         f"packed GGUF path; converting it tensor by tensor is not supported (convert it with "
-                         f"transformers' from_pretrained(..., gguf_file=...) and save_pretrained instead)")
+        raise ValueError(
+            f"gguf_file: {path} is a {architecture!r} model, which transformers loads through its "
+            f"packed GGUF path; converting it tensor by tensor is not supported (convert it with "
+            f"transformers' from_pretrained(..., gguf_file=...) and save_pretrained instead)"
+        )
     return CONFIG_MAPPING[config_dict["model_type"]].from_dict(dict(config_dict))
 
 
@@ -259,8 +274,10 @@ def _tensor_table(path: str) -> tuple[list[_Tensor], str, Callable[[], None]]:
 
     reader = gguf.GGUFReader(path)
     architecture = read_field(reader, "general.architecture")[0]
-    places = [(t.name, int(t.tensor_type), int(t.data_offset), tuple(int(d) for d in t.data.shape), t.data.dtype.str)
-              for t in reader.tensors]
+    places = [
+        (t.name, int(t.tensor_type), int(t.data_offset), tuple(int(d) for d in t.data.shape), t.data.dtype.str)
+        for t in reader.tensors
+    ]
     del reader
     _release_freed_memory()
     blob = np.memmap(path, mode="r", dtype=np.uint8)
@@ -268,7 +285,7 @@ def _tensor_table(path: str) -> tuple[list[_Tensor], str, Callable[[], None]]:
     for name, tensor_type, offset, shape, dtype in places:
         dtype = np.dtype(dtype)
         count = math.prod(shape)
-        data = blob[offset:offset + count * dtype.itemsize].view(dtype).reshape(shape)
+        data = blob[offset : offset + count * dtype.itemsize].view(dtype).reshape(shape)
         tensors.append(_Tensor(name, gguf.GGMLQuantizationType(tensor_type), data))
 
     def unmap() -> None:
@@ -304,7 +321,7 @@ def _dequantized(info, chunk_elements: int = 1 << 22):
     out = np.empty((data.shape[0], *row.shape[1:]), dtype=np.float32)
     step = max(1, chunk_elements // max(1, row.size))
     for start in range(0, data.shape[0], step):
-        out[start:start + step] = dequantize(data[start:start + step], info.tensor_type)
+        out[start : start + step] = dequantize(data[start : start + step], info.tensor_type)
     return out
 
 
@@ -346,8 +363,12 @@ class _StreamedShard:
         """Write the file (fsynced); the names of its tensors."""
         self._data.close()
         header = {"__metadata__": {"format": "pt"}}
-        header.update({name: {"dtype": "F32", "shape": shape, "data_offsets": [start, end]}
-                       for name, shape, start, end in self._entries})
+        header.update(
+            {
+                name: {"dtype": "F32", "shape": shape, "data_offsets": [start, end]}
+                for name, shape, start, end in self._entries
+            }
+        )
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned (safetensors allows trailing spaces)
         with open(self.path, "wb") as f:
@@ -361,8 +382,15 @@ class _StreamedShard:
         return sorted(name for name, *_ in self._entries)
 
 
-def _write_weights(tensors, architecture: str, config_dict: dict, config, out: str, max_shard_bytes: int,
-                   unmap: Callable[[], None] = lambda: None) -> tuple[dict, list, int]:
+def _write_weights(
+    tensors,
+    architecture: str,
+    config_dict: dict,
+    config,
+    out: str,
+    max_shard_bytes: int,
+    unmap: Callable[[], None] = lambda: None,
+) -> tuple[dict, list, int]:
     """Write the GGUF's ``tensors`` (see :func:`_tensor_table`) into shards in ``out`` (:class:`_StreamedShard`),
     calling ``unmap`` every :data:`UNMAP_BYTES` of the GGUF read (the pages leave the process); return (weight
     map, skipped GGUF names, total bytes)."""
@@ -375,8 +403,10 @@ def _write_weights(tensors, architecture: str, config_dict: dict, config, out: s
         with torch.device("meta"):
             model = tf.AutoModelForCausalLM.from_config(config)
     except ValueError:
-        raise ValueError(f"gguf_file: the GGUF's model type {config.model_type!r} has no causal LM class in "
-                         f"transformers (AutoModelForCausalLM): only causal LMs are converted") from None
+        raise ValueError(
+            f"gguf_file: the GGUF's model type {config.model_type!r} has no causal LM class in "
+            f"transformers (AutoModelForCausalLM): only causal LMs are converted"
+        ) from None
     processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=config_dict)
     with _name_maps_cached():
         names = get_gguf_hf_weights_map(model, processor)
@@ -399,8 +429,10 @@ def _write_weights(tensors, architecture: str, config_dict: dict, config, out: s
     def add(hf_name: str, tensor: torch.Tensor):
         nonlocal shard, total
         if hf_name in written:
-            raise ValueError(f"gguf_file: two GGUF tensors give the parameter {hf_name!r} (tensors not grouped by "
-                             f"block?): cannot convert it tensor by tensor")
+            raise ValueError(
+                f"gguf_file: two GGUF tensors give the parameter {hf_name!r} (tensors not grouped by "
+                f"block?): cannot convert it tensor by tensor"
+            )
         nbytes = tensor.numel() * tensor.element_size()
         if shard is not None and shard.bytes and shard.bytes + nbytes > max_shard_bytes:
             flush_shard()
@@ -425,8 +457,9 @@ def _write_weights(tensors, architecture: str, config_dict: dict, config, out: s
             unmap()
             read = info.data.nbytes
         weights = _dequantized(info)
-        result = processor.process(weights=weights, name=info.name, tensor_key_mapping=names,
-                                   parsed_parameters={"tensors": pending})
+        result = processor.process(
+            weights=weights, name=info.name, tensor_key_mapping=names, parsed_parameters={"tensors": pending}
+        )
         del weights
         if result.name is None:  # the processor put it into `pending` itself
             continue

@@ -23,6 +23,7 @@ a copy that does not keep modification times (``cp`` without ``-p``) no longer m
 restores the old time matches. A fresh teacher's values also depend on the device that draws them (a teacher
 built partitioned on an accelerator draws from that device's generator), which the record does not hold.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -172,9 +173,14 @@ def _fresh(config) -> dict:
     from importlib.metadata import version
 
     t = config.teacher
-    return {"seed": config.seed, "num_layers": t.num_layers, "hidden_size": t.hidden_size,
-            "intermediate_size": t.intermediate_size, "torch": version("torch"),
-            "transformers": version("transformers")}
+    return {
+        "seed": config.seed,
+        "num_layers": t.num_layers,
+        "hidden_size": t.hidden_size,
+        "intermediate_size": t.intermediate_size,
+        "torch": version("torch"),
+        "transformers": version("transformers"),
+    }
 
 
 def _digest(value) -> str:

@@ -30,20 +30,22 @@ does not partition onto a device, one tensor at a time.
 built on when the pipeline must learn which teacher layers it reads before the teacher is built
 (:func:`fastted.methods.base.Recipe.truncate_teacher`).
 """
+
 from __future__ import annotations
 
 import copy
 import json
 import os
 import re
+from collections.abc import Sequence
 from contextlib import ExitStack, contextmanager, nullcontext
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from torch import nn
 
-from fastted.train.config import ConfigError, ModelConfig
 from fastted.models import ModelAdapter, is_partitioned, keep_layers
+from fastted.train.config import ConfigError, ModelConfig
 from fastted.train.sources import hf_config, load_model, model_class, model_source, student_layers
 
 _SAFE_INDEX, _SAFE_SINGLE = "model.safetensors.index.json", "model.safetensors"
@@ -69,17 +71,21 @@ def reshape(config, settings: ModelConfig, key: str) -> None:
     if settings.num_layers is not None and key == "teacher":
         types = getattr(config, "layer_types", None)
         if isinstance(types, list) and settings.num_layers > len(types) and len(set(types)) > 1:
-            raise ConfigError(f"teacher.num_layers: got {settings.num_layers}, but the source's "
-                              f"{len(types)} blocks have different types ({sorted(set(types))}): fastted cannot "
-                              f"tell the types of more blocks (at most {len(types)})")
+            raise ConfigError(
+                f"teacher.num_layers: got {settings.num_layers}, but the source's "
+                f"{len(types)} blocks have different types ({sorted(set(types))}): fastted cannot "
+                f"tell the types of more blocks (at most {len(types)})"
+            )
         if isinstance(types, list):
-            config.layer_types = (types * settings.num_layers)[:settings.num_layers]
+            config.layer_types = (types * settings.num_layers)[: settings.num_layers]
         config.num_hidden_layers = settings.num_layers
     if settings.hidden_size is not None:
         heads = getattr(config, "num_attention_heads", None)
         if isinstance(heads, int) and settings.hidden_size % heads:
-            raise ConfigError(f"{key}.hidden_size: got {settings.hidden_size}, needs a multiple of the "
-                              f"{heads} attention heads of the source's config")
+            raise ConfigError(
+                f"{key}.hidden_size: got {settings.hidden_size}, needs a multiple of the "
+                f"{heads} attention heads of the source's config"
+            )
         old_head_dim = config.hidden_size // heads if isinstance(heads, int) else None
         config.hidden_size = settings.hidden_size
         if isinstance(getattr(config, "head_dim", None), int) and config.head_dim == old_head_dim:
@@ -114,8 +120,9 @@ def checkpoint_files(folder: str) -> dict[str, list[str]]:
     single = os.path.join(folder, _BIN_SINGLE)
     if os.path.isfile(single):
         return {single: list(_open_bin(single))}
-    raise ConfigError(f"{folder}: no model weights (model.safetensors, a sharded safetensors index or "
-                      f"pytorch_model.bin)")
+    raise ConfigError(
+        f"{folder}: no model weights (model.safetensors, a sharded safetensors index or pytorch_model.bin)"
+    )
 
 
 def weight_files(folder: str) -> list[str]:
@@ -129,8 +136,9 @@ def weight_files(folder: str) -> list[str]:
     for single in (_SAFE_SINGLE, _BIN_SINGLE):
         if os.path.isfile(os.path.join(folder, single)):
             return [os.path.join(folder, single)]
-    raise ConfigError(f"{folder}: no model weights (model.safetensors, a sharded safetensors index or "
-                      f"pytorch_model.bin)")
+    raise ConfigError(
+        f"{folder}: no model weights (model.safetensors, a sharded safetensors index or pytorch_model.bin)"
+    )
 
 
 def _open_bin(path: str) -> dict:
@@ -182,9 +190,11 @@ def source_names(model: nn.Module, files: dict[str, list[str]], blocks: Optional
     mapping = get_model_conversion_mapping(model, None, None) or []
     converters = [m for m in mapping if isinstance(m, WeightConverter)]
     if converters:
-        raise ConfigError(f"the {type(model).__name__} checkpoint needs transformers' weight conversions "
-                          f"({converters[0].source_patterns} ...), which fastted's partitioned loading does not "
-                          f"do: run without ZeRO-3 (engine.zero_stage < 3, engine.teacher_zero3=false)")
+        raise ConfigError(
+            f"the {type(model).__name__} checkpoint needs transformers' weight conversions "
+            f"({converters[0].source_patterns} ...), which fastted's partitioned loading does not "
+            f"do: run without ZeRO-3 (engine.zero_stage < 3, engine.teacher_zero3=false)"
+        )
     renamings = [m for m in mapping if m not in converters]
     wanted = set(model.state_dict().keys())
     prefix = getattr(model, "base_model_prefix", "") or ""
@@ -195,7 +205,7 @@ def source_names(model: nn.Module, files: dict[str, list[str]], blocks: Optional
     for file, names in files.items():
         for name in names:
             key = rename_source_key(name, renamings, [])[0]
-            candidates = [key, f"{prefix}.{key}"] + ([key[len(prefix) + 1:]] if key.startswith(prefix + ".") else [])
+            candidates = [key, f"{prefix}.{key}"] + ([key[len(prefix) + 1 :]] if key.startswith(prefix + ".") else [])
             for candidate in candidates if prefix else [key]:
                 match = block.match(candidate)
                 if match and renumber is not None:
@@ -274,9 +284,19 @@ def _zero3_construction(ds_config: dict):
         PreTrainedModel.init_weights = original
 
 
-def build_model(folder: str, task: str, *, gguf: Optional[str] = None, num_labels: Optional[int] = None,
-                blocks: Optional[Sequence[int]] = None, shapes: Sequence[tuple[ModelConfig, str]] = (),
-                fresh: bool = False, seed: int = 0, zero: Optional[dict] = None, meta: bool = False) -> nn.Module:
+def build_model(
+    folder: str,
+    task: str,
+    *,
+    gguf: Optional[str] = None,
+    num_labels: Optional[int] = None,
+    blocks: Optional[Sequence[int]] = None,
+    shapes: Sequence[tuple[ModelConfig, str]] = (),
+    fresh: bool = False,
+    seed: int = 0,
+    zero: Optional[dict] = None,
+    meta: bool = False,
+) -> nn.Module:
     """The model of ``task`` in the Hugging Face ``folder``, built as the module docstring says.
 
     Args:
@@ -334,7 +354,7 @@ def load_weights(model: nn.Module, folder: str, blocks: Optional[Sequence[int]] 
     read = _Reader(READ_WINDOW)
     done: set[int] = set()
     try:
-        for prefix, module in model.named_modules():
+        for module in model.modules():
             todo = []
             for param in module.parameters(recurse=False):
                 if id(param) in done:
@@ -367,8 +387,10 @@ def load_weights(model: nn.Module, folder: str, blocks: Optional[Sequence[int]] 
 
 def _copy(target: torch.Tensor, value: torch.Tensor, name: str, folder: str) -> None:
     if tuple(target.shape) != tuple(value.shape):
-        raise ConfigError(f"{folder}: the checkpoint's {name} has shape {tuple(value.shape)}, the model built from "
-                          f"its config {tuple(target.shape)}")
+        raise ConfigError(
+            f"{folder}: the checkpoint's {name} has shape {tuple(value.shape)}, the model built from "
+            f"its config {tuple(target.shape)}"
+        )
     with torch.no_grad():
         target.copy_(value)
 
@@ -406,8 +428,15 @@ def teacher_num_layers(config) -> int:
     return hf_config(*model_source(t, "teacher")).num_hidden_layers
 
 
-def build_teacher(config, *, folder: Optional[str] = None, num_labels: Optional[int] = None,
-                  zero: Optional[dict] = None, blocks: Optional[Sequence[int]] = None, meta: bool = False):
+def build_teacher(
+    config,
+    *,
+    folder: Optional[str] = None,
+    num_labels: Optional[int] = None,
+    zero: Optional[dict] = None,
+    blocks: Optional[Sequence[int]] = None,
+    meta: bool = False,
+):
     """The run's teacher, partitioned with ``zero`` (a DeepSpeed config) or whole: the model in ``folder`` (a
     step's output) or the teacher source, fresh and shaped by ``teacher.*`` with ``teacher.random_init``;
     ``blocks`` kept (the others neither built nor read), on the meta device with ``meta``."""
@@ -415,9 +444,18 @@ def build_teacher(config, *, folder: Optional[str] = None, num_labels: Optional[
     if folder is None:
         folder, gguf = model_source(config.teacher, "teacher")
         if config.teacher.random_init:
-            return build_model(folder, task, gguf=gguf, num_labels=num_labels, blocks=blocks,
-                               shapes=[(config.teacher, "teacher")], fresh=True, seed=config.seed, zero=zero,
-                               meta=meta)
+            return build_model(
+                folder,
+                task,
+                gguf=gguf,
+                num_labels=num_labels,
+                blocks=blocks,
+                shapes=[(config.teacher, "teacher")],
+                fresh=True,
+                seed=config.seed,
+                zero=zero,
+                meta=meta,
+            )
     if meta:
         return build_model(folder, task, gguf=gguf, num_labels=num_labels, blocks=blocks, meta=True)
     if zero is None and blocks is None:
@@ -431,7 +469,8 @@ def build_student(config, *, num_labels: Optional[int] = None, zero: Optional[di
     """The run's student, partitioned with ``zero`` or whole, never through a whole teacher: ``student.path``,
     or the teacher source's config with the kept layers only (:func:`fastted.train.sources.student_layers`), their
     weights read from the teacher's files (block ``layers[j]`` as block ``j``), or fresh with
-    ``student.random_init`` (drawn after ``torch.manual_seed(seed)``, as :func:`fastted.train.sources.build_student`)."""
+    ``student.random_init`` (drawn after ``torch.manual_seed(seed)``, as
+    :func:`fastted.train.sources.build_student`)."""
     s, task = config.student, config.task
     if s.path is not None:
         folder, gguf = model_source(s, "student")
@@ -440,6 +479,15 @@ def build_student(config, *, num_labels: Optional[int] = None, zero: Optional[di
     layers = student_layers(s, teacher_num_layers(config))
     if s.random_init:
         shapes = ([(config.teacher, "teacher")] if config.teacher.random_init else []) + [(s, "student")]
-        return build_model(folder, task, gguf=gguf, num_labels=num_labels, blocks=layers, shapes=shapes,
-                           fresh=True, seed=config.seed, zero=zero)
+        return build_model(
+            folder,
+            task,
+            gguf=gguf,
+            num_labels=num_labels,
+            blocks=layers,
+            shapes=shapes,
+            fresh=True,
+            seed=config.seed,
+            zero=zero,
+        )
     return build_model(hf_folder(config, folder, gguf), task, num_labels=num_labels, blocks=layers, zero=zero)

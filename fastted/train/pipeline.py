@@ -22,6 +22,7 @@ from :func:`fastted.train.data.prepare_data`, the recipes from the registry of
 :class:`fastted.train.engine.Engine`. Each training step is a
 :class:`~fastted.train.trainer.Training` of the same name, in the folder of that name.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,14 +33,24 @@ from typing import Optional
 
 import torch
 
-from fastted.train.config import Config, ConfigError, TrainConfig, method_config, packs_blocks, run_kind, to_yaml
-from fastted.train.data import Data, prepare_data
-from fastted.train.engine import (Engine, barrier, batch_layout, deepspeed_config, init_distributed, partitions_teacher,
-                            resolve_device, resolve_precision, seed_everything, teacher_deepspeed_config)
 from fastted.files import write_atomic
 from fastted.integrations import with_index
-from fastted.train.loading import build_teacher, place, teacher_num_layers
 from fastted.models import is_partitioned
+from fastted.train.config import Config, ConfigError, TrainConfig, method_config, packs_blocks, run_kind, to_yaml
+from fastted.train.data import Data, prepare_data
+from fastted.train.engine import (
+    Engine,
+    barrier,
+    batch_layout,
+    deepspeed_config,
+    init_distributed,
+    partitions_teacher,
+    resolve_device,
+    resolve_precision,
+    seed_everything,
+    teacher_deepspeed_config,
+)
+from fastted.train.loading import build_teacher, place, teacher_num_layers
 from fastted.train.sources import build_student, hf_config, load_model, load_tokenizer, model_source, student_layers
 from fastted.train.trainer import Training, evaluate_model, run, total_steps
 
@@ -58,8 +69,7 @@ def _model_dir(config: Config, name: str) -> str:
 
 def _train_key(config: Config, train: TrainConfig) -> str:
     """The config section of ``train``: finetune, filters.train or distil.train."""
-    return {id(config.finetune): "finetune", id(config.filters.train): "filters.train"}.get(id(train),
-                                                                                          "distil.train")
+    return {id(config.finetune): "finetune", id(config.filters.train): "filters.train"}.get(id(train), "distil.train")
 
 
 def check_prerequisites(config: Config, steps: list[str], methods: list[str], command: str = "pipeline") -> None:
@@ -69,8 +79,11 @@ def check_prerequisites(config: Config, steps: list[str], methods: list[str], co
     from fastted.methods import recipe_class
 
     made = {name for name in STEPS_WRITING if os.path.isdir(os.path.join(run_dir(config, name), "model"))}
-    made |= {f"cache-teacher-{m}" for m in methods
-             if os.path.isfile(os.path.join(run_dir(config, f"cache-teacher-{m}"), "manifest.json"))}
+    made |= {
+        f"cache-teacher-{m}"
+        for m in methods
+        if os.path.isfile(os.path.join(run_dir(config, f"cache-teacher-{m}"), "manifest.json"))
+    }
     for step in steps:
         needs = []
         if step.startswith("filters-") and config.task == "classification":
@@ -88,11 +101,14 @@ def check_prerequisites(config: Config, steps: list[str], methods: list[str], co
             what = f"{step} ({', '.join(methods)})" if step in ("distil", "cache-teacher") else step
             runs = " and ".join(f"`fastted {_command_of(name)}`" for name in dict.fromkeys(missing))
             steps_of = dict.fromkeys("cache-teacher" if n.startswith("cache-") else n for n in missing)
-            where = (f"add {', '.join(steps_of)} to steps before {step!r}" if command == "pipeline"
-                     else f"run {runs} first")
+            where = (
+                f"add {', '.join(steps_of)} to steps before {step!r}" if command == "pipeline" else f"run {runs} first"
+            )
             made_of = [n + ("/manifest.json" if n.startswith("cache-") else "/model") for n in missing]
-            raise ConfigError(f"steps: {what} needs {', '.join(made_of)} in {config.output_dir}, which no earlier "
-                              f"step writes: {where}")
+            raise ConfigError(
+                f"steps: {what} needs {', '.join(made_of)} in {config.output_dir}, which no earlier "
+                f"step writes: {where}"
+            )
         if step == "distil":
             made |= {f"distil-{m}" for m in methods}
         elif step == "cache-teacher":
@@ -104,7 +120,7 @@ def check_prerequisites(config: Config, steps: list[str], methods: list[str], co
 def _command_of(name: str) -> str:
     """The command that writes step folder ``name``: "finetune teacher", "cache-teacher --method kd"."""
     if name.startswith("cache-teacher-"):
-        return f"cache-teacher --method {name[len('cache-teacher-'):]}"
+        return f"cache-teacher --method {name[len('cache-teacher-') :]}"
     return " ".join(name.split("-", 1))
 
 
@@ -125,10 +141,19 @@ def _train(config: Config, name: str, recipe, data: Data, train: TrainConfig, de
     def evaluate(eng):
         return evaluate_model(evaluate_adapter, data, config.task, eng.micro_batch, eng.device, eng.rank, eng.world)
 
-    training = Training(name=name, directory=run_dir(config, name), recipe=recipe, dataset=data.train,
-                  collator=data.collator, train=train,
-                  evaluate=None if evaluate_adapter is None else evaluate, config_text=to_yaml(config),
-                  seed=config.seed, progress=config.progress, resume=config.resume)
+    training = Training(
+        name=name,
+        directory=run_dir(config, name),
+        recipe=recipe,
+        dataset=data.train,
+        collator=data.collator,
+        train=train,
+        evaluate=None if evaluate_adapter is None else evaluate,
+        config_text=to_yaml(config),
+        seed=config.seed,
+        progress=config.progress,
+        resume=config.resume,
+    )
     result = run(training, engine)
     with engine.gathered():
         if engine.is_main:
@@ -157,8 +182,8 @@ class _Start:
     device: torch.device
     rank: int
     world: int
-    path: str                  # the teacher's folder
-    gguf: Optional[str]        # and GGUF file
+    path: str  # the teacher's folder
+    gguf: Optional[str]  # and GGUF file
     data: Data
 
 
@@ -235,8 +260,11 @@ def finetune(config: Config, which: str) -> dict:
     n_labels = len(st.data.label_names)
     zeros = _partitioning(config, st, config.finetune, batch_layout(config.finetune, st.world)[0])
     zero = zeros[1]  # the model trains: partitioned as a student is
-    model = (build_teacher(config, num_labels=n_labels, zero=zero) if which == "teacher"
-             else _student(config, _legacy(config, zeros), zero, n_labels))
+    model = (
+        build_teacher(config, num_labels=n_labels, zero=zero)
+        if which == "teacher"
+        else _student(config, _legacy(config, zeros), zero, n_labels)
+    )
     model.config.id2label = dict(enumerate(st.data.label_names))  # saved with the model: its classes by name
     model.config.label2id = {name: i for i, name in enumerate(st.data.label_names)}
     recipe = FineTune(model, task=config.task, impl=config.engine.impl)
@@ -256,8 +284,14 @@ def learn_filters(config: Config, which: str) -> dict:
         model = build_teacher(config) if which == "teacher" else _student(config, legacy, None)
     fresh_width = config.teacher.hidden_size if config.teacher.random_init else None
     filter_dim = config.filters.filter_dim or fresh_width or hf_config(st.path, st.gguf).hidden_size
-    recipe = TEDStage1(model, interval=_interval(config, which), filter_dim=filter_dim,
-                       nonlinear=config.filters.nonlinear, task=config.task, impl=config.engine.impl)
+    recipe = TEDStage1(
+        model,
+        interval=_interval(config, which),
+        filter_dim=filter_dim,
+        nonlinear=config.filters.nonlinear,
+        task=config.task,
+        impl=config.engine.impl,
+    )
     return _train(config, f"filters-{which}", recipe, st.data, config.filters.train, st.device, None)
 
 
@@ -279,8 +313,10 @@ def _interval(config: Config, which: str) -> int:
         return interval
     n_filters = n_teacher // interval
     if n_filters == 0 or n_student % n_filters:
-        raise ConfigError(f"filters.interval {interval}: the teacher gets {n_filters} filters, which do not divide "
-                          f"the student's {n_student} layers")
+        raise ConfigError(
+            f"filters.interval {interval}: the teacher gets {n_filters} filters, which do not divide "
+            f"the student's {n_student} layers"
+        )
     return n_student // n_filters
 
 
@@ -309,9 +345,9 @@ def _recipe(config: Config, method: str, st: _Start, truncate: bool = False, cac
     kept blocks from the teacher's files itself (:func:`fastted.train.loading.build_student`): its initialization,
     never the teacher's other blocks."""
     from fastted.filters import TaskFilters
-    from fastted.train.loading import build_model
     from fastted.methods import RecipeModels, build_recipe, recipe_class
     from fastted.methods.base import Recipe
+    from fastted.train.loading import build_model
 
     tokenizer = st.data.tokenizer
     s_tokenizer = load_tokenizer(*model_source(config.student, "student")) if config.student.path else tokenizer
@@ -322,8 +358,14 @@ def _recipe(config: Config, method: str, st: _Start, truncate: bool = False, cac
     if recipe_class(method).uses_stage1_filters:
         filters = (TaskFilters.from_pretrained(s_dir), TaskFilters.from_pretrained(t_dir))
     fresh_teacher = t_dir is None and config.teacher.random_init  # drawn whole, then cut (its draws stay the same)
-    cut_first = (truncate and not cached and not legacy and zeros[0] is not None and not fresh_teacher
-                 and recipe_class(method).teacher_layers_needed is not Recipe.teacher_layers_needed)
+    cut_first = (
+        truncate
+        and not cached
+        and not legacy
+        and zeros[0] is not None
+        and not fresh_teacher
+        and recipe_class(method).teacher_layers_needed is not Recipe.teacher_layers_needed
+    )
     teacher = build_teacher(config, folder=t_dir, zero=zeros[0], meta=cut_first or cached)
     if s_dir is not None:
         student = load_model(s_dir, config.task) if legacy else build_model(s_dir, config.task, zero=zeros[1])
@@ -331,10 +373,17 @@ def _recipe(config: Config, method: str, st: _Start, truncate: bool = False, cac
         student = _student(config, False, zeros[1])
     else:
         student = _student(config, legacy, zeros[1], teacher=teacher)
-    steps = total_steps(len(st.data.train), config.distil.train, "distil.train",
-                        tokens_per_step(st.data, config.distil.train))
-    models = RecipeModels(student, teacher, tokenizers=(s_tokenizer, tokenizer), total_steps=steps, filters=filters,
-                          train_size=len(st.data.train))
+    steps = total_steps(
+        len(st.data.train), config.distil.train, "distil.train", tokens_per_step(st.data, config.distil.train)
+    )
+    models = RecipeModels(
+        student,
+        teacher,
+        tokenizers=(s_tokenizer, tokenizer),
+        total_steps=steps,
+        filters=filters,
+        train_size=len(st.data.train),
+    )
     recipe = build_recipe(method, config, models)
     if cut_first:
         kept = recipe.truncate_teacher() or recipe.teacher_model.num_layers
@@ -352,7 +401,8 @@ def _cache_cuts_teacher(config: Config) -> bool:
 
 
 def _cache_identity(config: Config, recipe, data: Data) -> dict:
-    """What a run's teacher cache is checked against: the teacher (:func:`fastted.train.identity.teacher_identity` of the
+    """What a run's teacher cache is checked against: the teacher (:func:`fastted.train.identity.teacher_identity` of
+    the
     folder its recipe's teacher is built from: its config and its checkpoint files' headers, none of its weights,
     the same whether the teacher is loaded or a meta-device stand-in), the tokenizer's vocabulary, the training
     data (tokens, packing, order of rows), the task; with the recipe's layers, temperature and targets, k and the
@@ -363,10 +413,16 @@ def _cache_identity(config: Config, recipe, data: Data) -> dict:
 
     name, _, vocab = tokenizer_key(data.tokenizer)
     teacher = teacher_identity(config, _step_models(config, type(recipe))[0])
-    return {"teacher": teacher, "tokenizer": f"{name}:{vocab}",
-            "data": data_fingerprint(data.train), "task": config.task, "k": config.distil.cache_k,
-            "quantization": config.distil.cache_quantization, "layer_bytes": config.distil.cache_layer_bytes,
-            **recipe.teacher_cache_expect()}
+    return {
+        "teacher": teacher,
+        "tokenizer": f"{name}:{vocab}",
+        "data": data_fingerprint(data.train),
+        "task": config.task,
+        "k": config.distil.cache_k,
+        "quantization": config.distil.cache_quantization,
+        "layer_bytes": config.distil.cache_layer_bytes,
+        **recipe.teacher_cache_expect(),
+    }
 
 
 def cache_teacher(config: Config, method: str) -> dict:
@@ -401,11 +457,25 @@ def cache_teacher(config: Config, method: str) -> dict:
 
         bar = tqdm(total=n, desc=f"cache-teacher-{method}", unit="ex")
     manifest = build_teacher_cache(
-        teacher, st.data.train, st.data.collator, directory, layers=identity["layers"], k=k,
-        temperature=identity["temperature"], quantization=config.distil.cache_quantization,
-        transform=recipe.cache_transform(), identity=identity, batch_size=batch_size,
-        shard_bytes=config.distil.cache_shard_mb << 20, layer_bytes=config.distil.cache_layer_bytes, seed=config.seed,
-        rank=st.rank, world=st.world, device=st.device, progress=None if bar is None else bar.update)
+        teacher,
+        st.data.train,
+        st.data.collator,
+        directory,
+        layers=identity["layers"],
+        k=k,
+        temperature=identity["temperature"],
+        quantization=config.distil.cache_quantization,
+        transform=recipe.cache_transform(),
+        identity=identity,
+        batch_size=batch_size,
+        shard_bytes=config.distil.cache_shard_mb << 20,
+        layer_bytes=config.distil.cache_layer_bytes,
+        seed=config.seed,
+        rank=st.rank,
+        world=st.world,
+        device=st.device,
+        progress=None if bar is None else bar.update,
+    )
     if bar is not None:
         bar.close()
     barrier()
@@ -417,16 +487,26 @@ def cache_teacher(config: Config, method: str) -> dict:
             manifest = json.load(f)
     stored = sum(record["bytes"] for record in manifest["shards"].values())
     tokens = manifest["tokens"]
-    result = {"examples": manifest["examples"], "bytes": stored, "tokens": tokens,
-              "bytes_per_token": manifest["bytes_per_token"]["total"],
-              "bytes_per_token_by_part": manifest["bytes_per_token"], "k": k,
-              "quantization": config.distil.cache_quantization, "layers": identity["layers"],
-              "layer_bytes": manifest["layer_bytes"], "layer_fraction": manifest["layer_fraction"]}
+    result = {
+        "examples": manifest["examples"],
+        "bytes": stored,
+        "tokens": tokens,
+        "bytes_per_token": manifest["bytes_per_token"]["total"],
+        "bytes_per_token_by_part": manifest["bytes_per_token"],
+        "k": k,
+        "quantization": config.distil.cache_quantization,
+        "layers": identity["layers"],
+        "layer_bytes": manifest["layer_bytes"],
+        "layer_fraction": manifest["layer_fraction"],
+    }
     if st.rank == 0:
         write_atomic(os.path.join(directory, "result.json"), json.dumps(result, indent=1))
         if not config.progress:
-            print(f"cache-teacher-{method}: {result['examples']} examples, {stored / 2**20:.1f} MiB, "
-                  f"{result['bytes_per_token']} B/token", flush=True)
+            print(
+                f"cache-teacher-{method}: {result['examples']} examples, {stored / 2**20:.1f} MiB, "
+                f"{result['bytes_per_token']} B/token",
+                flush=True,
+            )
     return result
 
 
@@ -461,9 +541,13 @@ def distil(config: Config, method: str) -> dict:
     data = st.data
     if config.distil.teacher_cache:
         directory = run_dir(config, f"cache-teacher-{method}")
-        cache = _open_on_every_rank(lambda: TeacherCache(
-            directory, expect=_cache_identity(config, recipe, data),
-            rebuild=f"run `fastted cache-teacher --method {method}` with this run's settings"))
+        cache = _open_on_every_rank(
+            lambda: TeacherCache(
+                directory,
+                expect=_cache_identity(config, recipe, data),
+                rebuild=f"run `fastted cache-teacher --method {method}` with this run's settings",
+            )
+        )
         recipe.use_teacher_cache(cache)  # before the engine: the stand-in is then never moved or partitioned
     if config.distil.teacher_cache or recipe.needs_example_ids:  # the cache's rows, a momentum bank's entries
         data = Data(with_index(data.train), data.test, data.collator, data.tokenizer, data.label_names)
@@ -472,9 +556,9 @@ def distil(config: Config, method: str) -> dict:
 
 def evaluate(config: Config) -> dict:
     """Every model the run has made, on the test split; writes results.json, report.md and report.png."""
-    from fastted.train.loading import build_model
     from fastted.methods import recipe_class
     from fastted.models import ModelAdapter
+    from fastted.train.loading import build_model
     from fastted.train.report import write_report
 
     st = _start(config)
@@ -505,8 +589,19 @@ def evaluate(config: Config) -> dict:
         place(model, st.device)
         model.eval()
         with torch.no_grad():
-            results[label] = {"step": name, **evaluate_model(ModelAdapter(model, config.task), st.data, config.task,
-                                                            micro, st.device, st.rank, st.world, per_example=True)}
+            results[label] = {
+                "step": name,
+                **evaluate_model(
+                    ModelAdapter(model, config.task),
+                    st.data,
+                    config.task,
+                    micro,
+                    st.device,
+                    st.rank,
+                    st.world,
+                    per_example=True,
+                ),
+            }
         del model, live
     if st.rank == 0:
         write_report(config, results)
@@ -519,13 +614,21 @@ def tokenize(config: Config, out: Optional[str] = None) -> dict:
     into ``out`` (a corpus to name as ``data.source`` in other runs). Rank 0 tokenizes with ``data.num_proc``
     workers while the other ranks wait. Returns the folders and their token and document counts."""
     from fastted.train import shards
-    from fastted.train.data import (is_tokenized, load_source, separator_id, tokenize_corpus, tokenizer_key,
-                              tokenizing_workers)
+    from fastted.train.data import (
+        is_tokenized,
+        load_source,
+        separator_id,
+        tokenize_corpus,
+        tokenizer_key,
+        tokenizing_workers,
+    )
 
     if not packs_blocks(config):
-        raise ConfigError(f"task: fastted tokenize makes the token shards of packed pre-training (task mlm or clm "
-                          f"with data.pack true); this run is {run_kind(config)}, whose examples are tokenized (and "
-                          f"cached) by each step")
+        raise ConfigError(
+            f"task: fastted tokenize makes the token shards of packed pre-training (task mlm or clm "
+            f"with data.pack true); this run is {run_kind(config)}, whose examples are tokenized (and "
+            f"cached) by each step"
+        )
     if is_tokenized(config.data.source):
         raise ConfigError(f"data.source: {config.data.source!r} is tokenized already; name it as data.source")
     device = resolve_device(config.engine)
@@ -538,11 +641,20 @@ def tokenize(config: Config, out: Optional[str] = None) -> dict:
         folders = {name: os.path.join(directory, name) for name in ("train", "test")}
     else:
         folders = {"corpus": os.path.abspath(os.path.expanduser(out))}
-        shards.made_once(folders["corpus"], lambda: shards.write_corpus(
-            load_source(d.source, name="data.source", sample_by=d.sample_by), tokenizer, folders["corpus"],
-            text_field=d.text_field, separator_id=separator_id(tokenizer), num_proc=tokenizing_workers(config),
-            identity={"source": str(d.source), "split": "all", "tokenizer": tokenizer_key(tokenizer)}),
-            rank=rank, rebuild=f"delete {folders['corpus']} and run again")
+        shards.made_once(
+            folders["corpus"],
+            lambda: shards.write_corpus(
+                load_source(d.source, name="data.source", sample_by=d.sample_by),
+                tokenizer,
+                folders["corpus"],
+                text_field=d.text_field,
+                separator_id=separator_id(tokenizer),
+                num_proc=tokenizing_workers(config),
+                identity={"source": str(d.source), "split": "all", "tokenizer": tokenizer_key(tokenizer)},
+            ),
+            rank=rank,
+            rebuild=f"delete {folders['corpus']} and run again",
+        )
     result = {}
     for name, folder in folders.items():
         corpus = shards.TokenCorpus(folder)
@@ -635,8 +747,13 @@ def seeds_summary(config: Config, per_seed: dict) -> dict:
 
     key = "accuracy" if config.task == "classification" else "perplexity"
     labels = [label for label in next(iter(per_seed.values())) if all(label in r for r in per_seed.values())]
-    models = {label: {**mean_interval([r[label][key] for r in per_seed.values()]),
-                      "per_seed": {str(s): r[label][key] for s, r in per_seed.items()}} for label in labels}
+    models = {
+        label: {
+            **mean_interval([r[label][key] for r in per_seed.values()]),
+            "per_seed": {str(s): r[label][key] for s, r in per_seed.items()},
+        }
+        for label in labels
+    }
     differences = {}
     if config.task == "classification":
         per_seed_results = list(per_seed.values())
@@ -652,8 +769,14 @@ def seeds_summary(config: Config, per_seed: dict) -> dict:
                     # both intervals leave out 0 on the same side.
                     by_seed = [r[label][key] - r[base][key] for r in per_seed_results]
                     d["seeds"] = {**mean_interval(by_seed), "per_seed": by_seed}
-                    d["holds"] = bool((d["low"] > 0 and d["seeds"]["low"] > 0)
-                                      or (d["high"] < 0 and d["seeds"]["high"] < 0))
+                    d["holds"] = bool(
+                        (d["low"] > 0 and d["seeds"]["low"] > 0) or (d["high"] < 0 and d["seeds"]["high"] < 0)
+                    )
                     differences[f"{label} - {base}"] = d
-    return {"metric": key, "seeds": list(config.seeds), "models": models, "differences": differences,
-            "test_examples": next(iter(per_seed.values()))[labels[0]].get("examples")}
+    return {
+        "metric": key,
+        "seeds": list(config.seeds),
+        "models": models,
+        "differences": differences,
+        "test_examples": next(iter(per_seed.values()))[labels[0]].get("examples"),
+    }

@@ -16,27 +16,36 @@ for other models ``distil.ted.normalize_mse`` (and LWD's) makes the MSE relative
 targets' mean square, so that a weight means the same across models (then
 tune it again: the published values assume the raw MSE).
 """
+
 from __future__ import annotations
 
 from typing import Any
 
 # GLUE training-set sizes, for the scripts' warmup steps as a ratio of the run's steps.
-_GLUE_TRAIN = {"mnli": 392_702, "qqp": 363_846, "qnli": 104_743, "sst2": 67_349, "rte": 2_490, "cola": 8_551,
-               "mrpc": 3_668, "stsb": 5_749}
+_GLUE_TRAIN = {
+    "mnli": 392_702,
+    "qqp": 363_846,
+    "qnli": 104_743,
+    "sst2": 67_349,
+    "rte": 2_490,
+    "cola": 8_551,
+    "mrpc": 3_668,
+    "stsb": 5_749,
+}
 
 # cliang1453/task-aware-distillation, scripts/{ted,lwd,kd}_glue.sh (commit 1cd33d0): per task the batch size,
 # learning rate, epochs, warmup steps, max length, and (kl_alpha, mse_alpha) of TED, LWD and KD. All three at
 # the scripts' default temperature and weight decay 0; the comments give the GLUE dev scores the scripts report.
 _TED_GLUE = {
     # task: (batch, lr, epochs, warmup steps, max length, TED (kl, mse), LWD (kl, mse), KD kl)
-    "mnli": (64, 7e-5, 3, 1500, 256, (5, 7500), (5, 100), 5),      # acc TED 88.8, LWD 88.4, KD 88.5
-    "qqp": (64, 6e-5, 8, 5000, 256, (20, 1000), (20, 20), 20),     # acc TED 92.2, LWD 91.8, KD 91.8
-    "qnli": (32, 5e-5, 3, 500, 256, (20, 100), (20, 10), 20),      # acc TED 93.1, LWD 92.9, KD 92.8
-    "sst2": (32, 4e-5, 6, 0, 256, (20, 20), (20, 20), 20),         # acc TED 94.4, LWD 94.3, KD 94.0
-    "rte": (16, 6e-5, 6, 0, 256, (20, 50), (20, 20), 20),          # acc TED 83.0, LWD 80.8, KD 80.1
-    "cola": (32, 6e-5, 6, 0, 256, (0, 10), (0, 5), 20),            # mcc TED 68.3, LWD 65.8, KD 64.6
-    "mrpc": (32, 7e-5, 6, 0, 256, (20, 100), (20, 5), 20),         # acc TED 91.7, LWD 90.9, KD 91.2
-    "stsb": (16, 1e-4, 6, 100, 128, (20, 50), (20, 5), 20),        # spearman TED 91.1, LWD 90.6, KD 90.7
+    "mnli": (64, 7e-5, 3, 1500, 256, (5, 7500), (5, 100), 5),  # acc TED 88.8, LWD 88.4, KD 88.5
+    "qqp": (64, 6e-5, 8, 5000, 256, (20, 1000), (20, 20), 20),  # acc TED 92.2, LWD 91.8, KD 91.8
+    "qnli": (32, 5e-5, 3, 500, 256, (20, 100), (20, 10), 20),  # acc TED 93.1, LWD 92.9, KD 92.8
+    "sst2": (32, 4e-5, 6, 0, 256, (20, 20), (20, 20), 20),  # acc TED 94.4, LWD 94.3, KD 94.0
+    "rte": (16, 6e-5, 6, 0, 256, (20, 50), (20, 20), 20),  # acc TED 83.0, LWD 80.8, KD 80.1
+    "cola": (32, 6e-5, 6, 0, 256, (0, 10), (0, 5), 20),  # mcc TED 68.3, LWD 65.8, KD 64.6
+    "mrpc": (32, 7e-5, 6, 0, 256, (20, 100), (20, 5), 20),  # acc TED 91.7, LWD 90.9, KD 91.2
+    "stsb": (16, 1e-4, 6, 100, 128, (20, 50), (20, 5), 20),  # spearman TED 91.1, LWD 90.6, KD 90.7
 }
 
 
@@ -45,11 +54,18 @@ def _ted_glue(task: str) -> dict[str, Any]:
     steps = epochs * -(-_GLUE_TRAIN[task] // batch)
     return {
         "data.max_length": max_length,
-        "distil.ted.temperature": 2.0, "distil.lwd.temperature": 2.0, "distil.kd.temperature": 2.0,
-        "distil.train.batch_size": batch, "distil.train.lr": lr, "distil.train.epochs": float(epochs),
-        "distil.train.warmup_ratio": round(warmup / steps, 4), "distil.train.weight_decay": 0.0,
-        "distil.ted.kl_alpha": ted[0], "distil.ted.mse_alpha": ted[1],
-        "distil.lwd.kl_alpha": lwd[0], "distil.lwd.mse_alpha": lwd[1],
+        "distil.ted.temperature": 2.0,
+        "distil.lwd.temperature": 2.0,
+        "distil.kd.temperature": 2.0,
+        "distil.train.batch_size": batch,
+        "distil.train.lr": lr,
+        "distil.train.epochs": float(epochs),
+        "distil.train.warmup_ratio": round(warmup / steps, 4),
+        "distil.train.weight_decay": 0.0,
+        "distil.ted.kl_alpha": ted[0],
+        "distil.ted.mse_alpha": ted[1],
+        "distil.lwd.kl_alpha": lwd[0],
+        "distil.lwd.mse_alpha": lwd[1],
         "distil.kd.kl_alpha": kd,
     }
 
@@ -59,14 +75,22 @@ PUBLISHED: dict[str, dict[str, Any]] = {f"ted-glue-{task}": _ted_glue(task) for 
 # DWT (Lee et al., 2023, distillation from a weaker teacher): the KL weight starts high (4) and decays to 1 over
 # training, and the larger student starts from random weights (the paper found remapping the teacher's
 # parameters into it hurts). The decay's shape is fastted's default (cosine); the paper names the end points.
-PUBLISHED["dwt-paper"] = {"distil.dwt.alpha_h": 1.0, "distil.dwt.alpha_s": 4.0, "distil.dwt.alpha_s_end": 1.0,
-                          "distil.dwt.remap": False}
+PUBLISHED["dwt-paper"] = {
+    "distil.dwt.alpha_h": 1.0,
+    "distil.dwt.alpha_s": 4.0,
+    "distil.dwt.alpha_s_end": 1.0,
+    "distil.dwt.remap": False,
+}
 
 # RAIL-KD (Haidar et al., Findings of NAACL 2022, equation 4): the task, KL and random intermediate-layer losses
 # weighted by lambdas that sum to 1, the teacher layers drawn again each epoch. The paper's per-task lambdas are
 # not reproduced here: equal thirds.
-PUBLISHED["railkd-paper"] = {"distil.railkd.task_alpha": 1 / 3, "distil.railkd.kd_alpha": 1 / 3,
-                             "distil.railkd.rail_alpha": 1 / 3, "distil.railkd.per": "epoch"}
+PUBLISHED["railkd-paper"] = {
+    "distil.railkd.task_alpha": 1 / 3,
+    "distil.railkd.kd_alpha": 1 / 3,
+    "distil.railkd.rail_alpha": 1 / 3,
+    "distil.railkd.per": "epoch",
+}
 
 # CoDIR (Sun et al., EMNLP 2020), fine-tuning, from the authors' code (intersun/CoDIR, commit bb225c5):
 # run_glue_script.py (T 2, kd_weight 0.5 with the task term at 1 - 0.5, nce_k 100 negatives, 10 epochs, weight
@@ -79,10 +103,16 @@ PUBLISHED["railkd-paper"] = {"distil.railkd.task_alpha": 1 / 3, "distil.railkd.k
 # teacher's), fastted's an InfoNCE of the student against the teacher's memory. The memory starts empty here
 # (there: random vectors), so the first epoch draws from the examples seen so far.
 PUBLISHED["codir-paper"] = {
-    "distil.codir.kd_temperature": 2.0, "distil.codir.task_alpha": 0.5, "distil.codir.kd_alpha": 0.5,
-    "distil.codir.proj_dim": 128, "distil.codir.temperature": 0.07, "distil.codir.negatives": 100,
-    "distil.codir.bank_mode": "momentum", "distil.codir.pooling": "first",
-    "distil.per_method.codir.train": {"epochs": 10.0, "weight_decay": 0.1, "warmup_ratio": 0.06}}
+    "distil.codir.kd_temperature": 2.0,
+    "distil.codir.task_alpha": 0.5,
+    "distil.codir.kd_alpha": 0.5,
+    "distil.codir.proj_dim": 128,
+    "distil.codir.temperature": 0.07,
+    "distil.codir.negatives": 100,
+    "distil.codir.bank_mode": "momentum",
+    "distil.codir.pooling": "first",
+    "distil.per_method.codir.train": {"epochs": 10.0, "weight_decay": 0.1, "warmup_ratio": 0.06},
+}
 
 SOURCES = {
     **{f"ted-glue-{task}": "cliang1453/task-aware-distillation scripts/{ted,lwd,kd}_glue.sh" for task in _TED_GLUE},

@@ -1,6 +1,7 @@
 """The run's closing report: results.json, report.md (a table of the test metric of every model, and
 each step's last losses), report.png (each step's loss curve, and the test metric of every model) and, for the
 steps whose records count their tokens, report-throughput.png (the training loss and tokens/s against tokens)."""
+
 from __future__ import annotations
 
 import json
@@ -20,9 +21,14 @@ def write_report(config, results: dict) -> str:
     os.makedirs(out, exist_ok=True)
     key, title = _metric(config)
     write_atomic(os.path.join(out, "results.json"), json.dumps(results, indent=1))
-    lines = [f"# fastted report: {os.path.basename(os.path.abspath(out))}", "",
-             f"Task: {config.task}; data: {config.data.source}; teacher: {config.teacher.path}.", "",
-             f"| model | test {title} | examples / tokens |", "| --- | --- | --- |"]
+    lines = [
+        f"# fastted report: {os.path.basename(os.path.abspath(out))}",
+        "",
+        f"Task: {config.task}; data: {config.data.source}; teacher: {config.teacher.path}.",
+        "",
+        f"| model | test {title} | examples / tokens |",
+        "| --- | --- | --- |",
+    ]
     for label, r in results.items():
         value = r.get(key)
         shown = f"{value:.4f}" if isinstance(value, float) else "-"
@@ -38,8 +44,9 @@ def write_report(config, results: dict) -> str:
         for step, records in curves.items():
             last = records[-1]
             terms = ", ".join(f"{k} {v:.4f}" for k, v in last.get("terms", {}).items())
-            lines.append(f"| {step} | {last['step']} | {last['loss']:.4f} | {terms} | "
-                         f"{last.get('tokens_per_s', 0):.0f} |")
+            lines.append(
+                f"| {step} | {last['step']} | {last['loss']:.4f} | {terms} | {last.get('tokens_per_s', 0):.0f} |"
+            )
     lines += ["", "![loss curves and test metric](report.png)", ""]
     counted = {step: [r for r in records if "tokens" in r] for step, records in curves.items()}
     counted = {step: records for step, records in counted.items() if records}  # records before tokens were kept: none
@@ -73,8 +80,9 @@ def _plot(path: str, curves: dict, results: dict, key: str, title: str) -> None:
     right.set_xticks(range(len(labels)), labels, rotation=20, fontsize=8)
     right.set_title(f"test {title}")
     for bar, value in zip(bars, values):
-        right.annotate(f"{value:.3f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
-                       va="bottom", fontsize=8)
+        right.annotate(
+            f"{value:.3f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8
+        )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -92,8 +100,10 @@ def _plot_throughput(path: str, curves: dict) -> None:
         tokens = [r["tokens"] for r in records]
         left.plot(tokens, [r["loss"] for r in records], label=step)
         right.plot(tokens, [r["tokens_per_s"] for r in records], label=step)
-    for ax, label, title in ((left, "training loss", "loss against tokens"),
-                             (right, "tokens / s (logging window)", "throughput")):
+    for ax, label, title in (
+        (left, "training loss", "loss against tokens"),
+        (right, "tokens / s (logging window)", "throughput"),
+    ):
         ax.set_xlabel("tokens trained")
         ax.set_ylabel(label)
         ax.set_title(title)
@@ -112,27 +122,37 @@ def write_seeds_report(config, summary: dict) -> str:
     write_atomic(os.path.join(out, "results.json"), json.dumps(summary, indent=1))
     key, scale = summary["metric"], (100.0 if summary["metric"] == "accuracy" else 1.0)
     seeds = ", ".join(map(str, summary["seeds"]))
-    lines = [f"# fastted report: {os.path.basename(os.path.abspath(out))}", "",
-             f"Task: {config.task}; data: {config.data.source}; teacher: {config.teacher.path}; seeds {seeds} "
-             f"(one test split of {summary['test_examples']} examples).", "",
-             f"| model | mean test {key} | std | 95% interval (t, over seeds) | per seed |",
-             "| --- | --- | --- | --- | --- |"]
+    lines = [
+        f"# fastted report: {os.path.basename(os.path.abspath(out))}",
+        "",
+        f"Task: {config.task}; data: {config.data.source}; teacher: {config.teacher.path}; seeds {seeds} "
+        f"(one test split of {summary['test_examples']} examples).",
+        "",
+        f"| model | mean test {key} | std | 95% interval (t, over seeds) | per seed |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for label, m in summary["models"].items():
         per = ", ".join(f"{v:.4f}" for v in m["per_seed"].values())
         lines.append(f"| {label} | {m['mean']:.4f} | {m['std']:.4f} | [{m['low']:.4f}, {m['high']:.4f}] | {per} |")
     if summary["differences"]:
-        lines += ["", "Paired differences on the same test examples and seeds: a bootstrap over the examples "
-                      "(10,000 resamples, the seeds held fixed) and a paired t interval over the seeds (the test "
-                      "split held fixed). A difference holds when both leave out 0 on one side; otherwise it "
-                      "ranks nothing:", "",
-                  "| difference | points | 95% over examples | 95% over seeds | per seed | holds |",
-                  "| --- | --- | --- | --- | --- | --- |"]
+        lines += [
+            "",
+            "Paired differences on the same test examples and seeds: a bootstrap over the examples "
+            "(10,000 resamples, the seeds held fixed) and a paired t interval over the seeds (the test "
+            "split held fixed). A difference holds when both leave out 0 on one side; otherwise it "
+            "ranks nothing:",
+            "",
+            "| difference | points | 95% over examples | 95% over seeds | per seed | holds |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
         for name, d in summary["differences"].items():
             s = d["seeds"]
             per = ", ".join(f"{scale * v:+.2f}" for v in s["per_seed"])
-            lines.append(f"| {name} | {scale * d['diff']:+.2f} | [{scale * d['low']:+.2f}, {scale * d['high']:+.2f}] "
-                         f"| [{scale * s['low']:+.2f}, {scale * s['high']:+.2f}] | {per} | "
-                         f"{'yes' if d['holds'] else 'no'} |")
+            lines.append(
+                f"| {name} | {scale * d['diff']:+.2f} | [{scale * d['low']:+.2f}, {scale * d['high']:+.2f}] "
+                f"| [{scale * s['low']:+.2f}, {scale * s['high']:+.2f}] | {per} | "
+                f"{'yes' if d['holds'] else 'no'} |"
+            )
     lines += ["", "![test metric over seeds](report.png)", ""]
     text = "\n".join(lines)
     write_atomic(os.path.join(out, "report.md"), text)

@@ -20,6 +20,7 @@ their own that points at the arrays where they are.
 dropped) and gives each block with the positions at which a document starts inside it; the collators restart
 position ids there and keep attention and the loss inside each document (:mod:`fastted.train.data`).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -27,7 +28,8 @@ import json
 import os
 import shutil
 import time
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import numpy as np
 
@@ -36,10 +38,10 @@ from fastted.files import write_atomic
 META = "meta.json"
 FORMAT = "fastted-tokens"
 VERSION = 1
-WAIT_POLL = 1.0          # seconds between the looks of a rank waiting for another's shards
-_ERROR = "error.txt"     # written by the tokenizing rank when it fails, so the waiting ranks stop too
-_SCAN_TOKENS = 2 ** 26   # tokens of a token array read at a time while its separators are found
-_TEXTS = 1000            # documents a tokenizing worker encodes at a time
+WAIT_POLL = 1.0  # seconds between the looks of a rank waiting for another's shards
+_ERROR = "error.txt"  # written by the tokenizing rank when it fails, so the waiting ranks stop too
+_SCAN_TOKENS = 2**26  # tokens of a token array read at a time while its separators are found
+_TEXTS = 1000  # documents a tokenizing worker encodes at a time
 
 
 class CorpusError(ValueError):
@@ -49,7 +51,7 @@ class CorpusError(ValueError):
 
 def token_dtype(vocab_size: int) -> np.dtype:
     """uint16 when every id fits, else uint32."""
-    return np.dtype(np.uint16) if vocab_size <= 2 ** 16 else np.dtype(np.uint32)
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 
 
 def is_corpus(path: str) -> bool:
@@ -91,8 +93,9 @@ def _encode_piece(number: int) -> dict:
     with open(os.path.join(directory, tokens_name), "wb") as out:
         for batch in dataset.iter(batch_size=_TEXTS):
             texts = [t if isinstance(t, str) else "" for t in batch[text_field]]
-            ids = tokenizer(texts, truncation=False, return_attention_mask=False,
-                            return_token_type_ids=False, verbose=False)["input_ids"]
+            ids = tokenizer(
+                texts, truncation=False, return_attention_mask=False, return_token_type_ids=False, verbose=False
+            )["input_ids"]
             lengths = np.fromiter((len(x) + len(extra) for x in ids), np.int64, len(ids))
             flat = np.fromiter((t for x in ids for t in (*x, *extra)), np.int64, int(lengths.sum()))
             if flat.size:
@@ -105,8 +108,16 @@ def _encode_piece(number: int) -> dict:
     return {"tokens": tokens_name, "docs": docs_name, "n_tokens": count, "n_docs": int(docs.size), "top": top}
 
 
-def write_corpus(dataset, tokenizer, directory: str, *, text_field: str = "text", separator_id: Optional[int],
-                 num_proc: int = 1, identity: Optional[dict] = None) -> dict:
+def write_corpus(
+    dataset,
+    tokenizer,
+    directory: str,
+    *,
+    text_field: str = "text",
+    separator_id: Optional[int],
+    num_proc: int = 1,
+    identity: Optional[dict] = None,
+) -> dict:
     """Tokenize the ``text_field`` of every row of ``dataset`` (a ``datasets.Dataset``, in row order) with the
     tokenizer's special tokens, follow each document with ``separator_id``, and write the shards into
     ``directory`` (replaced whole: written under ``directory.tmp`` and renamed). ``num_proc`` workers each take a
@@ -114,14 +125,16 @@ def write_corpus(dataset, tokenizer, directory: str, *, text_field: str = "text"
     import multiprocessing
 
     if text_field not in dataset.column_names:
-        raise ValueError(f"data.text_field = {text_field!r} is not a column of the dataset; it has "
-                         f"{dataset.column_names}")
+        raise ValueError(
+            f"data.text_field = {text_field!r} is not a column of the dataset; it has {dataset.column_names}"
+        )
     dtype = token_dtype(len(tokenizer))
     tmp = _fresh(directory)
     rows = dataset.select_columns([text_field])
     pieces = max(1, min(int(num_proc), len(rows)))
-    _JOBS[:] = [(rows.shard(pieces, i, contiguous=True), tokenizer, text_field, separator_id, dtype, tmp)
-                for i in range(pieces)]
+    _JOBS[:] = [
+        (rows.shard(pieces, i, contiguous=True), tokenizer, text_field, separator_id, dtype, tmp) for i in range(pieces)
+    ]
     try:  # forked workers, one alone too, so the tokenizer's own threads stay as they were in this process
         with multiprocessing.get_context("fork").Pool(pieces) as pool:
             shards = pool.map(_encode_piece, range(pieces), chunksize=1)
@@ -129,15 +142,15 @@ def write_corpus(dataset, tokenizer, directory: str, *, text_field: str = "text"
         _JOBS.clear()
     top = max(s.pop("top") for s in shards)
     if top >= np.iinfo(dtype).max + 1:
-        raise ValueError(f"tokenizer: gave the id {top}, which {dtype} cannot hold (len(tokenizer) = "
-                         f"{len(tokenizer)})")
+        raise ValueError(f"tokenizer: gave the id {top}, which {dtype} cannot hold (len(tokenizer) = {len(tokenizer)})")
     for shard in shards:
         shard["dtype"] = dtype.name
     return _publish(tmp, directory, shards, separator_id, len(tokenizer), identity)
 
 
-def index_token_arrays(arrays: Sequence[str], directory: str, *, separator_id: Optional[int],
-                       identity: Optional[dict] = None) -> dict:
+def index_token_arrays(
+    arrays: Sequence[str], directory: str, *, separator_id: Optional[int], identity: Optional[dict] = None
+) -> dict:
     """A corpus over a folder's ``.npy`` token arrays, where they are: the document ends (after each
     ``separator_id``, and at each array's end) found a window at a time and written to ``directory`` with a
     meta.json that names the arrays. Returns the meta."""
@@ -146,11 +159,12 @@ def index_token_arrays(arrays: Sequence[str], directory: str, *, separator_id: O
     for number, path in enumerate(arrays):
         array = np.load(path, mmap_mode="r")
         if array.ndim != 1 or not np.issubdtype(array.dtype, np.integer):
-            raise CorpusError(f"data.source: {path} holds a {array.ndim}-D {array.dtype} array; a token array is "
-                              f"1-D and of integers")
+            raise CorpusError(
+                f"data.source: {path} holds a {array.ndim}-D {array.dtype} array; a token array is 1-D and of integers"
+            )
         ends = []
         for lo in range(0, array.size, _SCAN_TOKENS):
-            window = np.asarray(array[lo:lo + _SCAN_TOKENS])
+            window = np.asarray(array[lo : lo + _SCAN_TOKENS])
             if separator_id is not None:
                 ends.append(lo + 1 + np.flatnonzero(window == separator_id))
             if window.size and int(window.min()) < 0:
@@ -160,8 +174,16 @@ def index_token_arrays(arrays: Sequence[str], directory: str, *, separator_id: O
             docs = np.append(docs, array.size)
         docs_name = f"docs-{number:05d}.npy"
         np.save(os.path.join(tmp, docs_name), docs.astype(np.int64))
-        shards.append({"tokens": os.path.abspath(path), "offset": int(array.offset), "dtype": array.dtype.str,
-                       "n_tokens": int(array.size), "n_docs": int(docs.size), "docs": docs_name})
+        shards.append(
+            {
+                "tokens": os.path.abspath(path),
+                "offset": int(array.offset),
+                "dtype": array.dtype.str,
+                "n_tokens": int(array.size),
+                "n_docs": int(docs.size),
+                "docs": docs_name,
+            }
+        )
         del array
     return _publish(tmp, directory, shards, separator_id, None, identity)
 
@@ -174,13 +196,26 @@ def _fresh(directory: str) -> str:
     return tmp
 
 
-def _publish(tmp: str, directory: str, shards: list, separator_id: Optional[int], vocab_size: Optional[int],
-             identity: Optional[dict]) -> dict:
+def _publish(
+    tmp: str,
+    directory: str,
+    shards: list,
+    separator_id: Optional[int],
+    vocab_size: Optional[int],
+    identity: Optional[dict],
+) -> dict:
     """Close the folder ``tmp`` (from :func:`_fresh`) with its meta.json, written last, and rename it to
     ``directory`` (replacing an older one). Returns the meta."""
-    meta = {"format": FORMAT, "version": VERSION, "shards": shards, "tokens": sum(s["n_tokens"] for s in shards),
-            "documents": sum(s["n_docs"] for s in shards), "separator_id": separator_id, "vocab_size": vocab_size,
-            "identity": identity or {}}
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "shards": shards,
+        "tokens": sum(s["n_tokens"] for s in shards),
+        "documents": sum(s["n_docs"] for s in shards),
+        "separator_id": separator_id,
+        "vocab_size": vocab_size,
+        "identity": identity or {},
+    }
     write_atomic(os.path.join(tmp, META), json.dumps(meta, indent=1))
     if os.path.isdir(directory):
         shutil.rmtree(directory)
@@ -249,8 +284,10 @@ class TokenCorpus:
         except (OSError, ValueError) as error:
             raise CorpusError(f"{path}: cannot read the corpus's meta ({error}); {rebuild}") from None
         if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-            raise CorpusError(f"{path}: format {meta.get('format')!r} version {meta.get('version')!r}, needs "
-                              f"{FORMAT!r} version {VERSION}; {rebuild}")
+            raise CorpusError(
+                f"{path}: format {meta.get('format')!r} version {meta.get('version')!r}, needs "
+                f"{FORMAT!r} version {VERSION}; {rebuild}"
+            )
         self.meta = meta
         self.shards = meta["shards"]
         for shard in self.shards:
@@ -260,8 +297,10 @@ class TokenCorpus:
                 if not os.path.isfile(file):
                     raise CorpusError(f"{self.directory}: the shard file {file} is missing; {rebuild}")
                 if size is not None and os.path.getsize(file) < size:
-                    raise CorpusError(f"{self.directory}: {file} holds {os.path.getsize(file)} bytes, its meta "
-                                      f"says {size}: it was cut short or changed; {rebuild}")
+                    raise CorpusError(
+                        f"{self.directory}: {file} holds {os.path.getsize(file)} bytes, its meta "
+                        f"says {size}: it was cut short or changed; {rebuild}"
+                    )
         counts = np.array([s["n_tokens"] for s in self.shards], np.int64)
         self.starts = np.concatenate([[0], np.cumsum(counts)])  # (shards + 1,) first token of each shard
         self.n_tokens = int(self.starts[-1])
@@ -276,16 +315,23 @@ class TokenCorpus:
     def tokens_of(self, i: int) -> np.ndarray:
         if i not in self._tokens:
             shard = self.shards[i]
-            self._tokens[i] = np.memmap(self._path(shard["tokens"]), dtype=np.dtype(shard["dtype"]), mode="r",
-                                        offset=shard.get("offset", 0), shape=(shard["n_tokens"],))
+            self._tokens[i] = np.memmap(
+                self._path(shard["tokens"]),
+                dtype=np.dtype(shard["dtype"]),
+                mode="r",
+                offset=shard.get("offset", 0),
+                shape=(shard["n_tokens"],),
+            )
         return self._tokens[i]
 
     def docs_of(self, i: int) -> np.ndarray:
         if i not in self._docs:
             docs = np.load(self._path(self.shards[i]["docs"]), mmap_mode="r")
             if docs.shape != (self.shards[i]["n_docs"],):
-                raise CorpusError(f"{self.directory}: {self.shards[i]['docs']} holds {docs.shape} ends, its meta "
-                                  f"says {self.shards[i]['n_docs']}")
+                raise CorpusError(
+                    f"{self.directory}: {self.shards[i]['docs']} holds {docs.shape} ends, its meta "
+                    f"says {self.shards[i]['n_docs']}"
+                )
             self._docs[i] = docs
         return self._docs[i]
 
@@ -300,7 +346,7 @@ class TokenCorpus:
             base = int(self.starts[i])
             take = min(hi, int(self.starts[i + 1])) - at
             if take > 0:
-                out[at - lo:at - lo + take] = self.tokens_of(i)[at - base:at - base + take]
+                out[at - lo : at - lo + take] = self.tokens_of(i)[at - base : at - base + take]
                 at += take
         return out
 
@@ -351,11 +397,13 @@ class PackedBlocks:
             raise IndexError(f"block {i} of {self.n}")
         lo = self.lo + i * self.block_size
         hi = lo + self.block_size
-        return {"input_ids": self.corpus.tokens(lo, hi), "doc_starts": self.corpus.document_ends(lo, hi) - lo,
-                "index": i}
+        return {
+            "input_ids": self.corpus.tokens(lo, hi),
+            "doc_starts": self.corpus.document_ends(lo, hi) - lo,
+            "index": i,
+        }
 
     @property
     def fingerprint(self) -> str:
         """The blocks' identity: the corpus's, the token range and the block size (nothing of the tokens read)."""
-        return hashlib.sha256(f"{self.corpus.fingerprint()}:{self.lo}:{self.hi}:{self.block_size}".encode()
-                              ).hexdigest()
+        return hashlib.sha256(f"{self.corpus.fingerprint()}:{self.lo}:{self.hi}:{self.block_size}".encode()).hexdigest()

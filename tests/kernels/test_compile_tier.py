@@ -19,6 +19,7 @@ stops compiling or computes an offset of a size or stride in 32 bits fails
 here. ``known_bad.py`` shows each check failing on a defect this project
 once had.
 """
+
 import json
 import os
 import subprocess
@@ -120,13 +121,19 @@ def test_table_is_committed(tier):
     assert not committed["problems"], committed["problems"]
     if tier["compiled"]:
         fresh, then = comparable(tier), comparable(committed)
-        changed = [f"{a['kernel']} {a['arch']} {a['dtype']} [{a['config']}]: "
-                   + ", ".join(f"{k} {a.get(k)} now, {b.get(k)} committed" for k in a.keys() | b.keys()
-                               if a.get(k) != b.get(k))
-                   for a, b in zip(fresh["rows"], then["rows"]) if a != b]
-        assert fresh == then, (f"{path} differs from what its stamp compiles ({len(fresh['rows'])} rows now, "
-                               f"{len(then['rows'])} committed; {changed[:2]}; known defects the same: "
-                               f"{fresh['known_bad'] == then['known_bad']}): regenerate it with {WRITE_COMMAND}")
+        changed = [
+            f"{a['kernel']} {a['arch']} {a['dtype']} [{a['config']}]: "
+            + ", ".join(
+                f"{k} {a.get(k)} now, {b.get(k)} committed" for k in a.keys() | b.keys() if a.get(k) != b.get(k)
+            )
+            for a, b in zip(fresh["rows"], then["rows"])
+            if a != b
+        ]
+        assert fresh == then, (
+            f"{path} differs from what its stamp compiles ({len(fresh['rows'])} rows now, "
+            f"{len(then['rows'])} committed; {changed[:2]}; known defects the same: "
+            f"{fresh['known_bad'] == then['known_bad']}): regenerate it with {WRITE_COMMAND}"
+        )
 
 
 @pytest.mark.slow
@@ -136,8 +143,12 @@ def test_spill_expectations_are_current(tier):
     from fastted.kernels.resources import expected_spills, row_id
 
     spilling = {row_id(r) for r in tier["rows"] if r.get("spill_bytes")}
-    stale = [key for arch, ptxas in tier["stamp"]["ptxas"].items()
-             for key in expected_spills(ptxas) if key[1] == arch and key not in spilling]
+    stale = [
+        key
+        for arch, ptxas in tier["stamp"]["ptxas"].items()
+        for key in expected_spills(ptxas)
+        if key[1] == arch and key not in spilling
+    ]
     assert not stale, f"{len(stale)} expected spills no longer happen, e.g. {stale[:2]}"
 
 
@@ -181,9 +192,19 @@ def test_spills_are_checked_against_their_ptxas_release(tmp_path, monkeypatch):
     from fastted.kernels import ARCHS as LIMITS
     from fastted.kernels import resources
 
-    row = dict(kernel="k", arch="sm_80", dtype="torch.float32", config="BLOCK=64", example=dict(size="odd"),
-               registers=255, spill_bytes=40, shared_bytes=0, blocks_per_sm=1, int32_arg_products=[],
-               max_grid=[1, 1, 1])
+    row = dict(
+        kernel="k",
+        arch="sm_80",
+        dtype="torch.float32",
+        config="BLOCK=64",
+        example=dict(size="odd"),
+        registers=255,
+        spill_bytes=40,
+        shared_bytes=0,
+        blocks_per_sm=1,
+        int32_arg_products=[],
+        max_grid=[1, 1, 1],
+    )
     listed = {key: row[key] for key in ("kernel", "arch", "dtype", "config", "example")}
     path = tmp_path / "spills.json"
     path.write_text(json.dumps(dict(releases={"12.8": dict(spills=[dict(listed, spill_bytes=40)])})))
@@ -197,8 +218,9 @@ def test_spills_are_checked_against_their_ptxas_release(tmp_path, monkeypatch):
 def test_stamp_differences_name_what_changed():
     from fastted.kernels.resources import stamp_differences
 
-    then = dict(triton="3.9.0", ptxas={"sm_80": "12.9.86"}, full=False, sources={"kernels/a.py": "1"},
-                launches={"sm_80": "x"})
+    then = dict(
+        triton="3.9.0", ptxas={"sm_80": "12.9.86"}, full=False, sources={"kernels/a.py": "1"}, launches={"sm_80": "x"}
+    )
     assert not stamp_differences(then, then)
     now = dict(then, triton="3.6.0", sources={"kernels/a.py": "2", "kernels/b.py": "3"})
     assert stamp_differences(then, now) == ["triton: 3.9.0 then, 3.6.0 now", "sources of kernels/a.py, kernels/b.py"]

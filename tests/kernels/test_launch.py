@@ -1,4 +1,5 @@
 """The launch seam and the host-side assumptions of the kernels: alignment, padded rows, recorded launches."""
+
 import pytest
 import torch
 
@@ -15,8 +16,15 @@ def test_element_offsets_asserts_the_alignment_the_kernels_assume():
         element_offsets([base[0], base[0, 1:]], base[0], base.device)
 
 
-@pytest.mark.parametrize("columns,dtype,stride", [(30522, torch.bfloat16, 30528), (50257, torch.float32, 50260),
-                                                  (128256, torch.bfloat16, 128256), (1003, torch.float16, 1008)])
+@pytest.mark.parametrize(
+    "columns,dtype,stride",
+    [
+        (30522, torch.bfloat16, 30528),
+        (50257, torch.float32, 50260),
+        (128256, torch.bfloat16, 128256),
+        (1003, torch.float16, 1008),
+    ],
+)
 def test_aligned_row_stride(columns, dtype, stride):
     got = aligned_row_stride(columns, dtype)
     assert got == stride and got * torch.empty((), dtype=dtype).element_size() % 16 == 0
@@ -30,8 +38,16 @@ def test_recording_runs_the_launchers_without_launching():
     with recording(ARCHS["sm_80"]) as launches:
         assert not interpreting() and device_arch(meta) is ARCHS["sm_80"]
         s = torch.empty(2**20, 262144, dtype=torch.bfloat16, device=meta)  # 512 GiB: it exists only as a shape
-        logit_kd_forward(s, s, torch.empty(2**20, device=meta), grad=s, temperature=2.0,
-                         divergence=FORWARD_KL.value, beta=0.5, soft_weight=1.0)
+        logit_kd_forward(
+            s,
+            s,
+            torch.empty(2**20, device=meta),
+            grad=s,
+            temperature=2.0,
+            divergence=FORWARD_KL.value,
+            beta=0.5,
+            soft_weight=1.0,
+        )
     assert len(launches) == 1
     (launch,) = launches
     assert launch.grid == (2**20,) and all(g <= limit for g, limit in zip(launch.grid, MAX_GRID))
@@ -48,8 +64,9 @@ def test_fused_head_pads_its_logits_rows(monkeypatch):
     real = kernel.logit_kd_forward
 
     def spy(s, t, *args, **kwargs):
-        padding = t.as_strided((t.shape[0], kwargs["padded_cols"] - t.shape[1]), (t.stride(0), 1),
-                               t.storage_offset() + t.shape[1])
+        padding = t.as_strided(
+            (t.shape[0], kwargs["padded_cols"] - t.shape[1]), (t.stride(0), 1), t.storage_offset() + t.shape[1]
+        )
         seen.append((kwargs["padded_cols"], s.stride(0), bool((padding == float("-inf")).all())))
         return real(s, t, *args, **kwargs)
 

@@ -4,6 +4,7 @@ The compile tier, its tests and the GPU check read the registry only: an op
 that forgets to declare itself would silently go uncompiled and unchecked,
 and a tool that names an op again would be a second list to forget.
 """
+
 import importlib
 import importlib.util
 from pathlib import Path
@@ -37,8 +38,9 @@ def test_every_kernel_module_is_declared_by_its_op():
     modules = _kernel_modules()
     assert modules, "no kernel module found"
     owners = {op.name: op for op in kernel_ops() if op.compile is not None}
-    assert set(modules) == set(owners), (f"kernel modules {sorted(modules)}, ops declaring a compile tier "
-                                         f"{sorted(owners)}")
+    assert set(modules) == set(owners), (
+        f"kernel modules {sorted(modules)}, ops declaring a compile tier {sorted(owners)}"
+    )
     for name, module in modules.items():
         assert set(owners[name].compile.kernels) == _defined_kernels(module), name
 
@@ -66,8 +68,15 @@ def test_the_registry_is_found_by_name():
     """Ops in module order, each under its file's name; an unknown name is a named error."""
     names = [op.name for op in kernel_ops()]
     assert names == sorted(names) and len(set(names)) == len(names)
-    assert {"logit_kd", "fused_linear_kd", "sparse_logit_kd", "filtered_mse", "contrastive_kd", "pooling",
-            "pooled_distance"} <= set(names)
+    assert {
+        "logit_kd",
+        "fused_linear_kd",
+        "sparse_logit_kd",
+        "filtered_mse",
+        "contrastive_kd",
+        "pooling",
+        "pooled_distance",
+    } <= set(names)
     with pytest.raises(RegistryError, match="no kernel op 'nope'.*logit_kd"):
         kernel_op("nope")
 

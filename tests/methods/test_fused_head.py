@@ -6,6 +6,7 @@ and the hand-written float64 formula of tests/tiny_models.py, on tiny BERT-MLM a
 GPT-2 models, through the chunked PyTorch path and the Triton kernel (under
 Triton's interpreter on a CPU), without ever calling an output embedding.
 """
+
 import copy
 
 import pytest
@@ -14,7 +15,6 @@ import torch.nn.functional as F
 import transformers as tf
 
 from fastted import DWT, KD, LWD, TED, ModelAdapter, Schedule, TaskFilters, explicit_map
-
 from tests.tiny_models import VOCAB, assert_close, batch, bert, double, gpt2, hidden64, ref_kl, ref_mse, ref_task
 
 IMPLS = ["reference", "triton"]
@@ -26,23 +26,47 @@ RECIPES = ["TED", "LWD", "KD", "DWT"]
 
 def roberta(layers, hidden):
     torch.manual_seed(0)
-    return tf.RobertaForMaskedLM(tf.RobertaConfig(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers,
-                                                  num_attention_heads=4, intermediate_size=2 * hidden,
-                                                  max_position_embeddings=70))
+    return tf.RobertaForMaskedLM(
+        tf.RobertaConfig(
+            vocab_size=VOCAB,
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            intermediate_size=2 * hidden,
+            max_position_embeddings=70,
+        )
+    )
 
 
 def llama(layers, hidden, **kw):
     torch.manual_seed(0)
-    return tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers,
-                                              num_attention_heads=4, num_key_value_heads=2,
-                                              intermediate_size=2 * hidden, max_position_embeddings=64, **kw))
+    return tf.LlamaForCausalLM(
+        tf.LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=2 * hidden,
+            max_position_embeddings=64,
+            **kw,
+        )
+    )
 
 
 def deberta_mlm(legacy):
     torch.manual_seed(0)
-    return tf.DebertaV2ForMaskedLM(tf.DebertaV2Config(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-        max_position_embeddings=64, legacy=legacy))
+    return tf.DebertaV2ForMaskedLM(
+        tf.DebertaV2Config(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=64,
+            legacy=legacy,
+        )
+    )
 
 
 LANGUAGE_MODELS = {
@@ -85,14 +109,24 @@ def test_adapter_head_split_errors():
     with pytest.raises(ValueError, match="not the nn.Linear"):  # its head multiplies by the input embeddings itself
         ModelAdapter(deberta_mlm(False)).lm_head_parts()
     torch.manual_seed(0)
-    distil = tf.DistilBertForMaskedLM(tf.DistilBertConfig(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4,
-                                                          hidden_dim=64, max_position_embeddings=64))
+    distil = tf.DistilBertForMaskedLM(
+        tf.DistilBertConfig(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=64)
+    )
     with pytest.raises(ValueError, match="top-level 'activation' beside its base model 'distilbert'"):
         ModelAdapter(distil)(batch("mlm", 71), head=False)
     torch.manual_seed(0)
-    gemma2 = tf.Gemma2ForCausalLM(tf.Gemma2Config(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
-                                                  num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                                                  intermediate_size=64, max_position_embeddings=64))
+    gemma2 = tf.Gemma2ForCausalLM(
+        tf.Gemma2Config(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            intermediate_size=64,
+            max_position_embeddings=64,
+        )
+    )
     with pytest.raises(ValueError, match="final_logit_softcapping"):
         ModelAdapter(gemma2).lm_head_parts()
 
@@ -130,8 +164,15 @@ def _recipe(name, task, student, teacher, filters, **kw):
     if name == "LWD":
         s_layers, t_layers = _maps(task)
         s_n, t_n = student.config.num_hidden_layers, teacher.config.num_hidden_layers
-        return LWD(student, teacher, explicit_map(list(zip(s_layers, t_layers)), s_n, t_n), task_alpha=0.5,
-                   kl_alpha=0.25, mse_alpha=3.0, **kw)
+        return LWD(
+            student,
+            teacher,
+            explicit_map(list(zip(s_layers, t_layers)), s_n, t_n),
+            task_alpha=0.5,
+            kl_alpha=0.25,
+            mse_alpha=3.0,
+            **kw,
+        )
     if name == "KD":
         return KD(student, teacher, task_alpha=0.3, kl_alpha=2.0, temperature=3.0, **kw)
     return DWT(student, teacher, alpha_h=0.8, alpha_s=Schedule(**DWT_SCHEDULE), temperature=1.5, **kw)
@@ -176,13 +217,16 @@ def _formula(name, task, recipe, b):
     elif name == "KD":
         weights, temperature = {"task": 0.3, "kd": 2.0}, 3.0
     else:
-        weights, temperature = ({"task": 0.7, "kd": 1.3, "mse": 2.1} if name == "TED"
-                                else {"task": 0.5, "kd": 0.25, "mse": 3.0}), 2.0
+        weights, temperature = (
+            ({"task": 0.7, "kd": 1.3, "mse": 2.1} if name == "TED" else {"task": 0.5, "kd": 0.25, "mse": 3.0}),
+            2.0,
+        )
     terms = {"task": ref_task(s_logits, b["labels"], task), "kd": ref_kl(s_logits, t_logits, temperature, mask)}
     if name == "TED":
         sf, tf_ = double(recipe.student_filters), double(recipe.teacher_filters)
-        terms["mse"] = torch.stack([ref_mse(f(h), g(y), mask) for f, g, h, y in zip(sf.filters, tf_.filters, s_states,
-                                                                                     t_states)]).mean()
+        terms["mse"] = torch.stack(
+            [ref_mse(f(h), g(y), mask) for f, g, h, y in zip(sf.filters, tf_.filters, s_states, t_states)]
+        ).mean()
     elif name == "LWD":
         proj = double(recipe.projections)
         terms["mse"] = torch.stack([ref_mse(p(h), y, mask) for p, h, y in zip(proj, s_states, t_states)]).mean()
@@ -241,9 +285,11 @@ def test_fused_recipe_matches_unfused_and_formula(task, name, impl):
 @pytest.mark.parametrize("task", ["mlm", "clm"])
 def test_fused_recipe_with_a_zero_weight(task):
     b = batch(task, seed=73)
-    cases = [("KD", dict(task_alpha=0.0, kl_alpha=1.5), {"kd"}),
-             ("KD", dict(task_alpha=0.6, kl_alpha=0.0), {"task"}),
-             ("LWD", dict(task_alpha=0.0, kl_alpha=0.0, mse_alpha=1.0), {"mse"})]
+    cases = [
+        ("KD", dict(task_alpha=0.0, kl_alpha=1.5), {"kd"}),
+        ("KD", dict(task_alpha=0.6, kl_alpha=0.0), {"task"}),
+        ("LWD", dict(task_alpha=0.0, kl_alpha=0.0, mse_alpha=1.0), {"mse"}),
+    ]
     for name, kw, keys in cases:
         outs, recipes = [], []
         for fused in (False, True):
@@ -281,8 +327,12 @@ def test_fused_kd_without_kl_accepts_another_vocabulary():
 def test_fused_lm_head_errors():
     student, teacher = bert(2, 32), bert(4, 48, seed=1)  # classification
     filters = (TaskFilters([0, 1], 32, 48), TaskFilters([1, 3], 48, 48))
-    builders = [lambda **kw: TED(student, teacher, *filters, **kw), lambda **kw: LWD(student, teacher, **kw),
-                lambda **kw: KD(student, teacher, **kw), lambda **kw: DWT(teacher, student, total_steps=10, **kw)]
+    builders = [
+        lambda **kw: TED(student, teacher, *filters, **kw),
+        lambda **kw: LWD(student, teacher, **kw),
+        lambda **kw: KD(student, teacher, **kw),
+        lambda **kw: DWT(teacher, student, total_steps=10, **kw),
+    ]
     for build in builders:
         with pytest.raises(ValueError, match="fused_lm_head=True .*'mlm' or 'clm'.*'classification'"):
             build(fused_lm_head=True)
@@ -290,8 +340,9 @@ def test_fused_lm_head_errors():
     with pytest.raises(ValueError, match="fused_lm_head must be a bool"):
         KD(*_models("mlm"), fused_lm_head="yes")
     torch.manual_seed(0)
-    distil = tf.DistilBertForMaskedLM(tf.DistilBertConfig(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4,
-                                                          hidden_dim=64, max_position_embeddings=64))
+    distil = tf.DistilBertForMaskedLM(
+        tf.DistilBertConfig(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=64)
+    )
     with pytest.raises(ValueError, match="fused_lm_head=True: the DistilBertForMaskedLM has a top-level"):
         KD(distil, bert(2, 48, "mlm"), fused_lm_head=True)
     KD(distil, bert(2, 48, "mlm"))  # unfused, it is fine

@@ -5,6 +5,7 @@ kernels under Triton's interpreter on a CPU) and compares its loss, and for
 TED the student's gradients, with the formula written out on float64 copies
 of the same models, whose hidden states come from ``output_hidden_states``.
 """
+
 import copy
 
 import pytest
@@ -13,12 +14,12 @@ import torch.nn.functional as F
 
 import fastted
 from fastted import (
-    CoDIR,
     DWT,
     KD,
     LWD,
     RAILKD,
     TED,
+    CoDIR,
     MemoryBank,
     RandomLayerMap,
     Schedule,
@@ -26,7 +27,6 @@ from fastted import (
     TEDStage1,
     explicit_map,
 )
-
 from tests.tables import DTYPES, assert_close_to_spec
 from tests.tiny_models import (
     assert_close,
@@ -90,8 +90,9 @@ def test_ted_matches_formula_and_gradients(task, nonlinear, mask_padding):
     s_logits, s_states = hidden64(s64, b, s_layers, grad=True)
     t_logits, t_states = hidden64(t64, b, t_layers)
     mask = b["attention_mask"] if mask_padding else None
-    mse = torch.stack([ref_mse(f(h), g(y), mask) for f, g, h, y in zip(sf64.filters, tf64.filters, s_states,
-                                                                         t_states)]).mean()
+    mse = torch.stack(
+        [ref_mse(f(h), g(y), mask) for f, g, h, y in zip(sf64.filters, tf64.filters, s_states, t_states)]
+    ).mean()
     task_loss = ref_task(s_logits, b["labels"], task)
     kl = ref_kl(s_logits, t_logits, 2.0, _kd_mask(task, b))
     ref = 0.7 * task_loss + 1.3 * kl + 2.1 * mse
@@ -134,8 +135,9 @@ def test_ted_needs_one_vocabulary_for_its_kl_term():
 # --------------------------------------------------------------------------- TED stage I
 
 
-@pytest.mark.parametrize("task,filter_dim", [("classification", None), ("classification", 24), ("mlm", None),
-                                             ("clm", None), ("clm", 20)])
+@pytest.mark.parametrize(
+    "task,filter_dim", [("classification", None), ("classification", 24), ("mlm", None), ("clm", None), ("clm", 20)]
+)
 def test_stage1_matches_formula(task, filter_dim):
     _, model = _models(task)
     layers = [0, 2] if task == "clm" else [1, 3]
@@ -215,8 +217,14 @@ def test_stage1_checkpoint_is_what_stage2_starts_from(tmp_path):
 def test_lwd_matches_formula(task):
     student, teacher = _models(task)
     s_layers, t_layers = _maps(task)
-    recipe = LWD(student, teacher, explicit_map(list(zip(s_layers, t_layers)), 3, 4), task_alpha=0.5,
-                 kl_alpha=0.25, mse_alpha=3.0)
+    recipe = LWD(
+        student,
+        teacher,
+        explicit_map(list(zip(s_layers, t_layers)), 3, 4),
+        task_alpha=0.5,
+        kl_alpha=0.25,
+        mse_alpha=3.0,
+    )
     b = batch(task, seed=15)
     out = recipe(b)
     out.loss.backward()
@@ -224,8 +232,11 @@ def test_lwd_matches_formula(task):
     s_logits, s_states = hidden64(s64, b, s_layers)
     t_logits, t_states = hidden64(t64, b, t_layers)
     mse = torch.stack([ref_mse(p(h), y, b["attention_mask"]) for p, h, y in zip(proj64, s_states, t_states)]).mean()
-    ref = 0.5 * ref_task(s_logits, b["labels"], task) + 0.25 * ref_kl(s_logits, t_logits, 2.0, _kd_mask(task, b)) \
+    ref = (
+        0.5 * ref_task(s_logits, b["labels"], task)
+        + 0.25 * ref_kl(s_logits, t_logits, 2.0, _kd_mask(task, b))
         + 3.0 * mse
+    )
     assert_close("loss", out.loss, ref)
     assert recipe.projections[0].weight.grad is not None
 
@@ -258,8 +269,15 @@ def test_normalize_mse_divides_each_layer_by_its_first_batch_targets(task):
     s_layers, t_layers = _maps(task)
     sf, tf_ = _filters(s_layers, 32, 48, False, 1), _filters(t_layers, 48, 48, False, 2)
     ted = TED(student, teacher, sf, tf_, task_alpha=0.0, kl_alpha=0.0, mse_alpha=1.5, normalize_mse=True)
-    lwd = LWD(copy.deepcopy(student), teacher, explicit_map(list(zip(s_layers, t_layers)), 3, 4), task_alpha=0.0,
-              kl_alpha=0.0, mse_alpha=1.5, normalize_mse=True)
+    lwd = LWD(
+        copy.deepcopy(student),
+        teacher,
+        explicit_map(list(zip(s_layers, t_layers)), 3, 4),
+        task_alpha=0.0,
+        kl_alpha=0.0,
+        mse_alpha=1.5,
+        normalize_mse=True,
+    )
     first, later = batch(task, seed=21), batch(task, seed=22)
     s64, t64, sf64, tf64 = double(student), double(teacher), double(sf), double(tf_)
     proj64 = double(lwd.projections)
@@ -272,8 +290,9 @@ def test_normalize_mse_divides_each_layer_by_its_first_batch_targets(task):
         _, s_states = hidden64(s64, b, s_layers)
         _, t_states = hidden64(t64, b, t_layers)
         mask = b["attention_mask"]
-        ted_mse = torch.stack([ref_mse(f(h), g(y), mask) for f, g, h, y in zip(sf64.filters, tf64.filters, s_states,
-                                                                                t_states)])
+        ted_mse = torch.stack(
+            [ref_mse(f(h), g(y), mask) for f, g, h, y in zip(sf64.filters, tf64.filters, s_states, t_states)]
+        )
         lwd_mse = torch.stack([ref_mse(p(h), y, mask) for p, h, y in zip(proj64, s_states, t_states)])
         assert_close("TED normalized mse", out_ted.terms["mse"], (ted_mse / ted_p).mean())
         assert_close("TED loss", out_ted.loss, 1.5 * (ted_mse / ted_p).mean())
@@ -283,8 +302,16 @@ def test_normalize_mse_divides_each_layer_by_its_first_batch_targets(task):
     assert sf.filters[0].proj.weight.grad is not None
     for l in range(len(ted_p)):
         assert_close(f"saved scale {l}", ted.state_dict()["mse_scales"][l], ted_p[l])
-    restored = TED(copy.deepcopy(student), teacher, copy.deepcopy(sf), tf_, task_alpha=0.0, kl_alpha=0.0,
-                   mse_alpha=1.5, normalize_mse=True)
+    restored = TED(
+        copy.deepcopy(student),
+        teacher,
+        copy.deepcopy(sf),
+        tf_,
+        task_alpha=0.0,
+        kl_alpha=0.0,
+        mse_alpha=1.5,
+        normalize_mse=True,
+    )
     restored.load_state_dict(ted.state_dict())
     assert_close("restored, on the later batch", restored(later).terms["mse"], ted(later).terms["mse"])
     plain = TED(student, teacher, sf, tf_, task_alpha=0.0, kl_alpha=0.0, mse_alpha=1.5)
@@ -332,8 +359,17 @@ def _info_nce(s, t, negatives, temperature, keep):
 def test_codir_matches_formula_and_fills_its_bank(task, mode):
     student, teacher = _models(task)
     bank = MemoryBank(64 if mode == "momentum" else 12, 16, mode=mode)
-    recipe = CoDIR(student, teacher, explicit_map([(0, 1), (1, 3)], 2, 4), proj_dim=16, bank=bank, task_alpha=0.4,
-                   kd_alpha=0.6, crd_alpha=1.7, temperature=0.1)
+    recipe = CoDIR(
+        student,
+        teacher,
+        explicit_map([(0, 1), (1, 3)], 2, 4),
+        proj_dim=16,
+        bank=bank,
+        task_alpha=0.4,
+        kd_alpha=0.6,
+        crd_alpha=1.7,
+        temperature=0.1,
+    )
     recipe.train()
     first = recipe(batch(task, seed=18), step=0)
     assert float(first.terms["crd"]) == 0.0  # the bank was empty: the first step fills it
@@ -355,8 +391,11 @@ def test_codir_matches_formula_and_fills_its_bank(task, mode):
     else:  # example ids: leave out the anchor's own entry
         keep = b["index"][:, None] != neg_ids[None, :]
     crd = _info_nce(sv, tv, vectors.double(), 0.1, keep)
-    ref = 0.4 * ref_task(s_logits, b["labels"], task) + 0.6 * ref_kl(s_logits, t_logits, 2.0, _kd_mask(task, b)) \
+    ref = (
+        0.4 * ref_task(s_logits, b["labels"], task)
+        + 0.6 * ref_kl(s_logits, t_logits, 2.0, _kd_mask(task, b))
         + 1.7 * crd
+    )
     assert_close("crd", out.terms["crd"], crd, rtol=1e-4)
     assert_close("loss", out.loss, ref, rtol=1e-4)
     assert recipe.teacher_head.weight.grad is not None and recipe.student_head.weight.grad is not None
@@ -378,8 +417,19 @@ def test_codir_draws_k_negatives_per_anchor_from_a_momentum_bank(task):
     classification bank holding its label alone) has no negative."""
     student, teacher = _models(task)
     bank = MemoryBank(40, 16, mode="momentum", seed=5)
-    recipe = CoDIR(student, teacher, explicit_map([(0, 1), (1, 3)], 2, 4), proj_dim=16, bank=bank, negatives=6,
-                   pooling="first", task_alpha=0.4, kd_alpha=0.6, crd_alpha=1.7, temperature=0.1)
+    recipe = CoDIR(
+        student,
+        teacher,
+        explicit_map([(0, 1), (1, 3)], 2, 4),
+        proj_dim=16,
+        bank=bank,
+        negatives=6,
+        pooling="first",
+        task_alpha=0.4,
+        kd_alpha=0.6,
+        crd_alpha=1.7,
+        temperature=0.1,
+    )
     recipe.train()
     b0 = batch(task, seed=18)
     if task == "classification":
@@ -409,8 +459,11 @@ def test_codir_draws_k_negatives_per_anchor_from_a_momentum_bank(task):
     crd = (torch.logsumexp(torch.cat([pos[:, None], scores], 1), 1) - pos).mean()
     if task == "classification":
         assert not keep[b["labels"] == 0].any() and keep[b["labels"] != 0].all()
-    ref = 0.4 * ref_task(s_logits, b["labels"], task) + 0.6 * ref_kl(s_logits, t_logits, 2.0, _kd_mask(task, b)) \
+    ref = (
+        0.4 * ref_task(s_logits, b["labels"], task)
+        + 0.6 * ref_kl(s_logits, t_logits, 2.0, _kd_mask(task, b))
         + 1.7 * crd
+    )
     assert_close("crd", out.terms["crd"], crd, rtol=1e-4)
     assert_close("loss", out.loss, ref, rtol=1e-4)
     assert float(crd.detach()) > 0 and recipe.student_head.weight.grad is not None
@@ -431,8 +484,12 @@ def test_codir_draws_as_many_negatives_as_a_small_full_bank_holds():
         if step == 2:
             assert twin.full
             neg = twin.sample(8, n_anchors=len(b["labels"]))
-            sv, tv = (F.normalize(v.detach().double(), dim=-1) for v in recipe.vectors(
-                recipe.student_model(b, recipe.layer_map.student), recipe.teacher_model(b, recipe.layer_map.teacher)))
+            sv, tv = (
+                F.normalize(v.detach().double(), dim=-1)
+                for v in recipe.vectors(
+                    recipe.student_model(b, recipe.layer_map.student), recipe.teacher_model(b, recipe.layer_map.teacher)
+                )
+            )
             pos = (sv * tv).sum(-1) / 0.07
             scores = torch.einsum("bkd,bd->bk", F.normalize(neg.vectors.double(), dim=-1), sv) / 0.07
             ref = (torch.logsumexp(torch.cat([pos[:, None], scores], 1), 1) - pos).mean()
@@ -448,8 +505,9 @@ def test_railkd_matches_formula(concat, task):
     student, teacher = _models(task)
     n_s = student.config.num_hidden_layers
     layer_map = RandomLayerMap(n_s, 4, student_layers=[0, 1], teacher_layers=[0, 1, 2], per="step", seed=5)
-    recipe = RAILKD(student, teacher, layer_map, proj_dim=8, concat=concat, task_alpha=0.2, kd_alpha=0.9,
-                    rail_alpha=4.0)
+    recipe = RAILKD(
+        student, teacher, layer_map, proj_dim=8, concat=concat, task_alpha=0.2, kd_alpha=0.9, rail_alpha=4.0
+    )
     b = batch(task, seed=20)
     out = recipe(b, step=7)
     out.loss.backward()
@@ -461,10 +519,15 @@ def test_railkd_matches_formula(concat, task):
     ps, pt = [ref_pool(h, m) for h in s_states], [ref_pool(h, m) for h in t_states]
     if concat:
         ps, pt = [torch.cat(ps, 1)], [torch.cat(pt, 1)]
-    dist = sum(((F.normalize(a(x), dim=-1) - F.normalize(c(y), dim=-1)) ** 2).sum(-1).mean()
-               for a, c, x, y in zip(dist64.student_proj, dist64.teacher_proj, ps, pt))
-    ref = 0.2 * ref_task(s_logits, b["labels"], task) + 0.9 * ref_kl(s_logits, t_logits, 2.0, _kd_mask(task, b)) \
+    dist = sum(
+        ((F.normalize(a(x), dim=-1) - F.normalize(c(y), dim=-1)) ** 2).sum(-1).mean()
+        for a, c, x, y in zip(dist64.student_proj, dist64.teacher_proj, ps, pt)
+    )
+    ref = (
+        0.2 * ref_task(s_logits, b["labels"], task)
+        + 0.9 * ref_kl(s_logits, t_logits, 2.0, _kd_mask(task, b))
         + 4.0 * dist
+    )
     assert_close("loss", out.loss, ref, rtol=1e-4)
     assert out.layer_losses.shape == ((1,) if concat else (2,))
 
@@ -575,20 +638,29 @@ def check_recipe_lowp(recipe, task, dtype, device, impl):
     """The recipe in ``dtype`` on ``device`` through ``impl``, against itself in float64 on the CPU: the loss and
     the student's embedding gradient within twice the error of the same recipe on PyTorch's own path in ``dtype``."""
     if isinstance(recipe, CoDIR):  # a filled bank, so the contrastive term runs
-        recipe.bank.update(torch.randn(recipe.bank.size, recipe.bank.dim, generator=torch.Generator().manual_seed(1)),
-                           labels=torch.arange(recipe.bank.size) % 3)
+        recipe.bank.update(
+            torch.randn(recipe.bank.size, recipe.bank.dim, generator=torch.Generator().manual_seed(1)),
+            labels=torch.arange(recipe.bank.size) % 3,
+        )
     b = batch(task, seed=60)
     results = {}
-    for name, copy_dtype, copy_device, copy_impl in (("ref64", torch.float64, "cpu", "reference"),
-                                                     ("torch", dtype, device, "reference"),
-                                                     ("fastted", dtype, device, impl)):
+    for name, copy_dtype, copy_device, copy_impl in (
+        ("ref64", torch.float64, "cpu", "reference"),
+        ("torch", dtype, device, "reference"),
+        ("fastted", dtype, device, impl),
+    ):
         run = _set_impl(copy.deepcopy(recipe), copy_impl).to(device=copy_device, dtype=copy_dtype).eval()
         out = run({k: v.to(copy_device) for k, v in b.items()}, step=3)
         out.loss.backward()
         results[name] = (out.loss.detach(), run.student.get_input_embeddings().weight.grad)
     for i, what in enumerate(("loss", "student embedding gradient")):
-        assert_close_to_spec(f"{type(recipe).__name__} {task} {what}", results["fastted"][i], results["ref64"][i],
-                      results["torch"][i], DTYPES[dtype])
+        assert_close_to_spec(
+            f"{type(recipe).__name__} {task} {what}",
+            results["fastted"][i],
+            results["ref64"][i],
+            results["torch"][i],
+            DTYPES[dtype],
+        )
 
 
 @pytest.mark.parametrize("task", TASKS)

@@ -1,8 +1,8 @@
 """Bad arguments to the recipes end in a ValueError that names the argument and what it needs."""
+
 import pytest
 
-from fastted import CoDIR, DWT, KD, LWD, RAILKD, MemoryBank, RandomLayerMap, TEDStage1, explicit_map, uniform_map
-
+from fastted import DWT, KD, LWD, RAILKD, CoDIR, MemoryBank, RandomLayerMap, TEDStage1, explicit_map, uniform_map
 from tests.tiny_models import batch, bert, gpt2
 
 pytestmark = pytest.mark.bad_input
@@ -13,27 +13,30 @@ def models():
     return bert(2, 32), bert(4, 48, seed=1)
 
 
-@pytest.mark.parametrize("build,fragment", [
-    (lambda s, t: KD(s, s), "teacher and student are the same module"),
-    (lambda s, t: KD(s, t, kl_alpha=-0.5), "kl_alpha must be a finite number >= 0, got -0.5"),
-    (lambda s, t: KD(s, t, temperature=0.0), "temperature must lie in (0.0, inf), got 0.0"),
-    (lambda s, t: KD(s, t, impl="cuda"), "impl must be one of"),
-    (lambda s, t: KD(s, bert(4, 48, num_labels=5)), "num_labels"),
-    (lambda s, t: KD(s, gpt2(2, 32)), "the student's task is 'classification' and the teacher's 'clm'"),
-    (lambda s, t: LWD(s, t, explicit_map([(0, 3)], 2, 4).pairs), "layer_map must be a LayerMap"),
-    (lambda s, t: LWD(s, t, uniform_map(4, 4)), "layer_map.student holds 2, but the BertForSequenceClassification"),
-    (lambda s, t: CoDIR(s, t, proj_dim=0), "proj_dim must be a positive int"),
-    (lambda s, t: CoDIR(s, t, proj_dim=16, bank=MemoryBank(8, 32)), "bank holds vectors of width 32"),
-    (lambda s, t: CoDIR(s, t, kd_temperature=-1.0), "kd_temperature must lie in"),
-    (lambda s, t: CoDIR(s, t, negatives=-1), "negatives must be 0 (every bank entry) or a positive int"),
-    (lambda s, t: CoDIR(s, t, negatives=2.5), "drawn per anchor), got 2.5"),
-    (lambda s, t: CoDIR(s, t, pooling="max"), "pooling must be one of"),
-    (lambda s, t: RAILKD(s, t, uniform_map(2, 4)), "layer_map must be a RandomLayerMap"),
-    (lambda s, t: RAILKD(s, t, RandomLayerMap(3, 4)), "layer_map.student_layers holds 2"),
-    (lambda s, t: DWT(t, s, alpha_s="4"), "alpha_s must be a finite number >= 0"),
-    (lambda s, t: TEDStage1(s, interval=3), "layers must be a non-empty list"),
-    (lambda s, t: TEDStage1(s, filters="filters"), "filters must be a TaskFilters"),
-])
+@pytest.mark.parametrize(
+    "build,fragment",
+    [
+        (lambda s, t: KD(s, s), "teacher and student are the same module"),
+        (lambda s, t: KD(s, t, kl_alpha=-0.5), "kl_alpha must be a finite number >= 0, got -0.5"),
+        (lambda s, t: KD(s, t, temperature=0.0), "temperature must lie in (0.0, inf), got 0.0"),
+        (lambda s, t: KD(s, t, impl="cuda"), "impl must be one of"),
+        (lambda s, t: KD(s, bert(4, 48, num_labels=5)), "num_labels"),
+        (lambda s, t: KD(s, gpt2(2, 32)), "the student's task is 'classification' and the teacher's 'clm'"),
+        (lambda s, t: LWD(s, t, explicit_map([(0, 3)], 2, 4).pairs), "layer_map must be a LayerMap"),
+        (lambda s, t: LWD(s, t, uniform_map(4, 4)), "layer_map.student holds 2, but the BertForSequenceClassification"),
+        (lambda s, t: CoDIR(s, t, proj_dim=0), "proj_dim must be a positive int"),
+        (lambda s, t: CoDIR(s, t, proj_dim=16, bank=MemoryBank(8, 32)), "bank holds vectors of width 32"),
+        (lambda s, t: CoDIR(s, t, kd_temperature=-1.0), "kd_temperature must lie in"),
+        (lambda s, t: CoDIR(s, t, negatives=-1), "negatives must be 0 (every bank entry) or a positive int"),
+        (lambda s, t: CoDIR(s, t, negatives=2.5), "drawn per anchor), got 2.5"),
+        (lambda s, t: CoDIR(s, t, pooling="max"), "pooling must be one of"),
+        (lambda s, t: RAILKD(s, t, uniform_map(2, 4)), "layer_map must be a RandomLayerMap"),
+        (lambda s, t: RAILKD(s, t, RandomLayerMap(3, 4)), "layer_map.student_layers holds 2"),
+        (lambda s, t: DWT(t, s, alpha_s="4"), "alpha_s must be a finite number >= 0"),
+        (lambda s, t: TEDStage1(s, interval=3), "layers must be a non-empty list"),
+        (lambda s, t: TEDStage1(s, filters="filters"), "filters must be a TaskFilters"),
+    ],
+)
 def test_bad_recipe_arguments(models, build, fragment):
     student, teacher = models
     with pytest.raises(ValueError) as info:
@@ -59,12 +62,15 @@ def test_bad_batches(models):
         codir({k: v for k, v in b.items() if k != "index"})
 
 
-@pytest.mark.parametrize("key, value, fragment", [
-    ("input_ids", 30_000, "batch['input_ids']: got ids from 0 to 30000, needs ids in [0, 97)"),
-    ("input_ids", -1, "batch['input_ids']: got ids from -1 to"),
-    ("labels", 3, "batch['labels']: got 3, needs labels in [0, 3)"),
-    ("labels", -2, "batch['labels']: got -2, needs labels in [0, 3)"),
-])
+@pytest.mark.parametrize(
+    "key, value, fragment",
+    [
+        ("input_ids", 30_000, "batch['input_ids']: got ids from 0 to 30000, needs ids in [0, 97)"),
+        ("input_ids", -1, "batch['input_ids']: got ids from -1 to"),
+        ("labels", 3, "batch['labels']: got 3, needs labels in [0, 3)"),
+        ("labels", -2, "batch['labels']: got -2, needs labels in [0, 3)"),
+    ],
+)
 def test_out_of_range_ids_and_labels_are_named(models, key, value, fragment):
     student, teacher = models
     b = batch("classification", seed=51)
@@ -83,7 +89,9 @@ def test_out_of_range_lm_labels_are_named():
     b = batch("clm", seed=52)
     b["labels"] = b["labels"].clone()
     b["labels"][0, 1] = 97
-    with pytest.raises(ValueError, match=r"batch\['labels'\]: got 97, needs labels in \[0, 97\) \(the "
-                                         r"GPT2LMHeadModel's vocabulary\) or -100"):
+    with pytest.raises(
+        ValueError,
+        match=r"batch\['labels'\]: got 97, needs labels in \[0, 97\) \(the "
+        r"GPT2LMHeadModel's vocabulary\) or -100",
+    ):
         KD(student, teacher)(b)
-

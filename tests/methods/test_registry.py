@@ -1,12 +1,13 @@
 """The recipe registry (fastted.methods) and the interface the engine relies on (fastted.Recipe)."""
+
 import pytest
 import torch
 from transformers import BertForMaskedLM
 
 from fastted import DWT, KD, LWD, RAILKD, TED, CoDIR, Recipe, RecipeOutput, Schedule, TaskFilters, TEDStage1
+from fastted.methods import METHODS, FineTune, RecipeModels, build_recipe, recipe_class
 from fastted.train.config import METHODS as CONFIG_METHODS
 from fastted.train.config import load_config
-from fastted.methods import METHODS, FineTune, RecipeModels, build_recipe, recipe_class
 from tests.tiny_models import batch, bert
 
 
@@ -14,12 +15,26 @@ def _config(task="classification", **overrides):
     values = {"task": task, "seed": 7, "engine.impl": "reference"}
     for method in ("ted", "lwd", "kd"):
         values.update({f"distil.{method}.kl_alpha": 3.0, f"distil.{method}.temperature": 4.0})
-    values.update({"distil.ted.mse_alpha": 5.0, "distil.lwd.mse_alpha": 5.0, "distil.codir.kd_temperature": 4.0,
-                   "distil.codir.crd_alpha": 0.25, "distil.codir.proj_dim": 16, "distil.codir.bank_size": 32,
-                   "distil.railkd.rail_alpha": 0.5, "distil.railkd.per": "step", "distil.railkd.proj_dim": 8,
-                   "distil.railkd.concat": True, "distil.dwt.alpha_h": 0.75, "distil.dwt.alpha_s": 2.0,
-                   "distil.dwt.alpha_s_end": 0.5, "distil.dwt.alpha_s_schedule": "linear",
-                   "distil.dwt.temperature": 4.0, **overrides})
+    values.update(
+        {
+            "distil.ted.mse_alpha": 5.0,
+            "distil.lwd.mse_alpha": 5.0,
+            "distil.codir.kd_temperature": 4.0,
+            "distil.codir.crd_alpha": 0.25,
+            "distil.codir.proj_dim": 16,
+            "distil.codir.bank_size": 32,
+            "distil.railkd.rail_alpha": 0.5,
+            "distil.railkd.per": "step",
+            "distil.railkd.proj_dim": 8,
+            "distil.railkd.concat": True,
+            "distil.dwt.alpha_h": 0.75,
+            "distil.dwt.alpha_s": 2.0,
+            "distil.dwt.alpha_s_end": 0.5,
+            "distil.dwt.alpha_s_schedule": "linear",
+            "distil.dwt.temperature": 4.0,
+            **overrides,
+        }
+    )
     if task != "classification":
         values["steps"] = ["distil", "evaluate"]
     return load_config(preset="bbc-minilm-tiny", overrides=tuple(values.items()))
@@ -56,8 +71,12 @@ def test_build_recipe_reads_its_own_settings(method):
         assert recipe.layer_map.student_layers == (0, 1) and recipe.layer_map.teacher_layers == (0, 1, 2, 3)
     if method == "dwt":
         assert recipe.alpha_h == 0.75 and recipe.temperature == 4.0
-        assert (recipe.alpha_s.kind, recipe.alpha_s.start, recipe.alpha_s.end, recipe.alpha_s.steps) == \
-            ("linear", 2.0, 0.5, 40)
+        assert (recipe.alpha_s.kind, recipe.alpha_s.start, recipe.alpha_s.end, recipe.alpha_s.steps) == (
+            "linear",
+            2.0,
+            0.5,
+            40,
+        )
     out = recipe(batch("classification", seed=3), step=0)
     assert isinstance(out, RecipeOutput) and torch.isfinite(out.loss)
 
@@ -65,15 +84,17 @@ def test_build_recipe_reads_its_own_settings(method):
 def test_codir_reads_the_bank_pooling_and_negatives_settings():
     """The codir-paper entry's settings reach the recipe: a momentum bank of one entry per training example (the
     run's train_size, whatever bank_size says), K negatives drawn per anchor, first-token pooling."""
-    config = _config(**{"distil.codir.bank_mode": "momentum", "distil.codir.negatives": 5,
-                        "distil.codir.pooling": "first"})
+    config = _config(
+        **{"distil.codir.bank_mode": "momentum", "distil.codir.negatives": 5, "distil.codir.pooling": "first"}
+    )
     models = _models()
     models.train_size = 37
     recipe = build_recipe("codir", config, models)
     assert (recipe.bank.mode, recipe.bank.size, recipe.negatives, recipe.pooling) == ("momentum", 37, 5, "first")
     assert recipe.needs_example_ids and not build_recipe("codir", _config(), _models()).needs_example_ids
-    assert not any(build_recipe(m, _config(), _models(filters=m == "ted")).needs_example_ids
-                   for m in METHODS if m != "codir")
+    assert not any(
+        build_recipe(m, _config(), _models(filters=m == "ted")).needs_example_ids for m in METHODS if m != "codir"
+    )
     models.train_size = None
     with pytest.raises(ValueError, match="distil.codir.bank_mode: momentum keeps one entry per training example"):
         build_recipe("codir", config, models)
@@ -81,8 +102,11 @@ def test_codir_reads_the_bank_pooling_and_negatives_settings():
 
 @pytest.mark.bad_input
 def test_ted_without_stage1_filters_is_a_clear_error():
-    with pytest.raises(ValueError, match=r"TED needs models.filters = \(student's, teacher's\) stage-I TaskFilters, "
-                                         r"got NoneType"):
+    with pytest.raises(
+        ValueError,
+        match=r"TED needs models.filters = \(student's, teacher's\) stage-I TaskFilters, "
+        r"got NoneType",
+    ):
         build_recipe("ted", _config(), _models())
 
 

@@ -1,5 +1,6 @@
 """Each method owns its settings: the registered dataclass, the recipe's keyword arguments and the config's
 ``distil.<method>`` section agree on every name and default, and the old flat config keys map onto them."""
+
 import dataclasses
 import inspect
 
@@ -17,8 +18,11 @@ BUILT = {"layer_map", "bank"}
 
 def _keyword_defaults(recipe: type[Recipe]) -> dict:
     """The recipe's keyword arguments with a default that are its method's settings."""
-    return {name: p.default for name, p in inspect.signature(recipe).parameters.items()
-            if p.default is not inspect.Parameter.empty and name not in RUN_OPTIONS and name not in BUILT}
+    return {
+        name: p.default
+        for name, p in inspect.signature(recipe).parameters.items()
+        if p.default is not inspect.Parameter.empty and name not in RUN_OPTIONS and name not in BUILT
+    }
 
 
 def _field_defaults(settings: type) -> dict:
@@ -42,9 +46,28 @@ def test_the_config_section_is_the_settings(method):
 
 
 # The flat method keys of DistilConfig before each method owned its settings.
-FLAT_KEYS = {"task_alpha", "kl_alpha", "mse_alpha", "temperature", "mask_padding", "normalize_mse", "crd_alpha",
-             "bank_size", "bank_mode", "crd_negatives", "pooling", "projection_dim", "crd_temperature", "rail_alpha",
-             "rail_per", "alpha_h", "alpha_s", "alpha_s_end", "alpha_s_schedule", "remap"}
+FLAT_KEYS = {
+    "task_alpha",
+    "kl_alpha",
+    "mse_alpha",
+    "temperature",
+    "mask_padding",
+    "normalize_mse",
+    "crd_alpha",
+    "bank_size",
+    "bank_mode",
+    "crd_negatives",
+    "pooling",
+    "projection_dim",
+    "crd_temperature",
+    "rail_alpha",
+    "rail_per",
+    "alpha_h",
+    "alpha_s",
+    "alpha_s_end",
+    "alpha_s_schedule",
+    "remap",
+}
 
 
 def test_every_old_key_maps_onto_a_setting():
@@ -54,8 +77,13 @@ def test_every_old_key_maps_onto_a_setting():
             _, method, name = key.split(".")
             assert name in _field_defaults(METHODS[method].settings), (old, key)
     assert OLD_KEYS["crd_temperature"] == ["distil.codir.temperature"]
-    assert OLD_KEYS["kl_alpha"] == ["distil.ted.kl_alpha", "distil.lwd.kl_alpha", "distil.kd.kl_alpha",
-                                    "distil.codir.kd_alpha", "distil.railkd.kd_alpha"]
+    assert OLD_KEYS["kl_alpha"] == [
+        "distil.ted.kl_alpha",
+        "distil.lwd.kl_alpha",
+        "distil.kd.kl_alpha",
+        "distil.codir.kd_alpha",
+        "distil.railkd.kd_alpha",
+    ]
 
 
 def test_the_layerwise_recipes_share_a_base_and_run_its_init():
@@ -73,7 +101,7 @@ def test_the_config_reads_the_cache_methods_from_the_recipes():
     assert "dwt" not in CACHED_METHODS and "ted" in CACHED_METHODS
 
 
-NEW_METHOD = '''
+NEW_METHOD = """
 from dataclasses import dataclass
 from fastted.methods.base import register, setting
 from fastted.methods.layerwise import LayerwiseRecipe, LogitSettings
@@ -104,7 +132,7 @@ except ConfigError as error:
     assert str(error) == "distil.toy.gamma: got -1.0, needs a number >= 0", error
 recipe = build_recipe("toy", config, RecipeModels(bert(2, 32), bert(4, 48, seed=1)))
 assert type(recipe) is Toy and recipe.gamma == 0.25
-'''
+"""
 
 
 def test_a_new_method_is_its_module_alone():

@@ -1,5 +1,6 @@
 """A teacher cut after its last mapped layer when no term needs its logits: the same losses and gradients as the
 whole teacher, on encoders and decoders (fused LM head included); nothing cut when a KL term reads the logits."""
+
 import copy
 
 import pytest
@@ -24,18 +25,30 @@ def _step(recipe, b):
     return out, {n: p.grad.clone() for n, p in recipe.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("task, build, kept", [
-    ("classification", lambda s, t: LWD(s, t, explicit_map([(0, 0), (1, 1)], 2, 4), kl_alpha=0.0), 2),
-    ("classification", lambda s, t: CoDIR(s, t, explicit_map([(0, 1), (1, 2)], 2, 4), kd_alpha=0.0, proj_dim=8,
-                                          bank_size=16), 3),
-    ("classification", lambda s, t: RAILKD(s, t, RandomLayerMap(2, 4, teacher_layers=[0, 1, 2], seed=1),
-                                           kd_alpha=0.0, proj_dim=8), 3),
-    ("clm", lambda s, t: LWD(s, t, explicit_map([(0, 0), (1, 1)], 2, 4), kl_alpha=0.0, fused_lm_head=True), 2),
-    ("clm", lambda s, t: LWD(s, t, explicit_map([(0, 1), (1, 2)], 2, 4), kl_alpha=0.0), 3),
-])
+@pytest.mark.parametrize(
+    "task, build, kept",
+    [
+        ("classification", lambda s, t: LWD(s, t, explicit_map([(0, 0), (1, 1)], 2, 4), kl_alpha=0.0), 2),
+        (
+            "classification",
+            lambda s, t: CoDIR(s, t, explicit_map([(0, 1), (1, 2)], 2, 4), kd_alpha=0.0, proj_dim=8, bank_size=16),
+            3,
+        ),
+        (
+            "classification",
+            lambda s, t: RAILKD(s, t, RandomLayerMap(2, 4, teacher_layers=[0, 1, 2], seed=1), kd_alpha=0.0, proj_dim=8),
+            3,
+        ),
+        ("clm", lambda s, t: LWD(s, t, explicit_map([(0, 0), (1, 1)], 2, 4), kl_alpha=0.0, fused_lm_head=True), 2),
+        ("clm", lambda s, t: LWD(s, t, explicit_map([(0, 1), (1, 2)], 2, 4), kl_alpha=0.0), 3),
+    ],
+)
 def test_the_cut_teacher_gives_the_same_step(task, build, kept):
-    student, teacher = (bert(2, 32, seed=1), bert(4, 32, seed=2)) if task == "classification" else \
-        (gpt2(2, 32, seed=1), gpt2(4, 32, seed=2))
+    student, teacher = (
+        (bert(2, 32, seed=1), bert(4, 32, seed=2))
+        if task == "classification"
+        else (gpt2(2, 32, seed=1), gpt2(4, 32, seed=2))
+    )
     whole, cut, n = _twins(build, student, teacher)
     assert n == kept and cut.teacher_model.num_layers == kept and whole.teacher_model.num_layers == 4
     assert len(cut.teacher_model.layers) == kept and cut.teacher.config.num_hidden_layers == kept

@@ -3,6 +3,7 @@
 Each case runs on both paths: "reference" (the chunked PyTorch path) and
 "triton" (the real kernels: on a GPU, or under TRITON_INTERPRET=1 on the CPU).
 """
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,8 +11,7 @@ import torch.nn.functional as F
 import fastted
 from fastted.ops.contrastive_kd import contrastive_kd_chunked
 from fastted.reference import contrastive_kd_reference, pool_states_reference
-
-from tests.tables import DTYPES, assert_close_to_spec, seed_for, device
+from tests.tables import DTYPES, assert_close_to_spec, device, seed_for
 
 IMPLS = ["reference", "triton"]
 # (B, K, D): odd widths, K from a single negative to 4096.
@@ -28,12 +28,30 @@ def _vectors(n_anchors, k, width, dtype, seed, per_anchor=False, n_labels=3):
     negative_labels = torch.randint(0, n_labels, bank_shape[:-1], generator=g)
     mask = torch.rand(n_anchors, generator=g) > 0.25
     on = lambda x: x.to(device())  # noqa: E731
-    return (on(s.to(dtype)).requires_grad_(), on(t.to(dtype)).requires_grad_(), on(n.to(dtype)),
-            on(labels), on(negative_labels), on(mask))
+    return (
+        on(s.to(dtype)).requires_grad_(),
+        on(t.to(dtype)).requires_grad_(),
+        on(n.to(dtype)),
+        on(labels),
+        on(negative_labels),
+        on(mask),
+    )
 
 
-def check_contrastive_kd(impl, n_anchors, k, width, dtype, *, temperature=0.07, per_anchor=False,
-                          use_labels=False, mask_kind="random", grad_out=1.0, vectors=None):
+def check_contrastive_kd(
+    impl,
+    n_anchors,
+    k,
+    width,
+    dtype,
+    *,
+    temperature=0.07,
+    per_anchor=False,
+    use_labels=False,
+    mask_kind="random",
+    grad_out=1.0,
+    vectors=None,
+):
     seed = seed_for("contrastive_kd", impl, n_anchors, k, width, dtype, temperature, per_anchor, use_labels, mask_kind)
     s, t, n, labels, negative_labels, mask = vectors or _vectors(n_anchors, k, width, dtype, seed, per_anchor)
     mask = {"random": mask, "none": None, "all_zero": torch.zeros_like(mask)}[mask_kind]
@@ -93,10 +111,11 @@ def test_contrastive_kd_labels_leave_negatives_out(impl):
     """Leaving a negative out by its label is the same as not passing it (one anchor at a time)."""
     s, t, n, labels, negative_labels, _ = _vectors(6, 40, 16, torch.float32, seed_for("labels-drop", impl))
     for b in range(6):
-        got = fastted.contrastive_kd(s[b:b + 1], t[b:b + 1], n, labels=labels[b:b + 1],
-                                     negative_labels=negative_labels, impl=impl)
+        got = fastted.contrastive_kd(
+            s[b : b + 1], t[b : b + 1], n, labels=labels[b : b + 1], negative_labels=negative_labels, impl=impl
+        )
         keep = negative_labels != labels[b]
-        want = contrastive_kd_reference(s[b:b + 1].double(), t[b:b + 1].double(), n[keep].double())
+        want = contrastive_kd_reference(s[b : b + 1].double(), t[b : b + 1].double(), n[keep].double())
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
 
 
@@ -143,12 +162,14 @@ def test_contrastive_kd_kernel_splits(per_anchor, splits):
     """Splitting K over programs and merging the splits gives the CPU twin's rows and gradients."""
     from fastted.kernels.contrastive_kd import contrastive_forward
 
-    s, t, n, labels, negative_labels, mask = _vectors(21, 500, 40, torch.float32, seed_for("splits", per_anchor),
-                                                      per_anchor)
+    s, t, n, labels, negative_labels, mask = _vectors(
+        21, 500, 40, torch.float32, seed_for("splits", per_anchor), per_anchor
+    )
     coef = mask.float() / mask.sum()
     opts = dict(temperature=0.1, eps=1e-12, grad_s=True, grad_t=True)
-    got = contrastive_forward(s.detach(), t.detach(), n, coef, labels=labels, negative_labels=negative_labels,
-                              splits=splits, **opts)
+    got = contrastive_forward(
+        s.detach(), t.detach(), n, coef, labels=labels, negative_labels=negative_labels, splits=splits, **opts
+    )
     want = contrastive_kd_chunked(s.detach(), t.detach(), n, coef, labels, negative_labels, **opts)
     for name, a, b in zip(("rows", "grad_s", "grad_t"), got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
@@ -190,8 +211,10 @@ def test_codir_pipeline_gradients(impl, pooling):
         leaves = [x.detach().to(cast).requires_grad_() for x in (*hs, ws, bs, wt, bt)]
         h, (w1, b1, w2, b2) = leaves[:n_layers], leaves[n_layers:]
         if path == "reference64":
-            ps, pt = pool_states_reference(h, mask, pooling), pool_states_reference([x.to(cast) for x in ht], mask,
-                                                                                    pooling)
+            ps, pt = (
+                pool_states_reference(h, mask, pooling),
+                pool_states_reference([x.to(cast) for x in ht], mask, pooling),
+            )
         else:
             ps = fastted.pool_states(h, mask, pooling=pooling, impl=impl)
             pt = fastted.pool_states([x.to(cast) for x in ht], mask, pooling=pooling, impl=impl)
@@ -208,8 +231,12 @@ def test_codir_pipeline_gradients(impl, pooling):
     loss, pooled, grads = run("fastted", torch.float32)
     torch.testing.assert_close(loss.double(), loss64, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(pooled.double(), pooled64, rtol=1e-4, atol=1e-6)
-    names = [f"states[{i}]" for i in range(n_layers)] + ["student weight", "student bias", "teacher weight",
-                                                          "teacher bias"]
+    names = [f"states[{i}]" for i in range(n_layers)] + [
+        "student weight",
+        "student bias",
+        "teacher weight",
+        "teacher bias",
+    ]
     for name, a, b in zip(names, grads, grads64):
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-6, msg=name)
 
@@ -219,14 +246,16 @@ def test_contrastive_kd_module_and_no_grad():
     module = fastted.ContrastiveKDLoss(temperature=0.2)
     assert "temperature=0.2" in repr(module)
     got = module(s, t, n, mask=mask, labels=labels, negative_labels=negative_labels)
-    want = contrastive_kd_reference(s.double(), t.double(), n.double(), temperature=0.2, mask=mask, labels=labels,
-                                    negative_labels=negative_labels)
+    want = contrastive_kd_reference(
+        s.double(), t.double(), n.double(), temperature=0.2, mask=mask, labels=labels, negative_labels=negative_labels
+    )
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
     with torch.no_grad():
         evaluated = fastted.contrastive_kd(s, t, n, temperature=0.2, mask=mask)
     assert not evaluated.requires_grad
-    torch.testing.assert_close(evaluated.double(), contrastive_kd_reference(s.double(), t.double(), n.double(),
-                                                                            temperature=0.2, mask=mask))
+    torch.testing.assert_close(
+        evaluated.double(), contrastive_kd_reference(s.double(), t.double(), n.double(), temperature=0.2, mask=mask)
+    )
 
 
 def test_contrastive_kd_float64_runs_the_reference_path():

@@ -3,6 +3,7 @@
 Each case runs on both paths: "reference" (the chunked PyTorch path) and
 "triton" (the real kernel: on a GPU, or under TRITON_INTERPRET=1 on the CPU).
 """
+
 import itertools
 
 import pytest
@@ -11,8 +12,7 @@ import torch.nn.functional as F
 
 import fastted
 from fastted.reference import filtered_mse_reference
-
-from tests.tables import DTYPES, SHAPES, assert_close_to_spec, seed_for, device
+from tests.tables import DTYPES, SHAPES, assert_close_to_spec, device, seed_for
 
 IMPLS = ["reference", "triton"]
 # case -> (student filter, student bias, teacher filter, teacher bias)
@@ -76,8 +76,13 @@ def _clone(inputs, dtype=None):
 
 
 def _leaves(inputs):
-    return [x for key, value in inputs.items() if isinstance(value, list) for x in value
-            if x is not None and x.requires_grad]
+    return [
+        x
+        for key, value in inputs.items()
+        if isinstance(value, list)
+        for x in value
+        if x is not None and x.requires_grad
+    ]
 
 
 def _run(fn, inputs, grad_out, **kwargs):
@@ -92,11 +97,11 @@ def _spec(**kwargs):
 
 def check_filtered_mse(case, shape, dtype, mask_kind, n_layers, impl, grad_out=1.0, layer_weights=None):
     lead, d_s, d_t, d_f = shape
-    inputs = _make(case, lead, d_s, d_t, d_f, n_layers, dtype, mask_kind,
-                   seed_for(case, shape, dtype, mask_kind, n_layers, impl))
+    inputs = _make(
+        case, lead, d_s, d_t, d_f, n_layers, dtype, mask_kind, seed_for(case, shape, dtype, mask_kind, n_layers, impl)
+    )
     ref_in, lowp_in = _clone(inputs, torch.float64), _clone(inputs)
-    got = _run(fastted.filtered_mse, inputs, grad_out, impl=impl, return_layer_losses=True,
-               layer_weights=layer_weights)
+    got = _run(fastted.filtered_mse, inputs, grad_out, impl=impl, return_layer_losses=True, layer_weights=layer_weights)
     ref = _run(_spec, ref_in, grad_out, layer_weights=layer_weights)
     lowp = _run(_spec, lowp_in, grad_out, layer_weights=layer_weights)
 
@@ -104,8 +109,13 @@ def check_filtered_mse(case, shape, dtype, mask_kind, n_layers, impl, grad_out=1
     slack = DTYPES[dtype]
     assert_close_to_spec("loss", got[0], ref[0], lowp[0], slack)
     assert_close_to_spec("layer_losses", got[1], ref[1], lowp[1], slack)
-    names = [f"{k}[{i}]" for k, v in inputs.items() if isinstance(v, list) for i, x in enumerate(v)
-             if x is not None and x.requires_grad]
+    names = [
+        f"{k}[{i}]"
+        for k, v in inputs.items()
+        if isinstance(v, list)
+        for i, x in enumerate(v)
+        if x is not None and x.requires_grad
+    ]
     for name, x, g, r, lp in zip(names, _leaves(inputs), got[2], ref[2], lowp[2]):
         assert g.dtype == x.dtype and g.shape == x.shape, f"{name}: gradient {g.dtype} {tuple(g.shape)}"
         assert_close_to_spec(f"grad {name}", g, r, lp, slack)
@@ -163,9 +173,19 @@ def test_unmasked_is_ted_reference_exactly(impl):
     with torch.no_grad():
         per_layer = [
             F.mse_loss(F.linear(s.double(), w.double(), b.double()), F.linear(h.double(), v.double(), c.double()))
-            for s, w, b, h, v, c in zip(*(inputs[k] for k in (
-                "student_states", "student_weights", "student_biases", "teacher_states", "teacher_weights",
-                "teacher_biases")))
+            for s, w, b, h, v, c in zip(
+                *(
+                    inputs[k]
+                    for k in (
+                        "student_states",
+                        "student_weights",
+                        "student_biases",
+                        "teacher_states",
+                        "teacher_weights",
+                        "teacher_biases",
+                    )
+                )
+            )
         ]
     ted = torch.stack(per_layer).mean()
     assert abs(loss.item() - ted.item()) <= 1e-6 * ted.item()
@@ -190,7 +210,7 @@ def _noncontiguous(x):
     *lead, d = x.shape
     big = torch.randn(*lead, d + 5, dtype=x.dtype, device=x.device)
     flat = torch.randn(big.numel() + 1, dtype=x.dtype, device=x.device)
-    view = flat[1:].view_as(big)[..., 2:2 + d]  # row stride d + 5, misaligned start
+    view = flat[1:].view_as(big)[..., 2 : 2 + d]  # row stride d + 5, misaligned start
     with torch.no_grad():
         view.copy_(x)
     return view.requires_grad_(x.requires_grad)
@@ -306,13 +326,19 @@ def check_autotune_first_call(case, dtype, shape=((2, 75), 40, 56, 70), grad=Tru
     kernel.filtered_mse_fwd_kernel.cache.clear()  # a new key for every config: the sweep runs again
     lead, d_s, d_t, d_f = shape
     inputs = _make(case, lead, d_s, d_t, d_f, 2, dtype, "random", seed_for("first call", case, dtype, shape, grad))
-    first, second = (_call(fastted.filtered_mse, _clone(inputs), grad, impl="triton", return_layer_losses=True)
-                     for _ in range(2))
+    first, second = (
+        _call(fastted.filtered_mse, _clone(inputs), grad, impl="triton", return_layer_losses=True) for _ in range(2)
+    )
     ref = _call(_spec, _clone(inputs, torch.float64), grad)
     lowp = _call(_spec, _clone(inputs), grad)
     names = ["loss", "layer_losses"] + [f"grad {i}" for i in range(len(first[2]))]
-    for name, a, b, r, lp in zip(names, [first[0], first[1], *first[2]], [second[0], second[1], *second[2]],
-                                 [ref[0], ref[1], *ref[2]], [lowp[0], lowp[1], *lowp[2]]):
+    for name, a, b, r, lp in zip(
+        names,
+        [first[0], first[1], *first[2]],
+        [second[0], second[1], *second[2]],
+        [ref[0], ref[1], *ref[2]],
+        [lowp[0], lowp[1], *lowp[2]],
+    ):
         assert torch.equal(a, b), f"{name}: the first call (autotune sweep) differs from the second"
         assert_close_to_spec(name, a, r, lp, DTYPES[dtype])
 
@@ -348,8 +374,11 @@ def test_autotune_sweep_leaks_nothing(case, monkeypatch):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU check runs this on the device")
-@pytest.mark.parametrize("case, grad", [("identity", True), ("targets_no_bias", True), ("lwd", False)],
-                         ids=["identity-student", "filter-without-bias", "no-grad-forward"])
+@pytest.mark.parametrize(
+    "case, grad",
+    [("identity", True), ("targets_no_bias", True), ("lwd", False)],
+    ids=["identity-student", "filter-without-bias", "no-grad-forward"],
+)
 def test_autotune_sweep_without_colsum(case, grad, monkeypatch):
     """The same sweep where the kernel gets no column-sum buffer (colsum None: no bias to take a gradient, or
     no gradient at all): Triton before 3.8 called .zero_() on it as a reset_to_zero argument and crashed on
@@ -367,22 +396,25 @@ def test_autotune_sweep_without_colsum(case, grad, monkeypatch):
 @pytest.mark.parametrize("dtype", list(DTYPES), ids=str)
 @pytest.mark.parametrize("impl", IMPLS)
 def test_quantized_targets_against_float64(impl, dtype, student, kind):
-    """int8 / fp8 targets with fp32 row scales (fastted.ops.quantize.quantize_rows), dequantized inside the kernel: loss,
+    """int8 / fp8 targets with fp32 row scales (fastted.ops.quantize.quantize_rows), dequantized inside the kernel:
+    loss,
     layer losses and the student's gradients against the float64 spec on the same quantized targets, masked."""
     from fastted.ops.quantize import quantize_rows
 
     g = torch.Generator().manual_seed(seed_for("quantized", impl, dtype, student, kind))
     dev = device()
     lead, d_s, d_f, n_layers = (3, 29), 40, 48, 3
-    rand = lambda *shape, scale=1.0: (torch.randn(*shape, generator=g, dtype=torch.float64) * scale)  # noqa: E731
+    rand = lambda *shape, scale=1.0: torch.randn(*shape, generator=g, dtype=torch.float64) * scale  # noqa: E731
     states = [rand(*lead, d_s if student == "filtered" else d_f).to(dev, dtype) for _ in range(n_layers)]
-    weights = [rand(d_f, d_s, scale=d_s**-0.5).to(dev, dtype) if student == "filtered" else None
-               for _ in range(n_layers)]
+    weights = [
+        rand(d_f, d_s, scale=d_s**-0.5).to(dev, dtype) if student == "filtered" else None for _ in range(n_layers)
+    ]
     biases = [rand(d_f, scale=0.1).to(dev, dtype) if student == "filtered" else None for _ in range(n_layers)]
     targets, scales = [], []
     for _ in range(n_layers):  # rows of very different magnitudes, as hidden states have
-        q, scale = quantize_rows(rand(lead[0] * lead[1], d_f) * torch.logspace(-1, 1, lead[0] * lead[1],
-                                                                               dtype=torch.float64)[:, None], kind)
+        q, scale = quantize_rows(
+            rand(lead[0] * lead[1], d_f) * torch.logspace(-1, 1, lead[0] * lead[1], dtype=torch.float64)[:, None], kind
+        )
         targets.append(q.reshape(*lead, d_f).to(dev))
         scales.append(scale.reshape(lead).to(dev))
     mask = (torch.rand(lead, generator=g) > 0.3).to(dev)
@@ -391,8 +423,9 @@ def test_quantized_targets_against_float64(impl, dtype, student, kind):
         s = [x.detach().to(s_dtype).requires_grad_() for x in states]
         w = [None if x is None else x.detach().to(s_dtype).requires_grad_() for x in weights]
         b = [None if x is None else x.detach().to(s_dtype).requires_grad_() for x in biases]
-        loss, layer_losses = fn(s, w, targets, student_biases=b if student == "filtered" else None,
-                                teacher_scales=scales, mask=mask, **kw)
+        loss, layer_losses = fn(
+            s, w, targets, student_biases=b if student == "filtered" else None, teacher_scales=scales, mask=mask, **kw
+        )
         loss.backward()
         return loss, layer_losses, [x.grad for x in s + [y for y in w + b if y is not None]]
 
@@ -412,13 +445,23 @@ def test_quantized_targets_bad_input():
     s = [torch.randn(4, 8)]
     q = torch.zeros(4, 8, dtype=torch.int8)
     for kwargs, fragment in (
-        (dict(teacher_states=[torch.randn(4, 8)], teacher_scales=[torch.ones(4)]),
-         "teacher_states[0] has dtype torch.float32, but teacher_scales are the row scales of quantized targets"),
-        (dict(teacher_states=[q], teacher_scales=[torch.ones(5)]),
-         "teacher_scales[0] has shape (5,), but needs (4,) (one scale per token)"),
+        (
+            dict(teacher_states=[torch.randn(4, 8)], teacher_scales=[torch.ones(4)]),
+            "teacher_states[0] has dtype torch.float32, but teacher_scales are the row scales of quantized targets",
+        ),
+        (
+            dict(teacher_states=[q], teacher_scales=[torch.ones(5)]),
+            "teacher_scales[0] has shape (5,), but needs (4,) (one scale per token)",
+        ),
         (dict(teacher_states=[q], teacher_scales=[torch.ones(4, dtype=torch.long)]), "teacher_scales[0]"),
-        (dict(teacher_states=[torch.zeros(4, 6, dtype=torch.int8)], teacher_scales=[torch.ones(4)],
-              teacher_weights=[torch.randn(8, 6)]), "teacher_scales dequantize targets given as they are"),
+        (
+            dict(
+                teacher_states=[torch.zeros(4, 6, dtype=torch.int8)],
+                teacher_scales=[torch.ones(4)],
+                teacher_weights=[torch.randn(8, 6)],
+            ),
+            "teacher_scales dequantize targets given as they are",
+        ),
     ):
         with pytest.raises(ValueError) as info:
             fastted.filtered_mse(s, [None], **kwargs)

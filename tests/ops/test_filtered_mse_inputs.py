@@ -1,4 +1,5 @@
 """Bad input to filtered_mse ends in a ValueError naming the argument and the shapes; dispatch."""
+
 import subprocess
 import sys
 
@@ -6,7 +7,6 @@ import pytest
 import torch
 
 import fastted
-
 from tests.tables import check_bad_input, device
 
 pytestmark = pytest.mark.bad_input
@@ -46,27 +46,55 @@ BAD = {
         ["student_states must be a list or tuple", "(2, 6, 8)"],
     ),
     "tokens_mismatch": (_with("teacher_states", 1, torch.randn(7, 12)), ["teacher_states[1]", "(7, 12)", "(6, 8)"]),
-    "student_width_mismatch": (_with("student_weights", 0, torch.randn(10, 9)), ["student_weights[0]", "(10, 9)", "(d_f, 8)"]),
-    "teacher_filter_width": (_with("teacher_weights", 1, torch.randn(11, 12)), ["teacher_weights[1]", "(11, 12)", "(10, 12)"]),
+    "student_width_mismatch": (
+        _with("student_weights", 0, torch.randn(10, 9)),
+        ["student_weights[0]", "(10, 9)", "(d_f, 8)"],
+    ),
+    "teacher_filter_width": (
+        _with("teacher_weights", 1, torch.randn(11, 12)),
+        ["teacher_weights[1]", "(11, 12)", "(10, 12)"],
+    ),
     "bias_shape": (_with("student_biases", 0, torch.randn(9)), ["student_biases[0]", "(9,)", "(10,)"]),
-    "dtype": (_with("teacher_states", 0, torch.randn(6, 12, dtype=torch.float64)), ["teacher_states[0]", "float64", "float32"]),
+    "dtype": (
+        _with("teacher_states", 0, torch.randn(6, 12, dtype=torch.float64)),
+        ["teacher_states[0]", "float64", "float32"],
+    ),
     "weight_dtype": (_with("student_weights", 1, torch.randn(10, 8).half()), ["student_weights[1]", "float16"]),
     "device": (_with("teacher_states", 0, torch.randn(6, 12, device="meta")), ["teacher_states[0] is on meta", "cpu"]),
-    "weight_device": (_with("teacher_weights", 1, torch.randn(10, 12, device="meta")), ["teacher_weights[1] is on meta"]),
+    "weight_device": (
+        _with("teacher_weights", 1, torch.randn(10, 12, device="meta")),
+        ["teacher_weights[1] is on meta"],
+    ),
     "mask_device": ({**_good(), "mask": torch.ones(6, dtype=torch.bool, device="meta")}, ["mask is on meta"]),
     "mask_length": ({**_good(), "mask": torch.ones(5, dtype=torch.bool)}, ["mask has shape (5,)", "(6,)"]),
     "layer_weights_length": ({**_good(), "layer_weights": [1.0]}, ["layer_weights has shape (1,)", "(2,)"]),
-    "layer_weights_negative": ({**_good(), "layer_weights": [1.0, -1.0]}, ["layer_weights must be finite, non-negative"]),
+    "layer_weights_negative": (
+        {**_good(), "layer_weights": [1.0, -1.0]},
+        ["layer_weights must be finite, non-negative"],
+    ),
     "layer_weights_zero_sum": ({**_good(), "layer_weights": [0.0, 0.0]}, ["positive sum"]),
     "layer_weights_inf": ({**_good(), "layer_weights": [1.0, float("inf")]}, ["layer_weights must be finite", "inf"]),
-    "mask_negative": ({**_good(), "mask": torch.tensor([1.0, 1.0, -2.0, 1.0, 1.0, 0.0])},
-                      ["mask holds -2.0", "finite and >= 0"]),
-    "no_layers": ({**_good(), "student_states": [], "student_weights": [], "teacher_states": []}, ["student_states is empty"]),
-    "integer_states": ({key: [x.long() for x in v] for key, v in _good().items()},
-                       ["student_states[0] has dtype torch.int64, but needs a floating-point dtype"]),
-    "bool_states": ({**_good(), "student_states": [x.bool() for x in _good()["student_states"]],
-                     "teacher_states": [x.bool() for x in _good()["teacher_states"]], "student_weights": [None, None]},
-                    ["has dtype torch.bool, but needs a floating-point dtype"]),
+    "mask_negative": (
+        {**_good(), "mask": torch.tensor([1.0, 1.0, -2.0, 1.0, 1.0, 0.0])},
+        ["mask holds -2.0", "finite and >= 0"],
+    ),
+    "no_layers": (
+        {**_good(), "student_states": [], "student_weights": [], "teacher_states": []},
+        ["student_states is empty"],
+    ),
+    "integer_states": (
+        {key: [x.long() for x in v] for key, v in _good().items()},
+        ["student_states[0] has dtype torch.int64, but needs a floating-point dtype"],
+    ),
+    "bool_states": (
+        {
+            **_good(),
+            "student_states": [x.bool() for x in _good()["student_states"]],
+            "teacher_states": [x.bool() for x in _good()["teacher_states"]],
+            "student_weights": [None, None],
+        },
+        ["has dtype torch.bool, but needs a floating-point dtype"],
+    ),
     "states_3d": (_with("student_states", 0, torch.randn(6, 8, 1, 1)), ["student_states[0]", "(6, 8, 1, 1)"]),
     "target_width_without_filter": (
         {**_good(), "teacher_weights": None, "teacher_biases": None},

@@ -4,13 +4,13 @@ Each case runs on both paths: "reference" (the chunked PyTorch path) and
 "triton" (the row kernel: on a GPU, or under TRITON_INTERPRET=1 on the CPU).
 The peak-memory check of the CPU path lives in benchmarks/test_fused_linear_kd.py.
 """
+
 import pytest
 import torch
 
 import fastted
 from fastted.reference import fused_linear_kd_reference
-
-from tests.tables import DTYPES, assert_close_to_spec, seed_for, device
+from tests.tables import DTYPES, assert_close_to_spec, device, seed_for
 
 IMPLS = ["reference", "triton"]
 DIVERGENCES = [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.5), ("jsd", 0.0), ("jsd", 1.0)]
@@ -63,8 +63,18 @@ def _cast(inputs, dtype):
     }
 
 
-def check_fused_linear_kd(impl, shape, dtype, divergence="forward_kl", beta=0.5, temperature=2.0, grad_out=1.0,
-                           chunk_size=None, inputs=None, **opts):
+def check_fused_linear_kd(
+    impl,
+    shape,
+    dtype,
+    divergence="forward_kl",
+    beta=0.5,
+    temperature=2.0,
+    grad_out=1.0,
+    chunk_size=None,
+    inputs=None,
+    **opts,
+):
     lead, h_s, h_t, vocab = shape
     if inputs is None:
         seed = seed_for("flkd", impl, shape, dtype, divergence, beta, temperature)
@@ -74,8 +84,9 @@ def check_fused_linear_kd(impl, shape, dtype, divergence="forward_kl", beta=0.5,
         opts.setdefault("hard_weight", 0.3)
         opts.setdefault("soft_weight", 0.8)
     ref_in, lowp_in = _cast(inputs, torch.float64), _cast(inputs, dtype)
-    got, grads = _run(fastted.fused_linear_kd, inputs, grad_out, impl=impl, chunk_size=chunk_size,
-                      return_terms=True, **opts)
+    got, grads = _run(
+        fastted.fused_linear_kd, inputs, grad_out, impl=impl, chunk_size=chunk_size, return_terms=True, **opts
+    )
     ref, ref_grads = _run(fused_linear_kd_reference, ref_in, grad_out, **opts)
     lowp, lowp_grads = _run(fused_linear_kd_reference, lowp_in, grad_out, **opts)
 
@@ -135,8 +146,9 @@ def test_fused_linear_kd_terms(impl):
     del inputs["student_bias"], inputs["teacher_bias"]
     inputs["student_bias"] = None
     inputs["teacher_bias"] = None
-    got, grads = _run(fastted.fused_linear_kd, inputs, 1.0, impl=impl, return_terms=True, temperature=2.0,
-                      hard_weight=0.5)
+    got, grads = _run(
+        fastted.fused_linear_kd, inputs, 1.0, impl=impl, return_terms=True, temperature=2.0, hard_weight=0.5
+    )
     ref, _ = _run(fused_linear_kd_reference, _cast(inputs, torch.float64), 1.0, temperature=2.0, hard_weight=0.5)
     torch.testing.assert_close(got[0].double(), ref[0], rtol=1e-5, atol=1e-6)
     assert set(grads) == {"student_hidden", "student_weight"} and all(g is not None for g in grads.values())
@@ -149,16 +161,14 @@ def test_fused_linear_kd_all_rows_skipped(impl):
     lead, h_s, h_t, vocab = SHAPES[0]
     inputs = _make(lead, h_s, h_t, vocab, torch.float32, seed_for("skipped", impl))
     inputs["mask"] = torch.zeros_like(inputs["mask"])
-    (loss, kd, ce), grads = _run(fastted.fused_linear_kd, inputs, 1.0, impl=impl, return_terms=True,
-                                 hard_weight=0.5)
+    (loss, kd, ce), grads = _run(fastted.fused_linear_kd, inputs, 1.0, impl=impl, return_terms=True, hard_weight=0.5)
     assert loss.item() == 0.0 and kd.item() == 0.0 and ce.item() == 0.0
     assert all(not g.any() for g in grads.values())
 
     inputs = _make(lead, h_s, h_t, vocab, torch.float32, seed_for("ignored", impl), ignored=1.0)
     got, _ = check_fused_linear_kd(impl, SHAPES[0], torch.float32, inputs=inputs, hard_weight=0.5)
     assert got[2].item() == 0.0 and got[1].item() == 0.0
-    got, _ = check_fused_linear_kd(impl, SHAPES[0], torch.float32, inputs=inputs, hard_weight=0.5,
-                                   kd_ignored_rows=True)
+    got, _ = check_fused_linear_kd(impl, SHAPES[0], torch.float32, inputs=inputs, hard_weight=0.5, kd_ignored_rows=True)
     assert got[2].item() == 0.0 and got[1].item() > 0
 
 
@@ -184,11 +194,19 @@ def test_fused_linear_kd_module(impl):
     lead, h_s, h_t, vocab = SHAPES[0]
     inputs = _make(lead, h_s, h_t, vocab, torch.float32, seed_for("module", impl))
     module = fastted.FusedLinearKDLoss(temperature=2.0, hard_weight=0.4, soft_weight=0.6, impl=impl)
-    got = module(inputs["student_hidden"], inputs["student_weight"], inputs["teacher_hidden"],
-                 inputs["teacher_weight"], student_bias=inputs["student_bias"], teacher_bias=inputs["teacher_bias"],
-                 mask=inputs["mask"], hard_labels=inputs["hard_labels"])
-    want, kd, ce = fastted.fused_linear_kd(**inputs, temperature=2.0, hard_weight=0.4, soft_weight=0.6, impl=impl,
-                                           return_terms=True)
+    got = module(
+        inputs["student_hidden"],
+        inputs["student_weight"],
+        inputs["teacher_hidden"],
+        inputs["teacher_weight"],
+        student_bias=inputs["student_bias"],
+        teacher_bias=inputs["teacher_bias"],
+        mask=inputs["mask"],
+        hard_labels=inputs["hard_labels"],
+    )
+    want, kd, ce = fastted.fused_linear_kd(
+        **inputs, temperature=2.0, hard_weight=0.4, soft_weight=0.6, impl=impl, return_terms=True
+    )
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(module.kd, kd)
     torch.testing.assert_close(module.ce, ce)
@@ -248,8 +266,7 @@ def test_block_rows_on_cpu_and_the_budget():
 
     def rows(n, h_s, h_t, vocab, chunk_size=None, needs_grad=True):
         xs, xt = torch.empty(n, h_s), torch.empty(n, h_t)
-        return block_rows(n, vocab, xs, torch.empty(vocab, h_s), xt, torch.empty(vocab, h_t), needs_grad,
-                          chunk_size)
+        return block_rows(n, vocab, xs, torch.empty(vocab, h_s), xt, torch.empty(vocab, h_t), needs_grad, chunk_size)
 
     assert rows(2048, 256, 384, 32000) == 128
     assert rows(2048, 256, 384, 32000, chunk_size=300) == 300
@@ -270,8 +287,7 @@ def test_fused_linear_kd_shifted_labels_are_a_causal_lms(impl, kd_ignored_rows):
     spec, on both paths."""
     lead, h_s, h_t, vocab = (3, 11), 20, 28, 501
     inputs = _make(lead, h_s, h_t, vocab, torch.float32, seed_for("shift", impl, kd_ignored_rows), ignored=0.3)
-    opts = dict(temperature=2.0, hard_weight=0.7, soft_weight=1.3, shift_labels=True,
-                kd_ignored_rows=kd_ignored_rows)
+    opts = dict(temperature=2.0, hard_weight=0.7, soft_weight=1.3, shift_labels=True, kd_ignored_rows=kd_ignored_rows)
     got, grads = _run(fastted.fused_linear_kd, inputs, 1.0, impl=impl, return_terms=True, **opts)
 
     x = {k: (v.detach().double() if v.is_floating_point() else v).cpu() for k, v in inputs.items()}
@@ -306,5 +322,6 @@ def test_fused_linear_kd_rows_with_ignored_labels_match_logit_kd():
     want = fastted.logit_kd(s, t, temperature=2.0, mask=inputs["mask"], labels=inputs["hard_labels"])
     torch.testing.assert_close(kd, want.detach(), rtol=1e-5, atol=1e-7)
     _, all_rows, _ = fastted.fused_linear_kd(**inputs, temperature=2.0, return_terms=True, kd_ignored_rows=True)
-    torch.testing.assert_close(all_rows, fastted.logit_kd(s, t, temperature=2.0, mask=inputs["mask"]).detach(),
-                               rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(
+        all_rows, fastted.logit_kd(s, t, temperature=2.0, mask=inputs["mask"]).detach(), rtol=1e-5, atol=1e-7
+    )

@@ -3,14 +3,14 @@
 Each case runs on both paths: "reference" (the chunked PyTorch path) and
 "triton" (the real row kernel: on a GPU, or under TRITON_INTERPRET=1 on the CPU).
 """
+
 import pytest
 import torch
 
 import fastted
 from fastted.ops.logit_kd import logit_kd_rows
 from fastted.reference import logit_kd_reference
-
-from tests.tables import DTYPES, assert_close_to_spec, seed_for, device
+from tests.tables import DTYPES, assert_close_to_spec, device, seed_for
 
 IMPLS = ["reference", "triton"]
 # (divergence, beta): the three divergences, and JSD at its two limits.
@@ -27,8 +27,9 @@ def _logits(lead, vocab, dtype, seed, scale=3.0):
     return s.requires_grad_(), t, mask
 
 
-def check_logit_kd(impl, lead, vocab, dtype, divergence, beta, temperature, mask_kind="random", grad_out=1.0,
-                    s=None, t=None):
+def check_logit_kd(
+    impl, lead, vocab, dtype, divergence, beta, temperature, mask_kind="random", grad_out=1.0, s=None, t=None
+):
     seed = seed_for("logit_kd", impl, lead, vocab, dtype, divergence, beta, temperature, mask_kind)
     s0, t0, mask = _logits(lead, vocab, dtype, seed)
     s = s0 if s is None else s
@@ -176,8 +177,15 @@ def test_kernel_matches_rows_reference_across_blocks(divergence, beta):
         opts = dict(temperature=temperature, beta=beta, soft_weight=0.8, hard_weight=0.3)
         grad = torch.empty_like(s)
         kd, ce = logit_kd_forward(
-            s, t, kd_coef, grad=grad, labels=labels, ce_coef=ce_coef,
-            divergence=divergence_code(divergence, beta), block_v=128, **opts,
+            s,
+            t,
+            kd_coef,
+            grad=grad,
+            labels=labels,
+            ce_coef=ce_coef,
+            divergence=divergence_code(divergence, beta),
+            block_v=128,
+            **opts,
         )
         grad_ref = torch.empty_like(s)
         kd_ref, ce_ref = logit_kd_rows(s, t, kd_coef, labels, ce_coef, grad_ref, divergence=divergence, **opts)

@@ -1,11 +1,11 @@
 """Bad input to logit_kd and fused_linear_kd ends in a ValueError naming the argument; dispatch."""
+
 import numpy as np
 import pytest
 import torch
 
 import fastted
 from fastted import reference
-
 from tests.tables import check_bad_input, device
 
 pytestmark = pytest.mark.bad_input
@@ -29,17 +29,23 @@ BAD_LOGITS = {
     "one_dim": ({**_logits(), "teacher_logits": torch.randn(50)}, ["teacher_logits has shape (50,)", "(N, V)"]),
     "rows_differ": ({**_logits(), "teacher_logits": torch.randn(5, 50)}, ["(5, 50)", "(6, 50)", "leading"]),
     "integer_logits": ({**_logits(), "student_logits": torch.ones(6, 50, dtype=torch.long)}, ["torch.int64"]),
-    "vocab_differs": (_logits(v_t=60), ["student_logits covers a vocabulary of 50", "teacher_logits covers 60",
-                                        "vocab_size"]),
+    "vocab_differs": (
+        _logits(v_t=60),
+        ["student_logits covers a vocabulary of 50", "teacher_logits covers 60", "vocab_size"],
+    ),
     "vocab_size_too_big": ({**_logits(v_t=60), "vocab_size": 55}, ["vocab_size must be an int in [1, 50]", "55"]),
     "temperature_zero": ({**_logits(), "temperature": 0.0}, ["temperature must lie in (0.0", "got 0.0"]),
     "temperature_tensor": ({**_logits(), "temperature": torch.tensor(2.0)}, ["temperature must be a number"]),
     "temperature_inf": ({**_logits(), "temperature": float("inf")}, ["temperature must be a finite number", "inf"]),
     "beta_nan": ({**_logits(), "divergence": "jsd", "beta": float("nan")}, ["beta must be a finite number", "nan"]),
-    "mask_negative": ({**_logits(), "mask": torch.tensor([1.0, -1.0, 1.0, 1.0, 0.0, 1.0])},
-                      ["mask holds -1.0", "finite and >= 0"]),
-    "mask_nan": ({**_logits(), "mask": torch.tensor([1.0, float("nan"), 1.0, 1.0, 0.0, 1.0])},
-                 ["mask holds nan", "finite and >= 0"]),
+    "mask_negative": (
+        {**_logits(), "mask": torch.tensor([1.0, -1.0, 1.0, 1.0, 0.0, 1.0])},
+        ["mask holds -1.0", "finite and >= 0"],
+    ),
+    "mask_nan": (
+        {**_logits(), "mask": torch.tensor([1.0, float("nan"), 1.0, 1.0, 0.0, 1.0])},
+        ["mask holds nan", "finite and >= 0"],
+    ),
     "beta_out_of_range": ({**_logits(), "divergence": "jsd", "beta": 1.5}, ["beta must lie in [0.0, 1.0]", "1.5"]),
     "divergence": ({**_logits(), "divergence": "kl"}, ["divergence must be one of", "'kl'"]),
     "mask_shape": ({**_logits(), "mask": torch.ones(5, dtype=torch.bool)}, ["mask has shape (5,)", "(6,)"]),
@@ -49,33 +55,49 @@ BAD_LOGITS = {
 }
 
 BAD_HEADS = {
-    "hidden_rows_differ": ({**_heads(), "teacher_hidden": torch.randn(5, 12)}, ["teacher_hidden has shape (5, 12)",
-                                                                               "(6, 8)"]),
-    "weight_width": ({**_heads(), "student_weight": torch.randn(50, 9)}, ["student_weight has shape (50, 9)",
-                                                                         "(d_f, 8)"]),
+    "hidden_rows_differ": (
+        {**_heads(), "teacher_hidden": torch.randn(5, 12)},
+        ["teacher_hidden has shape (5, 12)", "(6, 8)"],
+    ),
+    "weight_width": (
+        {**_heads(), "student_weight": torch.randn(50, 9)},
+        ["student_weight has shape (50, 9)", "(d_f, 8)"],
+    ),
     "teacher_weight_width": ({**_heads(), "teacher_weight": torch.randn(50, 8)}, ["teacher_weight has shape (50, 8)"]),
     "bias_shape": ({**_heads(), "student_bias": torch.randn(49)}, ["student_bias has shape (49,)", "(50,)"]),
     "vocab_differs": (_heads(v_s=64), ["student_weight covers a vocabulary of 64", "teacher_weight covers 50"]),
-    "dtype_mismatch": ({**_heads(), "student_weight": torch.randn(50, 8, dtype=torch.float64)},
-                       ["student_weight has dtype torch.float64", "torch.float32"]),
+    "dtype_mismatch": (
+        {**_heads(), "student_weight": torch.randn(50, 8, dtype=torch.float64)},
+        ["student_weight has dtype torch.float64", "torch.float32"],
+    ),
     "hard_weight_without_labels": ({**_heads(), "hard_weight": 0.5}, ["hard_weight=0.5 needs hard_labels"]),
     "negative_weight": ({**_heads(), "soft_weight": -1.0}, ["soft_weight must lie in [0.0", "-1.0"]),
-    "hard_weight_inf": ({**_heads(), "hard_weight": float("inf"), "hard_labels": torch.zeros(6, dtype=torch.long)},
-                        ["hard_weight must be a finite number", "inf"]),
+    "hard_weight_inf": (
+        {**_heads(), "hard_weight": float("inf"), "hard_labels": torch.zeros(6, dtype=torch.long)},
+        ["hard_weight must be a finite number", "inf"],
+    ),
     "mask_negative": ({**_heads(), "mask": torch.tensor([1, -1, 1, 1, 0, 1])}, ["mask holds -1", "finite and >= 0"]),
-    "label_out_of_range": ({**_heads(), "hard_labels": torch.tensor([0, 1, 2, 50, 4, 5])},
-                           ["hard_labels holds 50, outside [0, 50)", "ignore_index=-100"]),
+    "label_out_of_range": (
+        {**_heads(), "hard_labels": torch.tensor([0, 1, 2, 50, 4, 5])},
+        ["hard_labels holds 50, outside [0, 50)", "ignore_index=-100"],
+    ),
     "chunk_size": ({**_heads(), "chunk_size": 0}, ["chunk_size must be a positive int", "0"]),
     "hidden_empty": ({**_heads(), "student_hidden": torch.randn(0, 8)}, ["student_hidden has shape (0, 8)"]),
-    "shift_flat_rows": ({**_heads(), "hard_labels": torch.zeros(6, dtype=torch.long), "shift_labels": True},
-                        ["shift_labels=True shifts (B, T) hard_labels along T", "(6,)"]),
+    "shift_flat_rows": (
+        {**_heads(), "hard_labels": torch.zeros(6, dtype=torch.long), "shift_labels": True},
+        ["shift_labels=True shifts (B, T) hard_labels along T", "(6,)"],
+    ),
     "shift_without_labels": ({**_heads(), "shift_labels": True}, ["shift_labels=True", "NoneType"]),
     "shift_not_bool": ({**_heads(), "shift_labels": "yes"}, ["shift_labels must be a bool", "'yes'"]),
     "kd_ignored_rows_not_bool": ({**_heads(), "kd_ignored_rows": 1}, ["kd_ignored_rows must be a bool", "1"]),
-    "integer_states": ({key: v.long() if torch.is_tensor(v) else v for key, v in _heads().items()},
-                       ["student_hidden has dtype torch.int64, but needs a floating-point dtype"]),
-    "integer_teacher": ({**_heads(), "teacher_hidden": torch.ones(6, 12, dtype=torch.int32)},
-                        ["teacher_hidden has dtype torch.int32, but needs a floating-point dtype"]),
+    "integer_states": (
+        {key: v.long() if torch.is_tensor(v) else v for key, v in _heads().items()},
+        ["student_hidden has dtype torch.int64, but needs a floating-point dtype"],
+    ),
+    "integer_teacher": (
+        {**_heads(), "teacher_hidden": torch.ones(6, 12, dtype=torch.int32)},
+        ["teacher_hidden has dtype torch.int32, but needs a floating-point dtype"],
+    ),
 }
 
 
@@ -162,6 +184,7 @@ def test_numpy_scalar_temperature_is_a_number(temperature):
     """A numpy scalar is a number: the loss equals the one at the Python float, against the float64 spec."""
     inputs = _logits()
     got = fastted.logit_kd(inputs["student_logits"], inputs["teacher_logits"], temperature=temperature)
-    want = reference.logit_kd_reference(inputs["student_logits"].double(), inputs["teacher_logits"].double(),
-                                        temperature=2.0)
+    want = reference.logit_kd_reference(
+        inputs["student_logits"].double(), inputs["teacher_logits"].double(), temperature=2.0
+    )
     assert abs(got.item() - want.item()) <= 1e-5 * (1 + abs(want.item()))

@@ -1,5 +1,6 @@
 """The packed top-k teacher (fastted.ops.packed_topk): its round trip, and the sparse KL ops reading it as it is,
 on both paths: equal to the ops on its unpacked tensors (loss and every gradient) and to the float64 spec."""
+
 import pytest
 import torch
 
@@ -30,8 +31,10 @@ def _distinct_ids(g, rows, k, vocab):
     return ids
 
 
-@pytest.mark.parametrize("vocab,k", [(2, 1), (2, 2), (3, 1), (3, 3), (50257, 37), (65536, 64), (128256, 1),
-                                     (128256, 64), (2**31, 37), (2**31, 64)])
+@pytest.mark.parametrize(
+    "vocab,k",
+    [(2, 1), (2, 2), (3, 1), (3, 3), (50257, 37), (65536, 64), (128256, 1), (128256, 64), (2**31, 37), (2**31, 64)],
+)
 def test_ids_round_trip(vocab, k):
     """Every id comes back from its bits, the vocabulary's last one included, at widths that split ids across
     words (17 and 31 bits) and that do not (1, 2 and 16 bits)."""
@@ -93,8 +96,7 @@ def _run(fn, leaves: dict, *args, grad_out=-1.7, **kwargs):
 
 @pytest.mark.parametrize("dtype", LOW_DTYPES, ids=str)
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("vocab,k,temperature,bits", [(301, 16, 2.0, None), (997, 37, 1.0, None),
-                                                     (517, 8, 2.0, 20)])
+@pytest.mark.parametrize("vocab,k,temperature,bits", [(301, 16, 2.0, None), (997, 37, 1.0, None), (517, 8, 2.0, 20)])
 def test_sparse_logit_kd_reads_the_packed_teacher(vocab, k, temperature, bits, impl, dtype):
     """sparse_logit_kd on a PackedTopK equals it on unpack_topk's tensors (loss and gradient), and both are
     the float64 spec's on those values; (B, T) rows, a mask, labels that skip rows."""
@@ -112,8 +114,7 @@ def test_sparse_logit_kd_reads_the_packed_teacher(vocab, k, temperature, bits, i
 
     rows = mask & (labels != -100)
     spec = dict(temperature=temperature, mask=rows)
-    ref, (ref_grad,) = _run(sparse_logit_kd_reference, dict(s=s.double()), values.double(), ids, tail.double(),
-                            **spec)
+    ref, (ref_grad,) = _run(sparse_logit_kd_reference, dict(s=s.double()), values.double(), ids, tail.double(), **spec)
     lowp, (lowp_grad,) = _run(sparse_logit_kd_reference, dict(s=s), values, ids, tail, **spec)
     assert_close_to_spec("loss", got, ref, lowp, DTYPES[dtype])
     assert_close_to_spec("grad", grad, ref_grad, lowp_grad, DTYPES[dtype])
@@ -149,16 +150,24 @@ def test_fused_linear_sparse_kd_reads_the_packed_teacher(impl, dtype):
     values, ids, tail = flip(values), flip(ids), flip(tail)
     assert not packed.words.is_contiguous() and not packed.top.is_contiguous()
     mask, labels = _rows(g, lead, vocab)
-    student = dict(xs=torch.randn(*lead, hidden, generator=g, dtype=torch.float64),
-                   ws=torch.randn(vocab, hidden, generator=g, dtype=torch.float64) * 3 * hidden**-0.5)
+    student = dict(
+        xs=torch.randn(*lead, hidden, generator=g, dtype=torch.float64),
+        ws=torch.randn(vocab, hidden, generator=g, dtype=torch.float64) * 3 * hidden**-0.5,
+    )
     student = {name: x.to(device(), dtype) for name, x in student.items()}
     bias = (torch.randn(vocab, generator=g) * 0.5).to(device(), dtype)
-    opts = dict(temperature=temperature, student_bias=bias, mask=mask, hard_labels=labels, hard_weight=0.3,
-                soft_weight=0.8, shift_labels=True)
+    opts = dict(
+        temperature=temperature,
+        student_bias=bias,
+        mask=mask,
+        hard_labels=labels,
+        hard_weight=0.3,
+        soft_weight=0.8,
+        shift_labels=True,
+    )
 
     def fused(xs, ws, *teacher, **kwargs):
-        return fastted.fused_linear_sparse_kd(xs, ws, *teacher, impl=impl, chunk_size=5, return_terms=True,
-                                              **kwargs)
+        return fastted.fused_linear_sparse_kd(xs, ws, *teacher, impl=impl, chunk_size=5, return_terms=True, **kwargs)
 
     got, grads = _run(fused, student, packed, grad_out=2.5, **opts)
     same, same_grads = _run(fused, student, values, ids, tail, grad_out=2.5, **opts)
@@ -169,8 +178,15 @@ def test_fused_linear_sparse_kd_reads_the_packed_teacher(impl, dtype):
         torch.testing.assert_close(a, b, **SAME[dtype])
 
     ref_opts = dict(opts, student_bias=bias.double())
-    ref, ref_grads = _run(fused_linear_sparse_kd_reference, {n: x.double() for n, x in student.items()},
-                          values.double(), ids, tail.double(), grad_out=2.5, **ref_opts)
+    ref, ref_grads = _run(
+        fused_linear_sparse_kd_reference,
+        {n: x.double() for n, x in student.items()},
+        values.double(),
+        ids,
+        tail.double(),
+        grad_out=2.5,
+        **ref_opts,
+    )
     lowp, lowp_grads = _run(fused_linear_sparse_kd_reference, student, values, ids, tail, grad_out=2.5, **opts)
     for name, a, b, c in zip(("loss", "kd", "ce"), got, ref, lowp):
         assert_close_to_spec(name, a, b, c, DTYPES[dtype])
@@ -209,8 +225,9 @@ def test_the_cpu_path_unpacks_a_block_of_rows_at_a_time(monkeypatch):
     xs, ws = torch.randn(3, 5, 8, generator=g), torch.randn(301, 8, generator=g)
     fastted.fused_linear_sparse_kd(xs, ws, packed, temperature=2.0, chunk_size=6, impl="reference")
     assert seen == [6, 6, 3]
-    torch.testing.assert_close(got, fastted.sparse_logit_kd(s, values.cpu(), ids.cpu(), tail.cpu(),
-                                                            temperature=2.0, impl="reference"))
+    torch.testing.assert_close(
+        got, fastted.sparse_logit_kd(s, values.cpu(), ids.cpu(), tail.cpu(), temperature=2.0, impl="reference")
+    )
 
 
 # --------------------------------------------------------------------------- bad packed teachers
@@ -223,26 +240,37 @@ def _packed(vocab=50, k=3, bits=None):
 
 
 @pytest.mark.bad_input
-@pytest.mark.parametrize("change,fragments", [
-    (dict(topk_ids=torch.zeros(4, 6, 3, dtype=torch.long)), ["topk_ids must be None", "PackedTopK"]),
-    (dict(tail_lse=torch.zeros(4, 6)), ["tail_lse must be None"]),
-    (dict(levels=torch.zeros(4, 5, 3, dtype=torch.uint8)), ["topk_values.levels has shape (4, 5, 3)", "(4, 6, 'k')"]),
-    (dict(levels=torch.zeros(4, 6, 3, dtype=torch.int32)), ["topk_values.levels has dtype torch.int32", "uint8"]),
-    (dict(words=torch.zeros(4, 6, 2, dtype=torch.int32)), ["topk_values.words has shape (4, 6, 2)", "(4, 6, 1)",
-                                                          "3 ids of 6 bits"]),
-    (dict(words=torch.zeros(4, 6, 1, dtype=torch.int64)), ["topk_values.words has dtype torch.int64", "int32"]),
-    (dict(top=torch.zeros(4)), ["topk_values.top has shape (4,)", "(4, 6)"]),
-    (dict(step=torch.zeros(4, 6, dtype=torch.long)), ["topk_values.step has dtype torch.int64"]),
-    (dict(tail=torch.zeros(4, 6, 1)), ["topk_values.tail has shape (4, 6, 1)"]),
-    (dict(top=[0.0] * 6), ["topk_values.top must be a tensor, got list"]),
-    (dict(step=torch.zeros(4, 6, device="meta")), ["topk_values.step is on meta", "student_logits is on cpu"]),
-    (dict(id_bits=0), ["topk_values.id_bits must be an int in [1, 32], got 0"]),
-    (dict(id_bits=True), ["topk_values.id_bits", "got True"]),
-])
+@pytest.mark.parametrize(
+    "change,fragments",
+    [
+        (dict(topk_ids=torch.zeros(4, 6, 3, dtype=torch.long)), ["topk_ids must be None", "PackedTopK"]),
+        (dict(tail_lse=torch.zeros(4, 6)), ["tail_lse must be None"]),
+        (
+            dict(levels=torch.zeros(4, 5, 3, dtype=torch.uint8)),
+            ["topk_values.levels has shape (4, 5, 3)", "(4, 6, 'k')"],
+        ),
+        (dict(levels=torch.zeros(4, 6, 3, dtype=torch.int32)), ["topk_values.levels has dtype torch.int32", "uint8"]),
+        (
+            dict(words=torch.zeros(4, 6, 2, dtype=torch.int32)),
+            ["topk_values.words has shape (4, 6, 2)", "(4, 6, 1)", "3 ids of 6 bits"],
+        ),
+        (dict(words=torch.zeros(4, 6, 1, dtype=torch.int64)), ["topk_values.words has dtype torch.int64", "int32"]),
+        (dict(top=torch.zeros(4)), ["topk_values.top has shape (4,)", "(4, 6)"]),
+        (dict(step=torch.zeros(4, 6, dtype=torch.long)), ["topk_values.step has dtype torch.int64"]),
+        (dict(tail=torch.zeros(4, 6, 1)), ["topk_values.tail has shape (4, 6, 1)"]),
+        (dict(top=[0.0] * 6), ["topk_values.top must be a tensor, got list"]),
+        (dict(step=torch.zeros(4, 6, device="meta")), ["topk_values.step is on meta", "student_logits is on cpu"]),
+        (dict(id_bits=0), ["topk_values.id_bits must be an int in [1, 32], got 0"]),
+        (dict(id_bits=True), ["topk_values.id_bits", "got True"]),
+    ],
+)
 def test_bad_packed_teacher(change, fragments):
     packed = _packed()._replace(**{k: v for k, v in change.items() if k in PackedTopK._fields})
-    inputs = dict(student_logits=torch.zeros(4, 6, 50), topk_values=packed,
-                  **{k: v for k, v in change.items() if k not in PackedTopK._fields})
+    inputs = dict(
+        student_logits=torch.zeros(4, 6, 50),
+        topk_values=packed,
+        **{k: v for k, v in change.items() if k not in PackedTopK._fields},
+    )
     check_bad_input(fastted.sparse_logit_kd, inputs, fragments)
 
 
@@ -251,12 +279,17 @@ def test_packed_ids_outside_the_vocabulary():
     """A cache of another vocabulary: more ids a row than the student's vocabulary, or an id past it (its
     bits may hold more than the vocabulary: the ids are decoded, on a CPU, and checked), in both ops."""
     xs, ws = torch.randn(4, 6, 8), torch.randn(50, 8)
-    for fn, args in ((fastted.sparse_logit_kd, dict(student_logits=torch.zeros(4, 6, 50))),
-                     (fastted.fused_linear_sparse_kd, dict(student_hidden=xs, student_weight=ws))):
+    for fn, args in (
+        (fastted.sparse_logit_kd, dict(student_logits=torch.zeros(4, 6, 50))),
+        (fastted.fused_linear_sparse_kd, dict(student_hidden=xs, student_weight=ws)),
+    ):
         check_bad_input(fn, dict(args, topk_values=_packed(k=51, vocab=64)), ["51 logits a row", "vocabulary of 50"])
         wide = _packed(vocab=64)
         wide = wide._replace(words=pack_ids(torch.tensor([0, 55, 2]).expand(4, 6, 3), 6))
-        check_bad_input(fn, dict(args, topk_values=wide), ["topk_values.words holds the id 55", "outside [0, 50)",
-                                                           "another vocabulary"])
+        check_bad_input(
+            fn,
+            dict(args, topk_values=wide),
+            ["topk_values.words holds the id 55", "outside [0, 50)", "another vocabulary"],
+        )
     # ten bits for a vocabulary of 50: accepted while its ids are in it
     assert torch.isfinite(fastted.sparse_logit_kd(torch.randn(4, 6, 50), _packed(bits=10), impl="reference"))

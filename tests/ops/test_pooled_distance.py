@@ -1,17 +1,29 @@
 """fastted.pooled_distance and PooledDistanceLoss (RAIL-KD) against the float64 reference, on both paths."""
+
 import pytest
 import torch
 
 import fastted
 from fastted.reference import pooled_distance_reference
-
 from tests.tables import device, seed_for
 
 IMPLS = ["reference", "triton"]
 
 
-def _rail_inputs(seed, n_s=3, n_t=3, batch=6, tokens=9, t_tokens=None, d_s=20, d_t=28, proj=16, concat=False,
-                 project=True, dtype=torch.float32):
+def _rail_inputs(
+    seed,
+    n_s=3,
+    n_t=3,
+    batch=6,
+    tokens=9,
+    t_tokens=None,
+    d_s=20,
+    d_t=28,
+    proj=16,
+    concat=False,
+    project=True,
+    dtype=torch.float32,
+):
     g = torch.Generator().manual_seed(seed)
 
     def leaf(*shape, scale=1.0, grad=True):
@@ -38,11 +50,14 @@ def _rail_inputs(seed, n_s=3, n_t=3, batch=6, tokens=9, t_tokens=None, d_s=20, d
 
 
 def _check_pooled_distance(impl, inputs, concat, pooling="mean", grad_out=1.0):
-    loss, layer_losses = fastted.pooled_distance(**inputs, concat=concat, pooling=pooling, impl=impl,
-                                                 return_layer_losses=True)
+    loss, layer_losses = fastted.pooled_distance(
+        **inputs, concat=concat, pooling=pooling, impl=impl, return_layer_losses=True
+    )
     (loss * grad_out).backward()
-    leaves = {k: [x.detach().double().requires_grad_(x.requires_grad) for x in v] if isinstance(v, list) else v
-              for k, v in inputs.items()}
+    leaves = {
+        k: [x.detach().double().requires_grad_(x.requires_grad) for x in v] if isinstance(v, list) else v
+        for k, v in inputs.items()
+    }
     ref = pooled_distance_reference(**leaves, concat=concat, pooling=pooling)
     (ref * grad_out).backward()
     assert loss.dim() == 0 and layer_losses.shape == (1 if concat else len(inputs["student_states"]),)
@@ -110,9 +125,13 @@ def test_pooled_distance_module():
             teacher_weights=[p.weight.double() for p in module.teacher_proj],
             teacher_biases=[p.bias.double() for p in module.teacher_proj],
         )
-        want = pooled_distance_reference([x.double() for x in inputs["student_states"]],
-                                         [x.double() for x in inputs["teacher_states"]], mask=inputs["mask"],
-                                         concat=concat, **heads)
+        want = pooled_distance_reference(
+            [x.double() for x in inputs["student_states"]],
+            [x.double() for x in inputs["teacher_states"]],
+            mask=inputs["mask"],
+            concat=concat,
+            **heads,
+        )
         torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-6)
         assert module.layer_losses.shape == (1 if concat else 3,)
         assert all(p.grad is not None and p.grad.any() for p in module.parameters())

@@ -1,11 +1,11 @@
 """fastted.pool_states (the pooling op) against its float64 reference, on both paths."""
+
 import pytest
 import torch
 
 import fastted
 from fastted.reference import pool_states_reference
-
-from tests.tables import DTYPES, assert_close_to_spec, seed_for, device
+from tests.tables import DTYPES, assert_close_to_spec, device, seed_for
 
 IMPLS = ["reference", "triton"]
 # (B, T, d, L): odd sizes; T beyond one token block; one layer and twelve.
@@ -76,8 +76,15 @@ def test_pool_states_masks(impl, pooling, mask_kind):
     if mask_kind == "one_empty":  # an example without valid tokens pools to zeros, with no gradient
         assert not out[-1].any() and all(not grad[-1].any() for grad in grads)
     if pooling == "first" and mask_kind == "left_padding":  # the first valid token, not position 0
-        states, _ = _states(4, 13, 24, 3, torch.float32, seed_for("pool", impl, 4, 13, 24, 3, torch.float32, pooling,
-                                                                     mask_kind), mask_kind)
+        states, _ = _states(
+            4,
+            13,
+            24,
+            3,
+            torch.float32,
+            seed_for("pool", impl, 4, 13, 24, 3, torch.float32, pooling, mask_kind),
+            mask_kind,
+        )
         first = mask.to(torch.int64).argmax(1)
         torch.testing.assert_close(out[:, :24], states[0][torch.arange(4), first].detach())
 
@@ -92,4 +99,4 @@ def test_pool_states_layout(impl):
     want = pool_states_reference([x.double() for x in strided], mask)
     assert isinstance(got, list) and len(got) == 3
     for i, part in enumerate(got):
-        torch.testing.assert_close(part.double(), want[:, 16 * i:16 * (i + 1)], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(part.double(), want[:, 16 * i : 16 * (i + 1)], rtol=1e-6, atol=1e-6)

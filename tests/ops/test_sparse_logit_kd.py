@@ -1,5 +1,6 @@
 """The spec of the cached teacher's logit KD (top-k teacher + tail bucket), against formulas written out here in
 float64: exact at k = V, a lower bound of the full KL below it, its gradient the bucketed one."""
+
 import pytest
 import torch
 
@@ -23,8 +24,8 @@ def test_all_of_the_vocabulary_is_the_full_kl(temperature):
     got = sparse_logit_kd_reference(s, *targets, temperature=temperature, mask=mask)
     want = logit_kd_reference(s, t, temperature=temperature, mask=mask)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-    g_got, = torch.autograd.grad(got, s)
-    g_want, = torch.autograd.grad(want, s)
+    (g_got,) = torch.autograd.grad(got, s)
+    (g_want,) = torch.autograd.grad(want, s)
     torch.testing.assert_close(g_got, g_want, rtol=1e-10, atol=1e-12)
 
 
@@ -47,8 +48,8 @@ def test_top_k_is_the_bucketed_kl_and_a_lower_bound(k):
     full = logit_kd_reference(s, t, temperature=temperature, mask=mask)
     assert got <= full + 1e-12
 
-    g_got, = torch.autograd.grad(got, s)
-    g_want, = torch.autograd.grad(want, s)
+    (g_got,) = torch.autograd.grad(got, s)
+    (g_want,) = torch.autograd.grad(want, s)
     torch.testing.assert_close(g_got, g_want, rtol=1e-9, atol=1e-12)
     assert g_got[~mask].abs().max() == 0
 
@@ -82,8 +83,9 @@ def _cached(seed, lead, vocab, k, temperature, dtype, scale=3.0, hidden=None):
         out["student_logits"] = (torch.randn(*lead, vocab, generator=g, dtype=torch.float64) * scale).to(dev, dtype)
     else:
         out["student_hidden"] = torch.randn(*lead, hidden, generator=g, dtype=torch.float64).to(dev, dtype)
-        out["student_weight"] = (torch.randn(vocab, hidden, generator=g, dtype=torch.float64)
-                                 * 3 * hidden**-0.5).to(dev, dtype)
+        out["student_weight"] = (torch.randn(vocab, hidden, generator=g, dtype=torch.float64) * 3 * hidden**-0.5).to(
+            dev, dtype
+        )
         out["student_bias"] = (torch.randn(vocab, generator=g, dtype=torch.float64) * 0.5).to(dev, dtype)
     mask = (torch.rand(lead, generator=g) > 0.25).to(dev)
     labels = torch.randint(0, vocab, lead, generator=g)
@@ -100,8 +102,12 @@ def _grads(fn, inputs, trainable, grad_out=1.0, **opts):
 
 
 def _as(inputs, dtype):
-    return {k: v.to(dtype) if k.startswith("student") else
-            (v.to(torch.float64) if k == "topk_values" and dtype == torch.float64 else v) for k, v in inputs.items()}
+    return {
+        k: v.to(dtype)
+        if k.startswith("student")
+        else (v.to(torch.float64) if k == "topk_values" and dtype == torch.float64 else v)
+        for k, v in inputs.items()
+    }
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES), ids=str)
@@ -117,12 +123,20 @@ def check_sparse_logit_kd(impl, k, vocab, dtype):
     """The check of test_sparse_logit_kd_against_float64 (the GPU check runs it too)."""
     temperature = 2.0
     inputs, mask, _ = _cached(seed_for("sparse op", impl, k, vocab, dtype), (3, 7), vocab, k, temperature, dtype)
-    got, grads = _grads(fastted.sparse_logit_kd, inputs, ["student_logits"], -1.7, temperature=temperature,
-                        mask=mask, impl=impl)
-    ref, ref_grads = _grads(sparse_logit_kd_reference, _as(inputs, torch.float64), ["student_logits"], -1.7,
-                            temperature=temperature, mask=mask)
-    lowp, lowp_grads = _grads(sparse_logit_kd_reference, inputs, ["student_logits"], -1.7,
-                              temperature=temperature, mask=mask)
+    got, grads = _grads(
+        fastted.sparse_logit_kd, inputs, ["student_logits"], -1.7, temperature=temperature, mask=mask, impl=impl
+    )
+    ref, ref_grads = _grads(
+        sparse_logit_kd_reference,
+        _as(inputs, torch.float64),
+        ["student_logits"],
+        -1.7,
+        temperature=temperature,
+        mask=mask,
+    )
+    lowp, lowp_grads = _grads(
+        sparse_logit_kd_reference, inputs, ["student_logits"], -1.7, temperature=temperature, mask=mask
+    )
     assert got.dtype == torch.float32 and got.dim() == 0
     assert_close_to_spec("loss", got, ref, lowp, DTYPES[dtype])
     g = grads["student_logits"]
@@ -136,11 +150,13 @@ def test_sparse_logit_kd_peaked_teacher_and_labels(impl):
     """A confident teacher (its top 8 hold nearly all the mass: the tail bucket is tiny) and rows chosen by
     labels (ignore_index skips a row), in fp32 against float64."""
     inputs, mask, labels = _cached(seed_for("peaked", impl), (41,), 517, 8, 1.0, torch.float32, scale=9.0)
-    got, grads = _grads(fastted.sparse_logit_kd, inputs, ["student_logits"], temperature=1.0, mask=mask,
-                        labels=labels, impl=impl)
+    got, grads = _grads(
+        fastted.sparse_logit_kd, inputs, ["student_logits"], temperature=1.0, mask=mask, labels=labels, impl=impl
+    )
     rows = mask & (labels != -100)
-    ref, ref_grads = _grads(sparse_logit_kd_reference, _as(inputs, torch.float64), ["student_logits"],
-                            temperature=1.0, mask=rows)
+    ref, ref_grads = _grads(
+        sparse_logit_kd_reference, _as(inputs, torch.float64), ["student_logits"], temperature=1.0, mask=rows
+    )
     torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grads["student_logits"].double(), ref_grads["student_logits"], rtol=1e-4, atol=1e-7)
 
@@ -152,13 +168,23 @@ def test_fused_linear_sparse_kd_against_float64(impl, chunk_size, dtype):
     """The fused head with a cross-entropy beside (a causal LM's shift), every student gradient, blocks of 1,
     13 and the default rows, against the eager float64 head + spec."""
     temperature = 2.0
-    inputs, mask, labels = _cached(seed_for("fused sparse", impl, chunk_size, dtype), (3, 11), 1003, 32,
-                                   temperature, dtype, hidden=24)
-    opts = dict(temperature=temperature, mask=mask, hard_labels=labels, hard_weight=0.3, soft_weight=0.8,
-                shift_labels=True)
+    inputs, mask, labels = _cached(
+        seed_for("fused sparse", impl, chunk_size, dtype), (3, 11), 1003, 32, temperature, dtype, hidden=24
+    )
+    opts = dict(
+        temperature=temperature, mask=mask, hard_labels=labels, hard_weight=0.3, soft_weight=0.8, shift_labels=True
+    )
     trainable = ["student_hidden", "student_weight", "student_bias"]
-    got, grads = _grads(fastted.fused_linear_sparse_kd, inputs, trainable, 2.5, impl=impl, chunk_size=chunk_size,
-                        return_terms=True, **opts)
+    got, grads = _grads(
+        fastted.fused_linear_sparse_kd,
+        inputs,
+        trainable,
+        2.5,
+        impl=impl,
+        chunk_size=chunk_size,
+        return_terms=True,
+        **opts,
+    )
     ref, ref_grads = _grads(fused_linear_sparse_kd_reference, _as(inputs, torch.float64), trainable, 2.5, **opts)
     lowp, lowp_grads = _grads(fused_linear_sparse_kd_reference, inputs, trainable, 2.5, **opts)
     for name, a, b, c in zip(("loss", "kd", "ce"), got, ref, lowp):
@@ -189,18 +215,27 @@ def test_fused_linear_sparse_kd_is_fused_linear_kd_at_k_equal_v(impl):
 
 
 @pytest.mark.bad_input
-@pytest.mark.parametrize("change,fragments", [
-    (dict(topk_values=torch.zeros(4, 5, 3)), ["topk_values has shape (4, 5, 3)", "(4, 6, 'k')"]),
-    (dict(topk_ids=torch.zeros(4, 6, 2, dtype=torch.long)), ["topk_ids has shape (4, 6, 2)"]),
-    (dict(topk_ids=torch.zeros(4, 6, 3)), ["topk_ids must hold integer", "float32"]),
-    (dict(topk_ids=torch.full((4, 6, 3), 50, dtype=torch.long)), ["topk_ids holds 50", "[0, 50)"]),
-    (dict(tail_lse=torch.zeros(4)), ["tail_lse has shape (4,)", "(4, 6)"]),
-    (dict(topk_values=torch.zeros(4, 6, 51), topk_ids=torch.zeros(4, 6, 51, dtype=torch.long)),
-     ["51 logits a row", "vocabulary of 50"]),
-    (dict(temperature=0.0), ["temperature"]),
-    (dict(student_logits=torch.zeros(4, 6, 50, dtype=torch.long)), ["student_logits"]),
-])
+@pytest.mark.parametrize(
+    "change,fragments",
+    [
+        (dict(topk_values=torch.zeros(4, 5, 3)), ["topk_values has shape (4, 5, 3)", "(4, 6, 'k')"]),
+        (dict(topk_ids=torch.zeros(4, 6, 2, dtype=torch.long)), ["topk_ids has shape (4, 6, 2)"]),
+        (dict(topk_ids=torch.zeros(4, 6, 3)), ["topk_ids must hold integer", "float32"]),
+        (dict(topk_ids=torch.full((4, 6, 3), 50, dtype=torch.long)), ["topk_ids holds 50", "[0, 50)"]),
+        (dict(tail_lse=torch.zeros(4)), ["tail_lse has shape (4,)", "(4, 6)"]),
+        (
+            dict(topk_values=torch.zeros(4, 6, 51), topk_ids=torch.zeros(4, 6, 51, dtype=torch.long)),
+            ["51 logits a row", "vocabulary of 50"],
+        ),
+        (dict(temperature=0.0), ["temperature"]),
+        (dict(student_logits=torch.zeros(4, 6, 50, dtype=torch.long)), ["student_logits"]),
+    ],
+)
 def test_sparse_logit_kd_bad_input(change, fragments):
-    inputs = dict(student_logits=torch.zeros(4, 6, 50), topk_values=torch.zeros(4, 6, 3),
-                  topk_ids=torch.arange(3).expand(4, 6, 3), tail_lse=torch.zeros(4, 6))
+    inputs = dict(
+        student_logits=torch.zeros(4, 6, 50),
+        topk_values=torch.zeros(4, 6, 3),
+        topk_ids=torch.arange(3).expand(4, 6, 3),
+        tail_lse=torch.zeros(4, 6),
+    )
     check_bad_input(fastted.sparse_logit_kd, {**inputs, **change}, fragments)

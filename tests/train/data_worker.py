@@ -6,6 +6,7 @@ as every step of the pipeline does, counting the corpus's tokenizations in a fil
 Writes OUT_PREFIX-<rank>.json: the train and test block counts, and a hash of every block's tokens, document
 starts and the collated batch of the first blocks.
 """
+
 import hashlib
 import json
 import os
@@ -15,12 +16,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import torch  # noqa: E402
 
-from tests.launch import finish  # noqa: E402
 from fastted.train import shards  # noqa: E402
 from fastted.train.config import load_config  # noqa: E402
 from fastted.train.data import prepare_data  # noqa: E402
 from fastted.train.engine import init_distributed  # noqa: E402
 from fastted.train.sources import load_tokenizer  # noqa: E402
+from tests.launch import finish  # noqa: E402
 
 
 def main() -> None:
@@ -45,8 +46,9 @@ def main() -> None:
     for key in sorted(batch):
         digest.update(key.encode() + batch[key].numpy().tobytes())
     with open(f"{out}-{rank}.json", "w", encoding="utf-8") as f:
-        json.dump({"train": len(data.train), "test": len(data.test), "hash": digest.hexdigest(),
-                   "keys": sorted(batch)}, f)
+        json.dump(
+            {"train": len(data.train), "test": len(data.test), "hash": digest.hexdigest(), "keys": sorted(batch)}, f
+        )
     finish()  # the group ended, then os._exit: no interpreter teardown (tests/launch.py)
 
 

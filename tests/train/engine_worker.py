@@ -7,6 +7,7 @@ Run by tests/train/test_engine.py as one process (a world of one), under
 the per-step losses of the run, those of a second run resumed from its
 step-2 checkpoint, and how the teacher and student parameters were laid out.
 """
+
 import argparse
 import json
 import os
@@ -17,14 +18,14 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
-from tests.launch import finish  # noqa: E402
 from fastted import LWD, TED, TaskFilters, explicit_map  # noqa: E402
+from fastted.models import is_partitioned  # noqa: E402
 from fastted.train.cache import TeacherCache, build_teacher_cache, finish_teacher_cache  # noqa: E402
 from fastted.train.config import EngineConfig, TrainConfig  # noqa: E402
 from fastted.train.data import ClassificationCollator, CLMCollator  # noqa: E402
 from fastted.train.engine import Engine, init_distributed  # noqa: E402
-from fastted.models import is_partitioned  # noqa: E402
 from fastted.train.trainer import Training, read_metrics, run  # noqa: E402
+from tests.launch import finish  # noqa: E402
 from tests.tiny_models import bert, gpt2  # noqa: E402
 
 STEPS = 4
@@ -73,12 +74,21 @@ def build(args):
         recipe = LWD(student, teacher, fused_lm_head=True, impl="reference")
         collator = MLMCollator()
     lr = 1e-2 if args.recipe == "ted" else 3e-3
-    train = TrainConfig(batch_size=8, max_steps=STEPS, lr=lr, warmup_ratio=0.0, decay="linear", clip=1.0,
-                        save_every=2, keep_last=3)
+    train = TrainConfig(
+        batch_size=8, max_steps=STEPS, lr=lr, warmup_ratio=0.0, decay="linear", clip=1.0, save_every=2, keep_last=3
+    )
     engine_config = EngineConfig(zero_stage=args.zero_stage, teacher_zero3=args.zero_stage == 3, impl="reference")
     engine = Engine(recipe, train, engine_config, STEPS, torch.device("cpu"))
-    training = Training(name=args.recipe, directory=args.dir, recipe=recipe, dataset=dataset(), collator=collator,
-                  train=train, progress=False, config_text=f"zero_stage: {args.zero_stage}\n")
+    training = Training(
+        name=args.recipe,
+        directory=args.dir,
+        recipe=recipe,
+        dataset=dataset(),
+        collator=collator,
+        train=train,
+        progress=False,
+        config_text=f"zero_stage: {args.zero_stage}\n",
+    )
     return recipe, engine, training
 
 
@@ -87,9 +97,20 @@ def cached(recipe, collator, directory):
     rank, world = init_distributed(torch.device("cpu"))  # before the engine: the cache precedes it
     if not os.path.isfile(os.path.join(directory, "manifest.json")):
         expect = recipe.teacher_cache_expect()
-        build_teacher_cache(recipe.teacher_model, dataset(), collator, directory, layers=expect["layers"], k=3,
-                            temperature=expect["temperature"], transform=recipe.cache_transform(), identity=expect,
-                            batch_size=5, rank=rank, world=world)
+        build_teacher_cache(
+            recipe.teacher_model,
+            dataset(),
+            collator,
+            directory,
+            layers=expect["layers"],
+            k=3,
+            temperature=expect["temperature"],
+            transform=recipe.cache_transform(),
+            identity=expect,
+            batch_size=5,
+            rank=rank,
+            world=world,
+        )
         torch.distributed.barrier()
         if world > 1 and rank == 0:
             finish_teacher_cache(directory, world)
@@ -99,14 +120,21 @@ def cached(recipe, collator, directory):
 
 def layout(recipe):
     if recipe.teacher is None:  # a cached teacher: no teacher module at all
-        return {"teacher_partitioned": None, "teacher_local_fraction": None, "teacher_blocks": 0,
-                "student_partitioned": all(is_partitioned(p) for p in recipe.parameters())}
+        return {
+            "teacher_partitioned": None,
+            "teacher_local_fraction": None,
+            "teacher_blocks": 0,
+            "student_partitioned": all(is_partitioned(p) for p in recipe.parameters()),
+        }
     teacher = list(recipe.teacher.parameters())
     local = sum(p.ds_tensor.numel() if is_partitioned(p) else p.numel() for p in teacher)
     full = sum(p.ds_numel if is_partitioned(p) else p.numel() for p in teacher)
-    return {"teacher_partitioned": all(is_partitioned(p) and p.numel() == 0 for p in teacher),
-            "teacher_local_fraction": local / full, "teacher_blocks": recipe.teacher.config.num_hidden_layers,
-            "student_partitioned": all(is_partitioned(p) for p in recipe.parameters())}
+    return {
+        "teacher_partitioned": all(is_partitioned(p) and p.numel() == 0 for p in teacher),
+        "teacher_local_fraction": local / full,
+        "teacher_blocks": recipe.teacher.config.num_hidden_layers,
+        "student_partitioned": all(is_partitioned(p) for p in recipe.parameters()),
+    }
 
 
 def main():

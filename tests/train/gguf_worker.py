@@ -1,6 +1,7 @@
 """One rank of tests/train/test_gguf.py's conversion: ``fastted.train.gguf.hf_folder`` called by every rank of a gloo
 group (torchrun), with the peak private memory (RssAnon) of the call sampled by a thread. Writes
 ``<out>/rank-<RANK>.json``: ``{"folder", "start_kib", "peak_kib", "seconds"}``."""
+
 import argparse
 import json
 import os
@@ -31,8 +32,12 @@ def main() -> None:
     began = time.perf_counter()
     with PeakSampler(fields=("RssAnon",)) as sampler:
         folder = hf_folder(args.folder, args.file, args.cache, max_shard_bytes=args.shard_bytes)
-    record = {"folder": folder, "start_kib": sampler.start["RssAnon"], "peak_kib": sampler.peak["RssAnon"],
-              "seconds": time.perf_counter() - began}
+    record = {
+        "folder": folder,
+        "start_kib": sampler.start["RssAnon"],
+        "peak_kib": sampler.peak["RssAnon"],
+        "seconds": time.perf_counter() - began,
+    }
     with open(os.path.join(args.out, f"rank-{dist.get_rank()}.json"), "w") as f:
         json.dump(record, f)
     dist.destroy_process_group()

@@ -15,6 +15,7 @@
 Each list keeps the events of more than ``--floor`` bytes, each with the fastted frames that made it. Writes OUT
 (rank 0's and rank 1's records: ``OUT`` and ``OUT.rank1``).
 """
+
 import argparse
 import json
 import os
@@ -26,9 +27,9 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
-from tests.launch import finish  # noqa: E402
 from fastted.train.config import EngineConfig  # noqa: E402
 from fastted.train.engine import resolve_device  # noqa: E402
+from tests.launch import finish  # noqa: E402
 
 RECORD: dict = {}
 PARAMETERS: dict = {}  # id -> weak reference of every parameter a module registered
@@ -36,13 +37,19 @@ PARAMETERS: dict = {}  # id -> weak reference of every parameter a module regist
 
 def _where() -> list[str]:
     frames = traceback.extract_stack()[:-2]
-    return [f"{os.path.basename(f.filename)}:{f.lineno} {f.name}" for f in frames
-            if "fastted" in f.filename and "partitioned_worker" not in f.filename][-4:]
+    return [
+        f"{os.path.basename(f.filename)}:{f.lineno} {f.name}"
+        for f in frames
+        if "fastted" in f.filename and "partitioned_worker" not in f.filename
+    ][-4:]
 
 
 def _whole_bytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors
-               if t is not None and not hasattr(t, "ds_id") and t.device.type != "meta")
+    return sum(
+        t.numel() * t.element_size()
+        for t in tensors
+        if t is not None and not hasattr(t, "ds_id") and t.device.type != "meta"
+    )
 
 
 def _holds_a_parameter(tensor: torch.Tensor) -> bool:
@@ -144,8 +151,13 @@ def main() -> None:
     parser.add_argument("out")
     parser.add_argument("commands", nargs="+")
     parser.add_argument("--floor", type=int, default=0)
-    parser.add_argument("--stacks-after", type=float, default=0, help="seconds: then print every thread's stack "
-                        "and exit (a hung collective ends the test instead of its timeout)")
+    parser.add_argument(
+        "--stacks-after",
+        type=float,
+        default=0,
+        help="seconds: then print every thread's stack "
+        "and exit (a hung collective ends the test instead of its timeout)",
+    )
     args = parser.parse_args()
     if args.stacks_after:
         import faulthandler

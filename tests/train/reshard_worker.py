@@ -14,6 +14,7 @@ step-2 checkpoint; under ZeRO-2, the step-2 checkpoint's universal form checked 
 and the engine asked to load the checkpoint natively (a CheckpointError).
 Writes a JSON file from rank 0.
 """
+
 import argparse
 import json
 import os
@@ -25,14 +26,16 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
-from tests.launch import finish  # noqa: E402
-from fastted import LWD  # noqa: E402
-from fastted import files  # noqa: E402
+from fastted import (
+    LWD,  # noqa: E402
+    files,  # noqa: E402
+)
 from fastted.train.checkpoints import latest_checkpoint, universal_checkpoint, verify_checkpoint  # noqa: E402
 from fastted.train.config import EngineConfig, TrainConfig  # noqa: E402
 from fastted.train.data import MLMCollator  # noqa: E402
 from fastted.train.engine import CheckpointError, Engine, gather_over_ranks, init_distributed  # noqa: E402
 from fastted.train.trainer import Training, read_metrics, run  # noqa: E402
+from tests.launch import finish  # noqa: E402
 from tests.tiny_models import VOCAB, bert  # noqa: E402
 from tests.train.engine_worker import dataset  # noqa: E402
 
@@ -53,13 +56,30 @@ def build(zero_stage, directory, scales=None):
     recipe = LWD(student, teacher, normalize_mse=True, impl="reference")
     if scales is not None:
         recipe.mse_scales.copy_(scales)
-    train = TrainConfig(batch_size=8, micro_batch_size=2, max_steps=STEPS, lr=3e-3, weight_decay=0.5, warmup_ratio=0.0,
-                        decay="linear", clip=1.0, save_every=2, keep_last=3)
+    train = TrainConfig(
+        batch_size=8,
+        micro_batch_size=2,
+        max_steps=STEPS,
+        lr=3e-3,
+        weight_decay=0.5,
+        warmup_ratio=0.0,
+        decay="linear",
+        clip=1.0,
+        save_every=2,
+        keep_last=3,
+    )
     engine_config = EngineConfig(zero_stage=zero_stage, teacher_zero3=zero_stage == 3, impl="reference")
     engine = Engine(recipe, train, engine_config, STEPS, torch.device("cpu"))
-    training = Training(name=f"zero{zero_stage}", directory=directory, recipe=recipe, dataset=dataset(),
-                  collator=MLMCollator(Tokenizer(), probability=0.3), train=train, progress=False,
-                  config_text=f"zero_stage: {zero_stage}\n")
+    training = Training(
+        name=f"zero{zero_stage}",
+        directory=directory,
+        recipe=recipe,
+        dataset=dataset(),
+        collator=MLMCollator(Tokenizer(), probability=0.3),
+        train=train,
+        progress=False,
+        config_text=f"zero_stage: {zero_stage}\n",
+    )
     return engine, training
 
 
@@ -103,8 +123,9 @@ def save_phase(root, rank, world):
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 picked = latest_checkpoint(directory, rank, world)
-            result["damaged"] = gather_over_ranks({"picked": os.path.basename(picked),
-                                                   "warnings": [str(w.message) for w in caught]})
+            result["damaged"] = gather_over_ranks(
+                {"picked": os.path.basename(picked), "warnings": [str(w.message) for w in caught]}
+            )
     return result
 
 
@@ -113,8 +134,10 @@ def resume_phase(root, saved, rank, world):
     for zero_stage in STAGES:
         directory = os.path.join(root, f"zero{zero_stage}")
         if rank == 0:
-            shutil.copytree(os.path.join(saved, f"zero{zero_stage}", "checkpoints", "step-0000002"),
-                            os.path.join(directory, "checkpoints", "step-0000002"))
+            shutil.copytree(
+                os.path.join(saved, f"zero{zero_stage}", "checkpoints", "step-0000002"),
+                os.path.join(directory, "checkpoints", "step-0000002"),
+            )
             with open(os.path.join(directory, "checkpoints", "latest"), "w") as f:
                 f.write("step-0000002")
         torch.distributed.barrier()
@@ -130,11 +153,13 @@ def resume_phase(root, saved, rank, world):
         if zero_stage == 2:  # a second resume on this world reuses the universal form, checked, not made anew
             result["run_hashed"] = run_hashed  # step 2 checked and converted, step 4 saved
             result["run_bytes"] = checkpoint_bytes(step2) + checkpoint_bytes(
-                os.path.join(directory, "checkpoints", "step-0000004"))
+                os.path.join(directory, "checkpoints", "step-0000004")
+            )
             result["checkpoint_bytes"] = checkpoint_bytes(step2)
             with open(os.path.join(step2, "manifest.json")) as f:
-                result["state_bytes"] = sum(r["bytes"] for rel, r in json.load(f)["files"].items()
-                                            if rel.startswith("state" + os.sep))
+                result["state_bytes"] = sum(
+                    r["bytes"] for rel, r in json.load(f)["files"].items() if rel.startswith("state" + os.sep)
+                )
             made = os.path.getmtime(os.path.join(universal, "manifest.json"))
             before = files.bytes_hashed
             assert verify_checkpoint(step2, rank, world) is None

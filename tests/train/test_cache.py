@@ -1,17 +1,17 @@
 """The teacher cache's format: quantized rows within their bound, a causal LM's and a classifier's outputs stored
 and read back against the live teacher, the run's identity checked, damaged shards refused."""
+
 import json
 import os
 
 import pytest
 import torch
 
+from fastted.models import ModelAdapter, weights_hash
 from fastted.ops.quantize import dequantize_rows, quantize_rows
-from fastted.models import weights_hash
+from fastted.reference import sparse_logit_kd_reference, topk_targets_reference
 from fastted.train.cache import TeacherCache, build_teacher_cache
 from fastted.train.data import ClassificationCollator, CLMCollator
-from fastted.models import ModelAdapter
-from fastted.reference import sparse_logit_kd_reference, topk_targets_reference
 from tests.tiny_models import bert, gpt2
 
 
@@ -45,8 +45,18 @@ def test_a_causal_lms_outputs_read_back(tmp_path):
     examples = _examples(11, seed=3)
     collator = CLMCollator(0)
     identity = {"teacher": weights_hash(teacher.model), "data": "toy"}
-    manifest = build_teacher_cache(teacher, examples, collator, str(tmp_path), layers=[0, 2], k=8, temperature=2.0,
-                                   identity=identity, batch_size=4, shard_bytes=1200)
+    manifest = build_teacher_cache(
+        teacher,
+        examples,
+        collator,
+        str(tmp_path),
+        layers=[0, 2],
+        k=8,
+        temperature=2.0,
+        identity=identity,
+        batch_size=4,
+        shard_bytes=1200,
+    )
     assert 2 <= len(manifest["shards"]) < 11 and manifest["examples"] == 11  # flushed by bytes, not by examples
     cache = TeacherCache(str(tmp_path), expect={**identity, "layers": [0, 2], "k": 8, "temperature": 2.0})
     assert len(cache) == 11
@@ -78,8 +88,9 @@ def test_a_causal_lms_outputs_read_back(tmp_path):
         assert abs(cached_mse / live_mse - 1) < 0.01
     s_logits = live.logits[mask] + torch.randn(live.logits[mask].shape, generator=g)
     cat = {key: torch.cat([r[key] for r in rows]) for key in ("topk_values", "topk_ids", "tail_lse")}
-    from_cache = sparse_logit_kd_reference(s_logits, cat["topk_values"], cat["topk_ids"], cat["tail_lse"],
-                                           temperature=2.0)
+    from_cache = sparse_logit_kd_reference(
+        s_logits, cat["topk_values"], cat["topk_ids"], cat["tail_lse"], temperature=2.0
+    )
     exact = sparse_logit_kd_reference(s_logits, *topk_targets_reference(live.logits[mask], 8, 2.0), temperature=2.0)
     assert abs(from_cache / exact - 1) < 0.01
 
@@ -103,17 +114,28 @@ def test_a_classifier_stores_one_logit_row_per_example_and_the_bytes_per_token(t
     manifest = cache.manifest
     assert manifest["part_bytes"]["layers"] == shard["layer0"].numel() + 4 * shard["layer0_scale"].numel()
     assert manifest["part_bytes"]["logits"] == logits
-    assert manifest["bytes_per_token"]["total"] == round(os.path.getsize(os.path.join(tmp_path,
-                                                         "shard-000-00000.safetensors")) / tokens, 1)
+    assert manifest["bytes_per_token"]["total"] == round(
+        os.path.getsize(os.path.join(tmp_path, "shard-000-00000.safetensors")) / tokens, 1
+    )
 
 
 @pytest.mark.bad_input
 def test_a_cache_of_another_run_or_damaged_is_refused(tmp_path):
     teacher = ModelAdapter(gpt2(2, 32, seed=2))
-    build_teacher_cache(teacher, _examples(4, seed=7), CLMCollator(0), str(tmp_path), layers=[1], k=4,
-                        identity={"teacher": "abc", "tokenizer": "t1"})
-    with pytest.raises(ValueError, match=r"was made for another run \(teacher: cache 'abc', run 'xyz'; k: cache 4, "
-                                         r"run 8\)"):
+    build_teacher_cache(
+        teacher,
+        _examples(4, seed=7),
+        CLMCollator(0),
+        str(tmp_path),
+        layers=[1],
+        k=4,
+        identity={"teacher": "abc", "tokenizer": "t1"},
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"was made for another run \(teacher: cache 'abc', run 'xyz'; k: cache 4, "
+        r"run 8\)",
+    ):
         TeacherCache(str(tmp_path), expect={"teacher": "xyz", "k": 8, "tokenizer": "t1"})
     with pytest.raises(ValueError, match="holds no example 9"):
         TeacherCache(str(tmp_path)).example(9)
@@ -122,8 +144,11 @@ def test_a_cache_of_another_run_or_damaged_is_refused(tmp_path):
     data[-10] ^= 0xFF
     shard.write_bytes(bytes(data))
     opened = TeacherCache(str(tmp_path))  # opening reads sizes alone: the first read of the shard checks it
-    with pytest.raises(ValueError, match="shard-000-00000.safetensors differs from its manifest's SHA-256 "
-                                         r"\(damaged\): build the cache again"):
+    with pytest.raises(
+        ValueError,
+        match="shard-000-00000.safetensors differs from its manifest's SHA-256 "
+        r"\(damaged\): build the cache again",
+    ):
         opened.example(0)
     shard.write_bytes(bytes(data[:-1]))
     with pytest.raises(ValueError, match="shard-000-00000.safetensors is missing or has another size"):
@@ -133,12 +158,14 @@ def test_a_cache_of_another_run_or_damaged_is_refused(tmp_path):
         TeacherCache(str(tmp_path))
     with pytest.raises(ValueError, match="quantization must be one of int8, fp8, bf16, got 'int4'"):
         build_teacher_cache(teacher, _examples(2, seed=7), CLMCollator(0), str(tmp_path), quantization="int4")
-    for option, value, fragment in (("k", -1, "k must be an int >= 0"),
-                                    ("batch_size", 0, "batch_size must be a positive int"),
-                                    ("shard_bytes", -1, "shard_bytes must be a positive int"),
-                                    ("layer_bytes", -1, "layer_bytes must be an int >= 0"),
-                                    ("temperature", float("inf"), "temperature must be a finite number"),
-                                    ("temperature", -1.0, "temperature must lie in (0.0, inf), got -1.0")):
+    for option, value, fragment in (
+        ("k", -1, "k must be an int >= 0"),
+        ("batch_size", 0, "batch_size must be a positive int"),
+        ("shard_bytes", -1, "shard_bytes must be a positive int"),
+        ("layer_bytes", -1, "layer_bytes must be an int >= 0"),
+        ("temperature", float("inf"), "temperature must be a finite number"),
+        ("temperature", -1.0, "temperature must lie in (0.0, inf), got -1.0"),
+    ):
         with pytest.raises(ValueError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
             build_teacher_cache(teacher, _examples(2, seed=7), CLMCollator(0), str(tmp_path), **{option: value})
 
@@ -156,8 +183,10 @@ def test_a_layer_budget_keeps_each_token_with_the_same_probability(tmp_path):
     """layer_bytes below what a token's targets take: each token is kept with probability f, the same draws at
     every build, and the reader puts the kept rows at their tokens with a target mask."""
     teacher = ModelAdapter(gpt2(2, 32, seed=2))
-    examples = [{"input_ids": torch.randint(5, 97, (30,), generator=torch.Generator().manual_seed(i)).tolist()}
-                for i in range(60)]
+    examples = [
+        {"input_ids": torch.randint(5, 97, (30,), generator=torch.Generator().manual_seed(i)).tolist()}
+        for i in range(60)
+    ]
     collator = CLMCollator(0)
     kw = dict(layers=[0, 1], k=0, batch_size=8, layer_bytes=20, seed=3)
     manifest = build_teacher_cache(teacher, examples, collator, str(tmp_path / "a"), **kw)
@@ -170,7 +199,10 @@ def test_a_layer_budget_keeps_each_token_with_the_same_probability(tmp_path):
     assert abs(total - f * n) < 4 * (n * f * (1 - f)) ** 0.5  # a binomial count's spread, at four sigma
     assert manifest["bytes_per_token"]["layers"] == pytest.approx(f * (2 * 36 + 4), rel=0.1)
     again = build_teacher_cache(teacher, examples, collator, str(tmp_path / "b"), **kw)
-    assert again["shards"][next(iter(again["shards"]))]["sha256"] == manifest["shards"][next(iter(manifest["shards"]))]["sha256"]
+    assert (
+        again["shards"][next(iter(again["shards"]))]["sha256"]
+        == manifest["shards"][next(iter(manifest["shards"]))]["sha256"]
+    )
 
     batch = collator(examples[:4], None)
     live = teacher(batch, [0, 1])
@@ -212,8 +244,9 @@ def test_building_holds_one_shard_at_most_and_opening_reads_no_shard(tmp_path, m
     monkeypatch.setattr(cache_module._ShardWriter, "flush", lambda self: (held.append(self.held), flush(self))[1])
     teacher = ModelAdapter(gpt2(2, 32, seed=2))
     examples = [{"input_ids": list(range(5, 25))} for _ in range(40)]  # 20 tokens: 20 * (2 * 36 + 4 * 16 ...)
-    manifest = build_teacher_cache(teacher, examples, CLMCollator(0), str(tmp_path), layers=[0, 1], k=4,
-                                   shard_bytes=4000)
+    manifest = build_teacher_cache(
+        teacher, examples, CLMCollator(0), str(tmp_path), layers=[0, 1], k=4, shard_bytes=4000
+    )
     one = max(held[:-1]) - 4000  # what the example that crossed the limit added
     assert len(manifest["shards"]) == len(held) > 5
     assert all(h < 4000 + one + 1 for h in held) and one < 4000
@@ -247,5 +280,6 @@ def test_a_non_finite_teacher_output_is_refused(tmp_path, monkeypatch):
         return states
 
     with pytest.raises(ValueError, match="the teacher's target of layer 1 is not finite"):
-        build_teacher_cache(teacher, _examples(3, seed=7), CLMCollator(0), str(tmp_path), layers=[0, 1], k=0,
-                            transform=transform)
+        build_teacher_cache(
+            teacher, _examples(3, seed=7), CLMCollator(0), str(tmp_path), layers=[0, 1], k=0, transform=transform
+        )

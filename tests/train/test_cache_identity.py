@@ -3,6 +3,7 @@ times) and distilling from the cache reads none of the teacher's weights: every 
 files is counted (each byte read through ``open``, each tensor through safetensors, any ``torch.load``,
 ``os.open`` or memory map), and weights overwritten with other values (headers, sizes and times kept) leave the
 distilled students bit for bit the same. A cache of another teacher is refused by name."""
+
 import gc
 import io
 import json
@@ -31,14 +32,28 @@ def _run(tmp_path, methods=METHODS, student=True) -> list:
     gpt2(4, 32, seed=2).save_pretrained(teacher)
     word_tokenizer(teacher, causal=True)
     g = torch.Generator().manual_seed(1)
-    lines = [" ".join(WORDS[int(w)] for w in torch.randint(0, len(WORDS), (int(n),), generator=g))
-             for n in torch.randint(3, 30, (40,), generator=g)]
+    lines = [
+        " ".join(WORDS[int(w)] for w in torch.randint(0, len(WORDS), (int(n),), generator=g))
+        for n in torch.randint(3, 30, (40,), generator=g)
+    ]
     (tmp_path / "corpus.txt").write_text("\n".join(lines) + "\n")
-    argv = ["--preset", "clm", f"teacher.path={teacher}", f"data.source={tmp_path / 'corpus.txt'}",
-            "data.max_length=16", "data.max_test_examples=4", "progress=false", f"output_dir={tmp_path / 'run'}",
-            "distil.train.batch_size=4", "distil.train.max_steps=2", "filters.train.batch_size=4",
-            "filters.train.max_steps=1", "distil.ted.mse_alpha=1.0", "distil.lwd.mse_alpha=1.0",
-            f"distil.methods=[{','.join(methods)}]"]
+    argv = [
+        "--preset",
+        "clm",
+        f"teacher.path={teacher}",
+        f"data.source={tmp_path / 'corpus.txt'}",
+        "data.max_length=16",
+        "data.max_test_examples=4",
+        "progress=false",
+        f"output_dir={tmp_path / 'run'}",
+        "distil.train.batch_size=4",
+        "distil.train.max_steps=2",
+        "filters.train.batch_size=4",
+        "filters.train.max_steps=1",
+        "distil.ted.mse_alpha=1.0",
+        "distil.lwd.mse_alpha=1.0",
+        f"distil.methods=[{','.join(methods)}]",
+    ]
     if student:
         gpt2(2, 24, seed=1).save_pretrained(tmp_path / "student")
         word_tokenizer(tmp_path / "student", causal=True)
@@ -188,13 +203,17 @@ class _Reads:
         gc.collect()  # the models of earlier commands in this process, whose maps would hide new ones
         assert mapped() == [], "a teacher file is mapped before the command"
 
-        for module, name, patched in [("builtins", "open", counted_open), ("io", "open", counted_open),
-                                      ("os", "open", counted_os_open), ("torch", "load", counted_load),
-                                      ("safetensors", "safe_open", counted_safe_open),
-                                      ("safetensors.torch", "safe_open", counted_safe_open),
-                                      ("safetensors.torch", "load_file", counted_load_file),
-                                      ("transformers.modeling_utils", "safe_open", counted_safe_open),
-                                      ("fastted.train.pipeline", "_train", train_checking_maps)]:
+        for module, name, patched in [
+            ("builtins", "open", counted_open),
+            ("io", "open", counted_open),
+            ("os", "open", counted_os_open),
+            ("torch", "load", counted_load),
+            ("safetensors", "safe_open", counted_safe_open),
+            ("safetensors.torch", "safe_open", counted_safe_open),
+            ("safetensors.torch", "load_file", counted_load_file),
+            ("transformers.modeling_utils", "safe_open", counted_safe_open),
+            ("fastted.train.pipeline", "_train", train_checking_maps),
+        ]:
             monkeypatch.setattr(f"{module}.{name}", patched, raising=False)
 
     def value_bytes(self) -> int:
@@ -289,7 +308,7 @@ def test_a_cache_of_another_teacher_is_refused(tmp_path, capsys):
     config_file.write_text(json.dumps({**json.loads(original), "layer_norm_epsilon": 2e-5}))
     refused("config")
     config_file.write_bytes(original)
-    assert b'"format":"pt"' in data[:_header_end(weights)]
+    assert b'"format":"pt"' in data[: _header_end(weights)]
     changes = {"header": data.replace(b'"format":"pt"', b'"format":"PT"', 1), "size": data + bytes(8)}
     for what, content in changes.items():
         with open(weights, "wb") as f:

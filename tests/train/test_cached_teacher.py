@@ -1,6 +1,7 @@
 """Recipes distilling from a teacher cache: the same step as the live teacher (KL exact for what is stored, the MSE
 within int8's error), on encoders and decoders, fused LM head included; caches built on several ranks; every
 mismatch between a cache and a recipe refused by name."""
+
 import copy
 
 import pytest
@@ -15,8 +16,9 @@ from tests.tiny_models import LABELS, VOCAB, bert, gpt2
 def _examples(n, seed, task):
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(4, 12, (n,), generator=g)
-    out = [{"input_ids": torch.randint(5, VOCAB, (int(lengths[i]),), generator=g).tolist(), "index": i}
-           for i in range(n)]
+    out = [
+        {"input_ids": torch.randint(5, VOCAB, (int(lengths[i]),), generator=g).tolist(), "index": i} for i in range(n)
+    ]
     if task == "classification":
         for ex in out:
             ex["label"] = int(torch.randint(0, LABELS, (1,), generator=g))
@@ -32,16 +34,28 @@ def _models(task):
 RECIPES = {
     "kd": lambda s, t, fused: KD(s, t, fused_lm_head=fused),
     "lwd": lambda s, t, fused: LWD(s, t, explicit_map([(0, 1), (1, 3)], 2, 4), mse_alpha=2.0, fused_lm_head=fused),
-    "ted": lambda s, t, fused: TED(s, t, TaskFilters([0, 1], 32, 24, nonlinear=True), TaskFilters([1, 3], 48, 24),
-                                   fused_lm_head=fused),
+    "ted": lambda s, t, fused: TED(
+        s, t, TaskFilters([0, 1], 32, 24, nonlinear=True), TaskFilters([1, 3], 48, 24), fused_lm_head=fused
+    ),
 }
 
 
 def _cache(recipe, examples, collator, directory, k, quantization, **kw):
     expect = recipe.teacher_cache_expect()
-    build_teacher_cache(recipe.teacher_model, examples, collator, str(directory), layers=expect["layers"], k=k,
-                        temperature=expect["temperature"], quantization=quantization,
-                        transform=recipe.cache_transform(), identity=expect, batch_size=3, **kw)
+    build_teacher_cache(
+        recipe.teacher_model,
+        examples,
+        collator,
+        str(directory),
+        layers=expect["layers"],
+        k=k,
+        temperature=expect["temperature"],
+        quantization=quantization,
+        transform=recipe.cache_transform(),
+        identity=expect,
+        batch_size=3,
+        **kw,
+    )
     return TeacherCache(str(directory))
 
 
@@ -52,10 +66,17 @@ def _step(recipe, batch, step=0):
 
 
 @pytest.mark.parametrize("quantization", ["int8", "bf16"])
-@pytest.mark.parametrize("task, method, fused", [
-    ("classification", "kd", False), ("classification", "lwd", False), ("classification", "ted", False),
-    ("clm", "kd", True), ("clm", "lwd", False), ("clm", "ted", True),
-])
+@pytest.mark.parametrize(
+    "task, method, fused",
+    [
+        ("classification", "kd", False),
+        ("classification", "lwd", False),
+        ("classification", "ted", False),
+        ("clm", "kd", True),
+        ("clm", "lwd", False),
+        ("clm", "ted", True),
+    ],
+)
 def test_a_cached_teacher_gives_the_live_step(tmp_path, task, method, fused, quantization):
     """Every term and gradient of one step from the cache against the live teacher's: the KL exact (the whole
     vocabulary cached), the MSE and the gradients within the quantization's error (1 % for int8)."""
@@ -129,11 +150,13 @@ def test_normalize_mse_from_quantized_cached_targets(tmp_path, method, quantizat
     student, teacher = _models("classification")
     torch.manual_seed(4)
     if method == "lwd":
-        live = LWD(student, teacher, explicit_map([(0, 1), (1, 3)], 2, 4), kl_alpha=0.0, mse_alpha=2.0,
-                   normalize_mse=True)
+        live = LWD(
+            student, teacher, explicit_map([(0, 1), (1, 3)], 2, 4), kl_alpha=0.0, mse_alpha=2.0, normalize_mse=True
+        )
     else:
-        live = TED(student, teacher, TaskFilters([0, 1], 32, 24), TaskFilters([1, 3], 48, 24), kl_alpha=0.0,
-                   normalize_mse=True)
+        live = TED(
+            student, teacher, TaskFilters([0, 1], 32, 24), TaskFilters([1, 3], 48, 24), kl_alpha=0.0, normalize_mse=True
+        )
     cached = copy.deepcopy(live)
     examples = _examples(10, seed=6, task="classification")
     collator = ClassificationCollator(0)
@@ -146,13 +169,14 @@ def test_normalize_mse_from_quantized_cached_targets(tmp_path, method, quantizat
     mask = batch["attention_mask"].double()
     for l, (values, scales) in enumerate(zip(t_out.hidden_states, t_out.target_scales)):
         target = values.double() * scales.double()[..., None]  # (B, S, D): the dequantized cached targets
-        power = ((target ** 2).mean(-1) * mask).sum() / mask.sum()
+        power = ((target**2).mean(-1) * mask).sum() / mask.sum()
         torch.testing.assert_close(cached.mse_scales[l].double(), power, rtol=1e-5, atol=0, msg=f"scale {l}")
     rtol = 2e-2 if quantization == "int8" else 8e-2  # fp8 e4m3 keeps 3 mantissa bits
     torch.testing.assert_close(cached.mse_scales, live.mse_scales, rtol=rtol, atol=0)
     raw = torch.stack([x.double() for x in out_cached.layer_losses])
-    torch.testing.assert_close(out_cached.terms["mse"].double(), (raw / cached.mse_scales.double()).mean(),
-                               rtol=1e-5, atol=0)
+    torch.testing.assert_close(
+        out_cached.terms["mse"].double(), (raw / cached.mse_scales.double()).mean(), rtol=1e-5, atol=0
+    )
     torch.testing.assert_close(out_cached.terms["mse"], out_live.terms["mse"], rtol=2 * rtol, atol=0)
     assert torch.isfinite(out_cached.loss) and float(out_cached.terms["mse"].detach()) > 0
 
@@ -190,9 +214,19 @@ def test_a_cache_built_on_ranks_is_the_cache_of_one(tmp_path):
     one = _cache(recipe, examples, CLMCollator(0), tmp_path / "one", 16, "int8")
     for rank in (0, 1):
         expect = recipe.teacher_cache_expect()
-        build_teacher_cache(recipe.teacher_model, examples, CLMCollator(0), str(tmp_path / "two"),
-                            layers=expect["layers"], k=16, temperature=2.0, identity=expect, batch_size=2,
-                            rank=rank, world=2)
+        build_teacher_cache(
+            recipe.teacher_model,
+            examples,
+            CLMCollator(0),
+            str(tmp_path / "two"),
+            layers=expect["layers"],
+            k=16,
+            temperature=2.0,
+            identity=expect,
+            batch_size=2,
+            rank=rank,
+            world=2,
+        )
     assert not (tmp_path / "two" / "manifest.json").exists()  # not a cache before the merge
     manifest = finish_teacher_cache(str(tmp_path / "two"), 2)
     assert manifest["examples"] == 9 and manifest["tokens"] == one.manifest["tokens"]
@@ -211,8 +245,17 @@ def test_a_cache_built_on_ranks_is_the_cache_of_one(tmp_path):
             assert (x.int() - y.int()).abs().max() <= 1, i
             torch.testing.assert_close(sx, sy, rtol=1e-5, atol=0)
     expect = recipe.teacher_cache_expect()
-    build_teacher_cache(recipe.teacher_model, examples, CLMCollator(0), str(tmp_path / "three"),
-                        layers=expect["layers"], k=16, temperature=2.0, rank=0, world=3)
+    build_teacher_cache(
+        recipe.teacher_model,
+        examples,
+        CLMCollator(0),
+        str(tmp_path / "three"),
+        layers=expect["layers"],
+        k=16,
+        temperature=2.0,
+        rank=0,
+        world=3,
+    )
     with pytest.raises(ValueError, match="rank 1 wrote no part manifest"):
         finish_teacher_cache(str(tmp_path / "three"), 3)
 
@@ -226,8 +269,11 @@ def test_a_cache_that_does_not_fit_the_recipe_is_refused(tmp_path):
     cache = _cache(lwd, examples, collator, tmp_path / "lwd", 4, "int8")
 
     other = LWD(student, teacher, explicit_map([(0, 0), (1, 2)], 2, 4))
-    with pytest.raises(ValueError, match=r"does not hold what this LWD needs \(layers: cache \[1, 3\], recipe "
-                                         r"\[0, 2\]\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"does not hold what this LWD needs \(layers: cache \[1, 3\], recipe "
+        r"\[0, 2\]\)",
+    ):
         other.use_teacher_cache(cache)
     with pytest.raises(ValueError, match=r"temperature: cache 2.0, recipe 1.0"):
         LWD(student, teacher, explicit_map([(0, 1), (1, 3)], 2, 4), temperature=1.0).use_teacher_cache(cache)
@@ -237,8 +283,7 @@ def test_a_cache_that_does_not_fit_the_recipe_is_refused(tmp_path):
     with pytest.raises(ValueError, match="DWT reads no teacher cache: it needs the live teacher"):
         DWT(student, teacher).use_teacher_cache(cache)
     with pytest.raises(ValueError, match=r"targets: cache 'raw', recipe 'pooled-mean'"):
-        CoDIR(student, teacher, explicit_map([(0, 1), (1, 3)], 2, 4), proj_dim=8, bank_size=8).use_teacher_cache(
-            cache)
+        CoDIR(student, teacher, explicit_map([(0, 1), (1, 3)], 2, 4), proj_dim=8, bank_size=8).use_teacher_cache(cache)
     layers_only = _cache(lwd, examples, collator, tmp_path / "layers", 0, "int8")
     assert layers_only.manifest["logits"] is None
     with pytest.raises(ValueError, match=r"logits: the cache holds none \(k = 0\), the KL term needs them"):

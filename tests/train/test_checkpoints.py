@@ -3,6 +3,7 @@
 Every damaged-checkpoint case damages the newest of three checkpoints of a finished run (steps 2, 4, 5) and runs
 again: the run passes over it with a warning naming it and the checkpoint it resumes from, trains the lost
 step again, and ends with the losses and weights of the uninterrupted run. Nothing damaged is deleted."""
+
 import json
 import math
 import os
@@ -10,8 +11,8 @@ import os
 import pytest
 import torch
 
-from fastted.train.engine import CheckpointError, NonFiniteError
 from fastted.train.checkpoints import verify_checkpoint
+from fastted.train.engine import CheckpointError, NonFiniteError
 from fastted.train.trainer import CheckpointWarning, latest_checkpoint, read_metrics
 from tests.train.test_trainer import STEPS, _Crash, train_run
 
@@ -43,14 +44,14 @@ def _finished_run(tmp_path):
 
 def _truncate(path):
     data = path.read_bytes()
-    path.write_bytes(data[:len(data) // 2])
+    path.write_bytes(data[: len(data) // 2])
 
 
 def _corrupt(path):
     """4 KiB of different bytes in the middle of the file (its size unchanged)."""
     data = bytearray(path.read_bytes())
     middle = len(data) // 2
-    data[middle:middle + 4096] = bytes((b + 1) % 256 for b in data[middle:middle + 4096])
+    data[middle : middle + 4096] = bytes((b + 1) % 256 for b in data[middle : middle + 4096])
     path.write_bytes(bytes(data))
 
 
@@ -97,8 +98,11 @@ def test_no_intact_checkpoint_is_an_error_and_nothing_is_deleted(tmp_path):
     root = _finished_run(tmp_path)
     for name in ("step-0000002", "step-0000004", "step-0000005"):
         _corrupt(root / name / MODEL_STATE)
-    with pytest.raises(CheckpointError, match=r"checkpoints: no intact checkpoint \(step-0000005 is damaged .*"
-                                              r"set resume=false to start over"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"checkpoints: no intact checkpoint \(step-0000005 is damaged .*"
+        r"set resume=false to start over",
+    ):
         train_run("railkd", tmp_path, keep_last=3)
     assert sorted(os.listdir(root)) == ["latest", "step-0000002", "step-0000004", "step-0000005"]
 
@@ -154,6 +158,7 @@ def test_a_rerun_of_a_finished_run_adds_no_line(tmp_path):
 def _inject(at_step, what):
     """An engine hook making step ``at_step`` (0-based) non-finite: its loss and "kd" term, or its gradients
     alone (the loss stays finite)."""
+
     def hook(engine):
         recipe = engine.recipe
         forward = recipe.forward
@@ -168,11 +173,13 @@ def _inject(at_step, what):
             return out
 
         recipe.forward = poisoned
+
     return hook
 
 
-@pytest.mark.parametrize("what, at_step, terms, good", [("loss", 2, "loss, kd, gradient norm", 2),
-                                                        ("gradient", 4, "gradient norm", 4)])
+@pytest.mark.parametrize(
+    "what, at_step, terms, good", [("loss", 2, "loss, kd, gradient norm", 2), ("gradient", 4, "gradient norm", 4)]
+)
 def test_a_non_finite_step_stops_the_run_before_it_is_saved(what, at_step, terms, good, tmp_path):
     """No host sync until a checkpoint (log_every 5): a NaN loss at step 3 stops the run at the step-4 save, an
     infinite gradient (finite loss) at step 5 at the last save, each naming the step, what was not finite and
@@ -191,6 +198,7 @@ def test_a_non_finite_step_stops_the_run_before_it_is_saved(what, at_step, terms
 def test_non_finite_weights_are_never_saved(tmp_path):
     """Weights made NaN by the second optimizer step (its loss and gradient norm finite): the step-2 checkpoint
     is refused."""
+
     def hook(engine):
         step, calls = engine.step, []
 
@@ -201,6 +209,7 @@ def test_non_finite_weights_are_never_saved(tmp_path):
                 with torch.no_grad():
                     next(engine.recipe.parameters()).fill_(math.nan)  # as an optimizer gone wrong
             return norm
+
         engine.step = poisoned_step
 
     with pytest.raises(NonFiniteError, match="after step 2 of 5: non-finite weights .*Last good checkpoint: none"):

@@ -1,5 +1,6 @@
 """The `fastted` command: one clear line and exit status 2 for each bad setting, and the embedded pipeline end to
 end at its tiny size (fine-tune, stage I, KD / LWD / TED, evaluate, report), then resumed."""
+
 import json
 import os
 
@@ -9,7 +10,6 @@ import yaml
 
 from fastted.train.cli import main
 from tests.tiny_models import bert, minilm_path
-
 
 # The command as a CPU user runs it (see tests/conftest.py's cpu_users_path).
 pytestmark = pytest.mark.usefixtures("cpu_users_path")
@@ -45,8 +45,9 @@ def test_help_from_the_repository_root():
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[2]
-    done = subprocess.run([sys.executable, "-m", "fastted", "--help"], cwd=root, capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "fastted", "--help"], cwd=root, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     for command in ("pipeline", "finetune", "filters", "cache-teacher", "distil", "evaluate", "config"):
         assert f"    {command}" in done.stdout, command
@@ -61,8 +62,10 @@ def test_unknown_key(capsys):
 @pytest.mark.bad_input
 def test_missing_model_path(capsys, tmp_path):
     line = _error(capsys, "pipeline", f"teacher.path={tmp_path / 'nope'}")
-    assert line == f"fastted: error: teacher.path: no such model folder '{tmp_path / 'nope'}' (a Hugging Face " \
-                   f"model folder, 'minilm' or 'smollm2')"
+    assert (
+        line == f"fastted: error: teacher.path: no such model folder '{tmp_path / 'nope'}' (a Hugging Face "
+        f"model folder, 'minilm' or 'smollm2')"
+    )
 
 
 @pytest.mark.bad_input
@@ -75,14 +78,16 @@ def test_missing_dataset_path(capsys, tmp_path):
 @pytest.mark.bad_input
 def test_mismatched_tokenizers(capsys, tmp_path, other_tokenizer_model):
     minilm_path()
-    line = _error(capsys, "distil", f"output_dir={tmp_path}", f"student.path={other_tokenizer_model}",
-                  "student.layers=null")
+    line = _error(
+        capsys, "distil", f"output_dir={tmp_path}", f"student.path={other_tokenizer_model}", "student.layers=null"
+    )
     assert "student.path: its tokenizer" in line and "differs from the teacher's" in line
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only errors")
-@pytest.mark.parametrize("override, message", [("engine.precision=fp16", "fp16 needs a CUDA GPU"),
-                                               ("engine.device=cuda", "no CUDA GPU")])
+@pytest.mark.parametrize(
+    "override, message", [("engine.precision=fp16", "fp16 needs a CUDA GPU"), ("engine.device=cuda", "no CUDA GPU")]
+)
 @pytest.mark.bad_input
 def test_gpu_only_option_on_cpu(capsys, tmp_path, override, message):
     minilm_path()
@@ -99,8 +104,10 @@ def test_bad_command_line(capsys):
         main(["config", "--preset", "bbc-minilm-tiny", "seed"])
     assert info.value.code == 2
     assert "argument 'seed': an override needs the form key.sub=value" in capsys.readouterr().err
-    assert _error(capsys, "distil", "--method", "bogus") == \
-        "fastted: error: --method: got 'bogus', needs one of ted, lwd, kd, codir, railkd, dwt"
+    assert (
+        _error(capsys, "distil", "--method", "bogus")
+        == "fastted: error: --method: got 'bogus', needs one of ted, lwd, kd, codir, railkd, dwt"
+    )
 
 
 TINY = ("--preset", "bbc-minilm-tiny")
@@ -112,30 +119,41 @@ BAD_SETTINGS = {
     "output_dir_empty": (["output_dir="], "output_dir: got an empty path, needs a folder"),
     "layers_repeated": (["student.layers=[0,0]"], "student.layers: got [0, 0], needs distinct teacher layer"),
     "layers_empty": (["student.layers=[]"], "student.layers: got [], needs at least one teacher layer index"),
-    "layers_beyond_teacher": (["student.layers=[0,9]"], "student.layers: got [0, 9], needs indices of the "
-                                                        "teacher's 6 layers (0..5)"),
+    "layers_beyond_teacher": (
+        ["student.layers=[0,9]"],
+        "student.layers: got [0, 9], needs indices of the teacher's 6 layers (0..5)",
+    ),
     "layers_negative": (["student.layers=[-1,2]"], "student.layers: got [-1, 2], needs distinct teacher layer"),
-    "fewer_examples_than_a_batch": (["data.max_train_examples=4"], "finetune.batch_size: got 16, needs at most "
-                                                                   "the 4 training examples"),
+    "fewer_examples_than_a_batch": (
+        ["data.max_train_examples=4"],
+        "finetune.batch_size: got 16, needs at most the 4 training examples",
+    ),
     "max_length_beyond_positions": (["data.max_length=100000"], "data.max_length: got 100000, needs at most 512"),
     "epochs_inf": (["finetune.epochs=inf"], "finetune.epochs: got inf, needs a finite number"),
     "lr_nan": (["finetune.lr=nan"], "finetune.lr: got nan, needs a finite number"),
     "clip_nan": (["distil.train.clip=nan"], "distil.train.clip: got nan, needs a finite number"),
     "bank_size_zero": (["distil.codir.bank_size=0"], "distil.codir.bank_size: got 0, needs a number > 0"),
-    "crd_temperature_negative": (["distil.codir.temperature=-1"],
-                                 "distil.codir.temperature: got -1.0, needs a number > 0"),
+    "crd_temperature_negative": (
+        ["distil.codir.temperature=-1"],
+        "distil.codir.temperature: got -1.0, needs a number > 0",
+    ),
     "mse_alpha_negative": (["distil.ted.mse_alpha=-2"], "distil.ted.mse_alpha: got -2.0, needs a number >= 0"),
     "old_key_negative": (["distil.mse_alpha=-2"], "distil.ted.mse_alpha: got -2.0, needs a number >= 0"),
     "mlm_probability": (["data.mlm_probability=1.5"], "data.mlm_probability: got 1.5, needs a number in (0, 1)"),
-    "csv_without_labels": (["data.source={csv}"], "data.label_field: got 'label', but data.source has the columns "
-                                                  "['text', 'sentiment']"),
+    "csv_without_labels": (
+        ["data.source={csv}"],
+        "data.label_field: got 'label', but data.source has the columns ['text', 'sentiment']",
+    ),
     "binary_config_file": (["-c", "{binary}"], "--config {binary}: got bytes that are not UTF-8 text"),
     "unknown_preset": (["--preset", "bogus"], "--preset: got 'bogus', needs one of bbc-minilm, bbc-minilm-tiny"),
-    "teacher_cache_for_mlm": (["task=mlm", "steps=[distil]", "distil.teacher_cache=true"],
-                              "distil.teacher_cache: a masked LM's teacher sees each step's own random masks"),
-    "teacher_cache_for_dwt": (["distil.teacher_cache=true", "distil.methods=[kd,dwt]"],
-                              "distil.teacher_cache: dwt needs the live teacher (a teacher cache serves ted, lwd, "
-                              "kd, codir, railkd)"),
+    "teacher_cache_for_mlm": (
+        ["task=mlm", "steps=[distil]", "distil.teacher_cache=true"],
+        "distil.teacher_cache: a masked LM's teacher sees each step's own random masks",
+    ),
+    "teacher_cache_for_dwt": (
+        ["distil.teacher_cache=true", "distil.methods=[kd,dwt]"],
+        "distil.teacher_cache: dwt needs the live teacher (a teacher cache serves ted, lwd, kd, codir, railkd)",
+    ),
     "cache_quantization": (["distil.cache_quantization=int4"], "distil.cache_quantization: got 'int4'"),
     "cache_k_negative": (["distil.cache_k=-1"], "distil.cache_k: got -1, needs a number >= 0"),
 }
@@ -161,8 +179,21 @@ def test_bad_settings_end_in_one_named_line(case, capsys, tmp_path):
 def test_overrides_may_follow_options(capsys, tmp_path):
     config = tmp_path / "my=run.yaml"  # an option's value holding "=" stays the option's
     config.write_text("seed: 1\ndistil:\n  kd: {kl_alpha: 2.0}\n")
-    assert main(["config", "seed=3", "--preset", "bbc-minilm-tiny", "data.max_length=16", "-c", str(config),
-                 "distil.kd.temperature=3"]) == 0
+    assert (
+        main(
+            [
+                "config",
+                "seed=3",
+                "--preset",
+                "bbc-minilm-tiny",
+                "data.max_length=16",
+                "-c",
+                str(config),
+                "distil.kd.temperature=3",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "seed: 3" in out and "max_length: 16" in out and "temperature: 3.0" in out and "kl_alpha: 2.0" in out
 
@@ -174,10 +205,14 @@ def test_an_old_config_key_still_sets_its_methods_with_one_notice(capsys, tmp_pa
     config.write_text("distil:\n  mse_alpha: 0.25\n")
     assert main(["config", "--preset", "bbc-minilm-tiny", "-c", str(config), "distil.crd_temperature=0.2"]) == 0
     out, err = capsys.readouterr()
-    assert ("fastted: warning: config key distil.crd_temperature is deprecated: it sets distil.codir.temperature "
-            "(write those instead)") in err.splitlines()
-    assert ("fastted: warning: config key distil.mse_alpha is deprecated: it sets distil.ted.mse_alpha, "
-            "distil.lwd.mse_alpha (write those instead)") in err.splitlines()
+    assert (
+        "fastted: warning: config key distil.crd_temperature is deprecated: it sets distil.codir.temperature "
+        "(write those instead)"
+    ) in err.splitlines()
+    assert (
+        "fastted: warning: config key distil.mse_alpha is deprecated: it sets distil.ted.mse_alpha, "
+        "distil.lwd.mse_alpha (write those instead)"
+    ) in err.splitlines()
     values = yaml.safe_load(out)["distil"]
     assert values["codir"]["temperature"] == 0.2 and values["ted"]["mse_alpha"] == values["lwd"]["mse_alpha"] == 0.25
     assert "crd_temperature" not in values and "mse_alpha" not in values
@@ -190,9 +225,11 @@ def test_a_run_gone_non_finite_exits_1_naming_the_step(capsys, tmp_path):
     minilm_path()
     code = main(["finetune", "student", *TINY, f"output_dir={tmp_path}", "finetune.lr=1e30"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 1 and err[-1].startswith("fastted: error: finetune-student: non-finite loss, task, gradient "
-                                            "norm at step 2 of 2; stopped before saving it. Last good checkpoint: "
-                                            "none")
+    assert code == 1 and err[-1].startswith(
+        "fastted: error: finetune-student: non-finite loss, task, gradient "
+        "norm at step 2 of 2; stopped before saving it. Last good checkpoint: "
+        "none"
+    )
     assert not (tmp_path / "finetune-student" / "model").exists()
     assert not (tmp_path / "finetune-student" / "checkpoints").exists()
 
@@ -208,9 +245,20 @@ def test_config_prints_the_resolved_config(capsys):
 def test_tiny_pipeline_end_to_end_then_resumed(tmp_path, capsys):
     minilm_path()
     out = tmp_path / "run"
-    assert main(["pipeline", "--preset", "bbc-minilm-tiny", f"output_dir={out}",
-                 "distil.kd.kl_alpha=0.5", "distil.methods=[kd,lwd,ted,codir]",
-                 "published=codir-paper"]) == 0
+    assert (
+        main(
+            [
+                "pipeline",
+                "--preset",
+                "bbc-minilm-tiny",
+                f"output_dir={out}",
+                "distil.kd.kl_alpha=0.5",
+                "distil.methods=[kd,lwd,ted,codir]",
+                "published=codir-paper",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     for label in ("teacher", "student alone", "KD", "LWD", "TED", "CoDIR"):
         assert label in printed
@@ -220,8 +268,15 @@ def test_tiny_pipeline_end_to_end_then_resumed(tmp_path, capsys):
     report = (out / "report.md").read_text()
     assert "| TED |" in report and "report.png" in report
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    for step in ("finetune-teacher", "finetune-student", "filters-teacher", "filters-student", "distil-kd",
-                 "distil-lwd", "distil-ted"):
+    for step in (
+        "finetune-teacher",
+        "finetune-student",
+        "filters-teacher",
+        "filters-student",
+        "distil-kd",
+        "distil-lwd",
+        "distil-ted",
+    ):
         assert (out / step / "model" / "config.json").exists(), step
         assert (out / step / "model" / "tokenizer.json").exists() or (out / step / "model" / "vocab.txt").exists()
         assert (out / step / "checkpoints" / "latest").read_text() == "step-0000002"
@@ -233,8 +288,10 @@ def test_tiny_pipeline_end_to_end_then_resumed(tmp_path, capsys):
     assert set(train[0]["terms"]) == {"task", "kd", "mse"} and train[0]["tokens_per_s"] > 0
     assert any("eval" in r for r in records)
     # Each distil step ran with its own values (distil.<method>) and saved those alone.
-    saved = {m: yaml.safe_load((out / f"distil-{m}" / "checkpoints" / "step-0000002" / "config.yaml").read_text())
-             for m in ("kd", "ted")}
+    saved = {
+        m: yaml.safe_load((out / f"distil-{m}" / "checkpoints" / "step-0000002" / "config.yaml").read_text())
+        for m in ("kd", "ted")
+    }
     assert saved["kd"]["distil"]["kd"]["kl_alpha"] == 0.5 and saved["ted"]["distil"]["ted"]["kl_alpha"] == 1.0
     assert saved["ted"]["distil"]["kd"]["kl_alpha"] == 1.0  # another method's settings: its defaults
     assert saved["ted"]["distil"]["per_method"] == {} and saved["ted"]["distil"]["methods"] == ["ted"]
@@ -245,8 +302,10 @@ def test_tiny_pipeline_end_to_end_then_resumed(tmp_path, capsys):
     assert codir[0]["terms"]["crd"] == 0.0 and codir[1]["terms"]["crd"] > 0.0
     assert codir[1]["weights"] == {"task": 0.5, "kd": 0.5, "crd": 0.1}
     saved_codir = yaml.safe_load((out / "distil-codir" / "checkpoints" / "step-0000002" / "config.yaml").read_text())
-    assert (saved_codir["distil"]["codir"]["bank_mode"], saved_codir["distil"]["codir"]["negatives"]) == \
-        ("momentum", 100)
+    assert (saved_codir["distil"]["codir"]["bank_mode"], saved_codir["distil"]["codir"]["negatives"]) == (
+        "momentum",
+        100,
+    )
     # Run again (without KD's entry, which TED's checkpoint never held): every step resumes from its last
     # checkpoint and trains nothing more.
     before = (out / "distil-ted" / "metrics.jsonl").read_text().count('"loss"')
@@ -255,8 +314,16 @@ def test_tiny_pipeline_end_to_end_then_resumed(tmp_path, capsys):
     assert (out / "distil-ted" / "metrics.jsonl").read_text().count('"loss"') == before
     assert (out / "distil-ted" / "metrics.jsonl").read_text().count('"eval"') == 1  # evaluated again, not doubled
     # The same output_dir with other settings is refused, not silently mixed.
-    line = _error(capsys, "distil", "--method", "ted", "--preset", "bbc-minilm-tiny", f"output_dir={out}",
-                  "distil.ted.temperature=3")
+    line = _error(
+        capsys,
+        "distil",
+        "--method",
+        "ted",
+        "--preset",
+        "bbc-minilm-tiny",
+        f"output_dir={out}",
+        "distil.ted.temperature=3",
+    )
     assert "holds a checkpoint of a run with other settings (differing: distil)" in line
     assert os.path.isdir(out / "cache")
 
@@ -272,8 +339,16 @@ def test_distil_from_the_teacher_cache(tmp_path, capsys):
     settings refused with the command that rebuilds it."""
     minilm_path()
     out = tmp_path / "run"
-    code = main(["pipeline", *TINY, f"output_dir={out}", "distil.teacher_cache=true", "progress=false",
-                 "steps=[finetune-teacher,finetune-student,filters-teacher,filters-student,cache-teacher,distil]"])
+    code = main(
+        [
+            "pipeline",
+            *TINY,
+            f"output_dir={out}",
+            "distil.teacher_cache=true",
+            "progress=false",
+            "steps=[finetune-teacher,finetune-student,filters-teacher,filters-student,cache-teacher,distil]",
+        ]
+    )
     printed = capsys.readouterr().out
     assert code == 0
     for method in ("kd", "lwd", "ted"):
@@ -288,10 +363,21 @@ def test_distil_from_the_teacher_cache(tmp_path, capsys):
         assert terms.keys() == live.keys()
         for name, value in live.items():
             assert terms[name] == pytest.approx(value, rel=1e-2 if name != "task" else 1e-5), (method, name)
-    line = _error(capsys, "distil", "--method", "kd", *TINY, f"output_dir={out}", "distil.teacher_cache=true",
-                  "distil.kd.temperature=3", "resume=false")
-    assert ("was made for another run (temperature: cache 2.0, run 3.0): run `fastted cache-teacher --method kd` "
-            "with this run's settings") in line, line
+    line = _error(
+        capsys,
+        "distil",
+        "--method",
+        "kd",
+        *TINY,
+        f"output_dir={out}",
+        "distil.teacher_cache=true",
+        "distil.kd.temperature=3",
+        "resume=false",
+    )
+    assert (
+        "was made for another run (temperature: cache 2.0, run 3.0): run `fastted cache-teacher --method kd` "
+        "with this run's settings"
+    ) in line, line
 
 
 def test_mlm_continual_pretraining(tmp_path):
@@ -299,18 +385,31 @@ def test_mlm_continual_pretraining(tmp_path):
     alpha_s) and CoDIR (block ids as the bank's exclusions) with the fused LM head; perplexities at the end."""
     minilm_path()
     out = tmp_path / "mlm"
-    code = main(["pipeline", "--preset", "bbc-minilm-tiny", f"output_dir={out}", "task=mlm",
-                 "steps=[filters-teacher,filters-student,distil,evaluate]", "distil.methods=[ted,dwt,codir]",
-                 "distil.dwt.alpha_s=4", "distil.dwt.alpha_s_end=1", "data.max_length=24",
-                 "distil.codir.bank_size=64"])
+    code = main(
+        [
+            "pipeline",
+            "--preset",
+            "bbc-minilm-tiny",
+            f"output_dir={out}",
+            "task=mlm",
+            "steps=[filters-teacher,filters-student,distil,evaluate]",
+            "distil.methods=[ted,dwt,codir]",
+            "distil.dwt.alpha_s=4",
+            "distil.dwt.alpha_s_end=1",
+            "data.max_length=24",
+            "distil.codir.bank_size=64",
+        ]
+    )
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     assert list(results) == ["teacher (pretrained)", "student (initial)", "TED", "DWT", "CoDIR"]
     for r in results.values():
         assert r["tokens"] > 0 and 1.0 < r["perplexity"] < 1e6
+
     def train(step):
         lines = (out / step / "metrics.jsonl").read_text().splitlines()
         return [r for r in map(json.loads, lines) if "loss" in r]
+
     dwt = train("distil-dwt")
     assert [r["weights"]["kd"] for r in dwt] == pytest.approx([4.0, 2.5])  # cosine from 4 to 1 over 2 steps
     assert set(train("distil-ted")[0]["terms"]) == {"task", "kd", "mse"}
@@ -334,28 +433,46 @@ def test_string_labels_in_a_column_of_your_choice(capsys, tmp_path):
     from transformers import AutoConfig
 
     minilm_path()
-    rows = ["text,sentiment"] + [f"{'good fine nice' if i % 2 else 'bad awful poor'} day {i},"
-                                 f"{'positive' if i % 2 else 'negative'}" for i in range(60)]
+    rows = ["text,sentiment"] + [
+        f"{'good fine nice' if i % 2 else 'bad awful poor'} day {i},{'positive' if i % 2 else 'negative'}"
+        for i in range(60)
+    ]
     (tmp_path / "reviews.csv").write_text("\n".join(rows) + "\n")
-    code = main(["finetune", "teacher", *TINY, f"output_dir={tmp_path / 'run'}", f"data.source={tmp_path}/reviews.csv",
-                 "data.label_field=sentiment", "finetune.max_steps=1"])
+    code = main(
+        [
+            "finetune",
+            "teacher",
+            *TINY,
+            f"output_dir={tmp_path / 'run'}",
+            f"data.source={tmp_path}/reviews.csv",
+            "data.label_field=sentiment",
+            "finetune.max_steps=1",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     config = AutoConfig.from_pretrained(tmp_path / "run" / "finetune-teacher" / "model")
     assert config.id2label == {0: "negative", 1: "positive"} and config.label2id == {"negative": 0, "positive": 1}
 
 
 @pytest.mark.bad_input
-@pytest.mark.parametrize("argv, fragment", [
-    (["distil", "--method", "ted"], "steps: distil (ted) needs filters-teacher/model, filters-student/model in"),
-    (["distil", "--method", "kd"], "steps: distil (kd) needs finetune-teacher/model, finetune-student/model"),
-    (["filters", "student"], "steps: filters-student needs finetune-student/model in"),
-    (["distil", "--method", "kd", "distil.teacher_cache=true"],
-     "cache-teacher-kd/manifest.json in {out}, which no earlier step writes: run `fastted finetune teacher` and "
-     "`fastted finetune student` and `fastted cache-teacher --method kd` first"),
-    (["pipeline", "steps=[finetune-teacher,distil,evaluate]", "distil.methods=[lwd]"],
-     "steps: distil (lwd) needs finetune-student/model in {out}, which no earlier step writes: add "
-     "finetune-student to steps before 'distil'"),
-])
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["distil", "--method", "ted"], "steps: distil (ted) needs filters-teacher/model, filters-student/model in"),
+        (["distil", "--method", "kd"], "steps: distil (kd) needs finetune-teacher/model, finetune-student/model"),
+        (["filters", "student"], "steps: filters-student needs finetune-student/model in"),
+        (
+            ["distil", "--method", "kd", "distil.teacher_cache=true"],
+            "cache-teacher-kd/manifest.json in {out}, which no earlier step writes: run `fastted finetune teacher` and "
+            "`fastted finetune student` and `fastted cache-teacher --method kd` first",
+        ),
+        (
+            ["pipeline", "steps=[finetune-teacher,distil,evaluate]", "distil.methods=[lwd]"],
+            "steps: distil (lwd) needs finetune-student/model in {out}, which no earlier step writes: add "
+            "finetune-student to steps before 'distil'",
+        ),
+    ],
+)
 def test_missing_prerequisites_end_before_any_training(argv, fragment, capsys, tmp_path):
     minilm_path()
     out = tmp_path / "run"
@@ -374,8 +491,10 @@ def test_a_model_folder_without_tokenizer_or_with_a_preset_layer_it_lacks(capsys
     assert "teacher.path" in line and "tokenizer" in line, line
     folder = _model_folder(tmp_path / "three", bert(3, 32))
     line = _error(capsys, "finetune", "student", *TINY, f"teacher.path={folder}", f"output_dir={tmp_path / 'b'}")
-    assert line.endswith("student.layers: got [0, 2, 4], needs indices of the teacher's 3 layers (0..2) (the value "
-                         "of the preset bbc-minilm-tiny: set student.layers for your model)"), line
+    assert line.endswith(
+        "student.layers: got [0, 2, 4], needs indices of the teacher's 3 layers (0..2) (the value "
+        "of the preset bbc-minilm-tiny: set student.layers for your model)"
+    ), line
 
 
 def test_continual_pretraining_of_your_own_causal_lm_on_a_folder_of_text(capsys, tmp_path):
@@ -393,9 +512,22 @@ def test_continual_pretraining_of_your_own_causal_lm_on_a_folder_of_text(capsys,
         words = torch.randint(0, len(WORDS), (40,), generator=g)
         (corpus / f"doc{i}.txt").write_text(" ".join(WORDS[int(w)] for w in words) + "\n")
     out = tmp_path / "run"
-    code = main(["pipeline", "--preset", "clm", f"teacher.path={teacher}", f"data.source={corpus}",
-                 "data.sample_by=document", f"output_dir={out}", "data.max_length=16", "distil.train.batch_size=4",
-                 "distil.train.max_steps=2", "progress=false", "data.test_fraction=0.25"])
+    code = main(
+        [
+            "pipeline",
+            "--preset",
+            "clm",
+            f"teacher.path={teacher}",
+            f"data.source={corpus}",
+            "data.sample_by=document",
+            f"output_dir={out}",
+            "data.max_length=16",
+            "distil.train.batch_size=4",
+            "distil.train.max_steps=2",
+            "progress=false",
+            "data.test_fraction=0.25",
+        ]
+    )
     printed = capsys.readouterr().out
     assert code == 0
     assert "distil-kd step 1/2: loss " in printed and "distil-lwd step 2/2: loss " in printed
@@ -411,8 +543,16 @@ def test_several_seeds_with_intervals_and_paired_differences(tmp_path, capsys):
     the student alone and KD, from the per-example results of every seed."""
     minilm_path()
     out = tmp_path / "run"
-    code = main(["pipeline", *TINY, f"output_dir={out}", "seeds=[0,1]", "distil.methods=[kd,lwd]",
-                 "steps=[finetune-teacher,finetune-student,distil,evaluate]"])
+    code = main(
+        [
+            "pipeline",
+            *TINY,
+            f"output_dir={out}",
+            "seeds=[0,1]",
+            "distil.methods=[kd,lwd]",
+            "steps=[finetune-teacher,finetune-student,distil,evaluate]",
+        ]
+    )
     printed = capsys.readouterr().out
     assert code == 0
     assert (out / "seed-1" / "finetune-teacher").is_symlink()
@@ -450,21 +590,33 @@ def test_tokenize_once_then_pretrain_on_the_shards_with_a_token_budget(capsys, t
 
     teacher = _model_folder(tmp_path / "teacher", gpt2(4, 32), causal=True)
     g = torch.Generator().manual_seed(1)
-    lines = [" ".join(WORDS[int(w)] for w in torch.randint(0, len(WORDS), (int(n),), generator=g))
-             for n in torch.randint(3, 30, (60,), generator=g)]
+    lines = [
+        " ".join(WORDS[int(w)] for w in torch.randint(0, len(WORDS), (int(n),), generator=g))
+        for n in torch.randint(3, 30, (60,), generator=g)
+    ]
     (tmp_path / "corpus.txt").write_text("\n".join(lines) + "\n")
-    common = ["--preset", "clm", f"teacher.path={teacher}", "data.max_length=16", "data.num_proc=2",
-              "progress=false"]
-    assert main(["tokenize", "--out", str(tmp_path / "tokens"), f"data.source={tmp_path / 'corpus.txt'}",
-                 *common]) == 0
+    common = ["--preset", "clm", f"teacher.path={teacher}", "data.max_length=16", "data.num_proc=2", "progress=false"]
+    assert main(["tokenize", "--out", str(tmp_path / "tokens"), f"data.source={tmp_path / 'corpus.txt'}", *common]) == 0
     assert "tokenize: corpus: " in capsys.readouterr().out
     corpus = shards.TokenCorpus(str(tmp_path / "tokens"))
     assert corpus.n_documents == 60 and len(corpus.shards) == 2
 
     out = tmp_path / "run"
-    code = main(["pipeline", f"data.source={tmp_path / 'tokens'}", f"output_dir={out}", "distil.methods=[kd]",
-                 "distil.train.batch_size=2", "distil.train.max_steps=null", "distil.train.max_tokens=70",
-                 "distil.train.warmup_tokens=40", "distil.train.min_lr=1e-5", "data.test_documents=6", *common])
+    code = main(
+        [
+            "pipeline",
+            f"data.source={tmp_path / 'tokens'}",
+            f"output_dir={out}",
+            "distil.methods=[kd]",
+            "distil.train.batch_size=2",
+            "distil.train.max_steps=null",
+            "distil.train.max_tokens=70",
+            "distil.train.warmup_tokens=40",
+            "distil.train.min_lr=1e-5",
+            "data.test_documents=6",
+            *common,
+        ]
+    )
     assert code == 0
     records = [json.loads(line) for line in (out / "distil-kd" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if "loss" in r]
@@ -474,15 +626,24 @@ def test_tokenize_once_then_pretrain_on_the_shards_with_a_token_budget(capsys, t
 
     # the teacher cached over the same packed blocks (document masks on), then distilled from
     cached = tmp_path / "cached"
-    shared = [f"data.source={tmp_path / 'tokens'}", f"output_dir={cached}", "distil.train.batch_size=2",
-              "distil.train.max_steps=2", "data.test_documents=6", *common]
+    shared = [
+        f"data.source={tmp_path / 'tokens'}",
+        f"output_dir={cached}",
+        "distil.train.batch_size=2",
+        "distil.train.max_steps=2",
+        "data.test_documents=6",
+        *common,
+    ]
     assert main(["cache-teacher", "--method", "kd", *shared]) == 0
     manifest = json.loads((cached / "cache-teacher-kd" / "manifest.json").read_text())
     blocks = corpus.document_end(corpus.n_documents - 7) // 16  # the blocks before the 6 held-out documents
     assert manifest["examples"] == blocks and manifest["tokens"] == 16 * blocks
     assert main(["distil", "--method", "kd", "distil.teacher_cache=true", *shared]) == 0
-    assert [r["step"] for r in map(json.loads, (cached / "distil-kd" / "metrics.jsonl").read_text().splitlines())
-            if "loss" in r] == [1, 2]
+    assert [
+        r["step"]
+        for r in map(json.loads, (cached / "distil-kd" / "metrics.jsonl").read_text().splitlines())
+        if "loss" in r
+    ] == [1, 2]
 
     # the run's own shards of the raw corpus: made by `fastted tokenize`, then reused by the steps
     raw = tmp_path / "raw"
@@ -490,8 +651,21 @@ def test_tokenize_once_then_pretrain_on_the_shards_with_a_token_budget(capsys, t
     made = [p for p in (raw / "cache").iterdir() if p.name.startswith("tokens-")]
     assert len(made) == 1
     stamp = (made[0] / "train" / shards.META).stat().st_mtime_ns
-    assert main(["distil", "--method", "kd", f"data.source={tmp_path / 'corpus.txt'}", f"output_dir={raw}",
-                 "distil.train.max_steps=1", "distil.train.batch_size=2", *common]) == 0
+    assert (
+        main(
+            [
+                "distil",
+                "--method",
+                "kd",
+                f"data.source={tmp_path / 'corpus.txt'}",
+                f"output_dir={raw}",
+                "distil.train.max_steps=1",
+                "distil.train.batch_size=2",
+                *common,
+            ]
+        )
+        == 0
+    )
     assert (made[0] / "train" / shards.META).stat().st_mtime_ns == stamp  # not tokenized again
     assert [p.name for p in (raw / "cache").iterdir() if p.name.startswith("tokens-")] == [made[0].name]
 

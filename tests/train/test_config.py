@@ -1,10 +1,11 @@
 """Typed configs: presets, YAML, dotted overrides, and one clear error per bad setting."""
+
 import copy
 
 import pytest
 import yaml
 
-from fastted.train.config import METHODS, Config, ConfigError, PRESETS, dump, from_dict, load_config, to_dict
+from fastted.train.config import METHODS, PRESETS, Config, ConfigError, dump, from_dict, load_config, to_dict
 
 
 def test_defaults_are_the_embedded_default():
@@ -27,10 +28,20 @@ def test_every_preset_is_valid(name):
 
 def test_yaml_file_then_overrides_typed(tmp_path):
     path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump({"preset": "bbc-minilm-tiny", "seed": 3, "distil": {"train": {"lr": 0.002},
-                                                                                       "methods": ["ted"]}}))
-    config = load_config(str(path), ("distil.train.lr=3e-4", "data.max_length=48", "progress=true",
-                                     "student.layers=[1,3,5]", "distil.methods=kd,ted", "data.max_test_examples=null"))
+    path.write_text(
+        yaml.safe_dump({"preset": "bbc-minilm-tiny", "seed": 3, "distil": {"train": {"lr": 0.002}, "methods": ["ted"]}})
+    )
+    config = load_config(
+        str(path),
+        (
+            "distil.train.lr=3e-4",
+            "data.max_length=48",
+            "progress=true",
+            "student.layers=[1,3,5]",
+            "distil.methods=kd,ted",
+            "data.max_test_examples=null",
+        ),
+    )
     assert config.output_dir == "runs/bbc-minilm-tiny"  # from the preset the file names
     assert config.seed == 3
     assert config.distil.train.lr == pytest.approx(3e-4) and isinstance(config.distil.train.lr, float)
@@ -52,55 +63,85 @@ def test_round_trip_through_yaml(tmp_path):
     assert isinstance(again, Config)
 
 
-@pytest.mark.parametrize("override, message", [
-    ("data.max_lenght=3", "unknown config key 'data.max_lenght'"),
-    ("nosuch=1", "unknown config key 'nosuch'"),
-    ("data.max_length=abc", "data.max_length: got 'abc', needs an int"),
-    ("data.max_length=2.5", "data.max_length: got 2.5, needs an int"),
-    ("data.max_length=0", "data.max_length: got 0, needs a number > 0"),
-    ("task=regression", "task: got 'regression', needs one of classification, mlm, clm"),
-    ("distil.methods=ted,bogus", "distil.methods[1]: got 'bogus'"),
-    ("engine.precision=fp8", "engine.precision: got 'fp8'"),
-    ("engine.zero_stage=4", "engine.zero_stage: got 4"),
-    ("distil.train.warmup_ratio=1.5", "distil.train.warmup_ratio: got 1.5"),
-    ("progress=maybe", "progress: got 'maybe', needs true or false"),
-    ("finetune.batch_size=32", None),
-    ("finetune.micro_batch_size=5", "finetune.batch_size (32) must be a multiple of finetune.micro_batch_size (5)"),
-    ("data=3", "data is a section"),
-    ("lr", "needs the form key.sub=value"),
-    ("steps=[distil,evaluate,finetune-teacher]", None),
-    ("task=clm", "steps: 'finetune-teacher' is for classification"),
-    ("student.path=x", "student.path and student.layers / num_layers exclude each other"),
-    ("finetune.lr=inf", "finetune.lr: got inf, needs a finite number"),
-    ("finetune.clip=nan", "finetune.clip: got nan, needs a finite number"),
-    ("finetune.epochs=inf", "finetune.epochs: got inf, needs a finite number"),
-    ("distil.ted.temperature=-inf", "distil.ted.temperature: got -inf, needs a finite number"),
-    ("data.max_length=inf", "data.max_length: got inf, needs a finite number"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("data.max_lenght=3", "unknown config key 'data.max_lenght'"),
+        ("nosuch=1", "unknown config key 'nosuch'"),
+        ("data.max_length=abc", "data.max_length: got 'abc', needs an int"),
+        ("data.max_length=2.5", "data.max_length: got 2.5, needs an int"),
+        ("data.max_length=0", "data.max_length: got 0, needs a number > 0"),
+        ("task=regression", "task: got 'regression', needs one of classification, mlm, clm"),
+        ("distil.methods=ted,bogus", "distil.methods[1]: got 'bogus'"),
+        ("engine.precision=fp8", "engine.precision: got 'fp8'"),
+        ("engine.zero_stage=4", "engine.zero_stage: got 4"),
+        ("distil.train.warmup_ratio=1.5", "distil.train.warmup_ratio: got 1.5"),
+        ("progress=maybe", "progress: got 'maybe', needs true or false"),
+        ("finetune.batch_size=32", None),
+        ("finetune.micro_batch_size=5", "finetune.batch_size (32) must be a multiple of finetune.micro_batch_size (5)"),
+        ("data=3", "data is a section"),
+        ("lr", "needs the form key.sub=value"),
+        ("steps=[distil,evaluate,finetune-teacher]", None),
+        ("task=clm", "steps: 'finetune-teacher' is for classification"),
+        ("student.path=x", "student.path and student.layers / num_layers exclude each other"),
+        ("finetune.lr=inf", "finetune.lr: got inf, needs a finite number"),
+        ("finetune.clip=nan", "finetune.clip: got nan, needs a finite number"),
+        ("finetune.epochs=inf", "finetune.epochs: got inf, needs a finite number"),
+        ("distil.ted.temperature=-inf", "distil.ted.temperature: got -inf, needs a finite number"),
+        ("data.max_length=inf", "data.max_length: got inf, needs a finite number"),
+    ],
+)
 @pytest.mark.bad_input
 def test_bad_settings_name_the_key(override, message):
     _check_refused(override, message)
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (("distil.train.max_tokens=1000",), "distil.train.max_tokens: got 1000, but a budget in tokens needs packed "
-                                        "blocks (task mlm or clm with data.pack true), whose steps hold a fixed "
-                                        "number of tokens; this run is classification"),
-    (("task=clm", "steps=[distil]", "data.pack=false", "distil.train.warmup_tokens=10"),
-     "distil.train.warmup_tokens: got 10, but a budget in tokens needs packed blocks"),
-    (("task=clm", "steps=[distil]", "distil.train.max_tokens=0"), "distil.train.max_tokens: got 0, needs a number > 0"),
-    (("task=clm", "steps=[distil]", "distil.train.max_tokens=100", "distil.train.max_steps=3"),
-     "distil.train.max_tokens (100) and distil.train.max_steps (3) both set the run's length; keep one"),
-    (("distil.train.min_lr=0.1",), "distil.train.min_lr: got 0.1, more than distil.train.lr (0.0001)"),
-    (("distil.train.min_lr=-1",), "distil.train.min_lr: got -1.0, needs a number >= 0"),
-    (("data.document_mask=true",), "data.document_mask: got true, but it applies to packed blocks (task mlm or clm "
-                                   "with data.pack true); this run is classification"),
-    (("data.test_documents=0",), "data.test_documents: got 0, needs a number > 0"),
-    (("data.num_proc=0",), "data.num_proc: got 0, needs a number > 0"),
-    (("engine.peak_tflops=-3",), "engine.peak_tflops: got -3.0, needs a number > 0"),
-    (("task=clm", "steps=[distil]", "distil.train.max_tokens=4096", "distil.train.warmup_tokens=512",
-      "distil.train.min_lr=1e-5", "data.document_mask=false", "data.test_documents=7", "data.num_proc=3"), None),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ("distil.train.max_tokens=1000",),
+            "distil.train.max_tokens: got 1000, but a budget in tokens needs packed "
+            "blocks (task mlm or clm with data.pack true), whose steps hold a fixed "
+            "number of tokens; this run is classification",
+        ),
+        (
+            ("task=clm", "steps=[distil]", "data.pack=false", "distil.train.warmup_tokens=10"),
+            "distil.train.warmup_tokens: got 10, but a budget in tokens needs packed blocks",
+        ),
+        (
+            ("task=clm", "steps=[distil]", "distil.train.max_tokens=0"),
+            "distil.train.max_tokens: got 0, needs a number > 0",
+        ),
+        (
+            ("task=clm", "steps=[distil]", "distil.train.max_tokens=100", "distil.train.max_steps=3"),
+            "distil.train.max_tokens (100) and distil.train.max_steps (3) both set the run's length; keep one",
+        ),
+        (("distil.train.min_lr=0.1",), "distil.train.min_lr: got 0.1, more than distil.train.lr (0.0001)"),
+        (("distil.train.min_lr=-1",), "distil.train.min_lr: got -1.0, needs a number >= 0"),
+        (
+            ("data.document_mask=true",),
+            "data.document_mask: got true, but it applies to packed blocks (task mlm or clm "
+            "with data.pack true); this run is classification",
+        ),
+        (("data.test_documents=0",), "data.test_documents: got 0, needs a number > 0"),
+        (("data.num_proc=0",), "data.num_proc: got 0, needs a number > 0"),
+        (("engine.peak_tflops=-3",), "engine.peak_tflops: got -3.0, needs a number > 0"),
+        (
+            (
+                "task=clm",
+                "steps=[distil]",
+                "distil.train.max_tokens=4096",
+                "distil.train.warmup_tokens=512",
+                "distil.train.min_lr=1e-5",
+                "data.document_mask=false",
+                "data.test_documents=7",
+                "data.num_proc=3",
+            ),
+            None,
+        ),
+    ],
+)
 @pytest.mark.bad_input
 def test_bad_token_budgets_and_data_settings_name_the_key(overrides, message):
     _check_refused(overrides, message)
@@ -114,8 +155,6 @@ def _check_refused(overrides, message):
     with pytest.raises(ConfigError, match=None) as info:
         load_config(overrides=overrides)
     assert message in str(info.value)
-
-
 
 
 @pytest.mark.bad_input
@@ -148,8 +187,17 @@ def test_method_settings_and_per_method_values_reach_only_their_method(tmp_path)
     from fastted.train.config import method_config
 
     path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump({"distil": {"ted": {"mse_alpha": 2.0}, "lwd": {"mse_alpha": 30},
-                                               "per_method": {"lwd": {"train": {"lr": 5e-5}}}}}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "distil": {
+                    "ted": {"mse_alpha": 2.0},
+                    "lwd": {"mse_alpha": 30},
+                    "per_method": {"lwd": {"train": {"lr": 5e-5}}},
+                }
+            }
+        )
+    )
     config = load_config(str(path), ("distil.ted.kl_alpha=7", "distil.lwd.temperature=3"))
     ted, lwd, kd = (method_config(config, m) for m in ("ted", "lwd", "kd"))
     assert (ted.distil.ted.kl_alpha, ted.distil.ted.mse_alpha, ted.distil.ted.temperature) == (7.0, 2.0, 2.0)
@@ -167,24 +215,54 @@ def test_old_flat_keys_load_onto_the_methods_sections_with_a_notice(tmp_path):
     from fastted.train.config import ConfigKeyWarning, method_config
 
     path = tmp_path / "old.yaml"
-    path.write_text(yaml.safe_dump({"distil": {
-        "per_method": {"lwd": {"mse_alpha": 30, "train": {"lr": 5e-5}}}, "mse_alpha": 2.0, "kl_alpha": 3.0,
-        "crd_temperature": 0.5, "projection_dim": 64, "crd_negatives": 7, "rail_per": "step", "alpha_s": 2.0}},
-        sort_keys=False))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "distil": {
+                    "per_method": {"lwd": {"mse_alpha": 30, "train": {"lr": 5e-5}}},
+                    "mse_alpha": 2.0,
+                    "kl_alpha": 3.0,
+                    "crd_temperature": 0.5,
+                    "projection_dim": 64,
+                    "crd_negatives": 7,
+                    "rail_per": "step",
+                    "alpha_s": 2.0,
+                }
+            },
+            sort_keys=False,
+        )
+    )
     with pytest.warns(ConfigKeyWarning) as caught:
         config = load_config(str(path), ("distil.per_method.ted.kl_alpha=7", "distil.temperature=3"))
     messages = {str(w.message) for w in caught}
-    assert ("config key distil.crd_temperature is deprecated: it sets distil.codir.temperature (write those "
-            "instead)") in messages
-    assert ("config key distil.per_method.ted.kl_alpha is deprecated: it sets distil.ted.kl_alpha (write those "
-            "instead)") in messages
+    assert (
+        "config key distil.crd_temperature is deprecated: it sets distil.codir.temperature (write those instead)"
+    ) in messages
+    assert (
+        "config key distil.per_method.ted.kl_alpha is deprecated: it sets distil.ted.kl_alpha (write those instead)"
+    ) in messages
     d = config.distil
-    assert (d.ted.mse_alpha, d.lwd.mse_alpha, d.ted.kl_alpha, d.lwd.kl_alpha, d.kd.kl_alpha) == (2.0, 30.0, 7.0, 3.0,
-                                                                                                  3.0)
-    assert (d.codir.kd_alpha, d.railkd.kd_alpha, d.codir.temperature, d.codir.proj_dim, d.codir.negatives) == \
-        (3.0, 3.0, 0.5, 64, 7)
-    assert (d.codir.kd_temperature, d.ted.temperature, d.dwt.temperature, d.railkd.per, d.dwt.alpha_s) == \
-        (3.0, 3.0, 3.0, "step", 2.0)
+    assert (d.ted.mse_alpha, d.lwd.mse_alpha, d.ted.kl_alpha, d.lwd.kl_alpha, d.kd.kl_alpha) == (
+        2.0,
+        30.0,
+        7.0,
+        3.0,
+        3.0,
+    )
+    assert (d.codir.kd_alpha, d.railkd.kd_alpha, d.codir.temperature, d.codir.proj_dim, d.codir.negatives) == (
+        3.0,
+        3.0,
+        0.5,
+        64,
+        7,
+    )
+    assert (d.codir.kd_temperature, d.ted.temperature, d.dwt.temperature, d.railkd.per, d.dwt.alpha_s) == (
+        3.0,
+        3.0,
+        3.0,
+        "step",
+        2.0,
+    )
     assert d.per_method == {"lwd": {"train": {"lr": 5e-5}}}
     assert method_config(config, "lwd").distil.train.lr == 5e-5
     with pytest.warns(ConfigKeyWarning, match=r"distil\.projection_dim is deprecated: it sets distil\.codir\.proj_dim"):
@@ -225,23 +303,30 @@ def test_published_sets_a_papers_values_under_the_users():
             method_config(one, method)
 
 
-@pytest.mark.parametrize("override, message", [
-    ("published=ted-glue-bogus", "published: got 'ted-glue-bogus', needs one of ted-glue-mnli"),
-    ("distil.per_method.bogus.mse_alpha=1", "distil.per_method: got 'bogus', needs one of ted"),
-    ("distil.per_method.ted.mse_alhpa=1", "unknown config key 'distil.per_method.ted.mse_alhpa'"),
-    ("distil.per_method.lwd.train.lr=-2", "distil.per_method.lwd: distil.train.lr: got -2.0, needs a number >= 0"),
-    ("distil.per_method.lwd.mse_alpha=-2", "distil.lwd.mse_alpha: got -2.0, needs a number >= 0"),
-    ("distil.per_method.ted.lwd.kl_alpha=1", "distil.per_method.ted.lwd.kl_alpha: a method's settings are its own "
-                                             "section; set distil.lwd.kl_alpha"),
-    ("distil.per_method.ted.train.lr=fast", "distil.per_method.ted.train.lr: got 'fast', needs a number"),
-    ("distil.codir.bank_mode=fifo", "distil.codir.bank_mode: got 'fifo', needs one of queue, momentum"),
-    ("distil.codir.negatives=-1", "distil.codir.negatives: got -1, needs a number >= 0"),
-    ("distil.railkd.per=batch", "distil.railkd.per: got 'batch', needs one of step, epoch"),
-    ("distil.dwt.alpha_s_schedule=exp", "distil.dwt.alpha_s_schedule: got 'exp', needs one of constant, linear"),
-    ("distil.per_method.codir.pooling=max", "distil.codir.pooling: got 'max', needs one of mean"),
-    ("distil.per_method.ted.teacher_cache=true", "distil.per_method.ted.teacher_cache: distil.teacher_cache holds "
-                                                 "for the whole run"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("published=ted-glue-bogus", "published: got 'ted-glue-bogus', needs one of ted-glue-mnli"),
+        ("distil.per_method.bogus.mse_alpha=1", "distil.per_method: got 'bogus', needs one of ted"),
+        ("distil.per_method.ted.mse_alhpa=1", "unknown config key 'distil.per_method.ted.mse_alhpa'"),
+        ("distil.per_method.lwd.train.lr=-2", "distil.per_method.lwd: distil.train.lr: got -2.0, needs a number >= 0"),
+        ("distil.per_method.lwd.mse_alpha=-2", "distil.lwd.mse_alpha: got -2.0, needs a number >= 0"),
+        (
+            "distil.per_method.ted.lwd.kl_alpha=1",
+            "distil.per_method.ted.lwd.kl_alpha: a method's settings are its own section; set distil.lwd.kl_alpha",
+        ),
+        ("distil.per_method.ted.train.lr=fast", "distil.per_method.ted.train.lr: got 'fast', needs a number"),
+        ("distil.codir.bank_mode=fifo", "distil.codir.bank_mode: got 'fifo', needs one of queue, momentum"),
+        ("distil.codir.negatives=-1", "distil.codir.negatives: got -1, needs a number >= 0"),
+        ("distil.railkd.per=batch", "distil.railkd.per: got 'batch', needs one of step, epoch"),
+        ("distil.dwt.alpha_s_schedule=exp", "distil.dwt.alpha_s_schedule: got 'exp', needs one of constant, linear"),
+        ("distil.per_method.codir.pooling=max", "distil.codir.pooling: got 'max', needs one of mean"),
+        (
+            "distil.per_method.ted.teacher_cache=true",
+            "distil.per_method.ted.teacher_cache: distil.teacher_cache holds for the whole run",
+        ),
+    ],
+)
 @pytest.mark.bad_input
 def test_bad_per_method_and_published_settings(override, message):
     with pytest.raises(ConfigError) as info:
@@ -254,8 +339,9 @@ def test_a_step_compares_its_own_methods_settings_and_reads_an_older_checkpoints
     checkpoint's saved flat keys as the sections they now are."""
     from fastted.train.config import method_config, step_settings, to_yaml
 
-    step = yaml.safe_load(to_yaml(method_config(load_config(overrides=("distil.kd.kl_alpha=0.5",
-                                                                       "distil.ted.mse_alpha=9")), "kd")))
+    step = yaml.safe_load(
+        to_yaml(method_config(load_config(overrides=("distil.kd.kl_alpha=0.5", "distil.ted.mse_alpha=9")), "kd"))
+    )
     old = copy.deepcopy(step)
     for method in METHODS:
         old["distil"].pop(method)

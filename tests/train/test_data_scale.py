@@ -2,6 +2,7 @@
 uint32 shards reach their first optimizer step in under 60 s with peak RSS under 1.5 GB a rank. CI runs it on
 100M tokens (400 MB of shards); ``FASTTED_DATA_SCALE_TOKENS=1000000000`` runs the issue's 1B tokens (4 GB), as
 ``benchmarks/data_scale.py`` does for its result file."""
+
 import os
 import shutil
 

@@ -1,5 +1,6 @@
 """The engine: schedule, batch layout, DeepSpeed configs, GPU-only options, and ZeRO-2 / ZeRO-3 on two ranks
 (gloo, on the CPU) against one process, with a resume in each: TED's stage II, and LWD with the fused LM head."""
+
 import json
 import math
 import os
@@ -10,7 +11,6 @@ import torch
 
 from fastted.train.config import ConfigError, EngineConfig, TrainConfig
 from fastted.train.engine import batch_layout, checkpoint_types, deepspeed_config, lr_at, resolve_device
-
 from tests.launch import free_port, run_ranks, torchrun
 
 WORKER = os.path.join(os.path.dirname(__file__), "engine_worker.py")
@@ -24,8 +24,9 @@ def test_lr_at_warms_up_then_decays(decay):
     assert values[:warmup] == pytest.approx([(s + 1) / (warmup + 1) for s in range(warmup)])
     for s in range(warmup, total):
         p = (s - warmup) / (total - warmup)
-        want = {"linear": 1 - p, "cosine": 0.5 * (1 + torch.cos(torch.tensor(torch.pi * p)).item()),
-                "constant": 1.0}[decay]
+        want = {"linear": 1 - p, "cosine": 0.5 * (1 + torch.cos(torch.tensor(torch.pi * p)).item()), "constant": 1.0}[
+            decay
+        ]
         assert values[s] == pytest.approx(want, abs=1e-6), s
 
 
@@ -72,11 +73,14 @@ def test_batch_layout_and_deepspeed_config(tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only errors")
-@pytest.mark.parametrize("kwargs, message", [
-    ({"device": "cuda"}, "engine.device: got 'cuda', but this machine has no CUDA GPU"),
-    ({"precision": "fp16"}, "engine.precision: fp16 needs a CUDA GPU"),
-    ({"impl": "triton"}, "engine.impl: 'triton' needs a CUDA GPU"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"device": "cuda"}, "engine.device: got 'cuda', but this machine has no CUDA GPU"),
+        ({"precision": "fp16"}, "engine.precision: fp16 needs a CUDA GPU"),
+        ({"impl": "triton"}, "engine.impl: 'triton' needs a CUDA GPU"),
+    ],
+)
 def test_gpu_only_options_on_cpu(kwargs, message, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ConfigError, match=message):
@@ -90,8 +94,17 @@ def _launch(tmp, stage, ranks, recipe="ted", launcher="torchrun"):
     if ranks == 1 or launcher == "torchrun":
         command = torchrun(ranks, WORKER, *args)
     else:  # DeepSpeed's launcher (it adds --local_rank to the script's arguments)
-        command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
-                   "--master_port", str(free_port()), WORKER, *args]
+        command = [
+            sys.executable,
+            "-m",
+            "deepspeed.launcher.runner",
+            "--num_gpus",
+            str(ranks),
+            "--master_port",
+            str(free_port()),
+            WORKER,
+            *args,
+        ]
     run_ranks(command)
     with open(out) as f:
         return {**json.load(f), "dir": str(directory)}
@@ -158,7 +171,9 @@ def test_a_teacher_cache_built_on_two_ranks_trains_under_zero3(runs):
     assert one["losses"][0] == pytest.approx(live["losses"][0], rel=1e-3)
     assert os.listdir(two["dir"] + "-cache").count("manifest.json") == 1
     assert sorted(n for n in os.listdir(two["dir"] + "-cache") if n.startswith("shard-")) == [
-        "shard-000-00000.safetensors", "shard-001-00000.safetensors"]
+        "shard-000-00000.safetensors",
+        "shard-001-00000.safetensors",
+    ]
 
 
 def test_zero3_partitions_teacher_and_student(runs):
@@ -180,8 +195,12 @@ def test_checkpoints_load_without_pickle(runs):
         for path in files:
             state = torch.load(path, weights_only=True, map_location="cpu")
             assert isinstance(state, dict) and state, path
-    assert {t.__name__ for t in checkpoint_types()} == {"LossScaler", "DynamicLossScaler", "ZeroStageEnum",
-                                                     "fragment_address"}
+    assert {t.__name__ for t in checkpoint_types()} == {
+        "LossScaler",
+        "DynamicLossScaler",
+        "ZeroStageEnum",
+        "fragment_address",
+    }
 
 
 @pytest.mark.parametrize("code", [0, 2])
@@ -208,8 +227,9 @@ cli.command([])
 print("not reached")
 """)
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    done = subprocess.run([sys.executable, str(script)], env=rank_env(PYTHONPATH=root), capture_output=True,
-                          text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, str(script)], env=rank_env(PYTHONPATH=root), capture_output=True, text=True, timeout=120
+    )
     ours = ("ended True", "ended False", "worked", "teardown", "not reached")  # DeepSpeed prints too
     lines = [line for line in done.stdout.splitlines() if line in ours]
     assert done.returncode == code, done.stderr[-3000:]

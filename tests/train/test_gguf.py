@@ -6,6 +6,7 @@ a second call reuses the folder, and the conversion's peak private memory stays 
 cache's bookkeeping (keys, damaged and partial folders, a rename lost to another node, failures) is checked on a
 stand-in writer, without converting.
 """
+
 import importlib.util
 import json
 import os
@@ -17,7 +18,6 @@ import pytest
 import torch
 
 from fastted.train import gguf as fg
-
 from tests.launch import rank_env, torchrun
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gguf_worker.py")
@@ -45,9 +45,23 @@ def test_smollm2_converted_once_equals_transformers_gguf_load(tmp_path, monkeypa
     folder, file = _smollm2()
     cache, out = tmp_path / "cache", tmp_path / "ranks"
     out.mkdir()
-    command = torchrun(2, WORKER, "--folder", folder, "--file", file, "--cache", str(cache), "--out", str(out),
-                       "--shard-bytes", str(SHARD_BYTES))
-    launch = subprocess.Popen(command, env=rank_env(PYTHONPATH=ROOT), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    command = torchrun(
+        2,
+        WORKER,
+        "--folder",
+        folder,
+        "--file",
+        file,
+        "--cache",
+        str(cache),
+        "--out",
+        str(out),
+        "--shard-bytes",
+        str(SHARD_BYTES),
+    )
+    launch = subprocess.Popen(
+        command, env=rank_env(PYTHONPATH=ROOT), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     # transformers' own loads meanwhile, on the core that the waiting rank leaves idle
     theirs = tf.AutoModelForCausalLM.from_pretrained(folder, gguf_file=file)
     theirs_tok = load_tokenizer(folder, file)
@@ -90,7 +104,10 @@ def test_smollm2_converted_once_equals_transformers_gguf_load(tmp_path, monkeypa
     assert len(ours_tok(sentence)["input_ids"]) > 10
     assert ours_tok.get_vocab() == theirs_tok.get_vocab()
     assert (ours_tok.eos_token, ours_tok.pad_token, ours_tok.bos_token) == (
-        theirs_tok.eos_token, theirs_tok.pad_token, theirs_tok.bos_token)
+        theirs_tok.eos_token,
+        theirs_tok.pad_token,
+        theirs_tok.bos_token,
+    )
 
     # Memory: the converting rank peaks far below the de-quantized model, the waiting rank adds nothing.
     growth = [(r["peak_kib"] - r["start_kib"]) * 1024 for r in ranks]
@@ -132,8 +149,13 @@ def test_a_streamed_shard_is_the_safetensors_file_of_its_tensors(tmp_path):
     from safetensors import safe_open
 
     g = torch.Generator().manual_seed(0)
-    tensors = {"b.weight": torch.randn(7, 3, generator=g), "a.bias": torch.randn(5, generator=g),
-               "empty": torch.zeros(0, 4), "scalar": torch.tensor(2.5), "c": torch.randn(3, 5, generator=g).t()}
+    tensors = {
+        "b.weight": torch.randn(7, 3, generator=g),
+        "a.bias": torch.randn(5, generator=g),
+        "empty": torch.zeros(0, 4),
+        "scalar": torch.tensor(2.5),
+        "c": torch.randn(3, 5, generator=g).t(),
+    }
     shard = fg._StreamedShard(str(tmp_path / "shard"))
     for name, tensor in tensors.items():
         shard.add(name, tensor)
@@ -231,7 +253,7 @@ def test_errors_name_the_file_and_the_failure(stand_in, monkeypatch):
     import torch.distributed as dist
 
     with monkeypatch.context() as m:  # launched, but the process group not yet initialized (an earlier test of
-        m.setenv("WORLD_SIZE", "2")   # this process may have initialized one)
+        m.setenv("WORLD_SIZE", "2")  # this process may have initialized one)
         m.setattr(dist, "is_initialized", lambda: False)
         with pytest.raises(RuntimeError, match=r"hf_folder is collective: .*once torch.distributed is initialized"):
             fg.hf_folder(folder, file, cache)

@@ -2,6 +2,7 @@
 resolved), the teacher's config merged from the user's ``engine.deepspeed`` and ``engine.teacher_offload``, and
 ``engine.activation_checkpointing`` (a GPT-2 step keeps fewer activations for its backward, same losses).
 Their multi-rank runs under ZeRO-3 are in tests/train/test_zero3_ranks.py."""
+
 import pytest
 import torch
 import yaml
@@ -9,8 +10,15 @@ import yaml
 from fastted import LWD
 from fastted.train.config import ConfigError, EngineConfig, TrainConfig, load_config, to_yaml
 from fastted.train.data import CLMCollator
-from fastted.train.engine import (Engine, block_parameters, deepspeed_config, gather_window, resolve_precision,
-                            teacher_deepspeed_config, teacher_offload_param)
+from fastted.train.engine import (
+    Engine,
+    block_parameters,
+    deepspeed_config,
+    gather_window,
+    resolve_precision,
+    teacher_deepspeed_config,
+    teacher_offload_param,
+)
 from tests.tiny_models import gpt2
 
 # --------------------------------------------------------------------------- precision
@@ -44,13 +52,17 @@ def test_auto_precision_on_a_gpu_follows_its_bf16_support(monkeypatch, bf16_supp
 
 @pytest.mark.bad_input
 def test_a_deepspeed_precision_against_engine_precision_is_refused():
-    with pytest.raises(ConfigError, match=r"engine.deepspeed: bf16.enabled is true, but engine.precision is 'fp32': "
-                                          r"set engine.precision=bf16"):
+    with pytest.raises(
+        ConfigError,
+        match=r"engine.deepspeed: bf16.enabled is true, but engine.precision is 'fp32': "
+        r"set engine.precision=bf16",
+    ):
         deepspeed_config(TrainConfig(batch_size=4), EngineConfig(deepspeed={"bf16": {"enabled": True}}), 1)
     with pytest.raises(ConfigError, match=r"fp16.enabled is false, but engine.precision is 'fp16'"):
         teacher_deepspeed_config(EngineConfig(precision="fp16", deepspeed={"fp16": {"enabled": False}}), 1)
-    ds = deepspeed_config(TrainConfig(batch_size=4), EngineConfig(precision="bf16",
-                                                                  deepspeed={"bf16": {"enabled": True}}), 1)
+    ds = deepspeed_config(
+        TrainConfig(batch_size=4), EngineConfig(precision="bf16", deepspeed={"bf16": {"enabled": True}}), 1
+    )
     assert ds["bf16"]["enabled"]
 
 
@@ -72,13 +84,22 @@ def test_a_step_saves_the_resolved_precision(monkeypatch, tmp_path):
 # --------------------------------------------------------------------------- the teacher's DeepSpeed config
 
 USER = {
-    "train_batch_size": 512, "train_micro_batch_size_per_gpu": 16, "gradient_accumulation_steps": 4,
-    "gradient_clipping": 0.5, "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}},
+    "train_batch_size": 512,
+    "train_micro_batch_size_per_gpu": 16,
+    "gradient_accumulation_steps": 4,
+    "gradient_clipping": 0.5,
+    "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}},
     "scheduler": {"type": "WarmupLR"},
     "zero_optimization": {
-        "stage": 2, "overlap_comm": True, "reduce_bucket_size": 5e7, "allgather_bucket_size": 5e7,
-        "stage3_prefetch_bucket_size": 2e7, "stage3_max_live_parameters": 3e8, "max_reuse_distance": 1e8,
-        "stage3_param_persistence_threshold": 1e6, "offload_optimizer": {"device": "cpu"},
+        "stage": 2,
+        "overlap_comm": True,
+        "reduce_bucket_size": 5e7,
+        "allgather_bucket_size": 5e7,
+        "stage3_prefetch_bucket_size": 2e7,
+        "stage3_max_live_parameters": 3e8,
+        "max_reuse_distance": 1e8,
+        "stage3_param_persistence_threshold": 1e6,
+        "offload_optimizer": {"device": "cpu"},
         "offload_param": {"device": "cpu", "pin_memory": False, "buffer_count": 7},
     },
 }
@@ -94,16 +115,28 @@ def test_the_teacher_takes_the_users_gather_settings_and_offload_alone(tmp_path)
     path.write_text(yaml.safe_dump(USER))
     ds = teacher_deepspeed_config(EngineConfig(deepspeed=str(path)), 3)
     assert ds == {
-        "train_micro_batch_size_per_gpu": 3, "steps_per_print": 2**31 - 1,
-        "bf16": {"enabled": False}, "fp16": {"enabled": False},
-        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
-                              "stage3_model_persistence_threshold": 0, "stage3_prefetch_bucket_size": 2e7,
-                              "stage3_max_live_parameters": 3e8, "max_reuse_distance": 1e8,
-                              "offload_param": {"device": "cpu", "pin_memory": False, "buffer_count": 7}},
+        "train_micro_batch_size_per_gpu": 3,
+        "steps_per_print": 2**31 - 1,
+        "bf16": {"enabled": False},
+        "fp16": {"enabled": False},
+        "zero_optimization": {
+            "stage": 3,
+            "stage3_param_persistence_threshold": 0,
+            "stage3_model_persistence_threshold": 0,
+            "stage3_prefetch_bucket_size": 2e7,
+            "stage3_max_live_parameters": 3e8,
+            "max_reuse_distance": 1e8,
+            "offload_param": {"device": "cpu", "pin_memory": False, "buffer_count": 7},
+        },
     }
     zero = DeepSpeedZeroConfig(**ds["zero_optimization"])
-    assert (zero.stage, zero.prefetch_bucket_size, zero.max_live_parameters, zero.max_reuse_distance,
-            zero.param_persistence_threshold) == (3, 2e7, 3e8, 1e8, 0)
+    assert (
+        zero.stage,
+        zero.prefetch_bucket_size,
+        zero.max_live_parameters,
+        zero.max_reuse_distance,
+        zero.param_persistence_threshold,
+    ) == (3, 2e7, 3e8, 1e8, 0)
     assert zero.offload_param.device == "cpu" and zero.offload_optimizer is None
     student = deepspeed_config(TrainConfig(batch_size=512, micro_batch_size=16), EngineConfig(deepspeed=USER), 8)
     assert student["zero_optimization"]["stage"] == 2 and student["optimizer"]["type"] == "AdamW"  # unchanged
@@ -118,31 +151,47 @@ def test_the_gather_window_is_deepspeeds_default_capped_at_the_models_blocks():
     model = gpt2(3, 32, seed=0)
     block = block_parameters(model)
     assert block == sum(p.numel() for p in model.transformer.h[0].parameters())
-    window = {"stage3_prefetch_bucket_size": block, "stage3_max_live_parameters": 2 * block,
-              "stage3_max_reuse_distance": 2 * block}
+    window = {
+        "stage3_prefetch_bucket_size": block,
+        "stage3_max_live_parameters": 2 * block,
+        "stage3_max_reuse_distance": 2 * block,
+    }
     assert gather_window(model, {}) == window
     assert gather_window(model, {"prefetch_bucket_size": 7, "stage3_max_live_parameters": 9}) == {
-        "stage3_max_reuse_distance": 2 * block}
+        "stage3_max_reuse_distance": 2 * block
+    }
     assert gather_window(None, {}) == {} and gather_window(torch.nn.Linear(4, 4), {}) == {}
     huge = torch.nn.ModuleList([torch.nn.Linear(40_000, 40_000, device="meta")])  # 1.6e9 parameters
-    assert gather_window(huge, {}) == {"stage3_prefetch_bucket_size": 50_000_000,
-                                       "stage3_max_live_parameters": 10**9, "stage3_max_reuse_distance": 10**9}
+    assert gather_window(huge, {}) == {
+        "stage3_prefetch_bucket_size": 50_000_000,
+        "stage3_max_live_parameters": 10**9,
+        "stage3_max_reuse_distance": 10**9,
+    }
     zero = teacher_deepspeed_config(EngineConfig(deepspeed=USER), 2, model)["zero_optimization"]
     assert (zero["stage3_prefetch_bucket_size"], zero["stage3_max_live_parameters"], zero["max_reuse_distance"]) == (
-        2e7, 3e8, 1e8) and "stage3_max_reuse_distance" not in zero  # the user's three settings
+        2e7,
+        3e8,
+        1e8,
+    ) and "stage3_max_reuse_distance" not in zero  # the user's three settings
     zero = teacher_deepspeed_config(EngineConfig(), 2, model)["zero_optimization"]
     assert {key: zero[key] for key in window} == window
 
 
-@pytest.mark.parametrize("offload, user, want", [
-    (None, None, None),
-    ("cpu", None, {"device": "cpu", "pin_memory": True}),
-    ("none", {"device": "cpu"}, None),
-    (None, {"device": "none"}, None),
-    (None, {"device": "cpu", "pin_memory": False}, {"device": "cpu", "pin_memory": False}),
-    ("cpu", {"device": "nvme", "nvme_path": "/nvme", "buffer_count": 6},
-     {"device": "cpu", "pin_memory": True, "buffer_count": 6}),
-])
+@pytest.mark.parametrize(
+    "offload, user, want",
+    [
+        (None, None, None),
+        ("cpu", None, {"device": "cpu", "pin_memory": True}),
+        ("none", {"device": "cpu"}, None),
+        (None, {"device": "none"}, None),
+        (None, {"device": "cpu", "pin_memory": False}, {"device": "cpu", "pin_memory": False}),
+        (
+            "cpu",
+            {"device": "nvme", "nvme_path": "/nvme", "buffer_count": 6},
+            {"device": "cpu", "pin_memory": True, "buffer_count": 6},
+        ),
+    ],
+)
 def test_teacher_offload(offload, user, want):
     """engine.teacher_offload=cpu puts the teacher's partitions in host memory (pinned, the user's other offload
     settings kept), none keeps them on the device whatever the user's file says, unset follows the file."""
@@ -153,13 +202,21 @@ def test_teacher_offload(offload, user, want):
 
 
 @pytest.mark.bad_input
-@pytest.mark.parametrize("overrides, message", [
-    (("engine.teacher_offload=gpu",), "engine.teacher_offload: got 'gpu', needs one of cpu, none"),
-    (("engine.teacher_offload=cpu", "engine.teacher_zero3=false"),
-     "engine.teacher_offload: got 'cpu' with engine.teacher_zero3 false, needs the teacher partitioned"),
-    (("engine.precision=fp64",), "engine.precision: got 'fp64', needs one of auto, fp32, bf16, fp16"),
-    (("engine.activation_checkpointing=sometimes",), "engine.activation_checkpointing: got 'sometimes', needs true"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (("engine.teacher_offload=gpu",), "engine.teacher_offload: got 'gpu', needs one of cpu, none"),
+        (
+            ("engine.teacher_offload=cpu", "engine.teacher_zero3=false"),
+            "engine.teacher_offload: got 'cpu' with engine.teacher_zero3 false, needs the teacher partitioned",
+        ),
+        (("engine.precision=fp64",), "engine.precision: got 'fp64', needs one of auto, fp32, bf16, fp16"),
+        (
+            ("engine.activation_checkpointing=sometimes",),
+            "engine.activation_checkpointing: got 'sometimes', needs true",
+        ),
+    ],
+)
 def test_bad_lever_settings_are_named(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(overrides=overrides)
@@ -173,8 +230,13 @@ def _lwd_step_run(checkpointing: bool, steps: int = 3):
     the tensors autograd saved for the backward (parameters left out: they are kept either way)."""
     recipe = LWD(gpt2(4, 64, seed=1), gpt2(4, 64, seed=2), impl="reference")
     train = TrainConfig(batch_size=4, max_steps=steps, lr=3e-3, warmup_ratio=0.0)
-    engine = Engine(recipe, train, EngineConfig(impl="reference", activation_checkpointing=checkpointing), steps,
-                    torch.device("cpu"))
+    engine = Engine(
+        recipe,
+        train,
+        EngineConfig(impl="reference", activation_checkpointing=checkpointing),
+        steps,
+        torch.device("cpu"),
+    )
     params = {p.untyped_storage().data_ptr() for p in recipe.parameters()}
     g = torch.Generator().manual_seed(3)
     collator, losses, saved = CLMCollator(0), [], []
@@ -218,8 +280,10 @@ def test_activation_checkpointing_keeps_fewer_activations_and_the_losses():
     block_inputs = 4 * (4 * 48 * 64 * 4)  # blocks x (B x T x d x 4 bytes)
     for a, b in zip(saved, plain_saved):
         assert a + block_inputs < 0.5 * b, (a, b)
-    print(f"saved for backward per step: {plain_saved[0]} B plain, {saved[0]} B + {block_inputs} B of block inputs "
-          f"checkpointed")
+    print(
+        f"saved for backward per step: {plain_saved[0]} B plain, {saved[0]} B + {block_inputs} B of block inputs "
+        f"checkpointed"
+    )
 
 
 def test_freed_host_memory_goes_back_unless_the_user_set_the_threshold(monkeypatch):

@@ -2,6 +2,7 @@
 through a c10d rendezvous (as agents on two machines meet at the first one's address), and their four gloo
 ranks run TED's stage II at ZeRO-3 (tests/train/engine_worker.py): steps, checkpoints, and a resume from the
 step-2 checkpoint, against one process on the same global batch."""
+
 import json
 import os
 import subprocess
@@ -23,19 +24,45 @@ def _result(out, directory):
 def test_two_nodes_of_two_ranks_train_checkpoint_and_resume_as_one_process(tmp_path):
     args = ["--zero-stage", "3", "--recipe", "ted"]
     one_out, one_dir = tmp_path / "one.json", tmp_path / "one"  # the reference: one process, no ZeRO
-    one = subprocess.Popen([sys.executable, WORKER, "--zero-stage", "0", "--recipe", "ted", "--dir", str(one_dir),
-                            "--out", str(one_out)], env=rank_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                           text=True)
+    one = subprocess.Popen(
+        [sys.executable, WORKER, "--zero-stage", "0", "--recipe", "ted", "--dir", str(one_dir), "--out", str(one_out)],
+        env=rank_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     out, directory = tmp_path / "nodes.json", tmp_path / "nodes"  # one output_dir: the nodes' shared storage
     endpoint = f"127.0.0.1:{free_port()}"
     agents = []
     for node in (0, 1):
-        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "2",
-                   "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint, "--rdzv_id", "fastted-two-nodes",
-                   "--rdzv_conf", f"is_host={'true' if node == 0 else 'false'}", "--max_restarts", "0",
-                   WORKER, *args, "--dir", str(directory), "--out", str(out)]
-        agents.append(subprocess.Popen(command, env=rank_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                       text=True))
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes",
+            "2",
+            "--nproc_per_node",
+            "2",
+            "--rdzv_backend",
+            "c10d",
+            "--rdzv_endpoint",
+            endpoint,
+            "--rdzv_id",
+            "fastted-two-nodes",
+            "--rdzv_conf",
+            f"is_host={'true' if node == 0 else 'false'}",
+            "--max_restarts",
+            "0",
+            WORKER,
+            *args,
+            "--dir",
+            str(directory),
+            "--out",
+            str(out),
+        ]
+        agents.append(
+            subprocess.Popen(command, env=rank_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        )
     logs = [p.communicate(timeout=400)[0] for p in (*agents, one)]
     for p, log in zip((*agents, one), logs):
         assert p.returncode == 0, log[-6000:]

@@ -1,13 +1,14 @@
 """Packed blocks without cross-document attention: inside a block, each document's logits (and mapped hidden
 states) equal those of the document run alone, for the student and the teacher; the token-level recipes' terms
 on a packed batch equal the sum of their terms over its documents."""
+
 import numpy as np
 import pytest
 import torch
 
 from fastted import DWT, KD, LWD, TED, TaskFilters, explicit_map
-from fastted.train.data import CLMCollator, MLMCollator, document_positions
 from fastted.models import ModelAdapter
+from fastted.train.data import CLMCollator, MLMCollator, document_positions
 from tests.tiny_models import VOCAB, bert, gpt2
 
 LENGTHS = [(7, 5, 9, 3), (4, 11, 6, 3)]  # two packed rows of 24 tokens, four documents each
@@ -34,8 +35,9 @@ def test_document_positions_restart_at_each_start():
 
 
 def test_clm_collator_keeps_the_loss_inside_each_document():
-    out = _packed([[torch.tensor([7, 8, 2]), torch.tensor([9, 2]), torch.tensor([10, 11])]],
-                  CLMCollator(0, document_mask=True))
+    out = _packed(
+        [[torch.tensor([7, 8, 2]), torch.tensor([9, 2]), torch.tensor([10, 11])]], CLMCollator(0, document_mask=True)
+    )
     assert out["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1]]
     assert out["labels"].tolist() == [[7, 8, 2, -100, 2, -100, 11]]  # no document's first token predicted
     assert out["attention_mask"].tolist() == [[1] * 7]  # the losses' token mask: every token
@@ -58,9 +60,11 @@ def test_causal_lm_documents_see_only_themselves(which):
             for doc in row:
                 alone = adapter(_alone(doc, CLMCollator(0)), layers)
                 cut = slice(at, at + len(doc))
-                worst = max(worst, (packed.logits[r, cut] - alone.logits[0]).abs().max().item(),
-                            *((p[r, cut] - a[0]).abs().max().item()
-                              for p, a in zip(packed.hidden_states, alone.hidden_states)))
+                worst = max(
+                    worst,
+                    (packed.logits[r, cut] - alone.logits[0]).abs().max().item(),
+                    *((p[r, cut] - a[0]).abs().max().item() for p, a in zip(packed.hidden_states, alone.hidden_states)),
+                )
                 worst_flat = max(worst_flat, (flat.logits[r, cut] - alone.logits[0]).abs().max().item())
                 at += len(doc)
     assert worst <= 1e-5, worst
@@ -72,18 +76,20 @@ def test_masked_lm_documents_see_only_themselves():
     docs = _documents(1)
     positions = None
     with torch.no_grad():
-        examples = [{"input_ids": torch.cat(row), "doc_starts": np.cumsum([len(d) for d in row])[:-1]}
-                    for row in docs]
+        examples = [{"input_ids": torch.cat(row), "doc_starts": np.cumsum([len(d) for d in row])[:-1]} for row in docs]
         positions = document_positions(examples, 24)[0]
-        batch = {"input_ids": torch.stack([e["input_ids"] for e in examples]),
-                 "attention_mask": torch.ones(2, 24, dtype=torch.long), "position_ids": positions}
+        batch = {
+            "input_ids": torch.stack([e["input_ids"] for e in examples]),
+            "attention_mask": torch.ones(2, 24, dtype=torch.long),
+            "position_ids": positions,
+        }
         packed = adapter(batch).logits
         worst = 0.0
         for r, row in enumerate(docs):
             at = 0
             for doc in row:
                 alone = adapter({"input_ids": doc[None], "attention_mask": torch.ones(1, len(doc))}).logits
-                worst = max(worst, (packed[r, at:at + len(doc)] - alone[0]).abs().max().item())
+                worst = max(worst, (packed[r, at : at + len(doc)] - alone[0]).abs().max().item())
                 at += len(doc)
     assert worst <= 1e-5, worst
 
@@ -114,8 +120,9 @@ def _recipes():
                 p.mul_(3)
     return {
         "kd": KD(student(), teacher, task_alpha=0.5, kl_alpha=1.0),
-        "lwd": LWD(student(), teacher, explicit_map([(0, 1), (1, 2)], 3, 4), task_alpha=0.5, kl_alpha=1.0,
-                   mse_alpha=2.0),
+        "lwd": LWD(
+            student(), teacher, explicit_map([(0, 1), (1, 2)], 3, 4), task_alpha=0.5, kl_alpha=1.0, mse_alpha=2.0
+        ),
         "ted": TED(student(), teacher, *filters, task_alpha=0.5, kl_alpha=1.0, mse_alpha=2.0),
         "dwt": DWT(student(), teacher, alpha_h=1.0, alpha_s=2.0),
     }

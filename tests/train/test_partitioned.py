@@ -2,6 +2,7 @@
 on two gloo ranks (engine.zero_stage=3, engine.teacher_zero3=true) against one process without ZeRO, with every
 transfer onto the device and every whole model recorded (tests/train/partitioned_worker.py); fastted.train.loading's
 builds against transformers' loads in one process; the reader's unmapping; the teacher's shape settings."""
+
 import copy
 import json
 import os
@@ -9,9 +10,9 @@ import os
 import pytest
 import torch
 
+from fastted.models import keep_layers
 from fastted.train.config import ConfigError, check
 from fastted.train.loading import build_model
-from fastted.models import keep_layers
 from fastted.train.sources import check_against_models, load_model
 from tests.launch import run_ranks, torchrun
 from tests.tiny_models import WORDS, bert, gpt2, word_tokenizer
@@ -32,15 +33,37 @@ def _setup(tmp):
     for i in range(13):
         words = torch.randint(0, len(WORDS), (31,), generator=g)
         (corpus / f"doc{i}.txt").write_text(" ".join(WORDS[int(w)] for w in words) + "\n")
-    common = ["--preset", "clm", f"teacher.path={teacher}", f"data.source={corpus}", "data.sample_by=document",
-              "data.max_length=16", "data.test_fraction=0.3", "distil.train.batch_size=4",
-              "distil.train.max_steps=2", "progress=false", "student.layers=[0,2]", "distil.methods=[kd,lwd]",
-              # LWD on the task loss alone reads no teacher layer: its teacher is cut to one block
-              "distil.lwd.kl_alpha=0", "distil.lwd.mse_alpha=0"]
-    fresh = ["teacher.random_init=true", "teacher.num_layers=3", "teacher.hidden_size=48",
-             "teacher.intermediate_size=40", "student.random_init=true"]
-    steps = [["distil", "--method", "kd"], ["distil", "--method", "lwd"], ["cache-teacher", "--method", "kd"],
-             ["evaluate"], ["evaluate", *fresh]]
+    common = [
+        "--preset",
+        "clm",
+        f"teacher.path={teacher}",
+        f"data.source={corpus}",
+        "data.sample_by=document",
+        "data.max_length=16",
+        "data.test_fraction=0.3",
+        "distil.train.batch_size=4",
+        "distil.train.max_steps=2",
+        "progress=false",
+        "student.layers=[0,2]",
+        "distil.methods=[kd,lwd]",
+        # LWD on the task loss alone reads no teacher layer: its teacher is cut to one block
+        "distil.lwd.kl_alpha=0",
+        "distil.lwd.mse_alpha=0",
+    ]
+    fresh = [
+        "teacher.random_init=true",
+        "teacher.num_layers=3",
+        "teacher.hidden_size=48",
+        "teacher.intermediate_size=40",
+        "student.random_init=true",
+    ]
+    steps = [
+        ["distil", "--method", "kd"],
+        ["distil", "--method", "lwd"],
+        ["cache-teacher", "--method", "kd"],
+        ["evaluate"],
+        ["evaluate", *fresh],
+    ]
     files = {}
     for run, extra in (("one", []), ("zero3", ["engine.zero_stage=3", "engine.teacher_zero3=true"])):
         files[run] = []
@@ -64,8 +87,12 @@ def _launch(tmp, run, files, ranks):
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("partitioned")
     teacher, files = _setup(tmp)
-    return {"tmp": tmp, "teacher": teacher, "one": _launch(tmp, "one", files["one"], 1),
-            "zero3": _launch(tmp, "zero3", files["zero3"], 2)}
+    return {
+        "tmp": tmp,
+        "teacher": teacher,
+        "one": _launch(tmp, "one", files["one"], 1),
+        "zero3": _launch(tmp, "zero3", files["zero3"], 2),
+    }
 
 
 def _one_layer_bytes(teacher) -> int:
@@ -100,6 +127,7 @@ def test_cut_blocks_are_never_read(runs):
     """Rank 0 reads every teacher block for KD (its logits need the whole teacher), and for LWD without KL and MSE
     only block 0 of the teacher and blocks 0 and 2 for the student: blocks 1, 3, 4, 5 are never read; rank 1
     reads nothing."""
+
     def blocks_read(step):
         return {int(name.split(".")[2]) for name in step["read"] if name.startswith("transformer.h.")}
 
@@ -122,8 +150,9 @@ def test_partitioned_results_equal_one_process(runs):
         assert set(one) == set(zero3) and len(one) == (4 if folder == "run" else 2)
         for label in one:
             assert zero3[label]["lm_loss"] == pytest.approx(one[label]["lm_loss"], rel=1e-5, abs=0), label
-    manifests = [json.loads((tmp / run / "run" / "cache-teacher-kd" / "manifest.json").read_text())
-                 for run in ("one", "zero3")]
+    manifests = [
+        json.loads((tmp / run / "run" / "cache-teacher-kd" / "manifest.json").read_text()) for run in ("one", "zero3")
+    ]
     for key in ("teacher", "examples", "tokens", "layers"):
         assert manifests[0][key] == manifests[1][key], key
 
@@ -207,8 +236,16 @@ def test_teacher_shape_settings(tmp_path):
     gpt2(4, 32).save_pretrained(folder)
     word_tokenizer(folder, causal=True)
     base = [f"teacher.path={folder}", "data.max_length=32"]
-    config = load_config(base + ["teacher.random_init=true", "teacher.num_layers=3", "teacher.hidden_size=48",
-                                 "teacher.intermediate_size=40", "student.random_init=true"])
+    config = load_config(
+        base
+        + [
+            "teacher.random_init=true",
+            "teacher.num_layers=3",
+            "teacher.hidden_size=48",
+            "teacher.intermediate_size=40",
+            "student.random_init=true",
+        ]
+    )
     check(config)
     check_against_models(config)
     model = build_teacher(config)

@@ -1,7 +1,9 @@
-"""The trainer's read-ahead (:class:`fastted.train.trainer.Prefetcher`, ``train.prefetch_steps``): the steps' micro batches
+"""The trainer's read-ahead (:class:`fastted.train.trainer.Prefetcher`, ``train.prefetch_steps``): the steps' micro
+batches
 exactly as the loop makes them, in run order from any resumed start; the cache's reads in that order, by the
 thread; a failure in the thread raised in the loop; the thread gone after every way out of the loop; and a cached
 distillation run (checkpoints, evaluations and a resume included) that computes the same with and without it."""
+
 import threading
 import traceback
 from types import SimpleNamespace
@@ -10,11 +12,11 @@ import pytest
 import torch
 
 from fastted import LWD, explicit_map
+from fastted.methods.base import PREFETCHED
 from fastted.train.cache import TeacherCache, build_teacher_cache
 from fastted.train.config import ConfigError, EngineConfig, TrainConfig, load_config
 from fastted.train.data import CLMCollator
 from fastted.train.engine import Engine
-from fastted.methods.base import PREFETCHED
 from fastted.train.trainer import Prefetcher, Training, latest_checkpoint, lm_loss_sum, read_metrics, run
 from tests.tiny_models import VOCAB, gpt2
 
@@ -27,8 +29,9 @@ ENGINE = SimpleNamespace(micro_batch=3, accumulation=2, world=2, rank=1, device=
 def _examples(n, seed=7):
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(4, 12, (n,), generator=g)
-    return [{"input_ids": torch.randint(5, VOCAB, (int(lengths[i]),), generator=g).tolist(), "index": i}
-            for i in range(n)]
+    return [
+        {"input_ids": torch.randint(5, VOCAB, (int(lengths[i]),), generator=g).tolist(), "index": i} for i in range(n)
+    ]
 
 
 def _noisy(examples, generator=None):
@@ -65,8 +68,16 @@ class _Recorded:
 
 def _stage(recipe=None, collator=_noisy, n=36):
     """Steps of 12 examples over ``n`` (36: the run's 5 steps cross into a second epoch)."""
-    return Training(name="prefetch", directory="", recipe=recipe, dataset=_examples(n), collator=collator,
-                 train=TrainConfig(batch_size=12, max_steps=STEPS), progress=False, seed=3)
+    return Training(
+        name="prefetch",
+        directory="",
+        recipe=recipe,
+        dataset=_examples(n),
+        collator=collator,
+        train=TrainConfig(batch_size=12, max_steps=STEPS),
+        progress=False,
+        seed=3,
+    )
 
 
 def _steps(training, start, depth, engine=ENGINE):
@@ -119,6 +130,7 @@ def test_a_recipe_without_a_hook_gets_the_batches_as_collated():
 def test_an_error_in_the_thread_is_raised_in_the_loop_at_its_step():
     """The collator's own exception, type and message, at the step whose batches it stopped (the steps before it
     run), its traceback running into the thread's frames; the thread is gone afterwards."""
+
     def collate(examples, generator=None):
         if any(ex["index"] == bad for ex in examples):
             raise ValueError(f"example {bad} is damaged")
@@ -128,7 +140,7 @@ def test_an_error_in_the_thread_is_raised_in_the_loop_at_its_step():
     seen = []
     with pytest.raises(ValueError, match=f"example {bad} is damaged") as info:
         with Prefetcher(_stage(collator=collate, n=60), ENGINE, 0, STEPS, 2) as steps:
-            for step, micro in steps:
+            for step, _micro in steps:
                 seen.append(step)
     assert seen == [0, 1, 2]
     frames = [frame.name for frame in traceback.extract_tb(info.value.__traceback__)]
@@ -147,7 +159,7 @@ def test_the_thread_ends_with_the_loop(how):
     raised = {"error": _Stop, "interrupt": KeyboardInterrupt}.get(how)
     try:
         with Prefetcher(_stage(), ENGINE, 0, STEPS, 1) as steps:
-            for step, micro in steps:
+            for step, _micro in steps:
                 if step == 0:  # steps 2 on are not yet queued: the thread waits to queue them
                     assert [t.daemon for t in _threads()] == [True]
                 if step == 1 and raised is not None:
@@ -187,9 +199,19 @@ def cache_dir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("cache")
     recipe = _recipe()
     expect = recipe.teacher_cache_expect()
-    build_teacher_cache(recipe.teacher_model, _examples(24), CLMCollator(0), str(directory), layers=expect["layers"],
-                        k=16, temperature=expect["temperature"], quantization="int8",
-                        transform=recipe.cache_transform(), identity=expect, batch_size=5)
+    build_teacher_cache(
+        recipe.teacher_model,
+        _examples(24),
+        CLMCollator(0),
+        str(directory),
+        layers=expect["layers"],
+        k=16,
+        temperature=expect["temperature"],
+        quantization="int8",
+        transform=recipe.cache_transform(),
+        identity=expect,
+        batch_size=5,
+    )
     return str(directory)
 
 
@@ -204,8 +226,16 @@ def _cached_run(cache_dir, directory, depth, crash_at=None):
     recipe = _recipe()
     cache = _Recorded(TeacherCache(cache_dir))
     recipe.use_teacher_cache(cache)
-    train = TrainConfig(batch_size=4, micro_batch_size=2, max_steps=STEPS, lr=5e-3, warmup_ratio=0.2, save_every=2,
-                        eval_every=2, prefetch_steps=depth)
+    train = TrainConfig(
+        batch_size=4,
+        micro_batch_size=2,
+        max_steps=STEPS,
+        lr=5e-3,
+        warmup_ratio=0.2,
+        save_every=2,
+        eval_every=2,
+        prefetch_steps=depth,
+    )
     engine = Engine(recipe, train, EngineConfig(impl="reference"), STEPS, torch.device("cpu"))
     calls = {"n": 0}
 
@@ -220,8 +250,17 @@ def _cached_run(cache_dir, directory, depth, crash_at=None):
         return {"lm_loss": loss / tokens}
 
     text = f"distil:\n  train:\n    prefetch_steps: {depth}\n"  # another value resumes the same run
-    training = Training(name="lwd", directory=str(directory), recipe=recipe, dataset=_examples(24), collator=collator,
-                  train=train, progress=False, config_text=text, evaluate=evaluate)
+    training = Training(
+        name="lwd",
+        directory=str(directory),
+        recipe=recipe,
+        dataset=_examples(24),
+        collator=collator,
+        train=train,
+        progress=False,
+        config_text=text,
+        evaluate=evaluate,
+    )
     try:
         return run(training, engine), cache.reads
     finally:
@@ -246,8 +285,10 @@ def _check_same_outputs(got, want):
 def _losses(directory):
     """Each logged step's (step, loss, terms) and each evaluation's (step, result)."""
     records = read_metrics(str(directory))
-    return ([(r["step"], r["loss"], r["terms"]) for r in records if "loss" in r],
-            [(r["step"], r["eval"]) for r in records if "eval" in r])
+    return (
+        [(r["step"], r["loss"], r["terms"]) for r in records if "loss" in r],
+        [(r["step"], r["eval"]) for r in records if "eval" in r],
+    )
 
 
 def test_a_cached_run_computes_the_same_with_and_without_prefetch(cache_dir, tmp_path):
@@ -269,7 +310,7 @@ def test_a_cached_run_computes_the_same_with_and_without_prefetch(cache_dir, tmp
     assert latest_checkpoint(str(tmp_path / "cut")).endswith("step-0000002")
     summary, resumed = _cached_run(cache_dir, tmp_path / "cut", 1)
     assert summary["resumed_from"] == 2
-    assert [rows for _, rows in resumed] == [rows for _, rows in inline[2 * 2:]]
+    assert [rows for _, rows in resumed] == [rows for _, rows in inline[2 * 2 :]]
     assert _losses(tmp_path / "cut") == want
 
 

@@ -3,6 +3,7 @@ run's losses; each rank hashes only its share of a checkpoint, and the ranks agr
 
 Three launches of tests/train/reshard_worker.py (2 ranks save, 1 and 4 ranks resume), each running every ZeRO
 stage in turn; and a few checks in this process."""
+
 import json
 import os
 from types import SimpleNamespace
@@ -11,11 +12,11 @@ import pytest
 import torch
 
 from fastted import files
+from fastted.methods import FineTune
 from fastted.train.checkpoints import file_owner, universal_checkpoint, verify_checkpoint, write_manifest
 from fastted.train.config import EngineConfig, TrainConfig
 from fastted.train.data import MLMCollator, batch_generator, data_order
 from fastted.train.engine import CheckpointError, Engine
-from fastted.methods import FineTune
 from fastted.train.trainer import Training, micro_batches
 from tests.launch import run_ranks, torchrun
 from tests.tiny_models import bert
@@ -73,7 +74,8 @@ def test_each_rank_hashes_its_share_once(runs):
 @pytest.mark.parametrize("world", [1, 4])
 def test_a_resume_on_another_world_hashes_what_it_reads_once(runs, world):
     """Resumed on another world, over all ranks: the step-2 checkpoint hashed once and its universal form hashed as
-    it was written (no second read: only the few bytes of DeepSpeed's ``latest_universal``), then step 4 saved; a later resume on that world hashes the checkpoint's own
+    it was written (no second read: only the few bytes of DeepSpeed's ``latest_universal``), then step 4 saved; a later
+    resume on that world hashes the checkpoint's own
     files but not its DeepSpeed state, which it reads from the universal form, and the universal form once."""
     run = runs[world]
     assert run["run_bytes"] <= run["run_hashed"] <= run["run_bytes"] + 64  # DeepSpeed's latest_universal read
@@ -90,16 +92,22 @@ def test_a_damaged_rank_file_is_passed_over_by_every_rank_alike(runs):
     assert [r["picked"] for r in ranks] == ["step-0000002", "step-0000002"]
     assert ranks[0]["warnings"] == ranks[1]["warnings"]
     [warning] = ranks[0]["warnings"]
-    assert ("step-0000004 is damaged (state/zero_pp_rank_1_mp_rank_00_optim_states.pt differs from the manifest's "
-            "SHA-256") in warning and "resuming from step-0000002" in warning
+    assert (
+        "step-0000004 is damaged (state/zero_pp_rank_1_mp_rank_00_optim_states.pt differs from the manifest's SHA-256"
+    ) in warning and "resuming from step-0000002" in warning
 
 
 def test_file_owner_takes_the_rank_of_the_name_and_rank_0_the_shared_files():
     assert file_owner("rng-rank3.pt", 4) == 3 and file_owner("rng-rank5.pt", 4) == 1
     assert file_owner(os.path.join("state", "zero_pp_rank_6_mp_rank_00_optim_states.pt"), 4) == 2
     assert file_owner(os.path.join("state", "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"), 2) == 1
-    for shared in ("trainer.json", "engine.json", "config.yaml", "zero_to_fp32.py",
-                   os.path.join("state", "mp_rank_00_model_states.pt")):
+    for shared in (
+        "trainer.json",
+        "engine.json",
+        "config.yaml",
+        "zero_to_fp32.py",
+        os.path.join("state", "mp_rank_00_model_states.pt"),
+    ):
         assert file_owner(shared, 4) == 0
 
 
@@ -107,8 +115,15 @@ def test_mlm_masks_are_keyed_by_piece_not_by_rank():
     """The micro batches of a step on 1, 2 and 4 ranks (micro batch 2, global batch 8): piece p is the same batch,
     masks included, whatever the world; on one rank, micro batch a's masks are today's (seed, step, a, 0)."""
     collator = MLMCollator(Tokenizer(), probability=0.3)
-    training = Training(name="x", directory="", recipe=None, dataset=dataset(), collator=collator,
-                  train=SimpleNamespace(batch_size=8), seed=5)
+    training = Training(
+        name="x",
+        directory="",
+        recipe=None,
+        dataset=dataset(),
+        collator=collator,
+        train=SimpleNamespace(batch_size=8),
+        seed=5,
+    )
     pieces = {}
     for world in (1, 2, 4):
         for rank in range(world):
@@ -123,9 +138,9 @@ def test_mlm_masks_are_keyed_by_piece_not_by_rank():
             for key in ("input_ids", "labels", "attention_mask"):
                 assert torch.equal(batch[key], batches[0][key]), (piece, key)
     one_rank = list(micro_batches(training, 3, SimpleNamespace(rank=0, world=1, accumulation=4, micro_batch=2)))
-    order = data_order(len(training.dataset), 5, 0)[3 * 8:4 * 8]  # step 3 of an epoch of 6 steps
+    order = data_order(len(training.dataset), 5, 0)[3 * 8 : 4 * 8]  # step 3 of an epoch of 6 steps
     for a, (_, batch) in enumerate(one_rank):
-        examples = [training.dataset[int(i)] for i in order[2 * a:2 * a + 2]]
+        examples = [training.dataset[int(i)] for i in order[2 * a : 2 * a + 2]]
         assert torch.equal(batch["labels"], collator(examples, batch_generator(5, 3, a, 0))["labels"])
 
 
@@ -138,8 +153,11 @@ def test_a_resume_that_cannot_be_done_is_one_named_line(tmp_path):
     zero2 = SimpleNamespace(ds=SimpleNamespace(zero_optimization_stage=lambda: 2), world=1)
     for saved in (0, 3):
         (folder / "engine.json").write_text(json.dumps({"world": 1, "zero_stage": saved}))
-        with pytest.raises(CheckpointError, match=rf"saved under ZeRO stage {saved}, this run uses stage 2: "
-                                                  rf"resume with engine.zero_stage={saved}, or resume=false"):
+        with pytest.raises(
+            CheckpointError,
+            match=rf"saved under ZeRO stage {saved}, this run uses stage 2: "
+            rf"resume with engine.zero_stage={saved}, or resume=false",
+        ):
             Engine.needs_universal(zero2, str(folder))
     (folder / "engine.json").write_text(json.dumps({"world": 2, "zero_stage": 2}))
     assert Engine.needs_universal(zero2, str(folder))
@@ -170,8 +188,13 @@ def test_at_real_tensor_sizes_a_resume_through_the_universal_form_hashes_the_che
     the checkpoint (the 2-rank tests' tiny tensors are mostly file headers). A damaged universal form is made
     again after the state it is made from is checked; with that state damaged too, the error names both."""
     recipe = FineTune(bert(2, 256, head="mlm", seed=3), task="mlm", impl="reference")
-    engine = Engine(recipe, TrainConfig(batch_size=4, max_steps=1, warmup_ratio=0.0),
-                    EngineConfig(zero_stage=2, impl="reference"), 1, torch.device("cpu"))
+    engine = Engine(
+        recipe,
+        TrainConfig(batch_size=4, max_steps=1, warmup_ratio=0.0),
+        EngineConfig(zero_stage=2, impl="reference"),
+        1,
+        torch.device("cpu"),
+    )
     collator = MLMCollator(Tokenizer(), probability=0.3)
     out = engine.forward(collator(dataset()[:4], batch_generator(0, 0, 0, 0)), step=0)
     engine.backward(out.loss)
@@ -203,7 +226,10 @@ def test_at_real_tensor_sizes_a_resume_through_the_universal_form_hashes_the_che
     assert universal_checkpoint(str(folder), 0, 1) == universal and files.bytes_hashed - before == size
     _flip(next((folder / "universal").rglob("exp_avg.pt")))
     _flip(next((folder / "state").glob("*optim_states.pt")))
-    with pytest.raises(CheckpointError, match=r"its universal form is damaged \(.*exp_avg.pt differs from the "
-                                              r"manifest's SHA-256.*\), and so is its state \(state/.*optim_states.pt "
-                                              r"differs"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"its universal form is damaged \(.*exp_avg.pt differs from the "
+        r"manifest's SHA-256.*\), and so is its state \(state/.*optim_states.pt "
+        r"differs",
+    ):
         universal_checkpoint(str(folder), 0, 1)

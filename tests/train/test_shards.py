@@ -1,5 +1,6 @@
 """Token shards: written once by workers, read back as the packed blocks of a reference concatenation, with the
 document starts of each block; opened by size, not by reading; a folder of token arrays as a corpus."""
+
 import json
 import os
 import random
@@ -46,7 +47,7 @@ def _check_blocks(blocks, docs, block_size, separator_id, lo=0):
     assert len(blocks) == n
     for i in range(n):
         block = blocks[i]
-        assert block["input_ids"].tolist() == flat[i * block_size:(i + 1) * block_size]
+        assert block["input_ids"].tolist() == flat[i * block_size : (i + 1) * block_size]
         inside = [s - i * block_size for s in starts if i * block_size < s < (i + 1) * block_size]
         assert block["doc_starts"].tolist() == inside, i
         assert block["index"] == i
@@ -105,7 +106,7 @@ def test_a_folder_of_token_arrays_is_a_corpus(tmp_path):
     assert [corpus.document_end(d) for d in range(corpus.n_documents)] == ends
     blocks = shards.PackedBlocks(corpus, 6)
     for i in range(len(blocks)):
-        assert blocks[i]["input_ids"].tolist() == flat[6 * i:6 * i + 6]
+        assert blocks[i]["input_ids"].tolist() == flat[6 * i : 6 * i + 6]
         assert blocks[i]["doc_starts"].tolist() == [e - 6 * i for e in ends if 6 * i < e < 6 * i + 6]
 
 
@@ -115,8 +116,11 @@ def test_a_damaged_corpus_is_named(words, tmp_path):
     shards.write_corpus(_texts(_random_docs(2)), words, directory, separator_id=3, num_proc=2)
     with open(os.path.join(directory, "tokens-00001.bin"), "r+b") as f:
         f.truncate(3)
-    with pytest.raises(shards.CorpusError, match=r"tokens-00001.bin holds 3 bytes, its meta says \d+: it was cut "
-                                                 r"short or changed; run X"):
+    with pytest.raises(
+        shards.CorpusError,
+        match=r"tokens-00001.bin holds 3 bytes, its meta says \d+: it was cut "
+        r"short or changed; run X",
+    ):
         shards.TokenCorpus(directory, rebuild="run X")
     os.remove(os.path.join(directory, "docs-00000.npy"))
     with pytest.raises(shards.CorpusError, match="docs-00000.npy is missing"):
@@ -161,8 +165,11 @@ def test_made_once_runs_on_rank_0_and_the_others_wait(tmp_path, monkeypatch):
 
     with pytest.raises(RuntimeError):
         shards.made_once(str(tmp_path / "bad"), fail, rank=0, rebuild="")
-    with pytest.raises(shards.CorpusError, match=r"rank 0 failed to make it \(RuntimeError: the disk is full\); "
-                                                 r"do Z"):
+    with pytest.raises(
+        shards.CorpusError,
+        match=r"rank 0 failed to make it \(RuntimeError: the disk is full\); "
+        r"do Z",
+    ):
         shards.made_once(str(tmp_path / "bad"), fail, rank=1, rebuild="do Z", timeout=5)
 
 
@@ -192,8 +199,16 @@ def _shard_run(directory, blocks, crash_after=None, steps=7):
         seen.append([int(e["index"]) for e in examples])
         return collate(examples, generator)
 
-    training = Training(name="kd", directory=str(directory), recipe=recipe, dataset=blocks, collator=collator, train=train,
-                  progress=False, config_text="kind: kd\n")
+    training = Training(
+        name="kd",
+        directory=str(directory),
+        recipe=recipe,
+        dataset=blocks,
+        collator=collator,
+        train=train,
+        progress=False,
+        config_text="kind: kd\n",
+    )
     try:
         run(training, engine)
     except KeyboardInterrupt:
@@ -235,8 +250,14 @@ def test_a_raw_corpus_is_tokenized_once_whatever_the_ranks(tmp_path):
     _text_corpus(tmp_path / "corpus.txt")
     count = tmp_path / "count.txt"
     worker = os.path.join(os.path.dirname(__file__), "data_worker.py")
-    args = [f"teacher.path={tmp_path / 'model'}", f"data.source={tmp_path / 'corpus.txt'}", "data.max_length=16",
-            f"output_dir={tmp_path / 'run'}", "data.num_proc=2", "data.test_documents=20"]
+    args = [
+        f"teacher.path={tmp_path / 'model'}",
+        f"data.source={tmp_path / 'corpus.txt'}",
+        "data.max_length=16",
+        f"output_dir={tmp_path / 'run'}",
+        "data.num_proc=2",
+        "data.test_documents=20",
+    ]
     results = []
     for launch in range(2):
         run_ranks(torchrun(2, worker, str(count), str(tmp_path / f"out{launch}"), *args), timeout=300)
@@ -256,17 +277,27 @@ def test_a_pretokenized_source_holds_out_its_last_documents(words, tmp_path):
 
     docs = _random_docs(4, n=80)
     corpus_dir = str(tmp_path / "corpus")
-    shards.write_corpus(_texts(docs), words, corpus_dir, separator_id=3, num_proc=2,
-                        identity={"tokenizer": tokenizer_key(words)})
-    base = ("task=clm", "steps=[distil]", f"data.source={corpus_dir}", "data.max_length=8",
-            f"output_dir={tmp_path / 'run'}")
-    data = prepare_data(load_config(overrides=base + ("data.test_documents=10", "data.max_test_examples=4",
-                                                      "data.max_train_examples=50")), words)
+    shards.write_corpus(
+        _texts(docs), words, corpus_dir, separator_id=3, num_proc=2, identity={"tokenizer": tokenizer_key(words)}
+    )
+    base = (
+        "task=clm",
+        "steps=[distil]",
+        f"data.source={corpus_dir}",
+        "data.max_length=8",
+        f"output_dir={tmp_path / 'run'}",
+    )
+    data = prepare_data(
+        load_config(
+            overrides=base + ("data.test_documents=10", "data.max_test_examples=4", "data.max_train_examples=50")
+        ),
+        words,
+    )
     flat, starts = _reference_stream(docs, 3)
     assert (data.train.lo, data.train.hi) == (0, starts[50])  # the first 50 documents
     assert (data.test.lo, data.test.hi) == (starts[70], starts[74])  # the first 4 of the last 10
     assert data.train[0]["input_ids"].tolist() == flat[:8]
-    assert data.test[0]["input_ids"].tolist() == flat[starts[70]:starts[70] + 8]
+    assert data.test[0]["input_ids"].tolist() == flat[starts[70] : starts[70] + 8]
     assert "position_ids" in data.collator([data.train[0]])  # clm: document masks on by default
     mlm = prepare_data(load_config(overrides=base + ("task=mlm",)), _with_mask(words))
     assert "position_ids" not in mlm.collator([mlm.train[0]], None)  # mlm: off by default
@@ -279,8 +310,11 @@ def test_a_pretokenized_source_holds_out_its_last_documents(words, tmp_path):
     prepare_data(load_config(overrides=base), tm.word_tokenizer(str(tmp_path / "same")))  # the same vocabulary
     other = tm.word_tokenizer(str(tmp_path / "other"), causal=True)
     other.add_tokens(["w-new"])  # another vocabulary: refused
-    with pytest.raises(ConfigError, match=f"data.source: {corpus_dir} was tokenized by .*tok.*, whose vocabulary "
-                                          f"differs from this run's tokenizer's .*other.*, 98 tokens"):
+    with pytest.raises(
+        ConfigError,
+        match=f"data.source: {corpus_dir} was tokenized by .*tok.*, whose vocabulary "
+        f"differs from this run's tokenizer's .*other.*, 98 tokens",
+    ):
         prepare_data(load_config(overrides=base), other)
 
 

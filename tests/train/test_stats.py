@@ -1,5 +1,6 @@
 """fastted.train.stats: Student-t quantiles against the tables, intervals over seeds, the paired bootstrap over test
 examples against its definition and against the normal approximation of a paired difference."""
+
 import math
 
 import numpy as np
@@ -8,8 +9,15 @@ import pytest
 from fastted.train.stats import mean_interval, paired_bootstrap, t_cdf, t_quantile
 
 # Two-sided 95 % critical values of Student's t (the 0.975 quantile), from the standard tables.
-T_975 = {1: 12.706204736174707, 2: 4.302652729911275, 3: 3.182446305284263, 4: 2.7764451051977987,
-         9: 2.2621571627409915, 30: 2.0422724563012373, 200: 1.9718962236339088}
+T_975 = {
+    1: 12.706204736174707,
+    2: 4.302652729911275,
+    3: 3.182446305284263,
+    4: 2.7764451051977987,
+    9: 2.2621571627409915,
+    30: 2.0422724563012373,
+    200: 1.9718962236339088,
+}
 
 
 @pytest.mark.parametrize("df", list(T_975))

@@ -1,6 +1,7 @@
 """The numbers a run is steered by (fastted.train.throughput): model FLOPs per token against hand counts from the
 configs, the GPUs' peaks, a logging window that leaves evaluation and checkpoint saves out, tokens that
 continue across a resume, the teacher's share of the step, and the report's throughput figure."""
+
 import json
 import os
 import time
@@ -10,14 +11,21 @@ import pytest
 import torch
 
 from fastted import KD
+from fastted.methods.finetune import FineTune
+from fastted.models import ModelAdapter
 from fastted.train.config import EngineConfig, TrainConfig
 from fastted.train.data import ClassificationCollator, data_order
 from fastted.train.engine import Engine
-from fastted.methods.finetune import FineTune
-from fastted.models import ModelAdapter
 from fastted.train.report import write_report
-from fastted.train.throughput import (Meter, TeacherTimer, device_peak_flops, flops_per_token, peak_memory,
-                                peak_tflops_of, recipe_flops_per_token)
+from fastted.train.throughput import (
+    Meter,
+    TeacherTimer,
+    device_peak_flops,
+    flops_per_token,
+    peak_memory,
+    peak_tflops_of,
+    recipe_flops_per_token,
+)
 from fastted.train.trainer import Metrics, Training, read_metrics, run
 from tests.test_models import llama
 from tests.tiny_models import VOCAB, bert, gpt2
@@ -27,6 +35,7 @@ T = 13  # an odd sequence length
 
 
 # --------------------------------------------------------------------------- FLOPs: hand counts from the configs
+
 
 def _gpt2_matmul(L, H, V):
     return L * (H * 3 * H + H * H + H * 4 * H + 4 * H * H), V * H  # (blocks: qkv, proj, fc, proj), lm_head
@@ -92,11 +101,21 @@ def test_recipe_flops_follow_its_teacher():
 
 # --------------------------------------------------------------------------- device peaks
 
-@pytest.mark.parametrize("name,precision,want", [
-    ("NVIDIA H100 80GB HBM3", "bf16", 989.0), ("NVIDIA H100 80GB HBM3", "fp32", 494.0),
-    ("NVIDIA H100 PCIe", "bf16", 756.0), ("NVIDIA A100-SXM4-80GB", "fp16", 312.0),
-    ("NVIDIA A100-SXM4-80GB", "fp32", 156.0), ("NVIDIA H200", "bf16", 989.0), ("NVIDIA H200", "fp32", 494.0),
-    ("NVIDIA GeForce RTX 4090", "bf16", None), ("Tesla V100-SXM2-16GB", "fp16", None)])
+
+@pytest.mark.parametrize(
+    "name,precision,want",
+    [
+        ("NVIDIA H100 80GB HBM3", "bf16", 989.0),
+        ("NVIDIA H100 80GB HBM3", "fp32", 494.0),
+        ("NVIDIA H100 PCIe", "bf16", 756.0),
+        ("NVIDIA A100-SXM4-80GB", "fp16", 312.0),
+        ("NVIDIA A100-SXM4-80GB", "fp32", 156.0),
+        ("NVIDIA H200", "bf16", 989.0),
+        ("NVIDIA H200", "fp32", 494.0),
+        ("NVIDIA GeForce RTX 4090", "bf16", None),
+        ("Tesla V100-SXM2-16GB", "fp16", None),
+    ],
+)
 def test_peak_tflops_by_name(name, precision, want):
     assert peak_tflops_of(name, precision) == want
 
@@ -113,6 +132,7 @@ def test_device_peak_override_wins_and_the_cpu_has_none(monkeypatch):
 
 
 # --------------------------------------------------------------------------- the window, on a fake clock
+
 
 class _Clock:
     def __init__(self):
@@ -160,6 +180,7 @@ def test_meter_window_on_a_fake_clock(monkeypatch):
 
 class _Event:
     """torch.cuda.Event on a fake clock: records the clock's time; elapsed_time in milliseconds."""
+
     clock = None
     synced = 0
 
@@ -220,9 +241,9 @@ def test_cuda_peak_memory_is_reset_at_each_read(monkeypatch):
 
 # --------------------------------------------------------------------------- the window in a run
 
-STEP_S = 0.3   # every step sleeps this long, so that tokens/s is stable on a loaded machine (with one thread)
-EVAL_S = 5.0   # the evaluation at step 6 sleeps this long
-SAVE_S = 2.0   # the checkpoint save at step 10 sleeps this long
+STEP_S = 0.3  # every step sleeps this long, so that tokens/s is stable on a loaded machine (with one thread)
+EVAL_S = 5.0  # the evaluation at step 6 sleeps this long
+SAVE_S = 2.0  # the checkpoint save at step 10 sleeps this long
 
 
 @pytest.fixture
@@ -251,8 +272,9 @@ def _timed_run(directory, monkeypatch, eval_s, save_s):
     of steps 5-8, the save at step 10 (sleeping ``save_s``) in that of steps 9-12. Returns the records and, for
     each, the seconds from the start of the run to its log (what the old cumulative tokens/s divided by)."""
     recipe = _Sleepy(bert(1, 16, intermediate_size=16, seed=1), STEP_S)
-    train = TrainConfig(batch_size=8, max_steps=12, lr=1e-3, warmup_ratio=0.0, log_every=4, eval_every=6,
-                        save_every=10, keep_last=1)
+    train = TrainConfig(
+        batch_size=8, max_steps=12, lr=1e-3, warmup_ratio=0.0, log_every=4, eval_every=6, save_every=10, keep_last=1
+    )
     engine = Engine(recipe, train, EngineConfig(impl="reference"), 12, torch.device("cpu"))
     real_save = engine.save
 
@@ -272,8 +294,16 @@ def _timed_run(directory, monkeypatch, eval_s, save_s):
     logged = []
     real_log = Metrics.log
     monkeypatch.setattr(Metrics, "log", lambda self, r: (logged.append(time.perf_counter()), real_log(self, r)))
-    training = Training(name="timed", directory=str(directory), recipe=recipe, dataset=_dataset(),
-                  collator=ClassificationCollator(0), train=train, evaluate=evaluate, progress=False)
+    training = Training(
+        name="timed",
+        directory=str(directory),
+        recipe=recipe,
+        dataset=_dataset(),
+        collator=ClassificationCollator(0),
+        train=train,
+        evaluate=evaluate,
+        progress=False,
+    )
     began = time.perf_counter()
     run(training, engine)
     monkeypatch.setattr(Metrics, "log", real_log)
@@ -301,11 +331,12 @@ def test_evaluation_and_saves_stay_out_of_the_window(tmp_path, monkeypatch):
 
 # --------------------------------------------------------------------------- tokens across a resume
 
+
 def _step_tokens(n_steps):
     """The tokens (attention mask) of each step of test_trainer's runs, counted from the dataset."""
     data = _dataset()
     order = data_order(len(data), 0, 0)
-    return [sum(len(data[int(i)]["input_ids"]) for i in order[s * 8:(s + 1) * 8]) for s in range(n_steps)]
+    return [sum(len(data[int(i)]["input_ids"]) for i in order[s * 8 : (s + 1) * 8]) for s in range(n_steps)]
 
 
 @pytest.mark.parametrize("log_every", [1, 3])
@@ -361,8 +392,16 @@ def test_teacher_share_is_the_teachers_time_over_the_step(tmp_path):
         recipe.teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         return {"score": 1.0}
 
-    training = Training(name="share", directory=str(tmp_path), recipe=recipe, dataset=_dataset(),
-                  collator=ClassificationCollator(0), train=train, evaluate=evaluate, progress=False)
+    training = Training(
+        name="share",
+        directory=str(tmp_path),
+        recipe=recipe,
+        dataset=_dataset(),
+        collator=ClassificationCollator(0),
+        train=train,
+        evaluate=evaluate,
+        progress=False,
+    )
     run(training, engine)
     records = [r for r in read_metrics(str(tmp_path)) if "loss" in r]
     assert len(records) == 2
@@ -384,8 +423,15 @@ def test_a_run_without_teacher_logs_its_flops_and_no_share(tmp_path):
     recipe = FineTune(bert(1, 16, intermediate_size=16, seed=1), impl="reference")
     train = TrainConfig(batch_size=8, max_steps=2, lr=1e-3, warmup_ratio=0.0, log_every=2)
     engine = Engine(recipe, train, EngineConfig(impl="reference"), 2, torch.device("cpu"))
-    training = Training(name="alone", directory=str(tmp_path), recipe=recipe, dataset=data,
-                  collator=ClassificationCollator(0), train=train, progress=False)
+    training = Training(
+        name="alone",
+        directory=str(tmp_path),
+        recipe=recipe,
+        dataset=data,
+        collator=ClassificationCollator(0),
+        train=train,
+        progress=False,
+    )
     run(training, engine)
     [record] = [r for r in read_metrics(str(tmp_path)) if "loss" in r]
     assert "teacher_share" not in record and "mfu" not in record
@@ -398,9 +444,14 @@ def test_a_run_without_teacher_logs_its_flops_and_no_share(tmp_path):
 
 # --------------------------------------------------------------------------- the report
 
+
 def _config(out):
-    return SimpleNamespace(output_dir=str(out), task="classification", data=SimpleNamespace(source="toy"),
-                           teacher=SimpleNamespace(path="teacher"))
+    return SimpleNamespace(
+        output_dir=str(out),
+        task="classification",
+        data=SimpleNamespace(source="toy"),
+        teacher=SimpleNamespace(path="teacher"),
+    )
 
 
 def _write_records(folder, records):
@@ -427,8 +478,7 @@ def test_report_plots_throughput_against_tokens(tmp_path, monkeypatch):
 
 
 def test_report_without_tokens_draws_no_throughput(tmp_path):
-    _write_records(tmp_path / "finetune-student", [{"step": s, "loss": 1.0 / s, "tokens_per_s": 40.0}
-                                                    for s in (1, 2)])
+    _write_records(tmp_path / "finetune-student", [{"step": s, "loss": 1.0 / s, "tokens_per_s": 40.0} for s in (1, 2)])
     text = write_report(_config(tmp_path), {"student": {"accuracy": 0.5, "examples": 10}})
     assert "report-throughput.png" not in text and not (tmp_path / "report-throughput.png").exists()
     assert "| finetune-student | 2 | 0.5000 |" in text

@@ -1,5 +1,6 @@
 """The thin loop in one process: data order, atomic checkpoints, keep-last-N, and resumes that continue exactly
 (CoDIR's memory bank and RAIL-KD's per-step draws included)."""
+
 import os
 from types import SimpleNamespace
 
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastted import CoDIR, RAILKD, RandomLayerMap
+from fastted import RAILKD, CoDIR, RandomLayerMap
 from fastted.train.config import EngineConfig, TrainConfig
 from fastted.train.data import ClassificationCollator, data_order
 from fastted.train.engine import Engine
@@ -22,7 +23,7 @@ def _dataset(n=40, tokens=10):
     ids = torch.randint(3, 97, (n, tokens), generator=g)
     lengths = torch.randint(4, tokens + 1, (n,), generator=g)
     labels = torch.randint(0, 3, (n,), generator=g)
-    return [{"input_ids": ids[i, :lengths[i]].tolist(), "label": int(labels[i]), "index": i} for i in range(n)]
+    return [{"input_ids": ids[i, : lengths[i]].tolist(), "label": int(labels[i]), "index": i} for i in range(n)]
 
 
 def _recipe(kind):
@@ -37,13 +38,19 @@ class _Crash(Exception):
     pass
 
 
-def train_run(kind, directory, crash_at=None, save_every=2, keep_last=2, engine_hook=None, log_every=1,
-              evaluate=None):
+def train_run(kind, directory, crash_at=None, save_every=2, keep_last=2, engine_hook=None, log_every=1, evaluate=None):
     """Train the tiny ``kind`` recipe for STEPS steps in ``directory`` (resuming when it holds a checkpoint);
     ``crash_at`` raises _Crash in the collator after that many micro batches."""
     recipe = _recipe(kind)
-    train = TrainConfig(batch_size=8, max_steps=STEPS, lr=5e-3, warmup_ratio=0.2, save_every=save_every,
-                        keep_last=keep_last, log_every=log_every)
+    train = TrainConfig(
+        batch_size=8,
+        max_steps=STEPS,
+        lr=5e-3,
+        warmup_ratio=0.2,
+        save_every=save_every,
+        keep_last=keep_last,
+        log_every=log_every,
+    )
     engine = Engine(recipe, train, EngineConfig(impl="reference"), STEPS, torch.device("cpu"))
     if engine_hook is not None:
         engine_hook(engine)
@@ -56,8 +63,17 @@ def train_run(kind, directory, crash_at=None, save_every=2, keep_last=2, engine_
             raise _Crash()
         return collate(examples, generator)
 
-    training = Training(name=kind, directory=str(directory), recipe=recipe, dataset=_dataset(), collator=collator,
-                  train=train, progress=False, config_text="kind: " + kind + "\n", evaluate=evaluate)
+    training = Training(
+        name=kind,
+        directory=str(directory),
+        recipe=recipe,
+        dataset=_dataset(),
+        collator=collator,
+        train=train,
+        progress=False,
+        config_text="kind: " + kind + "\n",
+        evaluate=evaluate,
+    )
     return run(training, engine), recipe
 
 
@@ -78,7 +94,7 @@ def test_micro_batches_cover_the_global_batch_once():
             seen += [(step, e["input_ids"][0]) for _, batch in micro_batches(training, step, engine) for e in batch]
     for step in (0, 5):
         epoch, pos = divmod(step, 4)
-        want = {3 + int(i) for i in data_order(32, 1, epoch)[pos * 8:(pos + 1) * 8]}
+        want = {3 + int(i) for i in data_order(32, 1, epoch)[pos * 8 : (pos + 1) * 8]}
         got = [i for s, i in seen if s == step]
         assert sorted(got) == sorted(want) and len(got) == 8
 
@@ -133,13 +149,21 @@ def test_keep_last_n(tmp_path):
 def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     """batch 8 as two accumulated micro batches of 4 takes the same steps as one batch of 8 (RAIL-KD: every
     term is a mean over examples, so the two means of 4 average to the mean of 8)."""
+
     def losses(directory, micro):
         recipe = _recipe("railkd")
         train = TrainConfig(batch_size=8, micro_batch_size=micro, max_steps=3, lr=5e-3, warmup_ratio=0.0)
         engine = Engine(recipe, train, EngineConfig(impl="reference"), 3, torch.device("cpu"))
         assert engine.accumulation == (1 if micro is None else 8 // micro)
-        training = Training(name="acc", directory=str(directory), recipe=recipe, dataset=_dataset(),
-                      collator=ClassificationCollator(0), train=train, progress=False)
+        training = Training(
+            name="acc",
+            directory=str(directory),
+            recipe=recipe,
+            dataset=_dataset(),
+            collator=ClassificationCollator(0),
+            train=train,
+            progress=False,
+        )
         run(training, engine)
         return [r["loss"] for r in read_metrics(str(directory)) if "loss" in r], recipe
 
@@ -172,12 +196,18 @@ def test_metrics_go_to_tensorboard_when_installed(tmp_path, monkeypatch):
     module.SummaryWriter = Writer
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", module)
     metrics = Metrics(str(tmp_path), True, 0)
-    metrics.log({"step": 3, "loss": 1.5, "terms": {"task": 1.0, "mse": 0.5}, "layer_losses": [0.2, 0.3],
-                 "training": "x"})
+    metrics.log(
+        {"step": 3, "loss": 1.5, "terms": {"task": 1.0, "mse": 0.5}, "layer_losses": [0.2, 0.3], "training": "x"}
+    )
     metrics.close()
     assert written[0] == ("dir", os.path.join(str(tmp_path), "tensorboard"))
-    assert set(written[1:-1]) == {("loss", 1.5, 3), ("terms/task", 1.0, 3), ("terms/mse", 0.5, 3),
-                                  ("layer_losses/0", 0.2, 3), ("layer_losses/1", 0.3, 3)}
+    assert set(written[1:-1]) == {
+        ("loss", 1.5, 3),
+        ("terms/task", 1.0, 3),
+        ("terms/mse", 0.5, 3),
+        ("layer_losses/0", 0.2, 3),
+        ("layer_losses/1", 0.3, 3),
+    }
     assert written[-1] == ("closed",)
     assert read_metrics(str(tmp_path))[0]["terms"] == {"task": 1.0, "mse": 0.5}
 
@@ -198,8 +228,9 @@ def test_the_lm_evaluation_loss_is_the_full_logits_cross_entropy(task, monkeypat
         labels = b["labels"]
         if task == "clm":
             logits, labels = logits[:, :-1], labels[:, 1:]
-        ref = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                                ignore_index=-100, reduction="sum")
+        ref = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
+        )
         loss, count = trainer.lm_loss_sum(ModelAdapter(model), b)
     assert count == int((labels != -100).sum()) and count > 14  # more than two chunks
     assert loss == pytest.approx(float(ref), rel=1e-6)

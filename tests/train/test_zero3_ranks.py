@@ -1,16 +1,18 @@
 """Per-rank loops under ZeRO-3 on 2 and 3 gloo ranks (tests/train/zero3_worker.py), against one process: the
 evaluation of a partitioned student on a test split the ranks do not divide evenly, a teacher cache built over an
-odd number of rows by a partitioned teacher, ZeRO-3's gather window, and the memory levers (teacher offload, activation checkpointing)
+odd number of rows by a partitioned teacher, ZeRO-3's gather window, and the memory levers (teacher offload, activation
+checkpointing)
 under ZeRO-3 against the same run without them."""
+
 import json
 
 import pytest
 import torch
 
+from fastted.models import ModelAdapter
 from fastted.train.cache import TeacherCache, build_teacher_cache
 from fastted.train.data import CLMCollator
 from fastted.train.engine import block_parameters
-from fastted.models import ModelAdapter
 from fastted.train.trainer import evaluate_model
 from tests.launch import run_ranks, torchrun
 from tests.train import zero3_worker as worker
@@ -35,8 +37,9 @@ def runs(tmp_path_factory):
 def _one_rank(task, n):
     model = worker.evaluation_model(task).eval()
     with torch.no_grad():
-        return evaluate_model(ModelAdapter(model, task), worker.evaluation_data(task, n), task, worker.MICRO, "cpu",
-                              per_example=True)
+        return evaluate_model(
+            ModelAdapter(model, task), worker.evaluation_data(task, n), task, worker.MICRO, "cpu", per_example=True
+        )
 
 
 @pytest.mark.parametrize("ranks", [2, 3])
@@ -63,8 +66,15 @@ def test_a_cache_built_by_uneven_ranks_under_a_zero3_teacher(runs, tmp_path):
     assert run["cache_examples"] == 9
     two = TeacherCache(str(run["dir"] / "cache"))
     rows = worker.cache_rows(9)
-    build_teacher_cache(ModelAdapter(worker.cache_teacher().eval(), "clm"), rows, CLMCollator(0), str(tmp_path),
-                        layers=[0, 2], k=5, batch_size=worker.MICRO)
+    build_teacher_cache(
+        ModelAdapter(worker.cache_teacher().eval(), "clm"),
+        rows,
+        CLMCollator(0),
+        str(tmp_path),
+        layers=[0, 2],
+        k=5,
+        batch_size=worker.MICRO,
+    )
     one = TeacherCache(str(tmp_path))
     assert two.manifest["tokens"] == one.manifest["tokens"] == sum(len(r["input_ids"]) for r in rows)
     for i in range(9):

@@ -14,6 +14,7 @@
 Rank 0 writes what it measured to ``--out`` (JSON). The process group times out after 60 s, so a rank left
 waiting for a gather fails the launch instead of hanging it.
 """
+
 import argparse
 import datetime
 import json
@@ -24,16 +25,15 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
-from tests.launch import finish  # noqa: E402
 from fastted import LWD  # noqa: E402
+from fastted.methods import FineTune  # noqa: E402
+from fastted.models import ModelAdapter, is_partitioned  # noqa: E402
 from fastted.train.cache import TeacherCache, build_teacher_cache, finish_teacher_cache  # noqa: E402
 from fastted.train.config import EngineConfig, TrainConfig  # noqa: E402
 from fastted.train.data import ClassificationCollator, CLMCollator, Data  # noqa: E402
-from fastted.train.engine import (Engine, block_parameters, mean_over_ranks,  # noqa: E402
-                            teacher_deepspeed_config)
-from fastted.methods import FineTune  # noqa: E402
-from fastted.models import ModelAdapter, is_partitioned  # noqa: E402
+from fastted.train.engine import Engine, block_parameters, mean_over_ranks, teacher_deepspeed_config  # noqa: E402
 from fastted.train.trainer import evaluate_model  # noqa: E402
+from tests.launch import finish  # noqa: E402
 from tests.tiny_models import bert, gpt2  # noqa: E402
 
 MICRO = 2  # test examples per forward and rank
@@ -54,8 +54,13 @@ def examples(n, seed, labels=True):
 
 def evaluation_data(task, n):
     collator = ClassificationCollator(0) if task == "classification" else CLMCollator(0)
-    return Data(train=None, test=examples(n, seed=5, labels=task == "classification"), collator=collator,
-                tokenizer=None, label_names=None)
+    return Data(
+        train=None,
+        test=examples(n, seed=5, labels=task == "classification"),
+        collator=collator,
+        tokenizer=None,
+        label_names=None,
+    )
 
 
 def evaluation_model(task):
@@ -72,8 +77,16 @@ def evaluate(world, n):
         assert all(is_partitioned(p) for p in recipe.parameters())
         engine.train(False)
         with torch.no_grad():
-            out[task] = evaluate_model(recipe.student_model, evaluation_data(task, n), task, engine.micro_batch,
-                                       engine.device, engine.rank, engine.world, per_example=True)
+            out[task] = evaluate_model(
+                recipe.student_model,
+                evaluation_data(task, n),
+                task,
+                engine.micro_batch,
+                engine.device,
+                engine.rank,
+                engine.world,
+                per_example=True,
+            )
     return out
 
 
@@ -92,8 +105,17 @@ def build_cache(directory, rank, world, n):
     model = cache_teacher()
     deepspeed.initialize(model=model, config=teacher_deepspeed_config(EngineConfig(), MICRO, model))
     assert all(is_partitioned(p) for p in model.parameters())
-    build_teacher_cache(ModelAdapter(model, "clm"), cache_rows(n), CLMCollator(0), directory, layers=[0, 2], k=5,
-                        batch_size=MICRO, rank=rank, world=world)
+    build_teacher_cache(
+        ModelAdapter(model, "clm"),
+        cache_rows(n),
+        CLMCollator(0),
+        directory,
+        layers=[0, 2],
+        k=5,
+        batch_size=MICRO,
+        rank=rank,
+        world=world,
+    )
     torch.distributed.barrier()
     if rank == 0:
         finish_teacher_cache(directory, world)
@@ -112,8 +134,9 @@ def most_gathered(windowed: bool) -> int:
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
     model = window_teacher().eval()
-    deepspeed.initialize(model=model, config=teacher_deepspeed_config(EngineConfig(), MICRO,
-                                                                      model if windowed else None))
+    deepspeed.initialize(
+        model=model, config=teacher_deepspeed_config(EngineConfig(), MICRO, model if windowed else None)
+    )
     params = list(model.parameters())
     most = [0]
 
@@ -164,20 +187,30 @@ def lwd_run(world, **engine):
     collator, losses = CLMCollator(0), []
     engine.train(True)
     for step in range(2):
-        piece = rows[step * 4:(step + 1) * 4][engine.rank * engine.micro_batch:(engine.rank + 1) * engine.micro_batch]
+        piece = rows[step * 4 : (step + 1) * 4][
+            engine.rank * engine.micro_batch : (engine.rank + 1) * engine.micro_batch
+        ]
         out = engine.forward(collator(piece), step=step)
         engine.backward(out.loss)
         engine.step()
         losses.append(float(mean_over_ranks(out.loss.detach().double())))
     offload = teacher.zero_offload_param()
     device = None if offload is None else str(getattr(offload.device, "value", offload.device))
-    windows = {name: [getattr(ds._config.zero_config, key) for key in
-                      ("prefetch_bucket_size", "max_live_parameters", "max_reuse_distance")]
-               for name, ds in (("teacher", teacher), ("student", engine.ds))}
-    return {"losses": losses, "teacher_offload": device, "windows": windows,
-            "blocks": {"teacher": block_parameters(recipe.teacher), "student": block_parameters(recipe)},
-            "checkpointing": checkpointing(recipe.student_model.model),
-            "teacher_partitioned": all(is_partitioned(p) for p in recipe.teacher.parameters())}
+    windows = {
+        name: [
+            getattr(ds._config.zero_config, key)
+            for key in ("prefetch_bucket_size", "max_live_parameters", "max_reuse_distance")
+        ]
+        for name, ds in (("teacher", teacher), ("student", engine.ds))
+    }
+    return {
+        "losses": losses,
+        "teacher_offload": device,
+        "windows": windows,
+        "blocks": {"teacher": block_parameters(recipe.teacher), "student": block_parameters(recipe)},
+        "checkpointing": checkpointing(recipe.student_model.model),
+        "teacher_partitioned": all(is_partitioned(p) for p in recipe.teacher.parameters()),
+    }
 
 
 def main():
@@ -202,8 +235,11 @@ def main():
     if "window" in parts:
         result["window"] = {"windowed": most_gathered(True), "defaults": most_gathered(False)}
     if "levers" in parts:
-        result["levers"] = {"plain": lwd_run(world), "offload": lwd_run(world, teacher_offload="cpu"),
-                            "checkpointing": lwd_run(world, activation_checkpointing=True)}
+        result["levers"] = {
+            "plain": lwd_run(world),
+            "offload": lwd_run(world, teacher_offload="cpu"),
+            "checkpointing": lwd_run(world, activation_checkpointing=True),
+        }
     if rank == 0:
         with open(args.out, "w") as f:
             json.dump(result, f)
