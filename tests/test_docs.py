@@ -1,5 +1,6 @@
 """The documentation: the site builds with ``mkdocs build --strict``, every ```python block of README.md and
-docs/**/*.md runs, and every result file the pages cite is committed.
+docs/**/*.md runs, every result file the pages cite is committed, the configs page lists every method's settings
+(``distil.<method>``, from the registry) with their defaults and every old key, and no page writes an old key.
 
 A block runs as it is, in a fresh interpreter whose working folder is a new temporary one, with the checkout
 first on ``sys.path`` and the Triton interpreter off (a user's CPU run takes the PyTorch paths). A block that
@@ -145,7 +146,7 @@ def _reliability_counts():
 
 
 def test_reliability_counts_add_up():
-    """docs/reliability.md: the API, command and checkpoint cases sum to the total it states (325 = 188 + 112 + 25
+    """docs/reliability.md: the API, command and checkpoint cases sum to the total it states (330 = 188 + 117 + 25
     when written), and the README states the same total."""
     total, parts, passed = _reliability_counts()
     assert sum(parts) == total == passed, (total, parts, passed)
@@ -177,3 +178,98 @@ def test_lock_count_is_the_lock():
     pins = [line for line in lock if "==" in line and not line.lstrip().startswith("#")]
     page = re.sub(r"\s+", " ", _page("install.md"))
     assert f"(all {len(pins)} in `constraints.txt`)" in page, f"constraints.txt pins {len(pins)}"
+
+
+def _section(text, heading):
+    """The text of a page from ``heading`` (a line of it) to the next heading of the same level."""
+    start = text.index(heading + "\n")
+    level = heading.split(" ")[0] + " "
+    end = text.find("\n" + level, start + len(heading))
+    return text[start : len(text) if end < 0 else end]
+
+
+def _default(value):
+    """A setting's default as the configs page's tables write it (YAML's spelling; numbers as Python's)."""
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
+    if value is None:
+        return "`null`"
+    if isinstance(value, str):
+        return f"`{value}`"
+    return str(value)
+
+
+def test_configs_page_lists_every_method_setting():
+    """docs/configs.md's tables give every key of every method's section (distil.<method>, from the registry's
+    settings dataclasses) with its default, and every old flat key with what replaced it."""
+    import dataclasses
+
+    from fastted.train.config import OLD_KEYS, RECIPES
+
+    section = _section(_page("configs.md"), "## Each method's settings")
+    missing = []
+    for method, recipe in RECIPES.items():
+        if f"`distil.{method}`" not in section:
+            missing.append(f"the section distil.{method}")
+        for f in dataclasses.fields(recipe.settings):
+            row = f"| `{f.name}` | {_default(f.default)} |"
+            if row not in section:
+                missing.append(f"distil.{method}.{f.name}: no row starting {row!r}")
+    old = _section(_page("configs.md"), "## Old keys")
+    for key, new_keys in OLD_KEYS.items():
+        rows = [line for line in old.splitlines() if line.startswith("|") and f"`distil.{key}`" in line]
+        if not rows:
+            missing.append(f"old key distil.{key}: no row")
+        for new in new_keys:
+            method, name = new.split(".")[1:]
+            if name != key and not any(f"`{new}`" in line for line in rows):
+                missing.append(f"old key distil.{key}: its row does not name {new}")
+    assert not missing, "docs/configs.md:\n" + "\n".join(missing)
+
+
+def test_pages_write_the_new_config_keys():
+    """No page tells a user to write an old flat key (distil.mse_alpha) or a method's own setting under
+    distil.per_method, which load only with a deprecation line, except where it says so: the configs page's old
+    keys, and a paragraph that says they still load."""
+    from fastted.train.config import OLD_KEYS, RECIPES
+
+    old = re.compile(
+        r"distil\.(?:(" + "|".join(sorted(OLD_KEYS, key=len, reverse=True)) + r")\b(?![.\w])"
+        r"|per_method\.(" + "|".join(RECIPES) + r")\.(\w+))"
+    )
+    found = []
+    for page in PAGES:
+        text = page.read_text(encoding="utf-8")
+        if page.name == "configs.md":
+            text = text.replace(_section(text, "## Old keys"), "")
+        for paragraph in re.split(r"\n\s*\n", text):
+            if "still load" in paragraph:
+                continue
+            for match in old.finditer(paragraph):
+                method, key = match.group(2), match.group(3)
+                if method and key == "train":  # a shared key of one method: what per_method is for
+                    continue
+                found.append(f"{page.relative_to(ROOT)}: {match.group(0)}")
+    assert not found, "old config keys (write distil.<method>.<key>):\n" + "\n".join(found)
+
+
+def test_yaml_examples_load_without_old_keys(tmp_path):
+    """Every ```yaml block of the pages is a config that loads, and sets no old key."""
+    import warnings
+
+    from fastted.train.config import ConfigKeyWarning, load_config
+
+    blocks = []
+    for page in PAGES:
+        text = page.read_text(encoding="utf-8")
+        blocks += [(page, block) for block in re.findall(r"^```yaml\n(.*?)^```", text, re.M | re.S)]
+    assert blocks, "no ```yaml block found"
+    for i, (page, block) in enumerate(blocks):
+        path = tmp_path / f"example-{i}.yaml"
+        path.write_text(block, encoding="utf-8")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", ConfigKeyWarning)
+                load_config(str(path))
+        except ConfigKeyWarning as warning:
+            pytest.fail(f"{page.relative_to(ROOT)}: a yaml example sets an old key: {warning}")

@@ -281,7 +281,7 @@ def test_a_cache_that_does_not_fit_the_recipe_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"targets: cache 'raw', recipe 'filters:"):
         ted.use_teacher_cache(cache)
     with pytest.raises(ValueError, match="DWT reads no teacher cache: it needs the live teacher"):
-        DWT(student, teacher).use_teacher_cache(cache)
+        DWT(student, teacher, total_steps=10).use_teacher_cache(cache)
     with pytest.raises(ValueError, match=r"targets: cache 'raw', recipe 'pooled-mean'"):
         CoDIR(student, teacher, explicit_map([(0, 1), (1, 3)], 2, 4), proj_dim=8, bank_size=8).use_teacher_cache(cache)
     layers_only = _cache(lwd, examples, collator, tmp_path / "layers", 0, "int8")

@@ -124,7 +124,7 @@ def _recipes():
             student(), teacher, explicit_map([(0, 1), (1, 2)], 3, 4), task_alpha=0.5, kl_alpha=1.0, mse_alpha=2.0
         ),
         "ted": TED(student(), teacher, *filters, task_alpha=0.5, kl_alpha=1.0, mse_alpha=2.0),
-        "dwt": DWT(student(), teacher, alpha_h=1.0, alpha_s=2.0),
+        "dwt": DWT(student(), teacher, alpha_h=1.0, alpha_s=2.0, alpha_s_end=None),
     }
 
 
