@@ -3,7 +3,7 @@
 Each method's module registers its recipe with its settings dataclass
 (:func:`~fastted.methods.base.register`): :data:`METHODS` maps each method's
 name in a config (``distil.methods``, ``distil.<name>``) to its recipe class,
-in the order of the imports below; :func:`build_recipe` builds one from a
+in the papers' order, then any other in the order of its import below; :func:`build_recipe` builds one from a
 run's config (:meth:`~fastted.methods.base.Recipe.from_config`). A new method
 is a module here and its import below.
 """
@@ -17,9 +17,14 @@ from fastted.methods.finetune import FineTune
 from fastted.methods.kd import KD
 from fastted.methods.lwd import LWD
 from fastted.methods.railkd import RAILKD
-from fastted.methods.ted import TED, TEDStage1, load_stage1  # noqa: I001 (the import order is the registry's)
+from fastted.methods.ted import TED, TEDStage1, load_stage1
 
-# The distillation recipes by their names in a config, in registration order.
+# The distillation recipes by their names in a config: the papers' methods in this order (the config's and its
+# messages'), then any other registered one, in the order its module was imported.
+_FIRST = {cls.method: cls for cls in (TED, LWD, KD, CoDIR, RAILKD, DWT)}
+_ordered = {**_FIRST, **{name: cls for name, cls in REGISTRY.items() if name not in _FIRST}}
+REGISTRY.clear()
+REGISTRY.update(_ordered)
 METHODS: dict[str, type[Recipe]] = REGISTRY
 
 

@@ -70,6 +70,7 @@ class LayerwiseRecipe(Recipe):
     """
 
     reads_teacher_cache = True
+    reads_quantized_targets = True  # the filtered MSE kernel dequantizes them (TED, LWD; KD reads no layer)
 
     def __init__(
         self,

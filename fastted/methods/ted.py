@@ -174,7 +174,6 @@ class TED(LayerwiseRecipe):
 
     label = "TED"
     uses_stage1_filters = True
-    reads_quantized_targets = True  # the filtered MSE kernel dequantizes them
 
     def __init__(
         self,
