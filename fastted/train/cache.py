@@ -28,7 +28,7 @@ Each rank of a run writes the shards of its share of the examples (every world-t
 :func:`finish_teacher_cache` merges the parts into ``manifest.json``, written last: a cache without it is an
 unfinished one, which no reader opens. :meth:`TeacherCache.batch` gathers a batch's stored outputs, padded to
 the batch's tokens, for the recipes (:meth:`fastted.methods.Recipe.use_teacher_cache`); the pipeline's
-``cache-teacher`` step builds a run's cache (:func:`fastted.train.pipeline.cache_teacher`).
+``cache-teacher`` job builds a run's cache (:func:`fastted.train.pipeline.cache_teacher`).
 """
 
 from __future__ import annotations

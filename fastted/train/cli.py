@@ -4,12 +4,12 @@
 
     fastted pipeline                      # the embedded default: MiniLM-L6 -> 3 layers on BBC News
     fastted pipeline -c configs/smollm2-bbc.yaml distil.train.max_steps=50
-    fastted finetune teacher | student    # one step of the pipeline, reading and writing output_dir
+    fastted finetune teacher | student    # one job of the pipeline, reading and writing output_dir
     fastted filters teacher | student
     fastted cache-teacher [--method kd ...]  # the teacher once over the data: distil.teacher_cache=true reads it
     fastted distil [--method ted ...]
     fastted evaluate
-    fastted tokenize [--out DIR]          # the corpus tokenized once into token shards (every step does it first)
+    fastted tokenize [--out DIR]          # the corpus tokenized once into token shards (every job does it first)
     fastted config                        # print the resolved config
 
 Settings come from a preset (``--preset``, default bbc-minilm), then a YAML
@@ -52,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
         )
         return p
 
-    add("pipeline", "run every step of the config's `steps`")
+    add("pipeline", "run every job of the config's `jobs`, in order")
     add("finetune", "fine-tune the teacher or the student alone", which=True)
     add("filters", "TED stage I: learn task-aware filters", which=True)
     add(
@@ -66,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     add("evaluate", "evaluate every model of the run; write results.json, report.md and report.png")
     add(
         "tokenize",
-        "tokenize the run's corpus once into memory-mapped token shards (the steps of an mlm or clm "
+        "tokenize the run's corpus once into memory-mapped token shards (the jobs of an mlm or clm "
         "run then map them); with --out, the whole source into DIR, to name as data.source",
     ).add_argument("--out", metavar="DIR", help="write the whole source (no split) as token shards into DIR")
     add("config", "print the resolved config as YAML")
@@ -115,7 +115,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def check_data_source(config) -> None:
-    """A local data source (or test source) exists before any work: the data is read only when a step starts."""
+    """A local data source (or test source) exists before any work: the data is read only when a job starts."""
     from fastted.train.data import BUILT_IN, BUILT_IN_TEXT, looks_like_path
 
     for key, source in (("data.source", config.data.source), ("data.test_source", config.data.test_source)):
@@ -161,8 +161,8 @@ def run(argv=None) -> dict:
         model_source(config.student, "student")
     _check_tokenizers(config)
     check_against_models(config)
-    steps = {
-        "pipeline": list(config.steps),
+    jobs = {
+        "pipeline": list(config.jobs),
         "distil": ["distil"],
         "evaluate": ["evaluate"],
         "cache-teacher": ["cache-teacher"],
@@ -174,7 +174,7 @@ def run(argv=None) -> dict:
     for method in methods:
         if method not in METHODS:
             raise ConfigError(f"--method: got {method!r}, needs one of {', '.join(METHODS)}")
-    p.check_prerequisites(config, steps, methods, args.command)
+    p.check_prerequisites(config, jobs, methods, args.command)
     check_data_source(config)
     make_output_dir(config.output_dir)
     if args.command == "pipeline":

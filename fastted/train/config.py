@@ -13,7 +13,8 @@ the method's own settings dataclass in its registry
 (:data:`fastted.methods.METHODS`): the keys and defaults of a config are the
 recipe class's keyword arguments. The flat keys of older configs
 (``distil.mse_alpha``, ``distil.crd_temperature``, ...) still load: each sets
-its methods' keys, with a :class:`ConfigKeyWarning` naming the new ones.
+its methods' keys, with a :class:`ConfigKeyWarning` naming the new ones; so does the run's list of jobs
+under its old name, ``steps`` (now ``jobs``: "step" is the optimizer's alone).
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ class _SharedDistil:
     methods: list[str] = field(default_factory=lambda: ["kd", "lwd", "ted"])
     fused_lm_head: bool = True  # mlm / clm: the LM heads fused with the KL (no logits)
     truncate_teacher: bool = True  # no KL term: the teacher runs only up to its last mapped layer
-    teacher_cache: bool = False  # distil from the cache-teacher step's cache, not the live teacher
+    teacher_cache: bool = False  # distil from the cache-teacher job's cache, not the live teacher
     # (classification and clm; the methods whose recipes read one)
     cache_k: int = 64  # the cache's top-k logits a token (0: the layer targets alone)
     cache_quantization: str = "int8"  # the cache's layer targets: int8, fp8 or bf16
@@ -131,7 +132,7 @@ class _SharedDistil:
     cache_shard_mb: int = 256  # a cache shard is written when a rank holds this many MiB of it
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-4))
     # Per method, any of the shared keys above: {lwd: {train: {lr: 5e-5}}} (on the command line:
-    # distil.per_method.lwd.train.lr=5e-5). Each method's step reads its own values. A method's own settings are
+    # distil.per_method.lwd.train.lr=5e-5). Each method's job reads its own values. A method's own settings are
     # its section: distil.ted.mse_alpha.
     per_method: dict = field(default_factory=dict)
 
@@ -178,13 +179,13 @@ class Config:
     task: str = "classification"
     output_dir: str = "runs/bbc-minilm"
     seed: int = 0
-    seeds: Optional[list[int]] = None  # several seeds: each training step once per seed, in seed-<s>/ folders,
+    seeds: Optional[list[int]] = None  # several seeds: each training job once per seed, in seed-<s>/ folders,
     # one test split for all; evaluate reports means, intervals, differences
     published: Optional[str] = None  # a paper's hyperparameters (fastted.train.published: ted-glue-mnli, ...), set
     # over the preset and under your file and overrides
     seed_teacher: bool = False  # with seeds: each seed fine-tunes its own teacher (default: the teacher's
-    # steps run once, with the first seed, and are shared)
-    steps: list[str] = field(
+    # jobs run once, with the first seed, and are shared)
+    jobs: list[str] = field(
         default_factory=lambda: [
             "finetune-teacher",
             "finetune-student",
@@ -195,7 +196,7 @@ class Config:
         ]
     )
     progress: bool = True
-    resume: bool = True  # continue a step from its latest checkpoint when there is one
+    resume: bool = True  # continue a job from its latest checkpoint when there is one
     data: DataConfig = field(default_factory=DataConfig)
     teacher: ModelConfig = field(default_factory=lambda: ModelConfig(path="minilm"))
     student: ModelConfig = field(default_factory=lambda: ModelConfig(layers=[0, 2, 4]))
@@ -205,7 +206,9 @@ class Config:
     engine: EngineConfig = field(default_factory=EngineConfig)
 
 
-STEPS = (
+# The jobs of a run (the key `jobs`, formerly `steps`), in the order they read one another's folders; each is also a
+# `fastted` command.
+JOBS = (
     "finetune-teacher",
     "finetune-student",
     "filters-teacher",
@@ -248,7 +251,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "smollm2-bbc": {
         "task": "clm",
         "output_dir": "runs/smollm2-bbc",
-        "steps": ["distil", "evaluate"],
+        "jobs": ["distil", "evaluate"],
         "teacher.path": "smollm2",
         "student.layers": None,
         "student.num_layers": 6,
@@ -268,7 +271,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "clm": {
         "task": "clm",
         "output_dir": "runs/clm",
-        "steps": ["distil", "evaluate"],
+        "jobs": ["distil", "evaluate"],
         "teacher.path": "smollm2",
         "student.layers": None,
         "data.max_length": 256,
@@ -285,7 +288,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "mlm": {
         "task": "mlm",
         "output_dir": "runs/mlm",
-        "steps": ["distil", "evaluate"],
+        "jobs": ["distil", "evaluate"],
         "teacher.path": "minilm",
         "student.layers": None,
         "data.max_length": 128,
@@ -395,8 +398,11 @@ def _build(cls, values: dict, prefix: str = ""):
 
 
 def _renamed(key: str) -> Optional[list[str]]:
-    """The keys that replace ``key`` when it is an old one (None when it is not): a flat ``distil.<key>`` of
-    :data:`OLD_KEYS`, or a method's own setting under ``distil.per_method.<method>``, which is now its section's."""
+    """The keys that replace ``key`` when it is an old one (None when it is not): ``steps`` (the run's jobs), a
+    flat ``distil.<key>`` of :data:`OLD_KEYS`, or a method's own setting under ``distil.per_method.<method>``, which
+    is now its section's."""
+    if key == "steps":
+        return ["jobs"]
     parts = key.split(".")
     if len(parts) == 2 and parts[0] == "distil" and parts[1] in OLD_KEYS:
         return OLD_KEYS[parts[1]]
@@ -531,15 +537,15 @@ _RUN_WIDE = ("methods", "per_method", "teacher_cache")
 
 
 def method_config(config: Config, method: str) -> Config:
-    """The config that ``method``'s steps read: a copy with ``distil.per_method[method]`` set over ``distil``,
-    ``per_method`` emptied, ``methods`` this one and the other methods' sections at their defaults (a step's saved
+    """The config that ``method``'s jobs read: a copy with ``distil.per_method[method]`` set over ``distil``,
+    ``per_method`` emptied, ``methods`` this one and the other methods' sections at their defaults (a job's saved
     config then holds its own values alone, so another method's entry or settings, or another method added to the
     run, never blocks its resume), checked; ConfigError names the per-method key."""
     values = (config.distil.per_method or {}).get(method) or {}
     if not isinstance(values, dict):
         raise ConfigError(f"distil.per_method.{method}: got {values!r}, needs a mapping of distil keys")
     one = copy.deepcopy(config)
-    one.distil.per_method, one.distil.methods = {}, [method]  # what the step computes, not the run's other methods
+    one.distil.per_method, one.distil.methods = {}, [method]  # what the job computes, not the run's other methods
     for key, value in _flatten(values).items():
         name = f"distil.per_method.{method}.{key}"
         if key.split(".")[0] in _RUN_WIDE:
@@ -562,11 +568,13 @@ def method_config(config: Config, method: str) -> Config:
     return one
 
 
-def step_settings(values: dict) -> dict:
-    """A step's saved config (the YAML values of :func:`method_config`'s config) as a step compares a checkpoint's
-    settings with its own: the old flat distil keys of a checkpoint written before the methods owned their settings
-    moved, quietly, onto their sections; each section whole (its defaults where unset); and only the sections of
-    the step's own methods (another method's settings never block its resume)."""
+def job_settings(values: dict) -> dict:
+    """A job's saved config (the YAML values of :func:`method_config`'s config) as a job compares a checkpoint's
+    settings with its own: the old keys of a checkpoint written before them moved, quietly (``steps`` onto
+    ``jobs``, the flat distil keys of a checkpoint written before the methods owned their settings onto their
+    sections); each section whole (its defaults where unset); and only the sections of the job's own methods
+    (another method's settings never block its resume)."""
+    values = _jobs_key(values)
     distil = values.get("distil")
     if not isinstance(distil, dict):
         return values
@@ -614,8 +622,21 @@ def to_dict(config) -> dict:
     return dataclasses.asdict(config)
 
 
+def _jobs_key(values: dict) -> dict:
+    """A saved config's values with the old key ``steps`` read as ``jobs``, quietly: the config was written by an
+    older fastted, not by the user reading the warning (``jobs`` wins where a config holds both)."""
+    if not isinstance(values, dict) or "steps" not in values:
+        return values
+    values = dict(values)
+    steps = values.pop("steps")
+    values.setdefault("jobs", steps)
+    return values
+
+
 def from_dict(values: dict) -> Config:
-    config = _build(Config, values)
+    """The config of saved values (a checkpoint's config.yaml read back), checked; an older config's ``steps`` is
+    read as ``jobs``."""
+    config = _build(Config, _jobs_key(values))
     check(config)
     return config
 
@@ -734,14 +755,14 @@ def check(config: Config) -> None:
     _choice("task", config.task, TASKS)
     if config.seeds is not None and (not config.seeds or len(set(config.seeds)) != len(config.seeds)):
         raise ConfigError(f"seeds: got {config.seeds}, needs distinct ints (or null for the one `seed`)")
-    for i, step in enumerate(config.steps):
-        _choice(f"steps[{i}]", step, STEPS)
+    for i, job in enumerate(config.jobs):
+        _choice(f"jobs[{i}]", job, JOBS)
     if config.task != "classification":
-        for step in config.steps:
-            if step.startswith("finetune"):
+        for job in config.jobs:
+            if job.startswith("finetune"):
                 raise ConfigError(
-                    f"steps: {step!r} is for classification; a {config.task} run distils the "
-                    f"pretrained models (steps: [distil, evaluate], with the filters steps first "
+                    f"jobs: {job!r} is for classification; a {config.task} run distils the "
+                    f"pretrained models (jobs: [distil, evaluate], with the filters jobs first "
                     f"for TED)"
                 )
     for i, method in enumerate(config.distil.methods):
@@ -772,7 +793,7 @@ def check(config: Config) -> None:
     _positive("student.intermediate_size", s.intermediate_size)
     _check_teacher_shape(config)
     if not config.output_dir.strip():
-        raise ConfigError("output_dir: got an empty path, needs a folder for the run's steps")
+        raise ConfigError("output_dir: got an empty path, needs a folder for the run's jobs")
     if not 0 < config.data.mlm_probability < 1:
         raise ConfigError(f"data.mlm_probability: got {config.data.mlm_probability!r}, needs a number in (0, 1)")
     packed = packs_blocks(config)
@@ -805,8 +826,8 @@ def check(config: Config) -> None:
     _choice("distil.cache_quantization", d.cache_quantization, ("int8", "fp8", "bf16"))
     _positive("distil.cache_layer_bytes", d.cache_layer_bytes, allow_zero=True)
     _positive("distil.cache_shard_mb", d.cache_shard_mb)
-    if d.teacher_cache or "cache-teacher" in config.steps:
-        what = "distil.teacher_cache" if d.teacher_cache else "steps: cache-teacher"
+    if d.teacher_cache or "cache-teacher" in config.jobs:
+        what = "distil.teacher_cache" if d.teacher_cache else "jobs: cache-teacher"
         if config.task == "mlm":
             raise ConfigError(
                 f"{what}: a masked LM's teacher sees each step's own random masks, which a cache "

@@ -39,7 +39,7 @@ _GGUF_STRING, _GGUF_ARRAY = 8, 9
 
 def teacher_identity(config, folder: Optional[str] = None) -> dict:
     """The identity of the run's teacher as :func:`fastted.train.loading.build_teacher` builds it from ``folder`` (a
-    step's model folder), or from the teacher source when ``folder`` is None, without reading any weight (see the
+    job's model folder), or from the teacher source when ``folder`` is None, without reading any weight (see the
     module docstring): ``{"config": <SHA-256>, "weights": <SHA-256>}``, or for a fresh teacher ``{"config":
     <SHA-256>, "fresh": {seed, shape settings, versions}}``. JSON-able; equal for the same teacher."""
     from fastted.train.sources import model_source

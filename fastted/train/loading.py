@@ -438,7 +438,7 @@ def build_teacher(
     meta: bool = False,
 ):
     """The run's teacher, partitioned with ``zero`` (a DeepSpeed config) or whole: the model in ``folder`` (a
-    step's output) or the teacher source, fresh and shaped by ``teacher.*`` with ``teacher.random_init``;
+    job's output) or the teacher source, fresh and shaped by ``teacher.*`` with ``teacher.random_init``;
     ``blocks`` kept (the others neither built nor read), on the meta device with ``meta``."""
     task, gguf = config.task, None
     if folder is None:

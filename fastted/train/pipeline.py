@@ -1,4 +1,4 @@
-"""The steps of a run, each reading what the steps before it wrote under ``output_dir``.
+"""The jobs of a run (the config key ``jobs``), each reading what the jobs before it wrote under ``output_dir``.
 
 ::
 
@@ -13,13 +13,13 @@
 
 A language-modelling run (task mlm or clm: continual pre-training) starts
 from the pretrained teacher and its student and runs ``distil`` and
-``evaluate`` (and the filters steps first when TED is among the methods).
+``evaluate`` (and the filters jobs first when TED is among the methods).
 
-This module holds the steps alone: the models come from
+This module holds the jobs alone: the models come from
 :mod:`fastted.models` (loading, the student cut from the teacher), the data
 from :func:`fastted.train.data.prepare_data`, the recipes from the registry of
 :mod:`fastted.methods`, the training from :mod:`fastted.train.trainer` under
-:class:`fastted.train.engine.Engine`. Each training step is a
+:class:`fastted.train.engine.Engine`. Each training job is a
 :class:`~fastted.train.trainer.Training` of the same name, in the folder of that name.
 """
 
@@ -56,14 +56,14 @@ from fastted.train.trainer import Training, evaluate_model, run, total_steps
 
 
 def run_dir(config: Config, name: str) -> str:
-    """The folder of the step ``name`` (e.g. "distil-ted") under ``output_dir``."""
+    """The folder of the job ``name`` (e.g. "distil-ted") under ``output_dir``."""
     return os.path.join(config.output_dir, name)
 
 
 def _model_dir(config: Config, name: str) -> str:
     path = os.path.join(run_dir(config, name), "model")
     if not os.path.isdir(path):
-        raise ConfigError(f"{path} does not exist: run the {name} step first (fastted {name.split('-')[0]} ...)")
+        raise ConfigError(f"{path} does not exist: run the {name} job first (fastted {name.split('-')[0]} ...)")
     return path
 
 
@@ -72,59 +72,56 @@ def _train_key(config: Config, train: TrainConfig) -> str:
     return {id(config.finetune): "finetune", id(config.filters.train): "filters.train"}.get(id(train), "distil.train")
 
 
-def check_prerequisites(config: Config, steps: list[str], methods: list[str], command: str = "pipeline") -> None:
-    """Every step's inputs exist under ``output_dir`` or an earlier step of ``steps`` writes them: a ConfigError
-    naming what is missing before any step trains (TED's stage II needs both filters steps; in classification
-    the filters steps and KD, LWD and the others need the fine-tuned models)."""
+def check_prerequisites(config: Config, jobs: list[str], methods: list[str], command: str = "pipeline") -> None:
+    """Every job's inputs exist under ``output_dir`` or an earlier job of ``jobs`` writes them: a ConfigError
+    naming what is missing before any job trains (TED's stage II needs both filters jobs; in classification
+    the filters jobs and KD, LWD and the others need the fine-tuned models)."""
     from fastted.methods import recipe_class
 
-    made = {name for name in STEPS_WRITING if os.path.isdir(os.path.join(run_dir(config, name), "model"))}
+    made = {name for name in JOBS_WRITING if os.path.isdir(os.path.join(run_dir(config, name), "model"))}
     made |= {
         f"cache-teacher-{m}"
         for m in methods
         if os.path.isfile(os.path.join(run_dir(config, f"cache-teacher-{m}"), "manifest.json"))
     }
-    for step in steps:
+    for job in jobs:
         needs = []
-        if step.startswith("filters-") and config.task == "classification":
-            needs = ["finetune-" + step.split("-", 1)[1]]
-        elif step in ("distil", "cache-teacher"):
+        if job.startswith("filters-") and config.task == "classification":
+            needs = ["finetune-" + job.split("-", 1)[1]]
+        elif job in ("distil", "cache-teacher"):
             for method in methods:
                 if recipe_class(method).uses_stage1_filters:
                     needs += ["filters-teacher", "filters-student"]
                 elif config.task == "classification":
                     needs += ["finetune-teacher", "finetune-student"]
-                if step == "distil" and config.distil.teacher_cache:
+                if job == "distil" and config.distil.teacher_cache:
                     needs.append(f"cache-teacher-{method}")
         missing = [name for name in dict.fromkeys(needs) if name not in made]
         if missing:
-            what = f"{step} ({', '.join(methods)})" if step in ("distil", "cache-teacher") else step
+            what = f"{job} ({', '.join(methods)})" if job in ("distil", "cache-teacher") else job
             runs = " and ".join(f"`fastted {_command_of(name)}`" for name in dict.fromkeys(missing))
-            steps_of = dict.fromkeys("cache-teacher" if n.startswith("cache-") else n for n in missing)
-            where = (
-                f"add {', '.join(steps_of)} to steps before {step!r}" if command == "pipeline" else f"run {runs} first"
-            )
+            jobs_of = dict.fromkeys("cache-teacher" if n.startswith("cache-") else n for n in missing)
+            where = f"add {', '.join(jobs_of)} to jobs before {job!r}" if command == "pipeline" else f"run {runs} first"
             made_of = [n + ("/manifest.json" if n.startswith("cache-") else "/model") for n in missing]
             raise ConfigError(
-                f"steps: {what} needs {', '.join(made_of)} in {config.output_dir}, which no earlier "
-                f"step writes: {where}"
+                f"jobs: {what} needs {', '.join(made_of)} in {config.output_dir}, which no earlier job writes: {where}"
             )
-        if step == "distil":
+        if job == "distil":
             made |= {f"distil-{m}" for m in methods}
-        elif step == "cache-teacher":
+        elif job == "cache-teacher":
             made |= {f"cache-teacher-{m}" for m in methods}
         else:
-            made.add(step)
+            made.add(job)
 
 
 def _command_of(name: str) -> str:
-    """The command that writes step folder ``name``: "finetune teacher", "cache-teacher --method kd"."""
+    """The command that writes the job folder ``name``: "finetune teacher", "cache-teacher --method kd"."""
     if name.startswith("cache-teacher-"):
         return f"cache-teacher --method {name[len('cache-teacher-') :]}"
     return " ".join(name.split("-", 1))
 
 
-STEPS_WRITING = ("finetune-teacher", "finetune-student", "filters-teacher", "filters-student")
+JOBS_WRITING = ("finetune-teacher", "finetune-student", "filters-teacher", "filters-student")
 
 
 def tokens_per_step(data: Data, train: TrainConfig) -> Optional[int]:
@@ -188,18 +185,18 @@ class _Start:
 
 
 def _start(config: Config) -> _Start:
-    """What every step begins with: threads, device and ranks (``engine.precision`` resolved in ``config``, so that
-    the step's saved config holds the precision it ran in), seeds, the teacher's tokenizer and the data."""
+    """What every job begins with: threads, device and ranks (``engine.precision`` resolved in ``config``, so that
+    the job's saved config holds the precision it ran in), seeds, the teacher's tokenizer and the data."""
     if config.engine.threads:
         torch.set_num_threads(config.engine.threads)
-    if not config.progress:  # no bars at all (transformers' save and load, datasets' maps): a log line per step
+    if not config.progress:  # no bars at all (transformers' save and load, datasets' maps): a log line per logged step
         import datasets
         import transformers
 
         transformers.utils.logging.disable_progress_bar()
         datasets.disable_progress_bars()
     device = resolve_device(config.engine)
-    config.engine.precision = resolve_precision(config.engine, device)  # what every step reads and saves
+    config.engine.precision = resolve_precision(config.engine, device)  # what every job reads and saves
     rank, world = init_distributed(device)
     seed_everything(config.seed)
     path, gguf = model_source(config.teacher, "teacher")
@@ -249,7 +246,7 @@ def _run_partitioned(model, config: Config, micro: int):
     return deepspeed.initialize(model=model, config=teacher_deepspeed_config(config.engine, micro, model))[0]
 
 
-# --------------------------------------------------------------------------- the steps
+# --------------------------------------------------------------------------- the jobs
 
 
 def finetune(config: Config, which: str) -> dict:
@@ -321,8 +318,8 @@ def _interval(config: Config, which: str) -> int:
 
 
 def _step_models(config: Config, cls) -> tuple[Optional[str], Optional[str]]:
-    """(teacher's, student's) model folders that earlier steps wrote for the recipe class ``cls``: the filters
-    steps' for a recipe on TED's stage-I filters, the fine-tuning steps' in classification, else (None, None)
+    """(teacher's, student's) model folders that earlier jobs wrote for the recipe class ``cls``: the filters
+    jobs' for a recipe on TED's stage-I filters, the fine-tuning jobs' in classification, else (None, None)
     (the run's teacher source and the student cut from it)."""
     if cls.uses_stage1_filters:
         return _model_dir(config, "filters-teacher"), _model_dir(config, "filters-student")
@@ -590,7 +587,7 @@ def evaluate(config: Config) -> dict:
         model.eval()
         with torch.no_grad():
             results[label] = {
-                "step": name,
+                "job": name,
                 **evaluate_model(
                     ModelAdapter(model, config.task),
                     st.data,
@@ -610,7 +607,7 @@ def evaluate(config: Config) -> dict:
 
 def tokenize(config: Config, out: Optional[str] = None) -> dict:
     """The corpus tokenized once into token shards: the run's train and test splits under its cache (what every
-    step of an mlm or clm run maps; they do this first themselves), or with ``out`` the whole source, unsplit,
+    job of an mlm or clm run maps; they do this first themselves), or with ``out`` the whole source, unsplit,
     into ``out`` (a corpus to name as ``data.source`` in other runs). Rank 0 tokenizes with ``data.num_proc``
     workers while the other ranks wait. Returns the folders and their token and document counts."""
     from fastted.train import shards
@@ -627,7 +624,7 @@ def tokenize(config: Config, out: Optional[str] = None) -> dict:
         raise ConfigError(
             f"task: fastted tokenize makes the token shards of packed pre-training (task mlm or clm "
             f"with data.pack true); this run is {run_kind(config)}, whose examples are tokenized (and "
-            f"cached) by each step"
+            f"cached) by each job"
         )
     if is_tokenized(config.data.source):
         raise ConfigError(f"data.source: {config.data.source!r} is tokenized already; name it as data.source")
@@ -666,11 +663,11 @@ def tokenize(config: Config, out: Optional[str] = None) -> dict:
 
 
 def pipeline(config: Config) -> dict:
-    """Every step of ``config.steps`` in order (with ``seeds``: :func:`pipeline_seeds`)."""
+    """Every job of ``config.jobs`` in order (with ``seeds``: :func:`pipeline_seeds`)."""
     if config.seeds is not None:
         return pipeline_seeds(config)
     out = {}
-    for name in config.steps:
+    for name in config.jobs:
         if name.startswith("finetune-"):
             out[name] = finetune(config, name.split("-", 1)[1])
         elif name.startswith("filters-"):
@@ -688,7 +685,7 @@ def pipeline(config: Config) -> dict:
 
 # --------------------------------------------------------------------------- several seeds
 
-TEACHER_STEPS = ("finetune-teacher", "filters-teacher", "cache-teacher")
+TEACHER_JOBS = ("finetune-teacher", "filters-teacher", "cache-teacher")
 
 
 def seed_config(config: Config, seed: int) -> Config:
@@ -705,23 +702,23 @@ def seed_config(config: Config, seed: int) -> Config:
 
 
 def pipeline_seeds(config: Config) -> dict:
-    """``config.steps`` once per seed of ``config.seeds``, each in its own folder, resumable as one seed is; the
-    teacher's steps once, with the first seed, shared by the others through links (unless ``seed_teacher``);
+    """``config.jobs`` once per seed of ``config.seeds``, each in its own folder, resumable as one seed is; the
+    teacher's jobs once, with the first seed, shared by the others through links (unless ``seed_teacher``);
     then ``evaluate`` over all of them (:func:`evaluate_seeds`)."""
     out = {}
     first = seed_config(config, config.seeds[0]).output_dir
     for i, seed in enumerate(config.seeds):
         one = seed_config(config, seed)
-        one.steps = [s for s in config.steps if s != "evaluate"]
+        one.jobs = [j for j in config.jobs if j != "evaluate"]
         if i and not config.seed_teacher:
             os.makedirs(one.output_dir, exist_ok=True)
             for name in os.listdir(first):  # the teacher's folders of the first seed: linked, not trained again
                 link = os.path.join(one.output_dir, name)
-                if name.startswith(TEACHER_STEPS) and not os.path.lexists(link):
+                if name.startswith(TEACHER_JOBS) and not os.path.lexists(link):
                     os.symlink(os.path.abspath(os.path.join(first, name)), link)
-            one.steps = [s for s in one.steps if s not in TEACHER_STEPS]
+            one.jobs = [j for j in one.jobs if j not in TEACHER_JOBS]
         out[f"seed-{seed}"] = pipeline(one)
-    if "evaluate" in config.steps:
+    if "evaluate" in config.jobs:
         out["evaluate"] = evaluate_seeds(config)
     return out
 

@@ -1,6 +1,6 @@
 """The run's closing report: results.json, report.md (a table of the test metric of every model, and
-each step's last losses), report.png (each step's loss curve, and the test metric of every model) and, for the
-steps whose records count their tokens, report-throughput.png (the training loss and tokens/s against tokens)."""
+each job's last losses), report.png (each job's loss curve, and the test metric of every model) and, for the
+jobs whose records count their tokens, report-throughput.png (the training loss and tokens/s against tokens)."""
 
 from __future__ import annotations
 
@@ -35,21 +35,21 @@ def write_report(config, results: dict) -> str:
         lines.append(f"| {label} | {shown} | {r.get('examples', r.get('tokens', '-'))} |")
     curves = {}
     order = ["finetune-teacher", "finetune-student", "filters-teacher", "filters-student"]
-    for step in sorted(os.listdir(out), key=lambda d: (order.index(d) if d in order else len(order), d)):
-        records = [r for r in read_metrics(os.path.join(out, step)) if "loss" in r]
+    for job in sorted(os.listdir(out), key=lambda d: (order.index(d) if d in order else len(order), d)):
+        records = [r for r in read_metrics(os.path.join(out, job)) if "loss" in r]
         if records:
-            curves[step] = records
+            curves[job] = records
     if curves:
-        lines += ["", "| step | optimizer steps | last loss | terms | tokens/s |", "| --- | --- | --- | --- | --- |"]
-        for step, records in curves.items():
+        lines += ["", "| job | optimizer steps | last loss | terms | tokens/s |", "| --- | --- | --- | --- | --- |"]
+        for job, records in curves.items():
             last = records[-1]
             terms = ", ".join(f"{k} {v:.4f}" for k, v in last.get("terms", {}).items())
             lines.append(
-                f"| {step} | {last['step']} | {last['loss']:.4f} | {terms} | {last.get('tokens_per_s', 0):.0f} |"
+                f"| {job} | {last['step']} | {last['loss']:.4f} | {terms} | {last.get('tokens_per_s', 0):.0f} |"
             )
     lines += ["", "![loss curves and test metric](report.png)", ""]
-    counted = {step: [r for r in records if "tokens" in r] for step, records in curves.items()}
-    counted = {step: records for step, records in counted.items() if records}  # records before tokens were kept: none
+    counted = {job: [r for r in records if "tokens" in r] for job, records in curves.items()}
+    counted = {job: records for job, records in counted.items() if records}  # records before tokens were kept: none
     if counted:
         lines += ["![training loss and throughput against tokens](report-throughput.png)", ""]
     text = "\n".join(lines)
@@ -67,8 +67,8 @@ def _plot(path: str, curves: dict, results: dict, key: str, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for step, records in curves.items():
-        left.plot([r["step"] for r in records], [r["loss"] for r in records], label=step)
+    for job, records in curves.items():
+        left.plot([r["step"] for r in records], [r["loss"] for r in records], label=job)
     left.set_xlabel("optimizer step")
     left.set_ylabel("training loss")
     left.set_title("loss curves")
@@ -89,17 +89,17 @@ def _plot(path: str, curves: dict, results: dict, key: str, title: str) -> None:
 
 
 def _plot_throughput(path: str, curves: dict) -> None:
-    """Each step's training loss and tokens/s (of each logging window) against the tokens trained."""
+    """Each job's training loss and tokens/s (of each logging window) against the tokens trained."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for step, records in curves.items():
+    for job, records in curves.items():
         tokens = [r["tokens"] for r in records]
-        left.plot(tokens, [r["loss"] for r in records], label=step)
-        right.plot(tokens, [r["tokens_per_s"] for r in records], label=step)
+        left.plot(tokens, [r["loss"] for r in records], label=job)
+        right.plot(tokens, [r["tokens_per_s"] for r in records], label=job)
     for ax, label, title in (
         (left, "training loss", "loss against tokens"),
         (right, "tokens / s (logging window)", "throughput"),

@@ -52,7 +52,7 @@ from fastted.train.checkpoints import (
     universal_checkpoint,
     write_manifest,
 )
-from fastted.train.config import TrainConfig, step_settings
+from fastted.train.config import TrainConfig, job_settings
 from fastted.train.data import Data, batch_generator, data_order
 from fastted.train.engine import CheckpointError, Engine, NonFiniteError, barrier, mean_over_ranks, reduce_over_ranks
 from fastted.train.throughput import Meter
@@ -253,10 +253,10 @@ def _run_settings(config_text: str) -> dict:
 
     values = yaml.safe_load(config_text) or {}
     # How a run is shown or started, not what it computes; and the name of the paper's values that `published`
-    # set, which the saved config holds themselves (a step another entry never touched resumes without it).
+    # set, which the saved config holds themselves (a job another entry never touched resumes without it).
     for key in ("progress", "resume", "published"):
         values.pop(key, None)
-    values = step_settings(values)  # its own method's settings alone, an older checkpoint's flat keys moved
+    values = job_settings(values)  # its own method's settings alone, an older checkpoint's old keys moved
     # How the global batch is cut (set anew for another world size) and how far its reads run ahead.
     return _without(values, ("micro_batch_size", "prefetch_steps"))
 

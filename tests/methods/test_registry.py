@@ -36,7 +36,7 @@ def _config(task="classification", **overrides):
         }
     )
     if task != "classification":
-        values["steps"] = ["distil", "evaluate"]
+        values["jobs"] = ["distil", "evaluate"]
     return load_config(preset="bbc-minilm-tiny", overrides=tuple(values.items()))
 
 

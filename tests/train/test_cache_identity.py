@@ -255,7 +255,7 @@ def test_distilling_from_the_cache_reads_no_teacher_weight(tmp_path, monkeypatch
     while the live teacher's distillation does not."""
     argv = _run(tmp_path)
     run = tmp_path / "run"
-    assert main(["pipeline", *argv, "steps=[filters-teacher,filters-student,cache-teacher]"]) == 0
+    assert main(["pipeline", *argv, "jobs=[filters-teacher,filters-student,cache-teacher]"]) == 0
     config = load_config(None, tuple(argv[2:]), "clm")
     folders = {"ted": str(run / "filters-teacher" / "model")}
     for method in METHODS:

@@ -147,7 +147,7 @@ BAD_SETTINGS = {
     "binary_config_file": (["-c", "{binary}"], "--config {binary}: got bytes that are not UTF-8 text"),
     "unknown_preset": (["--preset", "bogus"], "--preset: got 'bogus', needs one of bbc-minilm, bbc-minilm-tiny"),
     "teacher_cache_for_mlm": (
-        ["task=mlm", "steps=[distil]", "distil.teacher_cache=true"],
+        ["task=mlm", "jobs=[distil]", "distil.teacher_cache=true"],
         "distil.teacher_cache: a masked LM's teacher sees each step's own random masks",
     ),
     "teacher_cache_for_dwt": (
@@ -216,6 +216,21 @@ def test_an_old_config_key_still_sets_its_methods_with_one_notice(capsys, tmp_pa
     values = yaml.safe_load(out)["distil"]
     assert values["codir"]["temperature"] == 0.2 and values["ted"]["mse_alpha"] == values["lwd"]["mse_alpha"] == 0.25
     assert "crd_temperature" not in values and "mse_alpha" not in values
+
+
+def test_the_old_key_steps_sets_jobs_with_one_line(capsys, tmp_path):
+    """``steps`` (the pipeline's jobs under their old name), in a file or on the command line: one line on stderr,
+    and the resolved config holds ``jobs`` alone."""
+    notice = "fastted: warning: config key steps is deprecated: it sets jobs (write those instead)"
+    config = tmp_path / "old.yaml"
+    config.write_text("steps: [distil, evaluate]\n")
+    assert main(["config", "--preset", "bbc-minilm-tiny", "-c", str(config)]) == 0
+    out, err = capsys.readouterr()
+    assert err.splitlines() == [notice]
+    assert yaml.safe_load(out)["jobs"] == ["distil", "evaluate"] and "steps" not in yaml.safe_load(out)
+    assert main(["config", "--preset", "bbc-minilm-tiny", "steps=[evaluate]"]) == 0
+    out, err = capsys.readouterr()
+    assert err.splitlines() == [notice] and yaml.safe_load(out)["jobs"] == ["evaluate"]
 
 
 @pytest.mark.bad_input
@@ -346,7 +361,7 @@ def test_distil_from_the_teacher_cache(tmp_path, capsys):
             f"output_dir={out}",
             "distil.teacher_cache=true",
             "progress=false",
-            "steps=[finetune-teacher,finetune-student,filters-teacher,filters-student,cache-teacher,distil]",
+            "jobs=[finetune-teacher,finetune-student,filters-teacher,filters-student,cache-teacher,distil]",
         ]
     )
     printed = capsys.readouterr().out
@@ -392,7 +407,7 @@ def test_mlm_continual_pretraining(tmp_path):
             "bbc-minilm-tiny",
             f"output_dir={out}",
             "task=mlm",
-            "steps=[filters-teacher,filters-student,distil,evaluate]",
+            "jobs=[filters-teacher,filters-student,distil,evaluate]",
             "distil.methods=[ted,dwt,codir]",
             "distil.dwt.alpha_s=4",
             "distil.dwt.alpha_s_end=1",
@@ -458,18 +473,18 @@ def test_string_labels_in_a_column_of_your_choice(capsys, tmp_path):
 @pytest.mark.parametrize(
     "argv, fragment",
     [
-        (["distil", "--method", "ted"], "steps: distil (ted) needs filters-teacher/model, filters-student/model in"),
-        (["distil", "--method", "kd"], "steps: distil (kd) needs finetune-teacher/model, finetune-student/model"),
-        (["filters", "student"], "steps: filters-student needs finetune-student/model in"),
+        (["distil", "--method", "ted"], "jobs: distil (ted) needs filters-teacher/model, filters-student/model in"),
+        (["distil", "--method", "kd"], "jobs: distil (kd) needs finetune-teacher/model, finetune-student/model"),
+        (["filters", "student"], "jobs: filters-student needs finetune-student/model in"),
         (
             ["distil", "--method", "kd", "distil.teacher_cache=true"],
-            "cache-teacher-kd/manifest.json in {out}, which no earlier step writes: run `fastted finetune teacher` and "
+            "cache-teacher-kd/manifest.json in {out}, which no earlier job writes: run `fastted finetune teacher` and "
             "`fastted finetune student` and `fastted cache-teacher --method kd` first",
         ),
         (
-            ["pipeline", "steps=[finetune-teacher,distil,evaluate]", "distil.methods=[lwd]"],
-            "steps: distil (lwd) needs finetune-student/model in {out}, which no earlier step writes: add "
-            "finetune-student to steps before 'distil'",
+            ["pipeline", "jobs=[finetune-teacher,distil,evaluate]", "distil.methods=[lwd]"],
+            "jobs: distil (lwd) needs finetune-student/model in {out}, which no earlier job writes: add "
+            "finetune-student to jobs before 'distil'",
         ),
     ],
 )
@@ -550,7 +565,7 @@ def test_several_seeds_with_intervals_and_paired_differences(tmp_path, capsys):
             f"output_dir={out}",
             "seeds=[0,1]",
             "distil.methods=[kd,lwd]",
-            "steps=[finetune-teacher,finetune-student,distil,evaluate]",
+            "jobs=[finetune-teacher,finetune-student,distil,evaluate]",
         ]
     )
     printed = capsys.readouterr().out

@@ -13,7 +13,7 @@ def test_defaults_are_the_embedded_default():
     assert config.task == "classification" and config.teacher.path == "minilm"
     assert config.student.layers == [0, 2, 4] and config.data.source == "bbc-news"
     assert config.distil.methods == ["kd", "lwd", "ted"]
-    assert config.steps[0] == "finetune-teacher" and config.steps[-1] == "evaluate"
+    assert config.jobs[0] == "finetune-teacher" and config.jobs[-1] == "evaluate"
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -81,8 +81,8 @@ def test_round_trip_through_yaml(tmp_path):
         ("finetune.micro_batch_size=5", "finetune.batch_size (32) must be a multiple of finetune.micro_batch_size (5)"),
         ("data=3", "data is a section"),
         ("lr", "needs the form key.sub=value"),
-        ("steps=[distil,evaluate,finetune-teacher]", None),
-        ("task=clm", "steps: 'finetune-teacher' is for classification"),
+        ("jobs=[distil,evaluate,finetune-teacher]", None),
+        ("task=clm", "jobs: 'finetune-teacher' is for classification"),
         ("student.path=x", "student.path and student.layers / num_layers exclude each other"),
         ("finetune.lr=inf", "finetune.lr: got inf, needs a finite number"),
         ("finetune.clip=nan", "finetune.clip: got nan, needs a finite number"),
@@ -106,15 +106,15 @@ def test_bad_settings_name_the_key(override, message):
             "number of tokens; this run is classification",
         ),
         (
-            ("task=clm", "steps=[distil]", "data.pack=false", "distil.train.warmup_tokens=10"),
+            ("task=clm", "jobs=[distil]", "data.pack=false", "distil.train.warmup_tokens=10"),
             "distil.train.warmup_tokens: got 10, but a budget in tokens needs packed blocks",
         ),
         (
-            ("task=clm", "steps=[distil]", "distil.train.max_tokens=0"),
+            ("task=clm", "jobs=[distil]", "distil.train.max_tokens=0"),
             "distil.train.max_tokens: got 0, needs a number > 0",
         ),
         (
-            ("task=clm", "steps=[distil]", "distil.train.max_tokens=100", "distil.train.max_steps=3"),
+            ("task=clm", "jobs=[distil]", "distil.train.max_tokens=100", "distil.train.max_steps=3"),
             "distil.train.max_tokens (100) and distil.train.max_steps (3) both set the run's length; keep one",
         ),
         (("distil.train.min_lr=0.1",), "distil.train.min_lr: got 0.1, more than distil.train.lr (0.0001)"),
@@ -130,7 +130,7 @@ def test_bad_settings_name_the_key(override, message):
         (
             (
                 "task=clm",
-                "steps=[distil]",
+                "jobs=[distil]",
                 "distil.train.max_tokens=4096",
                 "distil.train.warmup_tokens=512",
                 "distil.train.min_lr=1e-5",
@@ -334,19 +334,59 @@ def test_bad_per_method_and_published_settings(override, message):
     assert message in str(info.value)
 
 
-def test_a_step_compares_its_own_methods_settings_and_reads_an_older_checkpoints_flat_keys():
-    """What resume compares (fastted.train.trainer): a step's own method's section alone, whole, and an older
+def test_a_job_compares_its_own_methods_settings_and_reads_an_older_checkpoints_flat_keys():
+    """What resume compares (fastted.train.trainer): a job's own method's section alone, whole, and an older
     checkpoint's saved flat keys as the sections they now are."""
-    from fastted.train.config import method_config, step_settings, to_yaml
+    from fastted.train.config import job_settings, method_config, to_yaml
 
-    step = yaml.safe_load(
+    job = yaml.safe_load(
         to_yaml(method_config(load_config(overrides=("distil.kd.kl_alpha=0.5", "distil.ted.mse_alpha=9")), "kd"))
     )
-    old = copy.deepcopy(step)
+    old = copy.deepcopy(job)
     for method in METHODS:
         old["distil"].pop(method)
     old["distil"].update({"kl_alpha": 0.5, "temperature": 2.0, "mse_alpha": 1.0, "crd_temperature": 0.07})
-    assert step_settings(old) == step_settings(step)
-    assert list(step_settings(step)["distil"])[-1] == "kd" and "ted" not in step_settings(step)["distil"]
+    assert job_settings(old) == job_settings(job)
+    assert list(job_settings(job)["distil"])[-1] == "kd" and "ted" not in job_settings(job)["distil"]
     old["distil"]["temperature"] = 3.0
-    assert step_settings(old) != step_settings(step)
+    assert job_settings(old) != job_settings(job)
+
+
+def test_the_old_key_steps_sets_jobs_with_one_notice_from_a_file_and_the_command_line(tmp_path):
+    """``steps`` (the pipeline's units before they were named jobs, "step" being the optimizer's) still loads,
+    from a YAML file and from an override, with one ConfigKeyWarning naming ``jobs``; the validation names
+    ``jobs``."""
+    from fastted.train.config import ConfigKeyWarning
+
+    notice = "config key steps is deprecated: it sets jobs (write those instead)"
+    path = tmp_path / "old.yaml"
+    path.write_text("steps: [distil, evaluate]\n")
+    with pytest.warns(ConfigKeyWarning) as caught:
+        config = load_config(str(path))
+    assert [str(w.message) for w in caught] == [notice]
+    assert config.jobs == ["distil", "evaluate"] and "jobs" in config.explicit_keys
+    with pytest.warns(ConfigKeyWarning) as caught:
+        config = load_config(overrides=("steps=[filters-teacher,filters-student,distil]",))
+    assert [str(w.message) for w in caught] == [notice]
+    assert config.jobs == ["filters-teacher", "filters-student", "distil"]
+    with pytest.warns(ConfigKeyWarning), pytest.raises(ConfigError, match=r"jobs\[0\]: got 'bogus'"):
+        load_config(overrides=("steps=[bogus]",))
+
+
+def test_an_old_saved_config_reads_steps_as_jobs_quietly(recwarn):
+    """A checkpoint's config.yaml written before the rename holds ``steps``: read back (from_dict) and compared on
+    resume (job_settings, trainer._run_settings) as ``jobs``, without a notice (the user never wrote it)."""
+    from fastted.train.config import job_settings, to_yaml
+    from fastted.train.trainer import _run_settings
+
+    now = load_config(overrides=("jobs=[distil,evaluate]",))
+    text = to_yaml(now)
+    values = yaml.safe_load(text)
+    old = {("steps" if key == "jobs" else key): value for key, value in values.items()}
+    assert "steps" in old and "jobs" not in old
+    assert from_dict(old).jobs == ["distil", "evaluate"]
+    assert job_settings(old) == job_settings(values)
+    assert _run_settings(yaml.safe_dump(old, sort_keys=False)) == _run_settings(text)
+    old["steps"] = ["distil"]
+    assert _run_settings(yaml.safe_dump(old, sort_keys=False)) != _run_settings(text)
+    assert not [w for w in recwarn if "steps" in str(w.message)]

@@ -282,7 +282,7 @@ def test_a_pretokenized_source_holds_out_its_last_documents(words, tmp_path):
     )
     base = (
         "task=clm",
-        "steps=[distil]",
+        "jobs=[distil]",
         f"data.source={corpus_dir}",
         "data.max_length=8",
         f"output_dir={tmp_path / 'run'}",
