@@ -1,5 +1,5 @@
 """Under torchrun (gloo ranks on the CPU): each rank prepares the data of a causal-LM run over a raw text corpus,
-as every step of the pipeline does, counting the corpus's tokenizations in a file every rank appends to.
+as every job of the pipeline does, counting the corpus's tokenizations in a file every rank appends to.
 
     python -m torch.distributed.run --nproc_per_node N tests/train/data_worker.py COUNT_FILE OUT_PREFIX key=value...
 

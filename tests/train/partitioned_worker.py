@@ -63,7 +63,7 @@ def _holds_a_parameter(tensor: torch.Tensor) -> bool:
 
 def _note(kind: str, nbytes: int, what: str) -> None:
     if nbytes > RECORD["floor"]:
-        RECORD["step"][kind].append({"bytes": nbytes, "what": what, "where": _where()})
+        RECORD["job"][kind].append({"bytes": nbytes, "what": what, "where": _where()})
 
 
 def _device_of(args, kwargs):
@@ -140,7 +140,7 @@ def _install(device: torch.device) -> None:
     read = loading._Reader.__call__
 
     def recorded_read(self, file, name):
-        RECORD["step"]["read"].append(name)
+        RECORD["job"]["read"].append(name)
         return read(self, file, name)
 
     loading._Reader.__call__ = recorded_read
@@ -165,19 +165,19 @@ def main() -> None:
         faulthandler.dump_traceback_later(args.stacks_after, exit=True)
     from fastted.train.cli import main as fastted
 
-    RECORD.update(floor=args.floor, steps=[])
+    RECORD.update(floor=args.floor, jobs=[])
     _install(resolve_device(EngineConfig()))
     for path in args.commands:
         with open(path) as f:
             argv = json.load(f)
-        RECORD["step"] = {"argv": argv, "transfers": [], "whole_models": [], "read": []}
-        RECORD["step"]["code"] = fastted(argv)
-        RECORD["steps"].append(RECORD.pop("step"))
+        RECORD["job"] = {"argv": argv, "transfers": [], "whole_models": [], "read": []}
+        RECORD["job"]["code"] = fastted(argv)
+        RECORD["jobs"].append(RECORD.pop("job"))
     import torch.distributed as dist
 
     rank = dist.get_rank() if dist.is_initialized() else 0
     with open(args.out + (f".rank{rank}" if rank else ""), "w") as f:
-        json.dump({"world": dist.get_world_size() if dist.is_initialized() else 1, "steps": RECORD["steps"]}, f)
+        json.dump({"world": dist.get_world_size() if dist.is_initialized() else 1, "jobs": RECORD["jobs"]}, f)
     finish()  # the group ended, then os._exit: no interpreter teardown (tests/launch.py)
 
 

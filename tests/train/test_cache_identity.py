@@ -250,7 +250,7 @@ def _error(capsys, argv) -> str:
 
 def test_distilling_from_the_cache_reads_no_teacher_weight(tmp_path, monkeypatch):
     """KD, LWD, TED, CoDIR and RAIL-KD distilled from their caches: no byte of the teacher's values is read (the
-    run's teacher, and TED's teacher of the filters step), though the headers are; each cache names its teacher
+    run's teacher, and TED's teacher of the filters job), though the headers are; each cache names its teacher
     by teacher_identity; and with other values in the teachers' weight files every student comes out the same,
     while the live teacher's distillation does not."""
     argv = _run(tmp_path)

@@ -302,7 +302,7 @@ def test_tiny_pipeline_end_to_end_then_resumed(tmp_path, capsys):
     assert [r["step"] for r in train] == [1, 2] and len(train[0]["layer_losses"]) == 3
     assert set(train[0]["terms"]) == {"task", "kd", "mse"} and train[0]["tokens_per_s"] > 0
     assert any("eval" in r for r in records)
-    # Each distil step ran with its own values (distil.<method>) and saved those alone.
+    # Each distil job ran with its own values (distil.<method>) and saved those alone.
     saved = {
         m: yaml.safe_load((out / f"distil-{m}" / "checkpoints" / "step-0000002" / "config.yaml").read_text())
         for m in ("kd", "ted")
@@ -321,7 +321,7 @@ def test_tiny_pipeline_end_to_end_then_resumed(tmp_path, capsys):
         "momentum",
         100,
     )
-    # Run again (without KD's entry, which TED's checkpoint never held): every step resumes from its last
+    # Run again (without KD's entry, which TED's checkpoint never held): every job resumes from its last
     # checkpoint and trains nothing more.
     before = (out / "distil-ted" / "metrics.jsonl").read_text().count('"loss"')
     assert main(["distil", "--method", "ted", "--preset", "bbc-minilm-tiny", f"output_dir={out}"]) == 0
@@ -599,7 +599,7 @@ def test_several_seeds_with_intervals_and_paired_differences(tmp_path, capsys):
 def test_tokenize_once_then_pretrain_on_the_shards_with_a_token_budget(capsys, tmp_path):
     """`fastted tokenize --out` writes a corpus of token shards with 2 workers; a clm run names it as its source,
     trains for distil.train.max_tokens (32 tokens a step: 3 steps for 70 tokens) with a warmup in tokens, and holds
-    out its last documents. `fastted tokenize` without --out makes the run's own shards, which the steps reuse."""
+    out its last documents. `fastted tokenize` without --out makes the run's own shards, which the jobs reuse."""
     from fastted.train import shards
     from tests.tiny_models import WORDS, gpt2
 
@@ -660,7 +660,7 @@ def test_tokenize_once_then_pretrain_on_the_shards_with_a_token_budget(capsys, t
         if "loss" in r
     ] == [1, 2]
 
-    # the run's own shards of the raw corpus: made by `fastted tokenize`, then reused by the steps
+    # the run's own shards of the raw corpus: made by `fastted tokenize`, then reused by the jobs
     raw = tmp_path / "raw"
     assert main(["tokenize", f"data.source={tmp_path / 'corpus.txt'}", f"output_dir={raw}", *common]) == 0
     made = [p for p in (raw / "cache").iterdir() if p.name.startswith("tokens-")]

@@ -203,7 +203,7 @@ def test_method_settings_and_per_method_values_reach_only_their_method(tmp_path)
     assert (ted.distil.ted.kl_alpha, ted.distil.ted.mse_alpha, ted.distil.ted.temperature) == (7.0, 2.0, 2.0)
     assert isinstance(ted.distil.ted.kl_alpha, float)  # typed when applied, from the command line's text
     assert (lwd.distil.lwd.mse_alpha, lwd.distil.lwd.temperature, lwd.distil.train.lr) == (30.0, 3.0, 5e-5)
-    assert lwd.distil.ted == TEDSettings()  # a step's config holds the other methods' defaults, not the run's
+    assert lwd.distil.ted == TEDSettings()  # a job's config holds the other methods' defaults, not the run's
     assert (kd.distil.train.lr, kd.distil.methods, kd.distil.per_method) == (1e-4, ["kd"], {})
     assert config.distil.ted.mse_alpha == 2.0 and config.distil.train.lr == 1e-4 and "lwd" in config.distil.per_method
 

@@ -66,9 +66,9 @@ def test_a_deepspeed_precision_against_engine_precision_is_refused():
     assert ds["bf16"]["enabled"]
 
 
-def test_a_step_saves_the_resolved_precision(monkeypatch, tmp_path):
-    """Every pipeline step starts in pipeline._start, which writes the resolved precision into the config that
-    the step reads (cache-teacher's dtype, the engine) and saves in its checkpoints."""
+def test_a_job_saves_the_resolved_precision(monkeypatch, tmp_path):
+    """Every pipeline job starts in pipeline._start, which writes the resolved precision into the config that
+    the job reads (cache-teacher's dtype, the engine) and saves in its checkpoints."""
     import fastted.train.pipeline as pipeline
 
     monkeypatch.setattr(pipeline, "model_source", lambda model, which: (str(tmp_path), None))

@@ -57,7 +57,7 @@ def _setup(tmp):
         "teacher.intermediate_size=40",
         "student.random_init=true",
     ]
-    steps = [
+    jobs = [
         ["distil", "--method", "kd"],
         ["distil", "--method", "lwd"],
         ["cache-teacher", "--method", "kd"],
@@ -67,10 +67,10 @@ def _setup(tmp):
     files = {}
     for run, extra in (("one", []), ("zero3", ["engine.zero_stage=3", "engine.teacher_zero3=true"])):
         files[run] = []
-        for i, step in enumerate(steps):
-            out = tmp / run / ("fresh" if "teacher.random_init=true" in step else "run")
+        for i, job in enumerate(jobs):
+            out = tmp / run / ("fresh" if "teacher.random_init=true" in job else "run")
             path = tmp / f"{run}-{i}.json"
-            path.write_text(json.dumps(step + common + [f"output_dir={out}"] + extra))
+            path.write_text(json.dumps(job + common + [f"output_dir={out}"] + extra))
             files[run].append(str(path))
     return teacher, files
 
@@ -105,19 +105,19 @@ def _one_layer_bytes(teacher) -> int:
 
 @pytest.mark.slow
 def test_no_whole_model_reaches_the_device_under_zero3(runs):
-    """On both ranks and in every step, no transfer onto the device and no model built or loaded whole exceeds
+    """On both ranks and in every job, no transfer onto the device and no model built or loaded whole exceeds
     one transformer block; the same recorder sees the whole teacher in the one-process run (that has no ZeRO-3),
-    as it saw fastted before partitioned loading (in every step: the engine's teacher.to(device), cache-teacher's
+    as it saw fastted before partitioned loading (in every job: the engine's teacher.to(device), cache-teacher's
     and evaluate's model.to(device))."""
     block = _one_layer_bytes(runs["teacher"])
     for rank, record in enumerate(runs["zero3"]):
-        assert record["world"] == 2 and len(record["steps"]) == 5
-        for step in record["steps"]:
-            assert step["code"] == 0, step["argv"][:3]
-            too_big = [e for e in step["transfers"] + step["whole_models"] if e["bytes"] > block]
-            assert not too_big, (rank, step["argv"][:3], too_big[:3])
-    one = runs["one"][0]["steps"]
-    assert all(step["code"] == 0 for step in one)
+        assert record["world"] == 2 and len(record["jobs"]) == 5
+        for job in record["jobs"]:
+            assert job["code"] == 0, job["argv"][:3]
+            too_big = [e for e in job["transfers"] + job["whole_models"] if e["bytes"] > block]
+            assert not too_big, (rank, job["argv"][:3], too_big[:3])
+    one = runs["one"][0]["jobs"]
+    assert all(job["code"] == 0 for job in one)
     teacher_bytes = sum(p.numel() * 4 for p in load_model(str(runs["teacher"]), "clm").parameters())
     assert max(e["bytes"] for e in one[0]["whole_models"]) == teacher_bytes  # the recorder does see a whole model
 
@@ -128,14 +128,14 @@ def test_cut_blocks_are_never_read(runs):
     only block 0 of the teacher and blocks 0 and 2 for the student: blocks 1, 3, 4, 5 are never read; rank 1
     reads nothing."""
 
-    def blocks_read(step):
-        return {int(name.split(".")[2]) for name in step["read"] if name.startswith("transformer.h.")}
+    def blocks_read(job):
+        return {int(name.split(".")[2]) for name in job["read"] if name.startswith("transformer.h.")}
 
-    kd, lwd = runs["zero3"][0]["steps"][:2]
+    kd, lwd = runs["zero3"][0]["jobs"][:2]
     assert blocks_read(kd) == set(range(TEACHER_LAYERS))
     assert blocks_read(lwd) == {0, 2}
     assert sum(name == "transformer.h.0.ln_1.weight" for name in lwd["read"]) == 2  # teacher's and student's
-    assert all(not step["read"] for step in runs["zero3"][1]["steps"])
+    assert all(not job["read"] for job in runs["zero3"][1]["jobs"])
 
 
 @pytest.mark.slow

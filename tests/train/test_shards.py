@@ -242,7 +242,7 @@ def _text_corpus(path, n=300, seed=0):
 
 @pytest.mark.slow
 def test_a_raw_corpus_is_tokenized_once_whatever_the_ranks(tmp_path):
-    """Two launches of two ranks, each rank preparing the data as a step does: one tokenization in all (rank
+    """Two launches of two ranks, each rank preparing the data as a job does: one tokenization in all (rank
     0's, of train and test), the same blocks on every rank and in the second launch."""
     from tests.launch import run_ranks, torchrun
 
