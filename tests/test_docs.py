@@ -1,6 +1,7 @@
 """The documentation: the site builds with ``mkdocs build --strict``, every ```python block of README.md and
 docs/**/*.md runs, every result file the pages cite is committed, the configs page lists every method's settings
-(``distil.<method>``, from the registry) with their defaults and every old key, and no page writes an old key.
+(``distil.<method>``, from the registry) with their defaults and every old key, and no page writes an old key
+(``steps`` for ``jobs`` among them).
 
 A block runs as it is, in a fresh interpreter whose working folder is a new temporary one, with the checkout
 first on ``sys.path`` and the Triton interpreter off (a user's CPU run takes the PyTorch paths). A block that
@@ -228,14 +229,18 @@ def test_configs_page_lists_every_method_setting():
 
 
 def test_pages_write_the_new_config_keys():
-    """No page tells a user to write an old flat key (distil.mse_alpha) or a method's own setting under
-    distil.per_method, which load only with a deprecation line, except where it says so: the configs page's old
-    keys, and a paragraph that says they still load."""
-    from fastted.train.config import OLD_KEYS, RECIPES
+    """No page tells a user to write an old flat key (distil.mse_alpha), a method's own setting under
+    distil.per_method, or the run's jobs under their old key ``steps`` (``steps=[distil]``, ``steps: [...]``, the
+    key named `steps`), which load only with a deprecation line, except where it says so: the configs page's old
+    keys, and a paragraph that says they still load. A step is the optimizer's (max_steps, ``steps=2`` of a
+    Python example)."""
+    from fastted.train.config import JOBS, OLD_KEYS, RECIPES
 
+    jobs = "|".join(sorted(JOBS, key=len, reverse=True))
     old = re.compile(
         r"distil\.(?:(" + "|".join(sorted(OLD_KEYS, key=len, reverse=True)) + r")\b(?![.\w])"
         r"|per_method\.(" + "|".join(RECIPES) + r")\.(\w+))"
+        r"|(?<![\w.\-])steps(?:\s*[:=]\s*\[?\s*(?:" + jobs + r")\b|`)"
     )
     found = []
     for page in PAGES:
@@ -250,11 +255,11 @@ def test_pages_write_the_new_config_keys():
                 if method and key == "train":  # a shared key of one method: what per_method is for
                     continue
                 found.append(f"{page.relative_to(ROOT)}: {match.group(0)}")
-    assert not found, "old config keys (write distil.<method>.<key>):\n" + "\n".join(found)
+    assert not found, "old config keys (write distil.<method>.<key>, and jobs for steps):\n" + "\n".join(found)
 
 
 def test_yaml_examples_load_without_old_keys(tmp_path):
-    """Every ```yaml block of the pages is a config that loads, and sets no old key."""
+    """Every ```yaml block of the pages is a config that loads, and sets no old key (``steps:`` among them)."""
     import warnings
 
     from fastted.train.config import ConfigKeyWarning, load_config
