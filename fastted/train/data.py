@@ -1,6 +1,6 @@
 """The data layer of the training engine: sources, splits, tokenization, token shards, collators, batch order.
 
-One module for the whole way from a config's data source to the batches of a run; each section is one step
+One module for the whole way from a config's data source to the batches of a run; each section is one part
 of that way.
 
 * :func:`load_source` opens the built-in corpora (BBC News, :data:`BBC_NEWS`;
