@@ -91,18 +91,16 @@ def check_losses(impl: str) -> None:
     )
 
 
-ENGINE_DEPENDENCIES = ("deepspeed", "datasets", "matplotlib", "yaml", "transformers", "gguf", "accelerate")
-
-
 def check_core_only() -> None:
     """The wheel's core install holds none of the engine's dependencies, and the losses imported none of them."""
     import importlib.util
 
     import fastted.integrations  # noqa: F401  (importable without transformers: the Trainer is built on first use)
+    from fastted.extras import ENGINE_ONLY, HF
 
-    installed = [name for name in ENGINE_DEPENDENCIES if importlib.util.find_spec(name) is not None]
+    installed = [name for name in {**HF, **ENGINE_ONLY} if importlib.util.find_spec(name) is not None]
     assert not installed, f"the core install holds {installed}: they belong to the train or hf extra"
-    loaded = [name for name in ENGINE_DEPENDENCIES + ("fastted.train",) if name in sys.modules]
+    loaded = [name for name in [*HF, *ENGINE_ONLY, "fastted.train"] if name in sys.modules]
     assert not loaded, f"importing fastted and running its losses imported {loaded}"
     print("wheel: core install, no engine dependency installed or imported")
 

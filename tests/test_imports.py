@@ -6,6 +6,8 @@ core dependencies, where importing the engine's would fail.
 """
 
 import ast
+import configparser
+import re
 import shutil
 import subprocess
 import sys
@@ -13,26 +15,32 @@ from pathlib import Path
 
 import pytest
 
+from fastted import extras
+
 ROOT = Path(__file__).resolve().parents[1]
-ENGINE_DEPENDENCIES = ("deepspeed", "datasets", "matplotlib", "yaml", "gguf", "accelerate", "fastted.train")
+# What importing fastted and running its losses must never load.
+ENGINE_DEPENDENCIES = (*extras.ENGINE_ONLY, "fastted.train")
 
 
-def test_the_import_contract_holds():
-    """`lint-imports` (import-linter, the dev extra) over `.importlinter`: the library never imports the engine
-    or its dependencies, the ops no recipe, the recipes no integration."""
-    lint = shutil.which("lint-imports") or str(Path(sys.executable).parent / "lint-imports")
-    if not Path(lint).exists():
+@pytest.fixture(scope="module")
+def lint() -> str:
+    """The `lint-imports` command of this interpreter's environment (import-linter, the dev extra)."""
+    found = shutil.which("lint-imports") or str(Path(sys.executable).parent / "lint-imports")
+    if not Path(found).exists():
         pytest.skip("import-linter is not installed (pip install -e '.[dev]')")
+    return found
+
+
+def test_the_import_contract_holds(lint):
+    """`lint-imports` over `.importlinter`: the library never imports the engine or its dependencies, the ops no
+    recipe, the recipes no integration."""
     done = subprocess.run([lint], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert "0 broken" in done.stdout, done.stdout[-2000:]
 
 
-def test_the_contract_catches_a_library_module_that_imports_the_engine(tmp_path):
+def test_the_contract_catches_a_library_module_that_imports_the_engine(lint, tmp_path):
     """The contract is not vacuous: a copy of the package where fastted.mapping imports the engine breaks it."""
-    lint = shutil.which("lint-imports") or str(Path(sys.executable).parent / "lint-imports")
-    if not Path(lint).exists():
-        pytest.skip("import-linter is not installed (pip install -e '.[dev]')")
     shutil.copytree(ROOT / "fastted", tmp_path / "fastted", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / ".importlinter", tmp_path / ".importlinter")
     with open(tmp_path / "fastted" / "mapping.py", "a") as f:
@@ -40,6 +48,23 @@ def test_the_contract_catches_a_library_module_that_imports_the_engine(tmp_path)
     env = {"PATH": str(Path(sys.executable).parent), "PYTHONPATH": str(tmp_path)}
     done = subprocess.run([lint], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode != 0 and "BROKEN" in done.stdout, done.stdout[-3000:] + done.stderr[-2000:]
+
+
+def test_one_list_of_dependencies_agrees_with_setup_and_the_contract():
+    """fastted.extras is the one list: setup.py's hf and train extras name its distributions, and `.importlinter`
+    forbids the library every module only the engine imports."""
+    setup = (ROOT / "setup.py").read_text()
+
+    def extra(name: str) -> set[str]:
+        body = re.search(rf'"{name}": \[(.*?)\]', setup, re.S).group(1)
+        return {re.match(r"[A-Za-z0-9_.-]+", req).group(0) for req in re.findall(r'"([^"]+)"', body)}
+
+    assert extra("hf") == set(extras.HF.values())
+    assert extra("train") == set(extras.TRAIN.values())
+    contract = configparser.ConfigParser()
+    contract.read(ROOT / ".importlinter")
+    forbidden = contract["importlinter:contract:library-never-imports-the-engine"]["forbidden_modules"].split()
+    assert set(extras.ENGINE_ONLY) | {"fastted.train"} == set(forbidden)
 
 
 def _fastted_imports(path: Path) -> list[str]:

@@ -6,21 +6,9 @@ needs the ``train`` extra (``pip install "fastted[train]"``), which is checked h
 its modules is imported.
 """
 
-import importlib.util
+from fastted.extras import TRAIN, missing
 
-# The distributions the engine imports, by their import names.
-_NEEDS = {
-    "transformers": "transformers",
-    "datasets": "datasets",
-    "deepspeed": "deepspeed",
-    "yaml": "pyyaml",
-    "tqdm": "tqdm",
-    "matplotlib": "matplotlib",
-    "gguf": "gguf",
-    "accelerate": "accelerate",
-}
-
-_missing = [dist for module, dist in _NEEDS.items() if importlib.util.find_spec(module) is None]
+_missing = missing(TRAIN)
 if _missing:
     raise ImportError(
         f"fastted.train (the engine and the `fastted` command) needs {', '.join(_missing)}, which "
