@@ -10,6 +10,8 @@ is a module here and its import below.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
+
 from fastted.methods.base import REGISTRY, Recipe, RecipeModels, RecipeOutput
 from fastted.methods.codir import CoDIR
 from fastted.methods.dwt import DWT, Schedule, remap_parameters
@@ -19,13 +21,30 @@ from fastted.methods.lwd import LWD
 from fastted.methods.railkd import RAILKD
 from fastted.methods.ted import TED, TEDStage1, load_stage1
 
-# The distillation recipes by their names in a config: the papers' methods in this order (the config's and its
-# messages'), then any other registered one, in the order its module was imported.
-_FIRST = {cls.method: cls for cls in (TED, LWD, KD, CoDIR, RAILKD, DWT)}
-_ordered = {**_FIRST, **{name: cls for name, cls in REGISTRY.items() if name not in _FIRST}}
-REGISTRY.clear()
-REGISTRY.update(_ordered)
-METHODS: dict[str, type[Recipe]] = REGISTRY
+
+class _Methods(Mapping):
+    """The registry read in the papers' order (the config's and its messages'), then any other registered method
+    in the order it registered; live, so a method registered after this import is in it too."""
+
+    _PAPERS = (TED, LWD, KD, CoDIR, RAILKD, DWT)
+
+    def __getitem__(self, name: str) -> type[Recipe]:
+        return REGISTRY[name]
+
+    def __iter__(self) -> Iterator[str]:
+        first = [cls.method for cls in self._PAPERS]
+        yield from first
+        yield from (name for name in REGISTRY if name not in first)
+
+    def __len__(self) -> int:
+        return len(REGISTRY)
+
+    def __repr__(self) -> str:
+        return f"METHODS({', '.join(self)})"
+
+
+# The distillation recipes by their names in a config.
+METHODS: Mapping[str, type[Recipe]] = _Methods()
 
 
 def recipe_class(method: str) -> type[Recipe]:
