@@ -30,6 +30,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from fastted.methods import KD, LWD, RAILKD, TED, CoDIR
 from fastted.methods import METHODS as RECIPES
 
 TASKS = ("classification", "mlm", "clm")
@@ -121,7 +122,7 @@ class FiltersConfig:
 class _SharedDistil:
     """What every method of a run shares: which methods run, their schedule, the teacher cache."""
 
-    methods: list[str] = field(default_factory=lambda: ["kd", "lwd", "ted"])
+    methods: list[str] = field(default_factory=lambda: [KD.method, LWD.method, TED.method])
     fused_lm_head: bool = True  # mlm / clm: the LM heads fused with the KL (no logits)
     truncate_teacher: bool = True  # no KL term: the teacher runs only up to its last mapped layer
     teacher_cache: bool = False  # distil from the cache-teacher job's cache, not the live teacher
@@ -257,7 +258,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "student.num_layers": 6,
         "data.max_length": 256,
         "data.max_test_examples": 64,
-        "distil.methods": ["lwd"],
+        "distil.methods": [LWD.method],
         "distil.lwd.temperature": 1.0,
         "distil.lwd.mse_alpha": 1e-3,
         "distil.dwt.temperature": 1.0,
@@ -276,7 +277,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "student.layers": None,
         "data.max_length": 256,
         "data.max_test_examples": 64,
-        "distil.methods": ["kd", "lwd"],
+        "distil.methods": [KD.method, LWD.method],
         "distil.kd.temperature": 1.0,
         "distil.lwd.temperature": 1.0,
         "distil.lwd.mse_alpha": 1e-3,
@@ -293,7 +294,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "student.layers": None,
         "data.max_length": 128,
         "data.max_test_examples": 64,
-        "distil.methods": ["kd", "lwd"],
+        "distil.methods": [KD.method, LWD.method],
         "distil.train.lr": 1e-4,
         "distil.train.batch_size": 16,
         "distil.train.max_steps": 200,
@@ -303,7 +304,11 @@ PRESETS: dict[str, dict[str, Any]] = {
 # The method comparisons of docs/comparison.md: every distillation method that a fine-tuning run compares, three
 # seeds each (the teacher fine-tuned once), on each built-in task. RAIL-KD draws its layers each step here, as the
 # committed results were run (its default is the paper's per-epoch draw).
-COMPARED = {"seeds": [0, 1, 2], "distil.methods": ["kd", "lwd", "ted", "codir", "railkd"], "distil.railkd.per": "step"}
+COMPARED = {
+    "seeds": [0, 1, 2],
+    "distil.methods": [recipe.method for recipe in (KD, LWD, TED, CoDIR, RAILKD)],
+    "distil.railkd.per": "step",
+}
 PRESETS["bbc-minilm-compare"] = {**PRESETS["bbc-minilm"], **COMPARED, "output_dir": "runs/bbc-minilm-compare"}
 PRESETS["rt-minilm-compare"] = {**PRESETS["rt-minilm"], **COMPARED, "output_dir": "runs/rt-minilm-compare"}
 
@@ -384,11 +389,6 @@ def _number(text: str):
 
 
 def _build(cls, values: dict, prefix: str = ""):
-    if cls is DistilConfig:  # key by key, as a file's: an older config's flat keys map onto the methods' sections
-        config = Config()
-        for key, value in _flatten({"distil": values}).items():
-            _set_dotted(config, key, value)
-        return config.distil
     hints = _hints(cls)
     for key in values:
         if key not in hints:
@@ -414,14 +414,18 @@ def _renamed(key: str) -> Optional[list[str]]:
     return None
 
 
-def _set_dotted(config, key: str, value) -> None:
+def _set_dotted(config, key: str, value, warn: bool = True) -> None:
+    """Set one dotted key of ``config``; an old key (:func:`_renamed`) sets its new ones, with a
+    :class:`ConfigKeyWarning` unless ``warn`` is False (a saved config: written by an older fastted, not by the
+    user reading the warning)."""
     new_keys = _renamed(key)
     if new_keys is not None:
-        warnings.warn(
-            f"config key {key} is deprecated: it sets {', '.join(new_keys)} (write those instead)",
-            ConfigKeyWarning,
-            stacklevel=2,
-        )
+        if warn:
+            warnings.warn(
+                f"config key {key} is deprecated: it sets {', '.join(new_keys)} (write those instead)",
+                ConfigKeyWarning,
+                stacklevel=2,
+            )
         for new in new_keys:
             _set_dotted(config, new, copy.deepcopy(value))
         return
@@ -574,7 +578,7 @@ def job_settings(values: dict) -> dict:
     ``jobs``, the flat distil keys of a checkpoint written before the methods owned their settings onto their
     sections); each section whole (its defaults where unset); and only the sections of the job's own methods
     (another method's settings never block its resume)."""
-    values = _jobs_key(values)
+    values = _moved_top_keys(values)
     distil = values.get("distil")
     if not isinstance(distil, dict):
         return values
@@ -622,21 +626,26 @@ def to_dict(config) -> dict:
     return dataclasses.asdict(config)
 
 
-def _jobs_key(values: dict) -> dict:
-    """A saved config's values with the old key ``steps`` read as ``jobs``, quietly: the config was written by an
-    older fastted, not by the user reading the warning (``jobs`` wins where a config holds both)."""
-    if not isinstance(values, dict) or "steps" not in values:
+def _moved_top_keys(values: dict) -> dict:
+    """A saved config's values with its old top-level keys (:func:`_renamed`: ``steps``) moved onto their new
+    ones, quietly; a new key wins where the values hold both."""
+    if not isinstance(values, dict):
         return values
-    values = dict(values)
-    steps = values.pop("steps")
-    values.setdefault("jobs", steps)
-    return values
+    out = {key: value for key, value in values.items() if _renamed(key) is None}
+    for key, value in values.items():
+        for new in _renamed(key) or ():
+            out.setdefault(new, value)
+    return out
 
 
 def from_dict(values: dict) -> Config:
-    """The config of saved values (a checkpoint's config.yaml read back), checked; an older config's ``steps`` is
-    read as ``jobs``."""
-    config = _build(Config, _jobs_key(values))
+    """The config of saved values (a checkpoint's config.yaml read back), checked. It is set key by key as a file's
+    is, so an older config's old keys (``steps``, the flat distil keys) move onto their new ones, quietly."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"a saved config: got {type(values).__name__}, needs a mapping of config keys")
+    config = Config()
+    for key, value in _per_method_last(list(_flatten(_moved_top_keys(values)).items())):
+        _set_dotted(config, key, value, warn=False)
     check(config)
     return config
 
