@@ -666,7 +666,7 @@ def _autotune_cases(tests, smoke: bool, cuda: bool) -> list:
     cases = [
         (case, dtype, grad)
         for dtype in (torch.bfloat16, torch.float16, torch.float32)
-        for case, grad in (("ted", True), ("lwd", True), ("identity", True), ("lwd", False))
+        for case, grad in (("filters", True), ("projection", True), ("identity", True), ("projection", False))
     ]
     if smoke:  # one case with a column-sum buffer, one without
         cases = [cases[0], next(c for c in cases if not c[2])]

@@ -17,8 +17,8 @@ from tests.tables import DTYPES, SHAPES, assert_close_to_spec, device, seed_for
 IMPLS = ["reference", "triton"]
 # case -> (student filter, student bias, teacher filter, teacher bias)
 CASES = {
-    "ted": (True, True, True, True),  # task-aware filters on both sides
-    "lwd": (True, True, False, False),  # student projection, raw teacher states as targets
+    "filters": (True, True, True, True),  # task-aware filters on both sides
+    "projection": (True, True, False, False),  # student projection, raw teacher states as targets
     "identity": (False, False, False, False),  # d_s = d_f, no filter at all
     "identity_teacher_filter": (False, True, True, False),
     "targets_no_bias": (True, False, False, False),
@@ -142,7 +142,7 @@ def test_cases_shapes_dtypes(case, shape, dtype, impl):
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("mask_kind", MASKS)
-@pytest.mark.parametrize("case", ["ted", "lwd"])
+@pytest.mark.parametrize("case", ["filters", "projection"])
 def test_masks(case, mask_kind, impl):
     check_filtered_mse(case, SHAPES[1], torch.float32, mask_kind, 3, impl)
 
@@ -150,25 +150,25 @@ def test_masks(case, mask_kind, impl):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("n_layers", [1, 2, 5, 12])
 def test_layer_counts(n_layers, impl):
-    check_filtered_mse("ted", SHAPES[0], torch.float32, "random", n_layers, impl)
+    check_filtered_mse("filters", SHAPES[0], torch.float32, "random", n_layers, impl)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("grad_out", [0.37, -2.5])
 def test_incoming_gradient(grad_out, impl):
-    check_filtered_mse("ted", SHAPES[1], torch.float32, "random", 3, impl, grad_out=grad_out)
+    check_filtered_mse("filters", SHAPES[1], torch.float32, "random", 3, impl, grad_out=grad_out)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("layer_weights", [[1.0, 2.0, 0.5], [0.0, 1.0, 3.0]], ids=str)
 def test_layer_weights(layer_weights, impl):
-    check_filtered_mse("ted", SHAPES[0], torch.float32, "random", 3, impl, layer_weights=layer_weights)
+    check_filtered_mse("filters", SHAPES[0], torch.float32, "random", 3, impl, layer_weights=layer_weights)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_unmasked_is_ted_reference_exactly(impl):
     """mask=None is the mean of F.mse_loss over layers, as TED's public code computes it."""
-    inputs = _make("ted", (4, 9), 12, 20, 16, 3, torch.float32, "none", seed_for("ted-exact", impl))
+    inputs = _make("filters", (4, 9), 12, 20, 16, 3, torch.float32, "none", seed_for("ted-exact", impl))
     loss = fastted.filtered_mse(**inputs, impl=impl)
     with torch.no_grad():
         per_layer = [
@@ -194,7 +194,7 @@ def test_unmasked_is_ted_reference_exactly(impl):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_mixed_identity_and_filtered_layers(impl):
     """None entries in student_weights next to real ones (two kernel launches)."""
-    a = _make("lwd", (23,), 16, 16, 16, 2, torch.float32, "random", 1)
+    a = _make("projection", (23,), 16, 16, 16, 2, torch.float32, "random", 1)
     b = _make("identity", (23,), 16, 16, 16, 2, torch.float32, "random", 2)
     inputs = {
         "student_states": a["student_states"] + b["student_states"],
@@ -218,7 +218,7 @@ def _noncontiguous(x):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_noncontiguous_inputs(impl):
-    inputs = _make("ted", (3, 11), 20, 28, 12, 2, torch.float32, "random", seed_for("strided", impl))
+    inputs = _make("filters", (3, 11), 20, 28, 12, 2, torch.float32, "random", seed_for("strided", impl))
     strided = dict(inputs)
     for key in ("student_states", "teacher_states"):
         strided[key] = [_noncontiguous(x.detach()).detach().requires_grad_() for x in inputs[key]]
@@ -229,7 +229,7 @@ def test_noncontiguous_inputs(impl):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_frozen_teacher_gets_no_gradient(impl):
-    inputs = _make("ted", (17,), 8, 12, 10, 2, torch.float32, "random", 5, teacher_grad=False)
+    inputs = _make("filters", (17,), 8, 12, 10, 2, torch.float32, "random", 5, teacher_grad=False)
     loss = fastted.filtered_mse(**inputs, impl=impl)
     loss.backward()
     assert all(x.grad is not None for x in inputs["student_states"] + inputs["student_weights"])
@@ -240,7 +240,7 @@ def test_chunked_path_splits_rows(monkeypatch):
     """The CPU path gives the same loss and gradients when it works in many row blocks."""
     import fastted.ops.filtered_mse as op
 
-    inputs = _make("ted", (5, 13), 12, 20, 16, 2, torch.float64, "random", 11)
+    inputs = _make("filters", (5, 13), 12, 20, 16, 2, torch.float64, "random", 11)
     whole = _run(fastted.filtered_mse, _clone(inputs), 1.0, impl="reference", return_layer_losses=True)
     monkeypatch.setattr(op, "CHUNK_ELEMENTS", 7 * 20)  # 7 rows per block
     split = _run(fastted.filtered_mse, _clone(inputs), 1.0, impl="reference", return_layer_losses=True)
@@ -251,7 +251,7 @@ def test_chunked_path_splits_rows(monkeypatch):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_no_grad_forward(impl):
-    inputs = _make("lwd", (19,), 8, 12, 10, 2, torch.float32, "random", 6)
+    inputs = _make("projection", (19,), 8, 12, 10, 2, torch.float32, "random", 6)
     with torch.no_grad():
         loss = fastted.filtered_mse(**inputs, impl=impl)
     ref, _ = _spec(**_clone(inputs, torch.float64))
@@ -260,7 +260,7 @@ def test_no_grad_forward(impl):
 
 
 def test_module_keeps_layer_losses():
-    inputs = _make("ted", (2, 7), 8, 12, 10, 3, torch.float32, "random", 7)
+    inputs = _make("filters", (2, 7), 8, 12, 10, 3, torch.float32, "random", 7)
     module = fastted.FilteredMSELoss(layer_weights=[1.0, 1.0, 2.0])
     loss = module(**inputs)
     ref, ref_layers = _spec(**_clone(inputs, torch.float64), layer_weights=[1.0, 1.0, 2.0])
@@ -271,7 +271,7 @@ def test_module_keeps_layer_losses():
 
 def test_autocast_runs_in_autocast_dtype():
     """Under autocast, fp32 weights and states run in bf16, and fp32 parameters get fp32 gradients."""
-    inputs = _make("lwd", (21,), 16, 16, 24, 2, torch.float32, "random", 8)
+    inputs = _make("projection", (21,), 16, 16, 24, 2, torch.float32, "random", 8)
     dev = device()
     with torch.autocast(dev.type, dtype=torch.bfloat16):
         loss = fastted.filtered_mse(**inputs)
@@ -283,7 +283,7 @@ def test_autocast_runs_in_autocast_dtype():
 
 
 def test_float64_runs_on_reference_path():
-    inputs = _make("ted", (9,), 8, 12, 10, 2, torch.float64, "random", 9)
+    inputs = _make("filters", (9,), 8, 12, 10, 2, torch.float64, "random", 9)
     loss = fastted.filtered_mse(**inputs)
     ref, _ = _spec(**_clone(inputs))
     assert loss.dtype == torch.float64
@@ -304,7 +304,7 @@ def test_every_autotune_config(config, dtype, monkeypatch):
     from fastted.kernels import filtered_mse as kernel
 
     monkeypatch.setattr(kernel.filtered_mse_fwd_kernel, "configs", [kernel.AUTOTUNE_CONFIGS[config]])
-    check_filtered_mse("ted", ((3, 97), 70, 90, 130), dtype, "random", 2, "triton")
+    check_filtered_mse("filters", ((3, 97), 70, 90, 130), dtype, "random", 2, "triton")
     assert kernel.filtered_mse_fwd_kernel.best_config is kernel.AUTOTUNE_CONFIGS[config]
 
 
@@ -364,7 +364,7 @@ def _sweep_on_cpu(monkeypatch):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU check runs this on the device")
-@pytest.mark.parametrize("case", ["ted", "lwd"])
+@pytest.mark.parametrize("case", ["filters", "projection"])
 def test_autotune_sweep_leaks_nothing(case, monkeypatch):
     """Under the interpreter the autotuner sweeps three configs: without zeroing the partial sums before
     each, the stale small tiles' partial sums reach the first call's loss and bias gradients."""
@@ -376,7 +376,7 @@ def test_autotune_sweep_leaks_nothing(case, monkeypatch):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU check runs this on the device")
 @pytest.mark.parametrize(
     "case, grad",
-    [("identity", True), ("targets_no_bias", True), ("lwd", False)],
+    [("identity", True), ("targets_no_bias", True), ("projection", False)],
     ids=["identity-student", "filter-without-bias", "no-grad-forward"],
 )
 def test_autotune_sweep_without_colsum(case, grad, monkeypatch):
