@@ -13,6 +13,7 @@ pass over both LM heads, without their logits.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -45,6 +46,10 @@ class LayerwiseSettings(LogitSettings):
     # padding included, as TED's public code)
     normalize_mse: bool = False  # each layer's MSE over its targets' mean square (measured on the
     # first batch), so one mse_alpha carries across models
+
+
+# The flat distil keys of configs written before the methods owned their settings, as TED and LWD read them.
+LAYERWISE_OLD_KEYS = {field.name: field.name for field in dataclasses.fields(LayerwiseSettings)}
 
 
 class LayerwiseRecipe(Recipe):

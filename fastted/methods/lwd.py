@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from fastted.mapping import LayerMap
 from fastted.methods.base import register
-from fastted.methods.layerwise import LayerwiseRecipe, LayerwiseSettings
+from fastted.methods.layerwise import LAYERWISE_OLD_KEYS, LayerwiseRecipe, LayerwiseSettings
 
 
 @dataclass
@@ -30,9 +30,7 @@ class LWDSettings(LayerwiseSettings):
 @register(
     "lwd",
     LWDSettings,
-    old_keys={
-        key: key for key in ("task_alpha", "kl_alpha", "mse_alpha", "temperature", "mask_padding", "normalize_mse")
-    },
+    old_keys=LAYERWISE_OLD_KEYS,
 )
 class LWD(LayerwiseRecipe):
     """Layer-wise distillation of raw hidden states.

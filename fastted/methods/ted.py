@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from fastted.filters import ClassificationHead, TaskFilters
 from fastted.mapping import LayerMap, interval_layers
 from fastted.methods.base import Recipe, RecipeModels, RecipeOutput, register
-from fastted.methods.layerwise import LayerwiseRecipe, LayerwiseSettings
+from fastted.methods.layerwise import LAYERWISE_OLD_KEYS, LayerwiseRecipe, LayerwiseSettings
 from fastted.models import weights_hash
 
 
@@ -138,9 +138,7 @@ class TEDSettings(LayerwiseSettings):
 @register(
     "ted",
     TEDSettings,
-    old_keys={
-        key: key for key in ("task_alpha", "kl_alpha", "mse_alpha", "temperature", "mask_padding", "normalize_mse")
-    },
+    old_keys=LAYERWISE_OLD_KEYS,
 )
 class TED(LayerwiseRecipe):
     """TED's stage II.
