@@ -43,6 +43,9 @@ class TEDStage1(Recipe):
         interval, filter_dim, nonlinear, activation: build the default
             filters (see :class:`~fastted.filters.TaskFilters`).
         dropout: of the classification heads.
+        model_dropout: the frozen model's own dropout on while the filters
+            train (its weights stay frozen): the TED authors' stage I, whose
+            model is in training mode. False (the default) runs it in eval mode.
 
     The heads: classification, one :class:`~fastted.filters.ClassificationHead`
     per filter; language modelling, the model's own (frozen) LM head applied
@@ -60,10 +63,14 @@ class TEDStage1(Recipe):
         nonlinear: bool = False,
         activation: str = "gelu",
         dropout: float = 0.1,
+        model_dropout: bool = False,
         task: Optional[str] = None,
         impl: str = "auto",
     ):
         super().__init__(model, task=task, impl=impl, train_student=False)
+        if not isinstance(model_dropout, bool):
+            raise ValueError(f"model_dropout must be a bool, got {model_dropout!r}")
+        self.model_dropout = model_dropout
         adapter = self.student_model
         if filters is None:
             filters = TaskFilters(
@@ -86,16 +93,38 @@ class TEDStage1(Recipe):
         else:
             self.heads = nn.ModuleList(nn.Linear(d_f, adapter.vocab_size) for _ in range(len(filters)))
 
-    def forward(self, batch: dict, *, step: Optional[int] = None, epoch: int = 0) -> RecipeOutput:
-        self._schedule_step(step)
+    def train(self, mode: bool = True):
+        """As every recipe's (the frozen model in eval mode), but with ``model_dropout`` the frozen model follows
+        ``mode``: its dropout is on while the filters train, off while they are evaluated."""
+        super().train(mode)
+        if self.model_dropout:
+            self.student.train(mode)
+        return self
+
+    def _probe_outputs(self, batch: dict) -> list[Tensor]:
+        """Each filter's head's output (classification logits or LM logits) on ``batch``."""
         with torch.no_grad():  # the model is frozen: its states are constants for the filters
             out = self.student_model(batch, self.filters.layers)
         filtered = self.filters(out.hidden_states)
         heads = [self.lm_head] * len(filtered) if self.heads is None else self.heads
-        losses = torch.stack(
-            [self.student_model.task_loss(head(x), batch.get("labels")) for head, x in zip(heads, filtered)]
-        )
+        return [head(x) for head, x in zip(heads, filtered)]
+
+    def forward(self, batch: dict, *, step: Optional[int] = None, epoch: int = 0) -> RecipeOutput:
+        self._schedule_step(step)
+        outputs = self._probe_outputs(batch)
+        losses = torch.stack([self.student_model.task_loss(logits, batch.get("labels")) for logits in outputs])
         return self._total({"task": losses.mean()}, {"task": 1.0}, layer_losses=losses.detach())
+
+    @torch.no_grad()
+    def probe_correct(self, batch: dict) -> Tensor:
+        """Classification: how many of ``batch``'s examples each filter, read by its head as a probe, classifies
+        right: (n_filters,) int64. Whether the filters are task-aware, layer by layer."""
+        if self.heads is None or self.student_model.task != "classification":
+            raise ValueError(
+                f"probe_correct reads classification heads; this TEDStage1 is for {self.student_model.task!r}"
+            )
+        labels = batch["labels"]
+        return torch.stack([(logits.argmax(-1) == labels).sum() for logits in self._probe_outputs(batch)])
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Save the model and its filters into one directory: what TED's stage II loads."""

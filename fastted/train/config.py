@@ -115,7 +115,11 @@ class FiltersConfig:
     # None: teacher layers / student layers (one per student layer)
     filter_dim: Optional[int] = None  # None: the teacher's hidden size, for both models
     nonlinear: bool = False
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-3))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-3))  # stage I's schedule, both models
+    per_model: dict = field(default_factory=dict)  # "teacher" / "student" -> filters.train keys for that model's
+    # stage I alone (the TED authors train each at its own fine-tuning learning rate), e.g. per_model.teacher.lr
+    dropout: bool = False  # the frozen model's own dropout on while its filters train (the authors': on)
+    head_dropout: float = 0.1  # of the stage-I classification heads
 
 
 @dataclass
@@ -572,6 +576,32 @@ def method_config(config: Config, method: str) -> Config:
     return one
 
 
+FILTERED_MODELS = ("teacher", "student")
+
+
+def filters_config(config: Config, which: str) -> Config:
+    """The config that the filters job of ``which`` ("teacher" or "student") reads: a copy with
+    ``filters.per_model[which]`` set over ``filters.train`` and ``per_model`` emptied (the job's saved config then
+    holds its own schedule alone); ConfigError names the per-model key."""
+    per_model = config.filters.per_model or {}
+    unknown = [key for key in per_model if key not in FILTERED_MODELS]
+    if unknown:
+        raise ConfigError(f"filters.per_model: got {unknown[0]!r}, needs one of {', '.join(FILTERED_MODELS)}")
+    values = per_model.get(which) or {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"filters.per_model.{which}: got {values!r}, needs a mapping of filters.train keys")
+    one = copy.deepcopy(config)
+    one.filters.per_model = {}
+    for key, value in _flatten(values).items():
+        name = f"filters.per_model.{which}.{key}"
+        try:
+            _set_dotted(one, f"filters.train.{key}", value)
+            _check_train("filters.train", one.filters.train)
+        except ConfigError as error:
+            raise ConfigError(str(error).replace(f"filters.train.{key}", name)) from None
+    return one
+
+
 def job_settings(values: dict) -> dict:
     """A job's saved config (the YAML values of :func:`method_config`'s config) as a job compares a checkpoint's
     settings with its own: the old keys of a checkpoint written before them moved, quietly (``steps`` onto
@@ -828,6 +858,10 @@ def check(config: Config) -> None:
         )
     _positive("filters.interval", config.filters.interval)
     _positive("filters.filter_dim", config.filters.filter_dim)
+    if not 0 <= config.filters.head_dropout < 1:
+        raise ConfigError(f"filters.head_dropout: got {config.filters.head_dropout!r}, needs a number in [0, 1)")
+    for which in config.filters.per_model or {}:
+        filters_config(config, which)  # raises naming the key
     d = config.distil
     for name in RECIPES:
         _check_settings(f"distil.{name}", getattr(d, name))

@@ -36,7 +36,16 @@ import torch
 from fastted.files import write_atomic
 from fastted.integrations import with_index
 from fastted.models import is_partitioned
-from fastted.train.config import Config, ConfigError, TrainConfig, method_config, packs_blocks, run_kind, to_yaml
+from fastted.train.config import (
+    Config,
+    ConfigError,
+    TrainConfig,
+    filters_config,
+    method_config,
+    packs_blocks,
+    run_kind,
+    to_yaml,
+)
 from fastted.train.data import Data, prepare_data
 from fastted.train.engine import (
     Engine,
@@ -130,13 +139,19 @@ def tokens_per_step(data: Data, train: TrainConfig) -> Optional[int]:
     return None if block is None else train.batch_size * block
 
 
-def _train(config: Config, name: str, recipe, data: Data, train: TrainConfig, device, evaluate_adapter) -> dict:
+def _train(
+    config: Config, name: str, recipe, data: Data, train: TrainConfig, device, evaluate_adapter, evaluate=None
+) -> dict:
+    """Train ``recipe`` as the job ``name`` and export it; the result holds the test metric of
+    ``evaluate_adapter`` (a model), or what ``evaluate(engine)`` returns, or neither."""
     per_step = tokens_per_step(data, train)
     steps = total_steps(len(data.train), train, _train_key(config, train), per_step)
     engine = Engine(recipe, train, config.engine, steps, device, tokens_per_step=per_step)
 
-    def evaluate(eng):
-        return evaluate_model(evaluate_adapter, data, config.task, eng.micro_batch, eng.device, eng.rank, eng.world)
+    if evaluate_adapter is not None:
+
+        def evaluate(eng):
+            return evaluate_model(evaluate_adapter, data, config.task, eng.micro_batch, eng.device, eng.rank, eng.world)
 
     training = Training(
         name=name,
@@ -145,7 +160,7 @@ def _train(config: Config, name: str, recipe, data: Data, train: TrainConfig, de
         dataset=data.train,
         collator=data.collator,
         train=train,
-        evaluate=None if evaluate_adapter is None else evaluate,
+        evaluate=evaluate,
         config_text=to_yaml(config),
         seed=config.seed,
         progress=config.progress,
@@ -271,7 +286,9 @@ def finetune(config: Config, which: str) -> dict:
 def learn_filters(config: Config, which: str) -> dict:
     """TED's stage I on the fine-tuned (classification) or pretrained (LM) model."""
     from fastted.methods import TEDStage1
+    from fastted.train.trainer import evaluate_probes
 
+    config = filters_config(config, which)  # this model's stage-I schedule
     st = _start(config)
     # the frozen model is held outside the recipe's tree: whole on each rank (the engine partitions a teacher alone)
     legacy = _legacy(config, _partitioning(config, st, config.filters.train, 1))
@@ -286,10 +303,18 @@ def learn_filters(config: Config, which: str) -> dict:
         interval=_interval(config, which),
         filter_dim=filter_dim,
         nonlinear=config.filters.nonlinear,
+        dropout=config.filters.head_dropout,
+        model_dropout=config.filters.dropout,
         task=config.task,
         impl=config.engine.impl,
     )
-    return _train(config, f"filters-{which}", recipe, st.data, config.filters.train, st.device, None)
+    probes = None
+    if config.task == "classification":  # each filter's accuracy as a probe on the test split, in result.json
+
+        def probes(engine):
+            return evaluate_probes(recipe, st.data, engine.micro_batch, engine.device, engine.rank, engine.world)
+
+    return _train(config, f"filters-{which}", recipe, st.data, config.filters.train, st.device, None, probes)
 
 
 def _num_layers(config: Config, which: str) -> int:

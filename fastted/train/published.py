@@ -49,10 +49,48 @@ _TED_GLUE = {
 }
 
 
+# cliang1453/task-aware-distillation, scripts/learn_filters_glue.sh (commit 1cd33d0): TED's stage I per task, each
+# model at its own fine-tuning learning rate (scripts/finetune_glue.sh's) and batch size, with its warmup steps;
+# the filters of every layer (interval 1, fastted's default for two 12-layer models), the model frozen but in
+# training mode (its dropout on), except on RTE, where the script turns the model's dropout off. The script sets
+# no weight decay and no gradient clipping. Not carried over: CoLA's student head without dropout
+# (filters.head_dropout holds for both models).
+_TED_STAGE1 = {
+    # task: (epochs, teacher (batch, lr, warmup steps), student (batch, lr, warmup steps), model dropout)
+    "mnli": (3, (64, 2e-5, 1500), (64, 7e-5, 1500), True),
+    "qqp": (8, (64, 2e-5, 5000), (64, 6e-5, 5000), True),
+    "qnli": (3, (32, 1e-5, 500), (32, 5e-5, 500), True),
+    "sst2": (6, (32, 2e-5, 0), (32, 4e-5, 0), True),
+    "rte": (6, (16, 3e-5, 0), (32, 6e-5, 0), False),
+    "cola": (6, (32, 2e-5, 100), (32, 6e-5, 0), True),
+    "mrpc": (6, (32, 3e-5, 0), (32, 7e-5, 0), True),
+    "stsb": (6, (16, 2e-5, 100), (16, 1e-4, 100), True),
+}
+
+
+def _stage1(task: str) -> dict[str, Any]:
+    epochs, teacher, student, dropout = _TED_STAGE1[task]
+    out: dict[str, Any] = {
+        "filters.dropout": dropout,
+        "filters.head_dropout": 0.1 if dropout else 0.0,
+        "filters.train.epochs": float(epochs),
+        "filters.train.weight_decay": 0.0,
+        "filters.train.clip": 0.0,
+        "filters.train.decay": "linear",
+    }
+    for which, (batch, lr, warmup) in (("teacher", teacher), ("student", student)):
+        steps = epochs * -(-_GLUE_TRAIN[task] // batch)
+        out[f"filters.per_model.{which}.batch_size"] = batch
+        out[f"filters.per_model.{which}.lr"] = lr
+        out[f"filters.per_model.{which}.warmup_ratio"] = round(warmup / steps, 4)
+    return out
+
+
 def _ted_glue(task: str) -> dict[str, Any]:
     batch, lr, epochs, warmup, max_length, ted, lwd, kd = _TED_GLUE[task]
     steps = epochs * -(-_GLUE_TRAIN[task] // batch)
     return {
+        **_stage1(task),
         "data.max_length": max_length,
         "distil.ted.temperature": 2.0,
         "distil.lwd.temperature": 2.0,

@@ -33,6 +33,7 @@ def write_report(config, results: dict) -> str:
         value = r.get(key)
         shown = f"{value:.4f}" if isinstance(value, float) else "-"
         lines.append(f"| {label} | {shown} | {r.get('examples', r.get('tokens', '-'))} |")
+    lines += _probe_lines(out, results)
     curves = {}
     order = ["finetune-teacher", "finetune-student", "filters-teacher", "filters-student"]
     for job in sorted(os.listdir(out), key=lambda d: (order.index(d) if d in order else len(order), d)):
@@ -58,6 +59,45 @@ def write_report(config, results: dict) -> str:
     if counted:
         _plot_throughput(os.path.join(out, "report-throughput.png"), counted)
     return text
+
+
+PROBED = {"filters-teacher": "teacher", "filters-student": "student alone"}  # a filters job -> its model's label
+
+
+def probes(out: str) -> dict:
+    """The stage-I probes the run's filters jobs wrote (their result.json's evaluation), by job: each filter's
+    layer and its accuracy as a probe on the test split."""
+    found = {}
+    for job in PROBED:
+        path = os.path.join(out, job, "result.json")
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                evaluation = json.load(f).get("eval") or {}
+            if "probe_accuracy" in evaluation:
+                found[job] = evaluation
+    return found
+
+
+def _probe_lines(out: str, results: dict) -> list[str]:
+    """report.md's table of TED's filters as probes, layer by layer, beside their model's own test accuracy:
+    whether stage I made them task-aware."""
+    found = probes(out)
+    if not found:
+        return []
+    lines = [
+        "",
+        "TED's stage I: each filter, read by its head, as a probe on the test split (the model's own test accuracy "
+        "beside it).",
+        "",
+        "| filters job | layer | probe accuracy | model's accuracy |",
+        "| --- | --- | --- | --- |",
+    ]
+    for job, evaluation in found.items():
+        own = (results.get(PROBED[job]) or {}).get("accuracy")
+        shown = f"{own:.4f}" if isinstance(own, float) else "-"
+        for layer, accuracy in zip(evaluation["probe_layers"], evaluation["probe_accuracy"]):
+            lines.append(f"| {job} | {layer} | {accuracy:.4f} | {shown} |")
+    return lines
 
 
 def _plot(path: str, curves: dict, results: dict, key: str, title: str) -> None:

@@ -583,6 +583,48 @@ def lm_loss_sum(adapter, batch: dict) -> tuple[float, int]:
     return float(total.detach()), int(targets.numel())
 
 
+def test_batches(data: Data, micro: int, device, rank: int = 0, world: int = 1):
+    """This rank's share of the test split, as (real, chosen example indices, batch on ``device``): micro batches
+    of ``micro`` examples dealt out to the ``world`` ranks in turn. Every rank gets as many batches as rank 0 (the
+    most any rank has): a rank whose share has run out gets stand-ins (real False, the first test examples), whose
+    forwards keep the ranks' ZeRO-3 gathers in step and whose results are discarded."""
+    n = len(data.test)
+    for turn in range(len(range(0, n, micro * world))):
+        start = (turn * world + rank) * micro
+        real = start < n
+        chosen = range(start, min(start + micro, n)) if real else range(min(micro, n))
+        batch = data.collator([data.test[i] for i in chosen], batch_generator(0, chosen.start))
+        yield real, chosen, {k: v.to(device) for k, v in batch.items()}
+
+
+def _summed(sums: torch.Tensor, device, world: int) -> torch.Tensor:
+    """``sums`` added over the ranks (itself on one rank), on the CPU."""
+    import torch.distributed as dist
+
+    if dist.is_initialized() and world > 1:
+        sums = sums.to(device)
+        dist.all_reduce(sums)
+    return sums.cpu()
+
+
+def evaluate_probes(recipe, data: Data, micro: int, device, rank: int = 0, world: int = 1) -> dict:
+    """TED's stage I, classification: each filter's accuracy as a probe (its head on its filtered layer) on the
+    test split, with the layer it reads: ``{"probe_layers": [...], "probe_accuracy": [...], "examples": n}``."""
+    counts = torch.zeros(len(recipe.filters) + 1, dtype=torch.float64)
+    for real, chosen, batch in test_batches(data, micro, device, rank, world):
+        right = recipe.probe_correct(batch)
+        if real:
+            counts[:-1] += right.cpu().double()
+            counts[-1] += len(chosen)
+    counts = _summed(counts, device, world)
+    examples = max(float(counts[-1]), 1.0)
+    return {
+        "probe_layers": list(recipe.filters.layers),
+        "probe_accuracy": [float(c) / examples for c in counts[:-1]],
+        "examples": int(counts[-1]),
+    }
+
+
 def evaluate_model(
     adapter, data: Data, task: str, micro: int, device, rank: int = 0, world: int = 1, per_example: bool = False
 ) -> dict:
@@ -600,29 +642,20 @@ def evaluate_model(
     sums = torch.zeros(2, dtype=torch.float64)
     n = len(data.test)
     correct = {}
-    rounds = len(range(0, n, micro * world))  # rank 0's batches: the most any rank has
-    for turn in range(rounds):
-        start = (turn * world + rank) * micro
-        real = start < n
-        chosen = range(start, min(start + micro, n)) if real else range(min(micro, n))
-        examples = [data.test[i] for i in chosen]
-        batch = data.collator(examples, batch_generator(0, chosen.start))
-        batch = {k: v.to(device) for k, v in batch.items()}
+    for real, chosen, batch in test_batches(data, micro, device, rank, world):
         out = adapter(batch) if task == "classification" else lm_loss_sum(adapter, batch)
         if not real:  # a stand-in: only its forward counts, for the other ranks' gathers
             continue
         if task == "classification":
             right = (out.logits.argmax(-1) == batch["labels"]).cpu()
             sums[0] += float(right.sum())
-            sums[1] += len(examples)
+            sums[1] += len(chosen)
             if per_example:
                 correct.update(zip(chosen, right.int().tolist()))
         else:
             sums += torch.tensor(out, dtype=torch.float64)
+    sums = _summed(sums, device, world)
     if dist.is_initialized() and world > 1:
-        sums = sums.to(device)
-        dist.all_reduce(sums)
-        sums = sums.cpu()
         if per_example and task == "classification":
             parts = [None] * world
             dist.all_gather_object(parts, correct)

@@ -188,6 +188,41 @@ def test_stage1_trains_only_filters_and_heads(task):
         assert all(p.grad is not None for p in recipe.heads.parameters())
 
 
+def test_stage1_model_dropout_follows_the_recipes_mode_and_its_weights_stay_frozen():
+    """model_dropout=True (the TED authors' stage I): the frozen model trains with its dropout on, is evaluated
+    with it off, and its weights never change; the default keeps it in eval mode."""
+    _, model = _models("classification")
+    recipe = TEDStage1(model, interval=2, model_dropout=True)
+    recipe.train()
+    assert model.training and not any(p.requires_grad for p in model.parameters())
+    b = batch("classification", seed=15)
+    first, second = recipe(b).layer_losses, recipe(b).layer_losses
+    assert not torch.equal(first, second), "dropout on: two forwards of one batch differ"
+    recipe.eval()
+    assert not model.training
+    assert torch.equal(recipe(b).layer_losses, recipe(b).layer_losses)
+    assert not TEDStage1(_models("classification")[1], interval=2).train().student.training
+    with pytest.raises(ValueError, match="model_dropout must be a bool, got 1"):
+        TEDStage1(model, interval=2, model_dropout=1)
+
+
+def test_stage1_probe_counts_each_filters_right_answers():
+    """probe_correct: each filter's head, as a probe, against the labels (its argmax from float64 logits)."""
+    _, model = _models("classification")
+    layers = [1, 3]
+    recipe = TEDStage1(model, _filters(layers, 48, None, False, 3), dropout=0.0).eval()
+    b = batch("classification", seed=16)
+    m64, f64, heads = double(model), double(recipe.filters), double(recipe.heads)
+    _, states = hidden64(m64, b, layers)
+    expected = [
+        int((h.classifier(F.gelu(h.dense(f(x)[:, 0]))).argmax(-1) == b["labels"]).sum())
+        for h, f, x in zip(heads, f64.filters, states)
+    ]
+    assert recipe.probe_correct(b).tolist() == expected
+    with pytest.raises(ValueError, match="probe_correct reads classification heads"):
+        TEDStage1(_models("mlm")[1], interval=2).probe_correct(batch("mlm", seed=1))
+
+
 def test_stage1_checkpoint_is_what_stage2_starts_from(tmp_path):
     import transformers as tf
 

@@ -270,6 +270,8 @@ def test_tiny_pipeline_end_to_end_then_resumed(tmp_path, capsys):
                 "distil.kd.kl_alpha=0.5",
                 "distil.methods=[kd,lwd,ted,codir]",
                 "published=codir-paper",
+                "filters.per_model.student.lr=2e-3",
+                "filters.dropout=true",
             ]
         )
         == 0
@@ -297,6 +299,19 @@ def test_tiny_pipeline_end_to_end_then_resumed(tmp_path, capsys):
         assert (out / step / "checkpoints" / "latest").read_text() == "step-0000002"
     assert (out / "filters-student" / "model" / "filters.safetensors").exists()
     assert (out / "distil-ted" / "model" / "filters.safetensors").exists()
+    # Stage I: each model's own schedule (filters.per_model) saved alone; each filter's probe accuracy in the
+    # filters job's result and in the report beside its model's accuracy.
+    for which, lr in (("teacher", 1e-3), ("student", 2e-3)):
+        saved_filters = yaml.safe_load(
+            (out / f"filters-{which}" / "checkpoints" / "step-0000002" / "config.yaml").read_text()
+        )["filters"]
+        assert (saved_filters["train"]["lr"], saved_filters["per_model"], saved_filters["dropout"]) == (lr, {}, True)
+        probe = json.loads((out / f"filters-{which}" / "result.json").read_text())["eval"]
+        assert probe["examples"] == 32 and len(probe["probe_layers"]) == len(probe["probe_accuracy"]) == 3
+        assert all(0.0 <= a <= 1.0 for a in probe["probe_accuracy"])
+        own = f"{results['teacher' if which == 'teacher' else 'student alone']['accuracy']:.4f} |"
+        for layer, accuracy in zip(probe["probe_layers"], probe["probe_accuracy"]):
+            assert f"| filters-{which} | {layer} | {accuracy:.4f} | {own}" in report
     records = [json.loads(line) for line in (out / "distil-ted" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if "loss" in r]
     assert [r["step"] for r in train] == [1, 2] and len(train[0]["layer_losses"]) == 3
@@ -324,7 +339,8 @@ def test_tiny_pipeline_end_to_end_then_resumed(tmp_path, capsys):
     # Run again (without KD's entry, which TED's checkpoint never held): every job resumes from its last
     # checkpoint and trains nothing more.
     before = (out / "distil-ted" / "metrics.jsonl").read_text().count('"loss"')
-    assert main(["distil", "--method", "ted", "--preset", "bbc-minilm-tiny", f"output_dir={out}"]) == 0
+    stage1 = ["filters.per_model.student.lr=2e-3", "filters.dropout=true"]  # TED's filters as they were learnt
+    assert main(["distil", "--method", "ted", "--preset", "bbc-minilm-tiny", f"output_dir={out}", *stage1]) == 0
     assert json.loads((out / "distil-ted" / "result.json").read_text())["resumed_from"] == 2
     assert (out / "distil-ted" / "metrics.jsonl").read_text().count('"loss"') == before
     assert (out / "distil-ted" / "metrics.jsonl").read_text().count('"eval"') == 1  # evaluated again, not doubled
@@ -337,6 +353,7 @@ def test_tiny_pipeline_end_to_end_then_resumed(tmp_path, capsys):
         "--preset",
         "bbc-minilm-tiny",
         f"output_dir={out}",
+        *stage1,
         "distil.ted.temperature=3",
     )
     assert "holds a checkpoint of a run with other settings (differing: distil)" in line

@@ -1,6 +1,7 @@
 """Typed configs: presets, YAML, dotted overrides, and one clear error per bad setting."""
 
 import copy
+import re
 import warnings
 
 import pytest
@@ -273,6 +274,36 @@ def test_old_flat_keys_load_onto_the_methods_sections_with_a_notice(tmp_path):
         saved = from_dict({"steps": ["distil"], "distil": {"methods": ["kd"], "kl_alpha": 0.5, "temperature": 1.0}})
     assert saved.jobs == ["distil"]
     assert (saved.distil.kd.kl_alpha, saved.distil.kd.temperature, saved.distil.methods) == (0.5, 1.0, ["kd"])
+
+
+def test_published_ted_sets_stage_one_per_model_as_the_authors_script():
+    """published: ted-glue-<task> sets TED's stage I (learn_filters_glue.sh): each model's own learning rate and
+    batch, the epochs, no weight decay or clipping, the model's dropout on (off on RTE); the user's keys win."""
+    from fastted.train.config import filters_config
+
+    config = load_config(overrides=("published=ted-glue-sst2",))
+    teacher, student = (filters_config(config, which).filters.train for which in ("teacher", "student"))
+    assert (teacher.lr, student.lr, teacher.batch_size, teacher.epochs) == (2e-5, 4e-5, 32, 6.0)
+    assert (teacher.weight_decay, teacher.clip, teacher.warmup_ratio, config.filters.dropout) == (0.0, 0.0, 0.0, True)
+    mnli = filters_config(load_config(overrides=("published=ted-glue-mnli",)), "student").filters.train
+    assert (mnli.lr, mnli.batch_size, mnli.warmup_ratio) == (7e-5, 64, round(1500 / (3 * -(-392_702 // 64)), 4))
+    rte = load_config(overrides=("published=ted-glue-rte", "filters.per_model.teacher.lr=1e-4"))
+    assert (rte.filters.dropout, rte.filters.head_dropout) == (False, 0.0)
+    assert filters_config(rte, "teacher").filters.train.lr == 1e-4
+    assert filters_config(rte, "student").filters.train.batch_size == 32
+    assert filters_config(rte, "teacher").filters.per_model == {}
+
+
+def test_filters_per_model_names_its_bad_keys():
+    for override, message in (
+        ("filters.per_model.coach.lr=1e-3", "filters.per_model: got 'coach', needs one of teacher, student"),
+        ("filters.per_model.teacher.lr=-1", "filters.per_model.teacher.lr: got -1.0"),
+        ("filters.per_model.student.nope=1", "unknown config key 'filters.per_model.student.nope'"),
+        ("filters.per_model.student=3", "filters.per_model.student: got '3', needs a mapping"),
+        ("filters.head_dropout=1.5", "filters.head_dropout: got 1.5, needs a number in [0, 1)"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_config(overrides=(override,))
 
 
 def test_published_sets_a_papers_values_under_the_users():
