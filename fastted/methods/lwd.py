@@ -2,7 +2,7 @@
 
 The student's mapped hidden states are projected to the teacher's width by a
 linear projection (randomly initialized, trained with the student; none when
-the widths agree) and matched to the teacher's raw hidden states by MSE,
+the widths agree, unless ``project_equal_width``, as the TED authors' LWD) and matched to the teacher's raw hidden states by MSE,
 beside the task loss and the KL term::
 
     loss = task_alpha * task + kl_alpha * KL(T) + mse_alpha * mean_l MSE(W_l S_l + b_l, H_l)
@@ -25,6 +25,8 @@ class LWDSettings(LayerwiseSettings):
     """LWD's settings (``distil.lwd`` of a config): TED's, and whether the projections train."""
 
     train_projection: bool = True  # False keeps the random projections fixed
+    project_equal_width: bool = False  # a projection even where the widths agree (the TED authors' LWD always
+    # trains one); False: the student's states are compared as they are
 
 
 @register(
@@ -39,6 +41,8 @@ class LWD(LayerwiseRecipe):
         student, teacher: the models.
         layer_map: the pairs; default :func:`~fastted.mapping.uniform_map`.
         train_projection: False keeps the random projections fixed.
+        project_equal_width: a projection even when the widths agree (the
+            TED authors' LWD always trains one); default False, none.
         fused_lm_head: the task and KL terms without the logits ("mlm",
             "clm"), as in :class:`~fastted.methods.ted.TED`.
         Others as :class:`~fastted.methods.ted.TED`.
@@ -59,6 +63,7 @@ class LWD(LayerwiseRecipe):
         mask_padding: bool = True,
         normalize_mse: bool = False,
         train_projection: bool = True,
+        project_equal_width: bool = False,
         tokenizers: Optional[tuple] = None,
         task: Optional[str] = None,
         impl: str = "auto",
@@ -79,8 +84,10 @@ class LWD(LayerwiseRecipe):
             impl=impl,
             fused_lm_head=fused_lm_head,
         )
+        if not isinstance(project_equal_width, bool):
+            raise ValueError(f"project_equal_width must be a bool, got {project_equal_width!r}")
         s, t = self.student_model, self.teacher_model
-        if s.hidden_size == t.hidden_size:
+        if s.hidden_size == t.hidden_size and not project_equal_width:
             self.projections = None
         else:
             self.projections = nn.ModuleList(nn.Linear(s.hidden_size, t.hidden_size) for _ in self.layer_map.student)

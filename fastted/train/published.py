@@ -104,6 +104,7 @@ def _ted_glue(task: str) -> dict[str, Any]:
         "distil.ted.mse_alpha": ted[1],
         "distil.lwd.kl_alpha": lwd[0],
         "distil.lwd.mse_alpha": lwd[1],
+        "distil.lwd.project_equal_width": True,  # the scripts' LWD trains a projection on the student always
         "distil.kd.kl_alpha": kd,
     }
 

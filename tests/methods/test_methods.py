@@ -290,6 +290,25 @@ def test_lwd_default_map_and_equal_widths():
     assert not any(p.requires_grad for p in fixed.projections.parameters())
 
 
+def test_lwd_projects_at_equal_width_when_asked():
+    """project_equal_width=True (the TED authors' LWD): a trained Linear(48, 48) per mapped layer even though the
+    widths agree; the MSE compares the projected states (float64 reference) and the projections get gradients."""
+    student, teacher = bert(2, 48), bert(4, 48, seed=1)
+    recipe = LWD(student, teacher, mse_alpha=1.0, kl_alpha=0.0, task_alpha=0.0, project_equal_width=True)
+    assert [tuple(p.weight.shape) for p in recipe.projections] == [(48, 48), (48, 48)]
+    b = batch("classification", seed=17)
+    out = recipe(b)
+    out.loss.backward()
+    proj64 = double(recipe.projections)
+    _, s_states = hidden64(double(student), b, [0, 1])
+    _, t_states = hidden64(double(teacher), b, [1, 3])
+    ref = torch.stack([ref_mse(p(h), y, b["attention_mask"]) for p, h, y in zip(proj64, s_states, t_states)]).mean()
+    assert_close("loss", out.loss, ref)
+    assert all(p.weight.grad is not None and p.weight.grad.abs().sum() > 0 for p in recipe.projections)
+    with pytest.raises(ValueError, match="project_equal_width must be a bool, got 'yes'"):
+        LWD(student, teacher, project_equal_width="yes")
+
+
 def _power(y, mask):
     """Mean square per element of targets y (B, T, d) over the mask's tokens (float64)."""
     m = mask.double()

@@ -285,6 +285,7 @@ def test_published_ted_sets_stage_one_per_model_as_the_authors_script():
     teacher, student = (filters_config(config, which).filters.train for which in ("teacher", "student"))
     assert (teacher.lr, student.lr, teacher.batch_size, teacher.epochs) == (2e-5, 4e-5, 32, 6.0)
     assert (teacher.weight_decay, teacher.clip, teacher.warmup_ratio, config.filters.dropout) == (0.0, 0.0, 0.0, True)
+    assert config.distil.lwd.project_equal_width and not load_config().distil.lwd.project_equal_width
     mnli = filters_config(load_config(overrides=("published=ted-glue-mnli",)), "student").filters.train
     assert (mnli.lr, mnli.batch_size, mnli.warmup_ratio) == (7e-5, 64, round(1500 / (3 * -(-392_702 // 64)), 4))
     rte = load_config(overrides=("published=ted-glue-rte", "filters.per_model.teacher.lr=1e-4"))
