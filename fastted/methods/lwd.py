@@ -2,8 +2,9 @@
 
 The student's mapped hidden states are projected to the teacher's width by a
 linear projection (randomly initialized, trained with the student; none when
-the widths agree, unless ``project_equal_width``, as the TED authors' LWD) and matched to the teacher's raw hidden states by MSE,
-beside the task loss and the KL term::
+the widths agree, unless ``project_equal_width``, as the TED authors' LWD) and
+matched to the teacher's raw hidden states by MSE, beside the task loss and
+the KL term::
 
     loss = task_alpha * task + kl_alpha * KL(T) + mse_alpha * mean_l MSE(W_l S_l + b_l, H_l)
 """
