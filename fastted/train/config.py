@@ -135,6 +135,8 @@ class _SharedDistil:
     cache_quantization: str = "int8"  # the cache's layer targets: int8, fp8 or bf16
     cache_layer_bytes: int = 0  # the cache's layer targets a token, in bytes: a share of the tokens (0: all)
     cache_shard_mb: int = 256  # a cache shard is written when a rank holds this many MiB of it
+    pretrained_student: bool = False  # classification: the student starts cut from the pretrained teacher with a
+    # fresh head (the TED authors' KD and LWD), not as the finetune-student job left it (TED's is stage I's)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-4))
     # Per method, any of the shared keys above: {lwd: {train: {lr: 5e-5}}} (on the command line:
     # distil.per_method.lwd.train.lr=5e-5). Each method's job reads its own values. A method's own settings are
@@ -886,6 +888,14 @@ def check(config: Config) -> None:
     for method in d.per_method or {}:
         _choice("distil.per_method", method, METHODS)
         method_config(config, method)
+    for method in d.methods:
+        own = method_config(config, method).distil if method in (d.per_method or {}) else d
+        if own.pretrained_student and RECIPES[method].uses_stage1_filters:
+            raise ConfigError(
+                f"distil.pretrained_student: got true for {method}, whose student is stage I's fine-tuned one (its "
+                f"filters were learnt on it); set it for the other methods alone: "
+                f"distil.per_method.<method>.pretrained_student=true"
+            )
     _choice("engine.precision", config.engine.precision, PRECISIONS)
     if config.engine.teacher_offload is not None:
         _choice("engine.teacher_offload", config.engine.teacher_offload, ("cpu", "none"))

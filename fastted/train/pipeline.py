@@ -102,7 +102,9 @@ def check_prerequisites(config: Config, jobs: list[str], methods: list[str], com
                 if recipe_class(method).uses_stage1_filters:
                     needs += ["filters-teacher", "filters-student"]
                 elif config.task == "classification":
-                    needs += ["finetune-teacher", "finetune-student"]
+                    needs.append("finetune-teacher")
+                    if not method_config(config, method).distil.pretrained_student:
+                        needs.append("finetune-student")
                 if job == "distil" and config.distil.teacher_cache:
                     needs.append(f"cache-teacher-{method}")
         missing = [name for name in dict.fromkeys(needs) if name not in made]
@@ -250,6 +252,11 @@ def _student(config: Config, legacy: bool, zero: Optional[dict], num_labels: Opt
     return loading.build_student(config, num_labels=num_labels, zero=zero)
 
 
+def _labels(config: Config, st: _Start) -> Optional[int]:
+    """The classes of a classification run's task (a fresh head's outputs), else None."""
+    return len(st.data.label_names) if config.task == "classification" else None
+
+
 def _run_partitioned(model, config: Config, micro: int):
     """Put ``model`` under DeepSpeed's inference engine when ZeRO-3 partitions it (the engine's forward hooks
     gather each module's parameters for its forward); returns the engine to keep while the model runs, or None
@@ -345,11 +352,13 @@ def _interval(config: Config, which: str) -> int:
 def _step_models(config: Config, cls) -> tuple[Optional[str], Optional[str]]:
     """(teacher's, student's) model folders that earlier jobs wrote for the recipe class ``cls``: the filters
     jobs' for a recipe on TED's stage-I filters, the fine-tuning jobs' in classification, else (None, None)
-    (the run's teacher source and the student cut from it)."""
+    (the run's teacher source and the student cut from it); no student folder with ``distil.pretrained_student``
+    (the student is then cut from the pretrained teacher, with a fresh head)."""
     if cls.uses_stage1_filters:
         return _model_dir(config, "filters-teacher"), _model_dir(config, "filters-student")
     if config.task == "classification":
-        return _model_dir(config, "finetune-teacher"), _model_dir(config, "finetune-student")
+        student = None if config.distil.pretrained_student else _model_dir(config, "finetune-student")
+        return _model_dir(config, "finetune-teacher"), student
     return None, None
 
 
@@ -392,7 +401,9 @@ def _recipe(config: Config, method: str, st: _Start, truncate: bool = False, cac
     if s_dir is not None:
         student = load_model(s_dir, config.task) if legacy else build_model(s_dir, config.task, zero=zeros[1])
     elif cached:  # never a copy of the stand-in: the kept blocks read from the teacher's files
-        student = _student(config, False, zeros[1])
+        student = _student(config, False, zeros[1], _labels(config, st))
+    elif t_dir is not None:  # a fine-tuned teacher: the pretrained student is cut from the pretrained one
+        student = _student(config, legacy, zeros[1], _labels(config, st))
     else:
         student = _student(config, legacy, zeros[1], teacher=teacher)
     steps = total_steps(

@@ -449,6 +449,27 @@ def test_mlm_continual_pretraining(tmp_path):
     assert (out / "filters-teacher" / "model" / "filters.safetensors").exists()
 
 
+def test_pretrained_student_distils_without_the_finetuned_student(tmp_path, capsys):
+    """distil.pretrained_student (the TED authors' KD and LWD): the student starts cut from the pretrained teacher
+    (at learning rate 0 the distilled model is that start: the pretrained embeddings, not the fine-tuned
+    teacher's), so the run needs no finetune-student job; without it, KD needs that job's model."""
+    from safetensors.torch import load_file
+
+    path = minilm_path()
+    out = tmp_path / "run"
+    base = ["--preset", "bbc-minilm-tiny", f"output_dir={out}", "distil.methods=[kd]"]
+    jobs = ["jobs=[finetune-teacher,distil]", "distil.train.lr=0", "finetune.lr=1e-2"]
+    assert main(["pipeline", *base, *jobs, "distil.pretrained_student=true"]) == 0
+    assert not (out / "finetune-student").exists()
+    key = "bert.embeddings.word_embeddings.weight"
+    start = load_file(str(out / "distil-kd" / "model" / "model.safetensors"))[key]
+    teacher = load_file(str(out / "finetune-teacher" / "model" / "model.safetensors"))[key]
+    pretrained = {k.removeprefix("bert."): v for k, v in load_file(os.path.join(path, "model.safetensors")).items()}
+    assert torch.equal(start, pretrained[key.removeprefix("bert.")]) and not torch.equal(start, teacher)
+    line = _error(capsys, "distil", "--method", "kd", *base[:2], f"output_dir={tmp_path / 'other'}", base[3])
+    assert "finetune-student/model" in line
+
+
 # --------------------------------------------------------------------------- your own data and model
 
 

@@ -295,6 +295,21 @@ def test_published_ted_sets_stage_one_per_model_as_the_authors_script():
     assert filters_config(rte, "teacher").filters.per_model == {}
 
 
+def test_pretrained_student_is_refused_for_ted_alone():
+    """TED's student is stage I's fine-tuned one: distil.pretrained_student for a run with TED is refused by name;
+    per method (the TED authors' protocol: KD and LWD from the pretrained student) it is what each job reads."""
+    from fastted.train.config import method_config
+
+    with pytest.raises(ConfigError, match="distil.pretrained_student: got true for ted, whose student is stage I"):
+        load_config(overrides=("distil.pretrained_student=true",))
+    config = load_config(
+        overrides=("distil.per_method.kd.pretrained_student=true", "distil.per_method.lwd.pretrained_student=true")
+    )
+    assert [method_config(config, m).distil.pretrained_student for m in ("kd", "lwd", "ted")] == [True, True, False]
+    with pytest.raises(ConfigError, match="pretrained_student: got true for ted"):
+        load_config(overrides=("distil.per_method.ted.pretrained_student=true",))
+
+
 def test_filters_per_model_names_its_bad_keys():
     for override, message in (
         ("filters.per_model.coach.lr=1e-3", "filters.per_model: got 'coach', needs one of teacher, student"),
