@@ -234,7 +234,7 @@ def test_pages_write_the_new_config_keys():
     key named `steps`), which load only with a deprecation line, except where it says so: the configs page's old
     keys, and a paragraph that says they still load. A step is the optimizer's (max_steps, ``steps=2`` of a
     Python example)."""
-    from fastted.train.config import JOBS, OLD_KEYS, RECIPES
+    from fastted.train.config import JOBS, OLD_KEYS, RECIPES, _renamed
 
     jobs = "|".join(sorted(JOBS, key=len, reverse=True))
     old = re.compile(
@@ -252,7 +252,7 @@ def test_pages_write_the_new_config_keys():
                 continue
             for match in old.finditer(paragraph):
                 method, key = match.group(2), match.group(3)
-                if method and key == "train":  # a shared key of one method: what per_method is for
+                if method and _renamed(f"distil.per_method.{method}.{key}") is None:  # a shared key of one method
                     continue
                 found.append(f"{page.relative_to(ROOT)}: {match.group(0)}")
     assert not found, "old config keys (write distil.<method>.<key>, and jobs for steps):\n" + "\n".join(found)
