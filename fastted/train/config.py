@@ -120,6 +120,10 @@ class FiltersConfig:
     # stage I alone (the TED authors train each at its own fine-tuning learning rate), e.g. per_model.teacher.lr
     dropout: bool = False  # the frozen model's own dropout on while its filters train (the authors': on)
     head_dropout: float = 0.1  # of the stage-I classification heads
+    holdout: float = 0.0  # classification: this share of the training set held out, and stage I ended when the
+    # filters' mean probe accuracy on it stops improving (0: the schedule alone)
+    patience: int = 2  # with holdout: takes in a row without a gain that end stage I
+    watch_every: Optional[int] = None  # with holdout: optimizer steps between takes (None: half an epoch)
 
 
 @dataclass
@@ -862,6 +866,15 @@ def check(config: Config) -> None:
     _positive("filters.filter_dim", config.filters.filter_dim)
     if not 0 <= config.filters.head_dropout < 1:
         raise ConfigError(f"filters.head_dropout: got {config.filters.head_dropout!r}, needs a number in [0, 1)")
+    if not 0 <= config.filters.holdout < 1:
+        raise ConfigError(f"filters.holdout: got {config.filters.holdout!r}, needs a number in [0, 1)")
+    if config.filters.holdout and config.task != "classification":
+        raise ConfigError(
+            f"filters.holdout: got {config.filters.holdout}, but the probes it watches are classification heads; "
+            f"this run's task is {config.task}"
+        )
+    _positive("filters.patience", config.filters.patience)
+    _positive("filters.watch_every", config.filters.watch_every)
     for which in config.filters.per_model or {}:
         filters_config(config, which)  # raises naming the key
     d = config.distil

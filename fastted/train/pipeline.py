@@ -61,7 +61,7 @@ from fastted.train.engine import (
 )
 from fastted.train.loading import build_teacher, place, teacher_num_layers
 from fastted.train.sources import build_student, hf_config, load_model, load_tokenizer, model_source, student_layers
-from fastted.train.trainer import Training, evaluate_model, run, total_steps
+from fastted.train.trainer import Training, Watch, evaluate_model, run, total_steps
 
 
 def run_dir(config: Config, name: str) -> str:
@@ -142,10 +142,18 @@ def tokens_per_step(data: Data, train: TrainConfig) -> Optional[int]:
 
 
 def _train(
-    config: Config, name: str, recipe, data: Data, train: TrainConfig, device, evaluate_adapter, evaluate=None
+    config: Config,
+    name: str,
+    recipe,
+    data: Data,
+    train: TrainConfig,
+    device,
+    evaluate_adapter,
+    evaluate=None,
+    watch: Optional[Watch] = None,
 ) -> dict:
     """Train ``recipe`` as the job ``name`` and export it; the result holds the test metric of
-    ``evaluate_adapter`` (a model), or what ``evaluate(engine)`` returns, or neither."""
+    ``evaluate_adapter`` (a model), or what ``evaluate(engine)`` returns, or neither; ``watch`` may end it early."""
     per_step = tokens_per_step(data, train)
     steps = total_steps(len(data.train), train, _train_key(config, train), per_step)
     engine = Engine(recipe, train, config.engine, steps, device, tokens_per_step=per_step)
@@ -167,6 +175,7 @@ def _train(
         seed=config.seed,
         progress=config.progress,
         resume=config.resume,
+        watch=watch,
     )
     result = run(training, engine)
     with engine.gathered():
@@ -315,13 +324,36 @@ def learn_filters(config: Config, which: str) -> dict:
         task=config.task,
         impl=config.engine.impl,
     )
-    probes = None
+    probes, watch, data = None, None, st.data
     if config.task == "classification":  # each filter's accuracy as a probe on the test split, in result.json
 
         def probes(engine):
             return evaluate_probes(recipe, st.data, engine.micro_batch, engine.device, engine.rank, engine.world)
 
-    return _train(config, f"filters-{which}", recipe, st.data, config.filters.train, st.device, None, probes)
+    if config.filters.holdout:  # stage I ends when the probes stop improving on a held-out part of the training set
+        kept, held = _holdout(st.data.train, config.filters.holdout, config.seed)
+        data = Data(kept, st.data.test, st.data.collator, st.data.tokenizer, st.data.label_names)
+        on_held = Data(held, held, st.data.collator, st.data.tokenizer, st.data.label_names)
+
+        def score(engine):
+            found = evaluate_probes(recipe, on_held, engine.micro_batch, engine.device, engine.rank, engine.world)
+            return sum(found["probe_accuracy"]) / len(found["probe_accuracy"])
+
+        every = config.filters.watch_every or max(len(kept) // config.filters.train.batch_size // 2, 1)
+        watch = Watch(score, every, config.filters.patience, name="holdout_probe_accuracy")
+    return _train(config, f"filters-{which}", recipe, data, config.filters.train, st.device, None, probes, watch)
+
+
+def _holdout(dataset, fraction: float, seed: int) -> tuple:
+    """(the rest, the held-out part) of ``dataset``: ``fraction`` of its examples (at least one, and one kept),
+    drawn by ``seed``."""
+    n = len(dataset)
+    n_held = min(max(round(n * fraction), 1), n - 1)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    held, kept = sorted(order[:n_held]), sorted(order[n_held:])
+    if hasattr(dataset, "select"):
+        return dataset.select(kept), dataset.select(held)
+    return [dataset[i] for i in kept], [dataset[i] for i in held]
 
 
 def _num_layers(config: Config, which: str) -> int:

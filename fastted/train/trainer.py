@@ -73,6 +73,21 @@ class Training:
     seed: int = 0
     progress: bool = True
     resume: bool = True
+    watch: Optional[Watch] = None  # stop early when a held-out score stops improving
+
+
+@dataclass
+class Watch:
+    """Training that ends when a held-out score stops improving: every ``every`` optimizer steps ``score(engine)``
+    (run on every rank, the recipe in eval mode; higher is better) is taken and logged as ``name``; after
+    ``patience`` takes in a row without a gain over the best, training ends at that step, in a checkpoint marked
+    stopped, so a resumed run trains no further. The best score and the takes since it go into every checkpoint,
+    so a run resumed before the end counts on where it was."""
+
+    score: Callable[[Engine], float]
+    every: int
+    patience: int
+    name: str = "holdout"
 
 
 def steps_per_epoch(n: int, batch_size: int) -> int:
@@ -194,10 +209,12 @@ class Prefetcher:
 # --------------------------------------------------------------------------- checkpoints
 
 
-def save_checkpoint(engine: Engine, training: Training, step: int, tokens: Optional[int] = None) -> str:
+def save_checkpoint(
+    engine: Engine, training: Training, step: int, tokens: Optional[int] = None, watched: Optional[dict] = None
+) -> str:
     """Write ``checkpoints/step-{step}`` atomically, closed by its manifest (each rank hashing its own files), and
     keep the last ``keep_last``; ``tokens``, the run's tokens so far over all ranks, goes into its trainer.json
-    (what a resumed run counts on from). Every rank calls it."""
+    (what a resumed run counts on from), and so does ``watched``, a :class:`Watch`'s state. Every rank calls it."""
     root = checkpoint_dir(training.directory)
     name = f"step-{step:07d}"
     final, tmp = os.path.join(root, name), os.path.join(root, name + ".tmp")
@@ -210,9 +227,10 @@ def save_checkpoint(engine: Engine, training: Training, step: int, tokens: Optio
     if engine.is_main:
         write_atomic(os.path.join(tmp, "config.yaml"), training.config_text)
         state = {"step": step, "training": training.name, "world": engine.world}
-        write_atomic(
-            os.path.join(tmp, "trainer.json"), json.dumps(state if tokens is None else {**state, "tokens": int(tokens)})
+        state.update(
+            {} if tokens is None else {"tokens": int(tokens)}, **({} if watched is None else {"watch": watched})
         )
+        write_atomic(os.path.join(tmp, "trainer.json"), json.dumps(state))
     barrier()
     write_manifest(tmp, engine.rank, engine.world)
     if engine.is_main:
@@ -236,6 +254,16 @@ def load_checkpoint(engine: Engine, path: str) -> int:
     universal = universal_checkpoint(path, engine.rank, engine.world) if engine.needs_universal(path) else None
     engine.load(path, universal)
     return step
+
+
+def _saved_watch(path: Optional[str]) -> dict:
+    """A :class:`Watch`'s state at the checkpoint ``path`` resumed from: the best score, the takes since it, and
+    whether training stopped there (a new run, or a checkpoint of a run without a watch: a fresh state)."""
+    fresh = {"best": None, "since": 0, "stopped": False}
+    if path is None:
+        return fresh
+    with open(os.path.join(path, "trainer.json"), encoding="utf-8") as f:
+        return {**fresh, **json.load(f).get("watch", {})}
 
 
 def _saved_tokens(path: Optional[str], metrics: Metrics) -> int:
@@ -425,7 +453,9 @@ def run(training: Training, engine: Engine) -> dict:
         if path is not None:
             _check_same_run(training, path)
             start, last_good = load_checkpoint(engine, path), path
-    metrics = Metrics(training.directory, engine.is_main, start, final=start == total)
+    watched = _saved_watch(last_good)
+    end = start if watched["stopped"] else total  # a run its watch stopped trains no further
+    metrics = Metrics(training.directory, engine.is_main, start, final=start == end)
     config = getattr(engine, "engine_config", None)  # engine.peak_tflops: the device's peak, for MFU
     meter = Meter(
         training.recipe,
@@ -436,24 +466,36 @@ def run(training: Training, engine: Engine) -> dict:
         tokens=_saved_tokens(last_good, metrics),
     )
     try:
-        last, evaluation = _train(training, engine, start, last_good, metrics, meter)
+        last, evaluation, done = _train(training, engine, start, end, last_good, metrics, meter, watched)
     finally:
         meter.close()  # the teacher's timing hooks
     metrics.close()
-    return {"train": last, "eval": evaluation, "steps": total, "resumed_from": start}
+    result = {"train": last, "eval": evaluation, "steps": total, "resumed_from": start}
+    if training.watch is not None:
+        result["watch"] = {"best": watched["best"], "stopped_at": done if watched["stopped"] else None}
+    return result
 
 
 def _train(
-    training: Training, engine: Engine, start: int, last_good: Optional[str], metrics: Metrics, meter: Meter
-) -> tuple[dict, dict]:
-    """The steps from ``start`` and the final evaluation: (the last logged record, the last evaluation). The
-    steps' batches are read ahead by a :class:`Prefetcher` (``train.prefetch_steps``), which ends with the loop."""
-    total = engine.total_steps
+    training: Training,
+    engine: Engine,
+    start: int,
+    end: int,
+    last_good: Optional[str],
+    metrics: Metrics,
+    meter: Meter,
+    watched: dict,
+) -> tuple[dict, dict, int]:
+    """The steps from ``start`` up to ``end`` (or where the watch stops them; ``watched``, its state, is updated)
+    and the final evaluation: (the last logged record, the last evaluation, the steps done). The steps' batches
+    are read ahead by a :class:`Prefetcher` (``train.prefetch_steps``), which ends with the loop."""
+    total = engine.total_steps  # the schedule's length, which a watch may cut short
+    done = start
     bar = _progress(training.progress and engine.is_main, total, start, training.name)
     train, last, evaluation = training.train, {}, {}
     watch = _FiniteWatch(engine.device)
     engine.train(True)
-    with Prefetcher(training, engine, start, total, train.prefetch_steps) as steps:
+    with Prefetcher(training, engine, start, end, train.prefetch_steps) as steps:
         for step, micro in steps:
             sums: dict[str, torch.Tensor] = {}  # on the device: no host sync until the step is logged
             layer_sums, grad_norm = None, None
@@ -516,15 +558,46 @@ def _train(
             if evaluated and done != total:
                 with meter.excluded():
                     evaluation = _evaluate(training, engine, done, metrics)
+            if training.watch is not None and done % training.watch.every == 0 and done != total:
+                with meter.excluded():
+                    _take(training, engine, done, metrics, watched)
+                saved = saved or watched["stopped"]
             if saved:
                 with meter.excluded():
                     engine.check_finite_parameters(f"{training.name}: after step {done} of {total}", last_good)
-                    last_good = save_checkpoint(engine, training, done, meter.total_tokens())
+                    watch_state = None if training.watch is None else watched
+                    last_good = save_checkpoint(engine, training, done, meter.total_tokens(), watch_state)
+            if watched["stopped"]:
+                break
     if bar is not None:
         bar.close()
     if training.evaluate is not None:
-        evaluation = _evaluate(training, engine, total, metrics)
-    return last, evaluation
+        evaluation = _evaluate(training, engine, done, metrics)
+    return last, evaluation, done
+
+
+def _take(training: Training, engine: Engine, step: int, metrics: Metrics, watched: dict) -> None:
+    """One take of the watch's score (logged); ``watched`` counts the takes since the best and is marked stopped
+    after ``patience`` of them."""
+    watch = training.watch
+    engine.train(False)
+    with torch.no_grad():
+        score = float(watch.score(engine))
+    engine.train(True)
+    if not math.isfinite(score):
+        raise NonFiniteError(f"{training.name}: the watch's {watch.name} score is {score} at step {step}")
+    if watched["best"] is None or score > watched["best"]:
+        watched["best"], watched["since"] = score, 0
+    else:
+        watched["since"] += 1
+    watched["stopped"] = watched["since"] >= watch.patience
+    metrics.log({"step": step, "training": training.name, watch.name: score, "best": watched["best"]})
+    if engine.is_main and watched["stopped"]:
+        print(
+            f"{training.name}: {watch.name} {score:.4f}, no gain over {watched['best']:.4f} in {watch.patience} "
+            f"takes: stopped at step {step} of {engine.total_steps}",
+            flush=True,
+        )
 
 
 def _throughput_text(record: dict) -> str:

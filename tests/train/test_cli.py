@@ -9,6 +9,7 @@ import torch
 import yaml
 
 from fastted.train.cli import main
+from fastted.train.trainer import read_metrics
 from tests.tiny_models import bert, minilm_path
 
 # The command as a CPU user runs it (see tests/conftest.py's cpu_users_path).
@@ -447,6 +448,29 @@ def test_mlm_continual_pretraining(tmp_path):
     assert set(train("distil-ted")[0]["terms"]) == {"task", "kd", "mse"}
     assert set(train("distil-codir")[-1]["terms"]) == {"task", "kd", "crd"}
     assert (out / "filters-teacher" / "model" / "filters.safetensors").exists()
+
+
+def test_stage_one_ends_when_its_holdout_probes_stop_improving(tmp_path):
+    """filters.holdout: a share of the training set held out; stage I ends after `patience` takes of the filters'
+    mean probe accuracy on it without a gain (or at the end of its schedule), as the logged takes say."""
+    minilm_path()
+    out = tmp_path / "run"
+    argv = ["pipeline", "--preset", "bbc-minilm-tiny", f"output_dir={out}", "jobs=[finetune-teacher,filters-teacher]"]
+    argv += ["filters.holdout=0.25", "filters.watch_every=1", "filters.patience=1", "filters.train.max_steps=8"]
+    assert main(argv) == 0
+    result = json.loads((out / "filters-teacher" / "result.json").read_text())
+    takes = [r for r in read_metrics(str(out / "filters-teacher")) if "holdout_probe_accuracy" in r]
+    scores = [r["holdout_probe_accuracy"] for r in takes]
+    assert takes and all(0.0 <= a <= 1.0 for a in scores)
+    best, expected = scores[0], None
+    for take, score in zip(takes[1:], scores[1:]):
+        if score <= best:
+            expected = take["step"]
+            break
+        best = score
+    assert result["watch"] == {"best": max(scores), "stopped_at": expected}
+    steps = [r["step"] for r in read_metrics(str(out / "filters-teacher")) if "loss" in r]
+    assert steps[-1] == (expected or 8) and len(result["eval"]["probe_accuracy"]) == 3
 
 
 def test_pretrained_student_distils_without_the_finetuned_student(tmp_path, capsys):

@@ -317,9 +317,14 @@ def test_filters_per_model_names_its_bad_keys():
         ("filters.per_model.student.nope=1", "unknown config key 'filters.per_model.student.nope'"),
         ("filters.per_model.student=3", "filters.per_model.student: got '3', needs a mapping"),
         ("filters.head_dropout=1.5", "filters.head_dropout: got 1.5, needs a number in [0, 1)"),
+        ("filters.holdout=1", "filters.holdout: got 1.0, needs a number in [0, 1)"),
+        ("filters.patience=0", "filters.patience: got 0"),
+        ("filters.watch_every=0", "filters.watch_every: got 0"),
     ):
         with pytest.raises(ConfigError, match=re.escape(message)):
             load_config(overrides=(override,))
+    with pytest.raises(ConfigError, match="filters.holdout: got 0.1, but the probes it watches are classification"):
+        load_config(preset="mlm", overrides=("filters.holdout=0.1",))
 
 
 def test_published_sets_a_papers_values_under_the_users():

@@ -38,7 +38,9 @@ class _Crash(Exception):
     pass
 
 
-def train_run(kind, directory, crash_at=None, save_every=2, keep_last=2, engine_hook=None, log_every=1, evaluate=None):
+def train_run(
+    kind, directory, crash_at=None, save_every=2, keep_last=2, engine_hook=None, log_every=1, evaluate=None, watch=None
+):
     """Train the tiny ``kind`` recipe for STEPS steps in ``directory`` (resuming when it holds a checkpoint);
     ``crash_at`` raises _Crash in the collator after that many micro batches."""
     recipe = _recipe(kind)
@@ -73,6 +75,7 @@ def train_run(kind, directory, crash_at=None, save_every=2, keep_last=2, engine_
         progress=False,
         config_text="kind: " + kind + "\n",
         evaluate=evaluate,
+        watch=watch,
     )
     return run(training, engine), recipe
 
@@ -114,6 +117,48 @@ def test_resume_after_a_crash_continues_exactly(kind, tmp_path):
     assert again == pytest.approx(losses, rel=1e-6, abs=1e-9)
     if kind == "codir":
         assert int(recipe.bank.filled.sum()) > 0  # the bank was restored and filled further
+
+
+def _scores(*values):
+    """A watch's score that returns ``values`` in turn, one a take."""
+    taken = iter(values)
+    return lambda engine: next(taken)
+
+
+def test_a_watch_ends_training_when_its_score_stops_improving_and_a_resume_trains_no_further(tmp_path):
+    """Takes every step, patience 2: 0.5, 0.6 (best), 0.6, 0.55: two takes without a gain end training at step 4
+    of 5, in a checkpoint marked stopped; the run again trains nothing."""
+    from fastted.train.trainer import Watch
+
+    watch = Watch(_scores(0.5, 0.6, 0.6, 0.55), every=1, patience=2, name="probe")
+    result, _ = train_run("railkd", tmp_path, watch=watch, save_every=0)
+    assert result["watch"] == {"best": 0.6, "stopped_at": 4} and result["steps"] == STEPS
+    records = read_metrics(str(tmp_path))
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    assert [(r["step"], r["probe"], r["best"]) for r in records if "probe" in r] == [
+        (1, 0.5, 0.5),
+        (2, 0.6, 0.6),
+        (3, 0.6, 0.6),
+        (4, 0.55, 0.6),
+    ]
+    assert latest_checkpoint(str(tmp_path)).endswith("step-0000004")
+    again, _ = train_run("railkd", tmp_path, watch=Watch(_scores(), every=1, patience=2, name="probe"), save_every=0)
+    assert again["resumed_from"] == 4 and again["watch"] == {"best": 0.6, "stopped_at": 4}
+    assert [r["step"] for r in read_metrics(str(tmp_path)) if "loss" in r] == [1, 2, 3, 4]
+
+
+def test_a_watch_resumed_before_its_end_counts_on_from_its_checkpoint(tmp_path):
+    """Killed during step 4 (after the step-2 checkpoint): the resumed run's watch starts from step 2's best
+    (0.6) and stops at step 4 as the whole run did; a non-finite score is an error that names it."""
+    from fastted.train.engine import NonFiniteError
+    from fastted.train.trainer import Watch
+
+    with pytest.raises(_Crash):
+        train_run("railkd", tmp_path, crash_at=3, watch=Watch(_scores(0.5, 0.6, 0.7), every=1, patience=2))
+    result, _ = train_run("railkd", tmp_path, watch=Watch(_scores(0.6, 0.55), every=1, patience=2))
+    assert result["resumed_from"] == 2 and result["watch"] == {"best": 0.6, "stopped_at": 4}
+    with pytest.raises(NonFiniteError, match="the watch's holdout score is nan at step 1"):
+        train_run("railkd", tmp_path / "nan", watch=Watch(_scores(float("nan")), every=1, patience=2))
 
 
 def test_a_kill_during_a_save_keeps_the_previous_checkpoint(tmp_path):
