@@ -141,6 +141,10 @@ class _SharedDistil:
     cache_shard_mb: int = 256  # a cache shard is written when a rank holds this many MiB of it
     pretrained_student: bool = False  # classification: the student starts cut from the pretrained teacher with a
     # fresh head (the TED authors' KD and LWD), not as the finetune-student job left it (TED's is stage I's)
+    holdout: float = 0.0  # classification: this share of the training set held out as a dev split, and the job
+    # ends on the weights of its best dev accuracy (the papers' scripts' best epoch); 0: its last weights
+    patience: Optional[int] = None  # with holdout: takes without a gain that end the job early (None: never)
+    watch_every: Optional[int] = None  # with holdout: optimizer steps between dev takes (None: each epoch)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-4))
     # Per method, any of the shared keys above: {lwd: {train: {lr: 5e-5}}} (on the command line:
     # distil.per_method.lwd.train.lr=5e-5). Each method's job reads its own values. A method's own settings are
@@ -321,6 +325,19 @@ COMPARED = {
 }
 PRESETS["bbc-minilm-compare"] = {**PRESETS["bbc-minilm"], **COMPARED, "output_dir": "runs/bbc-minilm-compare"}
 PRESETS["rt-minilm-compare"] = {**PRESETS["rt-minilm"], **COMPARED, "output_dir": "runs/rt-minilm-compare"}
+
+# The TED authors' protocol beside fastted's (docs/comparison.md): KD and LWD start from the pretrained student, TED
+# from the fine-tuned one (stage I's); each job ends on its best dev accuracy, taken each epoch on a tenth of the
+# training set held out; one seed; their SST-2 regime (published: ted-glue-sst2, stage I included), Rotten
+# Tomatoes being movie-review sentiment too.
+PAPER_PROTOCOL = {
+    "seeds": None,
+    "published": "ted-glue-sst2",
+    "distil.methods": [KD.method, LWD.method, TED.method],
+    **{f"distil.per_method.{recipe.method}.pretrained_student": True for recipe in (KD, LWD)},
+    "distil.holdout": 0.1,
+}
+PRESETS["rt-minilm-paper"] = {**PRESETS["rt-minilm"], **PAPER_PROTOCOL, "output_dir": "runs/rt-minilm-paper"}
 
 
 # --------------------------------------------------------------------------- building and checking
@@ -901,6 +918,20 @@ def check(config: Config) -> None:
     for method in d.per_method or {}:
         _choice("distil.per_method", method, METHODS)
         method_config(config, method)
+    if not 0 <= d.holdout < 1:
+        raise ConfigError(f"distil.holdout: got {d.holdout!r}, needs a number in [0, 1)")
+    if d.holdout and config.task != "classification":
+        raise ConfigError(
+            f"distil.holdout: got {d.holdout}, but the dev split's accuracy needs classification; this run's task "
+            f"is {config.task}"
+        )
+    if d.holdout and d.teacher_cache:
+        raise ConfigError(
+            f"distil.holdout: got {d.holdout}, but a teacher cache holds the rows of the whole training set: "
+            f"drop distil.teacher_cache, or the dev split"
+        )
+    _positive("distil.patience", d.patience)
+    _positive("distil.watch_every", d.watch_every)
     for method in d.methods:
         own = method_config(config, method).distil if method in (d.per_method or {}) else d
         if own.pretrained_student and RECIPES[method].uses_stage1_filters:

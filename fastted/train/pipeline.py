@@ -25,6 +25,7 @@ from :func:`fastted.train.data.prepare_data`, the recipes from the registry of
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -332,8 +333,8 @@ def learn_filters(config: Config, which: str) -> dict:
 
     if config.filters.holdout:  # stage I ends when the probes stop improving on a held-out part of the training set
         kept, held = _holdout(st.data.train, config.filters.holdout, config.seed)
-        data = Data(kept, st.data.test, st.data.collator, st.data.tokenizer, st.data.label_names)
-        on_held = Data(held, held, st.data.collator, st.data.tokenizer, st.data.label_names)
+        data = dataclasses.replace(st.data, train=kept)
+        on_held = dataclasses.replace(st.data, train=held, test=held)
 
         def score(engine):
             found = evaluate_probes(recipe, on_held, engine.micro_batch, engine.device, engine.rank, engine.world)
@@ -601,6 +602,10 @@ def distil(config: Config, method: str) -> dict:
     config = method_config(config, method)  # distil.per_method's values for this method
     st = _start(config)
     d = config.distil
+    held = None
+    if d.holdout:  # a dev split: the job ends on the weights of its best dev accuracy (the papers' scripts')
+        kept, held = _holdout(st.data.train, d.holdout, config.seed)
+        st = dataclasses.replace(st, data=dataclasses.replace(st.data, train=kept))
     # cut before the engine (ZeRO-3 never gathers the blocks cut off); with a cache, a meta-device stand-in alone
     recipe = _recipe(config, method, st, truncate=d.truncate_teacher and not d.teacher_cache, cached=d.teacher_cache)
     data = st.data
@@ -616,7 +621,20 @@ def distil(config: Config, method: str) -> dict:
         recipe.use_teacher_cache(cache)  # before the engine: the stand-in is then never moved or partitioned
     if config.distil.teacher_cache or recipe.needs_example_ids:  # the cache's rows, a momentum bank's entries
         data = Data(with_index(data.train), data.test, data.collator, data.tokenizer, data.label_names)
-    return _train(config, f"distil-{method}", recipe, data, config.distil.train, st.device, recipe.student_model)
+    watch = None
+    if held is not None:
+        dev = dataclasses.replace(st.data, train=held, test=held)
+
+        def score(engine):
+            found = evaluate_model(
+                recipe.student_model, dev, config.task, engine.micro_batch, engine.device, engine.rank, engine.world
+            )
+            return found["accuracy"]
+
+        every = d.watch_every or max(len(st.data.train) // d.train.batch_size, 1)  # default: each epoch
+        watch = Watch(score, every, d.patience, name="dev_accuracy", keep_best=True)
+    name = f"distil-{method}"
+    return _train(config, name, recipe, data, d.train, st.device, recipe.student_model, watch=watch)
 
 
 def evaluate(config: Config) -> dict:

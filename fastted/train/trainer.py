@@ -50,6 +50,7 @@ from fastted.train.checkpoints import (
     checkpoint_step,
     latest_checkpoint,
     universal_checkpoint,
+    verify_checkpoint,
     write_manifest,
 )
 from fastted.train.config import TrainConfig, job_settings
@@ -82,12 +83,15 @@ class Watch:
     (run on every rank, the recipe in eval mode; higher is better) is taken and logged as ``name``; after
     ``patience`` takes in a row without a gain over the best, training ends at that step, in a checkpoint marked
     stopped, so a resumed run trains no further. The best score and the takes since it go into every checkpoint,
-    so a run resumed before the end counts on where it was."""
+    so a run resumed before the end counts on where it was. With ``keep_best`` each best take is a checkpoint,
+    kept whatever ``keep_last`` says, and the run ends restored to it."""
 
     score: Callable[[Engine], float]
     every: int
-    patience: int
+    patience: Optional[int]  # None: never stop early
     name: str = "holdout"
+    keep_best: bool = False  # the run ends on the weights of its best take (its checkpoint kept for it), the
+    # dev-set selection of the papers' scripts; the final take is at the last step
 
 
 def steps_per_epoch(n: int, batch_size: int) -> int:
@@ -239,7 +243,8 @@ def save_checkpoint(
         os.rename(tmp, final)
         write_atomic(os.path.join(root, "latest"), name)
         kept = sorted((d for d in os.listdir(root) if checkpoint_step(d) is not None), key=checkpoint_step)
-        for old in kept[: -training.train.keep_last]:
+        best = (watched or {}).get("best_checkpoint")  # a watch's best take, kept for the end
+        for old in [d for d in kept[: -training.train.keep_last] if d != best]:
             shutil.rmtree(os.path.join(root, old), ignore_errors=True)
     barrier()
     return final
@@ -259,7 +264,7 @@ def load_checkpoint(engine: Engine, path: str) -> int:
 def _saved_watch(path: Optional[str]) -> dict:
     """A :class:`Watch`'s state at the checkpoint ``path`` resumed from: the best score, the takes since it, and
     whether training stopped there (a new run, or a checkpoint of a run without a watch: a fresh state)."""
-    fresh = {"best": None, "since": 0, "stopped": False}
+    fresh = {"best": None, "since": 0, "stopped": False, "best_checkpoint": None}
     if path is None:
         return fresh
     with open(os.path.join(path, "trainer.json"), encoding="utf-8") as f:
@@ -473,6 +478,8 @@ def run(training: Training, engine: Engine) -> dict:
     result = {"train": last, "eval": evaluation, "steps": total, "resumed_from": start}
     if training.watch is not None:
         result["watch"] = {"best": watched["best"], "stopped_at": done if watched["stopped"] else None}
+        if training.watch.keep_best:
+            result["watch"]["best_step"] = checkpoint_step(watched["best_checkpoint"] or "")
     return result
 
 
@@ -558,10 +565,16 @@ def _train(
             if evaluated and done != total:
                 with meter.excluded():
                     evaluation = _evaluate(training, engine, done, metrics)
-            if training.watch is not None and done % training.watch.every == 0 and done != total:
+            watched_now = training.watch is not None and (
+                done % training.watch.every == 0 or (training.watch.keep_best and done == total)
+            )
+            if watched_now and (done != total or training.watch.keep_best):
                 with meter.excluded():
-                    _take(training, engine, done, metrics, watched)
-                saved = saved or watched["stopped"]
+                    gained = _take(training, engine, done, metrics, watched)
+                kept_best = training.watch.keep_best and gained
+                if kept_best:
+                    watched["best_checkpoint"] = f"step-{done:07d}"
+                saved = saved or watched["stopped"] or kept_best
             if saved:
                 with meter.excluded():
                     engine.check_finite_parameters(f"{training.name}: after step {done} of {total}", last_good)
@@ -571,14 +584,27 @@ def _train(
                 break
     if bar is not None:
         bar.close()
+    best = watched["best_checkpoint"]
+    if training.watch is not None and training.watch.keep_best and best and best != f"step-{done:07d}":
+        path = os.path.join(checkpoint_dir(training.directory), best)
+        damaged = verify_checkpoint(path, engine.rank, engine.world)
+        if damaged is not None:
+            raise CheckpointError(
+                f"{training.name}: the best {training.watch.name} checkpoint {path} is damaged ({damaged}): "
+                f"set resume=false to train again"
+            )
+        with meter.excluded():  # the run ends on its best take's weights
+            load_checkpoint(engine, path)
+        if engine.is_main:
+            print(f"{training.name}: restored {best}, the best {training.watch.name} ({watched['best']:.4f})")
     if training.evaluate is not None:
         evaluation = _evaluate(training, engine, done, metrics)
     return last, evaluation, done
 
 
-def _take(training: Training, engine: Engine, step: int, metrics: Metrics, watched: dict) -> None:
+def _take(training: Training, engine: Engine, step: int, metrics: Metrics, watched: dict) -> bool:
     """One take of the watch's score (logged); ``watched`` counts the takes since the best and is marked stopped
-    after ``patience`` of them."""
+    after ``patience`` of them. Whether the take is a new best."""
     watch = training.watch
     engine.train(False)
     with torch.no_grad():
@@ -586,11 +612,12 @@ def _take(training: Training, engine: Engine, step: int, metrics: Metrics, watch
     engine.train(True)
     if not math.isfinite(score):
         raise NonFiniteError(f"{training.name}: the watch's {watch.name} score is {score} at step {step}")
-    if watched["best"] is None or score > watched["best"]:
+    gained = watched["best"] is None or score > watched["best"]
+    if gained:
         watched["best"], watched["since"] = score, 0
     else:
         watched["since"] += 1
-    watched["stopped"] = watched["since"] >= watch.patience
+    watched["stopped"] = watch.patience is not None and watched["since"] >= watch.patience
     metrics.log({"step": step, "training": training.name, watch.name: score, "best": watched["best"]})
     if engine.is_main and watched["stopped"]:
         print(
@@ -598,6 +625,7 @@ def _take(training: Training, engine: Engine, step: int, metrics: Metrics, watch
             f"takes: stopped at step {step} of {engine.total_steps}",
             flush=True,
         )
+    return gained
 
 
 def _throughput_text(record: dict) -> str:

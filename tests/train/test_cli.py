@@ -473,6 +473,25 @@ def test_stage_one_ends_when_its_holdout_probes_stop_improving(tmp_path):
     assert steps[-1] == (expected or 8) and len(result["eval"]["probe_accuracy"]) == 3
 
 
+def test_a_dev_split_keeps_the_distil_jobs_best_weights(tmp_path):
+    """distil.holdout (the papers' best epoch on a dev set): a share of the training set held out, its accuracy
+    taken every watch_every steps and at the end, and the job ends on the best take's weights (its checkpoint
+    kept); the takes are logged, the result names the best step."""
+    minilm_path()
+    out = tmp_path / "run"
+    argv = ["pipeline", "--preset", "bbc-minilm-tiny", f"output_dir={out}", "jobs=[finetune-teacher,distil]"]
+    argv += ["distil.methods=[kd]", "distil.pretrained_student=true", "distil.holdout=0.25", "distil.watch_every=1"]
+    argv += ["distil.train.max_steps=4", "distil.train.lr=1e-3", "distil.train.keep_last=1"]
+    assert main(argv) == 0
+    result = json.loads((out / "distil-kd" / "result.json").read_text())
+    takes = [(r["step"], r["dev_accuracy"]) for r in read_metrics(str(out / "distil-kd")) if "dev_accuracy" in r]
+    assert [step for step, _ in takes] == [1, 2, 3, 4] and all(0.0 <= a <= 1.0 for _, a in takes)
+    best_step, best = max(takes, key=lambda take: (take[1], -take[0]))  # the first of the best
+    assert result["watch"] == {"best": best, "stopped_at": None, "best_step": best_step}
+    kept = {f"step-{step:07d}" for step in (best_step, 4)}
+    assert {d for d in os.listdir(out / "distil-kd" / "checkpoints") if d.startswith("step-")} == kept
+
+
 def test_pretrained_student_distils_without_the_finetuned_student(tmp_path, capsys):
     """distil.pretrained_student (the TED authors' KD and LWD): the student starts cut from the pretrained teacher
     (at learning rate 0 the distilled model is that start: the pretrained embeddings, not the fine-tuned

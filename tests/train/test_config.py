@@ -310,6 +310,29 @@ def test_pretrained_student_is_refused_for_ted_alone():
         load_config(overrides=("distil.per_method.ted.pretrained_student=true",))
 
 
+def test_the_paper_protocol_preset_is_the_ted_authors_comparison():
+    """rt-minilm-paper: one seed, their SST-2 regime, KD and LWD from the pretrained student, TED from stage I's,
+    each job on its best dev accuracy; its dev split and the teacher cache exclude each other, by name."""
+    from fastted.train.config import method_config
+
+    config = load_config(preset="rt-minilm-paper")
+    assert (config.seeds, config.published, config.distil.holdout, config.data.source) == (
+        None,
+        "ted-glue-sst2",
+        0.1,
+        PRESETS["rt-minilm"]["data.source"],
+    )
+    starts = {m: method_config(config, m).distil.pretrained_student for m in config.distil.methods}
+    assert starts == {"kd": True, "lwd": True, "ted": False}
+    for override, message in (
+        ("distil.teacher_cache=true", "distil.holdout: got 0.1, but a teacher cache holds the rows"),
+        ("distil.holdout=1.0", "distil.holdout: got 1.0, needs a number in [0, 1)"),
+        ("distil.patience=0", "distil.patience: got 0"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_config(preset="rt-minilm-paper", overrides=(override,))
+
+
 def test_filters_per_model_names_its_bad_keys():
     for override, message in (
         ("filters.per_model.coach.lr=1e-3", "filters.per_model: got 'coach', needs one of teacher, student"),

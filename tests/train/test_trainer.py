@@ -161,6 +161,36 @@ def test_a_watch_resumed_before_its_end_counts_on_from_its_checkpoint(tmp_path):
         train_run("railkd", tmp_path / "nan", watch=Watch(_scores(float("nan")), every=1, patience=2))
 
 
+def _fingerprint(engine) -> list[float]:
+    """Each trained parameter's sum and norm (float64): equal lists, equal weights, for any practical purpose."""
+    return [v for p in engine.recipe.parameters() for v in (float(p.double().sum()), float(p.double().norm()))]
+
+
+def test_a_watch_that_keeps_its_best_ends_on_the_best_takes_weights(tmp_path):
+    """keep_best (a dev-set selection): takes every step and at the last, best at step 2; the run ends restored to
+    step 2's weights (what the final evaluation sees), whose checkpoint outlives keep_last; resumed, it ends there
+    again."""
+    from fastted.train.trainer import Watch
+
+    seen, values = {}, iter([0.5, 0.9, 0.6, 0.7, 0.65])
+
+    def score(engine):
+        seen[len(seen) + 1] = _fingerprint(engine)
+        return next(values)
+
+    def final(engine):
+        return {"weights": _fingerprint(engine)}
+
+    watch = Watch(score, every=1, patience=None, keep_best=True)
+    result, _ = train_run("railkd", tmp_path, watch=watch, save_every=0, keep_last=1, evaluate=final)
+    assert result["watch"] == {"best": 0.9, "stopped_at": None, "best_step": 2} and len(seen) == STEPS
+    assert result["eval"]["weights"] == seen[2] and seen[5] != seen[2]
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["latest", "step-0000002", "step-0000005"]
+    again, _ = train_run("railkd", tmp_path, watch=watch, save_every=0, keep_last=1, evaluate=final)
+    assert again["resumed_from"] == STEPS and again["watch"]["best_step"] == 2
+    assert again["eval"]["weights"] == seen[2]
+
+
 def test_a_kill_during_a_save_keeps_the_previous_checkpoint(tmp_path):
     def hook(engine):
         real = engine.save
