@@ -35,6 +35,8 @@ class RAILKDSettings:
     rail_alpha: float = setting(1.0, ">= 0")  # weight of the pooled distance
     per: str = setting("epoch", PER)  # the teacher layers drawn again each step or each epoch
     # (the paper: each epoch)
+    train_teacher_projection: bool = False  # False: the teacher's projections fixed (orthogonal, no bias), so the
+    # distance cannot reach zero through the projections alone; True: both trained (collapsible)
 
 
 @register(
@@ -62,6 +64,11 @@ class RAILKD(Recipe):
         pooling: "mean" or "first".
         per, seed: of the default map: draw again each "step" or each "epoch"
             (the paper's), from ``seed`` (a given ``layer_map`` keeps its own).
+        train_teacher_projection: False (the default) fixes the teacher's
+            projections (orthogonal, no bias: see
+            :class:`~fastted.ops.pooled_distance.PooledDistanceLoss`), so the
+            distance cannot be zeroed by the projections alone; True trains
+            both sides (collapsible).
     """
 
     label = "RAIL-KD"
@@ -82,6 +89,7 @@ class RAILKD(Recipe):
         rail_alpha: float = 1.0,
         per: str = "epoch",
         seed: int = 0,
+        train_teacher_projection: bool = False,
         tokenizers: Optional[tuple] = None,
         task: Optional[str] = None,
         impl: str = "auto",
@@ -90,7 +98,14 @@ class RAILKD(Recipe):
         s, t = self.student_model, self.teacher_model
         self.layer_map = layer_map = self._checked_map(layer_map, RandomLayerMap, per=per, seed=seed)
         self.distance = PooledDistanceLoss(
-            s.hidden_size, t.hidden_size, len(layer_map), proj_dim, concat=concat, pooling=pooling, impl=impl
+            s.hidden_size,
+            t.hidden_size,
+            len(layer_map),
+            proj_dim,
+            concat=concat,
+            pooling=pooling,
+            train_teacher_projection=train_teacher_projection,
+            impl=impl,
         )
         self.alphas = {
             "task": check_alpha("task_alpha", task_alpha),

@@ -251,6 +251,16 @@ class PooledDistanceLoss(nn.Module):
     ``nn.Linear(L_t * d_t, proj_dim)``. ``proj_dim=None``: no projections
     (the widths must match). ``layer_losses`` holds the last call's detached
     per-pair losses.
+
+    The teacher's projections are fixed (``train_teacher_projection=False``,
+    the default): a random orthogonal map (its rows orthonormal, drawn from a
+    generator of its own, the same on every rank and in every run), with its
+    bias at zero and frozen. Trained on both sides, the distance can be
+    brought to zero by the projections alone: both map every vector to one
+    constant, whatever the student's states. Against a fixed teacher side,
+    whose projected vectors differ from example to example as the teacher's
+    states do, only a student that carries them can match.
+    ``train_teacher_projection=True`` trains both, as before (collapsible).
     """
 
     def __init__(
@@ -264,11 +274,14 @@ class PooledDistanceLoss(nn.Module):
         concat: bool = False,
         pooling: str = "mean",
         bias: bool = True,
+        train_teacher_projection: bool = False,
         impl: str = "auto",
     ):
         super().__init__()
         check_pooling(pooling)
         check_impl(impl)
+        if not isinstance(train_teacher_projection, bool):
+            raise ValueError(f"train_teacher_projection must be a bool, got {train_teacher_projection!r}")
         for name, value in (
             ("student_width", student_width),
             ("teacher_width", teacher_width),
@@ -297,6 +310,12 @@ class PooledDistanceLoss(nn.Module):
             self.teacher_proj = nn.ModuleList(
                 nn.Linear(teacher_width, proj_dim, bias=bias) for _ in range(teacher_layers)
             )
+        if not train_teacher_projection:
+            _fix(self.teacher_proj)
+
+    @property
+    def trains_teacher_projection(self) -> bool:
+        return self.teacher_proj is not None and self.teacher_proj[0].weight.requires_grad
 
     def forward(
         self,
@@ -326,6 +345,17 @@ class PooledDistanceLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"concat={self.concat}, pooling={self.pooling!r}, impl={self.impl!r}"
+
+
+def _fix(projections: nn.ModuleList) -> None:
+    """The fixed teacher side: each projection a random orthogonal map drawn from a generator seeded by its
+    index (the same on every rank and run, whatever the global random state), its bias zero, all frozen."""
+    with torch.no_grad():
+        for i, linear in enumerate(projections):
+            nn.init.orthogonal_(linear.weight, generator=torch.Generator().manual_seed(i))
+            if linear.bias is not None:
+                linear.bias.zero_()
+    projections.requires_grad_(False)
 
 
 # --------------------------------------------------------------------------- what the tools know of this op

@@ -134,6 +134,65 @@ def test_pooled_distance_module():
         )
         torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-6)
         assert module.layer_losses.shape == (1 if concat else 3,)
-        assert all(p.grad is not None and p.grad.any() for p in module.parameters())
+        assert all(p.grad is not None and p.grad.any() for p in module.student_proj.parameters())
+        assert all(p.grad is None for p in module.teacher_proj.parameters())  # fixed: see the collapse test
     with pytest.raises(ValueError, match="teacher_layers=4 differs from n_layers=3"):
         fastted.PooledDistanceLoss(20, 28, 3, teacher_layers=4)
+
+
+def _train_projections_alone(module, steps=400, seed=1):
+    """Adam (lr 1e-2) on the projections alone against a student that carries nothing of the example: its states
+    are fresh noise each step, the teacher's a fixed pool of 256 examples drawn 16 a step. (Fixed student states
+    would not do: a linear map fits any few fixed vectors to any targets, which is learning, not collapse.) The
+    loss at the first step and the mean of the last 20."""
+    g = torch.Generator().manual_seed(seed)
+    pool = torch.randn(256, 3, 12, 96, generator=g)
+    opt = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(steps):
+        teacher = list(pool[torch.randint(0, 256, (16,), generator=g)].unbind(1))
+        student = [torch.randn(16, 12, 64, generator=g) for _ in range(3)]
+        loss = module(student, teacher)
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return losses[0], sum(losses[-20:]) / 20
+
+
+@pytest.mark.parametrize("concat", [False, True])
+def test_the_rail_distance_cannot_be_zeroed_by_its_projections_alone(concat):
+    """RAIL-KD's distance with both projections trained collapses: both map to one constant and the term goes to
+    ~0 (measured 5.87 -> 8e-5 layer-wise) whatever the student. With the teacher's side fixed (the default) the
+    same training leaves it near where it started (6.01 -> 5.76): only a student that carries the teacher's
+    example-to-example differences can lower it."""
+    torch.manual_seed(0)
+    collapsible = fastted.PooledDistanceLoss(64, 96, 3, concat=concat, train_teacher_projection=True, impl="reference")
+    first, last = _train_projections_alone(collapsible)
+    assert last < 0.01 * first, (first, last)
+    torch.manual_seed(0)
+    fixed = fastted.PooledDistanceLoss(64, 96, 3, concat=concat, impl="reference")
+    first, last = _train_projections_alone(fixed)
+    assert last > 0.8 * first, (first, last)
+
+
+def test_the_teacher_projection_is_a_fixed_orthogonal_map_whatever_the_random_state():
+    """Its columns (proj_dim above the width) or rows (below) orthonormal, no bias, not trained, the same matrix
+    under any global seed; a state dict of the trained form (with a teacher bias) loads into it."""
+    maps = []
+    for seed, (d_t, proj) in ((0, (96, 128)), (5, (96, 128)), (1, (96, 32))):
+        torch.manual_seed(seed)
+        module = fastted.PooledDistanceLoss(64, d_t, 2, proj_dim=proj)
+        for linear in module.teacher_proj:
+            w = linear.weight.double()
+            gram = w.T @ w if proj >= d_t else w @ w.T
+            torch.testing.assert_close(gram, torch.eye(gram.shape[0], dtype=torch.float64), rtol=0, atol=1e-5)
+            assert not linear.weight.requires_grad and not linear.bias.requires_grad and not linear.bias.any()
+        assert not module.trains_teacher_projection
+        maps.append(module.teacher_proj[0].weight.clone())
+    assert torch.equal(maps[0], maps[1])
+    old = fastted.PooledDistanceLoss(64, 96, 2, train_teacher_projection=True)
+    assert old.trains_teacher_projection
+    fastted.PooledDistanceLoss(64, 96, 2).load_state_dict(old.state_dict())
+    with pytest.raises(ValueError, match="train_teacher_projection must be a bool, got 'no'"):
+        fastted.PooledDistanceLoss(64, 96, 2, train_teacher_projection="no")
