@@ -24,6 +24,8 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 NOT_RUN = re.compile(r"<!--\s*not run:\s*(.+?)\s*-->")
 SLOW = re.compile(r"^\s*(import|from)\s+(transformers|datasets|trl)\b", re.M)
 TIMEOUT_S = 240
+LAUNCH_VARIABLES = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "CROSS_RANK"}
+LAUNCH_VARIABLES |= {"CROSS_SIZE", "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE", "TORCHELASTIC_RUN_ID"}
 
 
 def python_blocks():
@@ -58,7 +60,9 @@ def _params():
 
 @pytest.mark.parametrize("code", _params())
 def test_python_example_runs(code, tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # A new user's shell: no interpreter switch, and none of the launch variables that an earlier test's
+    # DeepSpeed setup left in this process (with them, TrainingArguments sets up a process group).
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET" and k not in LAUNCH_VARIABLES}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", TQDM_DISABLE="1")
     (tmp_path / "example.py").write_text(code)

@@ -328,11 +328,10 @@ PRESETS["rt-minilm-compare"] = {**PRESETS["rt-minilm"], **COMPARED, "output_dir"
 
 # The TED authors' protocol beside fastted's (docs/comparison.md): KD and LWD start from the pretrained student, TED
 # from the fine-tuned one (stage I's); each job ends on its best dev accuracy, taken each epoch on a tenth of the
-# training set held out; one seed; their SST-2 regime (published: ted-glue-sst2, stage I included), Rotten
-# Tomatoes being movie-review sentiment too.
+# training set held out; one seed. Their regime is a setting beside it: published=ted-glue-sst2 (stage I included),
+# Rotten Tomatoes being movie-review sentiment too.
 PAPER_PROTOCOL = {
     "seeds": None,
-    "published": "ted-glue-sst2",
     "distil.methods": [KD.method, LWD.method, TED.method],
     **{f"distil.per_method.{recipe.method}.pretrained_student": True for recipe in (KD, LWD)},
     "distil.holdout": 0.1,
@@ -651,10 +650,31 @@ def job_settings(values: dict) -> dict:
         out["per_method"] = per_method
     methods = distil.get("methods") or []
     for name in (m for m in RECIPES if m in methods):
-        section = {**dataclasses.asdict(RECIPES[name].settings()), **(distil.get(name) or {})}
+        written = distil.get(name) or {}
+        section = {**dataclasses.asdict(RECIPES[name].settings()), **written}
+        section.update(
+            {key: value for (method, key), value in RAN_WITHOUT.items() if method == name and key not in written}
+        )
         section.update({key.split(".")[2]: value for key, value in moves if key.split(".")[1] == name})
         out[name] = section
-    return {**values, "distil": out}
+    defaults = to_dict(Config())
+    for name in RECIPES:  # another method's section is never compared, not even at its defaults
+        if name not in out:
+            del defaults["distil"][name]
+    return _with_defaults({**values, "distil": out}, defaults)
+
+
+# A method's settings added with a default that changed what a config without them ran: the value such a config
+# ran with, so a checkpoint written before them resumes only under that value (never silently another form).
+RAN_WITHOUT = {(RAILKD.method, "train_teacher_projection"): True}
+
+
+def _with_defaults(values, defaults):
+    """``values`` with every key it lacks (a key added after it was written) at its default in ``defaults``."""
+    if not isinstance(values, dict) or not isinstance(defaults, dict):
+        return values
+    filled = {key: _with_defaults(value, defaults.get(key)) for key, value in values.items()}
+    return {**filled, **{key: value for key, value in defaults.items() if key not in values}}
 
 
 def origin(config, key: str) -> str:
