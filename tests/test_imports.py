@@ -25,7 +25,8 @@ ENGINE_DEPENDENCIES = (*extras.ENGINE_ONLY, "fastted.train")
 @pytest.fixture(scope="module")
 def lint() -> str:
     """The `lint-imports` command of this interpreter's environment (import-linter, the dev extra)."""
-    found = shutil.which("lint-imports") or str(Path(sys.executable).parent / "lint-imports")
+    beside = Path(sys.executable).parent / "lint-imports"  # this environment's, before any other on PATH
+    found = str(beside) if beside.exists() else shutil.which("lint-imports") or str(beside)
     if not Path(found).exists():
         pytest.skip("import-linter is not installed (pip install -e '.[dev]')")
     return found
