@@ -608,6 +608,33 @@ def test_railkd_draws_follow_the_step_and_resume():
     assert resumed.forward_count == recipe.forward_count == 4
 
 
+@pytest.mark.parametrize("concat", [False, True], ids=["layerwise", "concat"])
+def test_railkd_steps_the_student_projection_not_the_teachers(concat):
+    """A plain trainer's step (AdamW with weight decay over ``recipe.parameters()``) moves the student's projection
+    and leaves the teacher's fixed one as built; ``train_teacher_projection=True`` moves both, and a state dict of
+    that old form loads into the default recipe, its teacher projection still fixed."""
+
+    def build(**kwargs):
+        torch.manual_seed(4)
+        layer_map = RandomLayerMap(2, 4, per="step", seed=3)
+        return RAILKD(bert(2, 32), bert(4, 48, seed=1), layer_map, proj_dim=8, concat=concat, **kwargs)
+
+    def step(recipe):
+        before = {k: v.clone() for k, v in recipe.distance.state_dict().items()}
+        opt = torch.optim.AdamW(recipe.parameters(), lr=1e-2, weight_decay=0.1)
+        recipe(batch("classification", seed=22), step=0).loss.backward()
+        opt.step()
+        return {k for k, v in recipe.distance.state_dict().items() if not torch.equal(v, before[k])}
+
+    fixed, old = build(), build(train_teacher_projection=True)
+    keys = set(fixed.distance.state_dict())
+    assert step(fixed) == {k for k in keys if k.startswith("student_proj.")}
+    assert step(old) == keys
+    fixed.load_state_dict(old.state_dict())
+    for a, b in zip(fixed.distance.teacher_proj.parameters(), old.distance.teacher_proj.parameters()):
+        assert torch.equal(a, b) and not a.requires_grad
+
+
 # --------------------------------------------------------------------------- DWT
 
 
